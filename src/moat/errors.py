@@ -1,0 +1,94 @@
+"""The one exception tree of moat.
+
+::
+
+    SandboxError                      base of everything moat raises
+    ├── TimeoutError                  a call or the sandbox's lifetime ran out
+    ├── NotFoundError                 no such sandbox, context, process or file
+    ├── IsolationUnavailableError     the asked-for tier can't run on this host (never downgraded)
+    ├── PolicyError                   a policy can't be enforced or isn't supported
+    ├── InvalidArgumentError          bad input at an SDK / API boundary
+    ├── CommandExitError              a command exited non-zero (carries exit_code, stdout, stderr)
+    ├── SandboxDiedError              the sandbox or its agent died or broke the protocol
+    └── LeakBlockedError              the guard blocked output in "block" mode (carries no content)
+
+Messages are safe to show a model (DESIGN invariant 8): no host paths, host user names or
+host tracebacks. Foreign exceptions are translated where they are caught with
+``raise Ours(...) from exc``; the cause stays available to the caller's own logs but the
+message never repeats it.
+"""
+
+from __future__ import annotations
+
+import builtins
+
+__all__ = [
+    "CommandExitError",
+    "InvalidArgumentError",
+    "IsolationUnavailableError",
+    "LeakBlockedError",
+    "NotFoundError",
+    "PolicyError",
+    "SandboxDiedError",
+    "SandboxError",
+    "TimeoutError",
+]
+
+
+class SandboxError(Exception):
+    """Base class of every error moat raises."""
+
+
+class TimeoutError(SandboxError, builtins.TimeoutError):  # noqa: A001 - E2B's name, and still a builtins.TimeoutError
+    """A call or the sandbox's lifetime ran out.
+
+    ``context_restarted`` is True when a timed-out ``run_code`` could not be interrupted and
+    its code context was restarted (its state is gone).
+    """
+
+    def __init__(self, message: str, *, context_restarted: bool = False) -> None:
+        super().__init__(message)
+        self.context_restarted = context_restarted
+
+
+class NotFoundError(SandboxError):
+    """No such sandbox, code context, process or file."""
+
+
+class IsolationUnavailableError(SandboxError):
+    """The requested isolation tier cannot run on this host; moat never downgrades silently."""
+
+
+class PolicyError(SandboxError):
+    """A policy (network, secrets, limits, mounts) is invalid, unsupported or unenforceable."""
+
+
+class InvalidArgumentError(SandboxError, ValueError):
+    """Bad input at a boundary: wrong type, out of range, too large."""
+
+
+class CommandExitError(SandboxError):
+    """A command exited with a non-zero status."""
+
+    def __init__(self, exit_code: int, stdout: str, stderr: str, error: str | None = None) -> None:
+        super().__init__(f"command exited with code {exit_code}")
+        self.exit_code = exit_code
+        self.stdout = stdout
+        self.stderr = stderr
+        self.error = error
+
+
+class SandboxDiedError(SandboxError):
+    """The sandbox ended unexpectedly, or its agent broke the protocol or went silent."""
+
+
+class LeakBlockedError(SandboxError):
+    """The guard found sensitive data in output and its policy is "block".
+
+    Carries the labels of the findings and the channel, never the content.
+    """
+
+    def __init__(self, labels: list[str], channel: str) -> None:
+        super().__init__(f"output blocked by the guard on {channel}: {', '.join(sorted(set(labels)))}")
+        self.labels = labels
+        self.channel = channel

@@ -1,0 +1,187 @@
+"""Frame types and their schemas: the agent's whole API.
+
+Every request from the host carries a positive ``id``. The agent answers it with zero or more
+stream frames (``STDOUT``, ``STDERR``, ``RESULT``, ``ERROR``, ``DATA``, ``STARTED``) and exactly
+one terminal frame (``DONE`` or ``FAIL``) with the same id. Frames the agent starts on its own
+(``READY``, ``LOG``, egress ``OPEN``) use id 0 or negative ids.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+PROTOCOL_VERSION = 1
+#: Hard ceiling on one encoded frame (header + payload). Chunked data stays well below it.
+MAX_FRAME = 1 << 20
+#: Raw bytes per DATA / STDOUT chunk the agent sends; leaves room for the JSON header.
+CHUNK = 64 * 1024
+
+
+class ProtocolError(Exception):
+    """A frame is malformed, too large, of an unknown type or fails its schema."""
+
+
+class MsgType(enum.StrEnum):
+    # host -> agent
+    EXEC = "exec"  # run code in a context
+    INTERRUPT = "interrupt"  # interrupt request `target`
+    CTX_CREATE = "ctx_create"
+    CTX_LIST = "ctx_list"
+    CTX_RESTART = "ctx_restart"
+    CTX_REMOVE = "ctx_remove"
+    CMD_START = "cmd_start"
+    CMD_STDIN = "cmd_stdin"  # payload = bytes; eof=True closes stdin
+    CMD_KILL = "cmd_kill"
+    CMD_LIST = "cmd_list"
+    FILE_READ = "file_read"
+    FILE_WRITE = "file_write"  # opens; then FILE_CHUNK frames with the same id, last has eof
+    FILE_CHUNK = "file_chunk"
+    FILE_LIST = "file_list"
+    FILE_STAT = "file_stat"
+    FILE_REMOVE = "file_remove"
+    FILE_MKDIR = "file_mkdir"
+    PING = "ping"
+    # agent -> host
+    READY = "ready"
+    STARTED = "started"  # a command started: pid
+    STDOUT = "stdout"
+    STDERR = "stderr"
+    RESULT = "result"
+    ERROR = "error"  # an execution error of user code (not a failed request)
+    DATA = "data"  # a chunk of a file being read
+    DONE = "done"
+    FAIL = "fail"  # the request failed: kind + message
+
+
+HOST_TO_AGENT = frozenset(
+    {
+        MsgType.EXEC,
+        MsgType.INTERRUPT,
+        MsgType.CTX_CREATE,
+        MsgType.CTX_LIST,
+        MsgType.CTX_RESTART,
+        MsgType.CTX_REMOVE,
+        MsgType.CMD_START,
+        MsgType.CMD_STDIN,
+        MsgType.CMD_KILL,
+        MsgType.CMD_LIST,
+        MsgType.FILE_READ,
+        MsgType.FILE_WRITE,
+        MsgType.FILE_CHUNK,
+        MsgType.FILE_LIST,
+        MsgType.FILE_STAT,
+        MsgType.FILE_REMOVE,
+        MsgType.FILE_MKDIR,
+        MsgType.PING,
+    }
+)
+AGENT_TO_HOST = frozenset(set(MsgType) - HOST_TO_AGENT)
+
+#: Failure kinds an agent may report in FAIL; anything else is a protocol error.
+FAIL_KINDS = frozenset({"not_found", "invalid", "exists", "io", "too_large", "busy", "internal"})
+
+_STR = str
+_OPT = object()  # marker: optional field
+
+
+@dataclass(frozen=True)
+class _F:
+    """Field schema: a type, whether required, and a max length for str/list/dict."""
+
+    type: type | tuple[type, ...]
+    required: bool = True
+    max_len: int | None = None
+
+
+_PATH = _F(str, max_len=4096)
+_NAME = _F(str, max_len=256)
+_ENVS = _F(dict, required=False, max_len=256)
+
+SCHEMAS: dict[MsgType, dict[str, _F]] = {
+    MsgType.EXEC: {
+        "context": _NAME,
+        "language": _F(str, max_len=32),
+        "code": _F(str, max_len=MAX_FRAME),
+        "envs": _ENVS,
+    },
+    MsgType.INTERRUPT: {"target": _F(int)},
+    MsgType.CTX_CREATE: {"language": _F(str, max_len=32), "cwd": _F(str, required=False, max_len=4096)},
+    MsgType.CTX_LIST: {},
+    MsgType.CTX_RESTART: {"context": _NAME},
+    MsgType.CTX_REMOVE: {"context": _NAME},
+    MsgType.CMD_START: {
+        "cmd": _F(str, max_len=MAX_FRAME),
+        "envs": _ENVS,
+        "cwd": _F(str, required=False, max_len=4096),
+        "stdin": _F(bool, required=False),
+    },
+    MsgType.CMD_STDIN: {"pid": _F(int), "eof": _F(bool, required=False)},
+    MsgType.CMD_KILL: {"pid": _F(int), "signal": _F(int, required=False)},
+    MsgType.CMD_LIST: {},
+    MsgType.FILE_READ: {"path": _PATH, "max_bytes": _F(int)},
+    MsgType.FILE_WRITE: {"path": _PATH, "max_bytes": _F(int)},
+    MsgType.FILE_CHUNK: {"eof": _F(bool, required=False)},
+    MsgType.FILE_LIST: {"path": _PATH, "depth": _F(int, required=False)},
+    MsgType.FILE_STAT: {"path": _PATH},
+    MsgType.FILE_REMOVE: {"path": _PATH},
+    MsgType.FILE_MKDIR: {"path": _PATH},
+    MsgType.PING: {},
+    MsgType.READY: {"version": _F(int), "pid": _F(int, required=False)},
+    MsgType.STARTED: {"pid": _F(int)},
+    MsgType.STDOUT: {},
+    MsgType.STDERR: {},
+    MsgType.RESULT: {"data": _F(dict, max_len=64), "is_main": _F(bool)},
+    MsgType.ERROR: {
+        "name": _F(str, max_len=256),
+        "value": _F(str, max_len=64 * 1024),
+        "traceback": _F(str, max_len=256 * 1024),
+    },
+    MsgType.DATA: {},
+    MsgType.DONE: {},  # free-form reply fields are checked by the caller that asked
+    MsgType.FAIL: {"kind": _F(str, max_len=32), "message": _F(str, max_len=4096)},
+}
+
+
+@dataclass(frozen=True)
+class Frame:
+    """One protocol message: a type, a request id, JSON fields and an optional raw payload."""
+
+    type: MsgType
+    id: int
+    fields: dict[str, Any] = field(default_factory=dict)
+    payload: bytes = b""
+
+    def get(self, name: str, default: Any = None) -> Any:
+        return self.fields.get(name, default)
+
+
+def validate(frame: Frame, *, direction: frozenset[MsgType] | None = None) -> Frame:
+    """Check a frame against its schema (and optionally the allowed direction); return it."""
+    if direction is not None and frame.type not in direction:
+        raise ProtocolError(f"frame type {frame.type.value!r} not allowed in this direction")
+    if isinstance(frame.id, bool) or not isinstance(frame.id, int) or abs(frame.id) > 2**53:
+        raise ProtocolError("bad frame id")
+    schema = SCHEMAS[frame.type]
+    for name, spec in schema.items():
+        if name not in frame.fields:
+            if spec.required:
+                raise ProtocolError(f"{frame.type.value}: missing field {name!r}")
+            continue
+        value = frame.fields[name]
+        # bool is an int subclass: keep them apart so `true` never passes as a pid.
+        if spec.type is int and isinstance(value, bool):
+            raise ProtocolError(f"{frame.type.value}: field {name!r} must be int")
+        if not isinstance(value, spec.type):
+            raise ProtocolError(f"{frame.type.value}: field {name!r} has the wrong type")
+        if spec.max_len is not None and len(value) > spec.max_len:
+            raise ProtocolError(f"{frame.type.value}: field {name!r} too long")
+    if frame.type is MsgType.FAIL and frame.fields["kind"] not in FAIL_KINDS:
+        raise ProtocolError("fail: unknown kind")
+    envs = frame.fields.get("envs")
+    if envs is not None and not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in envs.items()
+    ):
+        raise ProtocolError(f"{frame.type.value}: envs must map str to str")
+    return frame

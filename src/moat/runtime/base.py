@@ -1,0 +1,61 @@
+"""The Runtime protocol every isolation tier implements."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Protocol, runtime_checkable
+
+from moat.runtime.spec import SandboxSpec
+
+
+@runtime_checkable
+class SandboxProcess(Protocol):
+    """A running sandbox as its driver sees it: a byte stream to the agent, and a way to end it."""
+
+    #: bytes written by the agent (its framed protocol)
+    reader: asyncio.StreamReader
+    #: bytes to the agent
+    writer: asyncio.StreamWriter | "ByteSink"
+
+    async def kill(self) -> None:
+        """Kill every process of the sandbox and release all its resources. Idempotent.
+
+        After it returns no process, cgroup, mount, VM, socket or temp file of it remains
+        (DESIGN invariant 5).
+        """
+
+    def alive(self) -> bool:
+        """Whether the sandbox's process tree is still running."""
+
+    def stats(self) -> dict[str, int]:
+        """Resource figures the driver can read from outside (memory, pids...), may be empty."""
+
+
+class ByteSink(Protocol):
+    """The subset of asyncio.StreamWriter the engine uses to talk to the agent."""
+
+    def write(self, data: bytes) -> None: ...
+
+    async def drain(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class Runtime(Protocol):
+    """One isolation tier."""
+
+    #: "container", "gvisor" or "microvm"
+    name: str
+
+    def probe(self) -> str | None:
+        """None if this tier can run here, else the reason it can't (shown by `moat doctor`)."""
+
+    async def start(self, spec: SandboxSpec) -> SandboxProcess:
+        """Start the sandbox with the agent as its first process; fail closed.
+
+        Raises IsolationUnavailableError if the tier can't run, SandboxDiedError if it started
+        but died before handing over its stream. Leaves nothing behind on failure.
+        """
+
+    def sweep(self) -> int:
+        """Remove what a crashed host process left behind for this tier; return the count."""
