@@ -89,6 +89,8 @@ class LeakBlockedError(SandboxError):
     """
 
     def __init__(self, labels: list[str], channel: str) -> None:
-        super().__init__(f"output blocked by the guard on {channel}: {', '.join(sorted(set(labels)))}")
+        super().__init__(
+            f"output blocked by the guard on {channel}: {', '.join(sorted(set(labels)))}"
+        )
         self.labels = labels
         self.channel = channel

@@ -6,6 +6,9 @@ is length-limited and schema-checked here before anyone looks at it (DESIGN inva
 
 from moat.protocol.codec import Decoder, encode
 from moat.protocol.frames import (
+    AGENT_TO_HOST,
+    CHUNK_SIZE,
+    HOST_TO_AGENT,
     MAX_FRAME,
     PROTOCOL_VERSION,
     Frame,
@@ -15,6 +18,9 @@ from moat.protocol.frames import (
 )
 
 __all__ = [
+    "AGENT_TO_HOST",
+    "CHUNK_SIZE",
+    "HOST_TO_AGENT",
     "MAX_FRAME",
     "PROTOCOL_VERSION",
     "Decoder",

@@ -16,7 +16,7 @@ PROTOCOL_VERSION = 1
 #: Hard ceiling on one encoded frame (header + payload). Chunked data stays well below it.
 MAX_FRAME = 1 << 20
 #: Raw bytes per DATA / STDOUT chunk the agent sends; leaves room for the JSON header.
-CHUNK = 64 * 1024
+CHUNK_SIZE = 64 * 1024
 
 
 class ProtocolError(Exception):
@@ -107,7 +107,10 @@ SCHEMAS: dict[MsgType, dict[str, _F]] = {
         "envs": _ENVS,
     },
     MsgType.INTERRUPT: {"target": _F(int)},
-    MsgType.CTX_CREATE: {"language": _F(str, max_len=32), "cwd": _F(str, required=False, max_len=4096)},
+    MsgType.CTX_CREATE: {
+        "language": _F(str, max_len=32),
+        "cwd": _F(str, required=False, max_len=4096),
+    },
     MsgType.CTX_LIST: {},
     MsgType.CTX_RESTART: {"context": _NAME},
     MsgType.CTX_REMOVE: {"context": _NAME},

@@ -1,0 +1,36 @@
+"""The agent's byte channel to the host: framed protocol over two fds, writes serialised."""
+
+from __future__ import annotations
+
+import os
+import threading
+from typing import Any
+
+from moat.protocol import CHUNK_SIZE, Frame, MsgType, encode
+
+
+class Channel:
+    """Thread-safe frame writer over a file descriptor."""
+
+    def __init__(self, out_fd: int) -> None:
+        self._fd = out_fd
+        self._lock = threading.Lock()
+
+    def send(self, mtype: MsgType, rid: int, payload: bytes = b"", **fields: Any) -> None:
+        data = encode(Frame(mtype, rid, fields, payload))
+        with self._lock:
+            view = memoryview(data)
+            while view:
+                n = os.write(self._fd, view)
+                view = view[n:]
+
+    def send_stream(self, mtype: MsgType, rid: int, data: bytes) -> None:
+        """Send output bytes split into frames of at most CHUNK_SIZE."""
+        for i in range(0, len(data), CHUNK_SIZE):
+            self.send(mtype, rid, data[i : i + CHUNK_SIZE])
+
+    def done(self, rid: int, **fields: Any) -> None:
+        self.send(MsgType.DONE, rid, **fields)
+
+    def fail(self, rid: int, kind: str, message: str) -> None:
+        self.send(MsgType.FAIL, rid, kind=kind, message=message[:4000])

@@ -1,0 +1,161 @@
+"""Commands: shell snippets in their own process groups, streamed, with stdin and kill."""
+
+from __future__ import annotations
+
+import os
+import select
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from typing import Any
+
+from moat.agent.channel import Channel
+from moat.agent.contexts import HOME, oom_first
+from moat.protocol import MsgType
+
+
+class Command:
+    def __init__(self, proc: subprocess.Popen[bytes], cmd: str, rid: int, as_exec: bool) -> None:
+        self.proc = proc
+        self.cmd = cmd
+        self.rid = rid
+        #: a bash run_code cell: report a non-zero exit as an execution error, not a status
+        self.as_exec = as_exec
+        self.started = time.time()
+
+
+class Commands:
+    def __init__(self, channel: Channel) -> None:
+        self.ch = channel
+        self.items: dict[int, Command] = {}
+        self.mu = threading.Lock()
+        self.shell = shutil.which("bash") or "/bin/sh"
+
+    def start(
+        self,
+        rid: int,
+        cmd: str,
+        envs: dict[str, str],
+        cwd: str | None,
+        stdin: bool,
+        as_exec: bool = False,
+    ) -> None:
+        env = dict(os.environ)
+        env.update(envs)
+        workdir = cwd or HOME
+        if not os.path.isdir(workdir):
+            self.ch.fail(rid, "not_found", "working directory does not exist")
+            return
+        try:
+            proc = subprocess.Popen(
+                [self.shell, "-c", cmd],
+                stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                cwd=workdir,
+                env=env,
+                start_new_session=True,
+            )
+        except OSError as exc:
+            self.ch.fail(rid, "io", f"could not start the command: {exc.strerror}")
+            return
+        oom_first(proc.pid)
+        command = Command(proc, cmd, rid, as_exec)
+        with self.mu:
+            self.items[proc.pid] = command
+        if not as_exec:
+            self.ch.send(MsgType.STARTED, rid, pid=proc.pid)
+        threading.Thread(target=self._pump, args=(command,), daemon=True).start()
+
+    def _pump(self, c: Command) -> None:
+        proc = c.proc
+        assert proc.stdout is not None and proc.stderr is not None
+        fds = {proc.stdout.fileno(): MsgType.STDOUT, proc.stderr.fileno(): MsgType.STDERR}
+        exited_at: float | None = None
+        while fds:
+            ready, _, _ = select.select(list(fds), [], [], 0.05)
+            for fd in ready:
+                data = os.read(fd, 1 << 16)
+                if data:
+                    self.ch.send_stream(fds[fd], c.rid, data)
+                else:
+                    del fds[fd]
+            if proc.poll() is not None:
+                # A daemonised grandchild may hold the pipes open forever: once the shell has
+                # exited, give the pipes a moment to drain and then stop waiting for EOF.
+                exited_at = exited_at or time.monotonic()
+                if not ready and time.monotonic() - exited_at > 0.05:
+                    break
+        code = proc.wait()
+        for stream in (proc.stdout, proc.stderr, proc.stdin):
+            if stream is not None:
+                try:
+                    stream.close()
+                except OSError:
+                    pass
+        with self.mu:
+            self.items.pop(proc.pid, None)
+        status = code if code >= 0 else 128 - code
+        if c.as_exec and status != 0:
+            self.ch.send(
+                MsgType.ERROR,
+                c.rid,
+                name="CommandExitError",
+                value=f"exit status {status}",
+                traceback="",
+            )
+        self.ch.done(c.rid, exit_code=status, restarted=False)
+
+    def interrupt(self, rid: int) -> bool:
+        with self.mu:
+            pid = next((p for p, c in self.items.items() if c.rid == rid), None)
+        if pid is None:
+            return False
+        self.kill(pid, signal.SIGINT)
+
+        def escalate() -> None:
+            time.sleep(1.0)
+            self.kill(pid, signal.SIGKILL)
+
+        threading.Thread(target=escalate, daemon=True).start()
+        return True
+
+    def stdin(self, pid: int, data: bytes, eof: bool) -> bool:
+        with self.mu:
+            c = self.items.get(pid)
+        if c is None or c.proc.stdin is None:
+            return False
+        try:
+            if data:
+                c.proc.stdin.write(data)
+                c.proc.stdin.flush()
+            if eof:
+                c.proc.stdin.close()
+        except (BrokenPipeError, ValueError, OSError):
+            return False
+        return True
+
+    def kill(self, pid: int, sig: int = signal.SIGKILL) -> bool:
+        with self.mu:
+            c = self.items.get(pid)
+        if c is None:
+            return False
+        try:
+            os.killpg(pid, sig)
+        except (ProcessLookupError, PermissionError):
+            return False
+        return True
+
+    def list(self) -> list[dict[str, Any]]:
+        with self.mu:
+            return [
+                {"pid": pid, "cmd": c.cmd, "started": c.started} for pid, c in self.items.items()
+            ]
+
+    def kill_all(self) -> None:
+        with self.mu:
+            pids = list(self.items)
+        for pid in pids:
+            self.kill(pid)

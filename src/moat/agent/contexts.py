@@ -1,0 +1,292 @@
+"""Code contexts: kernel processes, their output pumps, interrupt and restart."""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from moat.agent.channel import Channel
+from moat.protocol import Decoder, Frame, MsgType, encode
+
+#: How long an interrupted cell gets to unwind after SIGINT before its kernel is killed.
+INTERRUPT_GRACE = 2.0
+HOME = "/home/user"
+
+
+def _child_setup() -> None:
+    """Run in a fresh forked kernel: own session, first in line for the OOM killer."""
+    os.setsid()
+    oom_first(os.getpid())
+
+
+def oom_first(pid: int) -> None:
+    """Make ``pid`` the OOM killer's first choice, so a memory bomb kills user code, not us."""
+    try:
+        fd = os.open(f"/proc/{pid}/oom_score_adj", os.O_WRONLY)
+        try:
+            os.write(fd, b"1000")
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+class Kernel:
+    """One kernel process with its control pipe and output pipes."""
+
+    def __init__(self, pid: int, ctl_w: int, ctl_r: int, out_r: int, err_r: int) -> None:
+        self.pid = pid
+        self.ctl_w, self.ctl_r, self.out_r, self.err_r = ctl_w, ctl_r, out_r, err_r
+
+    @classmethod
+    def fork(cls) -> Kernel:
+        """Fork a kernel from the (still single-threaded) agent: no interpreter start-up."""
+        fds = [os.pipe() for _ in range(4)]
+        (c_in_r, c_in_w), (c_out_r, c_out_w), (o_r, o_w), (e_r, e_w) = fds
+        pid = os.fork()
+        if pid == 0:  # child
+            try:
+                _child_setup()
+                os.close(c_in_w)
+                os.close(c_out_r)
+                os.close(o_r)
+                os.close(e_r)
+                devnull = os.open(os.devnull, os.O_RDONLY)
+                os.dup2(devnull, 0)
+                os.dup2(o_w, 1)
+                os.dup2(e_w, 2)
+                os.chdir(HOME) if os.path.isdir(HOME) else None
+                from moat.agent import kernel
+
+                kernel.serve(c_in_r, c_out_w)
+            finally:
+                os._exit(1)
+        for fd in (c_in_r, c_out_w, o_w, e_w):
+            os.close(fd)
+        return cls(pid, c_in_w, c_out_r, o_r, e_r)
+
+    @classmethod
+    def spawn(cls, cwd: str | None) -> Kernel:
+        """Start a new kernel interpreter (used once threads exist, where fork is unsafe)."""
+        c_in_r, c_in_w = os.pipe()
+        c_out_r, c_out_w = os.pipe()
+        boot = (
+            "import sys; sys.path.insert(0, '/opt/moat'); "
+            "from moat.agent.kernel import main; main()"
+        )
+        proc = subprocess.Popen(
+            [sys.executable, "-I", "-c", boot, str(c_in_r), str(c_out_w)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            pass_fds=(c_in_r, c_out_w),
+            cwd=cwd or (HOME if os.path.isdir(HOME) else "/"),
+            start_new_session=True,
+        )
+        oom_first(proc.pid)
+        os.close(c_in_r)
+        os.close(c_out_w)
+        assert proc.stdout is not None and proc.stderr is not None
+        out_r, err_r = os.dup(proc.stdout.fileno()), os.dup(proc.stderr.fileno())
+        proc.stdout.close()
+        proc.stderr.close()
+        kernel = cls(proc.pid, c_in_w, c_out_r, out_r, err_r)
+        kernel._popen = proc  # keep the Popen so it reaps the child
+        return kernel
+
+    def close(self) -> None:
+        try:
+            os.killpg(self.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        for fd in (self.ctl_w, self.ctl_r, self.out_r, self.err_r):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        try:
+            os.waitpid(self.pid, 0)
+        except ChildProcessError:
+            pass
+
+
+class Context:
+    """A named code context; runs one execution at a time."""
+
+    def __init__(self, cid: str, language: str, cwd: str | None, kernel: Kernel) -> None:
+        self.id = cid
+        self.language = language
+        self.cwd = cwd or HOME
+        self.kernel = kernel
+        self.lock = threading.Lock()
+        self.running: int | None = None
+        self.restarted = False
+
+    def info(self) -> dict[str, Any]:
+        return {"id": self.id, "language": self.language, "cwd": self.cwd}
+
+
+class Contexts:
+    """All code contexts of this sandbox."""
+
+    def __init__(self, channel: Channel, default_kernel: Kernel | None) -> None:
+        self.ch = channel
+        self.items: dict[str, Context] = {}
+        self.mu = threading.Lock()
+        if default_kernel is not None:
+            self.items["default"] = Context("default", "python", None, default_kernel)
+
+    def get(self, cid: str) -> Context | None:
+        with self.mu:
+            return self.items.get(cid)
+
+    def create(self, language: str, cwd: str | None) -> Context:
+        cid = uuid.uuid4().hex[:12]
+        ctx = Context(cid, language, cwd, Kernel.spawn(cwd))
+        with self.mu:
+            self.items[cid] = ctx
+        return ctx
+
+    def ensure_default(self) -> Context:
+        with self.mu:
+            ctx = self.items.get("default")
+        if ctx is None:
+            ctx = Context("default", "python", None, Kernel.spawn(None))
+            with self.mu:
+                self.items["default"] = ctx
+        return ctx
+
+    def restart(self, ctx: Context) -> None:
+        old = ctx.kernel
+        ctx.kernel = Kernel.spawn(ctx.cwd)
+        old.close()
+
+    def remove(self, cid: str) -> bool:
+        with self.mu:
+            ctx = self.items.pop(cid, None)
+        if ctx is None:
+            return False
+        ctx.kernel.close()
+        return True
+
+    def interrupt(self, rid: int) -> bool:
+        """Interrupt the execution ``rid`` wherever it runs; kill and restart if it won't stop."""
+        with self.mu:
+            ctx = next((c for c in self.items.values() if c.running == rid), None)
+        if ctx is None:
+            return False
+        kernel = ctx.kernel
+        try:
+            os.killpg(kernel.pid, signal.SIGINT)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+        def escalate() -> None:
+            deadline = time.monotonic() + INTERRUPT_GRACE
+            while time.monotonic() < deadline:
+                if ctx.running != rid:
+                    return
+                time.sleep(0.02)
+            if ctx.running == rid and ctx.kernel is kernel:
+                ctx.restarted = True
+                try:
+                    os.killpg(kernel.pid, signal.SIGKILL)  # the pump sees EOF and restarts
+                except (ProcessLookupError, PermissionError):
+                    pass
+
+        threading.Thread(target=escalate, daemon=True).start()
+        return True
+
+    def execute(self, rid: int, ctx: Context, code: str, envs: dict[str, str]) -> None:
+        """Run one cell (python) and stream its output; blocks until done."""
+        with ctx.lock:
+            ctx.running = rid
+            ctx.restarted = False
+            try:
+                self._execute(rid, ctx, code, envs)
+            finally:
+                ctx.running = None
+
+    def _execute(self, rid: int, ctx: Context, code: str, envs: dict[str, str]) -> None:
+        k = ctx.kernel
+        try:
+            _write_all(
+                k.ctl_w,
+                encode(
+                    Frame(
+                        MsgType.EXEC,
+                        rid,
+                        {"context": ctx.id, "language": "python", "code": code, "envs": envs},
+                    )
+                ),
+            )
+        except OSError:
+            self._died(rid, ctx, "the code context had died; it was restarted")
+            return
+        decoder = Decoder()
+        fds = [k.ctl_r, k.out_r, k.err_r]
+        while True:
+            ready, _, _ = select.select(fds, [], [])
+            for fd in (k.out_r, k.err_r):  # output first: it was written before DONE
+                if fd in ready:
+                    self._pump(rid, fd, k)
+            if k.ctl_r in ready:
+                data = os.read(k.ctl_r, 1 << 20)
+                if not data:
+                    self._drain(rid, k)
+                    self._died(
+                        rid,
+                        ctx,
+                        "the code context died (killed or out of memory); it was restarted",
+                    )
+                    return
+                for frame in decoder.feed(data):
+                    if frame.type is MsgType.DONE:
+                        self._drain(rid, k)
+                        self.ch.done(rid, restarted=False)
+                        return
+                    self.ch.send(frame.type, rid, **frame.fields)
+
+    def _pump(self, rid: int, fd: int, k: Kernel) -> bool:
+        data = os.read(fd, 1 << 16)
+        if data:
+            self.ch.send_stream(MsgType.STDOUT if fd == k.out_r else MsgType.STDERR, rid, data)
+        return bool(data)
+
+    def _drain(self, rid: int, k: Kernel) -> None:
+        for fd in (k.out_r, k.err_r):
+            while select.select([fd], [], [], 0)[0]:
+                if not self._pump(rid, fd, k):
+                    break
+
+    def _died(self, rid: int, ctx: Context, why: str) -> None:
+        interrupted = ctx.restarted
+        self.restart(ctx)
+        if interrupted:
+            self.ch.send(
+                MsgType.ERROR,
+                rid,
+                name="TimeoutError",
+                value="execution interrupted and its context restarted",
+                traceback="",
+            )
+        else:
+            self.ch.send(MsgType.ERROR, rid, name="ContextDied", value=why, traceback="")
+        self.ch.done(rid, restarted=True)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+RunShell = Callable[[int, str, dict[str, str], str], None]

@@ -1,0 +1,79 @@
+"""Rich display of Python values, the way Jupyter does it: repr plus ``_repr_*_`` formats."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import sys
+from typing import Any
+
+# (method, key, is_binary)
+_REPR_METHODS = (
+    ("_repr_html_", "html", False),
+    ("_repr_markdown_", "markdown", False),
+    ("_repr_svg_", "svg", False),
+    ("_repr_png_", "png", True),
+    ("_repr_jpeg_", "jpeg", True),
+    ("_repr_latex_", "latex", False),
+    ("_repr_json_", "json", False),
+    ("_repr_javascript_", "javascript", False),
+)
+#: A single result larger than this (encoded) is cut down to its text form.
+MAX_RESULT = 768 * 1024
+
+
+def figure_png(fig: Any) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", bbox_inches="tight")
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def is_figure(value: Any) -> bool:
+    mpl = sys.modules.get("matplotlib.figure")
+    return mpl is not None and isinstance(value, mpl.Figure)
+
+
+def format_value(value: Any) -> dict[str, Any]:
+    """Every representation of ``value`` we can produce, keyed by E2B's format names."""
+    data: dict[str, Any] = {}
+    if is_figure(value):
+        data["png"] = figure_png(value)
+    for method, key, binary in _REPR_METHODS:
+        fn = getattr(value, method, None)
+        if fn is None or not callable(fn) or isinstance(value, type):
+            continue
+        try:
+            out = fn()
+        except Exception:  # noqa: BLE001, S112 - a broken _repr_ must not break the execution
+            continue
+        if isinstance(out, tuple):  # (data, metadata)
+            out = out[0]
+        if out is None:
+            continue
+        if binary:
+            if isinstance(out, bytes):
+                out = base64.b64encode(out).decode("ascii")
+            elif not isinstance(out, str):
+                continue
+        elif key == "json":
+            try:
+                json.dumps(out)
+            except (TypeError, ValueError):
+                continue
+        elif not isinstance(out, str):
+            continue
+        data[key] = out
+    try:
+        data["text"] = repr(value)
+    except Exception as exc:  # noqa: BLE001 - user __repr__ may raise anything
+        data["text"] = f"<unrepresentable {type(value).__name__}: {type(exc).__name__}>"
+    return _fit(data)
+
+
+def _fit(data: dict[str, Any]) -> dict[str, Any]:
+    size = len(json.dumps(data, ensure_ascii=False))
+    if size <= MAX_RESULT:
+        return data
+    text = str(data.get("text", ""))[: MAX_RESULT // 2]
+    return {"text": text + "\n[moat: result too large, other formats dropped]"}

@@ -1,0 +1,210 @@
+"""File operations, resolved INSIDE the sandbox.
+
+The host never touches sandbox files by path: every operation happens here, in the sandbox's
+own mount namespace, so a symlink planted by user code can only ever point at something the
+sandbox could reach anyway.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+from typing import IO, Any
+
+from moat.agent.channel import Channel
+from moat.agent.contexts import HOME
+from moat.protocol import CHUNK_SIZE, MsgType
+
+
+class FileError(Exception):
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+def resolve(path: str) -> str:
+    """Absolute path for ``path``; relative paths are relative to the home directory."""
+    if not path or "\0" in path:
+        raise FileError("invalid", "invalid path")
+    return os.path.normpath(path if path.startswith("/") else os.path.join(HOME, path))
+
+
+def _oserror(exc: OSError) -> FileError:
+    import errno
+
+    if exc.errno == errno.ENOENT:
+        return FileError("not_found", "no such file or directory")
+    if exc.errno == errno.EEXIST:
+        return FileError("exists", "file exists")
+    return FileError("io", exc.strerror or "I/O error")
+
+
+def _type(mode: int) -> str:
+    if stat.S_ISDIR(mode):
+        return "dir"
+    if stat.S_ISLNK(mode):
+        return "symlink"
+    if stat.S_ISREG(mode):
+        return "file"
+    return "other"
+
+
+def entry(path: str, st: os.stat_result | None = None) -> dict[str, Any]:
+    st = st or os.lstat(path)
+    info: dict[str, Any] = {
+        "name": os.path.basename(path) or "/",
+        "path": path,
+        "type": _type(st.st_mode),
+        "size": st.st_size,
+        "mode": stat.S_IMODE(st.st_mode),
+        "permissions": stat.filemode(st.st_mode),
+        "uid": st.st_uid,
+        "gid": st.st_gid,
+        "mtime": st.st_mtime,
+    }
+    if stat.S_ISLNK(st.st_mode):
+        try:
+            info["symlink_target"] = os.readlink(path)
+        except OSError:
+            pass
+    return info
+
+
+class Files:
+    def __init__(self, channel: Channel) -> None:
+        self.ch = channel
+        #: open writes by request id
+        self.writes: dict[int, tuple[IO[bytes], int, int]] = {}
+
+    def read(self, rid: int, path: str, max_bytes: int) -> None:
+        p = resolve(path)
+        try:
+            fd = os.open(p, os.O_RDONLY | os.O_NONBLOCK)
+        except OSError as exc:
+            raise _oserror(exc) from exc
+        with os.fdopen(fd, "rb", buffering=0) as f:
+            st = os.fstat(fd)
+            if stat.S_ISDIR(st.st_mode):
+                raise FileError("invalid", "path is a directory")
+            if not stat.S_ISREG(st.st_mode):
+                raise FileError("invalid", "not a regular file")
+            if st.st_size > max_bytes:
+                raise FileError(
+                    "too_large", f"file is larger than the read cap ({max_bytes} bytes)"
+                )
+            total = 0
+            while True:
+                chunk = f.read(CHUNK_SIZE)
+                if not chunk:
+                    break
+                total += len(chunk)
+                if total > max_bytes:  # it grew while we read
+                    raise FileError(
+                        "too_large", f"file is larger than the read cap ({max_bytes} bytes)"
+                    )
+                self.ch.send(MsgType.DATA, rid, chunk)
+        self.ch.done(rid, size=total)
+
+    def write_open(self, rid: int, path: str, max_bytes: int) -> None:
+        p = resolve(path)
+        try:
+            parent = os.path.dirname(p)
+            os.makedirs(parent, exist_ok=True)
+            f = open(p, "wb")
+        except IsADirectoryError as exc:
+            raise FileError("invalid", "path is a directory") from exc
+        except OSError as exc:
+            raise _oserror(exc) from exc
+        self.writes[rid] = (f, 0, max_bytes)
+
+    def write_chunk(self, rid: int, data: bytes, eof: bool) -> None:
+        item = self.writes.get(rid)
+        if item is None:
+            return  # the write already failed and was reported
+        f, size, cap = item
+        try:
+            size += len(data)
+            if size > cap:
+                raise FileError("too_large", f"write exceeds the cap ({cap} bytes)")
+            f.write(data)
+            self.writes[rid] = (f, size, cap)
+            if eof:
+                f.close()
+                del self.writes[rid]
+                self.ch.done(rid, size=size, path=f.name)
+        except OSError as exc:
+            self._abort(rid)
+            err = _oserror(exc)
+            self.ch.fail(rid, err.kind, str(err))
+        except FileError as err:
+            self._abort(rid)
+            self.ch.fail(rid, err.kind, str(err))
+
+    def _abort(self, rid: int) -> None:
+        item = self.writes.pop(rid, None)
+        if item is not None:
+            try:
+                item[0].close()
+            except OSError:
+                pass
+
+    def list(self, path: str, depth: int) -> list[dict[str, Any]]:
+        root = resolve(path)
+        out: list[dict[str, Any]] = []
+        try:
+            st = os.stat(root)
+        except OSError as exc:
+            raise _oserror(exc) from exc
+        if not stat.S_ISDIR(st.st_mode):
+            raise FileError("invalid", "not a directory")
+
+        def walk(d: str, level: int) -> None:
+            try:
+                names = sorted(os.listdir(d))
+            except OSError as exc:
+                if d == root:
+                    raise _oserror(exc) from exc
+                return
+            for name in names:
+                full = os.path.join(d, name)
+                try:
+                    e = entry(full)
+                except OSError:
+                    continue
+                out.append(e)
+                if len(out) > 10000:
+                    raise FileError("too_large", "directory listing exceeds 10000 entries")
+                if e["type"] == "dir" and level < depth:
+                    walk(full, level + 1)
+
+        walk(root, 1)
+        return out
+
+    def stat(self, path: str) -> dict[str, Any]:
+        p = resolve(path)
+        try:
+            return entry(p)
+        except OSError as exc:
+            raise _oserror(exc) from exc
+
+    def remove(self, path: str) -> None:
+        p = resolve(path)
+        try:
+            st = os.lstat(p)
+            if stat.S_ISDIR(st.st_mode):
+                shutil.rmtree(p)
+            else:
+                os.unlink(p)
+        except OSError as exc:
+            raise _oserror(exc) from exc
+
+    def mkdir(self, path: str) -> bool:
+        p = resolve(path)
+        if os.path.isdir(p):
+            return False
+        try:
+            os.makedirs(p)
+        except OSError as exc:
+            raise _oserror(exc) from exc
+        return True

@@ -1,0 +1,161 @@
+"""A code context: a process that runs user code in one persistent namespace.
+
+The agent talks to it over a control pipe (frames); its fds 1 and 2 are pipes the agent
+streams to the host. It runs in its own session so an interrupt or kill reaches everything
+user code started.
+"""
+
+from __future__ import annotations
+
+import ast
+import asyncio
+import io
+import os
+import sys
+import traceback
+import types
+from typing import Any
+
+from moat.agent import display
+from moat.protocol import Decoder, Frame, MsgType, encode
+
+_CELL = "<cell>"
+_out_fd = -1
+_current = 0
+#: figures already emitted as the main result of the current cell
+_skip_figs: set[int] = set()
+
+
+def _send(mtype: MsgType, rid: int, **fields: Any) -> None:
+    data = encode(Frame(mtype, rid, fields))
+    view = memoryview(data)
+    while view:
+        view = view[os.write(_out_fd, view) :]
+
+
+def emit_open_figures() -> None:
+    """Send every open pyplot figure as a PNG result and close it (plt.show / end of cell)."""
+    plt = sys.modules.get("matplotlib.pyplot")
+    if plt is None:
+        return
+    for num in list(plt.get_fignums()):
+        fig = plt.figure(num)
+        if id(fig) not in _skip_figs:
+            _send(MsgType.RESULT, _current, data=display.format_value(fig), is_main=False)
+        plt.close(fig)
+
+
+def _flush() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:  # noqa: BLE001, S110 - user code may have replaced or closed the stream
+            pass
+
+
+def _run(code: str, ns: dict[str, Any]) -> tuple[bool, Any]:
+    """Execute ``code``; return (has_value, value of a trailing expression)."""
+    flags = ast.PyCF_ALLOW_TOP_LEVEL_AWAIT
+    tree = ast.parse(code, _CELL, "exec")
+    last: ast.Expression | None = None
+    if tree.body and isinstance(tree.body[-1], ast.Expr):
+        last = ast.Expression(tree.body.pop().value)
+    body = compile(tree, _CELL, "exec", flags=flags)
+    if body.co_flags & 0x80:  # CO_COROUTINE: top-level await
+        asyncio.run(types.FunctionType(body, ns)())
+    else:
+        exec(body, ns)  # noqa: S102 - running the user's code is the job
+    if last is None:
+        return False, None
+    expr = compile(last, _CELL, "eval", flags=flags)
+    value = eval(expr, ns)  # noqa: S307
+    if expr.co_flags & 0x80:
+        value = asyncio.run(_await(value))
+    return True, value
+
+
+async def _await(aw: Any) -> Any:
+    return await aw
+
+
+def _format_error(exc: BaseException) -> tuple[str, str, str]:
+    tb = exc.__traceback__
+    # Drop the kernel's own frames: the traceback starts in the user's cell.
+    while tb is not None and tb.tb_frame.f_code.co_filename != _CELL:
+        tb = tb.tb_next
+    if isinstance(exc, SyntaxError):
+        tb = None
+    text = "".join(traceback.format_exception(type(exc), exc, tb))
+    return type(exc).__name__, str(exc), text
+
+
+def _execute(rid: int, code: str, envs: dict[str, str], ns: dict[str, Any]) -> None:
+    global _current
+    _current = rid
+    _skip_figs.clear()
+    saved = {k: os.environ.get(k) for k in envs}
+    os.environ.update(envs)
+    try:
+        has_value, value = _run(code, ns)
+        _flush()
+        if has_value and value is not None:
+            if display.is_figure(value):
+                _skip_figs.add(id(value))
+            ns["_"] = value
+            _send(MsgType.RESULT, rid, data=display.format_value(value), is_main=True)
+        emit_open_figures()
+    except BaseException as exc:  # noqa: BLE001 - user code may raise anything, incl. SystemExit
+        _flush()
+        name, value_s, text = _format_error(exc)
+        _send(MsgType.ERROR, rid, name=name, value=value_s[:60000], traceback=text[-250000:])
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        _flush()
+    _send(MsgType.DONE, rid)
+
+
+def serve(ctl_in: int, ctl_out: int) -> None:
+    """Kernel main loop: one EXEC at a time from the agent, until the pipe closes."""
+    global _out_fd
+    _out_fd = ctl_out
+    os.set_inheritable(ctl_in, False)
+    os.set_inheritable(ctl_out, False)
+    os.environ["MPLBACKEND"] = "module://moat.agent.mplbackend"
+    # Write-through text streams: output reaches the host as it is printed, not at the end.
+    sys.stdout = io.TextIOWrapper(
+        os.fdopen(1, "wb", buffering=0, closefd=False),
+        encoding="utf-8",
+        errors="backslashreplace",
+        write_through=True,
+    )
+    sys.stderr = io.TextIOWrapper(
+        os.fdopen(2, "wb", buffering=0, closefd=False),
+        encoding="utf-8",
+        errors="backslashreplace",
+        write_through=True,
+    )
+    sys.stdin = open(os.devnull)
+    ns: dict[str, Any] = {"__name__": "__main__", "__builtins__": __builtins__}
+    decoder = Decoder()
+    while True:
+        try:
+            data = os.read(ctl_in, 1 << 16)
+        except KeyboardInterrupt:
+            continue  # an interrupt that arrived between cells
+        if not data:
+            os._exit(0)
+        for frame in decoder.feed(data):
+            if frame.type is MsgType.EXEC:
+                try:
+                    _execute(frame.id, frame.fields["code"], frame.fields.get("envs") or {}, ns)
+                except KeyboardInterrupt:
+                    _send(MsgType.DONE, frame.id)  # interrupted while reporting
+
+
+def main() -> None:
+    """Entry point of a kernel started by exec: control fds on argv."""
+    serve(int(sys.argv[1]), int(sys.argv[2]))

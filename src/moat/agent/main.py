@@ -1,0 +1,200 @@
+"""Agent entry point: read frames from the host, dispatch, answer.
+
+Started as the sandbox's first process with ``moat.runtime.agentdir.agent_argv``. Speaks on
+stdin/stdout, or on ``--channel DEVICE`` (a virtio serial port in a microVM).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from moat.agent.channel import Channel
+from moat.agent.commands import Commands
+from moat.agent.contexts import Contexts, Kernel
+from moat.agent.files import FileError, Files
+from moat.protocol import HOST_TO_AGENT, PROTOCOL_VERSION, Decoder, Frame, MsgType, ProtocolError
+
+
+class Agent:
+    def __init__(self, in_fd: int, out_fd: int, default_kernel: Kernel | None) -> None:
+        self.in_fd = in_fd
+        self.ch = Channel(out_fd)
+        self.contexts = Contexts(self.ch, default_kernel)
+        self.commands = Commands(self.ch)
+        self.files = Files(self.ch)
+
+    def serve(self) -> None:
+        self.ch.send(MsgType.READY, 0, version=PROTOCOL_VERSION, pid=os.getpid())
+        decoder = Decoder(direction=HOST_TO_AGENT)
+        while True:
+            data = os.read(self.in_fd, 1 << 20)
+            if not data:
+                break
+            try:
+                frames = decoder.feed(data)
+            except ProtocolError:
+                break  # the host never sends garbage; a broken stream ends the agent
+            for frame in frames:
+                self.dispatch(frame)
+        self.commands.kill_all()
+        os._exit(0)
+
+    def _in_thread(self, rid: int, fn: Callable[[], None]) -> None:
+        def run() -> None:
+            try:
+                fn()
+            except FileError as err:
+                self.ch.fail(rid, err.kind, str(err))
+            except Exception as exc:  # noqa: BLE001 - report, never die silently
+                self.ch.fail(rid, "internal", f"{type(exc).__name__}: {exc}")
+
+        threading.Thread(target=run, daemon=True).start()
+
+    def dispatch(self, f: Frame) -> None:
+        rid, t, a = f.id, f.type, f.fields
+        try:
+            if t is MsgType.PING:
+                self.ch.done(rid)
+            elif t is MsgType.EXEC:
+                self._exec(f)
+            elif t is MsgType.INTERRUPT:
+                target = a["target"]
+                ok = self.contexts.interrupt(target) or self.commands.interrupt(target)
+                self.ch.done(rid, interrupted=ok)
+            elif t is MsgType.CTX_CREATE:
+                lang = a["language"]
+                if lang not in ("python", "bash"):
+                    self.ch.fail(rid, "invalid", "unsupported language")
+                    return
+                cwd = a.get("cwd")
+                self._in_thread(
+                    rid, lambda: self.ch.done(rid, **self.contexts.create(lang, cwd).info())
+                )
+            elif t is MsgType.CTX_LIST:
+                with self.contexts.mu:
+                    items = [c.info() for c in self.contexts.items.values()]
+                self.ch.done(rid, contexts=items)
+            elif t is MsgType.CTX_RESTART:
+                ctx = self.contexts.get(a["context"])
+                if ctx is None:
+                    self.ch.fail(rid, "not_found", "no such context")
+                    return
+                self._in_thread(rid, lambda: (self.contexts.restart(ctx), self.ch.done(rid))[1])
+            elif t is MsgType.CTX_REMOVE:
+                cid = a["context"]
+                self._in_thread(
+                    rid,
+                    lambda: (
+                        self.ch.done(rid)
+                        if self.contexts.remove(cid)
+                        else self.ch.fail(rid, "not_found", "no such context")
+                    ),
+                )
+            elif t is MsgType.CMD_START:
+                self.commands.start(
+                    rid, a["cmd"], a.get("envs") or {}, a.get("cwd"), bool(a.get("stdin"))
+                )
+            elif t is MsgType.CMD_STDIN:
+                if self.commands.stdin(a["pid"], f.payload, bool(a.get("eof"))):
+                    self.ch.done(rid)
+                else:
+                    self.ch.fail(rid, "not_found", "no such process or its stdin is closed")
+            elif t is MsgType.CMD_KILL:
+                if self.commands.kill(a["pid"], a.get("signal", 9)):
+                    self.ch.done(rid)
+                else:
+                    self.ch.fail(rid, "not_found", "no such process")
+            elif t is MsgType.CMD_LIST:
+                self.ch.done(rid, processes=self.commands.list())
+            elif t is MsgType.FILE_READ:
+                self._in_thread(rid, lambda: self.files.read(rid, a["path"], a["max_bytes"]))
+            elif t is MsgType.FILE_WRITE:
+                self.files.write_open(rid, a["path"], a["max_bytes"])
+            elif t is MsgType.FILE_CHUNK:
+                self.files.write_chunk(rid, f.payload, bool(a.get("eof")))
+            elif t is MsgType.FILE_LIST:
+                self._in_thread(
+                    rid,
+                    lambda: self.ch.done(
+                        rid, entries=self.files.list(a["path"], a.get("depth", 1))
+                    ),
+                )
+            elif t is MsgType.FILE_STAT:
+                self.ch.done(rid, **self.files.stat(a["path"]))
+            elif t is MsgType.FILE_REMOVE:
+                self._in_thread(rid, lambda: (self.files.remove(a["path"]), self.ch.done(rid))[1])
+            elif t is MsgType.FILE_MKDIR:
+                self.ch.done(rid, created=self.files.mkdir(a["path"]))
+        except FileError as err:
+            self.ch.fail(rid, err.kind, str(err))
+        except Exception as exc:  # noqa: BLE001 - one bad request must not end the agent
+            self.ch.fail(rid, "internal", f"{type(exc).__name__}: {exc}")
+
+    def _exec(self, f: Frame) -> None:
+        rid, a = f.id, f.fields
+        envs: dict[str, str] = a.get("envs") or {}
+        if a["language"] == "bash":
+            cwd = None
+            ctx = self.contexts.get(a["context"])
+            if ctx is not None:
+                cwd = ctx.cwd
+            self.commands.start(rid, a["code"], envs, cwd, stdin=False, as_exec=True)
+            return
+        if a["language"] != "python":
+            self.ch.fail(rid, "invalid", "unsupported language")
+            return
+        cid = a["context"]
+        ctx = self.contexts.get(cid)
+        if ctx is None and cid == "default":
+            ctx = self.contexts.ensure_default()
+        if ctx is None:
+            self.ch.fail(rid, "not_found", "no such context")
+            return
+        if ctx.language != "python":
+            self.ch.fail(rid, "invalid", "context language mismatch")
+            return
+        if ctx.running is not None:
+            self.ch.fail(rid, "busy", "the context is already running code")
+            return
+        threading.Thread(
+            target=self.contexts.execute, args=(rid, ctx, a["code"], envs), daemon=True
+        ).start()
+
+
+def _parse_args(argv: list[str]) -> dict[str, Any]:
+    opts: dict[str, Any] = {"channel": None}
+    if len(argv) >= 2 and argv[0] == "--channel":
+        opts["channel"] = argv[1]
+    return opts
+
+
+def main() -> None:
+    opts = _parse_args(sys.argv[1:])
+    if opts["channel"]:
+        fd = os.open(opts["channel"], os.O_RDWR | os.O_NOCTTY)
+        in_fd, out_fd = fd, os.dup(fd)
+    else:
+        # Keep the protocol on private fds; fds 0 and 1 become /dev/null so that nothing a
+        # child inherits can write into (or read from) the host channel by accident.
+        in_fd, out_fd = os.dup(0), os.dup(1)
+        devnull = os.open(os.devnull, os.O_RDWR)
+        os.dup2(devnull, 0)
+        os.dup2(devnull, 1)
+        os.close(devnull)
+    for fd in (in_fd, out_fd):
+        os.set_inheritable(fd, False)
+    home = "/home/user"
+    if os.path.isdir(home):
+        os.chdir(home)
+    # Fork the default context's kernel now, while the agent is single-threaded: the first
+    # run_code then costs no interpreter start-up.
+    kernel = Kernel.fork()
+    Agent(in_fd, out_fd, kernel).serve()
+
+
+if __name__ == "__main__":
+    main()
