@@ -47,14 +47,19 @@ class Kernel:
         self.ctl_w, self.ctl_r, self.out_r, self.err_r = ctl_w, ctl_r, out_r, err_r
 
     @classmethod
-    def fork(cls) -> Kernel:
-        """Fork a kernel from the (still single-threaded) agent: no interpreter start-up."""
+    def fork(cls, close: tuple[int, ...] = ()) -> Kernel:
+        """Fork a kernel from the (still single-threaded) agent: no interpreter start-up.
+
+        ``close``: the agent's channel fds, which user code must never hold.
+        """
         fds = [os.pipe() for _ in range(4)]
         (c_in_r, c_in_w), (c_out_r, c_out_w), (o_r, o_w), (e_r, e_w) = fds
         pid = os.fork()
         if pid == 0:  # child
             try:
                 _child_setup()
+                for fd in close:
+                    os.close(fd)
                 os.close(c_in_w)
                 os.close(c_out_r)
                 os.close(o_r)

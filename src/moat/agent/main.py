@@ -192,7 +192,7 @@ def main() -> None:
         os.chdir(home)
     # Fork the default context's kernel now, while the agent is single-threaded: the first
     # run_code then costs no interpreter start-up.
-    kernel = Kernel.fork()
+    kernel = Kernel.fork(close=(in_fd, out_fd))
     Agent(in_fd, out_fd, kernel).serve()
 
 

@@ -1,0 +1,192 @@
+"""Host side of the agent protocol: multiplexes calls over one byte stream.
+
+Every frame from the agent is size-limited and schema-validated by the decoder (invariant 6);
+a malformed frame, an EOF or a silent agent marks the client dead and fails every pending call
+with SandboxDiedError.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from moat.errors import (
+    InvalidArgumentError,
+    NotFoundError,
+    SandboxDiedError,
+    SandboxError,
+)
+from moat.protocol import (
+    AGENT_TO_HOST,
+    MAX_FRAME,
+    PROTOCOL_VERSION,
+    Decoder,
+    Frame,
+    MsgType,
+    ProtocolError,
+    encode,
+)
+from moat.runtime.base import SandboxProcess
+
+log = logging.getLogger("moat.engine")
+
+_DEAD = object()
+
+
+class Call:
+    """One request in flight: its frames arrive on a queue."""
+
+    def __init__(self, client: AgentClient, rid: int) -> None:
+        self.client = client
+        self.id = rid
+        self.queue: asyncio.Queue[Frame | object] = asyncio.Queue()
+
+    async def next(self) -> Frame:
+        item = await self.queue.get()
+        if item is _DEAD:
+            self.queue.put_nowait(_DEAD)  # keep failing
+            raise SandboxDiedError(self.client.dead_reason or "the sandbox died")
+        assert isinstance(item, Frame)  # noqa: S101 - queue holds frames or _DEAD
+        return item
+
+    def close(self) -> None:
+        self.client.calls.pop(self.id, None)
+
+
+def fail_to_error(frame: Frame) -> SandboxError:
+    """Translate an agent FAIL frame into our exception tree."""
+    kind = frame.fields["kind"]
+    msg = frame.fields["message"]
+    if kind == "not_found":
+        return NotFoundError(msg)
+    if kind in ("invalid", "exists", "too_large"):
+        return InvalidArgumentError(msg)
+    return SandboxError(msg)
+
+
+class AgentClient:
+    """Talks to one agent."""
+
+    def __init__(self, proc: SandboxProcess, on_dead: Callable[[str], None]) -> None:
+        self.proc = proc
+        self.calls: dict[int, Call] = {}
+        self.dead_reason: str | None = None
+        self._ids = itertools.count(1)
+        self._on_dead = on_dead
+        self._ready: asyncio.Future[Frame] = asyncio.get_running_loop().create_future()
+        self._task = asyncio.create_task(self._read_loop())
+
+    async def wait_ready(self, timeout: float) -> Frame:
+        try:
+            async with asyncio.timeout(timeout):
+                frame = await asyncio.shield(self._ready)
+        except TimeoutError:
+            self._die("the sandbox's agent did not start in time")
+            raise SandboxDiedError("the sandbox's agent did not start in time") from None
+        if frame.fields.get("version") != PROTOCOL_VERSION:
+            self._die("agent protocol version mismatch")
+            raise SandboxDiedError("agent protocol version mismatch")
+        return frame
+
+    async def _read_loop(self) -> None:
+        decoder = Decoder(max_frame=MAX_FRAME, direction=AGENT_TO_HOST)
+        reason = "the sandbox's agent exited"
+        try:
+            while True:
+                data = await self.proc.reader.read(1 << 20)
+                if not data:
+                    break
+                for frame in decoder.feed(data):
+                    self._route(frame)
+        except ProtocolError as exc:
+            log.warning("agent protocol violation: %s", exc)
+            reason = "the sandbox's agent broke the protocol"
+        except (ConnectionError, OSError):
+            reason = "the connection to the sandbox's agent broke"
+        except asyncio.CancelledError:
+            reason = "the sandbox was stopped"
+            raise
+        finally:
+            self._die(reason)
+
+    def _route(self, frame: Frame) -> None:
+        if frame.type is MsgType.READY:
+            if not self._ready.done():
+                self._ready.set_result(frame)
+            return
+        call = self.calls.get(frame.id)
+        if call is not None:
+            call.queue.put_nowait(frame)
+        # else: a late frame for a call we gave up on; drop it.
+
+    def _die(self, reason: str) -> None:
+        if self.dead_reason is not None:
+            return
+        self.dead_reason = reason
+        if not self._ready.done():
+            self._ready.set_exception(SandboxDiedError(reason))
+            self._ready.exception()  # mark retrieved
+        for call in self.calls.values():
+            call.queue.put_nowait(_DEAD)
+        self._on_dead(reason)
+
+    def send(self, mtype: MsgType, rid: int, fields: dict[str, Any], payload: bytes = b"") -> None:
+        if self.dead_reason is not None:
+            raise SandboxDiedError(self.dead_reason)
+        try:
+            data = encode(Frame(mtype, rid, fields, payload))
+        except ProtocolError as exc:
+            raise InvalidArgumentError("request too large") from exc
+        try:
+            self.proc.writer.write(data)
+        except (ConnectionError, RuntimeError, OSError) as exc:
+            self._die("the connection to the sandbox's agent broke")
+            raise SandboxDiedError(self.dead_reason or "") from exc
+
+    async def drain(self) -> None:
+        try:
+            await self.proc.writer.drain()
+        except (ConnectionError, OSError) as exc:
+            self._die("the connection to the sandbox's agent broke")
+            raise SandboxDiedError(self.dead_reason or "") from exc
+
+    async def open(self, mtype: MsgType, fields: dict[str, Any], payload: bytes = b"") -> Call:
+        """Send a request; the returned Call yields its frames."""
+        rid = next(self._ids)
+        call = Call(self, rid)
+        self.calls[rid] = call
+        try:
+            self.send(mtype, rid, fields, payload)
+            await self.drain()
+        except BaseException:
+            call.close()
+            raise
+        return call
+
+    async def request(
+        self, mtype: MsgType, fields: dict[str, Any], timeout: float = 30.0, payload: bytes = b""
+    ) -> dict[str, Any]:
+        """A simple request: wait for DONE (fields) or FAIL (raised)."""
+        call = await self.open(mtype, fields, payload)
+        try:
+            async with asyncio.timeout(timeout):
+                while True:
+                    frame = await call.next()
+                    if frame.type is MsgType.DONE:
+                        return frame.fields
+                    if frame.type is MsgType.FAIL:
+                        raise fail_to_error(frame)
+        except TimeoutError:
+            self._die("the sandbox's agent stopped answering")
+            raise SandboxDiedError("the sandbox's agent stopped answering") from None
+        finally:
+            call.close()
+
+    async def close(self) -> None:
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await self._task

@@ -1,0 +1,78 @@
+"""Per-call output handling: decode, guard, cap, deliver to callbacks (in that order).
+
+The guard runs before anything reaches the caller or a callback (invariant 4); the cap bounds
+what the host buffers for one call however much the sandbox prints (invariant 6).
+"""
+
+from __future__ import annotations
+
+import codecs
+import inspect
+from collections.abc import Callable
+from typing import Any, Protocol
+
+#: Default per-call cap on stdout+stderr kept by the host.
+DEFAULT_MAX_OUTPUT = 4 * 1024 * 1024
+
+
+class StreamFilter(Protocol):
+    def feed(self, chunk: str) -> str: ...
+
+    def flush(self) -> str: ...
+
+
+Callback = Callable[[str], Any] | None
+
+
+class OutputSink:
+    """Collects one call's stdout and stderr."""
+
+    def __init__(
+        self,
+        filters: dict[str, StreamFilter],
+        callbacks: dict[str, Callback],
+        max_bytes: int = DEFAULT_MAX_OUTPUT,
+    ) -> None:
+        self.chunks: dict[str, list[str]] = {"stdout": [], "stderr": []}
+        self._decoders = {k: codecs.getincrementaldecoder("utf-8")("replace") for k in self.chunks}
+        self._filters = filters
+        self._callbacks = callbacks
+        self._max = max_bytes
+        self._seen = 0
+        self.truncated = False
+
+    async def feed(self, channel: str, data: bytes) -> None:
+        if self.truncated:
+            return
+        self._seen += len(data)
+        if self._seen > self._max:
+            keep = len(data) - (self._seen - self._max)
+            data = data[: max(keep, 0)]
+            self.truncated = True
+        text = self._decoders[channel].decode(data)
+        await self._emit(channel, self._filters[channel].feed(text))
+        if self.truncated:
+            await self.finish()
+            note = f"\n[moat: output truncated after {self._max} bytes]\n"
+            self.chunks["stderr"].append(note)
+
+    async def finish(self) -> None:
+        """End of the call: release what decoders and guards held back."""
+        for channel in ("stdout", "stderr"):
+            tail = self._decoders[channel].decode(b"", final=True)
+            text = self._filters[channel].feed(tail) if tail else ""
+            text += self._filters[channel].flush()
+            await self._emit(channel, text)
+
+    async def _emit(self, channel: str, text: str) -> None:
+        if not text:
+            return
+        self.chunks[channel].append(text)
+        cb = self._callbacks.get(channel)
+        if cb is not None:
+            out = cb(text)
+            if inspect.isawaitable(out):
+                await out
+
+    def text(self, channel: str) -> str:
+        return "".join(self.chunks[channel])

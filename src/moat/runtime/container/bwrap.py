@@ -1,0 +1,89 @@
+"""Pure ``spec -> argv`` builder for bubblewrap. No I/O: golden-tested.
+
+Namespaces: a new user namespace (so the sandbox's uid 1000 maps to one unprivileged host uid
+and nothing inside holds a capability), pid, mount, ipc, uts, net (loopback only) and cgroup.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from moat.runtime.spec import AGENT_DIR, HOME, SANDBOX_GID, SANDBOX_UID, SandboxSpec
+
+#: Host /etc entries a userland needs and that hold nothing about the host's users or secrets.
+#: Never the host's /etc wholesale (DESIGN invariant 1).
+HOST_ETC = (
+    "ld.so.cache",
+    "ld.so.conf",
+    "ld.so.conf.d",
+    "ssl",
+    "ca-certificates",
+    "ca-certificates.conf",
+    "alternatives",
+    "localtime",
+    "mime.types",
+    "protocols",
+    "services",
+    "matplotlibrc",
+    "python3",
+    "python3.11",
+)
+#: Synthetic files moat writes for every sandbox (see template.py).
+SYNTHETIC_ETC = ("passwd", "group", "hostname", "hosts", "resolv.conf", "nsswitch.conf")
+#: /usr-merged top-level symlinks.
+USR_LINKS = (("usr/bin", "/bin"), ("usr/sbin", "/sbin"), ("usr/lib", "/lib"), ("usr/lib64", "/lib64"))
+
+
+@dataclass(frozen=True)
+class HostLayout:
+    """Facts about the host the builder needs, gathered by the driver (which does the I/O)."""
+
+    agent_dir: str  # host dir bound read-only at AGENT_DIR
+    etc_dir: str  # host dir with the synthetic /etc files
+    seccomp_fd: int  # fd of the compiled BPF filter
+    host_etc: tuple[str, ...] = HOST_ETC  # the subset of HOST_ETC that exists on this host
+    usr_links: tuple[tuple[str, str], ...] = USR_LINKS  # the subset that exists on this host
+
+
+def build_argv(spec: SandboxSpec, host: HostLayout, command: list[str]) -> list[str]:
+    """The full bwrap command line for ``spec`` running ``command`` as the sandbox's init."""
+    disk = spec.limits.disk_mb * 1024 * 1024
+    tmp_size = max(16 * 1024 * 1024, disk // 4)
+    argv = [
+        "bwrap",
+        "--unshare-user",
+        "--unshare-pid",
+        "--unshare-ipc",
+        "--unshare-uts",
+        "--unshare-net",
+        "--unshare-cgroup",
+        "--disable-userns",
+        "--uid", str(SANDBOX_UID),
+        "--gid", str(SANDBOX_GID),
+        "--hostname", spec.hostname,
+        "--die-with-parent",
+        "--new-session",
+        "--clearenv",
+    ]  # fmt: skip
+    for key, value in sorted(spec.env().items()):
+        argv += ["--setenv", key, value]
+    argv += ["--ro-bind", "/usr", "/usr"]
+    for target, link in host.usr_links:
+        argv += ["--symlink", target, link]
+    argv += ["--proc", "/proc", "--dev", "/dev", "--dir", "/etc"]
+    for name in host.host_etc:
+        argv += ["--ro-bind", f"/etc/{name}", f"/etc/{name}"]
+    for name in SYNTHETIC_ETC:
+        argv += ["--ro-bind", f"{host.etc_dir}/{name}", f"/etc/{name}"]
+    argv += ["--perms", "0700", "--size", str(disk), "--tmpfs", HOME]
+    argv += ["--perms", "1777", "--size", str(tmp_size), "--tmpfs", "/tmp"]
+    argv += ["--ro-bind", host.agent_dir, AGENT_DIR]
+    for m in spec.mounts:
+        argv += ["--ro-bind" if m.read_only else "--bind", m.host_path, m.sandbox_path]
+    argv += [
+        "--remount-ro", "/",
+        "--seccomp", str(host.seccomp_fd),
+        "--chdir", HOME,
+        "--",
+    ]  # fmt: skip
+    return argv + command

@@ -1,0 +1,195 @@
+"""Container tier driver: spawns bubblewrap as an unprivileged uid inside a fresh cgroup.
+
+This is the one place of the container tier that does I/O; ``bwrap.build_argv`` is pure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import resource
+import secrets
+import shutil
+import tempfile
+from pathlib import Path
+
+from moat.errors import IsolationUnavailableError, SandboxDiedError
+from moat.runtime import agentdir, cgroups, seccomp
+from moat.runtime.container import bwrap, template
+from moat.runtime.spec import SandboxSpec
+
+log = logging.getLogger("moat.runtime.container")
+
+#: Host uids for sandboxes come from this range, one per sandbox (so RLIMIT_NPROC, a per-uid
+#: limit, is a real second layer under the pids cgroup). They own nothing on the host.
+UID_BASE = 1_000_000_000
+UID_SPAN = 1 << 24
+#: Every sandbox shares this host gid: grant it write access to a host dir mounted writable.
+SANDBOX_HOST_GID = UID_BASE
+
+
+class ContainerProcess:
+    """A running bubblewrap sandbox."""
+
+    def __init__(
+        self,
+        proc: asyncio.subprocess.Process,
+        cgroup: cgroups.SandboxCgroup,
+        host_uid: int,
+    ) -> None:
+        assert proc.stdout is not None and proc.stdin is not None  # noqa: S101 - PIPE given
+        self.proc = proc
+        self.reader: asyncio.StreamReader = proc.stdout
+        self.writer: asyncio.StreamWriter = proc.stdin
+        self.cgroup = cgroup
+        self.host_uid = host_uid
+        self._killed = False
+
+    async def kill(self) -> None:
+        if self._killed:
+            return
+        self._killed = True
+        with contextlib.suppress(Exception):
+            self.writer.close()
+        # Kill the cgroup, not a pid: setsid'd and double-forked survivors die too.
+        await asyncio.to_thread(self.cgroup.kill)
+        with contextlib.suppress(ProcessLookupError):
+            self.proc.kill()
+        try:
+            await asyncio.wait_for(self.proc.wait(), 5)
+        except TimeoutError:
+            log.error("bwrap pid %s did not exit after kill", self.proc.pid)
+        await asyncio.to_thread(self.cgroup.destroy)
+
+    def alive(self) -> bool:
+        return not self._killed and self.proc.returncode is None
+
+    def stats(self) -> dict[str, int]:
+        try:
+            return {
+                "memory_bytes": self.cgroup.memory_bytes(),
+                "pids": len(self.cgroup.pids()),
+                "oom_kills": self.cgroup.oom_kills(),
+            }
+        except OSError:
+            return {}
+
+
+class ContainerRuntime:
+    """The `container` tier."""
+
+    name = "container"
+
+    def __init__(self) -> None:
+        self._cgroups: cgroups.CgroupManager | None = None
+
+    def probe(self) -> str | None:
+        if shutil.which("bwrap") is None:
+            return "bubblewrap is not installed (Debian package 'bubblewrap')"
+        if os.geteuid() != 0:
+            return "the container tier needs root to create cgroups and drop to a sandbox uid"
+        max_ns = Path("/proc/sys/user/max_user_namespaces")
+        if max_ns.exists() and max_ns.read_text().strip() == "0":
+            return "user namespaces are disabled (user.max_user_namespaces = 0)"
+        try:
+            self._manager()
+            seccomp.build_filter()
+        except IsolationUnavailableError as exc:
+            return str(exc)
+        except Exception as exc:  # noqa: BLE001 - a probe reports, it does not raise
+            return f"seccomp or cgroups unavailable: {type(exc).__name__}"
+        return None
+
+    def _manager(self) -> cgroups.CgroupManager:
+        if self._cgroups is None:
+            self._cgroups = cgroups.detect()
+        return self._cgroups
+
+    def sweep(self) -> int:
+        return cgroups.sweep()
+
+    async def start(self, spec: SandboxSpec) -> ContainerProcess:
+        reason = self.probe() if self._cgroups is None else None
+        if reason:
+            raise IsolationUnavailableError(f"container tier unavailable: {reason}")
+        manager = self._manager()
+        bpf = seccomp.build_filter()
+        host = bwrap.HostLayout(
+            agent_dir=str(agentdir.prepare()),
+            etc_dir=str(template.etc_dir()),
+            seccomp_fd=-1,
+            host_etc=tuple(n for n in bwrap.HOST_ETC if os.path.exists(f"/etc/{n}")),
+            usr_links=tuple((t, link) for t, link in bwrap.USR_LINKS if os.path.islink(link)),
+        )
+        for m in spec.mounts:
+            if not os.path.exists(m.host_path):
+                raise SandboxDiedError(f"mount source for {m.sandbox_path} does not exist")
+        cgroup = await asyncio.to_thread(manager.create, f"sbx-{spec.sandbox_id}", spec.limits)
+        try:
+            return await self._spawn(spec, host, bpf, cgroup)
+        except BaseException:
+            await asyncio.to_thread(cgroup.destroy)
+            raise
+
+    async def _spawn(
+        self,
+        spec: SandboxSpec,
+        host: bwrap.HostLayout,
+        bpf: bytes,
+        cgroup: cgroups.SandboxCgroup,
+    ) -> ContainerProcess:
+        # The filter goes in through an unlinked temp file: bwrap reads it from the fd.
+        with tempfile.TemporaryFile() as filt:
+            filt.write(bpf)
+            filt.flush()
+            filt.seek(0)
+            fd = filt.fileno()
+            host = bwrap.HostLayout(
+                agent_dir=host.agent_dir,
+                etc_dir=host.etc_dir,
+                seccomp_fd=fd,
+                host_etc=host.host_etc,
+                usr_links=host.usr_links,
+            )
+            argv = bwrap.build_argv(spec, host, agentdir.agent_argv())
+            argv[0] = shutil.which("bwrap") or "bwrap"
+            uid = UID_BASE + 1 + secrets.randbelow(UID_SPAN - 1)
+            procs_files = list(cgroup.procs_files)
+            limits = spec.limits
+            rlimits = (
+                (resource.RLIMIT_CORE, 0),
+                (resource.RLIMIT_NOFILE, 4096),
+                (resource.RLIMIT_FSIZE, limits.disk_mb * 1024 * 1024),
+                # per host uid, and the uid is this sandbox's alone; a little slack for bwrap
+                (resource.RLIMIT_NPROC, limits.pids + 4),
+            )
+
+            def preexec() -> None:
+                # Runs in the forked child before exec: only os-level calls, no locks.
+                pid = str(os.getpid()).encode()
+                for path in procs_files:
+                    cfd = os.open(path, os.O_WRONLY)
+                    try:
+                        os.write(cfd, pid)
+                    finally:
+                        os.close(cfd)
+                for res, value in rlimits:
+                    resource.setrlimit(res, (value, value))
+                os.setgroups([])
+                os.setresgid(SANDBOX_HOST_GID, SANDBOX_HOST_GID, SANDBOX_HOST_GID)
+                os.setresuid(uid, uid, uid)
+
+            proc = await asyncio.create_subprocess_exec(
+                *argv,
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.DEVNULL,
+                pass_fds=(fd,),
+                preexec_fn=preexec,  # noqa: PLW1509 - see preexec: os calls only
+                env={"PATH": "/usr/bin:/bin"},  # bwrap itself gets nothing of ours either
+                cwd="/",
+                limit=1 << 21,
+            )
+        return ContainerProcess(proc, cgroup, uid)

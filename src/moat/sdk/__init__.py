@@ -1,0 +1,4 @@
+"""The caller-facing SDK: ``Sandbox`` (sync) and ``AsyncSandbox`` with E2B-shaped models.
+
+Trust domain: caller. Validates every argument before it reaches the engine.
+"""

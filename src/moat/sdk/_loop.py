@@ -1,0 +1,66 @@
+"""The private event loop behind the sync SDK.
+
+The sync API is the async one driven from a dedicated loop thread: one implementation, no
+hand-kept twins that drift (DESIGN §5's "write async once"; unasync would be the other way).
+Sync callbacks run on that thread; keep them quick.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import threading
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+class LoopThread:
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._run, name="moat-loop", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_forever()
+
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        if threading.current_thread() is self._thread:
+            coro.close()
+            raise RuntimeError("the sync moat API can't be called from its own callbacks")
+        fut = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        try:
+            return fut.result()
+        except KeyboardInterrupt:
+            fut.cancel()
+            raise
+
+    def shutdown(self) -> None:
+        """Kill every sandbox still alive (invariant 5), then stop the loop."""
+        from moat.engine import default_engine
+
+        async def kill_all() -> None:
+            sessions = list(default_engine().sessions.values())
+            await asyncio.gather(*(s.kill("killed") for s in sessions), return_exceptions=True)
+
+        if self.loop.is_running():
+            try:
+                asyncio.run_coroutine_threadsafe(kill_all(), self.loop).result(timeout=30)
+            except Exception:  # noqa: BLE001, S110 - best effort at interpreter exit
+                pass
+            self.loop.call_soon_threadsafe(self.loop.stop)
+
+
+_instance: LoopThread | None = None
+_mu = threading.Lock()
+
+
+def loop_thread() -> LoopThread:
+    global _instance
+    with _mu:
+        if _instance is None:
+            _instance = LoopThread()
+            atexit.register(_instance.shutdown)
+        return _instance

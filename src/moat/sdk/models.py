@@ -1,0 +1,134 @@
+"""Result types, in the shapes E2B users know (Execution, Result, Logs, ExecutionError...)."""
+
+from __future__ import annotations
+
+import datetime as _dt
+from dataclasses import dataclass, field
+from typing import Any
+
+from moat.runtime.spec import Limits
+
+#: Result formats in the order they are reported by ``Result.formats()``.
+FORMATS = ("text", "html", "markdown", "svg", "png", "jpeg", "pdf", "latex", "json", "javascript")
+
+
+@dataclass
+class Result:
+    """One displayed value: the trailing expression of a cell, or a figure shown."""
+
+    text: str | None = None
+    html: str | None = None
+    markdown: str | None = None
+    svg: str | None = None
+    png: str | None = None  # base64
+    jpeg: str | None = None  # base64
+    pdf: str | None = None  # base64
+    latex: str | None = None
+    json: Any = None
+    javascript: str | None = None
+    data: dict[str, Any] | None = None
+    is_main_result: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def formats(self) -> list[str]:
+        """Names of the formats this result has (besides ``text``, which is always first)."""
+        out = [f for f in FORMATS if getattr(self, f) is not None]
+        if self.data is not None:
+            out.append("data")
+        out.extend(self.extra)
+        return out
+
+    def __str__(self) -> str:
+        return self.text or ""
+
+
+@dataclass
+class Logs:
+    """Output of a call, chunk by chunk as it was printed."""
+
+    stdout: list[str] = field(default_factory=list)
+    stderr: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ExecutionError:
+    """An exception raised by user code (reported, not raised, by ``run_code``)."""
+
+    name: str
+    value: str
+    traceback: str
+
+
+@dataclass
+class Execution:
+    """Everything one ``run_code`` produced."""
+
+    results: list[Result] = field(default_factory=list)
+    logs: Logs = field(default_factory=Logs)
+    error: ExecutionError | None = None
+    execution_count: int | None = None
+    #: True if output exceeded the per-call cap and was cut (the cut is also noted in stderr)
+    truncated: bool = False
+
+    @property
+    def text(self) -> str | None:
+        """The main result's text, if the cell ended in an expression."""
+        for r in self.results:
+            if r.is_main_result:
+                return r.text
+        return None
+
+
+@dataclass
+class CommandResult:
+    """A finished command."""
+
+    exit_code: int
+    stdout: str
+    stderr: str
+    error: str | None = None
+    truncated: bool = False
+
+
+@dataclass
+class EntryInfo:
+    """A file or directory inside the sandbox."""
+
+    name: str
+    path: str
+    type: str  # "file" | "dir" | "symlink" | "other"
+    size: int
+    mode: int
+    permissions: str
+    modified_time: _dt.datetime
+    symlink_target: str | None = None
+
+
+@dataclass
+class Context:
+    """A code context: its own interpreter state."""
+
+    id: str
+    language: str
+    cwd: str
+
+
+@dataclass
+class ProcessInfo:
+    """A running command."""
+
+    pid: int
+    cmd: str
+
+
+@dataclass
+class SandboxInfo:
+    """What ``get_info()`` returns."""
+
+    sandbox_id: str
+    tier: str
+    template: str
+    limits: Limits
+    started_at: _dt.datetime
+    end_at: _dt.datetime
+    metadata: dict[str, str]

@@ -1,0 +1,187 @@
+"""``Sandbox``: the synchronous SDK, a thin driver of ``AsyncSandbox`` (see _loop.py)."""
+
+from __future__ import annotations
+
+from typing import IO, Any, Literal
+
+from moat.runtime.spec import Limits, Mount
+from moat.sdk._loop import loop_thread
+from moat.sdk.async_ import AsyncCommandHandle, AsyncCommands, AsyncFiles, AsyncSandbox
+from moat.sdk.models import (
+    CommandResult,
+    Context,
+    EntryInfo,
+    Execution,
+    ProcessInfo,
+    SandboxInfo,
+)
+
+
+def _run(coro: Any) -> Any:
+    return loop_thread().run(coro)
+
+
+class CommandHandle:
+    """A command started with ``background=True``."""
+
+    def __init__(self, inner: AsyncCommandHandle) -> None:
+        self._h = inner
+        self.pid = inner.pid
+
+    def wait(self, timeout: float | None = None) -> CommandResult:
+        """Wait for the command to end; raises CommandExitError on a non-zero exit."""
+        return _run(self._h.wait(timeout))  # type: ignore[no-any-return]
+
+    def kill(self) -> bool:
+        return _run(self._h.kill())  # type: ignore[no-any-return]
+
+    def send_stdin(self, data: str | bytes, eof: bool = False) -> None:
+        _run(self._h.send_stdin(data, eof))
+
+    @property
+    def stdout(self) -> str:
+        return self._h.stdout
+
+    @property
+    def stderr(self) -> str:
+        return self._h.stderr
+
+
+class Commands:
+    """``sandbox.commands``."""
+
+    def __init__(self, inner: AsyncCommands) -> None:
+        self._c = inner
+
+    def run(
+        self,
+        cmd: str,
+        background: bool = False,
+        envs: dict[str, str] | None = None,
+        cwd: str | None = None,
+        timeout: float | None = 60,
+        on_stdout: Any = None,
+        on_stderr: Any = None,
+        stdin: bool | str | bytes | None = None,
+    ) -> Any:
+        """Run ``cmd`` with bash: a CommandResult, or a CommandHandle if ``background``."""
+        out = _run(self._c.run(cmd, background, envs, cwd, timeout, on_stdout, on_stderr, stdin))
+        return CommandHandle(out) if isinstance(out, AsyncCommandHandle) else out
+
+    def list(self) -> list[ProcessInfo]:
+        return _run(self._c.list())  # type: ignore[no-any-return]
+
+    def kill(self, pid: int) -> bool:
+        return _run(self._c.kill(pid))  # type: ignore[no-any-return]
+
+
+class Files:
+    """``sandbox.files``."""
+
+    def __init__(self, inner: AsyncFiles) -> None:
+        self._f = inner
+
+    def read(self, path: str, format: Literal["text", "bytes"] = "text") -> Any:
+        return _run(self._f.read(path, format))
+
+    def write(self, path: str, data: str | bytes | IO[Any]) -> EntryInfo:
+        return _run(self._f.write(path, data))  # type: ignore[no-any-return]
+
+    def list(self, path: str = ".", depth: int = 1) -> list[EntryInfo]:
+        return _run(self._f.list(path, depth))  # type: ignore[no-any-return]
+
+    def exists(self, path: str) -> bool:
+        return _run(self._f.exists(path))  # type: ignore[no-any-return]
+
+    def get_info(self, path: str) -> EntryInfo:
+        return _run(self._f.get_info(path))  # type: ignore[no-any-return]
+
+    def remove(self, path: str) -> None:
+        _run(self._f.remove(path))
+
+    def make_dir(self, path: str) -> bool:
+        return _run(self._f.make_dir(path))  # type: ignore[no-any-return]
+
+
+class Sandbox:
+    """A sandbox. ``with Sandbox.create(timeout=30) as sbx: sbx.run_code("1+1")``."""
+
+    def __init__(self, inner: AsyncSandbox) -> None:
+        self._a = inner
+        self.commands = Commands(inner.commands)
+        self.files = Files(inner.files)
+
+    @property
+    def sandbox_id(self) -> str:
+        return self._a.sandbox_id
+
+    @classmethod
+    def create(
+        cls,
+        template: str = "default",
+        isolation: str | None = None,
+        trust: str = "untrusted",
+        timeout: float = 300,
+        envs: dict[str, str] | None = None,
+        mounts: list[Mount] | None = None,
+        limits: Limits | dict[str, Any] | None = None,
+        network: Any = None,
+        secrets: Any = None,
+        metadata: dict[str, str] | None = None,
+    ) -> Sandbox:
+        """Start a sandbox; see ``AsyncSandbox.create``."""
+        inner = _run(
+            AsyncSandbox.create(
+                template, isolation, trust, timeout, envs, mounts, limits, network, secrets, metadata
+            )
+        )
+        return cls(inner)
+
+    def run_code(
+        self,
+        code: str,
+        language: str = "python",
+        context: Context | str | None = None,
+        timeout: float | None = 60,
+        envs: dict[str, str] | None = None,
+        on_stdout: Any = None,
+        on_stderr: Any = None,
+        on_result: Any = None,
+        on_error: Any = None,
+    ) -> Execution:
+        """Run code in a persistent context; see ``AsyncSandbox.run_code``."""
+        return _run(  # type: ignore[no-any-return]
+            self._a.run_code(
+                code, language, context, timeout, envs, on_stdout, on_stderr, on_result, on_error
+            )
+        )
+
+    def create_code_context(self, language: str = "python", cwd: str | None = None) -> Context:
+        return _run(self._a.create_code_context(language, cwd))  # type: ignore[no-any-return]
+
+    def list_code_contexts(self) -> list[Context]:
+        return _run(self._a.list_code_contexts())  # type: ignore[no-any-return]
+
+    def restart_code_context(self, context: Context | str) -> None:
+        _run(self._a.restart_code_context(context))
+
+    def remove_code_context(self, context: Context | str) -> None:
+        _run(self._a.remove_code_context(context))
+
+    def kill(self) -> None:
+        _run(self._a.kill())
+
+    def set_timeout(self, seconds: float) -> None:
+        _run(self._a.set_timeout(seconds))
+
+    def is_running(self) -> bool:
+        return _run(self._a.is_running())  # type: ignore[no-any-return]
+
+    def get_info(self) -> SandboxInfo:
+        return _run(self._a.get_info())  # type: ignore[no-any-return]
+
+    def __enter__(self) -> Sandbox:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.kill()
