@@ -63,7 +63,13 @@ def test_byte_by_byte() -> None:
         raw({"t": "fail", "i": 1, "f": {"kind": "weird", "message": ""}}),
         raw({"t": "done", "i": "1", "f": {}}),  # id not int
         raw({"t": "done", "i": 1, "f": [], "x": 1}),  # extra key
-        raw({"t": "exec", "i": 1, "f": {"context": "d", "language": "p", "code": "", "envs": {"A": 1}}}),
+        raw(
+            {
+                "t": "exec",
+                "i": 1,
+                "f": {"context": "d", "language": "p", "code": "", "envs": {"A": 1}},
+            }
+        ),
         struct.pack(">II", 8, 4) + b"\xff\xfe{}",  # not UTF-8
     ],
 )

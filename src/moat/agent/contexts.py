@@ -215,12 +215,16 @@ class Contexts:
         with ctx.lock:
             ctx.running = rid
             ctx.restarted = False
+            restarted = True
             try:
-                self._execute(rid, ctx, code, envs)
+                restarted = self._execute(rid, ctx, code, envs)
             finally:
+                # Free the context before DONE goes out: the host may send the next cell at once.
                 ctx.running = None
+                self.ch.done(rid, restarted=restarted)
 
-    def _execute(self, rid: int, ctx: Context, code: str, envs: dict[str, str]) -> None:
+    def _execute(self, rid: int, ctx: Context, code: str, envs: dict[str, str]) -> bool:
+        """Run the cell; return whether the context had to be restarted."""
         k = ctx.kernel
         try:
             _write_all(
@@ -234,30 +238,27 @@ class Contexts:
                 ),
             )
         except OSError:
-            self._died(rid, ctx, "the code context had died; it was restarted")
-            return
+            return self._died(rid, ctx, "the code context had died; it was restarted")
         decoder = Decoder()
         fds = [k.ctl_r, k.out_r, k.err_r]
         while True:
             ready, _, _ = select.select(fds, [], [])
             for fd in (k.out_r, k.err_r):  # output first: it was written before DONE
-                if fd in ready:
-                    self._pump(rid, fd, k)
+                if fd in ready and not self._pump(rid, fd, k):
+                    fds.remove(fd)  # EOF: the kernel is going away; ctl_r will tell
             if k.ctl_r in ready:
                 data = os.read(k.ctl_r, 1 << 20)
                 if not data:
                     self._drain(rid, k)
-                    self._died(
+                    return self._died(
                         rid,
                         ctx,
                         "the code context died (killed or out of memory); it was restarted",
                     )
-                    return
                 for frame in decoder.feed(data):
                     if frame.type is MsgType.DONE:
                         self._drain(rid, k)
-                        self.ch.done(rid, restarted=False)
-                        return
+                        return False
                     self.ch.send(frame.type, rid, **frame.fields)
 
     def _pump(self, rid: int, fd: int, k: Kernel) -> bool:
@@ -272,7 +273,7 @@ class Contexts:
                 if not self._pump(rid, fd, k):
                     break
 
-    def _died(self, rid: int, ctx: Context, why: str) -> None:
+    def _died(self, rid: int, ctx: Context, why: str) -> bool:
         interrupted = ctx.restarted
         self.restart(ctx)
         if interrupted:
@@ -285,7 +286,7 @@ class Contexts:
             )
         else:
             self.ch.send(MsgType.ERROR, rid, name="ContextDied", value=why, traceback="")
-        self.ch.done(rid, restarted=True)
+        return True
 
 
 def _write_all(fd: int, data: bytes) -> None:

@@ -130,13 +130,13 @@ def serve(ctl_in: int, ctl_out: int) -> None:
         os.fdopen(1, "wb", buffering=0, closefd=False),
         encoding="utf-8",
         errors="backslashreplace",
-        write_through=True,
+        line_buffering=True,
     )
     sys.stderr = io.TextIOWrapper(
         os.fdopen(2, "wb", buffering=0, closefd=False),
         encoding="utf-8",
         errors="backslashreplace",
-        write_through=True,
+        line_buffering=True,
     )
     sys.stdin = open(os.devnull)
     ns: dict[str, Any] = {"__name__": "__main__", "__builtins__": __builtins__}

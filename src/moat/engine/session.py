@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import builtins
 import contextlib
 import datetime as dt
 import hashlib
@@ -196,7 +197,7 @@ class Session:
             try:
                 async with asyncio.timeout(timeout):
                     restarted = await self._exec_frames(call, sink, execution, on_result, on_error)
-            except TimeoutError:
+            except builtins.TimeoutError:
                 await self._interrupt(call)
                 restarted = await self._exec_frames(call, sink, execution, None, None, grace=True)
                 await sink.finish()
@@ -284,7 +285,7 @@ class Session:
                         raise fail_to_error(self._guard_fail(frame))
                     else:
                         raise self._violation("unexpected frame in an execution")
-        except TimeoutError:
+        except builtins.TimeoutError:
             # The agent did not finish an interrupted call: it is not to be trusted any more.
             await self.kill("died: the agent did not stop an interrupted execution")
             raise SandboxDiedError("the sandbox did not stop a timed-out execution") from None
@@ -356,7 +357,7 @@ class Session:
         try:
             async with asyncio.timeout(30):
                 frame = await call.next()
-        except TimeoutError:
+        except builtins.TimeoutError:
             call.close()
             await self.kill("died: the agent did not start a command")
             raise SandboxDiedError("the sandbox's agent stopped answering") from None
@@ -386,11 +387,13 @@ class Session:
                         break
                     else:
                         raise self._violation("unexpected frame in a command")
-        except TimeoutError:
+        except builtins.TimeoutError:
             with contextlib.suppress(SandboxError):
                 await self.kill_command(pid)
             call.close()
-            raise TimeoutError(f"command exceeded its {timeout:g}s timeout and was killed") from None
+            raise TimeoutError(
+                f"command exceeded its {timeout:g}s timeout and was killed"
+            ) from None
         call.close()
         await sink.finish()
         return CommandResult(
@@ -450,7 +453,7 @@ class Session:
                         raise fail_to_error(self._guard_fail(frame))
                     else:
                         raise self._violation("unexpected frame in a file read")
-        except TimeoutError:
+        except builtins.TimeoutError:
             raise TimeoutError("reading the file took too long") from None
         finally:
             call.close()
@@ -466,7 +469,9 @@ class Session:
             async for chunk in chunks:
                 total += len(chunk)
                 if total > max_bytes:
-                    raise InvalidArgumentError(f"file is larger than the write cap ({max_bytes} bytes)")
+                    raise InvalidArgumentError(
+                        f"file is larger than the write cap ({max_bytes} bytes)"
+                    )
                 for i in range(0, len(chunk), CHUNK_SIZE):
                     client.send(MsgType.FILE_CHUNK, call.id, {}, chunk[i : i + CHUNK_SIZE])
                     await client.drain()

@@ -50,7 +50,9 @@ def require(tier: str) -> Runtime:
     runtime = runtime_for(tier)
     reason = runtime.probe()
     if reason is not None:
-        raise IsolationUnavailableError(f"isolation tier {tier!r} is unavailable on this host: {reason}")
+        raise IsolationUnavailableError(
+            f"isolation tier {tier!r} is unavailable on this host: {reason}"
+        )
     return runtime
 
 
@@ -65,7 +67,9 @@ class _Missing:
         return self._reason
 
     async def start(self, spec: object) -> object:
-        raise IsolationUnavailableError(f"isolation tier {self.name!r} is unavailable: {self._reason}")
+        raise IsolationUnavailableError(
+            f"isolation tier {self.name!r} is unavailable: {self._reason}"
+        )
 
     def sweep(self) -> int:
         return 0

@@ -245,7 +245,9 @@ class AsyncSandbox:
             code, lang, ctx, t, v.envs(envs), on_stdout, on_stderr, on_result, on_error
         )
 
-    async def create_code_context(self, language: str = "python", cwd: str | None = None) -> Context:
+    async def create_code_context(
+        self, language: str = "python", cwd: str | None = None
+    ) -> Context:
         lang = v.choice("language", language, _LANGUAGES)
         return await self._s.create_context(lang, v.path(cwd) if cwd is not None else None)
 

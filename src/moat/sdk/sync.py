@@ -132,7 +132,16 @@ class Sandbox:
         """Start a sandbox; see ``AsyncSandbox.create``."""
         inner = _run(
             AsyncSandbox.create(
-                template, isolation, trust, timeout, envs, mounts, limits, network, secrets, metadata
+                template,
+                isolation,
+                trust,
+                timeout,
+                envs,
+                mounts,
+                limits,
+                network,
+                secrets,
+                metadata,
             )
         )
         return cls(inner)

@@ -31,7 +31,12 @@ HOST_ETC = (
 #: Synthetic files moat writes for every sandbox (see template.py).
 SYNTHETIC_ETC = ("passwd", "group", "hostname", "hosts", "resolv.conf", "nsswitch.conf")
 #: /usr-merged top-level symlinks.
-USR_LINKS = (("usr/bin", "/bin"), ("usr/sbin", "/sbin"), ("usr/lib", "/lib"), ("usr/lib64", "/lib64"))
+USR_LINKS = (
+    ("usr/bin", "/bin"),
+    ("usr/sbin", "/sbin"),
+    ("usr/lib", "/lib"),
+    ("usr/lib64", "/lib64"),
+)
 
 
 @dataclass(frozen=True)
@@ -75,7 +80,7 @@ def build_argv(spec: SandboxSpec, host: HostLayout, command: list[str]) -> list[
         argv += ["--ro-bind", f"/etc/{name}", f"/etc/{name}"]
     for name in SYNTHETIC_ETC:
         argv += ["--ro-bind", f"{host.etc_dir}/{name}", f"/etc/{name}"]
-    argv += ["--perms", "0700", "--size", str(disk), "--tmpfs", HOME]
+    argv += ["--perms", "0755", "--size", str(disk), "--tmpfs", HOME]
     argv += ["--perms", "1777", "--size", str(tmp_size), "--tmpfs", "/tmp"]
     argv += ["--ro-bind", host.agent_dir, AGENT_DIR]
     for m in spec.mounts:

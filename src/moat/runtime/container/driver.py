@@ -108,7 +108,7 @@ class ContainerRuntime:
         return self._cgroups
 
     def sweep(self) -> int:
-        return cgroups.sweep()
+        return self._manager().sweep()
 
     async def start(self, spec: SandboxSpec) -> ContainerProcess:
         reason = self.probe() if self._cgroups is None else None

@@ -1,0 +1,145 @@
+"""run_code, contexts, display, streaming, timeouts: real container sandboxes."""
+
+from __future__ import annotations
+
+import base64
+import time
+
+import pytest
+
+from moat import Sandbox, TimeoutError
+
+pytestmark = pytest.mark.container
+
+
+def test_trailing_expression_is_main_result(shared_sbx: Sandbox) -> None:
+    ex = shared_sbx.run_code("x = 20\nx + 22")
+    assert ex.text == "42" and ex.error is None
+    assert ex.results[0].is_main_result and ex.results[0].formats() == ["text"]
+
+
+def test_state_persists_between_calls(shared_sbx: Sandbox) -> None:
+    shared_sbx.run_code("counter = 1")
+    shared_sbx.run_code("counter += 1")
+    assert shared_sbx.run_code("counter").text == "2"
+
+
+def test_stdout_and_stderr(shared_sbx: Sandbox) -> None:
+    ex = shared_sbx.run_code("import sys\nprint('out')\nprint('err', file=sys.stderr)")
+    assert "".join(ex.logs.stdout) == "out\n"
+    assert "".join(ex.logs.stderr) == "err\n"
+    assert ex.results == []
+
+
+def test_exception_is_an_execution_error(shared_sbx: Sandbox) -> None:
+    ex = shared_sbx.run_code("def f():\n    raise ValueError('bad thing')\nf()")
+    assert ex.error is not None
+    assert ex.error.name == "ValueError" and ex.error.value == "bad thing"
+    assert "<cell>" in ex.error.traceback and "moat" not in ex.error.traceback
+    assert shared_sbx.run_code("1").text == "1"  # still usable
+
+
+def test_syntax_error(shared_sbx: Sandbox) -> None:
+    ex = shared_sbx.run_code("def (:")
+    assert ex.error is not None and ex.error.name == "SyntaxError"
+
+
+def test_top_level_await(shared_sbx: Sandbox) -> None:
+    ex = shared_sbx.run_code("import asyncio\nawait asyncio.sleep(0)\n7")
+    assert ex.text == "7"
+
+
+def test_dataframe_has_text_and_html(shared_sbx: Sandbox) -> None:
+    ex = shared_sbx.run_code("import pandas as pd\npd.DataFrame({'a': [1, 2], 'b': [3, 4]})")
+    r = ex.results[0]
+    assert r.is_main_result and r.html is not None and "<table" in r.html
+    assert r.text is not None and "a" in r.text and "b" in r.text
+
+
+def test_matplotlib_show_and_last_value_yield_png(shared_sbx: Sandbox) -> None:
+    ex = shared_sbx.run_code("import matplotlib.pyplot as plt\nplt.plot([1, 3, 2])\nplt.show()")
+    assert ex.error is None, ex.error
+    pngs = [r for r in ex.results if r.png]
+    assert len(pngs) == 1 and not pngs[0].is_main_result
+    assert base64.b64decode(pngs[0].png or "")[:8] == b"\x89PNG\r\n\x1a\n"
+    ex = shared_sbx.run_code("fig, ax = plt.subplots()\nax.bar([1, 2], [3, 4])\nfig")
+    main = [r for r in ex.results if r.is_main_result]
+    assert len(ex.results) == 1 and main and main[0].png  # shown once, as the main result
+    ex = shared_sbx.run_code("plt.figure(); plt.plot([1]); None")  # left open -> shown at end
+    assert len([r for r in ex.results if r.png]) == 1
+
+
+def test_bash_language(shared_sbx: Sandbox) -> None:
+    ex = shared_sbx.run_code("echo hi from $0; echo e >&2", language="bash")
+    assert "".join(ex.logs.stdout).startswith("hi from") and ex.error is None
+    ex = shared_sbx.run_code("exit 3", language="bash")
+    assert ex.error is not None and ex.error.name == "CommandExitError"
+
+
+def test_envs_apply_to_one_call(shared_sbx: Sandbox) -> None:
+    code = "import os; repr(os.environ.get('GREETING'))"
+    assert shared_sbx.run_code(code, envs={"GREETING": "hey"}).text == "\"'hey'\""
+    assert shared_sbx.run_code(code).text == "'None'"
+
+
+def test_contexts_are_separate(shared_sbx: Sandbox) -> None:
+    a = shared_sbx.create_code_context()
+    b = shared_sbx.create_code_context(cwd="/tmp")
+    shared_sbx.run_code("v = 'a'", context=a)
+    shared_sbx.run_code("v = 'b'", context=b)
+    assert shared_sbx.run_code("v", context=a).text == "'a'"
+    assert shared_sbx.run_code("import os; os.getcwd()", context=b).text == "'/tmp'"
+    ids = {c.id for c in shared_sbx.list_code_contexts()}
+    assert {a.id, b.id, "default"} <= ids
+    shared_sbx.restart_code_context(a)
+    ex = shared_sbx.run_code("v", context=a)
+    assert ex.error is not None and ex.error.name == "NameError"
+    shared_sbx.remove_code_context(b)
+    assert b.id not in {c.id for c in shared_sbx.list_code_contexts()}
+
+
+def test_streaming_callbacks_arrive_before_return(shared_sbx: Sandbox) -> None:
+    seen: list[tuple[float, str]] = []
+    results = []
+    code = "import time, sys\nprint('first', flush=True)\ntime.sleep(1.5)\nprint('second')\n5"
+    ex = shared_sbx.run_code(
+        code, on_stdout=lambda s: seen.append((time.monotonic(), s)), on_result=results.append
+    )
+    done = time.monotonic()
+    assert seen[0][1] == "first\n"
+    assert done - seen[0][0] > 1.0  # the first chunk came while the code was still sleeping
+    assert results and results[0].text == "5" and ex.text == "5"
+
+
+def test_timeout_interrupts_and_keeps_state(shared_sbx: Sandbox) -> None:
+    shared_sbx.run_code("kept = 'yes'")
+    t0 = time.monotonic()
+    with pytest.raises(TimeoutError) as info:
+        shared_sbx.run_code("while True: pass", timeout=1)
+    assert time.monotonic() - t0 < 5
+    assert info.value.context_restarted is False
+    assert shared_sbx.run_code("kept").text == "'yes'"
+
+
+def test_timeout_kills_code_that_ignores_interrupts(sbx: Sandbox) -> None:
+    code = "import signal\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\nwhile True: pass"
+    t0 = time.monotonic()
+    with pytest.raises(TimeoutError) as info:
+        sbx.run_code(code, timeout=1)
+    assert time.monotonic() - t0 < 8
+    assert info.value.context_restarted is True
+    assert sbx.run_code("1 + 1").text == "2"  # a fresh context answers
+
+
+def test_output_is_capped(shared_sbx: Sandbox) -> None:
+    ex = shared_sbx.run_code("import sys\nfor _ in range(600): sys.stdout.write('x' * 16384)")
+    assert ex.truncated
+    total = sum(len(c) for c in ex.logs.stdout)
+    assert total <= 4 * 1024 * 1024
+    assert "truncated" in "".join(ex.logs.stderr)
+    assert shared_sbx.run_code("2").text == "2"
+
+
+def test_execution_count(sbx: Sandbox) -> None:
+    assert sbx.run_code("1").execution_count == 1
+    assert sbx.run_code("1").execution_count == 2
