@@ -83,12 +83,13 @@ class Files:
             fd = os.open(p, os.O_RDONLY | os.O_NONBLOCK)
         except OSError as exc:
             raise _oserror(exc) from exc
-        with os.fdopen(fd, "rb", buffering=0) as f:
-            st = os.fstat(fd)
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            os.close(fd)
             if stat.S_ISDIR(st.st_mode):
                 raise FileError("invalid", "path is a directory")
-            if not stat.S_ISREG(st.st_mode):
-                raise FileError("invalid", "not a regular file")
+            raise FileError("invalid", "not a regular file")
+        with os.fdopen(fd, "rb", buffering=0) as f:
             if st.st_size > max_bytes:
                 raise FileError(
                     "too_large", f"file is larger than the read cap ({max_bytes} bytes)"

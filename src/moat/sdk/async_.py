@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import builtins
 from typing import IO, Any, Literal
 
 from moat.engine import Engine, Session, default_engine
 from moat.engine.client import Call
 from moat.engine.guardhook import make_guard
 from moat.engine.output import OutputSink
-from moat.errors import CommandExitError, InvalidArgumentError, PolicyError, SandboxError
+from moat.errors import (
+    CommandExitError,
+    InvalidArgumentError,
+    PolicyError,
+    SandboxError,
+    TimeoutError,
+)
 from moat.runtime.spec import Limits, Mount
 from moat.sdk import validate as v
 from moat.sdk.models import (
@@ -28,26 +35,32 @@ _TRUST = ("trusted", "semi-trusted", "untrusted")
 
 
 class AsyncCommandHandle:
-    """A command started with ``background=True``."""
+    """A command started with ``background=True``. Its output is collected as it arrives."""
 
     def __init__(self, session: Session, pid: int, call: Call, sink: OutputSink) -> None:
         self._session = session
         self.pid = pid
-        self._call = call
         self._sink = sink
-        self._result: CommandResult | None = None
-        self._lock = asyncio.Lock()
+        self._task = asyncio.get_running_loop().create_task(
+            session.wait_command(call, sink, None, pid)
+        )
+        # Retrieve a failure even if nobody waits, so it is never reported as lost.
+        self._task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
     async def wait(self, timeout: float | None = None) -> CommandResult:
         """Wait for the command to end; raises CommandExitError on a non-zero exit."""
         if timeout is not None:
             v.number("timeout", timeout, 0.001, 86400)
-        async with self._lock:
-            if self._result is None:
-                self._result = await self._session.wait_command(
-                    self._call, self._sink, timeout, self.pid
-                )
-        return _check_exit(self._result)
+        try:
+            result = await asyncio.wait_for(asyncio.shield(self._task), timeout)
+        except builtins.TimeoutError:
+            if self._task.done():
+                raise
+            await self.kill()
+            raise TimeoutError(
+                f"command exceeded its {timeout:g}s timeout and was killed"
+            ) from None
+        return _check_exit(result)
 
     async def kill(self) -> bool:
         """Kill the command and its process group. False if it had already ended."""

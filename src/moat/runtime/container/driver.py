@@ -12,6 +12,7 @@ import os
 import resource
 import secrets
 import shutil
+import signal
 import tempfile
 from pathlib import Path
 
@@ -51,9 +52,19 @@ class ContainerProcess:
         if self._killed:
             return
         self._killed = True
+        # First the pid namespace's init (bwrap's inner half): the kernel then kills every
+        # process of the namespace, and the outer bwrap reaps it. Killing everything at once
+        # instead orphans the inner init to the host's pid 1, where it may stay a zombie; so
+        # does closing the agent's stdin first (bwrap's outer half exits without reaping).
+        init = await asyncio.to_thread(self._ns_init)
+        if init is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(init, signal.SIGKILL)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self.proc.wait()), 2)
         with contextlib.suppress(Exception):
             self.writer.close()
-        # Kill the cgroup, not a pid: setsid'd and double-forked survivors die too.
+        # Then the cgroup, not a pid: whatever escaped the namespace dies too (invariant 5).
         await asyncio.to_thread(self.cgroup.kill)
         with contextlib.suppress(ProcessLookupError):
             self.proc.kill()
@@ -62,6 +73,18 @@ class ContainerProcess:
         except TimeoutError:
             log.error("bwrap pid %s did not exit after kill", self.proc.pid)
         await asyncio.to_thread(self.cgroup.destroy)
+
+    def _ns_init(self) -> int | None:
+        """Host pid of the sandbox's pid-namespace init (the child of our bwrap)."""
+        for pid in self.cgroup.pids():
+            try:
+                stat = Path(f"/proc/{pid}/stat").read_text()
+            except OSError:
+                continue
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            if ppid == self.proc.pid:
+                return pid
+        return None
 
     def alive(self) -> bool:
         return not self._killed and self.proc.returncode is None

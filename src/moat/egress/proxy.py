@@ -1,0 +1,831 @@
+"""The egress gateway of one sandbox: the only way out (DESIGN invariants 2 and 3).
+
+Trust domain: host engine. Every byte arriving here comes from the sandbox and is hostile:
+request heads (parsed by h11), CONNECT targets, TLS ClientHellos, bodies. The gateway:
+
+1. accepts HTTP ``CONNECT host:port`` and absolute-form plain HTTP; refuses anything else
+   with a 4xx and an ``X-Moat-Reason`` header;
+2. canonicalises the destination once (:mod:`moat.egress.hostport`) and decides on the name
+   (:func:`moat.egress.policy.decide_name`) *before* any DNS query;
+3. resolves once, classifies every answer (:func:`moat.egress.policy.decide`) and dials the
+   first answer by address: nothing resolves the name again (no DNS rebinding);
+4. on an opaque CONNECT tunnel, requires the ClientHello's SNI to equal the CONNECT host
+   (ports 80/443 must carry TLS; other explicitly allowed ports may carry raw bytes);
+5. for hosts a secret is bound to, terminates TLS with a leaf of the per-sandbox CA, swaps
+   placeholders for values in the configured header, forwards over TLS verified against the
+   system roots, and scrubs values out of responses; a placeholder bound elsewhere (or sent
+   over plain HTTP) refuses the request as ``secret_exfiltration``;
+6. enforces the per-sandbox caps of :class:`~moat.egress.caps.GatewayConfig`;
+7. writes one audit row and one log line per decision (never a secret value).
+
+Plain HTTP connections carry one request each (the response says ``Connection: close``), so
+every request is decided on its own; intercepted TLS connections keep alive and every
+request on them is checked against the CONNECT host.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import ssl
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import h11
+
+from moat.egress.addr import IPAddress
+from moat.egress.audit import AuditLog
+from moat.egress.broker import CertificateAuthority, Secret, SecretBroker
+from moat.egress.caps import GatewayConfig, TokenBucket
+from moat.egress.hostport import HostKind, HostPort, parse_absolute_url, parse_authority
+from moat.egress.policy import Decision, NetworkPolicy, decide, decide_name
+from moat.egress.resolve import Resolver, SystemResolver, host_addresses, resolve_once
+from moat.egress.tls import (
+    ByteStream,
+    ClientHello,
+    HelloError,
+    PlainStream,
+    TLSStream,
+    _Writer,
+    read_client_hello,
+)
+from moat.errors import InvalidArgumentError
+
+__all__ = ["Gateway"]
+
+log = logging.getLogger("moat.egress")
+
+_READ = 256 * 1024
+_HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"proxy-authorization",
+        b"proxy-authenticate",
+        b"te",
+        b"trailer",
+        b"upgrade",
+        b"expect",
+    }
+)
+_PHRASES = {
+    400: "Bad Request",
+    403: "Forbidden",
+    405: "Method Not Allowed",
+    429: "Too Many Requests",
+    501: "Not Implemented",
+    502: "Bad Gateway",
+    503: "Service Unavailable",
+}
+# Per reason, at most this many audit rows per second for flood-type refusals.
+_FLOOD_REASONS = frozenset({"too_many_tunnels", "rate_limited", "byte_budget_exhausted"})
+_FLOOD_ROWS_PER_SECOND = 5
+
+
+class _Refused(Exception):
+    """Internal: refuse the current request with a status and a reason token."""
+
+    def __init__(self, status: int, reason: str, secret: str | None = None) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+        self.secret = secret
+
+
+class _Ended(Exception):
+    """Internal: the client connection can't go on (a refusal mid-request)."""
+
+
+class _Conn:
+    """Bookkeeping of one client connection (a tunnel or an HTTP session)."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+        self.task: asyncio.Task[None] | None = None
+        self.dest: HostPort | None = None
+        self.ip: IPAddress | None = None
+        self.started = time.monotonic()
+        self.last = self.started
+        self.up = 0
+        self.down = 0
+        self.end_reason: str | None = None
+
+    def touch(self) -> None:
+        self.last = time.monotonic()
+
+    def count(self, up: int = 0, down: int = 0) -> None:
+        self.up += up
+        self.down += down
+        self.last = time.monotonic()
+        self.gateway._account(up + down)
+
+    def close(self, reason: str) -> None:
+        if self.end_reason is None:
+            self.end_reason = reason
+        if self.task is not None and not self.task.done():
+            self.task.cancel()
+
+
+class Gateway:
+    """The egress gateway of one sandbox.
+
+    Serve it with ``asyncio.start_server(gw.handle_connection, "127.0.0.1", 0)`` or feed it
+    the agent's virtual streams (a StreamReader and an object with write / drain / close /
+    is_closing / wait_closed). All methods must be called from one event loop.
+    """
+
+    def __init__(
+        self,
+        sandbox_id: str,
+        policy: NetworkPolicy | Mapping[str, Any] | None = None,
+        secrets: Mapping[str, Secret] | None = None,
+        audit: AuditLog | None = None,
+        config: GatewayConfig | None = None,
+    ) -> None:
+        if not isinstance(sandbox_id, str) or not 1 <= len(sandbox_id) <= 128:
+            raise InvalidArgumentError("bad sandbox id")
+        if config is not None and not isinstance(config, GatewayConfig):
+            raise InvalidArgumentError("config must be a GatewayConfig")
+        self.sandbox_id = sandbox_id
+        self.config = config or GatewayConfig()
+        self._policy = NetworkPolicy.parse(policy)
+        self._policy_gen = 0
+        self._broker = SecretBroker(secrets)
+        self._ca = CertificateAuthority(f"moat {sandbox_id}", self._broker.bound_hosts())
+        self._audit = audit
+        self._resolver: Resolver = self.config.resolver or SystemResolver()
+        self._conns: set[_Conn] = set()
+        self._rate = TokenBucket(self.config.max_requests_per_second, self.config.request_burst)
+        self._bytes = 0
+        self._over_budget = False
+        self._closed = False
+        self._flood: dict[str, tuple[int, int]] = {}
+        self._upstream_ctx: ssl.SSLContext | None = None
+        if self.config.unsafe_allow_private_ranges:
+            # Loud weakening (invariant 2): warn at every gateway start.
+            log.warning(
+                "UNSAFE: unsafe_allow_private_ranges is on for sandbox %s: loopback, private,"
+                " link-local and host addresses are reachable from it",
+                sandbox_id,
+            )
+
+    # -- public API ------------------------------------------------------------------------
+
+    def placeholders(self) -> dict[str, str]:
+        """Environment variable name -> placeholder to put in the sandbox's environment."""
+        return self._broker.placeholders()
+
+    def ca_cert_pem(self) -> bytes:
+        """The per-sandbox CA certificate (public part only) for the sandbox's trust paths."""
+        return self._ca.cert_pem()
+
+    def ca_bundle_pem(self) -> bytes:
+        """The system roots followed by the per-sandbox CA (for SSL_CERT_FILE & co.)."""
+        paths = ssl.get_default_verify_paths()
+        for candidate in (paths.cafile, paths.openssl_cafile, "/etc/ssl/certs/ca-certificates.crt"):
+            if candidate and Path(candidate).is_file():
+                system = Path(candidate).read_bytes()
+                return system.rstrip(b"\n") + b"\n" + self.ca_cert_pem()
+        return self.ca_cert_pem()
+
+    @property
+    def policy(self) -> NetworkPolicy:
+        """The current policy."""
+        return self._policy
+
+    def stats(self) -> dict[str, int]:
+        """Open connections and bytes moved so far."""
+        return {"open": len(self._conns), "bytes": self._bytes}
+
+    async def update_policy(self, policy: NetworkPolicy | Mapping[str, Any] | None) -> None:
+        """Replace the policy; close open connections the new one no longer allows."""
+        new = NetworkPolicy.parse(policy)
+        self._policy = new
+        self._policy_gen += 1
+        for conn in list(self._conns):
+            if conn.dest is not None and not self._still_allowed(conn):
+                conn.close("policy_updated")
+        await asyncio.sleep(0)
+
+    async def close(self) -> None:
+        """End every connection and refuse new ones. Idempotent."""
+        self._closed = True
+        tasks = []
+        for conn in list(self._conns):
+            conn.close("gateway_closed")
+            if conn.task is not None:
+                tasks.append(conn.task)
+        if tasks:
+            await asyncio.wait(tasks, timeout=5)
+
+    async def handle_connection(self, reader: asyncio.StreamReader, writer: _Writer) -> None:
+        """Serve one client connection (one proxied stream from the sandbox) to its end.
+
+        Never raises for anything the client does; returns when the connection is over.
+        """
+        client = PlainStream(reader, writer)
+        try:
+            refusal = self._admission()
+            if refusal is not None:
+                self._decision(None, None, None, allowed=False, reason=refusal)
+                await self._send_refusal(
+                    client, 503 if refusal == "gateway_closed" else 429, refusal
+                )
+                return
+            conn = _Conn(self)
+            self._conns.add(conn)
+            conn.task = asyncio.create_task(self._serve(conn, client))
+            watchdog = asyncio.create_task(self._watch(conn))
+            try:
+                await conn.task
+            except asyncio.CancelledError:
+                current = asyncio.current_task()
+                if current is not None and current.cancelling():
+                    conn.task.cancel()
+                    raise
+            finally:
+                watchdog.cancel()
+                self._conns.discard(conn)
+        finally:
+            client.close()
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(2):
+                    await writer.wait_closed()
+
+    # -- admission, caps, bookkeeping ------------------------------------------------------
+
+    def _admission(self) -> str | None:
+        if self._closed:
+            return "gateway_closed"
+        if self._over_budget:
+            return "byte_budget_exhausted"
+        if len(self._conns) >= self.config.max_tunnels:
+            return "too_many_tunnels"
+        return None
+
+    def _account(self, n: int) -> None:
+        self._bytes += n
+        if not self._over_budget and self._bytes > self.config.max_total_bytes:
+            self._over_budget = True
+            for conn in list(self._conns):
+                conn.close("byte_budget_exhausted")
+
+    async def _watch(self, conn: _Conn) -> None:
+        cfg = self.config
+        step = min(1.0, cfg.idle_timeout / 4, cfg.max_tunnel_seconds / 4)
+        while True:
+            await asyncio.sleep(step)
+            now = time.monotonic()
+            if now - conn.last > cfg.idle_timeout:
+                conn.close("idle_timeout")
+                return
+            if now - conn.started > cfg.max_tunnel_seconds:
+                conn.close("tunnel_time_limit")
+                return
+
+    def _still_allowed(self, conn: _Conn) -> bool:
+        dest = conn.dest
+        if dest is None:
+            return True
+        if conn.ip is None:
+            return decide_name(self._policy, dest).allowed
+        return self._decide(dest, [conn.ip]).allowed
+
+    def _decide(self, dest: HostPort, addrs: list[IPAddress]) -> Decision:
+        own = self.config.own_addresses
+        return decide(
+            self._policy,
+            dest,
+            addrs,
+            unsafe_allow_private_ranges=self.config.unsafe_allow_private_ranges,
+            own_addresses=host_addresses() if own is None else own,
+        )
+
+    def _decision(
+        self,
+        method: str | None,
+        dest: HostPort | None,
+        ip: IPAddress | None,
+        *,
+        allowed: bool,
+        reason: str,
+        secret: str | None = None,
+        up: int = 0,
+        down: int = 0,
+    ) -> int | None:
+        """The one canonical log line and audit row of a decision; returns the row id."""
+        if reason in _FLOOD_REASONS and not self._flood_ok(reason):
+            return None
+        level = logging.WARNING if reason.startswith("secret_") else logging.INFO
+        log.log(
+            level,
+            "egress sandbox=%s result=%s reason=%s method=%s dest=%s ip=%s secret=%s up=%d down=%d",
+            self.sandbox_id,
+            "allow" if allowed else "deny",
+            reason,
+            method or "-",
+            dest.authority() if dest else "-",
+            ip or "-",
+            secret or "-",
+            up,
+            down,
+        )
+        if self._audit is None:
+            return None
+        return self._audit.record_egress(
+            self.sandbox_id,
+            method=method,
+            host=dest.host if dest else None,
+            port=dest.port if dest else None,
+            resolved_ip=str(ip) if ip else None,
+            allowed=allowed,
+            reason=reason,
+            bytes_up=up,
+            bytes_down=down,
+            secret=secret,
+        )
+
+    def _finish(self, row: int | None, conn: _Conn, reason: str) -> None:
+        """Complete an allowed row at the end of its tunnel (bytes, end reason)."""
+        final = self._end_reason(conn, reason)
+        log.debug(
+            "egress sandbox=%s closed reason=%s up=%d down=%d",
+            self.sandbox_id,
+            final,
+            conn.up,
+            conn.down,
+        )
+        if row is not None and self._audit is not None:
+            self._audit.update_egress(row, reason=final, bytes_up=conn.up, bytes_down=conn.down)
+
+    def _flood_ok(self, reason: str) -> bool:
+        second = int(time.monotonic())
+        at, n = self._flood.get(reason, (second, 0))
+        if at != second:
+            at, n = second, 0
+        self._flood[reason] = (at, n + 1)
+        return n < _FLOOD_ROWS_PER_SECOND
+
+    # -- serving ---------------------------------------------------------------------------
+
+    async def _serve(self, conn: _Conn, client: PlainStream) -> None:
+        h = h11.Connection(h11.SERVER, max_incomplete_event_size=self.config.max_header_bytes)
+        try:
+            async with asyncio.timeout(self.config.handshake_timeout):
+                event = await _next_event(h, client, conn)
+        except (TimeoutError, h11.RemoteProtocolError):
+            await self._send_refusal(client, 400, "bad_request")
+            return
+        if not isinstance(event, h11.Request):
+            return
+        method = event.method.decode("ascii", "replace")
+        if not self._rate.take():
+            self._decision(method, None, None, allowed=False, reason="rate_limited")
+            await self._send_refusal(client, 429, "rate_limited")
+            return
+        if method == "CONNECT":
+            await self._connect(conn, client, h, event)
+        else:
+            await self._plain(conn, client, h, event)
+
+    async def _send_refusal(self, stream: ByteStream, status: int, reason: str) -> None:
+        body = f"moat egress refused: {reason}\n".encode()
+        head = (
+            f"HTTP/1.1 {status} {_PHRASES.get(status, 'Error')}\r\n"
+            f"X-Moat-Reason: {reason}\r\nContent-Type: text/plain\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+        ).encode()
+        with contextlib.suppress(OSError, ConnectionError, ssl.SSLError):
+            async with asyncio.timeout(2):
+                await stream.write(head + body)
+
+    async def _resolve_and_decide(self, conn: _Conn, method: str, dest: HostPort) -> IPAddress:
+        """Steps 2-3 of the module doc: name decision, one resolution, address decision."""
+        conn.dest = dest
+        verdict = decide_name(self._policy, dest)
+        if not verdict.allowed:
+            raise _Refused(403, verdict.reason)
+        addrs = await resolve_once(dest, self._resolver, self.config.resolve_timeout)
+        verdict = self._decide(dest, addrs)
+        if not verdict.allowed:
+            raise _Refused(403, verdict.reason)
+        conn.ip = verdict.addresses[0]
+        return conn.ip
+
+    async def _dial(
+        self, ip: IPAddress, dest: HostPort, tls: bool
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """Connect to exactly ``ip`` (never the name); TLS verified against ``dest.host``."""
+        ctx = self._upstream_context() if tls else None
+        try:
+            async with asyncio.timeout(self.config.connect_timeout):
+                return await asyncio.open_connection(
+                    str(ip),
+                    dest.port,
+                    ssl=ctx,
+                    server_hostname=dest.host if tls else None,
+                    limit=_READ,
+                )
+        except ssl.SSLError as exc:
+            raise _Refused(502, "upstream_tls_failed") from exc
+        except (OSError, TimeoutError) as exc:
+            raise _Refused(502, "upstream_connect_failed") from exc
+
+    def _upstream_context(self) -> ssl.SSLContext:
+        if self._upstream_ctx is None:
+            ctx = ssl.create_default_context(cafile=self.config.upstream_ca_file)
+            ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+            ctx.set_alpn_protocols(["http/1.1"])
+            self._upstream_ctx = ctx
+        return self._upstream_ctx
+
+    # -- CONNECT ---------------------------------------------------------------------------
+
+    async def _connect(
+        self, conn: _Conn, client: PlainStream, h: h11.Connection, req: h11.Request
+    ) -> None:
+        """CONNECT: decide, say 200, check the ClientHello, and only then dial."""
+        dest: HostPort | None = None
+        ip: IPAddress | None = None
+        try:
+            try:
+                dest = parse_authority(req.target.decode("ascii"), None)
+            except (InvalidArgumentError, UnicodeDecodeError) as exc:
+                raise _Refused(400, "bad_target") from exc
+            ip = await self._resolve_and_decide(conn, "CONNECT", dest)
+        except _Refused as r:
+            self._decision("CONNECT", dest, ip, allowed=False, reason=r.reason)
+            await self._send_refusal(client, r.status, r.reason)
+            return
+        intercept = dest.kind is HostKind.NAME and self._broker.intercepts(dest.host)
+        await client.write(h.send(h11.Response(status_code=200, headers=[])) or b"")
+        # Nothing leaves the host before the client has shown the SNI it will use: the
+        # gateway is no port scanner and no connection amplifier.
+        hello = await self._check_hello(conn, client, dest, h.trailing_data[0], intercept)
+        if isinstance(hello, str):
+            self._decision("CONNECT", dest, ip, allowed=False, reason=hello)
+            return
+        if intercept:
+            await self._intercept(conn, client, dest, ip, hello.raw)
+            return
+        try:
+            up_reader, up_writer = await self._dial(ip, dest, False)
+        except _Refused as r:
+            self._decision("CONNECT", dest, ip, allowed=False, reason=r.reason)
+            return
+        upstream = PlainStream(up_reader, up_writer)
+        row = self._decision("CONNECT", dest, ip, allowed=True, reason="tunnel")
+        try:
+            conn.count(up=len(hello.raw))
+            await upstream.write(hello.raw)
+            await self._pump_both(conn, client, upstream)
+        except (OSError, ConnectionError):
+            pass
+        finally:
+            upstream.close()
+            self._finish(row, conn, "tunnel")
+
+    def _end_reason(self, conn: _Conn, base: str) -> str:
+        return base if conn.end_reason is None else f"{base};closed:{conn.end_reason}"
+
+    async def _check_hello(
+        self, conn: _Conn, client: PlainStream, dest: HostPort, initial: bytes, intercept: bool
+    ) -> ClientHello | str:
+        """Read the first bytes of the tunnel; return a ClientHello or a refusal reason."""
+        must_tls = intercept or dest.port in (80, 443)
+        try:
+            if must_tls or initial:
+                async with asyncio.timeout(self.config.handshake_timeout):
+                    hello = await read_client_hello(client, initial)
+            else:
+                # Other ports (explicitly allowed): a server-speaks-first protocol may wait.
+                try:
+                    async with asyncio.timeout(self.config.first_bytes_timeout):
+                        hello = await read_client_hello(client, initial)
+                except TimeoutError:
+                    return ClientHello(b"", False, None)
+        except (HelloError, TimeoutError):
+            return "bad_tls_hello"
+        except (EOFError, OSError, ConnectionError):
+            return "client_closed"
+        conn.touch()
+        if not hello.is_tls:
+            return "not_tls" if must_tls else hello
+        if hello.sni is None:
+            return hello if dest.is_ip else "sni_missing"
+        try:
+            sni = parse_authority(hello.sni, dest.port)
+        except InvalidArgumentError:
+            return "sni_mismatch"
+        if sni.host != dest.host:
+            return "sni_mismatch"
+        return hello
+
+    async def _pump_both(self, conn: _Conn, client: PlainStream, upstream: PlainStream) -> None:
+        async def up() -> None:
+            while data := await client.read(_READ):
+                conn.count(up=len(data))
+                await upstream.write(data)
+            upstream.write_eof()
+
+        async def down() -> None:
+            while data := await upstream.read(_READ):
+                conn.count(down=len(data))
+                await client.write(data)
+
+        t_up = asyncio.create_task(up())
+        t_down = asyncio.create_task(down())
+        try:
+            # The tunnel ends when the upstream is done; a client half-close only half-closes.
+            await asyncio.wait({t_down, t_up}, return_when=asyncio.FIRST_EXCEPTION)
+            if not t_down.done():
+                await t_down
+        finally:
+            for t in (t_up, t_down):
+                t.cancel()
+            await asyncio.gather(t_up, t_down, return_exceptions=True)
+
+    # -- interception (secret-bound hosts) -------------------------------------------------
+
+    async def _intercept(
+        self, conn: _Conn, client: PlainStream, dest: HostPort, ip: IPAddress, hello: bytes
+    ) -> None:
+        conn.count(up=len(hello))
+        tls = TLSStream(self._ca.server_context(dest.host), client, server_side=True)
+        try:
+            async with asyncio.timeout(self.config.handshake_timeout):
+                await tls.handshake(hello)
+        except (ssl.SSLError, TimeoutError, OSError):
+            self._decision("CONNECT", dest, ip, allowed=False, reason="client_tls_failed")
+            return
+        upstream: PlainStream | None = None
+        h = h11.Connection(h11.SERVER, max_incomplete_event_size=self.config.max_header_bytes)
+        try:
+            while True:
+                event = await _next_event(h, tls, conn)
+                if not isinstance(event, h11.Request):
+                    return
+                upstream = await self._exchange(conn, tls, h, event, dest, ip, upstream, True)
+                if h.our_state is h11.MUST_CLOSE or h.their_state is h11.MUST_CLOSE:
+                    return
+                h.start_next_cycle()
+        except (_Ended, h11.ProtocolError, ssl.SSLError, OSError, ConnectionError):
+            return
+        finally:
+            if upstream is not None:
+                upstream.close()
+            tls.close()
+
+    # -- plain HTTP ------------------------------------------------------------------------
+
+    async def _plain(
+        self, conn: _Conn, client: PlainStream, h: h11.Connection, req: h11.Request
+    ) -> None:
+        method = req.method.decode("ascii", "replace")
+        target = req.target.decode("ascii", "replace")
+        if not target.lower().startswith(("http://", "https://")):
+            self._decision(method, None, None, allowed=False, reason="not_a_proxy_request")
+            await self._send_refusal(client, 400, "not_a_proxy_request")
+            return
+        try:
+            scheme, dest, _path = parse_absolute_url(target)
+        except InvalidArgumentError:
+            self._decision(method, None, None, allowed=False, reason="bad_target")
+            await self._send_refusal(client, 400, "bad_target")
+            return
+        if scheme != "http":
+            self._decision(method, dest, None, allowed=False, reason="https_needs_connect")
+            await self._send_refusal(client, 400, "https_needs_connect")
+            return
+        try:
+            ip = await self._resolve_and_decide(conn, method, dest)
+        except _Refused as r:
+            self._decision(method, dest, None, allowed=False, reason=r.reason)
+            await self._send_refusal(client, r.status, r.reason)
+            return
+        upstream: PlainStream | None = None
+        try:
+            upstream = await self._exchange(conn, client, h, req, dest, ip, None, False)
+        except (_Ended, h11.ProtocolError, OSError, ConnectionError):
+            return
+        finally:
+            if upstream is not None:
+                upstream.close()
+
+    # -- one request/response exchange (plain or intercepted) ------------------------------
+
+    async def _exchange(
+        self,
+        conn: _Conn,
+        client: ByteStream,
+        h: h11.Connection,
+        req: h11.Request,
+        dest: HostPort,
+        ip: IPAddress,
+        upstream: PlainStream | None,
+        tls: bool,
+    ) -> PlainStream | None:
+        """Forward one request and its response; returns the upstream for keep-alive."""
+        method = req.method.decode("ascii", "replace")
+        used: list[str] = []
+        try:
+            if tls and not self._rate.take():
+                raise _Refused(429, "rate_limited")
+            if tls and self._policy_gen and not self._still_allowed(conn):
+                raise _Refused(403, "policy_updated")
+            path = self._check_target(req, dest, tls)
+            headers = self._check_headers(req, dest, tls)
+            if tls:
+                headers, used = self._broker.substitute(headers, dest.host)
+            if self._broker.has_secrets():
+                headers.append((b"accept-encoding", b"identity"))
+            if not tls:
+                headers.append((b"connection", b"close"))
+            if upstream is None:
+                up_reader, up_writer = await self._dial(ip, dest, tls)
+                upstream = PlainStream(up_reader, up_writer)
+            uh = h11.Connection(h11.CLIENT)
+            await upstream.write(
+                uh.send(h11.Request(method=req.method, target=path, headers=headers)) or b""
+            )
+            if h.they_are_waiting_for_100_continue:
+                await client.write(
+                    h.send(h11.InformationalResponse(status_code=100, headers=[])) or b""
+                )
+            await self._forward_body(conn, client, h, upstream, uh, dest, tls)
+            await self._forward_response(conn, client, h, upstream, uh)
+            if uh.our_state is not h11.DONE or uh.their_state is not h11.DONE:
+                upstream.close()
+                upstream = None
+        except _Refused as r:
+            self._decision(method, dest, ip, allowed=False, reason=r.reason, secret=r.secret)
+            if h.our_state is h11.SEND_RESPONSE:
+                await self._send_refusal(client, r.status, r.reason)
+            if upstream is not None:
+                upstream.close()
+            # The client connection can't be reused after a refusal mid-request.
+            raise _Ended from None
+        self._decision(
+            method,
+            dest,
+            ip,
+            allowed=True,
+            reason=self._end_reason(conn, "intercepted" if tls else "http"),
+            secret=",".join(used) or None,
+            up=conn.up,
+            down=conn.down,
+        )
+        conn.up = conn.down = 0
+        return upstream
+
+    def _check_target(self, req: h11.Request, dest: HostPort, tls: bool) -> bytes:
+        target = req.target.decode("ascii", "replace")
+        if target.lower().startswith(("http://", "https://")):
+            try:
+                _scheme, tdest, path = parse_absolute_url(target)
+            except InvalidArgumentError as exc:
+                raise _Refused(400, "bad_target") from exc
+            if (tdest.host, tdest.port) != (dest.host, dest.port):
+                raise _Refused(403, "host_mismatch")
+            target = path
+        elif not target.startswith("/"):
+            raise _Refused(400, "bad_target")
+        found = self._broker.foreign_placeholders(target.encode(), dest.host if tls else None)
+        if found:
+            raise _Refused(403, "secret_exfiltration", found[0])
+        return target.encode("ascii")
+
+    def _check_headers(
+        self, req: h11.Request, dest: HostPort, tls: bool
+    ) -> list[tuple[bytes, bytes]]:
+        hosts = [v for n, v in req.headers if n == b"host"]
+        if len(hosts) != 1:
+            raise _Refused(400, "host_header_required")
+        try:
+            hdest = parse_authority(hosts[0].decode("ascii"), 443 if tls else 80)
+        except (InvalidArgumentError, UnicodeDecodeError) as exc:
+            raise _Refused(403, "host_mismatch") from exc
+        if (hdest.host, hdest.port) != (dest.host, dest.port):
+            raise _Refused(403, "host_mismatch")
+        if any(n == b"upgrade" for n, _ in req.headers):
+            raise _Refused(501, "upgrade_not_supported")
+        listed = {
+            t.strip().lower() for n, v in req.headers if n == b"connection" for t in v.split(b",")
+        }
+        out: list[tuple[bytes, bytes]] = []
+        for name, value in req.headers:
+            if name in _HOP_BY_HOP or name in listed:
+                continue
+            if name == b"accept-encoding" and self._broker.has_secrets():
+                continue  # replaced by "identity": responses must stay scannable
+            found = self._broker.foreign_placeholders(value, dest.host if tls else None)
+            if found:
+                reason = "secret_exfiltration"
+                if not tls and self._broker.intercepts(dest.host):
+                    reason = "secret_over_plaintext"
+                raise _Refused(403, reason, found[0])
+            out.append((name, value))
+        return out
+
+    async def _forward_body(
+        self,
+        conn: _Conn,
+        client: ByteStream,
+        h: h11.Connection,
+        upstream: PlainStream,
+        uh: h11.Connection,
+        dest: HostPort,
+        tls: bool,
+    ) -> None:
+        keep = max(0, self._broker.longest_placeholder - 1)
+        tail = b""
+        while True:
+            event = await _next_event(h, client, conn)
+            if isinstance(event, h11.Data):
+                data = bytes(event.data)
+                conn.count(up=len(data))
+                if keep:
+                    found = self._broker.foreign_placeholders(
+                        tail + data, dest.host if tls else None
+                    )
+                    if found:
+                        # Cut the upstream before the placeholder's last byte leaves.
+                        raise _Refused(403, "secret_exfiltration", found[0])
+                    tail = (tail + data)[-keep:]
+                await upstream.write(uh.send(h11.Data(data=data)) or b"")
+            elif isinstance(event, h11.EndOfMessage):
+                await upstream.write(uh.send(h11.EndOfMessage()) or b"")
+                return
+            else:
+                raise h11.RemoteProtocolError("unexpected event")
+
+    async def _forward_response(
+        self,
+        conn: _Conn,
+        client: ByteStream,
+        h: h11.Connection,
+        upstream: PlainStream,
+        uh: h11.Connection,
+    ) -> None:
+        scrubber = self._broker.scrubber()
+        while True:
+            event = await _next_event(uh, upstream, conn, down=True)
+            if isinstance(event, h11.InformationalResponse):
+                if event.status_code == 101:
+                    raise _Refused(502, "upgrade_not_supported")
+                continue
+            if isinstance(event, h11.Response):
+                break
+            raise _Refused(502, "upstream_protocol_error")
+        headers: list[tuple[bytes, bytes]] = []
+        for name, value in event.headers:
+            if name in _HOP_BY_HOP:
+                continue
+            if (
+                name == b"content-encoding"
+                and value.strip().lower() != b"identity"
+                and self._broker.has_secrets()
+            ):
+                # A compressed body can't be scrubbed: fail closed (invariant 3).
+                raise _Refused(502, "unscannable_response_encoding")
+            headers.append((name, self._broker.scrub(value)))
+        if h.their_state is h11.MUST_CLOSE or not isinstance(client, TLSStream):
+            headers.append((b"connection", b"close"))
+        await client.write(
+            h.send(h11.Response(status_code=event.status_code, headers=headers, reason=b"")) or b""
+        )
+        while True:
+            event = await _next_event(uh, upstream, conn, down=True)
+            if isinstance(event, h11.Data):
+                out = scrubber.feed(bytes(event.data))
+                if out:
+                    await client.write(h.send(h11.Data(data=out)) or b"")
+            elif isinstance(event, h11.EndOfMessage):
+                rest = scrubber.flush()
+                if rest:
+                    await client.write(h.send(h11.Data(data=rest)) or b"")
+                await client.write(h.send(h11.EndOfMessage()) or b"")
+                return
+            else:
+                raise _Refused(502, "upstream_protocol_error")
+
+
+async def _next_event(
+    h: h11.Connection, stream: ByteStream, conn: _Conn, *, down: bool = False
+) -> Any:
+    """The next h11 event, reading from ``stream`` as needed (bytes are counted)."""
+    while True:
+        event = h.next_event()
+        if event is h11.NEED_DATA:
+            data = await stream.read(_READ)
+            if down:
+                conn.count(down=len(data))
+            else:
+                conn.count(up=len(data))
+            h.receive_data(data)
+            continue
+        return event

@@ -1,0 +1,541 @@
+"""The guard: one per sandbox, on every channel from the sandbox to the caller (invariant 4).
+
+Trust domain: host engine. Everything fed in is hostile sandbox output; everything returned
+is safe to release to the caller (and so to a model's context). Findings go to
+``on_finding`` (the audit trail) and never carry the sensitive value.
+
+Streams (see docs/guard.md for the reasoning):
+
+* each stream holds back a fixed number of raw characters, ``Guard.window``, sized to the
+  longest registered pattern with whitespace gaps (and to the longest rule match); a value
+  split at any offset is still whole in the buffer when it is decided on. The amount
+  released by ``feed`` depends only on the lengths fed, never on whether the held tail
+  looks like the beginning of a secret, unless a *complete* match sits on the boundary
+  (then the whole match is held and later redacted): prefixes don't change what comes out;
+* ``flush`` at the end of a call releases the rest, redacted: output is never held longer
+  than one call;
+* streams of one guard share an interleaving log of the last ``window`` characters in
+  arrival order; a value split across stdout and stderr (interleaved) is found there and
+  redacted in both streams, since each part is still in its own stream's held tail.
+"""
+
+from __future__ import annotations
+
+import secrets
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from moat.errors import InvalidArgumentError, LeakBlockedError
+from moat.guard import png
+from moat.guard.canary import KINDS, SHOWN_LABEL, make_canary
+from moat.guard.policy import EXACT, Finding, GuardPolicy
+from moat.guard.rules import RULE_WINDOW, Rule, load_rules
+from moat.guard.scanner import (
+    SEPARATOR,
+    Entry,
+    ExactIndex,
+    Hit,
+    Interval,
+    merge,
+    render,
+    rule_hits,
+)
+
+FindingCallback = Callable[[Finding], None]
+SensitiveItem = tuple[str, str] | str
+
+#: Bounds on registered values (validated at the boundary).
+MIN_VALUE_LEN = 4
+MAX_VALUE_LEN = 8192
+MAX_VALUES = 10_000
+MAX_LABEL_LEN = 64
+_LABEL_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.:@/-")
+#: A rule match ending this close to the end of a stream's buffer may still grow.
+RULE_MARGIN = 16
+#: Raw characters of already released output kept as lookbehind context for rules.
+CONTEXT = 64
+#: A stream never holds more than this (plus one window) waiting for a match to settle.
+MAX_HOLD = 256 * 1024
+
+
+def _check_channel(channel: object) -> str:
+    if not isinstance(channel, str) or not 0 < len(channel) <= MAX_LABEL_LEN:
+        raise InvalidArgumentError("guard channel must be a short non-empty string")
+    return channel
+
+
+def _check_label(label: object) -> str:
+    if (
+        not isinstance(label, str)
+        or not 0 < len(label) <= MAX_LABEL_LEN
+        or not set(label) <= _LABEL_CHARS
+    ):
+        raise InvalidArgumentError(
+            "a sensitive value's label must be 1-64 characters of letters, digits and _.:@/-"
+        )
+    return label
+
+
+def _check_value(value: object) -> str:
+    if not isinstance(value, str):
+        raise InvalidArgumentError("a sensitive value must be a string")
+    if not MIN_VALUE_LEN <= len(value) <= MAX_VALUE_LEN:
+        raise InvalidArgumentError(
+            f"a sensitive value must be {MIN_VALUE_LEN} to {MAX_VALUE_LEN} characters long"
+        )
+    if SEPARATOR in value or not value.strip():
+        raise InvalidArgumentError("a sensitive value may not be blank or hold U+FFFF")
+    return value
+
+
+@dataclass(frozen=True)
+class _Indexes:
+    text: ExactIndex
+    binary: ExactIndex
+    rules: tuple[Rule, ...]
+    window: int
+
+
+class Guard:
+    """Scans and redacts (or blocks) everything a sandbox hands back.
+
+    ``sensitive``: values to protect, as ``(value, label)`` pairs (or bare values, labelled
+    ``"sensitive"``). ``on_finding``: called once per finding, before any output containing
+    it is released or an error is raised; it receives no value. Thread-safe.
+    """
+
+    def __init__(
+        self,
+        policy: GuardPolicy | None = None,
+        sensitive: Iterable[SensitiveItem] = (),
+        on_finding: FindingCallback | None = None,
+    ) -> None:
+        if policy is None:
+            policy = GuardPolicy()
+        if not isinstance(policy, GuardPolicy):
+            raise InvalidArgumentError("policy must be a GuardPolicy")
+        if on_finding is not None and not callable(on_finding):
+            raise InvalidArgumentError("on_finding must be callable")
+        self._policy = policy
+        self._on_finding = on_finding
+        self._lock = threading.RLock()
+        self._entries: list[Entry] = []
+        self._values: set[tuple[str, str]] = set()
+        self._indexes: _Indexes | None = None
+        rule_names = frozenset(d for d in policy.detectors if d != EXACT)
+        self._rules = load_rules(rule_names)
+        self._exact = EXACT in policy.detectors
+        self._allow = frozenset(policy.allow)
+        # The interleaving log: (stream, absolute offset in it, text), oldest first.
+        self._log: list[tuple[GuardStream, int, str]] = []
+        if isinstance(sensitive, (str, bytes)):
+            raise InvalidArgumentError("sensitive must be a list of (value, label) pairs")
+        for item in sensitive:
+            if isinstance(item, str):
+                self.register(item, "sensitive")
+            elif isinstance(item, tuple) and len(item) == 2:
+                self.register(item[0], item[1])
+            else:
+                raise InvalidArgumentError("sensitive must be a list of (value, label) pairs")
+
+    # -- configuration -------------------------------------------------------------------
+
+    @property
+    def policy(self) -> GuardPolicy:
+        """The policy this guard enforces."""
+        return self._policy
+
+    @property
+    def mode(self) -> str:
+        """``"redact"``, ``"block"`` or ``"off"``."""
+        return self._policy.mode
+
+    def register(self, value: str, label: str) -> None:
+        """Protect ``value`` from now on; sightings are reported and shown as ``label``.
+
+        Output already released is not rescanned.
+        """
+        self._add(Entry(_check_value(value), _check_label(label), label, False))
+
+    def canary(self, kind: str = "generic") -> str:
+        """Make, register and return a canary credential of ``kind`` ("aws", "github",
+        "generic"). A sighting is a ``Finding`` with ``canary=True`` labelled
+        ``canary:<kind>:<id>``; the redaction marker shows the ordinary rule label."""
+        if kind not in KINDS:
+            raise InvalidArgumentError('canary kind must be "aws", "github" or "generic"')
+        value = make_canary(kind)
+        audit = f"canary:{kind}:{secrets.token_hex(4)}"
+        self._add(Entry(value, SHOWN_LABEL[kind], audit, True))
+        return value
+
+    def _add(self, entry: Entry) -> None:
+        with self._lock:
+            key = (entry.value, entry.audit_label)
+            if key in self._values:
+                return
+            if len(self._entries) >= MAX_VALUES:
+                raise InvalidArgumentError(f"at most {MAX_VALUES} sensitive values per guard")
+            if entry.value in entry.label:
+                raise InvalidArgumentError("a label may not contain its value")
+            self._values.add(key)
+            self._entries.append(entry)
+            self._indexes = None
+
+    def _idx(self) -> _Indexes:
+        with self._lock:
+            if self._indexes is None:
+                entries = self._entries if self._exact else [e for e in self._entries if e.canary]
+                text = ExactIndex(entries)
+                binary = ExactIndex(entries, binary=True)
+                window = max(text.window, binary.window, RULE_WINDOW) + RULE_MARGIN
+                self._indexes = _Indexes(text, binary, self._rules, window)
+            return self._indexes
+
+    @property
+    def window(self) -> int:
+        """Raw characters each stream holds back until more output or the end of the call."""
+        return self._idx().window
+
+    # -- reporting -----------------------------------------------------------------------
+
+    def _report(self, hits: Iterable[Hit], channel: str, offset: int = 0) -> list[Finding]:
+        seen: set[tuple[str, str, int, int]] = set()
+        out: list[Finding] = []
+        for h in sorted(hits, key=lambda h: (h.start, h.end, h.detector)):
+            key = (h.audit_label, h.detector, h.start, h.end)
+            if key in seen:
+                continue
+            seen.add(key)
+            finding = Finding(
+                h.audit_label, channel, h.detector, h.canary, h.start + offset, h.end + offset
+            )
+            out.append(finding)
+            if self._on_finding is not None:
+                self._on_finding(finding)
+        return out
+
+    def _block(self, hits: Iterable[Hit], channel: str) -> LeakBlockedError:
+        return LeakBlockedError(sorted({h.label for h in hits}), channel)
+
+    # -- whole values --------------------------------------------------------------------
+
+    def _text_hits(self, text: str) -> list[Hit]:
+        idx = self._idx()
+        return idx.text.find(text) + rule_hits(idx.rules, text, 0, self._allow)
+
+    def scan_text(self, text: str, channel: str = "reply") -> list[Finding]:
+        """Findings in ``text`` (reported to ``on_finding``); never raises for a finding."""
+        if not isinstance(text, str):
+            raise InvalidArgumentError("the guard scans text (str)")
+        channel = _check_channel(channel)
+        return self._report(self._text_hits(text), channel)
+
+    def redact_text(self, text: str, channel: str) -> str:
+        """``text`` made safe: findings replaced by ``[REDACTED:<label>]``.
+
+        For whole values: results, error name/value/traceback, file contents read as text,
+        names of listed files. Raises ``LeakBlockedError`` in block mode.
+        """
+        if not isinstance(text, str):
+            raise InvalidArgumentError("the guard redacts text (str)")
+        channel = _check_channel(channel)
+        if self.mode == "off":
+            return text
+        hits = self._text_hits(text)
+        if not hits:
+            return text
+        self._report(hits, channel)
+        if self.mode == "block":
+            raise self._block(hits, channel)
+        return render(text, merge(hits))
+
+    def _bytes_hits(self, view: str) -> list[Hit]:
+        idx = self._idx()
+        return idx.binary.find(view) + rule_hits(idx.rules, view, 0, self._allow)
+
+    def redact_bytes(self, data: bytes, channel: str) -> bytes:
+        """``data`` with raw and encoded values (UTF-8, UTF-16/32, base64, hex ...) replaced
+        by the ASCII marker; offsets in findings are byte offsets."""
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise InvalidArgumentError("the guard redacts bytes")
+        channel = _check_channel(channel)
+        raw = bytes(data)
+        if self.mode == "off":
+            return raw
+        view = raw.decode("latin-1")  # one character per byte: offsets are byte offsets
+        hits = self._bytes_hits(view)
+        if not hits:
+            return raw
+        self._report(hits, channel)
+        if self.mode == "block":
+            raise self._block(hits, channel)
+        return render(view, merge(hits)).encode("latin-1")
+
+    def guard_png(self, data: bytes, channel: str) -> bytes:
+        """A PNG result: pixels pass through, text metadata (tEXt/zTXt/iTXt) is scanned.
+
+        In redact mode a text chunk with a finding is dropped (the image stays valid); in
+        block mode ``LeakBlockedError`` is raised. Malformed PNGs raise
+        ``InvalidArgumentError`` (fail closed: not passed through unscanned).
+        """
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise InvalidArgumentError("guard_png takes bytes")
+        channel = _check_channel(channel)
+        raw = bytes(data)
+        if self.mode == "off":
+            return raw
+        drop: list[png.Chunk] = []
+        all_hits: list[Hit] = []
+        for chunk in png.chunks(raw):
+            text = png.chunk_text(raw, chunk)
+            if text is None:
+                continue
+            hits = self._bytes_hits(text)
+            if hits:
+                drop.append(chunk)
+                # Offsets are reported as the chunk's span in the file.
+                all_hits += [
+                    Hit(chunk.start, chunk.end, h.label, h.audit_label, h.detector, h.canary)
+                    for h in hits
+                ]
+        if not drop:
+            return raw
+        self._report(all_hits, channel)
+        if self.mode == "block":
+            raise self._block(all_hits, channel)
+        parts, prev = [], 0
+        for chunk in drop:
+            parts.append(raw[prev : chunk.start])
+            prev = chunk.end
+        parts.append(raw[prev:])
+        return b"".join(parts)
+
+    def check_egress(self, data: str | bytes) -> list[Finding]:
+        """Findings of registered values and canaries in an outgoing request (the egress
+        gateway calls this on each request it sees, before substituting secrets).
+
+        Reported with channel ``"egress"``; in block mode raises ``LeakBlockedError`` so the
+        gateway refuses the request. Pattern rules are not applied (requests carry
+        credentials legitimately); the check runs whatever the mode, except "off".
+        """
+        if isinstance(data, str):
+            raw = data.encode("utf-8", "surrogatepass")
+        elif isinstance(data, (bytes, bytearray, memoryview)):
+            raw = bytes(data)
+        else:
+            raise InvalidArgumentError("check_egress takes str or bytes")
+        if self.mode == "off":
+            return []
+        hits = self._idx().binary.find(raw.decode("latin-1"))
+        findings = self._report(hits, "egress")
+        if hits and self.mode == "block":
+            raise self._block(hits, "egress")
+        return findings
+
+    # -- streams -------------------------------------------------------------------------
+
+    def stream(self, channel: str = "stdout") -> GuardStream:
+        """A new stream for one output stream (stdout, stderr, ...) of one call."""
+        return GuardStream(self, _check_channel(channel))
+
+    def _interleave(self, stream: GuardStream, abs_start: int, chunk: str) -> None:
+        """Record ``chunk`` in arrival order; find values split across streams."""
+        idx = self._idx()
+        window = idx.window
+        log = self._log
+        if any(s is not stream for s, _, _ in log):
+            segs = [*log, (stream, abs_start, chunk[:window])]
+            combined = "".join(t for _, _, t in segs)
+            hits = idx.text.find(combined)
+            if hits:
+                offsets = []
+                pos = 0
+                for _, _, t in segs:
+                    offsets.append(pos)
+                    pos += len(t)
+                for h in hits:
+                    parts = [
+                        (s, a, off, t)
+                        for (s, a, t), off in zip(segs, offsets, strict=True)
+                        if off < h.end and off + len(t) > h.start
+                    ]
+                    if len({id(p[0]) for p in parts}) < 2:
+                        continue  # inside one stream: that stream's own scan handles it
+                    # A stream's parts of one match are contiguous in that stream's own
+                    # output (its feeds follow each other): one span, one marker, per stream.
+                    spans: dict[int, tuple[GuardStream, int, int]] = {}
+                    for s, a, off, t in parts:
+                        lo = a + max(h.start, off) - off
+                        hi = a + min(h.end, off + len(t)) - off
+                        prev = spans.get(id(s))
+                        if prev is not None:
+                            lo, hi = min(lo, prev[1]), max(hi, prev[2])
+                        spans[id(s)] = (s, lo, hi)
+                    for s, lo, hi in spans.values():
+                        s._force(
+                            Hit(
+                                lo,
+                                hi,
+                                h.label,
+                                h.audit_label,
+                                h.detector + "/interleaved",
+                                h.canary,
+                            )
+                        )
+        log.append((stream, abs_start, chunk))
+        total = sum(len(t) for _, _, t in log)
+        while log and total - len(log[0][2]) >= window:
+            total -= len(log.pop(0)[2])
+        if log and total > window:
+            s, a, t = log[0]
+            cut = total - window
+            log[0] = (s, a + cut, t[cut:])
+
+    def _forget(self, stream: GuardStream) -> None:
+        self._log = [seg for seg in self._log if seg[0] is not stream]
+
+
+class GuardStream:
+    """The guard on one output stream: ``feed`` chunks, ``flush`` at the end of the call.
+
+    ``feed`` returns what is safe to release now; ``flush`` returns the held-back rest.
+    In block mode both raise ``LeakBlockedError`` on a finding, and every later call raises
+    again: nothing of a blocked stream is ever released. Use from one call at a time.
+    """
+
+    def __init__(self, guard: Guard, channel: str) -> None:
+        self._guard = guard
+        self.channel = channel
+        self._buf = ""
+        self._base = 0  # absolute offset of _buf[0] in the stream's raw output
+        self._ctx = ""  # raw released text kept as lookbehind context for rules
+        self._forced: dict[tuple[int, int, str, str], Hit] = {}  # absolute offsets
+        self._blocked: list[str] | None = None
+        self._closed = False
+
+    @property
+    def closed(self) -> bool:
+        """True after ``flush``."""
+        return self._closed
+
+    def _force(self, hit: Hit) -> None:
+        """A match the interleaving log found (absolute offsets); redact it here too."""
+        if self._closed or hit.end <= self._base:
+            # Already released: should not happen (see the module docstring); report it.
+            self._guard._report([hit], self.channel)
+            return
+        self._forced.setdefault((hit.start, hit.end, hit.audit_label, hit.detector), hit)
+
+    def feed(self, chunk: str) -> str:
+        """Add ``chunk``; return the text safe to release now (possibly empty)."""
+        if not isinstance(chunk, str):
+            raise InvalidArgumentError("guard streams take text (str) chunks")
+        with self._guard._lock:
+            self._check_open()
+            if self._guard.mode == "off":
+                return chunk
+            if not chunk:
+                return ""
+            self._guard._interleave(self, self._base + len(self._buf), chunk)
+            self._buf += chunk
+            return self._release(final=False)
+
+    def flush(self) -> str:
+        """End of the stream: release the held-back tail, redacted."""
+        with self._guard._lock:
+            self._check_open()
+            try:
+                if self._guard.mode == "off":
+                    return ""
+                return self._release(final=True)
+            finally:
+                self._closed = True
+                self._guard._forget(self)
+
+    def into(self, callback: Callable[[str], None]) -> GuardedCallback:
+        """Wrap a caller's streaming callback: it only ever receives released text."""
+        return GuardedCallback(self, callback)
+
+    def _check_open(self) -> None:
+        if self._blocked is not None:
+            raise LeakBlockedError(self._blocked, self.channel)
+        if self._closed:
+            raise InvalidArgumentError("this guard stream was already flushed")
+
+    def _release(self, *, final: bool) -> str:
+        guard = self._guard
+        idx = guard._idx()
+        buf, base, ctx = self._buf, self._base, self._ctx
+        hits = idx.text.find(buf)
+        for h in rule_hits(idx.rules, ctx + buf, len(ctx), guard._allow):
+            hits.append(
+                Hit(h.start - len(ctx), h.end - len(ctx), h.label, h.audit_label, h.detector, False)
+            )
+        for h in self._forced.values():
+            start = max(h.start - base, 0)
+            hits.append(Hit(start, h.end - base, h.label, h.audit_label, h.detector, h.canary))
+        if hits and guard.mode == "block":
+            guard._report(hits, self.channel, base)
+            err = guard._block(hits, self.channel)
+            self._blocked = err.labels
+            self._buf = ""
+            raise err
+        intervals = merge(hits)
+        cut = len(buf) if final else self._cut(buf, hits, intervals, idx.window)
+        if cut <= 0:
+            return ""
+        released = [h for h in hits if h.start < cut]
+        guard._report(released, self.channel, base)
+        out = render(buf[:cut], [iv for iv in intervals if iv.start < cut])
+        self._ctx = (ctx + buf[:cut])[-CONTEXT:]
+        self._buf = buf[cut:]
+        self._base = base + cut
+        self._forced = {k: h for k, h in self._forced.items() if h.end > self._base}
+        return out
+
+    @staticmethod
+    def _cut(buf: str, hits: list[Hit], intervals: list[Interval], window: int) -> int:
+        """Where to cut the buffer: ``window`` characters before its end, moved back to the
+        start of any match that reaches past the cut (or of a rule match that may grow)."""
+        cut = len(buf) - window
+        for h in hits:
+            if h.detector.startswith("rule:") and h.end > len(buf) - RULE_MARGIN:
+                cut = min(cut, h.start)
+        for iv in reversed(intervals):
+            if iv.start < cut < iv.end:
+                cut = iv.start
+        if len(buf) - max(cut, 0) > MAX_HOLD:
+            # A match that keeps growing (a value repeated back to back, a huge token):
+            # settle it rather than hold output forever. Everything matched so far is
+            # redacted; only the continuation, if any, is decided afresh.
+            cut = len(buf) - window
+            for iv in intervals:
+                if iv.start < cut < iv.end:
+                    cut = iv.end
+        return cut
+
+
+class GuardedCallback:
+    """A streaming callback behind a guard stream (``on_stdout=...`` of the SDK).
+
+    Call it with raw chunks; the wrapped callback receives only redacted text, and never
+    a raw chunk. ``close()`` at the end of the call delivers the held-back tail.
+    """
+
+    def __init__(self, stream: GuardStream, callback: Callable[[str], None]) -> None:
+        if not callable(callback):
+            raise InvalidArgumentError("callback must be callable")
+        self._stream = stream
+        self._callback = callback
+
+    def __call__(self, chunk: str) -> None:
+        safe = self._stream.feed(chunk)
+        if safe:
+            self._callback(safe)
+
+    def close(self) -> None:
+        """End of the call: deliver the rest."""
+        tail = self._stream.flush()
+        if tail:
+            self._callback(tail)

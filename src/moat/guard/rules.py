@@ -1,0 +1,238 @@
+"""Patterns for secrets moat did not issue: the regexes of detect-secrets' plugins.
+
+Trust domain: host engine. The regexes are detect-secrets' own (Yelp's maintained rule set,
+loaded from its installed plugin classes: ``Plugin().denylist``), not a hand-typed list, so
+they follow upstream fixes with the package version. moat adds three things per rule, all
+performance or span details that never change *what* a regex matches:
+
+* ``gate``: literals one of which every match contains; a text without any skips the rule
+  (``str.__contains__`` runs at GB/s, a regex starting with a character class does not);
+* ``anchor``: for rules whose regex starts with a character class (Telegram, Discord,
+  Mailchimp), a literal-led regex finds candidates and the upstream regex is run in a
+  window around each one, so the upstream regex still decides;
+* ``group``/``extend``: which part to redact (the password of ``user:pass@``, the secret
+  after ``aws_secret_key=``) and, for JWTs, the signature the upstream regex leaves out
+  (it ends in a lazy ``*?``).
+
+A few token formats detect-secrets 1.5 does not know (GitHub fine-grained tokens, Google API
+keys, Anthropic keys, whole private-key blocks) are added as ``SUPPLEMENT`` rules, each with
+a comment on why.
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+from dataclasses import dataclass
+from functools import cache
+
+from moat.errors import PolicyError
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One regex detector. ``name`` is the label of its findings."""
+
+    name: str
+    pattern: re.Pattern[str]
+    group: int = 0
+    gate: tuple[str, ...] = ()
+    ci_gate: tuple[str, ...] = ()  # lower-case literals looked up in the lower-cased text
+    anchor: re.Pattern[str] | None = None
+    before: int = 0  # how far a match may start before its anchor
+    after: int = 0  # how far a match may end after its anchor's end
+    extend: re.Pattern[str] | None = None
+
+
+# (plugin module, class, {pattern index: per-pattern options}); indexes follow `denylist`.
+_DETECT_SECRETS: dict[str, tuple[str, str, dict[int, dict[str, object]]]] = {
+    "aws": (
+        "aws",
+        "AWSKeyDetector",
+        {
+            0: {"gate": ("A3T", "ABIA", "ACCA", "AKIA", "ASIA")},
+            # IGNORECASE: anchored on its quoted 40-character secret instead of "aws".
+            1: {"anchor": r"['\"][0-9a-zA-Z/+]{40}['\"]", "before": 64, "after": 0, "group": 1},
+        },
+    ),
+    "azure_storage_key": (
+        "azure_storage_key",
+        "AzureStorageKeyDetector",
+        {0: {"gate": ("AccountKey=",)}},
+    ),
+    "basic_auth": ("basic_auth", "BasicAuthDetector", {0: {"gate": ("://",), "group": 1}}),
+    "discord": (
+        "discord",
+        "DiscordBotTokenDetector",
+        {0: {"anchor": r"\.[a-zA-Z\d_-]{6}\.[a-zA-Z\d_-]{27}", "before": 26, "after": 0}},
+    ),
+    "github_token": (
+        "github_token",
+        "GitHubTokenDetector",
+        {0: {"gate": ("ghp_", "gho_", "ghu_", "ghs_", "ghr_")}},
+    ),
+    "gitlab_token": (
+        "gitlab_token",
+        "GitLabTokenDetector",
+        {
+            0: {"gate": ("glpat-", "gldt-", "glft-", "glsoat-", "glrt-")},
+            1: {"gate": ("GR1348941",)},
+            2: {"gate": ("glcbt-",)},
+            3: {"gate": ("glimt-",)},
+            4: {"gate": ("glptt-",)},
+            5: {"gate": ("glagent-",)},
+            6: {"gate": ("gloas-",)},
+        },
+    ),
+    "jwt": (
+        "jwt",
+        "JwtTokenDetector",
+        {0: {"gate": ("eyJ",), "extend": r"[A-Za-z0-9\-_.+/=]*"}},
+    ),
+    "mailchimp": (
+        "mailchimp",
+        "MailchimpDetector",
+        {0: {"anchor": r"-us[0-9]", "before": 32, "after": 1}},
+    ),
+    "npm": ("npm", "NpmDetector", {0: {"gate": ("_authToken=",), "group": 1}}),
+    "openai": ("openai", "OpenAIDetector", {0: {"gate": ("T3BlbkFJ",)}}),
+    "private_key": ("private_key", "PrivateKeyDetector", {i: {} for i in range(8)}),
+    "pypi_token": (
+        "pypi_token",
+        "PypiTokenDetector",
+        {0: {"gate": ("pypi-",)}, 1: {"gate": ("pypi-",)}},
+    ),
+    "sendgrid": ("sendgrid", "SendGridDetector", {0: {"gate": ("SG.",)}}),
+    "slack": (
+        "slack",
+        "SlackDetector",
+        {0: {"ci_gate": ("xox",)}, 1: {"ci_gate": ("hooks.slack",)}},
+    ),
+    "square_oauth": ("square_oauth", "SquareOAuthDetector", {0: {"gate": ("sq0csp-",)}}),
+    "stripe": ("stripe", "StripeDetector", {0: {"gate": ("k_live_",)}}),
+    "telegram_token": (
+        "telegram_token",
+        "TelegramBotTokenDetector",
+        {0: {"anchor": r":[0-9A-Za-z_-]{35}", "before": 10, "after": 0}},
+    ),
+    "twilio": ("twilio", "TwilioKeyDetector", {0: {"gate": ("AC",)}, 1: {"gate": ("SK",)}}),
+    # Opt-in only: keyword-context rules (they match the *name* "ibm_key", not the secret),
+    # an all-caps pattern that flags ordinary words, and public IP addresses (not secrets).
+    "artifactory": ("artifactory", "ArtifactoryDetector", {0: {}, 1: {}}),
+    "cloudant": ("cloudant", "CloudantDetector", {0: {}, 1: {}, 2: {}, 3: {}}),
+    "ibm_cloud_iam": ("ibm_cloud_iam", "IbmCloudIamDetector", {0: {}}),
+    "ibm_cos_hmac": ("ibm_cos_hmac", "IbmCosHmacDetector", {0: {}}),
+    "ip_public": ("ip_public", "IPPublicDetector", {0: {}}),
+    "softlayer": ("softlayer", "SoftlayerDetector", {0: {}, 1: {}}),
+}
+_PRIVATE_KEY_GATE = ("PRIVATE KEY", "PuTTY-User-Key-File-2")
+
+#: Formats detect-secrets 1.5 lacks. Kept short on purpose; each names its source format.
+_SUPPLEMENT: dict[str, list[dict[str, object]]] = {
+    # GitHub fine-grained PATs: "github_pat_" + 82 characters (GitHub's token format docs).
+    "github_pat": [{"pattern": r"github_pat_[A-Za-z0-9_]{82}", "gate": ("github_pat_",)}],
+    # Google API keys: "AIza" + 35 characters.
+    "google_api_key": [{"pattern": r"AIza[0-9A-Za-z_\-]{35}", "gate": ("AIza",)}],
+    # Anthropic API keys: "sk-ant-api03-..." / "sk-ant-admin01-...".
+    "anthropic": [{"pattern": r"sk-ant-[a-z]+\d\d-[A-Za-z0-9_\-]{80,}", "gate": ("sk-ant-",)}],
+    # The whole PEM/OpenSSH block, not only its header (detect-secrets flags the header
+    # line; the key material below it is what must not leak). Capped at 16 KiB so a header
+    # without an END line redacts a bounded region in streams and whole texts alike.
+    "private_key_block": [
+        {
+            "pattern": r"-----BEGIN[A-Z0-9 ]{0,40}PRIVATE KEY(?: BLOCK)?-----"
+            r"(?:[\s\S]{0,16384}?-----END[A-Z0-9 ]{0,40}PRIVATE KEY(?: BLOCK)?-----"
+            r"|[\s\S]{0,16384})",
+            "gate": ("PRIVATE KEY",),
+        }
+    ],
+}
+
+#: Rules on by default: every token rule of detect-secrets plus the supplement.
+DEFAULT_RULES: tuple[str, ...] = (
+    "aws",
+    "azure_storage_key",
+    "basic_auth",
+    "discord",
+    "github_token",
+    "gitlab_token",
+    "jwt",
+    "mailchimp",
+    "npm",
+    "openai",
+    "private_key",
+    "pypi_token",
+    "sendgrid",
+    "slack",
+    "square_oauth",
+    "stripe",
+    "telegram_token",
+    "twilio",
+    *_SUPPLEMENT,
+)
+ALL_RULES: frozenset[str] = frozenset(_DETECT_SECRETS) | frozenset(_SUPPLEMENT)
+
+#: Longest span a rule match is expected to need; streams hold back at least this much.
+RULE_WINDOW = 1024
+
+
+def _options(name: str, pattern: re.Pattern[str], opts: dict[str, object]) -> Rule:
+    anchor = opts.get("anchor")
+    extend = opts.get("extend")
+    gate = opts.get("gate", ())
+    ci_gate = opts.get("ci_gate", ())
+    group = opts.get("group", 0)
+    before = opts.get("before", 0)
+    after = opts.get("after", 0)
+    if not isinstance(gate, tuple) or not isinstance(ci_gate, tuple) or not isinstance(group, int):
+        raise PolicyError("guard rule table is malformed")
+    if not isinstance(before, int) or not isinstance(after, int):
+        raise PolicyError("guard rule table is malformed")
+    return Rule(
+        name=name,
+        pattern=pattern,
+        group=group,
+        gate=tuple(str(g) for g in gate),
+        ci_gate=tuple(str(g) for g in ci_gate),
+        anchor=re.compile(anchor) if isinstance(anchor, str) else None,
+        before=before,
+        after=after,
+        extend=re.compile(extend) if isinstance(extend, str) else None,
+    )
+
+
+@cache
+def load_rules(names: frozenset[str]) -> tuple[Rule, ...]:
+    """The compiled rules for ``names`` (cached: the rule set is immutable once loaded).
+
+    Raises ``PolicyError`` when detect-secrets is missing or its plugins changed shape:
+    the guard fails closed rather than running without its pattern rules (invariant 7).
+    """
+    rules: list[Rule] = []
+    for name in sorted(names):
+        if name in _SUPPLEMENT:
+            for spec in _SUPPLEMENT[name]:
+                pattern = spec["pattern"]
+                if not isinstance(pattern, str):
+                    raise PolicyError("guard rule table is malformed")
+                rules.append(_options(name, re.compile(pattern), spec))
+            continue
+        module_name, class_name, per_pattern = _DETECT_SECRETS[name]
+        try:
+            module = importlib.import_module(f"detect_secrets.plugins.{module_name}")
+            denylist = list(getattr(module, class_name)().denylist)
+        except (ImportError, AttributeError, TypeError) as exc:
+            raise PolicyError(
+                "the guard's secret-pattern rules need the detect-secrets package"
+            ) from exc
+        if len(denylist) != len(per_pattern):
+            # Upstream changed the rule; the gates below would no longer be proven supersets.
+            raise PolicyError(
+                f"detect-secrets rule {name!r} changed shape; update moat.guard.rules"
+            )
+        for index, pattern in enumerate(denylist):
+            opts = dict(per_pattern[index])
+            if name == "private_key":
+                opts["gate"] = _PRIVATE_KEY_GATE
+            rules.append(_options(name, pattern, opts))
+    return tuple(rules)

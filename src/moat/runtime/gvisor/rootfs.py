@@ -1,0 +1,70 @@
+"""The default template's root skeleton for one gVisor sandbox (the I/O half of the bundle).
+
+Trust domain: host engine. The skeleton is an empty directory tree with the merged-/usr
+symlinks and a few synthetic /etc files; the host userland comes in as read-only binds
+(:mod:`moat.runtime.gvisor.oci`). Never the host's /etc wholesale, /root, /home, /var or /run
+(invariant 1): only the /etc entries in :data:`ETC_BINDS` that a Python userland needs, and only
+those present on this host.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Final
+
+from moat.runtime.gvisor.oci import SKELETON_DIRS, SKELETON_SYMLINKS
+from moat.runtime.spec import HOME, SANDBOX_GID, SANDBOX_UID
+
+__all__ = ["ETC_BINDS", "etc_binds", "write_skeleton"]
+
+#: Host /etc entries bound read-only when they exist: the dynamic linker's cache, Debian's
+#: alternatives symlinks (libblas.so.3 for numpy), the CA bundle, matplotlib's config.
+ETC_BINDS: Final = (
+    "/etc/ld.so.cache",
+    "/etc/alternatives",
+    "/etc/ssl/certs",
+    "/etc/ssl/openssl.cnf",
+    "/etc/matplotlibrc",
+)
+
+
+def _synthetic_etc(hostname: str) -> dict[str, str]:
+    return {
+        "passwd": (
+            "root:x:0:0:root:/root:/usr/sbin/nologin\n"
+            f"user:x:{SANDBOX_UID}:{SANDBOX_GID}:user:{HOME}:/bin/bash\n"
+            "nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n"
+        ),
+        "group": f"root:x:0:\nuser:x:{SANDBOX_GID}:\nnogroup:x:65534:\n",
+        "hostname": f"{hostname}\n",
+        "hosts": f"127.0.0.1\tlocalhost {hostname}\n::1\tlocalhost ip6-localhost\n",
+        "resolv.conf": "",
+        "nsswitch.conf": "passwd: files\ngroup: files\nhosts: files\n",
+    }
+
+
+def etc_binds() -> tuple[str, ...]:
+    """The entries of :data:`ETC_BINDS` present on this host."""
+    return tuple(p for p in ETC_BINDS if os.path.exists(p))
+
+
+def write_skeleton(rootfs: Path, hostname: str) -> None:
+    """Create the read-only root skeleton at ``rootfs`` (which must not exist yet)."""
+    rootfs.mkdir(mode=0o755)
+    for d in SKELETON_DIRS:
+        (rootfs / d).mkdir(parents=True, mode=0o755, exist_ok=True)
+    for name, target in SKELETON_SYMLINKS:
+        os.symlink(target, rootfs / name)
+    etc = rootfs / "etc"
+    for name, text in _synthetic_etc(hostname).items():
+        (etc / name).write_text(text)
+        os.chmod(etc / name, 0o644)
+    # mount points of the /etc binds: a file or a directory, as on the host
+    for path in etc_binds():
+        dest = rootfs / path.lstrip("/")
+        dest.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+        if os.path.isdir(path):
+            dest.mkdir(exist_ok=True, mode=0o755)
+        else:
+            dest.touch(mode=0o644)

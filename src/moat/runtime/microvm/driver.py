@@ -1,0 +1,361 @@
+"""The microvm tier's driver: one QEMU ``microvm`` guest per sandbox.
+
+Trust domain: host engine; the one module of this tier that spawns processes (``qemu.py``
+builds the argv purely). QEMU itself runs as a fresh unprivileged host uid, inside a host
+cgroup, under its own seccomp filter, with no network device and no files but the read-only
+kernel, initramfs and /usr image. The agent channel is one end of a socketpair (no socket
+file), a snapshot is passed as an fd, and the guest's writable space is tmpfs in guest RAM:
+killing the QEMU process leaves nothing behind (invariant 5).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import resource
+import secrets
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+from moat.errors import IsolationUnavailableError, SandboxDiedError
+from moat.runtime import agentdir, cgroups
+from moat.runtime.microvm import artifacts, initramfs, probe, qemu, snapshot
+from moat.runtime.microvm.guest_init import BOOT_MARKER
+from moat.runtime.spec import Limits, SandboxSpec
+
+log = logging.getLogger("moat.runtime.microvm")
+
+#: Host uids for QEMU processes: a fresh one per VM, owning nothing on the host. (Same range
+#: convention as the container tier, so one uid range is reserved for moat.)
+UID_BASE = 1_000_000_000
+UID_SPAN = 1 << 24
+#: A cold TCG boot takes ~3 s on an idle 2-core host; leave room for a loaded one.
+BOOT_TIMEOUT_S = 60.0
+#: Host memory for QEMU beyond guest RAM: TCG's translation cache (capped by tb-size in
+#: qemu.py) plus QEMU's own heap.
+QEMU_HOST_OVERHEAD_MB = 256
+#: QEMU's threads: vCPUs, I/O, RCU, workers.
+QEMU_PIDS = 64
+#: The guest port the agent speaks on (virtio-serial port 1 of virtio device 0).
+GUEST_PORT = "/dev/vport0p1"
+FIRECRACKER_HOOK = "firecracker"
+
+
+class MicroVMProcess:
+    """A running microVM sandbox."""
+
+    def __init__(
+        self,
+        proc: subprocess.Popen[bytes],
+        cgroup: cgroups.SandboxCgroup,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        *,
+        restored: bool,
+        vm_memory_mb: int,
+    ) -> None:
+        self.proc = proc
+        self.cgroup = cgroup
+        self.reader = reader
+        self.writer = writer
+        self.restored = restored
+        self.vm_memory_mb = vm_memory_mb
+        self._killed = False
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    async def kill(self) -> None:
+        if self._killed:
+            return
+        self._killed = True
+        with contextlib.suppress(Exception):
+            self.writer.close()
+        await asyncio.to_thread(_stop, self.proc, self.cgroup)
+
+    def alive(self) -> bool:
+        return not self._killed and self.proc.poll() is None
+
+    def stats(self) -> dict[str, int]:
+        out = dict(self.cgroup.stats())
+        out["vm_memory_mb"] = self.vm_memory_mb
+        return out
+
+
+def _stop(proc: subprocess.Popen[bytes], cgroup: cgroups.SandboxCgroup) -> None:
+    """Kill QEMU by pid and through its cgroup, reap it, remove the cgroup. Blocking."""
+    with contextlib.suppress(ProcessLookupError):
+        proc.kill()
+    try:
+        cgroup.kill()
+    finally:
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            log.error("QEMU pid %s did not exit after SIGKILL", proc.pid)
+        cgroup.destroy()
+
+
+class MicroVMRuntime:
+    """The ``microvm`` tier: QEMU microvm, KVM where it really works, else TCG.
+
+    ``accel``: "auto" (probe), "kvm" or "tcg". ``snapshots``: start sandboxes by restoring a
+    saved template VM (created on first use per VM shape) instead of booting.
+    ``vmm``: "qemu"; "firecracker" is a documented hook that only probes for now.
+    ``console_log``: a directory to write each guest's serial console to (debugging only).
+    """
+
+    name = "microvm"
+
+    def __init__(
+        self,
+        *,
+        accel: str = "auto",
+        snapshots: bool = True,
+        vmm: str = "qemu",
+        console_log: str | None = None,
+    ) -> None:
+        if accel not in ("auto", "kvm", "tcg"):
+            raise IsolationUnavailableError("microvm accel must be auto, kvm or tcg")
+        if vmm not in ("qemu", FIRECRACKER_HOOK):
+            raise IsolationUnavailableError("microvm vmm must be qemu or firecracker")
+        self.accel_option = accel
+        self.snapshots = snapshots
+        self.vmm = vmm
+        self.console_log = console_log
+        self._accel: str | None = None
+        self._cgroups: cgroups.CgroupManager | None = None
+
+    # -- probing -----------------------------------------------------------------------------
+
+    def probe(self) -> str | None:
+        if self.vmm == FIRECRACKER_HOOK:
+            # Hook: same kernel, initramfs and agent would boot under Firecracker's
+            # virtio-vsock/serial; not implemented until a host with it exists to test on.
+            return (
+                "firecracker not installed"
+                if shutil.which("firecracker") is None
+                else "firecracker support is not implemented yet"
+            )
+        if os.geteuid() != 0:
+            return "the microvm tier needs root (cgroups and an unprivileged QEMU uid)"
+        if probe.qemu_binary() is None:
+            return "QEMU is not installed (Debian package 'qemu-system-x86')"
+        if artifacts.load() is None:
+            return f"the microvm tier is not set up: run `{artifacts.SETUP_COMMAND}`"
+        try:
+            self._manager()
+            self._choose_accel()
+        except IsolationUnavailableError as exc:
+            return str(exc)
+        except Exception as exc:  # noqa: BLE001 - a probe reports, it does not raise
+            return f"microvm probe failed: {type(exc).__name__}"
+        return None
+
+    def _manager(self) -> cgroups.CgroupManager:
+        if self._cgroups is None:
+            self._cgroups = cgroups.detect()
+        return self._cgroups
+
+    def _choose_accel(self) -> str:
+        if self._accel is None:
+            if self.accel_option == "tcg":
+                self._accel = "tcg"
+            else:
+                arts = _artifacts()
+                chosen = probe.choose_accel(arts, str(_initrd(arts)[0]))
+                if self.accel_option == "kvm" and chosen != "kvm":
+                    raise IsolationUnavailableError("KVM cannot run a standard guest on this host")
+                self._accel = chosen
+        return self._accel
+
+    def sweep(self) -> int:
+        """Kill VMs (via their cgroups) and remove temp files a crashed host process left."""
+        count = self._manager().sweep()
+        snaps = artifacts.root() / "snapshots"
+        for tmp in [*snaps.glob(".tmp-*"), *(artifacts.root() / "initrd").glob(".tmp-*")]:
+            pid = tmp.name.split("-")[1]
+            if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+                with contextlib.suppress(FileNotFoundError):
+                    tmp.unlink()
+                    count += 1
+        return count
+
+    # -- starting ----------------------------------------------------------------------------
+
+    async def start(self, spec: SandboxSpec) -> MicroVMProcess:
+        reason = self.probe() if self._accel is None or self._cgroups is None else None
+        if reason:
+            raise IsolationUnavailableError(f"microvm tier unavailable: {reason}")
+        arts = _artifacts()
+        initrd, initrd_digest = await asyncio.to_thread(_initrd, arts)
+        binary = probe.qemu_binary() or probe.QEMU_BINARY
+        base = qemu.VMConfig(
+            qemu=binary, accel=self._choose_accel(), vmlinux=str(arts.vmlinux),
+            initrd=str(initrd), usr_image=str(arts.usr_image),
+            memory_mb=qemu.vm_memory_mb(spec.limits), cpus=qemu.vm_cpus(spec.limits),
+            tsc_khz=probe.host_tsc_khz(), name=f"moat-{spec.sandbox_id}", agent_fd=-1,
+        )  # fmt: skip
+        snap: Path | None = None
+        if self.snapshots:
+            snap_key = snapshot.key(base, arts, initrd_digest)
+            snap = await asyncio.to_thread(snapshot.ensure, base, snap_key, self._spawn_template)
+        host_limits = Limits(
+            cpus=float(base.cpus),
+            memory_mb=base.memory_mb + QEMU_HOST_OVERHEAD_MB,
+            pids=QEMU_PIDS,
+            disk_mb=1,
+        )
+        cgroup = await asyncio.to_thread(self._manager().create, spec.sandbox_id, host_limits)
+        try:
+            return await self._launch(spec, base, snap, cgroup)
+        except BaseException:
+            await asyncio.to_thread(cgroup.destroy)
+            raise
+
+    async def _launch(
+        self,
+        spec: SandboxSpec,
+        base: qemu.VMConfig,
+        snap: Path | None,
+        cgroup: cgroups.SandboxCgroup,
+    ) -> MicroVMProcess:
+        host_sock, guest_sock = socket.socketpair()
+        snap_fd = os.open(snap, os.O_RDONLY | os.O_CLOEXEC) if snap else None
+        console = None
+        if self.console_log:
+            console = os.path.join(self.console_log, f"{spec.sandbox_id}.log")
+        cfg = qemu.VMConfig(
+            **{**base.__dict__, "agent_fd": guest_sock.fileno(), "incoming_fd": snap_fd,
+               "console_log": console}
+        )  # fmt: skip
+        fds = (guest_sock.fileno(),) + ((snap_fd,) if snap_fd is not None else ())
+        t0 = time.monotonic()
+        try:
+            proc = _spawn(qemu.build_argv(cfg), fds, cgroup.procs_files, kvm=cfg.accel == "kvm")
+        except OSError as exc:
+            host_sock.close()
+            raise SandboxDiedError("the microVM could not be started") from exc
+        finally:
+            guest_sock.close()
+            if snap_fd is not None:
+                os.close(snap_fd)
+        try:
+            reader, writer = await asyncio.open_unix_connection(sock=host_sock, limit=1 << 21)
+            if snap is None:
+                # A cold boot announces stage 2; a restored template already did, before saving.
+                marker = await asyncio.wait_for(
+                    reader.readexactly(len(BOOT_MARKER)), BOOT_TIMEOUT_S
+                )
+                if marker != BOOT_MARKER:
+                    raise SandboxDiedError("the microVM sent an unexpected boot message")
+            writer.write(_guest_config(spec) + b"\n")
+            await asyncio.wait_for(writer.drain(), BOOT_TIMEOUT_S)
+        except (OSError, asyncio.IncompleteReadError, TimeoutError) as exc:
+            await asyncio.to_thread(_stop, proc, cgroup)
+            raise SandboxDiedError("the microVM did not boot") from exc
+        except BaseException:
+            await asyncio.to_thread(_stop, proc, cgroup)
+            raise
+        log.info(
+            "microvm %s: %s in %.2fs (pid %d)",
+            spec.sandbox_id, "restored" if snap else "booted", time.monotonic() - t0, proc.pid,
+        )  # fmt: skip
+        return MicroVMProcess(
+            proc, cgroup, reader, writer, restored=snap is not None, vm_memory_mb=base.memory_mb
+        )
+
+    def _spawn_template(self, argv: list[str], fds: tuple[int, ...]) -> subprocess.Popen[bytes]:
+        return _spawn(argv, fds, [], kvm=self._accel == "kvm")
+
+
+def _guest_config(spec: SandboxSpec) -> bytes:
+    """The per-sandbox configuration stage 2 applies in the guest (see guest_boot.py)."""
+    limits = spec.limits
+    quota = max(1000, round(limits.cpus * 100_000))
+    cfg = {
+        "seed": secrets.token_hex(64),
+        "time_ns": time.time_ns(),
+        "hostname": spec.hostname,
+        "env": spec.env(),
+        "argv": agentdir.agent_argv(python="/usr/bin/python3", channel=GUEST_PORT),
+        "disk_mb": limits.disk_mb,
+        "memory_bytes": limits.memory_mb << 20,
+        "pids": limits.pids,
+        "cpu_max": f"{quota} 100000",
+    }
+    return json.dumps(cfg, separators=(",", ":")).encode()
+
+
+def _spawn(
+    argv: list[str], fds: tuple[int, ...], procs_files: list[str], *, kvm: bool
+) -> subprocess.Popen[bytes]:
+    uid = UID_BASE + 1 + secrets.randbelow(UID_SPAN - 1)
+    # Under KVM the VM's uid needs /dev/kvm: grant it through the device's group only.
+    groups = [os.stat("/dev/kvm").st_gid] if kvm else []
+    rlimits = (
+        (resource.RLIMIT_CORE, 0),  # guest memory must never land in a core file
+        (resource.RLIMIT_NOFILE, 1024),
+        (resource.RLIMIT_NPROC, QEMU_PIDS),  # per uid, and the uid is this VM's alone
+    )
+
+    def preexec() -> None:
+        # Runs in the forked child before exec: only os-level calls, no locks. Joins the
+        # cgroup as root, then drops to the VM's own uid for good.
+        pid = str(os.getpid()).encode()
+        for path in procs_files:
+            cfd = os.open(path, os.O_WRONLY)
+            try:
+                os.write(cfd, pid)
+            finally:
+                os.close(cfd)
+        for res, value in rlimits:
+            resource.setrlimit(res, (value, value))
+        os.setgroups(groups)
+        os.setresgid(uid, uid, uid)
+        os.setresuid(uid, uid, uid)
+
+    return subprocess.Popen(
+        argv,
+        pass_fds=fds,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        preexec_fn=preexec,  # see preexec: os calls only
+        env={"PATH": "/usr/bin:/bin"},  # QEMU gets nothing of ours either (invariant 1)
+        cwd="/",
+        start_new_session=True,
+    )
+
+
+def _artifacts() -> artifacts.Artifacts:
+    arts = artifacts.load()
+    if arts is None:
+        raise IsolationUnavailableError(
+            f"microvm tier unavailable: not set up; run `{artifacts.SETUP_COMMAND}`"
+        )
+    return arts
+
+
+def _initrd(arts: artifacts.Artifacts) -> tuple[Path, str]:
+    """The base initramfs plus this moat's agent archive, cached by content hash."""
+    agent = initramfs.agent_archive(agentdir.prepare())
+    base = arts.initrd_base.read_bytes()
+    digest = hashlib.sha256(base + agent).hexdigest()[:32]
+    cache = artifacts.root() / "initrd"
+    cache.mkdir(exist_ok=True, mode=0o755)
+    path = cache / f"{digest}.cpio"
+    if not path.is_file():
+        tmp = cache / f".tmp-{os.getpid()}-{digest}"
+        tmp.write_bytes(base + agent)
+        tmp.chmod(0o644)
+        os.replace(tmp, path)
+    return path, digest

@@ -1,0 +1,164 @@
+"""Stage 2 of the guest's boot: wait for this sandbox's configuration, apply it, become the agent.
+
+Trust domain: sandbox (guest root, before any untrusted code runs). Runs with the guest's
+/usr/bin/python3 in ``-I -S`` mode, stdlib only. A template VM is snapshotted while this
+script blocks on the configuration read, so everything after that read is per sandbox:
+fresh RNG seed (restored guests would otherwise share the template's RNG state), wall clock,
+hostname, tmpfs sizes, cgroup limits, then the exact environment and argv the host sent.
+
+Protocol on the agent port (before the agent's framed protocol starts): the guest writes the
+boot marker line; the host answers with one line of JSON (at most 1 MiB).
+
+Warm start: this interpreter runs with the same flags as the agent's argv (``python3 -I``) and
+imports the agent's modules *before* the snapshot is taken. When the host's argv is
+``[this python, "-I", "-c", CODE, *args]`` it is run in-process exactly as ``python -I -c``
+would (``sys.argv = ["-c", *args]``, CODE executed as ``__main__``) after the privileges are
+dropped and the environment replaced, so a restored sandbox does not pay the interpreter's
+start-up under TCG. Any other argv is exec'd.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import importlib
+import json
+import os
+import socket
+import struct
+import sys
+import time
+
+PORT = "/dev/vport0p1"
+MARKER = b"MOAT-BOOT-WAITING 1\n"
+UID = GID = 1000
+HOME = "/home/user"
+AGENT_DIR = "/opt/moat"
+#: Modules imported before the snapshot (they are the agent's; the import is only a warm-up).
+WARM = ("moat.agent.main",)
+_MAX = 1 << 20
+_RNDADDENTROPY = 0x40085203
+_RNDRESEEDCRNG = 0x5207
+_PR_SET_NO_NEW_PRIVS = 38
+_MS_NOSUID, _MS_NODEV, _MS_REMOUNT, _MS_RDONLY = 2, 4, 32, 1
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _mount(src: str, target: str, fstype: str, flags: int, data: str) -> None:
+    if _libc.mount(src.encode(), target.encode(), fstype.encode(), flags, data.encode()) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"mount {target}: {os.strerror(err)}")
+
+
+def _write(path: str, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def _read_config(fd: int) -> dict[str, object]:
+    buf = bytearray()
+    while not buf.endswith(b"\n"):
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            raise EOFError("host closed the port")
+        buf += chunk
+        if len(buf) > _MAX:
+            raise ValueError("configuration too large")
+    cfg = json.loads(buf)
+    if not isinstance(cfg, dict):
+        raise ValueError("configuration is not an object")
+    return cfg
+
+
+def _reseed(seed: bytes) -> None:
+    # Mix host randomness into the input pool (crediting it), then force the CRNG to reseed
+    # now instead of at its next scheduled interval: two guests restored from one snapshot
+    # must diverge before any user code asks for random bytes.
+    fd = os.open("/dev/urandom", os.O_WRONLY)
+    try:
+        fcntl.ioctl(fd, _RNDADDENTROPY, struct.pack("ii", len(seed) * 8, len(seed)) + seed)
+        fcntl.ioctl(fd, _RNDRESEEDCRNG)
+    finally:
+        os.close(fd)
+
+
+def _limits(cfg: dict[str, object]) -> None:
+    root = "/sys/fs/cgroup"
+    grp = f"{root}/sandbox"
+    os.makedirs(grp, exist_ok=True)
+    _write(f"{root}/cgroup.subtree_control", "+memory +pids +cpu")
+    _write(f"{grp}/memory.max", str(int(cfg["memory_bytes"])))  # type: ignore[call-overload]
+    _write(f"{grp}/memory.swap.max", "0")
+    _write(f"{grp}/pids.max", str(int(cfg["pids"])))  # type: ignore[call-overload]
+    _write(f"{grp}/cpu.max", str(cfg["cpu_max"]))
+    _write(f"{grp}/cgroup.procs", str(os.getpid()))
+
+
+def apply(cfg: dict[str, object]) -> None:
+    seed = bytes.fromhex(str(cfg["seed"]))
+    if len(seed) < 32:
+        raise ValueError("seed too short")
+    _reseed(seed)
+    time.clock_settime_ns(time.CLOCK_REALTIME, int(cfg["time_ns"]))  # type: ignore[call-overload]
+    socket.sethostname(str(cfg["hostname"]))
+    size = f"{int(cfg['disk_mb'])}m"  # type: ignore[call-overload]
+    flags = _MS_NOSUID | _MS_NODEV
+    _mount("tmpfs", "/tmp", "tmpfs", flags, f"mode=1777,size={size}")  # noqa: S108 - the guest's own /tmp
+    _mount("tmpfs", HOME, "tmpfs", flags, f"mode=0700,uid={UID},gid={GID},size={size}")
+    _limits(cfg)
+    os.chown(PORT, UID, GID)
+    # The root file system (the initramfs) is read-only from here on, also for guest root.
+    _mount("rootfs", "/", "", _MS_REMOUNT | _MS_RDONLY, "")
+
+
+def become_agent(cfg: dict[str, object]) -> None:
+    argv = cfg["argv"]
+    env = cfg["env"]
+    if not (isinstance(argv, list) and argv and all(isinstance(a, str) for a in argv)):
+        raise ValueError("bad argv")
+    if not (isinstance(env, dict) and all(isinstance(v, str) for v in env.values())):
+        raise ValueError("bad env")
+    os.setgroups([])
+    os.setresgid(GID, GID, GID)
+    os.setresuid(UID, UID, UID)
+    if _libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "no_new_privs")
+    os.chdir(HOME)
+    if len(argv) >= 4 and argv[0] == sys.executable and argv[1:3] == ["-I", "-c"]:
+        os.environ.clear()
+        os.environ.update(env)
+        sys.argv = ["-c", *argv[4:]]
+        code = compile(argv[3], "<string>", "exec")
+        exec(code, {"__name__": "__main__", "__builtins__": __builtins__})  # noqa: S102 - `python -c`
+        sys.exit(0)
+    os.execve(argv[0], argv, env)  # noqa: S606 - argv from the host, no shell
+
+
+def warm_up() -> None:
+    sys.path.insert(0, AGENT_DIR)
+    try:
+        for name in WARM:
+            importlib.import_module(name)
+    except ImportError:
+        pass  # the exec path still works; it is only slower
+    finally:
+        sys.path.remove(AGENT_DIR)
+
+
+def main() -> None:
+    warm_up()
+    fd = os.open(PORT, os.O_RDWR | os.O_NOCTTY)
+    os.write(fd, MARKER)
+    cfg = _read_config(fd)
+    os.close(fd)
+    apply(cfg)
+    become_agent(cfg)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except BaseException as exc:  # noqa: BLE001 - any failure ends the VM; say why on the console
+        sys.stderr.write(f"moat-boot: {type(exc).__name__}: {exc}\n")
+        sys.exit(1)

@@ -1,0 +1,91 @@
+"""Build the guest's initramfs: busybox, init, stage 2, modules, synthetic /etc, the agent.
+
+Trust domain: host engine. The base archive is built once by setup; the agent's code is a
+second cpio archive appended per agent version (the kernel unpacks concatenated archives in
+order), so upgrading moat never needs a new setup and the snapshot key follows the agent.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from moat.runtime.microvm import cpio
+from moat.runtime.microvm.guest_init import INIT_SCRIPT, TOOLS
+from moat.runtime.spec import AGENT_DIR, HOME, SANDBOX_GID, SANDBOX_UID
+
+_BOOT = Path(__file__).with_name("guest_boot.py")
+
+PASSWD = (
+    "root:x:0:0:root:/root:/usr/sbin/nologin\n"
+    f"user:x:{SANDBOX_UID}:{SANDBOX_GID}:user:{HOME}:/bin/bash\n"
+    "nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n"
+)
+GROUP = f"root:x:0:\nuser:x:{SANDBOX_GID}:\nnogroup:x:65534:\n"
+
+
+def base_entries(
+    busybox: bytes, modules: dict[str, bytes], ld_cache: bytes, ca_bundle: bytes
+) -> list[cpio.Entry]:
+    """Every member of the base archive. Pure: host files are read by the caller."""
+    d, f, s = cpio.directory, cpio.file, cpio.symlink
+    entries = [
+        d("/"),
+        d(TOOLS, 0o700),
+        d(f"{TOOLS}/bin", 0o700),
+        f(f"{TOOLS}/bin/busybox", busybox, 0o755),
+        f(f"{TOOLS}/boot.py", _BOOT.read_bytes(), 0o600),
+        d(f"{TOOLS}/modules", 0o700),
+        *(f(f"{TOOLS}/modules/{name}.ko", data, 0o600) for name, data in modules.items()),
+        f("/init", INIT_SCRIPT.encode(), 0o755),
+        *(d(p) for p in ("/proc", "/sys", "/dev", "/usr", "/run", "/var", "/opt", "/home")),
+        d("/tmp", 0o1777),  # noqa: S108 - the guest's /tmp (a tmpfs is mounted over it)
+        d(HOME, 0o755),
+        s("/var/tmp", "/tmp"),  # noqa: S108 - in the guest
+        s("/bin", "usr/bin"),
+        s("/sbin", "usr/sbin"),
+        s("/lib", "usr/lib"),
+        s("/lib64", "usr/lib64"),
+        d("/etc"),
+        f("/etc/passwd", PASSWD.encode()),
+        f("/etc/group", GROUP.encode()),
+        f("/etc/hostname", b"sandbox\n"),
+        f("/etc/hosts", b"127.0.0.1 localhost\n::1 localhost\n"),
+        f("/etc/resolv.conf", b""),
+        f("/etc/nsswitch.conf", b"passwd: files\ngroup: files\nhosts: files\n"),
+        f("/etc/ld.so.cache", ld_cache),
+        d("/etc/ssl"),
+        d("/etc/ssl/certs"),
+        f("/etc/ssl/certs/ca-certificates.crt", ca_bundle),
+    ]
+    return entries
+
+
+def build_base(modules: dict[str, bytes]) -> bytes:
+    """Read the host inputs (busybox-static, ld.so.cache, CA bundle) and build the archive."""
+    busybox = Path("/usr/bin/busybox").read_bytes()
+    ld_cache = _read_or_empty("/etc/ld.so.cache")
+    ca_bundle = _read_or_empty("/etc/ssl/certs/ca-certificates.crt")
+    return cpio.archive(base_entries(busybox, modules, ld_cache, ca_bundle))
+
+
+def _read_or_empty(path: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError:
+        return b""
+
+
+def agent_archive(agent_dir: Path) -> bytes:
+    """The agent's code (from ``moat.runtime.agentdir.prepare()``) at AGENT_DIR, root-owned."""
+    entries = [cpio.directory("/opt"), cpio.directory(AGENT_DIR)]
+    for dirpath, dirnames, filenames in os.walk(agent_dir):
+        dirnames[:] = sorted(n for n in dirnames if n != "__pycache__")
+        rel = os.path.relpath(dirpath, agent_dir)
+        inside = AGENT_DIR if rel == "." else f"{AGENT_DIR}/{rel}"
+        if rel != ".":
+            entries.append(cpio.directory(inside))
+        for name in sorted(filenames):
+            data = (Path(dirpath) / name).read_bytes()
+            entries.append(cpio.file(f"{inside}/{name}", data, 0o644))
+    return cpio.archive(entries)

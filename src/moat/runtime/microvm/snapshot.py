@@ -1,0 +1,209 @@
+"""Template VM snapshots: boot once, save with QEMU migration, restore per sandbox.
+
+Trust domain: host engine. A template VM runs only moat's own guest (init and stage 2, which
+block waiting for a per-sandbox configuration); no user code has run when it is saved, so
+the snapshot holds nothing of any sandbox. Restored guests get a fresh RNG seed, clock,
+hostname and limits through that configuration (see guest_boot.py).
+
+The snapshot is keyed by a hash of everything the saved state depends on: the kernel,
+initramfs and agent (the initrd digest), the /usr image's build id, QEMU's version, the
+accelerator, clock rate, VM memory and vCPU count. A mismatch means a new template.
+Migration goes to and from file descriptors (``getfd`` + ``fd:``), never ``exec:`` shell
+strings, so QEMU's seccomp filter can deny spawning processes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import functools
+import hashlib
+import json
+import os
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from moat.errors import SandboxDiedError
+from moat.runtime.microvm import artifacts, qemu
+from moat.runtime.microvm.guest_init import BOOT_MARKER
+
+#: A template must boot and save within this (TCG on a loaded 2-core host is slow).
+TEMPLATE_TIMEOUT_S = 120.0
+
+
+@functools.cache
+def qemu_version(binary: str) -> str:
+    out = subprocess.run(
+        [binary, "--version"], capture_output=True, timeout=30, check=False
+    ).stdout.decode(errors="replace")
+    return out.splitlines()[0] if out else "unknown"
+
+
+def key(cfg: qemu.VMConfig, arts: artifacts.Artifacts, initrd_digest: str) -> str:
+    """The snapshot key of a VM configuration (paths and fds excluded: they vary per run)."""
+    parts = {
+        "artifacts": arts.digest,
+        "initrd": initrd_digest,
+        "qemu": qemu_version(cfg.qemu),
+        "accel": cfg.accel,
+        "tsc_khz": cfg.tsc_khz,
+        "memory_mb": cfg.memory_mb,
+        "cpus": cfg.cpus,
+        "argv_shape": qemu.build_argv(
+            qemu.VMConfig(
+                qemu="qemu", accel=cfg.accel, vmlinux="K", initrd="I", usr_image="U",
+                memory_mb=cfg.memory_mb, cpus=cfg.cpus, tsc_khz=cfg.tsc_khz, name="N",
+                agent_fd=3,
+            )
+        ),
+    }  # fmt: skip
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def directory() -> Path:
+    path = artifacts.root() / "snapshots"
+    path.mkdir(exist_ok=True, mode=0o700)
+    return path
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+class _QMP:
+    """Just enough of QEMU's monitor protocol, blocking, over a connected socket."""
+
+    def __init__(self, sock: socket.socket, deadline: float) -> None:
+        self.sock = sock
+        self.deadline = deadline
+        self.buf = b""
+
+    def _line(self) -> dict[str, Any]:
+        while b"\n" not in self.buf:
+            left = self.deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("QMP timed out")
+            self.sock.settimeout(left)
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise EOFError("QEMU closed its monitor")
+            self.buf += chunk
+        line, self.buf = self.buf.split(b"\n", 1)
+        msg = json.loads(line)
+        if not isinstance(msg, dict):
+            raise ValueError("bad QMP message")
+        return msg
+
+    def greeting(self) -> None:
+        if "QMP" not in self._line():
+            raise ValueError("no QMP greeting")
+
+    def call(self, command: str, fds: list[int] | None = None, **arguments: Any) -> Any:
+        msg: dict[str, Any] = {"execute": command}
+        if arguments:
+            msg["arguments"] = arguments
+        data = json.dumps(msg).encode()
+        if fds:
+            socket.send_fds(self.sock, [data], fds)
+        else:
+            self.sock.sendall(data)
+        while True:
+            reply = self._line()
+            if "error" in reply:
+                raise RuntimeError(f"QMP {command}: {reply['error'].get('desc')}")
+            if "return" in reply:
+                return reply["return"]
+            # anything else is an asynchronous event: skip it
+
+
+def ensure(
+    cfg: qemu.VMConfig,
+    snap_key: str,
+    spawn: Callable[[list[str], tuple[int, ...]], subprocess.Popen[bytes]],
+) -> Path:
+    """Return the snapshot file for ``snap_key``, booting and saving a template if needed.
+
+    Blocking (run it in a thread). ``spawn(argv, pass_fds)`` starts QEMU the way the driver
+    starts every VM (unprivileged uid, limits). Concurrent callers wait on a lock file.
+    """
+    path = directory() / f"{snap_key}.bin"
+    if path.is_file():
+        return path
+    with _locked(directory() / f"{snap_key}.lock"):
+        if path.is_file():
+            return path
+        tmp = directory() / f".tmp-{os.getpid()}-{snap_key}.bin"
+        try:
+            _save_template(cfg, tmp, spawn)
+            os.replace(tmp, path)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+    return path
+
+
+def _save_template(
+    cfg: qemu.VMConfig,
+    out: Path,
+    spawn: Callable[[list[str], tuple[int, ...]], subprocess.Popen[bytes]],
+) -> None:
+    deadline = time.monotonic() + TEMPLATE_TIMEOUT_S
+    agent_host, agent_guest = socket.socketpair()
+    qmp_host, qmp_guest = socket.socketpair()
+    tcfg = qemu.VMConfig(**{**cfg.__dict__, "agent_fd": agent_guest.fileno(),
+                            "qmp_fd": qmp_guest.fileno(), "incoming_fd": None,
+                            "name": "moat-template"})  # fmt: skip
+    proc = spawn(qemu.build_argv(tcfg), (agent_guest.fileno(), qmp_guest.fileno()))
+    agent_guest.close()
+    qmp_guest.close()
+    try:
+        buf = b""
+        while len(buf) < len(BOOT_MARKER):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise SandboxDiedError("the microVM template did not boot in time")
+            agent_host.settimeout(left)
+            chunk = agent_host.recv(64)
+            if not chunk:
+                raise SandboxDiedError("the microVM template stopped during boot")
+            buf += chunk
+        if buf != BOOT_MARKER:
+            raise SandboxDiedError("the microVM template sent an unexpected boot message")
+        mon = _QMP(qmp_host, deadline)
+        mon.greeting()
+        mon.call("qmp_capabilities")
+        fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            mon.call("getfd", fds=[fd], fdname="snapshot")
+        finally:
+            os.close(fd)
+        # Saved while running: the stream then says "running" and restored VMs start at once.
+        mon.call("migrate", uri="fd:snapshot")
+        while True:
+            status = mon.call("query-migrate").get("status")
+            if status == "completed":
+                break
+            if status in ("failed", "cancelled"):
+                raise SandboxDiedError("saving the microVM template failed")
+            if time.monotonic() > deadline:
+                raise SandboxDiedError("saving the microVM template timed out")
+            time.sleep(0.05)
+    except (OSError, ValueError, RuntimeError, EOFError) as exc:
+        raise SandboxDiedError("the microVM template could not be saved") from exc
+    finally:
+        agent_host.close()
+        qmp_host.close()
+        proc.kill()
+        proc.wait(timeout=10)
+    with open(out, "rb") as f:
+        os.fsync(f.fileno())
