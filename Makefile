@@ -1,0 +1,39 @@
+# moat: `make demo` and `make test` install everything a fresh Debian bookworm root machine needs.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+APT_PACKAGES := bubblewrap runsc qemu-system-x86 busybox-static lz4 python3-venv python3-pandas python3-matplotlib
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test lint bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages:$$missing"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	fi
+	test -x $(PY) || /usr/bin/python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	@if $(PY) -c 'import moat.runtime.microvm.setup' 2>/dev/null; then $(PY) -m moat.runtime.microvm.setup; fi
+	touch $(STAMP)
+
+demo: install
+	$(PY) examples/demo.py
+
+test: install
+	$(PY) -m pytest -q
+
+lint: install
+	$(VENV)/bin/ruff format --check src tests bench examples
+	$(VENV)/bin/ruff check src tests bench examples
+	$(VENV)/bin/mypy src/moat
+
+bench: install
+	$(PY) bench/bench_container.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info
