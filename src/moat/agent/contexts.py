@@ -9,7 +9,6 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -154,7 +153,7 @@ class Contexts:
             return self.items.get(cid)
 
     def create(self, language: str, cwd: str | None) -> Context:
-        cid = uuid.uuid4().hex[:12]
+        cid = os.urandom(6).hex()
         ctx = Context(cid, language, cwd, Kernel.spawn(cwd))
         with self.mu:
             self.items[cid] = ctx

@@ -8,11 +8,9 @@ user code started.
 from __future__ import annotations
 
 import ast
-import asyncio
 import io
 import os
 import sys
-import traceback
 import types
 from typing import Any
 
@@ -62,6 +60,8 @@ def _run(code: str, ns: dict[str, Any]) -> tuple[bool, Any]:
         last = ast.Expression(tree.body.pop().value)
     body = compile(tree, _CELL, "exec", flags=flags)
     if body.co_flags & 0x80:  # CO_COROUTINE: top-level await
+        import asyncio  # lazily: it costs ~17 ms of start-up that most cells never need
+
         asyncio.run(types.FunctionType(body, ns)())
     else:
         exec(body, ns)  # noqa: S102 - running the user's code is the job
@@ -70,6 +70,8 @@ def _run(code: str, ns: dict[str, Any]) -> tuple[bool, Any]:
     expr = compile(last, _CELL, "eval", flags=flags)
     value = eval(expr, ns)  # noqa: S307
     if expr.co_flags & 0x80:
+        import asyncio
+
         value = asyncio.run(_await(value))
     return True, value
 
@@ -79,6 +81,8 @@ async def _await(aw: Any) -> Any:
 
 
 def _format_error(exc: BaseException) -> tuple[str, str, str]:
+    import traceback
+
     tb = exc.__traceback__
     # Drop the kernel's own frames: the traceback starts in the user's cell.
     while tb is not None and tb.tb_frame.f_code.co_filename != _CELL:

@@ -9,8 +9,7 @@ one terminal frame (``DONE`` or ``FAIL``) with the same id. Frames the agent sta
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 PROTOCOL_VERSION = 1
 #: Hard ceiling on one encoded frame (header + payload). Chunked data stays well below it.
@@ -86,8 +85,7 @@ _STR = str
 _OPT = object()  # marker: optional field
 
 
-@dataclass(frozen=True)
-class _F:
+class _F(NamedTuple):
     """Field schema: a type, whether required, and a max length for str/list/dict."""
 
     type: type | tuple[type, ...]
@@ -147,17 +145,44 @@ SCHEMAS: dict[MsgType, dict[str, _F]] = {
 }
 
 
-@dataclass(frozen=True)
 class Frame:
-    """One protocol message: a type, a request id, JSON fields and an optional raw payload."""
+    """One protocol message: a type, a request id, JSON fields and an optional raw payload.
 
-    type: MsgType
-    id: int
-    fields: dict[str, Any] = field(default_factory=dict)
-    payload: bytes = b""
+    A plain slotted class, not a dataclass: the agent imports this at every sandbox start and
+    the dataclasses machinery costs milliseconds there.
+    """
+
+    __slots__ = ("fields", "id", "payload", "type")
+
+    def __init__(
+        self,
+        type: MsgType,  # noqa: A002 - the protocol's own word
+        id: int,  # noqa: A002
+        fields: dict[str, Any] | None = None,
+        payload: bytes = b"",
+    ) -> None:
+        self.type = type
+        self.id = id
+        self.fields = {} if fields is None else fields
+        self.payload = payload
 
     def get(self, name: str, default: Any = None) -> Any:
         return self.fields.get(name, default)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Frame):
+            return NotImplemented
+        return (self.type, self.id, self.fields, self.payload) == (
+            other.type,
+            other.id,
+            other.fields,
+            other.payload,
+        )
+
+    __hash__ = None  # type: ignore[assignment] - mutable fields
+
+    def __repr__(self) -> str:
+        return f"Frame({self.type.value}, {self.id}, {self.fields!r}, {len(self.payload)}B)"
 
 
 def validate(frame: Frame, *, direction: frozenset[MsgType] | None = None) -> Frame:

@@ -11,6 +11,7 @@ import functools
 import hashlib
 import os
 import shutil
+import subprocess
 import tempfile
 from pathlib import Path
 
@@ -49,6 +50,14 @@ def prepare() -> Path:
         dest = pkg / f.relative_to(root)
         dest.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(f, dest)
+    # Byte-compile now: inside, the tree is read-only and every start would compile it again.
+    # The sandbox's /usr/bin/python3 is the host's, so its cache tag matches; compile with it.
+    subprocess.run(
+        ["/usr/bin/python3", "-I", "-m", "compileall", "-q", str(pkg)],
+        check=False,
+        capture_output=True,
+        timeout=60,
+    )
     for dirpath, dirnames, filenames in os.walk(tmp):
         os.chmod(dirpath, 0o755)
         for name in filenames:
