@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from moat import CommandExitError, Limits, Mount, Sandbox
+from moat import CommandExitError, Limits, Mount, Sandbox, SandboxError
 from moat.runtime.container.driver import UID_BASE, UID_SPAN
 from tests.conftest import require_tier
 
@@ -269,8 +269,18 @@ def test_fork_bomb_hits_pids_cap_host_stays_responsive() -> None:
         assert slowest < 1.0
         # never above the cap (+1: the outer bwrap, outside the cgroup) ...
         assert 0 < peak <= 64 + 1
-        # ... and the bomb really ran into it (the positive control)
-        assert "Resource temporarily unavailable" in h.stderr
+        # ... and the bomb really ran into it (the positive control), seen from outside
+        proc = s._a._s.proc
+        assert proc is not None and proc.stats()["pids_limit_hits"] > 0
         h.kill()
-        assert s.run_code("1 + 1").text == "2"  # the sandbox recovers once the bomb is gone
-    assert not (sandbox_procs() - before)
+        # the sandbox recovers once the bomb's processes are reaped
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                assert s.run_code("1 + 1").text == "2"
+                break
+            except SandboxError:  # e.g. the agent can't start a thread while pids are full
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+    assert not {p: _stat(p) for p in sandbox_procs() - before}

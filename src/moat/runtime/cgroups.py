@@ -236,6 +236,13 @@ class SandboxCgroup:
         """How many processes the kernel's OOM killer has killed in this sandbox."""
         return _keyed(self._mem("memory.oom_control", "memory.events"), "oom_kill")
 
+    def pids_limit_hits(self) -> int:
+        """How many forks the pids limit refused (``max`` in pids.events, v1 and v2)."""
+        try:
+            return _keyed(_read(self.dirs["pids"] / "pids.events"), "max")
+        except (OSError, KeyError, ValueError):
+            return 0
+
     def stats(self) -> dict[str, int]:
         """Figures for ``SandboxProcess.stats()``; empty once destroyed."""
         if self._destroyed:
@@ -245,6 +252,7 @@ class SandboxCgroup:
                 "memory_bytes": self.memory_bytes(),
                 "oom_kills": self.oom_kills(),
                 "pids": len(self.pids()),
+                "pids_limit_hits": self.pids_limit_hits(),
             }
             peak = self.memory_peak()
             if peak is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import contextlib
 from typing import IO, Any, Literal
 
 from moat.engine import Engine, Session, default_engine
@@ -57,6 +58,9 @@ class AsyncCommandHandle:
             if self._task.done():
                 raise
             await self.kill()
+            # Let the agent report the end, so the command is gone when we return.
+            with contextlib.suppress(builtins.TimeoutError, SandboxError):
+                await asyncio.wait_for(asyncio.shield(self._task), 2)
             raise TimeoutError(
                 f"command exceeded its {timeout:g}s timeout and was killed"
             ) from None

@@ -90,14 +90,7 @@ class ContainerProcess:
         return not self._killed and self.proc.returncode is None
 
     def stats(self) -> dict[str, int]:
-        try:
-            return {
-                "memory_bytes": self.cgroup.memory_bytes(),
-                "pids": len(self.cgroup.pids()),
-                "oom_kills": self.cgroup.oom_kills(),
-            }
-        except OSError:
-            return {}
+        return self.cgroup.stats()
 
 
 class ContainerRuntime:
