@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 
 from moat import CommandExitError, Limits, Mount, Sandbox, SandboxError
+from moat.egress import proxy_env
+from moat.engine.session import CA_BUNDLE_PATH, PROXY_PORT
 from moat.runtime.container.driver import UID_BASE, UID_SPAN
 from tests.conftest import require_tier
 
@@ -71,19 +73,10 @@ def test_host_environment_does_not_leak() -> None:
     ):
         assert canary not in seen
     names = {line.split("=", 1)[0] for line in env.splitlines()}
-    assert names <= {
-        "PATH",
-        "HOME",
-        "LANG",
-        "LC_ALL",
-        "TERM",
-        "MPLBACKEND",
-        "PWD",
-        "SHLVL",
-        "_",
-        "PYTHONDONTWRITEBYTECODE",
-        "GIVEN",
-    }
+    moat_own = set(proxy_env(PROXY_PORT, CA_BUNDLE_PATH))  # the egress gateway's proxy settings
+    expected = {"PATH", "HOME", "LANG", "LC_ALL", "TERM", "MPLBACKEND", "PWD", "SHLVL", "_",
+                "PYTHONDONTWRITEBYTECODE", "GIVEN"}  # fmt: skip
+    assert names <= expected | moat_own
 
 
 def test_host_files_do_not_leak(tmp_path: Path) -> None:

@@ -67,11 +67,13 @@ def test_missing_tool_makes_tier_unavailable(monkeypatch: pytest.MonkeyPatch) ->
         tiers.require("container")
 
 
-def test_unsupported_policies_are_refused() -> None:
-    with pytest.raises(PolicyError):
-        Sandbox.create(isolation="container", network={"allow_out": ["pypi.org"]})
-    with pytest.raises(PolicyError):
-        Sandbox.create(isolation="container", secrets={"K": "v"})
+def test_bad_policies_are_refused_before_start() -> None:
+    for bad in ({"allow_out": ["*"]}, {"allow_out": ["*.com"]}, {"allow": ["x.org"]},
+                {"allow_out": "pypi.org"}):
+        with pytest.raises((PolicyError, InvalidArgumentError)):
+            Sandbox.create(isolation="container", network=bad)  # type: ignore[arg-type]
+    with pytest.raises(InvalidArgumentError):
+        Sandbox.create(isolation="container", secrets={"K": "plain string"})  # type: ignore[dict-item]
 
 
 @pytest.mark.parametrize(

@@ -16,6 +16,7 @@ from moat.agent.channel import Channel
 from moat.agent.commands import Commands
 from moat.agent.contexts import Contexts, Kernel
 from moat.agent.files import FileError, Files
+from moat.agent.netproxy import NetProxy
 from moat.protocol import HOST_TO_AGENT, PROTOCOL_VERSION, Decoder, Frame, MsgType, ProtocolError
 
 
@@ -26,6 +27,7 @@ class Agent:
         self.contexts = Contexts(self.ch, default_kernel)
         self.commands = Commands(self.ch)
         self.files = Files(self.ch)
+        self.net = NetProxy(self.ch)
 
     def serve(self) -> None:
         self.ch.send(MsgType.READY, 0, version=PROTOCOL_VERSION, pid=os.getpid())
@@ -57,7 +59,14 @@ class Agent:
     def dispatch(self, f: Frame) -> None:
         rid, t, a = f.id, f.type, f.fields
         try:
-            if t is MsgType.PING:
+            if t is MsgType.TCP_DATA or t is MsgType.TCP_EOF or t is MsgType.TCP_CLOSE:
+                self.net.on_frame(t, rid, f.payload)
+            elif t is MsgType.TCP_ACK:
+                self.net.on_frame(t, rid, b"", n=a["n"])
+            elif t is MsgType.PING:
+                self.ch.done(rid)
+            elif t is MsgType.NET_SETUP:
+                self.net.setup(a["port"], a["ca_path"], f.payload)
                 self.ch.done(rid)
             elif t is MsgType.EXEC:
                 self._exec(f)

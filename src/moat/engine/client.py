@@ -30,11 +30,15 @@ from moat.protocol import (
     ProtocolError,
     encode,
 )
+from moat.engine.tunnels import Tunnels
 from moat.runtime.base import SandboxProcess
 
 log = logging.getLogger("moat.engine")
 
 _DEAD = object()
+_TCP = frozenset(
+    {MsgType.TCP_OPEN, MsgType.TCP_DATA, MsgType.TCP_EOF, MsgType.TCP_CLOSE, MsgType.TCP_ACK}
+)
 
 
 class Call:
@@ -76,6 +80,8 @@ class AgentClient:
         self.calls: dict[int, Call] = {}
         self.dead_reason: str | None = None
         self._ids = itertools.count(1)
+        #: proxied TCP streams (set once egress is wired up)
+        self.tunnels: Tunnels | None = None
         self._on_dead = on_dead
         self._ready: asyncio.Future[Frame] = asyncio.get_running_loop().create_future()
         self._task = asyncio.create_task(self._read_loop())
@@ -114,6 +120,11 @@ class AgentClient:
             self._die(reason)
 
     def _route(self, frame: Frame) -> None:
+        if frame.type in _TCP:
+            if self.tunnels is None:
+                raise ProtocolError("stream frame before egress was set up")
+            self.tunnels.on_frame(frame.type, frame.id, frame.payload, frame.fields)
+            return
         if frame.type is MsgType.READY:
             if not self._ready.done():
                 self._ready.set_result(frame)

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import atexit
 import logging
 import secrets
 import threading
+from collections.abc import Callable, Mapping
 from typing import Any
 
-from moat.engine.session import Guard, Session
+from moat.egress import AuditLog, Gateway, GatewayConfig, Secret, proxy_env
+from moat.engine.session import CA_BUNDLE_PATH, PROXY_PORT, Guard, Session
+from moat.paths import state_dir
 from moat.engine.tiers import TIERS, choose_tier, require, runtime_for
 from moat.runtime.spec import SandboxSpec
 
@@ -23,9 +25,18 @@ class Engine:
         self.sessions: dict[str, Session] = {}
         self._swept: set[str] = set()
         self._mu = threading.Lock()
+        self._audit: AuditLog | None = None
 
     def new_id(self) -> str:
         return "sbx-" + secrets.token_hex(8)
+
+    @property
+    def audit(self) -> AuditLog:
+        """The audit trail (SQLite, WAL) under moat's state directory."""
+        with self._mu:
+            if self._audit is None:
+                self._audit = AuditLog(state_dir() / "audit.db")
+            return self._audit
 
     async def create(
         self,
@@ -34,14 +45,33 @@ class Engine:
         trust: str,
         timeout: float,
         metadata: dict[str, str],
-        guard: Guard,
-        audit: Any = None,
+        guard: Callable[[dict[str, str]], Guard],
+        network: Any = None,
+        secrets: Mapping[str, Secret] | None = None,
+        gateway_config: GatewayConfig | None = None,
     ) -> Session:
+        """Start a sandbox on the tier ``isolation`` / ``trust`` selects.
+
+        Every sandbox gets an egress gateway (deny-all unless ``network`` opens hosts) and a
+        guard built by ``guard(secret values -> labels)`` over everything it returns.
+        """
         tier = choose_tier(isolation, trust)
         runtime = await asyncio.to_thread(require, tier)
         await asyncio.to_thread(self._sweep_once, tier)
-        spec = SandboxSpec(sandbox_id=self.new_id(), tier=tier, **spec_args)
-        session = Session(spec, runtime, guard, timeout, metadata, self._ended, audit=audit)
+        sandbox_id = self.new_id()
+        audit = self.audit
+        gateway = Gateway(sandbox_id, network, secrets, audit=audit, config=gateway_config)
+        env = dict(spec_args.pop("envs", ()))
+        env.update(proxy_env(PROXY_PORT, CA_BUNDLE_PATH))  # moat's own names win
+        env.update(gateway.placeholders())
+        spec = SandboxSpec(
+            sandbox_id=sandbox_id, tier=tier, envs=tuple(sorted(env.items())), **spec_args
+        )
+        sensitive = {s.value: name for name, s in (secrets or {}).items()}
+        session = Session(
+            spec, runtime, guard(sensitive), timeout, metadata, self._ended, audit=audit,
+            gateway=gateway,
+        )  # fmt: skip
         with self._mu:
             self.sessions[spec.sandbox_id] = session
         try:

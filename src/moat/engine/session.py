@@ -13,11 +13,14 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import IO, Any, Protocol
 
+from moat.egress import Gateway
 from moat.engine.client import AgentClient, Call, fail_to_error
+from moat.engine.tunnels import Tunnels
 from moat.engine.output import DEFAULT_MAX_OUTPUT, OutputSink, StreamFilter
 from moat.errors import (
     InvalidArgumentError,
     NotFoundError,
+    PolicyError,
     SandboxDiedError,
     SandboxError,
     TimeoutError,
@@ -39,6 +42,10 @@ from moat.sdk.models import (
 
 log = logging.getLogger("moat.engine")
 
+#: The sandbox-side proxy port the agent serves (HTTP(S)_PROXY points here).
+PROXY_PORT = 3128
+#: Where the agent writes the CA bundle (system roots + this sandbox's interception CA).
+CA_BUNDLE_PATH = "/tmp/.moat/ca-bundle.pem"
 #: How long the agent gets to come up.
 START_TIMEOUT = 20.0
 #: After asking the agent to interrupt a call, how long before we declare it dead.
@@ -85,6 +92,7 @@ class Session:
         on_end: Callable[[Session], None],
         audit: Audit | None = None,
         max_output: int = DEFAULT_MAX_OUTPUT,
+        gateway: Gateway | None = None,
     ) -> None:
         self.spec = spec
         self.id = spec.sandbox_id
@@ -103,6 +111,8 @@ class Session:
         self._exec_counts: dict[str, int] = {}
         self._kill_lock = asyncio.Lock()
         self._timeout = timeout
+        self.gateway = gateway
+        self.tunnels: Tunnels | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -111,10 +121,29 @@ class Session:
         self.client = AgentClient(self.proc, self._agent_died)
         try:
             await self.client.wait_ready(START_TIMEOUT)
+            if self.gateway is not None:
+                await self._start_egress(self.client, self.gateway)
         except BaseException:
             await self.kill("died: the agent did not start")
             raise
         self.set_timeout(self._timeout)
+
+    async def _start_egress(self, client: AgentClient, gateway: Gateway) -> None:
+        """Connect the agent's proxy port to this sandbox's gateway (DESIGN §3)."""
+        self.tunnels = Tunnels(client.send, client.drain, gateway.handle_connection)
+        client.tunnels = self.tunnels
+        await client.request(
+            MsgType.NET_SETUP,
+            {"port": PROXY_PORT, "ca_path": CA_BUNDLE_PATH},
+            payload=gateway.ca_bundle_pem(),
+        )
+
+    async def update_network(self, policy: Any) -> None:
+        """Replace the egress policy; open tunnels it no longer allows are closed."""
+        self._check()
+        if self.gateway is None:
+            raise PolicyError("this sandbox has no egress gateway")
+        await self.gateway.update_policy(policy)
 
     def _agent_died(self, reason: str) -> None:
         if self.ended is None:
@@ -142,6 +171,11 @@ class Session:
             if self.proc is not None:
                 proc, self.proc = self.proc, None
                 await proc.kill()
+            if self.tunnels is not None:
+                self.tunnels.close_all()
+            if self.gateway is not None:
+                with contextlib.suppress(Exception):
+                    await self.gateway.close()
             if self.client is not None:
                 client, self.client = self.client, None
                 client._die("the sandbox was killed")
@@ -225,7 +259,7 @@ class Session:
                 self.id,
                 language,
                 hashlib.sha256(code.encode("utf-8", "surrogatepass")).hexdigest(),
-                (time.monotonic() - started) * 1000,
+                round((time.monotonic() - started) * 1000),
                 ex.error.name if ex.error else None,
             )
         except Exception:  # noqa: BLE001 - auditing must not break the call; logged

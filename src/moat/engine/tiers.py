@@ -31,17 +31,13 @@ def runtime_for(tier: str) -> Runtime:
 
         return ContainerRuntime()
     if tier == "gvisor":
-        try:
-            from moat.runtime.gvisor import GvisorRuntime  # type: ignore[attr-defined]
-        except ImportError:
-            return _Missing("gvisor", "the gvisor driver is not part of this build")
-        return GvisorRuntime()  # type: ignore[no-any-return]
+        from moat.runtime.gvisor import GvisorRuntime
+
+        return GvisorRuntime()
     if tier == "microvm":
-        try:
-            from moat.runtime.microvm import MicrovmRuntime  # type: ignore[attr-defined]
-        except ImportError:
-            return _Missing("microvm", "the microvm driver is not part of this build")
-        return MicrovmRuntime()  # type: ignore[no-any-return]
+        from moat.runtime.microvm import MicroVMRuntime
+
+        return MicroVMRuntime()
     raise InvalidArgumentError(f"unknown tier {tier!r}")
 
 
@@ -54,22 +50,3 @@ def require(tier: str) -> Runtime:
             f"isolation tier {tier!r} is unavailable on this host: {reason}"
         )
     return runtime
-
-
-class _Missing:
-    """Stands for a tier whose driver is absent; probe() always says why."""
-
-    def __init__(self, name: str, reason: str) -> None:
-        self.name = name
-        self._reason = reason
-
-    def probe(self) -> str | None:
-        return self._reason
-
-    async def start(self, spec: object) -> object:
-        raise IsolationUnavailableError(
-            f"isolation tier {self.name!r} is unavailable: {self._reason}"
-        )
-
-    def sweep(self) -> int:
-        return 0

@@ -13,6 +13,7 @@ from moat.protocol.frames import (
     PROTOCOL_VERSION,
     Frame,
     MsgType,
+    TCP_WINDOW,
     ProtocolError,
     validate,
 )
@@ -26,6 +27,7 @@ __all__ = [
     "Decoder",
     "Frame",
     "MsgType",
+    "TCP_WINDOW",
     "ProtocolError",
     "encode",
     "validate",

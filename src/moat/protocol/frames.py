@@ -42,7 +42,14 @@ class MsgType(enum.StrEnum):
     FILE_REMOVE = "file_remove"
     FILE_MKDIR = "file_mkdir"
     PING = "ping"
+    NET_SETUP = "net_setup"  # start the local proxy port; payload = CA bundle (PEM)
+    # both ways: proxied TCP streams (id = stream id, negative: opened by the agent)
+    TCP_DATA = "tcp_data"
+    TCP_EOF = "tcp_eof"  # half-close: no more data this way
+    TCP_CLOSE = "tcp_close"  # the stream is over
+    TCP_ACK = "tcp_ack"  # n bytes consumed: that much more credit to the sender
     # agent -> host
+    TCP_OPEN = "tcp_open"  # a sandbox process connected to the local proxy port
     READY = "ready"
     STARTED = "started"  # a command started: pid
     STDOUT = "stdout"
@@ -74,9 +81,17 @@ HOST_TO_AGENT = frozenset(
         MsgType.FILE_REMOVE,
         MsgType.FILE_MKDIR,
         MsgType.PING,
+        MsgType.NET_SETUP,
+        MsgType.TCP_DATA,
+        MsgType.TCP_EOF,
+        MsgType.TCP_CLOSE,
+        MsgType.TCP_ACK,
     }
 )
-AGENT_TO_HOST = frozenset(set(MsgType) - HOST_TO_AGENT)
+_BOTH_WAYS = frozenset({MsgType.TCP_DATA, MsgType.TCP_EOF, MsgType.TCP_CLOSE, MsgType.TCP_ACK})
+AGENT_TO_HOST = frozenset((set(MsgType) - HOST_TO_AGENT) | _BOTH_WAYS)
+#: Credit window of one proxied stream, each way: the most a side may send unacknowledged.
+TCP_WINDOW = 256 * 1024
 
 #: Failure kinds an agent may report in FAIL; anything else is a protocol error.
 FAIL_KINDS = frozenset({"not_found", "invalid", "exists", "io", "too_large", "busy", "internal"})
@@ -129,6 +144,12 @@ SCHEMAS: dict[MsgType, dict[str, _F]] = {
     MsgType.FILE_REMOVE: {"path": _PATH},
     MsgType.FILE_MKDIR: {"path": _PATH},
     MsgType.PING: {},
+    MsgType.NET_SETUP: {"port": _F(int), "ca_path": _PATH},
+    MsgType.TCP_DATA: {},
+    MsgType.TCP_EOF: {},
+    MsgType.TCP_CLOSE: {},
+    MsgType.TCP_ACK: {"n": _F(int)},
+    MsgType.TCP_OPEN: {},
     MsgType.READY: {"version": _F(int), "pid": _F(int, required=False)},
     MsgType.STARTED: {"pid": _F(int)},
     MsgType.STDOUT: {},

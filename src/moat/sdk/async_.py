@@ -7,6 +7,7 @@ import builtins
 import contextlib
 from typing import IO, Any, Literal
 
+from moat.egress import GatewayConfig, NetworkPolicy, Secret
 from moat.engine import Engine, Session, default_engine
 from moat.engine.client import Call
 from moat.engine.guardhook import make_guard
@@ -14,7 +15,6 @@ from moat.engine.output import OutputSink
 from moat.errors import (
     CommandExitError,
     InvalidArgumentError,
-    PolicyError,
     SandboxError,
     TimeoutError,
 )
@@ -200,16 +200,23 @@ class AsyncSandbox:
         envs: dict[str, str] | None = None,
         mounts: list[Mount] | None = None,
         limits: Limits | dict[str, Any] | None = None,
-        network: Any = None,
-        secrets: Any = None,
+        network: NetworkPolicy | dict[str, Any] | None = None,
+        secrets: dict[str, Secret] | None = None,
         metadata: dict[str, str] | None = None,
         *,
+        allow_internet_access: bool = False,
+        gateway_config: GatewayConfig | None = None,
         engine: Engine | None = None,
     ) -> AsyncSandbox:
         """Start a sandbox. With ``trust="untrusted"`` (the default) that is a microVM.
 
         ``isolation`` picks a tier explicitly ("container", "gvisor", "microvm"); a tier this
         host can't run raises IsolationUnavailableError (never a silent downgrade).
+        ``network`` opens egress per host (nothing by default; ``allow_internet_access=True``
+        opens public hosts on 80/443, never private ranges). ``secrets`` maps an environment
+        variable to a ``Secret``: the sandbox sees a placeholder, the gateway swaps in the
+        value on requests to the secret's hosts only. ``gateway_config`` tunes the gateway's
+        caps (and its ``unsafe_*`` switches, for tests and admins).
         """
         if template != "default":
             raise InvalidArgumentError("unknown template (only 'default' exists)")
@@ -224,15 +231,42 @@ class AsyncSandbox:
             "limits": v.limits(limits),
         }
         meta = v.metadata(metadata)
-        if network is not None:
-            raise PolicyError("network policies are not supported yet; sandboxes have no network")
-        if secrets is not None:
-            raise PolicyError("secrets are not supported yet")
+        if not isinstance(allow_internet_access, bool):
+            raise InvalidArgumentError("allow_internet_access must be a bool")
+        policy = NetworkPolicy.parse(network)
+        if allow_internet_access:
+            policy = NetworkPolicy(
+                allow_out=policy.allow_out, deny_out=policy.deny_out, internet_access=True
+            )
+        if secrets is not None and (
+            not isinstance(secrets, dict) or not all(isinstance(x, Secret) for x in secrets.values())
+        ):
+            raise InvalidArgumentError("secrets must map variable names to moat.Secret")
+        if gateway_config is not None and not isinstance(gateway_config, GatewayConfig):
+            raise InvalidArgumentError("gateway_config must be a GatewayConfig")
         eng = engine or default_engine()
         session = await eng.create(
-            spec_args, isolation, trust, float(timeout), meta, guard=make_guard()
+            spec_args,
+            isolation,
+            trust,
+            float(timeout),
+            meta,
+            guard=lambda sensitive: make_guard(sensitive=sensitive),
+            network=policy,
+            secrets=secrets,
+            gateway_config=gateway_config,
         )
         return cls(session)
+
+    async def update_network(self, network: NetworkPolicy | dict[str, Any] | None) -> None:
+        """Replace the egress policy; open tunnels it no longer allows are closed."""
+        await self._s.update_network(NetworkPolicy.parse(network))
+
+    async def audit(self, denied_only: bool = False, limit: int = 1000) -> list[dict[str, Any]]:
+        """This sandbox's audit rows: egress decisions, executions, guard findings."""
+        return default_engine().audit.query(
+            sandbox_id=self.sandbox_id, denied_only=denied_only, limit=limit
+        )
 
     async def run_code(
         self,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import IO, Any, Literal
 
+from moat.egress import GatewayConfig, NetworkPolicy, Secret
 from moat.runtime.spec import Limits, Mount
 from moat.sdk._loop import loop_thread
 from moat.sdk.async_ import AsyncCommandHandle, AsyncCommands, AsyncFiles, AsyncSandbox
@@ -125,9 +126,12 @@ class Sandbox:
         envs: dict[str, str] | None = None,
         mounts: list[Mount] | None = None,
         limits: Limits | dict[str, Any] | None = None,
-        network: Any = None,
-        secrets: Any = None,
+        network: NetworkPolicy | dict[str, Any] | None = None,
+        secrets: dict[str, Secret] | None = None,
         metadata: dict[str, str] | None = None,
+        *,
+        allow_internet_access: bool = False,
+        gateway_config: GatewayConfig | None = None,
     ) -> Sandbox:
         """Start a sandbox; see ``AsyncSandbox.create``."""
         inner = _run(
@@ -142,9 +146,19 @@ class Sandbox:
                 network,
                 secrets,
                 metadata,
+                allow_internet_access=allow_internet_access,
+                gateway_config=gateway_config,
             )
         )
         return cls(inner)
+
+    def update_network(self, network: NetworkPolicy | dict[str, Any] | None) -> None:
+        """Replace the egress policy; open tunnels it no longer allows are closed."""
+        _run(self._a.update_network(network))
+
+    def audit(self, denied_only: bool = False, limit: int = 1000) -> list[dict[str, Any]]:
+        """This sandbox's audit rows: egress decisions, executions, guard findings."""
+        return _run(self._a.audit(denied_only, limit))  # type: ignore[no-any-return]
 
     def run_code(
         self,

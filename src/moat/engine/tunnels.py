@@ -1,0 +1,210 @@
+"""Host end of the proxied TCP streams: each becomes a (reader, writer) for the gateway.
+
+Untrusted input: a stream's frames come from the agent. Credit is enforced here too: an agent
+that sends more than the window it was granted is breaking the protocol (invariant 6), so a
+hostile sandbox can't make the host buffer without bound.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from moat.protocol import CHUNK_SIZE, TCP_WINDOW, MsgType, ProtocolError
+
+log = logging.getLogger("moat.engine")
+
+Send = Callable[[MsgType, int, dict[str, Any], bytes], None]
+Handler = Callable[[asyncio.StreamReader, Any], Awaitable[None]]
+#: Streams one sandbox may have open at once, whatever the gateway's own caps say.
+MAX_STREAMS = 256
+
+
+class _Reader(asyncio.StreamReader):
+    """A StreamReader that returns credit to the agent as the gateway consumes bytes."""
+
+    def __init__(self, stream: Tunnel) -> None:
+        super().__init__(limit=TCP_WINDOW)
+        self._tunnel = stream
+        self.fed = 0
+        self.acked = 0
+
+    def push(self, data: bytes) -> None:
+        self.fed += len(data)
+        if self.fed - self.acked > TCP_WINDOW:
+            raise ProtocolError("proxied stream exceeded its credit")
+        self.feed_data(data)
+
+    def _maybe_resume_transport(self) -> None:  # called by StreamReader after each read
+        super()._maybe_resume_transport()
+        consumed = self.fed - len(self._buffer) - self.acked  # type: ignore[attr-defined]
+        if consumed >= TCP_WINDOW // 4 or (consumed > 0 and not self._buffer):  # type: ignore[attr-defined]
+            self.acked += consumed
+            self._tunnel.send(MsgType.TCP_ACK, {"n": consumed})
+
+
+class _Writer:
+    """The subset of StreamWriter the gateway uses, over TCP_DATA frames with credit."""
+
+    def __init__(self, stream: Tunnel) -> None:
+        self._t = stream
+        self._pending = bytearray()
+        self._credit = TCP_WINDOW
+        self._flushed = asyncio.Event()
+        self._flushed.set()
+        self._closing = False
+        self._eof_sent = False
+        self._closed = asyncio.Event()
+
+    def write(self, data: bytes) -> None:
+        if self._closing or self._t.dead:
+            return
+        self._pending += data
+        self._flush()
+
+    def _flush(self) -> None:
+        while self._pending and self._credit > 0 and not self._t.dead:
+            n = min(len(self._pending), self._credit, CHUNK_SIZE)
+            chunk = bytes(self._pending[:n])
+            del self._pending[:n]
+            self._credit -= n
+            self._t.send(MsgType.TCP_DATA, {}, chunk)
+        if not self._pending or self._t.dead:
+            self._pending.clear()
+            self._flushed.set()
+            if self._closing and not self._eof_sent:
+                self._eof_sent = True
+                self._t.send(MsgType.TCP_CLOSE, {})
+                self._closed.set()
+                self._t.end()
+        else:
+            self._flushed.clear()
+
+    def credit(self, n: int) -> None:
+        self._credit = min(self._credit + n, TCP_WINDOW)
+        self._flush()
+
+    async def drain(self) -> None:
+        await self._t.drain()
+        await self._flushed.wait()
+        if self._t.dead:
+            raise ConnectionResetError("proxied stream closed")
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def write_eof(self) -> None:
+        if not self._closing:
+            self._t.send(MsgType.TCP_EOF, {})
+
+    def close(self) -> None:
+        if self._closing:
+            return
+        self._closing = True
+        self._flush()
+
+    def is_closing(self) -> bool:
+        return self._closing or self._t.dead
+
+    async def wait_closed(self) -> None:
+        if self._t.dead:
+            return
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._closed.wait(), 5)
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return default
+
+    def _kill(self) -> None:
+        self._pending.clear()
+        self._flushed.set()
+        self._closed.set()
+
+
+class Tunnel:
+    """One proxied stream."""
+
+    def __init__(self, mux: Tunnels, sid: int) -> None:
+        self.mux = mux
+        self.id = sid
+        self.dead = False
+        self.reader = _Reader(self)
+        self.writer = _Writer(self)
+        self.task: asyncio.Task[None] | None = None
+
+    def send(self, mtype: MsgType, fields: dict[str, Any], payload: bytes = b"") -> None:
+        if not self.dead:
+            self.mux.send(mtype, self.id, fields, payload)
+
+    async def drain(self) -> None:
+        await self.mux.drain()
+
+    def end(self) -> None:
+        if not self.dead:
+            self.dead = True
+            self.reader.feed_eof()
+            self.writer._kill()
+            self.mux.streams.pop(self.id, None)
+
+
+class Tunnels:
+    """All proxied streams of one sandbox."""
+
+    def __init__(
+        self, send: Send, drain: Callable[[], Awaitable[None]], handler: Handler | None
+    ) -> None:
+        self.send = send
+        self.drain = drain
+        self.handler = handler
+        self.streams: dict[int, Tunnel] = {}
+
+    def on_frame(self, mtype: MsgType, sid: int, payload: bytes, fields: dict[str, Any]) -> None:
+        if mtype is MsgType.TCP_OPEN:
+            if sid >= 0 or sid in self.streams:
+                raise ProtocolError("bad stream id")
+            if self.handler is None or len(self.streams) >= MAX_STREAMS:
+                self.send(MsgType.TCP_CLOSE, sid, {}, b"")
+                return
+            t = Tunnel(self, sid)
+            self.streams[sid] = t
+            t.task = asyncio.get_running_loop().create_task(self._run(t))
+            return
+        t = self.streams.get(sid)
+        if t is None:
+            return  # a stream we already ended
+        if mtype is MsgType.TCP_DATA:
+            if t.reader.at_eof():
+                return
+            t.reader.push(payload)
+        elif mtype is MsgType.TCP_EOF:
+            t.reader.feed_eof()
+        elif mtype is MsgType.TCP_CLOSE:
+            t.end()
+            if t.task is not None:
+                t.task.cancel()
+        elif mtype is MsgType.TCP_ACK:
+            n = fields["n"]
+            if n < 0 or n > TCP_WINDOW:
+                raise ProtocolError("bad stream ack")
+            t.writer.credit(n)
+
+    async def _run(self, t: Tunnel) -> None:
+        assert self.handler is not None  # noqa: S101 - checked before the task starts
+        try:
+            await self.handler(t.reader, t.writer)
+        except asyncio.CancelledError:
+            pass
+        except Exception:  # noqa: BLE001 - one bad stream must not take the sandbox down
+            log.exception("egress stream %s failed", t.id)
+        finally:
+            # Closes once what is pending is delivered (then the stream ends itself).
+            t.writer.close()
+
+    def close_all(self) -> None:
+        for t in list(self.streams.values()):
+            t.end()
+            if t.task is not None:
+                t.task.cancel()
