@@ -1,4 +1,8 @@
-"""Shared fixtures. Tests start REAL sandboxes; nothing of the isolation layer is mocked."""
+"""Shared fixtures. Tests start REAL sandboxes; nothing of the isolation layer is mocked.
+
+The core suites run on every tier (``MOAT_TIERS``, default all three). A tier CI must prove
+that is missing here fails the run, it is not skipped (``MOAT_ALLOW_SKIP=1`` skips instead).
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,9 @@ import pytest
 
 from moat import Sandbox
 from moat.engine.tiers import runtime_for
+
+TIERS = [t for t in os.environ.get("MOAT_TIERS", "container,gvisor,microvm").split(",") if t]
+TIER_PARAMS = [pytest.param(t, marks=getattr(pytest.mark, t), id=t) for t in TIERS]
 
 
 def require_tier(tier: str) -> None:
@@ -21,17 +28,31 @@ def require_tier(tier: str) -> None:
     pytest.fail(f"{tier} tier unavailable on this host: {reason}")
 
 
+@pytest.fixture(params=TIER_PARAMS)
+def tier(request: pytest.FixtureRequest) -> str:
+    """Each isolation tier in turn."""
+    require_tier(request.param)
+    return str(request.param)
+
+
 @pytest.fixture
-def sbx() -> Iterator[Sandbox]:
-    """A fresh container-tier sandbox, killed after the test."""
-    require_tier("container")
-    with Sandbox.create(isolation="container", timeout=300) as s:
+def sbx(tier: str) -> Iterator[Sandbox]:
+    """A fresh sandbox on ``tier``, killed after the test."""
+    with Sandbox.create(isolation=tier, timeout=300) as s:
         yield s
 
 
-@pytest.fixture(scope="module")
-def shared_sbx() -> Iterator[Sandbox]:
-    """One container sandbox for read-only checks of a module (faster)."""
+@pytest.fixture(scope="module", params=TIER_PARAMS)
+def shared_sbx(request: pytest.FixtureRequest) -> Iterator[Sandbox]:
+    """One sandbox per tier for a module's checks that leave no state behind."""
+    require_tier(request.param)
+    with Sandbox.create(isolation=request.param, timeout=900) as s:
+        yield s
+
+
+@pytest.fixture
+def container_sbx() -> Iterator[Sandbox]:
+    """A container-tier sandbox, for checks that look at container internals from outside."""
     require_tier("container")
-    with Sandbox.create(isolation="container", timeout=600) as s:
+    with Sandbox.create(isolation="container", timeout=300) as s:
         yield s

@@ -21,7 +21,8 @@ def test_wal_and_query(tmp_path: Path) -> None:
         log.record_egress("sbx-1", method="GET", host="evil.test", port=80, resolved_ip=None,
                           allowed=False, reason="not_allowed")  # fmt: skip
         log.record_egress("sbx-2", method="CONNECT", host="x.test", port=443, resolved_ip=None,
-                          allowed=False, reason="secret_exfiltration", secret="OPENAI_API_KEY")  # fmt: skip
+                          allowed=False, reason="secret_exfiltration",
+                          secret="OPENAI_API_KEY")  # fmt: skip
         log.record_exec("sbx-1", "python", "ab" * 32, 12, None)
         log.record_exec("sbx-1", "python", "cd" * 32, 40, "ZeroDivisionError")
         log.record_finding("sbx-1", "aws_key", "stdout", "canary-7")

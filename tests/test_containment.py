@@ -75,7 +75,8 @@ def test_host_environment_does_not_leak() -> None:
     names = {line.split("=", 1)[0] for line in env.splitlines()}
     moat_own = set(proxy_env(PROXY_PORT, CA_BUNDLE_PATH))  # the egress gateway's proxy settings
     expected = {"PATH", "HOME", "LANG", "LC_ALL", "TERM", "MPLBACKEND", "PWD", "SHLVL", "_",
-                "PYTHONDONTWRITEBYTECODE", "GIVEN"}  # fmt: skip
+                "PYTHONDONTWRITEBYTECODE", "GIVEN", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS",
+                "MKL_NUM_THREADS"}  # fmt: skip
     assert names <= expected | moat_own
 
 

@@ -55,6 +55,9 @@ def test_placeholders_random_and_substituted_only_for_bound_host() -> None:
     assert used == ["KEY"]
     out, used = b1.substitute(hdrs, "other.example.test")
     assert out == hdrs and used == []
+    # only in the template's exact shape: the value can't be smuggled into other text
+    odd = [(b"authorization", b"Bearer junk " + ph.encode())]
+    assert b1.substitute(odd, "api.example.test") == (odd, [])
     assert b1.foreign_placeholders(b"x" + ph.encode(), "other.example.test") == ["KEY"]
     assert b1.foreign_placeholders(ph.encode(), "api.example.test") == []
     assert b1.foreign_placeholders(ph.encode(), None) == ["KEY"]

@@ -20,21 +20,19 @@ from pathlib import Path
 import httpx
 import pytest
 import requests
-from test_egress_support import (  # noqa: F401 - fixtures
+
+from moat.egress import NetworkPolicy
+from test_egress_support import (
     CountingResolver,
     GatewayFactory,
     LocalPKI,
     Upstream,
-    gateway,
-    http_upstream,
-    https_upstream,
-    pki,
     raw_connect,
     raw_request,
     start_upstream,
 )
 
-from moat.egress import NetworkPolicy
+pytest_plugins = ["test_egress_support"]  # shared fixtures (servers, PKI, gateway)
 
 
 def _allow(*ports: int) -> NetworkPolicy:
@@ -174,7 +172,7 @@ BYPASS = [
     "[64:ff9b::7f00:1]:{p}", "[2002:7f00:1::]:{p}", "localhost:{p}", "LOCALHOST.:{p}",
     "169.254.169.254:80", "[::ffff:a9fe:a9fe]:80", "0.0.0.0:{p}", "0:{p}",
     "api.example.test@127.0.0.1:{p}", "meta.example.test:80", "lo.example.test:{p}",
-    "mixed.example.test:{p}", "１２７.0.0.1:{p}",
+    "mixed.example.test:{p}", "\uff11\uff12\uff17.0.0.1:{p}",
 ]  # fmt: skip
 
 

@@ -14,9 +14,9 @@ CANONICAL = [
     ("Example.COM:443", HostPort("example.com", 443, NAME)),
     ("example.com.:443", HostPort("example.com", 443, NAME)),
     ("EXAMPLE.com.", HostPort("example.com", 443, NAME)),
-    ("bücher.example:443", HostPort("xn--bcher-kva.example", 443, NAME)),
+    ("b\u00fccher.example:443", HostPort("xn--bcher-kva.example", 443, NAME)),
     ("xn--bcher-kva.example:443", HostPort("xn--bcher-kva.example", 443, NAME)),
-    ("BÜCHER.example", HostPort("xn--bcher-kva.example", 443, NAME)),
+    ("B\u00dcCHER.example", HostPort("xn--bcher-kva.example", 443, NAME)),
     ("localhost", HostPort("localhost", 443, NAME)),
     # IPv4 in every inet_aton spelling
     ("127.0.0.1:443", HostPort("127.0.0.1", 443, V4)),
@@ -33,8 +33,11 @@ CANONICAL = [
     ("169.254.169.254.", HostPort("169.254.169.254", 443, V4)),
     ("0", HostPort("0.0.0.0", 443, V4)),
     ("1.2.3.0x", HostPort("1.2.3.0", 443, V4)),  # WHATWG: a bare "0x" part is 0
-    ("１２７.０.０.１", HostPort("127.0.0.1", 443, V4)),  # full-width digits (IDNA maps them)
-    ("127。0。0。1", HostPort("127.0.0.1", 443, V4)),  # ideographic full stops
+    (
+        "\uff11\uff12\uff17.\uff10.\uff10.\uff11",
+        HostPort("127.0.0.1", 443, V4),
+    ),  # full-width digits
+    ("127\u30020\u30020\u30021", HostPort("127.0.0.1", 443, V4)),  # ideographic full stops
     # IPv6 in brackets, RFC 5952 output
     ("[::1]:443", HostPort("::1", 443, V6)),
     ("[0:0:0:0:0:0:0:1]", HostPort("::1", 443, V6)),

@@ -30,7 +30,7 @@ def test_bad_patterns_refused(pattern: str) -> None:
 
 def test_non_list_refused() -> None:
     with pytest.raises(PolicyError):
-        NetworkPolicy(allow_out="pypi.org")  # type: ignore[arg-type]
+        NetworkPolicy(allow_out="pypi.org")
     with pytest.raises(PolicyError):
         NetworkPolicy.parse({"allow_out": [], "allow_everything": True})
     with pytest.raises(PolicyError):

@@ -8,24 +8,19 @@ from __future__ import annotations
 
 import logging
 import ssl
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
-from test_egress_support import (  # noqa: F401 - fixtures
-    GatewayFactory,
-    Upstream,
-    gateway,
-    http_upstream,
-    https_upstream,
-    pki,
-    raw_connect,
-)
 
 from moat.egress import NetworkPolicy, Secret
+from test_egress_support import GatewayFactory, LocalPKI, Upstream, make_pki
 
 VALUE = "sk-live-REAL-SECRET-VALUE-7f3a9c"
 OTHER_VALUE = "ghp-OTHER-REAL-VALUE-0042xyz"
+
+pytest_plugins = ["test_egress_support"]  # shared fixtures (servers, PKI, gateway)
 
 
 def _setup(gateway: GatewayFactory, port: int, plain_port: int | None = None):  # type: ignore[no-untyped-def]
@@ -66,7 +61,7 @@ def test_placeholder_swapped_for_bound_host_and_scrubbed_back(
         # keep-alive: a second request on the same intercepted connection
         r2 = c.get(f"https://api.example.test:{p}/echo", headers={"Authorization": f"Bearer {ph}"})
     assert r.status_code == 200 and r2.status_code == 200
-    got = [rec["headers"]["Authorization"] for rec in https_upstream.records[-2:]]
+    got = [rec["headers"]["authorization"] for rec in https_upstream.records[-2:]]
     assert got == [f"Bearer {VALUE}"] * 2  # the server received the real value
     # ... and the sandbox never sees it: body and headers come back scrubbed
     assert VALUE not in r.text and VALUE not in str(r.headers)
@@ -96,13 +91,15 @@ def test_placeholder_to_another_host_refused_and_audited(
         assert r.status_code == 403
 
         # in a body, split over chunks
-        def body():  # type: ignore[no-untyped-def]
+        def body() -> Iterator[bytes]:
             yield b"x" * 70000 + ph[:10].encode()
             yield ph[10:].encode() + b"tail"
 
-        with pytest.raises(httpx.HTTPError):
+        try:
             r = c.post(f"https://other.example.test:{p}/echo", content=body())
             assert r.status_code == 403
+        except httpx.HTTPError:
+            pass  # cut mid-body: also a refusal
         # over plain HTTP, even to its own bound host (never sent in clear)
         r = c.get(f"http://api.example.test:{pp}/echo", headers={"Authorization": f"Bearer {ph}"})
         assert r.status_code == 403 and r.headers["x-moat-reason"] == "secret_over_plaintext"
@@ -112,8 +109,12 @@ def test_placeholder_to_another_host_refused_and_audited(
         gh = h.gw.placeholders()["GH_TOKEN"]
         r = c.get(f"https://other.example.test:{p}/echo", headers={"X-Token": gh})
         assert r.status_code == 200
-    assert https_upstream.records[-1]["headers"]["X-Token"] == OTHER_VALUE
-    assert len(https_upstream.records) == before[0] + 1  # only the control got through
+    assert https_upstream.records[-1]["headers"]["x-token"] == OTHER_VALUE
+    # Only the control and the head of the cut POST reached the server, never the placeholder
+    # (the body was cut before its last byte; its head left before the body was seen).
+    new = https_upstream.records[before[0] :]
+    assert [r["method"] for r in new] == ["POST", "GET"]
+    assert all(ph not in str(r) for r in new)
     assert len(http_upstream.records) == before[1]
     denied = h.audit.query(denied_only=True)
     assert {r["secret"] for r in denied} == {"OPENAI_API_KEY"}
@@ -140,10 +141,9 @@ def test_unbound_host_is_not_intercepted(gateway: GatewayFactory, https_upstream
 def test_upstream_verified_against_configured_roots(
     gateway: GatewayFactory,
     https_upstream: Upstream,
-    pki,
-    tmp_path: Path,  # type: ignore[no-untyped-def]
+    pki: LocalPKI,
+    tmp_path: Path,
 ) -> None:
-    from test_egress_support import make_pki
 
     wrong = make_pki(tmp_path)  # a CA that did not sign the upstream's certificate
     p = https_upstream.port

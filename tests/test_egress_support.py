@@ -61,7 +61,7 @@ def make_pki(directory: Path) -> LocalPKI:
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
         .add_extension(
             x509.KeyUsage(True, False, False, False, False, True, True, False, False), critical=True
-        )  # fmt: skip
+        )
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), False)
         .sign(ca_key, hashes.SHA256())
     )
@@ -90,7 +90,7 @@ def make_pki(directory: Path) -> LocalPKI:
             serialization.Encoding.PEM,
             serialization.PrivateFormat.PKCS8,
             serialization.NoEncryption(),
-        )  # fmt: skip
+        )
     )
     return pki
 
@@ -150,7 +150,7 @@ def start_upstream(host: str, pki: LocalPKI | None, ident: str = "main", port: i
             finally:
                 self.request.close()  # the TLS wrapper (socketserver closes only the raw one)
 
-        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+        def log_message(self, format: str, *args: Any) -> None:
             pass
 
         def _send(self, status: int, body: bytes, headers: dict[str, str] | None = None) -> None:
@@ -163,8 +163,9 @@ def start_upstream(host: str, pki: LocalPKI | None, ident: str = "main", port: i
                 self.wfile.write(body)
 
         def _record(self, body: bytes = b"") -> dict[str, Any]:
-            rec = {"method": self.command, "path": self.path, "headers": dict(self.headers.items()),
-                   "body": body, "ident": ident}  # fmt: skip
+            headers = {k.lower(): v for k, v in self.headers.items()}
+            rec = {"method": self.command, "path": self.path, "headers": headers, "body": body,
+                   "ident": ident}  # fmt: skip
             records.append(rec)
             return rec
 
@@ -182,13 +183,14 @@ def start_upstream(host: str, pki: LocalPKI | None, ident: str = "main", port: i
                 return
             if self.path.startswith("/simple/"):
                 sha = hashlib.sha256(wheel).hexdigest()
-                html = f'<html><body><a href="/files/{wheel_name}#sha256={sha}">{wheel_name}</a></body></html>'
+                link = f'<a href="/files/{wheel_name}#sha256={sha}">{wheel_name}</a>'
+                html = f"<html><body>{link}</body></html>"
                 self._send(200, html.encode(), {"Content-Type": "text/html"})
                 return
             if self.path == f"/files/{wheel_name}":
                 self._send(200, wheel, {"Content-Type": "application/octet-stream"})
                 return
-            auth = rec["headers"].get("Authorization", "")
+            auth = rec["headers"].get("authorization", "")
             body = json.dumps({"ident": ident, "auth": auth, "path": self.path}).encode()
             self._send(200, body, {"Content-Type": "application/json", "X-Echo-Auth": auth})
 
@@ -261,14 +263,24 @@ class Harness:
             await self.gw.close()
             await self.server.wait_closed()
 
+        async def drain() -> None:
+            # Let connection handlers finish their closing (3.11's wait_closed doesn't).
+            for _ in range(100):
+                pending = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+                if not pending:
+                    return
+                await asyncio.sleep(0.02)
+            for t in pending:
+                t.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+
         try:
             self.call(shutdown())
+            self.call(drain())
         finally:
             self.loop.call_soon_threadsafe(self.loop.stop)
             self._thread.join(timeout=10)
             self.loop.run_until_complete(self.loop.shutdown_asyncgens())
-            for task in asyncio.all_tasks(self.loop):
-                task.cancel()
             self.loop.close()
             self.audit.close()
 
@@ -309,8 +321,8 @@ def gateway(tmp_path: Path, pki: LocalPKI) -> Iterator[GatewayFactory]:
     ) -> Harness:
         if resolver is None:
             resolver = CountingResolver({n: [["127.0.0.1"]] for n in TEST_NAMES})
-        cfg = GatewayConfig(unsafe_allow_private_ranges=unsafe, upstream_ca_file=str(pki.ca_file),
-                            resolver=resolver, **config)  # fmt: skip
+        config.setdefault("upstream_ca_file", str(pki.ca_file))
+        cfg = GatewayConfig(unsafe_allow_private_ranges=unsafe, resolver=resolver, **config)
         audit = AuditLog(tmp_path / f"audit{len(started)}.db")
         h = Harness(Gateway("sbx-test", policy, secrets=secrets, audit=audit, config=cfg), audit)
         started.append(h)

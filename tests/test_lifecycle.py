@@ -68,8 +68,12 @@ def test_missing_tool_makes_tier_unavailable(monkeypatch: pytest.MonkeyPatch) ->
 
 
 def test_bad_policies_are_refused_before_start() -> None:
-    for bad in ({"allow_out": ["*"]}, {"allow_out": ["*.com"]}, {"allow": ["x.org"]},
-                {"allow_out": "pypi.org"}):
+    for bad in (
+        {"allow_out": ["*"]},
+        {"allow_out": ["*.com"]},
+        {"allow": ["x.org"]},
+        {"allow_out": "pypi.org"},
+    ):
         with pytest.raises((PolicyError, InvalidArgumentError)):
             Sandbox.create(isolation="container", network=bad)  # type: ignore[arg-type]
     with pytest.raises(InvalidArgumentError):

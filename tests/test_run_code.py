@@ -9,8 +9,6 @@ import pytest
 
 from moat import Sandbox, TimeoutError
 
-pytestmark = pytest.mark.container
-
 
 def test_trailing_expression_is_main_result(shared_sbx: Sandbox) -> None:
     ex = shared_sbx.run_code("x = 20\nx + 22")

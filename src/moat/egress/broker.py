@@ -103,6 +103,7 @@ class _Bound:
     value: bytes
     patterns: tuple[HostPattern, ...]
     header: bytes | None
+    template: bytes
 
     def bound_to(self, host: str) -> bool:
         return any(p.matches_host(host) for p in self.patterns)
@@ -165,6 +166,7 @@ class SecretBroker:
                     value=secret.value.encode(),
                     patterns=tuple(HostPattern.parse(h) for h in secret.hosts),
                     header=secret.header.lower().encode() if secret.header else None,
+                    template=secret.template.encode(),
                 )
             )
 
@@ -196,23 +198,32 @@ class SecretBroker:
             if b.placeholder in data and (host is None or not b.bound_to(host))
         ]
 
+    def is_bound(self, handle: str, host: str) -> bool:
+        """Whether the secret ``handle`` is bound to ``host``."""
+        return any(b.handle == handle and b.bound_to(host) for b in self._bound)
+
     def substitute(
         self, headers: list[tuple[bytes, bytes]], host: str
     ) -> tuple[list[tuple[bytes, bytes]], list[str]]:
         """Swap placeholders for values in the configured headers of a request to ``host``.
 
-        Only secrets bound to ``host`` are substituted, and only in their configured header
-        (or any header when it is ``None``). Returns the new headers and the handles used.
+        Only secrets bound to ``host`` are substituted, only in their configured header (or
+        any header when it is ``None``), and only when the header's whole value is the
+        secret's template around the placeholder (``Bearer <placeholder>``): the value can
+        leave in exactly one shape. Returns the new headers and the handles used.
         """
         used: list[str] = []
         out: list[tuple[bytes, bytes]] = []
         for name, value in headers:
             lname = name.lower()
             for b in self._bound:
-                if b.placeholder in value and b.bound_to(host) and b.header in (None, lname):
-                    value = value.replace(b.placeholder, b.value)
+                if b.header not in (None, lname) or not b.bound_to(host):
+                    continue
+                if value.strip() == b.template.replace(b"{value}", b.placeholder):
+                    value = b.template.replace(b"{value}", b.value)
                     if b.handle not in used:
                         used.append(b.handle)
+                    break
             out.append((name, value))
         return out, used
 

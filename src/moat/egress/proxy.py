@@ -42,6 +42,7 @@ from moat.egress.broker import CertificateAuthority, Secret, SecretBroker
 from moat.egress.caps import GatewayConfig, TokenBucket
 from moat.egress.hostport import HostKind, HostPort, parse_absolute_url, parse_authority
 from moat.egress.policy import Decision, NetworkPolicy, decide, decide_name
+from moat.egress.pump import SplicePump, UpstreamPump, open_pump
 from moat.egress.resolve import Resolver, SystemResolver, host_addresses, resolve_once
 from moat.egress.tls import (
     ByteStream,
@@ -473,20 +474,23 @@ class Gateway:
             await self._intercept(conn, client, dest, ip, hello.raw)
             return
         try:
-            up_reader, up_writer = await self._dial(ip, dest, False)
-        except _Refused as r:
-            self._decision("CONNECT", dest, ip, allowed=False, reason=r.reason)
+            async with asyncio.timeout(self.config.connect_timeout):
+                # Dial exactly the checked address (invariant 2), never the name.
+                pump = await open_pump(
+                    str(ip), dest.port, client.writer, lambda n: conn.count(down=n)
+                )
+        except (OSError, TimeoutError):
+            self._decision("CONNECT", dest, ip, allowed=False, reason="upstream_connect_failed")
             return
-        upstream = PlainStream(up_reader, up_writer)
         row = self._decision("CONNECT", dest, ip, allowed=True, reason="tunnel")
         try:
             conn.count(up=len(hello.raw))
-            await upstream.write(hello.raw)
-            await self._pump_both(conn, client, upstream)
+            await pump.write(hello.raw)
+            await self._tunnel(conn, client, pump)
         except (OSError, ConnectionError):
             pass
         finally:
-            upstream.close()
+            pump.close()
             self._finish(row, conn, "tunnel")
 
     def _end_reason(self, conn: _Conn, base: str) -> str:
@@ -525,29 +529,28 @@ class Gateway:
             return "sni_mismatch"
         return hello
 
-    async def _pump_both(self, conn: _Conn, client: PlainStream, upstream: PlainStream) -> None:
+    async def _tunnel(
+        self, conn: _Conn, client: PlainStream, pump: UpstreamPump | SplicePump
+    ) -> None:
+        """Pump both ways until the upstream is done (a client half-close only half-closes)."""
+
         async def up() -> None:
             while data := await client.read(_READ):
                 conn.count(up=len(data))
-                await upstream.write(data)
-            upstream.write_eof()
-
-        async def down() -> None:
-            while data := await upstream.read(_READ):
-                conn.count(down=len(data))
-                await client.write(data)
+                await pump.write(data)
+            pump.write_eof()
 
         t_up = asyncio.create_task(up())
-        t_down = asyncio.create_task(down())
         try:
-            # The tunnel ends when the upstream is done; a client half-close only half-closes.
-            await asyncio.wait({t_down, t_up}, return_when=asyncio.FIRST_EXCEPTION)
-            if not t_down.done():
-                await t_down
+            await asyncio.wait({t_up, pump.done}, return_when=asyncio.FIRST_COMPLETED)
+            if not pump.done.done() and t_up.exception() is None:
+                await pump.done
+            with contextlib.suppress(OSError, ConnectionError, RuntimeError):
+                async with asyncio.timeout(self.config.idle_timeout):
+                    await client.writer.drain()
         finally:
-            for t in (t_up, t_down):
-                t.cancel()
-            await asyncio.gather(t_up, t_down, return_exceptions=True)
+            t_up.cancel()
+            await asyncio.gather(t_up, return_exceptions=True)
 
     # -- interception (secret-bound hosts) -------------------------------------------------
 
@@ -577,7 +580,7 @@ class Gateway:
             return
         finally:
             if upstream is not None:
-                upstream.close()
+                await upstream.aclose()
             tls.close()
 
     # -- plain HTTP ------------------------------------------------------------------------
@@ -614,7 +617,7 @@ class Gateway:
             return
         finally:
             if upstream is not None:
-                upstream.close()
+                await upstream.aclose()
 
     # -- one request/response exchange (plain or intercepted) ------------------------------
 
@@ -659,14 +662,14 @@ class Gateway:
             await self._forward_body(conn, client, h, upstream, uh, dest, tls)
             await self._forward_response(conn, client, h, upstream, uh)
             if uh.our_state is not h11.DONE or uh.their_state is not h11.DONE:
-                upstream.close()
+                await upstream.aclose()
                 upstream = None
         except _Refused as r:
             self._decision(method, dest, ip, allowed=False, reason=r.reason, secret=r.secret)
             if h.our_state is h11.SEND_RESPONSE:
                 await self._send_refusal(client, r.status, r.reason)
             if upstream is not None:
-                upstream.close()
+                await upstream.aclose()
             # The client connection can't be reused after a refusal mid-request.
             raise _Ended from None
         self._decision(
@@ -725,7 +728,7 @@ class Gateway:
             found = self._broker.foreign_placeholders(value, dest.host if tls else None)
             if found:
                 reason = "secret_exfiltration"
-                if not tls and self._broker.intercepts(dest.host):
+                if not tls and self._broker.is_bound(found[0], dest.host):
                     reason = "secret_over_plaintext"
                 raise _Refused(403, reason, found[0])
             out.append((name, value))

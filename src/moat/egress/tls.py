@@ -165,6 +165,15 @@ class PlainStream:
         if not self.writer.is_closing():
             self.writer.close()
 
+    async def aclose(self, timeout: float = 2.0) -> None:
+        """Close and wait (bounded) until the transport is really gone."""
+        self.close()
+        try:
+            async with asyncio.timeout(timeout):
+                await self.writer.wait_closed()
+        except (OSError, ConnectionError, TimeoutError, ssl.SSLError):
+            pass
+
 
 class _Writer(Protocol):
     def write(self, data: bytes) -> None: ...

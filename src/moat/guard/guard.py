@@ -24,13 +24,12 @@ from __future__ import annotations
 import secrets
 import threading
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 
 from moat.errors import InvalidArgumentError, LeakBlockedError
 from moat.guard import png
 from moat.guard.canary import KINDS, SHOWN_LABEL, make_canary
 from moat.guard.policy import EXACT, Finding, GuardPolicy
-from moat.guard.rules import RULE_WINDOW, Rule, load_rules
+from moat.guard.rules import RULE_WINDOW, RuleSet, rule_set
 from moat.guard.scanner import (
     SEPARATOR,
     Entry,
@@ -55,8 +54,9 @@ _LABEL_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ01
 RULE_MARGIN = 16
 #: Raw characters of already released output kept as lookbehind context for rules.
 CONTEXT = 64
-#: A stream never holds more than this (plus one window) waiting for a match to settle.
-MAX_HOLD = 256 * 1024
+#: A stream never holds more than this waiting for a rule match to settle (the longest
+#: rule, a private-key block, is capped at 16 KiB).
+MAX_HOLD = 64 * 1024
 
 
 def _check_channel(channel: object) -> str:
@@ -89,12 +89,22 @@ def _check_value(value: object) -> str:
     return value
 
 
-@dataclass(frozen=True)
 class _Indexes:
-    text: ExactIndex
-    binary: ExactIndex
-    rules: tuple[Rule, ...]
-    window: int
+    """The matchers for the current set of values; the binary one is built on first use."""
+
+    def __init__(self, entries: list[Entry], rules: RuleSet) -> None:
+        self._entries = entries
+        self.text = ExactIndex(entries)
+        self.rules = rules
+        # Streams are text: the window covers the text forms and the rules.
+        self.window = max(self.text.window, RULE_WINDOW) + RULE_MARGIN
+        self._binary: ExactIndex | None = None
+
+    @property
+    def binary(self) -> ExactIndex:
+        if self._binary is None:
+            self._binary = ExactIndex(self._entries, binary=True)
+        return self._binary
 
 
 class Guard:
@@ -124,7 +134,7 @@ class Guard:
         self._values: set[tuple[str, str]] = set()
         self._indexes: _Indexes | None = None
         rule_names = frozenset(d for d in policy.detectors if d != EXACT)
-        self._rules = load_rules(rule_names)
+        self._rules = rule_set(rule_names)
         self._exact = EXACT in policy.detectors
         self._allow = frozenset(policy.allow)
         # The interleaving log: (stream, absolute offset in it, text), oldest first.
@@ -186,10 +196,7 @@ class Guard:
         with self._lock:
             if self._indexes is None:
                 entries = self._entries if self._exact else [e for e in self._entries if e.canary]
-                text = ExactIndex(entries)
-                binary = ExactIndex(entries, binary=True)
-                window = max(text.window, binary.window, RULE_WINDOW) + RULE_MARGIN
-                self._indexes = _Indexes(text, binary, self._rules, window)
+                self._indexes = _Indexes(list(entries), self._rules)
             return self._indexes
 
     @property
@@ -410,6 +417,7 @@ class GuardStream:
         self._buf = ""
         self._base = 0  # absolute offset of _buf[0] in the stream's raw output
         self._ctx = ""  # raw released text kept as lookbehind context for rules
+        self._tail = ""  # raw text of a match released past the fixed cut (see _cut)
         self._forced: dict[tuple[int, int, str, str], Hit] = {}  # absolute offsets
         self._blocked: list[str] | None = None
         self._closed = False
@@ -466,8 +474,16 @@ class GuardStream:
     def _release(self, *, final: bool) -> str:
         guard = self._guard
         idx = guard._idx()
-        buf, base, ctx = self._buf, self._base, self._ctx
-        hits = idx.text.find(buf)
+        buf, base, ctx, tail = self._buf, self._base, self._ctx, self._tail
+        hits: list[Hit] = []
+        # Exact matches: over the raw text of the last marker released early (``tail``)
+        # plus the buffer, so a match overlapping a released one is still caught.
+        for h in idx.text.find(tail + buf):
+            if h.end > len(tail):
+                start = max(h.start - len(tail), 0)
+                hits.append(
+                    Hit(start, h.end - len(tail), h.label, h.audit_label, h.detector, h.canary)
+                )
         for h in rule_hits(idx.rules, ctx + buf, len(ctx), guard._allow):
             hits.append(
                 Hit(h.start - len(ctx), h.end - len(ctx), h.label, h.audit_label, h.detector, False)
@@ -482,38 +498,51 @@ class GuardStream:
             self._buf = ""
             raise err
         intervals = merge(hits)
-        cut = len(buf) if final else self._cut(buf, hits, intervals, idx.window)
+        if final:
+            cut, early = len(buf), len(buf)
+        else:
+            cut, early = self._cut(buf, hits, intervals, idx.window)
         if cut <= 0:
             return ""
         released = [h for h in hits if h.start < cut]
         guard._report(released, self.channel, base)
         out = render(buf[:cut], [iv for iv in intervals if iv.start < cut])
         self._ctx = (ctx + buf[:cut])[-CONTEXT:]
+        self._tail = buf[early:cut]
         self._buf = buf[cut:]
         self._base = base + cut
         self._forced = {k: h for k, h in self._forced.items() if h.end > self._base}
         return out
 
     @staticmethod
-    def _cut(buf: str, hits: list[Hit], intervals: list[Interval], window: int) -> int:
-        """Where to cut the buffer: ``window`` characters before its end, moved back to the
-        start of any match that reaches past the cut (or of a rule match that may grow)."""
+    def _cut(buf: str, hits: list[Hit], intervals: list[Interval], window: int) -> tuple[int, int]:
+        """Where to cut the buffer, and where the cut would have been without a marker.
+
+        The cut is ``window`` characters before the end (a fixed amount: it doesn't depend
+        on what the held text looks like). A complete match across the cut is released
+        whole, as its marker (the cut moves to its end; the raw text between is kept as
+        ``tail`` so a later overlapping match is found). A rule match that may still grow
+        (it reaches the end of the buffer) is held from its start, up to MAX_HOLD.
+        """
         cut = len(buf) - window
-        for h in hits:
-            if h.detector.startswith("rule:") and h.end > len(buf) - RULE_MARGIN:
-                cut = min(cut, h.start)
-        for iv in reversed(intervals):
-            if iv.start < cut < iv.end:
-                cut = iv.start
+        growing = [
+            h for h in hits if h.detector.startswith("rule:") and h.end > len(buf) - RULE_MARGIN
+        ]
+        for h in growing:
+            cut = min(cut, h.start)
         if len(buf) - max(cut, 0) > MAX_HOLD:
-            # A match that keeps growing (a value repeated back to back, a huge token):
-            # settle it rather than hold output forever. Everything matched so far is
-            # redacted; only the continuation, if any, is decided afresh.
-            cut = len(buf) - window
-            for iv in intervals:
-                if iv.start < cut < iv.end:
+            # A match that keeps growing (an endless token): settle it rather than hold
+            # output forever; everything matched so far is redacted.
+            cut, growing = len(buf) - window, []
+        early = cut
+        for iv in intervals:
+            if iv.start < cut < iv.end:
+                if any(iv.start <= h.start < iv.end for h in growing):
+                    cut = early = iv.start
+                else:
                     cut = iv.end
-        return cut
+                break
+        return cut, min(early, cut)
 
 
 class GuardedCallback:

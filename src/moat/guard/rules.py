@@ -26,6 +26,8 @@ import re
 from dataclasses import dataclass
 from functools import cache
 
+import ahocorasick_rs
+
 from moat.errors import PolicyError
 
 
@@ -37,11 +39,19 @@ class Rule:
     pattern: re.Pattern[str]
     group: int = 0
     gate: tuple[str, ...] = ()
-    ci_gate: tuple[str, ...] = ()  # lower-case literals looked up in the lower-cased text
+    gate_window: int = 0  # >0: every match starts at a gate literal and is this short
     anchor: re.Pattern[str] | None = None
     before: int = 0  # how far a match may start before its anchor
     after: int = 0  # how far a match may end after its anchor's end
     extend: re.Pattern[str] | None = None
+
+
+def _cases(word: str) -> tuple[str, ...]:
+    """Every upper/lower-case spelling of a short literal: the gates of IGNORECASE rules."""
+    out = [""]
+    for ch in word:
+        out = [p + c for p in out for c in dict.fromkeys((ch.lower(), ch.upper()))]
+    return tuple(out)
 
 
 # (plugin module, class, {pattern index: per-pattern options}); indexes follow `denylist`.
@@ -51,8 +61,8 @@ _DETECT_SECRETS: dict[str, tuple[str, str, dict[int, dict[str, object]]]] = {
         "AWSKeyDetector",
         {
             0: {"gate": ("A3T", "ABIA", "ACCA", "AKIA", "ASIA")},
-            # IGNORECASE: anchored on its quoted 40-character secret instead of "aws".
-            1: {"anchor": r"['\"][0-9a-zA-Z/+]{40}['\"]", "before": 64, "after": 0, "group": 1},
+            # IGNORECASE, starts with "aws", at most 93 characters long.
+            1: {"gate": _cases("aws"), "gate_window": 96, "group": 1},
         },
     ),
     "azure_storage_key": (
@@ -92,7 +102,7 @@ _DETECT_SECRETS: dict[str, tuple[str, str, dict[int, dict[str, object]]]] = {
     "mailchimp": (
         "mailchimp",
         "MailchimpDetector",
-        {0: {"anchor": r"-us[0-9]", "before": 32, "after": 1}},
+        {0: {"gate": ("-us",), "anchor": r"-us[0-9]", "before": 32, "after": 1}},
     ),
     "npm": ("npm", "NpmDetector", {0: {"gate": ("_authToken=",), "group": 1}}),
     "openai": ("openai", "OpenAIDetector", {0: {"gate": ("T3BlbkFJ",)}}),
@@ -106,7 +116,11 @@ _DETECT_SECRETS: dict[str, tuple[str, str, dict[int, dict[str, object]]]] = {
     "slack": (
         "slack",
         "SlackDetector",
-        {0: {"ci_gate": ("xox",)}, 1: {"ci_gate": ("hooks.slack",)}},
+        # IGNORECASE; unbounded upstream, capped at 256 characters (Slack's are ~80).
+        {
+            0: {"gate": _cases("xox"), "gate_window": 256},
+            1: {"gate": _cases("hooks"), "gate_window": 256},
+        },
     ),
     "square_oauth": ("square_oauth", "SquareOAuthDetector", {0: {"gate": ("sq0csp-",)}}),
     "stripe": ("stripe", "StripeDetector", {0: {"gate": ("k_live_",)}}),
@@ -115,7 +129,11 @@ _DETECT_SECRETS: dict[str, tuple[str, str, dict[int, dict[str, object]]]] = {
         "TelegramBotTokenDetector",
         {0: {"anchor": r":[0-9A-Za-z_-]{35}", "before": 10, "after": 0}},
     ),
-    "twilio": ("twilio", "TwilioKeyDetector", {0: {"gate": ("AC",)}, 1: {"gate": ("SK",)}}),
+    "twilio": (
+        "twilio",
+        "TwilioKeyDetector",
+        {0: {"gate": ("AC",), "gate_window": 34}, 1: {"gate": ("SK",), "gate_window": 34}},
+    ),
     # Opt-in only: keyword-context rules (they match the *name* "ibm_key", not the secret),
     # an all-caps pattern that flags ordinary words, and public IP addresses (not secrets).
     "artifactory": ("artifactory", "ArtifactoryDetector", {0: {}, 1: {}}),
@@ -180,11 +198,15 @@ def _options(name: str, pattern: re.Pattern[str], opts: dict[str, object]) -> Ru
     anchor = opts.get("anchor")
     extend = opts.get("extend")
     gate = opts.get("gate", ())
-    ci_gate = opts.get("ci_gate", ())
+    gate_window = opts.get("gate_window", 0)
     group = opts.get("group", 0)
     before = opts.get("before", 0)
     after = opts.get("after", 0)
-    if not isinstance(gate, tuple) or not isinstance(ci_gate, tuple) or not isinstance(group, int):
+    if (
+        not isinstance(gate, tuple)
+        or not isinstance(gate_window, int)
+        or not isinstance(group, int)
+    ):
         raise PolicyError("guard rule table is malformed")
     if not isinstance(before, int) or not isinstance(after, int):
         raise PolicyError("guard rule table is malformed")
@@ -193,12 +215,53 @@ def _options(name: str, pattern: re.Pattern[str], opts: dict[str, object]) -> Ru
         pattern=pattern,
         group=group,
         gate=tuple(str(g) for g in gate),
-        ci_gate=tuple(str(g) for g in ci_gate),
+        gate_window=gate_window,
         anchor=re.compile(anchor) if isinstance(anchor, str) else None,
         before=before,
         after=after,
         extend=re.compile(extend) if isinstance(extend, str) else None,
     )
+
+
+class RuleSet:
+    """Rules plus one Aho-Corasick automaton over all their gate literals, so that a text
+    is searched for every gate in one pass and only the rules whose gate is present run."""
+
+    def __init__(self, rules: tuple[Rule, ...]) -> None:
+        self.rules = rules
+        literals = sorted({g for r in rules for g in r.gate})
+        self._literals = literals
+        self._gates = (
+            ahocorasick_rs.BytesAhoCorasick([g.encode() for g in literals]) if literals else None
+        )
+
+    def candidates(self, text: str) -> list[tuple[Rule, list[int] | None]]:
+        """The rules that may match ``text``: each with the offsets where its gate occurs
+        (for ``gate_window`` rules on ASCII text, where byte offsets are character
+        offsets), or None where the whole text must be searched."""
+        where: dict[str, list[int]] = {}
+        if self._gates is not None:
+            found = self._gates.find_matches_as_indexes(
+                text.encode("utf-8", "surrogatepass"), overlapping=True
+            )
+            for i, start, _ in found:
+                where.setdefault(self._literals[i], []).append(start)
+        ascii_text = text.isascii()
+        out: list[tuple[Rule, list[int] | None]] = []
+        for rule in self.rules:
+            if not rule.gate:
+                out.append((rule, None))
+                continue
+            offsets = [o for g in rule.gate for o in where.get(g, ())]
+            if offsets:
+                out.append((rule, sorted(offsets) if rule.gate_window and ascii_text else None))
+        return out
+
+
+@cache
+def rule_set(names: frozenset[str]) -> RuleSet:
+    """The ``RuleSet`` of ``names`` (cached, immutable)."""
+    return RuleSet(load_rules(names))
 
 
 @cache

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import ahocorasick_rs
 
 from moat.guard.encodings import byte_forms, text_forms
-from moat.guard.rules import Rule
+from moat.guard.rules import RuleSet
 
 #: Whitespace runs of at most this many characters are ignored when matching values
 #: ("s e c r e t", one character per line with CRLF, base64 wrapped at 76 columns).
@@ -127,9 +127,9 @@ class ExactIndex:
         self._precise: ahocorasick_rs.AhoCorasick | None = None
         if self._keys:
             fast_keys = list(dict.fromkeys(k.replace(SEPARATOR, "").encode() for k in self._keys))
-            self._fast = ahocorasick_rs.BytesAhoCorasick(
-                fast_keys, implementation=ahocorasick_rs.Implementation.DFA
-            )
+            # The library picks its implementation: a DFA scans ~15% faster with 1,000
+            # values but takes 8x longer to build (0.36 s), which every register() pays.
+            self._fast = ahocorasick_rs.BytesAhoCorasick(fast_keys)
             self._precise = ahocorasick_rs.AhoCorasick(self._keys)
 
     @property
@@ -169,25 +169,24 @@ class ExactIndex:
 
 
 def rule_hits(
-    rules: Iterable[Rule], text: str, pos: int = 0, allow: frozenset[str] = frozenset()
+    rules: RuleSet, text: str, pos: int = 0, allow: frozenset[str] = frozenset()
 ) -> list[Hit]:
     """Matches of the pattern rules in ``text[pos:]`` (``text[:pos]`` is lookbehind context).
 
     Offsets are relative to ``text``. Matches whose text is in ``allow`` are dropped.
     """
     hits: list[Hit] = []
-    lowered: str | None = None
-    for rule in rules:
-        if rule.gate and not any(g in text for g in rule.gate):
-            continue
-        if rule.ci_gate:
-            if lowered is None:
-                lowered = text.lower()
-            if not any(g in lowered for g in rule.ci_gate):
-                continue
+    for rule, offsets in rules.candidates(text):
         seen: set[tuple[int, int]] = set()
-        if rule.anchor is not None:
-            matches: list[re.Match[str]] = []
+        matches: list[re.Match[str]] = []
+        if offsets is not None:
+            # Every match starts at a gate literal and is at most gate_window long.
+            for o in offsets:
+                if o >= pos:
+                    m = rule.pattern.match(text, o, min(len(text), o + rule.gate_window))
+                    if m is not None:
+                        matches.append(m)
+        elif rule.anchor is not None:
             for a in rule.anchor.finditer(text, pos):
                 lo = max(pos, a.start() - rule.before)
                 hi = min(len(text), a.end() + rule.after)

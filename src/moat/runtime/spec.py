@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
@@ -103,6 +104,12 @@ class SandboxSpec:
             "MPLBACKEND": "Agg",
             "PYTHONDONTWRITEBYTECODE": "1",
         }
+        # Numeric libraries size their thread pools by the host's CPU count, not the
+        # sandbox's share; oversubscribed spinning BLAS threads crawl (and under gVisor's
+        # ptrace platform all but hang). Size them to the limit; the caller may override.
+        threads = str(max(1, math.ceil(self.limits.cpus)))
+        for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            base[name] = threads
         base.update(dict(self.envs))
         return base
 

@@ -228,8 +228,13 @@ class MicroVMRuntime:
         snap: Path | None,
         cgroup: cgroups.SandboxCgroup,
     ) -> MicroVMProcess:
+        snap_fd = None
+        if snap is not None:
+            try:
+                snap_fd = os.open(snap, os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                snap = None  # pruned meanwhile: boot instead (same isolation, just slower)
         host_sock, guest_sock = socket.socketpair()
-        snap_fd = os.open(snap, os.O_RDONLY | os.O_CLOEXEC) if snap else None
         console = None
         if self.console_log:
             console = os.path.join(self.console_log, f"{spec.sandbox_id}.log")
@@ -358,4 +363,5 @@ def _initrd(arts: artifacts.Artifacts) -> tuple[Path, str]:
         tmp.write_bytes(base + agent)
         tmp.chmod(0o644)
         os.replace(tmp, path)
+        snapshot.prune(cache, "*.cpio", snapshot.KEEP)
     return path, digest

@@ -119,6 +119,11 @@ def become_agent(cfg: dict[str, object]) -> None:
         raise ValueError("bad argv")
     if not (isinstance(env, dict) and all(isinstance(v, str) for v in env.values())):
         raise ValueError("bad env")
+    # fds 0-2 are the guest console, opened by the kernel for init: not the sandbox's.
+    null = os.open("/dev/null", os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    os.close(null)
     os.setgroups([])
     os.setresgid(GID, GID, GID)
     os.setresuid(UID, UID, UID)

@@ -7,7 +7,10 @@ order), so upgrading moat never needs a new setup and the snapshot key follows t
 
 from __future__ import annotations
 
+import importlib.util
+import marshal
 import os
+import sys
 from pathlib import Path
 
 from moat.runtime.microvm import cpio
@@ -25,7 +28,11 @@ GROUP = f"root:x:0:\nuser:x:{SANDBOX_GID}:\nnogroup:x:65534:\n"
 
 
 def base_entries(
-    busybox: bytes, modules: dict[str, bytes], ld_cache: bytes, ca_bundle: bytes
+    busybox: bytes,
+    modules: dict[str, bytes],
+    ld_cache: bytes,
+    ca_bundle: bytes,
+    host_etc: list[cpio.Entry] | None = None,
 ) -> list[cpio.Entry]:
     """Every member of the base archive. Pure: host files are read by the caller."""
     d, f, s = cpio.directory, cpio.file, cpio.symlink
@@ -57,8 +64,29 @@ def base_entries(
         d("/etc/ssl"),
         d("/etc/ssl/certs"),
         f("/etc/ssl/certs/ca-certificates.crt", ca_bundle),
+        *(host_etc or []),
     ]
     return entries
+
+
+def host_etc_entries(etc: Path = Path("/etc")) -> list[cpio.Entry]:
+    """The harmless host /etc entries a userland needs (as the container tier binds them).
+
+    /etc/alternatives holds the symlinks Debian resolves shared libraries through (numpy's
+    libblas.so.3, for one); matplotlibrc is Debian's default matplotlib configuration.
+    """
+    out: list[cpio.Entry] = []
+    alt = etc / "alternatives"
+    if alt.is_dir():
+        out.append(cpio.directory("/etc/alternatives"))
+        for entry in sorted(alt.iterdir()):
+            if entry.is_symlink():
+                out.append(cpio.symlink(f"/etc/alternatives/{entry.name}", os.readlink(entry)))
+    for name in ("matplotlibrc", "mime.types", "protocols", "services"):
+        path = etc / name
+        if path.is_file() and not path.is_symlink():
+            out.append(cpio.file(f"/etc/{name}", path.read_bytes(), 0o644))
+    return out
 
 
 def build_base(modules: dict[str, bytes]) -> bytes:
@@ -66,7 +94,7 @@ def build_base(modules: dict[str, bytes]) -> bytes:
     busybox = Path("/usr/bin/busybox").read_bytes()
     ld_cache = _read_or_empty("/etc/ld.so.cache")
     ca_bundle = _read_or_empty("/etc/ssl/certs/ca-certificates.crt")
-    return cpio.archive(base_entries(busybox, modules, ld_cache, ca_bundle))
+    return cpio.archive(base_entries(busybox, modules, ld_cache, ca_bundle, host_etc_entries()))
 
 
 def _read_or_empty(path: str) -> bytes:
@@ -85,7 +113,31 @@ def agent_archive(agent_dir: Path) -> bytes:
         inside = AGENT_DIR if rel == "." else f"{AGENT_DIR}/{rel}"
         if rel != ".":
             entries.append(cpio.directory(inside))
+        compiled = []
         for name in sorted(filenames):
             data = (Path(dirpath) / name).read_bytes()
             entries.append(cpio.file(f"{inside}/{name}", data, 0o644))
+            if name.endswith(".py"):
+                compiled.append((name, _bytecode(data, f"{inside}/{name}")))
+        if compiled:
+            # Byte code compiled here: the read-only guest would recompile every module on
+            # every start (slow under TCG). The guest's python is the host's (/usr is shared),
+            # and a magic-number mismatch only makes it compile from source as before.
+            entries.append(cpio.directory(f"{inside}/__pycache__"))
+            tag = sys.implementation.cache_tag
+            for name, pyc in compiled:
+                entries.append(cpio.file(f"{inside}/__pycache__/{name[:-3]}.{tag}.pyc", pyc))
     return cpio.archive(entries)
+
+
+def _bytecode(source: bytes, path: str) -> bytes:
+    """An unchecked-hash .pyc of ``source`` (the archive is rebuilt whenever sources change)."""
+    code = compile(source, path, "exec", dont_inherit=True)
+    flags = 0b01  # hash-based, not checked against the source (PEP 552)
+    source_hash = importlib.util.source_hash(source)
+    return (
+        importlib.util.MAGIC_NUMBER
+        + flags.to_bytes(4, "little")
+        + source_hash
+        + marshal.dumps(code)
+    )

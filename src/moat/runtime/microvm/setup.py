@@ -70,8 +70,13 @@ def run_setup(*, force: bool = False, log: bool = True) -> artifacts.Artifacts:
         if old.exists():
             os.rename(old, base / f".old-{uuid.uuid4().hex[:8]}")
         os.rename(build, old)
-        for stale in base.glob(".old-*"):
-            shutil.rmtree(stale, ignore_errors=True)
+        # Caches keyed to the old artifacts are dead weight now (running VMs keep their fds).
+        stale = [*base.glob(".old-*"), base / "snapshots", base / "initrd", base / "kvm-probe.json"]
+        for path in stale:
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
         say("done")
     finally:
         shutil.rmtree(build, ignore_errors=True)

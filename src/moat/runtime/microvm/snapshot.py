@@ -33,6 +33,9 @@ from moat.runtime.microvm.guest_init import BOOT_MARKER
 
 #: A template must boot and save within this (TCG on a loaded 2-core host is slow).
 TEMPLATE_TIMEOUT_S = 120.0
+#: Snapshots kept (newest first); each is ~85 MB for a 608 MiB guest. Older ones belong to
+#: earlier agents, kernels or VM shapes. Running VMs keep reading theirs through their fd.
+KEEP = 4
 
 
 @functools.cache
@@ -149,7 +152,18 @@ def ensure(
         finally:
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
+    prune(directory(), "*.bin", KEEP)
     return path
+
+
+def prune(folder: Path, pattern: str, keep: int) -> int:
+    """Delete all but the ``keep`` most recently modified files matching ``pattern``."""
+    files = sorted(folder.glob(pattern), key=lambda p: p.stat().st_mtime, reverse=True)
+    for old in files[keep:]:
+        with contextlib.suppress(FileNotFoundError):
+            old.unlink()
+            old.with_suffix(".lock").unlink(missing_ok=True)
+    return max(0, len(files) - keep)
 
 
 def _save_template(
