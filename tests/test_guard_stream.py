@@ -154,7 +154,7 @@ def test_partial_prefix_does_not_change_the_output_pattern(k: int) -> None:
         return out
 
     secret_outs, secret_tail = _run(guard, chunks(SECRET))
-    control_outs, control_tail = _run(guard, chunks(CONTROL))
+    control_outs, _control_tail = _run(guard, chunks(CONTROL))
     if k < len(SECRET):
         assert [len(o) for o in secret_outs] == [len(o) for o in control_outs]
         assert "".join(secret_outs) + secret_tail == "".join(chunks(SECRET))

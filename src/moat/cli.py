@@ -1,8 +1,17 @@
-"""``moat`` command line: run code in a sandbox, check what this host supports."""
+"""``moat`` command line: run code in a sandbox, check what this host supports, read the audit.
+
+Trust domain: caller. Audit rows hold text that came from sandboxes (host names, reasons);
+it was stripped of control characters when it was written and is shown as data only.
+"""
 
 from __future__ import annotations
 
+import datetime as dt
+import json
+import re
+import sqlite3
 import sys
+from typing import Any
 
 import click
 
@@ -88,6 +97,96 @@ def doctor() -> None:
             ok = False
             click.echo(f"  {tier:<10} UNAVAILABLE: {reason}")
     sys.exit(0 if ok else 1)
+
+
+#: What a sandbox id filter may look like (ids are "sbx-" + hex; anything else is a typo).
+_SANDBOX_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+
+
+@main.command()
+@click.option("--sandbox", "sandbox_id", metavar="ID", help="Only this sandbox's rows.")
+@click.option("--denied", is_flag=True, help="Only refused egress requests.")
+@click.option(
+    "--kind", type=click.Choice(["egress", "exec", "finding"]), help="Only rows of this kind."
+)
+@click.option(
+    "--limit",
+    type=click.IntRange(1, 100_000),
+    default=50,
+    show_default=True,
+    help="The last N rows.",
+)
+@click.option("--json", "as_json", is_flag=True, help="JSON (a list of objects), not a table.")
+def audit(
+    sandbox_id: str | None, denied: bool, kind: str | None, limit: int, as_json: bool
+) -> None:
+    """Show the audit trail: egress decisions, code executions, guard findings.
+
+    The last LIMIT rows matching the filters, oldest first, from the audit log in moat's
+    state directory ($MOAT_STATE_DIR, else /var/lib/moat for root).
+    """
+    from moat.egress import AuditLog
+    from moat.paths import state_dir
+
+    if sandbox_id is not None and not _SANDBOX_ID.fullmatch(sandbox_id):
+        raise click.BadParameter("not a sandbox id", param_hint="--sandbox")
+    path = state_dir() / "audit.db"
+    if not path.exists():  # reading must not create an empty log
+        rows: list[dict[str, Any]] = []
+    else:
+        try:
+            with AuditLog(path) as log:
+                rows = log.query(sandbox_id=sandbox_id, denied_only=denied, kind=kind, limit=limit)
+        except (sqlite3.Error, OSError) as exc:
+            # No path in the message (invariant 8 style): the state dir is the user's to know.
+            click.echo(f"moat: cannot read the audit log ({type(exc).__name__})", err=True)
+            sys.exit(2)
+    rows.reverse()  # oldest first, like a log
+    if as_json:
+        click.echo(json.dumps(rows, indent=1))
+        return
+    if not rows:
+        click.echo("no audit rows")
+        return
+    for line in _table(rows):
+        click.echo(line)
+
+
+def _detail(row: dict[str, Any]) -> str:
+    """One row's kind-specific columns as one readable string."""
+    get = row.get
+    if row["kind"] == "egress":
+        dest = f"{get('host', '-')}:{get('port')}" if get("port") is not None else get("host", "-")
+        parts = [get("method", "-"), dest, get("reason", "")]
+        if get("resolved_ip"):
+            parts.insert(2, f"ip={get('resolved_ip')}")
+        if get("bytes_up") or get("bytes_down"):
+            parts.append(f"up={get('bytes_up', 0)} down={get('bytes_down', 0)}")
+        if get("secret"):
+            parts.append(f"secret={get('secret')}")
+        return " ".join(str(p) for p in parts)
+    if row["kind"] == "exec":
+        text = f"{get('language', '-')} sha256={str(get('code_sha256', ''))[:12]} "
+        text += f"{get('duration_ms', 0)}ms"
+        return text + (f" error={get('error_name')}" if get("error_name") else "")
+    text = f"{get('label', '-')} on {get('channel', '-')}"
+    return text + (f" canary={get('canary')}" if get("canary") else "")
+
+
+def _table(rows: list[dict[str, Any]]) -> list[str]:
+    head = ("TIME", "SANDBOX", "KIND", "RESULT", "DETAIL")
+    body = [
+        (
+            dt.datetime.fromtimestamp(float(r["ts"])).strftime("%Y-%m-%d %H:%M:%S"),
+            str(r["sandbox_id"]),
+            str(r["kind"]),
+            str(r.get("result", "-")),
+            _detail(r),
+        )
+        for r in rows
+    ]
+    widths = [max(len(c[i]) for c in [head, *body]) for i in range(4)]
+    return ["  ".join(c[i].ljust(widths[i]) for i in range(4)) + "  " + c[4] for c in [head, *body]]
 
 
 if __name__ == "__main__":

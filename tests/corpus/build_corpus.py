@@ -284,21 +284,24 @@ def benign_lines(seed: int = 7, n: int = 20_000) -> list[str]:
         ),
         lambda: (
             "!function(e,t){var n={};function r(o){if(n[o])return n[o].exports}"
-            + f"r.m=e,r.c=n,r.d=function(e,t,o){{r.o(e,t)||Object.defineProperty(e,t,{{enumerable:!0,get:o}})}}}}({rng.randint(0, 9)});"
+            + "r.m=e,r.c=n,r.d=function(e,t,o){r.o(e,t)||Object.defineProperty(e,t,"
+            + f"{{enumerable:!0,get:o}})}}}}({rng.randint(0, 9)});"
         ),
         lambda: (
-            f"INFO 2024-05-{rng.randint(10, 28)}T12:{rng.randint(10, 59)}:00Z worker-{rng.randint(1, 9)} processed {rng.randint(1, 10**5)} rows in {rng.random():.3f}s"
+            f"INFO 2024-05-{rng.randint(10, 28)}T12:{rng.randint(10, 59)}:00Z "
+            + f"worker-{rng.randint(1, 9)} processed {rng.randint(1, 10**5)} rows"
         ),
         lambda: (
             f"Epoch {rng.randint(1, 50)}/50 - loss: {rng.random():.4f} - acc: {rng.random():.4f}"
         ),
         lambda: (
-            f"   {rng.randint(0, 999):>4}  {'%.3e' % rng.random()}  {rng.choice(['foo', 'bar', 'baz'])}"
+            f"   {rng.randint(0, 999):>4}  {rng.random():.3e}  {rng.choice(['foo', 'bar', 'baz'])}"
         ),
         lambda: f"https://example.com/api/v1/items?page={rng.randint(1, 99)}&sort=desc",
         lambda: f"sha256:{rng.getrandbits(256):064x}",
         lambda: (
-            f"Collecting numpy==1.{rng.randint(20, 26)}.{rng.randint(0, 5)}\n  Downloading numpy-1.26.4-cp311-cp311-manylinux_2_17_x86_64.whl (18.2 MB)"
+            f"Collecting numpy==1.{rng.randint(20, 26)}.{rng.randint(0, 5)}\n"
+            + "  Downloading numpy-1.26.4-cp311-cp311-manylinux_2_17_x86_64.whl (18.2 MB)"
         ),
     ]
     lines: list[str] = []

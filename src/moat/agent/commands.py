@@ -32,6 +32,9 @@ class Commands:
         self.items: dict[int, Command] = {}
         self.mu = threading.Lock()
         self.shell = shutil.which("bash") or "/bin/sh"
+        #: process groups of commands whose shell has exited: children may live on in them
+        #: (a server started with `&`), and kill(pid) must still reach them
+        self.groups: set[int] = set()
 
     def start(
         self,
@@ -67,7 +70,14 @@ class Commands:
             self.items[proc.pid] = command
         if not as_exec:
             self.ch.send(MsgType.STARTED, rid, pid=proc.pid)
-        threading.Thread(target=self._pump, args=(command,), daemon=True).start()
+        try:
+            threading.Thread(target=self._pump, args=(command,), daemon=True).start()
+        except RuntimeError:  # no thread to watch it (pids exhausted): don't leave it running
+            self.kill(proc.pid)
+            proc.wait()
+            with self.mu:
+                self.items.pop(proc.pid, None)
+            self.ch.fail(rid, "busy", "the sandbox is out of processes; the command was stopped")
 
     def _pump(self, c: Command) -> None:
         proc = c.proc
@@ -97,6 +107,8 @@ class Commands:
                     pass
         with self.mu:
             self.items.pop(proc.pid, None)
+            if len(self.groups) < 4096:
+                self.groups.add(proc.pid)
         status = code if code >= 0 else 128 - code
         if c.as_exec and status != 0:
             self.ch.send(
@@ -139,13 +151,25 @@ class Commands:
 
     def kill(self, pid: int, sig: int = signal.SIGKILL) -> bool:
         with self.mu:
-            c = self.items.get(pid)
-        if c is None:
+            known = pid in self.items or pid in self.groups
+        if not known:
             return False
         try:
             os.killpg(pid, sig)
         except (ProcessLookupError, PermissionError):
+            with self.mu:
+                self.groups.discard(pid)
             return False
+        if sig == signal.SIGKILL:
+            # A fork racing the signal can leave a member behind (a fork bomb does): repeat
+            # until the group is empty, for a bounded time.
+            deadline = time.monotonic() + 2.0
+            while time.monotonic() < deadline:
+                try:
+                    os.killpg(pid, sig)
+                except (ProcessLookupError, PermissionError):
+                    break
+                time.sleep(0.01)
         return True
 
     def list(self) -> list[dict[str, Any]]:

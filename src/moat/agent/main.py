@@ -181,7 +181,32 @@ def _parse_args(argv: list[str]) -> dict[str, Any]:
     return opts
 
 
+def _init_reaper(child: int) -> None:
+    """Be the sandbox's pid 1 (gVisor runs the agent as init): reap every orphan.
+
+    Orphans are re-parented to pid 1; unreaped, their zombies would count against the
+    sandbox's process limit until nothing, not even the agent, could start a thread.
+    """
+    import signal
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, lambda signum, _frame: os.kill(child, signum))
+    while True:
+        try:
+            pid, status = os.wait()
+        except ChildProcessError:
+            os._exit(0)
+        except InterruptedError:
+            continue
+        if pid == child:
+            os._exit(os.waitstatus_to_exitcode(status) & 0xFF)
+
+
 def main() -> None:
+    if os.getpid() == 1:
+        child = os.fork()
+        if child != 0:
+            _init_reaper(child)
     opts = _parse_args(sys.argv[1:])
     if opts["channel"]:
         fd = os.open(opts["channel"], os.O_RDWR | os.O_NOCTTY)

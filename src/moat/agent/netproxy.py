@@ -4,13 +4,20 @@ Each TCP connection accepted on 127.0.0.1:<port> becomes a stream of TCP_* frame
 agent channel; the host's egress gateway speaks HTTP proxy on the other end and decides.
 There is no route and no DNS otherwise (DESIGN §3, invariant 2). Flow control is by credit:
 a side sends at most TCP_WINDOW bytes the other has not acknowledged.
+
+Trust domain: sandbox (this runs inside it, next to the code it serves). One thread serves
+every stream with non-blocking sockets and a selector: threads per stream would count against
+the sandbox's pids limit (with gVisor's ptrace platform each is a host thread too) and would
+need a blocked ``recv`` to be woken before a close takes effect.
 """
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import itertools
 import os
-import queue
+import selectors
 import socket
 import threading
 
@@ -19,27 +26,36 @@ from moat.protocol import CHUNK_SIZE, TCP_WINDOW, MsgType
 
 #: Streams open at once, at most (the host gateway has its own, smaller caps).
 MAX_STREAMS = 512
-_EOF = b""
-_CLOSE = None
 
 
 class _Stream:
+    """One accepted connection and its state on both directions."""
+
     def __init__(self, sid: int, sock: socket.socket) -> None:
         self.id = sid
         self.sock = sock
         self.credit = TCP_WINDOW  # what we may still send to the host
-        self.cv = threading.Condition()
-        self.closed = False
-        self.out: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+        self.out = bytearray()  # from the host, not yet written to the socket
+        self.read_eof = False  # the process half-closed; TCP_EOF sent
+        self.eof_in = False  # the host half-closed; shut our write side once out is empty
+        self.wrote_eof = False
+        self.closing = False  # the host closed; close once out is delivered
+        self.events = 0  # what the selector watches for this socket
 
 
 class NetProxy:
+    """The agent's proxy port: accepts connections and carries them as TCP_* frames."""
+
     def __init__(self, channel: Channel) -> None:
         self.ch = channel
         self.streams: dict[int, _Stream] = {}
-        self.mu = threading.Lock()
         self._ids = itertools.count(1)
         self.listener: socket.socket | None = None
+        self._sel: selectors.BaseSelector | None = None
+        # Frames from the agent's reader thread, handled on the proxy thread (deque appends
+        # and pops are thread-safe); a byte on the pipe wakes the selector.
+        self._inbox: collections.deque[tuple[MsgType, int, bytes, int]] = collections.deque()
+        self._wake_r = self._wake_w = -1
 
     def setup(self, port: int, ca_path: str, bundle: bytes) -> None:
         """Write the CA bundle where the environment says, then listen on the proxy port."""
@@ -56,96 +72,157 @@ class NetProxy:
         srv.bind(("127.0.0.1", port))
         srv.listen(128)
         srv.set_inheritable(False)
+        srv.setblocking(False)
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        sel = selectors.DefaultSelector()
+        sel.register(srv, selectors.EVENT_READ)
+        sel.register(self._wake_r, selectors.EVENT_READ)
+        self._sel = sel
         self.listener = srv
-        threading.Thread(target=self._accept, daemon=True).start()
+        threading.Thread(target=self._loop, name="moat-netproxy", daemon=True).start()
+
+    # frames from the host (called on the agent's reader thread) -----------------------------
+
+    def on_frame(self, mtype: MsgType, sid: int, payload: bytes, n: int = 0) -> None:
+        if self._sel is None:
+            return  # no proxy: no streams either
+        self._inbox.append((mtype, sid, payload, n))
+        with contextlib.suppress(BlockingIOError):
+            os.write(self._wake_w, b"\0")  # a full pipe means a wake-up is pending anyway
+
+    # the proxy thread -------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        sel = self._sel
+        if sel is None:
+            return
+        while True:
+            for key, mask in sel.select():
+                if key.fileobj is self.listener:
+                    self._accept()
+                elif key.fileobj == self._wake_r:
+                    with contextlib.suppress(BlockingIOError):
+                        os.read(self._wake_r, 4096)
+                    self._handle_inbox()
+                else:
+                    st: _Stream = key.data
+                    if mask & selectors.EVENT_WRITE and st.id in self.streams:
+                        self._write(st)
+                    if mask & selectors.EVENT_READ and st.id in self.streams:
+                        self._read(st)
 
     def _accept(self) -> None:
-        assert self.listener is not None  # noqa: S101 - set before the thread starts
+        if self.listener is None:
+            return
         while True:
             try:
                 conn, _ = self.listener.accept()
-            except OSError:
+            except (BlockingIOError, InterruptedError):
                 return
-            with self.mu:
-                if len(self.streams) >= MAX_STREAMS:
-                    conn.close()
-                    continue
-                sid = -next(self._ids)
-                st = _Stream(sid, conn)
-                self.streams[sid] = st
+            except OSError:
+                return  # e.g. out of fds: try again on the next readiness
+            if len(self.streams) >= MAX_STREAMS:
+                conn.close()
+                continue
+            conn.setblocking(False)
+            sid = -next(self._ids)
+            st = _Stream(sid, conn)
+            self.streams[sid] = st
             self.ch.send(MsgType.TCP_OPEN, sid)
-            threading.Thread(target=self._upstream, args=(st,), daemon=True).start()
-            threading.Thread(target=self._downstream, args=(st,), daemon=True).start()
+            self._watch(st)
 
-    def _upstream(self, st: _Stream) -> None:
+    def _watch(self, st: _Stream) -> None:
+        """Watch for what the stream can do now: read within credit, write what is queued."""
+        if self._sel is None or st.id not in self.streams:
+            return
+        events = 0
+        if st.credit > 0 and not st.read_eof:
+            events |= selectors.EVENT_READ
+        if st.out:
+            events |= selectors.EVENT_WRITE
+        if events == st.events:
+            return
+        if st.events == 0:
+            self._sel.register(st.sock, events, st)
+        elif events == 0:
+            self._sel.unregister(st.sock)
+        else:
+            self._sel.modify(st.sock, events, st)
+        st.events = events
+
+    def _read(self, st: _Stream) -> None:
         """Sandbox process -> host, within the credit the host grants."""
         try:
-            while True:
-                with st.cv:
-                    while st.credit <= 0 and not st.closed:
-                        st.cv.wait()
-                    if st.closed:
-                        return
-                    budget = min(st.credit, CHUNK_SIZE)
-                data = st.sock.recv(budget)
-                if not data:
-                    self.ch.send(MsgType.TCP_EOF, st.id)
-                    return
-                with st.cv:
-                    st.credit -= len(data)
-                self.ch.send(MsgType.TCP_DATA, st.id, data)
+            data = st.sock.recv(min(st.credit, CHUNK_SIZE))
+        except (BlockingIOError, InterruptedError):
+            return
         except OSError:
             self._close(st, notify=True)
+            return
+        if not data:
+            st.read_eof = True
+            self.ch.send(MsgType.TCP_EOF, st.id)
+        else:
+            st.credit -= len(data)
+            self.ch.send(MsgType.TCP_DATA, st.id, data)
+        self._watch(st)
 
-    def _downstream(self, st: _Stream) -> None:
+    def _write(self, st: _Stream) -> None:
         """Host -> sandbox process; acknowledges what was delivered."""
-        while True:
-            item = st.out.get()
-            if item is _CLOSE:
-                self._close(st, notify=False)
-                return
-            if item == _EOF:
-                try:
-                    st.sock.shutdown(socket.SHUT_WR)
-                except OSError:
-                    pass
-                continue
+        if st.out:
             try:
-                st.sock.sendall(item)
+                n = st.sock.send(st.out)
+            except (BlockingIOError, InterruptedError):
+                n = 0
             except OSError:
                 self._close(st, notify=True)
                 return
-            self.ch.send(MsgType.TCP_ACK, st.id, n=len(item))
+            if n:
+                del st.out[:n]
+                self.ch.send(MsgType.TCP_ACK, st.id, n=n)
+        if not st.out:
+            if st.closing:
+                self._close(st, notify=False)
+                return
+            if st.eof_in and not st.wrote_eof:
+                st.wrote_eof = True
+                with contextlib.suppress(OSError):
+                    st.sock.shutdown(socket.SHUT_WR)
+        self._watch(st)
+
+    def _handle_inbox(self) -> None:
+        while self._inbox:
+            mtype, sid, payload, n = self._inbox.popleft()
+            st = self.streams.get(sid)
+            if st is None:
+                continue  # already closed here; the host will see (or saw) our TCP_CLOSE
+            if mtype is MsgType.TCP_DATA:
+                if st.closing or st.eof_in:
+                    continue
+                st.out += payload
+                if len(st.out) > TCP_WINDOW:
+                    # The host sent beyond the credit we gave it: not a stream we can serve.
+                    self._close(st, notify=True)
+                    continue
+                self._write(st)  # most writes complete at once; the rest wait for EVENT_WRITE
+            elif mtype is MsgType.TCP_EOF:
+                st.eof_in = True
+                self._write(st)
+            elif mtype is MsgType.TCP_CLOSE:
+                st.closing = True  # after what is queued is delivered
+                self._write(st)
+            elif mtype is MsgType.TCP_ACK:
+                st.credit = min(st.credit + n, TCP_WINDOW)
+                self._watch(st)
 
     def _close(self, st: _Stream, notify: bool) -> None:
-        with self.mu:
-            if self.streams.pop(st.id, None) is None:
-                return
-        with st.cv:
-            st.closed = True
-            st.cv.notify_all()
-        try:
+        if self.streams.pop(st.id, None) is None:
+            return
+        if st.events and self._sel is not None:
+            self._sel.unregister(st.sock)
+            st.events = 0
+        with contextlib.suppress(OSError):
             st.sock.close()
-        except OSError:
-            pass
-        st.out.put(_CLOSE)
+        st.out.clear()
         if notify:
             self.ch.send(MsgType.TCP_CLOSE, st.id)
-
-    # frames from the host ------------------------------------------------------------------
-
-    def on_frame(self, mtype: MsgType, sid: int, payload: bytes, n: int = 0) -> None:
-        with self.mu:
-            st = self.streams.get(sid)
-        if st is None:
-            return  # already closed here; the host will see our TCP_CLOSE
-        if mtype is MsgType.TCP_DATA:
-            st.out.put(payload)
-        elif mtype is MsgType.TCP_EOF:
-            st.out.put(_EOF)
-        elif mtype is MsgType.TCP_CLOSE:
-            st.out.put(_CLOSE)  # after what is queued is delivered
-        elif mtype is MsgType.TCP_ACK:
-            with st.cv:
-                st.credit = min(st.credit + n, TCP_WINDOW)
-                st.cv.notify_all()

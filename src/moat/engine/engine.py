@@ -6,11 +6,13 @@ import asyncio
 import logging
 import secrets
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from moat.egress import AuditLog, Gateway, GatewayConfig, Secret, proxy_env
-from moat.engine.session import CA_BUNDLE_PATH, PROXY_PORT, Guard, Session
+from moat.engine.guardhook import make_guard
+from moat.engine.session import CA_BUNDLE_PATH, PROXY_PORT, Session
+from moat.guard import GuardPolicy
 from moat.paths import state_dir
 from moat.engine.tiers import TIERS, choose_tier, require, runtime_for
 from moat.runtime.spec import SandboxSpec
@@ -45,7 +47,8 @@ class Engine:
         trust: str,
         timeout: float,
         metadata: dict[str, str],
-        guard: Callable[[dict[str, str]], Guard],
+        guard: GuardPolicy | None = None,
+        sensitive: Mapping[str, str] | None = None,
         network: Any = None,
         secrets: Mapping[str, Secret] | None = None,
         gateway_config: GatewayConfig | None = None,
@@ -53,7 +56,8 @@ class Engine:
         """Start a sandbox on the tier ``isolation`` / ``trust`` selects.
 
         Every sandbox gets an egress gateway (deny-all unless ``network`` opens hosts) and a
-        guard built by ``guard(secret values -> labels)`` over everything it returns.
+        guard over everything it returns, which knows its secrets and ``sensitive`` values
+        (value -> label).
         """
         tier = choose_tier(isolation, trust)
         runtime = await asyncio.to_thread(require, tier)
@@ -67,9 +71,11 @@ class Engine:
         spec = SandboxSpec(
             sandbox_id=sandbox_id, tier=tier, envs=tuple(sorted(env.items())), **spec_args
         )
-        sensitive = {s.value: name for name, s in (secrets or {}).items()}
+        known = dict(sensitive or {})
+        known.update({s.value: name for name, s in (secrets or {}).items()})
+        the_guard = make_guard(sandbox_id, guard or GuardPolicy(), known, audit)
         session = Session(
-            spec, runtime, guard(sensitive), timeout, metadata, self._ended, audit=audit,
+            spec, runtime, the_guard, timeout, metadata, self._ended, audit=audit,
             gateway=gateway,
         )  # fmt: skip
         with self._mu:

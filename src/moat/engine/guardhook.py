@@ -1,30 +1,52 @@
-"""Builds the guard a session uses (invariant 4). Until moat.guard lands: pass-through."""
+"""Builds the guard of one sandbox (invariant 4) and connects its findings to the audit trail."""
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Mapping
 from typing import Any
 
+from moat.errors import InvalidArgumentError
+from moat.guard import Finding, Guard, GuardPolicy
 
-class _PassStream:
-    def feed(self, chunk: str) -> str:
-        return chunk
-
-    def flush(self) -> str:
-        return ""
+log = logging.getLogger("moat.guard")
 
 
-class PassThroughGuard:
-    """No redaction. Only used until moat.guard is wired in; never for GuardPolicy(mode='off')."""
+def guard_policy(value: GuardPolicy | Mapping[str, Any] | None) -> GuardPolicy:
+    """Accept a GuardPolicy, a dict of its fields, or None (the default: redact)."""
+    if value is None:
+        return GuardPolicy()
+    if isinstance(value, GuardPolicy):
+        return value
+    if isinstance(value, Mapping):
+        try:
+            return GuardPolicy(**value)
+        except TypeError as exc:
+            raise InvalidArgumentError("guard has an unknown field") from exc
+    raise InvalidArgumentError("guard must be a moat.GuardPolicy or a dict")
 
-    def stream(self, channel: str) -> _PassStream:
-        return _PassStream()
 
-    def redact_text(self, text: str, channel: str) -> str:
-        return text
+def make_guard(
+    sandbox_id: str,
+    policy: GuardPolicy,
+    sensitive: Mapping[str, str],
+    audit: Any,
+) -> Guard:
+    """The guard for one sandbox: every secret it was given plus the caller's sensitive values.
 
-    def redact_bytes(self, data: bytes, channel: str) -> bytes:
-        return data
+    Findings (labels and channels, never values) go to the audit trail.
+    """
 
+    def on_finding(f: Finding) -> None:
+        try:
+            audit.record_finding(sandbox_id, f.label, f.channel, canary=f.canary)
+        except Exception:  # noqa: BLE001 - a failed audit write must not break the call
+            log.exception("audit write failed")
+        if f.canary:
+            log.warning("sandbox %s: canary %s seen on %s", sandbox_id, f.label, f.channel)
 
-def make_guard(**_: Any) -> PassThroughGuard:
-    return PassThroughGuard()
+    if policy.mode == "off":
+        # Named as such and audited: whoever reads the trail sees the guard was off.
+        log.warning("sandbox %s: the reply-channel guard is OFF", sandbox_id)
+        audit.record_finding(sandbox_id, "guard:off", "policy", canary=False)
+    return Guard(policy, [(v, label) for v, label in sensitive.items()], on_finding=on_finding)

@@ -6,6 +6,7 @@ what the host buffers for one call however much the sandbox prints (invariant 6)
 
 from __future__ import annotations
 
+import asyncio
 import codecs
 import inspect
 from collections.abc import Callable
@@ -19,6 +20,15 @@ class StreamFilter(Protocol):
     def feed(self, chunk: str) -> str: ...
 
     def flush(self) -> str: ...
+
+    @property
+    def pending(self) -> int: ...
+
+    def release_idle(self) -> str: ...
+
+
+#: After this long without new output, what the guard holds back is released (streaming).
+IDLE_RELEASE = 0.2
 
 
 Callback = Callable[[str], Any] | None
@@ -40,6 +50,8 @@ class OutputSink:
         self._max = max_bytes
         self._seen = 0
         self.truncated = False
+        self._idle: dict[str, asyncio.TimerHandle] = {}
+        self._finished = False
 
     async def feed(self, channel: str, data: bytes) -> None:
         if self.truncated:
@@ -51,13 +63,39 @@ class OutputSink:
             self.truncated = True
         text = self._decoders[channel].decode(data)
         await self._emit(channel, self._filters[channel].feed(text))
+        self._arm_idle(channel)
         if self.truncated:
             await self.finish()
             note = f"\n[moat: output truncated after {self._max} bytes]\n"
             self.chunks["stderr"].append(note)
 
+    def _arm_idle(self, channel: str) -> None:
+        timer = self._idle.pop(channel, None)
+        if timer is not None:
+            timer.cancel()
+        if self._filters[channel].pending and not self._finished:
+            loop = asyncio.get_running_loop()
+            self._idle[channel] = loop.call_later(
+                IDLE_RELEASE, lambda: loop.create_task(self._release_idle(channel))
+            )
+
+    async def _release_idle(self, channel: str) -> None:
+        self._idle.pop(channel, None)
+        if self._finished:
+            return
+        try:
+            await self._emit(channel, self._filters[channel].release_idle())
+        except Exception:  # noqa: BLE001 - block mode etc.: the next feed/finish raises it
+            return
+
     async def finish(self) -> None:
-        """End of the call: release what decoders and guards held back."""
+        """End of the call: release what decoders and guards held back. Idempotent."""
+        if self._finished:
+            return
+        self._finished = True
+        for timer in self._idle.values():
+            timer.cancel()
+        self._idle.clear()
         for channel in ("stdout", "stderr"):
             tail = self._decoders[channel].decode(b"", final=True)
             text = self._filters[channel].feed(tail) if tail else ""

@@ -19,6 +19,7 @@ from moat.engine.tunnels import Tunnels
 from moat.engine.output import DEFAULT_MAX_OUTPUT, OutputSink, StreamFilter
 from moat.errors import (
     InvalidArgumentError,
+    LeakBlockedError,
     NotFoundError,
     PolicyError,
     SandboxDiedError,
@@ -231,6 +232,13 @@ class Session:
             try:
                 async with asyncio.timeout(timeout):
                     restarted = await self._exec_frames(call, sink, execution, on_result, on_error)
+                await sink.finish()
+            except LeakBlockedError:
+                # Block mode: nothing more of this call is released; stop the code, and wait
+                # (discarding) until the context is free again.
+                await self._interrupt(call)
+                await self._discard_until_done(call)
+                raise
             except builtins.TimeoutError:
                 await self._interrupt(call)
                 restarted = await self._exec_frames(call, sink, execution, None, None, grace=True)
@@ -243,7 +251,6 @@ class Session:
         finally:
             call.close()
             self._record_exec(language, code, started, execution)
-        await sink.finish()
         execution.logs = Logs(stdout=sink.chunks["stdout"], stderr=sink.chunks["stderr"])
         execution.truncated = sink.truncated
         count = self._exec_counts.get(context, 0) + 1
@@ -279,6 +286,15 @@ class Session:
         with contextlib.suppress(SandboxError):
             client.send(MsgType.INTERRUPT, 0, {"target": call.id})
             await client.drain()
+
+    async def _discard_until_done(self, call: Call) -> None:
+        """Drop an interrupted call's frames until it ends; a call that won't end kills us."""
+        try:
+            async with asyncio.timeout(INTERRUPT_GRACE):
+                while (await call.next()).type not in (MsgType.DONE, MsgType.FAIL):
+                    pass
+        except builtins.TimeoutError:
+            await self.kill("died: the agent did not stop an interrupted execution")
 
     async def _exec_frames(
         self,
@@ -414,6 +430,8 @@ class Session:
                         await sink.feed("stdout", frame.payload)
                     elif frame.type is MsgType.STDERR:
                         await sink.feed("stderr", frame.payload)
+                    elif frame.type is MsgType.FAIL:  # e.g. the agent could not watch it
+                        raise fail_to_error(self._guard_fail(frame))
                     elif frame.type is MsgType.DONE:
                         code = frame.fields.get("exit_code")
                         if not isinstance(code, int) or isinstance(code, bool):
@@ -428,6 +446,11 @@ class Session:
             raise TimeoutError(
                 f"command exceeded its {timeout:g}s timeout and was killed"
             ) from None
+        except LeakBlockedError:
+            with contextlib.suppress(SandboxError):
+                await self.kill_command(pid)
+            call.close()
+            raise
         call.close()
         await sink.finish()
         return CommandResult(

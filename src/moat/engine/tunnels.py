@@ -13,6 +13,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from moat.errors import SandboxDiedError
 from moat.protocol import CHUNK_SIZE, TCP_WINDOW, MsgType, ProtocolError
 
 log = logging.getLogger("moat.engine")
@@ -39,7 +40,7 @@ class _Reader(asyncio.StreamReader):
         self.feed_data(data)
 
     def _maybe_resume_transport(self) -> None:  # called by StreamReader after each read
-        super()._maybe_resume_transport()
+        super()._maybe_resume_transport()  # type: ignore[misc]
         consumed = self.fed - len(self._buffer) - self.acked  # type: ignore[attr-defined]
         if consumed >= TCP_WINDOW // 4 or (consumed > 0 and not self._buffer):  # type: ignore[attr-defined]
             self.acked += consumed
@@ -136,11 +137,22 @@ class Tunnel:
         self.task: asyncio.Task[None] | None = None
 
     def send(self, mtype: MsgType, fields: dict[str, Any], payload: bytes = b"") -> None:
-        if not self.dead:
+        if self.dead:
+            return
+        try:
             self.mux.send(mtype, self.id, fields, payload)
+        except SandboxDiedError:
+            # The agent is gone (killed, crashed): the stream is over. The gateway must see
+            # a closed stream, not our exception in the middle of its pump (which would leave
+            # its bookkeeping and the audit row unfinished).
+            self.end()
 
     async def drain(self) -> None:
-        await self.mux.drain()
+        try:
+            await self.mux.drain()
+        except SandboxDiedError as exc:
+            self.end()
+            raise ConnectionResetError("proxied stream closed") from exc
 
     def end(self) -> None:
         if not self.dead:
@@ -168,9 +180,9 @@ class Tunnels:
             if self.handler is None or len(self.streams) >= MAX_STREAMS:
                 self.send(MsgType.TCP_CLOSE, sid, {}, b"")
                 return
-            t = Tunnel(self, sid)
-            self.streams[sid] = t
-            t.task = asyncio.get_running_loop().create_task(self._run(t))
+            new = Tunnel(self, sid)
+            self.streams[sid] = new
+            new.task = asyncio.get_running_loop().create_task(self._run(new))
             return
         t = self.streams.get(sid)
         if t is None:
@@ -192,12 +204,12 @@ class Tunnels:
             t.writer.credit(n)
 
     async def _run(self, t: Tunnel) -> None:
-        assert self.handler is not None  # noqa: S101 - checked before the task starts
+        assert self.handler is not None
         try:
             await self.handler(t.reader, t.writer)
         except asyncio.CancelledError:
             pass
-        except Exception:  # noqa: BLE001 - one bad stream must not take the sandbox down
+        except Exception:
             log.exception("egress stream %s failed", t.id)
         finally:
             # Closes once what is pending is delivered (then the stream ends itself).

@@ -10,10 +10,10 @@ Streams (see docs/guard.md for the reasoning):
   longest registered pattern with whitespace gaps (and to the longest rule match); a value
   split at any offset is still whole in the buffer when it is decided on. The amount
   released by ``feed`` depends only on the lengths fed, never on whether the held tail
-  looks like the beginning of a secret, unless a *complete* match sits on the boundary
-  (then the whole match is held and later redacted): prefixes don't change what comes out;
+  looks like the beginning of a secret; only a *complete* match across the cut changes it
+  (the match is released whole, as its marker): prefixes don't change what comes out;
 * ``flush`` at the end of a call releases the rest, redacted: output is never held longer
-  than one call;
+  than one call. Flush every stream of a call after the call's last chunk;
 * streams of one guard share an interleaving log of the last ``window`` characters in
   arrival order; a value split across stdout and stderr (interleaved) is found there and
   redacted in both streams, since each part is still in its own stream's held tail.
@@ -460,6 +460,28 @@ class GuardStream:
             finally:
                 self._closed = True
                 self._guard._forget(self)
+
+    @property
+    def pending(self) -> int:
+        """How many characters are held back, waiting for more output or the end."""
+        return len(self._buf)
+
+    def release_idle(self) -> str:
+        """The stream went quiet: release what is held back, redacted, and keep the stream open.
+
+        Streaming callers want output while a call still runs; the holdback window would keep
+        short output (a progress line) until the call ends. The released raw text stays as
+        lookbehind, so the rest of a value that straddles this point is still redacted when it
+        arrives; only the part printed before the pause has left (documented trade-off).
+        """
+        with self._guard._lock:
+            self._check_open()
+            if self._guard.mode == "off" or not self._buf:
+                return ""
+            raw = self._tail + self._buf
+            out = self._release(final=True)
+            self._tail = raw[-self._guard._idx().window :]
+            return out
 
     def into(self, callback: Callable[[str], None]) -> GuardedCallback:
         """Wrap a caller's streaming callback: it only ever receives released text."""

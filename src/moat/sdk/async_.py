@@ -10,7 +10,8 @@ from typing import IO, Any, Literal
 from moat.egress import GatewayConfig, NetworkPolicy, Secret
 from moat.engine import Engine, Session, default_engine
 from moat.engine.client import Call
-from moat.engine.guardhook import make_guard
+from moat.engine.guardhook import guard_policy
+from moat.guard import Guard, GuardPolicy
 from moat.engine.output import OutputSink
 from moat.errors import (
     CommandExitError,
@@ -206,6 +207,8 @@ class AsyncSandbox:
         *,
         allow_internet_access: bool = False,
         gateway_config: GatewayConfig | None = None,
+        guard: GuardPolicy | dict[str, Any] | None = None,
+        sensitive: list[str] | dict[str, str] | None = None,
         engine: Engine | None = None,
     ) -> AsyncSandbox:
         """Start a sandbox. With ``trust="untrusted"`` (the default) that is a microVM.
@@ -216,7 +219,9 @@ class AsyncSandbox:
         opens public hosts on 80/443, never private ranges). ``secrets`` maps an environment
         variable to a ``Secret``: the sandbox sees a placeholder, the gateway swaps in the
         value on requests to the secret's hosts only. ``gateway_config`` tunes the gateway's
-        caps (and its ``unsafe_*`` switches, for tests and admins).
+        caps (and its ``unsafe_*`` switches, for tests and admins). ``guard`` sets how output
+        is scanned (``GuardPolicy(mode="redact"|"block"|"off")``, redact by default) and
+        ``sensitive`` adds values (a list, or value -> label) it must never let through.
         """
         if template != "default":
             raise InvalidArgumentError("unknown template (only 'default' exists)")
@@ -239,7 +244,8 @@ class AsyncSandbox:
                 allow_out=policy.allow_out, deny_out=policy.deny_out, internet_access=True
             )
         if secrets is not None and (
-            not isinstance(secrets, dict) or not all(isinstance(x, Secret) for x in secrets.values())
+            not isinstance(secrets, dict)
+            or not all(isinstance(x, Secret) for x in secrets.values())
         ):
             raise InvalidArgumentError("secrets must map variable names to moat.Secret")
         if gateway_config is not None and not isinstance(gateway_config, GatewayConfig):
@@ -251,12 +257,18 @@ class AsyncSandbox:
             trust,
             float(timeout),
             meta,
-            guard=lambda sensitive: make_guard(sensitive=sensitive),
+            guard=guard_policy(guard),
+            sensitive=_sensitive(sensitive),
             network=policy,
             secrets=secrets,
             gateway_config=gateway_config,
         )
         return cls(session)
+
+    @property
+    def guard(self) -> Guard:
+        """This sandbox's guard: ``register(value, label)``, ``canary(kind)``."""
+        return self._s.guard  # type: ignore[return-value]
 
     async def update_network(self, network: NetworkPolicy | dict[str, Any] | None) -> None:
         """Replace the egress policy; open tunnels it no longer allows are closed."""
@@ -340,6 +352,20 @@ def _context_id(context: Context | str | None) -> str:
     if isinstance(context, str) and 0 < len(context) <= 64 and context.isalnum():
         return context
     raise InvalidArgumentError("context must be a Context, a context id or None")
+
+
+def _sensitive(value: Any) -> dict[str, str]:
+    if value is None:
+        return {}
+    if isinstance(value, dict):
+        items = value
+    elif isinstance(value, (list, tuple)):
+        items = {v: "SENSITIVE" for v in value}
+    else:
+        raise InvalidArgumentError("sensitive must be a list of str or a dict of value to label")
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in items.items()):
+        raise InvalidArgumentError("sensitive must be a list of str or a dict of value to label")
+    return dict(items)
 
 
 def _bytes(data: str | bytes) -> bytes:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import IO, Any, Literal
 
 from moat.egress import GatewayConfig, NetworkPolicy, Secret
+from moat.guard import Guard, GuardPolicy
 from moat.runtime.spec import Limits, Mount
 from moat.sdk._loop import loop_thread
 from moat.sdk.async_ import AsyncCommandHandle, AsyncCommands, AsyncFiles, AsyncSandbox
@@ -132,6 +133,8 @@ class Sandbox:
         *,
         allow_internet_access: bool = False,
         gateway_config: GatewayConfig | None = None,
+        guard: GuardPolicy | dict[str, Any] | None = None,
+        sensitive: list[str] | dict[str, str] | None = None,
     ) -> Sandbox:
         """Start a sandbox; see ``AsyncSandbox.create``."""
         inner = _run(
@@ -148,9 +151,16 @@ class Sandbox:
                 metadata,
                 allow_internet_access=allow_internet_access,
                 gateway_config=gateway_config,
+                guard=guard,
+                sensitive=sensitive,
             )
         )
         return cls(inner)
+
+    @property
+    def guard(self) -> Guard:
+        """This sandbox's guard: ``register(value, label)``, ``canary(kind)``."""
+        return self._a.guard
 
     def update_network(self, network: NetworkPolicy | dict[str, Any] | None) -> None:
         """Replace the egress policy; open tunnels it no longer allows are closed."""

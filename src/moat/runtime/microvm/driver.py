@@ -24,7 +24,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from moat.errors import IsolationUnavailableError, SandboxDiedError
+from moat.errors import PolicyError, IsolationUnavailableError, SandboxDiedError
 from moat.runtime import agentdir, cgroups
 from moat.runtime.microvm import artifacts, initramfs, probe, qemu, snapshot
 from moat.runtime.microvm.guest_init import BOOT_MARKER
@@ -192,6 +192,13 @@ class MicroVMRuntime:
     # -- starting ----------------------------------------------------------------------------
 
     async def start(self, spec: SandboxSpec) -> MicroVMProcess:
+        if spec.mounts:
+            # Fail closed (invariant 7): this guest kernel has no 9p, and a silent no-op
+            # would hand the caller a sandbox without the data it asked for.
+            raise PolicyError(
+                "the microvm tier does not support host mounts yet; copy files in with"
+                " files.write, or use the container or gvisor tier"
+            )
         reason = self.probe() if self._accel is None or self._cgroups is None else None
         if reason:
             raise IsolationUnavailableError(f"microvm tier unavailable: {reason}")

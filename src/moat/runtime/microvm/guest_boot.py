@@ -107,6 +107,9 @@ def apply(cfg: dict[str, object]) -> None:
     _mount("tmpfs", "/tmp", "tmpfs", flags, f"mode=1777,size={size}")  # noqa: S108 - the guest's own /tmp
     _mount("tmpfs", HOME, "tmpfs", flags, f"mode=0700,uid={UID},gid={GID},size={size}")
     _limits(cfg)
+    # No user namespaces for sandboxed code: they are the usual way from an unprivileged uid
+    # to kernel attack surface reserved for root (defence in depth inside the guest).
+    _write("/proc/sys/user/max_user_namespaces", "0")
     os.chown(PORT, UID, GID)
     # The root file system (the initramfs) is read-only from here on, also for guest root.
     _mount("rootfs", "/", "", _MS_REMOUNT | _MS_RDONLY, "")

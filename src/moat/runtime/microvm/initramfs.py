@@ -107,6 +107,9 @@ def _read_or_empty(path: str) -> bytes:
 def agent_archive(agent_dir: Path) -> bytes:
     """The agent's code (from ``moat.runtime.agentdir.prepare()``) at AGENT_DIR, root-owned."""
     entries = [cpio.directory("/opt"), cpio.directory(AGENT_DIR)]
+    # The guest's stage 2 travels with the agent, not the base archive: a change to it then
+    # takes effect (and re-keys snapshots) without re-running setup.
+    entries.append(cpio.file(f"{TOOLS}/boot.py", _BOOT.read_bytes(), 0o600))
     for dirpath, dirnames, filenames in os.walk(agent_dir):
         dirnames[:] = sorted(n for n in dirnames if n != "__pycache__")
         rel = os.path.relpath(dirpath, agent_dir)
