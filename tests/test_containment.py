@@ -27,7 +27,6 @@ from moat import (
 from moat.egress import proxy_env
 from moat.engine.session import CA_BUNDLE_PATH, PROXY_PORT
 from moat.runtime.container.driver import UID_BASE, UID_SPAN
-from tests.conftest import require_tier
 
 _ENGINES = (b"bwrap", b"runsc", b"qemu-system")
 
@@ -56,10 +55,13 @@ def sandbox_procs() -> set[int]:
 
 
 def moat_cgroups() -> set[str]:
+    """Sandbox cgroups owned by this process (their names carry the owner's pid)."""
     found = set()
+    mine = f".{os.getpid()}."
     for root in Path("/sys/fs/cgroup").glob("*"):
         for p in root.rglob("*sbx-*"):
-            found.add(str(p))
+            if mine in p.name:
+                found.add(str(p))
     return found
 
 

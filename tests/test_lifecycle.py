@@ -7,6 +7,7 @@ import sys
 import time
 
 import pytest
+from tests.conftest import require_tier
 
 import moat
 from moat import (
@@ -24,7 +25,6 @@ from moat import (
 from moat.engine.client import AgentClient
 from moat.engine.tiers import choose_tier, runtime_for
 from moat.protocol import Frame, MsgType, encode
-from tests.conftest import require_tier
 
 
 def test_public_names() -> None:
@@ -236,6 +236,16 @@ async def _hostile(script: str) -> tuple[AgentClient, _PipeProcess, list[str]]:
 READY = encode(Frame(MsgType.READY, 0, {"version": 1}))
 
 
+def _agent_script(first: bytes, answer: bytes | None = None) -> str:
+    """A fake agent: writes ``first``, then (after one byte of request) ``answer``, then idles."""
+    lines = ["import sys, time", f"sys.stdout.buffer.write({first!r}); sys.stdout.flush()"]
+    if answer is not None:
+        lines.append("sys.stdin.buffer.read(1)")
+        lines.append(f"sys.stdout.buffer.write({answer!r}); sys.stdout.flush()")
+    lines.append("time.sleep(30)")
+    return "\n".join(lines)
+
+
 @pytest.mark.parametrize(
     "garbage",
     [
@@ -246,10 +256,7 @@ READY = encode(Frame(MsgType.READY, 0, {"version": 1}))
 )
 def test_malformed_agent_frame_ends_the_sandbox(garbage: bytes) -> None:
     async def main() -> None:
-        script = (
-            "import sys, time; sys.stdout.buffer.write(%r); sys.stdout.flush();"
-            "sys.stdin.buffer.read(1); sys.stdout.buffer.write(%r); sys.stdout.flush(); time.sleep(30)"
-        ) % (READY, garbage)
+        script = _agent_script(READY, garbage)
         client, pp, deaths = await _hostile(script)
         await client.wait_ready(5)
         with pytest.raises(SandboxDiedError):
@@ -263,10 +270,7 @@ def test_malformed_agent_frame_ends_the_sandbox(garbage: bytes) -> None:
 
 def test_silent_agent_ends_the_sandbox() -> None:
     async def main() -> None:
-        script = (
-            "import sys, time; sys.stdout.buffer.write(%r); sys.stdout.flush(); time.sleep(30)"
-            % (READY,)
-        )
+        script = _agent_script(READY)
         client, pp, deaths = await _hostile(script)
         await client.wait_ready(5)
         with pytest.raises(SandboxDiedError, match="stopped answering"):
@@ -280,7 +284,7 @@ def test_silent_agent_ends_the_sandbox() -> None:
 
 def test_agent_that_never_starts() -> None:
     async def main() -> None:
-        client, pp, deaths = await _hostile("import time; time.sleep(30)")
+        client, pp, _ = await _hostile("import time; time.sleep(30)")
         with pytest.raises(SandboxDiedError, match="did not start"):
             await client.wait_ready(0.5)
         await client.close()
@@ -292,10 +296,7 @@ def test_agent_that_never_starts() -> None:
 def test_positive_control_well_behaved_agent() -> None:
     async def main() -> None:
         done = encode(Frame(MsgType.DONE, 1, {}))
-        script = (
-            "import sys, time; sys.stdout.buffer.write(%r); sys.stdout.flush();"
-            "sys.stdin.buffer.read(1); sys.stdout.buffer.write(%r); sys.stdout.flush(); time.sleep(30)"
-        ) % (READY, done)
+        script = _agent_script(READY, done)
         client, pp, deaths = await _hostile(script)
         await client.wait_ready(5)
         assert await client.request(MsgType.PING, {}, timeout=5) == {}

@@ -656,3 +656,28 @@ def test_line_index_on_the_example_points_at_each_leaf() -> None:
         # The line holds the key (or, for an array item, the item itself).
         needle = str(path[-1]) if isinstance(path[-1], str) else str(value)
         assert needle in lines[line - 1], (path, line)
+
+
+@pytest.mark.container
+def test_sandbox_create_with_profile(tmp_path: Path) -> None:
+    """A profile's tier, limits and envs reach a real sandbox; explicit arguments win."""
+    from tests.conftest import require_tier
+
+    from moat import Sandbox
+
+    require_tier("container")
+    policy = tmp_path / "moat.toml"
+    policy.write_text(
+        "version = 1\n"
+        "[profiles.quick]\n"
+        'trust = "trusted"\n'
+        "timeout = 120\n"
+        "limits = { memory_mb = 256, pids = 64 }\n"
+        'envs = { TASK = "quick" }\n'
+    )
+    with Sandbox.create(profile="quick", policy_file=str(policy)) as s:
+        info = s.get_info()
+        assert info.tier == "container" and info.limits.memory_mb == 256
+        assert s.run_code("import os; os.environ['TASK']").text == "'quick'"
+    with Sandbox.create(profile="quick", policy_file=str(policy), limits={"memory_mb": 384}) as s:
+        assert s.get_info().limits.memory_mb == 384 and s.get_info().limits.pids == 256

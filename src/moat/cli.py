@@ -36,19 +36,28 @@ def main() -> None:
 @click.option(
     "--trust",
     type=click.Choice(["trusted", "semi-trusted", "untrusted"]),
-    default="untrusted",
-    show_default=True,
+    default=None,
+    help="Trust level, mapped to a tier (default: untrusted -> microvm).",
+)
+@click.option("--profile", default=None, help="A profile of the policy file (docs/profiles.md).")
+@click.option(
+    "--policy-file",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Policy file (default: $MOAT_POLICY_FILE).",
 )
 @click.option("--timeout", type=float, default=60, show_default=True, help="Seconds for the code.")
-@click.option("--memory", type=int, default=512, show_default=True, help="Memory cap in MiB.")
+@click.option("--memory", type=int, default=None, help="Memory cap in MiB (default 512).")
 @click.option("--language", type=click.Choice(["python", "bash"]), default="python")
 def run(
     file: click.File | None,
     code: str | None,
     isolation: str | None,
-    trust: str,
+    trust: str | None,
+    profile: str | None,
+    policy_file: str | None,
     timeout: float,
-    memory: int,
+    memory: int | None,
     language: str,
 ) -> None:
     """Run FILE (or -c CODE) in a fresh sandbox and print its output."""
@@ -62,7 +71,9 @@ def run(
             isolation=isolation,
             trust=trust,
             timeout=timeout + 30,
-            limits=Limits(memory_mb=memory),
+            limits=Limits(memory_mb=memory) if memory is not None else None,
+            profile=profile,
+            policy_file=policy_file,
         ) as sbx:
             ex = sbx.run_code(
                 source,

@@ -39,7 +39,7 @@ class SandboxError(Exception):
     """Base class of every error moat raises."""
 
 
-class TimeoutError(SandboxError, builtins.TimeoutError):  # noqa: A001 - E2B's name, and still a builtins.TimeoutError
+class TimeoutError(SandboxError, builtins.TimeoutError):
     """A call or the sandbox's lifetime ran out.
 
     ``context_restarted`` is True when a timed-out ``run_code`` could not be interrupted and

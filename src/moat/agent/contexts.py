@@ -43,6 +43,7 @@ class Kernel:
 
     def __init__(self, pid: int, ctl_w: int, ctl_r: int, out_r: int, err_r: int) -> None:
         self.pid = pid
+        self._popen: subprocess.Popen[bytes] | None = None  # spawned kernels: it reaps them
         self.ctl_w, self.ctl_r, self.out_r, self.err_r = ctl_w, ctl_r, out_r, err_r
 
     @classmethod

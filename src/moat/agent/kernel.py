@@ -57,7 +57,9 @@ def _run(code: str, ns: dict[str, Any]) -> tuple[bool, Any]:
     tree = ast.parse(code, _CELL, "exec")
     last: ast.Expression | None = None
     if tree.body and isinstance(tree.body[-1], ast.Expr):
-        last = ast.Expression(tree.body.pop().value)
+        tail = tree.body.pop()
+        assert isinstance(tail, ast.Expr)
+        last = ast.Expression(tail.value)
     body = compile(tree, _CELL, "exec", flags=flags)
     if body.co_flags & 0x80:  # CO_COROUTINE: top-level await
         import asyncio  # lazily: it costs ~17 ms of start-up that most cells never need

@@ -92,7 +92,12 @@ class Agent:
                 if ctx is None:
                     self.ch.fail(rid, "not_found", "no such context")
                     return
-                self._in_thread(rid, lambda: (self.contexts.restart(ctx), self.ch.done(rid))[1])
+
+                def restart() -> None:
+                    self.contexts.restart(ctx)
+                    self.ch.done(rid)
+
+                self._in_thread(rid, restart)
             elif t is MsgType.CTX_REMOVE:
                 cid = a["context"]
                 self._in_thread(
@@ -135,7 +140,12 @@ class Agent:
             elif t is MsgType.FILE_STAT:
                 self.ch.done(rid, **self.files.stat(a["path"]))
             elif t is MsgType.FILE_REMOVE:
-                self._in_thread(rid, lambda: (self.files.remove(a["path"]), self.ch.done(rid))[1])
+
+                def remove() -> None:
+                    self.files.remove(a["path"])
+                    self.ch.done(rid)
+
+                self._in_thread(rid, remove)
             elif t is MsgType.FILE_MKDIR:
                 self.ch.done(rid, created=self.files.mkdir(a["path"]))
         except FileError as err:

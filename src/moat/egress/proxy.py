@@ -30,7 +30,7 @@ import contextlib
 import logging
 import ssl
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +53,7 @@ from moat.egress.tls import (
     _Writer,
     read_client_hello,
 )
-from moat.errors import InvalidArgumentError
+from moat.errors import InvalidArgumentError, LeakBlockedError
 
 __all__ = ["Gateway"]
 
@@ -146,7 +146,11 @@ class Gateway:
         secrets: Mapping[str, Secret] | None = None,
         audit: AuditLog | None = None,
         config: GatewayConfig | None = None,
+        inspect: Callable[[bytes], object] | None = None,
     ) -> None:
+        """``inspect`` sees each request's line and headers as the sandbox sent them (before
+        any secret is swapped in): the guard's canary and sensitive-value check. It reports
+        findings itself; raising LeakBlockedError refuses the request."""
         if not isinstance(sandbox_id, str) or not 1 <= len(sandbox_id) <= 128:
             raise InvalidArgumentError("bad sandbox id")
         if config is not None and not isinstance(config, GatewayConfig):
@@ -158,6 +162,7 @@ class Gateway:
         self._broker = SecretBroker(secrets)
         self._ca = CertificateAuthority(f"moat {sandbox_id}", self._broker.bound_hosts())
         self._audit = audit
+        self._inspect = inspect
         self._resolver: Resolver = self.config.resolver or SystemResolver()
         self._conns: set[_Conn] = set()
         self._rate = TokenBucket(self.config.max_requests_per_second, self.config.request_burst)
@@ -642,6 +647,14 @@ class Gateway:
                 raise _Refused(403, "policy_updated")
             path = self._check_target(req, dest, tls)
             headers = self._check_headers(req, dest, tls)
+            if self._inspect is not None:
+                head = b"\n".join(
+                    [req.method + b" " + req.target] + [k + b": " + v for k, v in headers]
+                )
+                try:
+                    self._inspect(head)
+                except LeakBlockedError:
+                    raise _Refused(403, "blocked_by_guard") from None
             if tls:
                 headers, used = self._broker.substitute(headers, dest.host)
             if self._broker.has_secrets():
@@ -672,6 +685,25 @@ class Gateway:
                 await upstream.aclose()
             # The client connection can't be reused after a refusal mid-request.
             raise _Ended from None
+        except BaseException:
+            # Cancelled (policy update, kill, idle timeout) or the client broke: the upstream
+            # dies with the exchange, never left open on the host (invariant 5), and the cut
+            # request still gets its audit row.
+            if upstream is not None:
+                with contextlib.suppress(Exception):
+                    await upstream.aclose()
+            with contextlib.suppress(Exception):
+                self._decision(
+                    method,
+                    dest,
+                    ip,
+                    allowed=True,
+                    reason=self._end_reason(conn, "intercepted" if tls else "http") + ";cut",
+                    secret=",".join(used) or None,
+                    up=conn.up,
+                    down=conn.down,
+                )
+            raise
         self._decision(
             method,
             dest,

@@ -14,6 +14,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from moat.engine.tunnels import Tunnels
 from moat.errors import (
     InvalidArgumentError,
     NotFoundError,
@@ -30,7 +31,6 @@ from moat.protocol import (
     ProtocolError,
     encode,
 )
-from moat.engine.tunnels import Tunnels
 from moat.runtime.base import SandboxProcess
 
 log = logging.getLogger("moat.engine")
@@ -54,7 +54,7 @@ class Call:
         if item is _DEAD:
             self.queue.put_nowait(_DEAD)  # keep failing
             raise SandboxDiedError(self.client.dead_reason or "the sandbox died")
-        assert isinstance(item, Frame)  # noqa: S101 - queue holds frames or _DEAD
+        assert isinstance(item, Frame)
         return item
 
     def close(self) -> None:

@@ -12,9 +12,9 @@ from typing import Any
 from moat.egress import AuditLog, Gateway, GatewayConfig, Secret, proxy_env
 from moat.engine.guardhook import make_guard
 from moat.engine.session import CA_BUNDLE_PATH, PROXY_PORT, Session
+from moat.engine.tiers import TIERS, choose_tier, require, runtime_for
 from moat.guard import GuardPolicy
 from moat.paths import state_dir
-from moat.engine.tiers import TIERS, choose_tier, require, runtime_for
 from moat.runtime.spec import SandboxSpec
 
 log = logging.getLogger("moat.engine")
@@ -64,16 +64,23 @@ class Engine:
         await asyncio.to_thread(self._sweep_once, tier)
         sandbox_id = self.new_id()
         audit = self.audit
-        gateway = Gateway(sandbox_id, network, secrets, audit=audit, config=gateway_config)
+        known = dict(sensitive or {})
+        known.update({s.value: name for name, s in (secrets or {}).items()})
+        the_guard = make_guard(sandbox_id, guard or GuardPolicy(), known, audit)
+        gateway = Gateway(
+            sandbox_id,
+            network,
+            secrets,
+            audit=audit,
+            config=gateway_config,
+            inspect=the_guard.check_egress,  # canaries and sensitive values leaving by network
+        )
         env = dict(spec_args.pop("envs", ()))
         env.update(proxy_env(PROXY_PORT, CA_BUNDLE_PATH))  # moat's own names win
         env.update(gateway.placeholders())
         spec = SandboxSpec(
             sandbox_id=sandbox_id, tier=tier, envs=tuple(sorted(env.items())), **spec_args
         )
-        known = dict(sensitive or {})
-        known.update({s.value: name for name, s in (secrets or {}).items()})
-        the_guard = make_guard(sandbox_id, guard or GuardPolicy(), known, audit)
         session = Session(
             spec, runtime, the_guard, timeout, metadata, self._ended, audit=audit,
             gateway=gateway,
@@ -97,7 +104,7 @@ class Engine:
             n = runtime_for(tier).sweep()
             if n:
                 log.warning("swept %d leftover %s sandbox resources", n, tier)
-        except Exception:  # noqa: BLE001 - a failed sweep must not block new sandboxes
+        except Exception:
             log.exception("sweep of %s failed", tier)
 
     def _ended(self, session: Session) -> None:

@@ -15,8 +15,8 @@ from typing import IO, Any, Protocol
 
 from moat.egress import Gateway
 from moat.engine.client import AgentClient, Call, fail_to_error
-from moat.engine.tunnels import Tunnels
 from moat.engine.output import DEFAULT_MAX_OUTPUT, OutputSink, StreamFilter
+from moat.engine.tunnels import Tunnels
 from moat.errors import (
     InvalidArgumentError,
     LeakBlockedError,
@@ -46,7 +46,7 @@ log = logging.getLogger("moat.engine")
 #: The sandbox-side proxy port the agent serves (HTTP(S)_PROXY points here).
 PROXY_PORT = 3128
 #: Where the agent writes the CA bundle (system roots + this sandbox's interception CA).
-CA_BUNDLE_PATH = "/tmp/.moat/ca-bundle.pem"
+CA_BUNDLE_PATH = "/tmp/.moat/ca-bundle.pem"  # noqa: S108 - a path inside the sandbox
 #: How long the agent gets to come up.
 START_TIMEOUT = 20.0
 #: After asking the agent to interrupt a call, how long before we declare it dead.
@@ -75,8 +75,8 @@ class Audit(Protocol):
         sandbox_id: str,
         language: str,
         code_sha256: str,
-        duration_ms: float,
-        error_name: str | None,
+        duration_ms: int,
+        error_name: str | None = None,
     ) -> None: ...
 
 
@@ -169,14 +169,15 @@ class Session:
             if self._timer is not None:
                 self._timer.cancel()
                 self._timer = None
-            if self.proc is not None:
-                proc, self.proc = self.proc, None
-                await proc.kill()
+            # The gateway first: its tunnels end (and are audited) as closed by moat.
             if self.tunnels is not None:
                 self.tunnels.close_all()
             if self.gateway is not None:
                 with contextlib.suppress(Exception):
                     await self.gateway.close()
+            if self.proc is not None:
+                proc, self.proc = self.proc, None
+                await proc.kill()
             if self.client is not None:
                 client, self.client = self.client, None
                 client._die("the sandbox was killed")
@@ -269,7 +270,7 @@ class Session:
                 round((time.monotonic() - started) * 1000),
                 ex.error.name if ex.error else None,
             )
-        except Exception:  # noqa: BLE001 - auditing must not break the call; logged
+        except Exception:
             log.exception("audit write failed")
 
     def _sink(

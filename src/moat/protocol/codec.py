@@ -86,7 +86,7 @@ class Decoder:
         if not isinstance(obj, dict) or set(obj) - {"t", "i", "f"}:
             raise ProtocolError("header is not a frame object")
         try:
-            mtype = MsgType(obj.get("t"))
+            mtype = MsgType(str(obj.get("t")))
         except ValueError as exc:
             raise ProtocolError("unknown frame type") from exc
         fields = obj.get("f", {})

@@ -177,8 +177,8 @@ class Frame:
 
     def __init__(
         self,
-        type: MsgType,  # noqa: A002 - the protocol's own word
-        id: int,  # noqa: A002
+        type: MsgType,
+        id: int,
         fields: dict[str, Any] | None = None,
         payload: bytes = b"",
     ) -> None:
@@ -200,7 +200,7 @@ class Frame:
             other.payload,
         )
 
-    __hash__ = None  # type: ignore[assignment] - mutable fields
+    __hash__ = None  # type: ignore[assignment]  # mutable fields: not hashable
 
     def __repr__(self) -> str:
         return f"Frame({self.type.value}, {self.id}, {self.fields!r}, {len(self.payload)}B)"
@@ -224,7 +224,7 @@ def validate(frame: Frame, *, direction: frozenset[MsgType] | None = None) -> Fr
             raise ProtocolError(f"{frame.type.value}: field {name!r} must be int")
         if not isinstance(value, spec.type):
             raise ProtocolError(f"{frame.type.value}: field {name!r} has the wrong type")
-        if spec.max_len is not None and len(value) > spec.max_len:
+        if spec.max_len is not None and len(value) > spec.max_len:  # type: ignore[arg-type]
             raise ProtocolError(f"{frame.type.value}: field {name!r} too long")
     if frame.type is MsgType.FAIL and frame.fields["kind"] not in FAIL_KINDS:
         raise ProtocolError("fail: unknown kind")

@@ -58,8 +58,8 @@ def prepare() -> Path:
         capture_output=True,
         timeout=60,
     )
-    for dirpath, dirnames, filenames in os.walk(tmp):
-        os.chmod(dirpath, 0o755)
+    for dirpath, _dirnames, filenames in os.walk(tmp):
+        os.chmod(dirpath, 0o755)  # noqa: S103 - the sandbox uid must read it
         for name in filenames:
             os.chmod(os.path.join(dirpath, name), 0o644)
     try:

@@ -12,10 +12,13 @@ from moat.runtime.spec import SandboxSpec
 class SandboxProcess(Protocol):
     """A running sandbox as its driver sees it: a byte stream to the agent, and a way to end it."""
 
-    #: bytes written by the agent (its framed protocol)
-    reader: asyncio.StreamReader
-    #: bytes to the agent
-    writer: asyncio.StreamWriter | "ByteSink"
+    @property
+    def reader(self) -> asyncio.StreamReader:
+        """Bytes written by the agent (its framed protocol)."""
+
+    @property
+    def writer(self) -> ByteSink:
+        """Bytes to the agent."""
 
     async def kill(self) -> None:
         """Kill every process of the sandbox and release all its resources. Idempotent.

@@ -11,7 +11,6 @@ from moat.egress import GatewayConfig, NetworkPolicy, Secret
 from moat.engine import Engine, Session, default_engine
 from moat.engine.client import Call
 from moat.engine.guardhook import guard_policy
-from moat.guard import Guard, GuardPolicy
 from moat.engine.output import OutputSink
 from moat.errors import (
     CommandExitError,
@@ -19,6 +18,8 @@ from moat.errors import (
     SandboxError,
     TimeoutError,
 )
+from moat.guard import Guard, GuardPolicy
+from moat.profiles import resolve_profile
 from moat.runtime.spec import Limits, Mount
 from moat.sdk import validate as v
 from moat.sdk.models import (
@@ -196,8 +197,8 @@ class AsyncSandbox:
         cls,
         template: str = "default",
         isolation: str | None = None,
-        trust: str = "untrusted",
-        timeout: float = 300,
+        trust: str | None = None,
+        timeout: float | None = None,
         envs: dict[str, str] | None = None,
         mounts: list[Mount] | None = None,
         limits: Limits | dict[str, Any] | None = None,
@@ -209,6 +210,8 @@ class AsyncSandbox:
         gateway_config: GatewayConfig | None = None,
         guard: GuardPolicy | dict[str, Any] | None = None,
         sensitive: list[str] | dict[str, str] | None = None,
+        profile: str | None = None,
+        policy_file: str | None = None,
         engine: Engine | None = None,
     ) -> AsyncSandbox:
         """Start a sandbox. With ``trust="untrusted"`` (the default) that is a microVM.
@@ -222,7 +225,31 @@ class AsyncSandbox:
         caps (and its ``unsafe_*`` switches, for tests and admins). ``guard`` sets how output
         is scanned (``GuardPolicy(mode="redact"|"block"|"off")``, redact by default) and
         ``sensitive`` adds values (a list, or value -> label) it must never let through.
+        ``profile`` names a profile of the policy file (``policy_file`` or
+        ``$MOAT_POLICY_FILE``) whose settings apply where the caller gives none (see
+        docs/profiles.md). Defaults without a profile: ``trust="untrusted"``, 300 s.
         """
+        if profile is not None:
+            chosen = resolve_profile(profile, policy_file)
+            given = {
+                "trust": trust,
+                "isolation": isolation,
+                "timeout": timeout,
+                "limits": limits,
+                "network": network,
+                "guard": guard,
+                "envs": envs,
+            }
+            kw = chosen.create_kwargs(given)
+            trust, isolation, timeout = kw.get("trust"), kw.get("isolation"), kw.get("timeout")
+            limits, network, guard, envs = (
+                kw.get("limits"),
+                kw.get("network"),
+                kw.get("guard"),
+                kw.get("envs"),
+            )
+        trust = "untrusted" if trust is None else trust
+        timeout = 300 if timeout is None else timeout
         if template != "default":
             raise InvalidArgumentError("unknown template (only 'default' exists)")
         v.choice("trust", trust, _TRUST)

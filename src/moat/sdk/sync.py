@@ -122,8 +122,8 @@ class Sandbox:
         cls,
         template: str = "default",
         isolation: str | None = None,
-        trust: str = "untrusted",
-        timeout: float = 300,
+        trust: str | None = None,
+        timeout: float | None = None,
         envs: dict[str, str] | None = None,
         mounts: list[Mount] | None = None,
         limits: Limits | dict[str, Any] | None = None,
@@ -135,6 +135,8 @@ class Sandbox:
         gateway_config: GatewayConfig | None = None,
         guard: GuardPolicy | dict[str, Any] | None = None,
         sensitive: list[str] | dict[str, str] | None = None,
+        profile: str | None = None,
+        policy_file: str | None = None,
     ) -> Sandbox:
         """Start a sandbox; see ``AsyncSandbox.create``."""
         inner = _run(
@@ -153,6 +155,8 @@ class Sandbox:
                 gateway_config=gateway_config,
                 guard=guard,
                 sensitive=sensitive,
+                profile=profile,
+                policy_file=policy_file,
             )
         )
         return cls(inner)

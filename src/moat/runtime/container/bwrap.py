@@ -81,7 +81,7 @@ def build_argv(spec: SandboxSpec, host: HostLayout, command: list[str]) -> list[
     for name in SYNTHETIC_ETC:
         argv += ["--ro-bind", f"{host.etc_dir}/{name}", f"/etc/{name}"]
     argv += ["--perms", "0755", "--size", str(disk), "--tmpfs", HOME]
-    argv += ["--perms", "1777", "--size", str(tmp_size), "--tmpfs", "/tmp"]
+    argv += ["--perms", "1777", "--size", str(tmp_size), "--tmpfs", "/tmp"]  # noqa: S108 - the sandbox's own /tmp
     argv += ["--ro-bind", host.agent_dir, AGENT_DIR]
     for m in spec.mounts:
         argv += ["--ro-bind" if m.read_only else "--bind", m.host_path, m.sandbox_path]

@@ -40,7 +40,7 @@ class ContainerProcess:
         cgroup: cgroups.SandboxCgroup,
         host_uid: int,
     ) -> None:
-        assert proc.stdout is not None and proc.stdin is not None  # noqa: S101 - PIPE given
+        assert proc.stdout is not None and proc.stdin is not None
         self.proc = proc
         self.reader: asyncio.StreamReader = proc.stdout
         self.writer: asyncio.StreamWriter = proc.stdin
@@ -142,7 +142,9 @@ class ContainerRuntime:
         for m in spec.mounts:
             if not os.path.exists(m.host_path):
                 raise SandboxDiedError(f"mount source for {m.sandbox_path} does not exist")
-        cgroup = await asyncio.to_thread(manager.create, f"sbx-{spec.sandbox_id}", spec.limits)
+        cgroup = await asyncio.to_thread(
+            manager.create, spec.sandbox_id.removeprefix("sbx-"), spec.limits
+        )
         try:
             return await self._spawn(spec, host, bpf, cgroup)
         except BaseException:
@@ -203,7 +205,7 @@ class ContainerRuntime:
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.DEVNULL,
                 pass_fds=(fd,),
-                preexec_fn=preexec,  # noqa: PLW1509 - see preexec: os calls only
+                preexec_fn=preexec,
                 env={"PATH": "/usr/bin:/bin"},  # bwrap itself gets nothing of ours either
                 cwd="/",
                 limit=1 << 21,

@@ -36,5 +36,5 @@ def etc_dir() -> Path:
             os.chmod(tmp, 0o644)
             os.replace(tmp, path)
     for parent in (d, d.parent, d.parent.parent):
-        os.chmod(parent, 0o755)
+        os.chmod(parent, 0o755)  # noqa: S103 - the sandbox uid must read it
     return d

@@ -14,7 +14,7 @@ What the config encodes, and which invariant it serves:
 * limits (invariant 10), enforced by gVisor's sentry (the sandbox's kernel) per process and by a
   host cgroup around the whole sandbox:
 
-  - ``RLIMIT_AS`` = ``memory_mb``: one process asking for more fails inside (ENOMEM /
+  - ``RLIMIT_AS`` = ``AS_FACTOR * memory_mb``: one process asking for more fails inside (ENOMEM /
     MemoryError) while the sandbox lives on;
   - cgroup memory = ``memory_mb`` + :data:`SENTRY_OVERHEAD_MB`: the sentry holds all sandbox
     memory (including tmpfs contents), so the sum of all processes is capped on the host; when
@@ -53,6 +53,8 @@ _MIB: Final = 1 << 20
 SENTRY_OVERHEAD_MB: Final = 96
 #: Host tasks of the sentry and gofer themselves (about 60 measured with an idle agent).
 HOST_PIDS_OVERHEAD: Final = 256
+#: RLIMIT_AS per process, as a multiple of the sandbox's memory limit (see build_config).
+AS_FACTOR: Final = 4
 #: Host tasks per sandboxed task allowed by the backstop: the ptrace platform gives every
 #: address space a stub process plus threads (about 4 per sandboxed process measured); the
 #: sentry's RLIMIT_NPROC is what refuses a fork loop, the backstop must never fire first
@@ -177,7 +179,10 @@ def build_config(spec: SandboxSpec, bundle: Bundle) -> dict[str, Any]:
             "rlimits": [
                 _rlimit("RLIMIT_NOFILE", _NOFILE),
                 _rlimit("RLIMIT_NPROC", lim.pids),
-                _rlimit("RLIMIT_AS", lim.memory_mb * _MIB),
+                # 4x: address space is not memory (each thread reserves an 8 MiB stack; at
+                # 1x a 512 MiB sandbox could start only ~12 threads). The host cgroup caps
+                # what is really used.
+                _rlimit("RLIMIT_AS", AS_FACTOR * lim.memory_mb * _MIB),
                 _rlimit("RLIMIT_FSIZE", lim.disk_mb * _MIB),
                 _rlimit("RLIMIT_CORE", 0),
             ],

@@ -24,7 +24,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from moat.errors import PolicyError, IsolationUnavailableError, SandboxDiedError
+from moat.errors import IsolationUnavailableError, PolicyError, SandboxDiedError
 from moat.runtime import agentdir, cgroups
 from moat.runtime.microvm import artifacts, initramfs, probe, qemu, snapshot
 from moat.runtime.microvm.guest_init import BOOT_MARKER

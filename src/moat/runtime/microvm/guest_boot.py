@@ -95,6 +95,18 @@ def _limits(cfg: dict[str, object]) -> None:
     _write(f"{grp}/cgroup.procs", str(os.getpid()))
 
 
+def _loopback_up() -> None:
+    """Bring up ``lo``: the agent's proxy port (egress) and local servers live on 127.0.0.1.
+
+    The guest has no other interface at all (no network device).
+    """
+    siocgifflags, siocsifflags, iff_up = 0x8913, 0x8914, 0x1
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        req = struct.pack("16sH14x", b"lo", 0)
+        flags = struct.unpack("16sH14x", fcntl.ioctl(s.fileno(), siocgifflags, req))[1]
+        fcntl.ioctl(s.fileno(), siocsifflags, struct.pack("16sH14x", b"lo", flags | iff_up))
+
+
 def apply(cfg: dict[str, object]) -> None:
     seed = bytes.fromhex(str(cfg["seed"]))
     if len(seed) < 32:
@@ -107,6 +119,7 @@ def apply(cfg: dict[str, object]) -> None:
     _mount("tmpfs", "/tmp", "tmpfs", flags, f"mode=1777,size={size}")  # noqa: S108 - the guest's own /tmp
     _mount("tmpfs", HOME, "tmpfs", flags, f"mode=0700,uid={UID},gid={GID},size={size}")
     _limits(cfg)
+    _loopback_up()
     # No user namespaces for sandboxed code: they are the usual way from an unprivileged uid
     # to kernel attack surface reserved for root (defence in depth inside the guest).
     _write("/proc/sys/user/max_user_namespaces", "0")
