@@ -248,7 +248,7 @@ async def test_memory_limit(box: tuple[GvisorSandbox, Client]) -> None:
     alloc = "python3 -c \"x = bytearray({} << 20); x[::4096] = b'a' * len(x[::4096]); print('ok')\""
     out, code = await client.sh(alloc.format(64))
     assert (out, code) == ("ok\n", 0)  # positive control: below the limit works
-    out, code = await client.sh(alloc.format(400))  # limit: 256 MiB
+    out, code = await client.sh(alloc.format(600))  # limit: 256 MiB; address space 2x that
     assert code != 0 and "MemoryError" in out
     assert sb.alive()  # the process died inside; the sandbox lives on
     # Several processes, each under the limit, together over it: the host cgroup ends the

@@ -54,7 +54,7 @@ SENTRY_OVERHEAD_MB: Final = 96
 #: Host tasks of the sentry and gofer themselves (about 60 measured with an idle agent).
 HOST_PIDS_OVERHEAD: Final = 256
 #: RLIMIT_AS per process, as a multiple of the sandbox's memory limit (see build_config).
-AS_FACTOR: Final = 4
+AS_FACTOR: Final = 2
 #: Host tasks per sandboxed task allowed by the backstop: the ptrace platform gives every
 #: address space a stub process plus threads (about 4 per sandboxed process measured); the
 #: sentry's RLIMIT_NPROC is what refuses a fork loop, the backstop must never fire first
@@ -179,7 +179,7 @@ def build_config(spec: SandboxSpec, bundle: Bundle) -> dict[str, Any]:
             "rlimits": [
                 _rlimit("RLIMIT_NOFILE", _NOFILE),
                 _rlimit("RLIMIT_NPROC", lim.pids),
-                # 4x: address space is not memory (each thread reserves an 8 MiB stack; at
+                # 2x: address space is not memory (each thread reserves an 8 MiB stack; at
                 # 1x a 512 MiB sandbox could start only ~12 threads). The host cgroup caps
                 # what is really used.
                 _rlimit("RLIMIT_AS", AS_FACTOR * lim.memory_mb * _MIB),
