@@ -52,7 +52,10 @@ def test_every_channel_redacts(guarded: Sandbox) -> None:
     assert ex.error is not None
     no_secret(ex.error.value, ex.error.traceback)
     ex = s.run_code(
-        "import json\nclass R:\n    def _repr_html_(self): return '<b>' + open('creds.txt').read()\n    def _repr_json_(self): return {'p': open('creds.txt').read()}\nR()"
+        "class R:\n"
+        "    def _repr_html_(self): return '<b>' + open('creds.txt').read()\n"
+        "    def _repr_json_(self): return {'p': open('creds.txt').read()}\n"
+        "R()"
     )
     no_secret(ex.results[0].html, ex.results[0].json, ex.results[0].text)
     r = s.commands.run("cat creds.txt; cat creds.txt >&2")

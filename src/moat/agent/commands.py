@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import os
 import select
-import shutil
 import signal
-import subprocess
 import threading
 import time
-from typing import Any
 
 from moat.agent.channel import Channel
 from moat.agent.contexts import HOME, oom_first
 from moat.protocol import MsgType
+
+# The agent starts in every sandbox: typing costs ~8 ms of imports, so it is only
+# imported for the type checker (annotations are strings here).
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import subprocess
+    from typing import Any
 
 
 class Command:
@@ -31,7 +35,7 @@ class Commands:
         self.ch = channel
         self.items: dict[int, Command] = {}
         self.mu = threading.Lock()
-        self.shell = shutil.which("bash") or "/bin/sh"
+        self.shell = "/bin/bash" if os.path.exists("/bin/bash") else "/bin/sh"
         #: process groups of commands whose shell has exited: children may live on in them
         #: (a server started with `&`), and kill(pid) must still reach them
         self.groups: set[int] = set()
@@ -51,6 +55,8 @@ class Commands:
         if not os.path.isdir(workdir):
             self.ch.fail(rid, "not_found", "working directory does not exist")
             return
+        import subprocess  # here, not at start-up: the first command pays for it
+
         try:
             proc = subprocess.Popen(
                 [self.shell, "-c", cmd],

@@ -5,15 +5,20 @@ from __future__ import annotations
 import os
 import select
 import signal
-import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
 
 from moat.agent.channel import Channel
 from moat.protocol import Decoder, Frame, MsgType, encode
+
+# The agent starts in every sandbox: typing costs ~8 ms of imports, so it is only
+# imported for the type checker (annotations are strings here).
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import subprocess
+    from typing import Any
 
 #: How long an interrupted cell gets to unwind after SIGINT before its kernel is killed.
 INTERRUPT_GRACE = 2.0
@@ -87,6 +92,8 @@ class Kernel:
             "import sys; sys.path.insert(0, '/opt/moat'); "
             "from moat.agent.kernel import main; main()"
         )
+        import subprocess  # lazily: only extra contexts and restarts spawn
+
         proc = subprocess.Popen(
             [sys.executable, "-I", "-c", boot, str(c_in_r), str(c_out_w)],
             stdin=subprocess.DEVNULL,

@@ -6,7 +6,13 @@ import base64
 import io
 import json
 import sys
-from typing import Any
+
+# The agent starts in every sandbox: typing costs ~8 ms of imports, so it is only
+# imported for the type checker (annotations are strings here).
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
+
 
 # (method, key, is_binary)
 _REPR_METHODS = (

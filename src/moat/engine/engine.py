@@ -60,8 +60,9 @@ class Engine:
         (value -> label).
         """
         tier = choose_tier(isolation, trust)
-        runtime = await asyncio.to_thread(require, tier)
-        await asyncio.to_thread(self._sweep_once, tier)
+        runtime = require(tier)  # probes are cached after the first: cheap
+        if tier not in self._swept:
+            await asyncio.to_thread(self._sweep_once, tier)
         sandbox_id = self.new_id()
         audit = self.audit
         known = dict(sensitive or {})

@@ -79,7 +79,7 @@ def agent_argv(python: str = "/usr/bin/python3", channel: str | None = None) -> 
     boot = (
         f"import sys; sys.path.insert(0, {AGENT_DIR!r}); from moat.agent.main import main; main()"
     )
-    argv = [python, "-I", "-c", boot]
+    argv = [python, "-I", "-S", "-c", boot]
     if channel:
         argv += ["--channel", channel]
     return argv

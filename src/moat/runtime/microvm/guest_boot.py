@@ -11,7 +11,7 @@ boot marker line; the host answers with one line of JSON (at most 1 MiB).
 
 Warm start: this interpreter runs with the same flags as the agent's argv (``python3 -I``) and
 imports the agent's modules *before* the snapshot is taken. When the host's argv is
-``[this python, "-I", "-c", CODE, *args]`` it is run in-process exactly as ``python -I -c``
+``[this python, "-I", ("-S",) "-c", CODE, *args]`` it is run in-process exactly as ``python -I -c``
 would (``sys.argv = ["-c", *args]``, CODE executed as ``__main__``) after the privileges are
 dropped and the environment replaced, so a restored sandbox does not pay the interpreter's
 start-up under TCG. Any other argv is exec'd.
@@ -146,11 +146,13 @@ def become_agent(cfg: dict[str, object]) -> None:
     if _libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), "no_new_privs")
     os.chdir(HOME)
-    if len(argv) >= 4 and argv[0] == sys.executable and argv[1:3] == ["-I", "-c"]:
+    flags = argv[1:3] if argv[1:3] == ["-I", "-c"] else argv[1:4]
+    if len(argv) >= 4 and argv[0] == sys.executable and flags in (["-I", "-c"], ["-I", "-S", "-c"]):
+        at = 1 + len(flags)  # the code's position in argv
         os.environ.clear()
         os.environ.update(env)
-        sys.argv = ["-c", *argv[4:]]
-        code = compile(argv[3], "<string>", "exec")
+        sys.argv = ["-c", *argv[at + 1 :]]
+        code = compile(argv[at], "<string>", "exec")
         exec(code, {"__name__": "__main__", "__builtins__": __builtins__})  # noqa: S102 - `python -c`
         sys.exit(0)
     os.execve(argv[0], argv, env)  # noqa: S606 - argv from the host, no shell
