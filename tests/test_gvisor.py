@@ -17,9 +17,10 @@ from pathlib import Path
 
 import pytest
 import pytest_asyncio
+from tests.raw_agent import Client as RawClient
 
 from moat.paths import state_dir
-from moat.protocol import AGENT_TO_HOST, Decoder, Frame, MsgType, encode
+from moat.protocol import MsgType
 from moat.runtime.gvisor import GvisorRuntime, GvisorSandbox
 from moat.runtime.gvisor.hostcg import CGROUP_ROOT
 from moat.runtime.gvisor.oci import CGROUP_PREFIX
@@ -34,43 +35,12 @@ pytestmark = [
 ]
 
 
-class Client:
-    """A minimal host side of the protocol, enough to drive the agent in tests."""
+class Client(RawClient):
+    """The shared raw protocol client, with this tier's patience."""
 
-    def __init__(self, sb: GvisorSandbox) -> None:
+    def __init__(self, sb: object) -> None:
+        super().__init__(sb, timeout=30)  # type: ignore[arg-type]
         self.sb = sb
-        self.dec = Decoder(direction=AGENT_TO_HOST)
-        self.pending: list[Frame] = []
-        self.next_id = 1
-
-    async def frame(self, timeout: float = 30) -> Frame:
-        while not self.pending:
-            data = await asyncio.wait_for(self.sb.reader.read(1 << 16), timeout)
-            if not data:
-                raise EOFError("agent stream closed")
-            self.pending += self.dec.feed(data)
-        return self.pending.pop(0)
-
-    async def request(self, mtype: MsgType, **fields: object) -> tuple[bytes, bytes, Frame]:
-        rid, self.next_id = self.next_id, self.next_id + 1
-        self.sb.writer.write(encode(Frame(mtype, rid, dict(fields))))
-        await self.sb.writer.drain()
-        out, err = b"", b""
-        while True:
-            f = await self.frame()
-            if f.id != rid:
-                continue
-            if f.type is MsgType.STDOUT:
-                out += f.payload
-            elif f.type is MsgType.STDERR:
-                err += f.payload
-            elif f.type in (MsgType.DONE, MsgType.FAIL):
-                return out, err, f
-
-    async def sh(self, cmd: str) -> tuple[str, int]:
-        out, err, f = await self.request(MsgType.CMD_START, cmd=cmd)
-        assert f.type is MsgType.DONE, f
-        return (out + err).decode(errors="replace"), int(f.get("exit_code"))
 
 
 def _spec(**kw: object) -> SandboxSpec:

@@ -11,6 +11,7 @@ from typing import Any
 
 from moat.egress import AuditLog, Gateway, GatewayConfig, Secret, proxy_env
 from moat.engine.guardhook import make_guard
+from moat.engine.output import DEFAULT_MAX_OUTPUT
 from moat.engine.session import CA_BUNDLE_PATH, PROXY_PORT, Session
 from moat.engine.tiers import TIERS, choose_tier, require, runtime_for
 from moat.guard import GuardPolicy
@@ -52,6 +53,7 @@ class Engine:
         network: Any = None,
         secrets: Mapping[str, Secret] | None = None,
         gateway_config: GatewayConfig | None = None,
+        max_output: int = DEFAULT_MAX_OUTPUT,
     ) -> Session:
         """Start a sandbox on the tier ``isolation`` / ``trust`` selects.
 
@@ -84,7 +86,7 @@ class Engine:
         )
         session = Session(
             spec, runtime, the_guard, timeout, metadata, self._ended, audit=audit,
-            gateway=gateway,
+            gateway=gateway, max_output=max_output,
         )  # fmt: skip
         with self._mu:
             self.sessions[spec.sandbox_id] = session

@@ -11,7 +11,7 @@ from moat.egress import GatewayConfig, NetworkPolicy, Secret
 from moat.engine import Engine, Session, default_engine
 from moat.engine.client import Call
 from moat.engine.guardhook import guard_policy
-from moat.engine.output import OutputSink
+from moat.engine.output import DEFAULT_MAX_OUTPUT, OutputSink
 from moat.errors import (
     CommandExitError,
     InvalidArgumentError,
@@ -212,6 +212,7 @@ class AsyncSandbox:
         sensitive: list[str] | dict[str, str] | None = None,
         profile: str | None = None,
         policy_file: str | None = None,
+        max_output_bytes: int | None = None,
         engine: Engine | None = None,
     ) -> AsyncSandbox:
         """Start a sandbox. With ``trust="untrusted"`` (the default) that is a microVM.
@@ -228,6 +229,8 @@ class AsyncSandbox:
         ``profile`` names a profile of the policy file (``policy_file`` or
         ``$MOAT_POLICY_FILE``) whose settings apply where the caller gives none (see
         docs/profiles.md). Defaults without a profile: ``trust="untrusted"``, 300 s.
+        ``max_output_bytes`` caps what one call may print (default 4 MiB; beyond it the
+        output is cut and ``Execution.truncated`` is set).
         """
         if profile is not None:
             chosen = resolve_profile(profile, policy_file)
@@ -289,6 +292,9 @@ class AsyncSandbox:
             network=policy,
             secrets=secrets,
             gateway_config=gateway_config,
+            max_output=DEFAULT_MAX_OUTPUT
+            if max_output_bytes is None
+            else int(v.number("max_output_bytes", max_output_bytes, 1024, 256 * 1024 * 1024)),
         )
         return cls(session)
 

@@ -137,6 +137,7 @@ class Sandbox:
         sensitive: list[str] | dict[str, str] | None = None,
         profile: str | None = None,
         policy_file: str | None = None,
+        max_output_bytes: int | None = None,
     ) -> Sandbox:
         """Start a sandbox; see ``AsyncSandbox.create``."""
         inner = _run(
@@ -157,6 +158,7 @@ class Sandbox:
                 sensitive=sensitive,
                 profile=profile,
                 policy_file=policy_file,
+                max_output_bytes=max_output_bytes,
             )
         )
         return cls(inner)
