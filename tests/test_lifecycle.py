@@ -152,11 +152,15 @@ def test_info_timeout_and_calls_after_kill() -> None:
     assert info.tier == "container" and info.sandbox_id == s.sandbox_id
     assert info.metadata == {"user": "alice"} and info.limits.memory_mb == 256
     assert 25 < (info.end_at - info.started_at).total_seconds() <= 30.5
+    created = [r for r in s.audit() if r.get("kind") == "sandbox"]
+    assert created and created[0]["tier"] == "container" and created[0]["result"] == "created"
     s.set_timeout(120)
     assert (s.get_info().end_at - info.end_at).total_seconds() > 60
     assert s.is_running()
     s.kill()
     s.kill()  # idempotent
+    ended = [r for r in s.audit() if r.get("kind") == "sandbox" and r["result"] == "ended"]
+    assert len(ended) == 1 and ended[0]["tier"] == "container"
     assert not s.is_running()
     with pytest.raises(NotFoundError):
         s.run_code("1")

@@ -118,7 +118,9 @@ _SANDBOX_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 @click.option("--sandbox", "sandbox_id", metavar="ID", help="Only this sandbox's rows.")
 @click.option("--denied", is_flag=True, help="Only refused egress requests.")
 @click.option(
-    "--kind", type=click.Choice(["egress", "exec", "finding"]), help="Only rows of this kind."
+    "--kind",
+    type=click.Choice(["egress", "exec", "finding", "sandbox"]),
+    help="Only rows of this kind.",
 )
 @click.option(
     "--limit",

@@ -33,16 +33,16 @@ CREATE TABLE IF NOT EXISTS events (
     result TEXT, reason TEXT,
     bytes_up INTEGER, bytes_down INTEGER, secret TEXT,
     language TEXT, code_sha256 TEXT, duration_ms INTEGER, error_name TEXT,
-    label TEXT, channel TEXT, canary TEXT
+    label TEXT, channel TEXT, canary TEXT, tier TEXT
 );
 CREATE INDEX IF NOT EXISTS events_sandbox ON events (sandbox_id, id);
 """
 _COLUMNS = (
     "id", "ts", "kind", "sandbox_id", "method", "host", "port", "resolved_ip", "result",
     "reason", "bytes_up", "bytes_down", "secret", "language", "code_sha256", "duration_ms",
-    "error_name", "label", "channel", "canary",
+    "error_name", "label", "channel", "canary", "tier",
 )  # fmt: skip
-_KINDS = frozenset({"egress", "exec", "finding"})
+_KINDS = frozenset({"egress", "exec", "finding", "sandbox"})
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _MAX_TEXT = 512
 
@@ -74,6 +74,9 @@ class AuditLog:
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("PRAGMA busy_timeout=5000")
         self._db.executescript(_SCHEMA)
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(events)")}
+        if "tier" not in columns:  # a store written before the column existed
+            self._db.execute("ALTER TABLE events ADD COLUMN tier TEXT")
         self._path_mode()
 
     def _path_mode(self) -> None:
@@ -156,6 +159,20 @@ class AuditLog:
             }
         )
 
+    def record_sandbox(
+        self, sandbox_id: str, event: str, tier: str, reason: str | None = None
+    ) -> None:
+        """A sandbox's life: ``created`` / ``ended`` on the tier actually used."""
+        self._insert(
+            {
+                "kind": "sandbox",
+                "sandbox_id": _text(sandbox_id),
+                "result": _text(event),
+                "tier": _text(tier),
+                "reason": _text(reason),
+            }
+        )
+
     def record_finding(
         self, sandbox_id: str, label: str, channel: str, canary: str | bool | None = None
     ) -> None:
@@ -179,7 +196,7 @@ class AuditLog:
     ) -> list[dict[str, Any]]:
         """Rows, newest first, as dicts with None-valued columns left out."""
         if kind is not None and kind not in _KINDS:
-            raise InvalidArgumentError("audit kind must be egress, exec or finding")
+            raise InvalidArgumentError("audit kind must be egress, exec, finding or sandbox")
         if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 100_000:
             raise InvalidArgumentError("audit limit must be between 1 and 100000")
         where: list[str] = []
@@ -192,7 +209,8 @@ class AuditLog:
         if kind is not None:
             where.append("kind = ?")
             args.append(kind)
-        sql = "SELECT * FROM events"  # columns are fixed; values are bound parameters
+        # columns are fixed and named (a store migrated by ALTER has them in another order)
+        sql = f"SELECT {', '.join(_COLUMNS)} FROM events"  # noqa: S608 - our column names
         if where:
             sql += " WHERE " + " AND ".join(where)
         sql += " ORDER BY id DESC LIMIT ?"

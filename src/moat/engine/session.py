@@ -128,6 +128,16 @@ class Session:
             await self.kill("died: the agent did not start")
             raise
         self.set_timeout(self._timeout)
+        self._audit_life("created", None)
+
+    def _audit_life(self, event: str, reason: str | None) -> None:
+        record = getattr(self.audit, "record_sandbox", None)
+        if record is None:
+            return
+        try:
+            record(self.id, event, self.spec.tier, reason)
+        except Exception:
+            log.exception("audit write failed")
 
     async def _start_egress(self, client: AgentClient, gateway: Gateway) -> None:
         """Connect the agent's proxy port to this sandbox's gateway (DESIGN §3)."""
@@ -166,6 +176,8 @@ class Session:
         async with self._kill_lock:
             if self.ended is None or self.ended == reason:
                 self.ended = reason
+            if self.proc is not None:
+                self._audit_life("ended", self.ended)
             if self._timer is not None:
                 self._timer.cancel()
                 self._timer = None

@@ -1,0 +1,64 @@
+"""Invariant 5 when the HOST process dies: nothing keeps running, the next start sweeps.
+
+A real child Python process creates a sandbox with a long-running command and is killed with
+SIGKILL (no cleanup code runs); the check is made from outside.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tests.test_containment import sandbox_procs
+
+from moat import Sandbox
+
+SCRIPT = """
+import sys
+from moat import Sandbox
+s = Sandbox.create(isolation=sys.argv[1], timeout=600)
+s.commands.run("sleep 600", background=True)
+print("ready", flush=True)
+sys.stdin.read()
+"""
+
+
+def _cgroups_of(pid: int) -> list[Path]:
+    return [p for p in Path("/sys/fs/cgroup").glob("*/**/moat/*") if f".{pid}." in p.name]
+
+
+def test_host_crash_leaves_nothing_running(tier: str) -> None:
+    before = sandbox_procs()
+    child = subprocess.Popen(
+        [sys.executable, "-c", SCRIPT, tier],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).parent.parent,
+    )
+    try:
+        assert child.stdout is not None
+        assert child.stdout.readline().strip() == "ready"
+        during = sandbox_procs() - before
+        assert during  # positive control: the sandbox is running, seen from outside
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait(10)
+        deadline = time.monotonic() + 10
+        while sandbox_procs() & during and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not sandbox_procs() & during, "sandbox processes outlived their host process"
+        # what a crash cannot clean up itself (cgroups) the next start sweeps
+        with Sandbox.create(isolation=tier, timeout=60) as s:
+            assert s.run_code("1 + 1").text == "2"
+        assert not _cgroups_of(child.pid)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+        for stream in (child.stdin, child.stdout):
+            if stream is not None:
+                stream.close()
