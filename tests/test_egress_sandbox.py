@@ -869,3 +869,18 @@ out['flowing'] = wait(lambda: all(STATE[k]['bytes'] > 20000 for k in ('plain', '
         lambda e: e[0] == "slow_end" and e[1] == f"plain-{tag}", timeout=3
     )
     known_bug(bool(plain_end), PLAIN_UPSTREAM_LEAK)
+
+
+def test_pip_download_through_the_gateway(open_sbx: Sandbox, env: Env) -> None:
+    """`pip download` from a local HTTPS package index, with pip's own proxy and CA settings
+    (PIP_PROXY / HTTPS_PROXY and PIP_CERT from the sandbox's environment)."""
+    index = f"https://{API}:{env.tls.port}/simple/"
+    r = open_sbx.commands.run(
+        "python3 -m pip download --no-deps --no-cache-dir --disable-pip-version-check "
+        f"--index-url {index} -d /tmp/dl demo-pkg==0.1 2>&1",
+        timeout=240,
+    )
+    assert "Successfully downloaded demo-pkg" in r.stdout, r.stdout[-2000:]
+    assert "demo_pkg-0.1-py3-none-any.whl" in {e.name for e in open_sbx.files.list("/tmp/dl")}
+    rows = [row for row in egress_rows(open_sbx) if row.get("host") == API]
+    assert any(row["result"] == "allow" for row in rows)

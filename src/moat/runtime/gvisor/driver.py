@@ -353,8 +353,11 @@ def _sweep_cgroups(live_ids: set[str]) -> int:
         if name[len(CGROUP_PREFIX) :] in live_ids:
             continue
         cg = HostCgroup(name)
-        cg.kill()
-        time.sleep(0.05)
+        if cg.pids():
+            # Not ours to kill: cgroups are host-wide, but this engine only knows the sandboxes
+            # of its own state directory, and another engine (another MOAT_STATE_DIR) may
+            # still be using this one. Orphans of our own state directory were killed above.
+            continue
         if cg.remove():
             count += 1
     return count
