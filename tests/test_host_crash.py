@@ -15,8 +15,6 @@ from pathlib import Path
 
 from tests.test_containment import sandbox_procs
 
-from moat import Sandbox
-
 SCRIPT = """
 import sys
 from moat import Sandbox
@@ -24,6 +22,14 @@ s = Sandbox.create(isolation=sys.argv[1], timeout=600)
 s.commands.run("sleep 600", background=True)
 print("ready", flush=True)
 sys.stdin.read()
+"""
+
+
+NEXT_START = """
+import sys
+from moat import Sandbox
+with Sandbox.create(isolation=sys.argv[1], timeout=60) as s:
+    print(s.run_code("1 + 1").text)
 """
 
 
@@ -51,9 +57,12 @@ def test_host_crash_leaves_nothing_running(tier: str) -> None:
         while sandbox_procs() & during and time.monotonic() < deadline:
             time.sleep(0.1)
         assert not sandbox_procs() & during, "sandbox processes outlived their host process"
-        # what a crash cannot clean up itself (cgroups) the next start sweeps
-        with Sandbox.create(isolation=tier, timeout=60) as s:
-            assert s.run_code("1 + 1").text == "2"
+        # what a crash cannot clean up itself (cgroups) the next engine's start sweeps
+        next_start = subprocess.run(
+            [sys.executable, "-c", NEXT_START, tier],
+            capture_output=True, text=True, timeout=120, cwd=Path(__file__).parent.parent,
+        )  # fmt: skip
+        assert next_start.stdout.strip() == "2", next_start.stderr[-2000:]
         assert not _cgroups_of(child.pid)
     finally:
         if child.poll() is None:

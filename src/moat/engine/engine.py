@@ -6,6 +6,7 @@ import asyncio
 import logging
 import secrets
 import threading
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -20,13 +21,16 @@ from moat.runtime.spec import SandboxSpec
 
 log = logging.getLogger("moat.engine")
 
+#: Seconds between two sweeps of one tier by one engine.
+SWEEP_INTERVAL = 60.0
+
 
 class Engine:
     """Owns every live session of this process. Embedded by default (``default_engine()``)."""
 
     def __init__(self) -> None:
         self.sessions: dict[str, Session] = {}
-        self._swept: set[str] = set()
+        self._swept: dict[str, float] = {}  # tier -> when the next sweep is due
         self._mu = threading.Lock()
         self._audit: AuditLog | None = None
 
@@ -63,8 +67,8 @@ class Engine:
         """
         tier = choose_tier(isolation, trust)
         runtime = require(tier)  # probes are cached after the first: cheap
-        if tier not in self._swept:
-            await asyncio.to_thread(self._sweep_once, tier)
+        if self._sweep_due(tier):
+            await asyncio.to_thread(self._sweep, tier)
         sandbox_id = self.new_id()
         audit = self.audit
         known = dict(sensitive or {})
@@ -97,18 +101,23 @@ class Engine:
             raise
         return session
 
-    def _sweep_once(self, tier: str) -> None:
-        """First use of a tier in this process: clean what a crashed process left (inv. 5)."""
+    def _sweep_due(self, tier: str) -> bool:
         with self._mu:
-            if tier in self._swept:
+            return time.monotonic() >= self._swept.get(tier, 0.0)
+
+    def _sweep(self, tier: str) -> None:
+        """Clean what a crashed engine left (invariant 5): at first use of a tier, then at
+        most once a minute (another engine on this host may crash while we run)."""
+        with self._mu:
+            if time.monotonic() < self._swept.get(tier, 0.0):
                 return
-            self._swept.add(tier)
+            self._swept[tier] = time.monotonic() + SWEEP_INTERVAL
         try:
             n = runtime_for(tier).sweep()
             if n:
                 log.warning("swept %d leftover %s sandbox resources", n, tier)
         except Exception:
-            log.exception("sweep of %s failed", tier)
+            log.exception("sweep of %s failed", tier)  # must not block new sandboxes
 
     def _ended(self, session: Session) -> None:
         with self._mu:

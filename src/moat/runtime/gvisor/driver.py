@@ -312,9 +312,14 @@ class GvisorRuntime:
                     continue
                 root = str(workdir / "root")
             kill_processes_of_root(root)
-            HostCgroup(CGROUP_PREFIX + workdir.name).kill()
+            cg = HostCgroup(CGROUP_PREFIX + workdir.name)
+            cg.kill()
             _wait_gone(root)
-            HostCgroup(CGROUP_PREFIX + workdir.name).remove()
+            deadline = time.monotonic() + KILL_TIMEOUT
+            while cg.pids() and time.monotonic() < deadline:  # dying: let them leave it
+                cg.kill()
+                time.sleep(0.02)
+            cg.remove()
             shutil.rmtree(workdir, ignore_errors=True)
             count += 1
         count += _sweep_cgroups(live_ids)
