@@ -58,6 +58,25 @@ def sandbox_pids() -> list[int]:
     return out
 
 
+async def agent_start_times(n: int) -> list[float]:
+    """Spawn -> the agent's READY frame, through the container driver alone."""
+    import asyncio
+
+    from moat.runtime.container import ContainerRuntime
+    from moat.runtime.spec import SandboxSpec
+
+    rt = ContainerRuntime()
+    rt.probe()
+    out = []
+    for i in range(n):
+        t0 = time.perf_counter()
+        proc = await rt.start(SandboxSpec(sandbox_id=f"sbx-agentstart{i:04d}", tier="container"))
+        await asyncio.wait_for(proc.reader.read(64), 10)
+        out.append(time.perf_counter() - t0)
+        await proc.kill()
+    return out
+
+
 def med(xs: list[float]) -> float:
     return statistics.median(xs) * 1000
 
@@ -65,7 +84,10 @@ def med(xs: list[float]) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=20)
-    n = ap.parse_args().runs
+    ap.add_argument("--pool", type=int, default=0, help="warm sandboxes (MOAT_WARM_POOL)")
+    args = ap.parse_args()
+    n = args.runs
+    os.environ["MOAT_WARM_POOL"] = f"container={args.pool}" if args.pool else "0"
     # warm up both paths (page cache, seccomp filter compile, agent copy)
     subprocess.run(raw_bwrap_argv(), check=True)
     with Sandbox.create(isolation="container") as s:
@@ -77,6 +99,7 @@ def main() -> None:
         subprocess.run(raw_bwrap_argv(), check=True)
         raw.append(time.perf_counter() - t0)
 
+        time.sleep(0.15 if args.pool else 0)  # a pool refills between two creates
         t0 = time.perf_counter()
         s = Sandbox.create(isolation="container", timeout=120)
         assert s.run_code("1+1").text == "2"
@@ -94,14 +117,19 @@ def main() -> None:
         s.kill()
         kill.append(time.perf_counter() - t0)
 
+    import asyncio
+
+    agent = asyncio.run(agent_start_times(n))
     rows = [
         ("raw bwrap python3 -c 1+1", med(raw), None, None),
         ("create -> first run_code('1+1')", med(create), med(create) / med(raw), 1.5),
         ("warm run_code('1+1') round trip", med(warm), None, 2.0),
         ("commands.run('true') round trip", med(cmd), None, None),
         ("kill", med(kill), None, 50.0),
+        ("agent start (spawn -> READY)", med(agent), None, None),
     ]
-    print(f"container tier, {n} runs, medians  (host: {os.cpu_count()} cpus)")
+    pool = f", warm pool {args.pool}" if args.pool else ", no warm pool"
+    print(f"container tier, {n} runs, medians  (host: {os.cpu_count()} cpus{pool})")
     print(f"{'measure':<36}{'ms':>10}{'ratio':>9}{'target':>9}")
     for name, value, ratio, target in rows:
         r = f"{ratio:.2f}x" if ratio is not None else ""

@@ -118,11 +118,13 @@ class _Conn:
     def touch(self) -> None:
         self.last = time.monotonic()
 
-    def count(self, up: int = 0, down: int = 0) -> None:
+    def count(self, up: int = 0, down: int = 0) -> bool:
+        """Account bytes; False once this connection must stop (budget spent, closed)."""
         self.up += up
         self.down += down
         self.last = time.monotonic()
         self.gateway._account(up + down)
+        return self.end_reason is None
 
     def close(self, reason: str) -> None:
         if self.end_reason is None:
@@ -206,6 +208,10 @@ class Gateway:
     def stats(self) -> dict[str, int]:
         """Open connections and bytes moved so far."""
         return {"open": len(self._conns), "bytes": self._bytes}
+
+    def set_inspect(self, inspect: Callable[[bytes], object] | None) -> None:
+        """Replace the request inspection hook (a warm sandbox gets its caller's guard)."""
+        self._inspect = inspect
 
     async def update_policy(self, policy: NetworkPolicy | Mapping[str, Any] | None) -> None:
         """Replace the policy; close open connections the new one no longer allows."""

@@ -33,7 +33,7 @@ class _Sink(Protocol):
 class UpstreamPump(asyncio.Protocol):
     """The upstream connection of an opaque tunnel; bytes go straight to ``sink``."""
 
-    def __init__(self, sink: _Sink, count: Callable[[int], None]) -> None:
+    def __init__(self, sink: _Sink, count: Callable[[int], object]) -> None:
         self._sink = sink
         self._count = count
         # The client writer's transport when it has one (real socket); virtual sinks
@@ -122,7 +122,7 @@ class UpstreamPump(asyncio.Protocol):
 
 
 async def open_pump(
-    host: str, port: int, sink: _Sink, count: Callable[[int], None]
+    host: str, port: int, sink: _Sink, count: Callable[[int], object]
 ) -> UpstreamPump | SplicePump:
     """Connect to exactly ``host`` (an address) and pump its bytes into ``sink``.
 
@@ -169,7 +169,7 @@ class SplicePump:
     it runs in the event loop with non-blocking fds: no thread, no copy into Python.
     """
 
-    def __init__(self, up: socket.socket, client_fd: int, count: Callable[[int], None]) -> None:
+    def __init__(self, up: socket.socket, client_fd: int, count: Callable[[int], object]) -> None:
         self._loop = asyncio.get_running_loop()
         self._up = up
         self._client = os.dup(client_fd)
@@ -194,7 +194,12 @@ class SplicePump:
             self._finish()
             return
         self._in_pipe += n
-        self._count(n)
+        if self._count(n) is False:
+            # Over a cap: stop pulling from upstream now, not when the cancelled task unwinds
+            # (each further callback would move up to a pipe's worth past the budget).
+            self._loop.remove_reader(self._up.fileno())
+            self._finish()
+            return
         self._flush()
 
     def _flush(self) -> None:

@@ -13,6 +13,7 @@ from typing import Any
 from moat.egress import AuditLog, Gateway, GatewayConfig, Secret, proxy_env
 from moat.engine.guardhook import make_guard
 from moat.engine.output import DEFAULT_MAX_OUTPUT
+from moat.engine.pool import WarmPool, pool_sizes, poolable
 from moat.engine.session import CA_BUNDLE_PATH, PROXY_PORT, Session
 from moat.engine.tiers import TIERS, choose_tier, require, runtime_for
 from moat.guard import GuardPolicy
@@ -28,11 +29,13 @@ SWEEP_INTERVAL = 60.0
 class Engine:
     """Owns every live session of this process. Embedded by default (``default_engine()``)."""
 
-    def __init__(self) -> None:
+    def __init__(self, pool: dict[str, int] | None = None) -> None:
+        """``pool``: warm sandboxes per tier (default: ``MOAT_WARM_POOL``, see pool.py)."""
         self.sessions: dict[str, Session] = {}
         self._swept: dict[str, float] = {}  # tier -> when the next sweep is due
         self._mu = threading.Lock()
         self._audit: AuditLog | None = None
+        self.pool = WarmPool(pool_sizes() if pool is None else pool, self._start_pooled)
 
     def new_id(self) -> str:
         return "sbx-" + secrets.token_hex(8)
@@ -69,8 +72,24 @@ class Engine:
         runtime = require(tier)  # probes are cached after the first: cheap
         if self._sweep_due(tier):
             await asyncio.to_thread(self._sweep, tier)
-        sandbox_id = self.new_id()
         audit = self.audit
+        warm = poolable(spec_args, secrets, gateway_config)
+        if warm:
+            pooled: Session | None = self.pool.take(tier)
+            if pooled is not None:
+                session = pooled
+                the_guard = make_guard(
+                    session.id, guard or GuardPolicy(), dict(sensitive or {}), audit
+                )
+                try:
+                    await session.adopt(
+                        the_guard, the_guard.check_egress, network, timeout, metadata, max_output
+                    )
+                except BaseException:
+                    await session.kill("died: failed to start")
+                    raise
+                return session
+        sandbox_id = self.new_id()
         known = dict(sensitive or {})
         known.update({s.value: name for name, s in (secrets or {}).items()})
         the_guard = make_guard(sandbox_id, guard or GuardPolicy(), known, audit)
@@ -96,6 +115,32 @@ class Engine:
             self.sessions[spec.sandbox_id] = session
         try:
             await session.start()
+        except BaseException:
+            await session.kill("died: failed to start")
+            raise
+        if warm:
+            self.pool.refill(tier)
+        return session
+
+    async def _start_pooled(self, tier: str) -> Session:
+        """A sandbox of the default shape for the warm pool: deny-all, no lifetime yet."""
+        sandbox_id = self.new_id()
+        audit = self.audit
+        gateway = Gateway(sandbox_id, None, None, audit=audit)
+        spec = SandboxSpec(
+            sandbox_id=sandbox_id,
+            tier=tier,
+            envs=tuple(sorted(proxy_env(PROXY_PORT, CA_BUNDLE_PATH).items())),
+        )
+        placeholder_guard = make_guard(sandbox_id, GuardPolicy(), {}, audit)  # replaced on adopt
+        session = Session(
+            spec, runtime_for(tier), placeholder_guard, 300.0, {}, self._ended, audit=audit,
+            gateway=gateway,
+        )  # fmt: skip
+        with self._mu:
+            self.sessions[sandbox_id] = session
+        try:
+            await session.start(pooled=True)
         except BaseException:
             await session.kill("died: failed to start")
             raise

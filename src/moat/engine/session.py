@@ -117,7 +117,8 @@ class Session:
 
     # -- lifecycle ---------------------------------------------------------------------------
 
-    async def start(self) -> None:
+    async def start(self, pooled: bool = False) -> None:
+        """Start the sandbox; a ``pooled`` one waits (no lifetime yet) until ``adopt``."""
         self.proc = await self.runtime.start(self.spec)
         self.client = AgentClient(self.proc, self._agent_died)
         try:
@@ -127,8 +128,30 @@ class Session:
         except BaseException:
             await self.kill("died: the agent did not start")
             raise
-        self.set_timeout(self._timeout)
-        self._audit_life("created", None)
+        if not pooled:
+            self.set_timeout(self._timeout)
+            self._audit_life("created", None)
+
+    async def adopt(
+        self,
+        guard: Guard,
+        inspect: Callable[[bytes], object],
+        network: Any,
+        timeout: float,
+        metadata: dict[str, str],
+        max_output: int,
+    ) -> None:
+        """Hand a warm (pooled, never used) sandbox to its caller."""
+        self._check()
+        self.guard = guard
+        if self.gateway is not None:
+            self.gateway.set_inspect(inspect)
+            await self.gateway.update_policy(network)
+        self.metadata = metadata
+        self.max_output = max_output
+        self.started_at = dt.datetime.now(dt.UTC)
+        self.set_timeout(timeout)
+        self._audit_life("created", "warm pool")
 
     def _audit_life(self, event: str, reason: str | None) -> None:
         record = getattr(self.audit, "record_sandbox", None)

@@ -42,6 +42,7 @@ class LoopThread:
         from moat.engine import default_engine
 
         async def kill_all() -> None:
+            await default_engine().pool.close()
             sessions = list(default_engine().sessions.values())
             await asyncio.gather(*(s.kill("killed") for s in sessions), return_exceptions=True)
 
