@@ -8,6 +8,7 @@ import secrets
 import threading
 import time
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from moat.egress import AuditLog, Gateway, GatewayConfig, Secret, proxy_env
@@ -45,7 +46,7 @@ class Engine:
         """The audit trail (SQLite, WAL) under moat's state directory."""
         with self._mu:
             if self._audit is None:
-                self._audit = AuditLog(state_dir() / "audit.db")
+                self._audit = shared_audit_log(state_dir() / "audit.db")
             return self._audit
 
     async def create(
@@ -177,8 +178,21 @@ class Engine:
         return {tier: runtime_for(tier).probe() for tier in TIERS}
 
 
-_default: Engine | None = None
 _default_mu = threading.Lock()
+_audit_logs: dict[str, AuditLog] = {}  # one connection per store per process (a cache)
+
+
+def shared_audit_log(path: Path) -> AuditLog:
+    """The process's AuditLog for ``path``: engines share one SQLite connection per file."""
+    key = str(path.resolve())
+    with _default_mu:
+        log_ = _audit_logs.get(key)
+        if log_ is None:
+            log_ = _audit_logs[key] = AuditLog(path)
+        return log_
+
+
+_default: Engine | None = None
 
 
 def default_engine() -> Engine:
