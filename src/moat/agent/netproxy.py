@@ -58,13 +58,22 @@ class NetProxy:
         self._wake_r = self._wake_w = -1
 
     def setup(self, port: int, ca_path: str, bundle: bytes) -> None:
-        """Write the CA bundle where the environment says, then listen on the proxy port."""
+        """Write the CA bundle (the template's system roots + ``bundle``, this sandbox's CA)
+        where the environment says, then listen on the proxy port."""
         if self.listener is not None:
             return
         os.makedirs(os.path.dirname(ca_path), exist_ok=True)
+        system = b""
+        for roots in ("/etc/ssl/certs/ca-certificates.crt", "/etc/pki/tls/certs/ca-bundle.crt"):
+            try:
+                with open(roots, "rb") as f:
+                    system = f.read().rstrip(b"\n") + b"\n"
+                break
+            except OSError:
+                continue
         tmp = ca_path + ".tmp"
         with open(tmp, "wb") as f:
-            f.write(bundle)
+            f.write(system + bundle)  # the template's roots, then this sandbox's CA
         os.chmod(tmp, 0o444)
         os.replace(tmp, ca_path)
         srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
