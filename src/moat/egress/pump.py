@@ -147,6 +147,8 @@ async def open_pump(
 
 _SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)
 _PIPE_SIZE = 1 << 20
+#: Splices per wake-up of the upstream socket (see SplicePump._on_upstream).
+_ROUNDS = 8
 
 
 def _client_fd(sink: object) -> int | None:
@@ -183,24 +185,29 @@ class SplicePump:
         self._loop.add_reader(self._up.fileno(), self._on_upstream)
 
     def _on_upstream(self) -> None:
-        try:
-            n = os.splice(self._up.fileno(), self._pw, _PIPE_SIZE, flags=_SPLICE_FLAGS)
-        except BlockingIOError:
-            return
-        except OSError:
-            self._finish()
-            return
-        if n == 0:
-            self._finish()
-            return
-        self._in_pipe += n
-        if self._count(n) is False:
-            # Over a cap: stop pulling from upstream now, not when the cancelled task unwinds
-            # (each further callback would move up to a pipe's worth past the budget).
-            self._loop.remove_reader(self._up.fileno())
-            self._finish()
-            return
-        self._flush()
+        # Move what is there now, a few rounds per wake-up: one event-loop turn per splice
+        # would make the loop, not the kernel, the limit on throughput.
+        for _ in range(_ROUNDS):
+            try:
+                n = os.splice(self._up.fileno(), self._pw, _PIPE_SIZE, flags=_SPLICE_FLAGS)
+            except BlockingIOError:
+                return
+            except OSError:
+                self._finish()
+                return
+            if n == 0:
+                self._finish()
+                return
+            self._in_pipe += n
+            if self._count(n) is False:
+                # Over a cap: stop pulling from upstream now, not when the cancelled task
+                # unwinds (each further callback would move up to a pipe's worth past it).
+                self._loop.remove_reader(self._up.fileno())
+                self._finish()
+                return
+            self._flush()
+            if self._in_pipe:  # the client is slow: _flush switched to waiting for it
+                return
 
     def _flush(self) -> None:
         while self._in_pipe:
