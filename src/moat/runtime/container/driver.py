@@ -13,8 +13,10 @@ import resource
 import secrets
 import shutil
 import signal
+import subprocess
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from moat.errors import IsolationUnavailableError, SandboxDiedError
 from moat.runtime import agentdir, cgroups, seccomp
@@ -31,19 +33,80 @@ UID_SPAN = 1 << 24
 SANDBOX_HOST_GID = UID_BASE
 
 
+class _Child:
+    """A spawned process, awaitable without blocking the event loop (pidfd)."""
+
+    def __init__(self, popen: subprocess.Popen[bytes]) -> None:
+        self.popen = popen
+        self.pid = popen.pid
+        self._exited = asyncio.Event()
+        self._loop = asyncio.get_running_loop()
+        self._pidfd = os.pidfd_open(popen.pid)
+        self._loop.add_reader(self._pidfd, self._on_exit)
+
+    def _on_exit(self) -> None:
+        if self.popen.poll() is not None:
+            self._loop.remove_reader(self._pidfd)
+            os.close(self._pidfd)
+            self._exited.set()
+
+    @property
+    def returncode(self) -> int | None:
+        return self.popen.returncode
+
+    async def wait(self) -> int:
+        await self._exited.wait()
+        return self.popen.returncode or 0
+
+    def kill(self) -> None:
+        if self.popen.returncode is None:
+            self.popen.kill()
+
+
+async def _spawn_child(
+    argv: list[str], preexec: Any, fd: int
+) -> tuple[_Child, asyncio.StreamReader, asyncio.StreamWriter]:
+    """Start bwrap from a worker thread, then attach its pipes to the loop.
+
+    Forking and the child's cgroup move (an RCU grace period on cgroup v1, ~10 ms) would
+    otherwise stall the event loop, and with it every other sandbox's I/O.
+    """
+    popen = await asyncio.to_thread(
+        subprocess.Popen,
+        argv,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        pass_fds=(fd,),
+        preexec_fn=preexec,  # os calls only (see ContainerRuntime._spawn)
+        env={"PATH": "/usr/bin:/bin"},  # bwrap itself gets nothing of ours either
+        cwd="/",
+    )
+    assert popen.stdin is not None and popen.stdout is not None
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader(limit=1 << 21)
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), popen.stdout)
+    transport, protocol = await loop.connect_write_pipe(
+        lambda: asyncio.StreamReaderProtocol(asyncio.StreamReader()), popen.stdin
+    )
+    writer = asyncio.StreamWriter(transport, protocol, None, loop)
+    return _Child(popen), reader, writer
+
+
 class ContainerProcess:
     """A running bubblewrap sandbox."""
 
     def __init__(
         self,
-        proc: asyncio.subprocess.Process,
+        proc: _Child,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
         cgroup: cgroups.SandboxCgroup,
         host_uid: int,
     ) -> None:
-        assert proc.stdout is not None and proc.stdin is not None
         self.proc = proc
-        self.reader: asyncio.StreamReader = proc.stdout
-        self.writer: asyncio.StreamWriter = proc.stdin
+        self.reader = reader
+        self.writer = writer
         self.cgroup = cgroup
         self.host_uid = host_uid
         self._killed = False
@@ -199,15 +262,5 @@ class ContainerRuntime:
                 os.setresgid(SANDBOX_HOST_GID, SANDBOX_HOST_GID, SANDBOX_HOST_GID)
                 os.setresuid(uid, uid, uid)
 
-            proc = await asyncio.create_subprocess_exec(
-                *argv,
-                stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.DEVNULL,
-                pass_fds=(fd,),
-                preexec_fn=preexec,
-                env={"PATH": "/usr/bin:/bin"},  # bwrap itself gets nothing of ours either
-                cwd="/",
-                limit=1 << 21,
-            )
-        return ContainerProcess(proc, cgroup, uid)
+            proc, reader, writer = await _spawn_child(argv, preexec, fd)
+        return ContainerProcess(proc, reader, writer, cgroup, uid)
