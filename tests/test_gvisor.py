@@ -11,6 +11,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -107,12 +108,12 @@ async def test_host_processes_invisible(box: tuple[GvisorSandbox, Client]) -> No
         [sys.executable, "-c", "import time; time.sleep(60)", marker], stdin=subprocess.DEVNULL
     )
     try:
-        # positive control: the marker is findable in /proc on the host
-        assert any(
-            marker.encode() in (p / "cmdline").read_bytes()
-            for p in Path("/proc").iterdir()
-            if p.name == str(host.pid)
-        )
+        # positive control: the marker is findable in /proc on the host (once it has exec'd)
+        cmdline = Path(f"/proc/{host.pid}/cmdline")
+        deadline = time.monotonic() + 5
+        while marker.encode() not in cmdline.read_bytes() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert marker.encode() in cmdline.read_bytes()
         out, _ = await client.sh("cat /proc/[0-9]*/cmdline | tr '\\0' ' '; ls /proc")
         assert marker not in out
         assert str(host.pid) not in out.split() or host.pid < 10  # pid namespace of its own

@@ -43,6 +43,7 @@ class _Child:
         self._loop = asyncio.get_running_loop()
         self._pidfd = os.pidfd_open(popen.pid)
         self._loop.add_reader(self._pidfd, self._on_exit)
+        self.read_transport: asyncio.BaseTransport | None = None
 
     def _on_exit(self) -> None:
         if self.popen.poll() is not None:
@@ -62,6 +63,19 @@ class _Child:
         if self.popen.returncode is None:
             self.popen.kill()
 
+    async def reap(self) -> None:
+        """Make sure the process is reaped and our ends of its pipes are closed."""
+        if self.popen.returncode is None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                await asyncio.to_thread(self.popen.wait, 5)
+        if not self._exited.is_set() and self.popen.returncode is not None:
+            with contextlib.suppress(ValueError, OSError):
+                self._loop.remove_reader(self._pidfd)
+                os.close(self._pidfd)
+            self._exited.set()
+        if self.read_transport is not None:
+            self.read_transport.close()
+
 
 async def _spawn_child(
     argv: list[str], preexec: Any, fd: int
@@ -71,26 +85,49 @@ async def _spawn_child(
     Forking and the child's cgroup move (an RCU grace period on cgroup v1, ~10 ms) would
     otherwise stall the event loop, and with it every other sandbox's I/O.
     """
-    popen = await asyncio.to_thread(
-        subprocess.Popen,
-        argv,
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        pass_fds=(fd,),
-        preexec_fn=preexec,  # os calls only (see ContainerRuntime._spawn)
-        env={"PATH": "/usr/bin:/bin"},  # bwrap itself gets nothing of ours either
-        cwd="/",
+    spawn = asyncio.ensure_future(
+        asyncio.to_thread(
+            subprocess.Popen,
+            argv,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            pass_fds=(fd,),
+            preexec_fn=preexec,  # os calls only (see ContainerRuntime._spawn)
+            env={"PATH": "/usr/bin:/bin"},  # bwrap itself gets nothing of ours either
+            cwd="/",
+        )
     )
+    try:
+        popen = await asyncio.shield(spawn)
+    except asyncio.CancelledError:
+        # The thread still creates the process: wait for it, and leave nothing behind.
+        with contextlib.suppress(BaseException):
+            late = await spawn
+            late.kill()
+            await asyncio.to_thread(late.wait)
+            for pipe in (late.stdin, late.stdout):
+                if pipe is not None:
+                    pipe.close()
+        raise
     assert popen.stdin is not None and popen.stdout is not None
     loop = asyncio.get_running_loop()
-    reader = asyncio.StreamReader(limit=1 << 21)
-    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), popen.stdout)
-    transport, protocol = await loop.connect_write_pipe(
-        lambda: asyncio.StreamReaderProtocol(asyncio.StreamReader()), popen.stdin
-    )
+    try:
+        reader = asyncio.StreamReader(limit=1 << 21)
+        rtransport, _ = await loop.connect_read_pipe(
+            lambda: asyncio.StreamReaderProtocol(reader), popen.stdout
+        )
+        transport, protocol = await loop.connect_write_pipe(
+            lambda: asyncio.StreamReaderProtocol(asyncio.StreamReader()), popen.stdin
+        )
+    except BaseException:
+        popen.kill()
+        await asyncio.to_thread(popen.wait)
+        raise
     writer = asyncio.StreamWriter(transport, protocol, None, loop)
-    return _Child(popen), reader, writer
+    child = _Child(popen)
+    child.read_transport = rtransport
+    return child, reader, writer
 
 
 class ContainerProcess:
@@ -135,6 +172,7 @@ class ContainerProcess:
             await asyncio.wait_for(self.proc.wait(), 5)
         except TimeoutError:
             log.error("bwrap pid %s did not exit after kill", self.proc.pid)
+        await self.proc.reap()
         await asyncio.to_thread(self.cgroup.destroy)
 
     def _ns_init(self) -> int | None:
