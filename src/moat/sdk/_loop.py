@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import concurrent.futures.thread  # noqa: F401 - registers its exit hook before ours (see below)
 import threading
 from collections.abc import Coroutine
 from typing import Any, TypeVar
@@ -42,9 +43,21 @@ class LoopThread:
         from moat.engine import default_engine
 
         async def kill_all() -> None:
-            await default_engine().pool.close()
-            sessions = list(default_engine().sessions.values())
-            await asyncio.gather(*(s.kill("killed") for s in sessions), return_exceptions=True)
+            engine = default_engine()
+            await engine.pool.close()
+            await asyncio.gather(
+                *(s.kill("killed") for s in list(engine.sessions.values())),
+                return_exceptions=True,
+            )
+            # Whatever still runs on this loop (a warm-pool start, a reader) ends here too.
+            rest = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in rest:
+                task.cancel()
+            await asyncio.gather(*rest, return_exceptions=True)
+            await asyncio.gather(
+                *(s.kill("killed") for s in list(engine.sessions.values())),
+                return_exceptions=True,
+            )
 
         if self.loop.is_running():
             try:
@@ -63,5 +76,9 @@ def loop_thread() -> LoopThread:
     with _mu:
         if _instance is None:
             _instance = LoopThread()
-            atexit.register(_instance.shutdown)
+            # Before concurrent.futures shuts its thread pools (asyncio.to_thread, used to
+            # kill sandboxes, stops working then): threading's exit hooks run before atexit,
+            # newest first, and concurrent.futures.thread (imported above) registered earlier.
+            register = getattr(threading, "_register_atexit", atexit.register)
+            register(_instance.shutdown)
         return _instance
