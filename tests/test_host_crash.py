@@ -71,3 +71,30 @@ def test_host_crash_leaves_nothing_running(tier: str) -> None:
         for stream in (child.stdin, child.stdout):
             if stream is not None:
                 stream.close()
+
+
+CLEAN_EXIT = """
+import sys
+from moat import Sandbox
+s = Sandbox.create(isolation=sys.argv[1], timeout=600)  # never killed by the program
+s.commands.run("sleep 600", background=True)
+print(s.run_code("1 + 1").text, flush=True)
+"""
+
+
+def test_interpreter_exit_without_kill_leaves_nothing(tier: str) -> None:
+    """A program that forgets kill(): its sandboxes (and a warm-pool start) die at exit."""
+    before = sandbox_procs()
+    with subprocess.Popen(
+        [sys.executable, "-c", CLEAN_EXIT, tier],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=Path(__file__).parent.parent, env={**os.environ, "MOAT_WARM_POOL": "container=1"},
+    ) as child:  # fmt: skip
+        stdout, stderr = child.communicate(timeout=120)
+    assert stdout.strip() == "2", stderr[-2000:]
+    assert "Task was destroyed" not in stderr and "Traceback" not in stderr
+    assert not _cgroups_of(child.pid)  # removed at exit, not left for a sweep
+    deadline = time.monotonic() + 10
+    while sandbox_procs() - before and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not sandbox_procs() - before
