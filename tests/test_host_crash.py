@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -33,6 +34,13 @@ with Sandbox.create(isolation=sys.argv[1], timeout=60) as s:
 """
 
 
+def _child_env(**extra: str) -> dict[str, str]:
+    """The child engines write their own audit store: killing a process that shares this
+    one is not what these tests are about (see the closing note of the session)."""
+    audit = Path(tempfile.gettempdir()) / f"moat-test-audit-{os.getpid()}.db"
+    return {**os.environ, "MOAT_AUDIT_DB": str(audit), **extra}
+
+
 def _cgroups_of(pid: int) -> list[Path]:
     return [p for p in Path("/sys/fs/cgroup").glob("*/**/moat/*") if f".{pid}." in p.name]
 
@@ -45,6 +53,7 @@ def test_host_crash_leaves_nothing_running(tier: str) -> None:
         stdout=subprocess.PIPE,
         text=True,
         cwd=Path(__file__).parent.parent,
+        env=_child_env(),
     )
     try:
         assert child.stdout is not None
@@ -61,6 +70,7 @@ def test_host_crash_leaves_nothing_running(tier: str) -> None:
         next_start = subprocess.run(
             [sys.executable, "-c", NEXT_START, tier],
             capture_output=True, text=True, timeout=120, cwd=Path(__file__).parent.parent,
+            env=_child_env(),
         )  # fmt: skip
         assert next_start.stdout.strip() == "2", next_start.stderr[-2000:]
         assert not _cgroups_of(child.pid)
@@ -88,7 +98,7 @@ def test_interpreter_exit_without_kill_leaves_nothing(tier: str) -> None:
     with subprocess.Popen(
         [sys.executable, "-c", CLEAN_EXIT, tier],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        cwd=Path(__file__).parent.parent, env={**os.environ, "MOAT_WARM_POOL": "container=1"},
+        cwd=Path(__file__).parent.parent, env=_child_env(MOAT_WARM_POOL="container=1"),
     ) as child:  # fmt: skip
         stdout, stderr = child.communicate(timeout=120)
     assert stdout.strip() == "2", stderr[-2000:]

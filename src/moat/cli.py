@@ -139,11 +139,11 @@ def audit(
     state directory ($MOAT_STATE_DIR, else /var/lib/moat for root).
     """
     from moat.egress import AuditLog
-    from moat.paths import state_dir
+    from moat.paths import audit_db
 
     if sandbox_id is not None and not _SANDBOX_ID.fullmatch(sandbox_id):
         raise click.BadParameter("not a sandbox id", param_hint="--sandbox")
-    path = state_dir() / "audit.db"
+    path = audit_db()
     if not path.exists():  # reading must not create an empty log
         rows: list[dict[str, Any]] = []
     else:

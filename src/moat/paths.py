@@ -6,6 +6,12 @@ import os
 from pathlib import Path
 
 
+def audit_db() -> Path:
+    """The audit store: ``$MOAT_AUDIT_DB``, else ``<state dir>/audit.db``."""
+    env = os.environ.get("MOAT_AUDIT_DB")
+    return Path(env) if env else state_dir() / "audit.db"
+
+
 def state_dir() -> Path:
     """moat's state directory: ``$MOAT_STATE_DIR``, else /var/lib/moat for root, else XDG.
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from moat.errors import InvalidArgumentError
-from moat.paths import state_dir
+from moat.paths import audit_db
 
 __all__ = ["AuditLog"]
 
@@ -66,7 +66,7 @@ class AuditLog:
     """An append-only audit store; thread-safe, usable from any event loop."""
 
     def __init__(self, path: str | Path | None = None) -> None:
-        self.path = Path(path) if path is not None else state_dir() / "audit.db"
+        self.path = Path(path) if path is not None else audit_db()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)

@@ -18,7 +18,7 @@ from moat.engine.pool import WarmPool, pool_sizes, poolable
 from moat.engine.session import CA_BUNDLE_PATH, PROXY_PORT, Session
 from moat.engine.tiers import TIERS, choose_tier, require, runtime_for
 from moat.guard import GuardPolicy
-from moat.paths import state_dir
+from moat.paths import audit_db
 from moat.runtime.spec import SandboxSpec
 
 log = logging.getLogger("moat.engine")
@@ -46,7 +46,7 @@ class Engine:
         """The audit trail (SQLite, WAL) under moat's state directory."""
         with self._mu:
             if self._audit is None:
-                self._audit = shared_audit_log(state_dir() / "audit.db")
+                self._audit = shared_audit_log(audit_db())
             return self._audit
 
     async def create(
