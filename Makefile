@@ -18,7 +18,8 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || /usr/bin/python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev]'
-	@if $(PY) -c 'import moat.runtime.microvm.setup' 2>/dev/null; then $(PY) -m moat.runtime.microvm.setup; fi
+	@ls /var/lib/apt/lists/*_Packages >/dev/null 2>&1 || apt-get update -qq  # the kernel is fetched with apt-get download
+	$(PY) -m moat.runtime.microvm.setup
 	touch $(STAMP)
 
 demo: install
