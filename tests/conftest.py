@@ -22,14 +22,19 @@ TIERS = [t for t in os.environ.get("MOAT_TIERS", "container,gvisor,microvm").spl
 TIER_PARAMS = [pytest.param(t, marks=getattr(pytest.mark, t), id=t) for t in TIERS]
 
 
-def require_tier(tier: str) -> None:
-    """Fail (not skip) when a tier that CI must prove is missing; MOAT_ALLOW_SKIP=1 skips."""
-    reason = runtime_for(tier).probe()
+def require(reason: str | None, what: str) -> None:
+    """A prerequisite of a test: missing, it fails the test, because CI must prove the thing
+    (MOAT_ALLOW_SKIP=1 turns that into a skip, for development machines without it)."""
     if reason is None:
         return
     if os.environ.get("MOAT_ALLOW_SKIP") == "1":
-        pytest.skip(f"{tier} unavailable: {reason}")
-    pytest.fail(f"{tier} tier unavailable on this host: {reason}")
+        pytest.skip(f"{what} unavailable: {reason}")
+    pytest.fail(f"{what} unavailable on this host: {reason}")
+
+
+def require_tier(tier: str) -> None:
+    """Fail (not skip) when a tier that CI must prove is missing; MOAT_ALLOW_SKIP=1 skips."""
+    require(runtime_for(tier).probe(), f"the {tier} tier")
 
 
 @pytest.fixture(params=TIER_PARAMS)

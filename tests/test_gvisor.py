@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import pytest_asyncio
+from tests.conftest import require
 from tests.raw_agent import Client as RawClient
 
 from moat.paths import state_dir
@@ -32,8 +33,13 @@ _REASON = RUNTIME.probe()
 pytestmark = [
     pytest.mark.gvisor,
     pytest.mark.timeout(120),
-    pytest.mark.skipif(_REASON is not None, reason=str(_REASON)),
 ]
+
+
+@pytest.fixture(autouse=True)
+def _prerequisite() -> None:
+    """Fails (not skips) where this tier can't run: CI must prove it (see conftest.require)."""
+    require(_REASON, "the gvisor tier")
 
 
 class Client(RawClient):

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import pytest_asyncio
+from tests.conftest import require
 from tests.raw_agent import Client as RawClient
 
 from moat.errors import IsolationUnavailableError
@@ -30,8 +31,13 @@ pytestmark = [
     pytest.mark.microvm,
     pytest.mark.slow,
     pytest.mark.timeout(240),
-    pytest.mark.skipif(_REASON is not None, reason=str(_REASON)),
 ]
+
+
+@pytest.fixture(autouse=True)
+def _prerequisite() -> None:
+    """Fails (not skips) where this tier can't run: CI must prove it (see conftest.require)."""
+    require(_REASON, "the microvm tier")
 
 
 class Client(RawClient):
