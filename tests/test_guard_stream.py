@@ -24,8 +24,8 @@ def test_stream_holds_back_a_fixed_window_and_flushes_it() -> None:
     guard = Guard(sensitive=[(SECRET, "TOKEN")])
     w = guard.window
     s = guard.stream("stdout")
-    assert s.feed("a" * (w - 1)) == ""
-    assert s.feed("bc") == "a"  # exactly len(fed) - window released
+    assert s.feed("a" * (2 * w - 1)) == ""  # released in batches of at least a window
+    assert s.feed("bc") == "a" * (w + 1)  # then all but the last window
     assert s.flush() == "a" * (w - 2) + "bc"
     assert s.closed
     with pytest.raises(InvalidArgumentError):

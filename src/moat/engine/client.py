@@ -8,6 +8,7 @@ with SandboxDiedError.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import itertools
 import logging
@@ -41,19 +42,67 @@ _TCP = frozenset(
 )
 
 
+#: Output frames that wait, unread, behind one another are merged up to this many bytes.
+MERGE_OUTPUT = 1 << 20
+_OUTPUT = frozenset({MsgType.STDOUT, MsgType.STDERR})
+
+
+class _Output:
+    """Consecutive STDOUT (or STDERR) payloads of one call, not yet read: joined when read."""
+
+    __slots__ = ("id", "parts", "size", "type")
+
+    def __init__(self, frame: Frame) -> None:
+        self.type = frame.type
+        self.id = frame.id
+        self.parts = [frame.payload]
+        self.size = len(frame.payload)
+
+
 class Call:
-    """One request in flight: its frames arrive on a queue."""
+    """One request in flight: its frames arrive on a queue.
+
+    A program printing one line per write reaches the host as one frame per line; frames of
+    the same stream that queue up before they are read are merged, so the guard, the output
+    cap and callbacks run once per batch instead of once per line (order is kept).
+    """
 
     def __init__(self, client: AgentClient, rid: int) -> None:
         self.client = client
         self.id = rid
-        self.queue: asyncio.Queue[Frame | object] = asyncio.Queue()
+        self._items: collections.deque[Frame | _Output | object] = collections.deque()
+        self._wake = asyncio.Event()
+
+    def put(self, item: Frame | object) -> None:
+        """Queue a frame (or the dead marker)."""
+        if isinstance(item, Frame) and item.type in _OUTPUT:
+            last = self._items[-1] if self._items else None
+            if (
+                isinstance(last, _Output)
+                and last.type is item.type
+                and last.size + len(item.payload) <= MERGE_OUTPUT
+            ):
+                last.parts.append(item.payload)
+                last.size += len(item.payload)
+                return
+            item = _Output(item)
+        self._items.append(item)
+        self._wake.set()
+
+    def pending(self) -> bool:
+        """Whether a frame is waiting to be read."""
+        return bool(self._items)
 
     async def next(self) -> Frame:
-        item = await self.queue.get()
+        while not self._items:
+            self._wake.clear()
+            await self._wake.wait()
+        item = self._items.popleft()
         if item is _DEAD:
-            self.queue.put_nowait(_DEAD)  # keep failing
+            self._items.appendleft(_DEAD)  # keep failing
             raise SandboxDiedError(self.client.dead_reason or "the sandbox died")
+        if isinstance(item, _Output):
+            return Frame(item.type, item.id, {}, b"".join(item.parts))
         assert isinstance(item, Frame)
         return item
 
@@ -131,7 +180,7 @@ class AgentClient:
             return
         call = self.calls.get(frame.id)
         if call is not None:
-            call.queue.put_nowait(frame)
+            call.put(frame)
         # else: a late frame for a call we gave up on; drop it.
 
     def _die(self, reason: str) -> None:
@@ -142,7 +191,7 @@ class AgentClient:
             self._ready.set_exception(SandboxDiedError(reason))
             self._ready.exception()  # mark retrieved
         for call in self.calls.values():
-            call.queue.put_nowait(_DEAD)
+            call.put(_DEAD)
         self._on_dead(reason)
 
     def send(self, mtype: MsgType, rid: int, fields: dict[str, Any], payload: bytes = b"") -> None:

@@ -588,7 +588,7 @@ class Session:
                 for i in range(0, len(chunk), CHUNK_SIZE):
                     client.send(MsgType.FILE_CHUNK, call.id, {}, chunk[i : i + CHUNK_SIZE])
                     await client.drain()
-                    if not call.queue.empty():  # an early FAIL (e.g. disk full)
+                    if call.pending():  # an early FAIL (e.g. disk full)
                         break
             client.send(MsgType.FILE_CHUNK, call.id, {"eof": True})
             await client.drain()

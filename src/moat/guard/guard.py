@@ -8,8 +8,10 @@ Streams (see docs/guard.md for the reasoning):
 
 * each stream holds back a fixed number of raw characters, ``Guard.window``, sized to the
   longest registered pattern with whitespace gaps (and to the longest rule match); a value
-  split at any offset is still whole in the buffer when it is decided on. The amount
-  released by ``feed`` depends only on the lengths fed, never on whether the held tail
+  split at any offset is still whole in the buffer when it is decided on. ``feed`` releases
+  in batches: once the buffer holds ``2 * window`` characters, all but the last ``window``
+  (block mode scans every chunk, so that a leak raises at once).
+  The amount released by ``feed`` depends only on the lengths fed, never on whether the held tail
   looks like the beginning of a secret; only a *complete* match across the cut changes it
   (the match is released whole, as its marker): prefixes don't change what comes out;
 * ``flush`` at the end of a call releases the rest, redacted: output is never held longer
@@ -447,6 +449,12 @@ class GuardStream:
                 return ""
             self._guard._interleave(self, self._base + len(self._buf), chunk)
             self._buf += chunk
+            # Release in batches: only once the buffer holds twice the window, then all but
+            # the window. A program printing one short line per write would otherwise cost a
+            # rescan of the whole window per line. Still a function of the lengths fed only.
+            # Block mode scans every chunk, so a leak interrupts the call at once.
+            if self._guard.mode != "block" and len(self._buf) < 2 * self._guard._idx().window:
+                return ""
             return self._release(final=False)
 
     def flush(self) -> str:

@@ -26,9 +26,8 @@ import re
 from dataclasses import dataclass
 from functools import cache
 
-import ahocorasick_rs
-
 from moat.errors import PolicyError
+from moat.guard.literals import LiteralSet, backend
 
 
 @dataclass(frozen=True)
@@ -41,6 +40,7 @@ class Rule:
     gate: tuple[str, ...] = ()
     gate_window: int = 0  # >0: every match starts at a gate literal and is this short
     anchor: re.Pattern[str] | None = None
+    anchor_width: int = 0  # >0: every anchor match is this long (searched by hyperscan)
     before: int = 0  # how far a match may start before its anchor
     after: int = 0  # how far a match may end after its anchor's end
     extend: re.Pattern[str] | None = None
@@ -74,7 +74,14 @@ _DETECT_SECRETS: dict[str, tuple[str, str, dict[int, dict[str, object]]]] = {
     "discord": (
         "discord",
         "DiscordBotTokenDetector",
-        {0: {"anchor": r"\.[a-zA-Z\d_-]{6}\.[a-zA-Z\d_-]{27}", "before": 26, "after": 0}},
+        {
+            0: {
+                "anchor": r"\.[a-zA-Z\d_-]{6}\.[a-zA-Z\d_-]{27}",
+                "anchor_width": 35,
+                "before": 26,
+                "after": 0,
+            }
+        },
     ),
     "github_token": (
         "github_token",
@@ -102,7 +109,15 @@ _DETECT_SECRETS: dict[str, tuple[str, str, dict[int, dict[str, object]]]] = {
     "mailchimp": (
         "mailchimp",
         "MailchimpDetector",
-        {0: {"gate": ("-us",), "anchor": r"-us[0-9]", "before": 32, "after": 1}},
+        {
+            0: {
+                "gate": ("-us",),
+                "anchor": r"-us[0-9]",
+                "anchor_width": 4,
+                "before": 32,
+                "after": 1,
+            }
+        },
     ),
     "npm": ("npm", "NpmDetector", {0: {"gate": ("_authToken=",), "group": 1}}),
     "openai": ("openai", "OpenAIDetector", {0: {"gate": ("T3BlbkFJ",)}}),
@@ -127,7 +142,7 @@ _DETECT_SECRETS: dict[str, tuple[str, str, dict[int, dict[str, object]]]] = {
     "telegram_token": (
         "telegram_token",
         "TelegramBotTokenDetector",
-        {0: {"anchor": r":[0-9A-Za-z_-]{35}", "before": 10, "after": 0}},
+        {0: {"anchor": r":[0-9A-Za-z_-]{35}", "anchor_width": 36, "before": 10, "after": 0}},
     ),
     "twilio": (
         "twilio",
@@ -202,13 +217,18 @@ def _options(name: str, pattern: re.Pattern[str], opts: dict[str, object]) -> Ru
     group = opts.get("group", 0)
     before = opts.get("before", 0)
     after = opts.get("after", 0)
+    anchor_width = opts.get("anchor_width", 0)
     if (
         not isinstance(gate, tuple)
         or not isinstance(gate_window, int)
         or not isinstance(group, int)
     ):
         raise PolicyError("guard rule table is malformed")
-    if not isinstance(before, int) or not isinstance(after, int):
+    if (
+        not isinstance(before, int)
+        or not isinstance(after, int)
+        or not isinstance(anchor_width, int)
+    ):
         raise PolicyError("guard rule table is malformed")
     return Rule(
         name=name,
@@ -217,6 +237,7 @@ def _options(name: str, pattern: re.Pattern[str], opts: dict[str, object]) -> Ru
         gate=tuple(str(g) for g in gate),
         gate_window=gate_window,
         anchor=re.compile(anchor) if isinstance(anchor, str) else None,
+        anchor_width=anchor_width,
         before=before,
         after=after,
         extend=re.compile(extend) if isinstance(extend, str) else None,
@@ -224,37 +245,70 @@ def _options(name: str, pattern: re.Pattern[str], opts: dict[str, object]) -> Ru
 
 
 class RuleSet:
-    """Rules plus one Aho-Corasick automaton over all their gate literals, so that a text
-    is searched for every gate in one pass and only the rules whose gate is present run."""
+    """Rules plus one literal set over all their gate literals, so that a text is searched
+    for every gate in one pass and only the rules whose gate is present run."""
 
     def __init__(self, rules: tuple[Rule, ...]) -> None:
         self.rules = rules
         literals = sorted({g for r in rules for g in r.gate})
-        self._literals = literals
+        # With hyperscan, the anchors of fixed width (all of the default rules') are found in
+        # the same pass as the gates, instead of one Python regex pass over the text each.
+        self._hs_anchored: dict[int, int] = {}  # rule index -> its number among patterns
+        patterns: list[tuple[bytes, int]] = []
+        if backend() == "hyperscan":
+            for r, rule in enumerate(rules):
+                if rule.anchor is not None and rule.anchor_width > 0:
+                    self._hs_anchored[r] = len(patterns)
+                    patterns.append((rule.anchor.pattern.encode(), rule.anchor_width))
+        self._pattern_rule = list(self._hs_anchored)
+        self._n_literals = len(literals)
         self._gates = (
-            ahocorasick_rs.BytesAhoCorasick([g.encode() for g in literals]) if literals else None
+            LiteralSet([g.encode() for g in literals], patterns=patterns)
+            if literals or patterns
+            else None
         )
+        # Per gate literal, the (indexes of the) rules it opens.
+        number = {g: i for i, g in enumerate(literals)}
+        self._opens: list[list[int]] = [[] for _ in literals]
+        for r, rule in enumerate(rules):
+            for g in rule.gate:
+                self._opens[number[g]].append(r)
+        self._ungated = [r for r, rule in enumerate(rules) if not rule.gate]
 
-    def candidates(self, text: str) -> list[tuple[Rule, list[int] | None]]:
-        """The rules that may match ``text``: each with the offsets where its gate occurs
-        (for ``gate_window`` rules on ASCII text, where byte offsets are character
-        offsets), or None where the whole text must be searched."""
-        where: dict[str, list[int]] = {}
-        if self._gates is not None:
-            found = self._gates.find_matches_as_indexes(
-                text.encode("utf-8", "surrogatepass"), overlapping=True
-            )
-            for i, start, _ in found:
-                where.setdefault(self._literals[i], []).append(start)
+    def candidates(
+        self, text: str
+    ) -> list[tuple[Rule, list[int] | None, list[tuple[int, int]] | None]]:
+        """The rules that may match ``text``, in rule order, each with: the offsets where its
+        gate occurs (for ``gate_window`` rules), or None where the whole text must be
+        searched; and the spans of its anchor's matches when the gate pass found them, or
+        None where the rule's anchor regex must search. Offsets are only given for ASCII
+        text, where byte offsets are character offsets."""
         ascii_text = text.isascii()
-        out: list[tuple[Rule, list[int] | None]] = []
-        for rule in self.rules:
-            if not rule.gate:
-                out.append((rule, None))
-                continue
-            offsets = [o for g in rule.gate for o in where.get(g, ())]
-            if offsets:
-                out.append((rule, sorted(offsets) if rule.gate_window and ascii_text else None))
+        where: dict[int, list[int]] = {}
+        spans: dict[int, list[tuple[int, int]]] = {}
+        if self._gates is not None:
+            n = self._n_literals
+            for i, start in self._gates.find(text.encode("utf-8", "surrogatepass")):
+                if i < n:
+                    for r in self._opens[i]:
+                        where.setdefault(r, []).append(start)
+                else:
+                    r = self._pattern_rule[i - n]
+                    spans.setdefault(r, []).append((start, start + self.rules[r].anchor_width))
+        for r in self._ungated:
+            if ascii_text and r in self._hs_anchored and r not in spans:
+                continue  # its anchor, searched with the gates, is not in the text
+            where.setdefault(r, [])
+        out: list[tuple[Rule, list[int] | None, list[tuple[int, int]] | None]] = []
+        for r in sorted(where):
+            rule = self.rules[r]
+            anchors: list[tuple[int, int]] | None = None
+            if ascii_text and r in self._hs_anchored:
+                if r not in spans:
+                    continue
+                anchors = sorted(spans[r])
+            offsets = sorted(where[r]) if rule.gate_window and ascii_text else None
+            out.append((rule, offsets, anchors))
         return out
 
 

@@ -4,12 +4,12 @@ Trust domain: host engine; the text is hostile sandbox output. Pure: no I/O, no 
 besides the immutable indexes built from the registered values.
 
 Exact matching works in two steps so that clean output (nearly all of it) costs one pass of
-C code: a *fast filter* removes every whitespace character and runs a byte Aho-Corasick
-automaton (``ahocorasick_rs``) over the result; only when that finds a candidate does the
-*precise pass* rebuild the text with runs of up to ``MAX_GAP`` whitespace characters removed
-(longer runs become a separator), find matches there and map them back to the original
-offsets. The filter can't miss: every precise match is also a match of the fully squeezed
-pattern in the fully squeezed text.
+native code: a *fast filter* removes every whitespace character and runs a multi-literal
+byte search (``moat.guard.literals``: hyperscan, else Aho-Corasick) over the result; only
+when that finds a candidate does the *precise pass* rebuild the text with runs of up to
+``MAX_GAP`` whitespace characters removed (longer runs become a separator), find matches
+there and map them back to the original offsets. The filter can't miss: every precise match
+is also a match of the fully squeezed pattern in the fully squeezed text.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import ahocorasick_rs
 
 from moat.guard.encodings import byte_forms, text_forms
+from moat.guard.literals import LiteralSet
 from moat.guard.rules import RuleSet
 
 #: Whitespace runs of at most this many characters are ignored when matching values
@@ -33,7 +34,7 @@ MIN_OBFUSCATED = 8
 _WS = "\t\n\x0b\x0c\r "
 #: Characters of each pattern the fast filter looks for.
 FILTER_PREFIX = 16
-_DELETE_WS = str.maketrans("", "", _WS)
+_WS_BYTES = _WS.encode()
 _WS_RUN = re.compile(f"[{re.escape(_WS)}]+")
 #: Stands for a run longer than MAX_GAP in the precise pass; a noncharacter that values
 #: may not contain, so no pattern can match across it unless it holds one itself.
@@ -125,21 +126,18 @@ class ExactIndex:
         self._keys = list(keys)
         #: Longest squeezed pattern; streams hold back enough raw text to contain it.
         self.longest = max((len(k) for k in self._keys), default=0)
-        self._fast: ahocorasick_rs.BytesAhoCorasick | None = None
+        self._fast: LiteralSet | None = None
         self._precise: ahocorasick_rs.AhoCorasick | None = None
         if self._keys:
             # The filter only needs each pattern's first FILTER_PREFIX characters (a match
-            # of the whole contains them); fewer automaton states make its DFA small enough
-            # to build in ~0.1 s and scan ~20% faster for 1,000 values (bench/bench_guard.py).
+            # of the whole contains them): a smaller database, built faster.
             fast_keys = list(
                 dict.fromkeys(
                     k.replace(SEPARATOR, "")[:FILTER_PREFIX].encode("utf-8", "surrogatepass")
                     for k in self._keys
                 )
             )
-            self._fast = ahocorasick_rs.BytesAhoCorasick(
-                fast_keys, implementation=ahocorasick_rs.Implementation.DFA
-            )
+            self._fast = LiteralSet(fast_keys)
             self._precise = ahocorasick_rs.AhoCorasick(self._keys)
 
     @property
@@ -151,8 +149,10 @@ class ExactIndex:
         """The fast filter: False means no registered value is in ``text`` in any form."""
         if self._fast is None:
             return False
-        squeezed = text.translate(_DELETE_WS).encode("utf-8", "surrogatepass")
-        return bool(self._fast.find_matches_as_indexes(squeezed))
+        # Encode, then delete: whitespace is ASCII, and no byte of a multi-byte UTF-8
+        # sequence is ASCII, so this equals deleting first; bytes.translate is ~2x faster.
+        squeezed = text.encode("utf-8", "surrogatepass").translate(None, _WS_BYTES)
+        return self._fast.any(squeezed)
 
     def find(self, text: str) -> list[Hit]:
         """Every (possibly overlapping) match of every form, in original offsets."""
@@ -186,7 +186,7 @@ def rule_hits(
     Offsets are relative to ``text``. Matches whose text is in ``allow`` are dropped.
     """
     hits: list[Hit] = []
-    for rule, offsets in rules.candidates(text):
+    for rule, offsets, anchors in rules.candidates(text):
         seen: set[tuple[int, int]] = set()
         matches: list[re.Match[str]] = []
         if offsets is not None:
@@ -197,9 +197,13 @@ def rule_hits(
                     if m is not None:
                         matches.append(m)
         elif rule.anchor is not None:
-            for a in rule.anchor.finditer(text, pos):
-                lo = max(pos, a.start() - rule.before)
-                hi = min(len(text), a.end() + rule.after)
+            if anchors is None:
+                anchors = [a.span() for a in rule.anchor.finditer(text, pos)]
+            for a_start, a_end in anchors:
+                if a_start < pos:
+                    continue
+                lo = max(pos, a_start - rule.before)
+                hi = min(len(text), a_end + rule.after)
                 matches.extend(rule.pattern.finditer(text, lo, hi))
         else:
             matches = list(rule.pattern.finditer(text, pos))
