@@ -23,6 +23,7 @@ Streams (see docs/guard.md for the reasoning):
 
 from __future__ import annotations
 
+import collections
 import secrets
 import threading
 from collections.abc import Callable, Iterable
@@ -140,7 +141,8 @@ class Guard:
         self._exact = EXACT in policy.detectors
         self._allow = frozenset(policy.allow)
         # The interleaving log: (stream, absolute offset in it, text), oldest first.
-        self._log: list[tuple[GuardStream, int, str]] = []
+        self._log: collections.deque[tuple[GuardStream, int, str]] = collections.deque()
+        self._log_chars = 0  # total length of the texts in the log
         if isinstance(sensitive, (str, bytes)):
             raise InvalidArgumentError("sensitive must be a list of (value, label) pairs")
         for item in sensitive:
@@ -353,6 +355,7 @@ class Guard:
         idx = self._idx()
         window = idx.window
         log = self._log
+        # Only output of another stream in the log can complete a value across streams.
         if any(s is not stream for s, _, _ in log):
             segs = [*log, (stream, abs_start, chunk[:window])]
             combined = "".join(t for _, _, t in segs)
@@ -392,17 +395,26 @@ class Guard:
                                 h.canary,
                             )
                         )
+        if len(chunk) >= window:
+            # The chunk alone fills the log: only its last ``window`` characters stay.
+            log.clear()
+            log.append((stream, abs_start + len(chunk) - window, chunk[-window:]))
+            self._log_chars = window
+            return
         log.append((stream, abs_start, chunk))
-        total = sum(len(t) for _, _, t in log)
+        total = self._log_chars + len(chunk)
         while log and total - len(log[0][2]) >= window:
-            total -= len(log.pop(0)[2])
+            total -= len(log.popleft()[2])
         if log and total > window:
             s, a, t = log[0]
             cut = total - window
             log[0] = (s, a + cut, t[cut:])
+            total = window
+        self._log_chars = total
 
     def _forget(self, stream: GuardStream) -> None:
-        self._log = [seg for seg in self._log if seg[0] is not stream]
+        self._log = collections.deque(seg for seg in self._log if seg[0] is not stream)
+        self._log_chars = sum(len(t) for _, _, t in self._log)
 
 
 class GuardStream:
