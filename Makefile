@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
-APT_PACKAGES := bubblewrap runsc qemu-system-x86 busybox-static lz4 e2fsprogs python3-venv python3-pip python3-pandas python3-matplotlib curl
+APT_PACKAGES := bubblewrap runsc qemu-system-x86 busybox-static lz4 e2fsprogs python3-venv python3-pip python3-pandas python3-matplotlib curl gcc libc6-dev
 STAMP := $(VENV)/.installed
 
 .PHONY: install demo test lint bench clean
@@ -20,6 +20,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	@ls /var/lib/apt/lists/*_Packages >/dev/null 2>&1 || apt-get update -qq  # the kernel is fetched with apt-get download
 	$(PY) -m moat.runtime.microvm.setup
+	$(PY) -m moat.runtime.gvisor.setup
 	touch $(STAMP)
 
 demo: install

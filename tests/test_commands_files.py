@@ -125,3 +125,12 @@ def test_file_errors_are_typed(shared_sbx: Sandbox) -> None:
         shared_sbx.files.write("x", 12345)  # type: ignore[arg-type]
     with pytest.raises(InvalidArgumentError):
         shared_sbx.files.read("x", format="yaml")  # type: ignore[arg-type]
+
+
+def test_coreutils_list_and_stat(shared_sbx: Sandbox) -> None:
+    # What agents run first. On gVisor this needs the statx compatibility library
+    # (runsc 20221219 refuses coreutils' AT_NO_AUTOMOUNT); see test_gvisor.py for its control.
+    shared_sbx.files.write("/tmp/listed.txt", "x")
+    r = shared_sbx.commands.run("ls -la /tmp /home/user / && stat -c '%s %n' /tmp/listed.txt")
+    assert "listed.txt" in r.stdout and "1 /tmp/listed.txt" in r.stdout
+    assert r.stderr == ""

@@ -309,3 +309,25 @@ async def test_sweep_spares_live_sandboxes(box: tuple[GvisorSandbox, Client]) ->
     assert sb.alive()
     _, _, done = await client.request(MsgType.PING)
     assert done.type is MsgType.DONE
+
+
+@pytest.mark.asyncio
+async def test_statx_compat_library_is_what_makes_ls_work(
+    box: tuple[GvisorSandbox, Client],
+) -> None:
+    # Control: the raw syscall with AT_NO_AUTOMOUNT still fails under this runsc (if a newer
+    # runsc accepts it, the library is moot and this test says so); through libc's statx,
+    # which the library wraps, coreutils' flags work.
+    _, client = box
+    probe = (
+        "import ctypes, os; libc = ctypes.CDLL(None, use_errno=True); "
+        "buf = ctypes.create_string_buffer(256); "
+        "raw = libc.syscall(332, -100, b'/tmp', 0x800, 0x7ff, buf); "
+        "wrapped = libc.statx(-100, b'/tmp', 0x800, 0x7ff, buf); "
+        "print(raw, wrapped, open('/etc/ld.so.preload').read().strip())"
+    )
+    out, code = await client.sh(f'python3 -c "{probe}"')
+    assert code == 0, out
+    raw, wrapped, preload = out.split()
+    assert raw == "-1", "this runsc accepts AT_NO_AUTOMOUNT: the statx library is not needed"
+    assert wrapped == "0" and preload == "/.moat/statx_compat.so"

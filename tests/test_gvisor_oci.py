@@ -106,3 +106,43 @@ def test_seccomp_denies_namespaces_but_not_clone3() -> None:
     names = {n for r in rules for n in r["names"]}
     assert {"unshare", "setns", "bpf", "ptrace"} <= names
     assert "clone3" not in names  # the sentry answers ENOSYS itself; see oci._SECCOMP_SKIP
+
+
+def test_skeleton_preloads_the_statx_library(tmp_path: Path) -> None:
+    from moat.runtime.gvisor.rootfs import write_skeleton
+
+    lib = tmp_path / "lib.so"
+    lib.write_bytes(b"\x7fELF-ish")
+    write_skeleton(tmp_path / "with", "h", preload=lib)
+    inside = tmp_path / "with" / ".moat" / "statx_compat.so"
+    assert inside.read_bytes() == lib.read_bytes() and (inside.stat().st_mode & 0o777) == 0o644
+    assert (tmp_path / "with" / "etc" / "ld.so.preload").read_text() == "/.moat/statx_compat.so\n"
+    write_skeleton(tmp_path / "without", "h")
+    assert not (tmp_path / "without" / "etc" / "ld.so.preload").exists()
+
+
+def test_statx_library_build_without_a_compiler_is_skipped_not_fatal(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from moat.runtime.gvisor import compat
+
+    monkeypatch.setenv("MOAT_STATE_DIR", str(tmp_path))
+    monkeypatch.setattr(compat.shutil, "which", lambda _name: None)
+    assert compat.build() is None
+    assert compat.problem() is not None
+    assert not compat.library_path().exists()
+
+
+def test_statx_library_builds_with_the_host_compiler(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests.conftest import require
+
+    from moat.runtime.gvisor import compat
+
+    require(None if compat.shutil.which("cc") else "no cc", "a C compiler (make install adds gcc)")
+    monkeypatch.setenv("MOAT_STATE_DIR", str(tmp_path))
+    built = compat.build()
+    assert built is not None and built == compat.library_path()
+    assert built.read_bytes()[:4] == b"\x7fELF"
+    assert compat.build() == built  # cached

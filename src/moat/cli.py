@@ -104,6 +104,12 @@ def doctor() -> None:
     for tier, reason in default_engine().doctor().items():
         if reason is None:
             click.echo(f"  {tier:<10} available")
+            if tier == "gvisor":
+                from moat.runtime.gvisor import compat
+
+                note = compat.problem()
+                if note is not None:
+                    click.echo(f"  {'':<10} note: {note}")
         else:
             ok = False
             click.echo(f"  {tier:<10} UNAVAILABLE: {reason}")

@@ -34,6 +34,7 @@ from typing import Final
 from moat.errors import InvalidArgumentError, IsolationUnavailableError, SandboxDiedError
 from moat.paths import state_dir
 from moat.runtime.agentdir import agent_argv, prepare
+from moat.runtime.gvisor import compat
 from moat.runtime.gvisor.hostcg import CGROUP_ROOT, HostCgroup, layout
 from moat.runtime.gvisor.hostproc import kill_processes_of_root, processes_of_root
 from moat.runtime.gvisor.oci import CGROUP_PREFIX, Bundle, build_config, cgroup_name
@@ -217,7 +218,9 @@ class GvisorRuntime:
         proc: asyncio.subprocess.Process | None = None
         try:
             (workdir / "owner").write_text(f"{os.getpid()} {_start_time(os.getpid())}\n")
-            config = self._bundle(spec, workdir)
+            # Built once per host (make install does it); a compile the first time otherwise.
+            preload = await asyncio.to_thread(compat.build)
+            config = self._bundle(spec, workdir, preload)
             proc = await asyncio.create_subprocess_exec(
                 *self._argv(exe, workdir, spec.sandbox_id),
                 stdin=asyncio.subprocess.PIPE,
@@ -235,12 +238,12 @@ class GvisorRuntime:
             await _teardown(exe, spec.sandbox_id, workdir, cgroup, proc)
             raise
 
-    def _bundle(self, spec: SandboxSpec, workdir: Path) -> dict[str, object]:
+    def _bundle(self, spec: SandboxSpec, workdir: Path, preload: Path | None) -> dict[str, object]:
         bundle_dir = workdir / "bundle"
         bundle_dir.mkdir(mode=0o700)
         (workdir / "root").mkdir(mode=0o700)
         rootfs = bundle_dir / "rootfs"
-        write_skeleton(rootfs, spec.hostname)
+        write_skeleton(rootfs, spec.hostname, preload=preload)
         for m in spec.mounts:
             # Mount points outside the tmpfs mounts must exist in the read-only skeleton.
             point = rootfs / m.sandbox_path.lstrip("/")

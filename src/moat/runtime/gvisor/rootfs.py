@@ -10,9 +10,11 @@ those present on this host.
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 from typing import Final
 
+from moat.runtime.gvisor.compat import SANDBOX_PATH
 from moat.runtime.gvisor.oci import SKELETON_DIRS, SKELETON_SYMLINKS
 from moat.runtime.spec import HOME, SANDBOX_GID, SANDBOX_UID
 
@@ -49,8 +51,12 @@ def etc_binds() -> tuple[str, ...]:
     return tuple(p for p in ETC_BINDS if os.path.exists(p))
 
 
-def write_skeleton(rootfs: Path, hostname: str) -> None:
-    """Create the read-only root skeleton at ``rootfs`` (which must not exist yet)."""
+def write_skeleton(rootfs: Path, hostname: str, preload: Path | None = None) -> None:
+    """Create the read-only root skeleton at ``rootfs`` (which must not exist yet).
+
+    ``preload``: a library copied to :data:`compat.SANDBOX_PATH` and named in
+    ``/etc/ld.so.preload`` (the statx compatibility library).
+    """
     rootfs.mkdir(mode=0o755)
     for d in SKELETON_DIRS:
         (rootfs / d).mkdir(parents=True, mode=0o755, exist_ok=True)
@@ -60,6 +66,13 @@ def write_skeleton(rootfs: Path, hostname: str) -> None:
     for name, text in _synthetic_etc(hostname).items():
         (etc / name).write_text(text)
         os.chmod(etc / name, 0o644)
+    if preload is not None:
+        inside = rootfs / SANDBOX_PATH.lstrip("/")
+        inside.parent.mkdir(mode=0o755)
+        shutil.copyfile(preload, inside)
+        os.chmod(inside, 0o644)
+        (etc / "ld.so.preload").write_text(SANDBOX_PATH + "\n")
+        os.chmod(etc / "ld.so.preload", 0o644)
     # mount points of the /etc binds: a file or a directory, as on the host
     for path in etc_binds():
         dest = rootfs / path.lstrip("/")
