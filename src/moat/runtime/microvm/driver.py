@@ -262,6 +262,10 @@ class MicroVMRuntime:
                 os.close(snap_fd)
         try:
             reader, writer = await asyncio.open_unix_connection(sock=host_sock, limit=1 << 21)
+            # Sent at once, also to a booting guest: it waits in the socket until stage 2
+            # opens the port (see guest_init.py), so the guest never waits for the host.
+            writer.write(_guest_config(spec) + b"\n")
+            await asyncio.wait_for(writer.drain(), BOOT_TIMEOUT_S)
             if snap is None:
                 # A cold boot announces stage 2; a restored template already did, before saving.
                 marker = await asyncio.wait_for(
@@ -269,8 +273,6 @@ class MicroVMRuntime:
                 )
                 if marker != BOOT_MARKER:
                     raise SandboxDiedError("the microVM sent an unexpected boot message")
-            writer.write(_guest_config(spec) + b"\n")
-            await asyncio.wait_for(writer.drain(), BOOT_TIMEOUT_S)
         except (OSError, asyncio.IncompleteReadError, TimeoutError) as exc:
             await asyncio.to_thread(_stop, proc, cgroup)
             raise SandboxDiedError("the microVM did not boot") from exc
