@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import stat
 from pathlib import Path
 
@@ -117,3 +118,88 @@ def test_cpio_newc_layout() -> None:
         if name == "bin":
             assert stat.S_ISLNK(mode) and body == b"usr/bin"
     assert names == [".", "init", "bin", "TRAILER!!!"]
+
+
+def _members(data: bytes) -> dict[str, bytes]:
+    """name -> body of every member of a (possibly concatenated) newc archive; last wins."""
+    out: dict[str, bytes] = {}
+    off = 0
+    while off < len(data):
+        if data[off : off + 6] != b"070701":
+            off += 1  # zero padding between archives
+            continue
+        hdr = data[off : off + 110]
+        size = int(hdr[54:62], 16)
+        nlen = int(hdr[94:102], 16)
+        name = data[off + 110 : off + 110 + nlen - 1].decode()
+        off += 110 + nlen
+        off += (4 - off % 4) % 4
+        if name != "TRAILER!!!":
+            out[name] = data[off : off + size]
+        off += size + (4 - size % 4) % 4
+    return out
+
+
+def test_agent_archive_carries_init_and_compiled_stage2(tmp_path: Path) -> None:
+    import marshal
+    import sys
+
+    from moat.runtime.microvm import guest_boot, initramfs
+
+    (tmp_path / "moat").mkdir()
+    (tmp_path / "moat" / "__init__.py").write_text("")
+    members = _members(initramfs.agent_archive(tmp_path))
+    # /init and stage 2 travel with the agent: changes take effect without a new setup
+    assert members["init"] == INIT_SCRIPT.encode()
+    source = Path(guest_boot.__file__).read_bytes()
+    assert members[".moat/boot.py"] == source
+    pyc = members[f".moat/__pycache__/boot.{sys.implementation.cache_tag}.pyc"]
+    assert pyc[:4] == importlib.util.MAGIC_NUMBER
+    code = marshal.loads(pyc[16:])
+    assert code.co_filename == "/.moat/boot.py"
+
+
+def test_stage2_runs_with_the_agents_flags() -> None:
+    from moat.runtime import agentdir
+    from moat.runtime.microvm import guest_boot, guest_init
+
+    argv = agentdir.agent_argv(channel="/dev/vport0p1")
+    assert argv[1:4] == [*guest_init.STAGE2_FLAGS, "-c"]
+    assert guest_boot.FLAGS == list(guest_init.STAGE2_FLAGS)
+    assert (
+        f'python3 {" ".join(guest_init.STAGE2_FLAGS)} -c "{guest_init.STAGE2_CODE}"\n'
+        in INIT_SCRIPT
+    )
+    # the guest's copy of the protocol constants (it runs without the moat package)
+    assert guest_boot.MARKER == guest_init.BOOT_MARKER
+    assert guest_boot.TEMPLATE_REQUEST == guest_init.TEMPLATE_REQUEST
+    assert guest_boot.WARM_MARKER == guest_init.WARM_MARKER
+    assert guest_boot.TOOLS == guest_init.TOOLS
+
+
+def test_stage2_reads_exactly_one_line() -> None:
+    import os
+
+    from moat.runtime.microvm import guest_boot
+
+    def feed(*chunks: bytes) -> bytes:
+        r, w = os.pipe()
+        try:
+            for c in chunks:
+                os.write(w, c)
+            os.close(w)
+            w = -1
+            return guest_boot._read_line(r)
+        finally:
+            os.close(r)
+            if w != -1:
+                os.close(w)
+
+    assert feed(b'{"a":', b"1}\n") == b'{"a":1}\n'
+    with pytest.raises(ValueError, match="after the host's line"):
+        feed(b'{"a":1}\n\x00\x00\x00\x10')  # a frame must not ride along with the config
+    with pytest.raises(EOFError):
+        feed(b'{"a":1}')
+    assert guest_boot._parse_config(b'{"a":1}\n') == {"a": 1}
+    with pytest.raises(ValueError, match="not an object"):
+        guest_boot._parse_config(b"[1]\n")

@@ -17,12 +17,20 @@ import collections
 import contextlib
 import itertools
 import os
-import selectors
-import socket
 import threading
 
 from moat.agent.channel import Channel
 from moat.protocol import CHUNK_SIZE, TCP_WINDOW, MsgType
+
+# socket and selectors cost tens of ms of start-up under TCG and only sandboxes with egress
+# use them: setup() imports them (annotations are strings here).
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import selectors
+    import socket
+
+# selectors.EVENT_READ, selectors.EVENT_WRITE and socket.SHUT_WR (fixed values)
+_EVENT_READ, _EVENT_WRITE, _SHUT_WR = 1, 2, 1
 
 #: Streams open at once, at most (the host gateway has its own, smaller caps).
 MAX_STREAMS = 512
@@ -76,6 +84,9 @@ class NetProxy:
             f.write(system + bundle)  # the template's roots, then this sandbox's CA
         os.chmod(tmp, 0o444)
         os.replace(tmp, ca_path)
+        import selectors
+        import socket
+
         srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         srv.bind(("127.0.0.1", port))
@@ -84,8 +95,8 @@ class NetProxy:
         srv.setblocking(False)
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         sel = selectors.DefaultSelector()
-        sel.register(srv, selectors.EVENT_READ)
-        sel.register(self._wake_r, selectors.EVENT_READ)
+        sel.register(srv, _EVENT_READ)
+        sel.register(self._wake_r, _EVENT_READ)
         self._sel = sel
         self.listener = srv
         threading.Thread(target=self._loop, name="moat-netproxy", daemon=True).start()
@@ -115,9 +126,9 @@ class NetProxy:
                     self._handle_inbox()
                 else:
                     st: _Stream = key.data
-                    if mask & selectors.EVENT_WRITE and st.id in self.streams:
+                    if mask & _EVENT_WRITE and st.id in self.streams:
                         self._write(st)
-                    if mask & selectors.EVENT_READ and st.id in self.streams:
+                    if mask & _EVENT_READ and st.id in self.streams:
                         self._read(st)
 
     def _accept(self) -> None:
@@ -146,9 +157,9 @@ class NetProxy:
             return
         events = 0
         if st.credit > 0 and not st.read_eof:
-            events |= selectors.EVENT_READ
+            events |= _EVENT_READ
         if st.out:
-            events |= selectors.EVENT_WRITE
+            events |= _EVENT_WRITE
         if events == st.events:
             return
         if st.events == 0:
@@ -196,7 +207,7 @@ class NetProxy:
             if st.eof_in and not st.wrote_eof:
                 st.wrote_eof = True
                 with contextlib.suppress(OSError):
-                    st.sock.shutdown(socket.SHUT_WR)
+                    st.sock.shutdown(_SHUT_WR)
         self._watch(st)
 
     def _handle_inbox(self) -> None:

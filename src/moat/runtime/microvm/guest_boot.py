@@ -1,43 +1,63 @@
-"""Stage 2 of the guest's boot: wait for this sandbox's configuration, apply it, become the agent.
+"""Stage 2 of the guest's boot: read this sandbox's configuration, apply it, become the agent.
 
 Trust domain: sandbox (guest root, before any untrusted code runs). Runs with the guest's
-/usr/bin/python3 in ``-I -S`` mode, stdlib only. A template VM is snapshotted while this
-script blocks on the configuration read, so everything after that read is per sandbox:
-fresh RNG seed (restored guests would otherwise share the template's RNG state), wall clock,
-hostname, tmpfs sizes, cgroup limits, then the exact environment and argv the host sent.
+/usr/bin/python3 in ``-I -S`` mode (the agent's own flags), stdlib only; /init imports it
+(``guest_init.STAGE2_CODE``) so that its byte code from the initramfs is used. A template VM
+is snapshotted while this script blocks on the configuration read, so everything after that
+read is per sandbox: fresh RNG seed (restored guests would otherwise share the template's RNG
+state), wall clock, hostname, tmpfs sizes, cgroup limits, then the exact environment and argv
+the host sent.
 
-Protocol on the agent port (before the agent's framed protocol starts): the guest writes the
-boot marker line; the host answers with one line of JSON (at most 1 MiB).
+Protocol on the agent port (before the agent's framed protocol starts; see guest_init.py):
+the guest writes the boot marker line; the host's one line is either the template request or
+the configuration (one line of JSON, at most 1 MiB).
 
-Warm start: this interpreter runs with the same flags as the agent's argv (``python3 -I``) and
-imports the agent's modules *before* the snapshot is taken. When the host's argv is
-``[this python, "-I", ("-S",) "-c", CODE, *args]`` it is run in-process exactly as ``python -I -c``
-would (``sys.argv = ["-c", *args]``, CODE executed as ``__main__``) after the privileges are
-dropped and the environment replaced, so a restored sandbox does not pay the interpreter's
-start-up under TCG. Any other argv is exec'd.
+Warm start: this interpreter runs with the same flags as the agent's argv (``python3 -I -S``).
+A template imports ``site`` and the agent's modules *before* the snapshot is taken. A cold
+boot skips that warm-up: ``site.main()`` then runs once, as the sandbox's user, just before
+the agent starts (and before it forks its kernel, which skips it when ``site`` is loaded).
+When the host's argv is ``[this python, "-I", "-S", "-c", CODE, *args]`` it is run in-process
+exactly as ``python -I -S -c`` would (``sys.argv = ["-c", *args]``, CODE executed as
+``__main__``) after the privileges are dropped and the environment replaced, so a restored
+sandbox does not pay the interpreter's start-up under TCG. Any other argv is exec'd.
 """
 
 from __future__ import annotations
 
+# The C module under ``socket``: all stage 2 needs, without the wrapper's import cost (enum
+# conversions, selectors: tens of ms under TCG on a cold boot).
+import _socket
 import ctypes
 import fcntl
 import importlib
 import json
 import os
-import socket
 import struct
 import sys
 import time
 
 PORT = "/dev/vport0p1"
+#: Keep in step with guest_init.py (this file runs in the guest, without the moat package).
+TOOLS = "/.moat"
 MARKER = b"MOAT-BOOT-WAITING 1\n"
+TEMPLATE_REQUEST = b"MOAT-TEMPLATE 1\n"
+WARM_MARKER = b"MOAT-BOOT-WARM 1\n"
+FLAGS = ["-I", "-S"]
 UID = GID = 1000
 HOME = "/home/user"
 AGENT_DIR = "/opt/moat"
 #: Modules imported before the snapshot (they are the agent's; the import is only a warm-up).
 # Imported before the template snapshot is taken, so restored guests start with them loaded
 # (under TCG every import after a restore costs tens of ms).
-WARM = ("moat.agent.main", "moat.agent.kernel", "moat.agent.display", "subprocess", "ast")
+WARM = (
+    "moat.agent.main",
+    "moat.agent.kernel",
+    "moat.agent.display",
+    "subprocess",
+    "ast",
+    "socket",  # these two for the agent's egress proxy
+    "selectors",
+)
 _MAX = 1 << 20
 _RNDADDENTROPY = 0x40085203
 _RNDRESEEDCRNG = 0x5207
@@ -58,16 +78,24 @@ def _write(path: str, text: str) -> None:
         f.write(text)
 
 
-def _read_config(fd: int) -> dict[str, object]:
+def _read_line(fd: int) -> bytes:
+    """The host's next line. It sends nothing more until the guest answers, so a chunk
+    holding anything after the newline is a protocol error."""
     buf = bytearray()
-    while not buf.endswith(b"\n"):
+    while b"\n" not in buf:
         chunk = os.read(fd, 65536)
         if not chunk:
             raise EOFError("host closed the port")
         buf += chunk
         if len(buf) > _MAX:
             raise ValueError("configuration too large")
-    cfg = json.loads(buf)
+    if not buf.endswith(b"\n") or buf.count(b"\n") != 1:
+        raise ValueError("unexpected data after the host's line")
+    return bytes(buf)
+
+
+def _parse_config(line: bytes) -> dict[str, object]:
+    cfg = json.loads(line)
     if not isinstance(cfg, dict):
         raise ValueError("configuration is not an object")
     return cfg
@@ -103,19 +131,23 @@ def _loopback_up() -> None:
     The guest has no other interface at all (no network device).
     """
     siocgifflags, siocsifflags, iff_up = 0x8913, 0x8914, 0x1
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+    s = _socket.socket(_socket.AF_INET, _socket.SOCK_DGRAM)
+    try:
         req = struct.pack("16sH14x", b"lo", 0)
         flags = struct.unpack("16sH14x", fcntl.ioctl(s.fileno(), siocgifflags, req))[1]
         fcntl.ioctl(s.fileno(), siocsifflags, struct.pack("16sH14x", b"lo", flags | iff_up))
+    finally:
+        s.close()
 
 
 def apply(cfg: dict[str, object]) -> None:
-    seed = bytes.fromhex(str(cfg["seed"]))
+    # popped: the agent (and so every kernel it forks) runs in this process afterwards
+    seed = bytes.fromhex(str(cfg.pop("seed")))
     if len(seed) < 32:
         raise ValueError("seed too short")
     _reseed(seed)
     time.clock_settime_ns(time.CLOCK_REALTIME, int(cfg["time_ns"]))  # type: ignore[call-overload]
-    socket.sethostname(str(cfg["hostname"]))
+    _socket.sethostname(str(cfg["hostname"]))
     size = f"{int(cfg['disk_mb'])}m"  # type: ignore[call-overload]
     flags = _MS_NOSUID | _MS_NODEV
     _mount("tmpfs", "/tmp", "tmpfs", flags, f"mode=1777,size={size}")  # noqa: S108 - the guest's own /tmp
@@ -148,11 +180,17 @@ def become_agent(cfg: dict[str, object]) -> None:
     if _libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), "no_new_privs")
     os.chdir(HOME)
-    flags = argv[1:3] if argv[1:3] == ["-I", "-c"] else argv[1:4]
-    if len(argv) >= 4 and argv[0] == sys.executable and flags in (["-I", "-c"], ["-I", "-S", "-c"]):
-        at = 1 + len(flags)  # the code's position in argv
+    if len(argv) >= 4 and argv[0] == sys.executable and argv[1:4] == [*FLAGS, "-c"]:
+        at = 2 + len(FLAGS)  # the code's position in argv (after "-c")
         os.environ.clear()
         os.environ.update(env)
+        if "site" not in sys.modules:
+            # A cold boot (a template ran it in its warm-up): site now, as the sandbox's user
+            # with its environment, as the agent's kernel would after its fork; before the
+            # fork, the pages it touches are not copy-on-write faults in the kernel.
+            import site
+
+            site.main()
         sys.argv = ["-c", *argv[at + 1 :]]
         code = compile(argv[at], "<string>", "exec")
         exec(code, {"__name__": "__main__", "__builtins__": __builtins__})  # noqa: S102 - `python -c`
@@ -161,6 +199,14 @@ def become_agent(cfg: dict[str, object]) -> None:
 
 
 def warm_up() -> None:
+    """Template VMs only: what a restored sandbox would otherwise import after its restore.
+
+    ``site`` first: stage 2 and the agent run with ``-S``; run here, it is loaded once for
+    every sandbox restored from this template (become_agent and the kernel then skip it).
+    """
+    import site
+
+    site.main()
     sys.path.insert(0, AGENT_DIR)
     try:
         for name in WARM:
@@ -172,18 +218,29 @@ def warm_up() -> None:
 
 
 def main() -> None:
-    warm_up()
     fd = os.open(PORT, os.O_RDWR | os.O_NOCTTY)
     os.write(fd, MARKER)
-    cfg = _read_config(fd)
+    line = _read_line(fd)
+    if line == TEMPLATE_REQUEST:
+        warm_up()
+        os.write(fd, WARM_MARKER)
+        line = _read_line(fd)
+    cfg = _parse_config(line)
     os.close(fd)
     apply(cfg)
     become_agent(cfg)
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """Entry point (``guest_init.STAGE2_CODE``): any failure ends the VM, saying why."""
     try:
+        if sys.path and sys.path[0] == TOOLS:
+            del sys.path[0]  # root-only tools; not the agent's import path
         main()
     except BaseException as exc:  # noqa: BLE001 - any failure ends the VM; say why on the console
         sys.stderr.write(f"moat-boot: {type(exc).__name__}: {exc}\n")
         sys.exit(1)
+
+
+if __name__ == "__main__":
+    run()

@@ -107,9 +107,20 @@ def _read_or_empty(path: str) -> bytes:
 def agent_archive(agent_dir: Path) -> bytes:
     """The agent's code (from ``moat.runtime.agentdir.prepare()``) at AGENT_DIR, root-owned."""
     entries = [cpio.directory("/opt"), cpio.directory(AGENT_DIR)]
-    # The guest's stage 2 travels with the agent, not the base archive: a change to it then
-    # takes effect (and re-keys snapshots) without re-running setup.
-    entries.append(cpio.file(f"{TOOLS}/boot.py", _BOOT.read_bytes(), 0o600))
+    # The guest's /init and stage 2 travel with the agent, not only the base archive: a
+    # change to them then takes effect (and re-keys snapshots) without re-running setup.
+    # (Later members of the concatenated archive replace earlier ones of the same name.)
+    entries.append(cpio.file("/init", INIT_SCRIPT.encode(), 0o755))
+    boot = _BOOT.read_bytes()
+    entries.append(cpio.file(f"{TOOLS}/boot.py", boot, 0o600))
+    entries.append(cpio.directory(f"{TOOLS}/__pycache__", 0o700))
+    entries.append(
+        cpio.file(
+            f"{TOOLS}/__pycache__/boot.{sys.implementation.cache_tag}.pyc",
+            _bytecode(boot, f"{TOOLS}/boot.py"),
+            0o600,
+        )
+    )
     for dirpath, dirnames, filenames in os.walk(agent_dir):
         dirnames[:] = sorted(n for n in dirnames if n != "__pycache__")
         rel = os.path.relpath(dirpath, agent_dir)

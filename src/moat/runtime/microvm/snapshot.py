@@ -29,7 +29,7 @@ from typing import Any
 
 from moat.errors import SandboxDiedError
 from moat.runtime.microvm import artifacts, qemu
-from moat.runtime.microvm.guest_init import BOOT_MARKER
+from moat.runtime.microvm.guest_init import BOOT_MARKER, TEMPLATE_REQUEST, WARM_MARKER
 
 #: A template must boot and save within this (TCG on a loaded 2-core host is slow).
 TEMPLATE_TIMEOUT_S = 120.0
@@ -181,17 +181,20 @@ def _save_template(
     agent_guest.close()
     qmp_guest.close()
     try:
+        # A template warms up (imports the agent) before it waits for its configuration.
+        agent_host.sendall(TEMPLATE_REQUEST)
+        expected = BOOT_MARKER + WARM_MARKER
         buf = b""
-        while len(buf) < len(BOOT_MARKER):
+        while len(buf) < len(expected):
             left = deadline - time.monotonic()
             if left <= 0:
                 raise SandboxDiedError("the microVM template did not boot in time")
             agent_host.settimeout(left)
-            chunk = agent_host.recv(64)
+            chunk = agent_host.recv(len(expected) - len(buf))
             if not chunk:
                 raise SandboxDiedError("the microVM template stopped during boot")
             buf += chunk
-        if buf != BOOT_MARKER:
+        if buf != expected:
             raise SandboxDiedError("the microVM template sent an unexpected boot message")
         mon = _QMP(qmp_host, deadline)
         mon.greeting()
