@@ -106,8 +106,7 @@ def bench_whole(guard: Guard, text: str, chunk: int) -> float:
 def bench_matchers(forms: list[str], text: str) -> dict[str, float]:
     """The exact matcher alternatives alone, over the whole text at once."""
     out: dict[str, float] = {}
-    delete_ws = str.maketrans("", "", "\t\n\x0b\x0c\r ")
-    squeezed = text.translate(delete_ws).encode()
+    squeezed = text.encode().translate(None, b"\t\n\x0b\x0c\r ")
     if hyperscan is not None:
         hs = LiteralSet([f.encode() for f in forms], use="hyperscan")
         with _Clock() as clock:
@@ -120,8 +119,8 @@ def bench_matchers(forms: list[str], text: str) -> dict[str, float]:
         rs.find_matches_as_indexes(squeezed)
     out["ahocorasick_rs bytes DFA (the filter's fallback)"] = _rate(len(text), clock.seconds)
     with _Clock() as clock:
-        text.translate(delete_ws).encode()
-    out["the squeeze before either (str.translate + encode)"] = _rate(len(text), clock.seconds)
+        text.encode().translate(None, b"\t\n\x0b\x0c\r ")
+    out["the squeeze before either (encode + bytes.translate)"] = _rate(len(text), clock.seconds)
     py = ahocorasick.Automaton()
     for f in forms:
         py.add_word(f, f)
