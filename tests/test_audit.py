@@ -77,3 +77,60 @@ def test_concurrent_writers(tmp_path: Path) -> None:
     assert len(log.query(limit=1000)) == 300
     log.close()
     other.close()
+
+
+_WRITER = r"""
+import sys
+from moat.egress.audit import AuditLog
+log = AuditLog(sys.argv[1])
+i = 0
+while True:
+    rid = log.record_egress("sbx-w", method="GET", host="example.com", port=443,
+                            resolved_ip="192.0.2.1", allowed=True, reason="ok")
+    log.update_egress(rid, reason="closed", bytes_up=1, bytes_down=2)
+    log.record_exec("sbx-w", "python", "ab" * 32, 5)
+    if i % 50 == 0:
+        log.query(limit=10)
+    i += 1
+"""
+
+
+def test_writers_killed_mid_write_leave_a_sound_store(tmp_path: Path) -> None:
+    # Several engine processes write one store and are SIGKILLed at random moments (a host
+    # crash, an OOM kill): the store stays intact and usable by a new writer.
+    import random
+    import signal
+    import sqlite3
+    import subprocess
+    import sys
+    import time
+
+    path = tmp_path / "audit.db"
+    rng = random.Random(5)
+    procs: list[subprocess.Popen[bytes]] = []
+    kills = 0
+    deadline = time.monotonic() + 6
+    try:
+        while time.monotonic() < deadline:
+            while len(procs) < 3:
+                procs.append(subprocess.Popen([sys.executable, "-c", _WRITER, str(path)]))
+            time.sleep(rng.uniform(0.1, 0.4))
+            victim = procs.pop(rng.randrange(len(procs)))
+            victim.send_signal(signal.SIGKILL)
+            victim.wait()
+            kills += 1
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+    assert kills >= 10
+    db = sqlite3.connect(path)
+    try:
+        assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+        written = db.execute("SELECT count(*) FROM events").fetchone()[0]
+    finally:
+        db.close()
+    assert written > 0  # positive control: the writers did write before they were killed
+    with AuditLog(path) as log:
+        log.record_sandbox("sbx-after", "created", "container")
+        assert log.query(sandbox_id="sbx-after")[0]["result"] == "created"
