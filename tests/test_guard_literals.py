@@ -134,3 +134,11 @@ def test_hyperscan_anchors_cover_every_regex_anchor() -> None:
                 assert got is not None and expected <= set(got), rule.name
             else:
                 assert got is None
+
+
+@pytest.mark.skipif(literals.hyperscan is None, reason="hyperscan wheel not installed here")
+def test_a_matcher_that_cannot_be_built_fails_closed_and_typed() -> None:
+    from moat.errors import PolicyError
+
+    with pytest.raises(PolicyError):
+        LiteralSet([b"ok"], use="hyperscan", patterns=[(b"(unbalanced", 3)])

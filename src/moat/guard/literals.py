@@ -19,6 +19,8 @@ from collections.abc import Sequence
 
 import ahocorasick_rs
 
+from moat.errors import PolicyError
+
 try:
     import hyperscan
 except ImportError:  # pragma: no cover - depends on the platform's wheel
@@ -68,17 +70,13 @@ class LiteralSet:
                 raise ValueError("hyperscan is not available")
             exprs = [_expression(lit) for lit in self.literals] + [e for e, _ in patterns]
             n = len(exprs)
-            # Two databases: ``any`` only needs one match per literal (SINGLEMATCH lets
-            # hyperscan skip repeats), ``find`` needs them all.
-            self._any_db = hyperscan.Database(mode=hyperscan.HS_MODE_BLOCK)
-            self._any_db.compile(
-                expressions=exprs,
-                ids=list(range(n)),
-                elements=n,
-                flags=[hyperscan.HS_FLAG_SINGLEMATCH] * n,
-            )
-            self._all_db = hyperscan.Database(mode=hyperscan.HS_MODE_BLOCK)
-            self._all_db.compile(expressions=exprs, ids=list(range(n)), elements=n, flags=[0] * n)
+            # One database for both calls: ``any`` ends the scan at the first match.
+            self._db = hyperscan.Database(mode=hyperscan.HS_MODE_BLOCK)
+            try:
+                self._db.compile(expressions=exprs, ids=list(range(n)), elements=n, flags=[0] * n)
+            except hyperscan.error as exc:
+                # Fail closed, typed: a guard without its matcher must not run.
+                raise PolicyError("the guard's matcher could not be built") from exc
             # Scratch space is per thread: a guard may be used from several threads.
             self._local = threading.local()
         elif self.backend == "ahocorasick":
@@ -90,25 +88,23 @@ class LiteralSet:
         else:
             raise ValueError(f"unknown literal matcher {self.backend!r}")
 
-    def _scratch(self) -> tuple[hyperscan.Scratch, hyperscan.Scratch]:
-        pair: tuple[hyperscan.Scratch, hyperscan.Scratch] | None
-        pair = getattr(self._local, "scratch", None)
-        if pair is None:
-            pair = (hyperscan.Scratch(self._any_db), hyperscan.Scratch(self._all_db))
-            self._local.scratch = pair
-        return pair
+    def _scratch(self) -> hyperscan.Scratch:
+        scratch: hyperscan.Scratch | None = getattr(self._local, "scratch", None)
+        if scratch is None:
+            scratch = self._local.scratch = hyperscan.Scratch(self._db)
+        return scratch
 
     def any(self, data: bytes) -> bool:
         """True when at least one literal occurs in ``data``."""
         if self.backend == "ahocorasick":
             return bool(self._ac.find_matches_as_indexes(data))
-        scratch, _ = self._scratch()
+        scratch = self._scratch()
 
         def stop(*_: object) -> bool:
             return True  # a true return ends the scan
 
         try:
-            self._any_db.scan(data, match_event_handler=stop, scratch=scratch)
+            self._db.scan(data, match_event_handler=stop, scratch=scratch)
         except hyperscan.ScanTerminated:
             return True
         return False
@@ -117,12 +113,12 @@ class LiteralSet:
         """Every occurrence as ``(literal index, start)``, in no particular order."""
         if self.backend == "ahocorasick":
             return [(i, s) for i, s, _ in self._ac.find_matches_as_indexes(data, overlapping=True)]
-        _, scratch = self._scratch()
+        scratch = self._scratch()
         out: list[tuple[int, int]] = []
         lengths = self._lengths
 
         def hit(i: int, _start: int, end: int, _flags: int, _ctx: object) -> None:
             out.append((i, end - lengths[i]))
 
-        self._all_db.scan(data, match_event_handler=hit, scratch=scratch)
+        self._db.scan(data, match_event_handler=hit, scratch=scratch)
         return out
