@@ -249,3 +249,16 @@ def test_findings_report_offsets_not_values() -> None:
     ]
     for f in findings:
         assert SECRET not in repr(f) and SECRET[::-1] not in repr(f)
+
+
+def test_prepare_builds_the_matchers_ahead_and_register_invalidates_them() -> None:
+    # The engine calls prepare() in a worker thread before each call when prepared is False,
+    # so that thousands of values are not compiled on the event loop.
+    guard = Guard(sensitive=[("s3cr3t-value-1234", "A")])
+    assert not guard.prepared
+    guard.prepare()
+    assert guard.prepared
+    guard.register("an0ther-value-5678", "B")
+    assert not guard.prepared
+    guard.prepare()
+    assert guard.redact_text("x an0ther-value-5678 y", "result") == "x [REDACTED:B] y"

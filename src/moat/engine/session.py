@@ -68,6 +68,11 @@ class Guard(Protocol):
 
     def redact_bytes(self, data: bytes, channel: str) -> bytes: ...
 
+    @property
+    def prepared(self) -> bool: ...
+
+    def prepare(self) -> None: ...
+
 
 class Audit(Protocol):
     def record_exec(
@@ -118,8 +123,17 @@ class Session:
 
     # -- lifecycle ---------------------------------------------------------------------------
 
+    async def _prepare_guard(self) -> None:
+        """Build the guard's matchers in a thread when its values changed: with thousands of
+        registered values that takes seconds, which must not stall the event loop (and with
+        it every sandbox's I/O)."""
+        if not self.guard.prepared:
+            await asyncio.to_thread(self.guard.prepare)
+
     async def start(self, pooled: bool = False) -> None:
         """Start the sandbox; a ``pooled`` one waits (no lifetime yet) until ``adopt``."""
+        if not pooled:
+            await self._prepare_guard()
         self.proc = await self.runtime.start(self.spec)
         self.client = AgentClient(self.proc, self._agent_died)
         try:
@@ -145,6 +159,7 @@ class Session:
         """Hand a warm (pooled, never used) sandbox to its caller."""
         self._check()
         self.guard = guard
+        await self._prepare_guard()
         if self.gateway is not None:
             self.gateway.set_inspect(inspect)
             await self.gateway.update_policy(network)
@@ -278,6 +293,7 @@ class Session:
         on_error: Callable[[ExecutionError], Any] | None,
     ) -> Execution:
         client = self._check()
+        await self._prepare_guard()
         fields = {"context": context, "language": language, "code": code, "envs": envs}
         started = time.monotonic()
         call = await client.open(MsgType.EXEC, fields)
@@ -459,6 +475,8 @@ class Session:
         fields: dict[str, Any] = {"cmd": cmd, "envs": envs, "stdin": stdin}
         if cwd is not None:
             fields["cwd"] = cwd
+        self._check()
+        await self._prepare_guard()
         call = await self._check().open(MsgType.CMD_START, fields)
         try:
             async with asyncio.timeout(30):
@@ -533,6 +551,8 @@ class Session:
         return True
 
     async def list_commands(self) -> list[ProcessInfo]:
+        self._check()
+        await self._prepare_guard()
         reply = await self._check().request(MsgType.CMD_LIST, {})
         items = reply.get("processes")
         if not isinstance(items, list):
@@ -550,6 +570,7 @@ class Session:
 
     async def read_file(self, path: str, max_bytes: int = MAX_READ_BYTES) -> bytes:
         client = self._check()
+        await self._prepare_guard()
         call = await client.open(MsgType.FILE_READ, {"path": path, "max_bytes": max_bytes})
         buf = bytearray()
         try:
@@ -608,6 +629,8 @@ class Session:
         return await self.stat(path)
 
     async def list_dir(self, path: str, depth: int) -> list[EntryInfo]:
+        self._check()
+        await self._prepare_guard()
         reply = await self._check().request(
             MsgType.FILE_LIST, {"path": path, "depth": depth}, timeout=60
         )
@@ -617,6 +640,8 @@ class Session:
         return [self._entry(e) for e in items]
 
     async def stat(self, path: str) -> EntryInfo:
+        self._check()
+        await self._prepare_guard()
         return self._entry(await self._check().request(MsgType.FILE_STAT, {"path": path}))
 
     async def remove(self, path: str) -> None:

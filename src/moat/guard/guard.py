@@ -204,6 +204,17 @@ class Guard:
             return self._indexes
 
     @property
+    def prepared(self) -> bool:
+        """Whether the matchers for the current values are built (then ``prepare`` is free)."""
+        idx = self._indexes
+        return idx is not None and idx._binary is not None
+
+    def prepare(self) -> None:
+        """Build the matchers for the current values now; they are otherwise built on first
+        use. With thousands of values this takes seconds: call it off the event loop."""
+        _ = self._idx().binary
+
+    @property
     def window(self) -> int:
         """Raw characters each stream holds back until more output or the end of the call."""
         return self._idx().window
