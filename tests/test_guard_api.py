@@ -262,3 +262,16 @@ def test_prepare_builds_the_matchers_ahead_and_register_invalidates_them() -> No
     assert not guard.prepared
     guard.prepare()
     assert guard.redact_text("x an0ther-value-5678 y", "result") == "x [REDACTED:B] y"
+
+
+def test_guards_with_the_same_values_share_their_matchers_and_nothing_else() -> None:
+    values = [(f"shared-value-{i:04d}-xyz", f"S{i}") for i in range(20)]
+    a, b = Guard(sensitive=values), Guard(sensitive=values)
+    a.prepare()
+    b.prepare()
+    assert a._idx().text is b._idx().text and a._idx().binary is b._idx().binary
+    b.register("only-in-b-value-9", "B")
+    assert a._idx().text is not b._idx().text
+    assert a.redact_text("only-in-b-value-9", "result") == "only-in-b-value-9"
+    assert b.redact_text("only-in-b-value-9", "result") == "[REDACTED:B]"
+    assert a.redact_text("shared-value-0003-xyz", "result") == "[REDACTED:S3]"

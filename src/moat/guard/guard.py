@@ -26,6 +26,7 @@ from __future__ import annotations
 import collections
 import secrets
 import threading
+import weakref
 from collections.abc import Callable, Iterable
 
 from moat.errors import InvalidArgumentError, LeakBlockedError
@@ -96,8 +97,8 @@ class _Indexes:
     """The matchers for the current set of values; the binary one is built on first use."""
 
     def __init__(self, entries: list[Entry], rules: RuleSet) -> None:
-        self._entries = entries
-        self.text = ExactIndex(entries)
+        self._entries = tuple(entries)
+        self.text = _shared_index(self._entries, binary=False)
         self.rules = rules
         # Streams are text: the window covers the text forms and the rules.
         self.window = max(self.text.window, RULE_WINDOW) + RULE_MARGIN
@@ -106,8 +107,33 @@ class _Indexes:
     @property
     def binary(self) -> ExactIndex:
         if self._binary is None:
-            self._binary = ExactIndex(self._entries, binary=True)
+            self._binary = _shared_index(self._entries, binary=True)
         return self._binary
+
+
+#: Indexes are immutable, so guards with the same values share them: an agent framework
+#: typically creates every sandbox with the same secrets, and 1,000 values cost ~0.25 s and
+#: ~25 MB per index. Shared while any guard holds one; the last few built are kept as well.
+_INDEX_MIN_SHARED = 16
+_index_lock = threading.Lock()
+_index_live: weakref.WeakValueDictionary[tuple[tuple[Entry, ...], bool], ExactIndex] = (
+    weakref.WeakValueDictionary()
+)
+_index_recent: collections.deque[ExactIndex] = collections.deque(maxlen=2)
+
+
+def _shared_index(entries: tuple[Entry, ...], *, binary: bool) -> ExactIndex:
+    if len(entries) < _INDEX_MIN_SHARED:
+        return ExactIndex(entries, binary=binary)  # cheap to build; not worth a cache slot
+    key = (entries, binary)
+    with _index_lock:
+        index = _index_live.get(key)
+    if index is None:
+        index = ExactIndex(entries, binary=binary)  # outside the lock: it may take seconds
+        with _index_lock:
+            index = _index_live.setdefault(key, index)
+            _index_recent.append(index)
+    return index
 
 
 class Guard:
