@@ -13,6 +13,7 @@ loaded (no wheel for the platform, a CPU without SSSE3): slower, never less exac
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 from collections.abc import Sequence
@@ -31,9 +32,25 @@ except ImportError:  # pragma: no cover - depends on the platform's wheel
 _PLAIN = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789")
 
 
+@functools.cache
+def _hyperscan_works() -> bool:
+    """Whether hyperscan loads *and* runs here (it needs SSSE3; a wheel may import on a CPU
+    it can't compile for): a one-literal database, built and scanned once per process."""
+    if hyperscan is None:
+        return False
+    try:
+        db = hyperscan.Database(mode=hyperscan.HS_MODE_BLOCK)
+        db.compile(expressions=[b"moat"], ids=[0], elements=1, flags=[0])
+        seen: list[int] = []
+        db.scan(b"a moat", match_event_handler=lambda i, *_: seen.append(i))
+    except hyperscan.error:
+        return False
+    return seen == [0]
+
+
 def backend() -> str:
     """The back end new literal sets use: ``"hyperscan"`` or ``"ahocorasick"``."""
-    if hyperscan is None or os.environ.get("MOAT_GUARD_MATCHER") == "ahocorasick":
+    if os.environ.get("MOAT_GUARD_MATCHER") == "ahocorasick" or not _hyperscan_works():
         return "ahocorasick"
     return "hyperscan"
 
