@@ -10,10 +10,10 @@ Streams (see docs/guard.md for the reasoning):
   longest registered pattern with whitespace gaps (and to the longest rule match); a value
   split at any offset is still whole in the buffer when it is decided on. ``feed`` releases
   in batches: once the buffer holds ``2 * window`` characters, all but the last ``window``
-  (block mode scans every chunk, so that a leak raises at once).
-  The amount released by ``feed`` depends only on the lengths fed, never on whether the held tail
-  looks like the beginning of a secret; only a *complete* match across the cut changes it
-  (the match is released whole, as its marker): prefixes don't change what comes out;
+  (block mode scans every chunk, so that a leak raises at once). The amount released by
+  ``feed`` depends only on the lengths fed, never on whether the held tail looks like the
+  beginning of a secret; only a *complete* match across the cut changes it (the match is
+  released whole, as its marker): prefixes don't change what comes out;
 * ``flush`` at the end of a call releases the rest, redacted: output is never held longer
   than one call. Flush every stream of a call after the call's last chunk;
 * streams of one guard share an interleaving log of the last ``window`` characters in
@@ -232,6 +232,8 @@ class Guard:
     @property
     def prepared(self) -> bool:
         """Whether the matchers for the current values are built (then ``prepare`` is free)."""
+        if self.mode == "off":
+            return True  # nothing is scanned: nothing to build
         idx = self._indexes
         return idx is not None and idx._binary is not None
 
