@@ -109,6 +109,47 @@ def test_streaming_callbacks_arrive_before_return(shared_sbx: Sandbox) -> None:
     assert results and results[0].text == "5" and ex.text == "5"
 
 
+def test_slow_sync_callbacks_stall_only_their_own_call(shared_sbx: Sandbox) -> None:
+    # Sync callbacks run on their sandbox's own thread, in order and before run_code returns,
+    # not on the event loop every sync sandbox shares: while one sleeps, another sandbox's
+    # round trips go on; and a callback may itself use the SDK.
+    import threading
+
+    chunks: list[str] = []
+    wrote: list[str] = []
+
+    def slow(chunk: str) -> None:
+        time.sleep(0.5)
+        chunks.append(chunk)
+        if not wrote:  # back into the SDK, from the callback
+            wrote.append(shared_sbx.files.write("/tmp/from-callback.txt", "hi").path)
+
+    with Sandbox.create(isolation="container", timeout=120) as other:
+        other.run_code("1")
+        gaps: list[float] = []
+
+        def ping() -> None:
+            for _ in range(10):
+                t = time.monotonic()
+                other.run_code("1")
+                gaps.append(time.monotonic() - t)
+                time.sleep(0.05)
+
+        pinger = threading.Thread(target=ping)
+        t0 = time.monotonic()
+        pinger.start()
+        shared_sbx.run_code(
+            "import time\nfor i in range(3):\n    print(i, flush=True)\n    time.sleep(0.2)",
+            on_stdout=slow,
+        )
+        elapsed = time.monotonic() - t0
+        pinger.join()
+    assert "".join(chunks).split() == ["0", "1", "2"]  # every chunk, in order, before return
+    assert elapsed >= 0.5  # positive control: the callback really was slow
+    assert max(gaps) < 0.4, gaps  # ...and no other sandbox waited for it
+    assert wrote and shared_sbx.files.read("/tmp/from-callback.txt") == "hi"
+
+
 def test_timeout_interrupts_and_keeps_state(shared_sbx: Sandbox) -> None:
     shared_sbx.run_code("kept = 'yes'")
     t0 = time.monotonic()

@@ -51,6 +51,11 @@ class OutputSink:
         self._seen = 0
         self.truncated = False
         self._idle: dict[str, asyncio.TimerHandle] = {}
+        self._idle_tasks: set[asyncio.Task[None]] = set()
+        # Emissions (and so callbacks) happen one at a time, in the order output was
+        # released, also when a callback is awaitable (async, or a sync SDK callback run on
+        # its own thread) and an idle release runs beside the call's own feeds.
+        self._emit_lock = asyncio.Lock()
         self._finished = False
 
     async def feed(self, channel: str, data: bytes) -> None:
@@ -75,9 +80,12 @@ class OutputSink:
             timer.cancel()
         if self._filters[channel].pending and not self._finished:
             loop = asyncio.get_running_loop()
-            self._idle[channel] = loop.call_later(
-                IDLE_RELEASE, lambda: loop.create_task(self._release_idle(channel))
-            )
+            self._idle[channel] = loop.call_later(IDLE_RELEASE, self._spawn_idle, channel)
+
+    def _spawn_idle(self, channel: str) -> None:
+        task = asyncio.get_running_loop().create_task(self._release_idle(channel))
+        self._idle_tasks.add(task)
+        task.add_done_callback(self._idle_tasks.discard)
 
     async def _release_idle(self, channel: str) -> None:
         self._idle.pop(channel, None)
@@ -96,6 +104,8 @@ class OutputSink:
         for timer in self._idle.values():
             timer.cancel()
         self._idle.clear()
+        if self._idle_tasks:  # an idle release still delivering: the call ends after it
+            await asyncio.gather(*self._idle_tasks, return_exceptions=True)
         for channel in ("stdout", "stderr"):
             tail = self._decoders[channel].decode(b"", final=True)
             text = self._filters[channel].feed(tail) if tail else ""
@@ -105,12 +115,13 @@ class OutputSink:
     async def _emit(self, channel: str, text: str) -> None:
         if not text:
             return
-        self.chunks[channel].append(text)
-        cb = self._callbacks.get(channel)
-        if cb is not None:
-            out = cb(text)
-            if inspect.isawaitable(out):
-                await out
+        async with self._emit_lock:
+            self.chunks[channel].append(text)
+            cb = self._callbacks.get(channel)
+            if cb is not None:
+                out = cb(text)
+                if inspect.isawaitable(out):
+                    await out
 
     def text(self, channel: str) -> str:
         return "".join(self.chunks[channel])

@@ -2,7 +2,7 @@
 
 The sync API is the async one driven from a dedicated loop thread: one implementation, no
 hand-kept twins that drift (DESIGN §5's "write async once"; unasync would be the other way).
-Sync callbacks run on that thread; keep them quick.
+Sync callbacks run on a thread of their sandbox's (``sync._Callbacks``), not on this one.
 """
 
 from __future__ import annotations

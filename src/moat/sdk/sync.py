@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import inspect
+from concurrent.futures import ThreadPoolExecutor
 from typing import IO, Any, Literal
 
 from moat.egress import GatewayConfig, NetworkPolicy, Secret
@@ -21,6 +24,35 @@ from moat.sdk.models import (
 
 def _run(coro: Any) -> Any:
     return loop_thread().run(coro)
+
+
+class _Callbacks:
+    """Runs one sandbox's sync callbacks (``on_stdout``, ``on_result`` ...) on a thread of
+    their own, one at a time and in order, each awaited before the next output is handled.
+
+    All sync sandboxes share one event loop thread: a callback run there (a slow UI update,
+    a network write) would stall every sandbox's I/O, and a callback that called back into
+    the sync API would deadlock. Here it only holds up its own call.
+    """
+
+    def __init__(self) -> None:
+        self._executor: ThreadPoolExecutor | None = None
+
+    def wrap(self, callback: Any) -> Any:
+        if callback is None or not callable(callback) or inspect.iscoroutinefunction(callback):
+            return callback  # nothing to move; the async layer validates the rest
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(1, thread_name_prefix="moat-callbacks")
+        executor = self._executor
+
+        async def call(arg: Any) -> Any:
+            return await asyncio.get_running_loop().run_in_executor(executor, callback, arg)
+
+        return call
+
+    def close(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=False)
 
 
 class CommandHandle:
@@ -52,8 +84,9 @@ class CommandHandle:
 class Commands:
     """``sandbox.commands``."""
 
-    def __init__(self, inner: AsyncCommands) -> None:
+    def __init__(self, inner: AsyncCommands, callbacks: _Callbacks) -> None:
         self._c = inner
+        self._cb = callbacks
 
     def run(
         self,
@@ -67,7 +100,12 @@ class Commands:
         stdin: bool | str | bytes | None = None,
     ) -> Any:
         """Run ``cmd`` with bash: a CommandResult, or a CommandHandle if ``background``."""
-        out = _run(self._c.run(cmd, background, envs, cwd, timeout, on_stdout, on_stderr, stdin))
+        wrap = self._cb.wrap
+        out = _run(
+            self._c.run(
+                cmd, background, envs, cwd, timeout, wrap(on_stdout), wrap(on_stderr), stdin
+            )
+        )
         return CommandHandle(out) if isinstance(out, AsyncCommandHandle) else out
 
     def list(self) -> list[ProcessInfo]:
@@ -110,7 +148,8 @@ class Sandbox:
 
     def __init__(self, inner: AsyncSandbox) -> None:
         self._a = inner
-        self.commands = Commands(inner.commands)
+        self._callbacks = _Callbacks()
+        self.commands = Commands(inner.commands, self._callbacks)
         self.files = Files(inner.files)
 
     @property
@@ -188,10 +227,23 @@ class Sandbox:
         on_result: Any = None,
         on_error: Any = None,
     ) -> Execution:
-        """Run code in a persistent context; see ``AsyncSandbox.run_code``."""
+        """Run code in a persistent context; see ``AsyncSandbox.run_code``.
+
+        Callbacks run on a thread of this sandbox's (in order, before ``run_code`` returns),
+        never on the SDK's event loop: they may take their time and may use this SDK.
+        """
+        w = self._callbacks.wrap
         return _run(  # type: ignore[no-any-return]
             self._a.run_code(
-                code, language, context, timeout, envs, on_stdout, on_stderr, on_result, on_error
+                code,
+                language,
+                context,
+                timeout,
+                envs,
+                w(on_stdout),
+                w(on_stderr),
+                w(on_result),
+                w(on_error),
             )
         )
 
@@ -208,7 +260,10 @@ class Sandbox:
         _run(self._a.remove_code_context(context))
 
     def kill(self) -> None:
-        _run(self._a.kill())
+        try:
+            _run(self._a.kill())
+        finally:
+            self._callbacks.close()
 
     def set_timeout(self, seconds: float) -> None:
         _run(self._a.set_timeout(seconds))
