@@ -20,7 +20,9 @@ request heads (parsed by h11), CONNECT targets, TLS ClientHellos, bodies. The ga
 
 Plain HTTP connections carry one request each (the response says ``Connection: close``), so
 every request is decided on its own; intercepted TLS connections keep alive and every
-request on them is checked against the CONNECT host.
+request on them is checked against the CONNECT host. That per-request HTTP/1.1 exchange
+(request checks, secret swap, body and response forwarding) is :mod:`moat.egress.exchange`;
+the gateway hands it the decided destination and the state it needs.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from moat.egress.addr import IPAddress
 from moat.egress.audit import AuditLog
 from moat.egress.broker import CertificateAuthority, Secret, SecretBroker
 from moat.egress.caps import GatewayConfig, TokenBucket
+from moat.egress.exchange import READ_SIZE, Ended, Forwarder, Refused, next_event, send_refusal
 from moat.egress.hostport import HostKind, HostPort, parse_absolute_url, parse_authority
 from moat.egress.policy import Decision, NetworkPolicy, decide, decide_name
 from moat.egress.pump import SplicePump, UpstreamPump, open_pump
@@ -53,52 +56,15 @@ from moat.egress.tls import (
     _Writer,
     read_client_hello,
 )
-from moat.errors import InvalidArgumentError, LeakBlockedError
+from moat.errors import InvalidArgumentError
 
 __all__ = ["Gateway"]
 
 log = logging.getLogger("moat.egress")
 
-_READ = 256 * 1024
-_HOP_BY_HOP = frozenset(
-    {
-        b"connection",
-        b"keep-alive",
-        b"proxy-connection",
-        b"proxy-authorization",
-        b"proxy-authenticate",
-        b"te",
-        b"trailer",
-        b"upgrade",
-        b"expect",
-    }
-)
-_PHRASES = {
-    400: "Bad Request",
-    403: "Forbidden",
-    405: "Method Not Allowed",
-    429: "Too Many Requests",
-    501: "Not Implemented",
-    502: "Bad Gateway",
-    503: "Service Unavailable",
-}
 # Per reason, at most this many audit rows per second for flood-type refusals.
 _FLOOD_REASONS = frozenset({"too_many_tunnels", "rate_limited", "byte_budget_exhausted"})
 _FLOOD_ROWS_PER_SECOND = 5
-
-
-class _Refused(Exception):
-    """Internal: refuse the current request with a status and a reason token."""
-
-    def __init__(self, status: int, reason: str, secret: str | None = None) -> None:
-        super().__init__(reason)
-        self.status = status
-        self.reason = reason
-        self.secret = secret
-
-
-class _Ended(Exception):
-    """Internal: the client connection can't go on (a refusal mid-request)."""
 
 
 class _Conn:
@@ -125,6 +91,10 @@ class _Conn:
         self.last = time.monotonic()
         self.gateway._account(up + down)
         return self.end_reason is None
+
+    def final_reason(self, base: str) -> str:
+        """``base``, followed by why the gateway closed the connection if it did."""
+        return base if self.end_reason is None else f"{base};closed:{self.end_reason}"
 
     def close(self, reason: str) -> None:
         if self.end_reason is None:
@@ -244,9 +214,7 @@ class Gateway:
             refusal = self._admission()
             if refusal is not None:
                 self._decision(None, None, None, allowed=False, reason=refusal)
-                await self._send_refusal(
-                    client, 503 if refusal == "gateway_closed" else 429, refusal
-                )
+                await send_refusal(client, 503 if refusal == "gateway_closed" else 429, refusal)
                 return
             conn = _Conn(self)
             self._conns.add(conn)
@@ -363,7 +331,7 @@ class Gateway:
 
     def _finish(self, row: int | None, conn: _Conn, reason: str) -> None:
         """Complete an allowed row at the end of its tunnel (bytes, end reason)."""
-        final = self._end_reason(conn, reason)
+        final = conn.final_reason(reason)
         log.debug(
             "egress sandbox=%s closed reason=%s up=%d down=%d",
             self.sandbox_id,
@@ -388,43 +356,32 @@ class Gateway:
         h = h11.Connection(h11.SERVER, max_incomplete_event_size=self.config.max_header_bytes)
         try:
             async with asyncio.timeout(self.config.handshake_timeout):
-                event = await _next_event(h, client, conn)
+                event = await next_event(h, client, conn)
         except (TimeoutError, h11.RemoteProtocolError):
-            await self._send_refusal(client, 400, "bad_request")
+            await send_refusal(client, 400, "bad_request")
             return
         if not isinstance(event, h11.Request):
             return
         method = event.method.decode("ascii", "replace")
         if not self._rate.take():
             self._decision(method, None, None, allowed=False, reason="rate_limited")
-            await self._send_refusal(client, 429, "rate_limited")
+            await send_refusal(client, 429, "rate_limited")
             return
         if method == "CONNECT":
             await self._connect(conn, client, h, event)
         else:
             await self._plain(conn, client, h, event)
 
-    async def _send_refusal(self, stream: ByteStream, status: int, reason: str) -> None:
-        body = f"moat egress refused: {reason}\n".encode()
-        head = (
-            f"HTTP/1.1 {status} {_PHRASES.get(status, 'Error')}\r\n"
-            f"X-Moat-Reason: {reason}\r\nContent-Type: text/plain\r\n"
-            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
-        ).encode()
-        with contextlib.suppress(OSError, ConnectionError, ssl.SSLError):
-            async with asyncio.timeout(2):
-                await stream.write(head + body)
-
     async def _resolve_and_decide(self, conn: _Conn, method: str, dest: HostPort) -> IPAddress:
         """Steps 2-3 of the module doc: name decision, one resolution, address decision."""
         conn.dest = dest
         verdict = decide_name(self._policy, dest)
         if not verdict.allowed:
-            raise _Refused(403, verdict.reason)
+            raise Refused(403, verdict.reason)
         addrs = await resolve_once(dest, self._resolver, self.config.resolve_timeout)
         verdict = self._decide(dest, addrs)
         if not verdict.allowed:
-            raise _Refused(403, verdict.reason)
+            raise Refused(403, verdict.reason)
         conn.ip = verdict.addresses[0]
         return conn.ip
 
@@ -440,12 +397,45 @@ class Gateway:
                     dest.port,
                     ssl=ctx,
                     server_hostname=dest.host if tls else None,
-                    limit=_READ,
+                    limit=READ_SIZE,
                 )
         except ssl.SSLError as exc:
-            raise _Refused(502, "upstream_tls_failed") from exc
+            raise Refused(502, "upstream_tls_failed") from exc
         except (OSError, TimeoutError) as exc:
-            raise _Refused(502, "upstream_connect_failed") from exc
+            raise Refused(502, "upstream_connect_failed") from exc
+
+    def _forwarder(
+        self,
+        conn: _Conn,
+        client: ByteStream,
+        h: h11.Connection,
+        dest: HostPort,
+        ip: IPAddress,
+        *,
+        tls: bool,
+    ) -> Forwarder:
+        """The HTTP exchange of ``conn`` to its decided ``dest`` (intercepted when ``tls``)."""
+
+        def recheck() -> None:
+            # Each request on a kept-alive intercepted connection: the rate limit, and the
+            # policy again once it has been updated.
+            if not self._rate.take():
+                raise Refused(429, "rate_limited")
+            if self._policy_gen and not self._still_allowed(conn):
+                raise Refused(403, "policy_updated")
+
+        return Forwarder(
+            conn,
+            client,
+            h,
+            dest,
+            ip,
+            tls,
+            broker=self._broker,
+            record=self._decision,
+            dial=self._dial,
+            recheck=recheck if tls else None,
+        )
 
     def _upstream_context(self) -> ssl.SSLContext:
         if self._upstream_ctx is None:
@@ -467,11 +457,11 @@ class Gateway:
             try:
                 dest = parse_authority(req.target.decode("ascii"), None)
             except (InvalidArgumentError, UnicodeDecodeError) as exc:
-                raise _Refused(400, "bad_target") from exc
+                raise Refused(400, "bad_target") from exc
             ip = await self._resolve_and_decide(conn, "CONNECT", dest)
-        except _Refused as r:
+        except Refused as r:
             self._decision("CONNECT", dest, ip, allowed=False, reason=r.reason)
-            await self._send_refusal(client, r.status, r.reason)
+            await send_refusal(client, r.status, r.reason)
             return
         intercept = dest.kind is HostKind.NAME and self._broker.intercepts(dest.host)
         await client.write(h.send(h11.Response(status_code=200, headers=[])) or b"")
@@ -503,9 +493,6 @@ class Gateway:
         finally:
             pump.close()
             self._finish(row, conn, "tunnel")
-
-    def _end_reason(self, conn: _Conn, base: str) -> str:
-        return base if conn.end_reason is None else f"{base};closed:{conn.end_reason}"
 
     async def _check_hello(
         self, conn: _Conn, client: PlainStream, dest: HostPort, initial: bytes, intercept: bool
@@ -546,7 +533,7 @@ class Gateway:
         """Pump both ways until the upstream is done (a client half-close only half-closes)."""
 
         async def up() -> None:
-            while data := await client.read(_READ):
+            while data := await client.read(READ_SIZE):
                 conn.count(up=len(data))
                 await pump.write(data)
             pump.write_eof()
@@ -578,16 +565,17 @@ class Gateway:
             return
         upstream: PlainStream | None = None
         h = h11.Connection(h11.SERVER, max_incomplete_event_size=self.config.max_header_bytes)
+        forwarder = self._forwarder(conn, tls, h, dest, ip, tls=True)
         try:
             while True:
-                event = await _next_event(h, tls, conn)
+                event = await next_event(h, tls, conn)
                 if not isinstance(event, h11.Request):
                     return
-                upstream = await self._exchange(conn, tls, h, event, dest, ip, upstream, True)
+                upstream = await forwarder.exchange(event, upstream, self._inspect)
                 if h.our_state is h11.MUST_CLOSE or h.their_state is h11.MUST_CLOSE:
                     return
                 h.start_next_cycle()
-        except (_Ended, h11.ProtocolError, ssl.SSLError, OSError, ConnectionError):
+        except (Ended, h11.ProtocolError, ssl.SSLError, OSError, ConnectionError):
             return
         finally:
             if upstream is not None:
@@ -603,270 +591,30 @@ class Gateway:
         target = req.target.decode("ascii", "replace")
         if not target.lower().startswith(("http://", "https://")):
             self._decision(method, None, None, allowed=False, reason="not_a_proxy_request")
-            await self._send_refusal(client, 400, "not_a_proxy_request")
+            await send_refusal(client, 400, "not_a_proxy_request")
             return
         try:
             scheme, dest, _path = parse_absolute_url(target)
         except InvalidArgumentError:
             self._decision(method, None, None, allowed=False, reason="bad_target")
-            await self._send_refusal(client, 400, "bad_target")
+            await send_refusal(client, 400, "bad_target")
             return
         if scheme != "http":
             self._decision(method, dest, None, allowed=False, reason="https_needs_connect")
-            await self._send_refusal(client, 400, "https_needs_connect")
+            await send_refusal(client, 400, "https_needs_connect")
             return
         try:
             ip = await self._resolve_and_decide(conn, method, dest)
-        except _Refused as r:
+        except Refused as r:
             self._decision(method, dest, None, allowed=False, reason=r.reason)
-            await self._send_refusal(client, r.status, r.reason)
+            await send_refusal(client, r.status, r.reason)
             return
         upstream: PlainStream | None = None
         try:
-            upstream = await self._exchange(conn, client, h, req, dest, ip, None, False)
-        except (_Ended, h11.ProtocolError, OSError, ConnectionError):
+            forwarder = self._forwarder(conn, client, h, dest, ip, tls=False)
+            upstream = await forwarder.exchange(req, None, self._inspect)
+        except (Ended, h11.ProtocolError, OSError, ConnectionError):
             return
         finally:
             if upstream is not None:
                 await upstream.aclose()
-
-    # -- one request/response exchange (plain or intercepted) ------------------------------
-
-    async def _exchange(
-        self,
-        conn: _Conn,
-        client: ByteStream,
-        h: h11.Connection,
-        req: h11.Request,
-        dest: HostPort,
-        ip: IPAddress,
-        upstream: PlainStream | None,
-        tls: bool,
-    ) -> PlainStream | None:
-        """Forward one request and its response; returns the upstream for keep-alive."""
-        method = req.method.decode("ascii", "replace")
-        used: list[str] = []
-        try:
-            if tls and not self._rate.take():
-                raise _Refused(429, "rate_limited")
-            if tls and self._policy_gen and not self._still_allowed(conn):
-                raise _Refused(403, "policy_updated")
-            path = self._check_target(req, dest, tls)
-            headers = self._check_headers(req, dest, tls)
-            if self._inspect is not None:
-                head = b"\n".join(
-                    [req.method + b" " + req.target] + [k + b": " + v for k, v in headers]
-                )
-                try:
-                    self._inspect(head)
-                except LeakBlockedError:
-                    raise _Refused(403, "blocked_by_guard") from None
-            if tls:
-                headers, used = self._broker.substitute(headers, dest.host)
-            if self._broker.has_secrets():
-                headers.append((b"accept-encoding", b"identity"))
-            if not tls:
-                headers.append((b"connection", b"close"))
-            if upstream is None:
-                up_reader, up_writer = await self._dial(ip, dest, tls)
-                upstream = PlainStream(up_reader, up_writer)
-            uh = h11.Connection(h11.CLIENT)
-            await upstream.write(
-                uh.send(h11.Request(method=req.method, target=path, headers=headers)) or b""
-            )
-            if h.they_are_waiting_for_100_continue:
-                await client.write(
-                    h.send(h11.InformationalResponse(status_code=100, headers=[])) or b""
-                )
-            await self._forward_body(conn, client, h, upstream, uh, dest, tls)
-            await self._forward_response(conn, client, h, upstream, uh)
-            if uh.our_state is not h11.DONE or uh.their_state is not h11.DONE:
-                await upstream.aclose()
-                upstream = None
-        except _Refused as r:
-            self._decision(method, dest, ip, allowed=False, reason=r.reason, secret=r.secret)
-            if h.our_state is h11.SEND_RESPONSE:
-                await self._send_refusal(client, r.status, r.reason)
-            if upstream is not None:
-                await upstream.aclose()
-            # The client connection can't be reused after a refusal mid-request.
-            raise _Ended from None
-        except BaseException:
-            # Cancelled (policy update, kill, idle timeout) or the client broke: the upstream
-            # dies with the exchange, never left open on the host (invariant 5), and the cut
-            # request still gets its audit row.
-            if upstream is not None:
-                with contextlib.suppress(Exception):
-                    await upstream.aclose()
-            with contextlib.suppress(Exception):
-                self._decision(
-                    method,
-                    dest,
-                    ip,
-                    allowed=True,
-                    reason=self._end_reason(conn, "intercepted" if tls else "http") + ";cut",
-                    secret=",".join(used) or None,
-                    up=conn.up,
-                    down=conn.down,
-                )
-            raise
-        self._decision(
-            method,
-            dest,
-            ip,
-            allowed=True,
-            reason=self._end_reason(conn, "intercepted" if tls else "http"),
-            secret=",".join(used) or None,
-            up=conn.up,
-            down=conn.down,
-        )
-        conn.up = conn.down = 0
-        return upstream
-
-    def _check_target(self, req: h11.Request, dest: HostPort, tls: bool) -> bytes:
-        target = req.target.decode("ascii", "replace")
-        if target.lower().startswith(("http://", "https://")):
-            try:
-                _scheme, tdest, path = parse_absolute_url(target)
-            except InvalidArgumentError as exc:
-                raise _Refused(400, "bad_target") from exc
-            if (tdest.host, tdest.port) != (dest.host, dest.port):
-                raise _Refused(403, "host_mismatch")
-            target = path
-        elif not target.startswith("/"):
-            raise _Refused(400, "bad_target")
-        found = self._broker.foreign_placeholders(target.encode(), dest.host if tls else None)
-        if found:
-            raise _Refused(403, "secret_exfiltration", found[0])
-        return target.encode("ascii")
-
-    def _check_headers(
-        self, req: h11.Request, dest: HostPort, tls: bool
-    ) -> list[tuple[bytes, bytes]]:
-        hosts = [v for n, v in req.headers if n == b"host"]
-        if len(hosts) != 1:
-            raise _Refused(400, "host_header_required")
-        try:
-            hdest = parse_authority(hosts[0].decode("ascii"), 443 if tls else 80)
-        except (InvalidArgumentError, UnicodeDecodeError) as exc:
-            raise _Refused(403, "host_mismatch") from exc
-        if (hdest.host, hdest.port) != (dest.host, dest.port):
-            raise _Refused(403, "host_mismatch")
-        if any(n == b"upgrade" for n, _ in req.headers):
-            raise _Refused(501, "upgrade_not_supported")
-        listed = {
-            t.strip().lower() for n, v in req.headers if n == b"connection" for t in v.split(b",")
-        }
-        out: list[tuple[bytes, bytes]] = []
-        for name, value in req.headers:
-            if name in _HOP_BY_HOP or name in listed:
-                continue
-            if name == b"accept-encoding" and self._broker.has_secrets():
-                continue  # replaced by "identity": responses must stay scannable
-            found = self._broker.foreign_placeholders(value, dest.host if tls else None)
-            if found:
-                reason = "secret_exfiltration"
-                if not tls and self._broker.is_bound(found[0], dest.host):
-                    reason = "secret_over_plaintext"
-                raise _Refused(403, reason, found[0])
-            out.append((name, value))
-        return out
-
-    async def _forward_body(
-        self,
-        conn: _Conn,
-        client: ByteStream,
-        h: h11.Connection,
-        upstream: PlainStream,
-        uh: h11.Connection,
-        dest: HostPort,
-        tls: bool,
-    ) -> None:
-        keep = max(0, self._broker.longest_placeholder - 1)
-        tail = b""
-        while True:
-            event = await _next_event(h, client, conn)
-            if isinstance(event, h11.Data):
-                data = bytes(event.data)
-                conn.count(up=len(data))
-                if keep:
-                    found = self._broker.foreign_placeholders(
-                        tail + data, dest.host if tls else None
-                    )
-                    if found:
-                        # Cut the upstream before the placeholder's last byte leaves.
-                        raise _Refused(403, "secret_exfiltration", found[0])
-                    tail = (tail + data)[-keep:]
-                await upstream.write(uh.send(h11.Data(data=data)) or b"")
-            elif isinstance(event, h11.EndOfMessage):
-                await upstream.write(uh.send(h11.EndOfMessage()) or b"")
-                return
-            else:
-                raise h11.RemoteProtocolError("unexpected event")
-
-    async def _forward_response(
-        self,
-        conn: _Conn,
-        client: ByteStream,
-        h: h11.Connection,
-        upstream: PlainStream,
-        uh: h11.Connection,
-    ) -> None:
-        scrubber = self._broker.scrubber()
-        while True:
-            event = await _next_event(uh, upstream, conn, down=True)
-            if isinstance(event, h11.InformationalResponse):
-                if event.status_code == 101:
-                    raise _Refused(502, "upgrade_not_supported")
-                continue
-            if isinstance(event, h11.Response):
-                break
-            raise _Refused(502, "upstream_protocol_error")
-        headers: list[tuple[bytes, bytes]] = []
-        for name, value in event.headers:
-            if name in _HOP_BY_HOP:
-                continue
-            if (
-                name == b"content-encoding"
-                and value.strip().lower() != b"identity"
-                and self._broker.has_secrets()
-            ):
-                # A compressed body can't be scrubbed: fail closed (invariant 3).
-                raise _Refused(502, "unscannable_response_encoding")
-            headers.append((name, self._broker.scrub(value)))
-        if h.their_state is h11.MUST_CLOSE or not isinstance(client, TLSStream):
-            headers.append((b"connection", b"close"))
-        await client.write(
-            h.send(h11.Response(status_code=event.status_code, headers=headers, reason=b"")) or b""
-        )
-        while True:
-            event = await _next_event(uh, upstream, conn, down=True)
-            if isinstance(event, h11.Data):
-                out = scrubber.feed(bytes(event.data))
-                if out:
-                    await client.write(h.send(h11.Data(data=out)) or b"")
-            elif isinstance(event, h11.EndOfMessage):
-                rest = scrubber.flush()
-                if rest:
-                    await client.write(h.send(h11.Data(data=rest)) or b"")
-                await client.write(h.send(h11.EndOfMessage()) or b"")
-                return
-            else:
-                raise _Refused(502, "upstream_protocol_error")
-
-
-async def _next_event(
-    h: h11.Connection, stream: ByteStream, conn: _Conn, *, down: bool = False
-) -> Any:
-    """The next h11 event, reading from ``stream`` as needed (bytes are counted)."""
-    while True:
-        event = h.next_event()
-        if event is h11.NEED_DATA:
-            data = await stream.read(_READ)
-            if down:
-                conn.count(down=len(data))
-            else:
-                conn.count(up=len(data))
-            h.receive_data(data)
-            continue
-        return event
