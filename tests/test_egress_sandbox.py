@@ -702,12 +702,12 @@ def known_bug(ok: bool, what: str) -> None:
 
 
 PLAIN_UPSTREAM_LEAK = (
-    "egress/proxy.py Gateway._exchange: an upstream dialled in the exchange is not closed"
+    "egress/exchange.py Forwarder.exchange: an upstream dialled in the exchange is not closed"
     " when the exchange is cancelled (policy update, kill, idle timeout) or fails on the"
     " client side, so a plain-HTTP upstream connection outlives its sandbox-side stream"
 )
 PLAIN_CUT_NOT_AUDITED = (
-    "egress/proxy.py Gateway._exchange: the allow row of a plain/intercepted request is"
+    "egress/exchange.py Forwarder.exchange: the allow row of a plain/intercepted request is"
     " written only when the exchange completes, so a request cut mid-response has no row"
 )
 
