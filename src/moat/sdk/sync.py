@@ -45,8 +45,10 @@ class _Callbacks:
             self._executor = ThreadPoolExecutor(1, thread_name_prefix="moat-callbacks")
         executor = self._executor
 
-        async def call(arg: Any) -> Any:
-            return await asyncio.get_running_loop().run_in_executor(executor, callback, arg)
+        async def call(arg: Any) -> None:
+            out = await asyncio.get_running_loop().run_in_executor(executor, callback, arg)
+            if inspect.isawaitable(out):  # an async callable that isn't a coroutine function
+                await out
 
         return call
 
