@@ -186,3 +186,13 @@ def test_the_sandboxs_guard_scrubs_its_text(tmp_path: Path) -> None:
         if f.exists():
             data = f.read_bytes().lower()
             assert VALUE.lower().encode() not in data and canary.lower().encode() not in data
+
+
+@pytest.mark.parametrize("mode", ["redact", "block", "off"])
+def test_scrub_text_redacts_in_every_mode_and_folds_case(mode: str) -> None:
+    seen: list[str] = []
+    g = Guard(GuardPolicy(mode=mode), [(VALUE, "DB")], on_finding=lambda f: seen.append(f.label))  # type: ignore[arg-type]
+    assert g.scrub_text(f"x.{VALUE.lower()}.test", "audit") == "x.[REDACTED:DB].test"
+    assert g.scrub_text(f"{VALUE}", "audit") == "[REDACTED:DB]"
+    assert seen == ["DB", "DB"]  # one finding each: the folded match doesn't double count
+    assert g.scrub_text("clean.example.test", "audit") == "clean.example.test"
