@@ -8,7 +8,9 @@ import secrets
 import statistics
 import threading
 import time
+from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 from tests.conftest import require_tier
 
@@ -121,7 +123,9 @@ def test_sandbox_chosen_text_in_audit_rows_is_guarded() -> None:
                 assert VALUE.lower().encode() not in data and canary.lower().encode() not in data
 
 
-def test_cli_guards_rows_written_without_a_guard(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_cli_guards_rows_written_without_a_guard(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from moat.guard.canary import make_canary
     from moat.store import AuditLog
 

@@ -15,6 +15,7 @@ import pytest
 
 from moat.errors import InvalidArgumentError
 from moat.guard import Guard, GuardPolicy
+from moat.guard.policy import Mode
 from moat.store import AuditLog, AuditSettings
 from moat.store.text import inert
 
@@ -189,9 +190,9 @@ def test_the_sandboxs_guard_scrubs_its_text(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("mode", ["redact", "block", "off"])
-def test_scrub_text_redacts_in_every_mode_and_folds_case(mode: str) -> None:
+def test_scrub_text_redacts_in_every_mode_and_folds_case(mode: Mode) -> None:
     seen: list[str] = []
-    g = Guard(GuardPolicy(mode=mode), [(VALUE, "DB")], on_finding=lambda f: seen.append(f.label))  # type: ignore[arg-type]
+    g = Guard(GuardPolicy(mode=mode), [(VALUE, "DB")], on_finding=lambda f: seen.append(f.label))
     assert g.scrub_text(f"x.{VALUE.lower()}.test", "audit") == "x.[REDACTED:DB].test"
     assert g.scrub_text(f"{VALUE}", "audit") == "[REDACTED:DB]"
     assert seen == ["DB", "DB"]  # one finding each: the folded match doesn't double count
