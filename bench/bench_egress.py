@@ -139,13 +139,13 @@ def serve_upstream(pki_dir: Path) -> None:
 
 def serve_gateway(pki_dir: Path, raw_port: int, https_port: int, intercept: bool) -> None:
     from moat.egress import (
-        AuditLog,
         Gateway,
         GatewayConfig,
         NetworkPolicy,
         Secret,
         StaticResolver,
     )
+    from moat.store import AuditLog, AuditSettings
 
     async def main() -> None:
         cfg = GatewayConfig(
@@ -161,7 +161,11 @@ def serve_gateway(pki_dir: Path, raw_port: int, https_port: int, intercept: bool
             "bench",
             NetworkPolicy(allow_out=[f"{HOST}:{raw_port}", f"{HOST}:{https_port}"]),
             secrets=secrets,
-            audit=AuditLog(pki_dir / f"audit-{int(intercept)}.db"),
+            # the bench's request rate is far above a sandbox's audit row budget
+            audit=AuditLog(
+                pki_dir / f"audit-{int(intercept)}.db",
+                AuditSettings(rows_per_second=1e6, burst=10_000_000),
+            ),
             config=cfg,
         )
         ca_path = pki_dir / f"gw-ca-{int(intercept)}.pem"

@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from tests.conftest import require_tier
 
 from moat.cli import main
-from moat.egress import AuditLog
+from moat.store import AuditLog
 
 MOAT = [sys.executable, "-m", "moat.cli"]
 

@@ -28,7 +28,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from moat.egress import AuditLog, Gateway, GatewayConfig, NetworkPolicy, Secret
+from moat.egress import Gateway, GatewayConfig, NetworkPolicy, Secret
+from moat.store import AuditLog
 
 TEST_NAMES = ["api.example.test", "other.example.test", "pypi.example.test", "rebind.example.test"]
 

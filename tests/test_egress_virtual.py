@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from moat.egress import AuditLog, Gateway, GatewayConfig, NetworkPolicy, Secret
+from moat.egress import Gateway, GatewayConfig, NetworkPolicy, Secret
 from moat.egress.tls import PlainStream, TLSStream
+from moat.store import AuditLog
 from test_egress_support import CountingResolver, LocalPKI, Upstream
 
 VALUE = "sk-virtual-REAL-VALUE-1234"

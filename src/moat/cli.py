@@ -125,7 +125,7 @@ _SANDBOX_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 @click.option("--denied", is_flag=True, help="Only refused egress requests.")
 @click.option(
     "--kind",
-    type=click.Choice(["egress", "exec", "finding", "sandbox"]),
+    type=click.Choice(["egress", "exec", "finding", "sandbox", "audit_dropped"]),
     help="Only rows of this kind.",
 )
 @click.option(
@@ -142,10 +142,13 @@ def audit(
     """Show the audit trail: egress decisions, code executions, guard findings.
 
     The last LIMIT rows matching the filters, oldest first, from the audit log in moat's
-    state directory ($MOAT_STATE_DIR, else /var/lib/moat for root).
+    state directory ($MOAT_STATE_DIR, else /var/lib/moat for root). Text a sandbox chose
+    is guarded on the way out: credential- and canary-shaped strings are redacted.
     """
-    from moat.egress import AuditLog
+    from moat.engine.auditview import OfflineScrub, guard_rows
+    from moat.errors import InvalidArgumentError
     from moat.paths import audit_db
+    from moat.store import AuditLog
 
     if sandbox_id is not None and not _SANDBOX_ID.fullmatch(sandbox_id):
         raise click.BadParameter("not a sandbox id", param_hint="--sandbox")
@@ -160,6 +163,14 @@ def audit(
             # No path in the message (invariant 8 style): the state dir is the user's to know.
             click.echo(f"moat: cannot read the audit log ({type(exc).__name__})", err=True)
             sys.exit(2)
+        except InvalidArgumentError as exc:  # a malformed MOAT_AUDIT_* setting
+            click.echo(f"moat: {exc}", err=True)
+            sys.exit(2)
+    scrub = OfflineScrub()
+    rows = guard_rows(rows, scrub)  # invariant 4: rows hold text a sandbox chose
+    if scrub.seen:
+        found = ", ".join(f"{label} x{n}" for label, n in sorted(scrub.seen.items()))
+        click.echo(f"moat: redacted credential-shaped text in audit rows ({found})", err=True)
     rows.reverse()  # oldest first, like a log
     if as_json:
         click.echo(json.dumps(rows, indent=1))
@@ -188,7 +199,10 @@ def _detail(row: dict[str, Any]) -> str:
         text = f"{get('language', '-')} sha256={str(get('code_sha256', ''))[:12]} "
         text += f"{get('duration_ms', 0)}ms"
         return text + (f" error={get('error_name')}" if get("error_name") else "")
+    if row["kind"] == "audit_dropped":
+        return f"{get('count', 1)} {get('label', '-')} rows not written ({get('reason', '-')})"
     text = f"{get('label', '-')} on {get('channel', '-')}"
+    text += f" x{get('count')}" if get("count", 1) != 1 else ""
     return text + (f" canary={get('canary')}" if get("canary") else "")
 
 

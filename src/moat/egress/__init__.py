@@ -11,13 +11,13 @@ hostile. Modules, from pure to I/O:
 - :mod:`~moat.egress.tls`: ClientHello SNI peeking, TLS over any stream
 - :mod:`~moat.egress.caps`: :class:`GatewayConfig` and the per-sandbox caps
 - :mod:`~moat.egress.proxy`: the :class:`Gateway`
-- :mod:`~moat.egress.audit`: the SQLite audit trail
+
+Its audit rows go to :class:`moat.store.AuditLog`.
 """
 
 from __future__ import annotations
 
 from moat.egress.addr import AddrClass, classify
-from moat.egress.audit import AuditLog
 from moat.egress.broker import Secret
 from moat.egress.caps import GatewayConfig
 from moat.egress.hostport import HostPort, canonical_host, parse_absolute_url, parse_authority
@@ -28,7 +28,6 @@ from moat.egress.sandboxenv import proxy_env
 
 __all__ = [
     "AddrClass",
-    "AuditLog",
     "Decision",
     "Gateway",
     "GatewayConfig",

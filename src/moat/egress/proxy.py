@@ -39,7 +39,6 @@ from typing import Any
 import h11
 
 from moat.egress.addr import IPAddress
-from moat.egress.audit import AuditLog
 from moat.egress.broker import CertificateAuthority, Secret, SecretBroker
 from moat.egress.caps import GatewayConfig, TokenBucket
 from moat.egress.exchange import READ_SIZE, Ended, Forwarder, Refused, next_event, send_refusal
@@ -57,6 +56,7 @@ from moat.egress.tls import (
     read_client_hello,
 )
 from moat.errors import InvalidArgumentError
+from moat.store import AuditLog
 
 __all__ = ["Gateway"]
 

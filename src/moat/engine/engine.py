@@ -8,18 +8,17 @@ import secrets
 import threading
 import time
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
-from moat.egress import AuditLog, Gateway, GatewayConfig, Secret, proxy_env
+from moat.egress import Gateway, GatewayConfig, Secret, proxy_env
 from moat.engine.guardhook import make_guard
 from moat.engine.output import DEFAULT_MAX_OUTPUT
 from moat.engine.pool import WarmPool, pool_sizes, poolable
 from moat.engine.session import CA_BUNDLE_PATH, PROXY_PORT, Session
 from moat.engine.tiers import TIERS, choose_tier, require, runtime_for
 from moat.guard import GuardPolicy
-from moat.paths import audit_db
 from moat.runtime.spec import SandboxSpec
+from moat.store import AuditLog, shared_audit_log
 
 log = logging.getLogger("moat.engine")
 
@@ -46,7 +45,7 @@ class Engine:
         """The audit trail (SQLite, WAL) under moat's state directory."""
         with self._mu:
             if self._audit is None:
-                self._audit = shared_audit_log(audit_db())
+                self._audit = shared_audit_log()
             return self._audit
 
     async def create(
@@ -179,18 +178,6 @@ class Engine:
 
 
 _default_mu = threading.Lock()
-_audit_logs: dict[str, AuditLog] = {}  # one connection per store per process (a cache)
-
-
-def shared_audit_log(path: Path) -> AuditLog:
-    """The process's AuditLog for ``path``: engines share one SQLite connection per file."""
-    key = str(path.resolve())
-    with _default_mu:
-        log_ = _audit_logs.get(key)
-        if log_ is None:
-            log_ = _audit_logs[key] = AuditLog(path)
-        return log_
-
 
 _default: Engine | None = None
 

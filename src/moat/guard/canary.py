@@ -9,6 +9,7 @@ characters + a 6-character base62 CRC32 checksum, as GitHub's own tokens carry.
 
 from __future__ import annotations
 
+import re
 import secrets
 import string
 import zlib
@@ -44,3 +45,19 @@ def make_canary(kind: str) -> str:
     if kind == "generic":
         return "sk_" + "".join(secrets.choice(_BASE62) for _ in range(40))
     raise InvalidArgumentError('canary kind must be "aws", "github" or "generic"')
+
+
+#: What canaries look like, case folded (a host name is stored lower-cased), for readers
+#: that have no guard of the sandbox that wrote them (``moat audit``): kind -> pattern.
+#: The AWS and GitHub prefixes are distinctive enough to match anywhere; ``sk_`` only as a
+#: whole token ("task_" holds it).
+SHAPES = re.compile(
+    r"(?P<aws>AKIA[A-Z2-7]{16})|(?P<github>ghp_[A-Za-z0-9]{36})"
+    r"|(?<![A-Za-z0-9_])(?P<generic>sk_[A-Za-z0-9]{40})(?![A-Za-z0-9_])",
+    re.IGNORECASE,
+)
+
+
+def shape_spans(text: str) -> list[tuple[int, int, str]]:
+    """``(start, end, kind)`` of every canary-shaped token in ``text``."""
+    return [(m.start(), m.end(), m.lastgroup or "generic") for m in SHAPES.finditer(text)]

@@ -29,6 +29,8 @@ import threading
 import weakref
 from collections.abc import Callable, Iterable
 
+import ahocorasick_rs
+
 from moat.errors import InvalidArgumentError, LeakBlockedError
 from moat.guard import png
 from moat.guard.canary import KINDS, SHOWN_LABEL, make_canary
@@ -162,6 +164,7 @@ class Guard:
         self._entries: list[Entry] = []
         self._values: set[tuple[str, str]] = set()
         self._indexes: _Indexes | None = None
+        self._folded: tuple[ahocorasick_rs.AhoCorasick, tuple[Entry, ...]] | None = None
         rule_names = frozenset(d for d in policy.detectors if d != EXACT)
         self._rules = rule_set(rule_names)
         self._exact = EXACT in policy.detectors
@@ -221,6 +224,7 @@ class Guard:
             self._values.add(key)
             self._entries.append(entry)
             self._indexes = None
+            self._folded = None
 
     def _idx(self) -> _Indexes:
         with self._lock:
@@ -298,6 +302,45 @@ class Guard:
         self._report(hits, channel)
         if self.mode == "block":
             raise self._block(hits, channel)
+        return render(text, merge(hits))
+
+    def _folded_hits(self, text: str) -> list[Hit]:
+        """Raw values matched with ASCII case folded: a host name is stored lower-cased, and
+        a lower-cased value (an AWS key id, a base62 token) is still nearly the value."""
+        with self._lock:
+            if self._folded is None:
+                entries = tuple(
+                    e for e in self._entries if (self._exact or e.canary) and e.value.isascii()
+                )
+                patterns = [e.value.lower() for e in entries] or ["\uffff"]  # never matches
+                self._folded = (ahocorasick_rs.AhoCorasick(patterns), entries)
+            ac, entries = self._folded
+        if not entries:
+            return []
+        folded = (
+            text.lower()
+            if text.isascii()
+            else "".join(c.lower() if c.isascii() else c for c in text)
+        )
+        return [
+            Hit(s, e, entries[i].label, entries[i].audit_label, "exact:folded", entries[i].canary)
+            for i, s, e in ac.find_matches_as_indexes(folded, overlapping=True)
+        ]
+
+    def scrub_text(self, text: str, channel: str) -> str:
+        """``text`` redacted whatever the mode, for the host's own records that reach the
+        caller (the audit trail): registered values never appear there (invariant 3), and
+        a canary is flagged wherever it shows up. Values are also matched with ASCII case
+        folded. Findings are reported as usual; never raises for one."""
+        if not isinstance(text, str):
+            raise InvalidArgumentError("the guard scrubs text (str)")
+        channel = _check_channel(channel)
+        hits = self._text_hits(text)
+        seen = {(h.start, h.end, h.audit_label) for h in hits}
+        hits += [h for h in self._folded_hits(text) if (h.start, h.end, h.audit_label) not in seen]
+        if not hits:
+            return text
+        self._report(hits, channel)
         return render(text, merge(hits))
 
     def _bytes_hits(self, view: str) -> list[Hit]:

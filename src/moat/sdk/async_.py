@@ -9,6 +9,7 @@ from typing import IO, Any, Literal
 
 from moat.egress import GatewayConfig, NetworkPolicy, Secret
 from moat.engine import Engine, Session, default_engine
+from moat.engine.auditview import sandbox_audit
 from moat.engine.client import Call
 from moat.engine.guardhook import guard_policy
 from moat.engine.output import DEFAULT_MAX_OUTPUT, OutputSink
@@ -309,8 +310,8 @@ class AsyncSandbox:
 
     async def audit(self, denied_only: bool = False, limit: int = 1000) -> list[dict[str, Any]]:
         """This sandbox's audit rows: egress decisions, executions, guard findings."""
-        return default_engine().audit.query(
-            sandbox_id=self.sandbox_id, denied_only=denied_only, limit=limit
+        return await sandbox_audit(
+            self._s, default_engine().audit, denied_only=denied_only, limit=limit
         )
 
     async def run_code(
