@@ -58,6 +58,8 @@ def build_argv(spec: SandboxSpec, host: HostLayout, command: list[str]) -> list[
         "bwrap",
         "--unshare-user",
         "--unshare-pid",
+        # the agent is the pid namespace's init: user code cannot signal it (moat.agent.shield)
+        "--as-pid-1",
         "--unshare-ipc",
         "--unshare-uts",
         "--unshare-net",

@@ -30,6 +30,7 @@ What the config encodes, and which invariant it serves:
 
 from __future__ import annotations
 
+import errno
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -121,6 +122,18 @@ def _tmpfs(dest: str, size_mb: int, mode: str, owner: bool) -> dict[str, Any]:
 _SECCOMP_SKIP: Final = frozenset({"clone3"})
 
 
+#: The agent is pid 1 (the OCI process), and gVisor's sentry, unlike Linux, delivers SIGKILL
+#: and SIGSTOP to a pid namespace's init from inside it. Nothing in a sandbox has a reason
+#: to signal pid 1 or every process (-1), so these calls are refused for those targets: user
+#: code cannot stop or kill the agent (issue 17 "Takeover"; see moat.agent.shield). The pid
+#: is an ``int``: compared under a 32-bit mask. ``tkill`` (any thread id, so any of the
+#: agent's threads) is refused outright; libc uses ``tgkill``, whose first argument is the
+#: thread group's pid.
+_PID_ARG_CALLS: Final = ("kill", "tgkill", "rt_sigqueueinfo", "rt_tgsigqueueinfo", "pidfd_open")
+_PROTECTED_PIDS: Final = (1, 0xFFFFFFFF)
+_SIGNAL_REFUSED: Final = ("tkill", "pidfd_send_signal")
+
+
 def _seccomp() -> dict[str, Any]:
     # Group refused calls by errno: OCI expresses one errnoRet per rule.
     by_errno: dict[int, list[str]] = {}
@@ -128,13 +141,26 @@ def _seccomp() -> dict[str, Any]:
         if name in _SECCOMP_SKIP:
             continue
         by_errno.setdefault(err, []).append(name)
+    by_errno.setdefault(errno.EPERM, []).extend(_SIGNAL_REFUSED)
+    rules: list[dict[str, Any]] = [
+        {"names": sorted(names), "action": "SCMP_ACT_ERRNO", "errnoRet": err}
+        for err, names in sorted(by_errno.items())
+    ]
+    rules += [
+        {
+            "names": list(_PID_ARG_CALLS),
+            "action": "SCMP_ACT_ERRNO",
+            "errnoRet": errno.EPERM,
+            "args": [
+                {"index": 0, "value": 0xFFFFFFFF, "valueTwo": pid, "op": "SCMP_CMP_MASKED_EQ"}
+            ],
+        }
+        for pid in _PROTECTED_PIDS
+    ]
     return {
         "defaultAction": "SCMP_ACT_ALLOW",
         "architectures": ["SCMP_ARCH_X86_64"],
-        "syscalls": [
-            {"names": names, "action": "SCMP_ACT_ERRNO", "errnoRet": err}
-            for err, names in sorted(by_errno.items())
-        ],
+        "syscalls": rules,
     }
 
 
