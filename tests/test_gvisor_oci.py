@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from moat.runtime.gvisor.oci import SENTRY_OVERHEAD_MB, Bundle, build_config
+from moat.runtime.gvisor.oci import NODEV_FILE, SENTRY_OVERHEAD_MB, Bundle, build_config
 from moat.runtime.spec import Limits, Mount, SandboxSpec
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -85,6 +85,7 @@ def test_only_named_host_paths_are_bound() -> None:
         BUNDLE.agent_dir,
         "/data/in",
         "/data/out",
+        f"{BUNDLE.rootfs}/{NODEV_FILE}",  # the bundle's own empty file over /dev/fuse
     }
     for src, m in binds.items():
         assert ("rw" if src == "/data/out" else "ro") in m["options"], src

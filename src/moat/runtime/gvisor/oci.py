@@ -39,8 +39,11 @@ from moat.runtime.spec import AGENT_DIR, HOME, SANDBOX_GID, SANDBOX_UID, Sandbox
 
 __all__ = [
     "CGROUP_PREFIX",
+    "HIDDEN_DEVICES",
+    "HIDDEN_DEVICE_DIRS",
     "HOST_PIDS_OVERHEAD",
     "HOST_PIDS_PER_TASK",
+    "NODEV_FILE",
     "SENTRY_OVERHEAD_MB",
     "SKELETON_DIRS",
     "SKELETON_SYMLINKS",
@@ -69,6 +72,14 @@ _NOFILE: Final = 4096
 #: Directories the driver creates in the (otherwise empty) read-only root skeleton, so that
 #: every mount point below exists.
 SKELETON_DIRS: Final = ("usr", "etc", "home/user", "tmp", "opt/moat", "proc", "dev", "sys")
+#: An empty, mode-0000 file in the skeleton (under the /dev mount point, so hidden inside),
+#: bound over the devices gVisor creates in every sandbox's /dev that no policy names.
+NODEV_FILE: Final = "dev/.moat-nodev"
+#: gVisor's sentry populates /dev itself, /dev/fuse and /dev/net/tun included, whatever the
+#: config says (runsc has no flag to leave them out): an empty read-only tmpfs hides /dev/net
+#: and the mode-0000 file covers /dev/fuse, so opening either fails (invariant 1).
+HIDDEN_DEVICES: Final = ("/dev/fuse",)
+HIDDEN_DEVICE_DIRS: Final = ("/dev/net",)
 #: Merged-/usr symlinks of Debian (and most distributions), relative so they resolve inside.
 SKELETON_SYMLINKS: Final = (
     ("bin", "usr/bin"),
@@ -186,6 +197,20 @@ def build_config(spec: SandboxSpec, bundle: Bundle) -> dict[str, Any]:
         _tmpfs("/tmp", lim.disk_mb, "1777", owner=False),  # noqa: S108 - the sandbox's own /tmp
     ]
     mounts += [_bind(m.host_path, m.sandbox_path, read_only=m.read_only) for m in spec.mounts]
+    # /dev/shm: writable (POSIX semaphores, multiprocessing) but capped like /tmp and counted
+    # in the sentry's memory (issue 17: the disk limit means what it says)
+    mounts.append(_tmpfs("/dev/shm", max(4, lim.disk_mb // 8), "1777", owner=False))
+    nodev = f"{bundle.rootfs}/{NODEV_FILE}"
+    mounts += [_bind(nodev, dev) for dev in HIDDEN_DEVICES]
+    mounts += [
+        {
+            "destination": d,
+            "type": "tmpfs",
+            "source": "tmpfs",
+            "options": ["ro", "nosuid", "nodev", "noexec", "size=4k", "mode=0555"],
+        }
+        for d in HIDDEN_DEVICE_DIRS
+    ]
     return {
         "ociVersion": "1.0.2",
         "process": {

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 from moat.errors import IsolationUnavailableError, PolicyError, SandboxDiedError
-from moat.runtime import agentdir, cgroups
+from moat.runtime import agentdir, cgroups, seccomp
 from moat.runtime.microvm import artifacts, initramfs, probe, qemu, snapshot
 from moat.runtime.microvm.guest_init import BOOT_MARKER
 from moat.runtime.spec import Limits, SandboxSpec
@@ -154,6 +154,7 @@ class MicroVMRuntime:
         try:
             self._manager()
             self._choose_accel()
+            seccomp.build_filter()  # the guest runs under it (invariant 9): none, no tier
         except IsolationUnavailableError as exc:
             return str(exc)
         except Exception as exc:  # noqa: BLE001 - a probe reports, it does not raise
@@ -305,6 +306,8 @@ def _guest_config(spec: SandboxSpec) -> bytes:
         "memory_bytes": limits.memory_mb << 20,
         "pids": limits.pids,
         "cpu_max": f"{quota} 100000",
+        # the container tier's filter, installed by stage 2 before the agent starts (inv. 9)
+        "seccomp": seccomp.build_filter().hex(),
     }
     return json.dumps(cfg, separators=(",", ":")).encode()
 

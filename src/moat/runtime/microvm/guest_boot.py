@@ -32,6 +32,7 @@ import fcntl
 import importlib
 import json
 import os
+import resource
 import struct
 import sys
 import time
@@ -62,7 +63,10 @@ _MAX = 1 << 20
 _RNDADDENTROPY = 0x40085203
 _RNDRESEEDCRNG = 0x5207
 _PR_SET_NO_NEW_PRIVS = 38
-_MS_NOSUID, _MS_NODEV, _MS_REMOUNT, _MS_RDONLY = 2, 4, 32, 1
+_PR_SET_SECCOMP, _SECCOMP_MODE_FILTER = 22, 2
+_MS_NOSUID, _MS_NODEV, _MS_NOEXEC, _MS_REMOUNT, _MS_RDONLY = 2, 4, 8, 32, 1
+_MS_REC, _MS_PRIVATE = 0x4000, 0x40000
+_CLONE_NEWNS, _CLONE_NEWPID = 0x00020000, 0x20000000
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -162,6 +166,47 @@ def apply(cfg: dict[str, object]) -> None:
     _mount("rootfs", "/", "", _MS_REMOUNT | _MS_RDONLY, "")
 
 
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+
+def _install_seccomp(program: bytes) -> None:
+    """Load the host-built filter (the container tier's, invariant 9) for this process tree.
+
+    Classic BPF from libseccomp's ``export_bpf`` on the host: the guest has no libseccomp.
+    Needs ``no_new_privs`` (set just before). Irrevocable, inherited by every child.
+    """
+    if not program or len(program) % 8 or len(program) // 8 > 4096:
+        raise ValueError("bad seccomp program")
+    buf = ctypes.create_string_buffer(program, len(program))
+    prog = _SockFprog(len(program) // 8, ctypes.cast(buf, ctypes.c_void_p))
+    if _libc.prctl(_PR_SET_SECCOMP, _SECCOMP_MODE_FILTER, ctypes.byref(prog), 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "seccomp")
+
+
+def enter_pid_namespace() -> None:
+    """Continue as init of a new pid namespace; this process stays outside and waits.
+
+    As its namespace's init, the agent cannot be stopped or killed by user code (the kernel
+    drops those signals; see moat.agent.shield), and guest root outside is invisible to it.
+    A fresh /proc shows only the namespace. When the agent ends, /init powers the VM off.
+    """
+    if _libc.unshare(_CLONE_NEWPID | _CLONE_NEWNS) != 0:
+        raise OSError(ctypes.get_errno(), "unshare")
+    pid = os.fork()
+    if pid != 0:
+        os.closerange(0, 3)
+        while True:
+            try:
+                os.waitpid(pid, 0)
+                break
+            except InterruptedError:
+                continue
+        os._exit(0)
+    _mount("none", "/", "", _MS_REC | _MS_PRIVATE, "")
+    _mount("proc", "/proc", "proc", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC, "")
+
+
 def become_agent(cfg: dict[str, object]) -> None:
     argv = cfg["argv"]
     env = cfg["env"]
@@ -174,11 +219,16 @@ def become_agent(cfg: dict[str, object]) -> None:
     for fd in (0, 1, 2):
         os.dup2(null, fd)
     os.close(null)
+    program = bytes.fromhex(str(cfg.pop("seccomp")))
+    # The agent's own process budget (its reserve for a fork bomb is below it: agent/shield).
+    pids = int(cfg["pids"])  # type: ignore[call-overload]
+    resource.setrlimit(resource.RLIMIT_NPROC, (pids, pids))
     os.setgroups([])
     os.setresgid(GID, GID, GID)
     os.setresuid(UID, UID, UID)
     if _libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), "no_new_privs")
+    _install_seccomp(program)
     os.chdir(HOME)
     if len(argv) >= 4 and argv[0] == sys.executable and argv[1:4] == [*FLAGS, "-c"]:
         at = 2 + len(FLAGS)  # the code's position in argv (after "-c")
@@ -228,6 +278,7 @@ def main() -> None:
     cfg = _parse_config(line)
     os.close(fd)
     apply(cfg)
+    enter_pid_namespace()
     become_agent(cfg)
 
 
