@@ -199,7 +199,7 @@ def build_config(spec: SandboxSpec, bundle: Bundle) -> dict[str, Any]:
     mounts += [_bind(m.host_path, m.sandbox_path, read_only=m.read_only) for m in spec.mounts]
     # /dev/shm: writable (POSIX semaphores, multiprocessing) but capped like /tmp and counted
     # in the sentry's memory (issue 17: the disk limit means what it says)
-    mounts.append(_tmpfs("/dev/shm", max(4, lim.disk_mb // 8), "1777", owner=False))
+    mounts.append(_tmpfs("/dev/shm", max(4, lim.disk_mb // 8), "1777", owner=False))  # noqa: S108
     nodev = f"{bundle.rootfs}/{NODEV_FILE}"
     mounts += [_bind(nodev, dev) for dev in HIDDEN_DEVICES]
     mounts += [
