@@ -283,6 +283,9 @@ def test_fork_bomb_hits_pids_cap_host_stays_responsive(tier: str) -> None:
         refused = h.stdout.split()
         assert refused[:1] == ["refused"], h.stdout
         assert 16 < int(refused[1]) < 64 and int(refused[2]) == 11  # EAGAIN
+        # while the loop holds every process user code may have, the agent still starts a
+        # thread to serve a call: its reserve below the cap (moat.agent.shield)
+        assert s.files.read("/proc/self/stat")
         if tier == "container":
             # read from outside: the user's process limit (RLIMIT_NPROC, below the agent's)
             # refused the loop before the pids cgroup, so the agent's reserve stayed free
