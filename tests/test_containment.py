@@ -161,7 +161,11 @@ def test_privileges_inside(tier: str, sbx: Sandbox) -> None:
     status = shared_sbx.files.read("/proc/self/status")  # read by the agent, in the sandbox
     fields = dict(line.split(":\t", 1) for line in status.splitlines() if ":\t" in line)
     assert fields["CapEff"].strip() == "0000000000000000"
-    assert fields["Uid"].split()[0] == "1000"
+    assert fields["CapPrm"].strip() == "0000000000000000"  # gVisor's agent dropped CAP_SETUID
+    real, effective, saved, fs = fields["Uid"].split()
+    assert effective == fs == "1000"
+    # gVisor's agent keeps a uid of its own as real and saved uid (moat.agent.shield)
+    assert real == saved == ("999" if tier == "gvisor" else "1000")
     if tier == "container":  # the shared-kernel tier's own layers (DESIGN invariant 9)
         assert fields["CapPrm"].strip() == "0000000000000000"
         assert fields["NoNewPrivs"].strip() == "1"

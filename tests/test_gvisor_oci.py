@@ -12,7 +12,8 @@ from typing import Any
 
 import pytest
 
-from moat.runtime.gvisor.oci import NODEV_FILE, SENTRY_OVERHEAD_MB, Bundle, build_config
+from moat.agent import shield
+from moat.runtime.gvisor.oci import AGENT_UID, NODEV_FILE, SENTRY_OVERHEAD_MB, Bundle, build_config
 from moat.runtime.spec import Limits, Mount, SandboxSpec
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -59,8 +60,13 @@ def test_pure_and_deterministic() -> None:
 
 def test_process_has_no_privilege() -> None:
     proc = build_config(CASES["default"], BUNDLE)["process"]
-    assert proc["user"]["uid"] == 1000 and proc["user"]["gid"] == 1000
-    assert all(v == [] for v in proc["capabilities"].values())
+    # the agent's own uid and CAP_SETUID alone, which the agent drops in its first lines
+    # (moat.agent.shield; test_containment.test_privileges_inside checks none remains)
+    assert proc["user"]["uid"] == AGENT_UID == shield.AGENT_UID and proc["user"]["gid"] == 1000
+    assert shield.USER_UID == 1000
+    caps = proc["capabilities"]
+    assert caps["inheritable"] == caps["ambient"] == []
+    assert caps["bounding"] == caps["effective"] == caps["permitted"] == ["CAP_SETUID"]
     assert proc["noNewPrivileges"] is True
     assert proc["terminal"] is False
     limits = {r["type"]: r["hard"] for r in proc["rlimits"]}

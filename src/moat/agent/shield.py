@@ -28,7 +28,17 @@ import signal
 import threading
 import time
 
+# The agent starts in every sandbox: typing is only imported for the type checker.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
+
 _PR_SET_DUMPABLE = 4
+#: uids of the agent and of user code where a tier can give them apart (gVisor starts the
+#: agent as AGENT_UID with CAP_SETUID only: see :func:`_split_uid`).
+AGENT_UID = 999
+USER_UID = 1000
+_CAP_VERSION_3 = 0x20080522
 #: Processes (threads included) the agent keeps for itself out of its RLIMIT_NPROC.
 RESERVE_MAX = 32
 RESERVE_MIN = 4
@@ -46,6 +56,8 @@ def harden() -> None:
     import ctypes  # lazily: only this call needs it
 
     libc = ctypes.CDLL(None, use_errno=True)
+    if os.getuid() == AGENT_UID:
+        _split_uid(libc)
     if libc.prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_DUMPABLE)")
     soft, _hard = resource.getrlimit(resource.RLIMIT_NPROC)
@@ -56,6 +68,25 @@ def harden() -> None:
     # KeyboardInterrupt in the agent's main loop. A no-op handler (reset to the default on
     # exec, unlike SIG_IGN) keeps the agent alive and user programs interruptible.
     signal.signal(signal.SIGINT, _ignore)
+
+
+def _split_uid(libc: Any) -> None:
+    """Keep AGENT_UID as real and saved uid, act as USER_UID, and drop every capability.
+
+    User code then runs as USER_UID throughout (:func:`user_limits` sets all three ids): it
+    may not signal the agent (the kernel compares its uids with the agent's real and saved
+    uid), and /proc/<agent> files belong to another user (what gVisor's /proc checks, where
+    non-dumpable is not honoured). The agent's own file work happens as USER_UID (its
+    effective and file-system uid), so files keep their owner. Started with CAP_SETUID and
+    CAP_SETGID only, for this one call; none remains afterwards (invariant 9).
+    """
+    import ctypes
+
+    os.setresuid(AGENT_UID, USER_UID, AGENT_UID)
+    header = (ctypes.c_uint32 * 2)(_CAP_VERSION_3, 0)
+    data = (ctypes.c_uint32 * 6)()  # effective, permitted, inheritable x 2: all empty
+    if libc.capset(header, data) != 0:
+        raise OSError(ctypes.get_errno(), "capset")
 
 
 def _ignore(_signum: int, _frame: object) -> None:
@@ -74,7 +105,10 @@ def child_setup() -> None:
 
 
 def user_limits() -> None:
-    """The user's process limit; an os-level call only (also a ``preexec_fn``)."""
+    """The user's uid and process limit; os-level calls only (also a ``preexec_fn``)."""
+    euid = os.geteuid()
+    if os.getuid() != euid:
+        os.setresuid(euid, euid, euid)
     if _user_nproc is not None:
         resource.setrlimit(resource.RLIMIT_NPROC, (_user_nproc, _user_nproc))
 

@@ -9,8 +9,10 @@ What the config encodes, and which invariant it serves:
 * root: an empty, read-only skeleton directory built by the driver; the host userland comes in
   as read-only bind mounts (/usr plus a few /etc entries), never the host's /etc wholesale,
   /root, /home, /var or /run (invariant 1).
-* process: the agent argv, environment exactly ``spec.env()`` (invariant 1), uid/gid 1000,
-  no capabilities at all, ``noNewPrivileges`` (invariant 9).
+* process: the agent argv, environment exactly ``spec.env()`` (invariant 1), uid 999 (the
+  agent's own) with CAP_SETUID alone, which the agent drops in its first lines after taking
+  uid 1000 as its effective uid; user code runs as 1000 with no capabilities at all;
+  ``noNewPrivileges`` (invariant 9).
 * limits (invariant 10), enforced by gVisor's sentry (the sandbox's kernel) per process and by a
   host cgroup around the whole sandbox:
 
@@ -38,6 +40,7 @@ from moat.runtime.seccomp import REFUSED
 from moat.runtime.spec import AGENT_DIR, HOME, SANDBOX_GID, SANDBOX_UID, SandboxSpec
 
 __all__ = [
+    "AGENT_UID",
     "CGROUP_PREFIX",
     "HIDDEN_DEVICES",
     "HIDDEN_DEVICE_DIRS",
@@ -67,6 +70,10 @@ HOST_PIDS_PER_TASK: Final = 8
 #: Name prefix of the host cgroups of this tier (what ``sweep`` looks for).
 CGROUP_PREFIX: Final = "moat-gvisor-"
 _CPU_PERIOD: Final = 100_000
+#: The agent's own uid in a gVisor sandbox (user code runs as SANDBOX_UID); the agent's copy
+#: of the number is moat.agent.shield.AGENT_UID (a test holds them equal).
+AGENT_UID: Final = 999
+_SETUID: Final = "CAP_SETUID"
 _NOFILE: Final = 4096
 
 #: Directories the driver creates in the (otherwise empty) read-only root skeleton, so that
@@ -215,15 +222,19 @@ def build_config(spec: SandboxSpec, bundle: Bundle) -> dict[str, Any]:
         "ociVersion": "1.0.2",
         "process": {
             "terminal": False,
-            "user": {"uid": SANDBOX_UID, "gid": SANDBOX_GID, "additionalGids": [SANDBOX_GID]},
+            # The agent starts as AGENT_UID with CAP_SETUID alone; its first lines act as
+            # SANDBOX_UID, keep AGENT_UID as real and saved uid and drop the capability
+            # (moat.agent.shield): gVisor's /proc ignores non-dumpable, so a uid of its own is
+            # what keeps user code (SANDBOX_UID throughout) out of the agent's fds and signals.
+            "user": {"uid": AGENT_UID, "gid": SANDBOX_GID, "additionalGids": [SANDBOX_GID]},
             "args": list(bundle.argv),
             "env": env,
             "cwd": HOME,
             "capabilities": {
-                "bounding": [],
-                "effective": [],
+                "bounding": [_SETUID],
+                "effective": [_SETUID],
                 "inheritable": [],
-                "permitted": [],
+                "permitted": [_SETUID],
                 "ambient": [],
             },
             "noNewPrivileges": True,
