@@ -25,9 +25,9 @@ import time
 from pathlib import Path
 
 from moat.errors import IsolationUnavailableError, PolicyError, SandboxDiedError
+from moat.guest.init import BOOT_MARKER
 from moat.runtime import agentdir, cgroups, seccomp
 from moat.runtime.microvm import artifacts, initramfs, probe, qemu, snapshot
-from moat.runtime.microvm.guest_init import BOOT_MARKER
 from moat.runtime.spec import Limits, SandboxSpec
 
 log = logging.getLogger("moat.runtime.microvm")
@@ -264,7 +264,7 @@ class MicroVMRuntime:
         try:
             reader, writer = await asyncio.open_unix_connection(sock=host_sock, limit=1 << 21)
             # Sent at once, also to a booting guest: it waits in the socket until stage 2
-            # opens the port (see guest_init.py), so the guest never waits for the host.
+            # opens the port (see moat/guest/init.py), so the guest never waits for the host.
             writer.write(_guest_config(spec) + b"\n")
             await asyncio.wait_for(writer.drain(), BOOT_TIMEOUT_S)
             if snap is None:
@@ -293,7 +293,7 @@ class MicroVMRuntime:
 
 
 def _guest_config(spec: SandboxSpec) -> bytes:
-    """The per-sandbox configuration stage 2 applies in the guest (see guest_boot.py)."""
+    """The per-sandbox configuration stage 2 applies in the guest (see moat/guest/boot.py)."""
     limits = spec.limits
     quota = max(1000, round(limits.cpus * 100_000))
     cfg = {

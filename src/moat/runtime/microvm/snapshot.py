@@ -3,7 +3,7 @@
 Trust domain: host engine. A template VM runs only moat's own guest (init and stage 2, which
 block waiting for a per-sandbox configuration); no user code has run when it is saved, so
 the snapshot holds nothing of any sandbox. Restored guests get a fresh RNG seed, clock,
-hostname and limits through that configuration (see guest_boot.py).
+hostname and limits through that configuration (see moat/guest/boot.py).
 
 The snapshot is keyed by a hash of everything the saved state depends on: the kernel,
 initramfs and agent (the initrd digest), the /usr image's build id, QEMU's version, the
@@ -28,8 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from moat.errors import SandboxDiedError
+from moat.guest.init import BOOT_MARKER, TEMPLATE_REQUEST, WARM_MARKER
 from moat.runtime.microvm import artifacts, qemu
-from moat.runtime.microvm.guest_init import BOOT_MARKER, TEMPLATE_REQUEST, WARM_MARKER
 
 #: A template must boot and save within this (TCG on a loaded 2-core host is slow).
 TEMPLATE_TIMEOUT_S = 120.0

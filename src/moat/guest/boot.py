@@ -2,13 +2,13 @@
 
 Trust domain: sandbox (guest root, before any untrusted code runs). Runs with the guest's
 /usr/bin/python3 in ``-I -S`` mode (the agent's own flags), stdlib only; /init imports it
-(``guest_init.STAGE2_CODE``) so that its byte code from the initramfs is used. A template VM
+(``init.STAGE2_CODE``) so that its byte code from the initramfs is used. A template VM
 is snapshotted while this script blocks on the configuration read, so everything after that
 read is per sandbox: fresh RNG seed (restored guests would otherwise share the template's RNG
 state), wall clock, hostname, tmpfs sizes, cgroup limits, then the exact environment and argv
 the host sent.
 
-Protocol on the agent port (before the agent's framed protocol starts; see guest_init.py):
+Protocol on the agent port (before the agent's framed protocol starts; see init.py):
 the guest writes the boot marker line; the host's one line is either the template request or
 the configuration (one line of JSON, at most 1 MiB).
 
@@ -38,7 +38,7 @@ import sys
 import time
 
 PORT = "/dev/vport0p1"
-#: Keep in step with guest_init.py (this file runs in the guest, without the moat package).
+#: Keep in step with init.py (this file runs in the guest, without the moat package).
 TOOLS = "/.moat"
 MARKER = b"MOAT-BOOT-WAITING 1\n"
 TEMPLATE_REQUEST = b"MOAT-TEMPLATE 1\n"
@@ -283,7 +283,7 @@ def main() -> None:
 
 
 def run() -> None:
-    """Entry point (``guest_init.STAGE2_CODE``): any failure ends the VM, saying why."""
+    """Entry point (``init.STAGE2_CODE``): any failure ends the VM, saying why."""
     try:
         if sys.path and sys.path[0] == TOOLS:
             del sys.path[0]  # root-only tools; not the agent's import path
