@@ -44,7 +44,7 @@ def _check_golden(name: str, argv: list[str]) -> None:
     [
         ("boot", {}),
         ("restore", {"incoming_fd": 4, "memory_mb": 1120, "cpus": 2}),
-        ("template", {"qmp_fd": 4}),
+        ("base", {"qmp_fd": 4}),
     ],
 )
 def test_argv_golden(name: str, kw: dict[str, object]) -> None:
@@ -174,7 +174,7 @@ def test_stage2_runs_with_the_agents_flags() -> None:
     )
     # the guest's copy of the protocol constants (it runs without the moat package)
     assert guest_boot.MARKER == guest_init.BOOT_MARKER
-    assert guest_boot.TEMPLATE_REQUEST == guest_init.TEMPLATE_REQUEST
+    assert guest_boot.BASE_REQUEST == guest_init.BASE_REQUEST
     assert guest_boot.WARM_MARKER == guest_init.WARM_MARKER
     assert guest_boot.TOOLS == guest_init.TOOLS
 

@@ -2,18 +2,18 @@
 
 Trust domain: sandbox (guest root, before any untrusted code runs). Runs with the guest's
 /usr/bin/python3 in ``-I -S`` mode (the agent's own flags), stdlib only; /init imports it
-(``init.STAGE2_CODE``) so that its byte code from the initramfs is used. A template VM
+(``init.STAGE2_CODE``) so that its byte code from the initramfs is used. A base VM
 is snapshotted while this script blocks on the configuration read, so everything after that
-read is per sandbox: fresh RNG seed (restored guests would otherwise share the template's RNG
+read is per sandbox: fresh RNG seed (restored guests would otherwise share the base VM's RNG
 state), wall clock, hostname, tmpfs sizes, cgroup limits, then the exact environment and argv
 the host sent.
 
 Protocol on the agent port (before the agent's framed protocol starts; see init.py):
-the guest writes the boot marker line; the host's one line is either the template request or
+the guest writes the boot marker line; the host's one line is either the base-VM request or
 the configuration (one line of JSON, at most 1 MiB).
 
 Warm start: this interpreter runs with the same flags as the agent's argv (``python3 -I -S``).
-A template imports ``site`` and the agent's modules *before* the snapshot is taken. A cold
+A base VM imports ``site`` and the agent's modules *before* the snapshot is taken. A cold
 boot skips that warm-up: ``site.main()`` then runs once, as the sandbox's user, just before
 the agent starts (and before it forks its kernel, which skips it when ``site`` is loaded).
 When the host's argv is ``[this python, "-I", "-S", "-c", CODE, *args]`` it is run in-process
@@ -41,14 +41,14 @@ PORT = "/dev/vport0p1"
 #: Keep in step with init.py (this file runs in the guest, without the moat package).
 TOOLS = "/.moat"
 MARKER = b"MOAT-BOOT-WAITING 1\n"
-TEMPLATE_REQUEST = b"MOAT-TEMPLATE 1\n"
+BASE_REQUEST = b"MOAT-BASE 1\n"
 WARM_MARKER = b"MOAT-BOOT-WARM 1\n"
 FLAGS = ["-I", "-S"]
 UID = GID = 1000
 HOME = "/home/user"
 AGENT_DIR = "/opt/moat"
 #: Modules imported before the snapshot (they are the agent's; the import is only a warm-up).
-# Imported before the template snapshot is taken, so restored guests start with them loaded
+# Imported before the base VM's snapshot is taken, so restored guests start with them loaded
 # (under TCG every import after a restore costs tens of ms).
 WARM = (
     "moat.agent.main",
@@ -235,7 +235,7 @@ def become_agent(cfg: dict[str, object]) -> None:
         os.environ.clear()
         os.environ.update(env)
         if "site" not in sys.modules:
-            # A cold boot (a template ran it in its warm-up): site now, as the sandbox's user
+            # A cold boot (a base VM ran it in its warm-up): site now, as the sandbox's user
             # with its environment, as the agent's kernel would after its fork; before the
             # fork, the pages it touches are not copy-on-write faults in the kernel.
             import site
@@ -249,10 +249,10 @@ def become_agent(cfg: dict[str, object]) -> None:
 
 
 def warm_up() -> None:
-    """Template VMs only: what a restored sandbox would otherwise import after its restore.
+    """Base VMs only: what a restored sandbox would otherwise import after its restore.
 
     ``site`` first: stage 2 and the agent run with ``-S``; run here, it is loaded once for
-    every sandbox restored from this template (become_agent and the kernel then skip it).
+    every sandbox restored from this base VM (become_agent and the kernel then skip it).
     """
     import site
 
@@ -271,7 +271,7 @@ def main() -> None:
     fd = os.open(PORT, os.O_RDWR | os.O_NOCTTY)
     os.write(fd, MARKER)
     line = _read_line(fd)
-    if line == TEMPLATE_REQUEST:
+    if line == BASE_REQUEST:
         warm_up()
         os.write(fd, WARM_MARKER)
         line = _read_line(fd)

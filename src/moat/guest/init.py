@@ -9,10 +9,11 @@ virtio-serial port does not take data before stage 2 opens it, so the line waits
 socket until then.
 
 - guest: ``BOOT_MARKER`` as soon as it has opened the port;
-- host: one line, either ``TEMPLATE_REQUEST`` (a template VM: the guest imports the agent's
-  modules, answers ``WARM_MARKER`` and waits for a configuration, which arrives after a
-  snapshot restore) or the sandbox's configuration (one JSON object, at most 1 MiB): a cold
-  boot skips the warm-up, whose imports the agent then does as it needs them.
+- host: one line, either ``BASE_REQUEST`` (a base VM, booted once to be snapshotted: the
+  guest imports the agent's modules, answers ``WARM_MARKER`` and waits for a configuration,
+  which arrives after a snapshot restore) or the sandbox's configuration (one JSON object, at
+  most 1 MiB): a cold boot skips the warm-up, whose imports the agent then does as it needs
+  them.
 """
 
 from __future__ import annotations
@@ -21,9 +22,10 @@ from __future__ import annotations
 TOOLS = "/.moat"
 #: Marker stage 2 writes on the agent port once it has opened it.
 BOOT_MARKER = b"MOAT-BOOT-WAITING 1\n"
-#: The host's first line for a template VM (instead of a configuration).
-TEMPLATE_REQUEST = b"MOAT-TEMPLATE 1\n"
-#: Marker a template's stage 2 writes when it is warmed up and waits for its configuration.
+#: The host's first line for a base VM (instead of a configuration). Not a *template*: that
+#: word is the user's (a prepared root file system), never this boot-once VM.
+BASE_REQUEST = b"MOAT-BASE 1\n"
+#: Marker a base VM's stage 2 writes when it is warmed up and waits for its configuration.
 WARM_MARKER = b"MOAT-BOOT-WARM 1\n"
 #: Stage 2's interpreter flags: exactly the agent's own (``agentdir.agent_argv``), so that
 #: the in-process warm start in boot.py behaves as the exec'd agent would.

@@ -108,7 +108,7 @@ class MicroVMRuntime:
     """The ``microvm`` tier: QEMU microvm, KVM where it really works, else TCG.
 
     ``accel``: "auto" (probe), "kvm" or "tcg". ``snapshots``: start sandboxes by restoring a
-    saved template VM (created on first use per VM shape) instead of booting.
+    saved base VM (booted once per VM shape) instead of booting.
     ``vmm``: "qemu"; "firecracker" is a documented hook that only probes for now.
     ``console_log``: a directory to write each guest's serial console to (debugging only).
     """
@@ -215,7 +215,7 @@ class MicroVMRuntime:
         snap: Path | None = None
         if self.snapshots:
             snap_key = snapshot.key(base, arts, initrd_digest)
-            snap = await asyncio.to_thread(snapshot.ensure, base, snap_key, self._spawn_template)
+            snap = await asyncio.to_thread(snapshot.ensure, base, snap_key, self._spawn_base)
         host_limits = Limits(
             cpus=float(base.cpus),
             memory_mb=base.memory_mb + QEMU_HOST_OVERHEAD_MB,
@@ -268,7 +268,7 @@ class MicroVMRuntime:
             writer.write(_guest_config(spec) + b"\n")
             await asyncio.wait_for(writer.drain(), BOOT_TIMEOUT_S)
             if snap is None:
-                # A cold boot announces stage 2; a restored template already did, before saving.
+                # A cold boot announces stage 2; a restored base VM already did, before saving.
                 marker = await asyncio.wait_for(
                     reader.readexactly(len(BOOT_MARKER)), BOOT_TIMEOUT_S
                 )
@@ -288,7 +288,7 @@ class MicroVMRuntime:
             proc, cgroup, reader, writer, restored=snap is not None, vm_memory_mb=base.memory_mb
         )
 
-    def _spawn_template(self, argv: list[str], fds: tuple[int, ...]) -> subprocess.Popen[bytes]:
+    def _spawn_base(self, argv: list[str], fds: tuple[int, ...]) -> subprocess.Popen[bytes]:
         return _spawn(argv, fds, [], kvm=self._accel == "kvm")
 
 

@@ -41,7 +41,7 @@ class VMConfig:
     agent_fd: int
     #: inherited fd to restore a migration stream from (a snapshot), or None to boot
     incoming_fd: int | None = None
-    #: inherited fd of a connected unix socket for QMP (template VMs only), or None
+    #: inherited fd of a connected unix socket for QMP (base VMs only), or None
     qmp_fd: int | None = None
     #: file the guest console is written to (debugging only: unbounded), or None to drop it
     console_log: str | None = None
