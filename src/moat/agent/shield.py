@@ -1,7 +1,8 @@
 """Keep user code from taking the agent over, and keep a reserve of processes for the agent.
 
-User code runs with the agent's uid on the container and gVisor tiers (and in the microVM
-guest), so the uid alone protects nothing. Three layers, the same on every tier:
+In the container tier and the microVM guest user code runs with the agent's uid, so the uid
+alone protects nothing. Three layers on every tier, and a fourth where the tier allows it
+(per-tier table: docs/containment.md):
 
 * **Non-dumpable agent** (``PR_SET_DUMPABLE 0``): ``/proc/<agent>/mem``, ``/proc/<agent>/fd/*``
   (reopening the host channel), ``/proc/<agent>/environ`` and ptrace need ``CAP_SYS_PTRACE`` once
@@ -15,6 +16,9 @@ guest), so the uid alone protects nothing. Three layers, the same on every tier:
   agent's own, so a fork bomb is refused while the agent can still start threads to report,
   kill it and serve the next call (the kernel's pids cgroup or the VM's cgroup stays the
   outer cap: invariant 10).
+* **A uid of its own** (gVisor, whose /proc ignores non-dumpable and whose sentry signals its
+  init): the agent starts as :data:`AGENT_UID` with CAP_SETUID, keeps it as real and saved uid,
+  acts as :data:`USER_UID`, and drops the capability before anything else (:func:`_split_uid`).
 
 Trust domain: sandbox (runs inside, stdlib only). Nothing here is a boundary for the host,
 which never trusts the agent (invariant 6); it keeps the sandbox usable and its reports honest.
@@ -51,7 +55,10 @@ _user_nproc: int | None = None
 
 
 def harden() -> None:
-    """Make the agent process non-dumpable and compute the user processes' limit."""
+    """The agent's first call: its own uid (gVisor), non-dumpable, SIGINT, the user's limit.
+
+    Before any thread or child exists (the default kernel is forked right after).
+    """
     global _user_nproc
     import ctypes  # lazily: only this call needs it
 
@@ -77,8 +84,8 @@ def _split_uid(libc: Any) -> None:
     may not signal the agent (the kernel compares its uids with the agent's real and saved
     uid), and /proc/<agent> files belong to another user (what gVisor's /proc checks, where
     non-dumpable is not honoured). The agent's own file work happens as USER_UID (its
-    effective and file-system uid), so files keep their owner. Started with CAP_SETUID and
-    CAP_SETGID only, for this one call; none remains afterwards (invariant 9).
+    effective and file-system uid), so files keep their owner. Started with CAP_SETUID only,
+    for this one call; no capability remains afterwards (invariant 9).
     """
     import ctypes
 
@@ -91,11 +98,6 @@ def _split_uid(libc: Any) -> None:
 
 def _ignore(_signum: int, _frame: object) -> None:
     return None
-
-
-def user_nproc() -> int | None:
-    """RLIMIT_NPROC for user processes (None: the agent has no limit to keep a reserve of)."""
-    return _user_nproc
 
 
 def child_setup() -> None:
