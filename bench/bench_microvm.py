@@ -5,7 +5,7 @@ Measures (medians of N runs, TCG or KVM as the probe decides):
           start -> the line appears on QEMU's stdout
   cold    moat start (no snapshot) -> agent READY -> first PING reply; and -> first run_code
           result (``1+1``)
-  restore moat start from the template snapshot -> first PING reply; -> first result
+  restore moat start from the base VM snapshot -> first PING reply; -> first result
 
 Usage: python bench/bench_microvm.py [-n 5]
 """
@@ -125,7 +125,7 @@ async def main() -> int:
         raw_initrd = f.name
     os.chmod(raw_initrd, 0o644)
     try:
-        await first_replies(snap_rt)  # creates the template snapshot (not measured)
+        await first_replies(snap_rt)  # creates the base VM snapshot (not measured)
         raw = [raw_boot(raw_initrd, accel) for _ in range(n)]
         cold = [await first_replies(cold_rt) for _ in range(n)]
         rest = [await first_replies(snap_rt) for _ in range(n)]

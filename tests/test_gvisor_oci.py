@@ -12,7 +12,8 @@ from typing import Any
 
 import pytest
 
-from moat.runtime.gvisor.oci import SENTRY_OVERHEAD_MB, Bundle, build_config
+from moat.agent import shield
+from moat.runtime.gvisor.oci import AGENT_UID, NODEV_FILE, SENTRY_OVERHEAD_MB, Bundle, build_config
 from moat.runtime.spec import Limits, Mount, SandboxSpec
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -59,8 +60,13 @@ def test_pure_and_deterministic() -> None:
 
 def test_process_has_no_privilege() -> None:
     proc = build_config(CASES["default"], BUNDLE)["process"]
-    assert proc["user"]["uid"] == 1000 and proc["user"]["gid"] == 1000
-    assert all(v == [] for v in proc["capabilities"].values())
+    # the agent's own uid and CAP_SETUID alone, which the agent drops in its first lines
+    # (moat.agent.shield; test_containment.test_privileges_inside checks none remains)
+    assert proc["user"]["uid"] == AGENT_UID == shield.AGENT_UID and proc["user"]["gid"] == 1000
+    assert shield.USER_UID == 1000
+    caps = proc["capabilities"]
+    assert caps["inheritable"] == caps["ambient"] == []
+    assert caps["bounding"] == caps["effective"] == caps["permitted"] == ["CAP_SETUID"]
     assert proc["noNewPrivileges"] is True
     assert proc["terminal"] is False
     limits = {r["type"]: r["hard"] for r in proc["rlimits"]}
@@ -85,6 +91,7 @@ def test_only_named_host_paths_are_bound() -> None:
         BUNDLE.agent_dir,
         "/data/in",
         "/data/out",
+        f"{BUNDLE.rootfs}/{NODEV_FILE}",  # the bundle's own empty file over /dev/fuse
     }
     for src, m in binds.items():
         assert ("rw" if src == "/data/out" else "ro") in m["options"], src

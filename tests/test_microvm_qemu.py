@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from moat.errors import InvalidArgumentError
+from moat.guest.init import INIT_SCRIPT
 from moat.runtime.microvm import cpio, qemu
-from moat.runtime.microvm.guest_init import INIT_SCRIPT
 from moat.runtime.spec import Limits
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -44,7 +44,7 @@ def _check_golden(name: str, argv: list[str]) -> None:
     [
         ("boot", {}),
         ("restore", {"incoming_fd": 4, "memory_mb": 1120, "cpus": 2}),
-        ("template", {"qmp_fd": 4}),
+        ("base", {"qmp_fd": 4}),
     ],
 )
 def test_argv_golden(name: str, kw: dict[str, object]) -> None:
@@ -144,7 +144,8 @@ def test_agent_archive_carries_init_and_compiled_stage2(tmp_path: Path) -> None:
     import marshal
     import sys
 
-    from moat.runtime.microvm import guest_boot, initramfs
+    from moat.guest import boot as guest_boot
+    from moat.runtime.microvm import initramfs
 
     (tmp_path / "moat").mkdir()
     (tmp_path / "moat" / "__init__.py").write_text("")
@@ -160,8 +161,9 @@ def test_agent_archive_carries_init_and_compiled_stage2(tmp_path: Path) -> None:
 
 
 def test_stage2_runs_with_the_agents_flags() -> None:
+    from moat.guest import boot as guest_boot
+    from moat.guest import init as guest_init
     from moat.runtime import agentdir
-    from moat.runtime.microvm import guest_boot, guest_init
 
     argv = agentdir.agent_argv(channel="/dev/vport0p1")
     assert argv[1:4] == [*guest_init.STAGE2_FLAGS, "-c"]
@@ -172,7 +174,7 @@ def test_stage2_runs_with_the_agents_flags() -> None:
     )
     # the guest's copy of the protocol constants (it runs without the moat package)
     assert guest_boot.MARKER == guest_init.BOOT_MARKER
-    assert guest_boot.TEMPLATE_REQUEST == guest_init.TEMPLATE_REQUEST
+    assert guest_boot.BASE_REQUEST == guest_init.BASE_REQUEST
     assert guest_boot.WARM_MARKER == guest_init.WARM_MARKER
     assert guest_boot.TOOLS == guest_init.TOOLS
 
@@ -180,7 +182,7 @@ def test_stage2_runs_with_the_agents_flags() -> None:
 def test_stage2_reads_exactly_one_line() -> None:
     import os
 
-    from moat.runtime.microvm import guest_boot
+    from moat.guest import boot as guest_boot
 
     def feed(*chunks: bytes) -> bytes:
         r, w = os.pipe()

@@ -8,6 +8,7 @@ import signal
 import threading
 import time
 
+from moat.agent import shield
 from moat.agent.channel import Channel
 from moat.agent.contexts import HOME, oom_first
 from moat.protocol import MsgType
@@ -58,15 +59,18 @@ class Commands:
         import subprocess  # here, not at start-up: the first command pays for it
 
         try:
-            proc = subprocess.Popen(
-                [self.shell, "-c", cmd],
-                stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                cwd=workdir,
-                env=env,
-                start_new_session=True,
-            )
+            with shield.spawn_lock:
+                proc = subprocess.Popen(
+                    [self.shell, "-c", cmd],
+                    stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    cwd=workdir,
+                    env=env,
+                    start_new_session=True,
+                    preexec_fn=shield.user_limits,  # os-level calls only (safe with threads)
+                )
+                shield.own(proc.pid)
         except OSError as exc:
             self.ch.fail(rid, "io", f"could not start the command: {exc.strerror}")
             return
@@ -81,6 +85,7 @@ class Commands:
         except RuntimeError:  # no thread to watch it (pids exhausted): don't leave it running
             self.kill(proc.pid)
             proc.wait()
+            shield.disown(proc.pid)
             with self.mu:
                 self.items.pop(proc.pid, None)
             self.ch.fail(rid, "busy", "the sandbox is out of processes; the command was stopped")
@@ -105,6 +110,7 @@ class Commands:
                 if not ready and time.monotonic() - exited_at > 0.05:
                     break
         code = proc.wait()
+        shield.disown(proc.pid)
         for stream in (proc.stdout, proc.stderr, proc.stdin):
             if stream is not None:
                 try:

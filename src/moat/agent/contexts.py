@@ -10,6 +10,7 @@ import threading
 import time
 from collections.abc import Callable
 
+from moat.agent import shield
 from moat.agent.channel import Channel
 from moat.protocol import Decoder, Frame, MsgType, encode
 
@@ -29,6 +30,7 @@ def _child_setup() -> None:
     """Run in a fresh forked kernel: own session, first in line for the OOM killer."""
     os.setsid()
     oom_first(os.getpid())
+    shield.child_setup()
 
 
 def oom_first(pid: int) -> None:
@@ -59,7 +61,10 @@ class Kernel:
         """
         fds = [os.pipe() for _ in range(4)]
         (c_in_r, c_in_w), (c_out_r, c_out_w), (o_r, o_w), (e_r, e_w) = fds
-        pid = os.fork()
+        with shield.spawn_lock:
+            pid = os.fork()
+            if pid != 0:
+                shield.own(pid)
         if pid == 0:  # child
             try:
                 _child_setup()
@@ -94,15 +99,18 @@ class Kernel:
         )
         import subprocess  # lazily: only extra contexts and restarts spawn
 
-        proc = subprocess.Popen(
-            [sys.executable, "-I", "-c", boot, str(c_in_r), str(c_out_w)],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            pass_fds=(c_in_r, c_out_w),
-            cwd=cwd or (HOME if os.path.isdir(HOME) else "/"),
-            start_new_session=True,
-        )
+        with shield.spawn_lock:
+            proc = subprocess.Popen(
+                [sys.executable, "-I", "-c", boot, str(c_in_r), str(c_out_w)],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                pass_fds=(c_in_r, c_out_w),
+                cwd=cwd or (HOME if os.path.isdir(HOME) else "/"),
+                start_new_session=True,
+                preexec_fn=shield.user_limits,  # os-level calls only (safe with threads)
+            )
+            shield.own(proc.pid)
         oom_first(proc.pid)
         os.close(c_in_r)
         os.close(c_out_w)
@@ -128,6 +136,7 @@ class Kernel:
             os.waitpid(self.pid, 0)
         except ChildProcessError:
             pass
+        shield.disown(self.pid)
 
 
 class Context:

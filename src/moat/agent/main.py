@@ -11,6 +11,7 @@ import sys
 import threading
 from collections.abc import Callable
 
+from moat.agent import shield
 from moat.agent.channel import Channel
 from moat.agent.commands import Commands
 from moat.agent.contexts import Contexts, Kernel
@@ -196,32 +197,10 @@ def _parse_args(argv: list[str]) -> dict[str, Any]:
     return opts
 
 
-def _init_reaper(child: int) -> None:
-    """Be the sandbox's pid 1 (gVisor runs the agent as init): reap every orphan.
-
-    Orphans are re-parented to pid 1; unreaped, their zombies would count against the
-    sandbox's process limit until nothing, not even the agent, could start a thread.
-    """
-    import signal
-
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(sig, lambda signum, _frame: os.kill(child, signum))
-    while True:
-        try:
-            pid, status = os.wait()
-        except ChildProcessError:
-            os._exit(0)
-        except InterruptedError:
-            continue
-        if pid == child:
-            os._exit(os.waitstatus_to_exitcode(status) & 0xFF)
-
-
 def main() -> None:
-    if os.getpid() == 1:
-        child = os.fork()
-        if child != 0:
-            _init_reaper(child)
+    # Every tier starts the agent as its pid namespace's init, non-dumpable: user code can
+    # neither signal it nor read or write its memory and fds (see moat.agent.shield).
+    shield.harden()
     opts = _parse_args(sys.argv[1:])
     if opts["channel"]:
         fd = os.open(opts["channel"], os.O_RDWR | os.O_NOCTTY)
@@ -242,6 +221,8 @@ def main() -> None:
     # Fork the default context's kernel now, while the agent is single-threaded: the first
     # run_code then costs no interpreter start-up.
     kernel = Kernel.fork(close=(in_fd, out_fd))
+    if os.getpid() == 1:
+        shield.start_reaper()
     Agent(in_fd, out_fd, kernel).serve()
 
 

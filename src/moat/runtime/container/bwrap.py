@@ -54,10 +54,13 @@ def build_argv(spec: SandboxSpec, host: HostLayout, command: list[str]) -> list[
     """The full bwrap command line for ``spec`` running ``command`` as the sandbox's init."""
     disk = spec.limits.disk_mb * 1024 * 1024
     tmp_size = max(16 * 1024 * 1024, disk // 4)
+    shm_size = max(4 * 1024 * 1024, disk // 8)
     argv = [
         "bwrap",
         "--unshare-user",
         "--unshare-pid",
+        # the agent is the pid namespace's init: user code cannot signal it (moat.agent.shield)
+        "--as-pid-1",
         "--unshare-ipc",
         "--unshare-uts",
         "--unshare-net",
@@ -75,7 +78,13 @@ def build_argv(spec: SandboxSpec, host: HostLayout, command: list[str]) -> list[
     argv += ["--ro-bind", "/usr", "/usr"]
     for target, link in host.usr_links:
         argv += ["--symlink", target, link]
-    argv += ["--proc", "/proc", "--dev", "/dev", "--dir", "/etc"]
+    # bwrap's /dev is an uncapped tmpfs the sandbox uid owns: /dev/shm gets its own capped
+    # tmpfs and /dev itself is made read-only below (issue 17: the disk limit means what it
+    # says; tmpfs pages also count against the memory cgroup).
+    argv += ["--proc", "/proc", "--ro-bind", f"{host.etc_dir}/cmdline", "/proc/cmdline"]
+    argv += ["--dev", "/dev"]
+    argv += ["--perms", "1777", "--size", str(shm_size), "--tmpfs", "/dev/shm"]  # noqa: S108 - the sandbox's own
+    argv += ["--dir", "/etc"]
     for name in host.host_etc:
         argv += ["--ro-bind", f"/etc/{name}", f"/etc/{name}"]
     for name in SYNTHETIC_ETC:
@@ -87,6 +96,7 @@ def build_argv(spec: SandboxSpec, host: HostLayout, command: list[str]) -> list[
         argv += ["--ro-bind" if m.read_only else "--bind", m.host_path, m.sandbox_path]
     argv += [
         "--remount-ro", "/",
+        "--remount-ro", "/dev",
         "--seccomp", str(host.seccomp_fd),
         "--chdir", HOME,
         "--",

@@ -20,6 +20,8 @@ _FILES = {
     "hosts": "127.0.0.1\tlocalhost sandbox\n::1\tlocalhost ip6-localhost ip6-loopback\n",
     "resolv.conf": "",
     "nsswitch.conf": "passwd: files\ngroup: files\nhosts: files\n",
+    # bound over /proc/cmdline: the host kernel's command line names the host's boot setup
+    "cmdline": "quiet\n",
 }
 
 

@@ -9,8 +9,10 @@ What the config encodes, and which invariant it serves:
 * root: an empty, read-only skeleton directory built by the driver; the host userland comes in
   as read-only bind mounts (/usr plus a few /etc entries), never the host's /etc wholesale,
   /root, /home, /var or /run (invariant 1).
-* process: the agent argv, environment exactly ``spec.env()`` (invariant 1), uid/gid 1000,
-  no capabilities at all, ``noNewPrivileges`` (invariant 9).
+* process: the agent argv, environment exactly ``spec.env()`` (invariant 1), uid 999 (the
+  agent's own) with CAP_SETUID alone, which the agent drops in its first lines after taking
+  uid 1000 as its effective uid; user code runs as 1000 with no capabilities at all;
+  ``noNewPrivileges`` (invariant 9).
 * limits (invariant 10), enforced by gVisor's sentry (the sandbox's kernel) per process and by a
   host cgroup around the whole sandbox:
 
@@ -30,6 +32,7 @@ What the config encodes, and which invariant it serves:
 
 from __future__ import annotations
 
+import errno
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -37,9 +40,13 @@ from moat.runtime.seccomp import REFUSED
 from moat.runtime.spec import AGENT_DIR, HOME, SANDBOX_GID, SANDBOX_UID, SandboxSpec
 
 __all__ = [
+    "AGENT_UID",
     "CGROUP_PREFIX",
+    "HIDDEN_DEVICES",
+    "HIDDEN_DEVICE_DIRS",
     "HOST_PIDS_OVERHEAD",
     "HOST_PIDS_PER_TASK",
+    "NODEV_FILE",
     "SENTRY_OVERHEAD_MB",
     "SKELETON_DIRS",
     "SKELETON_SYMLINKS",
@@ -63,11 +70,23 @@ HOST_PIDS_PER_TASK: Final = 8
 #: Name prefix of the host cgroups of this tier (what ``sweep`` looks for).
 CGROUP_PREFIX: Final = "moat-gvisor-"
 _CPU_PERIOD: Final = 100_000
+#: The agent's own uid in a gVisor sandbox (user code runs as SANDBOX_UID); the agent's copy
+#: of the number is moat.agent.shield.AGENT_UID (a test holds them equal).
+AGENT_UID: Final = 999
+_SETUID: Final = "CAP_SETUID"
 _NOFILE: Final = 4096
 
 #: Directories the driver creates in the (otherwise empty) read-only root skeleton, so that
 #: every mount point below exists.
 SKELETON_DIRS: Final = ("usr", "etc", "home/user", "tmp", "opt/moat", "proc", "dev", "sys")
+#: An empty, mode-0000 file in the skeleton (under the /dev mount point, so hidden inside),
+#: bound over the devices gVisor creates in every sandbox's /dev that no policy names.
+NODEV_FILE: Final = "dev/.moat-nodev"
+#: gVisor's sentry populates /dev itself, /dev/fuse and /dev/net/tun included, whatever the
+#: config says (runsc has no flag to leave them out): an empty read-only tmpfs hides /dev/net
+#: and the mode-0000 file covers /dev/fuse, so opening either fails (invariant 1).
+HIDDEN_DEVICES: Final = ("/dev/fuse",)
+HIDDEN_DEVICE_DIRS: Final = ("/dev/net",)
 #: Merged-/usr symlinks of Debian (and most distributions), relative so they resolve inside.
 SKELETON_SYMLINKS: Final = (
     ("bin", "usr/bin"),
@@ -121,6 +140,18 @@ def _tmpfs(dest: str, size_mb: int, mode: str, owner: bool) -> dict[str, Any]:
 _SECCOMP_SKIP: Final = frozenset({"clone3"})
 
 
+#: The agent is pid 1 (the OCI process), and gVisor's sentry, unlike Linux, delivers SIGKILL
+#: and SIGSTOP to a pid namespace's init from inside it. Nothing in a sandbox has a reason
+#: to signal pid 1 or every process (-1), so these calls are refused for those targets: user
+#: code cannot stop or kill the agent (issue 17 "Takeover"; see moat.agent.shield). The pid
+#: is an ``int``: compared under a 32-bit mask. ``tkill`` (any thread id, so any of the
+#: agent's threads) is refused outright; libc uses ``tgkill``, whose first argument is the
+#: thread group's pid.
+_PID_ARG_CALLS: Final = ("kill", "tgkill", "rt_sigqueueinfo", "rt_tgsigqueueinfo", "pidfd_open")
+_PROTECTED_PIDS: Final = (1, 0xFFFFFFFF)
+_SIGNAL_REFUSED: Final = ("tkill", "pidfd_send_signal")
+
+
 def _seccomp() -> dict[str, Any]:
     # Group refused calls by errno: OCI expresses one errnoRet per rule.
     by_errno: dict[int, list[str]] = {}
@@ -128,13 +159,26 @@ def _seccomp() -> dict[str, Any]:
         if name in _SECCOMP_SKIP:
             continue
         by_errno.setdefault(err, []).append(name)
+    by_errno.setdefault(errno.EPERM, []).extend(_SIGNAL_REFUSED)
+    rules: list[dict[str, Any]] = [
+        {"names": sorted(names), "action": "SCMP_ACT_ERRNO", "errnoRet": err}
+        for err, names in sorted(by_errno.items())
+    ]
+    rules += [
+        {
+            "names": list(_PID_ARG_CALLS),
+            "action": "SCMP_ACT_ERRNO",
+            "errnoRet": errno.EPERM,
+            "args": [
+                {"index": 0, "value": 0xFFFFFFFF, "valueTwo": pid, "op": "SCMP_CMP_MASKED_EQ"}
+            ],
+        }
+        for pid in _PROTECTED_PIDS
+    ]
     return {
         "defaultAction": "SCMP_ACT_ALLOW",
         "architectures": ["SCMP_ARCH_X86_64"],
-        "syscalls": [
-            {"names": names, "action": "SCMP_ACT_ERRNO", "errnoRet": err}
-            for err, names in sorted(by_errno.items())
-        ],
+        "syscalls": rules,
     }
 
 
@@ -160,19 +204,37 @@ def build_config(spec: SandboxSpec, bundle: Bundle) -> dict[str, Any]:
         _tmpfs("/tmp", lim.disk_mb, "1777", owner=False),  # noqa: S108 - the sandbox's own /tmp
     ]
     mounts += [_bind(m.host_path, m.sandbox_path, read_only=m.read_only) for m in spec.mounts]
+    # /dev/shm: writable (POSIX semaphores, multiprocessing) but capped like /tmp and counted
+    # in the sentry's memory (issue 17: the disk limit means what it says)
+    mounts.append(_tmpfs("/dev/shm", max(4, lim.disk_mb // 8), "1777", owner=False))  # noqa: S108
+    nodev = f"{bundle.rootfs}/{NODEV_FILE}"
+    mounts += [_bind(nodev, dev) for dev in HIDDEN_DEVICES]
+    mounts += [
+        {
+            "destination": d,
+            "type": "tmpfs",
+            "source": "tmpfs",
+            "options": ["ro", "nosuid", "nodev", "noexec", "size=4k", "mode=0555"],
+        }
+        for d in HIDDEN_DEVICE_DIRS
+    ]
     return {
         "ociVersion": "1.0.2",
         "process": {
             "terminal": False,
-            "user": {"uid": SANDBOX_UID, "gid": SANDBOX_GID, "additionalGids": [SANDBOX_GID]},
+            # The agent starts as AGENT_UID with CAP_SETUID alone; its first lines act as
+            # SANDBOX_UID, keep AGENT_UID as real and saved uid and drop the capability
+            # (moat.agent.shield): gVisor's /proc ignores non-dumpable, so a uid of its own is
+            # what keeps user code (SANDBOX_UID throughout) out of the agent's fds and signals.
+            "user": {"uid": AGENT_UID, "gid": SANDBOX_GID, "additionalGids": [SANDBOX_GID]},
             "args": list(bundle.argv),
             "env": env,
             "cwd": HOME,
             "capabilities": {
-                "bounding": [],
-                "effective": [],
+                "bounding": [_SETUID],
+                "effective": [_SETUID],
                 "inheritable": [],
-                "permitted": [],
+                "permitted": [_SETUID],
                 "ambient": [],
             },
             "noNewPrivileges": True,

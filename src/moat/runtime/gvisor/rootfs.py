@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Final
 
 from moat.runtime.gvisor.compat import SANDBOX_PATH
-from moat.runtime.gvisor.oci import SKELETON_DIRS, SKELETON_SYMLINKS
+from moat.runtime.gvisor.oci import NODEV_FILE, SKELETON_DIRS, SKELETON_SYMLINKS
 from moat.runtime.spec import HOME, SANDBOX_GID, SANDBOX_UID
 
 __all__ = ["ETC_BINDS", "etc_binds", "write_skeleton"]
@@ -62,6 +62,8 @@ def write_skeleton(rootfs: Path, hostname: str, preload: Path | None = None) -> 
         (rootfs / d).mkdir(parents=True, mode=0o755, exist_ok=True)
     for name, target in SKELETON_SYMLINKS:
         os.symlink(target, rootfs / name)
+    (rootfs / NODEV_FILE).touch(mode=0o000)  # bound over unwanted devices (oci.py)
+    os.chmod(rootfs / NODEV_FILE, 0o000)
     etc = rootfs / "etc"
     for name, text in _synthetic_etc(hostname).items():
         (etc / name).write_text(text)

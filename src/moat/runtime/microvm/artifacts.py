@@ -8,7 +8,7 @@ Trust domain: host engine. Layout under ``moat.paths.state_dir()/microvm/``::
       usr.img             read-only ext4 copy of the host's /usr
       manifest.json       written last: its presence means the set is complete
     initrd/<hash>.cpio    base + agent archive, per agent version (cache)
-    snapshots/<key>.bin   template VM migration streams (cache)
+    snapshots/<key>.bin   base VM migration streams (cache)
     run/<sandbox_id>.json one record per running VM, for sweep()
 """
 

@@ -25,9 +25,9 @@ import time
 from pathlib import Path
 
 from moat.errors import IsolationUnavailableError, PolicyError, SandboxDiedError
-from moat.runtime import agentdir, cgroups
+from moat.guest.init import BOOT_MARKER
+from moat.runtime import agentdir, cgroups, seccomp
 from moat.runtime.microvm import artifacts, initramfs, probe, qemu, snapshot
-from moat.runtime.microvm.guest_init import BOOT_MARKER
 from moat.runtime.spec import Limits, SandboxSpec
 
 log = logging.getLogger("moat.runtime.microvm")
@@ -108,7 +108,7 @@ class MicroVMRuntime:
     """The ``microvm`` tier: QEMU microvm, KVM where it really works, else TCG.
 
     ``accel``: "auto" (probe), "kvm" or "tcg". ``snapshots``: start sandboxes by restoring a
-    saved template VM (created on first use per VM shape) instead of booting.
+    saved base VM (booted once per VM shape) instead of booting.
     ``vmm``: "qemu"; "firecracker" is a documented hook that only probes for now.
     ``console_log``: a directory to write each guest's serial console to (debugging only).
     """
@@ -154,6 +154,7 @@ class MicroVMRuntime:
         try:
             self._manager()
             self._choose_accel()
+            seccomp.build_filter()  # the guest runs under it (invariant 9): none, no tier
         except IsolationUnavailableError as exc:
             return str(exc)
         except Exception as exc:  # noqa: BLE001 - a probe reports, it does not raise
@@ -214,7 +215,7 @@ class MicroVMRuntime:
         snap: Path | None = None
         if self.snapshots:
             snap_key = snapshot.key(base, arts, initrd_digest)
-            snap = await asyncio.to_thread(snapshot.ensure, base, snap_key, self._spawn_template)
+            snap = await asyncio.to_thread(snapshot.ensure, base, snap_key, self._spawn_base)
         host_limits = Limits(
             cpus=float(base.cpus),
             memory_mb=base.memory_mb + QEMU_HOST_OVERHEAD_MB,
@@ -263,11 +264,11 @@ class MicroVMRuntime:
         try:
             reader, writer = await asyncio.open_unix_connection(sock=host_sock, limit=1 << 21)
             # Sent at once, also to a booting guest: it waits in the socket until stage 2
-            # opens the port (see guest_init.py), so the guest never waits for the host.
+            # opens the port (see moat/guest/init.py), so the guest never waits for the host.
             writer.write(_guest_config(spec) + b"\n")
             await asyncio.wait_for(writer.drain(), BOOT_TIMEOUT_S)
             if snap is None:
-                # A cold boot announces stage 2; a restored template already did, before saving.
+                # A cold boot announces stage 2; a restored base VM already did, before saving.
                 marker = await asyncio.wait_for(
                     reader.readexactly(len(BOOT_MARKER)), BOOT_TIMEOUT_S
                 )
@@ -287,12 +288,12 @@ class MicroVMRuntime:
             proc, cgroup, reader, writer, restored=snap is not None, vm_memory_mb=base.memory_mb
         )
 
-    def _spawn_template(self, argv: list[str], fds: tuple[int, ...]) -> subprocess.Popen[bytes]:
+    def _spawn_base(self, argv: list[str], fds: tuple[int, ...]) -> subprocess.Popen[bytes]:
         return _spawn(argv, fds, [], kvm=self._accel == "kvm")
 
 
 def _guest_config(spec: SandboxSpec) -> bytes:
-    """The per-sandbox configuration stage 2 applies in the guest (see guest_boot.py)."""
+    """The per-sandbox configuration stage 2 applies in the guest (see moat/guest/boot.py)."""
     limits = spec.limits
     quota = max(1000, round(limits.cpus * 100_000))
     cfg = {
@@ -305,6 +306,8 @@ def _guest_config(spec: SandboxSpec) -> bytes:
         "memory_bytes": limits.memory_mb << 20,
         "pids": limits.pids,
         "cpu_max": f"{quota} 100000",
+        # the container tier's filter, installed by stage 2 before the agent starts (inv. 9)
+        "seccomp": seccomp.build_filter().hex(),
     }
     return json.dumps(cfg, separators=(",", ":")).encode()
 

@@ -13,11 +13,12 @@ import os
 import sys
 from pathlib import Path
 
+from moat.guest.init import INIT_SCRIPT, TOOLS
 from moat.runtime.microvm import cpio
-from moat.runtime.microvm.guest_init import INIT_SCRIPT, TOOLS
 from moat.runtime.spec import AGENT_DIR, HOME, SANDBOX_GID, SANDBOX_UID
 
-_BOOT = Path(__file__).with_name("guest_boot.py")
+#: Stage 2's source (sandbox domain: found, never imported on the host).
+_BOOT = Path(__file__).resolve().parents[2] / "guest" / "boot.py"
 
 PASSWD = (
     "root:x:0:0:root:/root:/usr/sbin/nologin\n"

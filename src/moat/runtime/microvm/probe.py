@@ -18,8 +18,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from moat.guest.init import BOOT_MARKER
 from moat.runtime.microvm import artifacts, qemu
-from moat.runtime.microvm.guest_init import BOOT_MARKER
 
 log = logging.getLogger("moat.runtime.microvm")
 

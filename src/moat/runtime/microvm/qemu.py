@@ -41,7 +41,7 @@ class VMConfig:
     agent_fd: int
     #: inherited fd to restore a migration stream from (a snapshot), or None to boot
     incoming_fd: int | None = None
-    #: inherited fd of a connected unix socket for QMP (template VMs only), or None
+    #: inherited fd of a connected unix socket for QMP (base VMs only), or None
     qmp_fd: int | None = None
     #: file the guest console is written to (debugging only: unbounded), or None to drop it
     console_log: str | None = None
@@ -98,7 +98,7 @@ def build_argv(cfg: VMConfig) -> list[str]:
         # The serial device first: the guest names the port after the virtio index (vport0p1).
         # max_ports > 1 is load-bearing: with the multiport feature QEMU takes no data from the
         # agent socket until the guest opens the port, so the host may send its first line as
-        # soon as QEMU starts (guest_init.py's boot protocol).
+        # soon as QEMU starts (moat/guest/init.py's boot protocol).
         "-chardev", f"socket,id=agent,fd={cfg.agent_fd}",
         "-device", "virtio-serial-device,max_ports=2",
         "-device", f"virtserialport,chardev=agent,name={AGENT_PORT}",

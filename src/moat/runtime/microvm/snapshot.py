@@ -1,13 +1,13 @@
-"""Template VM snapshots: boot once, save with QEMU migration, restore per sandbox.
+"""Base VM snapshots: boot once, save with QEMU migration, restore per sandbox.
 
-Trust domain: host engine. A template VM runs only moat's own guest (init and stage 2, which
+Trust domain: host engine. A base VM runs only moat's own guest (init and stage 2, which
 block waiting for a per-sandbox configuration); no user code has run when it is saved, so
 the snapshot holds nothing of any sandbox. Restored guests get a fresh RNG seed, clock,
-hostname and limits through that configuration (see guest_boot.py).
+hostname and limits through that configuration (see moat/guest/boot.py).
 
 The snapshot is keyed by a hash of everything the saved state depends on: the kernel,
 initramfs and agent (the initrd digest), the /usr image's build id, QEMU's version, the
-accelerator, clock rate, VM memory and vCPU count. A mismatch means a new template.
+accelerator, clock rate, VM memory and vCPU count. A mismatch means a new base VM.
 Migration goes to and from file descriptors (``getfd`` + ``fd:``), never ``exec:`` shell
 strings, so QEMU's seccomp filter can deny spawning processes.
 """
@@ -28,11 +28,11 @@ from pathlib import Path
 from typing import Any
 
 from moat.errors import SandboxDiedError
+from moat.guest.init import BASE_REQUEST, BOOT_MARKER, WARM_MARKER
 from moat.runtime.microvm import artifacts, qemu
-from moat.runtime.microvm.guest_init import BOOT_MARKER, TEMPLATE_REQUEST, WARM_MARKER
 
-#: A template must boot and save within this (TCG on a loaded 2-core host is slow).
-TEMPLATE_TIMEOUT_S = 120.0
+#: A base VM must boot and save within this (TCG on a loaded 2-core host is slow).
+BASE_TIMEOUT_S = 120.0
 #: Snapshots kept (newest first); each is ~85 MB for a 608 MiB guest. Older ones belong to
 #: earlier agents, kernels or VM shapes. Running VMs keep reading theirs through their fd.
 KEEP = 4
@@ -134,7 +134,7 @@ def ensure(
     snap_key: str,
     spawn: Callable[[list[str], tuple[int, ...]], subprocess.Popen[bytes]],
 ) -> Path:
-    """Return the snapshot file for ``snap_key``, booting and saving a template if needed.
+    """Return the snapshot file for ``snap_key``, booting and saving a base VM if needed.
 
     Blocking (run it in a thread). ``spawn(argv, pass_fds)`` starts QEMU the way the driver
     starts every VM (unprivileged uid, limits). Concurrent callers wait on a lock file.
@@ -147,7 +147,7 @@ def ensure(
             return path
         tmp = directory() / f".tmp-{os.getpid()}-{snap_key}.bin"
         try:
-            _save_template(cfg, tmp, spawn)
+            _save_base(cfg, tmp, spawn)
             os.replace(tmp, path)
         finally:
             with contextlib.suppress(FileNotFoundError):
@@ -166,36 +166,36 @@ def prune(folder: Path, pattern: str, keep: int) -> int:
     return max(0, len(files) - keep)
 
 
-def _save_template(
+def _save_base(
     cfg: qemu.VMConfig,
     out: Path,
     spawn: Callable[[list[str], tuple[int, ...]], subprocess.Popen[bytes]],
 ) -> None:
-    deadline = time.monotonic() + TEMPLATE_TIMEOUT_S
+    deadline = time.monotonic() + BASE_TIMEOUT_S
     agent_host, agent_guest = socket.socketpair()
     qmp_host, qmp_guest = socket.socketpair()
     tcfg = qemu.VMConfig(**{**cfg.__dict__, "agent_fd": agent_guest.fileno(),
                             "qmp_fd": qmp_guest.fileno(), "incoming_fd": None,
-                            "name": "moat-template"})  # fmt: skip
+                            "name": "moat-base"})  # fmt: skip
     proc = spawn(qemu.build_argv(tcfg), (agent_guest.fileno(), qmp_guest.fileno()))
     agent_guest.close()
     qmp_guest.close()
     try:
-        # A template warms up (imports the agent) before it waits for its configuration.
-        agent_host.sendall(TEMPLATE_REQUEST)
+        # A base VM warms up (imports the agent) before it waits for its configuration.
+        agent_host.sendall(BASE_REQUEST)
         expected = BOOT_MARKER + WARM_MARKER
         buf = b""
         while len(buf) < len(expected):
             left = deadline - time.monotonic()
             if left <= 0:
-                raise SandboxDiedError("the microVM template did not boot in time")
+                raise SandboxDiedError("the microVM base VM did not boot in time")
             agent_host.settimeout(left)
             chunk = agent_host.recv(len(expected) - len(buf))
             if not chunk:
-                raise SandboxDiedError("the microVM template stopped during boot")
+                raise SandboxDiedError("the microVM base VM stopped during boot")
             buf += chunk
         if buf != expected:
-            raise SandboxDiedError("the microVM template sent an unexpected boot message")
+            raise SandboxDiedError("the microVM base VM sent an unexpected boot message")
         mon = _QMP(qmp_host, deadline)
         mon.greeting()
         mon.call("qmp_capabilities")
@@ -211,12 +211,12 @@ def _save_template(
             if status == "completed":
                 break
             if status in ("failed", "cancelled"):
-                raise SandboxDiedError("saving the microVM template failed")
+                raise SandboxDiedError("saving the microVM base VM failed")
             if time.monotonic() > deadline:
-                raise SandboxDiedError("saving the microVM template timed out")
+                raise SandboxDiedError("saving the microVM base VM timed out")
             time.sleep(0.05)
     except (OSError, ValueError, RuntimeError, EOFError) as exc:
-        raise SandboxDiedError("the microVM template could not be saved") from exc
+        raise SandboxDiedError("the microVM base VM could not be saved") from exc
     finally:
         agent_host.close()
         qmp_host.close()

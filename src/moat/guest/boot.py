@@ -2,18 +2,18 @@
 
 Trust domain: sandbox (guest root, before any untrusted code runs). Runs with the guest's
 /usr/bin/python3 in ``-I -S`` mode (the agent's own flags), stdlib only; /init imports it
-(``guest_init.STAGE2_CODE``) so that its byte code from the initramfs is used. A template VM
+(``init.STAGE2_CODE``) so that its byte code from the initramfs is used. A base VM
 is snapshotted while this script blocks on the configuration read, so everything after that
-read is per sandbox: fresh RNG seed (restored guests would otherwise share the template's RNG
+read is per sandbox: fresh RNG seed (restored guests would otherwise share the base VM's RNG
 state), wall clock, hostname, tmpfs sizes, cgroup limits, then the exact environment and argv
 the host sent.
 
-Protocol on the agent port (before the agent's framed protocol starts; see guest_init.py):
-the guest writes the boot marker line; the host's one line is either the template request or
+Protocol on the agent port (before the agent's framed protocol starts; see init.py):
+the guest writes the boot marker line; the host's one line is either the base-VM request or
 the configuration (one line of JSON, at most 1 MiB).
 
 Warm start: this interpreter runs with the same flags as the agent's argv (``python3 -I -S``).
-A template imports ``site`` and the agent's modules *before* the snapshot is taken. A cold
+A base VM imports ``site`` and the agent's modules *before* the snapshot is taken. A cold
 boot skips that warm-up: ``site.main()`` then runs once, as the sandbox's user, just before
 the agent starts (and before it forks its kernel, which skips it when ``site`` is loaded).
 When the host's argv is ``[this python, "-I", "-S", "-c", CODE, *args]`` it is run in-process
@@ -32,22 +32,23 @@ import fcntl
 import importlib
 import json
 import os
+import resource
 import struct
 import sys
 import time
 
 PORT = "/dev/vport0p1"
-#: Keep in step with guest_init.py (this file runs in the guest, without the moat package).
+#: Keep in step with init.py (this file runs in the guest, without the moat package).
 TOOLS = "/.moat"
 MARKER = b"MOAT-BOOT-WAITING 1\n"
-TEMPLATE_REQUEST = b"MOAT-TEMPLATE 1\n"
+BASE_REQUEST = b"MOAT-BASE 1\n"
 WARM_MARKER = b"MOAT-BOOT-WARM 1\n"
 FLAGS = ["-I", "-S"]
 UID = GID = 1000
 HOME = "/home/user"
 AGENT_DIR = "/opt/moat"
 #: Modules imported before the snapshot (they are the agent's; the import is only a warm-up).
-# Imported before the template snapshot is taken, so restored guests start with them loaded
+# Imported before the base VM's snapshot is taken, so restored guests start with them loaded
 # (under TCG every import after a restore costs tens of ms).
 WARM = (
     "moat.agent.main",
@@ -62,7 +63,10 @@ _MAX = 1 << 20
 _RNDADDENTROPY = 0x40085203
 _RNDRESEEDCRNG = 0x5207
 _PR_SET_NO_NEW_PRIVS = 38
-_MS_NOSUID, _MS_NODEV, _MS_REMOUNT, _MS_RDONLY = 2, 4, 32, 1
+_PR_SET_SECCOMP, _SECCOMP_MODE_FILTER = 22, 2
+_MS_NOSUID, _MS_NODEV, _MS_NOEXEC, _MS_REMOUNT, _MS_RDONLY = 2, 4, 8, 32, 1
+_MS_REC, _MS_PRIVATE = 0x4000, 0x40000
+_CLONE_NEWNS, _CLONE_NEWPID = 0x00020000, 0x20000000
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -162,6 +166,47 @@ def apply(cfg: dict[str, object]) -> None:
     _mount("rootfs", "/", "", _MS_REMOUNT | _MS_RDONLY, "")
 
 
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+
+def _install_seccomp(program: bytes) -> None:
+    """Load the host-built filter (the container tier's, invariant 9) for this process tree.
+
+    Classic BPF from libseccomp's ``export_bpf`` on the host: the guest has no libseccomp.
+    Needs ``no_new_privs`` (set just before). Irrevocable, inherited by every child.
+    """
+    if not program or len(program) % 8 or len(program) // 8 > 4096:
+        raise ValueError("bad seccomp program")
+    buf = ctypes.create_string_buffer(program, len(program))
+    prog = _SockFprog(len(program) // 8, ctypes.cast(buf, ctypes.c_void_p))
+    if _libc.prctl(_PR_SET_SECCOMP, _SECCOMP_MODE_FILTER, ctypes.byref(prog), 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "seccomp")
+
+
+def enter_pid_namespace() -> None:
+    """Continue as init of a new pid namespace; this process stays outside and waits.
+
+    As its namespace's init, the agent cannot be stopped or killed by user code (the kernel
+    drops those signals; see moat.agent.shield), and guest root outside is invisible to it.
+    A fresh /proc shows only the namespace. When the agent ends, /init powers the VM off.
+    """
+    if _libc.unshare(_CLONE_NEWPID | _CLONE_NEWNS) != 0:
+        raise OSError(ctypes.get_errno(), "unshare")
+    pid = os.fork()
+    if pid != 0:
+        os.closerange(0, 3)
+        while True:
+            try:
+                os.waitpid(pid, 0)
+                break
+            except InterruptedError:
+                continue
+        os._exit(0)
+    _mount("none", "/", "", _MS_REC | _MS_PRIVATE, "")
+    _mount("proc", "/proc", "proc", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC, "")
+
+
 def become_agent(cfg: dict[str, object]) -> None:
     argv = cfg["argv"]
     env = cfg["env"]
@@ -174,18 +219,23 @@ def become_agent(cfg: dict[str, object]) -> None:
     for fd in (0, 1, 2):
         os.dup2(null, fd)
     os.close(null)
+    program = bytes.fromhex(str(cfg.pop("seccomp")))
+    # The agent's own process budget (its reserve for a fork bomb is below it: agent/shield).
+    pids = int(cfg["pids"])  # type: ignore[call-overload]
+    resource.setrlimit(resource.RLIMIT_NPROC, (pids, pids))
     os.setgroups([])
     os.setresgid(GID, GID, GID)
     os.setresuid(UID, UID, UID)
     if _libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), "no_new_privs")
+    _install_seccomp(program)
     os.chdir(HOME)
     if len(argv) >= 4 and argv[0] == sys.executable and argv[1:4] == [*FLAGS, "-c"]:
         at = 2 + len(FLAGS)  # the code's position in argv (after "-c")
         os.environ.clear()
         os.environ.update(env)
         if "site" not in sys.modules:
-            # A cold boot (a template ran it in its warm-up): site now, as the sandbox's user
+            # A cold boot (a base VM ran it in its warm-up): site now, as the sandbox's user
             # with its environment, as the agent's kernel would after its fork; before the
             # fork, the pages it touches are not copy-on-write faults in the kernel.
             import site
@@ -199,10 +249,10 @@ def become_agent(cfg: dict[str, object]) -> None:
 
 
 def warm_up() -> None:
-    """Template VMs only: what a restored sandbox would otherwise import after its restore.
+    """Base VMs only: what a restored sandbox would otherwise import after its restore.
 
     ``site`` first: stage 2 and the agent run with ``-S``; run here, it is loaded once for
-    every sandbox restored from this template (become_agent and the kernel then skip it).
+    every sandbox restored from this base VM (become_agent and the kernel then skip it).
     """
     import site
 
@@ -221,18 +271,19 @@ def main() -> None:
     fd = os.open(PORT, os.O_RDWR | os.O_NOCTTY)
     os.write(fd, MARKER)
     line = _read_line(fd)
-    if line == TEMPLATE_REQUEST:
+    if line == BASE_REQUEST:
         warm_up()
         os.write(fd, WARM_MARKER)
         line = _read_line(fd)
     cfg = _parse_config(line)
     os.close(fd)
     apply(cfg)
+    enter_pid_namespace()
     become_agent(cfg)
 
 
 def run() -> None:
-    """Entry point (``guest_init.STAGE2_CODE``): any failure ends the VM, saying why."""
+    """Entry point (``init.STAGE2_CODE``): any failure ends the VM, saying why."""
     try:
         if sys.path and sys.path[0] == TOOLS:
             del sys.path[0]  # root-only tools; not the agent's import path

@@ -3,16 +3,17 @@
 Trust domain: sandbox. It runs as guest root before any untrusted code, inside the VM, and
 only prepares the guest: it has no authority over the host beyond the devices QEMU gives it.
 
-Boot protocol on the agent port (stage 2, guest_boot.py, speaks it; before the agent's framed
+Boot protocol on the agent port (stage 2, boot.py, speaks it; before the agent's framed
 protocol starts). The host may write its first line as soon as QEMU starts: the guest's
 virtio-serial port does not take data before stage 2 opens it, so the line waits in the host
 socket until then.
 
 - guest: ``BOOT_MARKER`` as soon as it has opened the port;
-- host: one line, either ``TEMPLATE_REQUEST`` (a template VM: the guest imports the agent's
-  modules, answers ``WARM_MARKER`` and waits for a configuration, which arrives after a
-  snapshot restore) or the sandbox's configuration (one JSON object, at most 1 MiB): a cold
-  boot skips the warm-up, whose imports the agent then does as it needs them.
+- host: one line, either ``BASE_REQUEST`` (a base VM, booted once to be snapshotted: the
+  guest imports the agent's modules, answers ``WARM_MARKER`` and waits for a configuration,
+  which arrives after a snapshot restore) or the sandbox's configuration (one JSON object, at
+  most 1 MiB): a cold boot skips the warm-up, whose imports the agent then does as it needs
+  them.
 """
 
 from __future__ import annotations
@@ -21,12 +22,13 @@ from __future__ import annotations
 TOOLS = "/.moat"
 #: Marker stage 2 writes on the agent port once it has opened it.
 BOOT_MARKER = b"MOAT-BOOT-WAITING 1\n"
-#: The host's first line for a template VM (instead of a configuration).
-TEMPLATE_REQUEST = b"MOAT-TEMPLATE 1\n"
-#: Marker a template's stage 2 writes when it is warmed up and waits for its configuration.
+#: The host's first line for a base VM (instead of a configuration). Not a *template*: that
+#: word is the user's (a prepared root file system), never this boot-once VM.
+BASE_REQUEST = b"MOAT-BASE 1\n"
+#: Marker a base VM's stage 2 writes when it is warmed up and waits for its configuration.
 WARM_MARKER = b"MOAT-BOOT-WARM 1\n"
 #: Stage 2's interpreter flags: exactly the agent's own (``agentdir.agent_argv``), so that
-#: the in-process warm start in guest_boot.py behaves as the exec'd agent would.
+#: the in-process warm start in boot.py behaves as the exec'd agent would.
 STAGE2_FLAGS = ("-I", "-S")
 #: Stage 2 is imported (not run as a script) so that its byte code, compiled when the
 #: initramfs is built, is used instead of compiling the source on every boot.
@@ -34,7 +36,7 @@ STAGE2_CODE = f"import sys; sys.path.insert(0, {TOOLS!r}); import boot; boot.run
 
 INIT_SCRIPT = f"""#!{TOOLS}/bin/busybox sh
 # moat microVM init: mount the basics, load the virtio modules in dependency order, mount the
-# read-only /usr image, then run stage 2 (guest_boot.py) which reads its configuration from
+# read-only /usr image, then run stage 2 (boot.py) which reads its configuration from
 # the agent port and becomes the agent. Any failure powers the VM off (the host sees EOF).
 B={TOOLS}/bin/busybox
 die() {{ $B echo "moat-init: $1" >/dev/ttyS0 2>/dev/null; $B poweroff -f; }}
@@ -58,7 +60,7 @@ $B mount -t devpts -o nosuid,noexec,newinstance,ptmxmode=0666 devpts /dev/pts
 $B ln -sf pts/ptmx /dev/ptmx
 $B ln -sf /proc/self/fd /dev/fd
 # Stage 2 starts with the flags and locale of the agent's own argv and environment (so the
-# in-process warm start in guest_boot.py behaves as the exec'd agent would).
+# in-process warm start in boot.py behaves as the exec'd agent would).
 $B env -i LANG=C.UTF-8 LC_ALL=C.UTF-8 PATH=/usr/bin:/bin \\
   /usr/bin/python3 {" ".join(STAGE2_FLAGS)} -c "{STAGE2_CODE}"
 $B poweroff -f
