@@ -296,6 +296,24 @@ async def test_kill_leaves_nothing() -> None:
     )
 
 
+def test_sweep_spares_a_live_engines_probe() -> None:
+    """Engines share the state directory: one's start-up sweep must not kill another's probe
+    sandbox in flight (that failed the other's start with "exit -9")."""
+    base = state_dir() / "gvisor"
+    live = base / f".probe-{os.getpid()}-test{uuid.uuid4().hex[:6]}"
+    dead = base / f".probe-999999999-test{uuid.uuid4().hex[:6]}"
+    live.mkdir()
+    dead.mkdir()
+    try:
+        RUNTIME.sweep()
+        assert live.is_dir()
+        assert not dead.exists()  # positive control: a dead engine's probe is swept
+    finally:
+        for d in (live, dead):
+            if d.exists():
+                d.rmdir()
+
+
 @pytest.mark.asyncio
 async def test_sweep_reaps_an_orphan() -> None:
     spec = _spec()

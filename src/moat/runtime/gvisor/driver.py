@@ -357,6 +357,11 @@ class GvisorRuntime:
         live_ids: set[str] = set()
         for workdir in sorted(base.iterdir()):
             if workdir.name.startswith(".probe-"):
+                # .probe-<owner pid>-<random>: another engine's probe in flight is not ours
+                # to kill (it would fail that engine's start with "exit -9")
+                owner = workdir.name.split("-")[1]
+                if owner.isdigit() and Path(f"/proc/{owner}").exists():
+                    continue
                 root = str(workdir)
             else:
                 if _owner_alive(workdir):
