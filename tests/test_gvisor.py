@@ -19,12 +19,13 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 from tests.conftest import require
+from tests.killcheck import cannot_run, eventually
 from tests.raw_agent import Client as RawClient
 
 from moat.paths import state_dir
 from moat.protocol import MsgType
 from moat.runtime.gvisor import GvisorRuntime, GvisorSandbox
-from moat.runtime.gvisor.hostcg import CGROUP_ROOT
+from moat.runtime.gvisor.hostcg import CGROUP_ROOT, HostCgroup
 from moat.runtime.gvisor.oci import CGROUP_PREFIX
 from moat.runtime.spec import Limits, Mount, SandboxSpec
 
@@ -282,10 +283,35 @@ async def test_kill_leaves_nothing() -> None:
     # positive control: the listing sees the sandbox while it runs
     assert any(x.startswith("process") for x in during)
     assert any(x.startswith("cgroup") for x in during) and "workdir" in during
+    pids = HostCgroup(CGROUP_PREFIX + spec.sandbox_id).pids()
+    t0 = time.monotonic()
     await sb.kill()
-    assert _host_leftovers(spec.sandbox_id, workdir) == []
+    assert time.monotonic() - t0 < 0.5  # runsc delete (often > 1 s) is not waited for
     assert not sb.alive()
+    assert pids and all(cannot_run(p) for p in pids)  # sentry, gofer, stubs: all dying
     await sb.kill()  # idempotent
+    # the reaper removes the rest in the background (invariant 5)
+    assert await asyncio.to_thread(
+        eventually, lambda: not _host_leftovers(spec.sandbox_id, workdir)
+    )
+
+
+def test_sweep_spares_a_live_engines_probe() -> None:
+    """Engines share the state directory: one's start-up sweep must not kill another's probe
+    sandbox in flight (that failed the other's start with "exit -9")."""
+    base = state_dir() / "gvisor"
+    live = base / f".probe-{os.getpid()}-test{uuid.uuid4().hex[:6]}"
+    dead = base / f".probe-999999999-test{uuid.uuid4().hex[:6]}"
+    live.mkdir()
+    dead.mkdir()
+    try:
+        RUNTIME.sweep()
+        assert live.is_dir()
+        assert not dead.exists()  # positive control: a dead engine's probe is swept
+    finally:
+        for d in (live, dead):
+            if d.exists():
+                d.rmdir()
 
 
 @pytest.mark.asyncio

@@ -160,6 +160,25 @@ def test_timeout_interrupts_and_keeps_state(shared_sbx: Sandbox) -> None:
     assert shared_sbx.run_code("kept").text == "'yes'"
 
 
+def test_a_missed_interrupt_is_repeated(shared_sbx: Sandbox) -> None:
+    """Under load the first SIGINT can reach the kernel before the cell's code runs, where it
+    is dropped; the agent repeats it while the cell runs, so the cell still stops and the
+    context keeps its state. Here the cell itself ignores the first one."""
+    shared_sbx.run_code("kept_too = 'yes'")
+    code = (
+        "import signal, time\n"
+        "handler = signal.getsignal(signal.SIGINT)\n"
+        "signal.signal(signal.SIGINT, signal.SIG_IGN)\n"
+        "time.sleep(1.25)  # the interrupt (at 1 s) arrives here, and is lost\n"
+        "signal.signal(signal.SIGINT, handler)\n"
+        "while True: pass"
+    )
+    with pytest.raises(TimeoutError) as info:
+        shared_sbx.run_code(code, timeout=1)
+    assert info.value.context_restarted is False
+    assert shared_sbx.run_code("kept_too").text == "'yes'"
+
+
 def test_timeout_kills_code_that_ignores_interrupts(sbx: Sandbox) -> None:
     code = "import signal\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\nwhile True: pass"
     t0 = time.monotonic()

@@ -21,8 +21,18 @@ if TYPE_CHECKING:
     import subprocess
     from typing import Any
 
-#: How long an interrupted cell gets to unwind after SIGINT before its kernel is killed.
+#: How long an interrupted cell gets to unwind after SIGINT before its kernel is killed...
 INTERRUPT_GRACE = 2.0
+#: ...provided the kernel had this much CPU time since the SIGINT (seconds): a starved kernel
+#: (a loaded host, a busy sandbox) is not a kernel that ignores interrupts...
+INTERRUPT_CPU = 0.25
+#: ...and in any case by then: well inside the host's own 5 s (engine INTERRUPT_GRACE), which
+#: also covers starting the replacement kernel.
+INTERRUPT_HARD = 3.0
+#: While the cell still runs, SIGINT is sent again this often: one that arrived before the
+#: kernel started the cell's code is dropped there (kernel._on_sigint).
+INTERRUPT_REPEAT = 0.5
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
 HOME = "/home/user"
 
 
@@ -199,7 +209,14 @@ class Contexts:
         return True
 
     def interrupt(self, rid: int) -> bool:
-        """Interrupt the execution ``rid`` wherever it runs; kill and restart if it won't stop."""
+        """Interrupt the execution ``rid`` wherever it runs; kill and restart if it won't stop.
+
+        SIGINT goes to the kernel's process group, again every INTERRUPT_REPEAT seconds while
+        the cell runs. The kernel is killed (and restarted) after INTERRUPT_GRACE once it has
+        had INTERRUPT_CPU of CPU since the interrupt (it had its chance and did not stop), or
+        at INTERRUPT_HARD regardless: a kernel slow only because the host is loaded keeps
+        its state.
+        """
         with self.mu:
             ctx = next((c for c in self.items.values() if c.running == rid), None)
         if ctx is None:
@@ -211,11 +228,27 @@ class Contexts:
             pass
 
         def escalate() -> None:
-            deadline = time.monotonic() + INTERRUPT_GRACE
-            while time.monotonic() < deadline:
+            start = time.monotonic()
+            cpu0 = _cpu_seconds(kernel.pid)
+            repeat = start + INTERRUPT_REPEAT
+            while True:
+                time.sleep(0.02)
                 if ctx.running != rid:
                     return
-                time.sleep(0.02)
+                now = time.monotonic()
+                if now - start >= INTERRUPT_HARD:
+                    break
+                if (
+                    now - start >= INTERRUPT_GRACE
+                    and _cpu_seconds(kernel.pid) - cpu0 >= INTERRUPT_CPU
+                ):
+                    break
+                if now >= repeat:
+                    repeat = now + INTERRUPT_REPEAT
+                    try:
+                        os.killpg(kernel.pid, signal.SIGINT)
+                    except (ProcessLookupError, PermissionError):
+                        pass
             if ctx.running == rid and ctx.kernel is kernel:
                 ctx.restarted = True
                 try:
@@ -303,6 +336,16 @@ class Contexts:
         else:
             self.ch.send(MsgType.ERROR, rid, name="ContextDied", value=why, traceback="")
         return True
+
+
+def _cpu_seconds(pid: int) -> float:
+    """CPU time ``pid`` has used (user + system); 0 when it cannot be read (gone)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+    except (OSError, IndexError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / _CLK_TCK
 
 
 def _write_all(fd: int, data: bytes) -> None:

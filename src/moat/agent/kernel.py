@@ -10,6 +10,7 @@ from __future__ import annotations
 import ast
 import io
 import os
+import signal
 import sys
 import types
 
@@ -27,6 +28,20 @@ _out_fd = -1
 _current = 0
 #: figures already emitted as the main result of the current cell
 _skip_figs: set[int] = set()
+#: True only while a cell's user code runs: the one time SIGINT may interrupt (_on_sigint)
+_in_user_code = False
+
+
+def _on_sigint(signum: int, frame: object) -> None:
+    """SIGINT interrupts user code only.
+
+    One arriving between cells (the agent sent it just before the cell's code reached us) or
+    while the kernel reports (a KeyboardInterrupt in the middle of writing a frame breaks the
+    control pipe, and the context with it) is dropped: the agent repeats its SIGINT for as
+    long as the interrupted cell runs (contexts.Contexts.interrupt), so none is lost.
+    """
+    if _in_user_code:
+        raise KeyboardInterrupt
 
 
 def _send(mtype: MsgType, rid: int, **fields: Any) -> None:
@@ -101,12 +116,13 @@ def _format_error(exc: BaseException) -> tuple[str, str, str]:
 
 
 def _execute(rid: int, code: str, envs: dict[str, str], ns: dict[str, Any]) -> None:
-    global _current
+    global _current, _in_user_code
     _current = rid
     _skip_figs.clear()
     saved = {k: os.environ.get(k) for k in envs}
     os.environ.update(envs)
     try:
+        _in_user_code = True  # until the cell's value and figures are out: reprs are user code
         has_value, value = _run(code, ns)
         _flush()
         if has_value and value is not None:
@@ -116,10 +132,12 @@ def _execute(rid: int, code: str, envs: dict[str, str], ns: dict[str, Any]) -> N
             _send(MsgType.RESULT, rid, data=display.format_value(value), is_main=True)
         emit_open_figures()
     except BaseException as exc:  # noqa: BLE001 - user code may raise anything, incl. SystemExit
+        _in_user_code = False
         _flush()
         name, value_s, text = _format_error(exc)
         _send(MsgType.ERROR, rid, name=name, value=value_s[:60000], traceback=text[-250000:])
     finally:
+        _in_user_code = False
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
@@ -142,6 +160,7 @@ def serve(ctl_in: int, ctl_out: int) -> None:
         site.main()
     os.set_inheritable(ctl_in, False)
     os.set_inheritable(ctl_out, False)
+    signal.signal(signal.SIGINT, _on_sigint)
     os.environ["MPLBACKEND"] = "module://moat.agent.mplbackend"
     # Write-through text streams: output reaches the host as it is printed, not at the end.
     sys.stdout = io.TextIOWrapper(

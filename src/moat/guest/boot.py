@@ -144,6 +144,40 @@ def _loopback_up() -> None:
         s.close()
 
 
+def _disk_by_serial(serial: str, timeout: float = 20.0) -> str:
+    """The /dev node of the virtio disk QEMU gave ``serial`` (probing is asynchronous)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        for name in sorted(os.listdir("/sys/block")):
+            try:
+                with open(f"/sys/block/{name}/serial") as f:
+                    found = f.read().strip()
+            except OSError:
+                continue
+            if found == serial and os.path.exists(f"/dev/{name}"):
+                return f"/dev/{name}"
+        if time.monotonic() > deadline:
+            raise OSError(f"disk {serial} not found")
+        time.sleep(0.005)
+
+
+def _mounts(cfg: dict[str, object]) -> None:
+    """The sandbox's host mounts: read-only ext4 images the host built (mountimg.py)."""
+    mounts = cfg.get("mounts", [])
+    if not isinstance(mounts, list):
+        raise ValueError("bad mounts")
+    for m in mounts:
+        if not (isinstance(m, dict) and isinstance(m.get("serial"), str)):
+            raise ValueError("bad mount")
+        path = str(m["path"])
+        if not path.startswith("/") or ".." in path.split("/"):
+            raise ValueError("bad mount path")
+        dev = _disk_by_serial(str(m["serial"]))
+        os.makedirs(path, mode=0o755, exist_ok=True)
+        # noload: never replay a journal on a read-only disk; ro also in QEMU (readonly=on)
+        _mount(dev, path, "ext4", _MS_RDONLY | _MS_NOSUID | _MS_NODEV, "noload")
+
+
 def apply(cfg: dict[str, object]) -> None:
     # popped: the agent (and so every kernel it forks) runs in this process afterwards
     seed = bytes.fromhex(str(cfg.pop("seed")))
@@ -156,6 +190,7 @@ def apply(cfg: dict[str, object]) -> None:
     flags = _MS_NOSUID | _MS_NODEV
     _mount("tmpfs", "/tmp", "tmpfs", flags, f"mode=1777,size={size}")  # noqa: S108 - the guest's own /tmp
     _mount("tmpfs", HOME, "tmpfs", flags, f"mode=0700,uid={UID},gid={GID},size={size}")
+    _mounts(cfg)
     _limits(cfg)
     _loopback_up()
     # No user namespaces for sandboxed code: they are the usual way from an unprivileged uid

@@ -21,10 +21,13 @@ class SandboxProcess(Protocol):
         """Bytes to the agent."""
 
     async def kill(self) -> None:
-        """Kill every process of the sandbox and release all its resources. Idempotent.
+        """End the sandbox now and release all its resources. Idempotent.
 
-        After it returns no process, cgroup, mount, VM, socket or temp file of it remains
-        (DESIGN invariant 5).
+        When it returns nothing of the sandbox can run or be reached: its processes are
+        frozen or have SIGKILL pending, its channel is closed. Reaping and removal finish on
+        :mod:`moat.runtime.reaper` moments later (drained at interpreter exit; after a crash
+        the next start's ``sweep`` removes what is left), so that no process, cgroup, mount,
+        VM, socket or temp file of it remains (DESIGN invariant 5).
         """
 
     def alive(self) -> bool:

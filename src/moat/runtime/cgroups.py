@@ -306,6 +306,43 @@ class SandboxCgroup:
             # another freeze round
             self._wait_empty(min(deadline, time.monotonic() + 0.5), raise_=False)
 
+    def stop_now(
+        self, spare: int | None = None, timeout: float = 0.5, *, freeze: bool = True
+    ) -> bool:
+        """Freeze the sandbox and SIGKILL its processes (but ``spare``), without waiting for
+        them to exit; returns whether the group is frozen.
+
+        The fast half of a kill: once it returns nothing of the sandbox runs user code again
+        (frozen, and dying the moment it is thawed). :meth:`thaw` then :meth:`destroy` finish.
+        ``spare`` is a process the caller reaps itself (bwrap's outer half, which must outlive
+        the namespace's init to reap it). Freezing waits at most ``timeout``; a task stuck in
+        the kernel has its SIGKILL pending either way. ``freeze=False`` skips the freeze, for a
+        group whose one process cannot fork and is already SIGKILLed (a VM): freezing a dying
+        task only waits for it.
+        """
+        frozen = False
+        try:
+            if freeze:
+                frozen = self._freeze(True, time.monotonic() + timeout)
+            for group in self.groups:
+                for pid in _read_procs(group):
+                    if pid == spare:
+                        continue
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+        except OSError as exc:  # already removed, or cgroupfs refused: destroy() will retry
+            log.warning("stopping sandbox cgroup %s failed: %s", self.name, exc)
+        return frozen
+
+    def thaw(self) -> None:
+        """Undo the freeze of :meth:`stop_now` (the SIGKILLed tasks then exit)."""
+        try:
+            self._freeze(False, time.monotonic() + KILL_TIMEOUT_S)
+        except OSError as exc:
+            log.warning("thawing sandbox cgroup %s failed: %s", self.name, exc)
+
     def _freeze(self, frozen: bool, deadline: float) -> bool:
         """Freeze or thaw; returns whether the group has a freezer at all."""
         if self.version == 1:
@@ -326,6 +363,12 @@ class SandboxCgroup:
         if not path.exists():
             return False
         _write(path, "1" if frozen else "0")
+        if frozen:  # same bounded wait as v1: cgroup.events says "frozen 1" once all stopped
+            wait_until = min(deadline, time.monotonic() + 1.0)
+            while "frozen 1" not in _read(self.groups[0] / "cgroup.events"):
+                if time.monotonic() > wait_until:
+                    break
+                time.sleep(0.001)
         return True
 
     def _wait_empty(self, deadline: float, *, raise_: bool = True) -> None:

@@ -48,6 +48,9 @@ class HostLayout:
     seccomp_fd: int  # fd of the compiled BPF filter
     host_etc: tuple[str, ...] = HOST_ETC  # the subset of HOST_ETC that exists on this host
     usr_links: tuple[tuple[str, str], ...] = USR_LINKS  # the subset that exists on this host
+    #: where bwrap finds each of spec.mounts (staged by the driver, see mountns.py); empty:
+    #: the mounts' host paths themselves
+    mount_sources: tuple[str, ...] = ()
 
 
 def build_argv(spec: SandboxSpec, host: HostLayout, command: list[str]) -> list[str]:
@@ -92,8 +95,9 @@ def build_argv(spec: SandboxSpec, host: HostLayout, command: list[str]) -> list[
     argv += ["--perms", "0755", "--size", str(disk), "--tmpfs", HOME]
     argv += ["--perms", "1777", "--size", str(tmp_size), "--tmpfs", "/tmp"]  # noqa: S108 - the sandbox's own /tmp
     argv += ["--ro-bind", host.agent_dir, AGENT_DIR]
-    for m in spec.mounts:
-        argv += ["--ro-bind" if m.read_only else "--bind", m.host_path, m.sandbox_path]
+    sources = host.mount_sources or tuple(m.host_path for m in spec.mounts)
+    for m, source in zip(spec.mounts, sources, strict=True):
+        argv += ["--ro-bind" if m.read_only else "--bind", source, m.sandbox_path]
     argv += [
         "--remount-ro", "/",
         "--remount-ro", "/dev",

@@ -12,15 +12,14 @@ import os
 import resource
 import secrets
 import shutil
-import signal
 import subprocess
 import tempfile
 from pathlib import Path
 from typing import Any
 
 from moat.errors import IsolationUnavailableError, SandboxDiedError
-from moat.runtime import agentdir, cgroups, seccomp
-from moat.runtime.container import bwrap, template
+from moat.runtime import agentdir, cgroups, reaper, seccomp
+from moat.runtime.container import bwrap, mountns, template
 from moat.runtime.spec import SandboxSpec
 
 log = logging.getLogger("moat.runtime.container")
@@ -63,12 +62,9 @@ class _Child:
         if self.popen.returncode is None:
             self.popen.kill()
 
-    async def reap(self) -> None:
-        """Make sure the process is reaped and our ends of its pipes are closed."""
-        if self.popen.returncode is None:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                await asyncio.to_thread(self.popen.wait, 5)
-        if not self._exited.is_set() and self.popen.returncode is not None:
+    def detach(self) -> None:
+        """Stop watching the process from the loop (a thread reaps it with ``popen.wait``)."""
+        if not self._exited.is_set():
             with contextlib.suppress(ValueError, OSError):
                 self._loop.remove_reader(self._pidfd)
                 os.close(self._pidfd)
@@ -149,49 +145,47 @@ class ContainerProcess:
         self._killed = False
 
     async def kill(self) -> None:
+        """End the sandbox now; reaping and removing its cgroup go to the background reaper.
+
+        Synchronously: the sandbox's cgroup is frozen and every process in it but our bwrap
+        gets SIGKILL, and the agent's channel is closed; nothing of it runs again. Then, on
+        the reaper's thread (drained at exit; a crash leaves a cgroup the next start sweeps,
+        invariant 5): thaw, so they die; bwrap reaps the namespace's init and exits (killing
+        bwrap at once instead orphans the init to the host's pid 1, where it may stay a
+        zombie); then the cgroup is killed again (whatever escaped the namespace) and removed.
+        """
         if self._killed:
             return
         self._killed = True
-        # First the pid namespace's init (bwrap's inner half): the kernel then kills every
-        # process of the namespace, and the outer bwrap reaps it. Killing everything at once
-        # instead orphans the inner init to the host's pid 1, where it may stay a zombie; so
-        # does closing the agent's stdin first (bwrap's outer half exits without reaping).
-        init = await asyncio.to_thread(self._ns_init)
-        if init is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(init, signal.SIGKILL)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(self.proc.wait()), 2)
+        proc, cgroup = self.proc, self.cgroup
+        await asyncio.to_thread(cgroup.stop_now, proc.pid)
         with contextlib.suppress(Exception):
             self.writer.close()
-        # Then the cgroup, not a pid: whatever escaped the namespace dies too (invariant 5).
-        await asyncio.to_thread(self.cgroup.kill)
-        with contextlib.suppress(ProcessLookupError):
-            self.proc.kill()
-        try:
-            await asyncio.wait_for(self.proc.wait(), 5)
-        except TimeoutError:
-            log.error("bwrap pid %s did not exit after kill", self.proc.pid)
-        await self.proc.reap()
-        await asyncio.to_thread(self.cgroup.destroy)
-
-    def _ns_init(self) -> int | None:
-        """Host pid of the sandbox's pid-namespace init (the child of our bwrap)."""
-        for pid in self.cgroup.pids():
-            try:
-                stat = Path(f"/proc/{pid}/stat").read_text()
-            except OSError:
-                continue
-            ppid = int(stat.rsplit(")", 1)[1].split()[1])
-            if ppid == self.proc.pid:
-                return pid
-        return None
+        proc.detach()
+        reaper.submit(cgroup.name, lambda: _reap(proc.popen, cgroup))
 
     def alive(self) -> bool:
         return not self._killed and self.proc.returncode is None
 
     def stats(self) -> dict[str, int]:
         return self.cgroup.stats()
+
+
+def _reap(popen: subprocess.Popen[bytes], cgroup: cgroups.SandboxCgroup) -> None:
+    """The slow half of ContainerProcess.kill, on the reaper's thread. Blocking, bounded."""
+    cgroup.thaw()
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        popen.wait(2)  # bwrap exits once it has reaped the namespace's init
+    try:
+        cgroup.kill()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            popen.kill()
+        try:
+            popen.wait(5)
+        except subprocess.TimeoutExpired:
+            log.error("bwrap pid %s did not exit after kill", popen.pid)
+        cgroup.destroy()
 
 
 class ContainerRuntime:
@@ -240,14 +234,14 @@ class ContainerRuntime:
             host_etc=tuple(n for n in bwrap.HOST_ETC if os.path.exists(f"/etc/{n}")),
             usr_links=tuple((t, link) for t, link in bwrap.USR_LINKS if os.path.islink(link)),
         )
-        for m in spec.mounts:
-            if not os.path.exists(m.host_path):
-                raise SandboxDiedError(f"mount source for {m.sandbox_path} does not exist")
+        # Opened here, as root: a path under a parent the sandbox uid cannot traverse (0700
+        # /root) still mounts; a missing or unusable one is a typed error (see mountns.py).
+        staged = await asyncio.to_thread(mountns.open_sources, spec.mounts, SANDBOX_HOST_GID)
         cgroup = await asyncio.to_thread(
             manager.create, spec.sandbox_id.removeprefix("sbx-"), spec.limits
         )
         try:
-            return await self._spawn(spec, host, bpf, cgroup)
+            return await self._spawn(spec, host, bpf, cgroup, staged)
         except BaseException:
             await asyncio.to_thread(cgroup.destroy)
             raise
@@ -258,6 +252,7 @@ class ContainerRuntime:
         host: bwrap.HostLayout,
         bpf: bytes,
         cgroup: cgroups.SandboxCgroup,
+        staged: mountns.Staged,
     ) -> ContainerProcess:
         # The filter goes in through an unlinked temp file: bwrap reads it from the fd.
         with tempfile.TemporaryFile() as filt:
@@ -271,6 +266,7 @@ class ContainerRuntime:
                 seccomp_fd=fd,
                 host_etc=host.host_etc,
                 usr_links=host.usr_links,
+                mount_sources=staged.sources(),
             )
             argv = bwrap.build_argv(spec, host, agentdir.agent_argv())
             argv[0] = shutil.which("bwrap") or "bwrap"
@@ -294,11 +290,15 @@ class ContainerRuntime:
                         os.write(cfd, pid)
                     finally:
                         os.close(cfd)
+                staged.enter()  # still root: bind the opened mount sources (mountns.py)
                 for res, value in rlimits:
                     resource.setrlimit(res, (value, value))
                 os.setgroups([])
                 os.setresgid(SANDBOX_HOST_GID, SANDBOX_HOST_GID, SANDBOX_HOST_GID)
                 os.setresuid(uid, uid, uid)
 
-            proc, reader, writer = await _spawn_child(argv, preexec, fd)
+            try:
+                proc, reader, writer = await _spawn_child(argv, preexec, fd)
+            except subprocess.SubprocessError as exc:  # preexec failed: staging a mount
+                raise SandboxDiedError("the sandbox's mounts could not be set up") from exc
         return ContainerProcess(proc, reader, writer, cgroup, uid)

@@ -33,6 +33,7 @@ from typing import Final
 
 from moat.errors import InvalidArgumentError, IsolationUnavailableError, SandboxDiedError
 from moat.paths import state_dir
+from moat.runtime import reaper
 from moat.runtime.agentdir import agent_argv, prepare
 from moat.runtime.gvisor import compat
 from moat.runtime.gvisor.hostcg import CGROUP_ROOT, HostCgroup, layout
@@ -40,7 +41,8 @@ from moat.runtime.gvisor.hostproc import kill_processes_of_root, processes_of_ro
 from moat.runtime.gvisor.oci import CGROUP_PREFIX, Bundle, build_config, cgroup_name
 from moat.runtime.gvisor.probe import PLATFORMS, RUNSC_ENV, probe, runsc_path
 from moat.runtime.gvisor.rootfs import etc_binds, write_skeleton
-from moat.runtime.spec import SandboxSpec
+from moat.runtime.mounts import resolve as resolve_mount
+from moat.runtime.spec import SANDBOX_GID, SandboxSpec
 
 __all__ = ["GvisorRuntime", "GvisorSandbox"]
 
@@ -48,6 +50,8 @@ __all__ = ["GvisorRuntime", "GvisorSandbox"]
 START_TIMEOUT: Final = 15.0
 #: Seconds each cleanup step (runsc delete, waiting for processes to go) may take.
 KILL_TIMEOUT: Final = 5.0
+#: Seconds kill() waits for ``runsc run`` itself to be reaped (the rest goes to the reaper).
+EXIT_WAIT: Final = 0.05
 #: Bytes of runsc's stderr kept for diagnostics (the agent's stderr goes there too: bounded).
 STDERR_KEEP: Final = 64 * 1024
 _PYTHON: Final = "/usr/bin/python3"
@@ -119,11 +123,27 @@ class GvisorSandbox:
         return self._workdir
 
     async def kill(self) -> None:
+        """End the sandbox now; its files, cgroup and runsc state go in the background.
+
+        Returns once every host process of the sandbox (sentry, gofer, ptrace stubs, ``runsc
+        run``) has a SIGKILL pending and the agent's channel is closed: nothing of it can run
+        or be reached. Waiting for them to exit and the removals are left to
+        :mod:`moat.runtime.reaper`, drained at exit and covered by ``sweep`` after a crash
+        (invariant 5).
+        """
         async with self._lock:
             if self._killed:
                 return
             self._killed = True
-            await _teardown(self._runsc, self._id, self._workdir, self._cgroup, self._proc)
+            _kill_now(self._cgroup, self._root, self._proc)
+            with contextlib.suppress(Exception):
+                self.writer.close()
+            workdir, cgroup = self._workdir, self._cgroup
+            reaper.submit(self._id, lambda: _reap_blocking(workdir, cgroup))
+            # `runsc run` (our child) dies within milliseconds of its SIGKILL: reap it while
+            # the loop is surely alive, but never let it hold kill() up.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._proc.wait(), EXIT_WAIT)
             self._stderr_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._stderr_task
@@ -146,6 +166,39 @@ async def _run_bounded(argv: list[str]) -> None:
         await proc.wait()
 
 
+def _kill_now(cgroup: HostCgroup, root: str, proc: asyncio.subprocess.Process | None) -> int:
+    """SIGKILL every host process of the sandbox, without waiting; return how many.
+
+    The cgroup holds the sentry, the gofer and the ptrace stubs; the per-sandbox --root finds
+    anything else (``runsc run`` itself). Sandboxed code only runs in stubs the sentry drives,
+    and both are signalled here.
+    """
+    n = cgroup.kill() + kill_processes_of_root(root)
+    if proc is not None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    return n
+
+
+def _reap_blocking(workdir: Path, cgroup: HostCgroup) -> None:
+    """The rest of a kill, on the reaper's thread: wait for the processes, remove the cgroup
+    and the sandbox's directory (bundle and runsc state).
+
+    No ``runsc delete`` here: everything it would stop is dead already and everything it would
+    remove (its state under --root, the cgroup) is removed below; it only added 1-2 s of
+    retries and a process of its own that outlived kill().
+    """
+    root = str(workdir / "root")
+    deadline = time.monotonic() + KILL_TIMEOUT
+    while True:
+        left = cgroup.kill() + kill_processes_of_root(root)
+        removed = cgroup.remove()
+        if (not left and removed) or time.monotonic() > deadline:
+            break
+        time.sleep(0.02)
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
 async def _teardown(
     runsc: str,
     sandbox_id: str,
@@ -155,13 +208,8 @@ async def _teardown(
 ) -> None:
     """Kill everything of one sandbox and remove its files and cgroup (invariant 5)."""
     root = str(workdir / "root")
-    # 1. Kill first, directly: the cgroup holds the sentry, the gofer and the ptrace stubs;
-    #    the per-sandbox --root finds anything else (runsc run itself).
-    cgroup.kill()
-    kill_processes_of_root(root)
-    if proc is not None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
+    # 1. Kill first, directly (see _kill_now).
+    _kill_now(cgroup, root, proc)
     # 2. Let runsc release what it holds (its state, its cgroups) the way it knows.
     if Path(root).is_dir():
         await _run_bounded([runsc, "--root", root, "delete", "--force", sandbox_id])
@@ -245,15 +293,16 @@ class GvisorRuntime:
         rootfs = bundle_dir / "rootfs"
         write_skeleton(rootfs, spec.hostname, preload=preload)
         for m in spec.mounts:
+            # Checked as root (runsc's gofer opens it as root too: 0700 parents are fine);
+            # missing, a device or unreadable to the sandbox's uid is a typed error.
+            source = resolve_mount(m, SANDBOX_GID)
             # Mount points outside the tmpfs mounts must exist in the read-only skeleton.
             point = rootfs / m.sandbox_path.lstrip("/")
-            if os.path.isdir(m.host_path):
+            if source.is_dir:
                 point.mkdir(parents=True, exist_ok=True, mode=0o755)
-            elif os.path.exists(m.host_path):
+            else:
                 point.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
                 point.touch(exist_ok=True)
-            else:
-                raise InvalidArgumentError("a mount's host path does not exist")
         config = build_config(
             spec,
             Bundle(
@@ -308,6 +357,11 @@ class GvisorRuntime:
         live_ids: set[str] = set()
         for workdir in sorted(base.iterdir()):
             if workdir.name.startswith(".probe-"):
+                # .probe-<owner pid>-<random>: another engine's probe in flight is not ours
+                # to kill (it would fail that engine's start with "exit -9")
+                owner = workdir.name.split("-")[1]
+                if owner.isdigit() and Path(f"/proc/{owner}").exists():
+                    continue
                 root = str(workdir)
             else:
                 if _owner_alive(workdir):

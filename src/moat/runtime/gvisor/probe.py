@@ -63,7 +63,8 @@ def _probe(platform: str, runsc: str) -> str | None:
 def _trial(exe: str, platform: str) -> str | None:
     base = state_dir() / "gvisor"
     base.mkdir(parents=True, exist_ok=True, mode=0o700)
-    root = tempfile.mkdtemp(dir=base, prefix=".probe-")
+    # The owner's pid in the name: another engine's sweep leaves a live probe alone.
+    root = tempfile.mkdtemp(dir=base, prefix=f".probe-{os.getpid()}-")
     argv = [exe, "--root", root, "--network=none", f"--platform={platform}", "do", "true"]
     proc = subprocess.Popen(
         argv,

@@ -3,9 +3,10 @@
 Trust domain: host engine; the one module of this tier that spawns processes (``qemu.py``
 builds the argv purely). QEMU itself runs as a fresh unprivileged host uid, inside a host
 cgroup, under its own seccomp filter, with no network device and no files but the read-only
-kernel, initramfs and /usr image. The agent channel is one end of a socketpair (no socket
-file), a snapshot is passed as an fd, and the guest's writable space is tmpfs in guest RAM:
-killing the QEMU process leaves nothing behind (invariant 5).
+kernel, initramfs and /usr image (and unlinked read-only images of the sandbox's mounts). The
+agent channel is one end of a socketpair (no socket file), a snapshot is passed as an fd, and
+the guest's writable space is tmpfs in guest RAM: killing the QEMU process leaves nothing
+behind (invariant 5).
 """
 
 from __future__ import annotations
@@ -24,10 +25,10 @@ import subprocess
 import time
 from pathlib import Path
 
-from moat.errors import IsolationUnavailableError, PolicyError, SandboxDiedError
+from moat.errors import IsolationUnavailableError, SandboxDiedError
 from moat.guest.init import BOOT_MARKER
-from moat.runtime import agentdir, cgroups, seccomp
-from moat.runtime.microvm import artifacts, initramfs, probe, qemu, snapshot
+from moat.runtime import agentdir, cgroups, reaper, seccomp
+from moat.runtime.microvm import artifacts, initramfs, mountimg, probe, qemu, snapshot
 from moat.runtime.spec import Limits, SandboxSpec
 
 log = logging.getLogger("moat.runtime.microvm")
@@ -74,12 +75,22 @@ class MicroVMProcess:
         return self.proc.pid
 
     async def kill(self) -> None:
+        """End the VM now: QEMU (and anything else in its cgroup) gets SIGKILL, the channel
+        is closed.
+
+        Reaping QEMU and removing its cgroup go to :mod:`moat.runtime.reaper` (drained at exit;
+        after a crash the next start's sweep removes the cgroup: invariant 5).
+        """
         if self._killed:
             return
         self._killed = True
+        proc, cgroup = self.proc, self.cgroup
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()  # QEMU is one process (-sandbox spawn=deny): its vCPUs stop with it
+        await asyncio.to_thread(cgroup.stop_now, freeze=False)
         with contextlib.suppress(Exception):
             self.writer.close()
-        await asyncio.to_thread(_stop, self.proc, self.cgroup)
+        reaper.submit(cgroup.name, lambda: _stop(proc, cgroup))
 
     def alive(self) -> bool:
         return not self._killed and self.proc.poll() is None
@@ -180,7 +191,7 @@ class MicroVMRuntime:
 
     def sweep(self) -> int:
         """Kill VMs (via their cgroups) and remove temp files a crashed host process left."""
-        count = self._manager().sweep()
+        count = self._manager().sweep() + mountimg.sweep()
         snaps = artifacts.root() / "snapshots"
         for tmp in [*snaps.glob(".tmp-*"), *(artifacts.root() / "initrd").glob(".tmp-*")]:
             pid = tmp.name.split("-")[1]
@@ -193,16 +204,19 @@ class MicroVMRuntime:
     # -- starting ----------------------------------------------------------------------------
 
     async def start(self, spec: SandboxSpec) -> MicroVMProcess:
-        if spec.mounts:
-            # Fail closed (invariant 7): this guest kernel has no 9p, and a silent no-op
-            # would hand the caller a sandbox without the data it asked for.
-            raise PolicyError(
-                "the microvm tier does not support host mounts yet; copy files in with"
-                " files.write, or use the container or gvisor tier"
-            )
         reason = self.probe() if self._accel is None or self._cgroups is None else None
         if reason:
             raise IsolationUnavailableError(f"microvm tier unavailable: {reason}")
+        # Mounts are copied in as read-only disk images (no 9p in this guest kernel); capped
+        # by disk_mb, read-only directories only: anything else fails closed (invariant 7).
+        mount_fds = await asyncio.to_thread(mountimg.build, spec.mounts, spec.limits.disk_mb)
+        try:
+            return await self._start(spec, tuple(mount_fds))
+        finally:
+            for fd in mount_fds:
+                os.close(fd)  # QEMU holds its own copies (or failed to start)
+
+    async def _start(self, spec: SandboxSpec, mount_fds: tuple[int, ...]) -> MicroVMProcess:
         arts = _artifacts()
         initrd, initrd_digest = await asyncio.to_thread(_initrd, arts)
         binary = probe.qemu_binary() or probe.QEMU_BINARY
@@ -213,7 +227,8 @@ class MicroVMRuntime:
             tsc_khz=probe.host_tsc_khz(), name=f"moat-{spec.sandbox_id}", agent_fd=-1,
         )  # fmt: skip
         snap: Path | None = None
-        if self.snapshots:
+        # A snapshot's device set has no mount disks (and microvm has no hotplug): cold boot.
+        if self.snapshots and not mount_fds:
             snap_key = snapshot.key(base, arts, initrd_digest)
             snap = await asyncio.to_thread(snapshot.ensure, base, snap_key, self._spawn_base)
         host_limits = Limits(
@@ -224,7 +239,7 @@ class MicroVMRuntime:
         )
         cgroup = await asyncio.to_thread(self._manager().create, spec.sandbox_id, host_limits)
         try:
-            return await self._launch(spec, base, snap, cgroup)
+            return await self._launch(spec, base, snap, cgroup, mount_fds)
         except BaseException:
             await asyncio.to_thread(cgroup.destroy)
             raise
@@ -235,6 +250,7 @@ class MicroVMRuntime:
         base: qemu.VMConfig,
         snap: Path | None,
         cgroup: cgroups.SandboxCgroup,
+        mount_fds: tuple[int, ...] = (),
     ) -> MicroVMProcess:
         snap_fd = None
         if snap is not None:
@@ -248,9 +264,9 @@ class MicroVMRuntime:
             console = os.path.join(self.console_log, f"{spec.sandbox_id}.log")
         cfg = qemu.VMConfig(
             **{**base.__dict__, "agent_fd": guest_sock.fileno(), "incoming_fd": snap_fd,
-               "console_log": console}
+               "console_log": console, "mount_fds": mount_fds}
         )  # fmt: skip
-        fds = (guest_sock.fileno(),) + ((snap_fd,) if snap_fd is not None else ())
+        fds = (guest_sock.fileno(),) + ((snap_fd,) if snap_fd is not None else ()) + mount_fds
         t0 = time.monotonic()
         try:
             proc = _spawn(qemu.build_argv(cfg), fds, cgroup.procs_files, kvm=cfg.accel == "kvm")
@@ -308,6 +324,11 @@ def _guest_config(spec: SandboxSpec) -> bytes:
         "cpu_max": f"{quota} 100000",
         # the container tier's filter, installed by stage 2 before the agent starts (inv. 9)
         "seccomp": seccomp.build_filter().hex(),
+        # disk i (serial moat-m<i>) is mounted read-only at its sandbox path (mountimg.py)
+        "mounts": [
+            {"serial": f"{mountimg.SERIAL_PREFIX}{i}", "path": m.sandbox_path}
+            for i, m in enumerate(spec.mounts)
+        ],
     }
     return json.dumps(cfg, separators=(",", ":")).encode()
 

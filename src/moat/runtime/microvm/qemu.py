@@ -2,7 +2,8 @@
 
 Trust domain: host engine. Everything that varies per host (paths, clock rate, fds) comes in
 through ``VMConfig``; the driver gathers it. Devices are exactly: the kernel + initramfs, one
-read-only virtio-blk disk (/usr) and one virtio-serial port (the agent's channel). No network
+read-only virtio-blk disk (/usr), one virtio-serial port (the agent's channel) and one more
+read-only virtio-blk disk per host mount (mountimg.py). No network
 device, no display, no USB, no option ROMs, no default devices (invariant 1).
 """
 
@@ -45,6 +46,8 @@ class VMConfig:
     qmp_fd: int | None = None
     #: file the guest console is written to (debugging only: unbounded), or None to drop it
     console_log: str | None = None
+    #: inherited read-only fds of the sandbox's mount images (mountimg.py), in mount order
+    mount_fds: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if self.accel not in ("tcg", "kvm"):
@@ -105,6 +108,14 @@ def build_argv(cfg: VMConfig) -> list[str]:
         "-drive", f"id=usr,file={cfg.usr_image},format=raw,if=none,readonly=on",
         "-device", "virtio-blk-device,drive=usr",
     ]  # fmt: skip
+    for i, fd in enumerate(cfg.mount_fds):
+        # A read-only disk per mount, from an fd QEMU inherits (the image is already unlinked);
+        # the guest finds it by its serial (mountimg.SERIAL_PREFIX).
+        argv += [
+            "-add-fd", f"fd={fd},set={i + 1}",
+            "-drive", f"id=m{i},file=/dev/fdset/{i + 1},format=raw,if=none,readonly=on",
+            "-device", f"virtio-blk-device,drive=m{i},serial=moat-m{i}",
+        ]  # fmt: skip
     if cfg.console_log:
         argv += ["-chardev", f"file,id=con,path={cfg.console_log}", "-serial", "chardev:con"]
     else:
