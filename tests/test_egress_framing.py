@@ -1,0 +1,406 @@
+"""Request framing through the gateway: no smuggling, strict heads, clean upstream reuse.
+
+The upstream here is a deliberately naive keep-alive server written on raw sockets: it frames
+every request by ``Content-Length`` only (it ignores ``Transfer-Encoding``) and logs each
+request it parsed. That is the backend a request-smuggling attack needs: if the gateway ever
+forwards bytes it framed differently, the upstream reads part of one request as another and
+completes it with the gateway's *next* request, headers and substituted credential included
+(issue 17 §1). Every assertion is made from outside the gateway: the upstream's own log and
+byte count, what the sandbox-side client reads, the audit rows (DESIGN invariant 3).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+
+from moat.egress import NetworkPolicy, Secret
+from test_egress_support import GatewayFactory, Harness, LocalPKI
+
+pytest_plugins = ["test_egress_support"]  # shared fixtures (servers, PKI, gateway)
+
+VALUE = "sk-live-SMUGGLED-CRED-4b1d9e77"
+HOST = "api.example.test"
+
+
+@dataclass
+class CLUpstream:
+    """A keep-alive HTTP(S) server that frames requests by Content-Length alone.
+
+    ``/store`` keeps its body; ``/read`` answers everything stored, raw and base64 (an echo
+    API); any other path answers its path and Authorization header. ``log`` holds every
+    request it parsed (head and body), ``received`` counts every byte it got, ``conns`` the
+    connections it accepted.
+    """
+
+    ctx: ssl.SSLContext | None
+    sock: socket.socket = field(init=False)
+    log: list[dict[str, Any]] = field(default_factory=list)
+    stored: list[bytes] = field(default_factory=list)
+    received: int = 0
+    conns: int = 0
+
+    def __post_init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self._lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                s, _ = self.sock.accept()
+            except OSError:
+                return
+            with self._lock:
+                self.conns += 1
+            threading.Thread(target=self._serve, args=(s,), daemon=True).start()
+
+    def _recv(self, s: socket.socket) -> bytes:
+        data = s.recv(65536)
+        with self._lock:
+            self.received += len(data)
+        return data
+
+    def _serve(self, raw: socket.socket) -> None:
+        try:
+            s = self.ctx.wrap_socket(raw, server_side=True) if self.ctx else raw
+        except (OSError, ssl.SSLError):
+            raw.close()
+            return
+        s.settimeout(5)
+        buf = b""
+        try:
+            while True:
+                while b"\r\n\r\n" not in buf:
+                    data = self._recv(s)
+                    if not data:
+                        return
+                    buf += data
+                head, buf = buf.split(b"\r\n\r\n", 1)
+                lines = head.split(b"\r\n")
+                parts = lines[0].split(b" ")
+                path = parts[1].decode("latin-1") if len(parts) > 1 else ""
+                headers = {}
+                for line in lines[1:]:
+                    name, _, value = line.partition(b":")
+                    headers.setdefault(name.strip().lower().decode("latin-1"), value.strip())
+                n = int(headers.get("content-length", b"0") or 0)
+                # Naive: wait up to a second for the body, then take what came.
+                s.settimeout(1)
+                try:
+                    while len(buf) < n:
+                        data = self._recv(s)
+                        if not data:
+                            break
+                        buf += data
+                except TimeoutError:
+                    pass
+                s.settimeout(5)
+                body, buf = buf[:n], buf[n:]
+                self.log.append({"path": path, "head": head, "body": body})
+                if path == "/store":
+                    self.stored.append(body)
+                    out = b"stored"
+                elif path == "/read":
+                    out = json.dumps(
+                        {
+                            "raw": [b.decode("latin-1") for b in self.stored],
+                            "b64": [base64.b64encode(b).decode() for b in self.stored],
+                        }
+                    ).encode()
+                else:
+                    auth = headers.get("authorization", b"").decode("latin-1")
+                    out = json.dumps({"path": path, "auth": auth}).encode()
+                s.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(out), out))
+        except (OSError, ssl.SSLError):
+            return
+        finally:
+            s.close()
+
+    def stop(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def cl_upstream(pki: LocalPKI) -> Iterator[CLUpstream]:
+    up = CLUpstream(pki.server_context())
+    yield up
+    up.stop()
+
+
+@pytest.fixture
+def cl_plain_upstream() -> Iterator[CLUpstream]:
+    up = CLUpstream(None)
+    yield up
+    up.stop()
+
+
+def _gateway(gateway: GatewayFactory, port: int) -> Harness:
+    return gateway(
+        NetworkPolicy(allow_out=[f"{HOST}:{port}"]),
+        secrets={"API_KEY": Secret(VALUE, hosts=[HOST], template="Bearer {value}")},
+    )
+
+
+class Client:
+    """A sandbox-side client: CONNECT through the gateway, TLS trusting only its CA."""
+
+    def __init__(self, h: Harness, port: int) -> None:
+        s = socket.create_connection(("127.0.0.1", h.port), timeout=10)
+        s.sendall(f"CONNECT {HOST}:{port} HTTP/1.1\r\nHost: {HOST}:{port}\r\n\r\n".encode())
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += s.recv(4096)
+        assert head.startswith(b"HTTP/1.1 200"), head
+        ctx = ssl.create_default_context(cadata=h.gw.ca_cert_pem().decode())
+        self.s = ctx.wrap_socket(s, server_hostname=HOST)
+        self.buf = b""
+
+    def send(self, data: bytes) -> None:
+        self.s.sendall(data)
+
+    def response(self) -> tuple[bytes, bytes] | None:
+        """One Content-Length-framed response (head, body), or None at EOF."""
+        try:
+            while b"\r\n\r\n" not in self.buf:
+                data = self.s.recv(65536)
+                if not data:
+                    return None
+                self.buf += data
+            head, self.buf = self.buf.split(b"\r\n\r\n", 1)
+            n = 0
+            for line in head.split(b"\r\n")[1:]:
+                name, _, value = line.partition(b":")
+                if name.strip().lower() == b"content-length":
+                    n = int(value)
+            while len(self.buf) < n:
+                data = self.s.recv(65536)
+                if not data:
+                    break
+                self.buf += data
+            body, self.buf = self.buf[:n], self.buf[n:]
+            return head, body
+        except (OSError, ssl.SSLError):
+            return None
+
+    def close(self) -> None:
+        self.s.close()
+
+
+def _forms(value: str) -> list[bytes]:
+    raw = value.encode()
+    return [raw, base64.b64encode(raw)[:-4], raw.hex().encode(), raw.upper(), raw.lower()]
+
+
+def test_cl_te_smuggling_cannot_capture_the_credential(
+    gateway: GatewayFactory, cl_upstream: CLUpstream
+) -> None:
+    """The issue's exploit, end to end: CL+TE smuggles a ``/store`` prefix that the upstream
+    would complete with the gateway's next request (substituted Authorization included)."""
+    p = cl_upstream.port
+    h = _gateway(gateway, p)
+    ph = h.gw.placeholders()["API_KEY"]
+    smuggled = f"POST /store HTTP/1.1\r\nHost: {HOST}:{p}\r\nContent-Length: 400\r\n\r\n".encode()
+    # h11 re-chunks the body as "<hex len>\r\n<data>\r\n0\r\n\r\n": a Content-Length covering
+    # just the chunk-size line leaves the smuggled head as the start of a second request.
+    size_line = b"%x\r\n" % len(smuggled)
+    attack = (
+        (
+            f"POST /a HTTP/1.1\r\nHost: {HOST}:{p}\r\nContent-Length: {len(size_line)}\r\n"
+            "Transfer-Encoding: chunked\r\n\r\n"
+        ).encode()
+        + size_line
+        + smuggled
+        + b"\r\n0\r\n\r\n"
+    )
+    legit = f"GET /legit HTTP/1.1\r\nHost: {HOST}:{p}\r\nAuthorization: Bearer {ph}\r\n\r\n"
+
+    c = Client(h, p)
+    c.send(attack)
+    first = c.response()
+    try:
+        c.send(legit.encode())
+        second = c.response()
+    except (OSError, ssl.SSLError):
+        second = None
+    c.close()
+    if second is None:  # the connection ended after the refusal: a fresh one for the request
+        c = Client(h, p)
+        c.send(legit.encode())
+        second = c.response()
+        c.close()
+    time.sleep(1.5)  # let a naive /store finish its body wait
+    c = Client(h, p)
+    c.send(f"GET /read HTTP/1.1\r\nHost: {HOST}:{p}\r\n\r\n".encode())
+    read_back = c.response()
+    c.close()
+
+    # Refused as ambiguous framing, before any byte of it went upstream.
+    assert first is not None and first[0].startswith(b"HTTP/1.1 400"), first
+    assert b"ambiguous_framing" in first[0]
+    # Positive control: the legitimate request carried the real value to the bound host.
+    legit_logs = [r for r in cl_upstream.log if r["path"] == "/legit"]
+    assert len(legit_logs) == 1
+    assert f"Bearer {VALUE}".encode() in legit_logs[0]["head"]
+    assert second is not None and second[0].startswith(b"HTTP/1.1 200")
+    # From the upstream's own log: no other request ever held the value (head or body).
+    for rec in cl_upstream.log:
+        if rec["path"] != "/legit":
+            assert VALUE.encode() not in rec["head"] + rec["body"], rec["path"]
+    assert [r["path"] for r in cl_upstream.log if r["path"] != "/read"] == ["/legit"]
+    # And the sandbox never reads it back, in any form.
+    for resp in (first, second, read_back):
+        assert resp is not None
+        for form in _forms(VALUE):
+            assert form not in resp[0] + resp[1]
+    rows = h.audit.query(denied_only=True)
+    assert any(r["reason"] == "ambiguous_framing:cl_and_te" for r in rows)
+
+
+def _head(mode: str, port: int, lines: str, version: str = "1.1") -> bytes:
+    target = f"http://{HOST}:{port}/x" if mode == "plain" else "/x"
+    return f"POST {target} HTTP/{version}\r\nHost: {HOST}:{port}\r\n{lines}".encode()
+
+
+# (name, extra header lines (CRLF-terminated) + blank line + body, expected reason prefix)
+REFUSED: list[tuple[str, str, str]] = [
+    ("cl_and_te", "Content-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+     "ambiguous_framing"),
+    ("te_and_cl", "Transfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n0\r\n\r\n",
+     "ambiguous_framing"),
+    ("duplicate_cl", "Content-Length: 5\r\nContent-Length: 5\r\n\r\nhello", "ambiguous_framing"),
+    ("differing_cl", "Content-Length: 5\r\nContent-Length: 6\r\n\r\nhello!", "ambiguous_framing"),
+    ("cl_list", "Content-Length: 5, 5\r\n\r\nhello", "ambiguous_framing"),
+    ("cl_sign", "Content-Length: +5\r\n\r\nhello", "ambiguous_framing"),
+    ("te_not_chunked", "Transfer-Encoding: gzip\r\n\r\nxx", "ambiguous_framing"),
+    ("te_chunked_identity", "Transfer-Encoding: chunked, identity\r\n\r\n0\r\n\r\n",
+     "ambiguous_framing"),
+    ("te_gzip_chunked", "Transfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n", "ambiguous_framing"),
+    ("te_twice", "Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+     "ambiguous_framing"),
+    ("te_xchunked", "Transfer-Encoding: xchunked\r\n\r\n0\r\n\r\n", "ambiguous_framing"),
+    ("obs_fold", "X-A: a\r\n b\r\nContent-Length: 0\r\n\r\n", "bad_header"),
+    ("obs_fold_te", "X-A: a\r\n\tTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", "bad_header"),
+    ("bare_lf", "X-A: a\nContent-Length: 0\n\n", "bad_header"),
+    ("bare_lf_end", "Content-Length: 0\r\n\n", "bad_header"),
+    ("space_before_colon", "Transfer-Encoding : chunked\r\n\r\n0\r\n\r\n", "bad_header"),
+    ("name_space", "X A: b\r\nContent-Length: 0\r\n\r\n", "bad_header"),
+    ("name_paren", "X(A): b\r\nContent-Length: 0\r\n\r\n", "bad_header"),
+    ("name_empty", ": b\r\nContent-Length: 0\r\n\r\n", "bad_header"),
+    ("value_nul", "X-A: a\x00b\r\nContent-Length: 0\r\n\r\n", "bad_header"),
+    ("value_cr", "X-A: a\rb\r\nContent-Length: 0\r\n\r\n", "bad_header"),
+    ("value_ctl", "X-A: a\x1bb\r\nContent-Length: 0\r\n\r\n", "bad_header"),
+    ("value_del", "X-A: a\x7fb\r\nContent-Length: 0\r\n\r\n", "bad_header"),
+]  # fmt: skip
+
+
+def _send_and_read(h: Harness, mode: str, port: int, data: bytes) -> bytes:
+    if mode == "plain":
+        with socket.create_connection(("127.0.0.1", h.port), timeout=10) as s:
+            s.sendall(data)
+            out = b""
+            while chunk := s.recv(65536):
+                out += chunk
+            return out
+    c = Client(h, port)
+    c.send(data)
+    resp = c.response()
+    c.close()
+    return b"" if resp is None else resp[0] + b"\r\n\r\n" + resp[1]
+
+
+@pytest.mark.parametrize("mode", ["plain", "tls"])
+@pytest.mark.parametrize(("name", "rest", "reason"), REFUSED, ids=[r[0] for r in REFUSED])
+def test_ambiguous_or_malformed_request_refused_before_upstream(
+    gateway: GatewayFactory,
+    cl_upstream: CLUpstream,
+    cl_plain_upstream: CLUpstream,
+    mode: str,
+    name: str,
+    rest: str,
+    reason: str,
+) -> None:
+    up = cl_plain_upstream if mode == "plain" else cl_upstream
+    h = _gateway(gateway, up.port)
+    out = _send_and_read(h, mode, up.port, _head(mode, up.port, rest))
+    assert out.startswith(b"HTTP/1.1 400"), out[:200]
+    assert f"X-Moat-Reason: {reason}:".encode() in out, out[:300]
+    time.sleep(0.1)
+    assert up.conns == 0 and up.received == 0 and up.log == []
+    rows = h.audit.query(denied_only=True)
+    assert any(r["reason"].startswith(reason + ":") for r in rows), rows
+
+
+def test_te_in_http10_refused(gateway: GatewayFactory, cl_plain_upstream: CLUpstream) -> None:
+    p = cl_plain_upstream.port
+    h = _gateway(gateway, p)
+    data = _head("plain", p, "Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n", version="1.0")
+    out = _send_and_read(h, "plain", p, data)
+    assert out.startswith(b"HTTP/1.1 400") and b"ambiguous_framing:" in out
+    assert cl_plain_upstream.received == 0
+
+
+@pytest.mark.parametrize("mode", ["plain", "tls"])
+def test_valid_framings_pass_with_the_gateways_own_framing(
+    gateway: GatewayFactory, cl_upstream: CLUpstream, cl_plain_upstream: CLUpstream, mode: str
+) -> None:
+    """Positive control: a Content-Length body and a chunked body both arrive whole; the
+    upstream sees the gateway's framing (never the client's), one framing header each."""
+    up = cl_plain_upstream if mode == "plain" else cl_upstream
+    h = _gateway(gateway, up.port)
+    out = _send_and_read(h, mode, up.port, _head(mode, up.port, "Content-Length: 5\r\n\r\nhello"))
+    assert out.startswith(b"HTTP/1.1 200"), out[:200]
+    rec = [r for r in up.log if r["path"].endswith("/x")][-1]
+    assert rec["body"] == b"hello"
+    assert rec["head"].lower().count(b"content-length: 5") == 1
+    assert b"transfer-encoding" not in rec["head"].lower()
+    out = _send_and_read(
+        h,
+        mode,
+        up.port,
+        _head(mode, up.port, "Transfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"),
+    )
+    assert out.startswith(b"HTTP/1.1 200"), out[:200]
+    # (this upstream ignores chunked framing: it sees the chunks as another request)
+    head = [r for r in up.log if r["path"].endswith("/x")][-1]["head"].lower()
+    assert head.count(b"transfer-encoding: chunked") == 1 and b"content-length" not in head
+
+
+def test_upstream_reused_only_after_a_clean_exchange(
+    gateway: GatewayFactory, cl_upstream: CLUpstream
+) -> None:
+    """Keep-alive to the upstream survives Content-Length exchanges (control), but a chunked
+    upload is never followed by another request on the same upstream connection."""
+    p = cl_upstream.port
+    h = _gateway(gateway, p)
+    ph = h.gw.placeholders()["API_KEY"]
+    get = f"GET /g HTTP/1.1\r\nHost: {HOST}:{p}\r\nAuthorization: Bearer {ph}\r\n\r\n".encode()
+    c = Client(h, p)
+    for _ in range(3):
+        c.send(get)
+        resp = c.response()
+        assert resp is not None and resp[0].startswith(b"HTTP/1.1 200")
+    assert cl_upstream.conns == 1  # control: clean exchanges keep the upstream alive
+    c.send(
+        f"POST /c HTTP/1.1\r\nHost: {HOST}:{p}\r\nTransfer-Encoding: chunked\r\n\r\n"
+        "3\r\nabc\r\n0\r\n\r\n".encode()
+    )
+    resp = c.response()
+    assert resp is not None and resp[0].startswith(b"HTTP/1.1 200")
+    c.send(get)
+    resp = c.response()
+    assert resp is not None and resp[0].startswith(b"HTTP/1.1 200")
+    c.close()
+    assert cl_upstream.conns == 2  # the credentialed request after it went on a fresh one
+    # (this upstream ignores chunked framing: it reads the chunks as one more request)
+    assert [r["path"] for r in cl_upstream.log if r["path"]] == ["/g", "/g", "/g", "/c", "/g"]
