@@ -17,7 +17,7 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,6 +43,8 @@ class CLUpstream:
     """
 
     ctx: ssl.SSLContext | None
+    #: ``/echo/<form>`` answers ``echo(form, value)`` for the Authorization value it got.
+    echo: Callable[[str, bytes], tuple[bytes, list[tuple[bytes, bytes]]]] | None = None
     sock: socket.socket = field(init=False)
     log: list[dict[str, Any]] = field(default_factory=list)
     stored: list[bytes] = field(default_factory=list)
@@ -108,7 +110,11 @@ class CLUpstream:
                 s.settimeout(5)
                 body, buf = buf[:n], buf[n:]
                 self.log.append({"path": path, "head": head, "body": body})
-                if path == "/store":
+                extra: list[tuple[bytes, bytes]] = []
+                if path.startswith("/echo/") and self.echo is not None:
+                    auth = headers.get("authorization", b"").removeprefix(b"Bearer ")
+                    out, extra = self.echo(path[6:], auth)
+                elif path == "/store":
                     self.stored.append(body)
                     out = b"stored"
                 elif path == "/read":
@@ -121,7 +127,10 @@ class CLUpstream:
                 else:
                     auth = headers.get("authorization", b"").decode("latin-1")
                     out = json.dumps({"path": path, "auth": auth}).encode()
-                s.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(out), out))
+                more = b"".join(b"%s: %s\r\n" % kv for kv in extra)
+                s.sendall(
+                    b"HTTP/1.1 200 OK\r\n%sContent-Length: %d\r\n\r\n%s" % (more, len(out), out)
+                )
         except (OSError, ssl.SSLError):
             return
         finally:
@@ -404,3 +413,165 @@ def test_upstream_reused_only_after_a_clean_exchange(
     assert cl_upstream.conns == 2  # the credentialed request after it went on a fresh one
     # (this upstream ignores chunked framing: it reads the chunks as one more request)
     assert [r["path"] for r in cl_upstream.log if r["path"]] == ["/g", "/g", "/g", "/c", "/g"]
+
+
+# -- encoded reflections of the credential -------------------------------------------------
+
+#: Punctuation that each encoding treats differently: / + & < > " = ~ space-free.
+REFLECTED = 'sk_live/4f+Ab&Cd<Ef>"Gh=9z~Q'
+UNRELATED = b"UNRELATED canary 12345 &amp; %41 \\u0041 QUJD &#65; <b>ok</b>"
+
+
+def _b64_at(value: bytes, offset: int, alt: bool = False) -> bytes:
+    enc = base64.b64encode(b"x" * offset + value + b"tail")
+    return enc.replace(b"+", b"-").replace(b"/", b"_").rstrip(b"=") if alt else enc
+
+
+def reflected_forms(value: bytes) -> dict[str, bytes]:
+    """How an echoing API might spell the value (written independently of the gateway)."""
+    from html import escape
+    from urllib.parse import quote, quote_plus
+
+    text = value.decode()
+    mime = base64.encodebytes(b"y" * 50 + value + b"z" * 50)  # wrapped at 76 columns
+    return {
+        "raw": value,
+        "json": json.dumps(text).encode(),
+        "json_slash": json.dumps(text).replace("/", "\\/").encode(),
+        "json_u_all": b"".join(b"\\u%04x" % c for c in value),
+        "json_u_upper": b"".join(b"\\u%04X" % c for c in value),
+        "json_u_mixed": b"".join(
+            b"\\u%04x" % c if i % 2 else bytes([c]) for i, c in enumerate(value)
+        ),
+        "json_go": json.dumps(text)
+        .replace("<", "\\u003c")
+        .replace(">", "\\u003e")
+        .replace("&", "\\u0026")
+        .encode(),
+        "pct_all": b"".join(b"%%%02X" % c for c in value),
+        "pct_all_lower": b"".join(b"%%%02x" % c for c in value),
+        "pct_partial": quote(text, safe="").encode(),
+        "pct_path": quote(text, safe="/").encode(),
+        "pct_plus": quote_plus(text).encode(),
+        "pct_double": quote(quote(text, safe=""), safe="").encode(),
+        "b64_0": _b64_at(value, 0),
+        "b64_1": _b64_at(value, 1),
+        "b64_2": _b64_at(value, 2),
+        "b64url_0": _b64_at(value, 0, True),
+        "b64url_1": _b64_at(value, 1, True),
+        "b64url_2": _b64_at(value, 2, True),
+        "b64_plain": base64.b64encode(value),
+        "b64_mime": mime,
+        "upper": value.upper(),
+        "lower": value.lower(),
+        "html": escape(text).encode(),
+        "html_dec": b"".join(b"&#%d;" % c for c in value),
+        "html_hex": b"".join(b"&#x%X;" % c for c in value),
+        "html_dec_zeros": b"".join(b"&#00%d;" % c for c in value),
+        "html_mixed": b"".join(
+            (b"&#%d;" % c, b"&#x%x;" % c, bytes([c]))[i % 3] for i, c in enumerate(value)
+        ),
+        "hex": value.hex().encode(),
+        "HEX": value.hex().upper().encode(),
+    }
+
+
+def _leaks(data: bytes, value: bytes) -> list[str]:
+    """The forms of ``value`` present in ``data``, decoding what can be decoded."""
+    found = [name for name, form in reflected_forms(value).items() if form in data]
+    # Belt and braces: base64 / hex / case are also checked by decoding what came back.
+    if value.lower() in data.lower():
+        found.append("case-insensitive")
+    for blob in data.split():
+        for dec in (base64.b64decode, base64.urlsafe_b64decode):
+            try:
+                if value in dec(blob + b"==="):
+                    found.append("decoded base64")
+            except ValueError:
+                pass
+    return found
+
+
+def _auth(ph: str) -> bytes:
+    return f"Authorization: Bearer {ph}\r\n\r\n".encode()
+
+
+def _echo(form: str, value: bytes) -> tuple[bytes, list[tuple[bytes, bytes]]]:
+    if form == "gzip":
+        import gzip
+
+        return gzip.compress(b"value=" + value), [(b"Content-Encoding", b"gzip")]
+    spelled = reflected_forms(value)[form]
+    header = spelled.replace(b"\n", b"")
+    body = b'{"echo": "' + spelled + b'", "other": "' + UNRELATED + b'"}'
+    return body, [(b"X-Echo", header), (b"Location", b"/cb?key=" + header)]
+
+
+@pytest.fixture
+def echo_upstream(pki: LocalPKI) -> Iterator[CLUpstream]:
+    up = CLUpstream(pki.server_context(), echo=_echo)
+    yield up
+    up.stop()
+
+
+@pytest.mark.parametrize("form", list(reflected_forms(REFLECTED.encode())))
+def test_encoded_reflection_never_reaches_the_sandbox(
+    gateway: GatewayFactory, echo_upstream: CLUpstream, form: str
+) -> None:
+    p = echo_upstream.port
+    h = gateway(
+        NetworkPolicy(allow_out=[f"{HOST}:{p}"]),
+        secrets={"API_KEY": Secret(REFLECTED, hosts=[HOST], template="Bearer {value}")},
+    )
+    ph = h.gw.placeholders()["API_KEY"]
+    value = REFLECTED.encode()
+    spelled = reflected_forms(value)[form]
+    assert _leaks(spelled, value)  # the check itself sees this form (control)
+    c = Client(h, p)
+    c.send(f"GET /echo/{form} HTTP/1.1\r\nHost: {HOST}:{p}\r\n".encode() + _auth(ph))
+    resp = c.response()
+    c.close()
+    assert resp is not None and resp[0].startswith(b"HTTP/1.1 200"), resp
+    # The upstream got the real value (substitution still works) and echoed it back ...
+    assert f"Bearer {REFLECTED}".encode() in echo_upstream.log[-1]["head"]
+    # ... but no form of it reached the sandbox, in the body or the headers.
+    assert _leaks(resp[0] + b"\r\n\r\n" + resp[1], value) == []
+    # Positive control: unrelated bytes (entities, escapes, base64 of other data) pass exact,
+    # and the body length is unchanged (replacement keeps Content-Length right).
+    expected = b'{"echo": "' + spelled + b'", "other": "' + UNRELATED + b'"}'
+    assert UNRELATED in resp[1] and len(resp[1]) == len(expected)
+    assert resp[1].startswith(b'{"echo": "') and resp[1].endswith(b'"}')
+
+
+def test_compressed_response_refused_not_passed(
+    gateway: GatewayFactory, echo_upstream: CLUpstream
+) -> None:
+    p = echo_upstream.port
+    h = gateway(
+        NetworkPolicy(allow_out=[f"{HOST}:{p}"]),
+        secrets={"API_KEY": Secret(REFLECTED, hosts=[HOST], template="Bearer {value}")},
+    )
+    ph = h.gw.placeholders()["API_KEY"]
+    c = Client(h, p)
+    c.send(f"GET /echo/gzip HTTP/1.1\r\nHost: {HOST}:{p}\r\n".encode() + _auth(ph))
+    resp = c.response()
+    c.close()
+    assert resp is not None and resp[0].startswith(b"HTTP/1.1 502"), resp
+    assert b"unscannable_response_encoding" in resp[0]
+    # the gateway asked for identity; the upstream ignored it and was refused
+    assert b"accept-encoding: identity" in echo_upstream.log[-1]["head"].lower()
+    rows = h.audit.query(denied_only=True)
+    assert any(r["reason"] == "unscannable_response_encoding" for r in rows)
+
+
+def test_scrubber_catches_every_form_split_at_every_offset() -> None:
+    from moat.egress.reflect import Scrubber
+
+    value = REFLECTED.encode()
+    for name, form in reflected_forms(value).items():
+        blob = b"pre " + form + b" post " + UNRELATED
+        for cut in range(1, len(blob)):
+            s = Scrubber([value])
+            out = s.feed(blob[:cut]) + s.feed(blob[cut:]) + s.flush()
+            assert len(out) == len(blob) and UNRELATED in out
+            assert _leaks(out, value) == [], (name, cut)
