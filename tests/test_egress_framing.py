@@ -564,14 +564,21 @@ def test_compressed_response_refused_not_passed(
     assert any(r["reason"] == "unscannable_response_encoding" for r in rows)
 
 
-def test_scrubber_catches_every_form_split_at_every_offset() -> None:
-    from moat.egress.reflect import Scrubber
+@pytest.mark.parametrize("matcher_backend", ["hyperscan", "ahocorasick"])
+def test_scrubber_catches_every_form_split_at_every_offset(
+    monkeypatch: pytest.MonkeyPatch, matcher_backend: str
+) -> None:
+    """With the hyperscan prefilter and without it (plain ``re``): same result."""
+    from moat.egress.reflect import Reflections, Scrubber
 
+    monkeypatch.setenv("MOAT_GUARD_MATCHER", matcher_backend)
     value = REFLECTED.encode()
+    matcher = Reflections([value])  # compiled once, as the broker does
+    assert matcher.prefiltered == (matcher_backend == "hyperscan")
     for name, form in reflected_forms(value).items():
         blob = b"pre " + form + b" post " + UNRELATED
         for cut in range(1, len(blob)):
-            s = Scrubber([value])
+            s = Scrubber(matcher)
             out = s.feed(blob[:cut]) + s.feed(blob[cut:]) + s.flush()
             assert len(out) == len(blob) and UNRELATED in out
             assert _leaks(out, value) == [], (name, cut)
