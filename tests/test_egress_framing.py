@@ -582,3 +582,41 @@ def test_scrubber_catches_every_form_split_at_every_offset(
             out = s.feed(blob[:cut]) + s.feed(blob[cut:]) + s.flush()
             assert len(out) == len(blob) and UNRELATED in out
             assert _leaks(out, value) == [], (name, cut)
+
+
+def test_pipelined_second_request_is_checked_too(
+    gateway: GatewayFactory, cl_upstream: CLUpstream
+) -> None:
+    """A bad head pipelined behind a good request (same write: it sits in h11's buffer) is
+    still checked before h11 parses it; only the good request reaches the upstream."""
+    p = cl_upstream.port
+    h = _gateway(gateway, p)
+    ph = h.gw.placeholders()["API_KEY"]
+    good = f"GET /first HTTP/1.1\r\nHost: {HOST}:{p}\r\nAuthorization: Bearer {ph}\r\n\r\n"
+    bad = (
+        f"POST /second HTTP/1.1\r\nHost: {HOST}:{p}\r\nContent-Length: 4\r\n"
+        "Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+    )
+    c = Client(h, p)
+    c.send((good + bad).encode())
+    first, second = c.response(), c.response()
+    c.close()
+    assert first is not None and first[0].startswith(b"HTTP/1.1 200")
+    assert second is not None and second[0].startswith(b"HTTP/1.1 400")
+    assert b"ambiguous_framing:cl_and_te" in second[0]
+    assert [r["path"] for r in cl_upstream.log] == ["/first"]
+
+
+def test_head_sent_one_byte_at_a_time_passes(
+    gateway: GatewayFactory, cl_upstream: CLUpstream
+) -> None:
+    """Control for the pre-parse buffer: a valid head trickling in byte by byte is served."""
+    p = cl_upstream.port
+    h = _gateway(gateway, p)
+    c = Client(h, p)
+    for b in f"POST /slow HTTP/1.1\r\nHost: {HOST}:{p}\r\nContent-Length: 2\r\n\r\nok".encode():
+        c.send(bytes([b]))
+    resp = c.response()
+    c.close()
+    assert resp is not None and resp[0].startswith(b"HTTP/1.1 200")
+    assert cl_upstream.log[-1]["path"] == "/slow" and cl_upstream.log[-1]["body"] == b"ok"

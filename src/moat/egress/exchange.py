@@ -167,26 +167,29 @@ async def next_request(
     Raises :class:`FramingError` (refuse with 400) for a bad or oversized head.
     """
     if h.their_state is h11.IDLE:
-        pending = b""
+        # Bytes h11 already holds (pipelined after the last message) come first; h11's
+        # buffer doesn't change while it is fed nothing.
+        held = h.trailing_data[0]
+        buf = bytearray(held)
+        pos = 0
         while True:
-            # Bytes h11 already holds (pipelined after the last message) come first.
-            buf = h.trailing_data[0] + pending
-            end = head_end(buf)
+            end = head_end(buf, pos)
             if end is not None:
                 if end > max_head:
                     raise FramingError("bad_request:head_too_large")
-                check_request_head(buf[:end])
-                h.receive_data(pending)
+                check_request_head(bytes(buf[:end]))
+                h.receive_data(bytes(buf[len(held) :]))
                 break
             if len(buf) > max_head:
                 raise FramingError("bad_request:head_too_large")
             data = await stream.read(READ_SIZE)
             traffic.count(up=len(data))
             if not data:
-                h.receive_data(pending)
+                h.receive_data(bytes(buf[len(held) :]))
                 h.receive_data(b"")  # EOF: h11 reports ConnectionClosed or an error
                 break
-            pending += data
+            pos = max(0, len(buf) - 2)  # search only the new bytes (slowloris: no n^2)
+            buf += data
     return await next_event(h, stream, traffic)
 
 

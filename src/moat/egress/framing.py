@@ -50,16 +50,17 @@ class FramingError(Exception):
         self.reason = reason
 
 
-def head_end(buf: bytes) -> int | None:
+def head_end(buf: bytes | bytearray, pos: int = 0) -> int | None:
     """Length of the first head in ``buf`` (through its blank line), None if incomplete.
 
-    A buffer starting with a line end is one (empty, invalid) head on its own.
+    A buffer starting with a line end is one (empty, invalid) head on its own. ``pos``:
+    where to resume the search (no blank line starts before it).
     """
     if buf[:1] == b"\n":
         return 1
     if buf[:2] == b"\r\n":
         return 2
-    m = _BLANK.search(buf)
+    m = _BLANK.search(buf, pos)
     return None if m is None else m.end()
 
 
