@@ -497,6 +497,8 @@ def _auth(ph: str) -> bytes:
 
 
 def _echo(form: str, value: bytes) -> tuple[bytes, list[tuple[bytes, bytes]]]:
+    if form == "clte":  # a response framed both ways (the server adds Content-Length)
+        return b"5\r\nhello\r\n0\r\n\r\n", [(b"Transfer-Encoding", b"chunked")]
     if form == "gzip":
         import gzip
 
@@ -620,3 +622,24 @@ def test_head_sent_one_byte_at_a_time_passes(
     c.close()
     assert resp is not None and resp[0].startswith(b"HTTP/1.1 200")
     assert cl_upstream.log[-1]["path"] == "/slow" and cl_upstream.log[-1]["body"] == b"ok"
+
+
+def test_response_framed_both_ways_ends_its_upstream_connection(
+    gateway: GatewayFactory, echo_upstream: CLUpstream
+) -> None:
+    p = echo_upstream.port
+    h = _gateway(gateway, p)
+    ph = h.gw.placeholders()["API_KEY"]
+    c = Client(h, p)
+    c.send(f"GET /echo/clte HTTP/1.1\r\nHost: {HOST}:{p}\r\n".encode() + _auth(ph))
+    head = b""
+    while not head.endswith(b"0\r\n\r\n"):  # passed on chunked, as h11 read it
+        head += c.s.recv(65536)
+    assert head.startswith(b"HTTP/1.1 200") and b"hello" in head
+    assert b"content-length" not in head.lower()
+    c.send(f"GET /after HTTP/1.1\r\nHost: {HOST}:{p}\r\n".encode() + _auth(ph))
+    resp = c.response()
+    c.close()
+    assert resp is not None and resp[0].startswith(b"HTTP/1.1 200")
+    assert echo_upstream.conns == 2  # the credentialed request went on a fresh connection
+    assert f"Bearer {VALUE}".encode() in echo_upstream.log[-1]["head"]

@@ -419,8 +419,8 @@ class Forwarder:
                 break
             raise Refused(502, "upstream_protocol_error")
         names = [n for n, _ in event.headers]
-        # Both framings (or several lengths) in a response: read it h11's way, then never
-        # reuse the connection (RFC 9112 6.3).
+        # Both framings in a response: read it as chunked (h11, RFC 9112 6.3), pass no
+        # Content-Length on, and never reuse the connection. (h11 refuses differing lengths.)
         clean = not (b"transfer-encoding" in names and b"content-length" in names)
         headers: list[tuple[bytes, bytes]] = []
         for name, value in event.headers:
