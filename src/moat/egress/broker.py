@@ -18,6 +18,7 @@ import secrets as _random
 import shutil
 import ssl
 import tempfile
+import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -120,6 +121,7 @@ class SecretBroker:
             raise InvalidArgumentError("too many secrets")
         self._bound: list[_Bound] = []
         self._reflections: Reflections | None = None
+        self._compiling = threading.Lock()
         for name, secret in items.items():
             if not isinstance(name, str) or not _ENV_NAME.match(name):
                 raise InvalidArgumentError("secret names must be environment variable names")
@@ -197,9 +199,15 @@ class SecretBroker:
     def scrubber(self) -> Scrubber:
         """A fresh streaming scrubber for one response body (every form of every value:
         :mod:`moat.egress.reflect`). The matcher is compiled on first use (cached)."""
-        if self._reflections is None:
-            self._reflections = Reflections(b.value for b in self._bound)
-        return Scrubber(self._reflections)
+        return Scrubber(self.reflections())
+
+    def reflections(self) -> Reflections:
+        """The matcher of every form of every value, compiled once (thread-safe: the
+        gateway compiles it off the event loop, :meth:`Gateway` ``_intercept``)."""
+        with self._compiling:
+            if self._reflections is None:
+                self._reflections = Reflections(b.value for b in self._bound)
+            return self._reflections
 
     def scrub(self, data: bytes) -> bytes:
         """Scrub one complete piece of bytes (a header value)."""
