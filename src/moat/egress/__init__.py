@@ -7,9 +7,12 @@ hostile. Modules, from pure to I/O:
 - :mod:`~moat.egress.addr`: address classification (an enum; boundary-tested)
 - :mod:`~moat.egress.policy`: :class:`NetworkPolicy` and the pure ``decide``
 - :mod:`~moat.egress.resolve`: resolve once, pin, dial what was checked
+- :mod:`~moat.egress.framing`: strict request heads (no ambiguous framing: no smuggling)
+- :mod:`~moat.egress.reflect`: every spelling of a secret value; the streaming scrubber
 - :mod:`~moat.egress.broker`: secrets, placeholders, scrubbing, the per-sandbox CA
 - :mod:`~moat.egress.tls`: ClientHello SNI peeking, TLS over any stream
 - :mod:`~moat.egress.caps`: :class:`GatewayConfig` and the per-sandbox caps
+- :mod:`~moat.egress.exchange`: one HTTP/1.1 request and response, gateway-framed
 - :mod:`~moat.egress.proxy`: the :class:`Gateway`
 
 Its audit rows go to :class:`moat.store.AuditLog`.

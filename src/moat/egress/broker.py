@@ -5,7 +5,8 @@ Trust domain: host engine; it holds the only copy of secret values and the CA pr
 *certificate*. The gateway intercepts TLS only to hosts a secret is bound to, swaps the
 placeholder for the value there, and scrubs the value out of responses. The CA carries an
 X.509 name constraint limited to the bound hosts, so even its certificates could not be
-used to impersonate any other site inside the sandbox.
+used to impersonate any other site inside the sandbox. Responses are scrubbed of every form
+of every value (raw, JSON/URL/HTML-escaped, case-changed, base64, hex: :mod:`.reflect`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import secrets as _random
 import shutil
 import ssl
 import tempfile
+import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +30,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from moat.egress.hostport import HostKind
 from moat.egress.policy import HostPattern
+from moat.egress.reflect import Reflections, Scrubber
 from moat.errors import InvalidArgumentError, PolicyError
 
 __all__ = ["PLACEHOLDER_PREFIX", "CertificateAuthority", "Scrubber", "Secret", "SecretBroker"]
@@ -109,42 +112,6 @@ class _Bound:
         return any(p.matches_host(host) for p in self.patterns)
 
 
-class Scrubber:
-    """Streaming replacement of secret values in response bytes.
-
-    Values are replaced by ``*`` of the same length, so a Content-Length stays right and the
-    body can stream; up to ``len(longest value) - 1`` bytes are held back between chunks so
-    a value split across two chunks is still caught.
-    """
-
-    def __init__(self, values: Iterable[bytes]) -> None:
-        self._values = sorted({v for v in values if v}, key=len, reverse=True)
-        self._keep = max((len(v) for v in self._values), default=1) - 1
-        self._tail = b""
-        self.hits = 0
-
-    def feed(self, data: bytes) -> bytes:
-        """Scrub a chunk; returns the bytes that are safe to pass on now."""
-        if not self._values:
-            return data
-        buf = self._scrub(self._tail + data)
-        cut = max(0, len(buf) - self._keep)
-        self._tail = buf[cut:]
-        return buf[:cut]
-
-    def flush(self) -> bytes:
-        """The held-back bytes at the end of a body."""
-        out, self._tail = self._scrub(self._tail), b""
-        return out
-
-    def _scrub(self, buf: bytes) -> bytes:
-        for v in self._values:
-            if v in buf:
-                self.hits += buf.count(v)
-                buf = buf.replace(v, b"*" * len(v))
-        return buf
-
-
 class SecretBroker:
     """The secrets of one sandbox: placeholders, bindings, substitution and scrubbing."""
 
@@ -153,6 +120,8 @@ class SecretBroker:
         if len(items) > 64:
             raise InvalidArgumentError("too many secrets")
         self._bound: list[_Bound] = []
+        self._reflections: Reflections | None = None
+        self._compiling = threading.Lock()
         for name, secret in items.items():
             if not isinstance(name, str) or not _ENV_NAME.match(name):
                 raise InvalidArgumentError("secret names must be environment variable names")
@@ -228,8 +197,17 @@ class SecretBroker:
         return out, used
 
     def scrubber(self) -> Scrubber:
-        """A fresh streaming scrubber for one response body."""
-        return Scrubber(b.value for b in self._bound)
+        """A fresh streaming scrubber for one response body (every form of every value:
+        :mod:`moat.egress.reflect`). The matcher is compiled on first use (cached)."""
+        return Scrubber(self.reflections())
+
+    def reflections(self) -> Reflections:
+        """The matcher of every form of every value, compiled once (thread-safe: the
+        gateway compiles it off the event loop, :meth:`Gateway` ``_intercept``)."""
+        with self._compiling:
+            if self._reflections is None:
+                self._reflections = Reflections(b.value for b in self._bound)
+            return self._reflections
 
     def scrub(self, data: bytes) -> bytes:
         """Scrub one complete piece of bytes (a header value)."""

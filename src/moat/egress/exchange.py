@@ -7,7 +7,16 @@ each request on the connection is checked against it (target and Host header equ
 destination; a placeholder of a secret bound elsewhere refuses it, DESIGN invariant 3),
 placeholders are swapped for values on an intercepted connection only, the body streams
 with an overlap scan (cut before a foreign placeholder's last byte leaves) and the response
-comes back with secret values scrubbed out. Parsing is h11 on both sides.
+comes back with every form of every secret value scrubbed out (:mod:`moat.egress.reflect`).
+
+Framing (issue 17: request smuggling). Parsing is h11 on both sides, but every client head
+first passes the strict checks of :mod:`moat.egress.framing` (:func:`next_request`), the
+client's ``Content-Length``/``Transfer-Encoding`` are never forwarded (the gateway states the
+upstream framing itself, from its own parse), and an upstream connection is reused for the
+next request only after a clean exchange: a request framed by Content-Length (or bodiless),
+both messages complete at a boundary, no byte left over, no ambiguous response framing. A
+chunked upload ends its upstream connection (an upstream that framed it otherwise must never
+read the next request, with its substituted credential, as part of it).
 
 Admission, policy, caps and the audit trail stay with the gateway: it hands in what a
 request needs (:class:`Forwarder`) and gets every outcome back through ``record``.
@@ -26,6 +35,7 @@ import h11
 
 from moat.egress.addr import IPAddress
 from moat.egress.broker import SecretBroker
+from moat.egress.framing import FramingError, check_request_head, head_end
 from moat.egress.hostport import HostPort, parse_absolute_url, parse_authority
 from moat.egress.tls import ByteStream, PlainStream
 from moat.errors import InvalidArgumentError, LeakBlockedError
@@ -37,6 +47,7 @@ __all__ = [
     "Refused",
     "Traffic",
     "next_event",
+    "next_request",
     "send_refusal",
 ]
 
@@ -56,6 +67,8 @@ _HOP_BY_HOP = frozenset(
         b"expect",
     }
 )
+#: A request's framing is the gateway's own, never the client's (smuggling, issue 17).
+_REQUEST_FRAMING = frozenset({b"content-length", b"transfer-encoding"})
 _PHRASES = {
     400: "Bad Request",
     403: "Forbidden",
@@ -145,6 +158,50 @@ async def next_event(
         return event
 
 
+async def next_request(
+    h: h11.Connection, stream: ByteStream, traffic: Traffic, max_head: int
+) -> Any:
+    """Like :func:`next_event` for a server connection awaiting a request head, but h11 gets
+    no byte of a head before the whole head passed :func:`check_request_head`.
+
+    Raises :class:`FramingError` (refuse with 400) for a bad or oversized head.
+    """
+    if h.their_state is h11.IDLE:
+        # Bytes h11 already holds (pipelined after the last message) come first; h11's
+        # buffer doesn't change while it is fed nothing.
+        held = h.trailing_data[0]
+        buf = bytearray(held)
+        pos = 0
+        while True:
+            end = head_end(buf, pos)
+            if end is not None:
+                if end > max_head:
+                    raise FramingError("bad_request:head_too_large")
+                check_request_head(bytes(buf[:end]))
+                h.receive_data(bytes(buf[len(held) :]))
+                break
+            if len(buf) > max_head:
+                raise FramingError("bad_request:head_too_large")
+            data = await stream.read(READ_SIZE)
+            traffic.count(up=len(data))
+            if not data:
+                h.receive_data(bytes(buf[len(held) :]))
+                h.receive_data(b"")  # EOF: h11 reports ConnectionClosed or an error
+                break
+            pos = max(0, len(buf) - 2)  # search only the new bytes (slowloris: no n^2)
+            buf += data
+    return await next_event(h, stream, traffic)
+
+
+def _upstream_clean(upstream: PlainStream) -> bool:
+    """Whether a kept-alive upstream sits idle at a message boundary (nothing unread, open).
+
+    Unknown (no visible buffer) counts as not clean: dial afresh (fail closed).
+    """
+    buffered = getattr(upstream.reader, "_buffer", None)
+    return buffered is not None and not buffered and not upstream.reader.at_eof()
+
+
 @dataclass(frozen=True, slots=True)
 class Forwarder:
     """Forwards the requests of one client connection to its decided destination.
@@ -197,8 +254,20 @@ class Forwarder:
                 headers, used = self.broker.substitute(headers, dest.host)
             if self.broker.has_secrets():
                 headers.append((b"accept-encoding", b"identity"))
-            if not tls:
+            # The upstream framing is the gateway's own, from its strict parse (issue 17).
+            chunked = any(n == b"transfer-encoding" for n, _ in req.headers)
+            length = [v for n, v in req.headers if n == b"content-length"]
+            if chunked:
+                headers.append((b"transfer-encoding", b"chunked"))
+            elif length:
+                headers.append((b"content-length", length[0]))
+            # Reuse only after a request whose length no upstream can read another way.
+            reuse = tls and not chunked
+            if not reuse:
                 headers.append((b"connection", b"close"))
+            if upstream is not None and not _upstream_clean(upstream):
+                await upstream.aclose()
+                upstream = None
             if upstream is None:
                 up_reader, up_writer = await self.dial(ip, dest, tls)
                 upstream = PlainStream(up_reader, up_writer)
@@ -211,8 +280,14 @@ class Forwarder:
                     h.send(h11.InformationalResponse(status_code=100, headers=[])) or b""
                 )
             await self._forward_body(upstream, uh)
-            await self._forward_response(upstream, uh)
-            if uh.our_state is not h11.DONE or uh.their_state is not h11.DONE:
+            clean = await self._forward_response(upstream, uh)
+            if (
+                not (reuse and clean)
+                or uh.our_state is not h11.DONE
+                or uh.their_state is not h11.DONE
+                or uh.trailing_data[0]
+            ):
+                # Not at a clean message boundary: never carry another request (invariant 3).
                 await upstream.aclose()
                 upstream = None
         except Refused as r:
@@ -289,7 +364,7 @@ class Forwarder:
         }
         out: list[tuple[bytes, bytes]] = []
         for name, value in req.headers:
-            if name in _HOP_BY_HOP or name in listed:
+            if name in _HOP_BY_HOP or name in listed or name in _REQUEST_FRAMING:
                 continue
             if name == b"accept-encoding" and self.broker.has_secrets():
                 continue  # replaced by "identity": responses must stay scannable
@@ -324,7 +399,14 @@ class Forwarder:
             else:
                 raise h11.RemoteProtocolError("unexpected event")
 
-    async def _forward_response(self, upstream: PlainStream, uh: h11.Connection) -> None:
+    async def _forward_response(self, upstream: PlainStream, uh: h11.Connection) -> bool:
+        """Pass the response back scrubbed; returns whether its framing was unambiguous."""
+        try:
+            return await self._scrubbed_response(upstream, uh)
+        except h11.RemoteProtocolError as exc:
+            raise Refused(502, "upstream_protocol_error") from exc
+
+    async def _scrubbed_response(self, upstream: PlainStream, uh: h11.Connection) -> bool:
         h, client = self.h, self.client
         scrubber = self.broker.scrubber()
         while True:
@@ -336,9 +418,13 @@ class Forwarder:
             if isinstance(event, h11.Response):
                 break
             raise Refused(502, "upstream_protocol_error")
+        names = [n for n, _ in event.headers]
+        # Both framings in a response: read it as chunked (h11, RFC 9112 6.3), pass no
+        # Content-Length on, and never reuse the connection. (h11 refuses differing lengths.)
+        clean = not (b"transfer-encoding" in names and b"content-length" in names)
         headers: list[tuple[bytes, bytes]] = []
         for name, value in event.headers:
-            if name in _HOP_BY_HOP:
+            if name in _HOP_BY_HOP or (name == b"content-length" and not clean):
                 continue
             if (
                 name == b"content-encoding"
@@ -347,7 +433,7 @@ class Forwarder:
             ):
                 # A compressed body can't be scrubbed: fail closed (invariant 3).
                 raise Refused(502, "unscannable_response_encoding")
-            headers.append((name, self.broker.scrub(value)))
+            headers.append((self.broker.scrub(name), self.broker.scrub(value)))
         if h.their_state is h11.MUST_CLOSE or not self.tls:
             headers.append((b"connection", b"close"))
         await client.write(
@@ -364,6 +450,6 @@ class Forwarder:
                 if rest:
                     await client.write(h.send(h11.Data(data=rest)) or b"")
                 await client.write(h.send(h11.EndOfMessage()) or b"")
-                return
+                return clean
             else:
                 raise Refused(502, "upstream_protocol_error")

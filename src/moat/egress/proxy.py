@@ -41,7 +41,15 @@ import h11
 from moat.egress.addr import IPAddress
 from moat.egress.broker import CertificateAuthority, Secret, SecretBroker
 from moat.egress.caps import GatewayConfig, TokenBucket
-from moat.egress.exchange import READ_SIZE, Ended, Forwarder, Refused, next_event, send_refusal
+from moat.egress.exchange import (
+    READ_SIZE,
+    Ended,
+    Forwarder,
+    Refused,
+    next_request,
+    send_refusal,
+)
+from moat.egress.framing import FramingError
 from moat.egress.hostport import HostKind, HostPort, parse_absolute_url, parse_authority
 from moat.egress.policy import Decision, NetworkPolicy, decide, decide_name
 from moat.egress.pump import SplicePump, UpstreamPump, open_pump
@@ -356,7 +364,12 @@ class Gateway:
         h = h11.Connection(h11.SERVER, max_incomplete_event_size=self.config.max_header_bytes)
         try:
             async with asyncio.timeout(self.config.handshake_timeout):
-                event = await next_event(h, client, conn)
+                event = await next_request(h, client, conn, self.config.max_header_bytes)
+        except FramingError as exc:
+            # Ambiguous or malformed head: refused before anything is dialed (issue 17).
+            self._decision(None, None, None, allowed=False, reason=exc.reason)
+            await send_refusal(client, 400, exc.reason)
+            return
         except (TimeoutError, h11.RemoteProtocolError):
             await send_refusal(client, 400, "bad_request")
             return
@@ -563,18 +576,33 @@ class Gateway:
         except (ssl.SSLError, TimeoutError, OSError):
             self._decision("CONNECT", dest, ip, allowed=False, reason="client_tls_failed")
             return
+        # The scrubber's matcher (every form of every value) compiles once per gateway, in a
+        # thread: ~0.1 s for short values, seconds for values of several KiB.
+        await asyncio.to_thread(self._broker.reflections)
         upstream: PlainStream | None = None
         h = h11.Connection(h11.SERVER, max_incomplete_event_size=self.config.max_header_bytes)
         forwarder = self._forwarder(conn, tls, h, dest, ip, tls=True)
         try:
             while True:
-                event = await next_event(h, tls, conn)
+                try:
+                    event = await next_request(h, tls, conn, self.config.max_header_bytes)
+                except FramingError as exc:
+                    # Refused before the request reaches (or reuses) any upstream (issue 17).
+                    self._decision(None, dest, ip, allowed=False, reason=exc.reason)
+                    await send_refusal(tls, 400, exc.reason)
+                    return
                 if not isinstance(event, h11.Request):
                     return
                 upstream = await forwarder.exchange(event, upstream, self._inspect)
                 if h.our_state is h11.MUST_CLOSE or h.their_state is h11.MUST_CLOSE:
                     return
                 h.start_next_cycle()
+        except h11.RemoteProtocolError:
+            # A malformed body (bad chunk framing): the exchange already cut its upstream.
+            if h.our_state in (h11.IDLE, h11.SEND_RESPONSE):
+                self._decision(None, dest, ip, allowed=False, reason="bad_request:body")
+                await send_refusal(tls, 400, "bad_request:body")
+            return
         except (Ended, h11.ProtocolError, ssl.SSLError, OSError, ConnectionError):
             return
         finally:

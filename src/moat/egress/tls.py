@@ -166,13 +166,24 @@ class PlainStream:
             self.writer.close()
 
     async def aclose(self, timeout: float = 2.0) -> None:
-        """Close and wait (bounded) until the transport is really gone."""
+        """Close and wait (bounded) until the transport is really gone; past the bound, or
+        when cancelled, abort it (a TLS peer that never answers close_notify must not keep
+        the socket open: invariant 5)."""
         self.close()
         try:
             async with asyncio.timeout(timeout):
                 await self.writer.wait_closed()
         except (OSError, ConnectionError, TimeoutError, ssl.SSLError):
-            pass
+            self.abort()
+        except asyncio.CancelledError:
+            self.abort()
+            raise
+
+    def abort(self) -> None:
+        """Drop the connection at once (no TLS close_notify exchange)."""
+        transport = getattr(self.writer, "transport", None)
+        if isinstance(transport, asyncio.BaseTransport) and hasattr(transport, "abort"):
+            transport.abort()
 
 
 class _Writer(Protocol):
