@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints-dev.txt
 	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
 		echo "installing Debian packages:$$missing"; \
@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	fi
 	test -x $(PY) || /usr/bin/python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev]' -c constraints-dev.txt
 	@ls /var/lib/apt/lists/*_Packages >/dev/null 2>&1 || apt-get update -qq  # the kernel is fetched with apt-get download
 	$(PY) -m moat.runtime.microvm.setup
 	$(PY) -m moat.runtime.gvisor.setup
@@ -36,6 +36,7 @@ lint: install
 	$(VENV)/bin/ruff format --check src tests bench examples
 	$(VENV)/bin/ruff check src tests bench examples
 	$(VENV)/bin/mypy src/moat
+	$(VENV)/bin/mypy --explicit-package-bases tests
 
 bench: install
 	$(PY) bench/bench_container.py
