@@ -21,9 +21,10 @@ from dataclasses import dataclass
 
 import ahocorasick_rs
 
+from moat.guard.budget import Budget
 from moat.guard.encodings import byte_forms, text_forms
 from moat.guard.literals import LiteralSet
-from moat.guard.rules import RuleSet
+from moat.guard.rules import Rule, RuleSet
 
 #: Whitespace runs of at most this many characters are ignored when matching values
 #: ("s e c r e t", one character per line with CRLF, base64 wrapped at 76 columns).
@@ -178,48 +179,108 @@ class ExactIndex:
         return hits
 
 
+#: UTF-8 continuation bytes: deleting them leaves one byte per character.
+_CONTINUATION = bytes(range(0x80, 0xC0))
+
+
+def _char_offsets(data: bytes, offsets: Iterable[int]) -> dict[int, int]:
+    """Byte offsets into UTF-8 ``data`` as character offsets, in one pass over ``data``."""
+    out: dict[int, int] = {}
+    prev_b = prev_c = 0
+    for b in sorted(set(offsets)):
+        prev_c += len(data[prev_b:b].translate(None, _CONTINUATION))
+        prev_b = b
+        out[b] = prev_c
+    return out
+
+
+#: Gates or anchors more frequent than one per this many bytes: search the whole text
+#: (one RE2 pass) rather than sort and merge their windows in Python.
+_DENSE = 64
+
+
+def _regions(windows: Iterable[tuple[int, int]], size: int) -> list[tuple[int, int]]:
+    """Overlapping or touching windows merged, clipped to ``size``: each byte of the text is
+    searched once per rule, however densely its gates or anchors occur (linear time)."""
+    out: list[tuple[int, int]] = []
+    for lo, hi in sorted(windows):
+        hi = min(hi, size)
+        if out and lo <= out[-1][1]:
+            if hi > out[-1][1]:
+                out[-1] = (out[-1][0], hi)
+        elif lo < hi:
+            out.append((lo, hi))
+    return out
+
+
 def rule_hits(
-    rules: RuleSet, text: str, pos: int = 0, allow: frozenset[str] = frozenset()
+    rules: RuleSet,
+    text: str,
+    pos: int = 0,
+    allow: frozenset[str] = frozenset(),
+    budget: Budget | None = None,
 ) -> list[Hit]:
     """Matches of the pattern rules in ``text[pos:]`` (``text[:pos]`` is lookbehind context).
 
-    Offsets are relative to ``text``. Matches whose text is in ``allow`` are dropped.
+    Offsets are relative to ``text``. Matches whose text is in ``allow`` are dropped. Linear
+    time (issue 17 §3): each rule's regex (RE2) searches each byte at most once, within the
+    merged windows around its gates or anchors, or over the whole text.
     """
-    hits: list[Hit] = []
-    for rule, offsets, anchors in rules.candidates(text):
-        seen: set[tuple[int, int]] = set()
-        matches: list[re.Match[str]] = []
-        if offsets is not None:
+    data = text.encode("utf-8", "surrogatepass")
+    ascii_text = len(data) == len(text)
+    bpos = pos if ascii_text else len(text[:pos].encode("utf-8", "surrogatepass"))
+    found: list[tuple[int, int, Rule]] = []
+    for rule, offsets, anchors in rules.candidates(data):
+        if offsets is not None and len(offsets) * _DENSE < len(data):
             # Every match starts at a gate literal and is at most gate_window long.
-            for o in offsets:
-                if o >= pos:
-                    m = rule.pattern.match(text, o, min(len(text), o + rule.gate_window))
-                    if m is not None:
-                        matches.append(m)
-        elif rule.anchor is not None:
+            regions = _regions(((o, o + rule.gate_window) for o in offsets if o >= bpos), len(data))
+        elif rule.anchor is not None and (anchors is None or len(anchors) * _DENSE < len(data)):
             if anchors is None:
-                anchors = [a.span() for a in rule.anchor.finditer(text, pos)]
-            for a_start, a_end in anchors:
-                if a_start < pos:
-                    continue
-                lo = max(pos, a_start - rule.before)
-                hi = min(len(text), a_end + rule.after)
-                matches.extend(rule.pattern.finditer(text, lo, hi))
+                anchors = [a.span() for a in rule.anchor.finditer(data, bpos)]
+            regions = _regions(
+                ((max(bpos, s - rule.before), e + rule.after) for s, e in anchors if s >= bpos),
+                len(data),
+            )
+        elif rule.region is not None:
+            # One byte past each region: the rule's lookahead sees the next character.
+            regions = _regions(
+                ((m.span()[0], m.span()[1] + 1) for m in rule.region.finditer(data, bpos)),
+                len(data),
+            )
         else:
-            matches = list(rule.pattern.finditer(text, pos))
-        for m in matches:
-            start, end = m.span(rule.group) if rule.group <= (m.re.groups or 0) else m.span()
-            if start < 0:
-                start, end = m.span()
-            if rule.extend is not None and end == m.end():
-                ext = rule.extend.match(text, end)
-                if ext is not None:
-                    end = ext.end()
-            if end <= start or (start, end) in seen or text[start:end] in allow:
-                continue
-            seen.add((start, end))
-            hits.append(Hit(start, end, rule.name, rule.name, f"rule:{rule.name}", False))
-    return hits
+            # No windows, or windows so dense that they would cover the text anyway.
+            regions = [(bpos, len(data))]
+        seen: set[tuple[int, int]] = set()
+        extended = -1  # end of the last match's extension
+        for lo, hi in regions:
+            for m in rule.pattern.finditer(data, lo, hi):
+                start, end = m.span(rule.group) if rule.group <= rule.groups else m.span()
+                if start < 0:
+                    start, end = m.span()
+                if rule.extend is not None and end == m.end():
+                    if start < extended:
+                        # Inside the last extension: the match and its extension are made of
+                        # the extension's characters, so both end where it ended. Skipping
+                        # keeps the extension linear ("eyJ" repeated: quadratic otherwise).
+                        continue
+                    ext = rule.extend.match(data, end)
+                    if ext is not None:
+                        end = ext.end()
+                    extended = end
+                if end <= start or (start, end) in seen:
+                    continue
+                seen.add((start, end))
+                found.append((start, end, rule))
+        if budget is not None:
+            budget.check()
+    if not found:
+        return []
+    if not ascii_text:
+        chars = _char_offsets(data, [o for s, e, _ in found for o in (s, e)])
+        found = [(chars[s], chars[e], r) for s, e, r in found]
+    if allow:
+        found = [(s, e, r) for s, e, r in found if text[s:e] not in allow]
+    return [Hit(s, e, r.name, r.name, r.detector, False) for s, e, r in found]
 
 
 @dataclass(frozen=True, slots=True)
