@@ -31,6 +31,7 @@ from collections.abc import Callable, Iterable
 
 from moat.errors import InvalidArgumentError, LeakBlockedError
 from moat.guard import png
+from moat.guard.budget import Budget, GuardBudgetError
 from moat.guard.canary import KINDS, SHOWN_LABEL, make_canary
 from moat.guard.policy import EXACT, Finding, GuardPolicy
 from moat.guard.rules import RULE_WINDOW, RuleSet, rule_set
@@ -149,6 +150,8 @@ class Guard:
         policy: GuardPolicy | None = None,
         sensitive: Iterable[SensitiveItem] = (),
         on_finding: FindingCallback | None = None,
+        *,
+        budget_s: float | None = None,
     ) -> None:
         if policy is None:
             policy = GuardPolicy()
@@ -158,6 +161,9 @@ class Guard:
             raise InvalidArgumentError("on_finding must be callable")
         self._policy = policy
         self._on_finding = on_finding
+        if budget_s is not None and (not isinstance(budget_s, (int, float)) or budget_s <= 0):
+            raise InvalidArgumentError("budget_s must be a positive number of seconds")
+        self._budget_s = budget_s
         self._lock = threading.RLock()
         self._entries: list[Entry] = []
         self._values: set[tuple[str, str]] = set()
@@ -270,29 +276,42 @@ class Guard:
 
     # -- whole values --------------------------------------------------------------------
 
-    def _text_hits(self, text: str) -> list[Hit]:
-        idx = self._idx()
-        return idx.text.find(text) + rule_hits(idx.rules, text, 0, self._allow)
+    def _budget(self, size: int, budget_s: float | None) -> Budget:
+        if budget_s is not None and (not isinstance(budget_s, (int, float)) or budget_s <= 0):
+            raise InvalidArgumentError("budget_s must be a positive number of seconds")
+        return Budget.for_size(size, budget_s if budget_s is not None else self._budget_s)
 
-    def scan_text(self, text: str, channel: str = "reply") -> list[Finding]:
-        """Findings in ``text`` (reported to ``on_finding``); never raises for a finding."""
+    def _text_hits(self, text: str, budget: Budget | None = None) -> list[Hit]:
+        idx = self._idx()
+        hits = idx.text.find(text, budget)
+        return hits + rule_hits(idx.rules, text, 0, self._allow, budget)
+
+    def scan_text(
+        self, text: str, channel: str = "reply", *, budget_s: float | None = None
+    ) -> list[Finding]:
+        """Findings in ``text`` (reported to ``on_finding``); never raises for a finding
+        (only ``GuardBudgetError`` when the scan runs past its CPU budget)."""
         if not isinstance(text, str):
             raise InvalidArgumentError("the guard scans text (str)")
         channel = _check_channel(channel)
-        return self._report(self._text_hits(text), channel)
+        budget = self._budget(len(text), budget_s)
+        return self._report(self._text_hits(text, budget), channel)
 
-    def redact_text(self, text: str, channel: str) -> str:
+    def redact_text(self, text: str, channel: str, *, budget_s: float | None = None) -> str:
         """``text`` made safe: findings replaced by ``[REDACTED:<label>]``.
 
         For whole values: results, error name/value/traceback, file contents read as text,
-        names of listed files. Raises ``LeakBlockedError`` in block mode.
+        names of listed files. Raises ``LeakBlockedError`` in block mode, and
+        ``GuardBudgetError`` (a ``moat.errors.TimeoutError``) when the scan uses more CPU
+        than ``budget_s`` (default: the guard's, else 2 s + 0.1 s per MB): nothing is
+        released then. Thread-safe: call it from a worker thread (``asyncio.to_thread``).
         """
         if not isinstance(text, str):
             raise InvalidArgumentError("the guard redacts text (str)")
         channel = _check_channel(channel)
         if self.mode == "off":
             return text
-        hits = self._text_hits(text)
+        hits = self._text_hits(text, self._budget(len(text), budget_s))
         if not hits:
             return text
         self._report(hits, channel)
@@ -300,13 +319,15 @@ class Guard:
             raise self._block(hits, channel)
         return render(text, merge(hits))
 
-    def _bytes_hits(self, view: str) -> list[Hit]:
+    def _bytes_hits(self, view: str, budget: Budget | None = None) -> list[Hit]:
         idx = self._idx()
-        return idx.binary.find(view) + rule_hits(idx.rules, view, 0, self._allow)
+        hits = idx.binary.find(view, budget)
+        return hits + rule_hits(idx.rules, view, 0, self._allow, budget)
 
-    def redact_bytes(self, data: bytes, channel: str) -> bytes:
+    def redact_bytes(self, data: bytes, channel: str, *, budget_s: float | None = None) -> bytes:
         """``data`` with raw and encoded values (UTF-8, UTF-16/32, base64, hex ...) replaced
-        by the ASCII marker; offsets in findings are byte offsets."""
+        by the ASCII marker; offsets in findings are byte offsets. Budget and threads: as
+        ``redact_text``."""
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise InvalidArgumentError("the guard redacts bytes")
         channel = _check_channel(channel)
@@ -314,7 +335,7 @@ class Guard:
         if self.mode == "off":
             return raw
         view = raw.decode("latin-1")  # one character per byte: offsets are byte offsets
-        hits = self._bytes_hits(view)
+        hits = self._bytes_hits(view, self._budget(len(raw), budget_s))
         if not hits:
             return raw
         self._report(hits, channel)
@@ -473,6 +494,7 @@ class GuardStream:
         self._tail = ""  # raw text of a match released past the fixed cut (see _cut)
         self._forced: dict[tuple[int, int, str, str], Hit] = {}  # absolute offsets
         self._blocked: list[str] | None = None
+        self._over_budget = False  # a scan ran past its CPU budget: nothing more is released
         self._closed = False
 
     @property
@@ -547,25 +569,37 @@ class GuardStream:
         return GuardedCallback(self, callback)
 
     def _check_open(self) -> None:
+        if self._over_budget:
+            raise GuardBudgetError("the guard's scan ran past its CPU budget; output withheld")
         if self._blocked is not None:
             raise LeakBlockedError(self._blocked, self.channel)
         if self._closed:
             raise InvalidArgumentError("this guard stream was already flushed")
 
     def _release(self, *, final: bool) -> str:
+        try:
+            return self._release_scanned(final=final)
+        except GuardBudgetError:
+            # Fail closed: the held output is dropped and the stream releases nothing more.
+            self._over_budget = True
+            self._buf = ""
+            raise
+
+    def _release_scanned(self, *, final: bool) -> str:
         guard = self._guard
         idx = guard._idx()
         buf, base, ctx, tail = self._buf, self._base, self._ctx, self._tail
+        budget = Budget.for_size(len(tail) + len(buf), guard._budget_s)
         hits: list[Hit] = []
         # Exact matches: over the raw text of the last marker released early (``tail``)
         # plus the buffer, so a match overlapping a released one is still caught.
-        for h in idx.text.find(tail + buf):
+        for h in idx.text.find(tail + buf, budget):
             if h.end > len(tail):
                 start = max(h.start - len(tail), 0)
                 hits.append(
                     Hit(start, h.end - len(tail), h.label, h.audit_label, h.detector, h.canary)
                 )
-        for h in rule_hits(idx.rules, ctx + buf, len(ctx), guard._allow):
+        for h in rule_hits(idx.rules, ctx + buf, len(ctx), guard._allow, budget):
             hits.append(
                 Hit(h.start - len(ctx), h.end - len(ctx), h.label, h.audit_label, h.detector, False)
             )

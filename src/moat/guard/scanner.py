@@ -155,10 +155,12 @@ class ExactIndex:
         squeezed = text.encode("utf-8", "surrogatepass").translate(None, _WS_BYTES)
         return self._fast.any(squeezed)
 
-    def find(self, text: str) -> list[Hit]:
+    def find(self, text: str, budget: Budget | None = None) -> list[Hit]:
         """Every (possibly overlapping) match of every form, in original offsets."""
         if self._precise is None or not self.maybe(text):
             return []
+        if budget is not None:
+            budget.check()
         squeezed, sq_starts, orig_starts = _squeeze_with_map(text)
 
         def to_orig(q: int) -> int:
