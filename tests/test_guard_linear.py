@@ -130,3 +130,35 @@ def test_jwt_extension_is_not_rescanned() -> None:
 def test_rules_run_on_re2_except_the_reviewed_ones() -> None:
     engines = {r.name: r.engine for r in load_rules(frozenset(ALL_RULES))}
     assert {n for n, e in engines.items() if e != "re2"} == {"ip_public"}
+
+
+#: Inputs for the exact matcher's readings (decoded escapes, folded Unicode, ANSI gaps,
+#: hexdump lines): each reading is made in one pass, whatever the text.
+EXACT_ADVERSARIAL = [
+    "%41",
+    "\\u0041",
+    "&#65;",
+    "&amp;",
+    "\x1b[31m",
+    "\x1b[31ma",
+    "\u200ba",
+    "\uff41",
+    "é",
+    "00000000  41 41 41 41 41 41 41 41  41 41 41 41 41 41 41 41  |AAAAAAAAAAAAAAAA|\n",
+    "41:",
+    "a ",
+    "  |",
+]
+
+
+@pytest.mark.parametrize("unit", EXACT_ADVERSARIAL)
+def test_exact_readings_are_linear(unit: str) -> None:
+    guard = Guard(GuardPolicy(detectors=("exact",)), sensitive=[("AAAAAAAAzzzz", "V")])
+
+    def scan(text: str) -> None:
+        guard.redact_text(text, "result")
+
+    small = _best(scan, _text(unit, 350 * KIB))
+    large = _best(scan, _text(unit, 700 * KIB))
+    assert large < 1.0, (unit, large)
+    assert large < 3 * small or large < 0.1, (unit, small, large)

@@ -57,8 +57,9 @@ MAX_LABEL_LEN = 64
 _LABEL_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.:@/-")
 #: A rule match ending this close to the end of a stream's buffer may still grow.
 RULE_MARGIN = 16
-#: Raw characters of already released output kept as lookbehind context for rules.
-CONTEXT = 64
+#: Raw characters of already released output kept as lookbehind context: for rules, and
+#: for the line of ``hexdump -C`` output (79 characters) that a cut may split.
+CONTEXT = 128
 #: A stream never holds more than this waiting for a rule match to settle (the longest
 #: rule, a private-key block, is capped at 16 KiB).
 MAX_HOLD = 64 * 1024
@@ -591,13 +592,16 @@ class GuardStream:
         buf, base, ctx, tail = self._buf, self._base, self._ctx, self._tail
         budget = Budget.for_size(len(tail) + len(buf), guard._budget_s)
         hits: list[Hit] = []
-        # Exact matches: over the raw text of the last marker released early (``tail``)
-        # plus the buffer, so a match overlapping a released one is still caught.
-        for h in idx.text.find(tail + buf, budget):
-            if h.end > len(tail):
-                start = max(h.start - len(tail), 0)
+        # Exact matches: over the raw text released last (the raw text of a marker released
+        # early, ``tail``, or the lookbehind ``ctx``: both end where the buffer starts) plus
+        # the buffer, so a match overlapping a released one, or a hexdump line split by the
+        # cut, is still caught.
+        prefix = tail if len(tail) >= len(ctx) else ctx
+        for h in idx.text.find(prefix + buf, budget):
+            if h.end > len(prefix):
+                start = max(h.start - len(prefix), 0)
                 hits.append(
-                    Hit(start, h.end - len(tail), h.label, h.audit_label, h.detector, h.canary)
+                    Hit(start, h.end - len(prefix), h.label, h.audit_label, h.detector, h.canary)
                 )
         for h in rule_hits(idx.rules, ctx + buf, len(ctx), guard._allow, budget):
             hits.append(
