@@ -15,7 +15,7 @@ Normalisation (issue 17 §5): matching is ASCII case-insensitive, and the text i
 in up to four *readings*, each only where it can differ from the text: as is; folded
 (NFKC look-alikes of ASCII to ASCII, zero-width characters and soft hyphens to spaces:
 one character for one, offsets unchanged); with ANSI escape sequences as gaps; decoded
-(``%XX``, ``\xXX``, ``\uXXXX``, ``\UXXXXXXXX``, ``&#N;``, ``&#xN;``, ``&name;``, any mix,
+(``%XX``, ``\\xXX``, ``\\uXXXX``, ``\\UXXXXXXXX``, ``&#N;``, ``&#xN;``, ``&name;``, any mix,
 with a map back to the text). ``hexdump -C`` lines are decoded to bytes and searched as a
 file read is. A reading never replaces the text: a decoder that swallows characters
 can't hide a value that is there as is. Every reading is one pass (linear).
