@@ -9,6 +9,7 @@ the input may not much more than double the time. The positive control runs the 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import pytest
 
@@ -162,3 +163,52 @@ def test_exact_readings_are_linear(unit: str) -> None:
     large = _best(scan, _text(unit, 700 * KIB))
     assert large < 1.0, (unit, large)
     assert large < 3 * small or large < 0.1, (unit, small, large)
+
+
+def _png_chunks(n: int) -> bytes:
+    import struct
+    import zlib
+
+    body = b"Comment\0" + b"a" * 20
+    chunk = (
+        struct.pack(">I", len(body))
+        + b"tEXt"
+        + body
+        + struct.pack(">I", zlib.crc32(b"tEXt" + body))
+    )
+    return b"\x89PNG\r\n\x1a\n" + chunk * (n // len(chunk)) + b"\0\0\0\0IEND\xaeB`\x82"
+
+
+#: Binary results made of the parsers' worst cases: many tiny streams, unbalanced
+#: strings, hex strings without an end, many chunks and segments.
+BINARY_ADVERSARIAL: dict[str, tuple[str, Callable[[int], bytes]]] = {
+    "pdf/streams": ("pdf", lambda n: b"%PDF-1.4\n" + b"obj stream\nx\nendstream\n" * (n // 23)),
+    "pdf/parens": ("pdf", lambda n: b"%PDF-1.4\n" + b"(" * n),
+    "pdf/escapes": ("pdf", lambda n: b"%PDF-1.4\n(" + b"\\101" * (n // 4) + b")"),
+    "pdf/hex": ("pdf", lambda n: b"%PDF-1.4\n" + b"<a" * (n // 2) + b">"),
+    "pdf/dicts": ("pdf", lambda n: b"%PDF-1.4\n" + b"<<" * (n // 2)),
+    "png/chunks": ("png", _png_chunks),
+    "jpeg/segments": (
+        "jpeg",
+        lambda n: b"\xff\xd8" + b"\xff\xfe\x00\x06abcd" * (n // 8) + b"\xff\xd9",
+    ),
+    "jpeg/entropy": (
+        "jpeg",
+        lambda n: b"\xff\xd8\xff\xda\x00\x02" + b"\xff\x00" * (n // 2) + b"\xff\xd9",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BINARY_ADVERSARIAL))
+def test_binary_parsers_are_linear(name: str) -> None:
+    kind, make = BINARY_ADVERSARIAL[name]
+    guard = Guard(sensitive=[("AAAAAAAAzzzz", "V")])
+    small_data, large_data = make(350 * KIB), make(700 * KIB)
+
+    def scan(data: bytes) -> None:
+        guard.scan_binary_result(kind, data)
+
+    small = _best(scan, small_data)  # type: ignore[arg-type]
+    large = _best(scan, large_data)  # type: ignore[arg-type]
+    assert large < 1.0, (name, large)
+    assert large < 3 * small or large < 0.1, (name, small, large)
