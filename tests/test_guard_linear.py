@@ -212,3 +212,28 @@ def test_binary_parsers_are_linear(name: str) -> None:
     large = _best(scan, large_data)  # type: ignore[arg-type]
     assert large < 1.0, (name, large)
     assert large < 3 * small or large < 0.1, (name, small, large)
+
+
+@pytest.mark.parametrize(
+    "unit",
+    [
+        "eyJhbGciOi.eyJzdWIi." + "QUJD" * 20_000 + " ",  # JWTs longer than a stream holds
+        "-----BEGIN RSA PRIVATE KEY-----\n" + "QUJD" * 5_000 + "\n",  # blocks without END
+        "sk-ant-api03-" + "a" * 30_000 + " ",
+    ],
+)
+def test_streams_holding_a_growing_match_stay_linear(unit: str) -> None:
+    # A rule match that reaches the end of the buffer is held (up to MAX_HOLD); fed in
+    # small chunks, the held buffer must not be rescanned on every chunk.
+    guard = Guard(sensitive=[("AAAAAAAAzzzz", "V")])
+
+    def feed(text: str) -> None:
+        s = guard.stream("stdout")
+        for i in range(0, len(text), 64):
+            s.feed(text[i : i + 64])
+        s.flush()
+
+    small = _best(feed, _text(unit, 350 * KIB), runs=2)
+    large = _best(feed, _text(unit, 700 * KIB), runs=2)
+    assert large < 1.0, large
+    assert large < 3 * small or large < 0.1, (small, large)

@@ -565,6 +565,7 @@ class GuardStream:
         self._forced: dict[tuple[int, int, str, str], Hit] = {}  # absolute offsets
         self._blocked: list[str] | None = None
         self._over_budget = False  # a scan ran past its CPU budget: nothing more is released
+        self._held = 0  # buffer length at the last scan that held it back (a growing match)
         self._closed = False
 
     @property
@@ -596,9 +597,16 @@ class GuardStream:
             # the window. A program printing one short line per write would otherwise cost a
             # rescan of the whole window per line. Still a function of the lengths fed only.
             # Block mode scans every chunk, so a leak interrupts the call at once.
-            if self._guard.mode != "block" and len(self._buf) < 2 * self._guard._idx().window:
+            window = self._guard._idx().window
+            if self._guard.mode != "block" and (
+                len(self._buf) < 2 * window or len(self._buf) < self._held + window
+            ):
                 return ""
-            return self._release(final=False)
+            out = self._release(final=False)
+            # A rule match still growing holds the buffer (up to MAX_HOLD): rescan it once
+            # it has grown by another window, not on every chunk (linear in what is fed).
+            self._held = len(self._buf) if len(self._buf) >= 2 * window else 0
+            return out
 
     def flush(self) -> str:
         """End of the stream: release the held-back tail, redacted."""
