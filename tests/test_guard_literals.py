@@ -107,7 +107,7 @@ def test_anchor_widths_are_those_of_the_regexes() -> None:
     assert anchored
     for rule in anchored:
         assert rule.anchor is not None
-        width = sre_parser.parse(rule.anchor.pattern).getwidth()
+        width = sre_parser.parse(rule.anchor.pattern.decode()).getwidth()
         assert width == (rule.anchor_width, rule.anchor_width), rule.name
 
 
@@ -123,11 +123,11 @@ def test_hyperscan_anchors_cover_every_regex_anchor() -> None:
     for _ in range(200):
         text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 400)))
         text += "-us7" + ".abcdef." + "A" * 27 + ":" + "b" * 35  # one of each, at least
-        found = {rule.name: anchors for rule, _, anchors in rules.candidates(text)}
+        found = {rule.name: anchors for rule, _, anchors in rules.candidates(text.encode())}
         for rule in rules.rules:
             if rule.anchor is None:
                 continue
-            expected = {m.span() for m in rule.anchor.finditer(text)}
+            expected = {m.span() for m in rule.anchor.finditer(text.encode())}
             assert rule.name in found
             got = found[rule.name]
             if literals.backend() == "hyperscan":

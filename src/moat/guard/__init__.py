@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from moat.guard.budget import GuardBudgetError
 from moat.guard.guard import Guard, GuardStream, SensitiveItem
 from moat.guard.policy import Finding, GuardPolicy
 from moat.guard.rules import ALL_RULES, DEFAULT_RULES
@@ -26,6 +27,7 @@ __all__ = [
     "DEFAULT_RULES",
     "Finding",
     "Guard",
+    "GuardBudgetError",
     "GuardPolicy",
     "GuardStream",
     "redact",

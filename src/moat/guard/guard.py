@@ -32,7 +32,8 @@ from collections.abc import Callable, Iterable
 import ahocorasick_rs
 
 from moat.errors import InvalidArgumentError, LeakBlockedError
-from moat.guard import png
+from moat.guard import binary, png
+from moat.guard.budget import Budget, GuardBudgetError
 from moat.guard.canary import KINDS, SHOWN_LABEL, make_canary
 from moat.guard.policy import EXACT, Finding, GuardPolicy
 from moat.guard.rules import RULE_WINDOW, RuleSet, rule_set
@@ -58,8 +59,9 @@ MAX_LABEL_LEN = 64
 _LABEL_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.:@/-")
 #: A rule match ending this close to the end of a stream's buffer may still grow.
 RULE_MARGIN = 16
-#: Raw characters of already released output kept as lookbehind context for rules.
-CONTEXT = 64
+#: Raw characters of already released output kept as lookbehind context: for rules, and
+#: for the line of ``hexdump -C`` output (79 characters) that a cut may split.
+CONTEXT = 128
 #: A stream never holds more than this waiting for a rule match to settle (the longest
 #: rule, a private-key block, is capped at 16 KiB).
 MAX_HOLD = 64 * 1024
@@ -151,6 +153,8 @@ class Guard:
         policy: GuardPolicy | None = None,
         sensitive: Iterable[SensitiveItem] = (),
         on_finding: FindingCallback | None = None,
+        *,
+        budget_s: float | None = None,
     ) -> None:
         if policy is None:
             policy = GuardPolicy()
@@ -160,6 +164,9 @@ class Guard:
             raise InvalidArgumentError("on_finding must be callable")
         self._policy = policy
         self._on_finding = on_finding
+        if budget_s is not None and (not isinstance(budget_s, (int, float)) or budget_s <= 0):
+            raise InvalidArgumentError("budget_s must be a positive number of seconds")
+        self._budget_s = budget_s
         self._lock = threading.RLock()
         self._entries: list[Entry] = []
         self._values: set[tuple[str, str]] = set()
@@ -274,29 +281,42 @@ class Guard:
 
     # -- whole values --------------------------------------------------------------------
 
-    def _text_hits(self, text: str) -> list[Hit]:
-        idx = self._idx()
-        return idx.text.find(text) + rule_hits(idx.rules, text, 0, self._allow)
+    def _budget(self, size: int, budget_s: float | None) -> Budget:
+        if budget_s is not None and (not isinstance(budget_s, (int, float)) or budget_s <= 0):
+            raise InvalidArgumentError("budget_s must be a positive number of seconds")
+        return Budget.for_size(size, budget_s if budget_s is not None else self._budget_s)
 
-    def scan_text(self, text: str, channel: str = "reply") -> list[Finding]:
-        """Findings in ``text`` (reported to ``on_finding``); never raises for a finding."""
+    def _text_hits(self, text: str, budget: Budget | None = None) -> list[Hit]:
+        idx = self._idx()
+        hits = idx.text.find(text, budget)
+        return hits + rule_hits(idx.rules, text, 0, self._allow, budget)
+
+    def scan_text(
+        self, text: str, channel: str = "reply", *, budget_s: float | None = None
+    ) -> list[Finding]:
+        """Findings in ``text`` (reported to ``on_finding``); never raises for a finding
+        (only ``GuardBudgetError`` when the scan runs past its CPU budget)."""
         if not isinstance(text, str):
             raise InvalidArgumentError("the guard scans text (str)")
         channel = _check_channel(channel)
-        return self._report(self._text_hits(text), channel)
+        budget = self._budget(len(text), budget_s)
+        return self._report(self._text_hits(text, budget), channel)
 
-    def redact_text(self, text: str, channel: str) -> str:
+    def redact_text(self, text: str, channel: str, *, budget_s: float | None = None) -> str:
         """``text`` made safe: findings replaced by ``[REDACTED:<label>]``.
 
         For whole values: results, error name/value/traceback, file contents read as text,
-        names of listed files. Raises ``LeakBlockedError`` in block mode.
+        names of listed files. Raises ``LeakBlockedError`` in block mode, and
+        ``GuardBudgetError`` (a ``moat.errors.TimeoutError``) when the scan uses more CPU
+        than ``budget_s`` (default: the guard's, else 2 s + 0.1 s per MB): nothing is
+        released then. Thread-safe: call it from a worker thread (``asyncio.to_thread``).
         """
         if not isinstance(text, str):
             raise InvalidArgumentError("the guard redacts text (str)")
         channel = _check_channel(channel)
         if self.mode == "off":
             return text
-        hits = self._text_hits(text)
+        hits = self._text_hits(text, self._budget(len(text), budget_s))
         if not hits:
             return text
         self._report(hits, channel)
@@ -343,13 +363,15 @@ class Guard:
         self._report(hits, channel)
         return render(text, merge(hits))
 
-    def _bytes_hits(self, view: str) -> list[Hit]:
+    def _bytes_hits(self, view: str, budget: Budget | None = None) -> list[Hit]:
         idx = self._idx()
-        return idx.binary.find(view) + rule_hits(idx.rules, view, 0, self._allow)
+        hits = idx.binary.find(view, budget)
+        return hits + rule_hits(idx.rules, view, 0, self._allow, budget)
 
-    def redact_bytes(self, data: bytes, channel: str) -> bytes:
+    def redact_bytes(self, data: bytes, channel: str, *, budget_s: float | None = None) -> bytes:
         """``data`` with raw and encoded values (UTF-8, UTF-16/32, base64, hex ...) replaced
-        by the ASCII marker; offsets in findings are byte offsets."""
+        by the ASCII marker; offsets in findings are byte offsets. Budget and threads: as
+        ``redact_text``."""
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise InvalidArgumentError("the guard redacts bytes")
         channel = _check_channel(channel)
@@ -357,7 +379,7 @@ class Guard:
         if self.mode == "off":
             return raw
         view = raw.decode("latin-1")  # one character per byte: offsets are byte offsets
-        hits = self._bytes_hits(view)
+        hits = self._bytes_hits(view, self._budget(len(raw), budget_s))
         if not hits:
             return raw
         self._report(hits, channel)
@@ -403,6 +425,64 @@ class Guard:
             prev = chunk.end
         parts.append(raw[prev:])
         return b"".join(parts)
+
+    def scan_binary_result(
+        self, mime: str, data: bytes, channel: str = "result", *, budget_s: float | None = None
+    ) -> tuple[bytes | None, list[Finding]]:
+        """A binary result (``mime``: a result key, "png", or a MIME type, "image/png"):
+        the bytes to release, or None to drop it, and the findings.
+
+        The bytes must be what ``mime`` says (signature and structure) and are scanned raw
+        for values in every byte form and for rules, and so are their text parts: PNG
+        tEXt/zTXt/iTXt chunks, JPEG COM/APPn segments (EXIF, XMP), PDF strings and inflated
+        streams (``moat.guard.binary``). Redact mode: offending PNG chunks and JPEG
+        segments are cut (so are PNG chunks of unregistered types and bytes after the end
+        marker, found or not); a finding anywhere else, a mismatched or malformed file, one
+        that can't be inflated within caps, or an unknown ``mime`` drops the result
+        (None), with a finding ``format:<kind>`` for the last four. Block mode: a finding
+        raises ``LeakBlockedError``. "off": ``(data, [])``. Thread-safe; runs in time
+        linear in ``data`` under the CPU budget (``GuardBudgetError``).
+        """
+        if not isinstance(data, (bytes, bytearray, memoryview)) or not isinstance(mime, str):
+            raise InvalidArgumentError("scan_binary_result takes a MIME type and bytes")
+        channel = _check_channel(channel)
+        raw = bytes(data)
+        if self.mode == "off":
+            return raw, []
+        budget = self._budget(len(raw), budget_s)
+        kind = binary.kind_of(mime)
+
+        def unverified(what: str) -> tuple[bytes | None, list[Finding]]:
+            hit = Hit(0, len(raw), what, what, f"format:{kind or 'unknown'}", False)
+            return None, self._report([hit], channel)
+
+        if kind is None:
+            return unverified("unknown-format")
+        if not binary.magic_ok(kind, raw):
+            return unverified("format-mismatch")
+        try:
+            parts, cut = binary.parts(kind, raw)
+        except binary.Unverifiable:
+            return unverified("unverifiable")
+        budget.check()
+        view = raw.decode("latin-1")
+        hits = self._bytes_hits(view, budget)
+        spans = [(p.start, p.end) for p in parts if p.removable] + cut
+        for part in parts:
+            for h in self._bytes_hits(part.data.decode("latin-1"), budget):
+                hits.append(Hit(part.start, part.end, h.label, h.audit_label, h.detector, h.canary))
+        if not hits:
+            return _cut(raw, cut), []
+        findings = self._report(hits, channel)
+        if self.mode == "block":
+            raise self._block(hits, channel)
+        drop = set(cut)
+        for h in hits:
+            inside = [s for s in spans if s[0] <= h.start and h.end <= s[1]]
+            if not inside:
+                return None, findings  # not in a part that can be cut: drop it all
+            drop.update(inside)
+        return _cut(raw, sorted(drop)), findings
 
     def check_egress(self, data: str | bytes) -> list[Finding]:
         """Findings of registered values and canaries in an outgoing request (the egress
@@ -499,6 +579,17 @@ class Guard:
         self._log_chars = sum(len(t) for _, _, t in self._log)
 
 
+def _cut(data: bytes, spans: Iterable[tuple[int, int]]) -> bytes:
+    """``data`` without the (sorted, possibly overlapping) ``spans``."""
+    out, prev = [], 0
+    for start, end in sorted(spans):
+        if start > prev:
+            out.append(data[prev:start])
+        prev = max(prev, end)
+    out.append(data[prev:])
+    return b"".join(out)
+
+
 class GuardStream:
     """The guard on one output stream: ``feed`` chunks, ``flush`` at the end of the call.
 
@@ -516,6 +607,8 @@ class GuardStream:
         self._tail = ""  # raw text of a match released past the fixed cut (see _cut)
         self._forced: dict[tuple[int, int, str, str], Hit] = {}  # absolute offsets
         self._blocked: list[str] | None = None
+        self._over_budget = False  # a scan ran past its CPU budget: nothing more is released
+        self._held = 0  # buffer length at the last scan that held it back (a growing match)
         self._closed = False
 
     @property
@@ -547,9 +640,16 @@ class GuardStream:
             # the window. A program printing one short line per write would otherwise cost a
             # rescan of the whole window per line. Still a function of the lengths fed only.
             # Block mode scans every chunk, so a leak interrupts the call at once.
-            if self._guard.mode != "block" and len(self._buf) < 2 * self._guard._idx().window:
+            window = self._guard._idx().window
+            if self._guard.mode != "block" and (
+                len(self._buf) < 2 * window or len(self._buf) < self._held + window
+            ):
                 return ""
-            return self._release(final=False)
+            out = self._release(final=False)
+            # A rule match still growing holds the buffer (up to MAX_HOLD): rescan it once
+            # it has grown by another window, not on every chunk (linear in what is fed).
+            self._held = len(self._buf) if len(self._buf) >= 2 * window else 0
+            return out
 
     def flush(self) -> str:
         """End of the stream: release the held-back tail, redacted."""
@@ -590,25 +690,40 @@ class GuardStream:
         return GuardedCallback(self, callback)
 
     def _check_open(self) -> None:
+        if self._over_budget:
+            raise GuardBudgetError("the guard's scan ran past its CPU budget; output withheld")
         if self._blocked is not None:
             raise LeakBlockedError(self._blocked, self.channel)
         if self._closed:
             raise InvalidArgumentError("this guard stream was already flushed")
 
     def _release(self, *, final: bool) -> str:
+        try:
+            return self._release_scanned(final=final)
+        except GuardBudgetError:
+            # Fail closed: the held output is dropped and the stream releases nothing more.
+            self._over_budget = True
+            self._buf = ""
+            raise
+
+    def _release_scanned(self, *, final: bool) -> str:
         guard = self._guard
         idx = guard._idx()
         buf, base, ctx, tail = self._buf, self._base, self._ctx, self._tail
+        budget = Budget.for_size(len(tail) + len(buf), guard._budget_s)
         hits: list[Hit] = []
-        # Exact matches: over the raw text of the last marker released early (``tail``)
-        # plus the buffer, so a match overlapping a released one is still caught.
-        for h in idx.text.find(tail + buf):
-            if h.end > len(tail):
-                start = max(h.start - len(tail), 0)
+        # Exact matches: over the raw text released last (the raw text of a marker released
+        # early, ``tail``, or the lookbehind ``ctx``: both end where the buffer starts) plus
+        # the buffer, so a match overlapping a released one, or a hexdump line split by the
+        # cut, is still caught.
+        prefix = tail if len(tail) >= len(ctx) else ctx
+        for h in idx.text.find(prefix + buf, budget):
+            if h.end > len(prefix):
+                start = max(h.start - len(prefix), 0)
                 hits.append(
-                    Hit(start, h.end - len(tail), h.label, h.audit_label, h.detector, h.canary)
+                    Hit(start, h.end - len(prefix), h.label, h.audit_label, h.detector, h.canary)
                 )
-        for h in rule_hits(idx.rules, ctx + buf, len(ctx), guard._allow):
+        for h in rule_hits(idx.rules, ctx + buf, len(ctx), guard._allow, budget):
             hits.append(
                 Hit(h.start - len(ctx), h.end - len(ctx), h.label, h.audit_label, h.detector, False)
             )
