@@ -24,8 +24,9 @@ from moat import (
     SandboxError,
 )
 from moat.egress import proxy_env
-from moat.engine.session import CA_BUNDLE_PATH, PROXY_PORT
+from moat.model import CA_BUNDLE_PATH, PROXY_PORT
 from moat.runtime.container.driver import UID_BASE, UID_SPAN
+from moat.testing import session_of
 
 _ENGINES = (b"bwrap", b"runsc", b"qemu-system")
 
@@ -284,7 +285,7 @@ def test_fork_bomb_hits_pids_cap_host_stays_responsive(tier: str) -> None:
         assert refused[:1] == ["refused"], h.stdout
         assert 16 < int(refused[1]) < 64 and int(refused[2]) == 11  # EAGAIN
         if tier == "container":
-            proc = s._a._s.proc  # the pids cgroup, read from outside: the cap was hit
+            proc = session_of(s).proc  # the pids cgroup, read from outside: the cap was hit
             assert proc is not None and proc.stats()["pids_limit_hits"] > 0
         h.kill()
         deadline = time.monotonic() + 20

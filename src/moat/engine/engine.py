@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import secrets
 import threading
@@ -13,16 +14,21 @@ from typing import Any
 
 from moat.egress import AuditLog, Gateway, GatewayConfig, Secret, proxy_env
 from moat.engine.guardhook import make_guard
-from moat.engine.output import DEFAULT_MAX_OUTPUT
 from moat.engine.pool import WarmPool, pool_sizes, poolable
-from moat.engine.session import CA_BUNDLE_PATH, PROXY_PORT, Session
-from moat.engine.tiers import TIERS, choose_tier, require, runtime_for
+from moat.engine.resolve import guard_policy, network_policy
+from moat.engine.session import Session
+from moat.engine.tiers import TIERS, require, runtime_for
 from moat.guard import GuardPolicy
+from moat.model import CA_BUNDLE_PATH, PROXY_PORT, SandboxConfig, SandboxInfo
 from moat.paths import audit_db
 from moat.runtime.spec import SandboxSpec
 
 log = logging.getLogger("moat.engine")
 
+#: The tenant of the embedded SDK (a process that embeds the engine is one tenant).
+DEFAULT_TENANT = "default"
+#: How many ended sandboxes an engine remembers (to answer calls on them with why they ended).
+MAX_ENDED = 4096
 #: Seconds between two sweeps of one tier by one engine.
 SWEEP_INTERVAL = 60.0
 
@@ -33,6 +39,10 @@ class Engine:
     def __init__(self, pool: dict[str, int] | None = None) -> None:
         """``pool``: warm sandboxes per tier (default: ``MOAT_WARM_POOL``, see pool.py)."""
         self.sessions: dict[str, Session] = {}
+        #: sandboxes that ended lately: id -> (tenant, why, last info), newest last, bounded
+        self.ended: collections.OrderedDict[str, tuple[str, str, SandboxInfo]] = (
+            collections.OrderedDict()
+        )
         self._swept: dict[str, float] = {}  # tier -> when the next sweep is due
         self._mu = threading.Lock()
         self._audit: AuditLog | None = None
@@ -51,25 +61,32 @@ class Engine:
 
     async def create(
         self,
-        spec_args: dict[str, Any],
-        isolation: str | None,
-        trust: str,
-        timeout: float,
-        metadata: dict[str, str],
-        guard: GuardPolicy | None = None,
-        sensitive: Mapping[str, str] | None = None,
-        network: Any = None,
+        config: SandboxConfig,
+        *,
+        tenant: str = DEFAULT_TENANT,
         secrets: Mapping[str, Secret] | None = None,
+        sensitive: Mapping[str, str] | None = None,
         gateway_config: GatewayConfig | None = None,
-        max_output: int = DEFAULT_MAX_OUTPUT,
     ) -> Session:
-        """Start a sandbox on the tier ``isolation`` / ``trust`` selects.
+        """Start a sandbox for ``tenant`` as ``config`` (from ``moat.engine.resolve``) says.
 
-        Every sandbox gets an egress gateway (deny-all unless ``network`` opens hosts) and a
-        guard over everything it returns, which knows its secrets and ``sensitive`` values
-        (value -> label).
+        Every sandbox gets an egress gateway (deny-all unless the config's network opens
+        hosts) and a guard over everything it returns, which knows its ``secrets`` (the
+        config's references joined with their values) and ``sensitive`` values (value ->
+        label). Callers reach this through the front door (``moat.engine.api``).
         """
-        tier = choose_tier(isolation, trust)
+        tier = config.tier
+        timeout = config.timeout
+        metadata = dict(config.metadata)
+        guard = guard_policy(config.guard)
+        network = network_policy(config.network)
+        max_output = config.max_output_bytes
+        spec_args: dict[str, Any] = {
+            "template": config.template,
+            "envs": config.envs,
+            "mounts": config.mounts,
+            "limits": config.limits,
+        }
         runtime = require(tier)  # probes are cached after the first: cheap
         if self._sweep_due(tier):
             await asyncio.to_thread(self._sweep, tier)
@@ -82,6 +99,7 @@ class Engine:
                 the_guard = make_guard(
                     session.id, guard or GuardPolicy(), dict(sensitive or {}), audit
                 )
+                session.tenant = tenant
                 try:
                     await session.adopt(
                         the_guard, the_guard.check_egress, network, timeout, metadata, max_output
@@ -102,7 +120,7 @@ class Engine:
             config=gateway_config,
             inspect=the_guard.check_egress,  # canaries and sensitive values leaving by network
         )
-        env = dict(spec_args.pop("envs", ()))
+        env = dict(spec_args.pop("envs"))
         env.update(proxy_env(PROXY_PORT, CA_BUNDLE_PATH))  # moat's own names win
         env.update(gateway.placeholders())
         spec = SandboxSpec(
@@ -112,6 +130,7 @@ class Engine:
             spec, runtime, the_guard, timeout, metadata, self._ended, audit=audit,
             gateway=gateway, max_output=max_output,
         )  # fmt: skip
+        session.tenant = tenant
         with self._mu:
             self.sessions[spec.sandbox_id] = session
         try:
@@ -168,6 +187,12 @@ class Engine:
     def _ended(self, session: Session) -> None:
         with self._mu:
             self.sessions.pop(session.id, None)
+            if session.tenant is not None:
+                info = session.info()
+                info.state = "ended"
+                self.ended[session.id] = (session.tenant, session.ended or "killed", info)
+                while len(self.ended) > MAX_ENDED:
+                    self.ended.popitem(last=False)
 
     def get(self, sandbox_id: str) -> Session | None:
         with self._mu:

@@ -26,10 +26,9 @@ from moat.errors import (
     SandboxError,
     TimeoutError,
 )
-from moat.protocol import CHUNK_SIZE, MsgType
-from moat.runtime.base import Runtime, SandboxProcess
-from moat.runtime.spec import SandboxSpec
-from moat.sdk.models import (
+from moat.model import (
+    CA_BUNDLE_PATH,
+    PROXY_PORT,
     CommandResult,
     Context,
     EntryInfo,
@@ -40,13 +39,12 @@ from moat.sdk.models import (
     Result,
     SandboxInfo,
 )
+from moat.protocol import CHUNK_SIZE, MsgType
+from moat.runtime.base import Runtime, SandboxProcess
+from moat.runtime.spec import SandboxSpec
 
 log = logging.getLogger("moat.engine")
 
-#: The sandbox-side proxy port the agent serves (HTTP(S)_PROXY points here).
-PROXY_PORT = 3128
-#: Where the agent writes the CA bundle (system roots + this sandbox's interception CA).
-CA_BUNDLE_PATH = "/tmp/.moat/ca-bundle.pem"  # noqa: S108 - a path inside the sandbox
 #: How long the agent gets to come up.
 START_TIMEOUT = 20.0
 #: After asking the agent to interrupt a call, how long before we declare it dead.
@@ -102,6 +100,8 @@ class Session:
     ) -> None:
         self.spec = spec
         self.id = spec.sandbox_id
+        #: the tenant it belongs to; None while it waits in the warm pool (nobody's)
+        self.tenant: str | None = None
         self.runtime = runtime
         self.guard = guard
         self.metadata = metadata
@@ -270,12 +270,7 @@ class Session:
 
     def _check(self) -> AgentClient:
         if self.ended is not None or self.client is None:
-            reason = self.ended or "killed"
-            if reason == "timeout":
-                raise TimeoutError("the sandbox reached the end of its lifetime and was killed")
-            if reason.startswith("died"):
-                raise SandboxDiedError(f"the sandbox is gone ({reason[6:]})")
-            raise NotFoundError("the sandbox was killed")
+            raise ended_error(self.ended or "killed")
         return self.client
 
     # -- code --------------------------------------------------------------------------------
@@ -543,9 +538,12 @@ class Session:
                 MsgType.CMD_STDIN, {"pid": pid, "eof": eof and last}, payload=chunk
             )
 
-    async def kill_command(self, pid: int) -> bool:
+    async def kill_command(self, pid: int, signal: int | None = None) -> bool:
+        fields: dict[str, Any] = {"pid": pid}
+        if signal is not None:
+            fields["signal"] = signal
         try:
-            await self._check().request(MsgType.CMD_KILL, {"pid": pid})
+            await self._check().request(MsgType.CMD_KILL, fields)
         except NotFoundError:
             return False
         return True
@@ -666,6 +664,15 @@ class Session:
             )
         except (KeyError, TypeError, ValueError, AttributeError, OverflowError, OSError):
             raise self._violation("bad file entry") from None
+
+
+def ended_error(reason: str) -> SandboxError:
+    """What a call on a sandbox that ended (for ``reason``) raises."""
+    if reason == "timeout":
+        return TimeoutError("the sandbox reached the end of its lifetime and was killed")
+    if reason.startswith("died"):
+        return SandboxDiedError(f"the sandbox is gone ({reason[6:]})")
+    return NotFoundError("the sandbox was killed")
 
 
 def _context(reply: Any) -> Context:
