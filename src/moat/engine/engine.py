@@ -18,9 +18,11 @@ from moat.engine.pool import WarmPool, pool_sizes, poolable
 from moat.engine.resolve import guard_policy, network_policy
 from moat.engine.session import Session
 from moat.engine.tiers import TIERS, require, runtime_for
+from moat.errors import PolicyError
 from moat.guard import GuardPolicy
 from moat.model import CA_BUNDLE_PATH, PROXY_PORT, SandboxConfig, SandboxInfo
 from moat.paths import audit_db
+from moat.runtime.base import Runtime
 from moat.runtime.spec import SandboxSpec
 
 log = logging.getLogger("moat.engine")
@@ -36,8 +38,16 @@ SWEEP_INTERVAL = 60.0
 class Engine:
     """Owns every live session of this process. Embedded by default (``default_engine()``)."""
 
-    def __init__(self, pool: dict[str, int] | None = None) -> None:
-        """``pool``: warm sandboxes per tier (default: ``MOAT_WARM_POOL``, see pool.py)."""
+    def __init__(self, pool: dict[str, int] | None = None, runtime: Runtime | None = None) -> None:
+        """``pool``: warm sandboxes per tier (default: ``MOAT_WARM_POOL``, see pool.py).
+
+        ``runtime`` replaces every tier's driver (tests: ``moat.testing.fake_front_door``);
+        such an engine has no warm pool, and its sandboxes report the runtime's name as
+        their tier. No trust level or ``isolation=`` can choose it.
+        """
+        self._runtime = runtime
+        if runtime is not None:
+            pool = {}
         self.sessions: dict[str, Session] = {}
         #: sandboxes that ended lately: id -> (tenant, why, last info), newest last, bounded
         self.ended: collections.OrderedDict[str, tuple[str, str, SandboxInfo]] = (
@@ -75,7 +85,7 @@ class Engine:
         config's references joined with their values) and ``sensitive`` values (value ->
         label). Callers reach this through the front door (``moat.engine.api``).
         """
-        tier = config.tier
+        tier = config.tier if self._runtime is None else self._runtime.name
         timeout = config.timeout
         metadata = dict(config.metadata)
         guard = guard_policy(config.guard)
@@ -87,8 +97,8 @@ class Engine:
             "mounts": config.mounts,
             "limits": config.limits,
         }
-        runtime = require(tier)  # probes are cached after the first: cheap
-        if self._sweep_due(tier):
+        runtime = self._runtime or require(tier)  # probes are cached after the first: cheap
+        if self._runtime is None and self._sweep_due(tier):
             await asyncio.to_thread(self._sweep, tier)
         audit = self.audit
         warm = poolable(spec_args, secrets, gateway_config)
@@ -112,17 +122,21 @@ class Engine:
         known = dict(sensitive or {})
         known.update({s.value: name for name, s in (secrets or {}).items()})
         the_guard = make_guard(sandbox_id, guard or GuardPolicy(), known, audit)
-        gateway = Gateway(
-            sandbox_id,
-            network,
-            secrets,
-            audit=audit,
-            config=gateway_config,
-            inspect=the_guard.check_egress,  # canaries and sensitive values leaving by network
-        )
         env = dict(spec_args.pop("envs"))
-        env.update(proxy_env(PROXY_PORT, CA_BUNDLE_PATH))  # moat's own names win
-        env.update(gateway.placeholders())
+        gateway: Gateway | None = None
+        if getattr(runtime, "provides_network", True):
+            gateway = Gateway(
+                sandbox_id,
+                network,
+                secrets,
+                audit=audit,
+                config=gateway_config,
+                inspect=the_guard.check_egress,  # canaries, sensitive values leaving by network
+            )
+            env.update(proxy_env(PROXY_PORT, CA_BUNDLE_PATH))  # moat's own names win
+            env.update(gateway.placeholders())
+        elif secrets:
+            raise PolicyError("this runtime has no network, so it can't broker secrets")
         spec = SandboxSpec(
             sandbox_id=sandbox_id, tier=tier, envs=tuple(sorted(env.items())), **spec_args
         )
