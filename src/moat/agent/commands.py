@@ -9,8 +9,9 @@ import threading
 import time
 
 from moat.agent.channel import Channel
-from moat.agent.contexts import HOME, oom_first
+from moat.agent.contexts import oom_first
 from moat.protocol import MsgType
+from moat.protocol.contract import HOME
 
 # The agent starts in every sandbox: typing costs ~8 ms of imports, so it is only
 # imported for the type checker (annotations are strings here).

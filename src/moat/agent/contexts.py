@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 from moat.agent.channel import Channel
 from moat.protocol import Decoder, Frame, MsgType, encode
+from moat.protocol.contract import HOME
 
 # The agent starts in every sandbox: typing costs ~8 ms of imports, so it is only
 # imported for the type checker (annotations are strings here).
@@ -22,7 +23,6 @@ if TYPE_CHECKING:
 
 #: How long an interrupted cell gets to unwind after SIGINT before its kernel is killed.
 INTERRUPT_GRACE = 2.0
-HOME = "/home/user"
 
 
 def _child_setup() -> None:

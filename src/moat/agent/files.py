@@ -11,8 +11,8 @@ import os
 import stat
 
 from moat.agent.channel import Channel
-from moat.agent.contexts import HOME
 from moat.protocol import CHUNK_SIZE, MsgType
+from moat.protocol.contract import HOME
 
 # The agent starts in every sandbox: typing costs ~8 ms of imports, so it is only
 # imported for the type checker (annotations are strings here).

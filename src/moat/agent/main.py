@@ -17,6 +17,7 @@ from moat.agent.contexts import Contexts, Kernel
 from moat.agent.files import FileError, Files
 from moat.agent.netproxy import NetProxy
 from moat.protocol import HOST_TO_AGENT, PROTOCOL_VERSION, Decoder, Frame, MsgType, ProtocolError
+from moat.protocol.contract import HOME
 
 # The agent starts in every sandbox: typing costs ~8 ms of imports, so it is only
 # imported for the type checker (annotations are strings here).
@@ -236,9 +237,8 @@ def main() -> None:
         os.close(devnull)
     for fd in (in_fd, out_fd):
         os.set_inheritable(fd, False)
-    home = "/home/user"
-    if os.path.isdir(home):
-        os.chdir(home)
+    if os.path.isdir(HOME):
+        os.chdir(HOME)
     # Fork the default context's kernel now, while the agent is single-threaded: the first
     # run_code then costs no interpreter start-up.
     kernel = Kernel.fork(close=(in_fd, out_fd))
