@@ -206,6 +206,21 @@ class Files:
         except OSError as exc:
             raise _oserror(exc) from exc
 
+    def move(self, path: str, dst: str) -> dict[str, Any]:
+        """Rename or move ``path`` to ``dst`` (parents made); the entry at ``dst``."""
+        src, target = resolve(path), resolve(dst)
+        try:
+            os.lstat(src)
+            parent = os.path.dirname(target)
+            if parent:
+                os.makedirs(parent, exist_ok=True)
+            import shutil
+
+            shutil.move(src, target)
+            return entry(target)
+        except OSError as exc:
+            raise _oserror(exc) from exc
+
     def mkdir(self, path: str) -> bool:
         p = resolve(path)
         if os.path.isdir(p):

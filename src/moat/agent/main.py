@@ -154,6 +154,10 @@ class Agent:
                 self._in_thread(rid, remove)
             elif t is MsgType.FILE_MKDIR:
                 self.ch.done(rid, created=self.files.mkdir(a["path"]))
+            elif t is MsgType.FILE_MOVE:
+                self._in_thread(
+                    rid, lambda: self.ch.done(rid, **self.files.move(a["path"], a["dst"]))
+                )
         except FileError as err:
             self.ch.fail(rid, err.kind, str(err))
         except Exception as exc:  # noqa: BLE001 - one bad request must not end the agent

@@ -47,6 +47,7 @@ class MsgType(enum.StrEnum):
     FILE_STAT = "file_stat"
     FILE_REMOVE = "file_remove"
     FILE_MKDIR = "file_mkdir"
+    FILE_MOVE = "file_move"  # rename or move `path` to `dst`
     PING = "ping"
     NET_SETUP = "net_setup"  # start the local proxy port; payload = CA bundle (PEM)
     # both ways: proxied TCP streams (id = stream id, negative: opened by the agent)
@@ -86,6 +87,7 @@ HOST_TO_AGENT = frozenset(
         MsgType.FILE_STAT,
         MsgType.FILE_REMOVE,
         MsgType.FILE_MKDIR,
+        MsgType.FILE_MOVE,
         MsgType.PING,
         MsgType.NET_SETUP,
         MsgType.TCP_DATA,
@@ -154,6 +156,7 @@ SCHEMAS: dict[MsgType, dict[str, _F]] = {
     MsgType.FILE_STAT: {"path": _PATH},
     MsgType.FILE_REMOVE: {"path": _PATH},
     MsgType.FILE_MKDIR: {"path": _PATH},
+    MsgType.FILE_MOVE: {"path": _PATH, "dst": _PATH},
     MsgType.PING: {},
     MsgType.NET_SETUP: {"port": _F(int), "ca_path": _PATH},
     MsgType.TCP_DATA: {},

@@ -118,6 +118,7 @@ REPLIES: dict[MsgType, Check] = {
     MsgType.FILE_STAT: ENTRY,
     MsgType.FILE_REMOVE: _EMPTY,
     MsgType.FILE_MKDIR: _obj({"created": _bool}),
+    MsgType.FILE_MOVE: ENTRY,
 }
 
 
