@@ -112,6 +112,20 @@ def test_list_exists_info_remove_mkdir(shared_sbx: Sandbox) -> None:
         shared_sbx.files.remove("d1")
 
 
+def test_rename_moves_files_and_directories(shared_sbx: Sandbox) -> None:
+    shared_sbx.files.write("mv/a.txt", "moved")
+    entry = shared_sbx.files.rename("mv/a.txt", "mv2/sub/b.txt")  # parents are made
+    assert (entry.name, entry.path, entry.type) == ("b.txt", "/home/user/mv2/sub/b.txt", "file")
+    assert shared_sbx.files.read("mv2/sub/b.txt") == "moved"
+    assert not shared_sbx.files.exists("mv/a.txt")
+    assert shared_sbx.files.rename("mv2", "mv3").type == "dir"
+    assert shared_sbx.files.read("mv3/sub/b.txt") == "moved"
+    with pytest.raises(NotFoundError):
+        shared_sbx.files.rename("nope", "x")
+    shared_sbx.files.remove("mv")
+    shared_sbx.files.remove("mv3")
+
+
 def test_file_errors_are_typed(shared_sbx: Sandbox) -> None:
     with pytest.raises(InvalidArgumentError):
         shared_sbx.files.read("/tmp")  # a directory

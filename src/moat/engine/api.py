@@ -69,14 +69,14 @@ CAPABILITIES = frozenset(
         "sandboxes.create", "sandboxes.kill", "sandboxes.set_timeout", "sandboxes.info",
         "sandboxes.list", "code.run", "code.contexts", "commands.start", "commands.stdin",
         "commands.close_stdin", "commands.signal", "commands.list", "files.read",
-        "files.write", "files.list", "files.stat", "files.remove", "files.make_dir",
+        "files.write", "files.list", "files.stat", "files.move", "files.remove",
+        "files.make_dir",
         "network.update", "audit.query",
     }
 )  # fmt: skip
 #: Declared, not there yet: each raises PolicyError naming itself.
 MISSING_CAPABILITIES = frozenset(
-    {"sandboxes.pause", "sandboxes.resume", "sandboxes.snapshot", "commands.connect",
-     "files.move"}
+    {"sandboxes.pause", "sandboxes.resume", "sandboxes.snapshot", "commands.connect"}
 )  # fmt: skip
 _STATES = ("running", "ended")
 _SIGNALS = {"SIGKILL": 9, "SIGTERM": 15, "SIGINT": 2, "SIGHUP": 1}
@@ -436,10 +436,10 @@ class FrontDoor:
         """Create a directory (and parents). False if it already existed."""
         return await self._session(tenant, sandbox_id).make_dir(v.path(path))
 
-    async def move(self, tenant: str, sandbox_id: str, source: str, destination: str) -> None:
-        """Rename or move (needs an agent verb: not there yet)."""
-        self._session(tenant, sandbox_id)
-        raise _missing("files.move")
+    async def move(self, tenant: str, sandbox_id: str, source: str, destination: str) -> EntryInfo:
+        """Rename or move a file or directory (parents made); the entry at ``destination``."""
+        session = self._session(tenant, sandbox_id)
+        return await session.move(v.path(source), v.path(destination))
 
     # -- lookups ----------------------------------------------------------------------
 

@@ -191,6 +191,10 @@ class AsyncFiles:
     async def get_info(self, path: str) -> EntryInfo:
         return await self._t.stat(self._sid, path)
 
+    async def rename(self, old_path: str, new_path: str) -> EntryInfo:
+        """Rename or move a file or directory (parents made); the entry at ``new_path``."""
+        return await self._t.move(self._sid, old_path, new_path)
+
     async def remove(self, path: str) -> None:
         await self._t.remove(self._sid, path)
 

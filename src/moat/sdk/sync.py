@@ -146,6 +146,10 @@ class Files:
     def get_info(self, path: str) -> EntryInfo:
         return _run(self._f.get_info(path))
 
+    def rename(self, old_path: str, new_path: str) -> EntryInfo:
+        """Rename or move a file or directory (parents made); the entry at ``new_path``."""
+        return _run(self._f.rename(old_path, new_path))
+
     def remove(self, path: str) -> None:
         _run(self._f.remove(path))
 

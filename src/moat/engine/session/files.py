@@ -1,4 +1,4 @@
-"""Files: read, write (streamed), list, stat, remove, make_dir."""
+"""Files: read, write (streamed), list, stat, move, remove, make_dir."""
 
 from __future__ import annotations
 
@@ -93,6 +93,12 @@ class FileCalls(SessionCore):
         await self._prepare_guard()
         reply = await self.request(MsgType.FILE_MKDIR, {"path": path})
         return bool(reply["created"])
+
+    async def move(self, path: str, dst: str) -> EntryInfo:
+        """Rename or move ``path`` to ``dst``; the entry now at ``dst``."""
+        await self._prepare_guard()
+        reply = await self.request(MsgType.FILE_MOVE, {"path": path, "dst": dst}, timeout=60)
+        return self._entry(reply)
 
     def _entry(self, e: dict[str, Any]) -> EntryInfo:
         """An entry of the reply schema (type an enum, permissions a pattern); its names

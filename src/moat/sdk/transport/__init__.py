@@ -120,6 +120,9 @@ class Transport(abc.ABC):
     async def stat(self, sandbox_id: str, path: str) -> EntryInfo: ...
 
     @abc.abstractmethod
+    async def move(self, sandbox_id: str, path: str, destination: str) -> EntryInfo: ...
+
+    @abc.abstractmethod
     async def remove(self, sandbox_id: str, path: str) -> None: ...
 
     @abc.abstractmethod

@@ -131,6 +131,9 @@ class LocalTransport(Transport):
     async def stat(self, sandbox_id: str, path: str) -> EntryInfo:
         return await self.front_door.stat(self.tenant, sandbox_id, path)
 
+    async def move(self, sandbox_id: str, path: str, destination: str) -> EntryInfo:
+        return await self.front_door.move(self.tenant, sandbox_id, path, destination)
+
     async def remove(self, sandbox_id: str, path: str) -> None:
         await self.front_door.remove(self.tenant, sandbox_id, path)
 
