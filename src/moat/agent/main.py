@@ -128,6 +128,8 @@ class Agent:
                     self.ch.done(rid)
                 else:
                     self.ch.fail(rid, "not_found", "no such process")
+            elif t is MsgType.CMD_CONNECT:
+                self.commands.connect(rid, a["pid"])
             elif t is MsgType.CMD_LIST:
                 self.ch.done(rid, processes=self.commands.list())
             elif t is MsgType.FILE_READ:

@@ -40,6 +40,7 @@ class MsgType(enum.StrEnum):
     CMD_STDIN = "cmd_stdin"  # payload = bytes; eof=True closes stdin
     CMD_KILL = "cmd_kill"
     CMD_LIST = "cmd_list"
+    CMD_CONNECT = "cmd_connect"  # re-attach to a running command: its output from now on
     FILE_READ = "file_read"
     FILE_WRITE = "file_write"  # opens; then FILE_CHUNK frames with the same id, last has eof
     FILE_CHUNK = "file_chunk"
@@ -80,6 +81,7 @@ HOST_TO_AGENT = frozenset(
         MsgType.CMD_STDIN,
         MsgType.CMD_KILL,
         MsgType.CMD_LIST,
+        MsgType.CMD_CONNECT,
         MsgType.FILE_READ,
         MsgType.FILE_WRITE,
         MsgType.FILE_CHUNK,
@@ -149,6 +151,7 @@ SCHEMAS: dict[MsgType, dict[str, _F]] = {
     MsgType.CMD_STDIN: {"pid": _F(int), "eof": _F(bool, required=False)},
     MsgType.CMD_KILL: {"pid": _F(int), "signal": _F(int, required=False)},
     MsgType.CMD_LIST: {},
+    MsgType.CMD_CONNECT: {"pid": _F(int)},
     MsgType.FILE_READ: {"path": _PATH, "max_bytes": _F(int)},
     MsgType.FILE_WRITE: {"path": _PATH, "max_bytes": _F(int)},
     MsgType.FILE_CHUNK: {"eof": _F(bool, required=False)},

@@ -109,6 +109,7 @@ REPLIES: dict[MsgType, Check] = {
     MsgType.CTX_RESTART: _EMPTY,
     MsgType.CTX_REMOVE: _EMPTY,
     MsgType.CMD_START: _obj({"exit_code": _int(0, 1 << 16)}, {"restarted": _bool}),
+    MsgType.CMD_CONNECT: _obj({"exit_code": _int(0, 1 << 16)}, {"restarted": _bool}),
     MsgType.CMD_STDIN: _EMPTY,
     MsgType.CMD_KILL: _EMPTY,
     MsgType.CMD_LIST: _obj({"processes": _list(PROCESS, 1 << 16)}),
