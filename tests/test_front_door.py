@@ -295,7 +295,6 @@ async def test_missing_capabilities_raise_policy_error_naming_them(door: FrontDo
         ("sandboxes.pause", lambda: door.pause("default", sid)),
         ("sandboxes.resume", lambda: door.resume("default", sid)),
         ("sandboxes.snapshot", lambda: door.snapshot("default", sid)),
-        ("commands.connect", lambda: door.connect_command("default", sid, 1)),
     ):
         with pytest.raises(PolicyError, match=name.replace(".", r"\.")):
             await call()
@@ -364,3 +363,30 @@ async def test_reply_schemas_refuse_what_the_host_would_pass_on() -> None:
         check_result_data({"exe": "x"})
     with pytest.raises(ProtocolError):
         check_result_data({"png": 5})
+
+
+async def test_connect_reattaches_to_a_running_command(door: FrontDoor) -> None:
+    sbx = await _sbx(door)
+    first = await sbx.commands.run(
+        "echo one; read line; echo two $line; exit 3", background=True, stdin=True
+    )
+    for _ in range(100):
+        if "one" in first.stdout:
+            break
+        await asyncio.sleep(0.02)
+    seen: list[str] = []
+    again = await sbx.commands.connect(first.pid, on_stdout=seen.append)
+    assert again.pid == first.pid
+    await first.send_stdin("x\n")
+    from moat.errors import CommandExitError
+
+    for handle in (again, first):
+        with pytest.raises(CommandExitError) as exc:
+            await handle.wait(5)
+        assert exc.value.exit_code == 3
+    assert again.stdout == "two x\n" == "".join(seen)  # from the moment it connected
+    assert first.stdout == "one\ntwo x\n"
+    with pytest.raises(NotFoundError):
+        await sbx.commands.connect(first.pid)  # it ended
+    with pytest.raises(NotFoundError):
+        await door.connect_command("other-tenant", sbx.sandbox_id, first.pid)

@@ -48,6 +48,7 @@ from moat.model import (
     Started,
 )
 from moat.model import validate as v
+from moat.protocol import MsgType
 
 __all__ = [
     "CAPABILITIES",
@@ -70,13 +71,13 @@ CAPABILITIES = frozenset(
         "sandboxes.list", "code.run", "code.contexts", "commands.start", "commands.stdin",
         "commands.close_stdin", "commands.signal", "commands.list", "files.read",
         "files.write", "files.list", "files.stat", "files.move", "files.remove",
-        "files.make_dir",
+        "files.make_dir", "commands.connect",
         "network.update", "audit.query",
     }
 )  # fmt: skip
 #: Declared, not there yet: each raises PolicyError naming itself.
 MISSING_CAPABILITIES = frozenset(
-    {"sandboxes.pause", "sandboxes.resume", "sandboxes.snapshot", "commands.connect"}
+    {"sandboxes.pause", "sandboxes.resume", "sandboxes.snapshot"}
 )  # fmt: skip
 _STATES = ("running", "ended")
 _SIGNALS = {"SIGKILL": 9, "SIGTERM": 15, "SIGINT": 2, "SIGHUP": 1}
@@ -365,9 +366,24 @@ class FrontDoor:
         return CommandStream(pid, stream)
 
     async def connect_command(self, tenant: str, sandbox_id: str, pid: int) -> CommandStream:
-        """Re-attach to a running command's output (needs an agent verb: not there yet)."""
-        self._session(tenant, sandbox_id)
-        raise _missing("commands.connect")
+        """Re-attach to a running command: Started, its output from now on, then End."""
+        session = self._session(tenant, sandbox_id)
+        stream = _Stream()
+
+        async def out(text: str, name: Literal["stdout", "stderr"]) -> None:
+            stream.push(Output(name, text))
+
+        _, call, sink = await session.connect_command(
+            v.pid(pid), lambda s: out(s, "stdout"), lambda s: out(s, "stderr")
+        )
+        stream.push(Started(pid))
+
+        async def work() -> End:
+            result = await session.wait_command(call, sink, None, pid, MsgType.CMD_CONNECT)
+            return End(truncated=result.truncated, exit_code=result.exit_code)
+
+        stream.run(work)
+        return CommandStream(pid, stream)
 
     async def send_stdin(
         self, tenant: str, sandbox_id: str, pid: int, data: bytes, eof: bool = False

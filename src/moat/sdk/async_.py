@@ -157,6 +157,18 @@ class AsyncCommands:
             return handle
         return await handle.wait(timeout)
 
+    async def connect(
+        self,
+        pid: int,
+        on_stdout: Any = None,
+        on_stderr: Any = None,
+    ) -> AsyncCommandHandle:
+        """Re-attach to a running command: a handle with its output from now on."""
+        v.callback("on_stdout", on_stdout)
+        v.callback("on_stderr", on_stderr)
+        started = await self._t.connect_command(self._sid, v.pid(pid))
+        return AsyncCommandHandle(self._t, self._sid, started, on_stdout, on_stderr)
+
     async def list(self) -> list[ProcessInfo]:
         return await self._t.list_commands(self._sid)
 

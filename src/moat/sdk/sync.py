@@ -118,6 +118,17 @@ class Commands:
         )
         return CommandHandle(out) if isinstance(out, AsyncCommandHandle) else out
 
+    def connect(
+        self,
+        pid: int,
+        on_stdout: Any = None,
+        on_stderr: Any = None,
+    ) -> CommandHandle:
+        """Re-attach to a running command: a handle with its output from now on."""
+        wrap = self._cb.wrap
+        inner = _run(self._c.connect(pid, wrap(on_stdout), wrap(on_stderr)))
+        return CommandHandle(inner)
+
     def list(self) -> list[ProcessInfo]:
         return _run(self._c.list())
 

@@ -40,6 +40,27 @@ class CommandCalls(SessionCore):
         self._check()
         await self._prepare_guard()
         call = await self._check().open(MsgType.CMD_START, fields)
+        pid = await self._started(call)
+        return pid, call, self._sink(on_stdout, on_stderr)
+
+    async def connect_command(
+        self,
+        pid: int,
+        on_stdout: Callable[[str], Any] | None,
+        on_stderr: Callable[[str], Any] | None,
+    ) -> tuple[int, Call, OutputSink]:
+        """Re-attach to running command ``pid``: its output from now on, and its end."""
+        self._check()
+        await self._prepare_guard()
+        call = await self._check().open(MsgType.CMD_CONNECT, {"pid": pid})
+        started = await self._started(call)
+        if started != pid:
+            call.close()
+            raise self._violation("started frame of another process")
+        return pid, call, self._sink(on_stdout, on_stderr)
+
+    async def _started(self, call: Call) -> int:
+        """The pid of a STARTED frame, first on ``call``; its FAIL raised (guarded)."""
         try:
             async with asyncio.timeout(30):
                 frame = await call.next()
@@ -53,10 +74,16 @@ class CommandCalls(SessionCore):
         if frame.type is not MsgType.STARTED:
             call.close()
             raise self._violation("expected a started frame")
-        return frame.fields["pid"], call, self._sink(on_stdout, on_stderr)
+        pid: int = frame.fields["pid"]
+        return pid
 
     async def wait_command(
-        self, call: Call, sink: OutputSink, timeout: float | None, pid: int
+        self,
+        call: Call,
+        sink: OutputSink,
+        timeout: float | None,
+        pid: int,
+        request: MsgType = MsgType.CMD_START,
     ) -> CommandResult:
         handlers = {
             MsgType.STDOUT: lambda f: sink.feed("stdout", f.payload),
@@ -64,7 +91,7 @@ class CommandCalls(SessionCore):
         }
         try:
             async with asyncio.timeout(timeout):
-                done = await self.consume(call, MsgType.CMD_START, handlers, "a command")
+                done = await self.consume(call, request, handlers, "a command")
         except builtins.TimeoutError:
             with contextlib.suppress(SandboxError):
                 await self.kill_command(pid)

@@ -95,6 +95,9 @@ class Transport(abc.ABC):
     ) -> CommandEvents: ...
 
     @abc.abstractmethod
+    async def connect_command(self, sandbox_id: str, pid: int) -> CommandEvents: ...
+
+    @abc.abstractmethod
     async def send_stdin(self, sandbox_id: str, pid: int, data: bytes, eof: bool) -> None: ...
 
     @abc.abstractmethod

@@ -106,6 +106,9 @@ class LocalTransport(Transport):
             self.tenant, sandbox_id, cmd, envs=envs, cwd=cwd, stdin=stdin
         )
 
+    async def connect_command(self, sandbox_id: str, pid: int) -> CommandStream:
+        return await self.front_door.connect_command(self.tenant, sandbox_id, pid)
+
     async def send_stdin(self, sandbox_id: str, pid: int, data: bytes, eof: bool) -> None:
         await self.front_door.send_stdin(self.tenant, sandbox_id, pid, data, eof)
 
