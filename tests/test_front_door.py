@@ -126,6 +126,8 @@ async def test_bad_tenant_and_bad_ids(door: FrontDoor) -> None:
     for tenant in ("", None, 3, "x" * 129):
         with pytest.raises(InvalidArgumentError):
             await door.info(tenant, "sbx-" + "0" * 16)  # type: ignore[arg-type]
+        with pytest.raises(InvalidArgumentError):
+            await door.kill(tenant, "sbx-" + "0" * 16)  # type: ignore[arg-type]
     for sid in ("../etc", "", None, "SBX-UPPER", "x" * 100):
         with pytest.raises(NotFoundError):
             await door.info("t", sid)  # type: ignore[arg-type]

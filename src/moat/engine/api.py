@@ -27,7 +27,7 @@ from moat.engine.resolve import (
     validate_config,
 )
 from moat.engine.session import Session, ended_error, file_chunks
-from moat.errors import InvalidArgumentError, NotFoundError, PolicyError
+from moat.errors import InvalidArgumentError, NotFoundError, PolicyError, SandboxError
 from moat.guard import Guard, GuardPolicy
 from moat.model import (
     LANGUAGES,
@@ -187,11 +187,10 @@ class FrontDoor:
 
     async def kill(self, tenant: str, sandbox_id: str) -> bool:
         """Kill a sandbox. False if it had ended already, or there is no such sandbox."""
+        _tenant(tenant)
         try:
             session = self._session(tenant, sandbox_id)
-        except NotFoundError:
-            return False
-        except Exception:  # noqa: BLE001 - it ended: nothing to kill
+        except SandboxError:  # unknown, another tenant's, or ended already: nothing to kill
             return False
         await session.kill("killed")
         return True
