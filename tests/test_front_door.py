@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import pytest
 import pytest_asyncio
 
-from moat import AsyncSandbox, Secret
+from moat.egress import Secret
 from moat.engine.api import FrontDoor
 from moat.errors import (
     InvalidArgumentError,
@@ -23,6 +24,7 @@ from moat.errors import (
     TimeoutError,
 )
 from moat.model import TIERS, TRUST_LEVELS, SandboxConfig, choose_tier
+from moat.sdk.async_ import AsyncSandbox
 from moat.testing import fake_front_door, local_transport
 from moat.testing.fake import FakeRuntime
 
@@ -37,8 +39,8 @@ async def door() -> AsyncIterator[FrontDoor]:
         await s.kill()
 
 
-async def _sbx(door: FrontDoor, tenant: str = "default", **kw: object) -> AsyncSandbox:
-    return await AsyncSandbox.create(transport=local_transport(door, tenant), **kw)  # type: ignore[arg-type]
+async def _sbx(door: FrontDoor, tenant: str = "default", **kw: Any) -> AsyncSandbox:
+    return await AsyncSandbox.create(transport=local_transport(door, tenant), **kw)
 
 
 # ------------------------------------------------------------------ the fake runtime itself
@@ -141,7 +143,7 @@ async def test_bad_input_is_invalid_argument_and_leaves_the_sandbox_usable(
 ) -> None:
     sbx = await _sbx(door)
     sid = sbx.sandbox_id
-    bad = [
+    bad: list[Callable[[], Awaitable[object]]] = [
         lambda: sbx.run_code(123),  # type: ignore[arg-type]
         lambda: sbx.run_code("1", language="cobol"),
         lambda: sbx.run_code("1", timeout=-1),
@@ -165,7 +167,7 @@ async def test_bad_input_is_invalid_argument_and_leaves_the_sandbox_usable(
 
 
 async def test_bad_create_input(door: FrontDoor) -> None:
-    bad: list[dict[str, object]] = [
+    bad: list[dict[str, Any]] = [
         {"trust": "paranoid"},
         {"isolation": "docker"},
         {"timeout": 0},
@@ -293,11 +295,12 @@ async def test_block_mode_raises_and_releases_nothing(door: FrontDoor) -> None:
 async def test_missing_capabilities_raise_policy_error_naming_them(door: FrontDoor) -> None:
     sbx = await _sbx(door)
     sid = sbx.sandbox_id
-    for name, call in (
+    calls: list[tuple[str, Callable[[], Awaitable[None]]]] = [
         ("sandboxes.pause", lambda: door.pause("default", sid)),
         ("sandboxes.resume", lambda: door.resume("default", sid)),
         ("sandboxes.snapshot", lambda: door.snapshot("default", sid)),
-    ):
+    ]
+    for name, call in calls:
         with pytest.raises(PolicyError, match=name.replace(".", r"\.")):
             await call()
     with pytest.raises(NotFoundError):  # another tenant learns nothing, not even that
@@ -354,9 +357,9 @@ async def test_reply_schemas_refuse_what_the_host_would_pass_on() -> None:
             check_reply(MsgType.FILE_STAT, bad)
     ctx = {"id": "abc123", "language": "python", "cwd": "/home/user"}
     assert check_reply(MsgType.CTX_CREATE, ctx) == ctx
-    for bad in ({**ctx, "language": "token"}, {**ctx, "id": "../x"}, {**ctx, "cwd": 3}):
+    for wrong in ({**ctx, "language": "token"}, {**ctx, "id": "../x"}, {**ctx, "cwd": 3}):
         with pytest.raises(ProtocolError):
-            check_reply(MsgType.CTX_CREATE, bad)
+            check_reply(MsgType.CTX_CREATE, wrong)
     with pytest.raises(ProtocolError):
         check_reply(MsgType.CMD_START, {"exit_code": "0"})
     with pytest.raises(ProtocolError):

@@ -17,8 +17,6 @@ from moat.errors import InvalidArgumentError, NotFoundError, PolicyError
 from moat.profiles import (
     DEFAULT_PROFILE,
     ENV_VAR,
-    TIERS,
-    TRUST_TO_TIER,
     Profile,
     _LineIndex,
     load_profiles,
@@ -112,11 +110,12 @@ def test_no_profiles_table_is_valid_and_empty() -> None:
 
 def test_tier_tables_are_the_models() -> None:
     # Defined once, in moat.model; the profiles and the engine use that very table.
-    from moat import model
+    from moat import model, profiles
     from moat.engine import tiers
 
-    assert TIERS is model.TIERS and tiers.TIERS is model.TIERS
-    assert TRUST_TO_TIER is model.TRUST_TO_TIER and tiers.TRUST_TO_TIER is model.TRUST_TO_TIER
+    assert profiles.TIERS is model.TIERS and tiers.TIERS is model.TIERS  # type: ignore[attr-defined]
+    assert profiles.TRUST_TO_TIER is model.TRUST_TO_TIER  # type: ignore[attr-defined]
+    assert tiers.TRUST_TO_TIER is model.TRUST_TO_TIER
     for p in load_profiles(EXAMPLE).values():
         kw = p.create_kwargs()
         assert model.choose_tier(kw.get("isolation"), kw.get("trust", "untrusted")) == p.tier
