@@ -112,6 +112,33 @@ def test_list_exists_info_remove_mkdir(shared_sbx: Sandbox) -> None:
         shared_sbx.files.remove("d1")
 
 
+def test_connect_to_a_running_command(shared_sbx: Sandbox) -> None:
+    h = shared_sbx.commands.run("echo before; read x; echo after $x", background=True, stdin=True)
+    deadline = time.monotonic() + 10
+    while "before" not in h.stdout and time.monotonic() < deadline:
+        time.sleep(0.02)
+    again = shared_sbx.commands.connect(h.pid)
+    h.send_stdin("now\n")
+    assert again.wait(10).stdout == "after now\n"
+    assert h.wait(10).stdout == "before\nafter now\n"
+    with pytest.raises(NotFoundError):
+        shared_sbx.commands.connect(h.pid)
+
+
+def test_rename_moves_files_and_directories(shared_sbx: Sandbox) -> None:
+    shared_sbx.files.write("mv/a.txt", "moved")
+    entry = shared_sbx.files.rename("mv/a.txt", "mv2/sub/b.txt")  # parents are made
+    assert (entry.name, entry.path, entry.type) == ("b.txt", "/home/user/mv2/sub/b.txt", "file")
+    assert shared_sbx.files.read("mv2/sub/b.txt") == "moved"
+    assert not shared_sbx.files.exists("mv/a.txt")
+    assert shared_sbx.files.rename("mv2", "mv3").type == "dir"
+    assert shared_sbx.files.read("mv3/sub/b.txt") == "moved"
+    with pytest.raises(NotFoundError):
+        shared_sbx.files.rename("nope", "x")
+    shared_sbx.files.remove("mv")
+    shared_sbx.files.remove("mv3")
+
+
 def test_file_errors_are_typed(shared_sbx: Sandbox) -> None:
     with pytest.raises(InvalidArgumentError):
         shared_sbx.files.read("/tmp")  # a directory

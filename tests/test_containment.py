@@ -25,8 +25,9 @@ from moat import (
     SandboxError,
 )
 from moat.egress import proxy_env
-from moat.engine.session import CA_BUNDLE_PATH, PROXY_PORT
+from moat.model import CA_BUNDLE_PATH, PROXY_PORT
 from moat.runtime.container.driver import UID_BASE, UID_SPAN
+from moat.testing import session_of
 
 _ENGINES = (b"bwrap", b"runsc", b"qemu-system")
 
@@ -298,7 +299,7 @@ def test_fork_bomb_hits_pids_cap_host_stays_responsive(tier: str) -> None:
         if tier == "container":
             # read from outside: the user's process limit (RLIMIT_NPROC, below the agent's)
             # refused the loop before the pids cgroup, so the agent's reserve stayed free
-            proc = s._a._s.proc
+            proc = session_of(s).proc
             assert proc is not None and proc.stats()["pids_limit_hits"] == 0
         h.kill()
         deadline = time.monotonic() + 20

@@ -6,7 +6,7 @@ import ipaddress
 
 import pytest
 
-from moat.egress import Decision, NetworkPolicy, Result, decide, decide_name
+from moat.egress import Decision, NetworkPolicy, Verdict, decide, decide_name
 from moat.egress.hostport import parse_authority
 from moat.errors import PolicyError
 
@@ -51,36 +51,36 @@ def test_parse_dict_and_round_trip() -> None:
 
 DECISIONS = [
     # (policy kwargs, destination, result, reason)
-    ({}, "pypi.org:443", Result.DENY, "not_allowed"),
-    ({"allow_out": ["pypi.org"]}, "pypi.org:443", Result.ALLOW, "allowed_by_rule"),
-    ({"allow_out": ["pypi.org"]}, "PYPI.ORG.:80", Result.ALLOW, "allowed_by_rule"),
-    ({"allow_out": ["pypi.org"]}, "pypi.org:22", Result.DENY, "not_allowed"),
-    ({"allow_out": ["pypi.org"]}, "evil.pypi.org:443", Result.DENY, "not_allowed"),
-    ({"allow_out": ["pypi.org"]}, "pypi.org.evil.com:443", Result.DENY, "not_allowed"),
-    ({"allow_out": ["*.pythonhosted.org"]}, "files.pythonhosted.org:443", Result.ALLOW,
+    ({}, "pypi.org:443", Verdict.DENY, "not_allowed"),
+    ({"allow_out": ["pypi.org"]}, "pypi.org:443", Verdict.ALLOW, "allowed_by_rule"),
+    ({"allow_out": ["pypi.org"]}, "PYPI.ORG.:80", Verdict.ALLOW, "allowed_by_rule"),
+    ({"allow_out": ["pypi.org"]}, "pypi.org:22", Verdict.DENY, "not_allowed"),
+    ({"allow_out": ["pypi.org"]}, "evil.pypi.org:443", Verdict.DENY, "not_allowed"),
+    ({"allow_out": ["pypi.org"]}, "pypi.org.evil.com:443", Verdict.DENY, "not_allowed"),
+    ({"allow_out": ["*.pythonhosted.org"]}, "files.pythonhosted.org:443", Verdict.ALLOW,
      "allowed_by_rule"),
-    ({"allow_out": ["*.pythonhosted.org"]}, "a.b.pythonhosted.org:443", Result.ALLOW,
+    ({"allow_out": ["*.pythonhosted.org"]}, "a.b.pythonhosted.org:443", Verdict.ALLOW,
      "allowed_by_rule"),
-    ({"allow_out": ["*.pythonhosted.org"]}, "pythonhosted.org:443", Result.DENY, "not_allowed"),
-    ({"allow_out": ["*.pythonhosted.org"]}, "evilpythonhosted.org:443", Result.DENY,
+    ({"allow_out": ["*.pythonhosted.org"]}, "pythonhosted.org:443", Verdict.DENY, "not_allowed"),
+    ({"allow_out": ["*.pythonhosted.org"]}, "evilpythonhosted.org:443", Verdict.DENY,
      "not_allowed"),
-    ({"allow_out": ["api.example.com:8443"]}, "api.example.com:8443", Result.ALLOW,
+    ({"allow_out": ["api.example.com:8443"]}, "api.example.com:8443", Verdict.ALLOW,
      "allowed_by_rule"),
-    ({"allow_out": ["api.example.com:8443"]}, "api.example.com:443", Result.DENY, "not_allowed"),
+    ({"allow_out": ["api.example.com:8443"]}, "api.example.com:443", Verdict.DENY, "not_allowed"),
     # deny_out wins over allow_out and internet access
     ({"allow_out": ["*.example.com"], "deny_out": ["bad.example.com"]}, "bad.example.com:443",
-     Result.DENY, "denied_by_policy"),
-    ({"internet_access": True, "deny_out": ["*.example.com"]}, "x.example.com:443", Result.DENY,
+     Verdict.DENY, "denied_by_policy"),
+    ({"internet_access": True, "deny_out": ["*.example.com"]}, "x.example.com:443", Verdict.DENY,
      "denied_by_policy"),
-    ({"internet_access": True}, "anything.example.org:443", Result.ALLOW, "internet_access"),
-    ({"internet_access": True}, "anything.example.org:25", Result.DENY, "not_allowed"),
-    ({"allow_out": ["93.184.216.34"]}, "93.184.216.34:443", Result.ALLOW, "allowed_by_rule"),
-    ({"allow_out": ["93.184.216.34"]}, "1572395042:443", Result.ALLOW, "allowed_by_rule"),
+    ({"internet_access": True}, "anything.example.org:443", Verdict.ALLOW, "internet_access"),
+    ({"internet_access": True}, "anything.example.org:25", Verdict.DENY, "not_allowed"),
+    ({"allow_out": ["93.184.216.34"]}, "93.184.216.34:443", Verdict.ALLOW, "allowed_by_rule"),
+    ({"allow_out": ["93.184.216.34"]}, "1572395042:443", Verdict.ALLOW, "allowed_by_rule"),
 ]  # fmt: skip
 
 
 @pytest.mark.parametrize(("kw", "dest", "result", "reason"), DECISIONS)
-def test_decide_name(kw: dict, dest: str, result: Result, reason: str) -> None:  # type: ignore[type-arg]
+def test_decide_name(kw: dict, dest: str, result: Verdict, reason: str) -> None:  # type: ignore[type-arg]
     assert decide_name(NetworkPolicy(**kw), d(dest)) == Decision(result, reason)
 
 
@@ -106,7 +106,7 @@ ALLOW_ALL = NetworkPolicy.allow_internet()
 )
 def test_decide_addresses(addrs: list[str], reason: str) -> None:
     v = decide(ALLOW_ALL, d("api.example.com:443"), [ipaddress.ip_address(a) for a in addrs])
-    assert (v.result, v.reason) == (Result.DENY, reason)
+    assert (v.result, v.reason) == (Verdict.DENY, reason)
 
 
 def test_decide_name_checked_before_addresses() -> None:

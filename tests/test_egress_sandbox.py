@@ -30,7 +30,7 @@ from typing import Any
 import pytest
 from tests.conftest import require_tier
 
-from moat import Sandbox
+from moat import Sandbox, testing
 from moat.egress import GatewayConfig, Secret, StaticResolver
 from moat.engine import default_engine
 from moat.engine.session import Session
@@ -278,7 +278,9 @@ def py(sbx: Sandbox, params: dict[str, Any], code: str, timeout: float = 120) ->
 
 
 def session_of(sbx: Sandbox) -> Session:
-    session: Session = sbx._a._s  # the engine's view: tunnels and gateway, from outside
+    session: Session = testing.session_of(
+        sbx
+    )  # the engine's view: tunnels and gateway, from outside
     return session
 
 

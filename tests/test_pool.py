@@ -12,6 +12,7 @@ from moat import AsyncSandbox, InvalidArgumentError, Limits
 from moat.engine import Engine
 from moat.engine.pool import pool_sizes, poolable
 from moat.guard import GuardPolicy
+from moat.testing import local_transport
 
 pytestmark = pytest.mark.container
 
@@ -39,7 +40,9 @@ def test_pooled_sandbox_is_clean_and_takes_callers_settings() -> None:
 
     async def main() -> None:
         engine = Engine(pool={"container": 1})
-        first = await AsyncSandbox.create(isolation="container", engine=engine, timeout=60)
+        first = await AsyncSandbox.create(
+            isolation="container", transport=local_transport(engine), timeout=60
+        )
         # the pool fills in the background after the first (cold) start
         for _ in range(200):
             if engine.pool._ready.get(("container", id(asyncio.get_running_loop()))):
@@ -48,7 +51,7 @@ def test_pooled_sandbox_is_clean_and_takes_callers_settings() -> None:
         warm_id = engine.pool._ready[("container", id(asyncio.get_running_loop()))][0].id
         second = await AsyncSandbox.create(
             isolation="container",
-            engine=engine,
+            transport=local_transport(engine),
             timeout=30,
             metadata={"who": "second"},
             sensitive=[value],

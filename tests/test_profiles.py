@@ -17,8 +17,6 @@ from moat.errors import InvalidArgumentError, NotFoundError, PolicyError
 from moat.profiles import (
     DEFAULT_PROFILE,
     ENV_VAR,
-    TIERS,
-    TRUST_TO_TIER,
     Profile,
     _LineIndex,
     load_profiles,
@@ -110,16 +108,17 @@ def test_no_profiles_table_is_valid_and_empty() -> None:
     assert parse_profiles("# nothing yet\nversion = 1\n") == {}
 
 
-def test_tier_tables_match_the_engine() -> None:
-    from moat.engine.tiers import TIERS as ENGINE_TIERS
-    from moat.engine.tiers import TRUST_TO_TIER as ENGINE_TRUST
-    from moat.engine.tiers import choose_tier
+def test_tier_tables_are_the_models() -> None:
+    # Defined once, in moat.model; the profiles and the engine use that very table.
+    from moat import model, profiles
+    from moat.engine import tiers
 
-    assert tuple(ENGINE_TIERS) == TIERS
-    assert dict(ENGINE_TRUST) == dict(TRUST_TO_TIER)
+    assert profiles.TIERS is model.TIERS and tiers.TIERS is model.TIERS  # type: ignore[attr-defined]
+    assert profiles.TRUST_TO_TIER is model.TRUST_TO_TIER  # type: ignore[attr-defined]
+    assert tiers.TRUST_TO_TIER is model.TRUST_TO_TIER
     for p in load_profiles(EXAMPLE).values():
         kw = p.create_kwargs()
-        assert choose_tier(kw.get("isolation"), kw.get("trust", "untrusted")) == p.tier
+        assert model.choose_tier(kw.get("isolation"), kw.get("trust", "untrusted")) == p.tier
 
 
 # ------------------------------------------------------------------------ create_kwargs

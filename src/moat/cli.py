@@ -16,6 +16,7 @@ from typing import Any
 import click
 
 from moat.errors import SandboxError
+from moat.model.tiers import TIERS, TRUST_LEVELS
 
 
 @click.group()
@@ -29,13 +30,13 @@ def main() -> None:
 @click.option("-c", "code", help="Code to run instead of FILE.")
 @click.option(
     "--isolation",
-    type=click.Choice(["container", "gvisor", "microvm"]),
+    type=click.Choice(list(TIERS)),
     default=None,
     help="Isolation tier (default: what --trust maps to).",
 )
 @click.option(
     "--trust",
-    type=click.Choice(["trusted", "semi-trusted", "untrusted"]),
+    type=click.Choice(list(TRUST_LEVELS)),
     default=None,
     help="Trust level, mapped to a tier (default: untrusted -> microvm).",
 )

@@ -51,11 +51,12 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from types import MappingProxyType
 from typing import Any, NoReturn
 
 from moat.errors import InvalidArgumentError, NotFoundError, PolicyError
-from moat.runtime.spec import Limits, check_env
+from moat.model.config import Limits
+from moat.model.tiers import GUARD_MODES, TIERS, TRUST_TO_TIER
+from moat.model.validate import check_env
 
 __all__ = [
     "DEFAULT_PROFILE",
@@ -79,13 +80,6 @@ MAX_PROFILES = 256
 MAX_ENVS = 256
 MAX_DESCRIPTION = 1024
 
-# Mirrors moat.engine.tiers (a test keeps them equal). Not imported from there: the engine
-# package pulls in the SDK, which will import this module (an import cycle).
-TIERS = ("container", "gvisor", "microvm")
-TRUST_TO_TIER: Mapping[str, str] = MappingProxyType(
-    {"trusted": "container", "semi-trusted": "gvisor", "untrusted": "microvm"}
-)
-GUARD_MODES = ("redact", "block", "off")
 
 _PROFILE_KEYS = (
     "description",

@@ -10,8 +10,9 @@ import time
 
 from moat.agent import shield
 from moat.agent.channel import Channel
-from moat.agent.contexts import HOME, oom_first
+from moat.agent.contexts import oom_first
 from moat.protocol import MsgType
+from moat.protocol.contract import HOME
 
 # The agent starts in every sandbox: typing costs ~8 ms of imports, so it is only
 # imported for the type checker (annotations are strings here).
@@ -19,6 +20,10 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     import subprocess
     from typing import Any
+
+
+#: Most requests re-attached to one command at a time.
+MAX_WATCHERS = 16
 
 
 class Command:
@@ -29,6 +34,8 @@ class Command:
         #: a bash run_code cell: report a non-zero exit as an execution error, not a status
         self.as_exec = as_exec
         self.started = time.time()
+        #: requests re-attached to this command (cmd_connect): its output from then on
+        self.watchers: list[int] = []
 
 
 class Commands:
@@ -100,7 +107,8 @@ class Commands:
             for fd in ready:
                 data = os.read(fd, 1 << 16)
                 if data:
-                    self.ch.send_stream(fds[fd], c.rid, data)
+                    for rid in (c.rid, *c.watchers):
+                        self.ch.send_stream(fds[fd], rid, data)
                 else:
                     del fds[fd]
             if proc.poll() is not None:
@@ -121,6 +129,7 @@ class Commands:
             self.items.pop(proc.pid, None)
             if len(self.groups) < 4096:
                 self.groups.add(proc.pid)
+            watchers = tuple(c.watchers)  # none can join once it is out of items
         status = code if code >= 0 else 128 - code
         if c.as_exec and status != 0:
             self.ch.send(
@@ -130,7 +139,22 @@ class Commands:
                 value=f"exit status {status}",
                 traceback="",
             )
-        self.ch.done(c.rid, exit_code=status, restarted=False)
+        for rid in (c.rid, *watchers):
+            self.ch.done(rid, exit_code=status, restarted=False)
+
+    def connect(self, rid: int, pid: int) -> None:
+        """Re-attach request ``rid`` to running command ``pid``: STARTED, then its output
+        from now on and its end (the first request keeps its stream too)."""
+        with self.mu:
+            c = self.items.get(pid)
+            if c is not None and not c.as_exec and len(c.watchers) < MAX_WATCHERS:
+                self.ch.send(MsgType.STARTED, rid, pid=pid)  # before any output reaches rid
+                c.watchers.append(rid)
+                return
+        if c is None or c.as_exec:
+            self.ch.fail(rid, "not_found", "no such process")
+        else:
+            self.ch.fail(rid, "busy", "too many connections to this process")
 
     def interrupt(self, rid: int) -> bool:
         with self.mu:

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from moat.agent import shield
 from moat.agent.channel import Channel
 from moat.protocol import Decoder, Frame, MsgType, encode
+from moat.protocol.contract import HOME
 
 # The agent starts in every sandbox: typing costs ~8 ms of imports, so it is only
 # imported for the type checker (annotations are strings here).
@@ -33,7 +34,6 @@ INTERRUPT_HARD = 3.0
 #: kernel started the cell's code is dropped there (kernel._on_sigint).
 INTERRUPT_REPEAT = 0.5
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
-HOME = "/home/user"
 
 
 def _child_setup() -> None:

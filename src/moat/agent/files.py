@@ -11,8 +11,8 @@ import os
 import stat
 
 from moat.agent.channel import Channel
-from moat.agent.contexts import HOME
 from moat.protocol import CHUNK_SIZE, MsgType
+from moat.protocol.contract import HOME
 
 # The agent starts in every sandbox: typing costs ~8 ms of imports, so it is only
 # imported for the type checker (annotations are strings here).
@@ -203,6 +203,21 @@ class Files:
                 shutil.rmtree(p)
             else:
                 os.unlink(p)
+        except OSError as exc:
+            raise _oserror(exc) from exc
+
+    def move(self, path: str, dst: str) -> dict[str, Any]:
+        """Rename or move ``path`` to ``dst`` (parents made); the entry at ``dst``."""
+        src, target = resolve(path), resolve(dst)
+        try:
+            os.lstat(src)
+            parent = os.path.dirname(target)
+            if parent:
+                os.makedirs(parent, exist_ok=True)
+            import shutil
+
+            shutil.move(src, target)
+            return entry(target)
         except OSError as exc:
             raise _oserror(exc) from exc
 

@@ -18,6 +18,7 @@ from moat.agent.contexts import Contexts, Kernel
 from moat.agent.files import FileError, Files
 from moat.agent.netproxy import NetProxy
 from moat.protocol import HOST_TO_AGENT, PROTOCOL_VERSION, Decoder, Frame, MsgType, ProtocolError
+from moat.protocol.contract import HOME
 
 # The agent starts in every sandbox: typing costs ~8 ms of imports, so it is only
 # imported for the type checker (annotations are strings here).
@@ -128,6 +129,8 @@ class Agent:
                     self.ch.done(rid)
                 else:
                     self.ch.fail(rid, "not_found", "no such process")
+            elif t is MsgType.CMD_CONNECT:
+                self.commands.connect(rid, a["pid"])
             elif t is MsgType.CMD_LIST:
                 self.ch.done(rid, processes=self.commands.list())
             elif t is MsgType.FILE_READ:
@@ -154,6 +157,10 @@ class Agent:
                 self._in_thread(rid, remove)
             elif t is MsgType.FILE_MKDIR:
                 self.ch.done(rid, created=self.files.mkdir(a["path"]))
+            elif t is MsgType.FILE_MOVE:
+                self._in_thread(
+                    rid, lambda: self.ch.done(rid, **self.files.move(a["path"], a["dst"]))
+                )
         except FileError as err:
             self.ch.fail(rid, err.kind, str(err))
         except Exception as exc:  # noqa: BLE001 - one bad request must not end the agent
@@ -215,9 +222,8 @@ def main() -> None:
         os.close(devnull)
     for fd in (in_fd, out_fd):
         os.set_inheritable(fd, False)
-    home = "/home/user"
-    if os.path.isdir(home):
-        os.chdir(home)
+    if os.path.isdir(HOME):
+        os.chdir(HOME)
     # Fork the default context's kernel now, while the agent is single-threaded: the first
     # run_code then costs no interpreter start-up.
     kernel = Kernel.fork(close=(in_fd, out_fd))

@@ -24,7 +24,7 @@ from moat.egress.addr import AddrClass, classify
 from moat.egress.broker import Secret
 from moat.egress.caps import GatewayConfig
 from moat.egress.hostport import HostPort, canonical_host, parse_absolute_url, parse_authority
-from moat.egress.policy import Decision, NetworkPolicy, Result, decide, decide_name
+from moat.egress.policy import Decision, NetworkPolicy, Verdict, decide, decide_name
 from moat.egress.proxy import Gateway
 from moat.egress.resolve import Resolver, StaticResolver, SystemResolver
 from moat.egress.sandboxenv import proxy_env
@@ -37,10 +37,10 @@ __all__ = [
     "HostPort",
     "NetworkPolicy",
     "Resolver",
-    "Result",
     "Secret",
     "StaticResolver",
     "SystemResolver",
+    "Verdict",
     "canonical_host",
     "classify",
     "decide",

@@ -35,7 +35,7 @@ __all__ = [
     "Decision",
     "HostPattern",
     "NetworkPolicy",
-    "Result",
+    "Verdict",
     "decide",
     "decide_name",
 ]
@@ -178,8 +178,8 @@ class NetworkPolicy:
         }
 
 
-class Result(StrEnum):
-    """Outcome of a decision."""
+class Verdict(StrEnum):
+    """Outcome of a decision (not ``moat.Result``, a displayed value of run_code)."""
 
     ALLOW = "allow"
     DENY = "deny"
@@ -189,14 +189,14 @@ class Result(StrEnum):
 class Decision:
     """A decision and its reason (a short stable token, safe for logs and models)."""
 
-    result: Result
+    result: Verdict
     reason: str
     addresses: tuple[IPAddress, ...] = field(default=())
 
     @property
     def allowed(self) -> bool:
         """True if the destination may be dialled."""
-        return self.result is Result.ALLOW
+        return self.result is Verdict.ALLOW
 
 
 def decide_name(policy: NetworkPolicy, dest: HostPort) -> Decision:
@@ -213,12 +213,12 @@ def decide_name(policy: NetworkPolicy, dest: HostPort) -> Decision:
     (a DNS query is itself an exfiltration channel).
     """
     if any(p.matches(dest) for p in policy.deny_out):
-        return Decision(Result.DENY, "denied_by_policy")
+        return Decision(Verdict.DENY, "denied_by_policy")
     if any(p.matches(dest) for p in policy.allow_out):
-        return Decision(Result.ALLOW, "allowed_by_rule")
+        return Decision(Verdict.ALLOW, "allowed_by_rule")
     if policy.internet_access and dest.port in DEFAULT_PORTS:
-        return Decision(Result.ALLOW, "internet_access")
-    return Decision(Result.DENY, "not_allowed")
+        return Decision(Verdict.ALLOW, "internet_access")
+    return Decision(Verdict.DENY, "not_allowed")
 
 
 #: Classes that stay closed even with ``unsafe_allow_private_ranges``: they are never a
@@ -266,16 +266,16 @@ def decide(
         return verdict
     addrs = tuple(ipaddress.ip_address(a) if isinstance(a, str) else a for a in addresses)
     if not addrs:
-        return Decision(Result.DENY, "no_address")
+        return Decision(Verdict.DENY, "no_address")
     for a in addrs:
         cls = classify(a)
         if cls in _NEVER:
-            return Decision(Result.DENY, f"blocked_address:{cls.value}")
+            return Decision(Verdict.DENY, f"blocked_address:{cls.value}")
     if not unsafe_allow_private_ranges:
         for a in addrs:
             cls = classify(a)
             if cls is not AddrClass.PUBLIC:
-                return Decision(Result.DENY, f"blocked_address:{cls.value}")
+                return Decision(Verdict.DENY, f"blocked_address:{cls.value}")
         if any(_unmapped(a) in own_addresses or a in own_addresses for a in addrs):
-            return Decision(Result.DENY, "own_address")
-    return Decision(Result.ALLOW, verdict.reason, addrs)
+            return Decision(Verdict.DENY, "own_address")
+    return Decision(Verdict.ALLOW, verdict.reason, addrs)

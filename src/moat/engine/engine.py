@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import secrets
 import threading
@@ -12,16 +13,23 @@ from typing import Any
 
 from moat.egress import Gateway, GatewayConfig, Secret, proxy_env
 from moat.engine.guardhook import make_guard
-from moat.engine.output import DEFAULT_MAX_OUTPUT
 from moat.engine.pool import WarmPool, pool_sizes, poolable
-from moat.engine.session import CA_BUNDLE_PATH, PROXY_PORT, Session
-from moat.engine.tiers import TIERS, choose_tier, require, runtime_for
+from moat.engine.resolve import guard_policy, network_policy
+from moat.engine.session import Session
+from moat.engine.tiers import TIERS, require, runtime_for
+from moat.errors import PolicyError
 from moat.guard import GuardPolicy
+from moat.model import CA_BUNDLE_PATH, PROXY_PORT, SandboxConfig, SandboxInfo
+from moat.runtime.base import Runtime
 from moat.runtime.spec import SandboxSpec
 from moat.store import AuditLog, shared_audit_log
 
 log = logging.getLogger("moat.engine")
 
+#: The tenant of the embedded SDK (a process that embeds the engine is one tenant).
+DEFAULT_TENANT = "default"
+#: How many ended sandboxes an engine remembers (to answer calls on them with why they ended).
+MAX_ENDED = 4096
 #: Seconds between two sweeps of one tier by one engine.
 SWEEP_INTERVAL = 60.0
 
@@ -29,9 +37,21 @@ SWEEP_INTERVAL = 60.0
 class Engine:
     """Owns every live session of this process. Embedded by default (``default_engine()``)."""
 
-    def __init__(self, pool: dict[str, int] | None = None) -> None:
-        """``pool``: warm sandboxes per tier (default: ``MOAT_WARM_POOL``, see pool.py)."""
+    def __init__(self, pool: dict[str, int] | None = None, runtime: Runtime | None = None) -> None:
+        """``pool``: warm sandboxes per tier (default: ``MOAT_WARM_POOL``, see pool.py).
+
+        ``runtime`` replaces every tier's driver (tests: ``moat.testing.fake_front_door``);
+        such an engine has no warm pool, and its sandboxes report the runtime's name as
+        their tier. No trust level or ``isolation=`` can choose it.
+        """
+        self._runtime = runtime
+        if runtime is not None:
+            pool = {}
         self.sessions: dict[str, Session] = {}
+        #: sandboxes that ended lately: id -> (tenant, why, last info), newest last, bounded
+        self.ended: collections.OrderedDict[str, tuple[str, str, SandboxInfo]] = (
+            collections.OrderedDict()
+        )
         self._swept: dict[str, float] = {}  # tier -> when the next sweep is due
         self._mu = threading.Lock()
         self._audit: AuditLog | None = None
@@ -50,27 +70,34 @@ class Engine:
 
     async def create(
         self,
-        spec_args: dict[str, Any],
-        isolation: str | None,
-        trust: str,
-        timeout: float,
-        metadata: dict[str, str],
-        guard: GuardPolicy | None = None,
-        sensitive: Mapping[str, str] | None = None,
-        network: Any = None,
+        config: SandboxConfig,
+        *,
+        tenant: str = DEFAULT_TENANT,
         secrets: Mapping[str, Secret] | None = None,
+        sensitive: Mapping[str, str] | None = None,
         gateway_config: GatewayConfig | None = None,
-        max_output: int = DEFAULT_MAX_OUTPUT,
     ) -> Session:
-        """Start a sandbox on the tier ``isolation`` / ``trust`` selects.
+        """Start a sandbox for ``tenant`` as ``config`` (from ``moat.engine.resolve``) says.
 
-        Every sandbox gets an egress gateway (deny-all unless ``network`` opens hosts) and a
-        guard over everything it returns, which knows its secrets and ``sensitive`` values
-        (value -> label).
+        Every sandbox gets an egress gateway (deny-all unless the config's network opens
+        hosts) and a guard over everything it returns, which knows its ``secrets`` (the
+        config's references joined with their values) and ``sensitive`` values (value ->
+        label). Callers reach this through the front door (``moat.engine.api``).
         """
-        tier = choose_tier(isolation, trust)
-        runtime = require(tier)  # probes are cached after the first: cheap
-        if self._sweep_due(tier):
+        tier = config.tier if self._runtime is None else self._runtime.name
+        timeout = config.timeout
+        metadata = dict(config.metadata)
+        guard = guard_policy(config.guard)
+        network = network_policy(config.network)
+        max_output = config.max_output_bytes
+        spec_args: dict[str, Any] = {
+            "template": config.template,
+            "envs": config.envs,
+            "mounts": config.mounts,
+            "limits": config.limits,
+        }
+        runtime = self._runtime or require(tier)  # probes are cached after the first: cheap
+        if self._runtime is None and self._sweep_due(tier):
             await asyncio.to_thread(self._sweep, tier)
         audit = self.audit
         warm = poolable(spec_args, secrets, gateway_config)
@@ -81,6 +108,7 @@ class Engine:
                 the_guard = make_guard(
                     session.id, guard or GuardPolicy(), dict(sensitive or {}), audit
                 )
+                session.tenant = tenant
                 try:
                     await session.adopt(
                         the_guard, the_guard.check_egress, network, timeout, metadata, max_output
@@ -93,17 +121,21 @@ class Engine:
         known = dict(sensitive or {})
         known.update({s.value: name for name, s in (secrets or {}).items()})
         the_guard = make_guard(sandbox_id, guard or GuardPolicy(), known, audit)
-        gateway = Gateway(
-            sandbox_id,
-            network,
-            secrets,
-            audit=audit,
-            config=gateway_config,
-            inspect=the_guard.check_egress,  # canaries and sensitive values leaving by network
-        )
-        env = dict(spec_args.pop("envs", ()))
-        env.update(proxy_env(PROXY_PORT, CA_BUNDLE_PATH))  # moat's own names win
-        env.update(gateway.placeholders())
+        env = dict(spec_args.pop("envs"))
+        gateway: Gateway | None = None
+        if getattr(runtime, "provides_network", True):
+            gateway = Gateway(
+                sandbox_id,
+                network,
+                secrets,
+                audit=audit,
+                config=gateway_config,
+                inspect=the_guard.check_egress,  # canaries, sensitive values leaving by network
+            )
+            env.update(proxy_env(PROXY_PORT, CA_BUNDLE_PATH))  # moat's own names win
+            env.update(gateway.placeholders())
+        elif secrets:
+            raise PolicyError("this runtime has no network, so it can't broker secrets")
         spec = SandboxSpec(
             sandbox_id=sandbox_id, tier=tier, envs=tuple(sorted(env.items())), **spec_args
         )
@@ -111,6 +143,7 @@ class Engine:
             spec, runtime, the_guard, timeout, metadata, self._ended, audit=audit,
             gateway=gateway, max_output=max_output,
         )  # fmt: skip
+        session.tenant = tenant
         with self._mu:
             self.sessions[spec.sandbox_id] = session
         try:
@@ -167,6 +200,12 @@ class Engine:
     def _ended(self, session: Session) -> None:
         with self._mu:
             self.sessions.pop(session.id, None)
+            if session.tenant is not None:
+                info = session.info()
+                info.state = "ended"
+                self.ended[session.id] = (session.tenant, session.ended or "killed", info)
+                while len(self.ended) > MAX_ENDED:
+                    self.ended.popitem(last=False)
 
     def get(self, sandbox_id: str) -> Session | None:
         with self._mu:

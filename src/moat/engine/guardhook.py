@@ -7,24 +7,9 @@ from collections.abc import Mapping
 from typing import Any
 
 from moat.engine.auditview import attach_scrubber
-from moat.errors import InvalidArgumentError
 from moat.guard import Finding, Guard, GuardPolicy
 
 log = logging.getLogger("moat.guard")
-
-
-def guard_policy(value: GuardPolicy | Mapping[str, Any] | None) -> GuardPolicy:
-    """Accept a GuardPolicy, a dict of its fields, or None (the default: redact)."""
-    if value is None:
-        return GuardPolicy()
-    if isinstance(value, GuardPolicy):
-        return value
-    if isinstance(value, Mapping):
-        try:
-            return GuardPolicy(**value)
-        except TypeError as exc:
-            raise InvalidArgumentError("guard has an unknown field") from exc
-    raise InvalidArgumentError("guard must be a moat.GuardPolicy or a dict")
 
 
 def make_guard(

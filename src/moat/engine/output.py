@@ -12,8 +12,9 @@ import inspect
 from collections.abc import Callable
 from typing import Any, Protocol
 
-#: Default per-call cap on stdout+stderr kept by the host.
-DEFAULT_MAX_OUTPUT = 4 * 1024 * 1024
+from moat.model import DEFAULT_MAX_OUTPUT
+
+__all__ = ["DEFAULT_MAX_OUTPUT", "IDLE_RELEASE", "OutputSink", "StreamFilter"]
 
 
 class StreamFilter(Protocol):
@@ -71,8 +72,8 @@ class OutputSink:
         self._arm_idle(channel)
         if self.truncated:
             await self.finish()
-            note = f"\n[moat: output truncated after {self._max} bytes]\n"
-            self.chunks["stderr"].append(note)
+            # Emitted like output, so a streaming face (and on_stderr) learns of the cut too.
+            await self._emit("stderr", f"\n[moat: output truncated after {self._max} bytes]\n")
 
     def _arm_idle(self, channel: str) -> None:
         timer = self._idle.pop(channel, None)

@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from moat.errors import InvalidArgumentError
-from moat.runtime.spec import Limits
+from moat.model import TIERS, Limits
 
 log = logging.getLogger("moat.engine")
 
@@ -34,7 +34,7 @@ def pool_sizes(text: str | None = None) -> dict[str, int]:
     sizes: dict[str, int] = {}
     for part in raw.split(","):
         tier, _, n = part.partition("=")
-        if tier.strip() not in ("container", "gvisor", "microvm") or not n.strip().isdigit():
+        if tier.strip() not in TIERS or not n.strip().isdigit():
             raise InvalidArgumentError("MOAT_WARM_POOL must look like 'container=1,gvisor=0'")
         if int(n) > 8:
             raise InvalidArgumentError("MOAT_WARM_POOL: at most 8 warm sandboxes per tier")

@@ -5,22 +5,10 @@ from __future__ import annotations
 import functools
 
 from moat.errors import InvalidArgumentError, IsolationUnavailableError
+from moat.model.tiers import TIERS, TRUST_TO_TIER, choose_tier
 from moat.runtime.base import Runtime
 
-TIERS = ("container", "gvisor", "microvm")
-#: When in doubt, deeper (DESIGN): the default trust level is "untrusted" -> microvm.
-TRUST_TO_TIER = {"trusted": "container", "semi-trusted": "gvisor", "untrusted": "microvm"}
-
-
-def choose_tier(isolation: str | None, trust: str) -> str:
-    """The tier for a sandbox: ``isolation`` if given, else the one ``trust`` maps to."""
-    if isolation is not None:
-        if isolation not in TIERS:
-            raise InvalidArgumentError(f"isolation must be one of {', '.join(TIERS)}")
-        return isolation
-    if trust not in TRUST_TO_TIER:
-        raise InvalidArgumentError(f"trust must be one of {', '.join(TRUST_TO_TIER)}")
-    return TRUST_TO_TIER[trust]
+__all__ = ["TIERS", "TRUST_TO_TIER", "choose_tier", "require", "runtime_for"]
 
 
 @functools.cache

@@ -40,6 +40,7 @@ class MsgType(enum.StrEnum):
     CMD_STDIN = "cmd_stdin"  # payload = bytes; eof=True closes stdin
     CMD_KILL = "cmd_kill"
     CMD_LIST = "cmd_list"
+    CMD_CONNECT = "cmd_connect"  # re-attach to a running command: its output from now on
     FILE_READ = "file_read"
     FILE_WRITE = "file_write"  # opens; then FILE_CHUNK frames with the same id, last has eof
     FILE_CHUNK = "file_chunk"
@@ -47,6 +48,7 @@ class MsgType(enum.StrEnum):
     FILE_STAT = "file_stat"
     FILE_REMOVE = "file_remove"
     FILE_MKDIR = "file_mkdir"
+    FILE_MOVE = "file_move"  # rename or move `path` to `dst`
     PING = "ping"
     NET_SETUP = "net_setup"  # start the local proxy port; payload = CA bundle (PEM)
     # both ways: proxied TCP streams (id = stream id, negative: opened by the agent)
@@ -79,6 +81,7 @@ HOST_TO_AGENT = frozenset(
         MsgType.CMD_STDIN,
         MsgType.CMD_KILL,
         MsgType.CMD_LIST,
+        MsgType.CMD_CONNECT,
         MsgType.FILE_READ,
         MsgType.FILE_WRITE,
         MsgType.FILE_CHUNK,
@@ -86,6 +89,7 @@ HOST_TO_AGENT = frozenset(
         MsgType.FILE_STAT,
         MsgType.FILE_REMOVE,
         MsgType.FILE_MKDIR,
+        MsgType.FILE_MOVE,
         MsgType.PING,
         MsgType.NET_SETUP,
         MsgType.TCP_DATA,
@@ -147,6 +151,7 @@ SCHEMAS: dict[MsgType, dict[str, _F]] = {
     MsgType.CMD_STDIN: {"pid": _F(int), "eof": _F(bool, required=False)},
     MsgType.CMD_KILL: {"pid": _F(int), "signal": _F(int, required=False)},
     MsgType.CMD_LIST: {},
+    MsgType.CMD_CONNECT: {"pid": _F(int)},
     MsgType.FILE_READ: {"path": _PATH, "max_bytes": _F(int)},
     MsgType.FILE_WRITE: {"path": _PATH, "max_bytes": _F(int)},
     MsgType.FILE_CHUNK: {"eof": _F(bool, required=False)},
@@ -154,6 +159,7 @@ SCHEMAS: dict[MsgType, dict[str, _F]] = {
     MsgType.FILE_STAT: {"path": _PATH},
     MsgType.FILE_REMOVE: {"path": _PATH},
     MsgType.FILE_MKDIR: {"path": _PATH},
+    MsgType.FILE_MOVE: {"path": _PATH, "dst": _PATH},
     MsgType.PING: {},
     MsgType.NET_SETUP: {"port": _F(int), "ca_path": _PATH},
     MsgType.TCP_DATA: {},

@@ -40,28 +40,11 @@ class LoopThread:
 
     def shutdown(self) -> None:
         """Kill every sandbox still alive (invariant 5), then stop the loop."""
-        from moat.engine import default_engine
-
-        async def kill_all() -> None:
-            engine = default_engine()
-            await engine.pool.close()
-            await asyncio.gather(
-                *(s.kill("killed") for s in list(engine.sessions.values())),
-                return_exceptions=True,
-            )
-            # Whatever still runs on this loop (a warm-pool start, a reader) ends here too.
-            rest = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-            for task in rest:
-                task.cancel()
-            await asyncio.gather(*rest, return_exceptions=True)
-            await asyncio.gather(
-                *(s.kill("killed") for s in list(engine.sessions.values())),
-                return_exceptions=True,
-            )
+        from moat.engine.api import kill_everything
 
         if self.loop.is_running():
             try:
-                asyncio.run_coroutine_threadsafe(kill_all(), self.loop).result(timeout=30)
+                asyncio.run_coroutine_threadsafe(kill_everything(), self.loop).result(timeout=30)
             except Exception:  # noqa: BLE001, S110 - best effort at interpreter exit
                 pass
             self.loop.call_soon_threadsafe(self.loop.stop)

@@ -5,51 +5,86 @@ from __future__ import annotations
 import asyncio
 import builtins
 import contextlib
-from typing import IO, Any, Literal
+import inspect
+from collections.abc import Callable
+from typing import IO, TYPE_CHECKING, Any, Literal
 
-from moat.egress import GatewayConfig, NetworkPolicy, Secret
-from moat.engine import Engine, Session, default_engine
-from moat.engine.auditview import sandbox_audit
-from moat.engine.client import Call
-from moat.engine.guardhook import guard_policy
-from moat.engine.output import DEFAULT_MAX_OUTPUT, OutputSink
 from moat.errors import (
     CommandExitError,
     InvalidArgumentError,
+    NotFoundError,
     SandboxError,
     TimeoutError,
 )
-from moat.guard import Guard, GuardPolicy
-from moat.profiles import resolve_profile
-from moat.runtime.spec import Limits, Mount
-from moat.sdk import validate as v
-from moat.sdk.models import (
+from moat.model import (
     CommandResult,
     Context,
+    End,
     EntryInfo,
+    ErrorEvent,
     Execution,
     ExecutionError,
+    Limits,
+    Logs,
+    Mount,
+    Output,
     ProcessInfo,
     Result,
+    ResultEvent,
     SandboxInfo,
 )
+from moat.model import validate as v
+from moat.sdk.transport import CommandEvents, Transport
 
-_LANGUAGES = ("python", "bash")
-_TRUST = ("trusted", "semi-trusted", "untrusted")
+if TYPE_CHECKING:  # names of the front door's request vocabulary, for annotations only
+    from moat.engine.api import GatewayConfig, GuardPolicy, NetworkPolicy, Secret
+    from moat.guard import Guard
+
+
+def _local() -> Transport:
+    """The default transport: this process's engine, as the default tenant (loaded lazily,
+    so a program that only uses a remote transport never imports the engine)."""
+    from moat.sdk.transport.local import LocalTransport
+
+    return LocalTransport()
 
 
 class AsyncCommandHandle:
     """A command started with ``background=True``. Its output is collected as it arrives."""
 
-    def __init__(self, session: Session, pid: int, call: Call, sink: OutputSink) -> None:
-        self._session = session
-        self.pid = pid
-        self._sink = sink
-        self._task = asyncio.get_running_loop().create_task(
-            session.wait_command(call, sink, None, pid)
-        )
+    def __init__(
+        self,
+        transport: Transport,
+        sandbox_id: str,
+        started: CommandEvents,
+        on_stdout: Callable[[str], Any] | None = None,
+        on_stderr: Callable[[str], Any] | None = None,
+    ) -> None:
+        self._t = transport
+        self._sid = sandbox_id
+        self.pid = started.pid
+        self._out: dict[str, list[str]] = {"stdout": [], "stderr": []}
+        self._callbacks = {"stdout": on_stdout, "stderr": on_stderr}
+        self._task = asyncio.get_running_loop().create_task(self._consume(started))
         # Retrieve a failure even if nobody waits, so it is never reported as lost.
         self._task.add_done_callback(lambda t: t.cancelled() or t.exception())
+
+    async def _consume(self, started: CommandEvents) -> CommandResult:
+        end: End | None = None
+        async for event in started.events():
+            if isinstance(event, Output):
+                self._out[event.stream].append(event.text)
+                await _call(self._callbacks[event.stream], event.text)
+            elif isinstance(event, End):
+                end = event
+        if end is None or end.exit_code is None:  # pragma: no cover - the front door ends so
+            raise SandboxError("the command ended without an exit code")
+        return CommandResult(
+            exit_code=end.exit_code,
+            stdout=self.stdout,
+            stderr=self.stderr,
+            truncated=end.truncated,
+        )
 
     async def wait(self, timeout: float | None = None) -> CommandResult:
         """Wait for the command to end; raises CommandExitError on a non-zero exit."""
@@ -71,26 +106,27 @@ class AsyncCommandHandle:
 
     async def kill(self) -> bool:
         """Kill the command and its process group. False if it had already ended."""
-        return await self._session.kill_command(self.pid)
+        return await self._t.signal(self._sid, self.pid)
 
     async def send_stdin(self, data: str | bytes, eof: bool = False) -> None:
         """Write to the command's stdin (started with ``stdin=True``)."""
-        await self._session.send_stdin(self.pid, _bytes(data), eof)
+        await self._t.send_stdin(self._sid, self.pid, _bytes(data), eof)
 
     @property
     def stdout(self) -> str:
-        return self._sink.text("stdout")
+        return "".join(self._out["stdout"])
 
     @property
     def stderr(self) -> str:
-        return self._sink.text("stderr")
+        return "".join(self._out["stderr"])
 
 
 class AsyncCommands:
     """``sandbox.commands``: shell commands inside the sandbox."""
 
-    def __init__(self, session: Session) -> None:
-        self._s = session
+    def __init__(self, transport: Transport, sandbox_id: str) -> None:
+        self._t = transport
+        self._sid = sandbox_id
 
     async def run(
         self,
@@ -104,10 +140,6 @@ class AsyncCommands:
         stdin: bool | str | bytes | None = None,
     ) -> Any:
         """Run ``cmd`` with bash. Returns a CommandResult, or a handle if ``background``."""
-        cmd = v.text("cmd", cmd)
-        env = v.envs(envs)
-        if cwd is not None:
-            cwd = v.path(cwd)
         if timeout is not None:
             v.number("timeout", timeout, 0.001, 86400)
         v.callback("on_stdout", on_stdout)
@@ -115,83 +147,86 @@ class AsyncCommands:
         if stdin is not None and not isinstance(stdin, (bool, str, bytes)):
             raise InvalidArgumentError("stdin must be True, str or bytes")
         data = None if isinstance(stdin, bool) or stdin is None else _bytes(stdin)
-        pid, call, sink = await self._s.start_command(
-            cmd, env, cwd, bool(stdin) or data is not None, on_stdout, on_stderr
+        started = await self._t.start_command(
+            self._sid, cmd, envs, cwd, bool(stdin) or data is not None
         )
-        handle = AsyncCommandHandle(self._s, pid, call, sink)
+        handle = AsyncCommandHandle(self._t, self._sid, started, on_stdout, on_stderr)
         if data is not None:
             await handle.send_stdin(data, eof=True)
         if background:
             return handle
         return await handle.wait(timeout)
 
+    async def connect(
+        self,
+        pid: int,
+        on_stdout: Any = None,
+        on_stderr: Any = None,
+    ) -> AsyncCommandHandle:
+        """Re-attach to a running command: a handle with its output from now on."""
+        v.callback("on_stdout", on_stdout)
+        v.callback("on_stderr", on_stderr)
+        started = await self._t.connect_command(self._sid, v.pid(pid))
+        return AsyncCommandHandle(self._t, self._sid, started, on_stdout, on_stderr)
+
     async def list(self) -> list[ProcessInfo]:
-        return await self._s.list_commands()
+        return await self._t.list_commands(self._sid)
 
     async def kill(self, pid: int) -> bool:
-        if isinstance(pid, bool) or not isinstance(pid, int):
-            raise InvalidArgumentError("pid must be an int")
-        return await self._s.kill_command(pid)
+        return await self._t.signal(self._sid, v.pid(pid))
 
 
 class AsyncFiles:
     """``sandbox.files``: the sandbox's filesystem, resolved inside the sandbox."""
 
-    def __init__(self, session: Session) -> None:
-        self._s = session
+    def __init__(self, transport: Transport, sandbox_id: str) -> None:
+        self._t = transport
+        self._sid = sandbox_id
 
     async def read(self, path: str, format: Literal["text", "bytes"] = "text") -> Any:
-        path = v.path(path)
-        fmt = v.choice("format", format, ("text", "bytes"))
-        data = await self._s.read_file(path)
-        if fmt == "bytes":
-            return self._s.guard.redact_bytes(data, "files")
-        return self._s.guard.redact_text(data.decode("utf-8", "replace"), "files")
+        """The file's content (guarded by the front door, like all output)."""
+        return await self._t.read_file(self._sid, path, format)
 
     async def write(self, path: str, data: str | bytes | IO[Any]) -> EntryInfo:
-        from moat.engine.session import file_chunks
-
-        path = v.path(path)
-        if not isinstance(data, (str, bytes, bytearray, memoryview)) and not hasattr(data, "read"):
-            raise InvalidArgumentError("data must be str, bytes or a readable file object")
-        return await self._s.write_file(path, file_chunks(data))
+        return await self._t.write_file(self._sid, path, data)
 
     async def list(self, path: str = ".", depth: int = 1) -> list[EntryInfo]:
-        path = v.path(path)
-        d = int(v.number("depth", depth, 1, 32))
-        return await self._s.list_dir(path, d)
+        return await self._t.list_dir(self._sid, path, depth)
 
     async def exists(self, path: str) -> bool:
-        from moat.errors import NotFoundError
-
         try:
-            await self._s.stat(v.path(path))
+            await self._t.stat(self._sid, path)
         except NotFoundError:
             return False
         return True
 
     async def get_info(self, path: str) -> EntryInfo:
-        return await self._s.stat(v.path(path))
+        return await self._t.stat(self._sid, path)
+
+    async def rename(self, old_path: str, new_path: str) -> EntryInfo:
+        """Rename or move a file or directory (parents made); the entry at ``new_path``."""
+        return await self._t.move(self._sid, old_path, new_path)
 
     async def remove(self, path: str) -> None:
-        await self._s.remove(v.path(path))
+        await self._t.remove(self._sid, path)
 
     async def make_dir(self, path: str) -> bool:
         """Create a directory (and parents). False if it already existed."""
-        return await self._s.make_dir(v.path(path))
+        return await self._t.make_dir(self._sid, path)
 
 
 class AsyncSandbox:
     """A sandbox, used from asyncio. Create it with ``await AsyncSandbox.create(...)``."""
 
-    def __init__(self, session: Session) -> None:
-        self._s = session
-        self.commands = AsyncCommands(session)
-        self.files = AsyncFiles(session)
+    def __init__(self, transport: Transport, info: SandboxInfo) -> None:
+        self._t = transport
+        self._id = info.sandbox_id
+        self.commands = AsyncCommands(transport, self._id)
+        self.files = AsyncFiles(transport, self._id)
 
     @property
     def sandbox_id(self) -> str:
-        return self._s.id
+        return self._id
 
     @classmethod
     async def create(
@@ -214,7 +249,7 @@ class AsyncSandbox:
         profile: str | None = None,
         policy_file: str | None = None,
         max_output_bytes: int | None = None,
-        engine: Engine | None = None,
+        transport: Transport | None = None,
     ) -> AsyncSandbox:
         """Start a sandbox. With ``trust="untrusted"`` (the default) that is a microVM.
 
@@ -231,88 +266,45 @@ class AsyncSandbox:
         ``$MOAT_POLICY_FILE``) whose settings apply where the caller gives none (see
         docs/profiles.md). Defaults without a profile: ``trust="untrusted"``, 300 s.
         ``max_output_bytes`` caps what one call may print (default 4 MiB; beyond it the
-        output is cut and ``Execution.truncated`` is set).
+        output is cut and ``Execution.truncated`` is set). ``transport`` carries the calls
+        (default: the engine in this process, as the default tenant).
         """
-        if profile is not None:
-            chosen = resolve_profile(profile, policy_file)
-            given = {
-                "trust": trust,
-                "isolation": isolation,
-                "timeout": timeout,
-                "limits": limits,
-                "network": network,
-                "guard": guard,
-                "envs": envs,
-            }
-            kw = chosen.create_kwargs(given)
-            trust, isolation, timeout = kw.get("trust"), kw.get("isolation"), kw.get("timeout")
-            limits, network, guard, envs = (
-                kw.get("limits"),
-                kw.get("network"),
-                kw.get("guard"),
-                kw.get("envs"),
-            )
-        trust = "untrusted" if trust is None else trust
-        timeout = 300 if timeout is None else timeout
-        if template != "default":
-            raise InvalidArgumentError("unknown template (only 'default' exists)")
-        v.choice("trust", trust, _TRUST)
-        if isolation is not None:
-            v.choice("isolation", isolation, ("container", "gvisor", "microvm"))
-        v.number("timeout", timeout, 1, 86400)
-        spec_args = {
-            "template": template,
-            "envs": tuple(sorted(v.envs(envs).items())),
-            "mounts": v.mounts(mounts),
-            "limits": v.limits(limits),
-        }
-        meta = v.metadata(metadata)
-        if not isinstance(allow_internet_access, bool):
-            raise InvalidArgumentError("allow_internet_access must be a bool")
-        policy = NetworkPolicy.parse(network)
-        if allow_internet_access:
-            policy = NetworkPolicy(
-                allow_out=policy.allow_out, deny_out=policy.deny_out, internet_access=True
-            )
-        if secrets is not None and (
-            not isinstance(secrets, dict)
-            or not all(isinstance(x, Secret) for x in secrets.values())
-        ):
-            raise InvalidArgumentError("secrets must map variable names to moat.Secret")
-        if gateway_config is not None and not isinstance(gateway_config, GatewayConfig):
-            raise InvalidArgumentError("gateway_config must be a GatewayConfig")
-        eng = engine or default_engine()
-        session = await eng.create(
-            spec_args,
-            isolation,
-            trust,
-            float(timeout),
-            meta,
-            guard=guard_policy(guard),
-            sensitive=_sensitive(sensitive),
-            network=policy,
+        if transport is None:
+            transport = _local()
+        info = await transport.create(
+            template=template,
+            isolation=isolation,
+            trust=trust,
+            timeout=timeout,
+            envs=envs,
+            mounts=mounts,
+            limits=limits,
+            network=network,
             secrets=secrets,
+            metadata=metadata,
+            allow_internet_access=allow_internet_access,
             gateway_config=gateway_config,
-            max_output=DEFAULT_MAX_OUTPUT
-            if max_output_bytes is None
-            else int(v.number("max_output_bytes", max_output_bytes, 1024, 256 * 1024 * 1024)),
+            guard=guard,
+            sensitive=sensitive,
+            profile=profile,
+            policy_file=policy_file,
+            max_output_bytes=max_output_bytes,
         )
-        return cls(session)
+        return cls(transport, info)
 
     @property
     def guard(self) -> Guard:
         """This sandbox's guard: ``register(value, label)``, ``canary(kind)``."""
-        return self._s.guard  # type: ignore[return-value]
+        guard: Guard = self._t.guard(self._id)
+        return guard
 
     async def update_network(self, network: NetworkPolicy | dict[str, Any] | None) -> None:
         """Replace the egress policy; open tunnels it no longer allows are closed."""
-        await self._s.update_network(NetworkPolicy.parse(network))
+        await self._t.update_network(self._id, network)
 
     async def audit(self, denied_only: bool = False, limit: int = 1000) -> list[dict[str, Any]]:
         """This sandbox's audit rows: egress decisions, executions, guard findings."""
-        return await sandbox_audit(
-            self._s, default_engine().audit, denied_only=denied_only, limit=limit
-        )
+        return await self._t.audit(self._id, denied_only, limit)
 
     async def run_code(
         self,
@@ -327,10 +319,7 @@ class AsyncSandbox:
         on_error: Any = None,
     ) -> Execution:
         """Run code in a persistent context. Errors in the code are on ``Execution.error``."""
-        code = v.text("code", code)
-        lang = v.choice("language", language, _LANGUAGES)
         ctx = _context_id(context)
-        t = 86400.0 if timeout is None else v.number("timeout", timeout, 0.001, 86400)
         for name, cb in (
             ("on_stdout", on_stdout),
             ("on_stderr", on_stderr),
@@ -338,38 +327,57 @@ class AsyncSandbox:
             ("on_error", on_error),
         ):
             v.callback(name, cb)
-        return await self._s.run_code(
-            code, lang, ctx, t, v.envs(envs), on_stdout, on_stderr, on_result, on_error
-        )
+        execution = Execution()
+        logs = Logs()
+        streams = {"stdout": (logs.stdout, on_stdout), "stderr": (logs.stderr, on_stderr)}
+        events = self._t.run_code(self._id, code, language, ctx, timeout, envs)
+        async for event in events:
+            if isinstance(event, Output):
+                chunks, cb = streams[event.stream]
+                chunks.append(event.text)
+                await _call(cb, event.text)
+            elif isinstance(event, ResultEvent):
+                execution.results.append(event.result)
+                await _call(on_result, event.result)
+            elif isinstance(event, ErrorEvent):
+                execution.error = event.error
+                await _call(on_error, event.error)
+            elif isinstance(event, End):
+                execution.execution_count = event.execution_count
+                execution.truncated = event.truncated
+        execution.logs = logs
+        return execution
 
     async def create_code_context(
         self, language: str = "python", cwd: str | None = None
     ) -> Context:
-        lang = v.choice("language", language, _LANGUAGES)
-        return await self._s.create_context(lang, v.path(cwd) if cwd is not None else None)
+        return await self._t.create_context(self._id, language, cwd)
 
     async def list_code_contexts(self) -> list[Context]:
-        return await self._s.list_contexts()
+        return await self._t.list_contexts(self._id)
 
     async def restart_code_context(self, context: Context | str) -> None:
-        await self._s.restart_context(_context_id(context))
+        await self._t.restart_context(self._id, _context_id(context))
 
     async def remove_code_context(self, context: Context | str) -> None:
-        await self._s.remove_context(_context_id(context))
+        await self._t.remove_context(self._id, _context_id(context))
 
     async def kill(self) -> None:
         """Kill the sandbox; everything in it dies and nothing of it remains."""
-        await self._s.kill("killed")
+        await self._t.kill(self._id)
 
     async def set_timeout(self, seconds: float) -> None:
         """Give the sandbox ``seconds`` more to live, from now."""
-        self._s.set_timeout(v.number("seconds", seconds, 1, 86400))
+        await self._t.set_timeout(self._id, seconds)
 
     async def is_running(self) -> bool:
-        return self._s.is_running()
+        try:
+            return await self._t.is_running(self._id)
+        except NotFoundError:
+            return False
 
     async def get_info(self) -> SandboxInfo:
-        return self._s.info()
+        return await self._t.info(self._id)
 
     async def __aenter__(self) -> AsyncSandbox:
         return self
@@ -383,23 +391,14 @@ def _context_id(context: Context | str | None) -> str:
         return "default"
     if isinstance(context, Context):
         return context.id
-    if isinstance(context, str) and 0 < len(context) <= 64 and context.isalnum():
-        return context
-    raise InvalidArgumentError("context must be a Context, a context id or None")
+    return v.context_id(context)
 
 
-def _sensitive(value: Any) -> dict[str, str]:
-    if value is None:
-        return {}
-    if isinstance(value, dict):
-        items = value
-    elif isinstance(value, (list, tuple)):
-        items = {v: "SENSITIVE" for v in value}
-    else:
-        raise InvalidArgumentError("sensitive must be a list of str or a dict of value to label")
-    if not all(isinstance(k, str) and isinstance(v, str) for k, v in items.items()):
-        raise InvalidArgumentError("sensitive must be a list of str or a dict of value to label")
-    return dict(items)
+async def _call(callback: Callable[[Any], Any] | None, arg: Any) -> None:
+    if callback is not None:
+        out = callback(arg)
+        if inspect.isawaitable(out):
+            await out
 
 
 def _bytes(data: str | bytes) -> bytes:

@@ -4,25 +4,33 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+from collections.abc import Coroutine
 from concurrent.futures import ThreadPoolExecutor
-from typing import IO, Any, Literal
+from typing import IO, TYPE_CHECKING, Any, Literal, TypeVar
 
-from moat.egress import GatewayConfig, NetworkPolicy, Secret
-from moat.guard import Guard, GuardPolicy
-from moat.runtime.spec import Limits, Mount
-from moat.sdk._loop import loop_thread
-from moat.sdk.async_ import AsyncCommandHandle, AsyncCommands, AsyncFiles, AsyncSandbox
-from moat.sdk.models import (
+from moat.model import (
     CommandResult,
     Context,
     EntryInfo,
     Execution,
+    Limits,
+    Mount,
     ProcessInfo,
     SandboxInfo,
 )
+from moat.sdk._loop import loop_thread
+from moat.sdk.async_ import AsyncCommandHandle, AsyncCommands, AsyncFiles, AsyncSandbox
+from moat.sdk.transport import Transport
+
+if TYPE_CHECKING:  # names of the front door's request vocabulary, for annotations only
+    from moat.engine.api import GatewayConfig, GuardPolicy, NetworkPolicy, Secret
+    from moat.guard import Guard
+
+T = TypeVar("T")
 
 
-def _run(coro: Any) -> Any:
+def _run(coro: Coroutine[Any, Any, T]) -> T:
+    """Drive one coroutine of the async SDK on the SDK's loop thread; its result, typed."""
     return loop_thread().run(coro)
 
 
@@ -66,10 +74,10 @@ class CommandHandle:
 
     def wait(self, timeout: float | None = None) -> CommandResult:
         """Wait for the command to end; raises CommandExitError on a non-zero exit."""
-        return _run(self._h.wait(timeout))  # type: ignore[no-any-return]
+        return _run(self._h.wait(timeout))
 
     def kill(self) -> bool:
-        return _run(self._h.kill())  # type: ignore[no-any-return]
+        return _run(self._h.kill())
 
     def send_stdin(self, data: str | bytes, eof: bool = False) -> None:
         _run(self._h.send_stdin(data, eof))
@@ -110,11 +118,22 @@ class Commands:
         )
         return CommandHandle(out) if isinstance(out, AsyncCommandHandle) else out
 
+    def connect(
+        self,
+        pid: int,
+        on_stdout: Any = None,
+        on_stderr: Any = None,
+    ) -> CommandHandle:
+        """Re-attach to a running command: a handle with its output from now on."""
+        wrap = self._cb.wrap
+        inner = _run(self._c.connect(pid, wrap(on_stdout), wrap(on_stderr)))
+        return CommandHandle(inner)
+
     def list(self) -> list[ProcessInfo]:
-        return _run(self._c.list())  # type: ignore[no-any-return]
+        return _run(self._c.list())
 
     def kill(self, pid: int) -> bool:
-        return _run(self._c.kill(pid))  # type: ignore[no-any-return]
+        return _run(self._c.kill(pid))
 
 
 class Files:
@@ -127,22 +146,26 @@ class Files:
         return _run(self._f.read(path, format))
 
     def write(self, path: str, data: str | bytes | IO[Any]) -> EntryInfo:
-        return _run(self._f.write(path, data))  # type: ignore[no-any-return]
+        return _run(self._f.write(path, data))
 
     def list(self, path: str = ".", depth: int = 1) -> list[EntryInfo]:
-        return _run(self._f.list(path, depth))  # type: ignore[no-any-return]
+        return _run(self._f.list(path, depth))
 
     def exists(self, path: str) -> bool:
-        return _run(self._f.exists(path))  # type: ignore[no-any-return]
+        return _run(self._f.exists(path))
 
     def get_info(self, path: str) -> EntryInfo:
-        return _run(self._f.get_info(path))  # type: ignore[no-any-return]
+        return _run(self._f.get_info(path))
+
+    def rename(self, old_path: str, new_path: str) -> EntryInfo:
+        """Rename or move a file or directory (parents made); the entry at ``new_path``."""
+        return _run(self._f.rename(old_path, new_path))
 
     def remove(self, path: str) -> None:
         _run(self._f.remove(path))
 
     def make_dir(self, path: str) -> bool:
-        return _run(self._f.make_dir(path))  # type: ignore[no-any-return]
+        return _run(self._f.make_dir(path))
 
 
 class Sandbox:
@@ -179,6 +202,7 @@ class Sandbox:
         profile: str | None = None,
         policy_file: str | None = None,
         max_output_bytes: int | None = None,
+        transport: Transport | None = None,
     ) -> Sandbox:
         """Start a sandbox; see ``AsyncSandbox.create``."""
         inner = _run(
@@ -200,6 +224,7 @@ class Sandbox:
                 profile=profile,
                 policy_file=policy_file,
                 max_output_bytes=max_output_bytes,
+                transport=transport,
             )
         )
         return cls(inner)
@@ -215,7 +240,7 @@ class Sandbox:
 
     def audit(self, denied_only: bool = False, limit: int = 1000) -> list[dict[str, Any]]:
         """This sandbox's audit rows: egress decisions, executions, guard findings."""
-        return _run(self._a.audit(denied_only, limit))  # type: ignore[no-any-return]
+        return _run(self._a.audit(denied_only, limit))
 
     def run_code(
         self,
@@ -235,7 +260,7 @@ class Sandbox:
         never on the SDK's event loop: they may take their time and may use this SDK.
         """
         w = self._callbacks.wrap
-        return _run(  # type: ignore[no-any-return]
+        return _run(
             self._a.run_code(
                 code,
                 language,
@@ -250,10 +275,10 @@ class Sandbox:
         )
 
     def create_code_context(self, language: str = "python", cwd: str | None = None) -> Context:
-        return _run(self._a.create_code_context(language, cwd))  # type: ignore[no-any-return]
+        return _run(self._a.create_code_context(language, cwd))
 
     def list_code_contexts(self) -> list[Context]:
-        return _run(self._a.list_code_contexts())  # type: ignore[no-any-return]
+        return _run(self._a.list_code_contexts())
 
     def restart_code_context(self, context: Context | str) -> None:
         _run(self._a.restart_code_context(context))
@@ -271,10 +296,10 @@ class Sandbox:
         _run(self._a.set_timeout(seconds))
 
     def is_running(self) -> bool:
-        return _run(self._a.is_running())  # type: ignore[no-any-return]
+        return _run(self._a.is_running())
 
     def get_info(self) -> SandboxInfo:
-        return _run(self._a.get_info())  # type: ignore[no-any-return]
+        return _run(self._a.get_info())
 
     def __enter__(self) -> Sandbox:
         return self

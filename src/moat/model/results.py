@@ -1,19 +1,40 @@
-"""Result types, in the shapes E2B users know (Execution, Result, Logs, ExecutionError...)."""
+"""Result types, in the shapes E2B users know (Execution, Result, Logs, ExecutionError...).
+
+Pure data; ``to_dict``/``from_dict`` (``moat.model.codec``) carry them over a wire.
+"""
 
 from __future__ import annotations
 
 import datetime as _dt
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
-from moat.runtime.spec import Limits
+from moat.model import codec
+from moat.model.config import Limits
 
 #: Result formats in the order they are reported by ``Result.formats()``.
 FORMATS = ("text", "html", "markdown", "svg", "png", "jpeg", "pdf", "latex", "json", "javascript")
+#: Every key a result's data may have (the formats, plus free-form ``data``).
+RESULT_KEYS = frozenset((*FORMATS, "data"))
+
+_T = TypeVar("_T", bound="_Wire")
+
+
+class _Wire:
+    """JSON round trip for a model dataclass."""
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = codec.to_dict(self)
+        return out
+
+    @classmethod
+    def from_dict(cls: type[_T], data: Mapping[str, Any]) -> _T:
+        return codec.from_dict(cls, data)
 
 
 @dataclass
-class Result:
+class Result(_Wire):
     """One displayed value: the trailing expression of a cell, or a figure shown."""
 
     text: str | None = None
@@ -43,7 +64,7 @@ class Result:
 
 
 @dataclass
-class Logs:
+class Logs(_Wire):
     """Output of a call, chunk by chunk as it was printed."""
 
     stdout: list[str] = field(default_factory=list)
@@ -51,7 +72,7 @@ class Logs:
 
 
 @dataclass
-class ExecutionError:
+class ExecutionError(_Wire):
     """An exception raised by user code (reported, not raised, by ``run_code``)."""
 
     name: str
@@ -60,7 +81,7 @@ class ExecutionError:
 
 
 @dataclass
-class Execution:
+class Execution(_Wire):
     """Everything one ``run_code`` produced."""
 
     results: list[Result] = field(default_factory=list)
@@ -80,7 +101,7 @@ class Execution:
 
 
 @dataclass
-class CommandResult:
+class CommandResult(_Wire):
     """A finished command."""
 
     exit_code: int
@@ -91,7 +112,7 @@ class CommandResult:
 
 
 @dataclass
-class EntryInfo:
+class EntryInfo(_Wire):
     """A file or directory inside the sandbox."""
 
     name: str
@@ -105,7 +126,7 @@ class EntryInfo:
 
 
 @dataclass
-class Context:
+class Context(_Wire):
     """A code context: its own interpreter state."""
 
     id: str
@@ -114,7 +135,7 @@ class Context:
 
 
 @dataclass
-class ProcessInfo:
+class ProcessInfo(_Wire):
     """A running command."""
 
     pid: int
@@ -122,7 +143,7 @@ class ProcessInfo:
 
 
 @dataclass
-class SandboxInfo:
+class SandboxInfo(_Wire):
     """What ``get_info()`` returns."""
 
     sandbox_id: str
@@ -132,3 +153,5 @@ class SandboxInfo:
     started_at: _dt.datetime
     end_at: _dt.datetime
     metadata: dict[str, str]
+    #: "running" or "ended"
+    state: str = "running"

@@ -1,17 +1,25 @@
-"""Argument checks at the SDK boundary: wrong input gets InvalidArgumentError, early."""
+"""Checks of caller input shared by every face: wrong input gets InvalidArgumentError, early.
+
+Limits, environments, metadata and timeouts are checked here and nowhere else.
+"""
 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 from typing import Any
 
 from moat.errors import InvalidArgumentError
-from moat.runtime.spec import Limits, Mount, check_env
 
 #: Largest code string or command accepted (the protocol frame limit, less headroom).
 MAX_CODE = 512 * 1024
 MAX_PATH = 4096
+MAX_ENVS = 256
+MAX_TIMEOUT = 86400.0
+
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
+_SANDBOX_ID = re.compile(r"[a-z0-9-]{4,64}")
 
 
 def number(name: str, value: Any, lo: float, hi: float) -> float:
@@ -20,6 +28,14 @@ def number(name: str, value: Any, lo: float, hi: float) -> float:
     if not lo <= value <= hi:
         raise InvalidArgumentError(f"{name} must be between {lo:g} and {hi:g}")
     return float(value)
+
+
+def integer(name: str, value: Any, lo: int, hi: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidArgumentError(f"{name} must be an integer")
+    if not lo <= value <= hi:
+        raise InvalidArgumentError(f"{name} must be between {lo} and {hi}")
+    return value
 
 
 def text(name: str, value: Any, max_len: int = MAX_CODE) -> str:
@@ -39,13 +55,23 @@ def path(value: Any) -> str:
     return p
 
 
+def check_env(key: object, value: object) -> None:
+    """Validate one environment variable given by a caller."""
+    if not isinstance(key, str) or not _ENV_NAME.match(key):
+        raise InvalidArgumentError("environment variable names must match [A-Za-z_][A-Za-z0-9_]*")
+    if not isinstance(value, str):
+        raise InvalidArgumentError(f"environment variable {key} must be a string")
+    if "\0" in value or len(value) > 128 * 1024:
+        raise InvalidArgumentError(f"environment variable {key} is too long or contains NUL")
+
+
 def envs(value: Any) -> dict[str, str]:
     if value is None:
         return {}
     if not isinstance(value, Mapping):
         raise InvalidArgumentError("envs must be a dict of str to str")
-    if len(value) > 256:
-        raise InvalidArgumentError("too many environment variables (max 256)")
+    if len(value) > MAX_ENVS:
+        raise InvalidArgumentError(f"too many environment variables (max {MAX_ENVS})")
     for k, v in value.items():
         check_env(k, v)
     return dict(value)
@@ -62,30 +88,6 @@ def metadata(value: Any) -> dict[str, str]:
     return dict(value)
 
 
-def mounts(value: Any) -> tuple[Mount, ...]:
-    if value is None:
-        return ()
-    if not isinstance(value, (list, tuple)) or not all(isinstance(m, Mount) for m in value):
-        raise InvalidArgumentError("mounts must be a list of moat.Mount")
-    targets = [m.sandbox_path for m in value]
-    if len(set(targets)) != len(targets):
-        raise InvalidArgumentError("two mounts share a sandbox path")
-    return tuple(value)
-
-
-def limits(value: Any) -> Limits:
-    if value is None:
-        return Limits()
-    if isinstance(value, Limits):
-        return value
-    if isinstance(value, Mapping):
-        try:
-            return Limits(**value)
-        except TypeError as exc:
-            raise InvalidArgumentError("limits has an unknown field") from exc
-    raise InvalidArgumentError("limits must be a moat.Limits or a dict")
-
-
 def choice(name: str, value: Any, allowed: tuple[str, ...]) -> str:
     if value not in allowed:
         raise InvalidArgumentError(f"{name} must be one of {', '.join(allowed)}")
@@ -95,4 +97,27 @@ def choice(name: str, value: Any, allowed: tuple[str, ...]) -> str:
 def callback(name: str, value: Any) -> Any:
     if value is not None and not callable(value):
         raise InvalidArgumentError(f"{name} must be callable")
+    return value
+
+
+def timeout(name: str, value: Any, lo: float = 0.001) -> float:
+    return number(name, value, lo, MAX_TIMEOUT)
+
+
+def sandbox_id(value: Any) -> str | None:
+    """The id if it has the shape of one, else None (the caller answers NotFoundError)."""
+    if isinstance(value, str) and _SANDBOX_ID.fullmatch(value):
+        return value
+    return None
+
+
+def context_id(value: Any) -> str:
+    if isinstance(value, str) and 0 < len(value) <= 64 and value.isalnum():
+        return value
+    raise InvalidArgumentError("context must be a Context, a context id or None")
+
+
+def pid(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidArgumentError("pid must be an int")
     return value

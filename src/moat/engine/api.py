@@ -1,0 +1,516 @@
+"""The engine's front door: the one API every face calls (embedded SDK, server, tools).
+
+Trust domain: host engine. Typed requests in, model types and async event streams out.
+Every call names its caller's tenant; a sandbox of another tenant answers exactly like an
+unknown id (invariant 11). Validation, defaults, profiles and tier choice happen here (through
+``moat.engine.resolve``), and everything that leaves has passed the sandbox's guard
+(invariant 4), whichever face called.
+
+Pause, resume and snapshot are declared capabilities that this engine does not have yet:
+they raise PolicyError naming the missing capability (invariant 7: never a quiet no-op).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable, Mapping
+from typing import IO, Any, Literal
+
+from moat.egress import GatewayConfig, NetworkPolicy, Secret
+from moat.engine.auditview import OfflineScrub, guard_rows, sandbox_audit
+from moat.engine.engine import DEFAULT_TENANT, Engine, default_engine
+from moat.engine.resolve import (
+    network_policy,
+    resolve,
+    secrets_of,
+    sensitive_values,
+    validate_config,
+)
+from moat.engine.session import Session, ended_error, file_chunks
+from moat.errors import InvalidArgumentError, NotFoundError, PolicyError, SandboxError
+from moat.guard import Guard, GuardPolicy
+from moat.model import (
+    LANGUAGES,
+    Context,
+    End,
+    EntryInfo,
+    ErrorEvent,
+    Event,
+    Execution,
+    ExecutionError,
+    NetworkConfig,
+    Output,
+    ProcessInfo,
+    Result,
+    ResultEvent,
+    SandboxConfig,
+    SandboxInfo,
+    Started,
+)
+from moat.model import validate as v
+from moat.protocol import MsgType
+
+__all__ = [
+    "CAPABILITIES",
+    "DEFAULT_TENANT",
+    "MISSING_CAPABILITIES",
+    "CommandStream",
+    "FrontDoor",
+    "GatewayConfig",
+    "GuardPolicy",
+    "NetworkPolicy",
+    "Secret",
+    "file_chunks",
+    "kill_everything",
+]
+
+#: What this engine can do for every tier.
+CAPABILITIES = frozenset(
+    {
+        "sandboxes.create", "sandboxes.kill", "sandboxes.set_timeout", "sandboxes.info",
+        "sandboxes.list", "code.run", "code.contexts", "commands.start", "commands.stdin",
+        "commands.close_stdin", "commands.signal", "commands.list", "files.read",
+        "files.write", "files.list", "files.stat", "files.move", "files.remove",
+        "files.make_dir", "commands.connect",
+        "network.update", "audit.query",
+    }
+)  # fmt: skip
+#: Declared, not there yet: each raises PolicyError naming itself.
+MISSING_CAPABILITIES = frozenset(
+    {"sandboxes.pause", "sandboxes.resume", "sandboxes.snapshot"}
+)  # fmt: skip
+_STATES = ("running", "ended")
+_SIGNALS = {"SIGKILL": 9, "SIGTERM": 15, "SIGINT": 2, "SIGHUP": 1}
+
+_DONE = object()
+
+
+class _Stream:
+    """Events of one call, produced by a task on the engine's loop, read in order once.
+
+    A failure of the call is raised by the iterator after the events that preceded it;
+    leaving the iteration early cancels the call.
+    """
+
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue[Any] = asyncio.Queue()
+        self.task: asyncio.Task[None] | None = None
+
+    def push(self, event: Event) -> None:
+        self.queue.put_nowait(event)
+
+    def run(self, work: Callable[[], Any]) -> None:
+        async def main() -> None:
+            try:
+                self.push(await work())
+            except BaseException as exc:  # handed to the reader, raised there
+                self.queue.put_nowait(exc)
+                if isinstance(exc, asyncio.CancelledError):
+                    raise
+            finally:
+                self.queue.put_nowait(_DONE)
+
+        self.task = asyncio.get_running_loop().create_task(main())
+        # Retrieve a failure even if nobody reads, so it is never reported as lost.
+        self.task.add_done_callback(lambda t: t.cancelled() or t.exception())
+
+    async def events(self) -> AsyncIterator[Event]:
+        try:
+            while True:
+                item = await self.queue.get()
+                if item is _DONE:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            if self.task is not None and not self.task.done():
+                self.task.cancel()
+                with contextlib.suppress(BaseException):
+                    await self.task
+
+
+class CommandStream:
+    """A started command: its pid, and its events (Output..., then End with its exit code)."""
+
+    def __init__(self, pid: int, stream: _Stream) -> None:
+        self.pid = pid
+        self._stream = stream
+
+    def events(self) -> AsyncIterator[Event]:
+        return self._stream.events()
+
+
+class FrontDoor:
+    """The engine API. One per engine; every method takes the caller's tenant first."""
+
+    def __init__(self, engine: Engine | None = None) -> None:
+        self.engine = engine or default_engine()
+
+    # -- configuration ------------------------------------------------------------------
+
+    @staticmethod
+    def resolve(**kwargs: Any) -> SandboxConfig:
+        """Caller input (keyword arguments of ``Sandbox.create``, or a profile) -> config."""
+        return resolve(**kwargs)
+
+    def capabilities(self) -> frozenset[str]:
+        return CAPABILITIES
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    async def create(
+        self,
+        tenant: str,
+        config: SandboxConfig | Mapping[str, Any],
+        *,
+        secrets: Mapping[str, str] | None = None,
+        sensitive: Mapping[str, str] | list[str] | None = None,
+        gateway_config: GatewayConfig | None = None,
+    ) -> SandboxInfo:
+        """Start a sandbox for ``tenant``. ``secrets`` holds the value of each of the
+        config's secret references (by variable name); ``sensitive`` adds values the guard
+        must never let through (a list, or value -> label)."""
+        _tenant(tenant)
+        cfg = validate_config(config)
+        brokered = secrets_of(cfg, secrets or {})
+        if gateway_config is not None and not isinstance(gateway_config, GatewayConfig):
+            raise InvalidArgumentError("gateway_config must be a GatewayConfig")
+        session = await self.engine.create(
+            cfg,
+            tenant=tenant,
+            secrets=brokered,
+            sensitive=sensitive_values(sensitive),
+            gateway_config=gateway_config,
+        )
+        return session.info()
+
+    async def kill(self, tenant: str, sandbox_id: str) -> bool:
+        """Kill a sandbox. False if it had ended already, or there is no such sandbox."""
+        _tenant(tenant)
+        try:
+            session = self._session(tenant, sandbox_id)
+        except SandboxError:  # unknown, another tenant's, or ended already: nothing to kill
+            return False
+        await session.kill("killed")
+        return True
+
+    async def set_timeout(self, tenant: str, sandbox_id: str, seconds: float) -> None:
+        """Give the sandbox ``seconds`` more to live, from now."""
+        self._session(tenant, sandbox_id).set_timeout(v.number("seconds", seconds, 1, 86400))
+
+    async def info(self, tenant: str, sandbox_id: str) -> SandboxInfo:
+        session = self._find(tenant, sandbox_id)
+        if isinstance(session, Session):
+            return session.info()
+        return session[2]
+
+    async def is_running(self, tenant: str, sandbox_id: str) -> bool:
+        session = self._find(tenant, sandbox_id)
+        return isinstance(session, Session) and session.is_running()
+
+    async def list_sandboxes(
+        self,
+        tenant: str,
+        *,
+        metadata: Mapping[str, str] | None = None,
+        state: str | None = "running",
+    ) -> list[SandboxInfo]:
+        """The tenant's sandboxes whose metadata holds every pair of ``metadata``."""
+        _tenant(tenant)
+        want = v.metadata(metadata)
+        if state is not None:
+            v.choice("state", state, _STATES)
+        with self.engine._mu:
+            live = [s for s in self.engine.sessions.values() if s.tenant == tenant]
+            gone = [e[2] for e in self.engine.ended.values() if e[0] == tenant]
+        infos = [s.info() for s in live if s.ended is None]
+        if state != "running":
+            infos = ([] if state == "ended" else infos) + gone
+        return [i for i in infos if all(i.metadata.get(k) == x for k, x in want.items())]
+
+    async def pause(self, tenant: str, sandbox_id: str) -> None:
+        self._find(tenant, sandbox_id)
+        raise _missing("sandboxes.pause")
+
+    async def resume(self, tenant: str, sandbox_id: str) -> None:
+        self._find(tenant, sandbox_id)
+        raise _missing("sandboxes.resume")
+
+    async def snapshot(self, tenant: str, sandbox_id: str) -> None:
+        self._find(tenant, sandbox_id)
+        raise _missing("sandboxes.snapshot")
+
+    def guard(self, tenant: str, sandbox_id: str) -> Guard:
+        """The sandbox's guard (embedded faces: ``register(value, label)``, ``canary()``)."""
+        guard: Guard = self._session(tenant, sandbox_id).guard  # type: ignore[assignment]
+        return guard
+
+    async def update_network(
+        self, tenant: str, sandbox_id: str, network: NetworkPolicy | Mapping[str, Any] | None
+    ) -> None:
+        """Replace the egress policy; open tunnels it no longer allows are closed."""
+        session = self._session(tenant, sandbox_id)
+        if isinstance(network, NetworkConfig):
+            policy = network_policy(network)
+        else:
+            policy = NetworkPolicy.parse(network)
+        await session.update_network(policy)
+
+    async def audit(
+        self, tenant: str, sandbox_id: str, *, denied_only: bool = False, limit: int = 1000
+    ) -> list[dict[str, Any]]:
+        """The sandbox's audit rows: egress decisions, executions, guard findings."""
+        found = self._find(tenant, sandbox_id)
+        if isinstance(found, Session):  # guarded by its own guard (invariant 4)
+            return await sandbox_audit(
+                found, self.engine.audit, denied_only=denied_only, limit=limit
+            )
+        # an ended sandbox has no guard left: the offline one (default rules, canary shapes)
+        rows = await asyncio.to_thread(
+            self.engine.audit.query,
+            sandbox_id=v.sandbox_id(sandbox_id),
+            denied_only=denied_only,
+            limit=limit,
+        )
+        return await asyncio.to_thread(guard_rows, rows, OfflineScrub())
+
+    # -- code and contexts ------------------------------------------------------------
+
+    def run_code(
+        self,
+        tenant: str,
+        sandbox_id: str,
+        code: str,
+        *,
+        language: str = "python",
+        context: str = "default",
+        timeout: float | None = 60,
+        envs: Mapping[str, str] | None = None,
+    ) -> AsyncIterator[Event]:
+        """Run code in a context: Output, ResultEvent and ErrorEvent as they come, then End.
+
+        A timeout, a blocked leak or a dead sandbox is raised by the iterator."""
+        session = self._session(tenant, sandbox_id)
+        code = v.text("code", code)
+        lang = v.choice("language", language, LANGUAGES)
+        ctx = v.context_id(context)
+        t = v.MAX_TIMEOUT if timeout is None else v.timeout("timeout", timeout)
+        env = v.envs(envs)
+        stream = _Stream()
+
+        async def out(text: str, name: Literal["stdout", "stderr"]) -> None:
+            stream.push(Output(name, text))
+
+        async def on_result(r: Result) -> None:
+            stream.push(ResultEvent(r))
+
+        async def on_error(e: ExecutionError) -> None:
+            stream.push(ErrorEvent(e))
+
+        async def work() -> End:
+            ex: Execution = await session.run_code(
+                code, lang, ctx, t, env,
+                lambda s: out(s, "stdout"), lambda s: out(s, "stderr"), on_result, on_error,
+            )  # fmt: skip
+            return End(truncated=ex.truncated, execution_count=ex.execution_count)
+
+        stream.run(work)
+        return stream.events()
+
+    async def create_context(
+        self, tenant: str, sandbox_id: str, language: str = "python", cwd: str | None = None
+    ) -> Context:
+        session = self._session(tenant, sandbox_id)
+        lang = v.choice("language", language, LANGUAGES)
+        return await session.create_context(lang, v.path(cwd) if cwd is not None else None)
+
+    async def list_contexts(self, tenant: str, sandbox_id: str) -> list[Context]:
+        return await self._session(tenant, sandbox_id).list_contexts()
+
+    async def restart_context(self, tenant: str, sandbox_id: str, context: str) -> None:
+        await self._session(tenant, sandbox_id).restart_context(v.context_id(context))
+
+    async def remove_context(self, tenant: str, sandbox_id: str, context: str) -> None:
+        await self._session(tenant, sandbox_id).remove_context(v.context_id(context))
+
+    # -- commands ---------------------------------------------------------------------
+
+    async def start_command(
+        self,
+        tenant: str,
+        sandbox_id: str,
+        cmd: str,
+        *,
+        envs: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        stdin: bool = False,
+    ) -> CommandStream:
+        """Start ``cmd`` with bash; its events stream from the returned handle."""
+        session = self._session(tenant, sandbox_id)
+        cmd = v.text("cmd", cmd)
+        env = v.envs(envs)
+        if cwd is not None:
+            cwd = v.path(cwd)
+        if not isinstance(stdin, bool):
+            raise InvalidArgumentError("stdin must be a bool")
+        stream = _Stream()
+
+        async def out(text: str, name: Literal["stdout", "stderr"]) -> None:
+            stream.push(Output(name, text))
+
+        pid, call, sink = await session.start_command(
+            cmd, env, cwd, stdin, lambda s: out(s, "stdout"), lambda s: out(s, "stderr")
+        )
+        stream.push(Started(pid))
+
+        async def work() -> End:
+            result = await session.wait_command(call, sink, None, pid)
+            return End(truncated=result.truncated, exit_code=result.exit_code)
+
+        stream.run(work)
+        return CommandStream(pid, stream)
+
+    async def connect_command(self, tenant: str, sandbox_id: str, pid: int) -> CommandStream:
+        """Re-attach to a running command: Started, its output from now on, then End."""
+        session = self._session(tenant, sandbox_id)
+        stream = _Stream()
+
+        async def out(text: str, name: Literal["stdout", "stderr"]) -> None:
+            stream.push(Output(name, text))
+
+        _, call, sink = await session.connect_command(
+            v.pid(pid), lambda s: out(s, "stdout"), lambda s: out(s, "stderr")
+        )
+        stream.push(Started(pid))
+
+        async def work() -> End:
+            result = await session.wait_command(call, sink, None, pid, MsgType.CMD_CONNECT)
+            return End(truncated=result.truncated, exit_code=result.exit_code)
+
+        stream.run(work)
+        return CommandStream(pid, stream)
+
+    async def send_stdin(
+        self, tenant: str, sandbox_id: str, pid: int, data: bytes, eof: bool = False
+    ) -> None:
+        if not isinstance(data, bytes):
+            raise InvalidArgumentError("data must be bytes")
+        await self._session(tenant, sandbox_id).send_stdin(v.pid(pid), data, bool(eof))
+
+    async def close_stdin(self, tenant: str, sandbox_id: str, pid: int) -> None:
+        await self._session(tenant, sandbox_id).send_stdin(v.pid(pid), b"", True)
+
+    async def signal(self, tenant: str, sandbox_id: str, pid: int, signal: str = "SIGKILL") -> bool:
+        """Signal a command's process group. False if it had already ended."""
+        session = self._session(tenant, sandbox_id)
+        v.choice("signal", signal, tuple(_SIGNALS))
+        return await session.kill_command(v.pid(pid), _SIGNALS[signal])
+
+    async def list_commands(self, tenant: str, sandbox_id: str) -> list[ProcessInfo]:
+        return await self._session(tenant, sandbox_id).list_commands()
+
+    # -- files ------------------------------------------------------------------------
+
+    async def read_file(
+        self, tenant: str, sandbox_id: str, path: str, format: Literal["text", "bytes"] = "text"
+    ) -> str | bytes:
+        """A file's content, guarded like any output (invariant 4)."""
+        session = self._session(tenant, sandbox_id)
+        path = v.path(path)
+        fmt = v.choice("format", format, ("text", "bytes"))
+        data = await session.read_file(path)
+        if fmt == "bytes":
+            return session.guard.redact_bytes(data, "files")
+        return session.guard.redact_text(data.decode("utf-8", "replace"), "files")
+
+    async def write_file(
+        self,
+        tenant: str,
+        sandbox_id: str,
+        path: str,
+        data: str | bytes | IO[Any] | AsyncIterator[bytes],
+    ) -> EntryInfo:
+        """Write a file from str, bytes, a readable file object or an async byte stream."""
+        session = self._session(tenant, sandbox_id)
+        path = v.path(path)
+        if hasattr(data, "__aiter__"):
+            chunks: Any = data
+        elif isinstance(data, (str, bytes, bytearray, memoryview)) or hasattr(data, "read"):
+            chunks = file_chunks(data)
+        else:
+            raise InvalidArgumentError("data must be str, bytes or a readable file object")
+        return await session.write_file(path, chunks)
+
+    async def list_dir(
+        self, tenant: str, sandbox_id: str, path: str = ".", depth: int = 1
+    ) -> list[EntryInfo]:
+        session = self._session(tenant, sandbox_id)
+        return await session.list_dir(v.path(path), int(v.number("depth", depth, 1, 32)))
+
+    async def stat(self, tenant: str, sandbox_id: str, path: str) -> EntryInfo:
+        return await self._session(tenant, sandbox_id).stat(v.path(path))
+
+    async def remove(self, tenant: str, sandbox_id: str, path: str) -> None:
+        await self._session(tenant, sandbox_id).remove(v.path(path))
+
+    async def make_dir(self, tenant: str, sandbox_id: str, path: str) -> bool:
+        """Create a directory (and parents). False if it already existed."""
+        return await self._session(tenant, sandbox_id).make_dir(v.path(path))
+
+    async def move(self, tenant: str, sandbox_id: str, source: str, destination: str) -> EntryInfo:
+        """Rename or move a file or directory (parents made); the entry at ``destination``."""
+        session = self._session(tenant, sandbox_id)
+        return await session.move(v.path(source), v.path(destination))
+
+    # -- lookups ----------------------------------------------------------------------
+
+    def _find(self, tenant: str, sandbox_id: str) -> Session | tuple[str, str, SandboxInfo]:
+        """The tenant's live session, or the record of its ended one (invariant 11: another
+        tenant's sandbox is NotFoundError with the very message of an unknown id)."""
+        _tenant(tenant)
+        sid = v.sandbox_id(sandbox_id)
+        if sid is not None:
+            with self.engine._mu:
+                session = self.engine.sessions.get(sid)
+                ended = self.engine.ended.get(sid)
+            if session is not None and session.tenant == tenant:
+                return session
+            if ended is not None and ended[0] == tenant:
+                return ended
+        raise NotFoundError(f"sandbox {sid or '(malformed id)'} was not found")
+
+    def _session(self, tenant: str, sandbox_id: str) -> Session:
+        """The tenant's live session; a sandbox that ended raises why it ended."""
+        found = self._find(tenant, sandbox_id)
+        if isinstance(found, Session):
+            return found
+        raise ended_error(found[1])
+
+
+def _tenant(tenant: Any) -> None:
+    if not isinstance(tenant, str) or not 0 < len(tenant) <= 128:
+        raise InvalidArgumentError("tenant must be a non-empty str")
+
+
+def _missing(capability: str) -> PolicyError:
+    return PolicyError(f"this engine lacks the capability {capability!r} (not supported yet)")
+
+
+async def kill_everything(engine: Engine | None = None) -> None:
+    """Kill every sandbox of ``engine`` (default: this process's) and what still runs on
+    this loop for it: the end of an embedding program (invariant 5)."""
+    eng = engine or default_engine()
+    await eng.pool.close()
+    await asyncio.gather(
+        *(s.kill("killed") for s in list(eng.sessions.values())), return_exceptions=True
+    )
+    # Whatever still runs on this loop (a warm-pool start, a reader) ends here too.
+    rest = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+    for task in rest:
+        task.cancel()
+    await asyncio.gather(*rest, return_exceptions=True)
+    await asyncio.gather(
+        *(s.kill("killed") for s in list(eng.sessions.values())), return_exceptions=True
+    )

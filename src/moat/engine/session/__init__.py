@@ -1,0 +1,214 @@
+"""One sandbox as the engine sees it: its lifecycle (start, adopt, egress, timeout, kill).
+
+The verbs are split by kind: ``code`` (run_code, contexts), ``commands``, ``files``, all over
+``core`` (shared state, the one frame loop, schema-checked and guarded replies).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import contextlib
+import datetime as dt
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from moat.egress import Gateway
+from moat.engine.client import AgentClient, Call
+from moat.engine.session.code import INTERRUPT_GRACE, CodeCalls
+from moat.engine.session.commands import CommandCalls
+from moat.engine.session.core import Audit, OutputGuard, SessionCore, ended_error
+from moat.engine.session.files import MAX_READ_BYTES, MAX_WRITE_BYTES, FileCalls, file_chunks
+from moat.engine.tunnels import Tunnels
+from moat.errors import PolicyError, SandboxError
+from moat.model import CA_BUNDLE_PATH, DEFAULT_MAX_OUTPUT, PROXY_PORT, SandboxInfo
+from moat.protocol import MsgType
+from moat.runtime.base import Runtime
+from moat.runtime.spec import SandboxSpec
+
+__all__ = [
+    "INTERRUPT_GRACE",
+    "MAX_READ_BYTES",
+    "MAX_WRITE_BYTES",
+    "START_TIMEOUT",
+    "Audit",
+    "OutputGuard",
+    "Session",
+    "SessionCore",
+    "ended_error",
+    "file_chunks",
+]
+
+log = logging.getLogger("moat.engine")
+
+#: How long the agent gets to come up.
+START_TIMEOUT = 20.0
+
+
+class Session(CodeCalls, CommandCalls, FileCalls):
+    """A live sandbox. All methods are coroutines on the engine's loop.
+
+    Its verbs live in their own modules (code and contexts, commands, files) over one core
+    (``core.SessionCore``: state, the frame loop, guarded requests); this is its lifecycle.
+    """
+
+    def __init__(
+        self,
+        spec: SandboxSpec,
+        runtime: Runtime,
+        guard: OutputGuard,
+        timeout: float,
+        metadata: dict[str, str],
+        on_end: Callable[[Session], None],
+        audit: Audit | None = None,
+        max_output: int = DEFAULT_MAX_OUTPUT,
+        gateway: Gateway | None = None,
+    ) -> None:
+        super().__init__(spec, runtime, guard, timeout, metadata, audit, max_output)
+        self._timer: asyncio.TimerHandle | None = None
+        self._on_end = on_end
+        self._kill_lock = asyncio.Lock()
+        self.gateway = gateway
+        self.tunnels: Tunnels | None = None
+        self._net_setup: asyncio.Task[None] | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self, pooled: bool = False) -> None:
+        """Start the sandbox; a ``pooled`` one waits (no lifetime yet) until ``adopt``."""
+        if not pooled:
+            await self._prepare_guard()
+        self.proc = await self.runtime.start(self.spec)
+        self.client = AgentClient(self.proc, self._agent_died)
+        try:
+            await self.client.wait_ready(START_TIMEOUT)
+            if self.gateway is not None:
+                await self._start_egress(self.client, self.gateway)
+        except BaseException:
+            await self.kill("died: the agent did not start")
+            raise
+        if not pooled:
+            self.set_timeout(self._timeout)
+            self._audit_life("created", None)
+
+    async def adopt(
+        self,
+        guard: OutputGuard,
+        inspect: Callable[[bytes], object],
+        network: Any,
+        timeout: float,
+        metadata: dict[str, str],
+        max_output: int,
+    ) -> None:
+        """Hand a warm (pooled, never used) sandbox to its caller."""
+        self._check()
+        self.guard = guard
+        await self._prepare_guard()
+        if self.gateway is not None:
+            self.gateway.set_inspect(inspect)
+            await self.gateway.update_policy(network)
+        self.metadata = metadata
+        self.max_output = max_output
+        self.started_at = dt.datetime.now(dt.UTC)
+        self.set_timeout(timeout)
+        self._audit_life("created", "warm pool")
+
+    def _audit_life(self, event: str, reason: str | None) -> None:
+        record = getattr(self.audit, "record_sandbox", None)
+        if record is None:
+            return
+        try:
+            record(self.id, event, self.spec.tier, reason)
+        except Exception:
+            log.exception("audit write failed")
+
+    async def _start_egress(self, client: AgentClient, gateway: Gateway) -> None:
+        """Connect the agent's proxy port to this sandbox's gateway (DESIGN §3)."""
+        self.tunnels = Tunnels(client.send, client.drain, gateway.handle_connection)
+        client.tunnels = self.tunnels
+        # Only the sandbox's own CA travels (1 KiB, not the 200 KiB of system roots: that
+        # matters on a microVM's serial line); the agent prepends the template's system roots.
+        # Not awaited: the agent handles frames in order, so anything the caller sends next
+        # finds the proxy port up; its answer is checked in the background and a failure
+        # ends the sandbox (fail closed). Saves a round trip on every start.
+        call = await client.open(
+            MsgType.NET_SETUP,
+            {"port": PROXY_PORT, "ca_path": CA_BUNDLE_PATH},
+            payload=gateway.ca_cert_pem(),
+        )
+        self._net_setup = asyncio.get_running_loop().create_task(self._check_net_setup(call))
+
+    async def _check_net_setup(self, call: Call) -> None:
+        try:
+            async with asyncio.timeout(START_TIMEOUT):
+                frame = await call.next()
+            ok = frame.type is MsgType.DONE
+        except (builtins.TimeoutError, SandboxError):
+            ok = False
+        finally:
+            call.close()
+        if not ok and self.ended is None:
+            log.warning("sandbox %s: egress setup failed; ending it", self.id)
+            await self.kill("died: the sandbox's network setup failed")
+
+    async def update_network(self, policy: Any) -> None:
+        """Replace the egress policy; open tunnels it no longer allows are closed."""
+        self._check()
+        if self.gateway is None:
+            raise PolicyError("this sandbox has no egress gateway")
+        await self.gateway.update_policy(policy)
+
+    def _agent_died(self, reason: str) -> None:
+        if self.ended is None:
+            log.warning("sandbox %s: %s", self.id, reason)
+            self.ended = f"died: {reason}"
+            asyncio.get_running_loop().create_task(self.kill(self.ended))
+
+    def set_timeout(self, seconds: float) -> None:
+        """Reset the sandbox's remaining lifetime to ``seconds`` from now."""
+        self._check()
+        if self._timer is not None:
+            self._timer.cancel()
+        loop = asyncio.get_running_loop()
+        self.end_at = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=seconds)
+        self._timer = loop.call_later(seconds, lambda: loop.create_task(self.kill("timeout")))
+
+    async def kill(self, reason: str = "killed") -> None:
+        """Kill the sandbox and everything in it. Idempotent."""
+        async with self._kill_lock:
+            if self.ended is None or self.ended == reason:
+                self.ended = reason
+            if self.proc is not None:
+                self._audit_life("ended", self.ended)
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            # The gateway first: its tunnels end (and are audited) as closed by moat.
+            if self.tunnels is not None:
+                self.tunnels.close_all()
+            if self.gateway is not None:
+                with contextlib.suppress(Exception):
+                    await self.gateway.close()
+            if self.proc is not None:
+                proc, self.proc = self.proc, None
+                await proc.kill()
+            if self.client is not None:
+                client, self.client = self.client, None
+                client._die("the sandbox was killed")
+                await client.close()
+            self._on_end(self)
+
+    def is_running(self) -> bool:
+        return self.ended is None and self.proc is not None and self.proc.alive()
+
+    def info(self) -> SandboxInfo:
+        return SandboxInfo(
+            sandbox_id=self.id,
+            tier=self.spec.tier,
+            template=self.spec.template,
+            limits=self.spec.limits,
+            started_at=self.started_at,
+            end_at=self.end_at,
+            metadata=dict(self.metadata),
+        )

@@ -1,0 +1,219 @@
+"""Code and contexts: ``run_code`` and the interpreter contexts it runs in."""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import contextlib
+import hashlib
+import json
+import logging
+import re
+import time
+from collections.abc import Callable
+from typing import Any
+
+from moat.engine.client import Call
+from moat.engine.output import OutputSink
+from moat.engine.session.core import SessionCore
+from moat.errors import LeakBlockedError, SandboxDiedError, SandboxError, TimeoutError
+from moat.model import Context, Execution, ExecutionError, Logs, Result
+from moat.protocol import Frame, MsgType, ProtocolError
+from moat.protocol.replies import check_result_data
+
+log = logging.getLogger("moat.engine")
+
+#: After asking the agent to interrupt a call, how long before we declare it dead.
+INTERRUPT_GRACE = 5.0
+_B64 = re.compile(r"[A-Za-z0-9+/=\s]*")
+
+
+class CodeCalls(SessionCore):
+    """``run_code`` and contexts."""
+
+    async def run_code(
+        self,
+        code: str,
+        language: str,
+        context: str,
+        timeout: float,
+        envs: dict[str, str],
+        on_stdout: Callable[[str], Any] | None,
+        on_stderr: Callable[[str], Any] | None,
+        on_result: Callable[[Result], Any] | None,
+        on_error: Callable[[ExecutionError], Any] | None,
+    ) -> Execution:
+        client = self._check()
+        await self._prepare_guard()
+        fields = {"context": context, "language": language, "code": code, "envs": envs}
+        started = time.monotonic()
+        call = await client.open(MsgType.EXEC, fields)
+        sink = self._sink(on_stdout, on_stderr)
+        execution = Execution()
+        restarted = False
+        try:
+            try:
+                async with asyncio.timeout(timeout):
+                    restarted = await self._exec_frames(call, sink, execution, on_result, on_error)
+                await sink.finish()
+            except LeakBlockedError:
+                # Block mode: nothing more of this call is released; stop the code, and wait
+                # (discarding) until the context is free again.
+                await self._interrupt(call)
+                await self._discard_until_done(call)
+                raise
+            except builtins.TimeoutError:
+                await self._interrupt(call)
+                restarted = await self._exec_frames(call, sink, execution, None, None, grace=True)
+                await sink.finish()
+                raise TimeoutError(
+                    f"code execution exceeded its {timeout:g}s timeout and was interrupted"
+                    + ("; its context was restarted" if restarted else ""),
+                    context_restarted=restarted,
+                ) from None
+        finally:
+            call.close()
+            self._record_exec(language, code, started, execution)
+        execution.logs = Logs(stdout=sink.chunks["stdout"], stderr=sink.chunks["stderr"])
+        execution.truncated = sink.truncated
+        count = self._exec_counts.get(context, 0) + 1
+        self._exec_counts[context] = 0 if restarted else count
+        execution.execution_count = count
+        return execution
+
+    def _record_exec(self, language: str, code: str, started: float, ex: Execution) -> None:
+        if self.audit is None:
+            return
+        try:
+            self.audit.record_exec(
+                self.id,
+                language,
+                hashlib.sha256(code.encode("utf-8", "surrogatepass")).hexdigest(),
+                round((time.monotonic() - started) * 1000),
+                ex.error.name if ex.error else None,
+            )
+        except Exception:
+            log.exception("audit write failed")
+
+    async def _interrupt(self, call: Call) -> None:
+        client = self._check()
+        with contextlib.suppress(SandboxError):
+            client.send(MsgType.INTERRUPT, 0, {"target": call.id})
+            await client.drain()
+
+    async def _discard_until_done(self, call: Call) -> None:
+        """Drop an interrupted call's frames until it ends; a call that won't end kills us."""
+        drop = {t: _drop for t in (MsgType.STDOUT, MsgType.STDERR, MsgType.RESULT, MsgType.ERROR)}
+        try:
+            async with asyncio.timeout(INTERRUPT_GRACE):
+                with contextlib.suppress(SandboxError):  # its FAIL ends it too
+                    await self.consume(call, MsgType.EXEC, drop, "an interrupted execution")
+        except builtins.TimeoutError:
+            await self.kill("died: the agent did not stop an interrupted execution")
+
+    async def _exec_frames(
+        self,
+        call: Call,
+        sink: OutputSink,
+        execution: Execution,
+        on_result: Callable[[Result], Any] | None,
+        on_error: Callable[[ExecutionError], Any] | None,
+        grace: bool = False,
+    ) -> bool:
+        """Consume an execution's frames until DONE; return whether its context restarted."""
+
+        async def result(frame: Frame) -> None:
+            r = self._result(frame.fields["data"], frame.fields["is_main"])
+            execution.results.append(r)
+            if on_result is not None:
+                await _maybe_await(on_result(r))
+
+        async def error(frame: Frame) -> None:
+            err = ExecutionError(
+                name=self.guard.redact_text(frame.fields["name"], "error"),
+                value=self.guard.redact_text(frame.fields["value"], "error"),
+                traceback=self.guard.redact_text(frame.fields["traceback"], "error"),
+            )
+            execution.error = err
+            if on_error is not None:
+                await _maybe_await(on_error(err))
+
+        handlers = {
+            MsgType.STDOUT: lambda f: sink.feed("stdout", f.payload),
+            MsgType.STDERR: lambda f: sink.feed("stderr", f.payload),
+            MsgType.RESULT: result,
+            MsgType.ERROR: error,
+        }
+        try:
+            async with asyncio.timeout(INTERRUPT_GRACE if grace else None):
+                done = await self.consume(call, MsgType.EXEC, handlers, "an execution")
+                return bool(done.get("restarted"))
+        except builtins.TimeoutError:
+            # The agent did not finish an interrupted call: it is not to be trusted any more.
+            await self.kill("died: the agent did not stop an interrupted execution")
+            raise SandboxDiedError("the sandbox did not stop a timed-out execution") from None
+
+    def _result(self, data: Any, is_main: bool) -> Result:
+        try:
+            check_result_data(data)
+        except ProtocolError as exc:
+            raise self._violation(str(exc)) from None
+        kwargs: dict[str, Any] = {}
+        for key, value in data.items():
+            if key in ("json", "data"):
+                text = self.guard.redact_text(json.dumps(value, ensure_ascii=False), "result")
+                kwargs[key] = _json_loads(text)
+            elif key in ("png", "jpeg", "pdf"):
+                if not _B64.fullmatch(value):
+                    raise self._violation("bad image")
+                kwargs[key] = value  # binary passes; its text metadata is scanned by the guard
+            else:
+                kwargs[key] = self.guard.redact_text(value, "result")
+        return Result(is_main_result=is_main, **kwargs)
+
+    # -- contexts ----------------------------------------------------------------------------
+
+    async def create_context(self, language: str, cwd: str | None) -> Context:
+        fields: dict[str, Any] = {"language": language}
+        if cwd is not None:
+            fields["cwd"] = cwd
+        await self._prepare_guard()
+        return self._context(await self.request(MsgType.CTX_CREATE, fields, timeout=30))
+
+    async def list_contexts(self) -> list[Context]:
+        await self._prepare_guard()
+        reply = await self.request(MsgType.CTX_LIST, {})
+        return [self._context(c) for c in reply["contexts"]]
+
+    async def restart_context(self, context: str) -> None:
+        await self.request(MsgType.CTX_RESTART, {"context": context}, timeout=30)
+        self._exec_counts.pop(context, None)
+
+    async def remove_context(self, context: str) -> None:
+        await self.request(MsgType.CTX_REMOVE, {"context": context})
+        self._exec_counts.pop(context, None)
+
+    def _context(self, reply: dict[str, Any]) -> Context:
+        # id and language are checked by the reply schema (a pattern, an enum); cwd is text
+        # chosen inside the sandbox: guarded (invariant 4).
+        return Context(
+            id=reply["id"],
+            language=reply["language"],
+            cwd=self.guard.redact_text(reply["cwd"], "list"),
+        )
+
+
+def _drop(frame: Frame) -> None:
+    return None
+
+
+async def _maybe_await(value: Any) -> None:
+    if asyncio.iscoroutine(value) or isinstance(value, asyncio.Future):
+        await value
+
+
+def _json_loads(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text  # redaction broke the JSON: return the redacted text rather than the value

@@ -1,0 +1,142 @@
+"""Files: read, write (streamed), list, stat, move, remove, make_dir."""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import contextlib
+import datetime as dt
+from collections.abc import AsyncIterator
+from typing import IO, Any
+
+from moat.engine.session.core import SessionCore
+from moat.errors import InvalidArgumentError, SandboxError, TimeoutError
+from moat.model import EntryInfo
+from moat.protocol import CHUNK_SIZE, Frame, MsgType
+
+#: Caps on file transfers through the SDK.
+MAX_READ_BYTES = 64 * 1024 * 1024
+MAX_WRITE_BYTES = 512 * 1024 * 1024
+
+
+class FileCalls(SessionCore):
+    """The sandbox's filesystem, resolved inside the sandbox."""
+
+    async def read_file(self, path: str, max_bytes: int = MAX_READ_BYTES) -> bytes:
+        """Raw bytes; the front door guards them before they leave (invariant 4)."""
+        client = self._check()
+        await self._prepare_guard()
+        call = await client.open(MsgType.FILE_READ, {"path": path, "max_bytes": max_bytes})
+        buf = bytearray()
+
+        def data(frame: Frame) -> None:
+            buf.extend(frame.payload)
+            if len(buf) > max_bytes:
+                raise self._violation("file larger than announced")
+
+        try:
+            async with asyncio.timeout(120):
+                await self.consume(call, MsgType.FILE_READ, {MsgType.DATA: data}, "a file read")
+        except builtins.TimeoutError:
+            raise TimeoutError("reading the file took too long") from None
+        finally:
+            call.close()
+        return bytes(buf)
+
+    async def write_file(
+        self, path: str, chunks: AsyncIterator[bytes], max_bytes: int = MAX_WRITE_BYTES
+    ) -> EntryInfo:
+        client = self._check()
+        call = await client.open(MsgType.FILE_WRITE, {"path": path, "max_bytes": max_bytes})
+        total = 0
+        try:
+            async for chunk in chunks:
+                total += len(chunk)
+                if total > max_bytes:
+                    raise InvalidArgumentError(
+                        f"file is larger than the write cap ({max_bytes} bytes)"
+                    )
+                for i in range(0, len(chunk), CHUNK_SIZE):
+                    client.send(MsgType.FILE_CHUNK, call.id, {}, chunk[i : i + CHUNK_SIZE])
+                    await client.drain()
+                    if call.pending():  # an early FAIL (e.g. disk full)
+                        break
+            client.send(MsgType.FILE_CHUNK, call.id, {"eof": True})
+            await client.drain()
+            async with asyncio.timeout(60):
+                await self.consume(call, MsgType.FILE_WRITE, {}, "a file write")
+        except BaseException:
+            # Tell the agent to give up on this write (an empty eof closes the file).
+            with contextlib.suppress(SandboxError):
+                client.send(MsgType.FILE_CHUNK, call.id, {"eof": True})
+            raise
+        finally:
+            call.close()
+        return await self.stat(path)
+
+    async def list_dir(self, path: str, depth: int) -> list[EntryInfo]:
+        self._check()
+        await self._prepare_guard()
+        reply = await self.request(MsgType.FILE_LIST, {"path": path, "depth": depth}, timeout=60)
+        return [self._entry(e) for e in reply["entries"]]
+
+    async def stat(self, path: str) -> EntryInfo:
+        self._check()
+        await self._prepare_guard()
+        return self._entry(await self.request(MsgType.FILE_STAT, {"path": path}))
+
+    async def remove(self, path: str) -> None:
+        await self._prepare_guard()
+        await self.request(MsgType.FILE_REMOVE, {"path": path}, timeout=60)
+
+    async def make_dir(self, path: str) -> bool:
+        await self._prepare_guard()
+        reply = await self.request(MsgType.FILE_MKDIR, {"path": path})
+        return bool(reply["created"])
+
+    async def move(self, path: str, dst: str) -> EntryInfo:
+        """Rename or move ``path`` to ``dst``; the entry now at ``dst``."""
+        await self._prepare_guard()
+        reply = await self.request(MsgType.FILE_MOVE, {"path": path, "dst": dst}, timeout=60)
+        return self._entry(reply)
+
+    def _entry(self, e: dict[str, Any]) -> EntryInfo:
+        """An entry of the reply schema (type an enum, permissions a pattern); its names
+        are chosen inside the sandbox: guarded (invariant 4)."""
+        target = e.get("symlink_target")
+        try:
+            mtime = dt.datetime.fromtimestamp(float(e["mtime"]), dt.UTC)
+        except (ValueError, OverflowError, OSError):
+            raise self._violation("bad file entry") from None
+        return EntryInfo(
+            name=self.guard.redact_text(e["name"], "files"),
+            path=self.guard.redact_text(e["path"], "files"),
+            type=e["type"],
+            size=e["size"],
+            mode=e["mode"],
+            permissions=e["permissions"],
+            modified_time=mtime,
+            symlink_target=self.guard.redact_text(target, "files") if target else None,
+        )
+
+
+def file_chunks(data: str | bytes | IO[Any]) -> Any:
+    """Normalise what files.write accepts into an async iterator of bytes chunks."""
+
+    async def gen() -> AsyncIterator[bytes]:
+        if isinstance(data, str):
+            raw = data.encode("utf-8")
+            for i in range(0, len(raw), 1 << 20):
+                yield raw[i : i + (1 << 20)]
+        elif isinstance(data, (bytes, bytearray, memoryview)):
+            raw = bytes(data)
+            for i in range(0, len(raw), 1 << 20):
+                yield raw[i : i + (1 << 20)]
+        else:
+            while True:
+                chunk = await asyncio.to_thread(data.read, 1 << 20)
+                if not chunk:
+                    break
+                yield chunk.encode("utf-8") if isinstance(chunk, str) else bytes(chunk)
+
+    return gen()

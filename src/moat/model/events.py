@@ -1,0 +1,54 @@
+"""The typed events a call streams through the front door, in order, each already guarded.
+
+``run_code`` streams Output / ResultEvent / ErrorEvent and ends with End; a command streams
+Started (its pid), Output, and End (with its exit code).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from moat.model.results import ExecutionError, Result, _Wire
+
+
+@dataclass(frozen=True)
+class Started(_Wire):
+    """A command started: its pid inside the sandbox."""
+
+    pid: int
+
+
+@dataclass(frozen=True)
+class Output(_Wire):
+    """A chunk of stdout or stderr, as released by the guard."""
+
+    stream: Literal["stdout", "stderr"]
+    text: str
+
+
+@dataclass(frozen=True)
+class ResultEvent(_Wire):
+    """A displayed value."""
+
+    result: Result
+
+
+@dataclass(frozen=True)
+class ErrorEvent(_Wire):
+    """The user code's exception."""
+
+    error: ExecutionError
+
+
+@dataclass(frozen=True)
+class End(_Wire):
+    """The call ended. ``exit_code`` for commands; ``execution_count`` for code."""
+
+    truncated: bool = False
+    execution_count: int | None = None
+    exit_code: int | None = None
+    context_restarted: bool = False
+
+
+Event = Started | Output | ResultEvent | ErrorEvent | End

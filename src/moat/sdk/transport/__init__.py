@@ -1,0 +1,132 @@
+"""The SDK's transport seam (after httpx's ``BaseTransport``): what ``AsyncSandbox`` speaks to.
+
+A transport carries front-door calls for one tenant: ``LocalTransport`` to the in-process
+engine (``moat.sdk.transport.local``, the default: ``Sandbox.create()`` works with no
+server), an HTTP transport to ``moat serve`` (the server issue). This module imports only
+the model, so a remote transport never loads the engine.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import AsyncIterator, Mapping
+from typing import IO, Any, Literal, Protocol
+
+from moat.model import Context, EntryInfo, Event, ProcessInfo, SandboxInfo
+
+__all__ = ["CommandEvents", "Transport"]
+
+
+class CommandEvents(Protocol):
+    """A started command as a transport hands it back."""
+
+    @property
+    def pid(self) -> int: ...
+
+    def events(self) -> AsyncIterator[Event]: ...
+
+
+class Transport(abc.ABC):
+    """Front-door calls of one tenant. Every method mirrors ``moat.engine.api.FrontDoor``."""
+
+    @abc.abstractmethod
+    async def create(self, **options: Any) -> SandboxInfo:
+        """Resolve ``options`` (``AsyncSandbox.create``'s arguments) and start a sandbox."""
+
+    @abc.abstractmethod
+    async def kill(self, sandbox_id: str) -> bool: ...
+
+    @abc.abstractmethod
+    async def set_timeout(self, sandbox_id: str, seconds: float) -> None: ...
+
+    @abc.abstractmethod
+    async def info(self, sandbox_id: str) -> SandboxInfo: ...
+
+    @abc.abstractmethod
+    async def is_running(self, sandbox_id: str) -> bool: ...
+
+    @abc.abstractmethod
+    async def list_sandboxes(
+        self, metadata: Mapping[str, str] | None = None, state: str | None = "running"
+    ) -> list[SandboxInfo]: ...
+
+    @abc.abstractmethod
+    def guard(self, sandbox_id: str) -> Any: ...
+
+    @abc.abstractmethod
+    async def update_network(self, sandbox_id: str, network: Any) -> None: ...
+
+    @abc.abstractmethod
+    async def audit(
+        self, sandbox_id: str, denied_only: bool = False, limit: int = 1000
+    ) -> list[dict[str, Any]]: ...
+
+    @abc.abstractmethod
+    def run_code(
+        self,
+        sandbox_id: str,
+        code: str,
+        language: str,
+        context: str,
+        timeout: float | None,
+        envs: Mapping[str, str] | None,
+    ) -> AsyncIterator[Event]: ...
+
+    @abc.abstractmethod
+    async def create_context(self, sandbox_id: str, language: str, cwd: str | None) -> Context: ...
+
+    @abc.abstractmethod
+    async def list_contexts(self, sandbox_id: str) -> list[Context]: ...
+
+    @abc.abstractmethod
+    async def restart_context(self, sandbox_id: str, context: str) -> None: ...
+
+    @abc.abstractmethod
+    async def remove_context(self, sandbox_id: str, context: str) -> None: ...
+
+    @abc.abstractmethod
+    async def start_command(
+        self,
+        sandbox_id: str,
+        cmd: str,
+        envs: Mapping[str, str] | None,
+        cwd: str | None,
+        stdin: bool,
+    ) -> CommandEvents: ...
+
+    @abc.abstractmethod
+    async def connect_command(self, sandbox_id: str, pid: int) -> CommandEvents: ...
+
+    @abc.abstractmethod
+    async def send_stdin(self, sandbox_id: str, pid: int, data: bytes, eof: bool) -> None: ...
+
+    @abc.abstractmethod
+    async def signal(self, sandbox_id: str, pid: int, signal: str = "SIGKILL") -> bool: ...
+
+    @abc.abstractmethod
+    async def list_commands(self, sandbox_id: str) -> list[ProcessInfo]: ...
+
+    @abc.abstractmethod
+    async def read_file(
+        self, sandbox_id: str, path: str, format: Literal["text", "bytes"]
+    ) -> str | bytes: ...
+
+    @abc.abstractmethod
+    async def write_file(
+        self, sandbox_id: str, path: str, data: str | bytes | IO[Any]
+    ) -> EntryInfo: ...
+
+    @abc.abstractmethod
+    async def list_dir(self, sandbox_id: str, path: str, depth: int) -> list[EntryInfo]: ...
+
+    @abc.abstractmethod
+    async def stat(self, sandbox_id: str, path: str) -> EntryInfo: ...
+
+    @abc.abstractmethod
+    async def move(self, sandbox_id: str, path: str, destination: str) -> EntryInfo: ...
+
+    @abc.abstractmethod
+    async def remove(self, sandbox_id: str, path: str) -> None: ...
+
+    @abc.abstractmethod
+    async def make_dir(self, sandbox_id: str, path: str) -> bool: ...

@@ -1,0 +1,144 @@
+"""``LocalTransport``: the front door of the engine in this process, for one tenant."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping
+from typing import IO, Any, Literal
+
+from moat.engine.api import DEFAULT_TENANT, CommandStream, FrontDoor, Secret
+from moat.model import Context, EntryInfo, Event, ProcessInfo, SandboxInfo
+from moat.sdk.transport import Transport
+
+__all__ = ["LocalTransport"]
+
+
+class LocalTransport(Transport):
+    """Calls ``FrontDoor`` directly (no wire); the embedded SDK's default."""
+
+    def __init__(self, front_door: FrontDoor | None = None, tenant: str = DEFAULT_TENANT) -> None:
+        self.front_door = front_door or FrontDoor()
+        self.tenant = tenant
+
+    async def create(self, **options: Any) -> SandboxInfo:
+        secrets: Mapping[str, Secret] | None = options.get("secrets")
+        sensitive = options.pop("sensitive", None)
+        gateway_config = options.pop("gateway_config", None)
+        config = self.front_door.resolve(**options)  # validates secrets (refs) too
+        values = {name: s.value for name, s in (secrets or {}).items()}
+        return await self.front_door.create(
+            self.tenant,
+            config,
+            secrets=values,
+            sensitive=sensitive,
+            gateway_config=gateway_config,
+        )
+
+    async def kill(self, sandbox_id: str) -> bool:
+        return await self.front_door.kill(self.tenant, sandbox_id)
+
+    async def set_timeout(self, sandbox_id: str, seconds: float) -> None:
+        await self.front_door.set_timeout(self.tenant, sandbox_id, seconds)
+
+    async def info(self, sandbox_id: str) -> SandboxInfo:
+        return await self.front_door.info(self.tenant, sandbox_id)
+
+    async def is_running(self, sandbox_id: str) -> bool:
+        return await self.front_door.is_running(self.tenant, sandbox_id)
+
+    async def list_sandboxes(
+        self, metadata: Mapping[str, str] | None = None, state: str | None = "running"
+    ) -> list[SandboxInfo]:
+        return await self.front_door.list_sandboxes(self.tenant, metadata=metadata, state=state)
+
+    def guard(self, sandbox_id: str) -> Any:
+        return self.front_door.guard(self.tenant, sandbox_id)
+
+    async def update_network(self, sandbox_id: str, network: Any) -> None:
+        await self.front_door.update_network(self.tenant, sandbox_id, network)
+
+    async def audit(
+        self, sandbox_id: str, denied_only: bool = False, limit: int = 1000
+    ) -> list[dict[str, Any]]:
+        return await self.front_door.audit(
+            self.tenant, sandbox_id, denied_only=denied_only, limit=limit
+        )
+
+    def run_code(
+        self,
+        sandbox_id: str,
+        code: str,
+        language: str,
+        context: str,
+        timeout: float | None,
+        envs: Mapping[str, str] | None,
+    ) -> AsyncIterator[Event]:
+        return self.front_door.run_code(
+            self.tenant,
+            sandbox_id,
+            code,
+            language=language,
+            context=context,
+            timeout=timeout,
+            envs=envs,
+        )
+
+    async def create_context(self, sandbox_id: str, language: str, cwd: str | None) -> Context:
+        return await self.front_door.create_context(self.tenant, sandbox_id, language, cwd)
+
+    async def list_contexts(self, sandbox_id: str) -> list[Context]:
+        return await self.front_door.list_contexts(self.tenant, sandbox_id)
+
+    async def restart_context(self, sandbox_id: str, context: str) -> None:
+        await self.front_door.restart_context(self.tenant, sandbox_id, context)
+
+    async def remove_context(self, sandbox_id: str, context: str) -> None:
+        await self.front_door.remove_context(self.tenant, sandbox_id, context)
+
+    async def start_command(
+        self,
+        sandbox_id: str,
+        cmd: str,
+        envs: Mapping[str, str] | None,
+        cwd: str | None,
+        stdin: bool,
+    ) -> CommandStream:
+        return await self.front_door.start_command(
+            self.tenant, sandbox_id, cmd, envs=envs, cwd=cwd, stdin=stdin
+        )
+
+    async def connect_command(self, sandbox_id: str, pid: int) -> CommandStream:
+        return await self.front_door.connect_command(self.tenant, sandbox_id, pid)
+
+    async def send_stdin(self, sandbox_id: str, pid: int, data: bytes, eof: bool) -> None:
+        await self.front_door.send_stdin(self.tenant, sandbox_id, pid, data, eof)
+
+    async def signal(self, sandbox_id: str, pid: int, signal: str = "SIGKILL") -> bool:
+        return await self.front_door.signal(self.tenant, sandbox_id, pid, signal)
+
+    async def list_commands(self, sandbox_id: str) -> list[ProcessInfo]:
+        return await self.front_door.list_commands(self.tenant, sandbox_id)
+
+    async def read_file(
+        self, sandbox_id: str, path: str, format: Literal["text", "bytes"]
+    ) -> str | bytes:
+        return await self.front_door.read_file(self.tenant, sandbox_id, path, format)
+
+    async def write_file(
+        self, sandbox_id: str, path: str, data: str | bytes | IO[Any]
+    ) -> EntryInfo:
+        return await self.front_door.write_file(self.tenant, sandbox_id, path, data)
+
+    async def list_dir(self, sandbox_id: str, path: str, depth: int) -> list[EntryInfo]:
+        return await self.front_door.list_dir(self.tenant, sandbox_id, path, depth)
+
+    async def stat(self, sandbox_id: str, path: str) -> EntryInfo:
+        return await self.front_door.stat(self.tenant, sandbox_id, path)
+
+    async def move(self, sandbox_id: str, path: str, destination: str) -> EntryInfo:
+        return await self.front_door.move(self.tenant, sandbox_id, path, destination)
+
+    async def remove(self, sandbox_id: str, path: str) -> None:
+        await self.front_door.remove(self.tenant, sandbox_id, path)
+
+    async def make_dir(self, sandbox_id: str, path: str) -> bool:
+        return await self.front_door.make_dir(self.tenant, sandbox_id, path)
