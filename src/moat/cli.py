@@ -208,6 +208,26 @@ def _table(rows: list[dict[str, Any]]) -> list[str]:
     return ["  ".join(c[i].ljust(widths[i]) for i in range(4)) + "  " + c[4] for c in [head, *body]]
 
 
+# -- serve ---------------------------------------------------------------------------------
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind.")
+@click.option("--port", type=click.IntRange(1, 65535), default=49982, show_default=True)
+@click.option(
+    "--tier",
+    type=click.Choice(["container", "gvisor", "microvm"]),
+    envvar="MOAT_SERVE_TIER",
+    default=None,
+    help="Tier of sandboxes made from E2B's templates ($MOAT_SERVE_TIER; default: by trust).",
+)
+def serve(host: str, port: int, tier: str | None) -> None:
+    """Serve E2B's wire on HOST:PORT for the unmodified E2B SDKs (keys: ``moat keys``)."""
+    from moat.server.serve import main as serve_main
+
+    serve_main(host, port, tier)
+
+
 # -- keys ----------------------------------------------------------------------------------
 
 
