@@ -258,7 +258,8 @@ def control_app(state: ServerState) -> Starlette:
 
 
 def _metadata_filter(raw: str | None) -> dict[str, str]:
-    """E2B's ``metadata`` query: urlencode of quoted keys and values (decoded twice)."""
+    """E2B's ``metadata`` query: the SDK urlencodes ``{quote(k): quote(v)}`` and its HTTP
+    client encodes that as a value again: so pairs, then each key and value unquoted once."""
     if not raw:
         return {}
     if len(raw) > 8192:
@@ -267,7 +268,7 @@ def _metadata_filter(raw: str | None) -> dict[str, str]:
         pairs = urllib.parse.parse_qsl(raw, keep_blank_values=True, strict_parsing=True)
     except ValueError:
         raise InvalidArgumentError("metadata filter must be key=value pairs") from None
-    return dict(pairs)
+    return {urllib.parse.unquote(k): urllib.parse.unquote(v) for k, v in pairs}
 
 
 def _int_param(raw: str | None, name: str, lo: int, hi: int, default: int) -> int:

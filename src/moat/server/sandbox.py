@@ -48,6 +48,8 @@ KEEPALIVE_S = 5.0
 #: How long /execute waits for the first event before committing to a 200 stream (so an
 #: unknown context or a bad argument still gets its 4xx).
 _FIRST_EVENT_S = 1.0
+#: How long /execute waits for a busy context to become free before answering 409.
+_BUSY_WAIT_S = 10.0
 _LANGUAGE_ALIASES = {"py": "python", "python3": "python", "sh": "bash", "shell": "bash"}
 
 Handler = Callable[[Request, Record, str], Awaitable[Response]]
@@ -190,12 +192,21 @@ def sandbox_app(state: ServerState) -> Starlette:
         sid = request.headers["e2b-sandbox-id"]
         body = wire.parse(wire.ExecuteBody, await read_body(request, MAX_JSON_BODY))
         lang = await run_language(rec, sid, body.context_id, body.language)
-        events = front.run_code(
-            rec.tenant, sid, body.code, language=lang, context=body.context_id or "default",
-            timeout=None, envs=body.env_vars,
-        )  # fmt: skip
-        pending = asyncio.ensure_future(anext(events))
-        done, _ = await asyncio.wait({pending}, timeout=_FIRST_EVENT_S)
+        waited = 0.0
+        while True:
+            events = front.run_code(
+                rec.tenant, sid, body.code, language=lang, context=body.context_id or "default",
+                timeout=None, envs=body.env_vars,
+            )  # fmt: skip
+            pending = asyncio.ensure_future(anext(events))
+            done, _ = await asyncio.wait({pending}, timeout=_FIRST_EVENT_S)
+            if not (done and _busy(pending.exception()) and waited < _BUSY_WAIT_S):
+                break
+            # The context still ends an interrupted cell (its client left): E2B's kernels
+            # queue the next execution, so wait a little rather than refuse it.
+            await events.aclose()  # type: ignore[attr-defined]
+            await asyncio.sleep(0.1)
+            waited += 0.1
         if done and pending.exception() is not None:
             exc = pending.exception()
             await events.aclose()  # type: ignore[attr-defined]
@@ -326,6 +337,11 @@ async def _ndjson(
                 await pending
         with contextlib.suppress(BaseException):
             await events.aclose()  # type: ignore[attr-defined]
+
+
+def _busy(exc: BaseException | None) -> bool:
+    # The agent's "busy" failure has no class of its own in moat.errors (yet): its message.
+    return type(exc) is SandboxError and "already running code" in str(exc)
 
 
 def _failure(exc: SandboxError) -> dict[str, Any]:

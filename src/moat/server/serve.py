@@ -7,9 +7,12 @@ sandbox of the engine (invariant 5: nothing survives the server).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import logging
+import signal
 import sys
+from collections.abc import Iterator
 
 import uvicorn
 
@@ -59,12 +62,27 @@ async def serve(host: str, port: int, tier: str | None) -> None:
         http="h11",
         ws="none",
     )
-    server = uvicorn.Server(config)
+    server = _Server(config)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        # Held until the sandboxes are dead: a second signal must not cut the cleanup short.
+        loop.add_signal_handler(sig, server.handle_exit, sig, None)
     try:
         await server.serve()
     finally:
         await kill_everything(front.engine)
         keys.close()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server without its signal handling: uvicorn re-raises a captured SIGTERM
+    when it returns, which would end the process before the sandboxes are killed."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
 
 
 def main(host: str, port: int, tier: str | None) -> None:

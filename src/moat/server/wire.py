@@ -154,6 +154,8 @@ def status_of(exc: SandboxError) -> int:
         return 504
     if isinstance(exc, SandboxDiedError):
         return 502
+    if "already running code" in str(exc):
+        return 409  # the context is busy
     return 500
 
 
