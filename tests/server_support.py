@@ -52,7 +52,8 @@ class Server:
 
 def start_server(log: Path, tier: str = "container") -> Server:
     port = free_port()
-    env = {**os.environ, "MOAT_WARM_POOL": "0"}
+    # Its own audit store: the server's log must show no failure of anything shared.
+    env = {**os.environ, "MOAT_WARM_POOL": "0", "MOAT_AUDIT_DB": str(log.parent / "audit.db")}
     with log.open("wb") as out:
         proc = subprocess.Popen(
             [*MOAT, "serve", "--host", "127.0.0.1", "--port", str(port), "--tier", tier],

@@ -92,6 +92,16 @@ def test_lifecycle_list_metadata_timeout_connect_kill(server: Server, key_a: str
             api_key=key_a, query=SandboxQuery(metadata={"who": "a b&c=d"})
         ).next_items()
         assert [s.sandbox_id for s in listed] == [sbx.sandbox_id]
+        # Newest first (E2B's default order); startedAfter and template filters.
+        mine = [s.sandbox_id for s in Sandbox.list(api_key=key_a).next_items()]
+        assert mine.index(other.sandbox_id) < mine.index(sbx.sandbox_id)
+        after = Sandbox.list(
+            api_key=key_a, query=SandboxQuery(started_after=info.started_at)
+        ).next_items()
+        assert sbx.sandbox_id not in {s.sandbox_id for s in after}
+        assert other.sandbox_id in {s.sandbox_id for s in after}
+        base = Sandbox.list(api_key=key_a, query=SandboxQuery(template="base")).next_items()
+        assert sbx.sandbox_id not in {s.sandbox_id for s in base}
         # Paging: limit 1 walks both with x-next-token.
         pager = Sandbox.list(api_key=key_a, limit=1)
         seen = []

@@ -190,12 +190,21 @@ def control_app(state: ServerState) -> Starlette:
             raise InvalidArgumentError("state must be running and/or paused")
         limit = _int_param(q.get("limit"), "limit", 1, _MAX_LIST, _MAX_LIST)
         start = _page_token(q.get("nextToken"))
-        order = q.get("order") or "asc"
+        order = q.get("order") or "desc"  # E2B lists the newest first
         if order not in ("asc", "desc"):
             raise InvalidArgumentError("order must be asc or desc")
+        after = _time_param(q.get("startedAfter"), "startedAfter")
+        template = q.get("template")
         infos = []
         if "running" in states:  # nothing is ever paused in this engine yet
             infos = await front.list_sandboxes(tenant, metadata=want, state="running")
+        if after is not None:
+            infos = [i for i in infos if i.started_at > after]
+        if template:
+            infos = [
+                i for i in infos
+                if (rec := state.record(tenant, i.sandbox_id)) and rec.template_id == template
+            ]  # fmt: skip
         infos.sort(key=lambda i: (i.started_at, i.sandbox_id), reverse=order == "desc")
         page = infos[start : start + limit]
         rows = []
@@ -277,6 +286,16 @@ def _int_param(raw: str | None, name: str, lo: int, hi: int, default: int) -> in
     if not raw.isdigit() or not lo <= int(raw) <= hi:
         raise InvalidArgumentError(f"{name} must be an integer from {lo} to {hi}")
     return int(raw)
+
+
+def _time_param(raw: str | None, name: str) -> dt.datetime | None:
+    if not raw:
+        return None
+    try:
+        when = dt.datetime.fromisoformat(raw.replace("Z", "+00:00"))
+    except ValueError:
+        raise InvalidArgumentError(f"{name} must be an ISO 8601 time") from None
+    return when if when.tzinfo is not None else when.replace(tzinfo=dt.UTC)
 
 
 def _page_token(raw: str | None) -> int:
