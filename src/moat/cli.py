@@ -223,5 +223,79 @@ def _table(rows: list[dict[str, Any]]) -> list[str]:
     return ["  ".join(c[i].ljust(widths[i]) for i in range(4)) + "  " + c[4] for c in [head, *body]]
 
 
+# -- serve ---------------------------------------------------------------------------------
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind.")
+@click.option("--port", type=click.IntRange(1, 65535), default=49982, show_default=True)
+@click.option(
+    "--tier",
+    type=click.Choice(["container", "gvisor", "microvm"]),
+    envvar="MOAT_SERVE_TIER",
+    default=None,
+    help="Tier of sandboxes made from E2B's templates ($MOAT_SERVE_TIER; default: by trust).",
+)
+def serve(host: str, port: int, tier: str | None) -> None:
+    """Serve E2B's wire on HOST:PORT for the unmodified E2B SDKs (keys: ``moat keys``)."""
+    from moat.server.serve import main as serve_main
+
+    serve_main(host, port, tier)
+
+
+# -- keys ----------------------------------------------------------------------------------
+
+
+@main.group()
+def keys() -> None:
+    """API keys of ``moat serve`` (each belongs to a tenant; stored hashed)."""
+
+
+@keys.command("create")
+@click.option("--tenant", required=True, help="The tenant the key acts for.")
+def keys_create(tenant: str) -> None:
+    """Make a key for TENANT. The key is printed once, on the last line."""
+    from moat.store.keys import KeyStore
+
+    try:
+        with KeyStore() as store:
+            key_id, key = store.create(tenant)
+    except SandboxError as exc:
+        raise click.BadParameter(str(exc), param_hint="--tenant") from None
+    click.echo(f"created {key_id} for tenant {tenant}; the key is shown only now:", err=True)
+    click.echo(key)
+
+
+@keys.command("list")
+def keys_list() -> None:
+    """The keys (ids and tenants, never the keys themselves)."""
+    from moat.store.keys import KeyStore
+
+    with KeyStore() as store:
+        rows = store.list()
+    if not rows:
+        click.echo("no keys")
+        return
+    for r in rows:
+        made = dt.datetime.fromtimestamp(r.created).strftime("%Y-%m-%d %H:%M:%S")
+        state = "live" if r.revoked is None else "revoked"
+        click.echo(f"{r.key_id}  {r.tenant:<20}  {made}  {state}")
+
+
+@keys.command("revoke")
+@click.argument("key_id")
+def keys_revoke(key_id: str) -> None:
+    """Revoke KEY_ID (as listed); the server refuses it from the next request on."""
+    from moat.store.keys import KeyStore
+
+    try:
+        with KeyStore() as store:
+            store.revoke(key_id)
+    except SandboxError as exc:
+        click.echo(f"moat: {exc}", err=True)
+        sys.exit(1)
+    click.echo(f"revoked {key_id}")
+
+
 if __name__ == "__main__":
     main()

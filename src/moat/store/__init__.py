@@ -12,6 +12,7 @@ snapshots and templates join this package as the server grows.
 - :mod:`~moat.store.writer`: its background writer (batches, aggregation, retention)
 - :mod:`~moat.store.settings`: retention and rate knobs (``MOAT_AUDIT_*``)
 - :mod:`~moat.store.text`: escaping and bounding of stored text
+- :mod:`~moat.store.keys`: the server's API keys (hashed) and their tenants
 """
 
 from __future__ import annotations

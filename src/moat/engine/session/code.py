@@ -62,6 +62,12 @@ class CodeCalls(SessionCore):
                 await self._interrupt(call)
                 await self._discard_until_done(call)
                 raise
+            except asyncio.CancelledError:
+                # The caller left (a face's client disconnected): stop the code rather than
+                # let it hold the context; nobody waits for its end.
+                with contextlib.suppress(SandboxError):
+                    self._check().send(MsgType.INTERRUPT, 0, {"target": call.id})
+                raise
             except builtins.TimeoutError:
                 await self._interrupt(call)
                 restarted = await self._exec_frames(call, sink, execution, None, None, grace=True)

@@ -1,0 +1,136 @@
+"""The ASGI application: one listener, dispatched by E2B's sandbox headers.
+
+Requests carrying ``E2b-Sandbox-Id`` and ``E2b-Sandbox-Port`` go to the sandbox plane
+(``moat.server.sandbox``), authenticated by that sandbox's access token; every other request
+is control plane (``moat.server.control``), authenticated by ``X-API-Key``. ``GET /health``
+without sandbox headers answers 200 once the server is ready.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import secrets
+from collections.abc import Awaitable, Callable, MutableMapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from moat.engine.api import FrontDoor
+from moat.errors import InvalidArgumentError
+from moat.server import wire
+from moat.store.keys import KeyStore
+
+log = logging.getLogger("moat.server")
+
+Scope = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
+Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
+
+#: JSON bodies of the control plane and the code interpreter.
+MAX_JSON_BODY = 1 << 20
+#: One upload to ``/files``.
+MAX_FILE_BODY = 64 << 20
+
+
+class BodyTooLarge(Exception):
+    """The request body exceeds its cap (413)."""
+
+
+@dataclass
+class Record:
+    """What the server knows of a sandbox beyond the engine: its wire-facing names."""
+
+    tenant: str
+    token: str  # envdAccessToken: X-Access-Token on every sandbox request
+    traffic: str  # trafficAccessToken: the code interpreter's /contexts carry only this one
+    template_id: str
+    network: dict[str, Any]
+    contexts: dict[str, str] = field(default_factory=dict)  # context id -> language
+
+
+class ServerState:
+    """The front door, the key store and the per-sandbox wire records of one server."""
+
+    def __init__(self, front: FrontDoor, keys: KeyStore, tier: str | None) -> None:
+        self.front = front
+        self.keys = keys
+        self.tier = tier
+        self.records: dict[str, Record] = {}
+
+    def tenant_of(self, request: Request) -> str | None:
+        return self.keys.tenant_of(request.headers.get("x-api-key"))
+
+    def record(self, tenant: str, sandbox_id: str) -> Record | None:
+        """The tenant's record, or None (another tenant's id is just unknown: invariant 11)."""
+        rec = self.records.get(sandbox_id)
+        return rec if rec is not None and rec.tenant == tenant else None
+
+    def by_token(
+        self, sandbox_id: str, token: str | None, traffic: str | None = None
+    ) -> Record | None:
+        """The sandbox whose access token is ``token`` (or, where ``traffic`` is given, whose
+        traffic token it is); None for any mismatch."""
+        rec = self.records.get(sandbox_id)
+        if rec is None:
+            return None
+        if token is not None and _same(rec.token, token):
+            return rec
+        if traffic is not None and _same(rec.traffic, traffic):
+            return rec
+        return None
+
+    @staticmethod
+    def new_token() -> str:
+        return secrets.token_urlsafe(32)
+
+
+def _same(expected: str, given: str) -> bool:
+    return hmac.compare_digest(expected.encode(), given.encode("utf-8", "replace"))
+
+
+async def read_body(request: Request, cap: int) -> bytes:
+    """The whole body, refusing more than ``cap`` bytes before reading them all."""
+    length = request.headers.get("content-length")
+    if length is not None:
+        if not length.isdigit():
+            raise InvalidArgumentError("bad Content-Length")
+        if int(length) > cap:
+            raise BodyTooLarge
+    chunks: list[bytes] = []
+    total = 0
+    async for chunk in request.stream():
+        total += len(chunk)
+        if total > cap:
+            raise BodyTooLarge
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def too_large() -> Response:
+    return wire.error(413, "the request body is too large")
+
+
+def make_app(state: ServerState) -> Callable[[Scope, Receive, Send], Awaitable[None]]:
+    """The server's ASGI callable over ``state``."""
+    from moat.server.control import control_app
+    from moat.server.sandbox import sandbox_app
+
+    control = control_app(state)
+    plane = sandbox_app(state)
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await control(scope, receive, send)
+            return
+        if scope["type"] != "http":
+            return  # no websockets
+        headers = {k.lower(): v for k, v in scope.get("headers", ())}
+        if b"e2b-sandbox-id" in headers and b"e2b-sandbox-port" in headers:
+            await plane(scope, receive, send)
+        else:
+            await control(scope, receive, send)
+
+    return app

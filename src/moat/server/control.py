@@ -1,0 +1,310 @@
+"""Control plane: E2B's REST API (``X-API-Key``), through the front door with the key's tenant.
+
+Another tenant's sandbox id answers exactly like an unknown one (404, same message), on every
+route (invariant 11). Persistence verbs (pause, resume, snapshots, fork) answer 501 with a
+clear message until the engine has them (invariant 7: never a quiet no-op).
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import logging
+import urllib.parse
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from moat.egress import NetworkPolicy, Secret
+from moat.errors import InvalidArgumentError, NotFoundError, SandboxError
+from moat.server import wire
+from moat.server.app import MAX_JSON_BODY, BodyTooLarge, Record, ServerState, read_body, too_large
+
+log = logging.getLogger("moat.server")
+
+Handler = Callable[[Request, str], Awaitable[Response]]
+
+_MAX_LIST = 100
+
+
+def _not_found(sandbox_id: str) -> Response:
+    # One message for unknown, ended and another tenant's: nothing to tell them apart.
+    shown = sandbox_id if len(sandbox_id) <= 64 and sandbox_id.isprintable() else "(bad id)"
+    return wire.error(404, f"sandbox {shown} was not found")
+
+
+def _authed(state: ServerState, handler: Handler) -> Callable[[Request], Awaitable[Response]]:
+    """Authenticate by ``X-API-Key`` and turn moat errors into E2B error bodies."""
+
+    async def endpoint(request: Request) -> Response:
+        tenant = state.tenant_of(request)
+        if tenant is None:
+            return wire.error(401, "invalid or missing API key (X-API-Key)")
+        try:
+            return await handler(request, tenant)
+        except BodyTooLarge:
+            return too_large()
+        except SandboxError as exc:
+            return wire.moat_error(exc)
+        except Exception:  # the reply must stay safe (invariant 8); details to the log
+            log.exception("control plane: %s %s", request.method, request.url.path)
+            return wire.error(500, "internal error")
+
+    return endpoint
+
+
+def control_app(state: ServerState) -> Starlette:
+    front = state.front
+
+    async def health(request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    def network_of(allow_internet: bool | None, net: wire.NetworkBody | None) -> dict[str, Any]:
+        """E2B's network fields as moat's policy dict; what moat can't enforce is refused."""
+        if net is not None:
+            if net.rules or net.dns_servers or net.egress_proxy or net.mask_request_host:
+                raise InvalidArgumentError(
+                    "network rules, dnsServers, egressProxy and maskRequestHost are not "
+                    "supported by moat (use allowOut/denyOut)"
+                )
+            if net.allow_internet_access is not None and allow_internet is None:
+                allow_internet = net.allow_internet_access
+        # moat's default is deny-all (invariant 1); E2B's "internet by default" is opt-in here.
+        return {
+            "allow_out": list(net.allow_out or []) if net else [],
+            "deny_out": list(net.deny_out or []) if net else [],
+            "internet_access": bool(allow_internet),
+        }
+
+    async def create(request: Request, tenant: str) -> Response:
+        body = wire.parse(wire.CreateBody, await read_body(request, MAX_JSON_BODY))
+        if body.auto_pause or (body.auto_resume and body.auto_resume != {"enabled": False}):
+            raise InvalidArgumentError("autoPause/autoResume need persistence, not built yet")
+        if body.mcp or body.volume_mounts:
+            raise InvalidArgumentError("mcp and volumeMounts are not supported by moat")
+        network = network_of(body.allow_internet_access, body.network)
+        ext = body.moat or wire.MoatExtension()
+        secrets = {
+            name: Secret(s.value, s.hosts, s.header, s.template) for name, s in ext.secrets.items()
+        }
+        kwargs: dict[str, Any] = {
+            "timeout": body.timeout,
+            "envs": body.env_vars,
+            "metadata": body.metadata,
+            "network": NetworkPolicy.parse(network),
+            "secrets": secrets or None,
+        }
+        if body.template_id not in wire.DEFAULT_TEMPLATES:
+            kwargs["profile"] = body.template_id  # a moat profile name is a template too
+        if state.tier is not None and "profile" not in kwargs:
+            kwargs["isolation"] = state.tier
+        try:
+            config = front.resolve(**kwargs)
+        except NotFoundError:
+            # No such profile (or no policy file): the template is unknown.
+            shown = body.template_id[:64]
+            raise InvalidArgumentError(
+                f"template {shown!r} was not found (use 'base', 'code-interpreter-v1' or a "
+                "moat profile name)"
+            ) from None
+        info = await front.create(
+            tenant,
+            config,
+            secrets={n: s.value for n, s in secrets.items()},
+            sensitive=list(ext.sensitive),
+        )
+        rec = Record(tenant, state.new_token(), state.new_token(), body.template_id, network)
+        state.records[info.sandbox_id] = rec
+        return JSONResponse(wire.sandbox_reply(info, rec), 201)
+
+    async def _live(tenant: str, sandbox_id: str) -> tuple[Record, Any] | None:
+        rec = state.record(tenant, sandbox_id)
+        if rec is None:
+            return None
+        try:
+            if not await front.is_running(tenant, sandbox_id):
+                return None
+            return rec, await front.info(tenant, sandbox_id)
+        except NotFoundError:
+            return None
+
+    async def get_info(request: Request, tenant: str) -> Response:
+        sid = request.path_params["sandbox_id"]
+        found = await _live(tenant, sid)
+        if found is None:
+            return _not_found(sid)
+        rec, info = found
+        return JSONResponse(wire.detail_reply(info, rec))
+
+    async def connect(request: Request, tenant: str) -> Response:
+        sid = request.path_params["sandbox_id"]
+        body = wire.parse(wire.ConnectBody, await read_body(request, MAX_JSON_BODY))
+        found = await _live(tenant, sid)
+        if found is None:
+            return _not_found(sid)
+        rec, info = found
+        if body.timeout is not None:
+            wanted = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=body.timeout)
+            if wanted > info.end_at.astimezone(dt.UTC):  # connect only extends
+                await front.set_timeout(tenant, sid, body.timeout)
+                info = await front.info(tenant, sid)
+        return JSONResponse(wire.sandbox_reply(info, rec), 200)
+
+    async def kill(request: Request, tenant: str) -> Response:
+        sid = request.path_params["sandbox_id"]
+        if state.record(tenant, sid) is None:
+            return _not_found(sid)
+        killed = await front.kill(tenant, sid)
+        state.records.pop(sid, None)
+        return Response(status_code=204) if killed else _not_found(sid)
+
+    async def set_timeout(request: Request, tenant: str) -> Response:
+        sid = request.path_params["sandbox_id"]
+        body = wire.parse(wire.TimeoutBody, await read_body(request, MAX_JSON_BODY))
+        if await _live(tenant, sid) is None:
+            return _not_found(sid)
+        await front.set_timeout(tenant, sid, body.timeout)
+        return Response(status_code=204)
+
+    async def update_network(request: Request, tenant: str) -> Response:
+        sid = request.path_params["sandbox_id"]
+        body = wire.parse(wire.NetworkBody, await read_body(request, MAX_JSON_BODY))
+        found = await _live(tenant, sid)
+        if found is None:
+            return _not_found(sid)
+        rec, _ = found
+        network = network_of(body.allow_internet_access, body)
+        await front.update_network(tenant, sid, NetworkPolicy.parse(network))
+        rec.network = network
+        return Response(status_code=204)
+
+    async def list_sandboxes(request: Request, tenant: str) -> Response:
+        q = request.query_params
+        want = _metadata_filter(q.get("metadata"))
+        states = {s for s in (q.get("state") or "running,paused").split(",") if s}
+        if not states <= {"running", "paused"}:
+            raise InvalidArgumentError("state must be running and/or paused")
+        limit = _int_param(q.get("limit"), "limit", 1, _MAX_LIST, _MAX_LIST)
+        start = _page_token(q.get("nextToken"))
+        order = q.get("order") or "desc"  # E2B lists the newest first
+        if order not in ("asc", "desc"):
+            raise InvalidArgumentError("order must be asc or desc")
+        after = _time_param(q.get("startedAfter"), "startedAfter")
+        template = q.get("template")
+        infos = []
+        if "running" in states:  # nothing is ever paused in this engine yet
+            infos = await front.list_sandboxes(tenant, metadata=want, state="running")
+        if after is not None:
+            infos = [i for i in infos if i.started_at > after]
+        if template:
+            infos = [
+                i for i in infos
+                if (rec := state.record(tenant, i.sandbox_id)) and rec.template_id == template
+            ]  # fmt: skip
+        infos.sort(key=lambda i: (i.started_at, i.sandbox_id), reverse=order == "desc")
+        page = infos[start : start + limit]
+        rows = []
+        for info in page:
+            rec = state.record(tenant, info.sandbox_id)
+            if rec is not None:
+                rows.append(wire.detail_reply(info, rec))
+        headers = {}
+        if start + limit < len(infos):
+            headers["x-next-token"] = base64.urlsafe_b64encode(
+                f"o:{start + limit}".encode()
+            ).decode()
+        return JSONResponse(rows, 200, headers=headers)
+
+    def missing(what: str) -> Handler:
+        async def handler(request: Request, tenant: str) -> Response:
+            sid = request.path_params.get("sandbox_id")
+            if sid is not None and await _live(tenant, sid) is None:
+                return _not_found(sid)
+            return wire.error(
+                501, f"{what} is not supported by this moat server yet (persistence is not built)"
+            )
+
+        return handler
+
+    async def metrics(request: Request, tenant: str) -> Response:
+        sid = request.path_params["sandbox_id"]
+        if await _live(tenant, sid) is None:
+            return _not_found(sid)
+        return wire.error(501, "sandbox metrics are not supported by this moat server yet")
+
+    async def unknown(request: Request, tenant: str) -> Response:
+        return wire.error(404, "no such endpoint")
+
+    def r(path: str, handler: Handler, methods: list[str]) -> Route:
+        return Route(path, _authed(state, handler), methods=methods)
+
+    sid = "/sandboxes/{sandbox_id}"
+    routes = [
+        Route("/health", health, methods=["GET"]),
+        r("/sandboxes", create, ["POST"]),
+        r("/v2/sandboxes", create, ["POST"]),
+        r("/v2/sandboxes", list_sandboxes, ["GET"]),
+        r("/sandboxes", list_sandboxes, ["GET"]),
+        r(sid, get_info, ["GET"]),
+        r(sid, kill, ["DELETE"]),
+        r(sid + "/connect", connect, ["POST"]),
+        r("/v2" + sid + "/connect", connect, ["POST"]),
+        r(sid + "/timeout", set_timeout, ["POST"]),
+        r(sid + "/network", update_network, ["PUT"]),
+        r(sid + "/metrics", metrics, ["GET"]),
+        r(sid + "/pause", missing("pause"), ["POST"]),
+        r(sid + "/resume", missing("resume"), ["POST"]),
+        r(sid + "/fork", missing("fork"), ["POST"]),
+        r(sid + "/snapshots", missing("snapshots"), ["POST"]),
+        r("/snapshots", missing("snapshots"), ["GET"]),
+        r("/{rest:path}", unknown, ["GET", "POST", "PUT", "PATCH", "DELETE"]),
+    ]
+    return Starlette(routes=routes)
+
+
+def _metadata_filter(raw: str | None) -> dict[str, str]:
+    """E2B's ``metadata`` query: the SDK urlencodes ``{quote(k): quote(v)}`` and its HTTP
+    client encodes that as a value again: so pairs, then each key and value unquoted once."""
+    if not raw:
+        return {}
+    if len(raw) > 8192:
+        raise InvalidArgumentError("metadata filter is too long")
+    try:
+        pairs = urllib.parse.parse_qsl(raw, keep_blank_values=True, strict_parsing=True)
+    except ValueError:
+        raise InvalidArgumentError("metadata filter must be key=value pairs") from None
+    return {urllib.parse.unquote(k): urllib.parse.unquote(v) for k, v in pairs}
+
+
+def _int_param(raw: str | None, name: str, lo: int, hi: int, default: int) -> int:
+    if raw is None or raw == "":
+        return default
+    if not raw.isdigit() or not lo <= int(raw) <= hi:
+        raise InvalidArgumentError(f"{name} must be an integer from {lo} to {hi}")
+    return int(raw)
+
+
+def _time_param(raw: str | None, name: str) -> dt.datetime | None:
+    if not raw:
+        return None
+    try:
+        when = dt.datetime.fromisoformat(raw.replace("Z", "+00:00"))
+    except ValueError:
+        raise InvalidArgumentError(f"{name} must be an ISO 8601 time") from None
+    return when if when.tzinfo is not None else when.replace(tzinfo=dt.UTC)
+
+
+def _page_token(raw: str | None) -> int:
+    if not raw:
+        return 0
+    try:
+        text = base64.urlsafe_b64decode(raw.encode("ascii")).decode("ascii")
+    except (ValueError, UnicodeError):
+        raise InvalidArgumentError("bad nextToken") from None
+    if not text.startswith("o:") or not text[2:].isdigit() or len(text) > 12:
+        raise InvalidArgumentError("bad nextToken")
+    return int(text[2:])

@@ -1,0 +1,352 @@
+"""Sandbox plane: what E2B serves inside a sandbox, served by the host through the front door.
+
+Every request names its sandbox (``E2b-Sandbox-Id``) and must carry that sandbox's access
+token (``X-Access-Token``). A wrong or missing token answers exactly like an unknown or
+killed sandbox (502, "... was not found", the text the SDKs key on): without the token a
+caller can't tell another tenant's sandbox from none (invariant 11). Port 49999 is the code
+interpreter (``/execute`` NDJSON stream, ``/contexts``); 49983 is envd (``/files``,
+``/health``; its Connect RPC services are not built yet). Everything read back from a sandbox
+has passed the guard in the front door (invariant 4).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import posixpath
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.datastructures import UploadFile
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from moat.errors import InvalidArgumentError, NotFoundError, SandboxError
+from moat.model import HOME, LANGUAGES, End, ErrorEvent, Event, Output, ResultEvent
+from moat.server import wire
+from moat.server.app import (
+    MAX_FILE_BODY,
+    MAX_JSON_BODY,
+    BodyTooLarge,
+    Record,
+    ServerState,
+    read_body,
+    too_large,
+)
+
+log = logging.getLogger("moat.server")
+
+ENVD_PORT = "49983"
+JUPYTER_PORT = "49999"
+#: A keepalive line every this many seconds of silence (the SDKs ignore it; a dead client
+#: shows up as a failed write, which interrupts the code).
+KEEPALIVE_S = 5.0
+#: How long /execute waits for the first event before committing to a 200 stream (so an
+#: unknown context or a bad argument still gets its 4xx).
+_FIRST_EVENT_S = 1.0
+#: How long /execute waits for a busy context to become free before answering 409.
+_BUSY_WAIT_S = 10.0
+_LANGUAGE_ALIASES = {"py": "python", "python3": "python", "sh": "bash", "shell": "bash"}
+
+Handler = Callable[[Request, Record, str], Awaitable[Response]]
+
+
+def gone(sandbox_id: str) -> Response:
+    """The edge's answer for a sandbox that is not (or no longer) reachable."""
+    shown = sandbox_id if len(sandbox_id) <= 64 and sandbox_id.isprintable() else "(bad id)"
+    return JSONResponse(
+        {"sandboxId": shown, "message": "The sandbox was not found", "code": 502}, 502
+    )
+
+
+def _language(value: str | None) -> str:
+    lang = (value or "python").lower()
+    lang = _LANGUAGE_ALIASES.get(lang, lang)
+    if lang not in LANGUAGES:
+        raise InvalidArgumentError(
+            f"language {value!r:.40} is not supported (moat runs: {', '.join(LANGUAGES)})"
+        )
+    return lang
+
+
+def _path(raw: str | None) -> str:
+    """A path of the request: relative ones resolve against the user's home."""
+    if not raw:
+        raise InvalidArgumentError("path is required")
+    return raw if raw.startswith("/") else posixpath.join(HOME, raw)
+
+
+def sandbox_app(state: ServerState) -> Starlette:
+    front = state.front
+
+    def guarded(handler: Handler) -> Callable[[Request], Awaitable[Response]]:
+        async def endpoint(request: Request) -> Response:
+            sid = request.headers.get("e2b-sandbox-id", "")
+            port = request.headers.get("e2b-sandbox-port", "")
+            # The code interpreter's SDK sends the traffic token (only) on /contexts.
+            traffic = request.headers.get("e2b-traffic-access-token")
+            rec = state.by_token(
+                sid,
+                request.headers.get("x-access-token"),
+                traffic if port == JUPYTER_PORT else None,
+            )
+            if rec is None:
+                return gone(sid)
+            try:
+                if not await front.is_running(rec.tenant, sid):
+                    return gone(sid)
+            except NotFoundError:
+                return gone(sid)
+            if port not in (ENVD_PORT, JUPYTER_PORT):
+                return JSONResponse(
+                    {"sandboxId": sid, "message": f"The sandbox is running but port is not "
+                     f"open ({port[:6]!r}: moat serves no sandbox ports yet)", "code": 502},
+                    502,
+                )  # fmt: skip
+            try:
+                return await handler(request, rec, port)
+            except BodyTooLarge:
+                return too_large()
+            except SandboxError as exc:
+                return wire.moat_error(exc)
+            except Exception:  # invariant 8: nothing of the host in the reply
+                log.exception("sandbox plane: %s %s", request.method, request.url.path)
+                return wire.error(500, "internal error")
+
+        return endpoint
+
+    # -- envd: health and files --------------------------------------------------------
+
+    async def health(request: Request, rec: Record, port: str) -> Response:
+        return Response(status_code=204) if port == ENVD_PORT else JSONResponse({"status": "ok"})
+
+    async def read_file(request: Request, rec: Record, port: str) -> Response:
+        sid = request.headers["e2b-sandbox-id"]
+        path = _path(request.query_params.get("path"))
+        data = await front.read_file(rec.tenant, sid, path, format="bytes")
+        assert isinstance(data, bytes)
+        name = posixpath.basename(path).replace('"', "")
+        return Response(
+            data,
+            media_type="application/octet-stream",
+            headers={"Content-Disposition": f'attachment; filename="{name}"'},
+        )
+
+    async def write_files(request: Request, rec: Record, port: str) -> Response:
+        sid = request.headers["e2b-sandbox-id"]
+        body = await read_body(request, MAX_FILE_BODY)
+        ctype = request.headers.get("content-type", "")
+        uploads: list[tuple[str, bytes]] = []
+        if ctype.startswith("multipart/form-data"):
+            replay = Request(request.scope, _replay(body))
+            form = await replay.form(max_files=1000, max_fields=1000)
+            try:
+                default = request.query_params.get("path")
+                for _, part in form.multi_items():
+                    if isinstance(part, UploadFile):
+                        # The part's filename is the destination (E2B-WIRE.md §2b).
+                        dest = part.filename or default
+                        uploads.append((_path(dest), await part.read()))
+            finally:
+                await form.close()
+        else:
+            if request.headers.get("content-encoding", "identity") != "identity":
+                raise InvalidArgumentError("only identity uploads are supported")
+            uploads.append((_path(request.query_params.get("path")), body))
+        if not uploads:
+            raise InvalidArgumentError("no file in the upload")
+        out = []
+        for path, data in uploads:
+            entry = await front.write_file(rec.tenant, sid, path, data)
+            out.append({"path": entry.path, "name": entry.name, "type": "file"})
+        return JSONResponse(out)
+
+    async def rpc(request: Request, rec: Record, port: str) -> Response:
+        # Connect RPC error shape (unimplemented -> 501); the SDK shows the message.
+        return JSONResponse(
+            {"code": "unimplemented", "message": "the process and filesystem services are "
+             "not served by this moat server yet"},
+            501,
+        )  # fmt: skip
+
+    # -- code interpreter --------------------------------------------------------------
+
+    async def run_language(rec: Record, sid: str, context: str | None, lang: str | None) -> str:
+        if context is None:
+            return _language(lang)
+        if lang is not None:
+            raise InvalidArgumentError("give a context or a language, not both")
+        if context in rec.contexts:
+            return rec.contexts[context]
+        for c in await front.list_contexts(rec.tenant, sid):
+            rec.contexts[c.id] = c.language
+        if context not in rec.contexts:
+            raise NotFoundError(f"context {context[:64]!r} was not found")
+        return rec.contexts[context]
+
+    async def execute(request: Request, rec: Record, port: str) -> Response:
+        sid = request.headers["e2b-sandbox-id"]
+        body = wire.parse(wire.ExecuteBody, await read_body(request, MAX_JSON_BODY))
+        lang = await run_language(rec, sid, body.context_id, body.language)
+        waited = 0.0
+        while True:
+            events = front.run_code(
+                rec.tenant, sid, body.code, language=lang, context=body.context_id or "default",
+                timeout=None, envs=body.env_vars,
+            )  # fmt: skip
+            pending = asyncio.ensure_future(anext(events))
+            done, _ = await asyncio.wait({pending}, timeout=_FIRST_EVENT_S)
+            if not (done and _busy(pending.exception()) and waited < _BUSY_WAIT_S):
+                break
+            # The context still ends an interrupted cell (its client left): E2B's kernels
+            # queue the next execution, so wait a little rather than refuse it.
+            await events.aclose()  # type: ignore[attr-defined]
+            await asyncio.sleep(0.1)
+            waited += 0.1
+        if done and pending.exception() is not None:
+            exc = pending.exception()
+            await events.aclose()  # type: ignore[attr-defined]
+            if isinstance(exc, SandboxError):
+                return wire.moat_error(exc)
+            if isinstance(exc, StopAsyncIteration):
+                return wire.error(500, "internal error")
+            raise exc  # type: ignore[misc]
+        return StreamingResponse(_ndjson(events, pending), media_type="application/x-ndjson")
+
+    async def create_context(request: Request, rec: Record, port: str) -> Response:
+        sid = request.headers["e2b-sandbox-id"]
+        body = wire.parse(wire.ContextBody, await read_body(request, MAX_JSON_BODY))
+        ctx = await front.create_context(rec.tenant, sid, _language(body.language), body.cwd)
+        rec.contexts[ctx.id] = ctx.language
+        return JSONResponse(wire.context_reply(ctx))
+
+    async def list_contexts(request: Request, rec: Record, port: str) -> Response:
+        sid = request.headers["e2b-sandbox-id"]
+        return JSONResponse(
+            [wire.context_reply(c) for c in await front.list_contexts(rec.tenant, sid)]
+        )
+
+    async def restart_context(request: Request, rec: Record, port: str) -> Response:
+        sid = request.headers["e2b-sandbox-id"]
+        await front.restart_context(rec.tenant, sid, request.path_params["context_id"])
+        return Response(status_code=204)
+
+    async def remove_context(request: Request, rec: Record, port: str) -> Response:
+        sid = request.headers["e2b-sandbox-id"]
+        cid = request.path_params["context_id"]
+        await front.remove_context(rec.tenant, sid, cid)
+        rec.contexts.pop(cid, None)
+        return Response(status_code=204)
+
+    def on(port: str, handler: Handler) -> Handler:
+        async def only(request: Request, rec: Record, got: str) -> Response:
+            if got != port:
+                return wire.error(404, "no such endpoint on this port")
+            return await handler(request, rec, got)
+
+        return only
+
+    async def unknown(request: Request, rec: Record, port: str) -> Response:
+        return wire.error(404, "no such endpoint")
+
+    def r(path: str, handler: Handler, methods: list[str]) -> Route:
+        return Route(path, guarded(handler), methods=methods)
+
+    routes = [
+        r("/health", health, ["GET"]),
+        r("/files", on(ENVD_PORT, read_file), ["GET"]),
+        r("/files", on(ENVD_PORT, write_files), ["POST"]),
+        r("/process.Process/{method}", on(ENVD_PORT, rpc), ["POST"]),
+        r("/filesystem.Filesystem/{method}", on(ENVD_PORT, rpc), ["POST"]),
+        r("/execute", on(JUPYTER_PORT, execute), ["POST"]),
+        r("/contexts", on(JUPYTER_PORT, create_context), ["POST"]),
+        r("/contexts", on(JUPYTER_PORT, list_contexts), ["GET"]),
+        r("/contexts/{context_id}/restart", on(JUPYTER_PORT, restart_context), ["POST"]),
+        r("/contexts/{context_id}", on(JUPYTER_PORT, remove_context), ["DELETE"]),
+        r("/{rest:path}", unknown, ["GET", "POST", "PUT", "PATCH", "DELETE"]),
+    ]
+    return Starlette(routes=routes)
+
+
+def _replay(body: bytes) -> Callable[[], Awaitable[dict[str, Any]]]:
+    sent = False
+
+    async def receive() -> dict[str, Any]:
+        nonlocal sent
+        if sent:
+            return {"type": "http.disconnect"}
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return receive
+
+
+def _line(obj: dict[str, Any]) -> bytes:
+    return json.dumps(obj, ensure_ascii=False).encode() + b"\n"
+
+
+async def _ndjson(
+    events: AsyncIterator[Event], first: asyncio.Future[Event]
+) -> AsyncIterator[bytes]:
+    """The front door's events as E2B's NDJSON lines, with keepalives while idle.
+
+    Leaving early (the client went away: Starlette cancels this generator) closes the
+    event stream, which cancels the call and interrupts the code.
+    """
+    pending: asyncio.Future[Event] | None = first
+    count: int | None = None
+    try:
+        while pending is not None:
+            done, _ = await asyncio.wait({pending}, timeout=KEEPALIVE_S)
+            if not done:
+                yield _line({"type": "keepalive"})
+                continue
+            try:
+                event = pending.result()
+            except StopAsyncIteration:
+                break
+            except SandboxError as exc:
+                yield _line(_failure(exc))
+                break
+            pending = None
+            if isinstance(event, Output):
+                yield _line({"type": event.stream, "text": event.text, "timestamp": wire.now_iso()})
+            elif isinstance(event, ResultEvent):
+                yield _line(wire.result_line(event.result))
+            elif isinstance(event, ErrorEvent):
+                yield _line(wire.error_line(event.error))
+            elif isinstance(event, End):
+                count = event.execution_count
+                if event.context_restarted:
+                    yield _line(
+                        {"type": "error", "name": "ContextRestarting",
+                         "value": "the context was restarted", "traceback": ""}
+                    )  # fmt: skip
+            pending = asyncio.ensure_future(anext(events))
+        if count is not None:
+            yield _line({"type": "number_of_executions", "execution_count": count})
+        yield _line({"type": "end_of_execution"})
+    finally:
+        if pending is not None and not pending.done():
+            pending.cancel()
+            with contextlib.suppress(BaseException):
+                await pending
+        with contextlib.suppress(BaseException):
+            await events.aclose()  # type: ignore[attr-defined]
+
+
+def _busy(exc: BaseException | None) -> bool:
+    # The agent's "busy" failure has no class of its own in moat.errors (yet): its message.
+    return type(exc) is SandboxError and "already running code" in str(exc)
+
+
+def _failure(exc: SandboxError) -> dict[str, Any]:
+    """A call that failed mid-stream, as an error line (message safe: invariant 8)."""
+    from moat.errors import SandboxDiedError
+
+    name = "UnexpectedEndOfExecution" if isinstance(exc, SandboxDiedError) else type(exc).__name__
+    return {"type": "error", "name": name, "value": str(exc), "traceback": ""}

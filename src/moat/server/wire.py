@@ -1,0 +1,240 @@
+"""E2B wire shapes: request bodies (validated with pydantic), replies, and error bodies.
+
+Pure translation between E2B's JSON (camelCase, as in its OpenAPI spec) and moat's model;
+no engine calls here.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from collections.abc import Mapping
+from typing import Any, Protocol, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+from pydantic import ValidationError as ValidationError
+from starlette.responses import JSONResponse, Response
+
+from moat.errors import (
+    InvalidArgumentError,
+    IsolationUnavailableError,
+    LeakBlockedError,
+    NotFoundError,
+    PolicyError,
+    SandboxDiedError,
+    SandboxError,
+    TimeoutError,
+)
+from moat.model import Context, ExecutionError, Result, SandboxInfo
+
+#: The envd version moat advertises: the SDKs gate features on it (E2B-WIRE.md §2b). 0.5.7
+#: switches on octet-stream uploads; metadata (0.6.2) and entry-in-watch (0.6.3) stay off.
+ENVD_VERSION = "0.5.7"
+#: Templates the SDKs name by default; they resolve to moat's default template.
+DEFAULT_TEMPLATES = frozenset({"base", "code-interpreter-v1", "default"})
+CLIENT_ID = "moat"
+
+_Str = StrictStr
+
+
+class _Closed(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True, populate_by_name=True)
+
+
+class NetworkBody(_Closed):
+    """E2B's ``network``: moat enforces allowOut/denyOut; the rest must be left unset."""
+
+    allow_out: list[_Str] | None = Field(default=None, alias="allowOut", max_length=1000)
+    deny_out: list[_Str] | None = Field(default=None, alias="denyOut", max_length=1000)
+    allow_public_traffic: StrictBool | None = Field(default=None, alias="allowPublicTraffic")
+    mask_request_host: _Str | None = Field(default=None, alias="maskRequestHost")
+    rules: dict[_Str, Any] | None = None
+    dns_servers: list[_Str] | None = Field(default=None, alias="dnsServers")
+    egress_proxy: Any = Field(default=None, alias="egressProxy")
+    https_ports: list[StrictInt] | None = Field(default=None, alias="httpsPorts")
+    allow_internet_access: StrictBool | None = None
+
+
+class MoatSecret(_Closed):
+    """moat's extension: a brokered secret (the sandbox sees a placeholder, invariant 3)."""
+
+    value: _Str
+    hosts: list[_Str] = Field(max_length=64)
+    header: _Str | None = "Authorization"
+    template: _Str = "{value}"
+
+
+class MoatExtension(_Closed):
+    """The ``moat`` key of the create body: what E2B's wire has no word for."""
+
+    secrets: dict[_Str, MoatSecret] = Field(default_factory=dict, max_length=64)
+    sensitive: list[_Str] = Field(default_factory=list, max_length=1000)
+
+
+class CreateBody(_Closed):
+    template_id: _Str = Field(alias="templateID", max_length=256)
+    timeout: StrictInt | None = Field(default=None, ge=1, le=86400)
+    metadata: dict[_Str, _Str] | None = None
+    env_vars: dict[_Str, _Str] | None = Field(default=None, alias="envVars")
+    allow_internet_access: StrictBool | None = None
+    network: NetworkBody | None = None
+    auto_pause: StrictBool | None = Field(default=None, alias="autoPause")
+    auto_resume: Any = Field(default=None, alias="autoResume")
+    secure: StrictBool | None = None
+    mcp: Any = None
+    volume_mounts: list[Any] | None = Field(default=None, alias="volumeMounts")
+    moat: MoatExtension | None = None
+
+
+class TimeoutBody(_Closed):
+    timeout: StrictInt = Field(ge=1, le=86400)
+
+
+class ConnectBody(_Closed):
+    timeout: StrictInt | None = Field(default=None, ge=1, le=86400)
+
+
+class ExecuteBody(_Closed):
+    code: _Str = Field(max_length=1 << 20)
+    context_id: _Str | None = None
+    language: _Str | None = None
+    env_vars: dict[_Str, _Str] | None = None
+
+
+class ContextBody(_Closed):
+    language: _Str | None = None
+    cwd: _Str | None = Field(default=None, max_length=4096)
+
+
+_M = TypeVar("_M", bound=BaseModel)
+
+
+def parse(model: type[_M], raw: bytes) -> _M:
+    """A body as ``model``; InvalidArgumentError (400) for malformed JSON or wrong types."""
+    try:
+        data = json.loads(raw) if raw.strip() else {}
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        raise InvalidArgumentError("the body is not valid JSON") from None
+    if not isinstance(data, dict):
+        raise InvalidArgumentError("the body must be a JSON object")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise InvalidArgumentError(describe(exc)) from None
+
+
+def describe(exc: ValidationError) -> str:
+    """pydantic's complaint without the offending input (it may be long or hostile)."""
+    first = exc.errors(include_input=False, include_url=False)[:3]
+    parts = [".".join(str(x) for x in e["loc"]) + ": " + str(e["msg"])[:120] for e in first]
+    return "invalid request body (" + "; ".join(parts) + ")"
+
+
+# -- replies ---------------------------------------------------------------------------------
+
+
+def error(status: int, message: str, headers: Mapping[str, str] | None = None) -> JSONResponse:
+    """E2B's error body: ``{"code": int, "message": str}``."""
+    return JSONResponse({"code": status, "message": message}, status, headers=dict(headers or {}))
+
+
+def status_of(exc: SandboxError) -> int:
+    """The HTTP status the SDKs expect for a moat error (message already safe, invariant 8)."""
+    if isinstance(exc, InvalidArgumentError):
+        return 400
+    if isinstance(exc, NotFoundError):
+        return 404
+    if isinstance(exc, LeakBlockedError):
+        return 403
+    if isinstance(exc, PolicyError):
+        return 501 if "lacks the capability" in str(exc) else 400
+    if isinstance(exc, IsolationUnavailableError):
+        return 503
+    if isinstance(exc, TimeoutError):
+        return 504
+    if isinstance(exc, SandboxDiedError):
+        return 502
+    if "already running code" in str(exc):
+        return 409  # the context is busy
+    return 500
+
+
+def moat_error(exc: SandboxError) -> Response:
+    status = status_of(exc)
+    headers = {"Should-Retry": "false"} if status in (502, 503, 504) else None
+    return error(status, str(exc), headers)
+
+
+def iso(t: dt.datetime) -> str:
+    return t.astimezone(dt.UTC).isoformat().replace("+00:00", "Z")
+
+
+class _Tokens(Protocol):
+    token: str
+    traffic: str
+    template_id: str
+    network: dict[str, Any]
+
+
+def sandbox_reply(info: SandboxInfo, rec: _Tokens) -> dict[str, Any]:
+    """``Sandbox`` (create and connect)."""
+    return {
+        "templateID": rec.template_id,
+        "sandboxID": info.sandbox_id,
+        "clientID": CLIENT_ID,
+        "envdVersion": ENVD_VERSION,
+        "envdAccessToken": rec.token,
+        "trafficAccessToken": rec.traffic,
+        "alias": rec.template_id,
+        "domain": None,
+    }
+
+
+def detail_reply(info: SandboxInfo, rec: _Tokens) -> dict[str, Any]:
+    """``SandboxDetail`` / ``ListedSandbox``."""
+    limits = info.limits
+    network = rec.network
+    return {
+        **sandbox_reply(info, rec),
+        "startedAt": iso(info.started_at),
+        "endAt": iso(info.end_at),
+        "cpuCount": max(1, round(limits.cpus)),
+        "memoryMB": limits.memory_mb,
+        "diskSizeMB": limits.disk_mb,
+        "state": "running",
+        "metadata": dict(info.metadata),
+        "allowInternetAccess": bool(network.get("internet_access")),
+        "network": {
+            "allowOut": list(network.get("allow_out", ())),
+            "denyOut": list(network.get("deny_out", ())),
+        },
+    }
+
+
+def now_iso() -> str:
+    return iso(dt.datetime.now(dt.UTC))
+
+
+def result_line(r: Result) -> dict[str, Any]:
+    """A displayed value as the code interpreter's ``result`` line (None fields omitted)."""
+    out: dict[str, Any] = {"type": "result"}
+    for key in ("text", "html", "markdown", "svg", "png", "jpeg", "pdf", "latex", "javascript"):
+        value = getattr(r, key)
+        if value is not None:
+            out[key] = value
+    if r.json is not None:
+        out["json"] = r.json
+    if r.data is not None:
+        out["data"] = r.data
+    if r.extra:
+        out["extra"] = dict(r.extra)
+    out["is_main_result"] = bool(r.is_main_result)
+    return out
+
+
+def error_line(e: ExecutionError) -> dict[str, Any]:
+    return {"type": "error", "name": e.name, "value": e.value, "traceback": e.traceback}
+
+
+def context_reply(c: Context) -> dict[str, Any]:
+    return {"id": c.id, "language": c.language, "cwd": c.cwd}

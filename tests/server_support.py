@@ -1,0 +1,73 @@
+"""A real ``moat serve`` process on 127.0.0.1 for the server tests, and its keys."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+MOAT = [sys.executable, "-m", "moat.cli"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def new_key(tenant: str) -> str:
+    out = subprocess.run(
+        [*MOAT, "keys", "create", "--tenant", tenant],
+        capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    return out.stdout.splitlines()[-1]
+
+
+@dataclass
+class Server:
+    proc: subprocess.Popen[bytes]
+    url: str
+    log: Path
+
+    def stop(self, timeout: float = 60) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=timeout)
+
+    def healthy(self) -> bool:
+        try:
+            return httpx.get(self.url + "/health", timeout=5).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+
+def start_server(log: Path, tier: str = "container") -> Server:
+    port = free_port()
+    # Its own audit store: the server's log must show no failure of anything shared.
+    env = {**os.environ, "MOAT_WARM_POOL": "0", "MOAT_AUDIT_DB": str(log.parent / "audit.db")}
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [*MOAT, "serve", "--host", "127.0.0.1", "--port", str(port), "--tier", tier],
+            stdout=out, stderr=subprocess.STDOUT, env=env,
+        )  # fmt: skip
+    server = Server(proc, f"http://127.0.0.1:{port}", log)
+    deadline = time.monotonic() + 60
+    while not server.healthy():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            server.stop()
+            raise RuntimeError("moat serve did not start: " + log.read_text()[-2000:])
+        time.sleep(0.2)
+    return server
+
+
+def tenant_name(prefix: str) -> str:
+    return f"{prefix}-{secrets.token_hex(4)}"
