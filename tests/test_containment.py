@@ -11,6 +11,7 @@ import secrets
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -57,7 +58,7 @@ def sandbox_procs() -> set[int]:
 
 def moat_cgroups() -> set[str]:
     """Sandbox cgroups owned by this process (their names carry the owner's pid)."""
-    found = set()
+    found: set[str] = set()
     mine = f".{os.getpid()}."
     for root in Path("/sys/fs/cgroup").glob("*"):
         # os.walk, not rglob: groups vanish while we list (the reaper removes them)
@@ -88,7 +89,7 @@ def test_host_environment_does_not_leak(tier: str) -> None:
 
 
 @pytest.fixture
-def host_secret() -> tuple[Path, str]:
+def host_secret() -> Iterator[tuple[Path, str]]:
     canary = "canary-" + secrets.token_hex(12)
     secret_dir = Path("/var/tmp") / f"moat-canary-{secrets.token_hex(4)}"
     secret_dir.mkdir()

@@ -92,7 +92,7 @@ class CLUpstream:
                 lines = head.split(b"\r\n")
                 parts = lines[0].split(b" ")
                 path = parts[1].decode("latin-1") if len(parts) > 1 else ""
-                headers = {}
+                headers: dict[str, bytes] = {}
                 for line in lines[1:]:
                     name, _, value = line.partition(b":")
                     headers.setdefault(name.strip().lower().decode("latin-1"), value.strip())
@@ -125,8 +125,8 @@ class CLUpstream:
                         }
                     ).encode()
                 else:
-                    auth = headers.get("authorization", b"").decode("latin-1")
-                    out = json.dumps({"path": path, "auth": auth}).encode()
+                    auth_value = headers.get("authorization", b"").decode("latin-1")
+                    out = json.dumps({"path": path, "auth": auth_value}).encode()
                 more = b"".join(b"%s: %s\r\n" % kv for kv in extra)
                 s.sendall(
                     b"HTTP/1.1 200 OK\r\n%sContent-Length: %d\r\n\r\n%s" % (more, len(out), out)

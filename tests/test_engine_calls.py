@@ -35,7 +35,7 @@ def test_output_frames_merge_in_order_and_other_frames_keep_their_place() -> Non
             Frame(MsgType.DONE, 7, {}),
         ):
             call.put(item)
-        out = []
+        out: list[Frame] = []
         while not out or out[-1].type is not MsgType.DONE:
             out.append(await call.next())
         return out

@@ -34,7 +34,7 @@ def test_policy_defaults_and_validation() -> None:
         {"allow": (1,)},
     ):
         with pytest.raises(InvalidArgumentError):
-            GuardPolicy(**bad)  # type: ignore[arg-type]
+            GuardPolicy(**bad)
     with pytest.raises(InvalidArgumentError):
         Guard(policy="redact")  # type: ignore[arg-type]
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import codecs
+import functools
 import random
 import shutil
 import subprocess
@@ -77,7 +78,7 @@ TEXT_FORMS: dict[str, Callable[[str], str]] = {
     "html/hex": lambda v: "".join(f"&#x{ord(c):x};" for c in v),
     "html/HEX": lambda v: "".join(f"&#X{ord(c):X};" for c in v),
     "html/named": _entities,
-    **{f"base32/{a}": (lambda v, a=a: _b32(v, a)) for a in range(5)},
+    **{f"base32/{a}": functools.partial(_b32, align=a) for a in range(5)},
     "swapcase": str.swapcase,
     "upper": str.upper,
     "lower": str.lower,

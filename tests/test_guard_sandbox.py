@@ -11,6 +11,7 @@ import base64
 import http.server
 import secrets
 import threading
+from collections.abc import Iterator
 
 import pytest
 from tests.conftest import TIER_PARAMS, require_tier
@@ -24,7 +25,7 @@ LABEL = "DB_PASSWORD"
 
 
 @pytest.fixture(scope="module", params=TIER_PARAMS)
-def guarded(request: pytest.FixtureRequest) -> Sandbox:
+def guarded(request: pytest.FixtureRequest) -> Iterator[Sandbox]:
     require_tier(request.param)
     with Sandbox.create(isolation=request.param, timeout=600, sensitive={SECRET: LABEL}) as s:
         s.files.write("creds.txt", f"password={SECRET}\n")

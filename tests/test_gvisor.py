@@ -15,6 +15,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import pytest_asyncio
@@ -46,8 +47,8 @@ def _prerequisite() -> None:
 class Client(RawClient):
     """The shared raw protocol client, with this tier's patience."""
 
-    def __init__(self, sb: object) -> None:
-        super().__init__(sb, timeout=30)  # type: ignore[arg-type]
+    def __init__(self, sb: Any) -> None:
+        super().__init__(sb, timeout=30)
         self.sb = sb
 
 
@@ -118,8 +119,8 @@ async def test_host_processes_invisible(box: tuple[GvisorSandbox, Client]) -> No
         # positive control: the marker is findable in /proc on the host (once it has exec'd)
         cmdline = Path(f"/proc/{host.pid}/cmdline")
         deadline = time.monotonic() + 5
-        while marker.encode() not in cmdline.read_bytes() and time.monotonic() < deadline:
-            time.sleep(0.02)
+        while marker.encode() not in cmdline.read_bytes() and time.monotonic() < deadline:  # noqa: ASYNC110 - polls a host /proc file
+            await asyncio.sleep(0.02)
         assert marker.encode() in cmdline.read_bytes()
         out, _ = await client.sh("cat /proc/[0-9]*/cmdline | tr '\\0' ' '; ls /proc")
         assert marker not in out

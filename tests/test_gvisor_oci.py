@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -134,7 +135,7 @@ def test_statx_library_build_without_a_compiler_is_skipped_not_fatal(
     from moat.runtime.gvisor import compat
 
     monkeypatch.setenv("MOAT_STATE_DIR", str(tmp_path))
-    monkeypatch.setattr(compat.shutil, "which", lambda _name: None)
+    monkeypatch.setattr("moat.runtime.gvisor.compat.shutil.which", lambda _name: None)
     assert compat.build() is None
     assert compat.problem() is not None
     assert not compat.library_path().exists()
@@ -147,7 +148,7 @@ def test_statx_library_builds_with_the_host_compiler(
 
     from moat.runtime.gvisor import compat
 
-    require(None if compat.shutil.which("cc") else "no cc", "a C compiler (make install adds gcc)")
+    require(None if shutil.which("cc") else "no cc", "a C compiler (make install adds gcc)")
     monkeypatch.setenv("MOAT_STATE_DIR", str(tmp_path))
     built = compat.build()
     assert built is not None and built == compat.library_path()

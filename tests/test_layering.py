@@ -140,7 +140,8 @@ def test_public_names() -> None:
         "CommandHandle", "AsyncCommandHandle", "EntryInfo", "SandboxInfo", "Context",
         "ProcessInfo", "SandboxConfig", "GatewayConfig",
     }  # fmt: skip
-    assert set(moat.__all__) == readme
+    assert set(moat.__all__) == readme == set(moat._EXPORTS)
+    assert moat.__all__ == sorted(moat.__all__)
     for name in moat.__all__:
         assert getattr(moat, name) is not None
     from moat import GuardPolicy, NetworkPolicy, Secret  # the README's own lines

@@ -77,7 +77,7 @@ def test_bad_policies_are_refused_before_start() -> None:
         {"allow_out": "pypi.org"},
     ):
         with pytest.raises((PolicyError, InvalidArgumentError)):
-            Sandbox.create(isolation="container", network=bad)  # type: ignore[arg-type]
+            Sandbox.create(isolation="container", network=bad)
     with pytest.raises(InvalidArgumentError):
         Sandbox.create(isolation="container", secrets={"K": "plain string"})  # type: ignore[dict-item]
 
@@ -132,7 +132,7 @@ def test_bad_call_arguments_leave_sandbox_healthy(shared_sbx: Sandbox) -> None:
     with pytest.raises(InvalidArgumentError):
         shared_sbx.run_code("1", context="../../etc")
     with pytest.raises(InvalidArgumentError):
-        shared_sbx.run_code("1", on_stdout="print")  # type: ignore[arg-type]
+        shared_sbx.run_code("1", on_stdout="print")
     with pytest.raises(NotFoundError):
         shared_sbx.run_code("1", context="doesnotexist")
     with pytest.raises(InvalidArgumentError):

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from moat import Sandbox, TimeoutError
+from moat import Result, Sandbox, TimeoutError
 
 
 def test_trailing_expression_is_main_result(shared_sbx: Sandbox) -> None:
@@ -98,7 +98,7 @@ def test_contexts_are_separate(shared_sbx: Sandbox) -> None:
 
 def test_streaming_callbacks_arrive_before_return(shared_sbx: Sandbox) -> None:
     seen: list[tuple[float, str]] = []
-    results = []
+    results: list[Result] = []
     code = "import time, sys\nprint('first', flush=True)\ntime.sleep(1.5)\nprint('second')\n5"
     ex = shared_sbx.run_code(
         code, on_stdout=lambda s: seen.append((time.monotonic(), s)), on_result=results.append

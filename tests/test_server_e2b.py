@@ -227,7 +227,7 @@ def test_keepalive_lines_while_idle(server: Server, sbx_a: Sandbox) -> None:
     headers = {
         "E2b-Sandbox-Id": sbx_a.sandbox_id,
         "E2b-Sandbox-Port": "49999",
-        "X-Access-Token": sbx_a._envd_access_token,  # type: ignore[attr-defined]
+        "X-Access-Token": sbx_a._envd_access_token,
     }
     with httpx.stream(
         "POST", server.url + "/execute", json={"code": "import time; time.sleep(8); 'done'"},
@@ -258,7 +258,7 @@ def test_multipart_upload_part_filename_is_the_destination(server: Server, sbx_a
     headers = {
         "E2b-Sandbox-Id": sbx_a.sandbox_id,
         "E2b-Sandbox-Port": "49983",
-        "X-Access-Token": sbx_a._envd_access_token,  # type: ignore[attr-defined]
+        "X-Access-Token": sbx_a._envd_access_token,
     }
     files = [("file", ("/tmp/m1.txt", b"one")), ("file", ("m2.txt", b"two"))]
     r = httpx.post(server.url + "/files", files=files, headers=headers, timeout=30)
@@ -312,7 +312,7 @@ def test_tenant_b_cannot_reach_tenant_a(server: Server, key_a: str, key_b: str) 
             headers = {
                 "E2b-Sandbox-Id": a.sandbox_id,
                 "E2b-Sandbox-Port": port,
-                "X-Access-Token": b._envd_access_token,  # type: ignore[attr-defined]
+                "X-Access-Token": b._envd_access_token,
                 "E2B-Traffic-Access-Token": b.traffic_access_token or "",
             }
             method = "POST" if path == "/execute" else "GET"

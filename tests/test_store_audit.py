@@ -147,7 +147,7 @@ def test_rows_queued_at_exit_are_written(tmp_path: Path) -> None:
     subprocess.run([sys.executable, "-c", code, str(path)], check=True, timeout=60)
     rows = _rows(path)
     assert len([r for r in rows if r[0] == "exec"]) == 500
-    assert sum(int(r[3] or 0) for r in rows if r[0] == "finding") == 1000
+    assert sum(int(str(r[3] or 0)) for r in rows if r[0] == "finding") == 1000
 
 
 def test_stored_text_is_escaped_and_bounded() -> None:

@@ -7,7 +7,50 @@ Public names are loaded lazily (PEP 562) so that the in-sandbox agent, which imp
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # the type checker sees the real names; runtime loads them lazily
+    from moat.egress import (
+        GatewayConfig,
+        NetworkPolicy,
+        Secret,
+    )
+    from moat.errors import (
+        CommandExitError,
+        InvalidArgumentError,
+        IsolationUnavailableError,
+        LeakBlockedError,
+        NotFoundError,
+        PolicyError,
+        SandboxDiedError,
+        SandboxError,
+        TimeoutError,
+    )
+    from moat.guard import (
+        GuardPolicy,
+    )
+    from moat.model import (
+        CommandResult,
+        Context,
+        EntryInfo,
+        Execution,
+        ExecutionError,
+        Limits,
+        Logs,
+        Mount,
+        ProcessInfo,
+        Result,
+        SandboxConfig,
+        SandboxInfo,
+    )
+    from moat.sdk.async_ import (
+        AsyncCommandHandle,
+        AsyncSandbox,
+    )
+    from moat.sdk.sync import (
+        CommandHandle,
+        Sandbox,
+    )
 
 __version__ = "0.1.0"
 
@@ -43,7 +86,37 @@ _EXPORTS = {
     "LeakBlockedError": "moat.errors",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = [  # the same names as _EXPORTS (tests/test_layering.py checks it)
+    "AsyncCommandHandle",
+    "AsyncSandbox",
+    "CommandExitError",
+    "CommandHandle",
+    "CommandResult",
+    "Context",
+    "EntryInfo",
+    "Execution",
+    "ExecutionError",
+    "GatewayConfig",
+    "GuardPolicy",
+    "InvalidArgumentError",
+    "IsolationUnavailableError",
+    "LeakBlockedError",
+    "Limits",
+    "Logs",
+    "Mount",
+    "NetworkPolicy",
+    "NotFoundError",
+    "PolicyError",
+    "ProcessInfo",
+    "Result",
+    "Sandbox",
+    "SandboxConfig",
+    "SandboxDiedError",
+    "SandboxError",
+    "SandboxInfo",
+    "Secret",
+    "TimeoutError",
+]
 
 
 def __getattr__(name: str) -> Any:

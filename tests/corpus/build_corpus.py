@@ -94,7 +94,7 @@ def _private_keys() -> list[str]:
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
-    keys = [
+    keys: list[tuple[Any, str]] = [
         (rsa.generate_private_key(public_exponent=65537, key_size=2048), "TraditionalOpenSSL"),
         (ec.generate_private_key(ec.SECP256R1()), "PKCS8"),
         (ed25519.Ed25519PrivateKey.generate(), "OpenSSH"),
