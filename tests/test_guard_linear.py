@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import TypeVar
 
 import pytest
 
 from moat.guard import Guard, GuardPolicy
 from moat.guard.rules import ALL_RULES, load_rules
+
+T = TypeVar("T")
 
 KIB = 1024
 
@@ -62,13 +65,12 @@ def _text(unit: str, size: int) -> str:
     return (unit * (size // len(unit) + 1))[:size] + TRAILER
 
 
-def _best(fn: object, text: str, runs: int = 3) -> float:
+def _best(fn: Callable[[T], object], arg: T, runs: int = 3) -> float:
     """Least CPU time of this thread over ``runs`` (other jobs on the cores don't count)."""
-    assert callable(fn)
     best = float("inf")
     for _ in range(runs):
         t0 = time.thread_time()
-        fn(text)
+        fn(arg)
         best = min(best, time.thread_time() - t0)
     return best
 
@@ -86,14 +88,16 @@ def test_rule_scans_adversarial_input_in_linear_time(name: str) -> None:
 
     for unit in ADVERSARIAL[name]:
         text = _text(unit, 700 * KIB)
-        small = _best(scan, _text(unit, 350 * KIB))
+        small = _best(scan, _text(unit, 175 * KIB))
         large = _best(scan, text)
         # Generous bounds (2 shared cores); the upstream jwt rule takes minutes here. Inputs
         # that are findings every few bytes cost Python per finding (still linear).
         dense = guard.redact_text(text, "result") != text
         assert large < (0.8 if dense else 0.25), (name, unit[:20], large)
-        # Linear: 2x the input, ~2x the time (noise allowed for scans under 0.1 s).
-        assert large < 3 * small or large < 0.1, (name, unit[:20], small, large)
+        # Linear: 4x the input, ~4x the time; quadratic would be ~16x. The threshold sits
+        # between them, so a loaded machine's noise (seen: 3.4x on a 2x step) can't decide it
+        # (noise allowed for scans under 0.1 s).
+        assert large < 8 * small or large < 0.1, (name, unit[:20], small, large)
 
 
 @pytest.mark.parametrize("name", sorted(ALL_RULES))
@@ -101,9 +105,9 @@ def test_rule_bytes_path_is_linear_too(name: str) -> None:
     guard = Guard(GuardPolicy(detectors=(name,)))
     for unit in ADVERSARIAL[name]:
         data = _text(unit, 700 * KIB).encode()
-        t0 = time.thread_time()
         out = guard.redact_bytes(data, "file")
-        assert time.thread_time() - t0 < (0.8 if out != data else 0.25), (name, unit[:20])
+        took = _best(lambda d: guard.redact_bytes(d, "file"), data)
+        assert took < (0.8 if out != data else 0.25), (name, unit[:20], took)
 
 
 @pytest.mark.parametrize(("name", "unit"), [("jwt", "eyJ"), ("npm", "//"), ("openai", "sk-")])
@@ -208,8 +212,8 @@ def test_binary_parsers_are_linear(name: str) -> None:
     def scan(data: bytes) -> None:
         guard.scan_binary_result(kind, data)
 
-    small = _best(scan, small_data)  # type: ignore[arg-type]
-    large = _best(scan, large_data)  # type: ignore[arg-type]
+    small = _best(scan, small_data)
+    large = _best(scan, large_data)
     assert large < 1.0, (name, large)
     assert large < 3 * small or large < 0.1, (name, small, large)
 
