@@ -94,10 +94,11 @@ def test_rule_scans_adversarial_input_in_linear_time(name: str) -> None:
         # that are findings every few bytes cost Python per finding (still linear).
         dense = guard.redact_text(text, "result") != text
         assert large < (0.8 if dense else 0.25), (name, unit[:20], large)
-        # Linear: 4x the input, ~4x the time; quadratic would be ~16x. The threshold sits
+        # Linear: 4x the input, ~4x the time (5x measured: RE2 plus Python per finding);
+        # quadratic would be ~16x. The threshold sits
         # between them, so a loaded machine's noise (seen: 3.4x on a 2x step) can't decide it
         # (noise allowed for scans under 0.1 s).
-        assert large < 8 * small or large < 0.1, (name, unit[:20], small, large)
+        assert large < 10 * small or large < 0.1, (name, unit[:20], small, large)
 
 
 @pytest.mark.parametrize("name", sorted(ALL_RULES))
