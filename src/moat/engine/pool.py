@@ -62,6 +62,9 @@ class WarmPool:
         self._start = start
         self._ready: dict[tuple[str, int], list[Any]] = {}
         self._filling: dict[tuple[str, int], asyncio.Task[None]] = {}
+        #: hand-outs served from the pool, and poolable requests that found it empty
+        self.hits = 0
+        self.misses = 0
 
     def take(self, tier: str) -> Any | None:
         """A ready session for ``tier`` on this loop, or None; schedules the refill."""
@@ -74,7 +77,10 @@ class WarmPool:
             candidate = ready.pop(0)
             if candidate.is_running():
                 session = candidate
-        if session is not None:
+        if session is None:
+            self.misses += 1
+        else:
+            self.hits += 1
             self.refill(tier)  # on a miss the engine refills after its cold start instead
         return session
 
