@@ -37,8 +37,9 @@ log = logging.getLogger("moat.engine")
 DEFAULT_SIZES: Final = "container=1"
 #: The most warm sandboxes one tier's pool may hold, at rest or grown.
 MAX_PER_TIER: Final = 8
-#: How far a pool grows with demand when ``MOAT_WARM_POOL`` names no bound.
-DEFAULT_GROWTH: Final = 4
+#: How far a pool grows with demand when ``MOAT_WARM_POOL`` names no bound (an idle
+#: container sandbox is ~15 MiB; grown ones retire after ``DEMAND_WINDOW_S`` without demand).
+DEFAULT_GROWTH: Final = 8
 #: Demand is measured over this many seconds; sandboxes grown for it retire after as long idle.
 DEMAND_WINDOW_S: Final = 30.0
 #: Warm starts under way at once, per pool (each is a bwrap and a Python start: CPU-bound).
