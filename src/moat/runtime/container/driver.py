@@ -96,11 +96,17 @@ async def _owned(fn: Callable[[], T], undo: Callable[[T], None]) -> T:
         raise
 
 
-async def _settle(fut: asyncio.Future[Any]) -> None:
-    """Wait until ``fut`` is done, whatever cancellations arrive meanwhile."""
+async def _settle(fut: asyncio.Future[Any]) -> bool:
+    """Wait until ``fut`` is done, whatever cancellations arrive meanwhile; whether one did."""
+    cancelled = False
     while not fut.done():
-        with contextlib.suppress(asyncio.CancelledError):
+        try:
             await asyncio.shield(fut)
+        except asyncio.CancelledError:
+            cancelled = True
+        except Exception:  # noqa: BLE001, S110 - the caller reads fut's outcome itself
+            pass
+    return cancelled
 
 
 def _discard(popen: subprocess.Popen[bytes]) -> None:
@@ -185,11 +191,17 @@ class ContainerProcess:
             return
         self._killed = True
         proc, cgroup = self.proc, self.cgroup
-        await asyncio.to_thread(cgroup.stop_now, proc.pid)
+        # Not to be cut short (a loop's shutdown cancels every task, kills in flight too):
+        # the reaper must get the job, or the cgroup outlives the program (invariant 5).
+        stop = asyncio.get_running_loop().run_in_executor(None, cgroup.stop_now, proc.pid)
+        cancelled = await _settle(stop)
         with contextlib.suppress(Exception):
             self.writer.close()
         proc.detach()
         reaper.submit(cgroup.name, lambda: _reap(proc.popen, cgroup))
+        if cancelled:
+            raise asyncio.CancelledError
+        stop.result()
 
     def alive(self) -> bool:
         return not self._killed and self.proc.returncode is None
