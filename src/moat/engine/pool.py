@@ -42,8 +42,10 @@ MAX_PER_TIER: Final = 8
 DEFAULT_GROWTH: Final = 8
 #: Demand is measured over this many seconds; sandboxes grown for it retire after as long idle.
 DEMAND_WINDOW_S: Final = 30.0
-#: Warm starts under way at once, per pool (each is a bwrap and a Python start: CPU-bound).
-FILL_PARALLEL: Final = 2
+#: Warm starts under way at once, per pool. More than the 2 cores of the reference host: a
+#: start also sleeps (the cgroup v1 move waits for an RCU grace period, the agent's imports
+#: wait on the page cache), and back-to-back creates measured best with 4 (bench_pool.py).
+FILL_PARALLEL: Final = 4
 #: A pool grows past its resting size only while the host has this much memory available.
 GROW_MIN_AVAILABLE: Final = 1 << 30
 #: Take times remembered per pool (enough to see a second's peak at any sane rate).
