@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import re
+import shutil
+import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import pytest
 from tests.conftest import require_tier
@@ -311,3 +317,87 @@ def test_positive_control_well_behaved_agent() -> None:
         await pp.kill()
 
     asyncio.run(main())
+
+
+_EXIT_PROGRAMS = {
+    "async": """
+import asyncio, os, sys
+from moat import AsyncSandbox
+async def main():
+    for _ in range(int(sys.argv[1])):
+        s = await AsyncSandbox.create(isolation="container", timeout=120)
+        assert (await s.run_code("1+1")).text == "2"
+        if sys.argv[2] == "kill":
+            await s.kill()
+asyncio.run(main())
+print(os.getpid())
+""",
+    "sync": """
+import os, sys
+from moat import Sandbox
+for _ in range(int(sys.argv[1])):
+    s = Sandbox.create(isolation="container", timeout=120)
+    assert s.run_code("1+1").text == "2"
+    if sys.argv[2] == "kill":
+        s.kill()
+print(os.getpid())
+""",
+}
+
+
+def _leftovers(pid: int, state_dir: Path) -> list[str]:
+    """What a program with ``pid`` left on the host: cgroups named with its pid, processes in
+    them, and files in its state dir other than the shared ones (audit, agent, template)."""
+    tag = f".{pid}."
+    found = [str(p) for p in Path("/sys/fs/cgroup").glob("*/**/moat/sbx-*") if tag in p.name]
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                if tag in (proc / "cgroup").read_text():
+                    found.append(f"process {proc.name}")
+            except OSError:
+                pass
+    for f in state_dir.rglob("*"):
+        rel = f.relative_to(state_dir).parts
+        if (
+            rel[0] not in ("agent", "template")
+            and not rel[0].startswith("audit.db")
+            and (f.is_file() or f.is_symlink())
+        ):
+            found.append(f"file {f}")
+    found += [line for line in Path("/proc/mounts").read_text().splitlines() if "sbx-" in line]
+    return found
+
+
+@pytest.mark.container
+@pytest.mark.parametrize(
+    ("sdk", "n", "how"),
+    [("async", 50, "kill"), ("async", 10, "exit"), ("sync", 20, "kill"), ("sync", 10, "exit")],
+)
+def test_a_program_that_ends_leaves_nothing(sdk: str, n: int, how: str) -> None:
+    """Invariant 5 at a program's end, the warm pool's sandbox included: no message, and
+    nothing of the program's (cgroup, process, mount, state file), checked from outside."""
+    require_tier("container")
+    # Its own state dir, readable by the sandbox uids (pytest's tmp_path is 0700).
+    state = Path(tempfile.mkdtemp(prefix="moat-exit-"))
+    state.chmod(0o755)
+    env = {
+        **os.environ,
+        "MOAT_STATE_DIR": str(state),
+        "MOAT_WARM_POOL": "container=1",
+        "PYTHONWARNINGS": "default",  # ResourceWarning and friends would show
+    }
+    env.pop("MOAT_AUDIT_DB", None)
+    out = subprocess.run(
+        [sys.executable, "-c", _EXIT_PROGRAMS[sdk], str(n), how],
+        capture_output=True, text=True, timeout=240, env=env,
+    )  # fmt: skip
+    try:
+        assert out.returncode == 0, out.stderr
+        # No "Task was destroyed but it is pending", no warning; a start-up sweep of what
+        # another (crashed) process left may speak, and is not this program's doing.
+        said = [x for x in out.stderr.splitlines() if not re.match(r"swept \d+ leftover", x)]
+        assert said == []
+        assert _leftovers(int(out.stdout.split()[-1]), state) == []
+    finally:
+        shutil.rmtree(state, ignore_errors=True)

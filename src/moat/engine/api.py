@@ -502,7 +502,7 @@ async def kill_everything(engine: Engine | None = None) -> None:
     """Kill every sandbox of ``engine`` (default: this process's) and what still runs on
     this loop for it: the end of an embedding program (invariant 5)."""
     eng = engine or default_engine()
-    await eng.pool.close()
+    await eng.end_loop()  # this loop's pool and sessions; its watcher stands by (engine.py)
     await asyncio.gather(
         *(s.kill("killed") for s in list(eng.sessions.values())), return_exceptions=True
     )

@@ -150,6 +150,7 @@ class AgentClient:
     async def _read_loop(self) -> None:
         decoder = Decoder(max_frame=MAX_FRAME, direction=AGENT_TO_HOST)
         reason = "the sandbox's agent exited"
+        notify = True
         try:
             while True:
                 data = await self.proc.reader.read(1 << 20)
@@ -163,10 +164,13 @@ class AgentClient:
         except (ConnectionError, OSError):
             reason = "the connection to the sandbox's agent broke"
         except asyncio.CancelledError:
+            # Only a loop's shutdown cancels a live reader (close() marks it dead first): the
+            # engine's loop watcher kills the sandbox then (invariant 5), quietly.
             reason = "the sandbox was stopped"
+            notify = False
             raise
         finally:
-            self._die(reason)
+            self._die(reason, notify)
 
     def _route(self, frame: Frame) -> None:
         if frame.type in _TCP:
@@ -183,7 +187,7 @@ class AgentClient:
             call.put(frame)
         # else: a late frame for a call we gave up on; drop it.
 
-    def _die(self, reason: str) -> None:
+    def _die(self, reason: str, notify: bool = True) -> None:
         if self.dead_reason is not None:
             return
         self.dead_reason = reason
@@ -192,7 +196,8 @@ class AgentClient:
             self._ready.exception()  # mark retrieved
         for call in self.calls.values():
             call.put(_DEAD)
-        self._on_dead(reason)
+        if notify:
+            self._on_dead(reason)
 
     def send(self, mtype: MsgType, rid: int, fields: dict[str, Any], payload: bytes = b"") -> None:
         if self.dead_reason is not None:

@@ -13,7 +13,7 @@ from typing import Any
 
 from moat.egress import Gateway, GatewayConfig, Secret, proxy_env
 from moat.engine.guardhook import make_guard
-from moat.engine.pool import WarmPool, pool_sizes, poolable
+from moat.engine.pool import WarmPool, parse_pool, poolable
 from moat.engine.resolve import guard_policy, network_policy
 from moat.engine.session import Session
 from moat.engine.tiers import TIERS, require, runtime_for
@@ -55,7 +55,12 @@ class Engine:
         self._swept: dict[str, float] = {}  # tier -> when the next sweep is due
         self._mu = threading.Lock()
         self._audit: AuditLog | None = None
-        self.pool = WarmPool(pool_sizes() if pool is None else pool, self._start_pooled)
+        self.pool = WarmPool(parse_pool() if pool is None else pool, self._start_pooled)
+        #: sandbox id -> id of the event loop it lives on (a session belongs to one loop)
+        self._loop_of: dict[str, int] = {}
+        #: event loop id -> the task that ends that loop's sandboxes when the loop shuts down
+        self._watchers: dict[int, asyncio.Task[None]] = {}
+        self._ending: set[int] = set()  # loops whose sandboxes are being ended
 
     def new_id(self) -> str:
         return "sbx-" + secrets.token_hex(8)
@@ -102,13 +107,13 @@ class Engine:
         audit = self.audit
         warm = poolable(spec_args, secrets, gateway_config)
         if warm:
-            pooled: Session | None = self.pool.take(tier)
+            pooled: Session | None = await self.pool.take(tier)
             if pooled is not None:
                 session = pooled
                 the_guard = make_guard(
                     session.id, guard or GuardPolicy(), dict(sensitive or {}), audit
                 )
-                session.tenant = tenant
+                session.tenant = tenant  # adopted by this tenant alone (invariant 11)
                 try:
                     await session.adopt(
                         the_guard, the_guard.check_egress, network, timeout, metadata, max_output
@@ -144,8 +149,7 @@ class Engine:
             gateway=gateway, max_output=max_output,
         )  # fmt: skip
         session.tenant = tenant
-        with self._mu:
-            self.sessions[spec.sandbox_id] = session
+        self._register(session)
         try:
             await session.start()
         except BaseException:
@@ -170,14 +174,65 @@ class Engine:
             spec, runtime_for(tier), placeholder_guard, 300.0, {}, self._ended, audit=audit,
             gateway=gateway,
         )  # fmt: skip
-        with self._mu:
-            self.sessions[sandbox_id] = session
+        self._register(session)
         try:
             await session.start(pooled=True)
         except BaseException:
             await session.kill("died: failed to start")
             raise
         return session
+
+    def _register(self, session: Session) -> None:
+        """Track a new session as this loop's, and make sure this loop's end ends it."""
+        loop = asyncio.get_running_loop()
+        with self._mu:
+            self.sessions[session.id] = session
+            self._loop_of[session.id] = id(loop)
+            watcher = self._watchers.get(id(loop))
+            if watcher is None or watcher.done() or watcher.get_loop() is not loop:
+                self._ending.discard(id(loop))  # a loop that was ended is in use again
+                watcher = loop.create_task(self._watch_loop(), name="moat-loop-watch")
+                # Only a shutdown that cancels tasks (asyncio.run, the SDK's loop thread) ends
+                # it; a loop closed with tasks pending must not report this one as lost.
+                watcher._log_destroy_pending = False  # type: ignore[attr-defined]
+                self._watchers[id(loop)] = watcher
+
+    async def _watch_loop(self) -> None:
+        """Wait for the loop's shutdown, then end every sandbox that lives on it.
+
+        ``asyncio.run`` cancels every task when the program's main coroutine returns; this
+        one answers by killing the loop's warm pool and sessions (invariant 5: a program that
+        ends leaves nothing) and waiting for the work that starts. ``kill_everything`` (the
+        SDK's loop thread, the server) does the same itself and tells this one to stand by.
+        """
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            if id(asyncio.get_running_loop()) not in self._ending:
+                await self.end_loop(wait_tasks=True)
+            raise
+
+    async def end_loop(self, wait_tasks: bool = False) -> None:
+        """Kill this loop's warm pool and sessions; with ``wait_tasks``, then wait (10 s at
+        most) until every other task of the loop is done, as a loop's shutdown does."""
+        loop = asyncio.get_running_loop()
+        self._ending.add(id(loop))
+        try:
+            await self.pool.close()
+            with self._mu:
+                mine = [s for i, s in self.sessions.items() if self._loop_of.get(i) == id(loop)]
+            await asyncio.gather(*(s.kill("killed") for s in mine), return_exceptions=True)
+            # Kills spawn work of their own (an agent's reader noticing the end, a gateway's
+            # connections closing): let it finish, so that no task of ours is left pending.
+            me, deadline = asyncio.current_task(), loop.time() + 10.0
+            while wait_tasks and loop.time() < deadline:
+                rest = [t for t in asyncio.all_tasks() if t is not me and not t.done()]
+                if not rest:
+                    break
+                await asyncio.wait(rest, timeout=deadline - loop.time())
+        finally:
+            if wait_tasks:
+                self._ending.discard(id(loop))
 
     def _sweep_due(self, tier: str) -> bool:
         with self._mu:
@@ -200,6 +255,7 @@ class Engine:
     def _ended(self, session: Session) -> None:
         with self._mu:
             self.sessions.pop(session.id, None)
+            self._loop_of.pop(session.id, None)
             if session.tenant is not None:
                 info = session.info()
                 info.state = "ended"

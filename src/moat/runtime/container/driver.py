@@ -14,8 +14,9 @@ import secrets
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from moat.errors import IsolationUnavailableError, SandboxDiedError
 from moat.runtime import agentdir, cgroups, reaper, seccomp
@@ -73,6 +74,51 @@ class _Child:
             self.read_transport.close()
 
 
+T = TypeVar("T")
+
+
+async def _owned(fn: Callable[[], T], undo: Callable[[T], None]) -> T:
+    """``fn()`` on a worker thread; if the caller is cancelled meanwhile, wait for it anyway
+    and ``undo(result)``, then raise the cancellation (invariant 5: nothing it made survives).
+
+    An executor future, never a task: a loop's shutdown (``asyncio.run`` cancels every task,
+    once) must not cancel the thread's result away from us; a second cancellation while we
+    clean up is absorbed for the same reason.
+    """
+    loop = asyncio.get_running_loop()
+    made = loop.run_in_executor(None, fn)
+    try:
+        return await asyncio.shield(made)
+    except asyncio.CancelledError:
+        await _settle(made)
+        if not made.cancelled() and made.exception() is None:
+            await _settle(loop.run_in_executor(None, undo, made.result()))
+        raise
+
+
+async def _settle(fut: asyncio.Future[Any]) -> bool:
+    """Wait until ``fut`` is done, whatever cancellations arrive meanwhile; whether one did."""
+    cancelled = False
+    while not fut.done():
+        try:
+            await asyncio.shield(fut)
+        except asyncio.CancelledError:
+            cancelled = True
+        except Exception:  # noqa: BLE001, S110 - the caller reads fut's outcome itself
+            pass
+    return cancelled
+
+
+def _discard(popen: subprocess.Popen[bytes]) -> None:
+    """Kill and reap a bwrap nobody will use, closing our ends of its pipes."""
+    with contextlib.suppress(ProcessLookupError):
+        popen.kill()
+    popen.wait()
+    for pipe in (popen.stdin, popen.stdout):
+        if pipe is not None:
+            pipe.close()
+
+
 async def _spawn_child(
     argv: list[str], preexec: Any, fd: int
 ) -> tuple[_Child, asyncio.StreamReader, asyncio.StreamWriter]:
@@ -81,9 +127,8 @@ async def _spawn_child(
     Forking and the child's cgroup move (an RCU grace period on cgroup v1, ~10 ms) would
     otherwise stall the event loop, and with it every other sandbox's I/O.
     """
-    spawn = asyncio.ensure_future(
-        asyncio.to_thread(
-            subprocess.Popen,
+    popen = await _owned(
+        lambda: subprocess.Popen(
             argv,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
@@ -92,20 +137,9 @@ async def _spawn_child(
             preexec_fn=preexec,  # os calls only (see ContainerRuntime._spawn)
             env={"PATH": "/usr/bin:/bin"},  # bwrap itself gets nothing of ours either
             cwd="/",
-        )
+        ),
+        _discard,  # the thread still creates the process if we are cancelled: leave nothing
     )
-    try:
-        popen = await asyncio.shield(spawn)
-    except asyncio.CancelledError:
-        # The thread still creates the process: wait for it, and leave nothing behind.
-        with contextlib.suppress(BaseException):
-            late = await spawn
-            late.kill()
-            await asyncio.to_thread(late.wait)
-            for pipe in (late.stdin, late.stdout):
-                if pipe is not None:
-                    pipe.close()
-        raise
     assert popen.stdin is not None and popen.stdout is not None
     loop = asyncio.get_running_loop()
     try:
@@ -117,8 +151,7 @@ async def _spawn_child(
             lambda: asyncio.StreamReaderProtocol(asyncio.StreamReader()), popen.stdin
         )
     except BaseException:
-        popen.kill()
-        await asyncio.to_thread(popen.wait)
+        await _settle(loop.run_in_executor(None, _discard, popen))
         raise
     writer = asyncio.StreamWriter(transport, protocol, None, loop)
     child = _Child(popen)
@@ -158,11 +191,17 @@ class ContainerProcess:
             return
         self._killed = True
         proc, cgroup = self.proc, self.cgroup
-        await asyncio.to_thread(cgroup.stop_now, proc.pid)
+        # Not to be cut short (a loop's shutdown cancels every task, kills in flight too):
+        # the reaper must get the job, or the cgroup outlives the program (invariant 5).
+        stop = asyncio.get_running_loop().run_in_executor(None, cgroup.stop_now, proc.pid)
+        cancelled = await _settle(stop)
         with contextlib.suppress(Exception):
             self.writer.close()
         proc.detach()
         reaper.submit(cgroup.name, lambda: _reap(proc.popen, cgroup))
+        if cancelled:
+            raise asyncio.CancelledError
+        stop.result()
 
     def alive(self) -> bool:
         return not self._killed and self.proc.returncode is None
@@ -238,13 +277,14 @@ class ContainerRuntime:
         # Opened here, as root: a path under a parent the sandbox uid cannot traverse (0700
         # /root) still mounts; a missing or unusable one is a typed error (see mountns.py).
         staged = await asyncio.to_thread(mountns.open_sources, spec.mounts, SANDBOX_HOST_GID)
-        cgroup = await asyncio.to_thread(
-            manager.create, spec.sandbox_id.removeprefix("sbx-"), spec.limits
+        cgroup = await _owned(
+            lambda: manager.create(spec.sandbox_id.removeprefix("sbx-"), spec.limits),
+            lambda made: made.destroy(),
         )
         try:
             return await self._spawn(spec, host, bpf, cgroup, staged)
         except BaseException:
-            await asyncio.to_thread(cgroup.destroy)
+            await _settle(asyncio.get_running_loop().run_in_executor(None, cgroup.destroy))
             raise
 
     async def _spawn(
