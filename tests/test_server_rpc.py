@@ -198,6 +198,46 @@ def test_files_rpc(sbx: Sandbox) -> None:
     assert sbx.commands.run("ls /home/user/proj").stdout == "sub\n"
 
 
+def test_remove_missing_and_symlink_info(sbx: Sandbox) -> None:
+    sbx.files.remove("never-there.txt")  # like rm -rf (E2B), no error
+    sbx.files.write("links/t.txt", "target")
+    sbx.commands.run("ln -sfn t.txt links/l1; ln -sfn l1 links/l2; ln -sfn gone links/dead")
+    for name in ("l1", "l2"):
+        info = sbx.files.get_info(f"links/{name}")
+        assert (info.type, info.symlink_target) == (FileType.FILE, "/home/user/links/t.txt")
+    dead = sbx.files.get_info("links/dead")
+    assert dead.symlink_target == "gone"
+    assert {e.name: e.type for e in sbx.files.list("links")}["l2"] == FileType.FILE
+
+
+def test_sandbox_killed_under_a_stream_drops_it(key_a: str) -> None:
+    s = Sandbox.create(api_key=key_a, timeout=120)
+    h = s.commands.run("sleep 60", background=True)
+    s.kill()
+    # The stream drops; the SDK's health probe then finds the sandbox gone and says so.
+    with pytest.raises(TimeoutException, match="killed or reached its end of life"):
+        h.wait()
+
+
+def test_killed_sandbox_drops_the_raw_stream(server: Server, key_a: str) -> None:
+    # e2b 2.45 probes /health only on a transport failure, so the stream must not end
+    # cleanly (E2B-WIRE.md §2b): the chunked body is cut short.
+    s = Sandbox.create(api_key=key_a, timeout=120)
+    body = _envelope({"process": {"cmd": "/bin/bash", "args": ["-l", "-c", "sleep 60"]}})
+    headers = {**_headers(s), "Content-Type": "application/connect+json"}
+    with httpx.Client(timeout=30) as client:
+        with client.stream(
+            "POST", server.url + "/process.Process/Start", content=body, headers=headers
+        ) as r:
+            chunks = r.iter_raw()
+            first = next(chunks)
+            assert _frames(first)[0][1]["event"]["start"]["pid"] > 0  # type: ignore[index]
+            s.kill()
+            with pytest.raises(httpx.RemoteProtocolError):
+                for _ in chunks:
+                    pass
+
+
 def test_watch_is_unimplemented_with_a_clear_message(sbx: Sandbox) -> None:
     with pytest.raises(SandboxException, match="watching directories is not supported"):
         sbx.files.watch_dir("/home/user")

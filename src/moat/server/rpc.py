@@ -20,6 +20,7 @@ import base64
 import binascii
 import contextlib
 import contextvars
+import dataclasses
 import logging
 import posixpath
 import shlex
@@ -73,6 +74,9 @@ class Caller:
     tenant: str
     sandbox_id: str
     procs: dict[int, ProcMeta]
+    #: The sandbox ended under a stream: the admission drops the connection instead of
+    #: ending the stream, as E2B's edge does (the SDKs then probe /health and say so).
+    drop: bool = False
 
 
 @dataclass
@@ -229,6 +233,8 @@ async def _stream(
             except StopAsyncIteration:
                 break
             except SandboxError as exc:
+                if not await _running(front, c):
+                    c.drop = True
                 raise connect_error(exc) from None
             pending = None
             if isinstance(event, Started):
@@ -248,6 +254,13 @@ async def _stream(
                 await pending
         with contextlib.suppress(BaseException):
             await events.aclose()  # type: ignore[attr-defined]
+
+
+async def _running(front: FrontDoor, c: Caller) -> bool:
+    try:
+        return await front.is_running(c.tenant, c.sandbox_id)
+    except SandboxError:
+        return False
 
 
 class ProcessService(Process):
@@ -374,6 +387,25 @@ class ProcessService(Process):
 # -- filesystem ----------------------------------------------------------------------------
 
 
+async def _followed(front: FrontDoor, c: Caller, e: EntryInfo) -> EntryInfo:
+    """A symlink's entry as envd shows it: the type of what it points at and the target's
+    absolute path (a dangling or looping link stays a symlink)."""
+    if e.type != "symlink" or e.symlink_target is None:
+        return e
+    target, seen = e, 0
+    path = e.path
+    while target.type == "symlink" and target.symlink_target is not None and seen < 8:
+        path = posixpath.normpath(posixpath.join(posixpath.dirname(path), target.symlink_target))
+        try:
+            target = await front.stat(c.tenant, c.sandbox_id, path)
+        except NotFoundError:
+            return e
+        seen += 1
+    if target.type == "symlink":
+        return e
+    return dataclasses.replace(e, type=target.type, symlink_target=path)
+
+
 def entry_info(e: EntryInfo) -> fs.EntryInfo:
     """The front door's entry (names already guarded, invariant 6) as envd's."""
     seconds = int(e.modified_time.timestamp())
@@ -403,7 +435,7 @@ class FilesystemService(Filesystem):
     ) -> fs.StatResponse:
         c = _caller(ctx)
         e = await _mapped(self.front.stat(c.tenant, c.sandbox_id, _path(request.path)))
-        return fs.StatResponse(entry=entry_info(e))
+        return fs.StatResponse(entry=entry_info(await _mapped(_followed(self.front, c, e))))
 
     async def list_dir(
         self, request: fs.ListDirRequest, ctx: RequestContext[fs.ListDirRequest, Any]
@@ -413,7 +445,8 @@ class FilesystemService(Filesystem):
         entries = await _mapped(
             self.front.list_dir(c.tenant, c.sandbox_id, _path(request.path), depth)
         )
-        return fs.ListDirResponse(entries=[entry_info(e) for e in entries])
+        out = [entry_info(await _mapped(_followed(self.front, c, e))) for e in entries]
+        return fs.ListDirResponse(entries=out)
 
     async def make_dir(
         self, request: fs.MakeDirRequest, ctx: RequestContext[fs.MakeDirRequest, Any]
@@ -437,7 +470,12 @@ class FilesystemService(Filesystem):
         self, request: fs.RemoveRequest, ctx: RequestContext[fs.RemoveRequest, Any]
     ) -> fs.RemoveResponse:
         c = _caller(ctx)
-        await _mapped(self.front.remove(c.tenant, c.sandbox_id, _path(request.path)))
+        try:
+            await _mapped(self.front.remove(c.tenant, c.sandbox_id, _path(request.path)))
+        except ConnectError as exc:
+            # E2B removes like ``rm -rf``: a missing path is no error; a missing sandbox is.
+            if exc.code is not Code.NOT_FOUND or not await _running(self.front, c):
+                raise
         return fs.RemoveResponse()
 
     def watch_dir(

@@ -131,8 +131,17 @@ def sandbox_app(state: ServerState) -> ASGIApp:
             return
         caller = rpc.Caller(found.tenant, headers["e2b-sandbox-id"], found.procs)
         token = rpc.CALLER.set(caller)  # this request's task only (contextvars)
+
+        async def sending(message: dict[str, Any]) -> None:
+            # The sandbox died under a stream: leave the response unfinished, so the
+            # connection drops like E2B's edge drops it (the SDKs then probe /health).
+            if caller.drop and message["type"] == "http.response.body":
+                if not message.get("more_body", False):
+                    return
+            await send(message)
+
         try:
-            await service(scope, receive, send)
+            await service(scope, receive, sending)
         finally:
             rpc.CALLER.reset(token)
 
