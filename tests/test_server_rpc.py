@@ -13,6 +13,7 @@ import os
 import struct
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import pytest
@@ -67,12 +68,12 @@ def _headers(s: Sandbox, token: str | None = None) -> dict[str, str]:
     }
 
 
-def _envelope(msg: dict[str, object], flags: int = 0) -> bytes:
+def _envelope(msg: Any, flags: int = 0) -> bytes:
     body = json.dumps(msg).encode()
     return struct.pack(">BI", flags, len(body)) + body
 
 
-def _frames(raw: bytes) -> list[tuple[int, dict[str, object]]]:
+def _frames(raw: bytes) -> list[tuple[int, Any]]:
     out = []
     while raw:
         flags, n = struct.unpack(">BI", raw[:5])
@@ -81,7 +82,7 @@ def _frames(raw: bytes) -> list[tuple[int, dict[str, object]]]:
     return out
 
 
-def _start(server: Server, s: Sandbox, cmd: str, **headers: str) -> list[dict[str, object]]:
+def _start(server: Server, s: Sandbox, cmd: str, **headers: str) -> list[Any]:
     """A raw ``process.Process/Start`` stream: its events, its end-of-stream trailer last."""
     r = httpx.post(
         server.url + "/process.Process/Start",
@@ -231,7 +232,7 @@ def test_killed_sandbox_drops_the_raw_stream(server: Server, key_a: str) -> None
         ) as r:
             chunks = r.iter_raw()
             first = next(chunks)
-            assert _frames(first)[0][1]["event"]["start"]["pid"] > 0  # type: ignore[index]
+            assert _frames(first)[0][1]["event"]["start"]["pid"] > 0
             s.kill()
             with pytest.raises(httpx.RemoteProtocolError):
                 for _ in chunks:
@@ -258,9 +259,50 @@ def test_start_stream_shape_keepalive_and_trailer(server: Server, sbx: Sandbox) 
     assert events[-1] == {"end": {"exited": True, "status": "exit status 0"}}
 
 
+def test_stream_input_and_tags_on_the_raw_wire(server: Server, sbx: Sandbox) -> None:
+    # Python 2.63's client stream: start{process}, then data{input} (and keepalives).
+    with httpx.Client(timeout=30) as client:
+        start = {"process": {"cmd": "/bin/bash", "args": ["-l", "-c", "cat"]}, "tag": "cat-1",
+                 "stdin": True}  # fmt: skip
+        with client.stream(
+            "POST", server.url + "/process.Process/Start", content=_envelope(start),
+            headers={**_headers(sbx), "Content-Type": "application/connect+json"},
+        ) as r:  # fmt: skip
+            chunks = r.iter_raw()
+            pid = _frames(next(chunks))[0][1]["event"]["start"]["pid"]
+            listed = httpx.post(
+                server.url + "/process.Process/List", json={},
+                headers={**_headers(sbx), "Content-Type": "application/json"},
+            ).json()["processes"]  # fmt: skip
+            assert {"pid": pid, "tag": "cat-1"}.items() <= next(
+                p for p in listed if p["pid"] == pid
+            ).items()
+            data = base64.b64encode(b"via stream\n").decode()
+            body = b"".join([
+                _envelope({"start": {"process": {"tag": "cat-1"}}}),
+                _envelope({"keepalive": {}}),
+                _envelope({"data": {"input": {"stdin": data}}}),
+            ])  # fmt: skip
+            reply = httpx.post(
+                server.url + "/process.Process/StreamInput", content=body,
+                headers={**_headers(sbx), "Content-Type": "application/connect+json"},
+            )  # fmt: skip
+            assert reply.status_code == 200 and _frames(reply.content)[-1] == (0x02, {})
+            closed = httpx.post(
+                server.url + "/process.Process/CloseStdin", json={"process": {"pid": pid}},
+                headers={**_headers(sbx), "Content-Type": "application/json"},
+            )  # fmt: skip
+            assert closed.status_code == 200
+            frames = _frames(b"".join(chunks))
+    events = [m["event"] for _, m in frames[:-1]]
+    out = b"".join(base64.b64decode(e["data"]["stdout"]) for e in events if "data" in e)
+    assert out == b"via stream\n"
+    assert events[-1]["end"]["status"] == "exit status 0"
+
+
 def test_connect_timeout_header_ends_with_deadline_exceeded(server: Server, sbx: Sandbox) -> None:
     events = _start(server, sbx, "sleep 30", **{"Connect-Timeout-Ms": "700"})
-    assert events[-1]["error"]["code"] == "deadline_exceeded"  # type: ignore[index]
+    assert events[-1]["error"]["code"] == "deadline_exceeded"
     assert "sleep 30" not in " ".join(" ".join(p.args) for p in sbx.commands.list())
 
 
@@ -278,7 +320,7 @@ def test_unary_errors_and_bad_input(server: Server, sbx: Sandbox) -> None:
         content=b"\x00\x7f\xff\xff\xffjunk",  # an envelope announcing 2 GiB
         headers={**_headers(sbx), "Content-Type": "application/connect+json"},
     )
-    assert _frames(bad.content)[-1][1]["error"]["code"] in (  # type: ignore[index]
+    assert _frames(bad.content)[-1][1]["error"]["code"] in (
         "resource_exhausted", "invalid_argument",
     )  # fmt: skip
     assert server.healthy() and sbx.commands.run("echo ok").stdout == "ok\n"
