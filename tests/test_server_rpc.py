@@ -306,6 +306,13 @@ def test_connect_timeout_header_ends_with_deadline_exceeded(server: Server, sbx:
     assert "sleep 30" not in " ".join(" ".join(p.args) for p in sbx.commands.list())
 
 
+def test_connect_deadline_detaches_without_killing(sbx: Sandbox) -> None:
+    h = sbx.commands.run("sleep 1.5; echo finished", background=True, timeout=0)
+    with pytest.raises(TimeoutException):
+        sbx.commands.connect(h.pid, timeout=0.5).wait()
+    assert h.wait().stdout == "finished\n"  # the Start stream still owns it
+
+
 def test_unary_errors_and_bad_input(server: Server, sbx: Sandbox) -> None:
     url = server.url + "/process.Process/SendSignal"
     h = {**_headers(sbx), "Content-Type": "application/json"}

@@ -206,11 +206,16 @@ def _deadline(ctx: RequestContext[Any, Any]) -> float | None:
 
 
 async def _stream(
-    front: FrontDoor, c: Caller, handle: CommandStream, ctx: RequestContext[Any, Any]
+    front: FrontDoor,
+    c: Caller,
+    handle: CommandStream,
+    ctx: RequestContext[Any, Any],
+    owner: bool,
 ) -> AsyncIterator[pr.ProcessEvent]:
-    """A command's events as envd's: start, data..., end; keepalives while idle. The
-    command is killed when the call's deadline passes (deadline_exceeded). A client that
-    leaves only detaches: the command runs on (E2B's background commands)."""
+    """A command's events as envd's: start, data..., end; keepalives while idle. When the
+    call's deadline passes the stream ends with deadline_exceeded, and the command is
+    killed if this stream started it (``owner``: Start; a re-attached Connect only leaves).
+    A client that leaves only detaches: the command runs on (E2B's background commands)."""
     events = handle.events()
     every = _keepalive_s(ctx)
     deadline = _deadline(ctx)
@@ -221,6 +226,8 @@ async def _stream(
             done, _ = await asyncio.wait({pending}, timeout=max(wait, 0))
             if not done:
                 if deadline is not None and time.monotonic() >= deadline:
+                    if not owner:
+                        raise ConnectError(Code.DEADLINE_EXCEEDED, "the call's timeout elapsed")
                     with contextlib.suppress(SandboxError):
                         await front.signal(c.tenant, c.sandbox_id, handle.pid, "SIGKILL")
                     raise ConnectError(
@@ -299,7 +306,7 @@ class ProcessService(Process):
         )
         tag = request.tag if request.has_field("tag") else None
         c.procs[handle.pid] = ProcMeta(cwd, tag)
-        async for event in _stream(self.front, c, handle, ctx):
+        async for event in _stream(self.front, c, handle, ctx, owner=True):
             yield pr.StartResponse(event=event)
 
     async def connect(
@@ -308,7 +315,7 @@ class ProcessService(Process):
         c = _caller(ctx)
         pid = self._pid(c, request.process)
         handle = await _mapped(self.front.connect_command(c.tenant, c.sandbox_id, pid))
-        async for event in _stream(self.front, c, handle, ctx):
+        async for event in _stream(self.front, c, handle, ctx, owner=False):
             yield pr.ConnectResponse(event=event)
 
     async def list(
