@@ -59,6 +59,8 @@ log = logging.getLogger("moat.server")
 DEFAULT_USER = "user"
 #: Idle seconds before a keepalive event when the client names no interval (envd's default).
 KEEPALIVE_DEFAULT_S = 90.0
+#: Wire names (tag, cwd) kept per sandbox before those of ended processes are dropped.
+MAX_TRACKED = 1024
 #: A request message (SendInput carries stdin): larger ones are refused by connectrpc.
 READ_MAX_BYTES = 4 << 20
 _SIGNALS = {pr.Signal.SIGKILL: "SIGKILL", pr.Signal.SIGTERM: "SIGTERM"}
@@ -263,6 +265,11 @@ async def _stream(
             await events.aclose()  # type: ignore[attr-defined]
 
 
+def _prune(c: Caller, running: set[int]) -> None:
+    for pid in [p for p in c.procs if p not in running]:
+        del c.procs[pid]
+
+
 async def _running(front: FrontDoor, c: Caller) -> bool:
     try:
         return await front.is_running(c.tenant, c.sandbox_id)
@@ -305,6 +312,9 @@ class ProcessService(Process):
             )
         )
         tag = request.tag if request.has_field("tag") else None
+        if len(c.procs) >= MAX_TRACKED:  # ended unwatched (their streams left): forget them
+            running = await _mapped(self.front.list_commands(c.tenant, c.sandbox_id))
+            _prune(c, {p.pid for p in running})
         c.procs[handle.pid] = ProcMeta(cwd, tag)
         async for event in _stream(self.front, c, handle, ctx, owner=True):
             yield pr.StartResponse(event=event)
@@ -323,6 +333,7 @@ class ProcessService(Process):
     ) -> pr.ListResponse:
         c = _caller(ctx)
         procs = await _mapped(self.front.list_commands(c.tenant, c.sandbox_id))
+        _prune(c, {p.pid for p in procs})
         out = []
         for p in procs:  # p.cmd has passed the guard (invariant 6)
             meta = c.procs.get(p.pid, ProcMeta(None, None))
