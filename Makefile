@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 APT_PACKAGES := bubblewrap runsc qemu-system-x86 busybox-static lz4 e2fsprogs python3-venv python3-pip python3-pandas python3-matplotlib curl gcc libc6-dev
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint bench clean proto
 
 install: $(STAMP)
 
@@ -41,6 +41,19 @@ lint: install
 
 bench: install
 	$(PY) bench/bench_container.py
+
+# The Connect stubs of E2B's envd services (src/moat/server/envd) from moat's proto/: protoc
+# (grpcio-tools' wheel) and the generators pinned to the runtime versions in pyproject.toml.
+GEN_VENV ?= /var/tmp/moat-protogen
+proto:
+	test -x $(GEN_VENV)/bin/python || /usr/bin/python3 -m venv $(GEN_VENV)
+	$(GEN_VENV)/bin/pip install -q grpcio-tools protoc-gen-py==0.6.0 protoc-gen-connectrpc==0.12.1
+	rm -rf $(GEN_VENV)/out && mkdir -p $(GEN_VENV)/out
+	PATH=$(GEN_VENV)/bin:$$PATH $(GEN_VENV)/bin/python -m grpc_tools.protoc -Iproto \
+		-I$$($(GEN_VENV)/bin/python -c 'import grpc_tools, os; print(os.path.dirname(grpc_tools.__file__))')/_proto \
+		--py_out=$(GEN_VENV)/out --connectrpc_out=$(GEN_VENV)/out \
+		proto/moat_envd/process.proto proto/moat_envd/filesystem.proto
+	cp $(GEN_VENV)/out/moat_envd/*.py src/moat/server/envd/
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -13,7 +13,7 @@ import logging
 import secrets
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -22,6 +22,9 @@ from moat.engine.api import FrontDoor
 from moat.errors import InvalidArgumentError
 from moat.server import wire
 from moat.store.keys import KeyStore
+
+if TYPE_CHECKING:
+    from moat.server.rpc import ProcMeta
 
 log = logging.getLogger("moat.server")
 
@@ -49,6 +52,7 @@ class Record:
     template_id: str
     network: dict[str, Any]
     contexts: dict[str, str] = field(default_factory=dict)  # context id -> language
+    procs: dict[int, ProcMeta] = field(default_factory=dict)  # pid -> what envd's List shows
 
 
 class ServerState:

@@ -5,8 +5,8 @@ token (``X-Access-Token``). A wrong or missing token answers exactly like an unk
 killed sandbox (502, "... was not found", the text the SDKs key on): without the token a
 caller can't tell another tenant's sandbox from none (invariant 11). Port 49999 is the code
 interpreter (``/execute`` NDJSON stream, ``/contexts``); 49983 is envd (``/files``,
-``/health``; its Connect RPC services are not built yet). Everything read back from a sandbox
-has passed the guard in the front door (invariant 4).
+``/health``, and the Connect RPC services of ``moat.server.rpc``, admitted here the same way).
+Everything read back from a sandbox has passed the guard in the front door (invariant 4).
 """
 
 from __future__ import annotations
@@ -20,19 +20,22 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from starlette.applications import Starlette
-from starlette.datastructures import UploadFile
+from starlette.datastructures import Headers, UploadFile
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from moat.errors import InvalidArgumentError, NotFoundError, SandboxError
 from moat.model import HOME, LANGUAGES, End, ErrorEvent, Event, Output, ResultEvent
-from moat.server import wire
+from moat.server import rpc, wire
 from moat.server.app import (
     MAX_FILE_BODY,
     MAX_JSON_BODY,
     BodyTooLarge,
+    Receive,
     Record,
+    Scope,
+    Send,
     ServerState,
     read_body,
     too_large,
@@ -53,6 +56,7 @@ _BUSY_WAIT_S = 10.0
 _LANGUAGE_ALIASES = {"py": "python", "python3": "python", "sh": "bash", "shell": "bash"}
 
 Handler = Callable[[Request, Record, str], Awaitable[Response]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 
 def gone(sandbox_id: str) -> Response:
@@ -80,33 +84,79 @@ def _path(raw: str | None) -> str:
     return raw if raw.startswith("/") else posixpath.join(HOME, raw)
 
 
-def sandbox_app(state: ServerState) -> Starlette:
+async def admit(state: ServerState, headers: Headers) -> Record | Response:
+    """The sandbox a request may reach (its headers name it and carry its token, and it is
+    running), or the reply that refuses it: exactly an unknown sandbox's (invariant 11)."""
+    sid = headers.get("e2b-sandbox-id", "")
+    port = headers.get("e2b-sandbox-port", "")
+    # The code interpreter's SDK sends the traffic token (only) on /contexts.
+    traffic = headers.get("e2b-traffic-access-token")
+    rec = state.by_token(
+        sid, headers.get("x-access-token"), traffic if port == JUPYTER_PORT else None
+    )
+    if rec is None:
+        return gone(sid)
+    try:
+        if not await state.front.is_running(rec.tenant, sid):
+            return gone(sid)
+    except NotFoundError:
+        return gone(sid)
+    if port not in (ENVD_PORT, JUPYTER_PORT):
+        return JSONResponse(
+            {"sandboxId": sid, "message": f"The sandbox is running but port is not "
+             f"open ({port[:6]!r}: moat serves no sandbox ports yet)", "code": 502},
+            502,
+        )  # fmt: skip
+    return rec
+
+
+def sandbox_app(state: ServerState) -> ASGIApp:
+    """The sandbox plane: envd's Connect RPC services, and the HTTP routes below."""
+    routes = _routes(state)
+    services = rpc.envd_apps(state.front)
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        path: str = scope.get("path", "")
+        service = next((a for p, a in services.items() if path.startswith(p)), None)
+        if service is None:
+            await routes(scope, receive, send)
+            return
+        headers = Headers(scope=scope)
+        found = await admit(state, headers)
+        if isinstance(found, Response):
+            await found(scope, receive, send)
+            return
+        if headers.get("e2b-sandbox-port") != ENVD_PORT:
+            await wire.error(404, "no such endpoint on this port")(scope, receive, send)
+            return
+        caller = rpc.Caller(found.tenant, headers["e2b-sandbox-id"], found.procs)
+        token = rpc.CALLER.set(caller)  # this request's task only (contextvars)
+
+        async def sending(message: dict[str, Any]) -> None:
+            # The sandbox died under a stream: leave the response unfinished, so the
+            # connection drops like E2B's edge drops it (the SDKs then probe /health).
+            if caller.drop and message["type"] == "http.response.body":
+                if not message.get("more_body", False):
+                    return
+            await send(message)
+
+        try:
+            await service(scope, receive, sending)
+        finally:
+            rpc.CALLER.reset(token)
+
+    return app
+
+
+def _routes(state: ServerState) -> Starlette:
     front = state.front
 
     def guarded(handler: Handler) -> Callable[[Request], Awaitable[Response]]:
         async def endpoint(request: Request) -> Response:
-            sid = request.headers.get("e2b-sandbox-id", "")
-            port = request.headers.get("e2b-sandbox-port", "")
-            # The code interpreter's SDK sends the traffic token (only) on /contexts.
-            traffic = request.headers.get("e2b-traffic-access-token")
-            rec = state.by_token(
-                sid,
-                request.headers.get("x-access-token"),
-                traffic if port == JUPYTER_PORT else None,
-            )
-            if rec is None:
-                return gone(sid)
-            try:
-                if not await front.is_running(rec.tenant, sid):
-                    return gone(sid)
-            except NotFoundError:
-                return gone(sid)
-            if port not in (ENVD_PORT, JUPYTER_PORT):
-                return JSONResponse(
-                    {"sandboxId": sid, "message": f"The sandbox is running but port is not "
-                     f"open ({port[:6]!r}: moat serves no sandbox ports yet)", "code": 502},
-                    502,
-                )  # fmt: skip
+            found = await admit(state, request.headers)
+            if isinstance(found, Response):
+                return found
+            rec, port = found, request.headers.get("e2b-sandbox-port", "")
             try:
                 return await handler(request, rec, port)
             except BodyTooLarge:
@@ -164,14 +214,6 @@ def sandbox_app(state: ServerState) -> Starlette:
             entry = await front.write_file(rec.tenant, sid, path, data)
             out.append({"path": entry.path, "name": entry.name, "type": "file"})
         return JSONResponse(out)
-
-    async def rpc(request: Request, rec: Record, port: str) -> Response:
-        # Connect RPC error shape (unimplemented -> 501); the SDK shows the message.
-        return JSONResponse(
-            {"code": "unimplemented", "message": "the process and filesystem services are "
-             "not served by this moat server yet"},
-            501,
-        )  # fmt: skip
 
     # -- code interpreter --------------------------------------------------------------
 
@@ -260,8 +302,6 @@ def sandbox_app(state: ServerState) -> Starlette:
         r("/health", health, ["GET"]),
         r("/files", on(ENVD_PORT, read_file), ["GET"]),
         r("/files", on(ENVD_PORT, write_files), ["POST"]),
-        r("/process.Process/{method}", on(ENVD_PORT, rpc), ["POST"]),
-        r("/filesystem.Filesystem/{method}", on(ENVD_PORT, rpc), ["POST"]),
         r("/execute", on(JUPYTER_PORT, execute), ["POST"]),
         r("/contexts", on(JUPYTER_PORT, create_context), ["POST"]),
         r("/contexts", on(JUPYTER_PORT, list_contexts), ["GET"]),
