@@ -36,6 +36,7 @@ _EXPORTS = {
     "CommandExitError": "moat.errors",
     "SandboxDiedError": "moat.errors",
     "LeakBlockedError": "moat.errors",
+    "AuditUnavailableError": "moat.errors",
 }
 
 __all__ = sorted(_EXPORTS)
