@@ -42,8 +42,8 @@ class Engine:
 
     @property
     def audit(self) -> AuditLog:
-        """The audit trail (SQLite, WAL) under moat's state directory (a process forked
-        from this one's gets its own: the store closes the inherited handle)."""
+        """The audit trail (SQLite, WAL) under moat's state directory (reopened when closed;
+        in a forked child that fails closed: moat.store.audit)."""
         with self._mu:
             if self._audit is None or self._audit.closed:
                 self._audit = shared_audit_log()

@@ -18,7 +18,8 @@ Nothing here writes SQLite on the caller's thread: ``record_*`` append to a queu
 Storage: one SQLite file in WAL mode (readers never block the writer), by default
 ``<state dir>/audit.db``, mode 0600. Only SQLite may open it in a process that has it open
 (closing any other descriptor of it drops this process's locks: :mod:`moat.store.health`);
-a connection is never used or closed across ``fork()`` (the child gets a store of its own).
+a connection is never used or closed across ``fork()`` (a forked child can't use the
+store: it fails closed; host code forks only to exec).
 A corrupt or replaced store fails closed: :meth:`AuditLog.check` raises
 :class:`~moat.errors.AuditUnavailableError` and the engine starts no sandbox (invariant 7).
 """
@@ -42,7 +43,7 @@ from typing import Any
 
 from moat.errors import AuditUnavailableError, InvalidArgumentError
 from moat.paths import audit_db
-from moat.store.health import Health, abandon, is_fatal
+from moat.store.health import Health, abandon, is_fatal, is_poisoned
 from moat.store.settings import AuditSettings
 from moat.store.text import clip, counter, inert
 from moat.store.writer import Op, Writer
@@ -127,6 +128,8 @@ class AuditLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()  # the connection (writer thread and readers)
         self._health = Health(self.path)
+        if is_poisoned(self.path):  # this process gave it up: its SQLite state is broken
+            raise AuditUnavailableError(_UNUSABLE)
         self._db = self._open()
         self._health.remember_files()
         self._path_mode()
@@ -152,7 +155,7 @@ class AuditLog:
 
     @property
     def closed(self) -> bool:
-        """Closed, or inherited across fork() (then :func:`shared_audit_log` opens another)."""
+        """Closed, or inherited across fork() (unusable in the child)."""
         return self._closed
 
     def check(self, timeout: float = CHECK_TIMEOUT) -> None:
@@ -189,6 +192,7 @@ class AuditLog:
             if not is_fatal(exc):  # e.g. busy for longer than busy_timeout: not the file
                 db.close()
                 raise
+            self._health.remember_files()
             self._health.fail("SQLite can't open it as a database", exc)
             abandon(db)
             raise AuditUnavailableError(_UNUSABLE) from None
@@ -494,6 +498,7 @@ class AuditLog:
         its writer thread does not exist: give it up without touching the file."""
         self._closed = True
         abandon(self._db)
+        self._health.poison()  # new connections here would share the parent's lock state
 
     def __enter__(self) -> AuditLog:
         return self
@@ -526,8 +531,10 @@ def _close_all() -> None:
 
 
 def _after_fork_in_child() -> None:
-    """A forked child gets no store of its parent's: :func:`shared_audit_log` opens its own.
-    Runs before a ``preexec_fn`` too, so: no locks taken, no I/O, no logging."""
+    """A forked child can't use its parent's stores: neither the inherited connections nor
+    new ones (SQLite's per-file lock state in this memory is the parent's). Recording
+    through them drops rows with a warning; opening them fails closed. Host code forks only
+    to exec. Runs before a ``preexec_fn`` too, so: no locks taken, no I/O, no logging."""
     global _shared_mu
     _shared_mu = threading.Lock()  # another thread may have held it at fork()
     for log_ in list(_open_logs):

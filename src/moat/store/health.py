@@ -9,6 +9,12 @@ logs on one file, and the file ends up malformed (it happened: docs/audit.md). T
 follows from carrying a connection across ``fork()``. This module notices the first kind
 (the store's files are no longer the ones its connection uses) and a corrupt file, so the
 store fails closed (invariant 7) instead of writing on.
+
+A connection given up on is never closed (closing may checkpoint its stale view into the
+file), and SQLite shares one lock and shared-memory state per file among all connections of
+a process: a new connection to that file in this process would inherit the broken state. So
+the file is *poisoned* for the rest of the process: opening it again fails closed too, until
+the operator replaces it (a new file) or the process restarts.
 """
 
 from __future__ import annotations
@@ -32,6 +38,10 @@ _FATAL = frozenset({sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB, sqlite3.SQLIT
 
 FileId = tuple[int, int] | None
 
+# Process-wide by nature, like SQLite's own per-file state that it mirrors: files this
+# process must not open again (device, inode).
+_poisoned: set[tuple[int, int]] = set()
+
 
 def is_fatal(exc: sqlite3.Error) -> bool:
     """Whether ``exc`` says the file is corrupt or its I/O broke (not: busy, disk full)."""
@@ -52,6 +62,18 @@ def file_ids(path: Path) -> tuple[FileId, FileId]:
         return (st.st_dev, st.st_ino)
 
     return one(str(path)), one(f"{path}-shm")
+
+
+def poison(file_id: FileId) -> None:
+    """Never open this file again in this process (see the module docstring)."""
+    if file_id is not None:
+        _poisoned.add(file_id)
+
+
+def is_poisoned(path: Path) -> bool:
+    """Whether ``path`` is a file this process gave up on."""
+    file_id = file_ids(path)[0]
+    return file_id is not None and file_id in _poisoned
 
 
 def abandon(db: sqlite3.Connection) -> None:
@@ -78,6 +100,10 @@ class Health:
         """Note the files the connection uses now (after it opened them in WAL mode)."""
         self._ids = file_ids(self.path)
 
+    def poison(self) -> None:
+        """Never open this store's file again in this process (forked child, failure)."""
+        poison(self._ids[0])
+
     def files_unchanged(self) -> bool:
         """False once the database or its ``-shm`` at the path are not the connection's."""
         return file_ids(self.path) == self._ids
@@ -88,6 +114,7 @@ class Health:
         if self.failure is not None:
             return
         self.failure = reason
+        self.poison()
         detail = f" ({type(exc).__name__}: {exc})" if exc is not None else ""
         log.error(
             "audit: the store %s is unusable: %s%s; no row is written to it and no sandbox"
