@@ -7,9 +7,10 @@ writers prune all the time), for ``--seconds`` (at most 170): real container san
 created, used (guard findings, refused egress, executions) and killed by several engine
 processes; flood writers that prune; ``moat audit`` runs that open and close the store;
 a process that forks children which try the inherited store; and random SIGKILLs of all of
-them. ``--unsafe-raw-read`` adds one long-lived writer that reads the store's files with
-``read_bytes()`` in its own process (what a test did before the file was found malformed):
-with this version it must fail closed and leave the file sound. At the end the file is
+them, now and then all at once (a lull: only a ``moat audit`` run then comes and goes, as
+when test runs end). ``--unsafe-raw-read`` adds one long-lived writer that reads the store's
+files with ``read_bytes()`` in its own process (what a test did before the file was found
+malformed): with this version it must fail closed and leave the file sound. At the end the file is
 checked from a fresh process (``PRAGMA integrity_check``). Prints one JSON line; exit 1 if
 the file is not sound.
 """
@@ -152,12 +153,18 @@ def main() -> int:
     kinds.update({f"flood{i}": FLOOD for i in range(args.floods)})
     procs = {k: _spawn(k, code, env, work) for k, code in kinds.items()}
     raw = _spawn("rawreader", RAW_READER, env, work) if args.unsafe_raw_read else None
-    kills = cli_runs = respawns = 0
+    kills = cli_runs = respawns = lulls = 0
     deadline = time.monotonic() + min(args.seconds, 170)
     while time.monotonic() < deadline:
         time.sleep(rnd.uniform(0.5, 2.0))
         victim = rnd.choice(list(procs))
-        if rnd.random() < 0.6:
+        if rnd.random() < 0.15:  # a lull: every run ends at once (then the CLI runs alone)
+            for p in procs.values():
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+            kills += len(procs)
+            lulls += 1
+        elif rnd.random() < 0.6:
             os.killpg(procs[victim].pid, signal.SIGKILL)  # the engine and its sandboxes
             procs[victim].wait()
             kills += 1
@@ -177,6 +184,7 @@ def main() -> int:
     result = {
         "seconds": min(args.seconds, 170),
         "sigkills": kills,
+        "lulls": lulls,
         "respawns": respawns,
         "cli_runs": cli_runs,
         "integrity_and_rows": out.strip(),

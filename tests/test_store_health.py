@@ -203,14 +203,14 @@ def test_engine_refuses_sandboxes_while_the_store_is_corrupt(
     _corrupt_pages(path)
     monkeypatch.setenv("MOAT_AUDIT_DB", str(path))
     engine = Engine(pool={})
-    before = _bwrap_pids()
+    before = _our_cgroups()
     with pytest.raises(AuditUnavailableError) as err:
         asyncio.run(engine.create({}, "container", "untrusted", 30.0, {}))
     assert str(tmp_path) not in str(err.value)
-    assert not engine.sessions and _bwrap_pids() <= before  # nothing was started
+    assert not engine.sessions and _our_cgroups() <= before  # nothing was started
     engine.audit.close()
 
 
-def _bwrap_pids() -> set[str]:
-    out = subprocess.run(["pgrep", "-x", "bwrap"], capture_output=True, text=True, check=False)
-    return set(out.stdout.split())
+def _our_cgroups() -> set[Path]:
+    """This process's sandbox cgroups, seen from outside (their names carry our pid)."""
+    return {p for p in Path("/sys/fs/cgroup").glob("*/**/moat/*") if f".{os.getpid()}." in p.name}
