@@ -134,6 +134,12 @@ def _spawn(kind: str, code: str, env: dict[str, str], logdir: Path) -> subproces
                             stderr=err, start_new_session=True)  # fmt: skip
 
 
+def _cli(env: dict[str, str]) -> None:
+    """`moat audit`: opens the store, reads, closes it (the last one out checkpoints)."""
+    subprocess.run([sys.executable, "-m", "moat.cli", "audit", "--limit", "5"], env=env,
+                   capture_output=True, timeout=60, check=False)  # fmt: skip
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=float, default=90)
@@ -158,12 +164,14 @@ def main() -> int:
     while time.monotonic() < deadline:
         time.sleep(rnd.uniform(0.5, 2.0))
         victim = rnd.choice(list(procs))
-        if rnd.random() < 0.15:  # a lull: every run ends at once (then the CLI runs alone)
+        if rnd.random() < 0.25:  # a lull: every run ends at once, a CLI run comes and goes
             for p in procs.values():
                 os.killpg(p.pid, signal.SIGKILL)
                 p.wait()
             kills += len(procs)
             lulls += 1
+            _cli(env)
+            cli_runs += 1
         elif rnd.random() < 0.6:
             os.killpg(procs[victim].pid, signal.SIGKILL)  # the engine and its sandboxes
             procs[victim].wait()
@@ -172,8 +180,7 @@ def main() -> int:
             if p.poll() is not None:
                 procs[k] = _spawn(k, kinds[k], env, work)
                 respawns += 1
-        subprocess.run([sys.executable, "-m", "moat.cli", "audit", "--limit", "5"], env=env,
-                       capture_output=True, timeout=60, check=False)  # fmt: skip
+        _cli(env)
         cli_runs += 1
     for p in [*procs.values(), *([raw] if raw else [])]:
         os.killpg(p.pid, signal.SIGKILL)
