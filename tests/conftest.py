@@ -7,6 +7,7 @@ that is missing here fails the run, it is not skipped (``MOAT_ALLOW_SKIP=1`` ski
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Iterator
 
 import pytest
@@ -17,6 +18,11 @@ from moat.engine.tiers import runtime_for
 # The suite counts sandbox processes from outside; a warm pool refilling in the background
 # would add some. The pool has its own tests (test_pool.py, with their own engine).
 os.environ.setdefault("MOAT_WARM_POOL", "0")
+# Each run writes an audit store of its own, never the host's <state dir>/audit.db that the
+# operator's `moat serve` and other runs (other code versions) use; CLI children inherit it.
+os.environ.setdefault(
+    "MOAT_AUDIT_DB", os.path.join(tempfile.mkdtemp(prefix="moat-test-audit-"), "audit.db")
+)
 
 TIERS = [t for t in os.environ.get("MOAT_TIERS", "container,gvisor,microvm").split(",") if t]
 TIER_PARAMS = [pytest.param(t, marks=getattr(pytest.mark, t), id=t) for t in TIERS]

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 from tests.conftest import require_tier
+from tests.rawfile import raw_bytes
 
 from moat import Sandbox
 from moat.cli import main
@@ -119,7 +120,7 @@ def test_sandbox_chosen_text_in_audit_rows_is_guarded() -> None:
         )
         for f in (db, db.with_name(db.name + "-wal")):
             if f.exists():
-                data = f.read_bytes().lower()
+                data = raw_bytes(f).lower()  # never read_bytes(): it drops the store's locks
                 assert VALUE.lower().encode() not in data and canary.lower().encode() not in data
 
 
@@ -135,9 +136,10 @@ def test_cli_guards_rows_written_without_a_guard(
         log.record_egress("sbx-x", method=github, host=host, port=443, resolved_ip=None,
                           allowed=False, reason="not_allowed")  # fmt: skip
         assert log.flush()
-        raw = (tmp_path / "audit.db").read_bytes() + (tmp_path / "audit.db-wal").read_bytes()
+        raw = raw_bytes(tmp_path / "audit.db") + raw_bytes(tmp_path / "audit.db-wal")
     assert aws.lower().encode() in raw  # control: the store holds it, the reader must guard
     monkeypatch.setenv("MOAT_STATE_DIR", str(tmp_path))
+    monkeypatch.delenv("MOAT_AUDIT_DB")  # the suite's own store (conftest) would win
     for args in (["audit", "--json"], ["audit"]):
         result = CliRunner().invoke(main, args)
         assert result.exit_code == 0, result.output

@@ -87,6 +87,7 @@ def test_run_usage_errors() -> None:
 def audit_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A state directory with a few known rows, used through $MOAT_STATE_DIR."""
     monkeypatch.setenv("MOAT_STATE_DIR", str(tmp_path))
+    monkeypatch.delenv("MOAT_AUDIT_DB")  # the suite's own store (conftest) would win
     with AuditLog(tmp_path / "audit.db") as log:
         row = log.record_egress(
             "sbx-aaaa", method="CONNECT", host="pypi.org", port=443,
@@ -169,7 +170,7 @@ def test_audit_bad_arguments(audit_dir: Path, args: list[str]) -> None:
 
 
 def test_audit_without_a_log_creates_nothing(tmp_path: Path) -> None:
-    env = {**os.environ, "MOAT_STATE_DIR": str(tmp_path / "state")}
+    env = {**os.environ, "MOAT_STATE_DIR": str(tmp_path / "state"), "MOAT_AUDIT_DB": None}
     result = CliRunner().invoke(main, ["audit"], env=env)
     assert result.exit_code == 0 and result.output.strip() == "no audit rows"
     assert json.loads(CliRunner().invoke(main, ["audit", "--json"], env=env).output) == []
@@ -180,7 +181,9 @@ def test_audit_unreadable_log_is_a_clean_error(tmp_path: Path) -> None:
     state = tmp_path / "state"
     state.mkdir()
     (state / "audit.db").write_bytes(b"this is not a database" * 100)
-    result = CliRunner().invoke(main, ["audit"], env={"MOAT_STATE_DIR": str(state)})
+    result = CliRunner().invoke(
+        main, ["audit"], env={"MOAT_STATE_DIR": str(state), "MOAT_AUDIT_DB": None}
+    )
     assert result.exit_code == 2
     assert "cannot read the audit log" in result.output
     assert str(tmp_path) not in result.output and "Traceback" not in result.output

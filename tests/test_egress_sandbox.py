@@ -29,6 +29,7 @@ from typing import Any
 
 import pytest
 from tests.conftest import require_tier
+from tests.rawfile import raw_bytes
 
 from moat import Sandbox, testing
 from moat.egress import GatewayConfig, Secret, StaticResolver
@@ -609,7 +610,7 @@ out['plaintext_own'] = fetch('http://%s:%d/plain-%s' % (P['api'], P['plain'], P[
     for suffix in ("", "-wal", "-shm"):
         f = Path(str(db) + suffix)
         if f.exists():
-            assert VALUE.encode() not in f.read_bytes()
+            assert VALUE.encode() not in raw_bytes(f)  # not read_bytes(): see tests/rawfile.py
     assert VALUE not in caplog.text and VALUE not in json.dumps(rows)
     assert OTHER_VALUE not in caplog.text
     assert quiet(open_sbx)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from tests.rawfile import raw_bytes
 
 from moat.egress import NetworkPolicy, Secret
 from test_egress_support import GatewayFactory, LocalPKI, Upstream, make_pki
@@ -44,7 +45,7 @@ def _no_value_anywhere(h, caplog: pytest.LogCaptureFixture) -> None:  # type: ig
         for suffix in ("", "-wal", "-shm"):
             f = Path(str(h.audit.path) + suffix)
             if f.exists():
-                assert value.encode() not in f.read_bytes()
+                assert value.encode() not in raw_bytes(f)  # see tests/rawfile.py
         assert all(value not in str(r) for r in h.audit.query())
 
 

@@ -152,7 +152,7 @@ def test_public_names() -> None:
         "PolicyError", "InvalidArgumentError", "CommandExitError", "SandboxDiedError",
         "LeakBlockedError", "Execution", "Result", "Logs", "ExecutionError", "CommandResult",
         "CommandHandle", "AsyncCommandHandle", "EntryInfo", "SandboxInfo", "Context",
-        "ProcessInfo", "SandboxConfig", "GatewayConfig",
+        "ProcessInfo", "SandboxConfig", "GatewayConfig", "AuditUnavailableError",
     }  # fmt: skip
     assert set(moat.__all__) == readme == set(moat._EXPORTS)
     assert moat.__all__ == sorted(moat.__all__)

@@ -16,6 +16,7 @@ if TYPE_CHECKING:  # the type checker sees the real names; runtime loads them la
         Secret,
     )
     from moat.errors import (
+        AuditUnavailableError,
         CommandExitError,
         InvalidArgumentError,
         IsolationUnavailableError,
@@ -84,11 +85,13 @@ _EXPORTS = {
     "CommandExitError": "moat.errors",
     "SandboxDiedError": "moat.errors",
     "LeakBlockedError": "moat.errors",
+    "AuditUnavailableError": "moat.errors",
 }
 
 __all__ = [  # the same names as _EXPORTS (tests/test_layering.py checks it)
     "AsyncCommandHandle",
     "AsyncSandbox",
+    "AuditUnavailableError",
     "CommandExitError",
     "CommandHandle",
     "CommandResult",

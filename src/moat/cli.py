@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 import re
 import sqlite3
 import sys
@@ -147,7 +148,7 @@ def audit(
     is guarded on the way out: credential- and canary-shaped strings are redacted.
     """
     from moat.engine.auditview import OfflineScrub, guard_rows
-    from moat.errors import InvalidArgumentError
+    from moat.errors import AuditUnavailableError, InvalidArgumentError
     from moat.paths import audit_db
     from moat.store import AuditLog
 
@@ -157,9 +158,19 @@ def audit(
     if not path.exists():  # reading must not create an empty log
         rows: list[dict[str, Any]] = []
     else:
+        # The store logs an unusable file with its path; this command says it without one.
+        logging.getLogger("moat.store").addHandler(logging.NullHandler())
         try:
             with AuditLog(path) as log:
                 rows = log.query(sandbox_id=sandbox_id, denied_only=denied, kind=kind, limit=limit)
+        except AuditUnavailableError:
+            click.echo(
+                "moat: cannot read the audit log: the store is corrupt. Stop every moat process"
+                " using it, move audit.db and its -wal and -shm files aside together, then start"
+                " again (docs/audit.md)",
+                err=True,
+            )
+            sys.exit(2)
         except (sqlite3.Error, OSError) as exc:
             # No path in the message (invariant 8 style): the state dir is the user's to know.
             click.echo(f"moat: cannot read the audit log ({type(exc).__name__})", err=True)

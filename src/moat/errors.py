@@ -10,7 +10,8 @@
     ├── InvalidArgumentError          bad input at an SDK / API boundary
     ├── CommandExitError              a command exited non-zero (carries exit_code, stdout, stderr)
     ├── SandboxDiedError              the sandbox or its agent died or broke the protocol
-    └── LeakBlockedError              the guard blocked output in "block" mode (carries no content)
+    ├── LeakBlockedError              the guard blocked output in "block" mode (carries no content)
+    └── AuditUnavailableError         the audit store can't record: no new sandbox starts
 
 Messages are safe to show a model (DESIGN invariant 8): no host paths, host user names or
 host tracebacks. Foreign exceptions are translated where they are caught with
@@ -23,6 +24,7 @@ from __future__ import annotations
 import builtins
 
 __all__ = [
+    "AuditUnavailableError",
     "CommandExitError",
     "InvalidArgumentError",
     "IsolationUnavailableError",
@@ -94,3 +96,9 @@ class LeakBlockedError(SandboxError):
         )
         self.labels = labels
         self.channel = channel
+
+
+class AuditUnavailableError(SandboxError):
+    """The audit store can't record (corrupt, or its files were replaced or removed while in
+    use): moat refuses to start sandboxes rather than run them unaudited (invariant 7). The
+    operator's fix is in the host log and docs/audit.md; the message names no host path."""

@@ -67,11 +67,26 @@ class Engine:
 
     @property
     def audit(self) -> AuditLog:
-        """The audit trail (SQLite, WAL) under moat's state directory."""
+        """The audit trail (SQLite, WAL) under moat's state directory (reopened when closed;
+        in a forked child that fails closed: moat.store.audit)."""
         with self._mu:
-            if self._audit is None:
+            if self._audit is None or self._audit.closed:
                 self._audit = shared_audit_log()
             return self._audit
+
+    async def _audit_usable(self) -> AuditLog:
+        """The audit trail, or :class:`~moat.errors.AuditUnavailableError`: a sandbox never
+        runs unaudited (invariant 7). Waits off the loop only on the store's first use."""
+        audit = self._audit
+        if audit is None or audit.closed or not audit.checked:
+            audit = await asyncio.to_thread(self._checked_audit)  # opening it is file I/O
+        audit.check()  # answers at once now
+        return audit
+
+    def _checked_audit(self) -> AuditLog:
+        audit = self.audit
+        audit.check()
+        return audit
 
     async def create(
         self,
@@ -102,9 +117,9 @@ class Engine:
             "limits": config.limits,
         }
         runtime = self._runtime or require(tier)  # probes are cached after the first: cheap
+        audit = await self._audit_usable()
         if self._runtime is None and self._sweep_due(tier):
             await asyncio.to_thread(self._sweep, tier)
-        audit = self.audit
         warm = poolable(spec_args, secrets, gateway_config)
         if warm:
             pooled: Session | None = await self.pool.take(tier)

@@ -16,6 +16,7 @@ from pydantic import ValidationError as ValidationError
 from starlette.responses import JSONResponse, Response
 
 from moat.errors import (
+    AuditUnavailableError,
     InvalidArgumentError,
     IsolationUnavailableError,
     LeakBlockedError,
@@ -148,8 +149,8 @@ def status_of(exc: SandboxError) -> int:
         return 403
     if isinstance(exc, PolicyError):
         return 501 if "lacks the capability" in str(exc) else 400
-    if isinstance(exc, IsolationUnavailableError):
-        return 503
+    if isinstance(exc, (IsolationUnavailableError, AuditUnavailableError)):
+        return 503  # the host can't run (or audit) a sandbox now: an operator must act
     if isinstance(exc, TimeoutError):
         return 504
     if isinstance(exc, SandboxDiedError):

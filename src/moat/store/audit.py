@@ -16,7 +16,12 @@ Nothing here writes SQLite on the caller's thread: ``record_*`` append to a queu
 * the writer prunes by age and size (``AuditSettings``, ``MOAT_AUDIT_*``).
 
 Storage: one SQLite file in WAL mode (readers never block the writer), by default
-``<state dir>/audit.db``, mode 0600.
+``<state dir>/audit.db``, mode 0600. Only SQLite may open it in a process that has it open
+(closing any other descriptor of it drops this process's locks: :mod:`moat.store.health`);
+a connection is never used or closed across ``fork()`` (a forked child can't use the
+store: it fails closed; host code forks only to exec).
+A corrupt or replaced store fails closed: :meth:`AuditLog.check` raises
+:class:`~moat.errors.AuditUnavailableError` and the engine starts no sandbox (invariant 7).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import atexit
 import collections
 import itertools
 import logging
+import os
 import queue
 import sqlite3
 import threading
@@ -35,8 +41,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from moat.errors import InvalidArgumentError
+from moat.errors import AuditUnavailableError, InvalidArgumentError
 from moat.paths import audit_db
+from moat.store.health import Health, abandon, is_fatal, is_poisoned
 from moat.store.settings import AuditSettings
 from moat.store.text import clip, counter, inert
 from moat.store.writer import Op, Writer
@@ -74,6 +81,13 @@ KINDS = frozenset({"egress", "exec", "finding", "sandbox", "audit_dropped"})
 MAX_SANDBOXES = 10_000
 #: Seconds ``query`` waits for queued rows to be written before it reads.
 FLUSH_TIMEOUT = 10.0
+#: Seconds :meth:`AuditLog.check` waits for the writer's start-up check of the file.
+CHECK_TIMEOUT = 60.0
+#: What a caller (maybe a model) is told: no host path (invariant 8); the log has the fix.
+_UNUSABLE = (
+    "the audit store is unusable, so no sandbox is started; the host's operator must replace"
+    " it (the host log says how)"
+)
 _SCRUB_CHANNEL = "audit"
 
 
@@ -113,16 +127,11 @@ class AuditLog:
         self.settings = settings if settings is not None else AuditSettings.from_env()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()  # the connection (writer thread and readers)
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA auto_vacuum=INCREMENTAL")  # takes effect on a new file only
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute("PRAGMA busy_timeout=5000")
-        self._db.executescript(_SCHEMA)
-        columns = {row[1] for row in self._db.execute("PRAGMA table_info(events)")}
-        for name, sqltype in _ADDED.items():
-            if name not in columns:  # a store written before the column existed
-                self._db.execute(f"ALTER TABLE events ADD COLUMN {name} {sqltype}")
+        self._health = Health(self.path)
+        if is_poisoned(self.path):  # this process gave it up: its SQLite state is broken
+            raise AuditUnavailableError(_UNUSABLE)
+        self._db = self._open()
+        self._health.remember_files()
         self._path_mode()
         self._mu = threading.Lock()  # producer state below
         self._sandboxes: collections.OrderedDict[str, _Sandbox] = collections.OrderedDict()
@@ -131,9 +140,63 @@ class AuditLog:
         self._tickets = itertools.count(1)
         self._closed = False
         self._ops: queue.SimpleQueue[Op] = queue.SimpleQueue()
-        self._writer = Writer(self._db, self._lock, self._ops, self._take, self.settings)
+        self._writer = Writer(
+            self._db, self._lock, self._ops, self._take, self.settings, self._health
+        )
         self._writer.start()
         _open_logs.add(self)
+
+    # -- health --------------------------------------------------------------------------
+
+    @property
+    def failure(self) -> str | None:
+        """Why the store can't be written (for the host's log and tests), else None."""
+        return self._health.failure
+
+    @property
+    def closed(self) -> bool:
+        """Closed, or inherited across fork() (unusable in the child)."""
+        return self._closed
+
+    def check(self, timeout: float = CHECK_TIMEOUT) -> None:
+        """Raise :class:`AuditUnavailableError` unless the store can record: it passed the
+        writer's start-up check (waited for, at most ``timeout``) and has not failed since.
+        Blocking on a store's first use: call it off an event loop."""
+        if self._closed:
+            raise AuditUnavailableError("the audit store is closed")
+        if not self._health.checked.wait(timeout):
+            raise AuditUnavailableError("the audit store did not answer in time")
+        if self._health.failure is not None:
+            raise AuditUnavailableError(_UNUSABLE)
+
+    @property
+    def checked(self) -> bool:
+        """Whether :meth:`check` would answer without waiting."""
+        return self._health.checked.is_set()
+
+    def _open(self) -> sqlite3.Connection:
+        """Connect, set WAL mode and migrate the schema; a file SQLite can't use is an
+        :class:`AuditUnavailableError` (logged with the path and the fix), not a traceback."""
+        db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        try:
+            db.execute("PRAGMA auto_vacuum=INCREMENTAL")  # takes effect on a new file only
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.execute("PRAGMA busy_timeout=5000")
+            db.executescript(_SCHEMA)
+            columns = {row[1] for row in db.execute("PRAGMA table_info(events)")}
+            for name, sqltype in _ADDED.items():
+                if name not in columns:  # a store written before the column existed
+                    db.execute(f"ALTER TABLE events ADD COLUMN {name} {sqltype}")
+        except sqlite3.Error as exc:
+            if not is_fatal(exc):  # e.g. busy for longer than busy_timeout: not the file
+                db.close()
+                raise
+            self._health.remember_files()
+            self._health.fail("SQLite can't open it as a database", exc)
+            abandon(db)
+            raise AuditUnavailableError(_UNUSABLE) from None
+        return db
 
     def _path_mode(self) -> None:
         try:
@@ -191,7 +254,7 @@ class AuditLog:
 
     def _put(self, op: Op) -> None:
         if self._closed:
-            log.warning("audit: a row after close was not written (%s)", op[0])
+            log.warning("audit: a row after close (or fork) was not written (%s)", op[0])
             return
         self._ops.put(op)
 
@@ -355,12 +418,13 @@ class AuditLog:
     # -- reading -------------------------------------------------------------------------
 
     def flush(self, timeout: float = FLUSH_TIMEOUT) -> bool:
-        """Wait until everything recorded so far is written; False on timeout or closed."""
+        """Wait until everything recorded so far is written; False on timeout, closed or
+        failed (see :attr:`failure`)."""
         if self._closed or not self._writer.is_alive():
             return False
         done = threading.Event()
         self._ops.put(("flush", done, None))
-        return done.wait(timeout)
+        return done.wait(timeout) and self._health.failure is None
 
     def prune(self) -> bool:
         """Apply the retention bounds now (the writer also does every minute and every
@@ -386,6 +450,8 @@ class AuditLog:
         if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 100_000:
             raise InvalidArgumentError("audit limit must be between 1 and 100000")
         self.flush()
+        if self._health.failure is not None:  # never read through a connection given up on
+            raise AuditUnavailableError(_UNUSABLE)
         where: list[str] = []
         args: list[Any] = []
         if sandbox_id is not None:
@@ -417,9 +483,22 @@ class AuditLog:
         if self._writer.is_alive():
             log.error("audit: the writer did not finish; queued rows may be lost")
             return
+        _open_logs.discard(self)
+        if self._health.failure is not None:
+            if self._writer.lost:
+                log.error("audit: %d operations were not written to the failed store %s",
+                          self._writer.lost, self.path)  # fmt: skip
+            return  # its connection is abandoned, never closed (moat.store.health)
         with self._lock:
             self._db.close()
-        _open_logs.discard(self)
+
+    def _inherited(self) -> None:
+        """In a child after fork(): this handle is the parent's. Its connection must not be
+        used or closed here (SQLite's rule; closing could checkpoint the parent's view) and
+        its writer thread does not exist: give it up without touching the file."""
+        self._closed = True
+        abandon(self._db)
+        self._health.poison()  # new connections here would share the parent's lock state
 
     def __enter__(self) -> AuditLog:
         return self
@@ -449,3 +528,19 @@ def _close_all() -> None:
     """At exit, write what every open store has queued (rows are never dropped silently)."""
     for log_ in list(_open_logs):
         log_.close()
+
+
+def _after_fork_in_child() -> None:
+    """A forked child can't use its parent's stores: neither the inherited connections nor
+    new ones (SQLite's per-file lock state in this memory is the parent's). Recording
+    through them drops rows with a warning; opening them fails closed. Host code forks only
+    to exec. Runs before a ``preexec_fn`` too, so: no locks taken, no I/O, no logging."""
+    global _shared_mu
+    _shared_mu = threading.Lock()  # another thread may have held it at fork()
+    for log_ in list(_open_logs):
+        log_._inherited()
+    _open_logs.clear()
+    _shared.clear()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -5,6 +5,11 @@ only append to an in-memory queue; this thread applies what is queued in batches
 transaction each, so no SQLite write ever runs on an event loop, and prunes the store to
 its configured age and size (docs/audit.md). A flush marker is acknowledged only after the
 batch holding it is committed (read-after-write for ``AuditLog.query``).
+
+It checks the file first (``quick_check``) and, before each batch and each pruning pass, that
+the store's files are still the ones its connection uses (:mod:`moat.store.health`). A
+corrupt or replaced store is failed once, logged once with the operator's fix, and never
+written, checkpointed or closed again by this process (invariant 7: fail closed).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from moat.store.health import Health, abandon, is_fatal
 from moat.store.settings import AuditSettings
 
 log = logging.getLogger("moat.store")
@@ -87,9 +93,11 @@ class Writer(threading.Thread):
         ops: queue.SimpleQueue[Op],
         take: TakeAggregate,
         settings: AuditSettings,
+        health: Health,
     ) -> None:
         super().__init__(name="moat-audit-writer", daemon=True)
         self._db = db
+        self._health = health
         self._lock = lock
         self._ops = ops
         self._take = take
@@ -98,9 +106,10 @@ class Writer(threading.Thread):
         self._open: collections.OrderedDict[tuple[Any, ...], int] = collections.OrderedDict()
         self._since_prune = 0
         self._next_prune = 0.0
-        self.lost = 0  # operations a failed transaction took with it (logged)
+        self.lost = 0  # operations a failed transaction or a failed store took with it
 
     def run(self) -> None:
+        self._check_file()
         stop = False
         while not stop:
             try:
@@ -114,9 +123,42 @@ class Writer(threading.Thread):
                     break
             done: list[threading.Event] = []
             stop = self._apply(batch, done)
-            self._maybe_prune(force=any(op[0] == "prune" for op in batch))
+            if self._usable():
+                self._maybe_prune(force=any(op[0] == "prune" for op in batch))
             for event in done:
                 event.set()
+
+    def _fail(self, reason: str, exc: BaseException | None = None) -> None:
+        self._health.fail(reason, exc)
+        abandon(self._db)  # never checkpointed or closed again by this process
+
+    def _check_file(self) -> None:
+        """Before the first write: is the file sound? (``quick_check``: ~O(size), once.)"""
+        try:
+            with self._lock:
+                row = self._db.execute("PRAGMA quick_check(1)").fetchone()
+            if row is None or row[0] != "ok":
+                self._fail(f"the file is corrupt ({str(row and row[0])[:200]!r})")
+        except sqlite3.Error as exc:
+            if is_fatal(exc):
+                self._fail("the file is corrupt", exc)
+            else:
+                log.exception("audit: the store's start-up check did not run")
+        finally:
+            self._health.checked.set()
+
+    def _usable(self) -> bool:
+        """Whether this batch or pass may touch the file (else it is failed, once)."""
+        if self._health.failure is not None:
+            return False
+        if not self._health.files_unchanged():
+            self._fail(
+                "its database or -shm file was replaced or removed while this process had it"
+                " open (another process deleted them: this one had lost its locks, e.g. by"
+                " closing a descriptor of the file outside SQLite)"
+            )
+            return False
+        return True
 
     def _apply(self, batch: list[Op], done: list[threading.Event]) -> bool:
         stop = False
@@ -128,14 +170,20 @@ class Writer(threading.Thread):
                 stop = True
         if not work:
             return stop
+        if not self._usable():
+            self.lost += len(work)
+            return stop
         with self._lock:
             try:
                 self._db.execute("BEGIN IMMEDIATE")
                 for op in work:
                     self._one(op)
                 self._db.execute("COMMIT")
-            except sqlite3.Error:
+            except sqlite3.Error as exc:
                 self.lost += len(work)
+                if is_fatal(exc):
+                    self._fail("SQLite found it corrupt or could not read or write it", exc)
+                    return stop  # no rollback either: nothing more goes through it
                 log.exception("audit: a batch of %d operations was not written", len(work))
                 try:
                     self._db.execute("ROLLBACK")
@@ -197,8 +245,11 @@ class Writer(threading.Thread):
         with self._lock:
             try:
                 n = prune(self._db, self._settings, time.time())
-            except sqlite3.Error:
-                log.exception("audit: pruning failed")
+            except sqlite3.Error as exc:
+                if is_fatal(exc):
+                    self._fail("SQLite found it corrupt or could not read or write it", exc)
+                else:
+                    log.exception("audit: pruning failed")
                 return
         if n:
             log.info("audit: pruned %d rows (retention)", n)
