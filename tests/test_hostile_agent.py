@@ -1,0 +1,169 @@
+"""The host against a taken-over agent (invariant 6, issue 17 §2): fast, on a scripted agent.
+
+``HostileRuntime`` runs tests/hostile_agent.py in place of the agent: it answers each request
+with the frames a test scripts, as user code that took the agent over could. Every check is
+made from outside: what reached the caller, and whether the sandbox was ended.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from moat.engine.api import FrontDoor
+from moat.engine.engine import Engine
+from moat.errors import SandboxDiedError, SandboxError
+from moat.runtime.spec import SandboxSpec
+from moat.sdk.async_ import AsyncSandbox
+from moat.testing import local_transport
+from moat.testing.fake import FakeProcess, FakeRuntime
+
+pytestmark = pytest.mark.asyncio
+
+_HERE = Path(__file__).resolve().parent
+_SRC = str(_HERE.parent / "src")
+
+
+class HostileRuntime(FakeRuntime):
+    """The fake runtime, with tests/hostile_agent.py as its agent, following ``script``."""
+
+    def __init__(self, script: dict[str, Any]) -> None:
+        super().__init__(unsafe_no_isolation=True)
+        self.script = script
+
+    async def start(self, spec: SandboxSpec) -> FakeProcess:
+        home = await asyncio.to_thread(lambda: __import__("tempfile").mkdtemp(prefix="moat-h-"))
+        env = {"PYTHONPATH": _SRC, "MOAT_HOSTILE": json.dumps(self.script), "PATH": "/usr/bin"}
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            str(_HERE / "hostile_agent.py"),
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.DEVNULL,
+            env=env,
+            cwd=home,
+            start_new_session=True,
+        )
+        return FakeProcess(proc, home)
+
+
+async def _hostile(script: dict[str, Any], **kw: Any) -> tuple[FrontDoor, AsyncSandbox]:
+    door = FrontDoor(Engine(pool={}, runtime=HostileRuntime(script)))
+    sbx = await AsyncSandbox.create(transport=local_transport(door), **kw)
+    return door, sbx
+
+
+async def _end(door: FrontDoor) -> None:
+    for s in list(door.engine.sessions.values()):
+        await s.kill()
+
+
+def _fail(value: str) -> list[list[Any]]:
+    return [["fail", {"kind": "not_found", "message": f"no such thing: {value}"}]]
+
+
+async def test_every_fail_message_passes_the_guard() -> None:
+    v = "sensitive-" + secrets.token_hex(8)
+    verbs = ["file_remove", "file_mkdir", "file_stat", "file_list", "ctx_list", "ctx_create"]
+    verbs += ["ctx_remove", "ctx_restart", "cmd_kill", "cmd_list", "file_move", "file_read"]
+    door, sbx = await _hostile({k: _fail(v) for k in verbs}, sensitive=[v])
+    try:
+        calls: list[Any] = [
+            lambda: sbx.files.remove("a"),
+            lambda: sbx.files.make_dir("a"),
+            lambda: sbx.files.get_info("a"),
+            lambda: sbx.files.list("a"),
+            lambda: sbx.files.rename("a", "b"),
+            lambda: sbx.files.read("a"),
+            lambda: sbx.list_code_contexts(),
+            lambda: sbx.create_code_context(),
+            lambda: sbx.commands.list(),
+        ]
+        for call in calls:
+            with pytest.raises(SandboxError) as err:
+                await call()
+            assert "no such thing" in str(err.value)  # positive control: the message came
+            assert v not in str(err.value) and v not in repr(err.value.args)
+        assert not await sbx.commands.kill(5)  # not_found: False, nothing of the message
+    finally:
+        await _end(door)
+    door, sbx = await _hostile(
+        {"cmd_kill": [["fail", {"kind": "io", "message": v}]]}, sensitive=[v]
+    )
+    try:
+        with pytest.raises(SandboxError) as err:
+            await sbx.commands.kill(5)
+        assert v not in str(err.value) and "REDACTED" in str(err.value)
+        assert (await sbx.get_info()).state == "running"
+    finally:
+        await _end(door)
+
+
+_ENTRY = {
+    "name": "a", "path": "/home/user/a", "type": "file", "size": 1, "mode": 0o644,
+    "permissions": "-rw-r--r--", "mtime": 1.0,
+}  # fmt: skip
+
+
+async def test_names_paths_cwds_and_commands_pass_the_guard() -> None:
+    v = "sensitive-" + secrets.token_hex(8)
+    entry = {**_ENTRY, "name": v, "path": f"/home/user/{v}", "symlink_target": f"/x/{v}"}
+    ctx = {"id": "c1", "language": "python", "cwd": f"/home/{v}"}
+    script = {
+        "file_stat": [["done", entry]],
+        "file_list": [["done", {"entries": [entry, entry]}]],
+        "ctx_list": [["done", {"contexts": [ctx]}]],
+        "ctx_create": [["done", ctx]],
+        "cmd_list": [["done", {"processes": [{"pid": 7, "cmd": f"sleep 1 {v}"}]}]],
+    }
+    door, sbx = await _hostile(script, sensitive=[v])
+    try:
+        got = [
+            await sbx.files.get_info("a"),
+            await sbx.files.list("."),
+            await sbx.list_code_contexts(),
+            await sbx.create_code_context(),
+            await sbx.commands.list(),
+        ]
+        assert v not in repr(got)
+        assert "REDACTED" in repr(got)  # positive control: the fields came through
+    finally:
+        await _end(door)
+
+
+_BAD: list[tuple[str, dict[str, Any], Any]] = [
+    ("file_stat", {**_ENTRY, "type": "TOKEN"}, lambda s: s.files.get_info("a")),
+    ("file_stat", {**_ENTRY, "permissions": "TOKEN"}, lambda s: s.files.get_info("a")),
+    ("file_list", {"entries": [{**_ENTRY, "type": "x"}]}, lambda s: s.files.list(".")),
+    ("ctx_create", {"id": "c1", "language": "TOKEN", "cwd": "/"},
+     lambda s: s.create_code_context()),
+    ("ctx_list", {"contexts": [{"id": "c1", "language": "python", "cwd": 3}]},
+     lambda s: s.list_code_contexts()),
+    ("cmd_list", {"processes": [{"pid": 7, "cmd": "x", "envs": {"A": "TOKEN"}}]},
+     lambda s: s.commands.list()),
+    ("cmd_list", {"processes": [{"pid": 7, "cmd": "x", "cwd": "TOKEN", "args": ["TOKEN"]}]},
+     lambda s: s.commands.list()),
+    ("file_mkdir", {"created": "TOKEN"}, lambda s: s.files.make_dir("a")),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("verb,reply,call", _BAD, ids=[f"{b[0]}-{i}" for i, b in enumerate(_BAD)])
+async def test_a_malformed_reply_ends_the_sandbox(verb: str, reply: Any, call: Any) -> None:
+    door, sbx = await _hostile({verb: [["done", reply]]})
+    try:
+        with pytest.raises(SandboxDiedError, match="protocol") as err:
+            await call(sbx)
+        assert "TOKEN" not in str(err.value)
+        for _ in range(50):
+            if (await sbx.get_info()).state == "ended":
+                break
+            await asyncio.sleep(0.02)
+        assert (await sbx.get_info()).state == "ended"
+    finally:
+        await _end(door)
