@@ -38,6 +38,10 @@ class OutputGuard(Protocol):
 
     def redact_bytes(self, data: bytes, channel: str) -> bytes: ...
 
+    def scan_binary_result(
+        self, mime: str, data: bytes, channel: str = "result"
+    ) -> tuple[bytes | None, list[Any]]: ...
+
     @property
     def prepared(self) -> bool: ...
 
@@ -94,6 +98,16 @@ class SessionCore:
         it every sandbox's I/O)."""
         if not self.guard.prepared:
             await asyncio.to_thread(self.guard.prepare)
+
+    def audit_budget(self, channel: str) -> None:
+        """A scan ran past its CPU budget: audited like a finding (the output was withheld,
+        and the caller gets a TimeoutError)."""
+        record = getattr(self.audit, "record_finding", None)
+        if record is not None:
+            try:
+                record(self.id, "guard:budget", channel, canary=False)
+            except Exception:
+                log.exception("audit write failed")
 
     def _check(self) -> AgentClient:
         if self.ended is not None or self.client is None:
