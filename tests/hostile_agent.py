@@ -17,11 +17,21 @@ import time
 from moat.protocol import HOST_TO_AGENT, PROTOCOL_VERSION, Decoder, Frame, MsgType, encode
 
 
+def _expand(value: object) -> object:
+    if isinstance(value, dict):
+        if set(value) == {"$repeat"}:
+            text, n = value["$repeat"]
+            return text * n
+        return {k: _expand(v) for k, v in value.items()}
+    return value
+
+
 def main() -> None:
     script = json.loads(os.environ["MOAT_HOSTILE"])
     out = sys.stdout.buffer
 
-    def send(mtype: str, rid: int, fields: dict[str, object], payload: bytes = b"") -> None:
+    def send(mtype: str, rid: int, fields: object, payload: bytes = b"") -> None:
+        assert isinstance(fields, dict)
         out.write(encode(Frame(MsgType(mtype), rid, fields, payload)))
         out.flush()
 
@@ -39,7 +49,7 @@ def main() -> None:
                 continue
             steps = script.get(frame.type.value, [["done", {}]])
             for step in steps:
-                mtype, fields = step[0], step[1]
+                mtype, fields = step[0], _expand(step[1])
                 payload = step[2].encode() if len(step) > 2 else b""
                 for _ in range(step[3] if len(step) > 3 else 1):
                     send(mtype, frame.id, fields, payload)

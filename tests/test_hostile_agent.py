@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import resource
 import secrets
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +64,15 @@ async def _hostile(script: dict[str, Any], **kw: Any) -> tuple[FrontDoor, AsyncS
 async def _end(door: FrontDoor) -> None:
     for s in list(door.engine.sessions.values()):
         await s.kill()
+
+
+async def _ended(sbx: AsyncSandbox) -> bool:
+    """Whether the sandbox ends within a second (its kill runs as a task)."""
+    for _ in range(50):
+        if (await sbx.get_info()).state == "ended":
+            return True
+        await asyncio.sleep(0.02)
+    return False
 
 
 def _fail(value: str) -> list[list[Any]]:
@@ -160,10 +171,72 @@ async def test_a_malformed_reply_ends_the_sandbox(verb: str, reply: Any, call: A
         with pytest.raises(SandboxDiedError, match="protocol") as err:
             await call(sbx)
         assert "TOKEN" not in str(err.value)
-        for _ in range(50):
-            if (await sbx.get_info()).state == "ended":
-                break
-            await asyncio.sleep(0.02)
-        assert (await sbx.get_info()).state == "ended"
+        assert await _ended(sbx)
+    finally:
+        await _end(door)
+
+
+# ------------------------------------------------------------- output cap (issue 17 §2)
+
+
+def _peak_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+async def test_a_result_flood_is_capped_and_reported() -> None:
+    # 300 RESULT frames of 1 MB each: without the cap on results the host kept them all.
+    big = {"data": {"text": {"$repeat": ["r", 1_000_000]}}, "is_main": False}
+    script = {"exec": [["result", big, "", 300], ["stdout", {}, "done\n"], ["done", {}]]}
+    door, sbx = await _hostile(script, max_output_bytes=4 << 20)
+    before = _peak_rss()
+    try:
+        seen: list[str] = []
+        ex = await sbx.run_code("1", timeout=120, on_stderr=seen.append)
+        retained = sum(len(r.text or "") for r in ex.results)
+        assert 0 < retained <= 4 << 20  # positive control: the first results came through
+        assert ex.truncated and "truncated" in "".join(seen)
+        grown = _peak_rss() - before
+        assert grown < 150 << 20, f"host memory grew by {grown >> 20} MiB"
+        assert (await sbx.run_code("1", timeout=120)).truncated  # the next call: capped too
+    finally:
+        await _end(door)
+
+
+async def test_errors_count_against_the_cap() -> None:
+    err = {"name": "E", "value": {"$repeat": ["e", 60_000]}, "traceback": ""}
+    script = {"exec": [["error", err, "", 100], ["done", {}]]}
+    door, sbx = await _hostile(script, max_output_bytes=1 << 20)
+    try:
+        ex = await sbx.run_code("1")
+        assert ex.truncated and ex.error is not None
+    finally:
+        await _end(door)
+
+
+# ------------------------------------------------------- a silent agent (issue 17 §2)
+
+
+async def test_a_silent_agent_ends_the_sandbox_instead_of_blocking(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from moat.engine import client
+
+    monkeypatch.setattr(client, "SEND_TIMEOUT", 1.0)
+    door, sbx = await _hostile({"silent": True})
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(SandboxDiedError, match="stopped reading"):
+            await sbx.files.write("big", b"\0" * (64 << 20))
+        assert time.monotonic() - t0 < 1.0 + 3
+        assert await _ended(sbx)
+    finally:
+        await _end(door)
+    door, sbx = await _hostile({"silent": True})
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(SandboxDiedError, match="stopped reading"):
+            await sbx.run_code("#" + "x" * 500_000, timeout=1)
+        assert time.monotonic() - t0 < 1.0 + 3
+        assert await _ended(sbx)
     finally:
         await _end(door)
