@@ -173,6 +173,8 @@ class CodeCalls(SessionCore):
             async with asyncio.timeout(INTERRUPT_GRACE if grace else None):
                 done = await self.consume(call, MsgType.EXEC, handlers, "an execution")
                 return bool(done.get("restarted"))
+        except GuardBudgetError:
+            raise  # a TimeoutError too, but the guard's: the caller withholds and stops the code
         except builtins.TimeoutError:
             # The agent did not finish an interrupted call: it is not to be trusted any more.
             await self.kill("died: the agent did not stop an interrupted execution")

@@ -17,6 +17,7 @@ from typing import Any, Protocol
 from moat.engine.client import AgentClient, Call, fail_to_error
 from moat.engine.output import OutputSink, StreamFilter
 from moat.errors import NotFoundError, SandboxDiedError, SandboxError, TimeoutError
+from moat.guard import GuardBudgetError
 from moat.model import DEFAULT_MAX_OUTPUT
 from moat.protocol import Frame, MsgType, ProtocolError
 from moat.protocol.replies import check_reply
@@ -165,6 +166,9 @@ class SessionCore:
         try:
             async with asyncio.timeout(timeout):
                 return await self.consume(call, mtype, {}, mtype.value)
+        except GuardBudgetError:
+            self.audit_budget("error")
+            raise  # the guard's TimeoutError (a FAIL message withheld), not a silent agent
         except builtins.TimeoutError:
             client._die("the sandbox's agent stopped answering")
             raise SandboxDiedError("the sandbox's agent stopped answering") from None
