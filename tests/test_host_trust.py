@@ -161,3 +161,31 @@ def test_a_costly_scan_does_not_stall_another_sandbox() -> None:
             worst = max(worst, time.monotonic() - t0)
         assert not errors, errors
         assert worst < 0.5, f"B's round trip took {worst:.2f} s (inline scan {inline:.2f} s)"
+
+
+#: User code sending RESULT frames on the kernel's own channel (what a takeover can do).
+_FLOOD = """
+import sys
+k = [m for n, m in sys.modules.items() if n.endswith('agent.kernel')][0]
+for i in range(150):
+    k._send(k.MsgType.RESULT, k._current, data={'html': 'h' * 700_000}, is_main=False)
+'done'
+"""
+
+
+@pytest.mark.container
+def test_results_count_against_the_output_cap() -> None:
+    # Issue 17 §2: RESULT frames were not counted: one call kept 560 MB in host memory.
+    import resource
+
+    require_tier("container")
+    with Sandbox.create(isolation="container", timeout=300, max_output_bytes=4 << 20) as s:
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss << 10
+        seen: list[str] = []
+        ex = s.run_code(_FLOOD, timeout=120, on_stderr=seen.append)
+        grown = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss << 10) - before
+        kept = sum(len(r.html or "") for r in ex.results)
+        assert 0 < kept <= 4 << 20  # positive control: the first results came through
+        assert ex.truncated and "truncated" in "".join(seen)
+        assert grown < 60 << 20, f"host memory grew by {grown >> 20} MiB (105 MB were sent)"
+        assert s.run_code("1").text == "1"
