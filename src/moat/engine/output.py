@@ -158,6 +158,7 @@ class OutputSink:
                 text = filt.feed(tail) if tail else ""
                 text += await off_loop(filt.pending, filt.flush)
                 await self._emit(channel, text)
+        await self.wait_notes()  # a cut made by the flush: its note is in before the call ends
 
     async def _emit(self, channel: str, text: str) -> None:
         """Release guarded ``text``, cut at the cap (the cut is reported once)."""
