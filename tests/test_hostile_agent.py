@@ -240,3 +240,35 @@ async def test_a_silent_agent_ends_the_sandbox_instead_of_blocking(
         assert await _ended(sbx)
     finally:
         await _end(door)
+
+
+# ------------------------------------------------------- results of every format (§2)
+
+
+async def test_every_result_format_passes_the_guard() -> None:
+    import base64
+
+    v = "sensitive-" + secrets.token_hex(8)
+    text = {k: f"<{k}> {v}" for k in ("text", "html", "markdown", "svg", "latex", "javascript")}
+    pdf = base64.b64encode(b"%PDF-1.4\n(" + v.encode() + b")\n%%EOF\n").decode()
+    jpeg = base64.b64encode(b"\xff\xd8\xff\xfe\x00\x20" + v.encode() + b"\xff\xd9").decode()
+    data = {**text, "json": {"k": [v]}, "data": {"x": v}, "pdf": pdf, "jpeg": jpeg}
+    script = {"exec": [["result", {"data": data, "is_main": True}], ["done", {}]]}
+    door, sbx = await _hostile(script, sensitive=[v])
+    try:
+        ex = await sbx.run_code("1")
+        r = ex.results[0]
+        assert v not in repr(r)
+        for k in text:
+            assert "REDACTED" in getattr(r, k)  # positive control: each format came through
+        assert r.pdf is None and r.jpeg is None  # a value (or a malformed file): dropped
+    finally:
+        await _end(door)
+    bad = {"data": {"png": "not base64 !"}, "is_main": True}
+    door, sbx = await _hostile({"exec": [["result", bad], ["done", {}]]})
+    try:
+        with pytest.raises(SandboxDiedError, match="protocol"):
+            await sbx.run_code("1")
+        assert await _ended(sbx)
+    finally:
+        await _end(door)
