@@ -395,3 +395,34 @@ async def test_connect_reattaches_to_a_running_command(door: FrontDoor) -> None:
         await sbx.commands.connect(first.pid)  # it ended
     with pytest.raises(NotFoundError):
         await door.connect_command("other-tenant", sbx.sandbox_id, first.pid)
+
+
+async def test_a_scan_past_its_budget_withholds_like_a_block(
+    door: FrontDoor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Issue 17 §3: GuardBudgetError is handled like a block: nothing released, a TimeoutError
+    # raised, audited; the sandbox stays usable.
+    from moat.guard import GuardBudgetError
+    from moat.guard import budget as budget_mod
+
+    sbx = await _sbx(door)
+    costly = "('eyJa.b xoxb-1-2-a ' * 1000)"
+    assert (await sbx.run_code(costly)).text  # positive control: within budget
+    real = budget_mod._cpu
+    now = [0.0]
+
+    def cpu() -> float:  # every reading 10 s after the last: any budget runs out
+        now[0] += 10.0
+        return now[0]
+
+    monkeypatch.setattr(budget_mod, "_cpu", cpu)
+    seen: list[str] = []
+    with pytest.raises(GuardBudgetError):
+        await sbx.run_code(f"print({costly}, flush=True)", on_stdout=seen.append)
+    with pytest.raises(TimeoutError):
+        await sbx.run_code(costly)
+    assert "xoxb" not in "".join(seen)
+    monkeypatch.setattr(budget_mod, "_cpu", real)
+    assert (await sbx.run_code("1")).text == "1"
+    rows = await door.audit("default", sbx.sandbox_id)
+    assert any(r.get("label") == "guard:budget" for r in rows)

@@ -20,6 +20,7 @@ from typing import IO, Any, Literal
 from moat.egress import GatewayConfig, NetworkPolicy, Secret
 from moat.engine.auditview import OfflineScrub, guard_rows, sandbox_audit
 from moat.engine.engine import DEFAULT_TENANT, Engine, default_engine
+from moat.engine.output import off_loop
 from moat.engine.resolve import (
     network_policy,
     resolve,
@@ -29,7 +30,7 @@ from moat.engine.resolve import (
 )
 from moat.engine.session import Session, ended_error, file_chunks
 from moat.errors import InvalidArgumentError, NotFoundError, PolicyError, SandboxError
-from moat.guard import Guard, GuardPolicy
+from moat.guard import Guard, GuardBudgetError, GuardPolicy
 from moat.model import (
     LANGUAGES,
     Context,
@@ -421,9 +422,16 @@ class FrontDoor:
         path = v.path(path)
         fmt = v.choice("format", format, ("text", "bytes"))
         data = await session.read_file(path)
-        if fmt == "bytes":
-            return session.guard.redact_bytes(data, "files")
-        return session.guard.redact_text(data.decode("utf-8", "replace"), "files")
+        guard = session.guard
+        # Scanned off the event loop when large (a costly file must not stall the others).
+        try:
+            if fmt == "bytes":
+                return await off_loop(len(data), guard.redact_bytes, data, "files")
+            text = data.decode("utf-8", "replace")
+            return await off_loop(len(text), guard.redact_text, text, "files")
+        except GuardBudgetError:
+            session.audit_budget("files")
+            raise
 
     async def write_file(
         self,

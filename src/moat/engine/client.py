@@ -45,6 +45,15 @@ _TCP = frozenset(
 #: Output frames that wait, unread, behind one another are merged up to this many bytes.
 MERGE_OUTPUT = 1 << 20
 _OUTPUT = frozenset({MsgType.STDOUT, MsgType.STDERR})
+#: Output of one call (stdout, stderr, results, errors) queued unread is dropped past this
+#: many bytes, and the call reports truncation: a flooding agent can't grow host memory
+#: faster than the call's consumer (guard, cap) drains it (invariant 6). Above any per-call
+#: output cap an honest call needs (the consumer drains as it goes).
+QUEUE_CAP = 64 << 20
+_DROPPABLE = frozenset({MsgType.STDOUT, MsgType.STDERR, MsgType.RESULT, MsgType.ERROR})
+#: How long one send may wait for the agent to read (a stopped agent fills the pipe): past
+#: it the agent is declared dead and the sandbox ends (invariant 6: a silent agent).
+SEND_TIMEOUT = 30.0
 
 
 class _Output:
@@ -72,9 +81,18 @@ class Call:
         self.id = rid
         self._items: collections.deque[Frame | _Output | object] = collections.deque()
         self._wake = asyncio.Event()
+        #: bytes of droppable output queued unread; whether some was dropped (see QUEUE_CAP)
+        self.queued = 0
+        self.overflowed = False
 
     def put(self, item: Frame | object) -> None:
         """Queue a frame (or the dead marker)."""
+        if isinstance(item, Frame) and item.type in _DROPPABLE:
+            size = _size(item)
+            if self.queued + size > QUEUE_CAP:
+                self.overflowed = True
+                return
+            self.queued += size
         if isinstance(item, Frame) and item.type in _OUTPUT:
             last = self._items[-1] if self._items else None
             if (
@@ -98,6 +116,10 @@ class Call:
             self._wake.clear()
             await self._wake.wait()
         item = self._items.popleft()
+        if isinstance(item, _Output):
+            self.queued -= item.size
+        elif isinstance(item, Frame) and item.type in _DROPPABLE:
+            self.queued -= _size(item)
         if item is _DEAD:
             self._items.appendleft(_DEAD)  # keep failing
             raise SandboxDiedError(self.client.dead_reason or "the sandbox died")
@@ -108,6 +130,13 @@ class Call:
 
     def close(self) -> None:
         self.client.calls.pop(self.id, None)
+
+
+def _size(frame: Frame) -> int:
+    """What a queued frame holds, roughly: its payload, or its text fields' length."""
+    if frame.type in _OUTPUT:
+        return len(frame.payload)
+    return len(frame.payload) + sum(len(str(v)) for v in frame.fields.values())
 
 
 def fail_to_error(frame: Frame) -> SandboxError:
@@ -212,21 +241,34 @@ class AgentClient:
             self._die("the connection to the sandbox's agent broke")
             raise SandboxDiedError(self.dead_reason or "") from exc
 
-    async def drain(self) -> None:
+    async def drain(self, timeout: float | None = None) -> None:
+        """Wait until the agent has read what was sent, at most ``timeout`` (default
+        SEND_TIMEOUT): an agent that stops reading is dead, and its sandbox ends."""
         try:
-            await self.proc.writer.drain()
+            async with asyncio.timeout(SEND_TIMEOUT if timeout is None else timeout):
+                await self.proc.writer.drain()
+        except TimeoutError:
+            self._die("the sandbox's agent stopped reading")
+            raise SandboxDiedError("the sandbox's agent stopped reading") from None
         except (ConnectionError, OSError) as exc:
             self._die("the connection to the sandbox's agent broke")
             raise SandboxDiedError(self.dead_reason or "") from exc
 
-    async def open(self, mtype: MsgType, fields: dict[str, Any], payload: bytes = b"") -> Call:
-        """Send a request; the returned Call yields its frames."""
+    async def open(
+        self,
+        mtype: MsgType,
+        fields: dict[str, Any],
+        payload: bytes = b"",
+        timeout: float | None = None,
+    ) -> Call:
+        """Send a request (the send bounded by ``timeout``, default SEND_TIMEOUT); the
+        returned Call yields its frames."""
         rid = next(self._ids)
         call = Call(self, rid)
         self.calls[rid] = call
         try:
             self.send(mtype, rid, fields, payload)
-            await self.drain()
+            await self.drain(timeout)
         except BaseException:
             call.close()
             raise

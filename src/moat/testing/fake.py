@@ -53,6 +53,8 @@ class FakeProcess:
             self._proc.kill()
         with contextlib.suppress(Exception):
             self._writer.close()
+        with contextlib.suppress(Exception):  # retrieves a broken pipe's error (a stopped agent)
+            await self._writer.wait_closed()
         await self._proc.wait()
         await asyncio.to_thread(shutil.rmtree, self._home, True)
 

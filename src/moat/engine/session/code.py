@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import builtins
 import contextlib
 import hashlib
@@ -14,9 +16,10 @@ from collections.abc import Callable
 from typing import Any
 
 from moat.engine.client import Call
-from moat.engine.output import OutputSink
+from moat.engine.output import OutputSink, off_loop
 from moat.engine.session.core import SessionCore
 from moat.errors import LeakBlockedError, SandboxDiedError, SandboxError, TimeoutError
+from moat.guard import GuardBudgetError
 from moat.model import Context, Execution, ExecutionError, Logs, Result
 from moat.protocol import Frame, MsgType, ProtocolError
 from moat.protocol.replies import check_result_data
@@ -25,7 +28,9 @@ log = logging.getLogger("moat.engine")
 
 #: After asking the agent to interrupt a call, how long before we declare it dead.
 INTERRUPT_GRACE = 5.0
-_B64 = re.compile(r"[A-Za-z0-9+/=\s]*")
+_SPACE = re.compile(r"\s+")
+#: Result formats that are base64 of a binary file: scanned with the guard's binary scanners.
+_BINARY = ("png", "jpeg", "pdf")
 
 
 class CodeCalls(SessionCore):
@@ -47,7 +52,9 @@ class CodeCalls(SessionCore):
         await self._prepare_guard()
         fields = {"context": context, "language": language, "code": code, "envs": envs}
         started = time.monotonic()
-        call = await client.open(MsgType.EXEC, fields)
+        # The send is bounded by the call's timeout too: an agent that stops reading a large
+        # cell ends the sandbox instead of blocking past it (invariant 6).
+        call = await client.open(MsgType.EXEC, fields, timeout=timeout)
         sink = self._sink(on_stdout, on_stderr)
         execution = Execution()
         restarted = False
@@ -56,9 +63,11 @@ class CodeCalls(SessionCore):
                 async with asyncio.timeout(timeout):
                     restarted = await self._exec_frames(call, sink, execution, on_result, on_error)
                 await sink.finish()
-            except LeakBlockedError:
-                # Block mode: nothing more of this call is released; stop the code, and wait
-                # (discarding) until the context is free again.
+            except (LeakBlockedError, GuardBudgetError) as exc:
+                # Block mode, or a scan past its CPU budget: nothing more of this call is
+                # released; stop the code, and wait (discarding) until the context is free.
+                if isinstance(exc, GuardBudgetError):
+                    self.audit_budget("result")
                 await self._interrupt(call)
                 await self._discard_until_done(call)
                 raise
@@ -81,7 +90,7 @@ class CodeCalls(SessionCore):
             call.close()
             self._record_exec(language, code, started, execution)
         execution.logs = Logs(stdout=sink.chunks["stdout"], stderr=sink.chunks["stderr"])
-        execution.truncated = sink.truncated
+        execution.truncated = sink.truncated or call.overflowed
         count = self._exec_counts.get(context, 0) + 1
         self._exec_counts[context] = 0 if restarted else count
         execution.execution_count = count
@@ -129,16 +138,26 @@ class CodeCalls(SessionCore):
         """Consume an execution's frames until DONE; return whether its context restarted."""
 
         async def result(frame: Frame) -> None:
-            r = self._result(frame.fields["data"], frame.fields["is_main"])
+            r = await self._result(frame.fields["data"], frame.fields["is_main"], sink)
+            if r is None:
+                return
             execution.results.append(r)
             if on_result is not None:
                 await _maybe_await(on_result(r))
 
         async def error(frame: Frame) -> None:
+            f = frame.fields
+            # An error counts against the call's cap like any output (invariant 6).
+            if not sink.charge(sum(len(f[k]) for k in ("name", "value", "traceback"))):
+                return
+
+            async def scan(text: str) -> str:
+                return await off_loop(len(text), self.guard.redact_text, text, "error")
+
             err = ExecutionError(
-                name=self.guard.redact_text(frame.fields["name"], "error"),
-                value=self.guard.redact_text(frame.fields["value"], "error"),
-                traceback=self.guard.redact_text(frame.fields["traceback"], "error"),
+                name=await scan(f["name"]),
+                value=await scan(f["value"]),
+                traceback=await scan(f["traceback"]),
             )
             execution.error = err
             if on_error is not None:
@@ -154,28 +173,52 @@ class CodeCalls(SessionCore):
             async with asyncio.timeout(INTERRUPT_GRACE if grace else None):
                 done = await self.consume(call, MsgType.EXEC, handlers, "an execution")
                 return bool(done.get("restarted"))
+        except GuardBudgetError:
+            raise  # a TimeoutError too, but the guard's: the caller withholds and stops the code
         except builtins.TimeoutError:
             # The agent did not finish an interrupted call: it is not to be trusted any more.
             await self.kill("died: the agent did not stop an interrupted execution")
             raise SandboxDiedError("the sandbox did not stop a timed-out execution") from None
 
-    def _result(self, data: Any, is_main: bool) -> Result:
+    async def _result(self, data: Any, is_main: bool, sink: OutputSink) -> Result | None:
+        """A RESULT's data, checked, counted against the call's cap (None: over it, dropped)
+        and guarded format by format (invariants 4, 6): text formats as text, binary ones
+        decoded and scanned as files of their type; what the guard refuses is left out."""
         try:
             check_result_data(data)
         except ProtocolError as exc:
             raise self._violation(str(exc)) from None
+        sizes = {k: len(v) if isinstance(v, str) else len(json.dumps(v)) for k, v in data.items()}
+        if not sink.charge(sum(sizes.values())):
+            return None
         kwargs: dict[str, Any] = {}
         for key, value in data.items():
             if key in ("json", "data"):
-                text = self.guard.redact_text(json.dumps(value, ensure_ascii=False), "result")
+                dumped = json.dumps(value, ensure_ascii=False)
+                text = await off_loop(sizes[key], self.guard.redact_text, dumped, "result")
                 kwargs[key] = _json_loads(text)
-            elif key in ("png", "jpeg", "pdf"):
-                if not _B64.fullmatch(value):
-                    raise self._violation("bad image")
-                kwargs[key] = value  # binary passes; its text metadata is scanned by the guard
+            elif key in _BINARY:
+                safe = await self._binary(key, value)
+                if safe is not None:
+                    kwargs[key] = safe
             else:
-                kwargs[key] = self.guard.redact_text(value, "result")
+                kwargs[key] = await off_loop(sizes[key], self.guard.redact_text, value, "result")
         return Result(is_main_result=is_main, **kwargs)
+
+    async def _binary(self, key: str, value: str) -> str | None:
+        """A base64 result of a binary format, as the guard releases it (None: dropped).
+        Not base64 at all ends the sandbox (a malformed reply)."""
+        try:
+            raw = base64.b64decode(_SPACE.sub("", value), validate=True)
+        except (binascii.Error, ValueError):
+            raise self._violation("bad binary result") from None
+        # Always in a thread: decoding, inflating and scanning a file costs more than a hop.
+        safe, _findings = await asyncio.to_thread(
+            self.guard.scan_binary_result, key, raw, "result"
+        )  # findings went to the audit trail (the guard's on_finding)
+        if safe is None:
+            return None
+        return value if safe == raw else base64.b64encode(safe).decode("ascii")
 
     # -- contexts ----------------------------------------------------------------------------
 

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 from moat.engine.client import Call
-from moat.engine.output import OutputSink
+from moat.engine.output import OutputSink, off_loop
 from moat.engine.session.core import SessionCore
 from moat.errors import (
     LeakBlockedError,
@@ -18,6 +18,7 @@ from moat.errors import (
     SandboxError,
     TimeoutError,
 )
+from moat.guard import GuardBudgetError
 from moat.model import CommandResult, ProcessInfo
 from moat.protocol import CHUNK_SIZE, MsgType
 
@@ -92,6 +93,14 @@ class CommandCalls(SessionCore):
         try:
             async with asyncio.timeout(timeout):
                 done = await self.consume(call, request, handlers, "a command")
+        except (LeakBlockedError, GuardBudgetError) as exc:
+            # Block mode or a scan past its CPU budget: withheld, the command stopped.
+            if isinstance(exc, GuardBudgetError):
+                self.audit_budget("stdout")
+            with contextlib.suppress(SandboxError):
+                await self.kill_command(pid)
+            call.close()
+            raise
         except builtins.TimeoutError:
             with contextlib.suppress(SandboxError):
                 await self.kill_command(pid)
@@ -99,18 +108,13 @@ class CommandCalls(SessionCore):
             raise TimeoutError(
                 f"command exceeded its {timeout:g}s timeout and was killed"
             ) from None
-        except LeakBlockedError:
-            with contextlib.suppress(SandboxError):
-                await self.kill_command(pid)
-            call.close()
-            raise
         call.close()
         await sink.finish()
         return CommandResult(
             exit_code=done["exit_code"],
             stdout=sink.text("stdout"),
             stderr=sink.text("stderr"),
-            truncated=sink.truncated,
+            truncated=sink.truncated or call.overflowed,
         )
 
     async def send_stdin(self, pid: int, data: bytes, eof: bool = False) -> None:
@@ -135,7 +139,11 @@ class CommandCalls(SessionCore):
         self._check()
         await self._prepare_guard()
         reply = await self.request(MsgType.CMD_LIST, {})
-        return [
-            ProcessInfo(pid=p["pid"], cmd=self.guard.redact_text(p["cmd"], "list"))
-            for p in reply["processes"]
-        ]
+        procs = reply["processes"]
+        # Command lines are text chosen inside the sandbox (invariant 4); many or long ones
+        # are scanned off the event loop.
+        cmds = await off_loop(
+            sum(len(p["cmd"]) for p in procs),
+            lambda: [self.guard.redact_text(p["cmd"], "list") for p in procs],
+        )
+        return [ProcessInfo(pid=p["pid"], cmd=c) for p, c in zip(procs, cmds, strict=True)]

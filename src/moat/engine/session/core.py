@@ -17,6 +17,7 @@ from typing import Any, Protocol
 from moat.engine.client import AgentClient, Call, fail_to_error
 from moat.engine.output import OutputSink, StreamFilter
 from moat.errors import NotFoundError, SandboxDiedError, SandboxError, TimeoutError
+from moat.guard import GuardBudgetError
 from moat.model import DEFAULT_MAX_OUTPUT
 from moat.protocol import Frame, MsgType, ProtocolError
 from moat.protocol.replies import check_reply
@@ -37,6 +38,10 @@ class OutputGuard(Protocol):
     def redact_text(self, text: str, channel: str) -> str: ...
 
     def redact_bytes(self, data: bytes, channel: str) -> bytes: ...
+
+    def scan_binary_result(
+        self, mime: str, data: bytes, channel: str = "result"
+    ) -> tuple[bytes | None, list[Any]]: ...
 
     @property
     def prepared(self) -> bool: ...
@@ -95,6 +100,16 @@ class SessionCore:
         if not self.guard.prepared:
             await asyncio.to_thread(self.guard.prepare)
 
+    def audit_budget(self, channel: str) -> None:
+        """A scan ran past its CPU budget: audited like a finding (the output was withheld,
+        and the caller gets a TimeoutError)."""
+        record = getattr(self.audit, "record_finding", None)
+        if record is not None:
+            try:
+                record(self.id, "guard:budget", channel, canary=False)
+            except Exception:
+                log.exception("audit write failed")
+
     def _check(self) -> AgentClient:
         if self.ended is not None or self.client is None:
             raise ended_error(self.ended or "killed")
@@ -151,6 +166,9 @@ class SessionCore:
         try:
             async with asyncio.timeout(timeout):
                 return await self.consume(call, mtype, {}, mtype.value)
+        except GuardBudgetError:
+            self.audit_budget("error")
+            raise  # the guard's TimeoutError (a FAIL message withheld), not a silent agent
         except builtins.TimeoutError:
             client._die("the sandbox's agent stopped answering")
             raise SandboxDiedError("the sandbox's agent stopped answering") from None

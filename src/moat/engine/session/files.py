@@ -9,6 +9,7 @@ import datetime as dt
 from collections.abc import AsyncIterator
 from typing import IO, Any
 
+from moat.engine.output import off_loop
 from moat.engine.session.core import SessionCore
 from moat.errors import InvalidArgumentError, SandboxError, TimeoutError
 from moat.model import EntryInfo
@@ -78,12 +79,12 @@ class FileCalls(SessionCore):
         self._check()
         await self._prepare_guard()
         reply = await self.request(MsgType.FILE_LIST, {"path": path, "depth": depth}, timeout=60)
-        return [self._entry(e) for e in reply["entries"]]
+        return await self._entries(reply["entries"])
 
     async def stat(self, path: str) -> EntryInfo:
         self._check()
         await self._prepare_guard()
-        return self._entry(await self.request(MsgType.FILE_STAT, {"path": path}))
+        return (await self._entries([await self.request(MsgType.FILE_STAT, {"path": path})]))[0]
 
     async def remove(self, path: str) -> None:
         await self._prepare_guard()
@@ -98,16 +99,26 @@ class FileCalls(SessionCore):
         """Rename or move ``path`` to ``dst``; the entry now at ``dst``."""
         await self._prepare_guard()
         reply = await self.request(MsgType.FILE_MOVE, {"path": path, "dst": dst}, timeout=60)
-        return self._entry(reply)
+        return (await self._entries([reply]))[0]
+
+    async def _entries(self, entries: list[dict[str, Any]]) -> list[EntryInfo]:
+        """Entries of a reply, guarded; many or long names are scanned off the event loop."""
+        size = sum(
+            len(e["name"]) + len(e["path"]) + len(e.get("symlink_target", "")) for e in entries
+        )
+        try:
+            return await off_loop(size, lambda: [self._entry(e) for e in entries])
+        except _BadEntry:
+            raise self._violation("bad file entry") from None
 
     def _entry(self, e: dict[str, Any]) -> EntryInfo:
         """An entry of the reply schema (type an enum, permissions a pattern); its names
-        are chosen inside the sandbox: guarded (invariant 4)."""
+        are chosen inside the sandbox: guarded (invariant 4). May run in a worker thread."""
         target = e.get("symlink_target")
         try:
             mtime = dt.datetime.fromtimestamp(float(e["mtime"]), dt.UTC)
         except (ValueError, OverflowError, OSError):
-            raise self._violation("bad file entry") from None
+            raise _BadEntry from None
         return EntryInfo(
             name=self.guard.redact_text(e["name"], "files"),
             path=self.guard.redact_text(e["path"], "files"),
@@ -118,6 +129,10 @@ class FileCalls(SessionCore):
             modified_time=mtime,
             symlink_target=self.guard.redact_text(target, "files") if target else None,
         )
+
+
+class _BadEntry(Exception):
+    """An entry the schema let through but that can't be represented (an mtime)."""
 
 
 def file_chunks(data: str | bytes | IO[Any]) -> Any:
