@@ -356,8 +356,10 @@ def test_shell_fork_bomb_leaves_the_sandbox_usable(tier: str) -> None:
             h.kill()
         except SandboxError:
             if tier == "gvisor":
-                # runsc's ptrace platform keeps host tasks of exited processes: a shell bomb
-                # drives them past the host pids backstop and the sentry dies (docs/gvisor.md)
+                # runsc 20221219's ptrace platform pools stubs of exited processes forever and
+                # gives each a host thread per sentry thread that ran in it: a shell bomb's
+                # churn drives host tasks past the backstop and the sentry dies, fail closed
+                # (docs/containment.md "Fork bombs"; a bomb that wedges early survives)
                 pytest.xfail("gVisor: host task churn ends the sandbox (fails closed)")
             raise
         deadline = time.monotonic() + 30

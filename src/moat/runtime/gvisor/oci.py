@@ -64,8 +64,11 @@ HOST_PIDS_OVERHEAD: Final = 256
 AS_FACTOR: Final = 2
 #: Host tasks per sandboxed task allowed by the backstop: the ptrace platform gives every
 #: address space a stub process plus threads (about 4 per sandboxed process measured); the
-#: sentry's RLIMIT_NPROC is what refuses a fork loop, the backstop must never fire first
-#: (when it does, the sentry cannot create a thread and the whole sandbox dies).
+#: sentry's RLIMIT_NPROC is what refuses a fork loop. When the backstop fires, the sentry
+#: cannot create a thread and the whole sandbox dies (fail closed, invariant 10). Fork churn
+#: at the limit makes it fire: runsc 20221219 pools stubs forever and adds a thread to a stub
+#: per sentry thread that runs in it, so host tasks grow as address spaces x sentry threads,
+#: not linearly; no value here bounds that (docs/containment.md "Fork bombs").
 HOST_PIDS_PER_TASK: Final = 8
 #: Name prefix of the host cgroups of this tier (what ``sweep`` looks for).
 CGROUP_PREFIX: Final = "moat-gvisor-"
