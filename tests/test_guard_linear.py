@@ -18,6 +18,10 @@ from moat.guard import Guard, GuardPolicy
 from moat.guard.rules import ALL_RULES, load_rules
 
 T = TypeVar("T")
+#: CPU seconds for 700 KiB that is a finding every few bytes (Python works per finding): the
+#: densest, opt-in ip_public, measures 0.6 s quiet and 0.84-0.97 s with the 2 cores loaded.
+#: A stall (the upstream rules) takes minutes; linearity is the 4x-step check.
+DENSE_S = 1.5
 
 KIB = 1024
 
@@ -93,7 +97,7 @@ def test_rule_scans_adversarial_input_in_linear_time(name: str) -> None:
         # Generous bounds (2 shared cores); the upstream jwt rule takes minutes here. Inputs
         # that are findings every few bytes cost Python per finding (still linear).
         dense = guard.redact_text(text, "result") != text
-        assert large < (0.8 if dense else 0.25), (name, unit[:20], large)
+        assert large < (DENSE_S if dense else 0.25), (name, unit[:20], large)
         # Linear: 4x the input, ~4x the time (5x measured: RE2 plus Python per finding);
         # quadratic would be ~16x. The threshold sits
         # between them, so a loaded machine's noise (seen: 3.4x on a 2x step) can't decide it
@@ -108,7 +112,7 @@ def test_rule_bytes_path_is_linear_too(name: str) -> None:
         data = _text(unit, 700 * KIB).encode()
         out = guard.redact_bytes(data, "file")
         took = _best(lambda d: guard.redact_bytes(d, "file"), data)
-        assert took < (0.8 if out != data else 0.25), (name, unit[:20], took)
+        assert took < (DENSE_S if out != data else 0.25), (name, unit[:20], took)
 
 
 @pytest.mark.parametrize(("name", "unit"), [("jwt", "eyJ"), ("npm", "//"), ("openai", "sk-")])

@@ -56,6 +56,12 @@ class FakeProcess:
         with contextlib.suppress(Exception):  # retrieves a broken pipe's error (a stopped agent)
             await self._writer.wait_closed()
         await self._proc.wait()
+        # The agent is dead, but its stdout pipe stays open until a reader sees EOF, and the
+        # engine's reader may be gone already: close the transport (asyncio keeps it on the
+        # Process as `_transport`), or it is finalised later as an unclosed ResourceWarning.
+        transport = getattr(self._proc, "_transport", None)
+        if isinstance(transport, asyncio.BaseTransport):
+            transport.close()
         await asyncio.to_thread(shutil.rmtree, self._home, True)
 
     def alive(self) -> bool:
