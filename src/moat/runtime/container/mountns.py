@@ -21,7 +21,7 @@ filesystem: a bind's entry in ``/proc/self/mountinfo`` names its source's path f
 of the source's filesystem (``/var/lib/moat/agent/<hash>``), so the sandbox would learn the
 state directory and, through it, how the host is laid out (issue 17 §4). Instead
 :meth:`Staged.enter` writes them, from a snapshot the engine read once (:func:`snapshot`,
-~350 KiB), into the staging tmpfs; bwrap binds them from there and the sandbox sees only
+~230 KiB), into the staging tmpfs; bwrap binds them from there and the sandbox sees only
 ``/agent`` and ``/etc/...`` on a tmpfs named ``moat``. The copy is charged to the sandbox's
 memory cgroup (the child is already in it).
 
@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
+from moat.errors import IsolationUnavailableError
 from moat.paths import state_dir
 from moat.runtime.mounts import resolve
 from moat.runtime.spec import Mount
@@ -92,7 +93,7 @@ def snapshot(root: str) -> tuple[Entry, ...]:
     """The directories and regular files under ``root``, parents first (read once per engine).
 
     Only for moat's own write-once trees (agent copy, synthetic /etc): anything else found
-    there (a symlink, a device) is a broken install and fails the start.
+    there (a symlink, a device) is a broken install: :class:`IsolationUnavailableError`.
     """
     entries: list[Entry] = []
     for dirpath, dirnames, filenames in os.walk(root):
@@ -108,7 +109,8 @@ def snapshot(root: str) -> tuple[Entry, ...]:
                 with open(path, "rb") as f:
                     entries.append(Entry(rel, f.read(), mode, st.st_mtime_ns))
             else:
-                raise OSError(errno.EINVAL, f"unexpected file type in moat tree {root}")
+                # no host path in the message (invariant 8); fail closed (invariant 7)
+                raise IsolationUnavailableError("moat's sandbox files are damaged on this host")
     return tuple(entries)
 
 
