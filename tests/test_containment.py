@@ -27,6 +27,7 @@ from moat import (
 )
 from moat.egress import proxy_env
 from moat.model import CA_BUNDLE_PATH, PROXY_PORT
+from moat.paths import state_dir
 from moat.runtime.container.driver import UID_BASE, UID_SPAN
 from moat.testing import session_of
 
@@ -415,3 +416,26 @@ def test_host_kernel_command_line_is_hidden(tier: str, sbx: Sandbox) -> None:
     assert inside  # positive control: the file is there and read
     if tier != "microvm":  # the microVM's command line is its own guest kernel's
         assert inside != host
+
+
+def test_host_paths_are_hidden_from_mountinfo(tier: str, tmp_path: Path) -> None:
+    """Issue 17 §4: no moat host path (state dir, home, worktree) in the mount table inside.
+
+    The caller's own Mount may name its host path (the caller chose it): it is the positive
+    control that the table read is the sandbox's real one.
+    """
+    (tmp_path / "f").write_text("x")
+    os.chmod(tmp_path, 0o755)  # the sandbox uid reads it
+    os.chmod(tmp_path / "f", 0o644)
+    mine = Mount(str(tmp_path), "/data")
+    with Sandbox.create(isolation=tier, timeout=120, mounts=[mine]) as s:
+        table = s.files.read("/proc/self/mountinfo")
+        assert s.files.read("/data/f") == "x"
+    lines = table.splitlines()
+    assert any(" /data " in line for line in lines)  # positive control: a real table
+    if tier == "container":  # bwrap binds the path itself: its root field names it
+        assert any(str(tmp_path) in line for line in lines)
+    forbidden = {str(state_dir()), "/var/lib/moat", "/root", "/work", str(Path.home())}
+    forbidden |= {str(Path(p).resolve()) for p in (state_dir(), Path.home())}
+    leaks = [(f, line) for line in lines for f in forbidden if f in line]
+    assert not leaks

@@ -276,7 +276,10 @@ class ContainerRuntime:
         )
         # Opened here, as root: a path under a parent the sandbox uid cannot traverse (0700
         # /root) still mounts; a missing or unusable one is a typed error (see mountns.py).
-        staged = await asyncio.to_thread(mountns.open_sources, spec.mounts, SANDBOX_HOST_GID)
+        # moat's own trees are copied onto the staging tmpfs, never bound from the state dir:
+        # a bind's mountinfo entry would name the host path (issue 17 §4, invariant 1).
+        trees = (("agent", host.agent_dir), ("etc", host.etc_dir))
+        staged = await asyncio.to_thread(mountns.open_sources, spec.mounts, SANDBOX_HOST_GID, trees)
         cgroup = await _owned(
             lambda: manager.create(spec.sandbox_id.removeprefix("sbx-"), spec.limits),
             lambda made: made.destroy(),
@@ -302,8 +305,8 @@ class ContainerRuntime:
             filt.seek(0)
             fd = filt.fileno()
             host = bwrap.HostLayout(
-                agent_dir=host.agent_dir,
-                etc_dir=host.etc_dir,
+                agent_dir=staged.tree("agent"),
+                etc_dir=staged.tree("etc"),
                 seccomp_fd=fd,
                 host_etc=host.host_etc,
                 usr_links=host.usr_links,

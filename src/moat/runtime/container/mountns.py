@@ -16,6 +16,15 @@ runs as root); it resolves every source path itself (``--ro-bind-fd`` too: it ca
 3. bwrap then binds ``stage_dir()/N`` (reachable by any uid) to the mount's sandbox path, read-
    only unless asked, as before.
 
+moat's own trees (the agent's code, the synthetic /etc files) are not bound from the host's
+filesystem: a bind's entry in ``/proc/self/mountinfo`` names its source's path from the root
+of the source's filesystem (``/var/lib/moat/agent/<hash>``), so the sandbox would learn the
+state directory and, through it, how the host is laid out (issue 17 §4). Instead
+:meth:`Staged.enter` writes them, from a snapshot the engine read once (:func:`snapshot`,
+~230 KiB), into the staging tmpfs; bwrap binds them from there and the sandbox sees only
+``/agent`` and ``/etc/...`` on a tmpfs named ``moat``. The copy is charged to the sandbox's
+memory cgroup (the child is already in it).
+
 The staging mounts live only in the child's mount namespace: the host's mount table never
 changes and they vanish with the sandbox (invariant 5). Inside bwrap's user namespace they are
 locked mounts, so the sandbox cannot unmount them to look beneath.
@@ -25,16 +34,19 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
+from moat.errors import IsolationUnavailableError
 from moat.paths import state_dir
 from moat.runtime.mounts import resolve
 from moat.runtime.spec import Mount
 
-__all__ = ["Staged", "open_sources", "stage_dir"]
+__all__ = ["Entry", "Staged", "open_sources", "snapshot", "stage_dir"]
 
 _CLONE_NEWNS: Final = 0x00020000
 _MS_NOSUID: Final = 2
@@ -67,17 +79,65 @@ def stage_dir() -> Path:
 
 
 @dataclass(frozen=True)
+class Entry:
+    """One directory (``data`` None) or regular file of a moat-owned tree, relative path."""
+
+    rel: str
+    data: bytes | None
+    mode: int
+    mtime_ns: int  # kept: a copied .py must still match its byte-compiled .pyc
+
+
+@functools.cache
+def snapshot(root: str) -> tuple[Entry, ...]:
+    """The directories and regular files under ``root``, parents first (read once per engine).
+
+    Only for moat's own write-once trees (agent copy, synthetic /etc): anything else found
+    there (a symlink, a device) is a broken install: :class:`IsolationUnavailableError`.
+    """
+    entries: list[Entry] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        for name in [*dirnames, *sorted(filenames)]:
+            path = os.path.join(dirpath, name)
+            st = os.lstat(path)
+            rel = os.path.relpath(path, root)
+            mode = stat.S_IMODE(st.st_mode)
+            if stat.S_ISDIR(st.st_mode):
+                entries.append(Entry(rel, None, mode, st.st_mtime_ns))
+            elif stat.S_ISREG(st.st_mode):
+                with open(path, "rb") as f:
+                    entries.append(Entry(rel, f.read(), mode, st.st_mtime_ns))
+            else:
+                # no host path in the message (invariant 8); fail closed (invariant 7)
+                raise IsolationUnavailableError("moat's sandbox files are damaged on this host")
+    return tuple(entries)
+
+
+def _tmpfs_size(trees: tuple[tuple[str, tuple[Entry, ...]], ...]) -> int:
+    """A cap for the staging tmpfs: the trees' pages, one per inode, and 64 KiB to spare."""
+    pages = sum(1 + len(e.data or b"") // 4096 for _, entries in trees for e in entries)
+    return (pages + len(trees) + 16) * 4096
+
+
+@dataclass(frozen=True)
 class Staged:
-    """Resolved sources of a sandbox's mounts, in ``spec.mounts`` order."""
+    """Resolved sources of a sandbox's mounts, in ``spec.mounts`` order, and moat's trees."""
 
     paths: tuple[str, ...]
     is_dir: tuple[bool, ...]
     ids: tuple[tuple[int, int], ...]  # (st_dev, st_ino) of what was opened
     stage: str
+    #: (name, snapshot): written to ``stage/name`` in the child (names are not digits)
+    trees: tuple[tuple[str, tuple[Entry, ...]], ...] = ()
 
     def sources(self) -> tuple[str, ...]:
         """What bwrap binds from, one per mount (paths valid in the child only)."""
         return tuple(f"{self.stage}/{i}" for i in range(len(self.paths)))
+
+    def tree(self, name: str) -> str:
+        """Where bwrap finds moat's tree ``name`` (a path valid in the child only)."""
+        return f"{self.stage}/{name}"
 
     def enter(self) -> None:
         """In the forked child, as root, before privileges drop: stage every source.
@@ -85,13 +145,17 @@ class Staged:
         Only os-level and libc calls (no locks: runs between fork and exec). Raises OSError,
         which fails the spawn: never a sandbox without the data it was promised.
         """
-        if not self.paths:
+        if not self.paths and not self.trees:
             return
         _check(_unshare(_CLONE_NEWNS))
         _check(_mount(b"none", b"/", None, _MS_REC | _MS_PRIVATE, None))
         stage = self.stage.encode()
         flags = _MS_NOSUID | _MS_NODEV | _MS_NOEXEC
-        _check(_mount(b"moat-stage", stage, b"tmpfs", flags, b"mode=0755,size=64k"))
+        opts = f"mode=0755,size={_tmpfs_size(self.trees)}".encode()
+        # named "moat": the source field of every bind from it inside (issue 17 §4)
+        _check(_mount(b"moat", stage, b"tmpfs", flags, opts))
+        for name, entries in self.trees:
+            _write_tree(f"{self.stage}/{name}", entries)
         for i, (path, is_dir, ident) in enumerate(
             zip(self.paths, self.is_dir, self.ids, strict=True)
         ):
@@ -106,18 +170,43 @@ class Staged:
                 raise OSError(errno.ESTALE, "a mount source changed while starting")
 
 
+def _write_tree(top: str, entries: tuple[Entry, ...]) -> None:
+    """Write a snapshot under ``top`` (in the child, on its own tmpfs): os calls only."""
+    os.mkdir(top, 0o755)
+    os.chmod(top, 0o755)  # noqa: S103 - whatever the umask: the sandbox uid reads it
+    for e in entries:
+        path = f"{top}/{e.rel}"
+        if e.data is None:
+            os.mkdir(path, e.mode)
+            os.chmod(path, e.mode)
+            continue
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, e.mode)
+        try:
+            view = memoryview(e.data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fchmod(fd, e.mode)
+            os.utime(fd, ns=(e.mtime_ns, e.mtime_ns))
+        finally:
+            os.close(fd)
+
+
 def _check(rc: int) -> None:
     if rc != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
 
 
-def open_sources(mounts: tuple[Mount, ...], gid: int) -> Staged:
-    """Resolve and check every mount's host path as root (see :func:`mounts.resolve`)."""
+def open_sources(
+    mounts: tuple[Mount, ...], gid: int, trees: tuple[tuple[str, str], ...] = ()
+) -> Staged:
+    """Resolve and check every mount's host path as root (see :func:`mounts.resolve`), and
+    snapshot moat's ``(name, host dir)`` trees (cached: read once per engine)."""
     found = [resolve(m, gid) for m in mounts]
     return Staged(
         tuple(r.path for r in found),
         tuple(r.is_dir for r in found),
         tuple(r.ident for r in found),
-        str(stage_dir()) if mounts else "",
+        str(stage_dir()) if mounts or trees else "",
+        tuple((name, snapshot(path)) for name, path in trees),
     )
