@@ -132,13 +132,18 @@ def test_a_costly_scan_does_not_stall_another_sandbox() -> None:
         Sandbox.create(isolation="container", timeout=300, sensitive={SECRET: LABEL}) as a,
         Sandbox.create(isolation="container", timeout=300) as b,
     ):
-        a.files.write("costly.txt", text)
         # Positive control: the same scan on the calling thread takes far longer than 0.5 s,
-        # so inline on the event loop it would stall B's calls that long.
-        t0 = time.monotonic()
-        a.guard.redact_text(text, "result")
-        inline = time.monotonic() - t0
+        # so inline on the event loop it would stall B's calls that long. A faster or quieter
+        # machine scans 700 KiB in under 0.5 s: grow the file until the scan is costly enough.
+        for _ in range(4):
+            t0 = time.monotonic()
+            a.guard.redact_text(text, "result")
+            inline = time.monotonic() - t0
+            if inline > 0.7:
+                break
+            text += text
         assert inline > 0.5, inline
+        a.files.write("costly.txt", text)
         done = threading.Event()
         errors: list[BaseException] = []
 

@@ -10,6 +10,7 @@ import json
 import os
 import secrets
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -139,10 +140,13 @@ def test_revoked_key_is_refused_at_once(server: Server) -> None:
     key = new_key(tenant)
     assert Sandbox.list(api_key=key).next_items() == []
     listed = subprocess.run(
-        ["python", "-m", "moat.cli", "keys", "list"], capture_output=True, text=True, check=True
+        [sys.executable, "-m", "moat.cli", "keys", "list"],
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     key_id = next(line.split()[0] for line in listed.splitlines() if tenant in line)
-    subprocess.run(["python", "-m", "moat.cli", "keys", "revoke", key_id], check=True)
+    subprocess.run([sys.executable, "-m", "moat.cli", "keys", "revoke", key_id], check=True)
     with pytest.raises(AuthenticationException):
         Sandbox.list(api_key=key).next_items()
 
