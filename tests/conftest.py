@@ -6,7 +6,9 @@ that is missing here fails the run, it is not skipped (``MOAT_ALLOW_SKIP=1`` ski
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 
@@ -20,9 +22,12 @@ from moat.engine.tiers import runtime_for
 os.environ.setdefault("MOAT_WARM_POOL", "0")
 # Each run writes an audit store of its own, never the host's <state dir>/audit.db that the
 # operator's `moat serve` and other runs (other code versions) use; CLI children inherit it.
-os.environ.setdefault(
-    "MOAT_AUDIT_DB", os.path.join(tempfile.mkdtemp(prefix="moat-test-audit-"), "audit.db")
-)
+if "MOAT_AUDIT_DB" not in os.environ:
+    _audit_dir = tempfile.mkdtemp(prefix="moat-test-audit-")
+    os.environ["MOAT_AUDIT_DB"] = os.path.join(_audit_dir, "audit.db")
+    # Registered first, so it runs last at exit (atexit is LIFO): after the store's own exit
+    # hook has flushed and closed it.
+    atexit.register(shutil.rmtree, _audit_dir, True)
 
 TIERS = [t for t in os.environ.get("MOAT_TIERS", "container,gvisor,microvm").split(",") if t]
 TIER_PARAMS = [pytest.param(t, marks=getattr(pytest.mark, t), id=t) for t in TIERS]
