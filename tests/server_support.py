@@ -9,6 +9,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,3 +73,25 @@ def start_server(log: Path, tier: str = "container") -> Server:
 
 def tenant_name(prefix: str) -> str:
     return f"{prefix}-{secrets.token_hex(4)}"
+
+
+@contextmanager
+def serving(log: Path) -> Iterator[Server]:
+    """A running ``moat serve`` with the E2B SDKs pointed at it (``E2B_API_URL`` and
+    ``E2B_SANDBOX_URL``; no default key); on exit it must stop cleanly with no traceback."""
+    srv = start_server(log)
+    names = ("E2B_API_URL", "E2B_SANDBOX_URL", "E2B_API_KEY")
+    saved = {k: os.environ.get(k) for k in names}
+    os.environ["E2B_API_URL"] = os.environ["E2B_SANDBOX_URL"] = srv.url
+    os.environ.pop("E2B_API_KEY", None)
+    try:
+        yield srv
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        assert srv.stop() == 0
+        text = srv.log.read_text()
+        assert "Traceback" not in text, text[-3000:]

@@ -1,10 +1,9 @@
 """Binary results carry no registered value or canary to the caller (issue 17 §2).
 
 Real files: PNG and PDF built with zlib and struct as their specifications lay them out, a
-JPEG made by Pillow (``tests/golden/guard_tiny.jpg``), and, where the system Python has
-matplotlib, figures saved by ``savefig`` with metadata. Each carries a registered value or
-a canary in a place a viewer shows or a parser reads; the guard must cut it or drop the
-result, and must drop bytes that are not what their MIME type says.
+JPEG made by Pillow (``tests/golden/guard_tiny.jpg``), and figures saved by the system
+Python's matplotlib (``savefig`` with metadata). Each carries a registered value or a canary
+in a place a viewer shows or a parser reads; the guard must cut it or drop the result, and must drop bytes that are not what their MIME type says.
 """
 
 from __future__ import annotations
@@ -17,6 +16,7 @@ import zlib
 from pathlib import Path
 
 import pytest
+from tests.conftest import require
 
 from moat.errors import LeakBlockedError
 from moat.guard import Guard, GuardPolicy
@@ -223,13 +223,19 @@ sys.stdout.write(base64.b64encode(buf.getvalue()).decode())
 """
 
 
-def _matplotlib(value: str, fmt: str) -> bytes | None:
-    if _SYSTEM_PY is None:
-        return None
+def _matplotlib(value: str, fmt: str) -> bytes:
+    """A figure saved by the system Python's matplotlib (`make install` adds Debian's
+    python3-matplotlib); missing, the test fails like any missing prerequisite."""
+    require(None if _SYSTEM_PY else "no system Python", "the system Python (make install)")
+    assert _SYSTEM_PY is not None
     proc = subprocess.run(
         [_SYSTEM_PY, "-c", _MPL, value, fmt], capture_output=True, text=True, timeout=120
     )
-    return base64.b64decode(proc.stdout) if proc.returncode == 0 else None
+    require(
+        None if proc.returncode == 0 else proc.stderr[-300:],
+        "matplotlib in the system Python (Debian's python3-matplotlib, make install)",
+    )
+    return base64.b64decode(proc.stdout)
 
 
 @pytest.mark.parametrize(("fmt", "mime"), [("png", "png"), ("jpg", "jpeg"), ("pdf", "pdf")])
@@ -237,8 +243,6 @@ def test_matplotlib_figures(fmt: str, mime: str) -> None:
     g, values = _guard()
     value = values[1]
     data = _matplotlib(value, fmt)
-    if data is None:
-        pytest.skip("the system Python has no matplotlib to save figures with")
     out, findings = g.scan_binary_result(mime, data)
     assert findings
     assert _clean(out, value)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import struct
 import time
 from collections.abc import Iterator
@@ -22,7 +21,7 @@ from e2b.exceptions import SandboxException, TimeoutException
 from e2b.sandbox.commands.command_handle import CommandExitException
 from e2b.sandbox.filesystem.filesystem import FileType
 from tests.conftest import require_tier
-from tests.server_support import Server, new_key, start_server, tenant_name
+from tests.server_support import Server, new_key, serving, tenant_name
 
 pytestmark = [pytest.mark.container, pytest.mark.slow]
 
@@ -30,21 +29,8 @@ pytestmark = [pytest.mark.container, pytest.mark.slow]
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     require_tier("container")
-    srv = start_server(tmp_path_factory.mktemp("serve") / "server.log")
-    saved = {k: os.environ.get(k) for k in ("E2B_API_URL", "E2B_SANDBOX_URL", "E2B_API_KEY")}
-    os.environ["E2B_API_URL"] = os.environ["E2B_SANDBOX_URL"] = srv.url
-    os.environ.pop("E2B_API_KEY", None)
-    try:
+    with serving(tmp_path_factory.mktemp("serve") / "server.log") as srv:
         yield srv
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        assert srv.stop() == 0
-        log = srv.log.read_text()
-        assert "Traceback" not in log, log[-3000:]
 
 
 @pytest.fixture(scope="module")
