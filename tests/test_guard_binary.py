@@ -3,7 +3,8 @@
 Real files: PNG and PDF built with zlib and struct as their specifications lay them out, a
 JPEG made by Pillow (``tests/golden/guard_tiny.jpg``), and figures saved by the system
 Python's matplotlib (``savefig`` with metadata). Each carries a registered value or a canary
-in a place a viewer shows or a parser reads; the guard must cut it or drop the result, and must drop bytes that are not what their MIME type says.
+in a place a viewer shows or a parser reads; the guard must cut it or drop the result,
+and must drop bytes that are not what their MIME type says.
 """
 
 from __future__ import annotations
