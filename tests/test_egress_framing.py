@@ -473,6 +473,11 @@ def reflected_forms(value: bytes) -> dict[str, bytes]:
         ),
         "hex": value.hex().encode(),
         "HEX": value.hex().upper().encode(),
+        # exact forms with their letter case changed (the guard folds ASCII case too)
+        "b32": base64.b32encode(value),
+        "b32_lower": base64.b32encode(value).lower(),
+        "hex_colon_upper": value.hex(":").upper().encode(),
+        "reversed_upper": value[::-1].upper(),
     }
 
 
@@ -607,6 +612,30 @@ def test_pipelined_second_request_is_checked_too(
     assert second is not None and second[0].startswith(b"HTTP/1.1 400")
     assert b"ambiguous_framing:cl_and_te" in second[0]
     assert [r["path"] for r in cl_upstream.log] == ["/first"]
+
+
+def test_pipelined_good_requests_are_both_served(
+    gateway: GatewayFactory, cl_upstream: CLUpstream
+) -> None:
+    """Two good requests in one write (the second's body still on its way) are both served:
+    a second head already in h11's buffer is checked without feeding h11 an empty read,
+    which h11 takes for the client's end of connection."""
+    p = cl_upstream.port
+    h = _gateway(gateway, p)
+    first = f"GET /first HTTP/1.1\r\nHost: {HOST}:{p}\r\n\r\n"
+    second = f"POST /second HTTP/1.1\r\nHost: {HOST}:{p}\r\nContent-Length: 4\r\n\r\nab"
+    c = Client(h, p)
+    c.send((first + second).encode())
+    one = c.response()
+    c.send(b"cd")
+    two = c.response()
+    c.close()
+    assert one is not None and one[0].startswith(b"HTTP/1.1 200")
+    assert two is not None and two[0].startswith(b"HTTP/1.1 200"), two
+    assert [(r["path"], r["body"]) for r in cl_upstream.log] == [
+        ("/first", b""),
+        ("/second", b"abcd"),
+    ]
 
 
 def test_head_sent_one_byte_at_a_time_passes(

@@ -11,6 +11,7 @@ of every value (raw, JSON/URL/HTML-escaped, case-changed, base64, hex: :mod:`.re
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import os
 import re
@@ -203,11 +204,18 @@ class SecretBroker:
 
     def reflections(self) -> Reflections:
         """The matcher of every form of every value, compiled once (thread-safe: the
-        gateway compiles it off the event loop, :meth:`Gateway` ``_intercept``)."""
+        gateway compiles it off the event loop through :meth:`ready`)."""
         with self._compiling:
             if self._reflections is None:
                 self._reflections = Reflections(b.value for b in self._bound)
             return self._reflections
+
+    async def ready(self) -> None:
+        """Compile the matcher off the event loop if it isn't yet (~0.1 s for short values,
+        seconds for long ones; it would stall every connection of the gateway). Call before
+        any response is scrubbed; once compiled this costs no thread hop."""
+        if self._reflections is None:
+            await asyncio.to_thread(self.reflections)
 
     def scrub(self, data: bytes) -> bytes:
         """Scrub one complete piece of bytes (a header value)."""

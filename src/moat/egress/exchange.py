@@ -178,14 +178,16 @@ async def next_request(
                 if end > max_head:
                     raise FramingError("bad_request:head_too_large")
                 check_request_head(bytes(buf[:end]))
-                h.receive_data(bytes(buf[len(held) :]))
+                if len(buf) > len(held):  # feeding h11 b"" would mean EOF
+                    h.receive_data(bytes(buf[len(held) :]))
                 break
             if len(buf) > max_head:
                 raise FramingError("bad_request:head_too_large")
             data = await stream.read(READ_SIZE)
             traffic.count(up=len(data))
             if not data:
-                h.receive_data(bytes(buf[len(held) :]))
+                if len(buf) > len(held):
+                    h.receive_data(bytes(buf[len(held) :]))
                 h.receive_data(b"")  # EOF: h11 reports ConnectionClosed or an error
                 break
             pos = max(0, len(buf) - 2)  # search only the new bytes (slowloris: no n^2)

@@ -576,9 +576,7 @@ class Gateway:
         except (ssl.SSLError, TimeoutError, OSError):
             self._decision("CONNECT", dest, ip, allowed=False, reason="client_tls_failed")
             return
-        # The scrubber's matcher (every form of every value) compiles once per gateway, in a
-        # thread: ~0.1 s for short values, seconds for values of several KiB.
-        await asyncio.to_thread(self._broker.reflections)
+        await self._broker.ready()  # the scrubber's matcher, compiled off the loop once
         upstream: PlainStream | None = None
         h = h11.Connection(h11.SERVER, max_incomplete_event_size=self.config.max_header_bytes)
         forwarder = self._forwarder(conn, tls, h, dest, ip, tls=True)
@@ -639,6 +637,7 @@ class Gateway:
             return
         upstream: PlainStream | None = None
         try:
+            await self._broker.ready()  # the scrubber's matcher, compiled off the loop once
             forwarder = self._forwarder(conn, client, h, dest, ip, tls=False)
             upstream = await forwarder.exchange(req, None, self._inspect)
         except (Ended, h11.ProtocolError, OSError, ConnectionError):

@@ -102,7 +102,12 @@ def _value_patterns(value: bytes) -> list[tuple[bytes, int, bytes]]:
         return b"(?i:" + b"".join(_CHARS[b][0] for b in v) + b")"
 
     def wrapped(form: bytes) -> bytes:
-        return _LINE_BREAK.join(_lit(bytes([b])) for b in form)
+        return b"(?i:" + _LINE_BREAK.join(_lit(bytes([b])) for b in form) + b")"
+
+    def exact(form: bytes) -> bytes:
+        # ASCII case folded, as the guard matches (guard/encodings.py): an upper-cased hex
+        # dump or a lower-cased base32 of the value is still the value.
+        return b"(?i:" + _lit(form) + b")"
 
     # Dropping forms the spelling covers only saves time; for long values compiling the
     # spelling twice would cost more (~0.5 ms per character).
@@ -114,7 +119,7 @@ def _value_patterns(value: bytes) -> list[tuple[bytes, int, bytes]]:
         if name.startswith("base64"):
             out.append((wrapped(form), len(form) * 3, wrapped(form[:PREFIX])))
         else:
-            out.append((_lit(form), len(form), _lit(form[:PREFIX])))
+            out.append((exact(form), len(form), exact(form[:PREFIX])))
     return out
 
 
