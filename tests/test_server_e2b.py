@@ -229,6 +229,20 @@ def test_keepalive_lines_while_idle(server: Server, sbx_a: Sandbox) -> None:
     assert any(x["type"] == "result" and x.get("text") == "'done'" for x in lines)
 
 
+def test_traffic_token_opens_contexts_only(server: Server, sbx_a: Sandbox) -> None:
+    """The traffic token (what the SDK sends on /contexts) never runs code."""
+    only_traffic = {
+        "E2b-Sandbox-Id": sbx_a.sandbox_id,
+        "E2b-Sandbox-Port": "49999",
+        "E2B-Traffic-Access-Token": sbx_a.traffic_access_token or "",
+    }
+    assert only_traffic["E2B-Traffic-Access-Token"]
+    r = httpx.get(server.url + "/contexts", headers=only_traffic, timeout=30)
+    assert r.status_code == 200, r.text  # positive control: the token is the right one
+    r = httpx.post(server.url + "/execute", json={"code": "1+1"}, headers=only_traffic, timeout=30)
+    assert r.status_code == 502 and "was not found" in r.text
+
+
 # -- files and health ----------------------------------------------------------------------
 
 

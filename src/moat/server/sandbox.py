@@ -84,16 +84,16 @@ def _path(raw: str | None) -> str:
     return raw if raw.startswith("/") else posixpath.join(HOME, raw)
 
 
-async def admit(state: ServerState, headers: Headers) -> Record | Response:
+async def admit(state: ServerState, headers: Headers, path: str = "") -> Record | Response:
     """The sandbox a request may reach (its headers name it and carry its token, and it is
     running), or the reply that refuses it: exactly an unknown sandbox's (invariant 11)."""
     sid = headers.get("e2b-sandbox-id", "")
     port = headers.get("e2b-sandbox-port", "")
-    # The code interpreter's SDK sends the traffic token (only) on /contexts.
+    # The code interpreter's SDK sends the traffic token (only) on /contexts; it opens
+    # nothing else (running code takes the access token).
     traffic = headers.get("e2b-traffic-access-token")
-    rec = state.by_token(
-        sid, headers.get("x-access-token"), traffic if port == JUPYTER_PORT else None
-    )
+    contexts = port == JUPYTER_PORT and (path == "/contexts" or path.startswith("/contexts/"))
+    rec = state.by_token(sid, headers.get("x-access-token"), traffic if contexts else None)
     if rec is None:
         return gone(sid)
     try:
@@ -153,7 +153,7 @@ def _routes(state: ServerState) -> Starlette:
 
     def guarded(handler: Handler) -> Callable[[Request], Awaitable[Response]]:
         async def endpoint(request: Request) -> Response:
-            found = await admit(state, request.headers)
+            found = await admit(state, request.headers, request.url.path)
             if isinstance(found, Response):
                 return found
             rec, port = found, request.headers.get("e2b-sandbox-port", "")
