@@ -4,6 +4,7 @@ thread, the per-sandbox rate limit, retention, and the sandbox's guard over its 
 from __future__ import annotations
 
 import gc
+import os
 import sqlite3
 import subprocess
 import sys
@@ -197,3 +198,25 @@ def test_scrub_text_redacts_in_every_mode_and_folds_case(mode: Mode) -> None:
     assert g.scrub_text(f"{VALUE}", "audit") == "[REDACTED:DB]"
     assert seen == ["DB", "DB"]  # one finding each: the folded match doesn't double count
     assert g.scrub_text("clean.example.test", "audit") == "clean.example.test"
+
+
+def test_store_files_are_private_from_the_first_open(tmp_path: Path) -> None:
+    """The database and the -wal/-shm SQLite made at first open are 0600, not the umask's
+    0644 (stat only: opening the files here would drop the store's locks)."""
+    from moat.store.keys import KeyStore
+
+    old = os.umask(0o022)
+    try:
+        audit = AuditLog(tmp_path / "a.db")
+        keys = KeyStore(tmp_path / "k.db")
+        audit.record_exec("sbx-x", "python", "1", 0)
+        assert audit.flush()
+        for db in ("a.db", "k.db"):
+            files = [p for p in tmp_path.iterdir() if p.name.startswith(db)]
+            assert {p.name for p in files} >= {db, db + "-wal", db + "-shm"}  # control
+            for p in files:
+                assert p.stat().st_mode & 0o777 == 0o600, p.name
+        keys.close()
+        audit.close()
+    finally:
+        os.umask(old)

@@ -43,7 +43,7 @@ from typing import Any
 
 from moat.errors import AuditUnavailableError, InvalidArgumentError
 from moat.paths import audit_db
-from moat.store.health import Health, abandon, is_fatal, is_poisoned
+from moat.store.health import Health, abandon, is_fatal, is_poisoned, make_private
 from moat.store.settings import AuditSettings
 from moat.store.text import clip, counter, inert
 from moat.store.writer import Op, Writer
@@ -199,10 +199,7 @@ class AuditLog:
         return db
 
     def _path_mode(self) -> None:
-        try:
-            self.path.chmod(0o600)
-        except OSError:
-            pass
+        make_private(self.path)
 
     # -- guarding sandbox-chosen text ----------------------------------------------------
 

@@ -121,3 +121,18 @@ class Health:
             " starts until it is replaced. Fix: %s",
             self.path, reason, detail, FIX.format(path=self.path),
         )  # fmt: skip
+
+
+def make_private(path: Path) -> None:
+    """Mode 0600 for a database and its ``-wal``/``-shm``, by path only.
+
+    SQLite creates the side files with the database file's mode at that moment (0644 under a
+    common umask, before the first chmod), and later ones with its current mode; so the side
+    files made at first open are fixed here. chmod opens no descriptor: closing one would drop
+    this process's SQLite locks on the file (the corruption of docs/audit.md).
+    """
+    for p in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        try:
+            p.chmod(0o600)
+        except OSError:  # a side file not there (yet): it will take the database's mode
+            pass

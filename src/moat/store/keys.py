@@ -19,6 +19,7 @@ from pathlib import Path
 
 from moat.errors import InvalidArgumentError, NotFoundError
 from moat.paths import state_dir
+from moat.store.health import make_private
 
 __all__ = ["KEY_PATTERN", "TENANT_PATTERN", "KeyInfo", "KeyStore", "keys_db"]
 
@@ -66,7 +67,7 @@ class KeyStore:
         self._db = sqlite3.connect(self.path, timeout=10, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.executescript(_SCHEMA)
-        self.path.chmod(0o600)  # hashes only, but nobody else's business
+        make_private(self.path)  # hashes only, but nobody else's business
 
     def close(self) -> None:
         self._db.close()
