@@ -116,3 +116,30 @@ def test_microvm_mounts_are_capped_copies(private_project: tuple[Path, str]) -> 
         assert s.files.read("/d/canary.txt") == canary  # positive control: under the cap
         images = artifacts.root() / "mounts"
         assert not [p for p in images.iterdir() if f"-{os.getpid()}-" in p.name]
+
+
+def test_microvm_image_never_opens_a_guest_owned_secret(tmp_path: Path) -> None:
+    """The image keeps host owners and the guest's user is uid/gid 1000: a host file of uid
+    or gid 1000 that others may not read is refused, not copied in readable (built without a
+    VM: the image is the whole question)."""
+    import os
+
+    from moat.errors import PolicyError
+    from moat.model import Mount
+    from moat.runtime.microvm import mountimg
+
+    project = tmp_path / "proj"
+    project.mkdir()
+    os.chmod(tmp_path, 0o755)
+    os.chmod(project, 0o755)
+    secret = project / ".env"
+    secret.write_text("TOKEN=host-only\n")
+    os.chown(secret, 1000, 1000)
+    mount = (Mount(str(project), "/data", read_only=True),)
+    for mode in (0o600, 0o640):
+        os.chmod(secret, mode)
+        with pytest.raises(PolicyError, match=r"'\.env'"):
+            mountimg.build(mount, 64)
+    os.chmod(secret, 0o644)  # positive control: readable by others, so it is copied in
+    for fd in mountimg.build(mount, 64):
+        os.close(fd)

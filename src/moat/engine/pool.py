@@ -161,6 +161,8 @@ class WarmPool:
         self.misses = 0
         #: of the hits, those that waited for a warm start under way
         self.waited = 0
+        #: trims under way (asyncio holds tasks weakly: a task nobody references may vanish)
+        self._trims: set[asyncio.Task[None]] = set()
 
     def _pool(self, tier: str) -> _Pool | None:
         rest, bound = self.bounds.get(tier, (0, 0))
@@ -261,9 +263,13 @@ class WarmPool:
         if pool.trim is not None:
             pool.trim.cancel()
         loop = asyncio.get_running_loop()
-        pool.trim = loop.call_later(
-            DEMAND_WINDOW_S + 0.5, lambda: loop.create_task(self._trim(pool))
-        )
+
+        def start() -> None:
+            task = loop.create_task(self._trim(pool))
+            self._trims.add(task)
+            task.add_done_callback(self._trims.discard)
+
+        pool.trim = loop.call_later(DEMAND_WINDOW_S + 0.5, start)
 
     async def _trim(self, pool: _Pool) -> None:
         pool.trim = None

@@ -27,7 +27,8 @@ from moat.model import (
     choose_tier,
 )
 from moat.model import validate as v
-from moat.model.config import MAX_OUTPUT_LIMIT, mounts
+from moat.model.config import MAX_OUTPUT_LIMIT
+from moat.model.config import mounts as parse_mounts  # `mounts` is a parameter below
 from moat.model.tiers import TIERS, TRUST_LEVELS
 from moat.profiles import resolve_profile
 
@@ -97,7 +98,7 @@ def resolve(
         template=template,
         timeout=float(timeout),
         envs=tuple(sorted(v.envs(envs).items())),
-        mounts=_mounts(mounts),
+        mounts=parse_mounts(mounts),
         limits=Limits.parse(limits),
         network=net,
         guard=guard_config(guard),
@@ -107,10 +108,6 @@ def resolve(
         if max_output_bytes is None
         else int(v.number("max_output_bytes", max_output_bytes, 1024, MAX_OUTPUT_LIMIT)),
     )
-
-
-def _mounts(value: Any) -> Any:
-    return mounts(value)
 
 
 def network_config(value: NetworkPolicy | Mapping[str, Any] | None) -> NetworkConfig:
@@ -163,10 +160,6 @@ def secret_refs(secrets: Mapping[str, Secret] | None) -> tuple[SecretRef, ...]:
     return tuple(
         SecretRef(name, s.hosts, s.header, s.template) for name, s in sorted(secrets.items())
     )
-
-
-def secret_values(secrets: Mapping[str, Secret] | None) -> dict[str, str]:
-    return {name: s.value for name, s in (secrets or {}).items()}
 
 
 def secrets_of(config: SandboxConfig, values: Mapping[str, str]) -> dict[str, Secret]:

@@ -179,8 +179,7 @@ class Session(CodeCalls, CommandCalls, FileCalls):
         async with self._kill_lock:
             if self.ended is None or self.ended == reason:
                 self.ended = reason
-            if self.proc is not None:
-                self._audit_life("ended", self.ended)
+            started = self.proc is not None
             if self._timer is not None:
                 self._timer.cancel()
                 self._timer = None
@@ -193,6 +192,10 @@ class Session(CodeCalls, CommandCalls, FileCalls):
             if self.proc is not None:
                 proc, self.proc = self.proc, None
                 await proc.kill()
+            if started:
+                # Last: the "ended" row drops the store's scrubber of this sandbox, and the
+                # gateway's closing connections above still write rows it must scrub.
+                self._audit_life("ended", self.ended)
             if self.client is not None:
                 client, self.client = self.client, None
                 client._die("the sandbox was killed")

@@ -69,6 +69,9 @@ class CommandCalls(SessionCore):
             call.close()
             await self.kill("died: the agent did not start a command")
             raise SandboxDiedError("the sandbox's agent stopped answering") from None
+        except asyncio.CancelledError:
+            call.close()  # the caller left: its frames must not queue up for nobody
+            raise
         if frame.type is MsgType.FAIL:
             call.close()
             raise self._fail(frame)
@@ -108,6 +111,11 @@ class CommandCalls(SessionCore):
             raise TimeoutError(
                 f"command exceeded its {timeout:g}s timeout and was killed"
             ) from None
+        except asyncio.CancelledError:
+            # The caller stopped reading (a face's stream abandoned): the command runs on,
+            # but its output no longer queues into a call nobody reads (up to 64 MiB each).
+            call.close()
+            raise
         call.close()
         await sink.finish()
         return CommandResult(

@@ -60,8 +60,10 @@ class FileCalls(SessionCore):
                 for i in range(0, len(chunk), CHUNK_SIZE):
                     client.send(MsgType.FILE_CHUNK, call.id, {}, chunk[i : i + CHUNK_SIZE])
                     await client.drain()
-                    if call.pending():  # an early FAIL (e.g. disk full)
+                    if call.pending():  # an early FAIL (e.g. disk full): stop sending
                         break
+                if call.pending():  # ...and stop reading the source; consume() raises it
+                    break
             client.send(MsgType.FILE_CHUNK, call.id, {"eof": True})
             await client.drain()
             async with asyncio.timeout(60):
