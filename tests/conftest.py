@@ -14,9 +14,6 @@ from collections.abc import Iterator
 
 import pytest
 
-from moat import Sandbox
-from moat.engine.tiers import runtime_for
-
 # The suite counts sandbox processes from outside; a warm pool refilling in the background
 # would add some. The pool has its own tests (test_pool.py, with their own engine).
 os.environ.setdefault("MOAT_WARM_POOL", "0")
@@ -25,9 +22,13 @@ os.environ.setdefault("MOAT_WARM_POOL", "0")
 if "MOAT_AUDIT_DB" not in os.environ:
     _audit_dir = tempfile.mkdtemp(prefix="moat-test-audit-")
     os.environ["MOAT_AUDIT_DB"] = os.path.join(_audit_dir, "audit.db")
-    # Registered first, so it runs last at exit (atexit is LIFO): after the store's own exit
-    # hook has flushed and closed it.
+    # Registered before moat is imported, so it runs last at exit (atexit is LIFO): after the
+    # store's own exit hook has flushed and closed it.
     atexit.register(shutil.rmtree, _audit_dir, True)
+
+# After the block above: importing moat registers the store's exit hook, which must run first.
+from moat import Sandbox
+from moat.engine.tiers import runtime_for
 
 TIERS = [t for t in os.environ.get("MOAT_TIERS", "container,gvisor,microvm").split(",") if t]
 TIER_PARAMS = [pytest.param(t, marks=getattr(pytest.mark, t), id=t) for t in TIERS]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import IO, Any, Literal
 
@@ -47,6 +48,7 @@ from moat.model import (
     ResultEvent,
     SandboxConfig,
     SandboxInfo,
+    SandboxMetrics,
     Started,
 )
 from moat.model import validate as v
@@ -74,7 +76,7 @@ CAPABILITIES = frozenset(
         "commands.close_stdin", "commands.signal", "commands.list", "files.read",
         "files.write", "files.list", "files.stat", "files.move", "files.remove",
         "files.make_dir", "commands.connect",
-        "network.update", "audit.query",
+        "network.update", "audit.query", "sandboxes.metrics",
     }
 )  # fmt: skip
 #: Declared, not there yet: each raises PolicyError naming itself.
@@ -230,6 +232,22 @@ class FrontDoor:
         if state != "running":
             infos = ([] if state == "ended" else infos) + gone
         return [i for i in infos if all(i.metadata.get(k) == x for k, x in want.items())]
+
+    async def metrics(
+        self,
+        tenant: str,
+        sandbox_id: str,
+        start: dt.datetime | None = None,
+        end: dt.datetime | None = None,
+    ) -> list[SandboxMetrics]:
+        """Resource samples of a running sandbox, oldest first, within ``[start, end]``
+        (timezone-aware; either bound open when None). Read from the host's kernel."""
+        for name, bound in (("start", start), ("end", end)):
+            if bound is not None and (
+                not isinstance(bound, dt.datetime) or bound.utcoffset() is None
+            ):
+                raise InvalidArgumentError(f"{name} must be a timezone-aware datetime")
+        return self._session(tenant, sandbox_id).metrics.between(start, end)
 
     async def pause(self, tenant: str, sandbox_id: str) -> None:
         self._find(tenant, sandbox_id)

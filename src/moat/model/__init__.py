@@ -31,6 +31,7 @@ from moat.model.results import (
     ProcessInfo,
     Result,
     SandboxInfo,
+    SandboxMetrics,
 )
 from moat.model.tiers import (
     DEFAULT_TRUST,
@@ -86,6 +87,7 @@ __all__ = [
     "ResultEvent",
     "SandboxConfig",
     "SandboxInfo",
+    "SandboxMetrics",
     "SecretRef",
     "Started",
     "choose_tier",

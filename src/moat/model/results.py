@@ -155,3 +155,26 @@ class SandboxInfo(_Wire):
     metadata: dict[str, str]
     #: "running" or "ended"
     state: str = "running"
+
+
+@dataclass
+class SandboxMetrics(_Wire):
+    """One sample of a sandbox's resource use, read from the host's kernel (E2B's
+    ``SandboxMetrics``): never the sandbox's own word."""
+
+    timestamp: _dt.datetime
+    #: CPUs the sandbox may use (its limit, rounded up)
+    cpu_count: int
+    #: CPU time used since the previous sample, as a share of ``cpu_count`` CPUs (0-100)
+    cpu_used_pct: float
+    #: bytes charged to the sandbox's memory cgroup (a microVM: its QEMU process)
+    mem_used: int
+    #: the sandbox's memory limit in bytes
+    mem_total: int
+    #: the part of ``mem_used`` that is page cache (files read or written)
+    mem_cache: int
+    #: bytes used on the sandbox's writable filesystems; None where they live inside the
+    #: sandbox's own memory (gVisor's sentry, the microVM's guest) and the host can't see them
+    disk_used: int | None
+    #: the sandbox's disk limit in bytes
+    disk_total: int

@@ -102,6 +102,30 @@ def _keyed(text: str, key: str) -> int:
     return 0
 
 
+_CLK_TCK: Final = os.sysconf("SC_CLK_TCK")
+
+
+def proc_cpu_ns(pids: list[int]) -> int:
+    """CPU time (ns) of ``pids`` and of the children they reaped, from ``/proc/<pid>/stat``.
+
+    Where the cgroup keeps no CPU counter of its own (v1 with ``cpuacct`` mounted apart from
+    ``cpu``). A sandbox's init (the agent) reaps every orphan, so the exited processes' time
+    is in a live process's ``cutime``/``cstime``; nothing is counted twice.
+    """
+    total = 0
+    for pid in pids:
+        try:
+            raw = Path(f"/proc/{pid}/stat").read_bytes()
+        except OSError:
+            continue
+        fields = raw[raw.rfind(b")") + 2 :].split()
+        try:  # utime, stime, cutime, cstime: fields 14-17 of proc(5), 11-14 after the name
+            total += sum(int(x) for x in fields[11:15])
+        except ValueError:
+            continue
+    return total * 1_000_000_000 // _CLK_TCK
+
+
 def _proc_start_time(pid: int) -> int | None:
     """Field 22 of /proc/<pid>/stat (start time in clock ticks), None if no such process."""
     try:
@@ -243,6 +267,15 @@ class SandboxCgroup:
         except (OSError, KeyError, ValueError):
             return 0
 
+    def cpu_ns(self) -> int:
+        """CPU time (ns) the sandbox's processes have used so far."""
+        if self.version == 2:
+            return _keyed(_read(self.dirs["cpu"] / "cpu.stat"), "usage_usec") * 1000
+        acct = self.dirs["cpu"] / "cpuacct.usage"  # present where cpu and cpuacct share a mount
+        if acct.exists():
+            return int(_read(acct).strip())
+        return proc_cpu_ns(self.pids())
+
     def stats(self) -> dict[str, int]:
         """Figures for ``SandboxProcess.stats()``; empty once destroyed."""
         if self._destroyed:
@@ -253,6 +286,11 @@ class SandboxCgroup:
                 "oom_kills": self.oom_kills(),
                 "pids": len(self.pids()),
                 "pids_limit_hits": self.pids_limit_hits(),
+                "cpu_ns": self.cpu_ns(),
+                "memory_cache_bytes": _keyed(
+                    self._mem("memory.stat", "memory.stat"),
+                    "cache" if self.version == 1 else "file",
+                ),
             }
             peak = self.memory_peak()
             if peak is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import builtins
 import contextlib
+import datetime as dt
 import inspect
 from collections.abc import Callable
 from typing import IO, TYPE_CHECKING, Any, Literal
@@ -32,6 +33,7 @@ from moat.model import (
     Result,
     ResultEvent,
     SandboxInfo,
+    SandboxMetrics,
 )
 from moat.model import validate as v
 from moat.sdk.transport import CommandEvents, Transport
@@ -378,6 +380,13 @@ class AsyncSandbox:
 
     async def get_info(self) -> SandboxInfo:
         return await self._t.info(self._id)
+
+    async def get_metrics(
+        self, start: dt.datetime | None = None, end: dt.datetime | None = None
+    ) -> list[SandboxMetrics]:
+        """Resource samples (CPU, memory, disk) read from the host's kernel every few
+        seconds, oldest first, within ``[start, end]`` (timezone-aware datetimes)."""
+        return await self._t.metrics(self._id, start, end)
 
     async def __aenter__(self) -> AsyncSandbox:
         return self

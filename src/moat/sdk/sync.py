@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import inspect
 from collections.abc import Coroutine
 from concurrent.futures import ThreadPoolExecutor
@@ -17,6 +18,7 @@ from moat.model import (
     Mount,
     ProcessInfo,
     SandboxInfo,
+    SandboxMetrics,
 )
 from moat.sdk._loop import loop_thread
 from moat.sdk.async_ import AsyncCommandHandle, AsyncCommands, AsyncFiles, AsyncSandbox
@@ -300,6 +302,13 @@ class Sandbox:
 
     def get_info(self) -> SandboxInfo:
         return _run(self._a.get_info())
+
+    def get_metrics(
+        self, start: dt.datetime | None = None, end: dt.datetime | None = None
+    ) -> list[SandboxMetrics]:
+        """Resource samples (CPU, memory, disk) read from the host's kernel every few
+        seconds, oldest first, within ``[start, end]`` (timezone-aware datetimes)."""
+        return _run(self._a.get_metrics(start, end))
 
     def __enter__(self) -> Sandbox:
         return self

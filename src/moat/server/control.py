@@ -234,7 +234,16 @@ def control_app(state: ServerState) -> Starlette:
         sid = request.path_params["sandbox_id"]
         if await _live(tenant, sid) is None:
             return _not_found(sid)
-        return wire.error(501, "sandbox metrics are not supported by this moat server yet")
+        q = request.query_params
+        start = _unix_param(q.get("start"), "start")
+        end = _unix_param(q.get("end"), "end")
+        if end is not None:  # the SDKs send whole seconds, rounded down: keep that second
+            end += dt.timedelta(seconds=1)
+        try:
+            samples = await front.metrics(tenant, sid, start, end)
+        except NotFoundError:
+            return _not_found(sid)
+        return JSONResponse([wire.metric_line(m) for m in samples])
 
     async def unknown(request: Request, tenant: str) -> Response:
         return wire.error(404, "no such endpoint")
@@ -296,6 +305,15 @@ def _time_param(raw: str | None, name: str) -> dt.datetime | None:
     except ValueError:
         raise InvalidArgumentError(f"{name} must be an ISO 8601 time") from None
     return when if when.tzinfo is not None else when.replace(tzinfo=dt.UTC)
+
+
+def _unix_param(raw: str | None, name: str) -> dt.datetime | None:
+    """A time in whole unix seconds (E2B's metrics range)."""
+    if raw is None or raw == "":
+        return None
+    if not raw.isdigit() or len(raw) > 12:
+        raise InvalidArgumentError(f"{name} must be a unix time in seconds")
+    return dt.datetime.fromtimestamp(int(raw), dt.UTC)
 
 
 def _page_token(raw: str | None) -> int:

@@ -26,7 +26,7 @@ from moat.errors import (
     SandboxError,
     TimeoutError,
 )
-from moat.model import Context, ExecutionError, Result, SandboxInfo
+from moat.model import Context, ExecutionError, Result, SandboxInfo, SandboxMetrics
 
 #: The envd version moat advertises: the SDKs gate features on it (E2B-WIRE.md §2b). 0.5.7
 #: switches on octet-stream uploads; metadata (0.6.2) and entry-in-watch (0.6.3) stay off.
@@ -235,6 +235,22 @@ def result_line(r: Result) -> dict[str, Any]:
 
 def error_line(e: ExecutionError) -> dict[str, Any]:
     return {"type": "error", "name": e.name, "value": e.value, "traceback": e.traceback}
+
+
+def metric_line(m: SandboxMetrics) -> dict[str, Any]:
+    """One sample in E2B's ``SandboxMetric`` shape; ``diskUsed`` is null where the host
+    can't see the sandbox's disk (moat never reports the sandbox's own word for it)."""
+    return {
+        "timestamp": iso(m.timestamp),
+        "timestampUnix": int(m.timestamp.timestamp()),
+        "cpuCount": m.cpu_count,
+        "cpuUsedPct": m.cpu_used_pct,
+        "memUsed": m.mem_used,
+        "memTotal": m.mem_total,
+        "memCache": m.mem_cache,
+        "diskUsed": m.disk_used,
+        "diskTotal": m.disk_total,
+    }
 
 
 def context_reply(c: Context) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from typing import Any
 
 from moat.egress import Gateway
 from moat.engine.client import AgentClient, Call
+from moat.engine.metrics import MetricsRing, interval_s
 from moat.engine.session.code import INTERRUPT_GRACE, CodeCalls
 from moat.engine.session.commands import CommandCalls
 from moat.engine.session.core import Audit, OutputGuard, SessionCore, ended_error
@@ -72,6 +73,8 @@ class Session(CodeCalls, CommandCalls, FileCalls):
         self.gateway = gateway
         self.tunnels: Tunnels | None = None
         self._net_setup: asyncio.Task[None] | None = None
+        self.metrics = MetricsRing(spec.limits, self._stats)
+        self._sampler: asyncio.Task[None] | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -90,6 +93,7 @@ class Session(CodeCalls, CommandCalls, FileCalls):
             raise
         if not pooled:
             self.set_timeout(self._timeout)
+            self._start_sampling()
             self._audit_life("created", None)
 
     async def adopt(
@@ -112,6 +116,7 @@ class Session(CodeCalls, CommandCalls, FileCalls):
         self.max_output = max_output
         self.started_at = dt.datetime.now(dt.UTC)
         self.set_timeout(timeout)
+        self._start_sampling()
         self._audit_life("created", "warm pool")
 
     def _audit_life(self, event: str, reason: str | None) -> None:
@@ -165,6 +170,25 @@ class Session(CodeCalls, CommandCalls, FileCalls):
             self.ended = f"died: {reason}"
             asyncio.get_running_loop().create_task(self.kill(self.ended))
 
+    def _stats(self) -> dict[str, int]:
+        proc = self.proc
+        return proc.stats() if proc is not None else {}
+
+    def _start_sampling(self) -> None:
+        """Sample the sandbox's counters from now until it ends (``moat.engine.metrics``)."""
+        if self._sampler is None:
+            every = interval_s()  # a bad setting fails the create (the engine kills it)
+            self.metrics.sample()  # the CPU baseline
+            self._sampler = asyncio.get_running_loop().create_task(self._sample_loop(every))
+
+    async def _sample_loop(self, every: float) -> None:
+        while self.ended is None:
+            await asyncio.sleep(every)
+            try:
+                self.metrics.sample()
+            except (OSError, ValueError):  # a counter gone mid-read: the sandbox is ending
+                log.debug("sandbox %s: metrics sample failed", self.id, exc_info=True)
+
     def set_timeout(self, seconds: float) -> None:
         """Reset the sandbox's remaining lifetime to ``seconds`` from now."""
         self._check()
@@ -183,6 +207,8 @@ class Session(CodeCalls, CommandCalls, FileCalls):
             if self._timer is not None:
                 self._timer.cancel()
                 self._timer = None
+            if self._sampler is not None:
+                self._sampler.cancel()
             # The gateway first: its tunnels end (and are audited) as closed by moat.
             if self.tunnels is not None:
                 self.tunnels.close_all()

@@ -207,7 +207,40 @@ class ContainerProcess:
         return not self._killed and self.proc.returncode is None
 
     def stats(self) -> dict[str, int]:
-        return self.cgroup.stats()
+        out = self.cgroup.stats()
+        if out:
+            out.update(_disk_usage(self.cgroup.pids(), self.proc.pid))
+        return out
+
+
+#: The sandbox's writable filesystems (each its own capped tmpfs, see bwrap.build_argv).
+_WRITABLE = ("home/user", "tmp", "dev/shm")
+
+
+def _disk_usage(pids: list[int], bwrap_pid: int) -> dict[str, int]:
+    """Used and total bytes of the sandbox's tmpfs mounts, as the host's kernel counts them.
+
+    Read through a process inside the sandbox's mount namespace (``/proc/<pid>/root``); the
+    paths are mount points the sandbox's user cannot replace. Empty if none is found.
+    """
+    try:
+        host_ns = os.readlink("/proc/self/ns/mnt")
+        skip = {host_ns, os.readlink(f"/proc/{bwrap_pid}/ns/mnt")}
+    except OSError:
+        return {}
+    for pid in pids:
+        try:
+            if pid == bwrap_pid or os.readlink(f"/proc/{pid}/ns/mnt") in skip:
+                continue
+            used = total = 0
+            for path in _WRITABLE:
+                st = os.statvfs(f"/proc/{pid}/root/{path}")
+                used += (st.f_blocks - st.f_bfree) * st.f_frsize
+                total += st.f_blocks * st.f_frsize
+        except OSError:
+            continue
+        return {"disk_used_bytes": used, "disk_total_bytes": total}
+    return {}
 
 
 def _reap(popen: subprocess.Popen[bytes], cgroup: cgroups.SandboxCgroup) -> None:

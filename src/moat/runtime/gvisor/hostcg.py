@@ -110,7 +110,27 @@ class HostCgroup:
             out["memory_bytes"] = int(mem)
         if cur and cur.isdigit():
             out["host_tasks"] = int(cur)
+        stat = self._read(("memory", "memory.stat"), "memory.stat") or ""
+        for line in stat.splitlines():  # the page cache: "cache" in v1, "file" in v2
+            key, _, value = line.partition(" ")
+            if key in ("cache", "file") and value.isdigit():
+                out["memory_cache_bytes"] = int(value)
+                break
+        cpu = self.cpu_ns()
+        if cpu is not None:
+            out["cpu_ns"] = cpu
         return out
+
+    def cpu_ns(self) -> int | None:
+        """CPU time (ns) of the sentry, gofer and stubs so far; None where unreadable."""
+        if layout(self.root) == "v2":
+            stat = self._read(("", ""), "cpu.stat") or ""
+            usec = [ln.split()[1] for ln in stat.splitlines() if ln.startswith("usage_usec ")]
+            return int(usec[0]) * 1000 if usec and usec[0].isdigit() else None
+        acct = self._read(("cpuacct", "cpuacct.usage"), "")
+        if acct and acct.isdigit():  # runsc joins every v1 hierarchy, cpuacct included
+            return int(acct)
+        return None
 
     def kill(self) -> int:
         """SIGKILL every process in the cgroup; return how many were signalled."""

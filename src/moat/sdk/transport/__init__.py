@@ -9,10 +9,11 @@ the model, so a remote transport never loads the engine.
 from __future__ import annotations
 
 import abc
+import datetime as dt
 from collections.abc import AsyncIterator, Mapping
 from typing import IO, Any, Literal, Protocol
 
-from moat.model import Context, EntryInfo, Event, ProcessInfo, SandboxInfo
+from moat.model import Context, EntryInfo, Event, ProcessInfo, SandboxInfo, SandboxMetrics
 
 __all__ = ["CommandEvents", "Transport"]
 
@@ -49,6 +50,11 @@ class Transport(abc.ABC):
     async def list_sandboxes(
         self, metadata: Mapping[str, str] | None = None, state: str | None = "running"
     ) -> list[SandboxInfo]: ...
+
+    @abc.abstractmethod
+    async def metrics(
+        self, sandbox_id: str, start: dt.datetime | None, end: dt.datetime | None
+    ) -> list[SandboxMetrics]: ...
 
     @abc.abstractmethod
     def guard(self, sandbox_id: str) -> Any: ...

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import AsyncIterator, Mapping
 from typing import IO, Any, Literal
 
 from moat.engine.api import DEFAULT_TENANT, CommandStream, FrontDoor, Secret
-from moat.model import Context, EntryInfo, Event, ProcessInfo, SandboxInfo
+from moat.model import Context, EntryInfo, Event, ProcessInfo, SandboxInfo, SandboxMetrics
 from moat.sdk.transport import Transport
 
 __all__ = ["LocalTransport"]
@@ -49,6 +50,11 @@ class LocalTransport(Transport):
         self, metadata: Mapping[str, str] | None = None, state: str | None = "running"
     ) -> list[SandboxInfo]:
         return await self.front_door.list_sandboxes(self.tenant, metadata=metadata, state=state)
+
+    async def metrics(
+        self, sandbox_id: str, start: dt.datetime | None, end: dt.datetime | None
+    ) -> list[SandboxMetrics]:
+        return await self.front_door.metrics(self.tenant, sandbox_id, start, end)
 
     def guard(self, sandbox_id: str) -> Any:
         return self.front_door.guard(self.tenant, sandbox_id)
