@@ -47,7 +47,8 @@ class SandboxSpec:
     def env(self) -> dict[str, str]:
         """The complete environment of sandboxed processes (invariant 1: nothing else)."""
         base = {
-            "PATH": "/usr/local/bin:/usr/bin:/bin",
+            # moat's tools first: its ssh goes through the egress gateway (runtime/agentdir)
+            "PATH": f"{AGENT_DIR}/bin:/usr/local/bin:/usr/bin:/bin",
             "HOME": HOME,
             "LANG": "C.UTF-8",
             "LC_ALL": "C.UTF-8",

@@ -130,8 +130,10 @@ def agent_archive(agent_dir: Path) -> bytes:
             entries.append(cpio.directory(inside))
         compiled = []
         for name in sorted(filenames):
-            data = (Path(dirpath) / name).read_bytes()
-            entries.append(cpio.file(f"{inside}/{name}", data, 0o644))
+            path = Path(dirpath) / name
+            data = path.read_bytes()
+            mode = 0o755 if path.stat().st_mode & 0o111 else 0o644  # AGENT_DIR/bin's tools
+            entries.append(cpio.file(f"{inside}/{name}", data, mode))
             if name.endswith(".py"):
                 compiled.append((name, _bytecode(data, f"{inside}/{name}")))
         if compiled:
