@@ -16,20 +16,9 @@ import tempfile
 from pathlib import Path
 
 from moat.paths import state_dir
-from moat.protocol.contract import PROXY_PORT
 from moat.runtime.spec import AGENT_DIR
 
 _PACKAGES = ("protocol", "agent")
-#: ``AGENT_DIR/bin``, first on the sandbox's PATH: ``ssh`` (and git over SSH, which runs it)
-#: goes through the egress gateway's raw TCP endpoint, opened per host and port by the
-#: policy's ``allow_tcp`` (issue 15); without an entry the gateway refuses, as before.
-BIN_DIR = f"{AGENT_DIR}/bin"
-_PROXY_COMMAND = f"/usr/bin/python3 -I {AGENT_DIR}/moat/agent/tcpconnect.py %h %p {PROXY_PORT}"
-_SSH_WRAPPER = f"""#!/bin/sh
-# moat: ssh through the sandbox's egress gateway (raw TCP needs an allow_tcp entry).
-exec /usr/bin/ssh -o "ProxyCommand={_PROXY_COMMAND}" "$@"
-"""
-_BIN = {"ssh": _SSH_WRAPPER}
 
 
 def _sources() -> list[Path]:
@@ -49,8 +38,6 @@ def prepare() -> Path:
     for f in sources:
         digest.update(str(f.relative_to(root)).encode())
         digest.update(f.read_bytes())
-    for name, text in sorted(_BIN.items()):
-        digest.update(f"bin/{name}".encode() + text.encode())
     target = state_dir() / "agent" / digest.hexdigest()[:16]
     if target.is_dir():
         return target
@@ -71,14 +58,10 @@ def prepare() -> Path:
         capture_output=True,
         timeout=60,
     )
-    (tmp / "bin").mkdir()
-    for name, text in _BIN.items():
-        (tmp / "bin" / name).write_text(text)
     for dirpath, _dirnames, filenames in os.walk(tmp):
         os.chmod(dirpath, 0o755)  # noqa: S103 - the sandbox uid must read it
         for name in filenames:
-            executable = os.path.basename(dirpath) == "bin" and name in _BIN
-            os.chmod(os.path.join(dirpath, name), 0o755 if executable else 0o644)
+            os.chmod(os.path.join(dirpath, name), 0o644)
     try:
         os.rename(tmp, target)
     except OSError:
