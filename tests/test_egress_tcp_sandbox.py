@@ -161,16 +161,15 @@ def test_update_network_cuts_an_open_ssh_session(sshd: Sshd) -> None:
 def test_allow_tcp_over_moat_serve(tmp_path: Path) -> None:
     """moat's extension of E2B's ``network`` object: ``allowTcp`` on create and PUT."""
     import httpx
-
     from tests.server_support import new_key, serving, tenant_name
 
     with serving(tmp_path / "server.log") as srv:
         key = {"X-API-Key": new_key(tenant_name("tcp"))}
-        bad = httpx.post(f"{srv.url}/v2/sandboxes", headers=key, timeout=60,
-                         json={"templateID": "base", "network": {"allowTcp": ["github.com"]}})  # fmt: skip
+        body = {"templateID": "base", "network": {"allowTcp": ["github.com"]}}
+        bad = httpx.post(f"{srv.url}/v2/sandboxes", headers=key, timeout=60, json=body)
         assert bad.status_code == 400 and "explicit port" in bad.json()["message"]
-        r = httpx.post(f"{srv.url}/v2/sandboxes", headers=key, timeout=60,
-                       json={"templateID": "base", "network": {"allowTcp": ["GitHub.com:22"]}})  # fmt: skip
+        body = {"templateID": "base", "network": {"allowTcp": ["GitHub.com:22"]}}
+        r = httpx.post(f"{srv.url}/v2/sandboxes", headers=key, timeout=60, json=body)
         assert r.status_code == 201, r.text
         sid = r.json()["sandboxID"]
         info = httpx.get(f"{srv.url}/sandboxes/{sid}", headers=key, timeout=30).json()

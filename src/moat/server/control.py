@@ -122,8 +122,9 @@ def control_app(state: ServerState) -> Starlette:
             sensitive=list(ext.sensitive),
         )
         rec = Record(tenant, state.new_token(), state.new_token(), body.template_id, network)
+        rec.public_traffic = bool(body.network and body.network.allow_public_traffic)
         state.records[info.sandbox_id] = rec
-        return JSONResponse(wire.sandbox_reply(info, rec), 201)
+        return JSONResponse(wire.sandbox_reply(info, rec, state.domain), 201)
 
     async def _live(tenant: str, sandbox_id: str) -> tuple[Record, Any] | None:
         rec = state.record(tenant, sandbox_id)
@@ -156,7 +157,7 @@ def control_app(state: ServerState) -> Starlette:
             if wanted > info.end_at.astimezone(dt.UTC):  # connect only extends
                 await front.set_timeout(tenant, sid, body.timeout)
                 info = await front.info(tenant, sid)
-        return JSONResponse(wire.sandbox_reply(info, rec), 200)
+        return JSONResponse(wire.sandbox_reply(info, rec, state.domain), 200)
 
     async def kill(request: Request, tenant: str) -> Response:
         sid = request.path_params["sandbox_id"]

@@ -179,8 +179,8 @@ class _Tokens(Protocol):
     network: dict[str, Any]
 
 
-def sandbox_reply(info: SandboxInfo, rec: _Tokens) -> dict[str, Any]:
-    """``Sandbox`` (create and connect)."""
+def sandbox_reply(info: SandboxInfo, rec: _Tokens, domain: str | None = None) -> dict[str, Any]:
+    """``Sandbox`` (create and connect); ``domain``: what ``get_host`` appends."""
     return {
         "templateID": rec.template_id,
         "sandboxID": info.sandbox_id,
@@ -189,7 +189,7 @@ def sandbox_reply(info: SandboxInfo, rec: _Tokens) -> dict[str, Any]:
         "envdAccessToken": rec.token,
         "trafficAccessToken": rec.traffic,
         "alias": rec.template_id,
-        "domain": None,
+        "domain": domain,
     }
 
 
