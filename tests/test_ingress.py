@@ -138,11 +138,11 @@ def test_http_and_websocket_ingress_with_the_token_only(server: Server) -> None:
                    "E2B-Traffic-Access-Token": token}  # fmt: skip
         r = httpx.get(f"{server.url}/index.html", headers=headers, timeout=20)
         assert r.status_code == 200 and r.text == "hello from inside\n"
-        body = bytes(range(256)) * 1000
+        payload = bytes(range(256)) * 1000
         r = httpx.post(f"{server.url}/", headers={**headers, "E2b-Sandbox-Port": "8002"},
-                       content=body, timeout=20)  # fmt: skip
+                       content=payload, timeout=20)  # fmt: skip
         assert r.status_code == 200
-        assert r.text == f"{hashlib.sha256(body).hexdigest()} {len(body)}"
+        assert r.text == f"{hashlib.sha256(payload).hexdigest()} {len(payload)}"
         # WebSocket: echoed both ways, and refused without the token.
         assert _ws_echo(server, sbx.sandbox_id, token) == ["echo:one", "echo:" + "two" * 100]
         assert _ws_echo(server, sbx.sandbox_id, None) == ["rejected"]
