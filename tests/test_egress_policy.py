@@ -45,6 +45,7 @@ def test_parse_dict_and_round_trip() -> None:
         "allow_out": ["pypi.org", "*.pythonhosted.org", "api.example.com:8443"],
         "deny_out": [],
         "internet_access": False,
+        "allow_tcp": [],
     }
     assert NetworkPolicy.parse(p.to_dict()) == p
 

@@ -73,6 +73,7 @@ def test_full_profile_round_trip() -> None:
             allow_out = ["PyPI.org", "*.pythonhosted.org:443"]
             deny_out = ["evil.example.com"]
             internet_access = true
+            allow_tcp = ["GitHub.com:22"]
             [profiles.full.guard]
             mode = "block"
             allow = ["AKIAIOSFODNN7EXAMPLE"]
@@ -93,6 +94,7 @@ def test_full_profile_round_trip() -> None:
             "allow_out": ["pypi.org", "*.pythonhosted.org:443"],  # canonical spelling
             "deny_out": ["evil.example.com"],
             "internet_access": True,
+            "allow_tcp": ["github.com:22"],
         },
         guard={"mode": "block", "allow": ["AKIAIOSFODNN7EXAMPLE"], "detectors": ["exact", "aws"]},
         envs={"A": "1", "B_2": "x y"},
@@ -330,6 +332,15 @@ INVALID = [
         """,
         "moat.toml:5: profiles.a.network.allow_out[2]: wildcard over a public suffix is too broad",
         id="network-public-suffix-multiline-array",
+    ),
+    pytest.param(
+        """
+        [profiles.a.network]
+        allow_tcp = ["github.com:22", "db.example.com"]
+        """,
+        "moat.toml:2: profiles.a.network.allow_tcp[1]: allow_tcp entry 'db.example.com' needs "
+        "an explicit port",
+        id="network-tcp-without-port",
     ),
     pytest.param(
         """

@@ -11,7 +11,8 @@
     ├── CommandExitError              a command exited non-zero (carries exit_code, stdout, stderr)
     ├── SandboxDiedError              the sandbox or its agent died or broke the protocol
     ├── LeakBlockedError              the guard blocked output in "block" mode (carries no content)
-    └── AuditUnavailableError         the audit store can't record: no new sandbox starts
+    ├── AuditUnavailableError         the audit store can't record: no new sandbox starts
+    └── PortNotOpenError              ingress: nothing listens on that port in the sandbox
 
 Messages are safe to show a model (DESIGN invariant 8): no host paths, host user names or
 host tracebacks. Foreign exceptions are translated where they are caught with
@@ -31,6 +32,7 @@ __all__ = [
     "LeakBlockedError",
     "NotFoundError",
     "PolicyError",
+    "PortNotOpenError",
     "SandboxDiedError",
     "SandboxError",
     "TimeoutError",
@@ -102,3 +104,12 @@ class AuditUnavailableError(SandboxError):
     """The audit store can't record (corrupt, or its files were replaced or removed while in
     use): moat refuses to start sandboxes rather than run them unaudited (invariant 7). The
     operator's fix is in the host log and docs/audit.md; the message names no host path."""
+
+
+class PortNotOpenError(SandboxError):
+    """Ingress to a port inside the sandbox that nothing listens on. The message carries
+    "port is not open", which E2B's SDKs key on (``SandboxUnreachableException``)."""
+
+    def __init__(self, port: int) -> None:
+        super().__init__(f"The sandbox is running but port is not open (port {port})")
+        self.port = port

@@ -92,7 +92,7 @@ _PROFILE_KEYS = (
     "envs",
 )
 _LIMIT_KEYS = tuple(f.name for f in dataclasses.fields(Limits))
-_NETWORK_KEYS = ("allow_out", "deny_out", "internet_access")
+_NETWORK_KEYS = ("allow_out", "deny_out", "internet_access", "allow_tcp")
 _GUARD_KEYS = ("mode", "allow", "detectors")
 _NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
 _BARE = re.compile(r"[A-Za-z0-9_-]+")
@@ -467,11 +467,13 @@ def _network(ctx: _Context, path: _Path, value: object) -> dict[str, Any]:
     from moat.egress.policy import HostPattern, NetworkPolicy
 
     table = _table(ctx, path, value, _NETWORK_KEYS)
-    for key in ("allow_out", "deny_out"):
+    for key in ("allow_out", "deny_out", "allow_tcp"):
         if key in table:
             for i, item in enumerate(_strings(ctx, (*path, key), table[key])):
                 try:
                     HostPattern.parse(item)
+                    if key == "allow_tcp":
+                        NetworkPolicy(allow_tcp=[item])  # an explicit port is required
                 except PolicyError as exc:
                     ctx.fail((*path, key, i), str(exc))
     if "internet_access" in table and not isinstance(table["internet_access"], bool):

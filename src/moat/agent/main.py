@@ -68,8 +68,8 @@ class Agent:
         try:
             if t is MsgType.TCP_DATA or t is MsgType.TCP_EOF or t is MsgType.TCP_CLOSE:
                 self.net.on_frame(t, rid, f.payload)
-            elif t is MsgType.TCP_ACK:
-                self.net.on_frame(t, rid, b"", n=a["n"])
+            elif t is MsgType.TCP_ACK or t is MsgType.TCP_DIAL:
+                self.net.on_frame(t, rid, b"", n=a["n"] if t is MsgType.TCP_ACK else a["port"])
             elif t is MsgType.PING:
                 self.ch.done(rid)
             elif t is MsgType.NET_SETUP:

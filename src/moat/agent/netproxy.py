@@ -105,6 +105,8 @@ class NetProxy:
 
     def on_frame(self, mtype: MsgType, sid: int, payload: bytes, n: int = 0) -> None:
         if self._sel is None:
+            if mtype is MsgType.TCP_DIAL:
+                self.ch.send(MsgType.TCP_CLOSE, sid)  # no stream machinery: refuse at once
             return  # no proxy: no streams either
         self._inbox.append((mtype, sid, payload, n))
         with contextlib.suppress(BlockingIOError):
@@ -213,6 +215,9 @@ class NetProxy:
     def _handle_inbox(self) -> None:
         while self._inbox:
             mtype, sid, payload, n = self._inbox.popleft()
+            if mtype is MsgType.TCP_DIAL:
+                self._dial(sid, n)
+                continue
             st = self.streams.get(sid)
             if st is None:
                 continue  # already closed here; the host will see (or saw) our TCP_CLOSE
@@ -234,6 +239,28 @@ class NetProxy:
             elif mtype is MsgType.TCP_ACK:
                 st.credit = min(st.credit + n, TCP_WINDOW)
                 self._watch(st)
+
+    def _dial(self, sid: int, port: int) -> None:
+        """Ingress: the host asks for a stream to a port a sandbox process listens on."""
+        import socket
+
+        if sid <= 0 or sid in self.streams or not 0 < port < 65536:
+            self.ch.send(MsgType.TCP_CLOSE, sid)
+            return
+        if len(self.streams) >= MAX_STREAMS:
+            self.ch.send(MsgType.TCP_CLOSE, sid)
+            return
+        try:
+            # Loopback: refused or accepted at once (a full backlog waits, hence the bound).
+            conn = socket.create_connection(("127.0.0.1", port), timeout=2)
+        except OSError:
+            self.ch.send(MsgType.TCP_CLOSE, sid)
+            return
+        conn.setblocking(False)
+        st = _Stream(sid, conn)
+        self.streams[sid] = st
+        self.ch.send(MsgType.TCP_OPEN, sid)
+        self._watch(st)
 
     def _close(self, st: _Stream, notify: bool) -> None:
         if self.streams.pop(st.id, None) is None:

@@ -30,6 +30,8 @@ class GatewayConfig:
     """
 
     max_tunnels: int = 64
+    #: raw TCP tunnels (allow_tcp) open at once, within ``max_tunnels``
+    max_tcp_tunnels: int = 16
     max_total_bytes: int = 8 << 30
     max_requests_per_second: float = 20.0
     request_burst: int = 40
@@ -48,6 +50,7 @@ class GatewayConfig:
     def __post_init__(self) -> None:
         ints = {
             "max_tunnels": (1, 100_000),
+            "max_tcp_tunnels": (1, 100_000),
             "max_total_bytes": (1, 1 << 50),
             "request_burst": (1, 1_000_000),
             "max_header_bytes": (1024, 1 << 20),

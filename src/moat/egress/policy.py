@@ -13,6 +13,11 @@ Pattern syntax (``allow_out`` / ``deny_out`` entries):
 
 Refused: ``*``, a wildcard over a public suffix (``*.com``, ``*.co.uk``, ``*.github.io``),
 wildcards not at the start, userinfo, paths and anything :func:`parse_authority` refuses.
+
+``allow_tcp`` entries open raw TCP (issue 15: ssh, git over SSH, databases) through the
+sandbox's SOCKS5 or CONNECT endpoint; they take the same syntax but an explicit port is
+always required (``github.com:22``, ``*.db.example.com:5432``). ``deny_out`` wins over them
+too, and ``internet_access`` never opens raw TCP.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ __all__ = [
     "Verdict",
     "decide",
     "decide_name",
+    "decide_tcp_name",
 ]
 
 #: Ports a pattern without an explicit port stands for.
@@ -128,18 +134,26 @@ class NetworkPolicy:
     allow_out: tuple[HostPattern, ...] = ()
     deny_out: tuple[HostPattern, ...] = ()
     internet_access: bool = False
+    #: raw TCP destinations (explicit ports only)
+    allow_tcp: tuple[HostPattern, ...] = ()
 
     def __init__(
         self,
         allow_out: Iterable[str | HostPattern] | None = None,
         deny_out: Iterable[str | HostPattern] | None = None,
         internet_access: bool = False,
+        allow_tcp: Iterable[str | HostPattern] | None = None,
     ) -> None:
         if not isinstance(internet_access, bool):
             raise PolicyError("internet_access must be a bool")
         object.__setattr__(self, "allow_out", _patterns(allow_out, "allow_out"))
         object.__setattr__(self, "deny_out", _patterns(deny_out, "deny_out"))
         object.__setattr__(self, "internet_access", internet_access)
+        tcp = _patterns(allow_tcp, "allow_tcp")
+        for pattern in tcp:
+            if pattern.ports == DEFAULT_PORTS:  # what a pattern without a port stands for
+                raise PolicyError(f"allow_tcp entry {str(pattern)[:80]!r} needs an explicit port")
+        object.__setattr__(self, "allow_tcp", tcp)
 
     @classmethod
     def parse(cls, value: NetworkPolicy | Mapping[str, Any] | None) -> NetworkPolicy:
@@ -150,13 +164,16 @@ class NetworkPolicy:
             return value
         if not isinstance(value, Mapping):
             raise PolicyError("network policy must be a NetworkPolicy or a dict")
-        unknown = set(value) - {"allow_out", "deny_out", "internet_access"}
+        unknown = set(value) - {"allow_out", "deny_out", "internet_access", "allow_tcp"}
         if unknown:
             raise PolicyError(
                 "unknown network policy keys: " + ", ".join(sorted(map(str, unknown)))
             )
         return cls(
-            value.get("allow_out"), value.get("deny_out"), value.get("internet_access", False)
+            value.get("allow_out"),
+            value.get("deny_out"),
+            value.get("internet_access", False),
+            value.get("allow_tcp"),
         )
 
     @classmethod
@@ -175,6 +192,7 @@ class NetworkPolicy:
             "allow_out": [str(p) for p in self.allow_out],
             "deny_out": [str(p) for p in self.deny_out],
             "internet_access": self.internet_access,
+            "allow_tcp": [str(p) for p in self.allow_tcp],
         }
 
 
@@ -197,6 +215,21 @@ class Decision:
     def allowed(self) -> bool:
         """True if the destination may be dialled."""
         return self.result is Verdict.ALLOW
+
+
+def decide_tcp_name(policy: NetworkPolicy, dest: HostPort) -> Decision:
+    """Decide a raw TCP destination (SOCKS5, or CONNECT carrying bytes that aren't TLS to an
+    ``allow_tcp`` entry) on its canonical name, before any DNS query:
+
+    1. ``deny_out`` matches -> DENY ``denied_by_policy``
+    2. ``allow_tcp`` matches -> ALLOW ``allowed_tcp``
+    3. otherwise -> DENY ``tcp_not_allowed`` (``internet_access`` never opens raw TCP)
+    """
+    if any(p.matches(dest) for p in policy.deny_out):
+        return Decision(Verdict.DENY, "denied_by_policy")
+    if any(p.matches(dest) for p in policy.allow_tcp):
+        return Decision(Verdict.ALLOW, "allowed_tcp")
+    return Decision(Verdict.DENY, "tcp_not_allowed")
 
 
 def decide_name(policy: NetworkPolicy, dest: HostPort) -> Decision:
@@ -241,8 +274,10 @@ def decide(
     *,
     unsafe_allow_private_ranges: bool = False,
     own_addresses: frozenset[IPAddress] = frozenset(),
+    tcp: bool = False,
 ) -> Decision:
-    """The full decision for a destination and every address it resolved to.
+    """The full decision for a destination and every address it resolved to (``tcp``: a
+    raw TCP destination, decided by :func:`decide_tcp_name` in step 1).
 
     Order of checks (first match wins):
 
@@ -261,7 +296,7 @@ def decide(
     One bad address refuses the whole name (a resolver mixing 127.0.0.1 into an answer is
     hostile), so the pinned address never depends on which answer is picked.
     """
-    verdict = decide_name(policy, dest)
+    verdict = decide_tcp_name(policy, dest) if tcp else decide_name(policy, dest)
     if not verdict.allowed:
         return verdict
     addrs = tuple(ipaddress.ip_address(a) if isinstance(a, str) else a for a in addresses)

@@ -15,8 +15,12 @@ request heads (parsed by h11), CONNECT targets, TLS ClientHellos, bodies. The ga
    placeholders for values in the configured header, forwards over TLS verified against the
    system roots, and scrubs values out of responses; a placeholder bound elsewhere (or sent
    over plain HTTP) refuses the request as ``secret_exfiltration``;
-6. enforces the per-sandbox caps of :class:`~moat.egress.caps.GatewayConfig`;
-7. writes one audit row and one log line per decision (never a secret value).
+6. serves raw TCP to ``allow_tcp`` destinations (issue 15) through SOCKS5 (a stream whose
+   first byte is 5, :mod:`moat.egress.socks`) or CONNECT, decided, resolved and dialled the
+   same way; the first bytes the client sends pass the guard's egress check and may carry
+   no secret placeholder (no credential travels over raw TCP);
+7. enforces the per-sandbox caps of :class:`~moat.egress.caps.GatewayConfig`;
+8. writes one audit row and one log line per decision (never a secret value).
 
 Plain HTTP connections carry one request each (the response says ``Connection: close``), so
 every request is decided on its own; intercepted TLS connections keep alive and every
@@ -38,6 +42,7 @@ from typing import Any
 
 import h11
 
+from moat.egress import socks
 from moat.egress.addr import IPAddress
 from moat.egress.broker import CertificateAuthority, Secret, SecretBroker
 from moat.egress.caps import GatewayConfig, TokenBucket
@@ -51,7 +56,7 @@ from moat.egress.exchange import (
 )
 from moat.egress.framing import FramingError
 from moat.egress.hostport import HostKind, HostPort, parse_absolute_url, parse_authority
-from moat.egress.policy import Decision, NetworkPolicy, decide, decide_name
+from moat.egress.policy import Decision, NetworkPolicy, decide, decide_name, decide_tcp_name
 from moat.egress.pump import SplicePump, UpstreamPump, open_pump
 from moat.egress.resolve import Resolver, SystemResolver, host_addresses, resolve_once
 from moat.egress.tls import (
@@ -63,7 +68,7 @@ from moat.egress.tls import (
     _Writer,
     read_client_hello,
 )
-from moat.errors import InvalidArgumentError
+from moat.errors import InvalidArgumentError, LeakBlockedError
 from moat.store import AuditLog
 
 __all__ = ["Gateway"]
@@ -71,7 +76,11 @@ __all__ = ["Gateway"]
 log = logging.getLogger("moat.egress")
 
 # Per reason, at most this many audit rows per second for flood-type refusals.
-_FLOOD_REASONS = frozenset({"too_many_tunnels", "rate_limited", "byte_budget_exhausted"})
+_FLOOD_REASONS = frozenset(
+    {"too_many_tunnels", "too_many_tcp_tunnels", "rate_limited", "byte_budget_exhausted"}
+)
+#: How much of what a client sends first on a raw TCP tunnel passes the egress checks.
+_INSPECT_BYTES = 64 * 1024
 _FLOOD_ROWS_PER_SECOND = 5
 
 
@@ -88,6 +97,7 @@ class _Conn:
         self.up = 0
         self.down = 0
         self.end_reason: str | None = None
+        self.tcp = False  # a raw TCP tunnel (decided by allow_tcp)
 
     def touch(self) -> None:
         self.last = time.monotonic()
@@ -280,10 +290,11 @@ class Gateway:
         if dest is None:
             return True
         if conn.ip is None:
-            return decide_name(self._policy, dest).allowed
-        return self._decide(dest, [conn.ip]).allowed
+            name = decide_tcp_name if conn.tcp else decide_name
+            return name(self._policy, dest).allowed
+        return self._decide(dest, [conn.ip], tcp=conn.tcp).allowed
 
-    def _decide(self, dest: HostPort, addrs: list[IPAddress]) -> Decision:
+    def _decide(self, dest: HostPort, addrs: list[IPAddress], tcp: bool = False) -> Decision:
         own = self.config.own_addresses
         return decide(
             self._policy,
@@ -291,6 +302,7 @@ class Gateway:
             addrs,
             unsafe_allow_private_ranges=self.config.unsafe_allow_private_ranges,
             own_addresses=host_addresses() if own is None else own,
+            tcp=tcp,
         )
 
     def _decision(
@@ -360,7 +372,19 @@ class Gateway:
 
     # -- serving ---------------------------------------------------------------------------
 
-    async def _serve(self, conn: _Conn, client: PlainStream) -> None:
+    async def _serve(self, conn: _Conn, plain: PlainStream) -> None:
+        try:
+            async with asyncio.timeout(self.config.handshake_timeout):
+                first = await plain.read(1)
+        except (TimeoutError, OSError, ConnectionError):
+            return
+        if not first:
+            return
+        if first[0] == socks.VERSION:  # no HTTP request starts with it
+            conn.count(up=1)
+            await self._socks(conn, plain)
+            return
+        client = _Prefixed(plain, first)
         h = h11.Connection(h11.SERVER, max_incomplete_event_size=self.config.max_header_bytes)
         try:
             async with asyncio.timeout(self.config.handshake_timeout):
@@ -385,14 +409,18 @@ class Gateway:
         else:
             await self._plain(conn, client, h, event)
 
-    async def _resolve_and_decide(self, conn: _Conn, method: str, dest: HostPort) -> IPAddress:
-        """Steps 2-3 of the module doc: name decision, one resolution, address decision."""
+    async def _resolve_and_decide(
+        self, conn: _Conn, method: str, dest: HostPort, tcp: bool = False
+    ) -> IPAddress:
+        """Steps 2-3 of the module doc: name decision, one resolution, address decision
+        (``tcp``: a raw TCP destination, decided by ``allow_tcp``)."""
         conn.dest = dest
-        verdict = decide_name(self._policy, dest)
+        conn.tcp = tcp
+        verdict = (decide_tcp_name if tcp else decide_name)(self._policy, dest)
         if not verdict.allowed:
             raise Refused(403, verdict.reason)
         addrs = await resolve_once(dest, self._resolver, self.config.resolve_timeout)
-        verdict = self._decide(dest, addrs)
+        verdict = self._decide(dest, addrs, tcp=tcp)
         if not verdict.allowed:
             raise Refused(403, verdict.reason)
         conn.ip = verdict.addresses[0]
@@ -471,10 +499,20 @@ class Gateway:
                 dest = parse_authority(req.target.decode("ascii"), None)
             except (InvalidArgumentError, UnicodeDecodeError) as exc:
                 raise Refused(400, "bad_target") from exc
-            ip = await self._resolve_and_decide(conn, "CONNECT", dest)
+            # An HTTP(S) rule first; else an allow_tcp entry makes it a raw TCP tunnel.
+            raw = not decide_name(self._policy, dest).allowed and (
+                decide_tcp_name(self._policy, dest).allowed
+            )
+            if raw and self._tcp_tunnels() >= self.config.max_tcp_tunnels:
+                raise Refused(429, "too_many_tcp_tunnels")
+            ip = await self._resolve_and_decide(conn, "CONNECT", dest, tcp=raw)
         except Refused as r:
             self._decision("CONNECT", dest, ip, allowed=False, reason=r.reason)
             await send_refusal(client, r.status, r.reason)
+            return
+        if raw:
+            await client.write(h.send(h11.Response(status_code=200, headers=[])) or b"")
+            await self._raw(conn, client, dest, ip, "CONNECT", h.trailing_data[0])
             return
         intercept = dest.kind is HostKind.NAME and self._broker.intercepts(dest.host)
         await client.write(h.send(h11.Response(status_code=200, headers=[])) or b"")
@@ -506,6 +544,100 @@ class Gateway:
         finally:
             pump.close()
             self._finish(row, conn, "tunnel")
+
+    # -- raw TCP (issue 15) ------------------------------------------------------------------
+
+    def _tcp_tunnels(self) -> int:
+        return sum(1 for c in self._conns if c.tcp)
+
+    async def _socks(self, conn: _Conn, client: PlainStream) -> None:
+        """A SOCKS5 CONNECT: decided by ``allow_tcp`` only (``internet_access`` and HTTP rules
+        never open raw TCP)."""
+        dest: HostPort | None = None
+        ip: IPAddress | None = None
+        try:
+            try:
+                async with asyncio.timeout(self.config.handshake_timeout):
+                    request = await socks.read_request(client)
+            except TimeoutError:
+                raise socks.SocksError("socks_timeout", None) from None
+            except (OSError, ConnectionError):
+                raise socks.SocksError("client_closed", None) from None
+            conn.count(up=request.size - 1)
+            dest = request.dest
+            if not self._rate.take():
+                raise socks.SocksError("rate_limited", socks.Reply.GENERAL_FAILURE)
+            if self._tcp_tunnels() >= self.config.max_tcp_tunnels:
+                raise socks.SocksError("too_many_tcp_tunnels", socks.Reply.GENERAL_FAILURE)
+            try:
+                ip = await self._resolve_and_decide(conn, "SOCKS", dest, tcp=True)
+            except Refused as r:
+                code = socks.Reply.NOT_ALLOWED
+                if r.reason in ("no_address", "resolve_failed", "resolve_timeout"):
+                    code = socks.Reply.HOST_UNREACHABLE
+                raise socks.SocksError(r.reason, code) from None
+        except socks.SocksError as exc:
+            if exc.reason not in ("client_closed",):
+                self._decision("SOCKS", dest, ip, allowed=False, reason=exc.reason)
+            if exc.code is not None:
+                with contextlib.suppress(OSError, ConnectionError):
+                    await client.write(socks.reply(exc.code))
+            return
+        await self._raw(conn, client, dest, ip, "SOCKS", b"")
+
+    async def _raw(
+        self,
+        conn: _Conn,
+        client: PlainStream,
+        dest: HostPort,
+        ip: IPAddress,
+        method: str,
+        initial: bytes,
+    ) -> None:
+        """Dial exactly ``ip`` and pump raw bytes both ways; the client's first bytes pass the
+        egress checks. A SOCKS client is answered here (an HTTP one got its 200 already)."""
+        is_socks = method == "SOCKS"
+        try:
+            async with asyncio.timeout(self.config.connect_timeout):
+                # Dial exactly the checked address (invariant 2), never the name.
+                pump = await open_pump(
+                    str(ip), dest.port, client.writer, lambda n: conn.count(down=n)
+                )
+        except (OSError, TimeoutError):
+            self._decision(method, dest, ip, allowed=False, reason="upstream_connect_failed")
+            if is_socks:
+                with contextlib.suppress(OSError, ConnectionError):
+                    await client.write(socks.reply(socks.Reply.CONNECTION_REFUSED))
+            return
+        row = self._decision(method, dest, ip, allowed=True, reason="tcp")
+        checked = _Inspected(client, self._check_raw)
+        try:
+            if is_socks:
+                await client.write(socks.reply(socks.Reply.SUCCEEDED))
+            if initial:  # pipelined after the CONNECT head (counted with it)
+                self._check_raw(initial)
+                await pump.write(initial)
+            await self._tunnel(conn, checked, pump)
+        except LeakBlockedError as exc:
+            conn.end_reason = conn.end_reason or exc.channel
+        except (OSError, ConnectionError):
+            pass
+        finally:
+            pump.close()
+            if checked.blocked is not None:
+                conn.end_reason = conn.end_reason or checked.blocked
+            self._finish(row, conn, "tcp")
+
+    def _check_raw(self, data: bytes) -> None:
+        """Egress checks on a raw TCP client's first bytes: a secret placeholder (no credential
+        ever travels over raw TCP) or what the guard flags (canaries, registered values)."""
+        if self._broker.foreign_placeholders(data, None):
+            raise LeakBlockedError(["placeholder"], "secret_exfiltration")
+        if self._inspect is not None:
+            try:
+                self._inspect(data)
+            except LeakBlockedError:
+                raise LeakBlockedError(["guard"], "blocked_by_guard") from None
 
     async def _check_hello(
         self, conn: _Conn, client: PlainStream, dest: HostPort, initial: bytes, intercept: bool
@@ -645,3 +777,46 @@ class Gateway:
         finally:
             if upstream is not None:
                 await upstream.aclose()
+
+
+class _Prefixed(PlainStream):
+    """A client stream whose first bytes were read already (to tell SOCKS from HTTP)."""
+
+    def __init__(self, inner: PlainStream, prefix: bytes) -> None:
+        super().__init__(inner.reader, inner.writer)
+        self._prefix = prefix
+
+    async def read(self, n: int) -> bytes:
+        if self._prefix:
+            out, self._prefix = self._prefix[:n], self._prefix[n:]
+            return out
+        return await super().read(n)
+
+
+class _Inspected(PlainStream):
+    """The client side of a raw TCP tunnel: its first :data:`_INSPECT_BYTES` pass ``check``
+    (with an overlap, so a value split between two reads is still seen). A refusal ends the
+    tunnel; ``blocked`` says why."""
+
+    _OVERLAP = 512
+
+    def __init__(self, inner: PlainStream, check: Callable[[bytes], None]) -> None:
+        super().__init__(inner.reader, inner.writer)
+        self._inner = inner
+        self._check = check
+        self._left = _INSPECT_BYTES
+        self._tail = b""
+        self.blocked: str | None = None
+
+    async def read(self, n: int) -> bytes:
+        data = await self._inner.read(n)
+        if data and self._left > 0:
+            seen = self._tail + data
+            try:
+                self._check(seen)
+            except LeakBlockedError as exc:
+                self.blocked = exc.channel
+                raise
+            self._left -= len(data)
+            self._tail = seen[-self._OVERLAP :]
+        return data

@@ -76,7 +76,7 @@ CAPABILITIES = frozenset(
         "commands.close_stdin", "commands.signal", "commands.list", "files.read",
         "files.write", "files.list", "files.stat", "files.move", "files.remove",
         "files.make_dir", "commands.connect",
-        "network.update", "audit.query", "sandboxes.metrics",
+        "network.update", "audit.query", "sandboxes.metrics", "ports.open",
     }
 )  # fmt: skip
 #: Declared, not there yet: each raises PolicyError naming itself.
@@ -248,6 +248,16 @@ class FrontDoor:
             ):
                 raise InvalidArgumentError(f"{name} must be a timezone-aware datetime")
         return self._session(tenant, sandbox_id).metrics.between(start, end)
+
+    async def open_port(self, tenant: str, sandbox_id: str, port: int) -> tuple[Any, Any]:
+        """Ingress: a byte stream ``(reader, writer)`` to ``127.0.0.1:port`` inside the
+        sandbox (asyncio StreamReader/StreamWriter shapes). Raises PortNotOpenError when
+        nothing listens there. What flows is not guarded: it is the user's own app talking
+        to its client (the faces audit every connection)."""
+        if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
+            raise InvalidArgumentError("port must be an integer from 1 to 65535")
+        tunnel = await self._session(tenant, sandbox_id).open_port(port)
+        return tunnel.reader, tunnel.writer
 
     async def pause(self, tenant: str, sandbox_id: str) -> None:
         self._find(tenant, sandbox_id)

@@ -13,7 +13,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from moat.egress import NetworkPolicy, Secret
-from moat.errors import InvalidArgumentError
+from moat.egress.policy import HostPattern
+from moat.errors import InvalidArgumentError, PolicyError
 from moat.guard import GuardPolicy
 from moat.model import (
     DEFAULT_MAX_OUTPUT,
@@ -91,7 +92,7 @@ def resolve(
         raise InvalidArgumentError("allow_internet_access must be a bool")
     net = network_config(network)
     if allow_internet_access:
-        net = NetworkConfig(net.allow_out, net.deny_out, internet_access=True)
+        net = NetworkConfig(net.allow_out, net.deny_out, True, net.allow_tcp)
     return SandboxConfig(
         tier=choose_tier(isolation, trust),
         trust=trust,
@@ -113,11 +114,15 @@ def resolve(
 def network_config(value: NetworkPolicy | Mapping[str, Any] | None) -> NetworkConfig:
     """A network policy (object or dict) checked by the gateway's parser, as data."""
     d = NetworkPolicy.parse(value).to_dict()
-    return NetworkConfig(tuple(d["allow_out"]), tuple(d["deny_out"]), d["internet_access"])
+    return NetworkConfig(
+        tuple(d["allow_out"]), tuple(d["deny_out"]), d["internet_access"], tuple(d["allow_tcp"])
+    )
 
 
 def network_policy(config: NetworkConfig) -> NetworkPolicy:
-    return NetworkPolicy(config.allow_out, config.deny_out, config.internet_access)
+    return NetworkPolicy(
+        config.allow_out, config.deny_out, config.internet_access, config.allow_tcp
+    )
 
 
 def guard_policy(value: GuardPolicy | GuardConfig | Mapping[str, Any] | None) -> GuardPolicy:
@@ -190,6 +195,21 @@ def validate_config(config: Any) -> SandboxConfig:
         config = SandboxConfig.from_dict(config)
     if not isinstance(config, SandboxConfig):
         raise InvalidArgumentError("config must be a SandboxConfig")
-    network_policy(config.network)
+    _no_secret_over_raw_tcp(config, network_policy(config.network))
     guard_policy(config.guard)
     return config
+
+
+def _no_secret_over_raw_tcp(config: SandboxConfig, policy: NetworkPolicy) -> None:
+    """Refuse a secret bound to a host the sandbox reaches only over raw TCP (issue 15): an
+    opaque stream carries no brokered credential, so the binding could never be honoured."""
+    for ref in config.secrets:
+        for raw in ref.hosts:
+            bound = HostPattern.parse(raw)
+            probe = bound.host if not bound.wildcard else "x." + bound.host
+            http = policy.internet_access or any(p.matches_host(probe) for p in policy.allow_out)
+            if not http and any(p.matches_host(probe) for p in policy.allow_tcp):
+                raise PolicyError(
+                    f"secret {ref.name!r} is bound to {raw[:80]!r}, which this sandbox reaches "
+                    "only over raw TCP (allow_tcp): brokered secrets travel over HTTP(S) only"
+                )

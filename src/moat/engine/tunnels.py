@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -22,6 +23,14 @@ Send = Callable[[MsgType, int, dict[str, Any], bytes], None]
 Handler = Callable[[asyncio.StreamReader, Any], Awaitable[None]]
 #: Streams one sandbox may have open at once, whatever the gateway's own caps say.
 MAX_STREAMS = 256
+#: Ingress streams (host -> a port inside) one sandbox may have open at once.
+MAX_INGRESS = 64
+#: How long the agent gets to connect to a port inside.
+DIAL_TIMEOUT = 10.0
+
+
+class PortNotOpen(Exception):
+    """Nothing listens on the port inside the sandbox (or the agent refused the dial)."""
 
 
 class _Reader(asyncio.StreamReader):
@@ -172,8 +181,44 @@ class Tunnels:
         self.drain = drain
         self.handler = handler
         self.streams: dict[int, Tunnel] = {}
+        self._dials: dict[int, asyncio.Future[None]] = {}
+        self._ids = itertools.count(1)  # ingress stream ids are positive, the agent's negative
+
+    async def dial(self, port: int) -> Tunnel:
+        """Ingress: a stream to ``127.0.0.1:port`` inside the sandbox (the reverse of egress,
+        the same credit). Raises PortNotOpen, or ConnectionResetError over the ingress cap."""
+        if sum(1 for sid in self.streams if sid > 0) >= MAX_INGRESS:
+            raise ConnectionResetError("too many ingress streams")
+        sid = next(self._ids)
+        tunnel = Tunnel(self, sid)
+        self.streams[sid] = tunnel
+        opened = asyncio.get_running_loop().create_future()
+        self._dials[sid] = opened
+        try:
+            tunnel.send(MsgType.TCP_DIAL, {"port": port})
+            async with asyncio.timeout(DIAL_TIMEOUT):
+                await opened
+        except BaseException:
+            if not tunnel.dead:
+                tunnel.send(MsgType.TCP_CLOSE, {})
+            tunnel.end()
+            raise
+        finally:
+            self._dials.pop(sid, None)
+        return tunnel
 
     def on_frame(self, mtype: MsgType, sid: int, payload: bytes, fields: dict[str, Any]) -> None:
+        if mtype is MsgType.TCP_OPEN and sid > 0:
+            # The answer to our dial; anything else with a positive id is forged.
+            pending = self._dials.get(sid)
+            if pending is None or pending.done():
+                raise ProtocolError("stream opened that was never dialled")
+            pending.set_result(None)
+            return
+        if mtype is MsgType.TCP_CLOSE and sid in self._dials:
+            pending = self._dials[sid]
+            if not pending.done():
+                pending.set_exception(PortNotOpen())
         if mtype is MsgType.TCP_OPEN:
             if sid >= 0 or sid in self.streams:
                 raise ProtocolError("bad stream id")
@@ -216,6 +261,9 @@ class Tunnels:
             t.writer.close()
 
     def close_all(self) -> None:
+        for pending in self._dials.values():
+            if not pending.done():
+                pending.set_exception(ConnectionResetError("the sandbox ended"))
         for t in list(self.streams.values()):
             t.end()
             if t.task is not None:

@@ -123,10 +123,13 @@ class NetworkConfig:
     allow_out: tuple[str, ...] = ()
     deny_out: tuple[str, ...] = ()
     internet_access: bool = False
+    #: raw TCP destinations, ``host:port`` (issue 15)
+    allow_tcp: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "allow_out", _strings("allow_out", self.allow_out))
         object.__setattr__(self, "deny_out", _strings("deny_out", self.deny_out))
+        object.__setattr__(self, "allow_tcp", _strings("allow_tcp", self.allow_tcp))
         if not isinstance(self.internet_access, bool):
             raise InvalidArgumentError("internet_access must be a bool")
 

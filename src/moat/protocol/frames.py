@@ -51,13 +51,16 @@ class MsgType(enum.StrEnum):
     FILE_MOVE = "file_move"  # rename or move `path` to `dst`
     PING = "ping"
     NET_SETUP = "net_setup"  # start the local proxy port; payload = CA bundle (PEM)
+    # connect to 127.0.0.1:<port> inside (ingress, id = a positive stream id the host chose);
+    # the agent answers TCP_OPEN with that id, or TCP_CLOSE when nothing listens there
+    TCP_DIAL = "tcp_dial"
     # both ways: proxied TCP streams (id = stream id, negative: opened by the agent)
     TCP_DATA = "tcp_data"
     TCP_EOF = "tcp_eof"  # half-close: no more data this way
     TCP_CLOSE = "tcp_close"  # the stream is over
     TCP_ACK = "tcp_ack"  # n bytes consumed: that much more credit to the sender
     # agent -> host
-    TCP_OPEN = "tcp_open"  # a sandbox process connected to the local proxy port
+    TCP_OPEN = "tcp_open"  # a sandbox process connected to the proxy port (or a dial succeeded)
     READY = "ready"
     STARTED = "started"  # a command started: pid
     STDOUT = "stdout"
@@ -92,6 +95,7 @@ HOST_TO_AGENT = frozenset(
         MsgType.FILE_MOVE,
         MsgType.PING,
         MsgType.NET_SETUP,
+        MsgType.TCP_DIAL,
         MsgType.TCP_DATA,
         MsgType.TCP_EOF,
         MsgType.TCP_CLOSE,
@@ -167,6 +171,7 @@ SCHEMAS: dict[MsgType, dict[str, _F]] = {
     MsgType.TCP_CLOSE: {},
     MsgType.TCP_ACK: {"n": _F(int)},
     MsgType.TCP_OPEN: {},
+    MsgType.TCP_DIAL: {"port": _F(int)},
     MsgType.READY: {"version": _F(int), "pid": _F(int, required=False)},
     MsgType.STARTED: {"pid": _F(int)},
     MsgType.STDOUT: {},

@@ -12,18 +12,31 @@ from dataclasses import dataclass, field
 from moat.errors import InvalidArgumentError
 from moat.model.config import Limits, Mount
 from moat.model.validate import check_env
-from moat.protocol.contract import AGENT_DIR, HOME, SANDBOX_GID, SANDBOX_UID
+from moat.protocol.contract import AGENT_DIR, HOME, PROXY_PORT, SANDBOX_GID, SANDBOX_UID
 
 __all__ = [
     "AGENT_DIR",
     "HOME",
     "SANDBOX_GID",
     "SANDBOX_UID",
+    "SSH_CONFIG",
     "Limits",
     "Mount",
     "SandboxSpec",
     "check_env",
 ]
+
+
+#: The sandbox's ``/etc/ssh/ssh_config`` on every tier: ``ssh`` (and git over SSH, which runs
+#: it) reaches other hosts through the egress gateway's raw TCP endpoint, which opens a host
+#: and port only for an ``allow_tcp`` entry (issue 15). The user's own ``~/.ssh/config`` or
+#: ``-o ProxyCommand=`` still win (ssh takes the first value it finds).
+SSH_CONFIG = (
+    "# moat: ssh goes through the sandbox's egress gateway (allow_tcp opens host:port)\n"
+    "Host * !localhost !127.0.0.1 !::1\n"
+    f"    ProxyCommand /usr/bin/python3 -I {AGENT_DIR}/moat/agent/tcpconnect.py %h %p"
+    f" {PROXY_PORT}\n"
+)
 
 
 @dataclass(frozen=True)

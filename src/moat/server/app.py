@@ -53,15 +53,21 @@ class Record:
     network: dict[str, Any]
     contexts: dict[str, str] = field(default_factory=dict)  # context id -> language
     procs: dict[int, ProcMeta] = field(default_factory=dict)  # pid -> what envd's List shows
+    #: ingress without the traffic token (E2B's ``network.allowPublicTraffic``)
+    public_traffic: bool = False
 
 
 class ServerState:
     """The front door, the key store and the per-sandbox wire records of one server."""
 
-    def __init__(self, front: FrontDoor, keys: KeyStore, tier: str | None) -> None:
+    def __init__(
+        self, front: FrontDoor, keys: KeyStore, tier: str | None, domain: str = "moat.localhost"
+    ) -> None:
         self.front = front
         self.keys = keys
         self.tier = tier
+        #: ingress host names are ``<port>-<sandbox id>.<domain>`` (``get_host``)
+        self.domain = domain
         self.records: dict[str, Record] = {}
 
     def tenant_of(self, request: Request) -> str | None:
@@ -119,6 +125,7 @@ def too_large() -> Response:
 
 def make_app(state: ServerState) -> Callable[[Scope, Receive, Send], Awaitable[None]]:
     """The server's ASGI callable over ``state``."""
+    from moat.server import ingress
     from moat.server.control import control_app
     from moat.server.sandbox import sandbox_app
 
@@ -129,8 +136,14 @@ def make_app(state: ServerState) -> Callable[[Scope, Receive, Send], Awaitable[N
         if scope["type"] == "lifespan":
             await control(scope, receive, send)
             return
+        target = ingress.target_of(scope, state.domain) if scope["type"] != "lifespan" else None
+        if target is not None:  # a port inside a sandbox (get_host)
+            await ingress.handle(state, target, scope, receive, send)
+            return
         if scope["type"] != "http":
-            return  # no websockets
+            if scope["type"] == "websocket":  # nothing else of moat speaks WebSocket
+                await send({"type": "websocket.close", "code": 1008})
+            return
         headers = {k.lower(): v for k, v in scope.get("headers", ())}
         if b"e2b-sandbox-id" in headers and b"e2b-sandbox-port" in headers:
             await plane(scope, receive, send)

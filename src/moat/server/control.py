@@ -78,6 +78,7 @@ def control_app(state: ServerState) -> Starlette:
             "allow_out": list(net.allow_out or []) if net else [],
             "deny_out": list(net.deny_out or []) if net else [],
             "internet_access": bool(allow_internet),
+            "allow_tcp": list(net.allow_tcp or []) if net else [],
         }
 
     async def create(request: Request, tenant: str) -> Response:
@@ -86,7 +87,10 @@ def control_app(state: ServerState) -> Starlette:
             raise InvalidArgumentError("autoPause/autoResume need persistence, not built yet")
         if body.mcp or body.volume_mounts:
             raise InvalidArgumentError("mcp and volumeMounts are not supported by moat")
-        network = network_of(body.allow_internet_access, body.network)
+        # The canonical spelling (what moat enforces) is what info and list show.
+        network = NetworkPolicy.parse(
+            network_of(body.allow_internet_access, body.network)
+        ).to_dict()
         ext = body.moat or wire.MoatExtension()
         secrets = {
             name: Secret(s.value, s.hosts, s.header, s.template) for name, s in ext.secrets.items()
@@ -118,8 +122,9 @@ def control_app(state: ServerState) -> Starlette:
             sensitive=list(ext.sensitive),
         )
         rec = Record(tenant, state.new_token(), state.new_token(), body.template_id, network)
+        rec.public_traffic = bool(body.network and body.network.allow_public_traffic)
         state.records[info.sandbox_id] = rec
-        return JSONResponse(wire.sandbox_reply(info, rec), 201)
+        return JSONResponse(wire.sandbox_reply(info, rec, state.domain), 201)
 
     async def _live(tenant: str, sandbox_id: str) -> tuple[Record, Any] | None:
         rec = state.record(tenant, sandbox_id)
@@ -152,7 +157,7 @@ def control_app(state: ServerState) -> Starlette:
             if wanted > info.end_at.astimezone(dt.UTC):  # connect only extends
                 await front.set_timeout(tenant, sid, body.timeout)
                 info = await front.info(tenant, sid)
-        return JSONResponse(wire.sandbox_reply(info, rec), 200)
+        return JSONResponse(wire.sandbox_reply(info, rec, state.domain), 200)
 
     async def kill(request: Request, tenant: str) -> Response:
         sid = request.path_params["sandbox_id"]
@@ -177,7 +182,7 @@ def control_app(state: ServerState) -> Starlette:
         if found is None:
             return _not_found(sid)
         rec, _ = found
-        network = network_of(body.allow_internet_access, body)
+        network = NetworkPolicy.parse(network_of(body.allow_internet_access, body)).to_dict()
         await front.update_network(tenant, sid, NetworkPolicy.parse(network))
         rec.network = network
         return Response(status_code=204)

@@ -10,6 +10,8 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import os
+import re
 import signal
 import sys
 from collections.abc import Iterator
@@ -51,7 +53,12 @@ async def serve(host: str, port: int, tier: str | None) -> None:
     """Serve until a signal; then kill every sandbox this server started."""
     front = FrontDoor()
     keys = KeyStore()
-    state = ServerState(front, keys, tier)
+    # Ingress host names (get_host): <port>-<sandbox id>.<domain>; under localhost by default,
+    # which browsers and curl resolve to loopback without any DNS setup.
+    domain = os.environ.get("MOAT_SERVE_DOMAIN") or f"moat.localhost:{port}"
+    if not re.fullmatch(r"[a-z0-9.-]{1,200}(:[0-9]{1,5})?", domain):
+        raise SystemExit("MOAT_SERVE_DOMAIN must be a lower-case host name with an optional :port")
+    state = ServerState(front, keys, tier, domain)
     config = uvicorn.Config(
         make_app(state),
         host=host,
@@ -60,7 +67,8 @@ async def serve(host: str, port: int, tier: str | None) -> None:
         log_level="warning",
         timeout_graceful_shutdown=GRACE_S,
         http="h11",
-        ws="none",
+        ws="wsproto",  # ingress WebSockets only (moat.server.ingress)
+        server_header=False,  # nothing to advertise; an app's own Server header goes through
     )
     server = _Server(config)
     loop = asyncio.get_running_loop()

@@ -54,6 +54,8 @@ class NetworkBody(_Closed):
     egress_proxy: Any = Field(default=None, alias="egressProxy")
     https_ports: list[StrictInt] | None = Field(default=None, alias="httpsPorts")
     allow_internet_access: StrictBool | None = None
+    #: moat's extension: raw TCP destinations, ``host:port`` (issue 15)
+    allow_tcp: list[_Str] | None = Field(default=None, alias="allowTcp", max_length=1000)
 
 
 class MoatSecret(_Closed):
@@ -177,8 +179,8 @@ class _Tokens(Protocol):
     network: dict[str, Any]
 
 
-def sandbox_reply(info: SandboxInfo, rec: _Tokens) -> dict[str, Any]:
-    """``Sandbox`` (create and connect)."""
+def sandbox_reply(info: SandboxInfo, rec: _Tokens, domain: str | None = None) -> dict[str, Any]:
+    """``Sandbox`` (create and connect); ``domain``: what ``get_host`` appends."""
     return {
         "templateID": rec.template_id,
         "sandboxID": info.sandbox_id,
@@ -187,7 +189,7 @@ def sandbox_reply(info: SandboxInfo, rec: _Tokens) -> dict[str, Any]:
         "envdAccessToken": rec.token,
         "trafficAccessToken": rec.traffic,
         "alias": rec.template_id,
-        "domain": None,
+        "domain": domain,
     }
 
 
@@ -208,6 +210,7 @@ def detail_reply(info: SandboxInfo, rec: _Tokens) -> dict[str, Any]:
         "network": {
             "allowOut": list(network.get("allow_out", ())),
             "denyOut": list(network.get("deny_out", ())),
+            "allowTcp": list(network.get("allow_tcp", ())),
         },
     }
 

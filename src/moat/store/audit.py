@@ -76,7 +76,7 @@ _COLUMNS = (
     "error_name", "label", "channel", "canary", "tier", "count", "last_ts",
 )  # fmt: skip
 _ADDED = {"tier": "TEXT", "count": "INTEGER", "last_ts": "REAL"}  # columns of later versions
-KINDS = frozenset({"egress", "exec", "finding", "sandbox", "audit_dropped"})
+KINDS = frozenset({"egress", "exec", "finding", "sandbox", "audit_dropped", "ingress"})
 #: Sandboxes whose rate and aggregation state is kept (oldest forgotten beyond).
 MAX_SANDBOXES = 10_000
 #: Seconds ``query`` waits for queued rows to be written before it reads.
@@ -323,6 +323,38 @@ class AuditLog:
             self._put(("row", row, ticket if allowed else None))
         return ticket
 
+    def record_ingress(
+        self,
+        sandbox_id: str,
+        *,
+        method: str | None,
+        port: int,
+        allowed: bool,
+        reason: str,
+        bytes_up: int = 0,
+        bytes_down: int = 0,
+    ) -> None:
+        """One connection from outside to a port inside the sandbox (issue 10): its bytes
+        each way (``bytes_up``: to the sandbox). What flows is not guarded; this row is."""
+        row = {
+            "ts": time.time(),
+            "kind": "ingress",
+            "sandbox_id": inert(sandbox_id),
+            "method": inert(method, "method"),
+            "host": None,
+            "port": counter(port),
+            "resolved_ip": None,
+            "result": "allow" if allowed else "deny",
+            "reason": inert(reason, "reason"),
+            "bytes_up": counter(bytes_up),
+            "bytes_down": counter(bytes_down),
+            "secret": None,
+        }
+        with self._mu:
+            if not self._admit(sandbox_id, "ingress", time.monotonic()):
+                return
+            self._put(("row", row, None))
+
     def update_egress(
         self,
         row_id: int | None,
@@ -442,7 +474,7 @@ class AuditLog:
         recorded before the call is written). Blocking: call it off an event loop."""
         if kind is not None and kind not in KINDS:
             raise InvalidArgumentError(
-                "audit kind must be egress, exec, finding, sandbox or audit_dropped"
+                "audit kind must be egress, exec, finding, sandbox, ingress or audit_dropped"
             )
         if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 100_000:
             raise InvalidArgumentError("audit limit must be between 1 and 100000")

@@ -21,8 +21,8 @@ from moat.engine.session.code import INTERRUPT_GRACE, CodeCalls
 from moat.engine.session.commands import CommandCalls
 from moat.engine.session.core import Audit, OutputGuard, SessionCore, ended_error
 from moat.engine.session.files import MAX_READ_BYTES, MAX_WRITE_BYTES, FileCalls, file_chunks
-from moat.engine.tunnels import Tunnels
-from moat.errors import PolicyError, SandboxError
+from moat.engine.tunnels import PortNotOpen, Tunnel, Tunnels
+from moat.errors import PolicyError, PortNotOpenError, SandboxError
 from moat.model import CA_BUNDLE_PATH, DEFAULT_MAX_OUTPUT, PROXY_PORT, SandboxInfo
 from moat.protocol import MsgType
 from moat.runtime.base import Runtime
@@ -163,6 +163,22 @@ class Session(CodeCalls, CommandCalls, FileCalls):
         if self.gateway is None:
             raise PolicyError("this sandbox has no egress gateway")
         await self.gateway.update_policy(policy)
+
+    async def open_port(self, port: int) -> Tunnel:
+        """Ingress: a stream to ``127.0.0.1:port`` inside (issue 10); PortNotOpenError when
+        nothing listens there. The sandbox still has no network interface but loopback."""
+        self._check()
+        if self._net_setup is not None and not self._net_setup.done():
+            await asyncio.shield(self._net_setup)  # the agent's stream machinery is up
+        if self.tunnels is None:
+            raise PolicyError("this sandbox has no stream channel")
+        try:
+            return await self.tunnels.dial(port)
+        except PortNotOpen:
+            raise PortNotOpenError(port) from None
+        except (ConnectionResetError, builtins.TimeoutError) as exc:
+            self._check()  # ended meanwhile: say so
+            raise PortNotOpenError(port) from exc
 
     def _agent_died(self, reason: str) -> None:
         if self.ended is None:

@@ -92,6 +92,8 @@ def build_argv(spec: SandboxSpec, host: HostLayout, command: list[str]) -> list[
         argv += ["--ro-bind", f"/etc/{name}", f"/etc/{name}"]
     for name in SYNTHETIC_ETC:
         argv += ["--ro-bind", f"{host.etc_dir}/{name}", f"/etc/{name}"]
+    # ssh through the egress gateway (runtime.spec.SSH_CONFIG)
+    argv += ["--dir", "/etc/ssh", "--ro-bind", f"{host.etc_dir}/ssh_config", "/etc/ssh/ssh_config"]
     argv += ["--perms", "0755", "--size", str(disk), "--tmpfs", HOME]
     argv += ["--perms", "1777", "--size", str(tmp_size), "--tmpfs", "/tmp"]  # noqa: S108 - the sandbox's own /tmp
     argv += ["--ro-bind", host.agent_dir, AGENT_DIR]

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 from moat.paths import state_dir
-from moat.runtime.spec import HOME, SANDBOX_GID, SANDBOX_UID
+from moat.runtime.spec import HOME, SANDBOX_GID, SANDBOX_UID, SSH_CONFIG
 
 _FILES = {
     "passwd": (
@@ -22,6 +22,7 @@ _FILES = {
     "nsswitch.conf": "passwd: files\ngroup: files\nhosts: files\n",
     # bound over /proc/cmdline: the host kernel's command line names the host's boot setup
     "cmdline": "quiet\n",
+    "ssh_config": SSH_CONFIG,  # bound at /etc/ssh/ssh_config
 }
 
 

@@ -16,7 +16,7 @@ from typing import Final
 
 from moat.runtime.gvisor.compat import SANDBOX_PATH
 from moat.runtime.gvisor.oci import NODEV_FILE, SKELETON_DIRS, SKELETON_SYMLINKS
-from moat.runtime.spec import HOME, SANDBOX_GID, SANDBOX_UID
+from moat.runtime.spec import HOME, SANDBOX_GID, SANDBOX_UID, SSH_CONFIG
 
 __all__ = ["ETC_BINDS", "etc_binds", "write_skeleton"]
 
@@ -43,6 +43,7 @@ def _synthetic_etc(hostname: str) -> dict[str, str]:
         "hosts": f"127.0.0.1\tlocalhost {hostname}\n::1\tlocalhost ip6-localhost\n",
         "resolv.conf": "",
         "nsswitch.conf": "passwd: files\ngroup: files\nhosts: files\n",
+        "ssh/ssh_config": SSH_CONFIG,
     }
 
 
@@ -66,6 +67,7 @@ def write_skeleton(rootfs: Path, hostname: str, preload: Path | None = None) -> 
     os.chmod(rootfs / NODEV_FILE, 0o000)
     etc = rootfs / "etc"
     for name, text in _synthetic_etc(hostname).items():
+        (etc / name).parent.mkdir(mode=0o755, exist_ok=True)
         (etc / name).write_text(text)
         os.chmod(etc / name, 0o644)
     if preload is not None:

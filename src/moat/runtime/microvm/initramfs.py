@@ -15,7 +15,7 @@ from pathlib import Path
 
 from moat.guest.init import INIT_SCRIPT, TOOLS
 from moat.runtime.microvm import cpio
-from moat.runtime.spec import AGENT_DIR, HOME, SANDBOX_GID, SANDBOX_UID
+from moat.runtime.spec import AGENT_DIR, HOME, SANDBOX_GID, SANDBOX_UID, SSH_CONFIG
 
 #: Stage 2's source (sandbox domain: found, never imported on the host).
 _BOOT = Path(__file__).resolve().parents[2] / "guest" / "boot.py"
@@ -112,6 +112,9 @@ def agent_archive(agent_dir: Path) -> bytes:
     # change to them then takes effect (and re-keys snapshots) without re-running setup.
     # (Later members of the concatenated archive replace earlier ones of the same name.)
     entries.append(cpio.file("/init", INIT_SCRIPT.encode(), 0o755))
+    # Here, not in the base archive: a new ssh_config needs no new setup.
+    entries.append(cpio.directory("/etc/ssh"))
+    entries.append(cpio.file("/etc/ssh/ssh_config", SSH_CONFIG.encode(), 0o644))
     boot = _BOOT.read_bytes()
     entries.append(cpio.file(f"{TOOLS}/boot.py", boot, 0o600))
     entries.append(cpio.directory(f"{TOOLS}/__pycache__", 0o700))
