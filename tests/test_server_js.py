@@ -102,6 +102,9 @@ def test_js_run_code_results_errors_and_contexts(server: Server, key_a: str) -> 
     assert err["name"] == "ValueError" and err["value"] == "bad value"
     assert "ValueError: bad value" in err["traceback"] and "/work" not in err["traceback"]
     assert out["envs"] == "'bar'"
+    # The client's timeout interrupted the cell: the next ran at once, the cell never ended.
+    assert out["interrupt"]["kind"] == "TimeoutError" and out["interrupt"]["next"] == "2"
+    assert out["interrupt"]["elapsedMs"] < 15_000 and out["interrupt"]["marker"] == "False"
     assert out["ctx"] == {"py": "python", "pyCwd": "/tmp", "sh": "bash"}
     assert out["ctxCwd"] == "'/tmp'" and out["ctxKept"] == "'only here'"
     assert out["defaultHasY"] == "False" and out["bash"] == ["bash 5\n"]
@@ -131,6 +134,8 @@ def test_js_create_list_connect_timeout_kill(server: Server, key_a: str) -> None
     assert out["timeout"]["movedS"] > 100 and 240 < out["timeout"]["ciLifetimeS"] <= 251
     assert out["connect"] == {"same": True, "endAtKept": True, "echo": "again\n", "code": "42"}
     assert out["kill"] == [True, True]
+    assert out["killedDuringRun"]["kind"] == "TimeoutError"
+    assert "killed or reached its end of life" in out["killedDuringRun"]["message"]
     after = out["afterKill"]
     assert after["isRunning"] is False and after["killAgain"] is False
     for call in ("getInfo", "connect", "setTimeout", "command"):

@@ -26,6 +26,17 @@ main(async () => {
     out.error = err.error && { name: err.error.name, value: err.error.value, traceback: err.error.traceback }
     out.envs = (await sbx.runCode("import os; os.environ['FOO']", { envs: { FOO: 'bar' } })).text
 
+    // timeoutMs aborts the fetch; the server must interrupt the cell when the client leaves:
+    // the next cell then runs at once (one kernel per context), and the marker never appears.
+    const started = Date.now()
+    out.interrupt = await caught(() =>
+      sbx.runCode("import time\nfor i in range(60): time.sleep(0.5)\nopen('/tmp/js-cell-marker', 'w')", { timeoutMs: 1500 }),
+    )
+    out.interrupt.next = (await sbx.runCode('1 + 1', { timeoutMs: 20_000 })).text
+    out.interrupt.elapsedMs = Date.now() - started
+    await new Promise((r) => setTimeout(r, 1000))
+    out.interrupt.marker = (await sbx.runCode("import os; os.path.exists('/tmp/js-cell-marker')")).text
+
     // Contexts: a python one with its own cwd and state, a bash one.
     const py = await sbx.createCodeContext({ language: 'python', cwd: '/tmp' })
     const sh = await sbx.createCodeContext({ language: 'bash' })

@@ -50,8 +50,12 @@ main(async () => {
   const ciAgain = await CodeSandbox.connect(ci.sandboxId, { apiKey })
   out.connect.code = (await ciAgain.runCode('6 * 7')).text
 
-  // Kill: the instance, then the static form on the other; a second kill is false.
+  // Kill: the instance (with a command running in it), then the static form on the other; a
+  // second kill is false. The running command's wait() fails the way the SDK reports a dead
+  // sandbox (its health probe got the 502 "was not found").
+  const sleeper = await base.commands.run('sleep 60', { background: true })
   out.kill = [await base.kill(), await Sandbox.kill(ci.sandboxId, { apiKey })]
+  out.killedDuringRun = await caught(() => sleeper.wait())
   out.afterKill = {
     isRunning: await base.isRunning(),
     killAgain: await Sandbox.kill(base.sandboxId, { apiKey }),
