@@ -8,6 +8,7 @@ MOAT_KEY_B. The sandbox named ``kept`` is left running for the outside checks.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import sys
@@ -18,7 +19,7 @@ from typing import Any
 from e2b import Sandbox as BaseSandbox
 from e2b import SandboxQuery
 from e2b.sandbox.commands.command_handle import CommandExitException
-from e2b_code_interpreter import Sandbox
+from e2b_code_interpreter import AsyncSandbox, Sandbox
 
 
 def caught(fn: Callable[[], object]) -> str | None:
@@ -121,7 +122,30 @@ def main() -> dict[str, Any]:
         "listed": sbx.sandbox_id
         in [s.sandbox_id for s in Sandbox.list(api_key=key_b).next_items()],
     }
+    out["async"] = asyncio.run(async_part(key_a))
     return out
+
+
+async def async_part(key: str) -> list[Any]:
+    """The same SDK's async classes: create, code, commands with stdin, files, list, connect."""
+    sbx = await AsyncSandbox.create(api_key=key, timeout=60)
+    try:
+        cat = await sbx.commands.run("cat", background=True, stdin=True)
+        await sbx.commands.send_stdin(cat.pid, "async in\n")
+        await sbx.commands.close_stdin(cat.pid)
+        await sbx.files.write("async.txt", "async file")
+        listed = await AsyncSandbox.list(api_key=key).next_items()
+        again = await AsyncSandbox.connect(sbx.sandbox_id, api_key=key)
+        return [
+            (await sbx.run_code("2 + 2")).text,
+            (await sbx.commands.run("echo async")).stdout,
+            (await cat.wait()).stdout,
+            await sbx.files.read("async.txt"),
+            sbx.sandbox_id in [s.sandbox_id for s in listed],
+            (await again.run_code("3 + 3")).text,
+        ]
+    finally:
+        await sbx.kill()
 
 
 if __name__ == "__main__":

@@ -79,6 +79,7 @@ def test_e2b_2_45_create_code_commands_files_list_connect_kill(server: Server) -
             "kill": False,
             "listed": False,
         }
+        assert out["async"] == ["4", "async\n", "async in\n", "async file", True, "6"]
         # From outside, with the newest SDK: what 2.45 wrote, and what it killed.
         assert kept.files.read("legacy/renamed.txt") == "from 2.45"
         assert not kept.files.exists("legacy/b.bin")
