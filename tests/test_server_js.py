@@ -98,6 +98,9 @@ def test_js_run_code_results_errors_and_contexts(server: Server, key_a: str) -> 
         "text": "M()",
         "isMain": True,
     }
+    # A figure shown by matplotlib: a display result (not the cell's value) carrying a PNG.
+    assert out["plot"]["count"] == 1 and "png" in out["plot"]["formats"]
+    assert out["plot"]["pngHead"] == "iVBORw0KGgoA" and out["plot"]["isMain"] is False
     err = out["error"]
     assert err["name"] == "ValueError" and err["value"] == "bad value"
     assert "ValueError: bad value" in err["traceback"] and "/work" not in err["traceback"]

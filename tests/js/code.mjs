@@ -22,6 +22,11 @@ main(async () => {
     )
     const r = multi.results[0]
     out.multi = { formats: r.formats(), html: r.html, markdown: r.markdown, text: r.text, isMain: r.isMainResult }
+    const plot = await sbx.runCode(
+      "import matplotlib\nmatplotlib.use('agg')\nimport matplotlib.pyplot as plt\nplt.plot([1, 2])\nplt.show()",
+    )
+    const p = plot.results[0]
+    out.plot = { count: plot.results.length, formats: p?.formats(), pngHead: p?.png?.slice(0, 12), isMain: p?.isMainResult }
     const err = await sbx.runCode("raise ValueError('bad value')")
     out.error = err.error && { name: err.error.name, value: err.error.value, traceback: err.error.traceback }
     out.envs = (await sbx.runCode("import os; os.environ['FOO']", { envs: { FOO: 'bar' } })).text
