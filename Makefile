@@ -4,10 +4,16 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 APT_PACKAGES := bubblewrap runsc qemu-system-x86 busybox-static lz4 e2fsprogs python3-venv python3-pip python3-pandas python3-matplotlib curl gcc libc6-dev openssh-client openssh-server git
 STAMP := $(VENV)/.installed
+# The E2B JS SDKs (tests/test_server_js.py), pinned by tests/js/package-lock.json.
+JS_DIR := tests/js
+JS_STAMP := $(JS_DIR)/node_modules/.installed
+# The older E2B Python SDK (tests/test_server_e2b_legacy.py) in a virtualenv of its own.
+LEGACY_VENV ?= /var/tmp/moat-e2b-2.45.1
+LEGACY_STAMP := $(LEGACY_VENV)/.installed
 
 .PHONY: install demo test lint bench clean proto
 
-install: $(STAMP)
+install: $(STAMP) $(JS_STAMP) $(LEGACY_STAMP)
 
 $(STAMP): pyproject.toml constraints-dev.txt
 	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
@@ -22,6 +28,21 @@ $(STAMP): pyproject.toml constraints-dev.txt
 	$(PY) -m moat.runtime.microvm.setup
 	$(PY) -m moat.runtime.gvisor.setup
 	touch $(STAMP)
+
+# The SDKs declare Node ">=20.18.1 <21 || >=22"; Debian bookworm's nodejs is 18.20, too old, so
+# this needs the machine's own Node (NodeSource's nodejs 20 here, which ships npm).
+$(JS_STAMP): $(JS_DIR)/package.json $(JS_DIR)/package-lock.json
+	@command -v node >/dev/null && command -v npm >/dev/null || \
+		{ echo "node >= 20.18.1 and npm are needed (Debian bookworm's nodejs 18 is too old)"; exit 1; }
+	@node -e 'const [a, b, c] = process.versions.node.split(".").map(Number); process.exit(a * 1e6 + b * 1e3 + c >= 20018001 ? 0 : 1)' || \
+		{ echo "node $$(node --version) is too old: the E2B JS SDKs need >= 20.18.1"; exit 1; }
+	npm ci --prefix $(JS_DIR) --no-audit --no-fund --loglevel=error
+	touch $@
+
+$(LEGACY_STAMP): tests/e2b-2.45-requirements.txt
+	test -x $(LEGACY_VENV)/bin/python || /usr/bin/python3 -m venv $(LEGACY_VENV)
+	$(LEGACY_VENV)/bin/python -m pip install -q -r tests/e2b-2.45-requirements.txt
+	touch $@
 
 demo: install
 	$(PY) examples/demo.py
@@ -56,4 +77,4 @@ proto:
 	cp $(GEN_VENV)/out/moat_envd/*.py src/moat/server/envd/
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build *.egg-info $(JS_DIR)/node_modules

@@ -19,10 +19,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from moat.egress import NetworkPolicy, Secret
+from moat.egress import Secret
 from moat.errors import InvalidArgumentError, NotFoundError, SandboxError
 from moat.server import wire
 from moat.server.app import MAX_JSON_BODY, BodyTooLarge, Record, ServerState, read_body, too_large
+from moat.server.network import policy_of
 
 log = logging.getLogger("moat.server")
 
@@ -87,10 +88,10 @@ def control_app(state: ServerState) -> Starlette:
             raise InvalidArgumentError("autoPause/autoResume need persistence, not built yet")
         if body.mcp or body.volume_mounts:
             raise InvalidArgumentError("mcp and volumeMounts are not supported by moat")
-        # The canonical spelling (what moat enforces) is what info and list show.
-        network = NetworkPolicy.parse(
-            network_of(body.allow_internet_access, body.network)
-        ).to_dict()
+        network = network_of(body.allow_internet_access, body.network)
+        policy = policy_of(network)
+        network["internet_access"] = policy.internet_access  # as enforced (denyOut 0.0.0.0/0)
+        network["allow_tcp"] = policy.to_dict()["allow_tcp"]  # canonical, as enforced
         ext = body.moat or wire.MoatExtension()
         secrets = {
             name: Secret(s.value, s.hosts, s.header, s.template) for name, s in ext.secrets.items()
@@ -99,7 +100,7 @@ def control_app(state: ServerState) -> Starlette:
             "timeout": body.timeout,
             "envs": body.env_vars,
             "metadata": body.metadata,
-            "network": NetworkPolicy.parse(network),
+            "network": policy,
             "secrets": secrets or None,
         }
         if body.template_id not in wire.DEFAULT_TEMPLATES:
@@ -182,8 +183,11 @@ def control_app(state: ServerState) -> Starlette:
         if found is None:
             return _not_found(sid)
         rec, _ = found
-        network = NetworkPolicy.parse(network_of(body.allow_internet_access, body)).to_dict()
-        await front.update_network(tenant, sid, NetworkPolicy.parse(network))
+        network = network_of(body.allow_internet_access, body)
+        policy = policy_of(network)
+        network["internet_access"] = policy.internet_access
+        network["allow_tcp"] = policy.to_dict()["allow_tcp"]
+        await front.update_network(tenant, sid, policy)
         rec.network = network
         return Response(status_code=204)
 

@@ -210,7 +210,8 @@ def detail_reply(info: SandboxInfo, rec: _Tokens) -> dict[str, Any]:
         "network": {
             "allowOut": list(network.get("allow_out", ())),
             "denyOut": list(network.get("deny_out", ())),
-            "allowTcp": list(network.get("allow_tcp", ())),
+            # moat's extension, only where used (E2B's shape otherwise)
+            **({"allowTcp": list(network["allow_tcp"])} if network.get("allow_tcp") else {}),
         },
     }
 
