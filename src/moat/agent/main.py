@@ -17,6 +17,7 @@ from moat.agent.commands import Commands
 from moat.agent.contexts import Contexts, Kernel
 from moat.agent.files import FileError, Files
 from moat.agent.netproxy import NetProxy
+from moat.agent.watch import Watches
 from moat.protocol import HOST_TO_AGENT, PROTOCOL_VERSION, Decoder, Frame, MsgType, ProtocolError
 from moat.protocol.contract import HOME
 
@@ -35,6 +36,7 @@ class Agent:
         self.commands = Commands(self.ch)
         self.files = Files(self.ch)
         self.net = NetProxy(self.ch)
+        self.watches = Watches(self.ch)
 
     def serve(self) -> None:
         self.ch.send(MsgType.READY, 0, version=PROTOCOL_VERSION, pid=os.getpid())
@@ -161,6 +163,15 @@ class Agent:
                 self._in_thread(
                     rid, lambda: self.ch.done(rid, **self.files.move(a["path"], a["dst"]))
                 )
+            elif t is MsgType.WATCH_START:  # a large tree takes a while to walk: a thread
+                self._in_thread(
+                    rid, lambda: self.watches.start(rid, a["path"], bool(a.get("recursive")))
+                )
+            elif t is MsgType.WATCH_STOP:
+                if self.watches.stop(a["target"]):
+                    self.ch.done(rid)
+                else:
+                    self.ch.fail(rid, "not_found", "no such watch")
         except FileError as err:
             self.ch.fail(rid, err.kind, str(err))
         except Exception as exc:  # noqa: BLE001 - one bad request must not end the agent

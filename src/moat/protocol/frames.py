@@ -51,6 +51,8 @@ class MsgType(enum.StrEnum):
     FILE_MOVE = "file_move"  # rename or move `path` to `dst`
     PING = "ping"
     NET_SETUP = "net_setup"  # start the local proxy port; payload = CA bundle (PEM)
+    WATCH_START = "watch_start"  # watch a directory: WATCHING, FS_EVENTS..., DONE (watch.py)
+    WATCH_STOP = "watch_stop"  # stop the watch of request `target`
     # both ways: proxied TCP streams (id = stream id, negative: opened by the agent)
     TCP_DATA = "tcp_data"
     TCP_EOF = "tcp_eof"  # half-close: no more data this way
@@ -67,6 +69,8 @@ class MsgType(enum.StrEnum):
     DATA = "data"  # a chunk of a file being read
     DONE = "done"
     FAIL = "fail"  # the request failed: kind + message
+    WATCHING = "watching"  # a watch is in place
+    FS_EVENTS = "fs_events"  # events of a watch (checked by moat.protocol.watch)
 
 
 HOST_TO_AGENT = frozenset(
@@ -92,6 +96,8 @@ HOST_TO_AGENT = frozenset(
         MsgType.FILE_MOVE,
         MsgType.PING,
         MsgType.NET_SETUP,
+        MsgType.WATCH_START,
+        MsgType.WATCH_STOP,
         MsgType.TCP_DATA,
         MsgType.TCP_EOF,
         MsgType.TCP_CLOSE,
@@ -162,6 +168,13 @@ SCHEMAS: dict[MsgType, dict[str, _F]] = {
     MsgType.FILE_MOVE: {"path": _PATH, "dst": _PATH},
     MsgType.PING: {},
     MsgType.NET_SETUP: {"port": _F(int), "ca_path": _PATH},
+    MsgType.WATCH_START: {"path": _PATH, "recursive": _F(bool, required=False)},
+    MsgType.WATCH_STOP: {"target": _F(int)},
+    MsgType.WATCHING: {},
+    MsgType.FS_EVENTS: {  # every event and its name: moat.protocol.watch.check_events
+        "events": _F(list, required=False, max_len=256),
+        "lost": _F(bool, required=False),
+    },
     MsgType.TCP_DATA: {},
     MsgType.TCP_EOF: {},
     MsgType.TCP_CLOSE: {},
