@@ -172,6 +172,11 @@ class Agent:
                     self.ch.done(rid)
                 else:
                     self.ch.fail(rid, "not_found", "no such watch")
+            elif t is MsgType.WATCH_FLUSH:
+                if self.watches.flush(a["target"]):
+                    self.ch.done(rid)
+                else:
+                    self.ch.fail(rid, "not_found", "no such watch")
         except FileError as err:
             self.ch.fail(rid, err.kind, str(err))
         except Exception as exc:  # noqa: BLE001 - one bad request must not end the agent

@@ -87,6 +87,8 @@ class Watch:
         self.wds: dict[int, str] = {}  # watch descriptor -> path relative to the root
         self.stopping = False
         self.closed = False
+        self.ended = False
+        self.reading = threading.Lock()
         self.mu = threading.Lock()  # close() vs stop(): never write to a closed (reused) fd
         self.wake_r, self.wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
 
@@ -179,7 +181,7 @@ class Watch:
 
     def close(self) -> None:
         """Free the inotify instance (and with it every watch descriptor). Idempotent."""
-        with self.mu:
+        with self.reading, self.mu:  # never while a flush reads the fd
             if self.closed:
                 return
             self.closed = True
@@ -211,16 +213,21 @@ class Watch:
     def _loop(self) -> None:
         while not self.stopping:
             ready, _, _ = select.select([self.fd, self.wake_r], [], [])
-            if self.fd not in ready:
-                continue
-            try:
-                data = os.read(self.fd, 1 << 16)
-            except BlockingIOError:
-                continue
-            events, lost, ended = self._parse(data)
-            self._send(events, lost)
-            if ended:
+            if self.fd in ready and self.drain():
                 return
+
+    def drain(self) -> bool:
+        """Read and send what the kernel has queued (the watch's thread, or a flush: one at a
+        time, so events keep their order); True once the watched directory is gone."""
+        with self.reading:
+            while not self.closed and not self.ended:
+                try:
+                    data = os.read(self.fd, 1 << 16)
+                except BlockingIOError:
+                    break
+                events, lost, self.ended = self._parse(data)
+                self._send(events, lost)
+            return self.ended
 
     def _parse(self, data: bytes) -> tuple[list[tuple[str, str]], bool, bool]:
         events: list[tuple[str, str]] = []
@@ -333,4 +340,14 @@ class Watches:
         if watch is None:
             return False
         watch.stop()
+        return True
+
+    def flush(self, target: int) -> bool:
+        """Send the events of watch ``target`` that the kernel holds now (before the caller's
+        DONE: a barrier for "every event up until now")."""
+        with self.mu:
+            watch = self.items.get(target)
+        if watch is None:
+            return False
+        watch.drain()
         return True

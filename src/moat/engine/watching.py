@@ -56,8 +56,9 @@ class WatchStream:
         return FilesystemEvent(name=text, type=kind, entry=entry)  # type: ignore[arg-type]
 
     async def take(self) -> list[FilesystemEvent]:
-        """The events queued now (none waited for). Once the watch has ended and nothing is
-        left, its error is raised (a clean end: an empty list)."""
+        """Every event up until now (the agent's pending ones included). Once the watch
+        has ended and nothing is left, its error is raised (a clean end: an empty list)."""
+        await self._watch.flush()
         raw = self._watch.take()
         if not raw and self._watch.done and self._watch.error is not None:
             raise self._watch.error

@@ -53,6 +53,7 @@ class MsgType(enum.StrEnum):
     NET_SETUP = "net_setup"  # start the local proxy port; payload = CA bundle (PEM)
     WATCH_START = "watch_start"  # watch a directory: WATCHING, FS_EVENTS..., DONE (watch.py)
     WATCH_STOP = "watch_stop"  # stop the watch of request `target`
+    WATCH_FLUSH = "watch_flush"  # send what watch `target` has pending, then DONE
     # both ways: proxied TCP streams (id = stream id, negative: opened by the agent)
     TCP_DATA = "tcp_data"
     TCP_EOF = "tcp_eof"  # half-close: no more data this way
@@ -98,6 +99,7 @@ HOST_TO_AGENT = frozenset(
         MsgType.NET_SETUP,
         MsgType.WATCH_START,
         MsgType.WATCH_STOP,
+        MsgType.WATCH_FLUSH,
         MsgType.TCP_DATA,
         MsgType.TCP_EOF,
         MsgType.TCP_CLOSE,
@@ -170,6 +172,7 @@ SCHEMAS: dict[MsgType, dict[str, _F]] = {
     MsgType.NET_SETUP: {"port": _F(int), "ca_path": _PATH},
     MsgType.WATCH_START: {"path": _PATH, "recursive": _F(bool, required=False)},
     MsgType.WATCH_STOP: {"target": _F(int)},
+    MsgType.WATCH_FLUSH: {"target": _F(int)},
     MsgType.WATCHING: {},
     MsgType.FS_EVENTS: {  # every event and its name: moat.protocol.watch.check_events
         "events": _F(list, required=False, max_len=256),

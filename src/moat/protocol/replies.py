@@ -122,6 +122,7 @@ REPLIES: dict[MsgType, Check] = {
     MsgType.FILE_MOVE: ENTRY,
     MsgType.WATCH_START: _EMPTY,  # the watch ended
     MsgType.WATCH_STOP: _EMPTY,
+    MsgType.WATCH_FLUSH: _EMPTY,
 }
 
 

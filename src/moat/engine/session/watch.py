@@ -106,6 +106,18 @@ class DirWatch:
         self.chars -= len(event[0])
         return event
 
+    async def flush(self) -> None:
+        """Have the agent send what the kernel holds for this watch now, and queue it here:
+        after it, ``take`` has every event up until the call (E2B's polling semantics)."""
+        if self.done:
+            return
+        with contextlib.suppress(SandboxError):  # the watch ended meanwhile: nothing pending
+            await self.session.request(MsgType.WATCH_FLUSH, {"target": self.call.id})
+        for _ in range(1000):  # the pump queues what arrived first (bounded: a flood)
+            if not self.call.pending() or self.done:
+                break
+            await asyncio.sleep(0)
+
     def take(self) -> list[tuple[str, str]]:
         """What is queued now, without waiting (the polling form)."""
         return [self._pop() for _ in range(len(self.queue))]
