@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import struct
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -179,38 +180,66 @@ def test_a_killed_sandbox_ends_the_stream(key_a: str) -> None:
     asyncio.run(main())
 
 
-def test_watchdir_raw_stream_starts_then_keeps_alive(server: Server, sbx: Sandbox) -> None:
-    body = json.dumps({"path": "/home/user"}).encode()
-    headers = {
-        "E2b-Sandbox-Id": sbx.sandbox_id,
-        "E2b-Sandbox-Port": "49983",
-        "X-Access-Token": str(sbx._envd_access_token),
-        "Connect-Protocol-Version": "1",
-        "Content-Type": "application/connect+json",
-        "Keepalive-Ping-Interval": "1",
-    }
-    frames: list[Any] = []
+def _watch_stream(
+    server: Server, s: Sandbox, body: dict[str, Any], want: int, **headers: str
+) -> list[tuple[int, Any]]:
+    """A raw WatchDir stream's first ``want`` envelopes (flags, message), 15 s at most."""
+    raw = json.dumps(body).encode()
+    frames: list[tuple[int, Any]] = []
     t0 = time.monotonic()
     with httpx.stream(
         "POST",
         server.url + "/filesystem.Filesystem/WatchDir",
-        content=struct.pack(">BI", 0, len(body)) + body,
-        headers=headers,
+        content=struct.pack(">BI", 0, len(raw)) + raw,
+        headers={
+            "E2b-Sandbox-Id": s.sandbox_id,
+            "E2b-Sandbox-Port": "49983",
+            "X-Access-Token": str(s._envd_access_token),
+            "Connect-Protocol-Version": "1",
+            "Content-Type": "application/connect+json",
+            **headers,
+        },
         timeout=30,
     ) as r:
         buf = b""
         for chunk in r.iter_raw():
             buf += chunk
             while len(buf) >= 5:
-                n = struct.unpack(">I", buf[1:5])[0]
+                flags, n = struct.unpack(">BI", buf[:5])
                 if len(buf) < 5 + n:
                     break
-                frames.append(json.loads(buf[5 : 5 + n]))
+                frames.append((flags, json.loads(buf[5 : 5 + n])))
                 buf = buf[5 + n :]
-            if len(frames) >= 3 or time.monotonic() - t0 > 10:
+            if len(frames) >= want or time.monotonic() - t0 > 15:
                 break
-    assert frames[0] == {"start": {}}  # proto3 JSON: a oneof's member is a plain key
-    assert {"keepalive": {}} in frames[1:]
+    return frames
+
+
+def test_watchdir_raw_stream_starts_then_keeps_alive(server: Server, sbx: Sandbox) -> None:
+    frames = _watch_stream(
+        server, sbx, {"path": "/home/user"}, 3, **{"Keepalive-Ping-Interval": "1"}
+    )
+    assert frames[0] == (0, {"start": {}})  # proto3 JSON: a oneof's member is a plain key
+    assert (0, {"keepalive": {}}) in frames[1:]
+
+
+def test_watchdir_entries_and_deadline(server: Server, sbx: Sandbox) -> None:
+    sbx.files.make_dir("ew")
+    sbx.files.write("ew/old", "x")
+    t0 = time.monotonic()
+    body = {"path": "ew", "includeEntry": True}
+    later = threading.Timer(0.5, lambda: sbx.files.write("ew/new.txt", "hello"))
+    later.start()
+    frames = _watch_stream(server, sbx, body, 10, **{"Connect-Timeout-Ms": "2000"})
+    later.join()
+    events = [m["filesystem"] for f, m in frames if f == 0 and "filesystem" in m]
+    write = next(e for e in events if e["type"] == "EVENT_TYPE_WRITE")
+    assert write["name"] == "new.txt"
+    assert write["entry"]["path"] == "/home/user/ew/new.txt" and write["entry"]["size"] == "5"
+    # The call's timeout ends the stream (an end-of-stream envelope with the error).
+    flags, end = frames[-1]
+    assert flags == 2 and end["error"]["code"] == "deadline_exceeded", frames[-1]
+    assert time.monotonic() - t0 < 10
 
 
 def test_sdk_maps_unknown_watch_removal(sbx: Sandbox) -> None:

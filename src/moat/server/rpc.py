@@ -528,13 +528,17 @@ class FilesystemService(Filesystem):
         stream = await self._watch(c, request.path, request.recursive, request.include_entry)
         events = stream.events()
         every = _keepalive_s(ctx)
+        deadline = _deadline(ctx)  # the SDKs' watch timeout: the stream ends there
         pending: asyncio.Future[Any] | None = None
         try:
             yield _watch_event(Oneof("start", fs.WatchDirResponse.StartEvent()))
             while True:
                 pending = pending or asyncio.ensure_future(anext(events))
-                done, _ = await asyncio.wait({pending}, timeout=every)
+                wait = every if deadline is None else min(every, deadline - time.monotonic())
+                done, _ = await asyncio.wait({pending}, timeout=max(wait, 0))
                 if not done:
+                    if deadline is not None and time.monotonic() >= deadline:
+                        raise ConnectError(Code.DEADLINE_EXCEEDED, "the watch's timeout elapsed")
                     yield _watch_event(Oneof("keepalive", fs.WatchDirResponse.KeepAlive()))
                     continue
                 try:
