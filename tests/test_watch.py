@@ -220,3 +220,22 @@ def test_microvm_watch() -> None:
         ]
         assert ("n/g", "write") in seen, seen
         handle.stop()
+
+
+@pytest.mark.container
+def test_watched_directories_are_capped_per_sandbox() -> None:
+    require_tier("container")
+    with Sandbox.create(isolation="container", timeout=120) as s:
+        s.commands.run("mkdir -p ~/big/d{1..8200} ~/mid/d{1..8000}", timeout=60)
+        with pytest.raises(PolicyError, match="too many directories"):
+            s.files.watch_dir("big", recursive=True)  # refused at start, nothing half-made
+        handle = s.files.watch_dir("mid", recursive=True)  # 8,001 of 8,192
+        s.commands.run("mkdir ~/mid/d1/n{1..300} && touch ~/mid/d1/n300/f", timeout=60)
+        events = handle.get_new_events()
+        # The new directories past the cap can't be watched: said with an overflow event.
+        assert any(e.type == "overflow" for e in events)
+        assert ("d1/n1", "create") in _kinds(events)
+        handle.stop()
+        s.commands.run("rm -r ~/mid/d1/n*")
+        again = s.files.watch_dir("mid", recursive=True)  # stop() gave its 8,192 back
+        again.stop()
