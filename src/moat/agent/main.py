@@ -28,6 +28,10 @@ if TYPE_CHECKING:
     from typing import Any
 
 
+#: File operations before which recursive watches take in pending events (Watches.settle).
+_SETTLE = frozenset({MsgType.FILE_WRITE, MsgType.FILE_MKDIR, MsgType.FILE_MOVE})
+
+
 class Agent:
     def __init__(self, in_fd: int, out_fd: int, default_kernel: Kernel | None) -> None:
         self.in_fd = in_fd
@@ -68,6 +72,8 @@ class Agent:
     def dispatch(self, f: Frame) -> None:
         rid, t, a = f.id, f.type, f.fields
         try:
+            if t in _SETTLE and self.watches.items:
+                self.watches.settle()
             if t is MsgType.TCP_DATA or t is MsgType.TCP_EOF or t is MsgType.TCP_CLOSE:
                 self.net.on_frame(t, rid, f.payload)
             elif t is MsgType.TCP_ACK:

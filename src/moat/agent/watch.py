@@ -342,6 +342,16 @@ class Watches:
         watch.stop()
         return True
 
+    def settle(self) -> None:
+        """Before a file operation of the host's: let every recursive watch take in what is
+        pending, so a directory made by the previous call is watched before this one writes
+        into it (no race between the host's own calls; user code's ``mkdir -p a/b && echo >
+        a/b/f`` stays inotify's race: f is then reported by the walk of the new directory)."""
+        with self.mu:
+            watches = [w for w in self.items.values() if w.recursive]
+        for watch in watches:
+            watch.drain()
+
     def flush(self, target: int) -> bool:
         """Send the events of watch ``target`` that the kernel holds now (before the caller's
         DONE: a barrier for "every event up until now")."""
