@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from tests.conftest import require_tier
 
-from moat import InvalidArgumentError, NotFoundError, PolicyError, Sandbox
+from moat import InvalidArgumentError, Mount, NotFoundError, PolicyError, Sandbox
 from moat.model import FilesystemEvent
 from moat.protocol.watch import MAX_WATCHERS
 from moat.testing import session_of
@@ -192,9 +192,18 @@ def test_names_pass_the_guard(box: Sandbox) -> None:
 
 
 @pytest.mark.gvisor
-def test_gvisor_watch() -> None:
+def test_gvisor_watch(tmp_path: Any) -> None:
     require_tier("gvisor")
-    with Sandbox.create(isolation="gvisor", timeout=120) as s:
+    shared = tmp_path / "rw"
+    shared.mkdir()
+    shared.chmod(0o777)
+    rw = Mount(str(shared), "/mnt/rw", read_only=False)
+    with Sandbox.create(isolation="gvisor", timeout=120, mounts=[rw]) as s:
+        # A gofer (9p) mount: the sentry's inotify sees the sandbox's own changes there too.
+        on_gofer = s.files.watch_dir("/mnt/rw")
+        s.commands.run("echo 1 > /mnt/rw/g")
+        assert _kinds(on_gofer.get_new_events()) == [("g", "create"), ("g", "write")]
+        on_gofer.stop()
         s.files.make_dir("w/sub")
         handle = s.files.watch_dir("w", recursive=True)
         s.commands.run("echo 1 > ~/w/f && mkdir ~/w/n && echo 2 > ~/w/n/g && rm ~/w/f")
