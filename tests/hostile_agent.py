@@ -23,6 +23,8 @@ def _expand(value: object) -> object:
             text, n = value["$repeat"]
             return text * n
         return {k: _expand(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_expand(v) for v in value]
     return value
 
 

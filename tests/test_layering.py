@@ -185,6 +185,7 @@ def test_sync_sdk_has_the_async_signatures() -> None:
         (sync.Commands, async_.AsyncCommands),
         (sync.Files, async_.AsyncFiles),
         (sync.CommandHandle, async_.AsyncCommandHandle),
+        (sync.WatchHandle, async_.AsyncWatchHandle),
     ]
     renamed = {"__enter__": "__aenter__", "__exit__": "__aexit__"}
     for s_cls, a_cls in pairs:

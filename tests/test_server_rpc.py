@@ -225,11 +225,6 @@ def test_killed_sandbox_drops_the_raw_stream(server: Server, key_a: str) -> None
                     pass
 
 
-def test_watch_is_unimplemented_with_a_clear_message(sbx: Sandbox) -> None:
-    with pytest.raises(SandboxException, match="watching directories is not supported"):
-        sbx.files.watch_dir("/home/user")
-
-
 # -- the raw wire ---------------------------------------------------------------------------
 
 

@@ -17,6 +17,7 @@ from moat.agent.commands import Commands
 from moat.agent.contexts import Contexts, Kernel
 from moat.agent.files import FileError, Files
 from moat.agent.netproxy import NetProxy
+from moat.agent.watch import Watches
 from moat.protocol import HOST_TO_AGENT, PROTOCOL_VERSION, Decoder, Frame, MsgType, ProtocolError
 from moat.protocol.contract import HOME
 
@@ -27,6 +28,10 @@ if TYPE_CHECKING:
     from typing import Any
 
 
+#: File operations before which recursive watches take in pending events (Watches.settle).
+_SETTLE = frozenset({MsgType.FILE_WRITE, MsgType.FILE_MKDIR, MsgType.FILE_MOVE})
+
+
 class Agent:
     def __init__(self, in_fd: int, out_fd: int, default_kernel: Kernel | None) -> None:
         self.in_fd = in_fd
@@ -35,6 +40,7 @@ class Agent:
         self.commands = Commands(self.ch)
         self.files = Files(self.ch)
         self.net = NetProxy(self.ch)
+        self.watches = Watches(self.ch)
 
     def serve(self) -> None:
         self.ch.send(MsgType.READY, 0, version=PROTOCOL_VERSION, pid=os.getpid())
@@ -66,6 +72,8 @@ class Agent:
     def dispatch(self, f: Frame) -> None:
         rid, t, a = f.id, f.type, f.fields
         try:
+            if t in _SETTLE and self.watches.items:
+                self.watches.settle()
             if t is MsgType.TCP_DATA or t is MsgType.TCP_EOF or t is MsgType.TCP_CLOSE:
                 self.net.on_frame(t, rid, f.payload)
             elif t is MsgType.TCP_ACK or t is MsgType.TCP_DIAL:
@@ -161,6 +169,20 @@ class Agent:
                 self._in_thread(
                     rid, lambda: self.ch.done(rid, **self.files.move(a["path"], a["dst"]))
                 )
+            elif t is MsgType.WATCH_START:  # a large tree takes a while to walk: a thread
+                self._in_thread(
+                    rid, lambda: self.watches.start(rid, a["path"], bool(a.get("recursive")))
+                )
+            elif t is MsgType.WATCH_STOP:
+                if self.watches.stop(a["target"]):
+                    self.ch.done(rid)
+                else:
+                    self.ch.fail(rid, "not_found", "no such watch")
+            elif t is MsgType.WATCH_FLUSH:
+                if self.watches.flush(a["target"]):
+                    self.ch.done(rid)
+                else:
+                    self.ch.fail(rid, "not_found", "no such watch")
         except FileError as err:
             self.ch.fail(rid, err.kind, str(err))
         except Exception as exc:  # noqa: BLE001 - one bad request must not end the agent

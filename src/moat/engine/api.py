@@ -30,6 +30,7 @@ from moat.engine.resolve import (
     validate_config,
 )
 from moat.engine.session import Session, ended_error, file_chunks
+from moat.engine.watching import WatchStream
 from moat.errors import InvalidArgumentError, NotFoundError, PolicyError, SandboxError
 from moat.guard import Guard, GuardBudgetError, GuardPolicy
 from moat.model import (
@@ -64,6 +65,7 @@ __all__ = [
     "GuardPolicy",
     "NetworkPolicy",
     "Secret",
+    "WatchStream",
     "file_chunks",
     "kill_everything",
 ]
@@ -75,7 +77,7 @@ CAPABILITIES = frozenset(
         "sandboxes.list", "code.run", "code.contexts", "commands.start", "commands.stdin",
         "commands.close_stdin", "commands.signal", "commands.list", "files.read",
         "files.write", "files.list", "files.stat", "files.move", "files.remove",
-        "files.make_dir", "commands.connect",
+        "files.make_dir", "commands.connect", "files.watch",
         "network.update", "audit.query", "sandboxes.metrics", "ports.open",
     }
 )  # fmt: skip
@@ -499,6 +501,25 @@ class FrontDoor:
         """Rename or move a file or directory (parents made); the entry at ``destination``."""
         session = self._session(tenant, sandbox_id)
         return await session.move(v.path(source), v.path(destination))
+
+    async def watch_dir(
+        self,
+        tenant: str,
+        sandbox_id: str,
+        path: str,
+        *,
+        recursive: bool = False,
+        include_entry: bool = False,
+    ) -> WatchStream:
+        """Watch a directory: its guarded FilesystemEvents (create, write, remove, rename,
+        chmod; ``overflow`` where events were lost). NotFoundError if ``path`` is not there,
+        InvalidArgumentError if it is no directory, PolicyError past the sandbox's watches."""
+        session = self._session(tenant, sandbox_id)
+        path = v.path(path)
+        if not isinstance(recursive, bool) or not isinstance(include_entry, bool):
+            raise InvalidArgumentError("recursive and include_entry must be bools")
+        watch = await session.watch_dir(path, recursive)
+        return WatchStream(session, watch, path, include_entry)
 
     # -- lookups ----------------------------------------------------------------------
 

@@ -18,7 +18,17 @@ from moat.model.config import (
     SandboxConfig,
     SecretRef,
 )
-from moat.model.events import End, ErrorEvent, Event, Output, ResultEvent, Started
+from moat.model.events import (
+    FILESYSTEM_EVENT_TYPES,
+    End,
+    ErrorEvent,
+    Event,
+    FilesystemEvent,
+    FilesystemEventType,
+    Output,
+    ResultEvent,
+    Started,
+)
 from moat.model.results import (
     FORMATS,
     RESULT_KEYS,
@@ -57,6 +67,7 @@ __all__ = [
     "DEFAULT_MAX_OUTPUT",
     "DEFAULT_TIMEOUT",
     "DEFAULT_TRUST",
+    "FILESYSTEM_EVENT_TYPES",
     "FORMATS",
     "GUARD_MODES",
     "HOME",
@@ -76,6 +87,8 @@ __all__ = [
     "Event",
     "Execution",
     "ExecutionError",
+    "FilesystemEvent",
+    "FilesystemEventType",
     "GuardConfig",
     "Limits",
     "Logs",

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from moat.model.results import ExecutionError, Result, _Wire
+from moat.model.results import EntryInfo, ExecutionError, Result, _Wire
 
 
 @dataclass(frozen=True)
@@ -52,3 +52,21 @@ class End(_Wire):
 
 
 Event = Started | Output | ResultEvent | ErrorEvent | End
+
+#: What happened to an entry of a watched directory (E2B's types), or ``overflow``: events
+#: were lost here (the consumer fell behind, or the kernel's queue overflowed).
+FilesystemEventType = Literal["create", "write", "remove", "rename", "chmod", "overflow"]
+FILESYSTEM_EVENT_TYPES: tuple[FilesystemEventType, ...] = (
+    "create", "write", "remove", "rename", "chmod", "overflow",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class FilesystemEvent(_Wire):
+    """An event of a directory watch. ``name`` is the path relative to the watched
+    directory (guarded), ``""`` for the directory itself and for ``overflow``; ``entry`` is
+    the entry's info when asked for and the entry still exists."""
+
+    name: str
+    type: FilesystemEventType
+    entry: EntryInfo | None = None

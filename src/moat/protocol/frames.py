@@ -54,6 +54,9 @@ class MsgType(enum.StrEnum):
     # connect to 127.0.0.1:<port> inside (ingress, id = a positive stream id the host chose);
     # the agent answers TCP_OPEN with that id, or TCP_CLOSE when nothing listens there
     TCP_DIAL = "tcp_dial"
+    WATCH_START = "watch_start"  # watch a directory: WATCHING, FS_EVENTS..., DONE (watch.py)
+    WATCH_STOP = "watch_stop"  # stop the watch of request `target`
+    WATCH_FLUSH = "watch_flush"  # send what watch `target` has pending, then DONE
     # both ways: proxied TCP streams (id = stream id, negative: opened by the agent)
     TCP_DATA = "tcp_data"
     TCP_EOF = "tcp_eof"  # half-close: no more data this way
@@ -70,6 +73,8 @@ class MsgType(enum.StrEnum):
     DATA = "data"  # a chunk of a file being read
     DONE = "done"
     FAIL = "fail"  # the request failed: kind + message
+    WATCHING = "watching"  # a watch is in place
+    FS_EVENTS = "fs_events"  # events of a watch (checked by moat.protocol.watch)
 
 
 HOST_TO_AGENT = frozenset(
@@ -96,6 +101,9 @@ HOST_TO_AGENT = frozenset(
         MsgType.PING,
         MsgType.NET_SETUP,
         MsgType.TCP_DIAL,
+        MsgType.WATCH_START,
+        MsgType.WATCH_STOP,
+        MsgType.WATCH_FLUSH,
         MsgType.TCP_DATA,
         MsgType.TCP_EOF,
         MsgType.TCP_CLOSE,
@@ -166,6 +174,14 @@ SCHEMAS: dict[MsgType, dict[str, _F]] = {
     MsgType.FILE_MOVE: {"path": _PATH, "dst": _PATH},
     MsgType.PING: {},
     MsgType.NET_SETUP: {"port": _F(int), "ca_path": _PATH},
+    MsgType.WATCH_START: {"path": _PATH, "recursive": _F(bool, required=False)},
+    MsgType.WATCH_STOP: {"target": _F(int)},
+    MsgType.WATCH_FLUSH: {"target": _F(int)},
+    MsgType.WATCHING: {},
+    MsgType.FS_EVENTS: {  # every event and its name: moat.protocol.watch.check_events
+        "events": _F(list, required=False, max_len=256),
+        "lost": _F(bool, required=False),
+    },
     MsgType.TCP_DATA: {},
     MsgType.TCP_EOF: {},
     MsgType.TCP_CLOSE: {},

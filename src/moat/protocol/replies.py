@@ -120,6 +120,9 @@ REPLIES: dict[MsgType, Check] = {
     MsgType.FILE_REMOVE: _EMPTY,
     MsgType.FILE_MKDIR: _obj({"created": _bool}),
     MsgType.FILE_MOVE: ENTRY,
+    MsgType.WATCH_START: _EMPTY,  # the watch ended
+    MsgType.WATCH_STOP: _EMPTY,
+    MsgType.WATCH_FLUSH: _EMPTY,
 }
 
 

@@ -37,6 +37,7 @@ from moat.model import (
 )
 from moat.model import validate as v
 from moat.sdk.transport import CommandEvents, Transport
+from moat.sdk.watch import AsyncWatchHandle
 
 if TYPE_CHECKING:  # names of the front door's request vocabulary, for annotations only
     from moat.engine.api import GatewayConfig, GuardPolicy, NetworkPolicy, Secret
@@ -215,6 +216,27 @@ class AsyncFiles:
     async def make_dir(self, path: str) -> bool:
         """Create a directory (and parents). False if it already existed."""
         return await self._t.make_dir(self._sid, path)
+
+    async def watch_dir(
+        self,
+        path: str,
+        on_event: Any = None,
+        recursive: bool = False,
+        *,
+        include_entry: bool = False,
+        on_exit: Any = None,
+        timeout: float | None = None,
+    ) -> AsyncWatchHandle:
+        """Watch a directory: ``on_event(FilesystemEvent)`` for each create, write, remove,
+        rename or chmod (``name`` relative to ``path``; ``entry`` with ``include_entry``), or
+        ``get_new_events()`` on the handle without ``on_event``. An ``overflow`` event marks
+        lost events. ``on_exit(error or None)`` when it ends; ``timeout`` bounds its life."""
+        v.callback("on_event", on_event)
+        v.callback("on_exit", on_exit)
+        if timeout is not None:
+            v.number("timeout", timeout, 0.001, 86400)
+        watch = await self._t.watch_dir(self._sid, path, recursive, include_entry)
+        return AsyncWatchHandle(watch, on_event, on_exit, timeout)
 
 
 class AsyncSandbox:
@@ -429,6 +451,7 @@ __all__ = [
     "AsyncCommands",
     "AsyncFiles",
     "AsyncSandbox",
+    "AsyncWatchHandle",
     "Execution",
     "ExecutionError",
     "Result",

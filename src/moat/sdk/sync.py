@@ -9,11 +9,13 @@ from collections.abc import Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from typing import IO, TYPE_CHECKING, Any, Literal, TypeVar
 
+from moat.errors import SandboxError
 from moat.model import (
     CommandResult,
     Context,
     EntryInfo,
     Execution,
+    FilesystemEvent,
     Limits,
     Mount,
     ProcessInfo,
@@ -23,6 +25,7 @@ from moat.model import (
 from moat.sdk._loop import loop_thread
 from moat.sdk.async_ import AsyncCommandHandle, AsyncCommands, AsyncFiles, AsyncSandbox
 from moat.sdk.transport import Transport
+from moat.sdk.watch import AsyncWatchHandle
 
 if TYPE_CHECKING:  # names of the front door's request vocabulary, for annotations only
     from moat.engine.api import GatewayConfig, GuardPolicy, NetworkPolicy, Secret
@@ -138,11 +141,34 @@ class Commands:
         return _run(self._c.kill(pid))
 
 
+class WatchHandle:
+    """A running directory watch (``files.watch_dir``)."""
+
+    def __init__(self, inner: AsyncWatchHandle) -> None:
+        self._h = inner
+
+    def get_new_events(self) -> list[FilesystemEvent]:
+        """The events since the last call (a watch without ``on_event``)."""
+        return _run(self._h.get_new_events())
+
+    def wait(self) -> None:
+        """Wait until the watch ends; its error is raised."""
+        _run(self._h.wait())
+
+    def stop(self) -> None:
+        _run(self._h.stop())
+
+    @property
+    def error(self) -> SandboxError | None:
+        return self._h.error
+
+
 class Files:
     """``sandbox.files``."""
 
-    def __init__(self, inner: AsyncFiles) -> None:
+    def __init__(self, inner: AsyncFiles, callbacks: _Callbacks | None = None) -> None:
         self._f = inner
+        self._cb = callbacks or _Callbacks()
 
     def read(self, path: str, format: Literal["text", "bytes"] = "text") -> Any:
         return _run(self._f.read(path, format))
@@ -169,6 +195,31 @@ class Files:
     def make_dir(self, path: str) -> bool:
         return _run(self._f.make_dir(path))
 
+    def watch_dir(
+        self,
+        path: str,
+        on_event: Any = None,
+        recursive: bool = False,
+        *,
+        include_entry: bool = False,
+        on_exit: Any = None,
+        timeout: float | None = None,
+    ) -> WatchHandle:
+        """Watch a directory; see ``AsyncFiles.watch_dir``. Callbacks run on a thread of
+        this sandbox's, never on the SDK's loop."""
+        wrap = self._cb.wrap
+        inner = _run(
+            self._f.watch_dir(
+                path,
+                wrap(on_event),
+                recursive,
+                include_entry=include_entry,
+                on_exit=wrap(on_exit),
+                timeout=timeout,
+            )
+        )
+        return WatchHandle(inner)
+
 
 class Sandbox:
     """A sandbox. ``with Sandbox.create(timeout=30) as sbx: sbx.run_code("1+1")``."""
@@ -177,7 +228,7 @@ class Sandbox:
         self._a = inner
         self._callbacks = _Callbacks()
         self.commands = Commands(inner.commands, self._callbacks)
-        self.files = Files(inner.files)
+        self.files = Files(inner.files, self._callbacks)
 
     @property
     def sandbox_id(self) -> str:

@@ -10,7 +10,13 @@ The handlers are thin: every check and every guard is the front door's (invarian
 Users: moat runs every command and file operation as the sandbox's unprivileged user
 (``user``, home ``/home/user``; invariant 9). A call that names another user (E2B's
 ``user="root"``) is refused with ``permission_denied``, never quietly run as ``user``
-(invariant 7). PTYs and directory watches are not in the front door: ``unimplemented``.
+(invariant 7). PTYs are not in the front door: ``unimplemented``.
+
+Directory watches: ``WatchDir`` streams the front door's events (``start``, then ``filesystem``
+events and keepalives); the polling form keeps each watch in ``Watchers`` under an id of its
+own until RemoveWatcher, the watch's end, or the sandbox's. Lost events (``overflow``) end
+either form with ``resource_exhausted``: E2B's event types have no word for them, and a
+silent gap is not an option.
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ from connectrpc.request import RequestContext
 from protobuf import Oneof
 from protobuf.wkt.google.protobuf.timestamp_pb import Timestamp
 
-from moat.engine.api import CommandStream, FrontDoor
+from moat.engine.api import CommandStream, FrontDoor, WatchStream
 from moat.errors import (
     InvalidArgumentError,
     IsolationUnavailableError,
@@ -47,11 +53,12 @@ from moat.errors import (
     SandboxError,
     TimeoutError,
 )
-from moat.model import HOME, End, EntryInfo, Output, Started
+from moat.model import HOME, End, EntryInfo, FilesystemEvent, Output, Started
 from moat.server.envd import filesystem_pb as fs
 from moat.server.envd import process_pb as pr
 from moat.server.envd.filesystem_connect import Filesystem, FilesystemASGIApplication
 from moat.server.envd.process_connect import Process, ProcessASGIApplication
+from moat.server.watchers import Watchers
 
 log = logging.getLogger("moat.server")
 
@@ -65,6 +72,10 @@ MAX_TRACKED = 1024
 READ_MAX_BYTES = 4 << 20
 _SIGNALS = {pr.Signal.SIGKILL: "SIGKILL", pr.Signal.SIGTERM: "SIGTERM"}
 _TYPES = {"file": fs.FileType.FILE, "dir": fs.FileType.DIRECTORY, "symlink": fs.FileType.SYMLINK}
+_EVENTS = {
+    "create": fs.EventType.CREATE, "write": fs.EventType.WRITE, "remove": fs.EventType.REMOVE,
+    "rename": fs.EventType.RENAME, "chmod": fs.EventType.CHMOD,
+}  # fmt: skip
 
 T = TypeVar("T")
 
@@ -447,6 +458,7 @@ class FilesystemService(Filesystem):
 
     def __init__(self, front: FrontDoor) -> None:
         self.front = front
+        self.watchers = Watchers()
 
     async def stat(
         self, request: fs.StatRequest, ctx: RequestContext[fs.StatRequest, Any]
@@ -496,31 +508,114 @@ class FilesystemService(Filesystem):
                 raise
         return fs.RemoveResponse()
 
-    def watch_dir(
+    async def _watch(
+        self, c: Caller, path: str, recursive: bool, include_entry: bool
+    ) -> WatchStream:
+        try:
+            return await self.front.watch_dir(
+                c.tenant, c.sandbox_id, _path(path), recursive=recursive,
+                include_entry=include_entry,
+            )  # fmt: skip
+        except PolicyError as exc:  # the sandbox's cap on watches
+            raise ConnectError(Code.RESOURCE_EXHAUSTED, str(exc)) from None
+        except SandboxError as exc:
+            raise connect_error(exc) from None
+
+    async def watch_dir(
         self, request: fs.WatchDirRequest, ctx: RequestContext[fs.WatchDirRequest, Any]
     ) -> AsyncIterator[fs.WatchDirResponse]:
-        _caller(ctx)
-        raise _unimplemented("watching directories")
+        c = _caller(ctx)
+        stream = await self._watch(c, request.path, request.recursive, request.include_entry)
+        events = stream.events()
+        every = _keepalive_s(ctx)
+        deadline = _deadline(ctx)  # the SDKs' watch timeout: the stream ends there
+        pending: asyncio.Future[Any] | None = None
+        try:
+            yield _watch_event(Oneof("start", fs.WatchDirResponse.StartEvent()))
+            while True:
+                pending = pending or asyncio.ensure_future(anext(events))
+                wait = every if deadline is None else min(every, deadline - time.monotonic())
+                done, _ = await asyncio.wait({pending}, timeout=max(wait, 0))
+                if not done:
+                    if deadline is not None and time.monotonic() >= deadline:
+                        raise ConnectError(Code.DEADLINE_EXCEEDED, "the watch's timeout elapsed")
+                    yield _watch_event(Oneof("keepalive", fs.WatchDirResponse.KeepAlive()))
+                    continue
+                try:
+                    event = pending.result()
+                except StopAsyncIteration:
+                    break
+                except SandboxError as exc:
+                    if not await _running(self.front, c):
+                        c.drop = True
+                    raise connect_error(exc) from None
+                pending = None
+                yield _watch_event(Oneof("filesystem", _fs_event(event)))
+        finally:
+            if pending is not None and not pending.done():
+                pending.cancel()
+                with contextlib.suppress(BaseException):
+                    await pending
+            with contextlib.suppress(BaseException):
+                await events.aclose()  # type: ignore[attr-defined]
+            with contextlib.suppress(BaseException):
+                await stream.stop()
 
     async def create_watcher(
         self, request: fs.CreateWatcherRequest, ctx: RequestContext[fs.CreateWatcherRequest, Any]
     ) -> fs.CreateWatcherResponse:
-        _caller(ctx)
-        raise _unimplemented("watching directories")
+        c = _caller(ctx)
+        stream = await self._watch(c, request.path, request.recursive, request.include_entry)
+        return fs.CreateWatcherResponse(
+            watcher_id=self.watchers.add(c.tenant, c.sandbox_id, stream)
+        )
 
     async def get_watcher_events(
         self,
         request: fs.GetWatcherEventsRequest,
         ctx: RequestContext[fs.GetWatcherEventsRequest, Any],
     ) -> fs.GetWatcherEventsResponse:
-        _caller(ctx)
-        raise _unimplemented("watching directories")
+        c = _caller(ctx)
+        stream = self._watcher(c, request.watcher_id)
+        try:
+            events = await stream.take()
+            out = [_fs_event(e) for e in events]
+        except (SandboxError, ConnectError) as exc:  # ended with an error, or lost events
+            self.watchers.pop(c.tenant, c.sandbox_id, request.watcher_id)
+            with contextlib.suppress(SandboxError):
+                await stream.stop()
+            raise connect_error(exc) if isinstance(exc, SandboxError) else exc from None
+        return fs.GetWatcherEventsResponse(events=out)
 
     async def remove_watcher(
         self, request: fs.RemoveWatcherRequest, ctx: RequestContext[fs.RemoveWatcherRequest, Any]
     ) -> fs.RemoveWatcherResponse:
-        _caller(ctx)
-        raise _unimplemented("watching directories")
+        c = _caller(ctx)
+        stream = self._watcher(c, request.watcher_id)
+        self.watchers.pop(c.tenant, c.sandbox_id, request.watcher_id)
+        await _mapped(stream.stop())
+        return fs.RemoveWatcherResponse()
+
+    def _watcher(self, c: Caller, watcher_id: str) -> WatchStream:
+        stream = self.watchers.get(c.tenant, c.sandbox_id, watcher_id)
+        if stream is None:  # unknown, removed, or another sandbox's: all alike (invariant 11)
+            raise ConnectError(Code.NOT_FOUND, f"watcher {watcher_id[:64]!r} not found")
+        return stream
+
+
+def _watch_event(event: Oneof[Any, Any]) -> fs.WatchDirResponse:
+    return fs.WatchDirResponse(event=event)
+
+
+def _fs_event(e: FilesystemEvent) -> fs.FilesystemEvent:
+    """A front-door event (name guarded) as envd's; lost events end the watch, loudly."""
+    if e.type == "overflow":
+        raise ConnectError(
+            Code.RESOURCE_EXHAUSTED,
+            "the watch fell behind and events were lost; watch the directory again",
+        )
+    entry = entry_info(e.entry) if e.entry is not None else None
+    return fs.FilesystemEvent(name=e.name, type=_EVENTS[e.type], entry=entry)
 
 
 ASGI = Callable[[Any, Any, Any], Awaitable[None]]

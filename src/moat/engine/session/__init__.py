@@ -21,6 +21,7 @@ from moat.engine.session.code import INTERRUPT_GRACE, CodeCalls
 from moat.engine.session.commands import CommandCalls
 from moat.engine.session.core import Audit, OutputGuard, SessionCore, ended_error
 from moat.engine.session.files import MAX_READ_BYTES, MAX_WRITE_BYTES, FileCalls, file_chunks
+from moat.engine.session.watch import DirWatch, WatchCalls
 from moat.engine.tunnels import PortNotOpen, Tunnel, Tunnels
 from moat.errors import PolicyError, PortNotOpenError, SandboxError
 from moat.model import CA_BUNDLE_PATH, DEFAULT_MAX_OUTPUT, PROXY_PORT, SandboxInfo
@@ -34,6 +35,7 @@ __all__ = [
     "MAX_WRITE_BYTES",
     "START_TIMEOUT",
     "Audit",
+    "DirWatch",
     "OutputGuard",
     "Session",
     "SessionCore",
@@ -47,10 +49,10 @@ log = logging.getLogger("moat.engine")
 START_TIMEOUT = 20.0
 
 
-class Session(CodeCalls, CommandCalls, FileCalls):
+class Session(CodeCalls, CommandCalls, FileCalls, WatchCalls):
     """A live sandbox. All methods are coroutines on the engine's loop.
 
-    Its verbs live in their own modules (code and contexts, commands, files) over one core
+    Its verbs live in their own modules (code and contexts, commands, files, watches) over one core
     (``core.SessionCore``: state, the frame loop, guarded requests); this is its lifecycle.
     """
 
@@ -75,6 +77,7 @@ class Session(CodeCalls, CommandCalls, FileCalls):
         self._net_setup: asyncio.Task[None] | None = None
         self.metrics = MetricsRing(spec.limits, self._stats)
         self._sampler: asyncio.Task[None] | None = None
+        self._watches = set()
 
     # -- lifecycle ---------------------------------------------------------------------------
 

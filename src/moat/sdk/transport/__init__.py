@@ -13,9 +13,18 @@ import datetime as dt
 from collections.abc import AsyncIterator, Mapping
 from typing import IO, Any, Literal, Protocol
 
-from moat.model import Context, EntryInfo, Event, ProcessInfo, SandboxInfo, SandboxMetrics
+from moat.errors import PolicyError
+from moat.model import (
+    Context,
+    EntryInfo,
+    Event,
+    FilesystemEvent,
+    ProcessInfo,
+    SandboxInfo,
+    SandboxMetrics,
+)
 
-__all__ = ["CommandEvents", "Transport"]
+__all__ = ["CommandEvents", "Transport", "WatchEvents"]
 
 
 class CommandEvents(Protocol):
@@ -25,6 +34,16 @@ class CommandEvents(Protocol):
     def pid(self) -> int: ...
 
     def events(self) -> AsyncIterator[Event]: ...
+
+
+class WatchEvents(Protocol):
+    """A running directory watch as a transport hands it back."""
+
+    def events(self) -> AsyncIterator[FilesystemEvent]: ...
+
+    async def take(self) -> list[FilesystemEvent]: ...
+
+    async def stop(self) -> None: ...
 
 
 class Transport(abc.ABC):
@@ -136,3 +155,9 @@ class Transport(abc.ABC):
 
     @abc.abstractmethod
     async def make_dir(self, sandbox_id: str, path: str) -> bool: ...
+
+    async def watch_dir(
+        self, sandbox_id: str, path: str, recursive: bool, include_entry: bool
+    ) -> WatchEvents:
+        """Watch a directory (not abstract: a transport without it refuses, typed)."""
+        raise PolicyError("this transport lacks the capability 'files.watch'")

@@ -6,7 +6,7 @@ import datetime as dt
 from collections.abc import AsyncIterator, Mapping
 from typing import IO, Any, Literal
 
-from moat.engine.api import DEFAULT_TENANT, CommandStream, FrontDoor, Secret
+from moat.engine.api import DEFAULT_TENANT, CommandStream, FrontDoor, Secret, WatchStream
 from moat.model import Context, EntryInfo, Event, ProcessInfo, SandboxInfo, SandboxMetrics
 from moat.sdk.transport import Transport
 
@@ -148,3 +148,10 @@ class LocalTransport(Transport):
 
     async def make_dir(self, sandbox_id: str, path: str) -> bool:
         return await self.front_door.make_dir(self.tenant, sandbox_id, path)
+
+    async def watch_dir(
+        self, sandbox_id: str, path: str, recursive: bool, include_entry: bool
+    ) -> WatchStream:
+        return await self.front_door.watch_dir(
+            self.tenant, sandbox_id, path, recursive=recursive, include_entry=include_entry
+        )
