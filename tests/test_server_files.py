@@ -17,7 +17,12 @@ from collections.abc import Iterator
 import httpx
 import pytest
 from e2b import Sandbox
-from e2b.exceptions import AuthenticationException, InvalidArgumentException, NotFoundException
+from e2b.exceptions import (
+    AuthenticationException,
+    InvalidArgumentException,
+    NotEnoughSpaceException,
+    NotFoundException,
+)
 from e2b.sandbox.filesystem.filesystem import WriteEntry
 from tests.conftest import require_tier
 from tests.server_support import Server, new_key, serving, tenant_name
@@ -25,11 +30,31 @@ from tests.server_support import Server, new_key, serving, tenant_name
 pytestmark = [pytest.mark.container, pytest.mark.slow]
 
 
+#: A moat profile (a templateID to the server) with a 2 MiB disk: for the 507 test.
+_POLICY = """
+[profiles.tinydisk]
+isolation = "container"
+limits = { disk_mb = 2 }
+"""
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     require_tier("container")
-    with serving(tmp_path_factory.mktemp("serve") / "server.log") as srv:
-        yield srv
+    where = tmp_path_factory.mktemp("serve")
+    policy = where / "moat.toml"
+    policy.write_text(_POLICY)
+    policy.chmod(0o600)
+    saved = os.environ.get("MOAT_POLICY_FILE")
+    os.environ["MOAT_POLICY_FILE"] = str(policy)
+    try:
+        with serving(where / "server.log") as srv:
+            yield srv
+    finally:
+        if saved is None:
+            os.environ.pop("MOAT_POLICY_FILE", None)
+        else:
+            os.environ["MOAT_POLICY_FILE"] = saved
 
 
 @pytest.fixture(scope="module")
@@ -324,3 +349,20 @@ def test_error_statuses(server: Server, sbx: Sandbox) -> None:
     r = httpx.post(server.url + "/files", params={"path": "x"}, content=b"x",
                    headers={**h, "Content-Type": "text/plain"}, timeout=30)  # fmt: skip
     assert r.status_code == 400
+
+
+def test_a_full_disk_is_507_not_enough_space(key: str) -> None:
+    small = Sandbox.create("tinydisk", api_key=key, timeout=120)
+    try:
+        with pytest.raises(NotEnoughSpaceException):  # one file over the limit (EFBIG)
+            small.files.write("big.bin", os.urandom(3 << 20))
+        small.files.remove("big.bin")  # what was written before the limit stays, as in E2B
+        small.files.write("a.bin", os.urandom(1200 << 10))
+        with pytest.raises(NotEnoughSpaceException):  # the disk is full (ENOSPC)
+            small.files.write("b.bin", os.urandom(1200 << 10))
+        small.files.remove("a.bin")
+        small.files.remove("b.bin")
+        small.files.write("small.txt", "still writable")  # positive control: a write fits
+        assert small.files.read("small.txt") == "still writable"
+    finally:
+        small.kill()

@@ -42,7 +42,7 @@ def _oserror(exc: OSError) -> FileError:
         return FileError("not_found", "no such file or directory")
     if exc.errno == errno.EEXIST:
         return FileError("exists", "file exists")
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):  # EFBIG: the disk limit's rlimit
         return FileError("no_space", "not enough disk space")
     if exc.errno in (errno.ENOTSUP, errno.EOPNOTSUPP):
         return FileError("unsupported", "not supported by this filesystem")
