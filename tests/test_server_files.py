@@ -334,6 +334,16 @@ def test_bad_metadata_headers_are_400(server: Server, sbx: Sandbox) -> None:
 # -- statuses --------------------------------------------------------------------------------
 
 
+def test_download_of_an_unusual_name(server: Server, sbx: Sandbox) -> None:
+    name = 'caf\u00e9 "q"\\.txt'
+    sbx.files.write(f"odd/{name}", "odd")
+    r = httpx.get(server.url + "/files", params={"path": f"odd/{name}"}, headers=_headers(sbx),
+                  timeout=30)  # fmt: skip
+    assert r.status_code == 200 and r.content == b"odd"
+    disp = r.headers["content-disposition"]
+    assert disp.isascii() and "filename*=UTF-8''caf%C3%A9%20%22q%22%5C.txt" in disp
+
+
 def test_error_statuses(server: Server, sbx: Sandbox) -> None:
     with pytest.raises(NotFoundException):
         sbx.files.read("nope/missing.txt")
