@@ -8,6 +8,7 @@
     ├── IsolationUnavailableError     the asked-for tier can't run on this host (never downgraded)
     ├── PolicyError                   a policy can't be enforced or isn't supported
     ├── InvalidArgumentError          bad input at an SDK / API boundary
+    ├── DiskFullError                 the sandbox's disk (or its inodes) ran out during a write
     ├── CommandExitError              a command exited non-zero (carries exit_code, stdout, stderr)
     ├── SandboxDiedError              the sandbox or its agent died or broke the protocol
     ├── LeakBlockedError              the guard blocked output in "block" mode (carries no content)
@@ -27,6 +28,7 @@ import builtins
 __all__ = [
     "AuditUnavailableError",
     "CommandExitError",
+    "DiskFullError",
     "InvalidArgumentError",
     "IsolationUnavailableError",
     "LeakBlockedError",
@@ -69,6 +71,10 @@ class PolicyError(SandboxError):
 
 class InvalidArgumentError(SandboxError, ValueError):
     """Bad input at a boundary: wrong type, out of range, too large."""
+
+
+class DiskFullError(SandboxError):
+    """A write ran out of space in the sandbox (its disk limit, or its inodes)."""
 
 
 class CommandExitError(SandboxError):

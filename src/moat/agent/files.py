@@ -12,6 +12,7 @@ import stat
 
 from moat.agent.channel import Channel
 from moat.protocol import CHUNK_SIZE, MsgType
+from moat.protocol import metadata as meta
 from moat.protocol.contract import HOME
 
 # The agent starts in every sandbox: typing costs ~8 ms of imports, so it is only
@@ -41,6 +42,10 @@ def _oserror(exc: OSError) -> FileError:
         return FileError("not_found", "no such file or directory")
     if exc.errno == errno.EEXIST:
         return FileError("exists", "file exists")
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):  # EFBIG: the disk limit's rlimit
+        return FileError("no_space", "not enough disk space")
+    if exc.errno in (errno.ENOTSUP, errno.EOPNOTSUPP):
+        return FileError("unsupported", "not supported by this filesystem")
     return FileError("io", exc.strerror or "I/O error")
 
 
@@ -72,7 +77,51 @@ def entry(path: str, st: os.stat_result | None = None) -> dict[str, Any]:
             info["symlink_target"] = os.readlink(path)
         except OSError:
             pass
+    else:
+        found = read_metadata(path)
+        if found:
+            info["metadata"] = found
     return info
+
+
+def read_metadata(target: str | int) -> dict[str, str]:
+    """The file's ``user.e2b.*`` attributes that are valid metadata (others, set by user
+    code, are left out: the host refuses a reply that carries them), within the size cap."""
+    try:
+        names = sorted(n for n in os.listxattr(target) if n.startswith(meta.PREFIX))
+    except OSError:
+        return {}  # no attributes on this filesystem: no metadata
+    out: dict[str, str] = {}
+    for name in names:
+        try:
+            value = os.getxattr(target, name).decode("ascii")
+        except (OSError, UnicodeDecodeError):
+            continue
+        trial = {**out, name[len(meta.PREFIX) :]: value}
+        if meta.problem(trial) is None:
+            out = trial
+    return out
+
+
+def write_metadata(fd: int, metadata: dict[str, str]) -> None:
+    """Make ``metadata`` the file's whole metadata set (stale keys go, as E2B's do)."""
+    problem = meta.problem(metadata)
+    if problem is not None:
+        raise FileError("invalid", problem)
+    try:
+        names = os.listxattr(fd)
+    except OSError as exc:
+        if not metadata and _oserror(exc).kind == "unsupported":
+            return  # nothing to clear where there can be nothing
+        raise _oserror(exc) from exc
+    try:
+        for name in names:
+            if name.startswith(meta.PREFIX) and name[len(meta.PREFIX) :] not in metadata:
+                os.removexattr(fd, name)
+        for key, value in metadata.items():
+            os.setxattr(fd, meta.PREFIX + key, value.encode("ascii"))
+    except OSError as exc:
+        raise _oserror(exc) from exc
 
 
 class Files:
@@ -111,7 +160,11 @@ class Files:
                 self.ch.send(MsgType.DATA, rid, chunk)
         self.ch.done(rid, size=total)
 
-    def write_open(self, rid: int, path: str, max_bytes: int) -> None:
+    def write_open(
+        self, rid: int, path: str, max_bytes: int, metadata: dict[str, str] | None = None
+    ) -> None:
+        """Open ``path`` for a streamed write; ``metadata`` (when given) replaces the file's
+        metadata before any content arrives, so an unsupported one fails the write early."""
         p = resolve(path)
         try:
             parent = os.path.dirname(p)
@@ -121,6 +174,12 @@ class Files:
             raise FileError("invalid", "path is a directory") from exc
         except OSError as exc:
             raise _oserror(exc) from exc
+        if metadata is not None:
+            try:
+                write_metadata(f.fileno(), metadata)
+            except FileError:
+                f.close()
+                raise
         self.writes[rid] = (f, 0, max_bytes)
 
     def write_chunk(self, rid: int, data: bytes, eof: bool) -> None:

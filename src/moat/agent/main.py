@@ -144,7 +144,7 @@ class Agent:
             elif t is MsgType.FILE_READ:
                 self._in_thread(rid, lambda: self.files.read(rid, a["path"], a["max_bytes"]))
             elif t is MsgType.FILE_WRITE:
-                self.files.write_open(rid, a["path"], a["max_bytes"])
+                self.files.write_open(rid, a["path"], a["max_bytes"], a.get("metadata"))
             elif t is MsgType.FILE_CHUNK:
                 self.files.write_chunk(rid, f.payload, bool(a.get("eof")))
             elif t is MsgType.FILE_LIST:

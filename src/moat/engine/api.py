@@ -469,17 +469,22 @@ class FrontDoor:
         sandbox_id: str,
         path: str,
         data: str | bytes | IO[Any] | AsyncIterator[bytes],
+        metadata: Mapping[str, str] | None = None,
     ) -> EntryInfo:
-        """Write a file from str, bytes, a readable file object or an async byte stream."""
+        """Write a file from str, bytes, a readable file object or an async byte stream.
+
+        ``metadata`` replaces the file's user metadata (``user.e2b.*`` extended attributes;
+        ``{}`` clears it); None leaves it as it is."""
         session = self._session(tenant, sandbox_id)
         path = v.path(path)
+        meta = None if metadata is None else v.file_metadata(metadata)
         if hasattr(data, "__aiter__"):
             chunks: Any = data
         elif isinstance(data, (str, bytes, bytearray, memoryview)) or hasattr(data, "read"):
             chunks = file_chunks(data)
         else:
             raise InvalidArgumentError("data must be str, bytes or a readable file object")
-        return await session.write_file(path, chunks)
+        return await session.write_file(path, chunks, metadata=meta)
 
     async def list_dir(
         self, tenant: str, sandbox_id: str, path: str = ".", depth: int = 1

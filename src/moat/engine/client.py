@@ -17,8 +17,10 @@ from typing import Any
 
 from moat.engine.tunnels import Tunnels
 from moat.errors import (
+    DiskFullError,
     InvalidArgumentError,
     NotFoundError,
+    PolicyError,
     SandboxDiedError,
     SandboxError,
 )
@@ -147,6 +149,13 @@ def fail_to_error(frame: Frame) -> SandboxError:
         return NotFoundError(msg)
     if kind in ("invalid", "exists", "too_large"):
         return InvalidArgumentError(msg)
+    if kind == "no_space":  # the message is the host's: the kind is all that is needed
+        return DiskFullError("not enough disk space in the sandbox")
+    if kind == "unsupported":  # invariant 7: said, never silently dropped
+        return PolicyError(
+            "the sandbox's filesystem lacks the capability for this operation "
+            "(such as extended attributes, which file metadata needs)"
+        )
     return SandboxError(msg)
 
 

@@ -123,6 +123,8 @@ class EntryInfo(_Wire):
     permissions: str
     modified_time: _dt.datetime
     symlink_target: str | None = None
+    #: User metadata (``user.e2b.*`` extended attributes, prefix stripped); None when none.
+    metadata: dict[str, str] | None = None
 
 
 @dataclass

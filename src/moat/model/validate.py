@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from moat.errors import InvalidArgumentError
+from moat.protocol import metadata as _file_meta
 
 #: Largest code string or command accepted (the protocol frame limit, less headroom).
 MAX_CODE = 512 * 1024
@@ -85,6 +86,17 @@ def metadata(value: Any) -> dict[str, str]:
         for k, v in value.items()
     ):
         raise InvalidArgumentError("metadata must be a dict of short str to str")
+    return dict(value)
+
+
+def file_metadata(value: Any) -> dict[str, str]:
+    """A file's user metadata (``user.e2b.<key>`` attributes): printable ASCII, keys of at
+    most 246 bytes, 4 KiB in all (``moat.protocol.metadata``, the agent's own rule)."""
+    if isinstance(value, Mapping):
+        value = dict(value)
+    problem = _file_meta.problem(value)
+    if problem is not None:
+        raise InvalidArgumentError(f"invalid file metadata: {problem}")
     return dict(value)
 
 

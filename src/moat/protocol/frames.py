@@ -116,7 +116,10 @@ AGENT_TO_HOST = frozenset((set(MsgType) - HOST_TO_AGENT) | _BOTH_WAYS)
 TCP_WINDOW = 256 * 1024
 
 #: Failure kinds an agent may report in FAIL; anything else is a protocol error.
-FAIL_KINDS = frozenset({"not_found", "invalid", "exists", "io", "too_large", "busy", "internal"})
+FAIL_KINDS = frozenset(
+    {"not_found", "invalid", "exists", "io", "too_large", "busy", "internal", "no_space",
+     "unsupported"}
+)  # fmt: skip
 
 _STR = str
 _OPT = object()  # marker: optional field
@@ -165,7 +168,12 @@ SCHEMAS: dict[MsgType, dict[str, _F]] = {
     MsgType.CMD_LIST: {},
     MsgType.CMD_CONNECT: {"pid": _F(int)},
     MsgType.FILE_READ: {"path": _PATH, "max_bytes": _F(int)},
-    MsgType.FILE_WRITE: {"path": _PATH, "max_bytes": _F(int)},
+    # metadata: the file's whole user metadata set (protocol.metadata checks its contents)
+    MsgType.FILE_WRITE: {
+        "path": _PATH,
+        "max_bytes": _F(int),
+        "metadata": _F(dict, required=False, max_len=512),
+    },
     MsgType.FILE_CHUNK: {"eof": _F(bool, required=False)},
     MsgType.FILE_LIST: {"path": _PATH, "depth": _F(int, required=False)},
     MsgType.FILE_STAT: {"path": _PATH},

@@ -13,6 +13,7 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from moat.protocol import metadata as _metadata
 from moat.protocol.frames import MAX_FRAME, MsgType, ProtocolError
 
 __all__ = ["ENTRY_TYPES", "RESULT_KEYS", "check_reply", "check_result_data"]
@@ -93,7 +94,13 @@ ENTRY = _obj(
         "permissions": _str(10, _PERMISSIONS),
         "mtime": _float(-_BIG, _BIG),
     },
-    {"uid": _int(0, 1 << 32), "gid": _int(0, 1 << 32), "symlink_target": _PATH},
+    {
+        "uid": _int(0, 1 << 32),
+        "gid": _int(0, 1 << 32),
+        "symlink_target": _PATH,
+        # user.e2b.* attributes: printable ASCII, key <= 246 B, <= 4 KiB in all
+        "metadata": lambda x: _metadata.problem(x) is None,
+    },
 )
 PROCESS = _obj({"pid": _int(1, 1 << 22), "cmd": _str(MAX_FRAME)}, {"started": _float(0, _BIG)})
 _EMPTY = _obj({})

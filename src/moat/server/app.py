@@ -147,6 +147,10 @@ def make_app(state: ServerState) -> Callable[[Scope, Receive, Send], Awaitable[N
         headers = {k.lower(): v for k, v in scope.get("headers", ())}
         if b"e2b-sandbox-id" in headers and b"e2b-sandbox-port" in headers:
             await plane(scope, receive, send)
+        elif scope.get("path") == "/files":
+            # A signed link a browser follows names no sandbox: the signature finds it
+            # (moat.server.files); the control plane has no /files.
+            await plane(scope, receive, send)
         else:
             await control(scope, receive, send)
 

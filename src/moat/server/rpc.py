@@ -44,6 +44,7 @@ from protobuf.wkt.google.protobuf.timestamp_pb import Timestamp
 
 from moat.engine.api import CommandStream, FrontDoor, WatchStream
 from moat.errors import (
+    DiskFullError,
     InvalidArgumentError,
     IsolationUnavailableError,
     LeakBlockedError,
@@ -145,6 +146,8 @@ def connect_error(exc: SandboxError) -> ConnectError:
         code = Code.DEADLINE_EXCEEDED
     elif isinstance(exc, (SandboxDiedError, IsolationUnavailableError)):
         code = Code.UNAVAILABLE
+    elif isinstance(exc, DiskFullError):
+        code = Code.RESOURCE_EXHAUSTED
     return ConnectError(code, str(exc))
 
 
@@ -450,6 +453,7 @@ def entry_info(e: EntryInfo) -> fs.EntryInfo:
         group=DEFAULT_USER,
         modified_time=Timestamp(seconds=seconds, nanos=nanos),
         symlink_target=e.symlink_target,
+        metadata=dict(e.metadata or {}),
     )
 
 

@@ -15,21 +15,19 @@ import asyncio
 import contextlib
 import json
 import logging
-import posixpath
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from starlette.applications import Starlette
-from starlette.datastructures import Headers, UploadFile
+from starlette.datastructures import Headers
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from moat.errors import InvalidArgumentError, NotFoundError, SandboxError
-from moat.model import HOME, LANGUAGES, End, ErrorEvent, Event, Output, ResultEvent
+from moat.model import LANGUAGES, End, ErrorEvent, Event, Output, ResultEvent
 from moat.server import rpc, wire
 from moat.server.app import (
-    MAX_FILE_BODY,
     MAX_JSON_BODY,
     BodyTooLarge,
     Receive,
@@ -40,6 +38,7 @@ from moat.server.app import (
     read_body,
     too_large,
 )
+from moat.server.files import FileRoutes
 
 log = logging.getLogger("moat.server")
 
@@ -75,13 +74,6 @@ def _language(value: str | None) -> str:
             f"language {value!r:.40} is not supported (moat runs: {', '.join(LANGUAGES)})"
         )
     return lang
-
-
-def _path(raw: str | None) -> str:
-    """A path of the request: relative ones resolve against the user's home."""
-    if not raw:
-        raise InvalidArgumentError("path is required")
-    return raw if raw.startswith("/") else posixpath.join(HOME, raw)
 
 
 async def admit(state: ServerState, headers: Headers, path: str = "") -> Record | Response:
@@ -174,46 +166,12 @@ def _routes(state: ServerState) -> Starlette:
     async def health(request: Request, rec: Record, port: str) -> Response:
         return Response(status_code=204) if port == ENVD_PORT else JSONResponse({"status": "ok"})
 
-    async def read_file(request: Request, rec: Record, port: str) -> Response:
-        sid = request.headers["e2b-sandbox-id"]
-        path = _path(request.query_params.get("path"))
-        data = await front.read_file(rec.tenant, sid, path, format="bytes")
-        assert isinstance(data, bytes)
-        name = posixpath.basename(path).replace('"', "")
-        return Response(
-            data,
-            media_type="application/octet-stream",
-            headers={"Content-Disposition": f'attachment; filename="{name}"'},
-        )
+    files = FileRoutes(state, admit, gone)  # /files and signed URLs: moat.server.files
+    plain_health = guarded(health)
 
-    async def write_files(request: Request, rec: Record, port: str) -> Response:
-        sid = request.headers["e2b-sandbox-id"]
-        body = await read_body(request, MAX_FILE_BODY)
-        ctype = request.headers.get("content-type", "")
-        uploads: list[tuple[str, bytes]] = []
-        if ctype.startswith("multipart/form-data"):
-            replay = Request(request.scope, _replay(body))
-            form = await replay.form(max_files=1000, max_fields=1000)
-            try:
-                default = request.query_params.get("path")
-                for _, part in form.multi_items():
-                    if isinstance(part, UploadFile):
-                        # The part's filename is the destination (E2B-WIRE.md §2b).
-                        dest = part.filename or default
-                        uploads.append((_path(dest), await part.read()))
-            finally:
-                await form.close()
-        else:
-            if request.headers.get("content-encoding", "identity") != "identity":
-                raise InvalidArgumentError("only identity uploads are supported")
-            uploads.append((_path(request.query_params.get("path")), body))
-        if not uploads:
-            raise InvalidArgumentError("no file in the upload")
-        out = []
-        for path, data in uploads:
-            entry = await front.write_file(rec.tenant, sid, path, data)
-            out.append({"path": entry.path, "name": entry.name, "type": "file"})
-        return JSONResponse(out)
+    async def any_health(request: Request) -> Response:
+        signed = await files.health(request)
+        return signed if signed is not None else await plain_health(request)
 
     # -- code interpreter --------------------------------------------------------------
 
@@ -299,9 +257,9 @@ def _routes(state: ServerState) -> Starlette:
         return Route(path, guarded(handler), methods=methods)
 
     routes = [
-        r("/health", health, ["GET"]),
-        r("/files", on(ENVD_PORT, read_file), ["GET"]),
-        r("/files", on(ENVD_PORT, write_files), ["POST"]),
+        Route("/health", any_health, methods=["GET"]),
+        Route("/files", files.download, methods=["GET"]),
+        Route("/files", files.upload, methods=["POST"]),
         r("/execute", on(JUPYTER_PORT, execute), ["POST"]),
         r("/contexts", on(JUPYTER_PORT, create_context), ["POST"]),
         r("/contexts", on(JUPYTER_PORT, list_contexts), ["GET"]),
@@ -310,19 +268,6 @@ def _routes(state: ServerState) -> Starlette:
         r("/{rest:path}", unknown, ["GET", "POST", "PUT", "PATCH", "DELETE"]),
     ]
     return Starlette(routes=routes)
-
-
-def _replay(body: bytes) -> Callable[[], Awaitable[dict[str, Any]]]:
-    sent = False
-
-    async def receive() -> dict[str, Any]:
-        nonlocal sent
-        if sent:
-            return {"type": "http.disconnect"}
-        sent = True
-        return {"type": "http.request", "body": body, "more_body": False}
-
-    return receive
 
 
 def _line(obj: dict[str, Any]) -> bytes:

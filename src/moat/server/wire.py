@@ -17,6 +17,7 @@ from starlette.responses import JSONResponse, Response
 
 from moat.errors import (
     AuditUnavailableError,
+    DiskFullError,
     InvalidArgumentError,
     IsolationUnavailableError,
     LeakBlockedError,
@@ -29,8 +30,10 @@ from moat.errors import (
 from moat.model import Context, ExecutionError, Result, SandboxInfo, SandboxMetrics
 
 #: The envd version moat advertises: the SDKs gate features on it (E2B-WIRE.md §2b). 0.5.7
-#: switches on octet-stream uploads; metadata (0.6.2) and entry-in-watch (0.6.3) stay off.
-ENVD_VERSION = "0.5.7"
+#: switches on octet-stream and gzip uploads, 0.6.2 file metadata (``X-Metadata-*``), 0.6.3
+#: the entry in watch events, 0.6.4 ``allowNetworkMounts`` (accepted: moat mounts no network
+#: filesystems).
+ENVD_VERSION = "0.6.4"
 #: Templates the SDKs name by default; they resolve to moat's default template.
 DEFAULT_TEMPLATES = frozenset({"base", "code-interpreter-v1", "default"})
 CLIENT_ID = "moat"
@@ -157,6 +160,8 @@ def status_of(exc: SandboxError) -> int:
         return 504
     if isinstance(exc, SandboxDiedError):
         return 502
+    if isinstance(exc, DiskFullError):
+        return 507  # the SDKs' NotEnoughSpaceException
     if "already running code" in str(exc):
         return 409  # the context is busy
     return 500

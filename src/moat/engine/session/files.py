@@ -45,10 +45,19 @@ class FileCalls(SessionCore):
         return bytes(buf)
 
     async def write_file(
-        self, path: str, chunks: AsyncIterator[bytes], max_bytes: int = MAX_WRITE_BYTES
+        self,
+        path: str,
+        chunks: AsyncIterator[bytes],
+        max_bytes: int = MAX_WRITE_BYTES,
+        metadata: dict[str, str] | None = None,
     ) -> EntryInfo:
+        """Stream ``chunks`` to ``path``; ``metadata`` (checked by the caller) replaces the
+        file's user metadata when given, and is left alone when None."""
         client = self._check()
-        call = await client.open(MsgType.FILE_WRITE, {"path": path, "max_bytes": max_bytes})
+        fields: dict[str, Any] = {"path": path, "max_bytes": max_bytes}
+        if metadata is not None:
+            fields["metadata"] = metadata
+        call = await client.open(MsgType.FILE_WRITE, fields)
         total = 0
         try:
             async for chunk in chunks:
@@ -106,8 +115,10 @@ class FileCalls(SessionCore):
     async def _entries(self, entries: list[dict[str, Any]]) -> list[EntryInfo]:
         """Entries of a reply, guarded; many or long names are scanned off the event loop."""
         size = sum(
-            len(e["name"]) + len(e["path"]) + len(e.get("symlink_target", "")) for e in entries
-        )
+            len(e["name"]) + len(e["path"]) + len(e.get("symlink_target", ""))
+            + sum(len(k) + len(v) for k, v in e.get("metadata", {}).items())
+            for e in entries
+        )  # fmt: skip
         try:
             return await off_loop(size, lambda: [self._entry(e) for e in entries])
         except _BadEntry:
@@ -117,6 +128,11 @@ class FileCalls(SessionCore):
         """An entry of the reply schema (type an enum, permissions a pattern); its names
         are chosen inside the sandbox: guarded (invariant 4). May run in a worker thread."""
         target = e.get("symlink_target")
+        found: dict[str, str] = e.get("metadata") or {}
+        redact = self.guard.redact_text
+        # Keys and values are chosen inside the sandbox (user code can set them): guarded
+        # like names (invariant 4); the reply schema already held them to printable ASCII.
+        metadata = {redact(k, "files"): redact(v, "files") for k, v in found.items()}
         try:
             mtime = dt.datetime.fromtimestamp(float(e["mtime"]), dt.UTC)
         except (ValueError, OverflowError, OSError):
@@ -130,6 +146,7 @@ class FileCalls(SessionCore):
             permissions=e["permissions"],
             modified_time=mtime,
             symlink_target=self.guard.redact_text(target, "files") if target else None,
+            metadata=metadata or None,
         )
 
 
