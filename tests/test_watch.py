@@ -60,8 +60,9 @@ def test_polling_form_and_entries(box: Sandbox) -> None:
     handle = box.files.watch_dir("w2", include_entry=True)
     box.files.write("w2/x.txt", "hello")
     events = handle.get_new_events()  # no wait: every event up until the call
-    assert _kinds(events) == [("x.txt", "create"), ("x.txt", "write")]
-    entry = events[1].entry
+    # An upload is create, chmod, write, as envd's (E2B's clients count them).
+    assert _kinds(events) == [("x.txt", "create"), ("x.txt", "chmod"), ("x.txt", "write")]
+    entry = events[2].entry
     assert entry is not None and entry.path == "/home/user/w2/x.txt" and entry.size == 5
     box.files.remove("w2/x.txt")
     (removed,) = handle.get_new_events()

@@ -7,6 +7,7 @@ sandbox could reach anyway.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 
@@ -174,6 +175,12 @@ class Files:
             raise FileError("invalid", "path is a directory") from exc
         except OSError as exc:
             raise _oserror(exc) from exc
+        # envd opens, chowns to the user, then writes: watchers of an upload see create,
+        # chmod, write, and E2B's clients count on that. A chown to the owner it has already
+        # (the file is the user's here) gives the same event and changes nothing.
+        with contextlib.suppress(OSError):
+            st = os.fstat(f.fileno())
+            os.fchown(f.fileno(), st.st_uid, st.st_gid)
         if metadata is not None:
             try:
                 write_metadata(f.fileno(), metadata)
