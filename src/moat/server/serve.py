@@ -11,6 +11,7 @@ import contextlib
 import ipaddress
 import logging
 import signal
+import socket
 import sys
 from collections.abc import Iterator
 
@@ -62,7 +63,7 @@ async def serve(host: str, port: int, tier: str | None) -> None:
         http="h11",
         ws="none",
     )
-    server = _Server(config)
+    server = _Server(config, front)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         # Held until the sandboxes are dead: a second signal must not cut the cleanup short.
@@ -80,9 +81,24 @@ class _Server(uvicorn.Server):
     """uvicorn's server without its signal handling: uvicorn re-raises a captured SIGTERM
     when it returns, which would end the process before the sandboxes are killed."""
 
+    def __init__(self, config: uvicorn.Config, front: FrontDoor) -> None:
+        super().__init__(config)
+        self._front = front
+
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
         yield
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        """Stop accepting, kill the sandboxes (invariant 5), then let open requests end.
+
+        Killed first, a sandbox ends the streams open on it (a background command, a
+        running /execute) with its own end, so they close cleanly at once instead of
+        being cut, mid-response, when the grace period runs out."""
+        for server in self.servers:
+            server.close()
+        await self._front.engine.end_loop()
+        await super().shutdown(sockets)
 
 
 def main(host: str, port: int, tier: str | None) -> None:
