@@ -1,7 +1,10 @@
 """Running the server: uvicorn on one loop that owns the engine, and a clean end.
 
-SIGTERM or SIGINT stops accepting, gives open requests a few seconds, then kills every
-sandbox of the engine (invariant 5: nothing survives the server).
+SIGTERM or SIGINT stops accepting, kills every sandbox of the engine (invariant 5: nothing
+survives the server), then gives open requests a few seconds to end.
+
+``MOAT_SERVE_LOG=info`` turns on uvicorn's access log (one line per request, with the
+client's address); the default is ``warning``.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import os
 import signal
 import socket
 import sys
@@ -18,10 +22,14 @@ from collections.abc import Iterator
 import uvicorn
 
 from moat.engine.api import FrontDoor, kill_everything
+from moat.errors import InvalidArgumentError
 from moat.server.app import ServerState, make_app
 from moat.store.keys import KeyStore
 
 log = logging.getLogger("moat.server")
+
+#: uvicorn's log levels that ``MOAT_SERVE_LOG`` may name.
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 
 #: Seconds open requests (a streaming /execute) get after SIGTERM before they are cut.
 GRACE_S = 5
@@ -48,6 +56,13 @@ def warn_if_exposed(host: str) -> None:
         )
 
 
+def log_level() -> str:
+    level = os.environ.get("MOAT_SERVE_LOG", "warning").strip().lower()
+    if level not in LOG_LEVELS:
+        raise InvalidArgumentError(f"MOAT_SERVE_LOG must be one of {', '.join(LOG_LEVELS)}")
+    return level
+
+
 async def serve(host: str, port: int, tier: str | None) -> None:
     """Serve until a signal; then kill every sandbox this server started."""
     front = FrontDoor()
@@ -58,7 +73,7 @@ async def serve(host: str, port: int, tier: str | None) -> None:
         host=host,
         port=port,
         lifespan="off",
-        log_level="warning",
+        log_level=log_level(),
         timeout_graceful_shutdown=GRACE_S,
         http="h11",
         ws="none",
@@ -103,6 +118,11 @@ class _Server(uvicorn.Server):
 
 def main(host: str, port: int, tier: str | None) -> None:
     logging.basicConfig(level=logging.INFO, format="moat serve: %(message)s")
+    try:
+        log_level()  # a bad setting fails before anything starts
+    except InvalidArgumentError as exc:
+        print(f"moat serve: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
     warn_if_exposed(host)
     print(f"moat serve: listening on http://{host}:{port} (tier: {tier or 'by trust'})",
           file=sys.stderr, flush=True)  # fmt: skip
