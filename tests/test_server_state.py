@@ -22,8 +22,6 @@ from moat.server.app import ServerState, make_app
 from moat.store.keys import KeyStore
 from moat.testing import fake_front_door
 
-pytestmark = pytest.mark.asyncio
-
 
 @pytest_asyncio.fixture
 async def served(tmp_path: Path) -> AsyncIterator[tuple[ServerState, httpx.AsyncClient, str]]:
@@ -68,6 +66,7 @@ async def _answers_not_found(client: httpx.AsyncClient, key: str, created: dict[
     assert r.status_code == 502 and "was not found" in r.json()["message"]
 
 
+@pytest.mark.asyncio
 async def test_a_timed_out_sandbox_takes_its_record(
     served: tuple[ServerState, httpx.AsyncClient, str],
 ) -> None:
@@ -80,6 +79,7 @@ async def test_a_timed_out_sandbox_takes_its_record(
     await _answers_not_found(client, key, created)
 
 
+@pytest.mark.asyncio
 async def test_a_dead_sandbox_takes_its_record(
     served: tuple[ServerState, httpx.AsyncClient, str],
 ) -> None:
@@ -95,6 +95,7 @@ async def test_a_dead_sandbox_takes_its_record(
     await _answers_not_found(client, key, created)
 
 
+@pytest.mark.asyncio
 async def test_delete_and_unsubscribe(served: tuple[ServerState, httpx.AsyncClient, str]) -> None:
     state, client, key = served
     created = await _create(client, key, timeout=300)
@@ -106,3 +107,28 @@ async def test_delete_and_unsubscribe(served: tuple[ServerState, httpx.AsyncClie
     created = await _create(client, key, timeout=1)
     assert not await _gone(state, created["sandboxID"], within=3.0)
     assert created["sandboxID"] not in state.front.engine.sessions
+
+
+@pytest.mark.container
+@pytest.mark.slow
+def test_a_timed_out_sandbox_is_gone_through_the_sdk(tmp_path: Path) -> None:
+    """The same end through a real server and the E2B SDK: the id answers as unknown."""
+    from e2b.exceptions import NotFoundException
+    from e2b_code_interpreter import Sandbox
+    from tests.conftest import require_tier
+    from tests.killcheck import eventually
+    from tests.server_support import new_key, serving, tenant_name
+
+    require_tier("container")
+    with serving(tmp_path / "server.log") as srv:
+        key = new_key(tenant_name("brief"))
+        sbx = Sandbox.create(api_key=key, timeout=2)
+        assert sbx.run_code("1 + 1").text == "2"
+        assert eventually(lambda: not sbx.is_running(), 20)
+        with pytest.raises(NotFoundException):
+            Sandbox.get_info(sbx.sandbox_id, api_key=key)
+        assert sbx.sandbox_id not in {s.sandbox_id for s in Sandbox.list(api_key=key).next_items()}
+        plane = {"E2b-Sandbox-Id": sbx.sandbox_id, "E2b-Sandbox-Port": "49983",
+                 "X-Access-Token": str(sbx._envd_access_token)}  # fmt: skip
+        r = httpx.get(srv.url + "/health", headers=plane, timeout=30)
+        assert r.status_code == 502 and "was not found" in r.json()["message"]
