@@ -11,7 +11,8 @@ and measures, each beside the embedded SDK (``moat.Sandbox``) in this same proce
   transport where it exists (``moat_transport_first_result``, a slot until it is built);
 - warm ``run_code("1+1")`` and ``commands.run("true")`` round trips (target: <= 2 ms added);
 - sustained creates per second on the container tier (create -> kill by ``--workers`` clients
-  for ``--sustain`` seconds; target >= 20/s), with the warm pool as ``--pool`` sets it;
+  for ``--sustain`` seconds, each way; target >= 20/s), with the warm pool as ``--pool`` sets
+  it (the embedded pool is per event loop: a fresh one at its resting size for this part);
 - ``--concurrent`` sandboxes each running code for ``--duration`` seconds (``--think`` between
   calls): failures (target 0) and p50/p99 of their round trips;
 - server memory per idle sandbox: the RSS of the serve process before and after
@@ -34,7 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,7 +45,7 @@ import httpx
 from e2b_code_interpreter import AsyncSandbox as E2BAsyncSandbox
 from e2b_code_interpreter import Sandbox as E2BSandbox
 
-from moat import Sandbox
+from moat import AsyncSandbox, Sandbox
 
 MOAT = [sys.executable, "-m", "moat.cli"]
 
@@ -193,25 +194,44 @@ def moat_transport_first_result(srv: Server, tier: str, runs: int) -> list[float
 
 
 def round_trips(srv: Server, tier: str, n: int) -> dict[str, list[float]]:
-    """Warm run_code('1+1') and commands.run('true'), both ways, interleaved."""
-    out: dict[str, list[float]] = {k: [] for k in ("srv_code", "emb_code", "srv_cmd", "emb_cmd")}
+    """Warm run_code('1+1') and commands.run('true'), both ways, interleaved; and a bare
+    HTTP client's POST /execute (what the server adds, without the SDK's own cost)."""
+    names = ("srv_code", "raw_code", "emb_code", "srv_cmd", "emb_cmd")
+    out: dict[str, list[float]] = {k: [] for k in names}
     s = e2b_create(srv)
     e = Sandbox.create(isolation=tier, timeout=300)
+    raw = httpx.Client(base_url=srv.url, timeout=60, trust_env=False)
+    headers = {
+        "E2b-Sandbox-Id": s.sandbox_id,
+        "E2b-Sandbox-Port": "49999",
+        "X-Access-Token": str(s._envd_access_token),
+        "E2B-Traffic-Access-Token": s.traffic_access_token or "",
+    }
+
+    def bare() -> None:
+        r = raw.post("/execute", json={"code": "1+1"}, headers=headers)
+        assert r.status_code == 200 and b'"text":"2"' in r.content.replace(b" ", b"")
+
     try:
         for _ in range(3):  # warm both (first calls import, open connections)
             s.run_code("1+1"), e.run_code("1+1"), s.commands.run("true"), e.commands.run("true")
+            bare()
         for _ in range(n):
             out["srv_code"].append(timed(lambda: s.run_code("1+1")))
+            out["raw_code"].append(timed(bare))
             out["emb_code"].append(timed(lambda: e.run_code("1+1")))
             out["srv_cmd"].append(timed(lambda: s.commands.run("true")))
             out["emb_cmd"].append(timed(lambda: e.commands.run("true")))
     finally:
+        raw.close()
         s.kill()
         e.kill()
     return out
 
 
-async def sustained_creates(srv: Server, seconds: float, workers: int) -> tuple[int, float, int]:
+async def sustained_creates(
+    create: Callable[[], Awaitable[Any]], seconds: float, workers: int
+) -> tuple[int, float, int]:
     """create -> kill by ``workers`` clients for ``seconds``: (creates, elapsed, failures)."""
     done = failed = 0
     stop = time.perf_counter() + seconds
@@ -220,7 +240,7 @@ async def sustained_creates(srv: Server, seconds: float, workers: int) -> tuple[
         nonlocal done, failed
         while time.perf_counter() < stop:
             try:
-                s = await e2b_acreate(srv, timeout=60)
+                s = await create()
             except Exception as exc:  # noqa: BLE001  (any failure counts; the first is shown)
                 failed += 1
                 if failed == 1:
@@ -321,6 +341,9 @@ def bench_container(srv: Server, args: argparse.Namespace) -> list[Row]:
         print(f"[{tier}] warm {what}, E2B SDK  {ms(rt[a])}")
         print(f"[{tier}] warm {what}, embedded {ms(rt[b])}")
         rows.append(vs(f"{tier}: warm {what}", rt[a], rt[b], "(target <= 2)", ".2f"))
+    print(f"[{tier}] warm POST /execute '1+1', bare httpx {ms(rt['raw_code'])}")
+    rows.append(vs(f"{tier}: warm POST /execute, bare httpx", rt["raw_code"], rt["emb_code"],
+                   "(the server's share)", ".2f"))  # fmt: skip
     n, seconds = args.concurrent, args.duration
     trips, failures, rss0, rss_idle = asyncio.run(concurrent_load(srv, n, seconds, args.think))
     p50, p99 = pct_ms(trips, 50), pct_ms(trips, 99)
@@ -336,13 +359,19 @@ def bench_container(srv: Server, args: argparse.Namespace) -> list[Row]:
     rows.append((f"{tier}: {n} x {seconds:g}s p50 / p99", f"{p50:.1f} / {p99:.1f}", "",
                  f"{failures} failures of {len(trips) + failures}"))  # fmt: skip
     rows.append((f"{tier}: server RSS per idle sandbox", f"{per:.2f} MiB", "", ""))
-    made, took, bad = asyncio.run(sustained_creates(srv, args.sustain, args.workers))
-    rate = made / took
-    print(
-        f"[{tier}] sustained creates: {made} in {took:.1f} s = {rate:.1f}/s "
-        f"({args.workers} clients, {bad} failed)"
-    )
-    rows.append((f"{tier}: sustained creates/s", f"{rate:.1f}", "", f"target >= 20; {bad} failed"))
+    rates = []
+    for way, create in (
+        ("E2B SDK", lambda: e2b_acreate(srv, timeout=60)),
+        ("embedded", lambda: AsyncSandbox.create(isolation=tier, timeout=60)),
+    ):
+        made, took, bad = asyncio.run(sustained_creates(create, args.sustain, args.workers))
+        rates.append(made / took)
+        print(
+            f"[{tier}] sustained creates, {way}: {made} in {took:.1f} s = {made / took:.1f}/s "
+            f"({args.workers} clients, {bad} failed)"
+        )
+    rows.append((f"{tier}: sustained creates/s", f"{rates[0]:.1f}", f"{rates[1]:.1f}",
+                 "target >= 20"))  # fmt: skip
     return rows
 
 
