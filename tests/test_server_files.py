@@ -325,7 +325,8 @@ def test_bad_metadata_headers_are_400(server: Server, sbx: Sandbox) -> None:
                        headers={**h, **bad}, timeout=30)  # fmt: skip
         assert r.status_code == 400, r.text
     r = httpx.post(server.url + "/files", params={"path": "md/h.txt"}, content=b"x",
-                   headers=[*h.items(), ("X-Metadata-a", "caf\u00e9".encode())],
+                   headers=[*((k.encode(), v.encode()) for k, v in h.items()),
+                            (b"X-Metadata-a", "caf\u00e9".encode())],
                    timeout=30)  # fmt: skip
     assert r.status_code == 400
     assert not sbx.files.exists("md/h.txt")

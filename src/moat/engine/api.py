@@ -201,6 +201,11 @@ class FrontDoor:
         await session.kill("killed")
         return True
 
+    def on_ended(self, listener: Callable[[str], None]) -> Callable[[], None]:
+        """Subscribe ``listener(sandbox_id)`` to the end of every sandbox (kill, timeout,
+        death), so a face can drop what it keeps per sandbox; returns the unsubscriber."""
+        return self.engine.on_ended(listener)
+
     async def set_timeout(self, tenant: str, sandbox_id: str, seconds: float) -> None:
         """Give the sandbox ``seconds`` more to live, from now."""
         self._session(tenant, sandbox_id).set_timeout(v.number("seconds", seconds, 1, 86400))

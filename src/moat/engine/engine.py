@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import secrets
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from moat.egress import Gateway, GatewayConfig, Secret, proxy_env
@@ -61,6 +62,8 @@ class Engine:
         #: event loop id -> the task that ends that loop's sandboxes when the loop shuts down
         self._watchers: dict[int, asyncio.Task[None]] = {}
         self._ending: set[int] = set()  # loops whose sandboxes are being ended
+        #: called with a sandbox's id once it has ended, however it ended (``on_ended``)
+        self._end_listeners: list[Callable[[str], None]] = []
 
     def new_id(self) -> str:
         return "sbx-" + secrets.token_hex(8)
@@ -267,6 +270,19 @@ class Engine:
         except Exception:
             log.exception("sweep of %s failed", tier)  # must not block new sandboxes
 
+    def on_ended(self, listener: Callable[[str], None]) -> Callable[[], None]:
+        """Call ``listener(sandbox_id)`` whenever a sandbox of this engine ends (kill,
+        timeout, death); it runs on the sandbox's loop and must not block. Returns the
+        function that unsubscribes it."""
+        with self._mu:
+            self._end_listeners.append(listener)
+
+        def unsubscribe() -> None:
+            with self._mu, contextlib.suppress(ValueError):
+                self._end_listeners.remove(listener)
+
+        return unsubscribe
+
     def _ended(self, session: Session) -> None:
         with self._mu:
             self.sessions.pop(session.id, None)
@@ -277,6 +293,12 @@ class Engine:
                 self.ended[session.id] = (session.tenant, session.ended or "killed", info)
                 while len(self.ended) > MAX_ENDED:
                     self.ended.popitem(last=False)
+            listeners = list(self._end_listeners)
+        for listener in listeners:
+            try:
+                listener(session.id)
+            except Exception:  # one face's bookkeeping must not stop a kill
+                log.exception("end listener failed for %s", session.id)
 
     def get(self, sandbox_id: str) -> Session | None:
         with self._mu:

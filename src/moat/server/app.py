@@ -69,6 +69,12 @@ class ServerState:
         #: ingress host names are ``<port>-<sandbox id>.<domain>`` (``get_host``)
         self.domain = domain
         self.records: dict[str, Record] = {}
+        # A sandbox that ends by timeout or death takes its record with it, as DELETE does.
+        self.unsubscribe = front.on_ended(self.forget)
+
+    def forget(self, sandbox_id: str) -> None:
+        """Drop the record of a sandbox that ended."""
+        self.records.pop(sandbox_id, None)
 
     def tenant_of(self, request: Request) -> str | None:
         return self.keys.tenant_of(request.headers.get("x-api-key"))

@@ -125,6 +125,8 @@ def control_app(state: ServerState) -> Starlette:
         rec = Record(tenant, state.new_token(), state.new_token(), body.template_id, network)
         rec.public_traffic = bool(body.network and body.network.allow_public_traffic)
         state.records[info.sandbox_id] = rec
+        if not await front.is_running(tenant, info.sandbox_id):
+            state.forget(info.sandbox_id)  # it ended before its record was in: no leak
         return JSONResponse(wire.sandbox_reply(info, rec, state.domain), 201)
 
     async def _live(tenant: str, sandbox_id: str) -> tuple[Record, Any] | None:

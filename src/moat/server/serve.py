@@ -1,7 +1,10 @@
 """Running the server: uvicorn on one loop that owns the engine, and a clean end.
 
-SIGTERM or SIGINT stops accepting, gives open requests a few seconds, then kills every
-sandbox of the engine (invariant 5: nothing survives the server).
+SIGTERM or SIGINT stops accepting, kills every sandbox of the engine (invariant 5: nothing
+survives the server), then gives open requests a few seconds to end.
+
+``MOAT_SERVE_LOG=info`` turns on uvicorn's access log (one line per request, with the
+client's address); the default is ``warning``.
 """
 
 from __future__ import annotations
@@ -13,16 +16,21 @@ import logging
 import os
 import re
 import signal
+import socket
 import sys
 from collections.abc import Iterator
 
 import uvicorn
 
 from moat.engine.api import FrontDoor, kill_everything
+from moat.errors import InvalidArgumentError
 from moat.server.app import ServerState, make_app
 from moat.store.keys import KeyStore
 
 log = logging.getLogger("moat.server")
+
+#: uvicorn's log levels that ``MOAT_SERVE_LOG`` may name.
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 
 #: Seconds open requests (a streaming /execute) get after SIGTERM before they are cut.
 GRACE_S = 5
@@ -49,6 +57,13 @@ def warn_if_exposed(host: str) -> None:
         )
 
 
+def log_level() -> str:
+    level = os.environ.get("MOAT_SERVE_LOG", "warning").strip().lower()
+    if level not in LOG_LEVELS:
+        raise InvalidArgumentError(f"MOAT_SERVE_LOG must be one of {', '.join(LOG_LEVELS)}")
+    return level
+
+
 async def serve(host: str, port: int, tier: str | None) -> None:
     """Serve until a signal; then kill every sandbox this server started."""
     front = FrontDoor()
@@ -64,13 +79,13 @@ async def serve(host: str, port: int, tier: str | None) -> None:
         host=host,
         port=port,
         lifespan="off",
-        log_level="warning",
+        log_level=log_level(),
         timeout_graceful_shutdown=GRACE_S,
         http="h11",
         ws="wsproto",  # ingress WebSockets only (moat.server.ingress)
         server_header=False,  # nothing to advertise; an app's own Server header goes through
     )
-    server = _Server(config)
+    server = _Server(config, front)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         # Held until the sandboxes are dead: a second signal must not cut the cleanup short.
@@ -88,13 +103,33 @@ class _Server(uvicorn.Server):
     """uvicorn's server without its signal handling: uvicorn re-raises a captured SIGTERM
     when it returns, which would end the process before the sandboxes are killed."""
 
+    def __init__(self, config: uvicorn.Config, front: FrontDoor) -> None:
+        super().__init__(config)
+        self._front = front
+
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
         yield
 
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        """Stop accepting, kill the sandboxes (invariant 5), then let open requests end.
+
+        Killed first, a sandbox ends the streams open on it (a background command, a
+        running /execute) with its own end, so they close cleanly at once instead of
+        being cut, mid-response, when the grace period runs out."""
+        for server in self.servers:
+            server.close()
+        await self._front.engine.end_loop()
+        await super().shutdown(sockets)
+
 
 def main(host: str, port: int, tier: str | None) -> None:
     logging.basicConfig(level=logging.INFO, format="moat serve: %(message)s")
+    try:
+        log_level()  # a bad setting fails before anything starts
+    except InvalidArgumentError as exc:
+        print(f"moat serve: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
     warn_if_exposed(host)
     print(f"moat serve: listening on http://{host}:{port} (tier: {tier or 'by trust'})",
           file=sys.stderr, flush=True)  # fmt: skip
