@@ -11,7 +11,9 @@
     ├── CommandExitError              a command exited non-zero (carries exit_code, stdout, stderr)
     ├── SandboxDiedError              the sandbox or its agent died or broke the protocol
     ├── LeakBlockedError              the guard blocked output in "block" mode (carries no content)
-    └── AuditUnavailableError         the audit store can't record: no new sandbox starts
+    ├── AuditUnavailableError         the audit store can't record: no new sandbox starts
+    ├── AuthenticationError           a server refused the API key (missing, unknown, revoked)
+    └── QuotaExceededError            a server's quota refused the call (carries retry_after)
 
 Messages are safe to show a model (DESIGN invariant 8): no host paths, host user names or
 host tracebacks. Foreign exceptions are translated where they are caught with
@@ -25,12 +27,14 @@ import builtins
 
 __all__ = [
     "AuditUnavailableError",
+    "AuthenticationError",
     "CommandExitError",
     "InvalidArgumentError",
     "IsolationUnavailableError",
     "LeakBlockedError",
     "NotFoundError",
     "PolicyError",
+    "QuotaExceededError",
     "SandboxDiedError",
     "SandboxError",
     "TimeoutError",
@@ -102,3 +106,16 @@ class AuditUnavailableError(SandboxError):
     """The audit store can't record (corrupt, or its files were replaced or removed while in
     use): moat refuses to start sandboxes rather than run them unaudited (invariant 7). The
     operator's fix is in the host log and docs/audit.md; the message names no host path."""
+
+
+class AuthenticationError(SandboxError):
+    """A ``moat serve`` refused the caller's API key (missing, unknown or revoked): HTTP 401."""
+
+
+class QuotaExceededError(SandboxError):
+    """A tenant's quota refused the call (HTTP 429). ``retry_after`` is the server's
+    ``Retry-After`` in seconds, when it gave one."""
+
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after

@@ -100,6 +100,9 @@ class ExecuteBody(_Closed):
     context_id: _Str | None = None
     language: _Str | None = None
     env_vars: dict[_Str, _Str] | None = None
+    #: moat's extension: the engine's timeout of this run (E2B's SDKs leave it unset and time
+    #: out by leaving); moat's SDK sends it so a timeout raises as in embedded use.
+    timeout: float | None = Field(default=None, ge=0.001, le=86400)
 
 
 class ContextBody(_Closed):
@@ -134,9 +137,28 @@ def describe(exc: ValidationError) -> str:
 # -- replies ---------------------------------------------------------------------------------
 
 
-def error(status: int, message: str, headers: Mapping[str, str] | None = None) -> JSONResponse:
-    """E2B's error body: ``{"code": int, "message": str}``."""
-    return JSONResponse({"code": status, "message": message}, status, headers=dict(headers or {}))
+def error(
+    status: int,
+    message: str,
+    headers: Mapping[str, str] | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> JSONResponse:
+    """E2B's error body: ``{"code": int, "message": str}`` (``extra`` adds moat's keys)."""
+    body = {"code": status, "message": message, **(extra or {})}
+    return JSONResponse(body, status, headers=dict(headers or {}))
+
+
+def error_fields(exc: SandboxError) -> dict[str, Any]:
+    """moat's keys of an error body or an error line: the class's name, so moat's own SDK
+    raises the very class the front door raised (the E2B SDKs ignore them), and its safe
+    structured fields (guard labels, never content: invariant 8)."""
+    out: dict[str, Any] = {"moatError": type(exc).__name__}
+    if isinstance(exc, LeakBlockedError):
+        out["labels"] = list(exc.labels)
+        out["channel"] = exc.channel
+    if isinstance(exc, TimeoutError):
+        out["contextRestarted"] = exc.context_restarted
+    return out
 
 
 def status_of(exc: SandboxError) -> int:
@@ -163,7 +185,7 @@ def status_of(exc: SandboxError) -> int:
 def moat_error(exc: SandboxError) -> Response:
     status = status_of(exc)
     headers = {"Should-Retry": "false"} if status in (502, 503, 504) else None
-    return error(status, str(exc), headers)
+    return error(status, str(exc), headers, error_fields(exc))
 
 
 def iso(t: dt.datetime) -> str:
@@ -209,6 +231,7 @@ def detail_reply(info: SandboxInfo, rec: _Tokens) -> dict[str, Any]:
             "allowOut": list(network.get("allow_out", ())),
             "denyOut": list(network.get("deny_out", ())),
         },
+        "moat": info.to_dict(),  # moat's SandboxInfo as is (tier, limits): moat's own SDK
     }
 
 
