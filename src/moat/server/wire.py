@@ -137,21 +137,20 @@ def describe(exc: ValidationError) -> str:
 # -- replies ---------------------------------------------------------------------------------
 
 
-def error(
-    status: int,
-    message: str,
-    headers: Mapping[str, str] | None = None,
-    extra: Mapping[str, Any] | None = None,
-) -> JSONResponse:
-    """E2B's error body: ``{"code": int, "message": str}`` (``extra`` adds moat's keys)."""
-    body = {"code": status, "message": message, **(extra or {})}
-    return JSONResponse(body, status, headers=dict(headers or {}))
+def error(status: int, message: str, headers: Mapping[str, str] | None = None) -> JSONResponse:
+    """E2B's error body: ``{"code": int, "message": str}``."""
+    return JSONResponse({"code": status, "message": message}, status, headers=dict(headers or {}))
+
+
+#: moat's error header: what moat's own SDK raises (E2B's body shape stays as it is).
+ERROR_HEADER = "Moat-Error"
 
 
 def error_fields(exc: SandboxError) -> dict[str, Any]:
-    """moat's keys of an error body or an error line: the class's name, so moat's own SDK
-    raises the very class the front door raised (the E2B SDKs ignore them), and its safe
-    structured fields (guard labels, never content: invariant 8)."""
+    """moat's keys of an error (the ``Moat-Error`` header's JSON, or an error line's keys):
+    the class's name, so moat's own SDK raises the very class the front door raised (the
+    E2B SDKs ignore them), and its safe structured fields (guard labels, never content:
+    invariant 8)."""
     out: dict[str, Any] = {"moatError": type(exc).__name__}
     if isinstance(exc, LeakBlockedError):
         out["labels"] = list(exc.labels)
@@ -184,8 +183,9 @@ def status_of(exc: SandboxError) -> int:
 
 def moat_error(exc: SandboxError) -> Response:
     status = status_of(exc)
-    headers = {"Should-Retry": "false"} if status in (502, 503, 504) else None
-    return error(status, str(exc), headers, error_fields(exc))
+    headers = {"Should-Retry": "false"} if status in (502, 503, 504) else {}
+    headers[ERROR_HEADER] = json.dumps(error_fields(exc), ensure_ascii=True)
+    return error(status, str(exc), headers)
 
 
 def iso(t: dt.datetime) -> str:

@@ -9,6 +9,7 @@ table, never from a name the server chose.
 from __future__ import annotations
 
 import datetime as dt
+import json
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -45,6 +46,8 @@ from moat.model import validate as v
 #: code interpreter (/execute, /contexts).
 ENVD_PORT = "49983"
 JUPYTER_PORT = "49999"
+#: moat's error header (``moat.server.wire.ERROR_HEADER``): the error's class and fields.
+ERROR_HEADER = "Moat-Error"
 #: The longest server message passed on (the server's are short; a proxy's page may not be).
 _MAX_MESSAGE = 1000
 #: Create options the server decides by its own policy: not settable over the wire.
@@ -78,6 +81,17 @@ _FILE_TYPES = {
     fs.FileType.DIRECTORY: "dir",
     fs.FileType.SYMLINK: "symlink",
 }
+
+
+def named(header: str | None) -> dict[str, Any]:
+    """The ``Moat-Error`` header's fields (the class's name, labels...), or none."""
+    if not header or len(header) > 8192:
+        return {}
+    try:
+        fields = json.loads(header)
+    except ValueError:
+        return {}
+    return fields if isinstance(fields, dict) else {}
 
 
 def gone(sandbox_id: str) -> NotFoundError:

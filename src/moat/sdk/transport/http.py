@@ -181,6 +181,9 @@ class HttpTransport(Transport):
             body = resp.json()
         except (ValueError, UnicodeDecodeError):
             body = None
+        named = w.named(resp.headers.get(w.ERROR_HEADER))
+        if isinstance(body, dict) and named:
+            body = {**named, **body}
         return w.error(resp.status_code, body, sandbox_id, resp.headers.get("retry-after"))
 
     @staticmethod
