@@ -13,6 +13,7 @@ import os
 import secrets
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -263,6 +264,12 @@ def test_file_errors_are_the_same(pair: tuple[Sandbox, Sandbox]) -> None:
     same_error(local, remote, NotFoundError)
     local, remote = both(pair, lambda s: s.files.read(""))
     same_error(local, remote, InvalidArgumentError)
+    local, remote = both(pair, lambda s: s.files.remove("/nope/missing"))
+    same_error(local, remote, NotFoundError)
+    local, remote = both(pair, lambda s: s.files.read("/tmp"))  # a directory
+    same_error(local, remote, InvalidArgumentError)
+    local, remote = both(pair, lambda s: s.commands.connect(99999))
+    same_error(local, remote, NotFoundError)
 
 
 # -- lifecycle -------------------------------------------------------------------------------
@@ -293,7 +300,7 @@ def test_info_list_timeout_kill(server: Server, key: str) -> None:
         assert sbx.is_running()
         sbx.kill()
         assert not sbx.is_running()
-        with pytest.raises(NotFoundError, match="was not found"):
+        with pytest.raises(NotFoundError, match="the sandbox was killed"):  # as embedded
             sbx.run_code("1")
         with pytest.raises(NotFoundError):
             sbx.commands.run("true")
@@ -304,6 +311,38 @@ def test_info_list_timeout_kill(server: Server, key: str) -> None:
     finally:
         sbx.kill()
         other.kill()
+
+
+def test_calls_after_the_end_raise_why(server: Server, key: str) -> None:
+    """A killed sandbox, one past its lifetime: the same errors as embedded (the reason from
+    the audit trail), on every path (code, commands, files, contexts)."""
+
+    def after(sbx: Sandbox, end: Callable[[], None]) -> list[Any]:
+        end()
+        calls: list[Callable[[], Any]] = [
+            lambda: sbx.run_code("1"),
+            lambda: sbx.commands.run("true"),
+            lambda: sbx.files.read("x"),
+            lambda: sbx.files.list("."),
+            lambda: sbx.list_code_contexts(),
+        ]
+        out = []
+        for call in calls:
+            try:
+                call()
+            except Exception as exc:  # noqa: BLE001 - the exception is the result compared
+                out.append((type(exc), str(exc)))
+        return out
+
+    local = Sandbox.create(isolation="container", timeout=60)
+    remote = Sandbox.create(isolation="container", timeout=60, api_url=server.url, api_key=key)
+    killed = after(local, local.kill), after(remote, remote.kill)
+    assert killed[0] == killed[1] and killed[0][0][0] is NotFoundError
+    local = Sandbox.create(isolation="container", timeout=2)
+    remote = Sandbox.create(isolation="container", timeout=2, api_url=server.url, api_key=key)
+    timed = after(local, lambda: time.sleep(3)), after(remote, lambda: None)
+    assert timed[0] == timed[1] and timed[0][0][0] is TimeoutError
+    assert len(timed[0]) == 5
 
 
 def test_audit_over_the_wire(pair: tuple[Sandbox, Sandbox]) -> None:
@@ -436,7 +475,8 @@ def test_server_chosen_options_fail_closed(server: Server, key: str) -> None:
         (401, {"code": 401, "message": "invalid key"}, AuthenticationError),
         (404, {"code": 404, "message": "sandbox x was not found"}, NotFoundError),
         (429, {"code": 429, "message": "too many"}, QuotaExceededError),
-        (502, {"message": "The sandbox was not found", "code": 502}, NotFoundError),
+        # the edge's "not found": the transport then asks the audit trail why
+        (502, {"message": "The sandbox was not found", "code": 502}, w.Gone),
         (502, {"message": "bad gateway"}, SandboxDiedError),
         (504, None, TimeoutError),
         # the server names the class: it wins over the status

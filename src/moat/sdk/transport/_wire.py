@@ -30,17 +30,20 @@ from moat.errors import (
     TimeoutError,
 )
 from moat.model import (
+    TRUST_LEVELS,
     End,
     EntryInfo,
     ErrorEvent,
     Event,
     ExecutionError,
+    Limits,
     Output,
     ProcessInfo,
     Result,
     ResultEvent,
 )
 from moat.model import validate as v
+from moat.model.config import mounts as parse_mounts
 
 #: Ports of the sandbox plane (E2B's): envd (process, filesystem, /files) and the
 #: code interpreter (/execute, /contexts).
@@ -94,8 +97,27 @@ def named(header: str | None) -> dict[str, Any]:
     return fields if isinstance(fields, dict) else {}
 
 
+class Gone(NotFoundError):
+    """The edge's answer for a sandbox it can't reach (unknown, killed, ended, another
+    tenant's): the transport asks the audit trail why before raising (``ended``)."""
+
+
 def gone(sandbox_id: str) -> NotFoundError:
-    """A sandbox the server can't reach (unknown, killed, ended, another tenant's)."""
+    return Gone(f"sandbox {sandbox_id} was not found")
+
+
+def ended(rows: list[dict[str, Any]], sandbox_id: str) -> SandboxError:
+    """What a call on a sandbox that ended raises, from its ``ended`` audit row: as the
+    front door raises it (``moat.engine.session.core.ended_error``; test_sdk_http compares
+    the two). No row (unknown, another tenant's): not found, like the front door."""
+    for row in rows:
+        if row.get("kind") == "sandbox" and row.get("result") == "ended":
+            reason = str(row.get("reason") or "killed")
+            if reason == "timeout":
+                return TimeoutError("the sandbox reached the end of its lifetime and was killed")
+            if reason.startswith("died"):
+                return SandboxDiedError(f"the sandbox is gone ({reason[6:]})")
+            return NotFoundError("the sandbox was killed")
     return NotFoundError(f"sandbox {sandbox_id} was not found")
 
 
@@ -190,6 +212,13 @@ def create_body(options: Mapping[str, Any]) -> dict[str, Any]:
     """``AsyncSandbox.create``'s arguments as the body of ``POST /v2/sandboxes`` with moat's
     extension (brokered secrets, sensitive values). What the server's policy decides is
     refused here (invariant 7: never silently dropped)."""
+    # Bad values are the embedded SDK's InvalidArgumentError first; good ones the server's.
+    if options.get("trust") is not None:
+        v.choice("trust", options["trust"], TRUST_LEVELS)
+    if options.get("limits") is not None:
+        Limits.parse(options["limits"])
+    if options.get("mounts") is not None:
+        parse_mounts(options["mounts"])
     for name in SERVER_CHOSEN:
         if options.get(name) is not None:
             raise PolicyError(

@@ -196,7 +196,11 @@ class HttpTransport(Transport):
     async def _token(self, sid: str) -> str:
         token = self._tokens.get(sid)
         if token is None:  # a sandbox this transport didn't create: connect for its token
-            reply = (await self._control("POST", f"/sandboxes/{sid}/connect", {})).json()
+            try:
+                resp = await self._control("POST", f"/sandboxes/{sid}/connect", {})
+            except NotFoundError:
+                raise await self._why(w.gone(sid), sid) from None
+            reply = resp.json()
             token = reply.get("envdAccessToken")
             if not isinstance(token, str):
                 raise SandboxError("moat serve sent no access token")
@@ -221,8 +225,19 @@ class HttpTransport(Transport):
         except httpx.HTTPError as exc:
             self._unreachable(exc)
         if resp.status_code >= 400:
-            raise self._error(resp, sid)
+            raise await self._why(self._error(resp, sid), sid)
         return resp
+
+    async def _why(self, exc: SandboxError, sid: str) -> SandboxError:
+        """``exc``; for the edge's "not found", why the sandbox is gone (its audit trail,
+        tenant-scoped: another tenant's stays plain not found, invariant 11)."""
+        if not isinstance(exc, w.Gone):
+            return exc
+        try:
+            rows = await self.audit(sid, limit=100)
+        except SandboxError:
+            rows = []
+        return w.ended(rows, sid)
 
     def _rpc_error(self, exc: ConnectError, sid: str) -> SandboxError:
         message = exc.message[: w._MAX_MESSAGE]
@@ -237,7 +252,7 @@ class HttpTransport(Transport):
         try:
             return await call
         except ConnectError as exc:
-            raise self._rpc_error(exc, sid) from None
+            raise await self._why(self._rpc_error(exc, sid), sid) from None
         except (pyqwest.ReadError, pyqwest.WriteError, pyqwest.ConnectTimeout) as exc:
             self._unreachable(exc)
 
@@ -364,7 +379,7 @@ class HttpTransport(Transport):
             ) as resp:
                 if resp.status_code >= 400:
                     await resp.aread()
-                    raise self._error(resp, sid)
+                    raise await self._why(self._error(resp, sid), sid)
                 async for raw in resp.aiter_lines():
                     if not raw.strip():
                         continue
@@ -390,7 +405,7 @@ class HttpTransport(Transport):
         except SandboxError:
             running = True  # the server itself is gone: say that
         if not running:
-            raise w.gone(sid) from None
+            raise await self._why(w.gone(sid), sid) from None
         if exc is not None:
             self._unreachable(exc)
         raise SandboxDiedError("the stream from moat serve ended before the call did")
@@ -520,7 +535,7 @@ class HttpTransport(Transport):
         except httpx.HTTPError as exc:
             self._unreachable(exc)
         if resp.status_code >= 400:
-            raise self._error(resp, sid)
+            raise await self._why(self._error(resp, sid), sid)
 
     async def list_dir(self, sandbox_id: str, path: str, depth: int) -> list[EntryInfo]:
         depth = int(v.number("depth", depth, 1, 32))
@@ -542,6 +557,9 @@ class HttpTransport(Transport):
         return w.entry(reply.entry)
 
     async def remove(self, sandbox_id: str, path: str) -> None:
+        # envd removes like ``rm -rf`` (a missing path is no error); the front door raises
+        # NotFoundError for one: so does this transport.
+        await self.stat(sandbox_id, path)
         sid, headers = await self._plane(sandbox_id, w.ENVD_PORT)
         request = fs.RemoveRequest(path=v.path(path))
         await self._rpc(sid, self._c().files.remove(request, headers=headers))
@@ -554,7 +572,7 @@ class HttpTransport(Transport):
         except ConnectError as exc:
             if exc.code is Code.ALREADY_EXISTS:
                 return False
-            raise self._rpc_error(exc, sid) from None
+            raise await self._why(self._rpc_error(exc, sid), sid) from None
         return True
 
 
