@@ -166,8 +166,19 @@ def test_streaming_callbacks_in_order(pair: tuple[Sandbox, Sandbox]) -> None:
     assert ("error", "ZeroDivisionError") in local
 
 
-def test_run_code_timeout_is_the_same_error(pair: tuple[Sandbox, Sandbox]) -> None:
-    local, remote = both(pair, lambda s: s.run_code("import time\ntime.sleep(20)", timeout=0.5))
+@pytest.mark.parametrize(
+    ("code", "timeout"),
+    [
+        # before any output: the server answers with an error status
+        ("import time\ntime.sleep(20)", 0.5),
+        # after output: the stream has begun, the failure comes as a line of it
+        ("print('started', flush=True)\nimport time\ntime.sleep(20)", 1.5),
+    ],
+)
+def test_run_code_timeout_is_the_same_error(
+    pair: tuple[Sandbox, Sandbox], code: str, timeout: float
+) -> None:
+    local, remote = both(pair, lambda s: s.run_code(code, timeout=timeout))
     same_error(local, remote, TimeoutError)
     assert local.context_restarted == remote.context_restarted
     # both sandboxes still run code afterwards
