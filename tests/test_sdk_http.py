@@ -34,7 +34,13 @@ from moat import (
     Secret,
     TimeoutError,
 )
-from moat.errors import AuthenticationError, LeakBlockedError, QuotaExceededError, SandboxDiedError
+from moat.errors import (
+    AuthenticationError,
+    LeakBlockedError,
+    QuotaExceededError,
+    SandboxDiedError,
+    SandboxError,
+)
 from moat.sdk._loop import loop_thread
 from moat.sdk.transport import _wire as w
 from moat.sdk.transport.http import HttpTransport
@@ -522,3 +528,48 @@ def test_http_transport_loads_no_engine_or_server() -> None:
     assert "moat.sdk.transport.http" in loaded
     for part in ("moat.engine", "moat.server", "moat.runtime", "moat.egress", "moat.guard"):
         assert part + "." not in loaded and f'"{part}"' not in loaded, loaded
+
+
+def test_streams_have_an_idle_limit_not_a_call_limit(
+    server: Server, key: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A call may run longer than any read timeout (the server's keepalives arrive every
+    5 s on /execute); a silence longer than STREAM_IDLE fails it (a dead server)."""
+    import moat.sdk.transport.http as transport_http
+
+    code = "import time\ntime.sleep(8)\n7"
+    for idle, ok in ((6.0, True), (3.0, False)):  # 3 s < the keepalive: the control fails
+        monkeypatch.setattr(transport_http, "STREAM_IDLE", idle)
+        with transport(server.url, key) as t, Sandbox.create(timeout=60, transport=t) as sbx:
+            if ok:
+                assert sbx.run_code(code, timeout=30).text == "7"
+            else:
+                with pytest.raises(SandboxError, match="unreachable"):
+                    sbx.run_code(code, timeout=30)
+
+
+def test_cancelling_run_code_interrupts_it(server: Server, key: str) -> None:
+    """The caller leaves (its task is cancelled): the server interrupts the code, and the
+    context runs the next cell (as embedded, where cancelling stops the call)."""
+    import asyncio
+
+    from moat import AsyncSandbox
+
+    async def flow() -> str | None:
+        t = HttpTransport(server.url, key)
+        sbx = await AsyncSandbox.create(timeout=60, transport=t)
+        try:
+            task = asyncio.ensure_future(sbx.run_code("import time\ntime.sleep(30)\n'slept'"))
+            await asyncio.sleep(1.5)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            started = time.monotonic()
+            text = (await sbx.run_code("'next'", timeout=20)).text
+            assert time.monotonic() - started < 15  # not after the 30 s sleep
+            return text
+        finally:
+            await sbx.kill()
+            await t.aclose()
+
+    assert asyncio.run(flow()) == "'next'"

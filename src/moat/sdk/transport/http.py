@@ -14,6 +14,7 @@ the errors, the envd stubs, httpx and connectrpc (tests/test_layering.py).
 from __future__ import annotations
 
 import asyncio
+import builtins
 import contextlib
 import json
 import os
@@ -29,6 +30,7 @@ from connectrpc.code import Code
 from connectrpc.codec import proto_json_codec
 from connectrpc.errors import ConnectError
 from protobuf import Oneof
+from pyqwest.httpx import AsyncPyqwestTransport
 
 from moat.envd import filesystem_pb as fs
 from moat.envd import process_pb as pr
@@ -126,13 +128,22 @@ class HttpTransport(Transport):
     def _c(self) -> _Clients:
         loop = asyncio.get_running_loop()
         if self._clients is None or self._clients.loop is not loop:
+            # One connection pool (pyqwest's, in Rust) under both clients: httpx's API for
+            # the REST and streaming routes, connectrpc's for envd. httpx's own pool costs
+            # ~1 ms more per call on this 2-core host (bench/bench_sdk_http.py).
+            # A read that waits longer than STREAM_IDLE fails the call (streams get
+            # keepalives far more often); no cap on a whole call (code may run for hours).
+            rpc_http = pyqwest.HTTPTransport(
+                connect_timeout=10.0,
+                read_timeout=STREAM_IDLE,
+                follow_redirects=False,
+                enable_otel=False,
+            )
             http = httpx.AsyncClient(
                 base_url=self.api_url,
                 timeout=httpx.Timeout(CALL_TIMEOUT, connect=10.0),
                 follow_redirects=False,
-            )
-            rpc_http = pyqwest.HTTPTransport(
-                connect_timeout=10.0, follow_redirects=False, enable_otel=False
+                transport=AsyncPyqwestTransport(rpc_http),
             )
             client = pyqwest.Client(rpc_http)
             # JSON (what the server offers), no compression (it accepts none).
@@ -252,8 +263,14 @@ class HttpTransport(Transport):
         try:
             return await call
         except ConnectError as exc:
+            if isinstance(exc.__cause__, asyncio.CancelledError):
+                raise asyncio.CancelledError from None  # connectrpc made it an error: undo
+            if isinstance(exc.__cause__, builtins.TimeoutError):
+                self._unreachable(exc.__cause__)  # connectrpc's own: a read past STREAM_IDLE
             raise await self._why(self._rpc_error(exc, sid), sid) from None
         except (pyqwest.ReadError, pyqwest.WriteError, pyqwest.ConnectTimeout) as exc:
+            self._unreachable(exc)
+        except builtins.TimeoutError as exc:  # a read past STREAM_IDLE (moat's are raised above)
             self._unreachable(exc)
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -371,7 +388,9 @@ class HttpTransport(Transport):
         else:
             body["context_id"] = ctx
         sid, headers = await self._plane(sandbox_id, w.JUPYTER_PORT)
-        timeouts = httpx.Timeout(CALL_TIMEOUT, connect=10.0, read=STREAM_IDLE)
+        # No limit on the whole call (the engine's timeout applies); the transport's
+        # per-read limit catches a dead server.
+        timeouts = httpx.Timeout(None, connect=10.0)
         lines = w.ExecLines()
         try:
             async with self._c().http.stream(
@@ -406,6 +425,8 @@ class HttpTransport(Transport):
             running = True  # the server itself is gone: say that
         if not running:
             raise await self._why(w.gone(sid), sid) from None
+        if isinstance(exc, SandboxError):
+            raise exc
         if exc is not None:
             self._unreachable(exc)
         raise SandboxDiedError("the stream from moat serve ended before the call did")
