@@ -384,6 +384,17 @@ def test_env_selects_the_transport(
 # -- what only the wire has -------------------------------------------------------------------
 
 
+def test_the_server_names_the_class(server: Server, key: str) -> None:
+    """A PolicyError answers 400 (which alone reads as InvalidArgumentError): the Moat-Error
+    header names the class, so the caller gets the embedded SDK's exception."""
+    bad = {"allow_out": ["*.com"]}  # a wildcard over a public suffix
+    with pytest.raises(PolicyError) as local:
+        Sandbox.create(timeout=60, network=bad)
+    with pytest.raises(PolicyError) as remote:
+        Sandbox.create(timeout=60, network=bad, api_url=server.url, api_key=key)
+    assert type(local.value) is type(remote.value) and str(local.value) == str(remote.value)
+
+
 def test_wrong_key_is_an_authentication_error(server: Server) -> None:
     bad = "e2b_" + "0" * 40
     with pytest.raises(AuthenticationError):
