@@ -584,3 +584,21 @@ def test_cancelling_run_code_interrupts_it(server: Server, key: str) -> None:
             await t.aclose()
 
     assert asyncio.run(flow()) == "'next'"
+
+
+def test_a_remote_only_program_never_loads_the_engine(server: Server, key: str) -> None:
+    """A program that uses only a server ends cleanly without loading the engine (its exit
+    hook kills local sandboxes only when the engine was loaded)."""
+    code = (
+        "import atexit, sys\n"
+        "loaded = lambda: 'engine' if 'moat.engine.api' in sys.modules else 'clean'\n"
+        "atexit.register(lambda: print(loaded()))\n"
+        "from moat import Sandbox\n"
+        f"s = Sandbox.create(timeout=60, api_url={server.url!r}, api_key={key!r})\n"
+        "print(s.run_code('6 * 7').text)\n"
+        "s.kill()\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["42", "clean"], out.stdout
+    assert "Traceback" not in out.stderr
