@@ -503,6 +503,7 @@ def test_server_chosen_options_fail_closed(server: Server, key: str) -> None:
         (401, {"code": 401, "message": "invalid key"}, AuthenticationError),
         (404, {"code": 404, "message": "sandbox x was not found"}, NotFoundError),
         (429, {"code": 429, "message": "too many"}, QuotaExceededError),
+        (429, {"message": "too many", "moatError": "QuotaExceededError"}, QuotaExceededError),
         # the edge's "not found": the transport then asks the audit trail why
         (502, {"message": "The sandbox was not found", "code": 502}, w.Gone),
         (502, {"message": "bad gateway"}, SandboxDiedError),

@@ -135,7 +135,9 @@ def error(
     message = _message(body, status)
     named = body.get("moatError") if isinstance(body, Mapping) else None
     if isinstance(named, str) and named in _BY_NAME:
-        return build(_BY_NAME[named], message, body)
+        fields = dict(body) if isinstance(body, Mapping) else {}
+        fields.setdefault("retryAfter", retry_after)  # the Retry-After header of a 429
+        return build(_BY_NAME[named], message, fields)
     if status == 502:  # E2B's edge: the sandbox is unknown or gone ("... was not found")
         if "was not found" in message:
             return gone(sandbox_id) if sandbox_id else NotFoundError(message)
