@@ -395,6 +395,16 @@ def test_the_server_names_the_class(server: Server, key: str) -> None:
     assert type(local.value) is type(remote.value) and str(local.value) == str(remote.value)
 
 
+def test_update_network(pair: tuple[Sandbox, Sandbox]) -> None:
+    good = {"allow_out": ["example.com"], "deny_out": ["evil.example.com"]}
+    local, remote = both(pair, lambda s: s.update_network(good))
+    assert local is None and remote is None
+    local, remote = both(pair, lambda s: s.update_network({"allow_out": ["*.com"]}))
+    same_error(local, remote, PolicyError)
+    local, remote = both(pair, lambda s: s.update_network(None))  # back to deny-all
+    assert local is None and remote is None
+
+
 def test_wrong_key_is_an_authentication_error(server: Server) -> None:
     bad = "e2b_" + "0" * 40
     with pytest.raises(AuthenticationError):

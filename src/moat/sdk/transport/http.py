@@ -366,7 +366,8 @@ class HttpTransport(Transport):
         self, sandbox_id: str, denied_only: bool = False, limit: int = 1000
     ) -> list[dict[str, Any]]:
         sid = self._sid(sandbox_id)
-        params = {"denied_only": "true" if denied_only else "false", "limit": str(int(limit))}
+        limit = v.integer("limit", limit, 1, 10_000)  # the server's bound
+        params = {"denied_only": "true" if denied_only else "false", "limit": str(limit)}
         rows = (await self._control("GET", f"/moat/v1/sandboxes/{sid}/audit", None, params)).json()
         if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
             raise SandboxError("moat serve sent a malformed audit reply")
