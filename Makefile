@@ -63,7 +63,7 @@ lint: install
 bench: install
 	$(PY) bench/bench_container.py
 
-# The Connect stubs of E2B's envd services (src/moat/server/envd) from moat's proto/: protoc
+# The Connect stubs of E2B's envd services (src/moat/envd) from moat's proto/: protoc
 # (grpcio-tools' wheel) and the generators pinned to the runtime versions in pyproject.toml.
 GEN_VENV ?= /var/tmp/moat-protogen
 proto:
@@ -74,7 +74,7 @@ proto:
 		-I$$($(GEN_VENV)/bin/python -c 'import grpc_tools, os; print(os.path.dirname(grpc_tools.__file__))')/_proto \
 		--py_out=$(GEN_VENV)/out --connectrpc_out=$(GEN_VENV)/out \
 		proto/moat_envd/process.proto proto/moat_envd/filesystem.proto
-	cp $(GEN_VENV)/out/moat_envd/*.py src/moat/server/envd/
+	cp $(GEN_VENV)/out/moat_envd/*.py src/moat/envd/
 
 clean:
 	rm -rf $(VENV) build *.egg-info $(JS_DIR)/node_modules

@@ -13,7 +13,9 @@
     ├── SandboxDiedError              the sandbox or its agent died or broke the protocol
     ├── LeakBlockedError              the guard blocked output in "block" mode (carries no content)
     ├── AuditUnavailableError         the audit store can't record: no new sandbox starts
-    └── PortNotOpenError              ingress: nothing listens on that port in the sandbox
+    ├── PortNotOpenError              ingress: nothing listens on that port in the sandbox
+    ├── AuthenticationError           a server refused the API key (missing, unknown, revoked)
+    └── QuotaExceededError            a server's quota refused the call (carries retry_after)
 
 Messages are safe to show a model (DESIGN invariant 8): no host paths, host user names or
 host tracebacks. Foreign exceptions are translated where they are caught with
@@ -27,6 +29,7 @@ import builtins
 
 __all__ = [
     "AuditUnavailableError",
+    "AuthenticationError",
     "CommandExitError",
     "DiskFullError",
     "InvalidArgumentError",
@@ -35,6 +38,7 @@ __all__ = [
     "NotFoundError",
     "PolicyError",
     "PortNotOpenError",
+    "QuotaExceededError",
     "SandboxDiedError",
     "SandboxError",
     "TimeoutError",
@@ -119,3 +123,16 @@ class PortNotOpenError(SandboxError):
     def __init__(self, port: int) -> None:
         super().__init__(f"The sandbox is running but port is not open (port {port})")
         self.port = port
+
+
+class AuthenticationError(SandboxError):
+    """A ``moat serve`` refused the caller's API key (missing, unknown or revoked): HTTP 401."""
+
+
+class QuotaExceededError(SandboxError):
+    """A tenant's quota refused the call (HTTP 429). ``retry_after`` is the server's
+    ``Retry-After`` in seconds, when it gave one."""
+
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after

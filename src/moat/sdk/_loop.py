@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import concurrent.futures.thread  # noqa: F401 - registers its exit hook before ours (see below)
+import sys
 import threading
 from collections.abc import Coroutine
 from typing import Any, TypeVar
@@ -39,14 +40,19 @@ class LoopThread:
             raise
 
     def shutdown(self) -> None:
-        """Kill every sandbox still alive (invariant 5), then stop the loop."""
-        from moat.engine.api import kill_everything
-
+        """Kill every sandbox still alive (invariant 5), then stop the loop. A program that
+        only used a server (the HTTP transport) never loaded the engine: nothing to kill
+        here (its sandboxes are the server's, and end with their timeouts)."""
         if self.loop.is_running():
-            try:
-                asyncio.run_coroutine_threadsafe(kill_everything(), self.loop).result(timeout=30)
-            except Exception:  # noqa: BLE001, S110 - best effort at interpreter exit
-                pass
+            if "moat.engine.api" in sys.modules:
+                from moat.engine.api import kill_everything
+
+                try:
+                    asyncio.run_coroutine_threadsafe(kill_everything(), self.loop).result(
+                        timeout=30
+                    )
+                except Exception:  # noqa: BLE001, S110 - best effort at interpreter exit
+                    pass
             self.loop.call_soon_threadsafe(self.loop.stop)
 
 

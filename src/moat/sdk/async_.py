@@ -7,6 +7,7 @@ import builtins
 import contextlib
 import datetime as dt
 import inspect
+import os
 from collections.abc import Callable
 from typing import IO, TYPE_CHECKING, Any, Literal
 
@@ -50,6 +51,16 @@ def _local() -> Transport:
     from moat.sdk.transport.local import LocalTransport
 
     return LocalTransport()
+
+
+def _transport(api_url: str | None, api_key: str | None) -> Transport:
+    """A ``moat serve``'s transport when a URL is given (or ``$MOAT_API_URL`` is set), else
+    this process's engine."""
+    if api_url is not None or api_key is not None or os.environ.get("MOAT_API_URL"):
+        from moat.sdk.transport.http import shared
+
+        return shared(api_url, api_key)
+    return _local()
 
 
 class AsyncCommandHandle:
@@ -274,6 +285,8 @@ class AsyncSandbox:
         policy_file: str | None = None,
         max_output_bytes: int | None = None,
         transport: Transport | None = None,
+        api_url: str | None = None,
+        api_key: str | None = None,
     ) -> AsyncSandbox:
         """Start a sandbox. With ``trust="untrusted"`` (the default) that is a microVM.
 
@@ -291,10 +304,14 @@ class AsyncSandbox:
         docs/profiles.md). Defaults without a profile: ``trust="untrusted"``, 300 s.
         ``max_output_bytes`` caps what one call may print (default 4 MiB; beyond it the
         output is cut and ``Execution.truncated`` is set). ``transport`` carries the calls
-        (default: the engine in this process, as the default tenant).
+        (default: the engine in this process, as the default tenant). ``api_url`` and
+        ``api_key`` (or ``$MOAT_API_URL``/``$MOAT_API_KEY``) send them to a ``moat serve``
+        instead, as the key's tenant (docs/server.md: what its policy decides there).
         """
         if transport is None:
-            transport = _local()
+            transport = _transport(api_url, api_key)
+        elif api_url is not None or api_key is not None:
+            raise InvalidArgumentError("give a transport or api_url/api_key, not both")
         info = await transport.create(
             template=template,
             isolation=isolation,

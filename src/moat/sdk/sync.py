@@ -256,6 +256,8 @@ class Sandbox:
         policy_file: str | None = None,
         max_output_bytes: int | None = None,
         transport: Transport | None = None,
+        api_url: str | None = None,
+        api_key: str | None = None,
     ) -> Sandbox:
         """Start a sandbox; see ``AsyncSandbox.create``."""
         inner = _run(
@@ -278,6 +280,8 @@ class Sandbox:
                 policy_file=policy_file,
                 max_output_bytes=max_output_bytes,
                 transport=transport,
+                api_url=api_url,
+                api_key=api_key,
             )
         )
         return cls(inner)

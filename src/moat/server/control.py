@@ -256,6 +256,22 @@ def control_app(state: ServerState) -> Starlette:
             return _not_found(sid)
         return JSONResponse([wire.metric_line(m) for m in samples])
 
+    async def audit(request: Request, tenant: str) -> Response:
+        """moat's own route: the sandbox's audit rows, guarded by the front door (invariant 4);
+        another tenant's id is 404 like an unknown one (the front door's check, invariant 11).
+        Ended sandboxes answer too (their rows outlive them)."""
+        sid = request.path_params["sandbox_id"]
+        q = request.query_params
+        denied = q.get("denied_only", "false")
+        if denied not in ("true", "false"):
+            raise InvalidArgumentError("denied_only must be true or false")
+        limit = _int_param(q.get("limit"), "limit", 1, 10_000, 1000)
+        try:
+            rows = await front.audit(tenant, sid, denied_only=denied == "true", limit=limit)
+        except NotFoundError:
+            return _not_found(sid)
+        return JSONResponse(rows)
+
     async def unknown(request: Request, tenant: str) -> Response:
         return wire.error(404, "no such endpoint")
 
@@ -281,6 +297,7 @@ def control_app(state: ServerState) -> Starlette:
         r(sid + "/fork", missing("fork"), ["POST"]),
         r(sid + "/snapshots", missing("snapshots"), ["POST"]),
         r("/snapshots", missing("snapshots"), ["GET"]),
+        r("/moat/v1" + sid + "/audit", audit, ["GET"]),
         r("/{rest:path}", unknown, ["GET", "POST", "PUT", "PATCH", "DELETE"]),
     ]
     return Starlette(routes=routes)

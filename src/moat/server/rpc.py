@@ -2,7 +2,7 @@
 the front door.
 
 Framing, the JSON codec, envelopes and Connect errors are connectrpc's (the stubs in
-``moat.server.envd`` are generated from moat's ``proto/``). Its ASGI applications sit behind
+``moat.envd`` are generated from moat's ``proto/``). Its ASGI applications sit behind
 moat's own admission (``moat.server.sandbox``: the sandbox headers, the access token, the
 sandbox is running), which hands the admitted sandbox to the handlers through ``CALLER``.
 The handlers are thin: every check and every guard is the front door's (invariants 4, 11).
@@ -43,6 +43,10 @@ from protobuf import Oneof
 from protobuf.wkt.google.protobuf.timestamp_pb import Timestamp
 
 from moat.engine.api import CommandStream, FrontDoor, WatchStream
+from moat.envd import filesystem_pb as fs
+from moat.envd import process_pb as pr
+from moat.envd.filesystem_connect import Filesystem, FilesystemASGIApplication
+from moat.envd.process_connect import Process, ProcessASGIApplication
 from moat.errors import (
     DiskFullError,
     InvalidArgumentError,
@@ -55,10 +59,6 @@ from moat.errors import (
     TimeoutError,
 )
 from moat.model import HOME, End, EntryInfo, FilesystemEvent, Output, Started
-from moat.server.envd import filesystem_pb as fs
-from moat.server.envd import process_pb as pr
-from moat.server.envd.filesystem_connect import Filesystem, FilesystemASGIApplication
-from moat.server.envd.process_connect import Process, ProcessASGIApplication
 from moat.server.watchers import Watchers
 
 log = logging.getLogger("moat.server")

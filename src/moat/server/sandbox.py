@@ -196,7 +196,7 @@ def _routes(state: ServerState) -> Starlette:
         while True:
             events = front.run_code(
                 rec.tenant, sid, body.code, language=lang, context=body.context_id or "default",
-                timeout=None, envs=body.env_vars,
+                timeout=body.timeout, envs=body.env_vars,
             )  # fmt: skip
             pending = asyncio.ensure_future(anext(events))
             done, _ = await asyncio.wait({pending}, timeout=_FIRST_EVENT_S)
@@ -284,6 +284,7 @@ async def _ndjson(
     """
     pending: asyncio.Future[Event] | None = first
     count: int | None = None
+    truncated = False
     try:
         while pending is not None:
             done, _ = await asyncio.wait({pending}, timeout=KEEPALIVE_S)
@@ -306,6 +307,7 @@ async def _ndjson(
                 yield _line(wire.error_line(event.error))
             elif isinstance(event, End):
                 count = event.execution_count
+                truncated = event.truncated
                 if event.context_restarted:
                     yield _line(
                         {"type": "error", "name": "ContextRestarting",
@@ -314,7 +316,8 @@ async def _ndjson(
             pending = asyncio.ensure_future(anext(events))
         if count is not None:
             yield _line({"type": "number_of_executions", "execution_count": count})
-        yield _line({"type": "end_of_execution"})
+        # moat's key (the E2B SDKs ignore it): the output was cut at the per-call cap.
+        yield _line({"type": "end_of_execution", **({"truncated": True} if truncated else {})})
     finally:
         if pending is not None and not pending.done():
             pending.cancel()
@@ -334,4 +337,5 @@ def _failure(exc: SandboxError) -> dict[str, Any]:
     from moat.errors import SandboxDiedError
 
     name = "UnexpectedEndOfExecution" if isinstance(exc, SandboxDiedError) else type(exc).__name__
-    return {"type": "error", "name": name, "value": str(exc), "traceback": ""}
+    line = {"type": "error", "name": name, "value": str(exc), "traceback": ""}
+    return {**line, **wire.error_fields(exc)}

@@ -105,6 +105,9 @@ class ExecuteBody(_Closed):
     context_id: _Str | None = None
     language: _Str | None = None
     env_vars: dict[_Str, _Str] | None = None
+    #: moat's extension: the engine's timeout of this run (E2B's SDKs leave it unset and time
+    #: out by leaving); moat's SDK sends it so a timeout raises as in embedded use.
+    timeout: float | None = Field(default=None, ge=0.001, le=86400)
 
 
 class ContextBody(_Closed):
@@ -144,6 +147,24 @@ def error(status: int, message: str, headers: Mapping[str, str] | None = None) -
     return JSONResponse({"code": status, "message": message}, status, headers=dict(headers or {}))
 
 
+#: moat's error header: what moat's own SDK raises (E2B's body shape stays as it is).
+ERROR_HEADER = "Moat-Error"
+
+
+def error_fields(exc: SandboxError) -> dict[str, Any]:
+    """moat's keys of an error (the ``Moat-Error`` header's JSON, or an error line's keys):
+    the class's name, so moat's own SDK raises the very class the front door raised (the
+    E2B SDKs ignore them), and its safe structured fields (guard labels, never content:
+    invariant 8)."""
+    out: dict[str, Any] = {"moatError": type(exc).__name__}
+    if isinstance(exc, LeakBlockedError):
+        out["labels"] = list(exc.labels)
+        out["channel"] = exc.channel
+    if isinstance(exc, TimeoutError):
+        out["contextRestarted"] = exc.context_restarted
+    return out
+
+
 def status_of(exc: SandboxError) -> int:
     """The HTTP status the SDKs expect for a moat error (message already safe, invariant 8)."""
     if isinstance(exc, InvalidArgumentError):
@@ -169,7 +190,8 @@ def status_of(exc: SandboxError) -> int:
 
 def moat_error(exc: SandboxError) -> Response:
     status = status_of(exc)
-    headers = {"Should-Retry": "false"} if status in (502, 503, 504) else None
+    headers = {"Should-Retry": "false"} if status in (502, 503, 504) else {}
+    headers[ERROR_HEADER] = json.dumps(error_fields(exc), ensure_ascii=True)
     return error(status, str(exc), headers)
 
 
@@ -218,6 +240,7 @@ def detail_reply(info: SandboxInfo, rec: _Tokens) -> dict[str, Any]:
             # moat's extension, only where used (E2B's shape otherwise)
             **({"allowTcp": list(network["allow_tcp"])} if network.get("allow_tcp") else {}),
         },
+        "moat": info.to_dict(),  # moat's SandboxInfo as is (tier, limits): moat's own SDK
     }
 
 
