@@ -7,6 +7,7 @@
     ├── NotFoundError                 no such sandbox, context, process or file
     ├── IsolationUnavailableError     the asked-for tier can't run on this host (never downgraded)
     ├── PolicyError                   a policy can't be enforced or isn't supported
+    ├── QuotaExceededError            the tenant is at a quota (carries retry_after seconds)
     ├── InvalidArgumentError          bad input at an SDK / API boundary
     ├── CommandExitError              a command exited non-zero (carries exit_code, stdout, stderr)
     ├── SandboxDiedError              the sandbox or its agent died or broke the protocol
@@ -31,6 +32,7 @@ __all__ = [
     "LeakBlockedError",
     "NotFoundError",
     "PolicyError",
+    "QuotaExceededError",
     "SandboxDiedError",
     "SandboxError",
     "TimeoutError",
@@ -63,6 +65,16 @@ class IsolationUnavailableError(SandboxError):
 
 class PolicyError(SandboxError):
     """A policy (network, secrets, limits, mounts) is invalid, unsupported or unenforceable."""
+
+
+class QuotaExceededError(SandboxError):
+    """The tenant is at one of its quotas (running sandboxes, memory, CPUs, creates per
+    minute; invariant 11). ``retry_after``: seconds after which the same request may pass
+    (None when nothing but the tenant's own action frees room)."""
+
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class InvalidArgumentError(SandboxError, ValueError):

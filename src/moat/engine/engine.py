@@ -14,6 +14,7 @@ from typing import Any
 from moat.egress import Gateway, GatewayConfig, Secret, proxy_env
 from moat.engine.guardhook import make_guard
 from moat.engine.pool import WarmPool, parse_pool, poolable
+from moat.engine.quota import Ledger
 from moat.engine.resolve import guard_policy, network_policy
 from moat.engine.session import Session
 from moat.engine.tiers import TIERS, require, runtime_for
@@ -61,6 +62,8 @@ class Engine:
         #: event loop id -> the task that ends that loop's sandboxes when the loop shuts down
         self._watchers: dict[int, asyncio.Task[None]] = {}
         self._ending: set[int] = set()  # loops whose sandboxes are being ended
+        #: per-tenant quota reservations of this engine's sandboxes (every front door's)
+        self.quota = Ledger()
 
     def new_id(self) -> str:
         return "sbx-" + secrets.token_hex(8)
@@ -277,6 +280,7 @@ class Engine:
                 self.ended[session.id] = (session.tenant, session.ended or "killed", info)
                 while len(self.ended) > MAX_ENDED:
                     self.ended.popitem(last=False)
+        self.quota.release_sandbox(session.id)  # any end: kill, timeout, death, failed start
 
     def get(self, sandbox_id: str) -> Session | None:
         with self._mu:
