@@ -16,7 +16,8 @@ from collections.abc import Iterator
 
 import uvicorn
 
-from moat.engine.api import FrontDoor, kill_everything
+from moat.engine.api import FrontDoor, TenantPolicies, kill_everything, load_tenants
+from moat.errors import SandboxError
 from moat.server.app import ServerState, make_app
 from moat.store.keys import KeyStore
 
@@ -47,9 +48,11 @@ def warn_if_exposed(host: str) -> None:
         )
 
 
-async def serve(host: str, port: int, tier: str | None) -> None:
+async def serve(
+    host: str, port: int, tier: str | None, policy: TenantPolicies | None = None
+) -> None:
     """Serve until a signal; then kill every sandbox this server started."""
-    front = FrontDoor()
+    front = FrontDoor(policy=policy or TenantPolicies())
     keys = KeyStore()
     state = ServerState(front, keys, tier)
     config = uvicorn.Config(
@@ -85,10 +88,16 @@ class _Server(uvicorn.Server):
         yield
 
 
-def main(host: str, port: int, tier: str | None) -> None:
+def main(host: str, port: int, tier: str | None, policy_file: str | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="moat serve: %(message)s")
+    try:  # a bad policy file stops the start (invariant 7: never "no limits" by mistake)
+        policy = load_tenants(policy_file)
+    except SandboxError as exc:
+        print(f"moat serve: bad tenant policy: {exc}", file=sys.stderr, flush=True)
+        sys.exit(2)
     warn_if_exposed(host)
-    print(f"moat serve: listening on http://{host}:{port} (tier: {tier or 'by trust'})",
-          file=sys.stderr, flush=True)  # fmt: skip
-    asyncio.run(serve(host, port, tier))
+    rules = "none" if policy == TenantPolicies() else policy_file or "<state dir>/tenants.toml"
+    print(f"moat serve: listening on http://{host}:{port} (tier: {tier or 'by trust'}; "
+          f"tenant policy: {rules})", file=sys.stderr, flush=True)  # fmt: skip
+    asyncio.run(serve(host, port, tier, policy))
     print("moat serve: stopped; every sandbox was killed", file=sys.stderr, flush=True)
