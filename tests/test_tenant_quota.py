@@ -247,3 +247,16 @@ async def test_state_dir_file_is_read_and_a_named_missing_file_fails(tmp_path: P
         load_tenants(tmp_path / "nope.toml")
     (tmp_path / "t.toml").write_text("[default.quotas]\nsandboxes = 4\n")
     assert load_tenants(tmp_path / "t.toml").default.quotas.sandboxes == 4
+
+
+async def test_wire_mappings_of_a_quota_error() -> None:
+    from connectrpc.code import Code
+
+    from moat.server import rpc, wire
+
+    exc = QuotaExceededError("at quota", retry_after=2.2)
+    reply = wire.moat_error(exc)
+    assert reply.status_code == 429 and reply.headers["retry-after"] == "3"
+    assert reply.body == b'{"code":429,"message":"at quota"}'
+    assert wire.moat_error(QuotaExceededError("x")).headers["retry-after"] == "1"
+    assert rpc.connect_error(exc).code is Code.RESOURCE_EXHAUSTED
