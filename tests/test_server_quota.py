@@ -23,7 +23,9 @@ from tests.server_support import MOAT, Server, new_key, serving, tenant_name
 
 pytestmark = [pytest.mark.container, pytest.mark.slow]
 
-_ROLES = ("two", "race", "rate", "mem", "cpu", "picky", "egress", "floor", "free", "short")
+_ROLES = (
+    "two", "race", "rate", "mem", "cpu", "picky", "egress", "floor", "free", "short", "gv",
+)  # fmt: skip
 
 _PROFILES = """
 [profiles.noguard]
@@ -53,6 +55,9 @@ egress = {{ allow_out = ["pypi.org", "*.pythonhosted.org"] }}
 guard_floor = "redact"
 [tenants.{t["short"]}]
 quotas = {{ sandboxes = 1 }}
+[tenants.{t["gv"]}]
+allowed_tiers = ["container", "gvisor"]
+default_tier = "gvisor"
 """
 
 
@@ -198,6 +203,23 @@ def test_tier_not_allowed_is_refused_and_leaves_nothing(ctx: Ctx) -> None:
     r = _create(ctx, "picky")
     assert r.status_code == 400 and "not allowed for this tenant" in r.json()["message"]
     assert _running(ctx, "picky") == []
+
+
+@pytest.mark.gvisor
+def test_the_tenants_default_tier_wins_over_the_servers(ctx: Ctx) -> None:
+    require_tier("gvisor")
+    probe = "import platform; platform.release()"  # gVisor reports its own kernel, 4.4.0
+    sbx = Sandbox.create(api_key=ctx.keys["gv"], timeout=60)  # the server's --tier: container
+    try:
+        gv = sbx.run_code(probe).text
+    finally:
+        sbx.kill()
+    ref = Sandbox.create(api_key=ctx.keys["free"], timeout=60)  # no default: the server's
+    try:
+        host = ref.run_code(probe).text
+    finally:
+        ref.kill()
+    assert gv == "'4.4.0'" and host != gv, (gv, host)
 
 
 def test_egress_beyond_the_ceiling_on_create_and_put_network(ctx: Ctx) -> None:

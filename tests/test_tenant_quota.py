@@ -22,6 +22,8 @@ from moat.engine.tenants import Quotas, load_tenants, parse_tenants
 from moat.errors import PolicyError, QuotaExceededError, SandboxDiedError
 from moat.model import SandboxConfig
 from moat.runtime.spec import SandboxSpec
+from moat.sdk.async_ import AsyncSandbox
+from moat.testing import local_transport
 from moat.testing.fake import FakeProcess, FakeRuntime
 
 pytestmark = pytest.mark.asyncio
@@ -39,6 +41,9 @@ allowed_tiers = ["gvisor", "microvm"]
 default_tier = "gvisor"
 guard_floor = "redact"
 egress = { allow_out = ["pypi.org", "*.pythonhosted.org"] }
+[tenants.gvonly]
+allowed_tiers = ["gvisor"]
+default_tier = "gvisor"
 """
 
 
@@ -179,6 +184,13 @@ async def test_tiers_not_allowed_are_refused_and_nothing_starts(door: FrontDoor)
     assert door.default_tier("picky") == "gvisor"
     assert door.default_tier("anyone") is None
     await door.create("picky", FrontDoor.resolve(isolation="gvisor"))  # positive control
+
+
+async def test_the_embedded_sdk_gets_the_tenants_default_tier(door: FrontDoor) -> None:
+    sbx = await AsyncSandbox.create(transport=local_transport(door, "gvonly"))  # no tier named
+    await sbx.kill()
+    with pytest.raises(PolicyError, match="'microvm' is not allowed"):  # naming one: checked
+        await AsyncSandbox.create(transport=local_transport(door, "gvonly"), trust="untrusted")
 
 
 async def test_guard_floor_refuses_weaker_modes(door: FrontDoor) -> None:
