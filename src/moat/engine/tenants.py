@@ -37,7 +37,6 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
 
 from moat.egress.policy import DEFAULT_PORTS, HostPattern, NetworkPolicy
 from moat.errors import InvalidArgumentError, PolicyError
@@ -252,20 +251,3 @@ def _egress(ctx: Context, path: _Path, value: object) -> EgressCeiling:
     if not isinstance(internet, bool):
         ctx.fail((*path, "internet_access"), f"must be a boolean, not {type_name(internet)}")
     return EgressCeiling(tuple(patterns), internet)
-
-
-def describe(policy: TenantPolicy) -> dict[str, Any]:
-    """A tenant's policy as plain data (logs, ``moat serve``'s start line)."""
-    q = policy.quotas
-    return {
-        "quotas": {k: getattr(q, k) for k in _QUOTA_KEYS if getattr(q, k) is not None},
-        "allowed_tiers": list(policy.allowed_tiers) if policy.allowed_tiers else None,
-        "default_tier": policy.default_tier,
-        "guard_floor": policy.guard_floor,
-        "egress": None
-        if policy.egress is None
-        else {
-            "allow_out": [str(p) for p in policy.egress.allow_out],
-            "internet_access": policy.egress.internet_access,
-        },
-    }

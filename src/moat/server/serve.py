@@ -90,6 +90,7 @@ class _Server(uvicorn.Server):
 
 def main(host: str, port: int, tier: str | None, policy_file: str | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="moat serve: %(message)s")
+    policy_file = policy_file or None  # an empty $MOAT_TENANTS_FILE is unset
     try:  # a bad policy file stops the start (invariant 7: never "no limits" by mistake)
         policy = load_tenants(policy_file)
     except SandboxError as exc:
