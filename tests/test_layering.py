@@ -156,6 +156,7 @@ def test_public_names() -> None:
         "LeakBlockedError", "Execution", "Result", "Logs", "ExecutionError", "CommandResult",
         "CommandHandle", "AsyncCommandHandle", "EntryInfo", "SandboxInfo", "Context",
         "ProcessInfo", "SandboxConfig", "GatewayConfig", "AuditUnavailableError",
+        "QuotaExceededError",
     }  # fmt: skip
     assert set(moat.__all__) == readme == set(moat._EXPORTS)
     assert moat.__all__ == sorted(moat.__all__)

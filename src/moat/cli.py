@@ -247,11 +247,20 @@ def _table(rows: list[dict[str, Any]]) -> list[str]:
     default=None,
     help="Tier of sandboxes made from E2B's templates ($MOAT_SERVE_TIER; default: by trust).",
 )
-def serve(host: str, port: int, tier: str | None) -> None:
+@click.option(
+    "--policy",
+    "policy_file",
+    type=click.Path(dir_okay=False),
+    envvar="MOAT_TENANTS_FILE",
+    default=None,
+    help="Tenant policy file: quotas, tiers, egress ceiling, guard floor "
+    "($MOAT_TENANTS_FILE; default: <state dir>/tenants.toml if it exists; docs/server.md).",
+)
+def serve(host: str, port: int, tier: str | None, policy_file: str | None) -> None:
     """Serve E2B's wire on HOST:PORT for the unmodified E2B SDKs (keys: ``moat keys``)."""
     from moat.server.serve import main as serve_main
 
-    serve_main(host, port, tier)
+    serve_main(host, port, tier, policy_file)
 
 
 # -- keys ----------------------------------------------------------------------------------

@@ -7,6 +7,7 @@
     ├── NotFoundError                 no such sandbox, context, process or file
     ├── IsolationUnavailableError     the asked-for tier can't run on this host (never downgraded)
     ├── PolicyError                   a policy can't be enforced or isn't supported
+    ├── QuotaExceededError            the tenant is at a quota (carries retry_after seconds)
     ├── InvalidArgumentError          bad input at an SDK / API boundary
     ├── DiskFullError                 the sandbox's disk (or its inodes) ran out during a write
     ├── CommandExitError              a command exited non-zero (carries exit_code, stdout, stderr)
@@ -14,8 +15,7 @@
     ├── LeakBlockedError              the guard blocked output in "block" mode (carries no content)
     ├── AuditUnavailableError         the audit store can't record: no new sandbox starts
     ├── PortNotOpenError              ingress: nothing listens on that port in the sandbox
-    ├── AuthenticationError           a server refused the API key (missing, unknown, revoked)
-    └── QuotaExceededError            a server's quota refused the call (carries retry_after)
+    └── AuthenticationError           a server refused the API key (missing, unknown, revoked)
 
 Messages are safe to show a model (DESIGN invariant 8): no host paths, host user names or
 host tracebacks. Foreign exceptions are translated where they are caught with
@@ -73,6 +73,16 @@ class PolicyError(SandboxError):
     """A policy (network, secrets, limits, mounts) is invalid, unsupported or unenforceable."""
 
 
+class QuotaExceededError(SandboxError):
+    """The tenant is at one of its quotas (running sandboxes, memory, CPUs, creates per
+    minute; invariant 11). ``retry_after``: seconds after which the same request may pass
+    (None when nothing but the tenant's own action frees room)."""
+
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 class InvalidArgumentError(SandboxError, ValueError):
     """Bad input at a boundary: wrong type, out of range, too large."""
 
@@ -127,12 +137,3 @@ class PortNotOpenError(SandboxError):
 
 class AuthenticationError(SandboxError):
     """A ``moat serve`` refused the caller's API key (missing, unknown or revoked): HTTP 401."""
-
-
-class QuotaExceededError(SandboxError):
-    """A tenant's quota refused the call (HTTP 429). ``retry_after`` is the server's
-    ``Retry-After`` in seconds, when it gave one."""
-
-    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after

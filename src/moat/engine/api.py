@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from typing import IO, Any, Literal
 
 from moat.egress import GatewayConfig, NetworkPolicy, Secret
+from moat.engine import admission
 from moat.engine.auditview import OfflineScrub, guard_rows, sandbox_audit
 from moat.engine.engine import DEFAULT_TENANT, Engine, default_engine
 from moat.engine.output import off_loop
@@ -30,8 +31,15 @@ from moat.engine.resolve import (
     validate_config,
 )
 from moat.engine.session import Session, ended_error, file_chunks
+from moat.engine.tenants import TenantPolicies, load_tenants
 from moat.engine.watching import WatchStream
-from moat.errors import InvalidArgumentError, NotFoundError, PolicyError, SandboxError
+from moat.errors import (
+    InvalidArgumentError,
+    NotFoundError,
+    PolicyError,
+    QuotaExceededError,
+    SandboxError,
+)
 from moat.guard import Guard, GuardBudgetError, GuardPolicy
 from moat.model import (
     LANGUAGES,
@@ -65,9 +73,11 @@ __all__ = [
     "GuardPolicy",
     "NetworkPolicy",
     "Secret",
+    "TenantPolicies",
     "WatchStream",
     "file_chunks",
     "kill_everything",
+    "load_tenants",
 ]
 
 #: What this engine can do for every tier.
@@ -148,10 +158,16 @@ class CommandStream:
 
 
 class FrontDoor:
-    """The engine API. One per engine; every method takes the caller's tenant first."""
+    """The engine API. One per engine; every method takes the caller's tenant first.
 
-    def __init__(self, engine: Engine | None = None) -> None:
+    ``policy``: the tenants' quotas and limits (``moat.engine.tenants``); default: the state
+    dir's ``tenants.toml`` when there is one, else none (no limits)."""
+
+    def __init__(self, engine: Engine | None = None, policy: TenantPolicies | None = None) -> None:
         self.engine = engine or default_engine()
+        if policy is not None and not isinstance(policy, TenantPolicies):
+            raise InvalidArgumentError("policy must be a TenantPolicies")
+        self.policy = load_tenants() if policy is None else policy
 
     # -- configuration ------------------------------------------------------------------
 
@@ -159,6 +175,11 @@ class FrontDoor:
     def resolve(**kwargs: Any) -> SandboxConfig:
         """Caller input (keyword arguments of ``Sandbox.create``, or a profile) -> config."""
         return resolve(**kwargs)
+
+    def default_tier(self, tenant: str) -> str | None:
+        """The tier the tenant's policy gives a request that names none (None: not set)."""
+        _tenant(tenant)
+        return self.policy.of(tenant).default_tier
 
     def capabilities(self) -> frozenset[str]:
         return CAPABILITIES
@@ -180,15 +201,29 @@ class FrontDoor:
         _tenant(tenant)
         cfg = validate_config(config)
         brokered = secrets_of(cfg, secrets or {})
+        known = sensitive_values(sensitive)
         if gateway_config is not None and not isinstance(gateway_config, GatewayConfig):
             raise InvalidArgumentError("gateway_config must be a GatewayConfig")
-        session = await self.engine.create(
-            cfg,
-            tenant=tenant,
-            secrets=brokered,
-            sensitive=sensitive_values(sensitive),
-            gateway_config=gateway_config,
-        )
+        policy = self.policy.of(tenant)
+        admission.check_config(policy, cfg)
+        ledger = self.engine.quota
+        try:  # checked and held at once, before any await (two racing creates: one slot)
+            token = ledger.reserve(tenant, policy.quotas, cfg.limits.cpus, cfg.limits.memory_mb)
+        except QuotaExceededError as exc:
+            if exc.retry_after is None:
+                exc.retry_after = admission.retry_after(self._end_ats(tenant))
+            raise
+        try:
+            session = await self.engine.create(
+                cfg, tenant=tenant, secrets=brokered, sensitive=known,
+                gateway_config=gateway_config,
+            )  # fmt: skip
+        except BaseException:  # failed or cancelled start: its room is free again
+            ledger.release(token)
+            raise
+        ledger.bind(token, session.id)
+        if self.engine.get(session.id) is None:  # it ended already: the end freed nothing
+            ledger.release_sandbox(session.id)
         return session.info()
 
     async def kill(self, tenant: str, sandbox_id: str) -> bool:
@@ -292,6 +327,7 @@ class FrontDoor:
             policy = network_policy(network)
         else:
             policy = NetworkPolicy.parse(network)
+        admission.check_network(self.policy.of(tenant), policy)  # the tenant's ceiling
         await session.update_network(policy)
 
     async def audit(
@@ -532,6 +568,10 @@ class FrontDoor:
         return WatchStream(session, watch, path, include_entry)
 
     # -- lookups ----------------------------------------------------------------------
+
+    def _end_ats(self, tenant: str) -> list[Any]:
+        with self.engine._mu:
+            return [s.end_at for s in self.engine.sessions.values() if s.tenant == tenant]
 
     def _find(self, tenant: str, sandbox_id: str) -> Session | tuple[str, str, SandboxInfo]:
         """The tenant's live session, or the record of its ended one (invariant 11: another

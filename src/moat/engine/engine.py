@@ -15,6 +15,7 @@ from typing import Any
 from moat.egress import Gateway, GatewayConfig, Secret, proxy_env
 from moat.engine.guardhook import make_guard
 from moat.engine.pool import WarmPool, parse_pool, poolable
+from moat.engine.quota import Ledger
 from moat.engine.resolve import guard_policy, network_policy
 from moat.engine.session import Session
 from moat.engine.tiers import TIERS, require, runtime_for
@@ -64,6 +65,8 @@ class Engine:
         self._ending: set[int] = set()  # loops whose sandboxes are being ended
         #: called with a sandbox's id once it has ended, however it ended (``on_ended``)
         self._end_listeners: list[Callable[[str], None]] = []
+        #: per-tenant quota reservations of this engine's sandboxes (every front door's)
+        self.quota = Ledger()
 
     def new_id(self) -> str:
         return "sbx-" + secrets.token_hex(8)
@@ -299,6 +302,7 @@ class Engine:
                 listener(session.id)
             except Exception:  # one face's bookkeeping must not stop a kill
                 log.exception("end listener failed for %s", session.id)
+        self.quota.release_sandbox(session.id)  # any end: kill, timeout, death, failed start
 
     def get(self, sandbox_id: str) -> Session | None:
         with self._mu:

@@ -105,8 +105,10 @@ def control_app(state: ServerState) -> Starlette:
         }
         if body.template_id not in wire.DEFAULT_TEMPLATES:
             kwargs["profile"] = body.template_id  # a moat profile name is a template too
-        if state.tier is not None and "profile" not in kwargs:
-            kwargs["isolation"] = state.tier
+        if "profile" not in kwargs:  # the tenant's default tier, else the server's
+            tier = front.default_tier(tenant) or state.tier
+            if tier is not None:
+                kwargs["isolation"] = tier
         try:
             config = front.resolve(**kwargs)
         except NotFoundError:

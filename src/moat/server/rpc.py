@@ -54,6 +54,7 @@ from moat.errors import (
     LeakBlockedError,
     NotFoundError,
     PolicyError,
+    QuotaExceededError,
     SandboxDiedError,
     SandboxError,
     TimeoutError,
@@ -142,6 +143,8 @@ def connect_error(exc: SandboxError) -> ConnectError:
     elif isinstance(exc, PolicyError):
         lacks = "lacks the capability" in str(exc)
         code = Code.UNIMPLEMENTED if lacks else Code.PERMISSION_DENIED
+    elif isinstance(exc, QuotaExceededError):
+        code = Code.RESOURCE_EXHAUSTED
     elif isinstance(exc, TimeoutError):
         code = Code.DEADLINE_EXCEEDED
     elif isinstance(exc, (SandboxDiedError, IsolationUnavailableError)):

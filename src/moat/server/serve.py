@@ -22,8 +22,8 @@ from collections.abc import Iterator
 
 import uvicorn
 
-from moat.engine.api import FrontDoor, kill_everything
-from moat.errors import InvalidArgumentError
+from moat.engine.api import FrontDoor, TenantPolicies, kill_everything, load_tenants
+from moat.errors import InvalidArgumentError, SandboxError
 from moat.server.app import ServerState, make_app
 from moat.store.keys import KeyStore
 
@@ -64,9 +64,11 @@ def log_level() -> str:
     return level
 
 
-async def serve(host: str, port: int, tier: str | None) -> None:
+async def serve(
+    host: str, port: int, tier: str | None, policy: TenantPolicies | None = None
+) -> None:
     """Serve until a signal; then kill every sandbox this server started."""
-    front = FrontDoor()
+    front = FrontDoor(policy=policy or TenantPolicies())
     keys = KeyStore()
     # Ingress host names (get_host): <port>-<sandbox id>.<domain>; under localhost by default,
     # which browsers and curl resolve to loopback without any DNS setup.
@@ -123,15 +125,22 @@ class _Server(uvicorn.Server):
         await super().shutdown(sockets)
 
 
-def main(host: str, port: int, tier: str | None) -> None:
+def main(host: str, port: int, tier: str | None, policy_file: str | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="moat serve: %(message)s")
     try:
         log_level()  # a bad setting fails before anything starts
     except InvalidArgumentError as exc:
         print(f"moat serve: {exc}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
+    policy_file = policy_file or None  # an empty $MOAT_TENANTS_FILE is unset
+    try:  # a bad policy file stops the start (invariant 7: never "no limits" by mistake)
+        policy = load_tenants(policy_file)
+    except SandboxError as exc:
+        print(f"moat serve: bad tenant policy: {exc}", file=sys.stderr, flush=True)
+        sys.exit(2)
     warn_if_exposed(host)
-    print(f"moat serve: listening on http://{host}:{port} (tier: {tier or 'by trust'})",
-          file=sys.stderr, flush=True)  # fmt: skip
-    asyncio.run(serve(host, port, tier))
+    rules = "none" if policy == TenantPolicies() else policy_file or "<state dir>/tenants.toml"
+    print(f"moat serve: listening on http://{host}:{port} (tier: {tier or 'by trust'}; "
+          f"tenant policy: {rules})", file=sys.stderr, flush=True)  # fmt: skip
+    asyncio.run(serve(host, port, tier, policy))
     print("moat serve: stopped; every sandbox was killed", file=sys.stderr, flush=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import math
 from collections.abc import Mapping
 from typing import Any, Protocol, TypeVar
 
@@ -23,6 +24,7 @@ from moat.errors import (
     LeakBlockedError,
     NotFoundError,
     PolicyError,
+    QuotaExceededError,
     SandboxDiedError,
     SandboxError,
     TimeoutError,
@@ -173,6 +175,8 @@ def status_of(exc: SandboxError) -> int:
         return 404
     if isinstance(exc, LeakBlockedError):
         return 403
+    if isinstance(exc, QuotaExceededError):
+        return 429  # the SDKs raise RateLimitException
     if isinstance(exc, PolicyError):
         return 501 if "lacks the capability" in str(exc) else 400
     if isinstance(exc, (IsolationUnavailableError, AuditUnavailableError)):
@@ -192,6 +196,9 @@ def moat_error(exc: SandboxError) -> Response:
     status = status_of(exc)
     headers = {"Should-Retry": "false"} if status in (502, 503, 504) else {}
     headers[ERROR_HEADER] = json.dumps(error_fields(exc), ensure_ascii=True)
+    if isinstance(exc, QuotaExceededError):  # always a Retry-After (whole seconds, >= 1)
+        wait = exc.retry_after if exc.retry_after is not None else 1.0
+        headers["Retry-After"] = str(max(1, math.ceil(wait)))
     return error(status, str(exc), headers)
 
 

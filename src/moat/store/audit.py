@@ -65,7 +65,8 @@ CREATE TABLE IF NOT EXISTS events (
     result TEXT, reason TEXT,
     bytes_up INTEGER, bytes_down INTEGER, secret TEXT,
     language TEXT, code_sha256 TEXT, duration_ms INTEGER, error_name TEXT,
-    label TEXT, channel TEXT, canary TEXT, tier TEXT, count INTEGER, last_ts REAL
+    label TEXT, channel TEXT, canary TEXT, tier TEXT, count INTEGER, last_ts REAL,
+    tenant TEXT
 );
 CREATE INDEX IF NOT EXISTS events_sandbox ON events (sandbox_id, id);
 CREATE INDEX IF NOT EXISTS events_ts ON events (ts);
@@ -73,9 +74,10 @@ CREATE INDEX IF NOT EXISTS events_ts ON events (ts);
 _COLUMNS = (
     "id", "ts", "kind", "sandbox_id", "method", "host", "port", "resolved_ip", "result",
     "reason", "bytes_up", "bytes_down", "secret", "language", "code_sha256", "duration_ms",
-    "error_name", "label", "channel", "canary", "tier", "count", "last_ts",
+    "error_name", "label", "channel", "canary", "tier", "count", "last_ts", "tenant",
 )  # fmt: skip
-_ADDED = {"tier": "TEXT", "count": "INTEGER", "last_ts": "REAL"}  # columns of later versions
+#: Columns of later versions, added to an older store when it is opened (additive only).
+_ADDED = {"tier": "TEXT", "count": "INTEGER", "last_ts": "REAL", "tenant": "TEXT"}
 KINDS = frozenset({"egress", "exec", "finding", "sandbox", "audit_dropped", "ingress"})
 #: Sandboxes whose rate and aggregation state is kept (oldest forgotten beyond).
 MAX_SANDBOXES = 10_000
@@ -137,6 +139,8 @@ class AuditLog:
         self._sandboxes: collections.OrderedDict[str, _Sandbox] = collections.OrderedDict()
         self._pending: dict[tuple[Any, ...], list[Any]] = {}  # key -> [count, row, first ts]
         self._scrubbers: dict[str, Callable[[], Scrubber | None]] = {}
+        #: sandbox id -> its tenant (from its ``created`` row): stamped on each of its rows
+        self._tenants: collections.OrderedDict[str, str] = collections.OrderedDict()
         self._tickets = itertools.count(1)
         self._closed = False
         self._ops: queue.SimpleQueue[Op] = queue.SimpleQueue()
@@ -250,6 +254,8 @@ class AuditLog:
         st.since = now
 
     def _put(self, op: Op) -> None:
+        if op[0] == "row":  # under _mu: every row of a sandbox names its tenant (inv. 11)
+            self._stamp(op[1])
         if self._closed:
             log.warning("audit: a row after close (or fork) was not written (%s)", op[0])
             return
@@ -261,6 +267,7 @@ class AuditLog:
         if pending is not None:
             pending[0] += n
             return
+        self._stamp(row)
         self._pending[key] = [n, row, time.time()]
         self._put(("agg", key, None))
 
@@ -269,6 +276,11 @@ class AuditLog:
         with self._mu:
             pending = self._pending.pop(key, None)
         return None if pending is None else (pending[0], pending[1], pending[2])
+
+    def _stamp(self, row: dict[str, Any]) -> None:
+        tenant = self._tenants.get(str(row.get("sandbox_id")))
+        if tenant is not None and "tenant" not in row:
+            row["tenant"] = tenant
 
     def _drop(self, sandbox_id: str, st: _Sandbox, kind: str) -> None:
         """Under ``_mu``: one rate-limited row, counted in the call's audit_dropped row."""
@@ -402,10 +414,16 @@ class AuditLog:
             self._next_call(self._state(sandbox_id, now), now)
 
     def record_sandbox(
-        self, sandbox_id: str, event: str, tier: str, reason: str | None = None
+        self,
+        sandbox_id: str,
+        event: str,
+        tier: str,
+        reason: str | None = None,
+        tenant: str | None = None,
     ) -> None:
         """A sandbox's life: ``created`` / ``ended`` on the tier actually used (never
-        rate-limited: two rows per sandbox)."""
+        rate-limited: two rows per sandbox). ``tenant`` (at ``created``) is recorded on this
+        and every later row of the sandbox."""
         row = {
             "ts": time.time(),
             "kind": "sandbox",
@@ -415,8 +433,13 @@ class AuditLog:
             "reason": inert(self._scrub(sandbox_id, reason), "reason"),
         }
         with self._mu:
+            if tenant is not None:
+                self._tenants[sandbox_id] = inert(tenant, "tenant") or ""
+                while len(self._tenants) > MAX_SANDBOXES:
+                    self._tenants.popitem(last=False)
             self._put(("row", row, None))
             if event == "ended":
+                self._tenants.pop(sandbox_id, None)
                 self._scrubbers.pop(sandbox_id, None)
                 self._sandboxes.pop(sandbox_id, None)
                 self._put(("forget", sandbox_id, None))
@@ -469,6 +492,7 @@ class AuditLog:
         denied_only: bool = False,
         kind: str | None = None,
         limit: int = 1000,
+        tenant: str | None = None,
     ) -> list[dict[str, Any]]:
         """Rows, newest first, as dicts with None-valued columns left out (after what was
         recorded before the call is written). Blocking: call it off an event loop."""
@@ -491,6 +515,9 @@ class AuditLog:
         if kind is not None:
             where.append("kind = ?")
             args.append(kind)
+        if tenant is not None:
+            where.append("tenant = ?")
+            args.append(tenant)
         # columns are fixed and named (a store migrated by ALTER has them in another order)
         sql = f"SELECT {', '.join(_COLUMNS)} FROM events"  # noqa: S608 - our column names
         if where:

@@ -127,7 +127,7 @@ class Session(CodeCalls, CommandCalls, FileCalls, WatchCalls):
         if record is None:
             return
         try:
-            record(self.id, event, self.spec.tier, reason)
+            record(self.id, event, self.spec.tier, reason, tenant=self.tenant)
         except Exception:
             log.exception("audit write failed")
 

@@ -24,6 +24,10 @@ class LocalTransport(Transport):
         secrets: Mapping[str, Secret] | None = options.get("secrets")
         sensitive = options.pop("sensitive", None)
         gateway_config = options.pop("gateway_config", None)
+        if all(options.get(k) is None for k in ("isolation", "trust", "profile")):
+            tier = self.front_door.default_tier(self.tenant)  # the tenant policy's default
+            if tier is not None:
+                options["isolation"] = tier
         config = self.front_door.resolve(**options)  # validates secrets (refs) too
         values = {name: s.value for name, s in (secrets or {}).items()}
         return await self.front_door.create(
