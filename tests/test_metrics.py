@@ -8,7 +8,10 @@ write a file the container tier's host-side disk figure must see.
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -206,3 +209,28 @@ def test_e2b_sdk_gets_metrics_in_range_and_tenants_are_separate(server: str) -> 
         assert bad.status_code == 400 and "unix time" in bad.json()["message"]
     finally:
         sbx.kill()
+
+
+def test_moat_sdk_over_http_and_moat_ps(server: str) -> None:
+    key = new_key(tenant_name("ps"))
+    with Sandbox.create(api_url=server, api_key=key, timeout=60) as sbx:
+        samples = _wait(sbx, 1)
+        assert samples[0].mem_used > 0 and samples[0].disk_used is not None
+        env = {**os.environ, "MOAT_API_URL": server, "MOAT_API_KEY": key}
+        out = subprocess.run(
+            [sys.executable, "-m", "moat.cli", "ps", "--json"],
+            capture_output=True, text=True, timeout=60, env=env, check=True,
+        )  # fmt: skip
+        (row,) = json.loads(out.stdout)
+        assert row["sandbox_id"] == sbx.sandbox_id and row["tier"] == "container"
+        assert row["mem_used"] > 0 and row["age_s"] >= 0 and row["cpu_pct"] is not None
+        table = subprocess.run(
+            [sys.executable, "-m", "moat.cli", "ps"],
+            capture_output=True, text=True, timeout=60, env=env, check=True,
+        ).stdout  # fmt: skip
+        assert sbx.sandbox_id in table and "container" in table and "MiB" in table
+    # Another tenant's key lists nothing of it.
+    env = {**os.environ, "MOAT_API_URL": server, "MOAT_API_KEY": new_key(tenant_name("ps2"))}
+    cmd = [sys.executable, "-m", "moat.cli", "ps", "--json"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=env, check=True)
+    assert json.loads(out.stdout) == []

@@ -263,6 +263,68 @@ def serve(host: str, port: int, tier: str | None, policy_file: str | None) -> No
     serve_main(host, port, tier, policy_file)
 
 
+@main.command()
+@click.option("--api-url", envvar="MOAT_API_URL", help="The moat serve to ask ($MOAT_API_URL).")
+@click.option("--api-key", envvar="MOAT_API_KEY", help="The tenant's key ($MOAT_API_KEY).")
+@click.option("--json", "as_json", is_flag=True, help="JSON (a list of objects), not a table.")
+def ps(api_url: str | None, api_key: str | None, as_json: bool) -> None:
+    """The running sandboxes of the key's tenant on a moat serve: tier, age, CPU, memory."""
+    import asyncio
+
+    from moat.sdk.transport.http import HttpTransport
+
+    async def gather() -> list[dict[str, Any]]:
+        transport = HttpTransport(api_url, api_key)
+        try:
+            rows = []
+            for info in await transport.list_sandboxes():
+                try:
+                    samples = await transport.metrics(info.sandbox_id, None, None)
+                except SandboxError:  # ended meanwhile
+                    continue
+                last = samples[-1] if samples else None
+                rows.append(
+                    {
+                        "sandbox_id": info.sandbox_id,
+                        "tier": info.tier,
+                        "template": info.template,
+                        "started_at": info.started_at.isoformat(),
+                        "age_s": round((dt.datetime.now(dt.UTC) - info.started_at).total_seconds()),
+                        "cpu_pct": last.cpu_used_pct if last else None,
+                        "cpus": last.cpu_count if last else None,
+                        "mem_used": last.mem_used if last else None,
+                        "mem_total": last.mem_total if last else None,
+                        "metadata": dict(info.metadata),
+                    }
+                )
+            return rows
+        finally:
+            await transport.aclose()
+
+    try:
+        rows = asyncio.run(gather())
+    except SandboxError as exc:
+        raise click.ClickException(str(exc)) from None
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    click.echo(f"{'SANDBOX':<22} {'TIER':<10} {'AGE':>7} {'CPU%':>6} {'MEMORY':>17}")
+    for r in rows:
+        cpu = "-" if r["cpu_pct"] is None else f"{r['cpu_pct']:.1f}"
+        mem = "-" if r["mem_used"] is None else f"{r['mem_used'] >> 20}/{r['mem_total'] >> 20} MiB"
+        click.echo(
+            f"{r['sandbox_id']:<22} {r['tier']:<10} {_age(r['age_s']):>7} {cpu:>6} {mem:>17}"
+        )
+
+
+def _age(seconds: int) -> str:
+    if seconds < 120:
+        return f"{seconds}s"
+    if seconds < 7200:
+        return f"{seconds // 60}m"
+    return f"{seconds // 3600}h"
+
+
 # -- keys ----------------------------------------------------------------------------------
 
 
