@@ -18,7 +18,16 @@ from moat.model.config import (
     SandboxConfig,
     SecretRef,
 )
-from moat.model.events import End, ErrorEvent, Event, Output, ResultEvent, Started
+from moat.model.events import (
+    End,
+    ErrorEvent,
+    Event,
+    Output,
+    PtyOutput,
+    PtySize,
+    ResultEvent,
+    Started,
+)
 from moat.model.results import (
     FORMATS,
     RESULT_KEYS,
@@ -82,6 +91,8 @@ __all__ = [
     "NetworkConfig",
     "Output",
     "ProcessInfo",
+    "PtyOutput",
+    "PtySize",
     "Result",
     "ResultEvent",
     "SandboxConfig",

@@ -34,6 +34,7 @@ from moat.model import (
     SandboxInfo,
 )
 from moat.model import validate as v
+from moat.sdk.pty import AsyncPty
 from moat.sdk.transport import CommandEvents, Transport
 
 if TYPE_CHECKING:  # names of the front door's request vocabulary, for annotations only
@@ -223,6 +224,7 @@ class AsyncSandbox:
         self._id = info.sandbox_id
         self.commands = AsyncCommands(transport, self._id)
         self.files = AsyncFiles(transport, self._id)
+        self.pty = AsyncPty(transport, self._id)
 
     @property
     def sandbox_id(self) -> str:

@@ -20,6 +20,7 @@ from moat.model import (
 )
 from moat.sdk._loop import loop_thread
 from moat.sdk.async_ import AsyncCommandHandle, AsyncCommands, AsyncFiles, AsyncSandbox
+from moat.sdk.pty_sync import Pty
 from moat.sdk.transport import Transport
 
 if TYPE_CHECKING:  # names of the front door's request vocabulary, for annotations only
@@ -176,6 +177,7 @@ class Sandbox:
         self._callbacks = _Callbacks()
         self.commands = Commands(inner.commands, self._callbacks)
         self.files = Files(inner.files)
+        self.pty = Pty(inner.pty, self._callbacks)
 
     @property
     def sandbox_id(self) -> str:

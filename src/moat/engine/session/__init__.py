@@ -17,9 +17,9 @@ from typing import Any
 from moat.egress import Gateway
 from moat.engine.client import AgentClient, Call
 from moat.engine.session.code import INTERRUPT_GRACE, CodeCalls
-from moat.engine.session.commands import CommandCalls
 from moat.engine.session.core import Audit, OutputGuard, SessionCore, ended_error
 from moat.engine.session.files import MAX_READ_BYTES, MAX_WRITE_BYTES, FileCalls, file_chunks
+from moat.engine.session.pty import PtyCalls
 from moat.engine.tunnels import Tunnels
 from moat.errors import PolicyError, SandboxError
 from moat.model import CA_BUNDLE_PATH, DEFAULT_MAX_OUTPUT, PROXY_PORT, SandboxInfo
@@ -46,7 +46,7 @@ log = logging.getLogger("moat.engine")
 START_TIMEOUT = 20.0
 
 
-class Session(CodeCalls, CommandCalls, FileCalls):
+class Session(CodeCalls, PtyCalls, FileCalls):
     """A live sandbox. All methods are coroutines on the engine's loop.
 
     Its verbs live in their own modules (code and contexts, commands, files) over one core

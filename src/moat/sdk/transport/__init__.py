@@ -12,7 +12,8 @@ import abc
 from collections.abc import AsyncIterator, Mapping
 from typing import IO, Any, Literal, Protocol
 
-from moat.model import Context, EntryInfo, Event, ProcessInfo, SandboxInfo
+from moat.errors import PolicyError
+from moat.model import Context, EntryInfo, Event, ProcessInfo, PtySize, SandboxInfo
 
 __all__ = ["CommandEvents", "Transport"]
 
@@ -130,3 +131,21 @@ class Transport(abc.ABC):
 
     @abc.abstractmethod
     async def make_dir(self, sandbox_id: str, path: str) -> bool: ...
+
+    # Terminals: not abstract, so a transport without them still loads (and says so).
+
+    async def start_pty(
+        self,
+        sandbox_id: str,
+        size: PtySize,
+        cmd: str | None,
+        envs: Mapping[str, str] | None,
+        cwd: str | None,
+    ) -> CommandEvents:
+        raise PolicyError("this transport lacks the capability 'pty.create' (not supported yet)")
+
+    async def send_pty_input(self, sandbox_id: str, pid: int, data: bytes) -> None:
+        raise PolicyError("this transport lacks the capability 'pty.input' (not supported yet)")
+
+    async def resize_pty(self, sandbox_id: str, pid: int, size: PtySize) -> None:
+        raise PolicyError("this transport lacks the capability 'pty.resize' (not supported yet)")
