@@ -40,6 +40,8 @@ class Command:
         self.master: int | None = None
         self.pending = bytearray()
         self.is_pty = False
+        #: the slave, kept where the agent raises the terminal's signals (pty.kernel_signals)
+        self.slave: int | None = None
 
 
 class Commands:
@@ -98,11 +100,13 @@ class Commands:
             self.ch.fail(rid, "io", f"could not start the command: {exc.strerror}")
             return
         finally:
-            if slave is not None:
+            if slave is not None and pty.kernel_signals():
                 os.close(slave)  # the command holds it; EIO on the master once it is gone
+                slave = None
         oom_first(proc.pid)
         command = Command(proc, cmd, rid, as_exec)
         command.master = master
+        command.slave = slave
         command.is_pty = master is not None
         with self.mu:
             self.items[proc.pid] = command
@@ -160,7 +164,10 @@ class Commands:
             with self.mu:
                 c.master = None
                 c.pending.clear()
+                slave, c.slave = c.slave, None
             os.close(fd)
+            if slave is not None:
+                os.close(slave)
 
     def _pump_pipes(self, c: Command) -> None:
         proc = c.proc
@@ -263,11 +270,28 @@ class Commands:
         own byte (0x04), not a close."""
         if len(c.pending) + len(data) > pty.MAX_PENDING:
             return False
+        chars = pty.signal_chars(c.slave) if c.slave is not None else {}
+        start = 0
+        for i, byte in enumerate(data):
+            sig = chars.get(byte)
+            if sig is None:
+                continue
+            # The kernel does not raise it (gVisor): the agent does (moat.agent.pty).
+            self._write_pty(c, fd, data[start:i])
+            start = i + 1
+            try:
+                os.killpg(pty.foreground_guess(c.proc.pid), sig)
+            except (ProcessLookupError, PermissionError):
+                pass
+        self._write_pty(c, fd, data[start:])
+        return True
+
+    @staticmethod
+    def _write_pty(c: Command, fd: int, data: bytes) -> None:
         if c.pending:
             c.pending += data
-        else:
+        elif data:
             c.pending += data[pty.write_some(fd, data) :]
-        return True
 
     def resize(self, pid: int, cols: int, rows: int) -> bool:
         with self.mu:
