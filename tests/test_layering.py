@@ -178,13 +178,15 @@ def _public(cls: type) -> dict[str, inspect.Signature | str]:
 
 
 def test_sync_sdk_has_the_async_signatures() -> None:
-    from moat.sdk import async_, sync
+    from moat.sdk import async_, pty, pty_sync, sync
 
     pairs = [
         (sync.Sandbox, async_.AsyncSandbox),
         (sync.Commands, async_.AsyncCommands),
         (sync.Files, async_.AsyncFiles),
         (sync.CommandHandle, async_.AsyncCommandHandle),
+        (pty_sync.Pty, pty.AsyncPty),
+        (pty_sync.PtyHandle, pty.AsyncPtyHandle),
     ]
     renamed = {"__enter__": "__aenter__", "__exit__": "__aexit__"}
     for s_cls, a_cls in pairs:

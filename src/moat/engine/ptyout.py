@@ -1,10 +1,12 @@
 """A PTY's output: raw bytes in, guarded bytes out (invariant 4), as fast as a terminal needs.
 
 Terminal output is bytes with escape sequences and UTF-8 split anywhere. It is decoded
-incrementally as UTF-8 with ``surrogateescape`` (a character split across chunks waits for
-its rest; a byte that is not UTF-8 becomes a lone surrogate), fed to the guard's stream for
-the ``pty`` channel, and encoded back the same way, so every byte the guard does not redact
-reaches the caller unchanged: only a redacted span becomes its marker.
+incrementally as UTF-8 (a character split across chunks waits for its rest), fed to the
+guard's stream for the ``pty`` channel, and encoded back, so every byte the guard does not
+redact reaches the caller unchanged: only a redacted span becomes its marker. A byte that is
+not UTF-8 becomes one character of the last 128 code points of plane 16 (private use; the
+guard's matchers take no lone surrogates), and a genuine character from that range is taken
+byte by byte the same way, so the mapping is one to one (:func:`decode`, :func:`encode`).
 
 The guard's stream holds back a window of characters until more output or an idle release
 (``moat.engine.output``, docs/guard.md). A terminal echoes keystrokes one by one, so the idle
@@ -25,16 +27,50 @@ from __future__ import annotations
 
 import asyncio
 import codecs
+import re
 from collections.abc import Awaitable, Callable
 
 from moat.engine.output import IDLE_RELEASE, StreamFilter, off_loop
 
-__all__ = ["FAST_RELEASE", "SMALL_CHUNK", "PtySink"]
+__all__ = ["FAST_RELEASE", "SMALL_CHUNK", "PtySink", "decode", "encode"]
 
 #: Idle release after a small chunk: a keystroke's echo is on screen after about this long.
 FAST_RELEASE = 0.005
 #: A chunk shorter than this (characters) is interactive output: released after FAST_RELEASE.
 SMALL_CHUNK = 1024
+
+
+#: Code point of the character that stands for byte b (0x80..0xff) that is not UTF-8.
+_ESCAPE = 0x10FF00
+_IN = re.compile("[\udc80-\udcff\U0010ff80-\U0010ffff]")
+_OUT = re.compile("([\U0010ff80-\U0010ffff]+)")
+
+
+def _escape(m: re.Match[str]) -> str:
+    c = m.group()
+    if c < "\ue000":  # a lone surrogate of surrogateescape: U+DC80 + byte
+        return chr(_ESCAPE + ord(c) - 0xDC00)
+    return "".join(chr(_ESCAPE + b) for b in c.encode("utf-8"))  # genuine: byte by byte
+
+
+def decode(text: str) -> str:
+    """Text from surrogateescape decoding, with every byte that was not UTF-8 (and every
+    genuine character of the escape range) as an escape character the guard can take."""
+    return _IN.sub(_escape, text) if _IN.search(text) else text
+
+
+def encode(text: str) -> bytes:
+    """The bytes ``decode`` stood for (markers and other text as UTF-8)."""
+    if not _OUT.search(text):
+        return text.encode("utf-8")
+    parts = _OUT.split(text)
+    out = bytearray()
+    for i, part in enumerate(parts):
+        if i % 2:
+            out += bytes(ord(c) - _ESCAPE for c in part)
+        else:
+            out += part.encode("utf-8")
+    return bytes(out)
 
 
 class PtySink:
@@ -53,7 +89,7 @@ class PtySink:
         async with self._lock:
             if self._finished:
                 return
-            text = self._decoder.decode(data)
+            text = decode(self._decoder.decode(data))
             await self._emit(await off_loop(len(text), self._filt.feed, text))
             delay = FAST_RELEASE if len(text) < SMALL_CHUNK else IDLE_RELEASE
         self._arm(delay)
@@ -90,7 +126,7 @@ class PtySink:
             if self._finished:
                 return
             self._finished = True
-            tail = self._decoder.decode(b"", final=True)
+            tail = decode(self._decoder.decode(b"", final=True))
             text = self._filt.feed(tail) if tail else ""
             text += await off_loop(self._filt.pending, self._filt.flush)
             await self._emit(text)
@@ -104,4 +140,4 @@ class PtySink:
 
     async def _emit(self, text: str) -> None:
         if text:
-            await self._deliver(text.encode("utf-8", "surrogateescape"))
+            await self._deliver(encode(text))
