@@ -35,7 +35,7 @@ from moat.engine.output import IDLE_RELEASE, StreamFilter, off_loop
 __all__ = ["FAST_RELEASE", "SMALL_CHUNK", "PtySink", "decode", "encode"]
 
 #: Idle release after a small chunk: a keystroke's echo is on screen after about this long.
-FAST_RELEASE = 0.005
+FAST_RELEASE = 0.002
 #: A chunk shorter than this (characters) is interactive output: released after FAST_RELEASE.
 SMALL_CHUNK = 1024
 

@@ -3,8 +3,10 @@
 Trust domain: caller. The local terminal goes into raw mode and its keystrokes travel as
 bytes to a pseudo-terminal the sandbox's agent allocated inside (``sbx.pty``; no terminal of
 the host is passed in: invariant 1); what comes back has passed the guard (invariant 4) and
-is written to stdout as is. The window's size follows the local one (SIGWINCH). The
-sandbox is killed when the shell ends.
+is written to stdout as is: like ssh, escape sequences reach the local terminal (choose a
+terminal that does not answer title queries). Input the terminal queued and nobody read is
+dropped on exit, so no reply the sandbox provoked is read by the host's shell. The window's
+size follows the local one (SIGWINCH). The sandbox is killed when the shell ends.
 """
 
 from __future__ import annotations
@@ -76,6 +78,9 @@ def interactive_shell(sbx: Any, cmd: str | None = None) -> int:
                 _type(handle, data, done)
     finally:
         if saved is not None:
+            # Replies the terminal typed to the sandbox's queries (title, colour, cursor
+            # reports) that nobody read must not reach the host's shell as its input.
+            termios.tcflush(stdin, termios.TCIFLUSH)
             termios.tcsetattr(stdin, termios.TCSADRAIN, saved)
         signal.signal(signal.SIGWINCH, old_winch)
         with contextlib.suppress(Exception):
