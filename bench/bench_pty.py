@@ -77,7 +77,6 @@ def embedded(tier: str, keys: int) -> None:
 def served(tier: str, keys: int) -> None:
     from e2b import Sandbox as E2BSandbox
     from e2b.sandbox.commands.command_handle import PtySize
-
     from tests.server_support import new_key, start_server, tenant_name
 
     log = Path(os.environ.get("TMPDIR", "/tmp")) / "bench-pty-serve.log"
