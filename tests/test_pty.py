@@ -267,3 +267,17 @@ def test_timeout_kills_the_terminal(csbx: Sandbox) -> None:
     with pytest.raises(Exception, match="timeout"):
         h.wait()
     assert _eventually(lambda: not _sandbox_pids("sleep 4245.53"))
+
+
+def test_input_nobody_reads_is_refused_not_buffered(csbx: Sandbox) -> None:
+    """A terminal whose program reads nothing: the agent queues at most 1 MiB of input for it
+    (then refuses), and the terminal stays usable (it can still be killed)."""
+    from moat.errors import SandboxError
+
+    screen = Screen()
+    h = csbx.pty.create(80, 24, on_data=screen, cmd="stty raw -echo; echo READY; sleep 60")
+    screen.wait_for(b"READY")
+    with pytest.raises(SandboxError, match="not reading"):
+        h.send_stdin(b"x" * (3 << 20))
+    assert h.kill() is True
+    assert csbx.commands.run("echo fine").stdout == "fine\n"

@@ -11,6 +11,7 @@ import time
 from moat.agent import pty, shield
 from moat.agent.channel import Channel
 from moat.agent.contexts import oom_first
+from moat.agent.files import FileError
 from moat.protocol import MsgType
 from moat.protocol.contract import HOME
 
@@ -269,7 +270,7 @@ class Commands:
         queued for the pump (never blocking the agent's dispatch). EOF is the terminal's
         own byte (0x04), not a close."""
         if len(c.pending) + len(data) > pty.MAX_PENDING:
-            return False
+            raise FileError("busy", "the terminal is not reading its input")
         chars = pty.signal_chars(c.slave) if c.slave is not None else {}
         start = 0
         for i, byte in enumerate(data):

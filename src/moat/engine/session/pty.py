@@ -7,8 +7,6 @@ the guard's ``pty`` stream before anyone sees it (``moat.engine.ptyout``; invari
 
 from __future__ import annotations
 
-import asyncio
-import builtins
 import contextlib
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -16,9 +14,9 @@ from typing import Any
 from moat.engine.client import Call
 from moat.engine.ptyout import PtySink
 from moat.engine.session.commands import CommandCalls
-from moat.errors import LeakBlockedError, SandboxDiedError, SandboxError
+from moat.errors import LeakBlockedError, SandboxError
 from moat.guard import GuardBudgetError
-from moat.protocol import CHUNK_SIZE, Frame, MsgType
+from moat.protocol import CHUNK_SIZE, MsgType
 
 
 class PtyCalls(CommandCalls):
@@ -51,26 +49,6 @@ class PtyCalls(CommandCalls):
             call.close()
             raise self._violation("started frame of another process")
         return call, frame.fields.get("pty") is True
-
-    async def _started_frame(self, call: Call) -> Frame:
-        """The STARTED frame first on ``call`` (see ``CommandCalls._started``)."""
-        try:
-            async with asyncio.timeout(30):
-                frame = await call.next()
-        except builtins.TimeoutError:
-            call.close()
-            await self.kill("died: the agent did not start a command")
-            raise SandboxDiedError("the sandbox's agent stopped answering") from None
-        except asyncio.CancelledError:
-            call.close()
-            raise
-        if frame.type is MsgType.FAIL:
-            call.close()
-            raise self._fail(frame)
-        if frame.type is not MsgType.STARTED:
-            call.close()
-            raise self._violation("expected a started frame")
-        return frame
 
     def pty_sink(self, deliver: Callable[[bytes], Awaitable[None]]) -> PtySink:
         return PtySink(self.guard.stream("pty"), deliver)
