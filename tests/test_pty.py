@@ -249,10 +249,11 @@ def test_env_cwd_and_refusals(csbx: Sandbox) -> None:
         on_data=screen,
         envs={"ABC": "x-123-y"},
         cwd="/tmp",
-        cmd='echo "$ABC $PWD $TERM $(id -un)"',
+        cmd='echo "$ABC $PWD $TERM $(id -un) $(tty) [$(ls /dev/pts | tr "\n" " ")]"',
     )
     h.wait()
-    assert b"x-123-y /tmp xterm-256color user" in screen.data
+    # the sandbox's own devpts instance: its one terminal, nothing of the host's (invariant 1)
+    assert b"x-123-y /tmp xterm-256color user /dev/pts/0 [0 ptmx ]" in screen.data
     with pytest.raises(PolicyError):
         csbx.pty.create(80, 24, user="root")
     with pytest.raises(InvalidArgumentError):
