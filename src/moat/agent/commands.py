@@ -80,14 +80,19 @@ class Commands:
         try:
             if size is not None:
                 master, slave = pty.open_pair(*size)
+                fds: tuple[Any, Any, Any] = (slave, slave, slave)
+            else:
+                fds = (
+                    subprocess.PIPE if stdin else subprocess.DEVNULL,
+                    subprocess.PIPE,
+                    subprocess.PIPE,
+                )
             with shield.spawn_lock:
                 proc = subprocess.Popen(
                     [self.shell, "-c", cmd],
-                    stdin=slave
-                    if slave is not None
-                    else (subprocess.PIPE if stdin else subprocess.DEVNULL),
-                    stdout=slave if slave is not None else subprocess.PIPE,
-                    stderr=slave if slave is not None else subprocess.PIPE,
+                    stdin=fds[0],
+                    stdout=fds[1],
+                    stderr=fds[2],
                     cwd=workdir,
                     env=env,
                     start_new_session=True,
@@ -96,14 +101,12 @@ class Commands:
                 )
                 shield.own(proc.pid)
         except OSError as exc:
-            if master is not None:
-                os.close(master)
+            _close(master, slave)
             self.ch.fail(rid, "io", f"could not start the command: {exc.strerror}")
             return
-        finally:
-            if slave is not None and pty.kernel_signals():
-                os.close(slave)  # the command holds it; EIO on the master once it is gone
-                slave = None
+        if slave is not None and pty.kernel_signals():
+            os.close(slave)  # the command holds it; EIO on the master once it is gone
+            slave = None
         oom_first(proc.pid)
         command = Command(proc, cmd, rid, as_exec)
         command.master = master
@@ -124,6 +127,7 @@ class Commands:
             self.kill(proc.pid)
             proc.wait()
             shield.disown(proc.pid)
+            _close(master, slave)
             with self.mu:
                 self.items.pop(proc.pid, None)
             self.ch.fail(rid, "busy", "the sandbox is out of processes; the command was stopped")
@@ -345,3 +349,9 @@ class Commands:
             pids = list(self.items)
         for pid in pids:
             self.kill(pid)
+
+
+def _close(*fds: int | None) -> None:
+    for fd in fds:
+        if fd is not None:
+            os.close(fd)
