@@ -187,3 +187,20 @@ def test_audit_unreadable_log_is_a_clean_error(tmp_path: Path) -> None:
     assert result.exit_code == 2
     assert "cannot read the audit log" in result.output
     assert str(tmp_path) not in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.container
+def test_shell_runs_a_terminal_session_from_piped_input() -> None:
+    """``moat shell`` with input that is not a terminal: the lines are typed into the
+    sandbox's PTY, EOF is Ctrl-D, and the exit code is the shell's."""
+    require_tier("container")
+    result = subprocess.run(
+        [*MOAT, "shell", "--isolation", "container"],
+        input="stty size; echo in-$((20+3))-sandbox; exit 7\n",
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 7, result.stderr
+    assert "in-23-sandbox" in result.stdout
+    assert "24 80" in result.stdout  # no local terminal: the default size

@@ -182,7 +182,7 @@ def _public(cls: type) -> dict[str, inspect.Signature | str]:
 
 
 def test_sync_sdk_has_the_async_signatures() -> None:
-    from moat.sdk import async_, sync
+    from moat.sdk import async_, pty, pty_sync, sync
 
     pairs = [
         (sync.Sandbox, async_.AsyncSandbox),
@@ -190,6 +190,8 @@ def test_sync_sdk_has_the_async_signatures() -> None:
         (sync.Files, async_.AsyncFiles),
         (sync.CommandHandle, async_.AsyncCommandHandle),
         (sync.WatchHandle, async_.AsyncWatchHandle),
+        (pty_sync.Pty, pty.AsyncPty),
+        (pty_sync.PtyHandle, pty.AsyncPtyHandle),
     ]
     renamed = {"__enter__": "__aenter__", "__exit__": "__aexit__"}
     for s_cls, a_cls in pairs:

@@ -16,6 +16,7 @@ from moat.protocol import (
     MsgType,
     ProtocolError,
     encode,
+    validate,
 )
 
 
@@ -99,3 +100,32 @@ def test_positive_control_decoder_accepts_valid() -> None:
     assert Decoder().feed(raw({"t": "done", "i": 3, "f": {"x": 1}})) == [
         Frame(MsgType.DONE, 3, {"x": 1})
     ]
+
+
+def test_pty_sizes_are_checked_both_ways() -> None:
+    """A PTY's size: cols and rows together, each 1..MAX_PTY_SIDE (host and agent alike)."""
+    from moat.protocol.frames import MAX_PTY_SIDE
+
+    ok = [
+        Frame(MsgType.CMD_START, 1, {"cmd": "sh", "cols": 80, "rows": 24}),
+        Frame(MsgType.CMD_RESIZE, 1, {"pid": 3, "cols": MAX_PTY_SIDE, "rows": 1}),
+        Frame(MsgType.CMD_START, 1, {"cmd": "sh"}),  # no terminal
+    ]
+    for frame in ok:
+        assert validate(frame, direction=HOST_TO_AGENT) is frame
+    bad = [
+        Frame(MsgType.CMD_START, 1, {"cmd": "sh", "cols": 80}),
+        Frame(MsgType.CMD_START, 1, {"cmd": "sh", "cols": 0, "rows": 24}),
+        Frame(MsgType.CMD_START, 1, {"cmd": "sh", "cols": True, "rows": 24}),
+        Frame(MsgType.CMD_RESIZE, 1, {"pid": 3, "cols": 80, "rows": MAX_PTY_SIDE + 1}),
+        Frame(MsgType.CMD_RESIZE, 1, {"pid": 3, "cols": 80}),
+        Frame(MsgType.STARTED, 1, {"pid": 3, "pty": 1}),
+    ]
+    for frame in bad:
+        with pytest.raises(ProtocolError):
+            validate(frame)
+    with pytest.raises(ProtocolError):  # the agent never resizes anything of the host's
+        validate(
+            Frame(MsgType.CMD_RESIZE, 1, {"pid": 3, "cols": 8, "rows": 8}), direction=AGENT_TO_HOST
+        )
+    assert validate(Frame(MsgType.PTY, 1, {}, b"\x1b[H"), direction=AGENT_TO_HOST)

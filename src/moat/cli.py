@@ -27,6 +27,39 @@ def main() -> None:
 
 
 @main.command()
+@click.option(
+    "--isolation",
+    type=click.Choice(list(TIERS)),
+    default=None,
+    help="Isolation tier (default: what --trust maps to).",
+)
+@click.option(
+    "--trust",
+    type=click.Choice(list(TRUST_LEVELS)),
+    default=None,
+    help="Trust level, mapped to a tier (default: untrusted -> microvm).",
+)
+@click.option(
+    "--timeout", type=float, default=3600, show_default=True, help="Sandbox lifetime (s)."
+)
+@click.option(
+    "-c", "cmd", default=None, help="Command to run on the terminal (default: bash -i -l)."
+)
+def shell(isolation: str | None, trust: str | None, timeout: float, cmd: str | None) -> None:
+    """An interactive shell on a terminal inside a fresh sandbox (killed when it ends)."""
+    from moat import Sandbox
+    from moat.sdk.shell import interactive_shell
+
+    try:
+        with Sandbox.create(isolation=isolation, trust=trust, timeout=timeout) as sbx:
+            code = interactive_shell(sbx, cmd)
+    except SandboxError as exc:
+        click.echo(f"moat: {type(exc).__name__}: {exc}", err=True)
+        sys.exit(2)
+    sys.exit(code)
+
+
+@main.command()
 @click.argument("file", type=click.File("r"), required=False)
 @click.option("-c", "code", help="Code to run instead of FILE.")
 @click.option(

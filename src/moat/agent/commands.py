@@ -8,9 +8,10 @@ import signal
 import threading
 import time
 
-from moat.agent import shield
+from moat.agent import pty, shield
 from moat.agent.channel import Channel
 from moat.agent.contexts import oom_first
+from moat.agent.files import FileError
 from moat.protocol import MsgType
 from moat.protocol.contract import HOME
 
@@ -36,6 +37,12 @@ class Command:
         self.started = time.time()
         #: requests re-attached to this command (cmd_connect): its output from then on
         self.watchers: list[int] = []
+        #: a PTY command: the master side (the agent's), and input the master has not taken
+        self.master: int | None = None
+        self.pending = bytearray()
+        self.is_pty = False
+        #: the slave, kept where the agent raises the terminal's signals (pty.kernel_signals)
+        self.slave: int | None = None
 
 
 class Commands:
@@ -47,6 +54,8 @@ class Commands:
         #: process groups of commands whose shell has exited: children may live on in them
         #: (a server started with `&`), and kill(pid) must still reach them
         self.groups: set[int] = set()
+        #: sessions of PTY commands (live or ended): kill(pid) signals the whole session
+        self.sessions: set[int] = set()
 
     def start(
         self,
@@ -56,7 +65,9 @@ class Commands:
         cwd: str | None,
         stdin: bool,
         as_exec: bool = False,
+        size: tuple[int, int] | None = None,
     ) -> None:
+        """Start ``cmd``; with ``size`` (cols, rows) on a new pseudo-terminal (moat.agent.pty)."""
         env = dict(os.environ)
         env.update(envs)
         workdir = cwd or HOME
@@ -65,39 +76,105 @@ class Commands:
             return
         import subprocess  # here, not at start-up: the first command pays for it
 
+        master = slave = None
         try:
+            if size is not None:
+                master, slave = pty.open_pair(*size)
+                fds: tuple[Any, Any, Any] = (slave, slave, slave)
+            else:
+                fds = (
+                    subprocess.PIPE if stdin else subprocess.DEVNULL,
+                    subprocess.PIPE,
+                    subprocess.PIPE,
+                )
             with shield.spawn_lock:
                 proc = subprocess.Popen(
                     [self.shell, "-c", cmd],
-                    stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.PIPE,
+                    stdin=fds[0],
+                    stdout=fds[1],
+                    stderr=fds[2],
                     cwd=workdir,
                     env=env,
                     start_new_session=True,
-                    preexec_fn=shield.user_limits,  # os-level calls only (safe with threads)
+                    # os-level calls only (safe with threads)
+                    preexec_fn=pty.child_setup if slave is not None else shield.user_limits,
                 )
                 shield.own(proc.pid)
         except OSError as exc:
+            _close(master, slave)
             self.ch.fail(rid, "io", f"could not start the command: {exc.strerror}")
             return
+        if slave is not None and pty.kernel_signals():
+            os.close(slave)  # the command holds it; EIO on the master once it is gone
+            slave = None
         oom_first(proc.pid)
         command = Command(proc, cmd, rid, as_exec)
+        command.master = master
+        command.slave = slave
+        command.is_pty = master is not None
         with self.mu:
             self.items[proc.pid] = command
+            if master is not None and len(self.sessions) < 4096:
+                self.sessions.add(proc.pid)
         if not as_exec:
-            self.ch.send(MsgType.STARTED, rid, pid=proc.pid)
+            if master is not None:
+                self.ch.send(MsgType.STARTED, rid, pid=proc.pid, pty=True)
+            else:
+                self.ch.send(MsgType.STARTED, rid, pid=proc.pid)
         try:
             threading.Thread(target=self._pump, args=(command,), daemon=True).start()
         except RuntimeError:  # no thread to watch it (pids exhausted): don't leave it running
             self.kill(proc.pid)
             proc.wait()
             shield.disown(proc.pid)
+            _close(master, slave)
             with self.mu:
                 self.items.pop(proc.pid, None)
             self.ch.fail(rid, "busy", "the sandbox is out of processes; the command was stopped")
 
     def _pump(self, c: Command) -> None:
+        proc = c.proc
+        if c.master is not None:
+            self._pump_pty(c, c.master)
+        else:
+            self._pump_pipes(c)
+        code = proc.wait()
+        shield.disown(proc.pid)
+        self._finish(c, code)
+
+    def _pump_pty(self, c: Command, fd: int) -> None:
+        """Relay a PTY's output, and input the master could not take at once."""
+        exited_at: float | None = None
+        try:
+            while True:
+                with self.mu:
+                    waiting = bool(c.pending)
+                ready, writable, _ = select.select([fd], [fd] if waiting else [], [], 0.05)
+                if writable:
+                    with self.mu:
+                        del c.pending[: pty.write_some(fd, bytes(c.pending))]
+                data = pty.read_some(fd) if ready else None
+                if data == b"":
+                    break  # every slave fd is closed
+                if data:
+                    for rid in (c.rid, *c.watchers):
+                        self.ch.send_stream(MsgType.PTY, rid, data)
+                if c.proc.poll() is not None:
+                    # Background jobs may hold the slave open: once the command has exited,
+                    # drain for a moment and stop (closing the master hangs them up).
+                    exited_at = exited_at or time.monotonic()
+                    if not data and time.monotonic() - exited_at > 0.05:
+                        break
+        finally:
+            with self.mu:
+                c.master = None
+                c.pending.clear()
+                slave, c.slave = c.slave, None
+            os.close(fd)
+            if slave is not None:
+                os.close(slave)
+
+    def _pump_pipes(self, c: Command) -> None:
         proc = c.proc
         assert proc.stdout is not None and proc.stderr is not None
         fds = {proc.stdout.fileno(): MsgType.STDOUT, proc.stderr.fileno(): MsgType.STDERR}
@@ -117,8 +194,9 @@ class Commands:
                 exited_at = exited_at or time.monotonic()
                 if not ready and time.monotonic() - exited_at > 0.05:
                     break
-        code = proc.wait()
-        shield.disown(proc.pid)
+
+    def _finish(self, c: Command, code: int) -> None:
+        proc = c.proc
         for stream in (proc.stdout, proc.stderr, proc.stdin):
             if stream is not None:
                 try:
@@ -148,7 +226,11 @@ class Commands:
         with self.mu:
             c = self.items.get(pid)
             if c is not None and not c.as_exec and len(c.watchers) < MAX_WATCHERS:
-                self.ch.send(MsgType.STARTED, rid, pid=pid)  # before any output reaches rid
+                # STARTED before any output reaches rid
+                if c.is_pty:
+                    self.ch.send(MsgType.STARTED, rid, pid=pid, pty=True)
+                else:
+                    self.ch.send(MsgType.STARTED, rid, pid=pid)
                 c.watchers.append(rid)
                 return
         if c is None or c.as_exec:
@@ -173,6 +255,8 @@ class Commands:
     def stdin(self, pid: int, data: bytes, eof: bool) -> bool:
         with self.mu:
             c = self.items.get(pid)
+            if c is not None and c.master is not None:
+                return self._pty_input(c, c.master, data)
         if c is None or c.proc.stdin is None:
             return False
         try:
@@ -185,9 +269,55 @@ class Commands:
             return False
         return True
 
+    def _pty_input(self, c: Command, fd: int, data: bytes) -> bool:
+        """Input for a PTY (with ``mu`` held): what the master takes now is written, the rest
+        queued for the pump (never blocking the agent's dispatch). EOF is the terminal's
+        own byte (0x04), not a close."""
+        if len(c.pending) + len(data) > pty.MAX_PENDING:
+            raise FileError("busy", "the terminal is not reading its input")
+        chars = pty.signal_chars(c.slave) if c.slave is not None else {}
+        start = 0
+        for i, byte in enumerate(data):
+            sig = chars.get(byte)
+            if sig is None:
+                continue
+            # The kernel does not raise it (gVisor): the agent does (moat.agent.pty).
+            self._write_pty(c, fd, data[start:i])
+            start = i + 1
+            try:
+                os.killpg(pty.foreground_guess(c.proc.pid), sig)
+            except (ProcessLookupError, PermissionError):
+                pass
+        self._write_pty(c, fd, data[start:])
+        return True
+
+    @staticmethod
+    def _write_pty(c: Command, fd: int, data: bytes) -> None:
+        if c.pending:
+            c.pending += data
+        elif data:
+            c.pending += data[pty.write_some(fd, data) :]
+
+    def resize(self, pid: int, cols: int, rows: int) -> bool:
+        with self.mu:
+            c = self.items.get(pid)
+            if c is None or c.master is None:
+                return False
+            pty.set_size(c.master, cols, rows)
+        return True
+
     def kill(self, pid: int, sig: int = signal.SIGKILL) -> bool:
         with self.mu:
             known = pid in self.items or pid in self.groups
+            session = pid in self.sessions
+        if session:
+            # A shell on a PTY puts its jobs in process groups of their own: the session.
+            found = pty.kill_session(pid, sig)
+            if not found:
+                with self.mu:
+                    self.sessions.discard(pid)
+                    self.groups.discard(pid)
+            return found
         if not known:
             return False
         try:
@@ -219,3 +349,9 @@ class Commands:
             pids = list(self.items)
         for pid in pids:
             self.kill(pid)
+
+
+def _close(*fds: int | None) -> None:
+    for fd in fds:
+        if fd is not None:
+            os.close(fd)

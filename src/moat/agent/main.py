@@ -124,9 +124,16 @@ class Agent:
                     ),
                 )
             elif t is MsgType.CMD_START:
+                size = (a["cols"], a["rows"]) if "cols" in a else None
                 self.commands.start(
-                    rid, a["cmd"], a.get("envs") or {}, a.get("cwd"), bool(a.get("stdin"))
-                )
+                    rid, a["cmd"], a.get("envs") or {}, a.get("cwd"), bool(a.get("stdin")),
+                    size=size,
+                )  # fmt: skip
+            elif t is MsgType.CMD_RESIZE:
+                if self.commands.resize(a["pid"], a["cols"], a["rows"]):
+                    self.ch.done(rid)
+                else:
+                    self.ch.fail(rid, "not_found", "no such terminal")
             elif t is MsgType.CMD_STDIN:
                 if self.commands.stdin(a["pid"], f.payload, bool(a.get("eof"))):
                     self.ch.done(rid)

@@ -53,6 +53,8 @@ from moat.model import (
     NetworkConfig,
     Output,
     ProcessInfo,
+    PtyOutput,
+    PtySize,
     Result,
     ResultEvent,
     SandboxConfig,
@@ -62,6 +64,7 @@ from moat.model import (
 )
 from moat.model import validate as v
 from moat.protocol import MsgType
+from moat.protocol.frames import MAX_PTY_SIDE
 
 __all__ = [
     "CAPABILITIES",
@@ -87,8 +90,8 @@ CAPABILITIES = frozenset(
         "sandboxes.list", "code.run", "code.contexts", "commands.start", "commands.stdin",
         "commands.close_stdin", "commands.signal", "commands.list", "files.read",
         "files.write", "files.list", "files.stat", "files.move", "files.remove",
-        "files.make_dir", "commands.connect", "files.watch",
-        "network.update", "audit.query", "sandboxes.metrics", "ports.open",
+        "files.make_dir", "commands.connect", "files.watch", "pty.create", "pty.input",
+        "pty.resize", "network.update", "audit.query", "sandboxes.metrics", "ports.open",
     }
 )  # fmt: skip
 #: Declared, not there yet: each raises PolicyError naming itself.
@@ -97,6 +100,11 @@ MISSING_CAPABILITIES = frozenset(
 )  # fmt: skip
 _STATES = ("running", "ended")
 _SIGNALS = {"SIGKILL": 9, "SIGTERM": 15, "SIGINT": 2, "SIGHUP": 1}
+#: What a terminal runs unless told otherwise (E2B's: an interactive login shell).
+PTY_COMMAND = "/bin/bash -i -l"
+#: Released terminal output waiting for a slow reader: past it the PTY's pump waits (and
+#: behind it the call's queue caps what the agent may send ahead).
+PTY_BACKLOG = 4 << 20
 
 _DONE = object()
 
@@ -111,9 +119,19 @@ class _Stream:
     def __init__(self) -> None:
         self.queue: asyncio.Queue[Any] = asyncio.Queue()
         self.task: asyncio.Task[None] | None = None
+        self.backlog = 0  # bytes of PtyOutput queued unread
+        self._drained = asyncio.Event()
 
     def push(self, event: Event) -> None:
         self.queue.put_nowait(event)
+
+    async def push_pty(self, data: bytes) -> None:
+        """Terminal output, once the reader has taken all but PTY_BACKLOG bytes."""
+        while self.backlog > PTY_BACKLOG:
+            self._drained.clear()
+            await self._drained.wait()
+        self.backlog += len(data)
+        self.queue.put_nowait(PtyOutput(data))
 
     def run(self, work: Callable[[], Any]) -> None:
         async def main() -> None:
@@ -138,6 +156,9 @@ class _Stream:
                     return
                 if isinstance(item, BaseException):
                     raise item
+                if isinstance(item, PtyOutput):
+                    self.backlog -= len(item.data)
+                    self._drained.set()
                 yield item
         finally:
             if self.task is not None and not self.task.done():
@@ -445,17 +466,19 @@ class FrontDoor:
         return CommandStream(pid, stream)
 
     async def connect_command(self, tenant: str, sandbox_id: str, pid: int) -> CommandStream:
-        """Re-attach to a running command: Started, its output from now on, then End."""
+        """Re-attach to a running command or PTY: Started, its output from now on (Output,
+        or PtyOutput for a PTY), then End."""
         session = self._session(tenant, sandbox_id)
         stream = _Stream()
+        call, is_pty = await session.attach(v.pid(pid))
+        stream.push(Started(pid))
+        if is_pty:
+            return _pty_stream(session, stream, call, pid, MsgType.CMD_CONNECT)
 
         async def out(text: str, name: Literal["stdout", "stderr"]) -> None:
             stream.push(Output(name, text))
 
-        _, call, sink = await session.connect_command(
-            v.pid(pid), lambda s: out(s, "stdout"), lambda s: out(s, "stderr")
-        )
-        stream.push(Started(pid))
+        sink = session._sink(lambda s: out(s, "stdout"), lambda s: out(s, "stderr"))
 
         async def work() -> End:
             result = await session.wait_command(call, sink, None, pid, MsgType.CMD_CONNECT)
@@ -463,6 +486,42 @@ class FrontDoor:
 
         stream.run(work)
         return CommandStream(pid, stream)
+
+    # -- terminals ----------------------------------------------------------------------
+
+    async def start_pty(
+        self,
+        tenant: str,
+        sandbox_id: str,
+        size: PtySize,
+        *,
+        cmd: str | None = None,
+        envs: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+    ) -> CommandStream:
+        """Start ``cmd`` (default: an interactive login shell) on a new pseudo-terminal
+        inside the sandbox: Started, PtyOutput (guarded bytes) as it comes, then End."""
+        session = self._session(tenant, sandbox_id)
+        cols, rows = _size(size)
+        cmd = v.text("cmd", PTY_COMMAND if cmd is None else cmd)
+        env = v.envs(envs)
+        if cwd is not None:
+            cwd = v.path(cwd)
+        pid, call = await session.start_pty(cmd, env, cwd, cols, rows)
+        stream = _Stream()
+        stream.push(Started(pid))
+        return _pty_stream(session, stream, call, pid, MsgType.CMD_START)
+
+    async def send_pty_input(self, tenant: str, sandbox_id: str, pid: int, data: bytes) -> None:
+        """Bytes typed into a PTY (0x03 interrupts, 0x04 at an empty line is EOF)."""
+        if not isinstance(data, bytes):
+            raise InvalidArgumentError("data must be bytes")
+        await self._session(tenant, sandbox_id).send_pty_input(v.pid(pid), data)
+
+    async def resize_pty(self, tenant: str, sandbox_id: str, pid: int, size: PtySize) -> None:
+        """Give a PTY a new size (its programs get SIGWINCH)."""
+        session = self._session(tenant, sandbox_id)
+        await session.resize_pty(v.pid(pid), *_size(size))
 
     async def send_stdin(
         self, tenant: str, sandbox_id: str, pid: int, data: bytes, eof: bool = False
@@ -594,6 +653,28 @@ class FrontDoor:
         if isinstance(found, Session):
             return found
         raise ended_error(found[1])
+
+
+def _size(size: Any) -> tuple[int, int]:
+    if not isinstance(size, PtySize):
+        raise InvalidArgumentError("size must be a PtySize(cols, rows)")
+    return v.integer("cols", size.cols, 1, MAX_PTY_SIDE), v.integer(
+        "rows", size.rows, 1, MAX_PTY_SIDE
+    )
+
+
+def _pty_stream(
+    session: Session, stream: _Stream, call: Any, pid: int, request: MsgType
+) -> CommandStream:
+    """Stream a PTY's call: its guarded output as PtyOutput, then End."""
+    sink = session.pty_sink(stream.push_pty)
+
+    async def work() -> End:
+        code, truncated = await session.wait_pty(call, sink, pid, request)
+        return End(truncated=truncated, exit_code=code)
+
+    stream.run(work)
+    return CommandStream(pid, stream)
 
 
 def _tenant(tenant: Any) -> None:

@@ -46,13 +46,13 @@ _TCP = frozenset(
 
 #: Output frames that wait, unread, behind one another are merged up to this many bytes.
 MERGE_OUTPUT = 1 << 20
-_OUTPUT = frozenset({MsgType.STDOUT, MsgType.STDERR})
+_OUTPUT = frozenset({MsgType.STDOUT, MsgType.STDERR, MsgType.PTY})
 #: Output of one call (stdout, stderr, results, errors) queued unread is dropped past this
 #: many bytes, and the call reports truncation: a flooding agent can't grow host memory
 #: faster than the call's consumer (guard, cap) drains it (invariant 6). Above any per-call
 #: output cap an honest call needs (the consumer drains as it goes).
 QUEUE_CAP = 64 << 20
-_DROPPABLE = frozenset({MsgType.STDOUT, MsgType.STDERR, MsgType.RESULT, MsgType.ERROR})
+_DROPPABLE = frozenset({MsgType.STDOUT, MsgType.STDERR, MsgType.PTY, MsgType.RESULT, MsgType.ERROR})
 #: How long one send may wait for the agent to read (a stopped agent fills the pipe): past
 #: it the agent is declared dead and the sandbox ends (invariant 6: a silent agent).
 SEND_TIMEOUT = 30.0

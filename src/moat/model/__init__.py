@@ -26,6 +26,8 @@ from moat.model.events import (
     FilesystemEvent,
     FilesystemEventType,
     Output,
+    PtyOutput,
+    PtySize,
     ResultEvent,
     Started,
 )
@@ -96,6 +98,8 @@ __all__ = [
     "NetworkConfig",
     "Output",
     "ProcessInfo",
+    "PtyOutput",
+    "PtySize",
     "Result",
     "ResultEvent",
     "SandboxConfig",

@@ -1,14 +1,19 @@
 """The typed events a call streams through the front door, in order, each already guarded.
 
 ``run_code`` streams Output / ResultEvent / ErrorEvent and ends with End; a command streams
-Started (its pid), Output, and End (with its exit code).
+Started (its pid), Output, and End (with its exit code); a PTY streams PtyOutput (bytes)
+instead of Output.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
+from moat.errors import InvalidArgumentError
 from moat.model.results import EntryInfo, ExecutionError, Result, _Wire
 
 
@@ -25,6 +30,35 @@ class Output(_Wire):
 
     stream: Literal["stdout", "stderr"]
     text: str
+
+
+@dataclass(frozen=True)
+class PtySize(_Wire):
+    """A terminal's size in character cells."""
+
+    cols: int
+    rows: int
+
+
+@dataclass(frozen=True)
+class PtyOutput(_Wire):
+    """A chunk of a terminal's output, as released by the guard: raw bytes (escape sequences,
+    UTF-8 split anywhere), base64 in JSON."""
+
+    data: bytes
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"data": base64.b64encode(self.data).decode("ascii")}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> PtyOutput:
+        if not isinstance(data, Mapping) or set(data) != {"data"}:
+            raise InvalidArgumentError("PtyOutput must be an object with data only")
+        try:
+            raw = base64.b64decode(data["data"], validate=True)
+        except (binascii.Error, TypeError, ValueError):
+            raise InvalidArgumentError("PtyOutput.data must be base64") from None
+        return cls(raw)
 
 
 @dataclass(frozen=True)
@@ -51,7 +85,7 @@ class End(_Wire):
     context_restarted: bool = False
 
 
-Event = Started | Output | ResultEvent | ErrorEvent | End
+Event = Started | Output | PtyOutput | ResultEvent | ErrorEvent | End
 
 #: What happened to an entry of a watched directory (E2B's types), or ``overflow``: events
 #: were lost here (the consumer fell behind, or the kernel's queue overflowed).

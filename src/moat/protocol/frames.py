@@ -41,6 +41,7 @@ class MsgType(enum.StrEnum):
     CMD_KILL = "cmd_kill"
     CMD_LIST = "cmd_list"
     CMD_CONNECT = "cmd_connect"  # re-attach to a running command: its output from now on
+    CMD_RESIZE = "cmd_resize"  # a PTY's new size (cols, rows)
     FILE_READ = "file_read"
     FILE_WRITE = "file_write"  # opens; then FILE_CHUNK frames with the same id, last has eof
     FILE_CHUNK = "file_chunk"
@@ -68,6 +69,7 @@ class MsgType(enum.StrEnum):
     STARTED = "started"  # a command started: pid
     STDOUT = "stdout"
     STDERR = "stderr"
+    PTY = "pty"  # a chunk of a PTY's output (raw bytes, escape sequences and all)
     RESULT = "result"
     ERROR = "error"  # an execution error of user code (not a failed request)
     DATA = "data"  # a chunk of a file being read
@@ -90,6 +92,7 @@ HOST_TO_AGENT = frozenset(
         MsgType.CMD_KILL,
         MsgType.CMD_LIST,
         MsgType.CMD_CONNECT,
+        MsgType.CMD_RESIZE,
         MsgType.FILE_READ,
         MsgType.FILE_WRITE,
         MsgType.FILE_CHUNK,
@@ -114,6 +117,9 @@ _BOTH_WAYS = frozenset({MsgType.TCP_DATA, MsgType.TCP_EOF, MsgType.TCP_CLOSE, Ms
 AGENT_TO_HOST = frozenset((set(MsgType) - HOST_TO_AGENT) | _BOTH_WAYS)
 #: Credit window of one proxied stream, each way: the most a side may send unacknowledged.
 TCP_WINDOW = 256 * 1024
+
+#: A PTY's size: columns and rows each in 1..MAX_PTY_SIDE.
+MAX_PTY_SIDE = 4096
 
 #: Failure kinds an agent may report in FAIL; anything else is a protocol error.
 FAIL_KINDS = frozenset(
@@ -162,11 +168,15 @@ SCHEMAS: dict[MsgType, dict[str, _F]] = {
         "envs": _ENVS,
         "cwd": _F(str, required=False, max_len=4096),
         "stdin": _F(bool, required=False),
+        # both or neither: the command runs on a new pseudo-terminal of this size
+        "cols": _F(int, required=False),
+        "rows": _F(int, required=False),
     },
     MsgType.CMD_STDIN: {"pid": _F(int), "eof": _F(bool, required=False)},
     MsgType.CMD_KILL: {"pid": _F(int), "signal": _F(int, required=False)},
     MsgType.CMD_LIST: {},
     MsgType.CMD_CONNECT: {"pid": _F(int)},
+    MsgType.CMD_RESIZE: {"pid": _F(int), "cols": _F(int), "rows": _F(int)},
     MsgType.FILE_READ: {"path": _PATH, "max_bytes": _F(int)},
     # metadata: the file's whole user metadata set (protocol.metadata checks its contents)
     MsgType.FILE_WRITE: {
@@ -197,9 +207,10 @@ SCHEMAS: dict[MsgType, dict[str, _F]] = {
     MsgType.TCP_OPEN: {},
     MsgType.TCP_DIAL: {"port": _F(int)},
     MsgType.READY: {"version": _F(int), "pid": _F(int, required=False)},
-    MsgType.STARTED: {"pid": _F(int)},
+    MsgType.STARTED: {"pid": _F(int), "pty": _F(bool, required=False)},
     MsgType.STDOUT: {},
     MsgType.STDERR: {},
+    MsgType.PTY: {},
     MsgType.RESULT: {"data": _F(dict, max_len=64), "is_main": _F(bool)},
     MsgType.ERROR: {
         "name": _F(str, max_len=256),
@@ -274,9 +285,24 @@ def validate(frame: Frame, *, direction: frozenset[MsgType] | None = None) -> Fr
             raise ProtocolError(f"{frame.type.value}: field {name!r} too long")
     if frame.type is MsgType.FAIL and frame.fields["kind"] not in FAIL_KINDS:
         raise ProtocolError("fail: unknown kind")
+    if frame.type in (MsgType.CMD_START, MsgType.CMD_RESIZE):
+        _check_size(frame)
     envs = frame.fields.get("envs")
     if envs is not None and not all(
         isinstance(k, str) and isinstance(v, str) for k, v in envs.items()
     ):
         raise ProtocolError(f"{frame.type.value}: envs must map str to str")
     return frame
+
+
+def _check_size(frame: Frame) -> None:
+    """A PTY size: cols and rows together, each 1..MAX_PTY_SIDE."""
+    cols, rows = frame.fields.get("cols"), frame.fields.get("rows")
+    if (cols is None) != (rows is None):
+        raise ProtocolError(f"{frame.type.value}: cols and rows go together")
+    if (
+        cols is not None
+        and rows is not None
+        and not (0 < cols <= MAX_PTY_SIDE and 0 < rows <= MAX_PTY_SIDE)
+    ):
+        raise ProtocolError(f"{frame.type.value}: PTY size out of range")

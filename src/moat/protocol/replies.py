@@ -119,6 +119,7 @@ REPLIES: dict[MsgType, Check] = {
     MsgType.CMD_CONNECT: _obj({"exit_code": _int(0, 1 << 16)}, {"restarted": _bool}),
     MsgType.CMD_STDIN: _EMPTY,
     MsgType.CMD_KILL: _EMPTY,
+    MsgType.CMD_RESIZE: _EMPTY,
     MsgType.CMD_LIST: _obj({"processes": _list(PROCESS, 1 << 16)}),
     MsgType.FILE_READ: _obj({}, {"size": _int(0, _BIG)}),
     MsgType.FILE_WRITE: _obj({}, {"size": _int(0, _BIG), "path": _PATH}),

@@ -37,6 +37,7 @@ from moat.model import (
     SandboxMetrics,
 )
 from moat.model import validate as v
+from moat.sdk.pty import AsyncPty
 from moat.sdk.transport import CommandEvents, Transport
 from moat.sdk.watch import AsyncWatchHandle
 
@@ -258,6 +259,7 @@ class AsyncSandbox:
         self._id = info.sandbox_id
         self.commands = AsyncCommands(transport, self._id)
         self.files = AsyncFiles(transport, self._id)
+        self.pty = AsyncPty(transport, self._id)
 
     @property
     def sandbox_id(self) -> str:

@@ -24,6 +24,7 @@ from moat.model import (
 )
 from moat.sdk._loop import loop_thread
 from moat.sdk.async_ import AsyncCommandHandle, AsyncCommands, AsyncFiles, AsyncSandbox
+from moat.sdk.pty_sync import Pty
 from moat.sdk.transport import Transport
 from moat.sdk.watch import AsyncWatchHandle
 
@@ -229,6 +230,7 @@ class Sandbox:
         self._callbacks = _Callbacks()
         self.commands = Commands(inner.commands, self._callbacks)
         self.files = Files(inner.files, self._callbacks)
+        self.pty = Pty(inner.pty, self._callbacks)
 
     @property
     def sandbox_id(self) -> str:

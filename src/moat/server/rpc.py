@@ -10,7 +10,9 @@ The handlers are thin: every check and every guard is the front door's (invarian
 Users: moat runs every command and file operation as the sandbox's unprivileged user
 (``user``, home ``/home/user``; invariant 9). A call that names another user (E2B's
 ``user="root"``) is refused with ``permission_denied``, never quietly run as ``user``
-(invariant 7). PTYs are not in the front door: ``unimplemented``.
+(invariant 7). PTYs are the front door's terminals: ``Start`` with ``pty{size}`` streams
+``data.pty`` (guarded bytes), ``SendInput``/``StreamInput`` with ``pty`` bytes type into it,
+``Update{pty{size}}`` resizes it, ``SendSignal`` kills its session, ``Connect`` re-attaches.
 
 Directory watches: ``WatchDir`` streams the front door's events (``start``, then ``filesystem``
 events and keepalives); the polling form keeps each watch in ``Watchers`` under an id of its
@@ -59,7 +61,7 @@ from moat.errors import (
     SandboxError,
     TimeoutError,
 )
-from moat.model import HOME, End, EntryInfo, FilesystemEvent, Output, Started
+from moat.model import HOME, End, EntryInfo, FilesystemEvent, Output, PtyOutput, PtySize, Started
 from moat.server.watchers import Watchers
 
 log = logging.getLogger("moat.server")
@@ -268,6 +270,9 @@ async def _stream(
             elif isinstance(event, Output):
                 out: Any = Oneof(event.stream, event.text.encode())  # stdout | stderr
                 yield _event(Oneof("data", pr.ProcessEvent.DataEvent(output=out)))
+            elif isinstance(event, PtyOutput):
+                out = Oneof("pty", event.data)
+                yield _event(Oneof("data", pr.ProcessEvent.DataEvent(output=out)))
             elif isinstance(event, End):
                 c.procs.pop(handle.pid, None)
                 yield _end(event.exit_code if event.exit_code is not None else -1)
@@ -280,6 +285,14 @@ async def _stream(
                 await pending
         with contextlib.suppress(BaseException):
             await events.aclose()  # type: ignore[attr-defined]
+
+
+def _pty_size(pty: pr.PTY | None) -> PtySize:
+    """The size of E2B's ``PTY`` message (checked by the front door)."""
+    size = pty.size if pty is not None else None
+    if size is None:
+        raise ConnectError(Code.INVALID_ARGUMENT, "pty.size is required")
+    return PtySize(cols=size.cols, rows=size.rows)
 
 
 def _prune(c: Caller, running: set[int]) -> None:
@@ -316,18 +329,24 @@ class ProcessService(Process):
         self, request: pr.StartRequest, ctx: RequestContext[pr.StartRequest, pr.StartResponse]
     ) -> AsyncIterator[pr.StartResponse]:
         c = _caller(ctx)
-        if request.has_field("pty"):
-            raise _unimplemented("a PTY")
         config = request.process or pr.ProcessConfig()
         cmd = command_line(config)
         cwd = _path(config.cwd) if config.has_field("cwd") and config.cwd else None
         # Absent means true (E2B: older SDKs expect an open stdin).
         stdin = request.stdin if request.has_field("stdin") else True
-        handle = await _mapped(
-            self.front.start_command(
-                c.tenant, c.sandbox_id, cmd, envs=dict(config.envs), cwd=cwd, stdin=stdin
+        if request.has_field("pty"):
+            handle = await _mapped(
+                self.front.start_pty(
+                    c.tenant, c.sandbox_id, _pty_size(request.pty),
+                    cmd=cmd, envs=dict(config.envs), cwd=cwd,
+                )
+            )  # fmt: skip
+        else:
+            handle = await _mapped(
+                self.front.start_command(
+                    c.tenant, c.sandbox_id, cmd, envs=dict(config.envs), cwd=cwd, stdin=stdin
+                )
             )
-        )
         tag = request.tag if request.has_field("tag") else None
         if len(c.procs) >= MAX_TRACKED:  # ended unwatched (their streams left): forget them
             running = await _mapped(self.front.list_commands(c.tenant, c.sandbox_id))
@@ -369,8 +388,9 @@ class ProcessService(Process):
         data = given.input if given is not None else None
         if data is None:
             raise ConnectError(Code.INVALID_ARGUMENT, "input is required")
-        if data.field != "stdin":
-            raise _unimplemented("PTY input")
+        if data.field == "pty":
+            await _mapped(self.front.send_pty_input(c.tenant, c.sandbox_id, pid, bytes(data.value)))
+            return
         await _mapped(self.front.send_stdin(c.tenant, c.sandbox_id, pid, bytes(data.value)))
 
     async def stream_input(
@@ -415,8 +435,13 @@ class ProcessService(Process):
     async def update(
         self, request: pr.UpdateRequest, ctx: RequestContext[pr.UpdateRequest, Any]
     ) -> pr.UpdateResponse:
-        _caller(ctx)
-        raise _unimplemented("a PTY")
+        c = _caller(ctx)
+        pid = self._pid(c, request.process)
+        if not request.has_field("pty"):
+            raise ConnectError(Code.INVALID_ARGUMENT, "pty (its new size) is required")
+        size = _pty_size(request.pty)
+        await _mapped(self.front.resize_pty(c.tenant, c.sandbox_id, pid, size))
+        return pr.UpdateResponse()
 
 
 # -- filesystem ----------------------------------------------------------------------------

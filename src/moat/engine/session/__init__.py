@@ -18,9 +18,9 @@ from moat.egress import Gateway
 from moat.engine.client import AgentClient, Call
 from moat.engine.metrics import MetricsRing, interval_s
 from moat.engine.session.code import INTERRUPT_GRACE, CodeCalls
-from moat.engine.session.commands import CommandCalls
 from moat.engine.session.core import Audit, OutputGuard, SessionCore, ended_error
 from moat.engine.session.files import MAX_READ_BYTES, MAX_WRITE_BYTES, FileCalls, file_chunks
+from moat.engine.session.pty import PtyCalls
 from moat.engine.session.watch import DirWatch, WatchCalls
 from moat.engine.tunnels import PortNotOpen, Tunnel, Tunnels
 from moat.errors import PolicyError, PortNotOpenError, SandboxError
@@ -49,7 +49,7 @@ log = logging.getLogger("moat.engine")
 START_TIMEOUT = 20.0
 
 
-class Session(CodeCalls, CommandCalls, FileCalls, WatchCalls):
+class Session(CodeCalls, PtyCalls, FileCalls, WatchCalls):
     """A live sandbox. All methods are coroutines on the engine's loop.
 
     Its verbs live in their own modules (code and contexts, commands, files, watches) over one core

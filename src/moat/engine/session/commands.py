@@ -20,7 +20,7 @@ from moat.errors import (
 )
 from moat.guard import GuardBudgetError
 from moat.model import CommandResult, ProcessInfo
-from moat.protocol import CHUNK_SIZE, MsgType
+from moat.protocol import CHUNK_SIZE, Frame, MsgType
 
 
 class CommandCalls(SessionCore):
@@ -62,6 +62,12 @@ class CommandCalls(SessionCore):
 
     async def _started(self, call: Call) -> int:
         """The pid of a STARTED frame, first on ``call``; its FAIL raised (guarded)."""
+        frame = await self._started_frame(call)
+        pid: int = frame.fields["pid"]
+        return pid
+
+    async def _started_frame(self, call: Call) -> Frame:
+        """The STARTED frame, first on ``call``; its FAIL raised (guarded)."""
         try:
             async with asyncio.timeout(30):
                 frame = await call.next()
@@ -78,8 +84,7 @@ class CommandCalls(SessionCore):
         if frame.type is not MsgType.STARTED:
             call.close()
             raise self._violation("expected a started frame")
-        pid: int = frame.fields["pid"]
-        return pid
+        return frame
 
     async def wait_command(
         self,

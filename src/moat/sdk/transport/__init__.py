@@ -20,6 +20,7 @@ from moat.model import (
     Event,
     FilesystemEvent,
     ProcessInfo,
+    PtySize,
     SandboxInfo,
     SandboxMetrics,
 )
@@ -161,3 +162,21 @@ class Transport(abc.ABC):
     ) -> WatchEvents:
         """Watch a directory (not abstract: a transport without it refuses, typed)."""
         raise PolicyError("this transport lacks the capability 'files.watch'")
+
+    # Terminals: not abstract, so a transport without them still loads (and says so).
+
+    async def start_pty(
+        self,
+        sandbox_id: str,
+        size: PtySize,
+        cmd: str | None,
+        envs: Mapping[str, str] | None,
+        cwd: str | None,
+    ) -> CommandEvents:
+        raise PolicyError("this transport lacks the capability 'pty.create' (not supported yet)")
+
+    async def send_pty_input(self, sandbox_id: str, pid: int, data: bytes) -> None:
+        raise PolicyError("this transport lacks the capability 'pty.input' (not supported yet)")
+
+    async def resize_pty(self, sandbox_id: str, pid: int, size: PtySize) -> None:
+        raise PolicyError("this transport lacks the capability 'pty.resize' (not supported yet)")

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator, Mapping
 from typing import IO, Any, Literal
 
 from moat.engine.api import DEFAULT_TENANT, CommandStream, FrontDoor, Secret, WatchStream
-from moat.model import Context, EntryInfo, Event, ProcessInfo, SandboxInfo, SandboxMetrics
+from moat.model import Context, EntryInfo, Event, ProcessInfo, PtySize, SandboxInfo, SandboxMetrics
 from moat.sdk.transport import Transport
 
 __all__ = ["LocalTransport"]
@@ -159,3 +159,21 @@ class LocalTransport(Transport):
         return await self.front_door.watch_dir(
             self.tenant, sandbox_id, path, recursive=recursive, include_entry=include_entry
         )
+
+    async def start_pty(
+        self,
+        sandbox_id: str,
+        size: PtySize,
+        cmd: str | None,
+        envs: Mapping[str, str] | None,
+        cwd: str | None,
+    ) -> CommandStream:
+        return await self.front_door.start_pty(
+            self.tenant, sandbox_id, size, cmd=cmd, envs=envs, cwd=cwd
+        )
+
+    async def send_pty_input(self, sandbox_id: str, pid: int, data: bytes) -> None:
+        await self.front_door.send_pty_input(self.tenant, sandbox_id, pid, data)
+
+    async def resize_pty(self, sandbox_id: str, pid: int, size: PtySize) -> None:
+        await self.front_door.resize_pty(self.tenant, sandbox_id, pid, size)
