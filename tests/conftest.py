@@ -30,6 +30,9 @@ if "MOAT_AUDIT_DB" not in os.environ:
 from moat import Sandbox
 from moat.engine.tiers import runtime_for
 
+# The server tests' shared fixtures (`server`, `key_a`): a real `moat serve` per module.
+pytest_plugins = ["tests.server_fixtures"]
+
 TIERS = [t for t in os.environ.get("MOAT_TIERS", "container,gvisor,microvm").split(",") if t]
 TIER_PARAMS = [pytest.param(t, marks=getattr(pytest.mark, t), id=t) for t in TIERS]
 

@@ -20,8 +20,7 @@ from typing import Any
 
 import httpx
 import pytest
-from tests.conftest import require_tier
-from tests.server_support import Server, new_key, serving, tenant_name
+from tests.server_support import Server, new_key, tenant_name
 
 from moat import (
     CommandExitError,
@@ -46,13 +45,6 @@ from moat.sdk.transport import _wire as w
 from moat.sdk.transport.http import HttpTransport
 
 pytestmark = [pytest.mark.container, pytest.mark.slow]
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    require_tier("container")
-    with serving(tmp_path_factory.mktemp("serve") / "server.log") as srv:
-        yield srv
 
 
 @pytest.fixture(scope="module")

@@ -25,21 +25,9 @@ from e2b.exceptions import (
 )
 from e2b_code_interpreter import Sandbox
 from tests.conftest import require_tier
-from tests.server_support import Server, new_key, serving, start_server, tenant_name
+from tests.server_support import Server, new_key, start_server, tenant_name
 
 pytestmark = [pytest.mark.container, pytest.mark.slow]
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    require_tier("container")
-    with serving(tmp_path_factory.mktemp("serve") / "server.log") as srv:
-        yield srv
-
-
-@pytest.fixture(scope="module")
-def key_a(server: Server) -> str:
-    return new_key(tenant_name("alice"))
 
 
 @pytest.fixture(scope="module")

@@ -16,22 +16,9 @@ import httpx
 import pytest
 from e2b import AsyncSandbox, FilesystemEventType, Sandbox
 from e2b.exceptions import NotFoundException, SandboxException
-from tests.conftest import require_tier
-from tests.server_support import Server, new_key, serving, tenant_name
+from tests.server_support import Server, new_key, tenant_name
 
 pytestmark = [pytest.mark.container, pytest.mark.slow]
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    require_tier("container")
-    with serving(tmp_path_factory.mktemp("serve") / "server.log") as srv:
-        yield srv
-
-
-@pytest.fixture(scope="module")
-def key_a(server: Server) -> str:
-    return new_key(tenant_name("alice"))
 
 
 @pytest.fixture(scope="module")
