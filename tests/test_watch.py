@@ -205,38 +205,31 @@ def test_gvisor_watch(tmp_path: Any) -> None:
         s.commands.run("echo 1 > /mnt/rw/g")
         assert _kinds(on_gofer.get_new_events()) == [("g", "create"), ("g", "write")]
         on_gofer.stop()
-        s.files.make_dir("w/sub")
-        handle = s.files.watch_dir("w", recursive=True)
-        s.commands.run("echo 1 > ~/w/f && mkdir ~/w/n && echo 2 > ~/w/n/g && rm ~/w/f")
-        seen = _kinds(handle.get_new_events())
-        assert [k for k in seen if k[0] == "f"] == [
-            ("f", "create"),
-            ("f", "write"),
-            ("f", "remove"),
-        ]
-        # n/g was written in the same breath as n was made: seen by the watch of n, or, when
-        # that came a moment late, found by its walk (inotify's recursive race: no write then)
-        assert ("n", "create") in seen and ("n/g", "create") in seen, seen
-        handle.stop()
+        _recursive_in_one_breath(s)
+
+
+def _recursive_in_one_breath(s: Sandbox) -> None:
+    """A recursive watch sees what one command does: files, a new subdirectory's file."""
+    s.files.make_dir("w/sub")
+    handle = s.files.watch_dir("w", recursive=True)
+    s.commands.run("echo 1 > ~/w/f && mkdir ~/w/n && echo 2 > ~/w/n/g && rm ~/w/f")
+    seen = _kinds(handle.get_new_events())
+    assert [k for k in seen if k[0] == "f"] == [
+        ("f", "create"),
+        ("f", "write"),
+        ("f", "remove"),
+    ]
+    # n/g was written in the same breath as n was made: seen by the watch of n, or, when
+    # that came a moment late, found by its walk (inotify's recursive race: no write then)
+    assert ("n", "create") in seen and ("n/g", "create") in seen, seen
+    handle.stop()
 
 
 @pytest.mark.microvm
 def test_microvm_watch() -> None:
     require_tier("microvm")
     with Sandbox.create(isolation="microvm", timeout=300) as s:
-        s.files.make_dir("w/sub")
-        handle = s.files.watch_dir("w", recursive=True)
-        s.commands.run("echo 1 > ~/w/f && mkdir ~/w/n && echo 2 > ~/w/n/g && rm ~/w/f")
-        seen = _kinds(handle.get_new_events())
-        assert [k for k in seen if k[0] == "f"] == [
-            ("f", "create"),
-            ("f", "write"),
-            ("f", "remove"),
-        ]
-        # n/g was written in the same breath as n was made: seen by the watch of n, or, when
-        # that came a moment late, found by its walk (inotify's recursive race: no write then)
-        assert ("n", "create") in seen and ("n/g", "create") in seen, seen
-        handle.stop()
+        _recursive_in_one_breath(s)
 
 
 @pytest.mark.container
