@@ -27,8 +27,12 @@ MAX_WATCHERS = 16
 
 
 class Command:
-    def __init__(self, proc: subprocess.Popen[bytes], cmd: str, rid: int, as_exec: bool) -> None:
+    def __init__(
+        self, proc: subprocess.Popen[bytes], child: shield.Child, cmd: str, rid: int, as_exec: bool
+    ) -> None:
         self.proc = proc
+        #: its exit status (never proc.wait/poll: as init the agent's reaper reaps it)
+        self.child = child
         self.cmd = cmd
         self.rid = rid
         #: a bash run_code cell: report a non-zero exit as an execution error, not a status
@@ -65,24 +69,25 @@ class Commands:
             return
         import subprocess  # here, not at start-up: the first command pays for it
 
+        argv, user = shield.user_shell(self.shell, cmd, env)
         try:
             with shield.spawn_lock:
                 proc = subprocess.Popen(
-                    [self.shell, "-c", cmd],
+                    argv,
                     stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
                     stdout=subprocess.PIPE,
                     stderr=subprocess.PIPE,
                     cwd=workdir,
                     env=env,
                     start_new_session=True,
-                    preexec_fn=shield.user_limits,  # os-level calls only (safe with threads)
+                    **user,  # the user's uid and limits (see shield.user_shell)
                 )
-                shield.own(proc.pid)
+                child = shield.own(proc.pid)
         except OSError as exc:
             self.ch.fail(rid, "io", f"could not start the command: {exc.strerror}")
             return
         oom_first(proc.pid)
-        command = Command(proc, cmd, rid, as_exec)
+        command = Command(proc, child, cmd, rid, as_exec)
         with self.mu:
             self.items[proc.pid] = command
         if not as_exec:
@@ -91,8 +96,7 @@ class Commands:
             threading.Thread(target=self._pump, args=(command,), daemon=True).start()
         except RuntimeError:  # no thread to watch it (pids exhausted): don't leave it running
             self.kill(proc.pid)
-            proc.wait()
-            shield.disown(proc.pid)
+            proc.returncode = child.wait()
             with self.mu:
                 self.items.pop(proc.pid, None)
             self.ch.fail(rid, "busy", "the sandbox is out of processes; the command was stopped")
@@ -111,14 +115,15 @@ class Commands:
                         self.ch.send_stream(fds[fd], rid, data)
                 else:
                     del fds[fd]
-            if proc.poll() is not None:
+            if c.child.poll() is not None:
                 # A daemonised grandchild may hold the pipes open forever: once the shell has
                 # exited, give the pipes a moment to drain and then stop waiting for EOF.
                 exited_at = exited_at or time.monotonic()
                 if not ready and time.monotonic() - exited_at > 0.05:
                     break
-        code = proc.wait()
-        shield.disown(proc.pid)
+        code = c.child.wait()
+        assert code is not None
+        proc.returncode = code  # so the Popen never waits for (a reused) pid itself
         for stream in (proc.stdout, proc.stderr, proc.stdin):
             if stream is not None:
                 try:
