@@ -108,3 +108,45 @@ def test_orphans_reaped_and_statuses_exact_while_an_owned_child_is_a_zombie(tier
             assert execution.error.name == "ContextDied"
             execution = s.run_code("1 + 1")
         assert execution.text == "2"
+
+
+#: What a command's processes run under, printed by a grandchild the shell forks at once.
+LIMITS = (
+    "(python3 -c 'import os, resource; print(*resource.getrlimit(resource.RLIMIT_NPROC), "
+    'os.getresuid()[0], os.getresuid()[2], open("/proc/self/oom_score_adj").read().strip())\'); '
+    "true"
+)
+
+
+def _agent_nproc_from_outside(s: Sandbox) -> int:
+    """The container agent's RLIMIT_NPROC read from the host: bwrap's child in its cgroup."""
+    for pid in _host_pids(s):
+        if Path(f"/proc/{pid}/comm").read_text().strip() == "python3":
+            for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+                if line.startswith("Max processes"):
+                    return int(line.split()[2])
+    raise AssertionError("no agent among the sandbox's processes")
+
+
+def test_user_code_runs_under_its_limits_from_the_start(tier: str) -> None:
+    """Commands and new kernels start without a preexec_fn (moat.agent.shield.user_shell): the
+    limits still hold for everything user code forks, on the fast path and on the fork path
+    (an environment bash acts on at start-up), and the user's process limit stays below the
+    agent's (its reserve)."""
+    with Sandbox.create(isolation=tier, timeout=120) as s:
+        fast = s.commands.run(LIMITS).stdout.split()
+        slow = s.commands.run(LIMITS, envs={"BASH_ENV": "/dev/null"}).stdout.split()
+        ctx = s.create_code_context()
+        kernel = s.run_code(
+            "import os, resource; print(*resource.getrlimit(resource.RLIMIT_NPROC), "
+            "os.getresuid()[0], os.getresuid()[2], "
+            'open("/proc/self/oom_score_adj").read().strip())',
+            context=ctx,
+        ).logs.stdout
+        soft, hard = int(fast[0]), int(fast[1])
+        assert soft == hard and 0 < soft < 1024  # the user's limit, soft and hard
+        assert fast == slow == kernel[0].split()
+        assert fast[2:] == ["1000", "1000", "1000"]  # uid (real and saved), OOM first
+        # a fork of user code is refused at that limit, not the agent's (the reserve)
+        if tier == "container":
+            assert _agent_nproc_from_outside(s) > hard
