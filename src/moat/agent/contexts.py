@@ -102,9 +102,9 @@ class Kernel:
         """Start a new kernel interpreter (used once threads exist, where fork is unsafe)."""
         c_in_r, c_in_w = os.pipe()
         c_out_r, c_out_w = os.pipe()
-        # The user's uid and limits come first (no preexec_fn: CPython can vfork).
+        # The user's limit and OOM score come first (no preexec_fn: CPython can vfork).
         boot = (
-            f"{shield.user_python_boot()}; import sys; sys.path.insert(0, '/opt/moat'); "
+            f"{shield.user_python_boot()}import sys; sys.path.insert(0, '/opt/moat'); "
             "from moat.agent.kernel import main; main()"
         )
         import subprocess  # lazily: only extra contexts and restarts spawn

@@ -162,16 +162,26 @@ def user_shell(shell: str, cmd: str, env: dict[str, str]) -> tuple[list[str], di
 
 
 def user_python_boot() -> str:
-    """Python statements that put a fresh interpreter under the user's process limit.
+    """Python lines that put a fresh interpreter under the user's process limit and make it
+    the OOM killer's first choice.
 
-    The first statements of a kernel started with ``python -I -c`` (isolated: no
-    environment, no user site), so no user code runs before them; the uid comes from
-    :func:`user_ids` as for commands.
+    The first lines of a kernel started with ``python -I -c`` (isolated: no environment, no
+    user site), so no user code runs before them; the uid comes from :func:`user_ids` as for
+    commands. The OOM score is set here, not only by the agent after the spawn: the agent's
+    write can come while the child is still inside execve, not yet dumpable, when its /proc
+    files belong to root and the write fails.
     """
-    if _user_nproc is None:
-        return "pass"
-    n = _user_nproc
-    return f"import resource; resource.setrlimit(resource.RLIMIT_NPROC, ({n}, {n}))"
+    lines = ["import resource"]
+    if _user_nproc is not None:
+        n = _user_nproc
+        lines.append(f"resource.setrlimit(resource.RLIMIT_NPROC, ({n}, {n}))")
+    lines += [
+        "try:",
+        "    with open('/proc/self/oom_score_adj', 'w') as f: f.write('1000')",
+        "except OSError:",
+        "    pass",
+    ]
+    return "\n".join(lines) + "\n"
 
 
 def user_ids() -> dict[str, Any]:
