@@ -12,6 +12,7 @@ byte count, what the sandbox-side client reads, the audit rows (DESIGN invariant
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import socket
 import ssl
@@ -55,7 +56,8 @@ class CLUpstream:
         self.sock = socket.create_server(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
         self._lock = threading.Lock()
-        threading.Thread(target=self._accept, daemon=True).start()
+        self._acceptor = threading.Thread(target=self._accept, daemon=True)
+        self._acceptor.start()
 
     def _accept(self) -> None:
         while True:
@@ -137,6 +139,17 @@ class CLUpstream:
             s.close()
 
     def stop(self) -> None:
+        """Stop accepting, then release the listening socket.
+
+        Closing it while the accept thread is inside ``accept`` freed its fd number for the
+        next socket the process made, often the next test module's upstream server: the old
+        thread then accepted that server's connections and answered with this module's
+        certificate (test_egress_secrets failed with upstream_tls_failed after this module).
+        ``shutdown`` wakes ``accept`` (EINVAL) while the fd is still ours; close after join.
+        """
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+        self._acceptor.join(timeout=10)
         self.sock.close()
 
 

@@ -143,3 +143,52 @@ def test_microvm_image_never_opens_a_guest_owned_secret(tmp_path: Path) -> None:
     os.chmod(secret, 0o644)  # positive control: readable by others, so it is copied in
     for fd in mountimg.build(mount, 64):
         os.close(fd)
+
+
+def test_host_uid_1000_entries_give_the_sandbox_no_more_than_others(
+    tier: str, tmp_path: Path
+) -> None:
+    """gVisor's gofer and the microVM image keep host owners, and inside both the sandbox's
+    user is uid/gid 1000: a host entry of uid or gid 1000 whose owner or group bits give more
+    than "other" is refused there (one rule, ``moat.runtime.mounts.beyond_others``; on a
+    writable mount the write bit counts too). The container tier maps its user to a random
+    host uid, so only the "other" bits apply: the entry is mounted and stays unreadable.
+    Canary checked from inside, host copy from outside; positive control: the same entry
+    made readable by others is mounted and read on every tier."""
+    project = tmp_path / "proj"
+    project.mkdir()
+    os.chmod(project, 0o755)
+    (project / "pub.txt").write_text("public")
+    os.chmod(project / "pub.txt", 0o644)
+    canary = "canary-" + secrets.token_hex(12)
+    secret = project / "secret.txt"
+    secret.write_text(canary)
+    keeps_owners = tier in ("gvisor", "microvm")
+    for owner, mode in (((1000, 1000), 0o600), ((0, 1000), 0o640)):
+        os.chown(secret, *owner)
+        os.chmod(secret, mode)
+        mount = Mount(str(project), "/data/proj")
+        if keeps_owners:
+            with pytest.raises(PolicyError, match=r"'secret\.txt'.*uid or gid 1000"):
+                Sandbox.create(isolation=tier, timeout=60, mounts=[mount])
+            continue
+        with Sandbox.create(isolation=tier, timeout=60, mounts=[mount]) as s:
+            assert s.files.read("/data/proj/pub.txt") == "public"
+            out = s.commands.run("cat /data/proj/secret.txt 2>&1 || true").stdout
+            assert canary not in out and "Permission denied" in out
+    if tier == "gvisor":
+        # writable: an entry others may read but only its owner (host uid 1000) may write
+        os.chown(secret, 1000, 1000)
+        os.chmod(secret, 0o644)
+        rw = Mount(str(project), "/data/proj", read_only=False)
+        with pytest.raises(PolicyError, match=r"'secret\.txt'.*write"):
+            Sandbox.create(isolation=tier, timeout=60, mounts=[rw])
+    # positive control: readable by others, the same entry is mounted and read (read-only)
+    os.chown(secret, 1000, 1000)
+    os.chmod(secret, 0o644)
+    with Sandbox.create(
+        isolation=tier, timeout=60, mounts=[Mount(str(project), "/data/proj")]
+    ) as s:
+        assert s.files.read("/data/proj/secret.txt") == canary
+        s.commands.run("echo x >> /data/proj/secret.txt 2>/dev/null || true")
+    assert secret.read_text() == canary  # unchanged on the host

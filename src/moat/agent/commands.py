@@ -28,8 +28,12 @@ MAX_WATCHERS = 16
 
 
 class Command:
-    def __init__(self, proc: subprocess.Popen[bytes], cmd: str, rid: int, as_exec: bool) -> None:
+    def __init__(
+        self, proc: subprocess.Popen[bytes], child: shield.Child, cmd: str, rid: int, as_exec: bool
+    ) -> None:
         self.proc = proc
+        #: its exit status (never proc.wait/poll: as init the agent's reaper reaps it)
+        self.child = child
         self.cmd = cmd
         self.rid = rid
         #: a bash run_code cell: report a non-zero exit as an execution error, not a status
@@ -77,10 +81,14 @@ class Commands:
         import subprocess  # here, not at start-up: the first command pays for it
 
         master = slave = None
+        argv, user = shield.user_shell(self.shell, cmd, env)
         try:
             if size is not None:
                 master, slave = pty.open_pair(*size)
                 fds: tuple[Any, Any, Any] = (slave, slave, slave)
+                # A terminal takes the fork path: its child makes the slave its controlling
+                # terminal (TIOCSCTTY) and applies the user's uid and limits itself.
+                argv, user = [self.shell, "-c", cmd], {"preexec_fn": pty.child_setup}
             else:
                 fds = (
                     subprocess.PIPE if stdin else subprocess.DEVNULL,
@@ -89,17 +97,16 @@ class Commands:
                 )
             with shield.spawn_lock:
                 proc = subprocess.Popen(
-                    [self.shell, "-c", cmd],
+                    argv,
                     stdin=fds[0],
                     stdout=fds[1],
                     stderr=fds[2],
                     cwd=workdir,
                     env=env,
                     start_new_session=True,
-                    # os-level calls only (safe with threads)
-                    preexec_fn=pty.child_setup if slave is not None else shield.user_limits,
+                    **user,  # the user's uid and limits (see shield.user_shell)
                 )
-                shield.own(proc.pid)
+                child = shield.own(proc.pid)
         except OSError as exc:
             _close(master, slave)
             self.ch.fail(rid, "io", f"could not start the command: {exc.strerror}")
@@ -108,7 +115,7 @@ class Commands:
             os.close(slave)  # the command holds it; EIO on the master once it is gone
             slave = None
         oom_first(proc.pid)
-        command = Command(proc, cmd, rid, as_exec)
+        command = Command(proc, child, cmd, rid, as_exec)
         command.master = master
         command.slave = slave
         command.is_pty = master is not None
@@ -125,8 +132,7 @@ class Commands:
             threading.Thread(target=self._pump, args=(command,), daemon=True).start()
         except RuntimeError:  # no thread to watch it (pids exhausted): don't leave it running
             self.kill(proc.pid)
-            proc.wait()
-            shield.disown(proc.pid)
+            proc.returncode = child.wait()
             _close(master, slave)
             with self.mu:
                 self.items.pop(proc.pid, None)
@@ -138,8 +144,9 @@ class Commands:
             self._pump_pty(c, c.master)
         else:
             self._pump_pipes(c)
-        code = proc.wait()
-        shield.disown(proc.pid)
+        code = c.child.wait()
+        assert code is not None
+        proc.returncode = code  # so the Popen never waits for (a reused) pid itself
         self._finish(c, code)
 
     def _pump_pty(self, c: Command, fd: int) -> None:
@@ -159,7 +166,7 @@ class Commands:
                 if data:
                     for rid in (c.rid, *c.watchers):
                         self.ch.send_stream(MsgType.PTY, rid, data)
-                if c.proc.poll() is not None:
+                if c.child.poll() is not None:
                     # Background jobs may hold the slave open: once the command has exited,
                     # drain for a moment and stop (closing the master hangs them up).
                     exited_at = exited_at or time.monotonic()
@@ -188,7 +195,7 @@ class Commands:
                         self.ch.send_stream(fds[fd], rid, data)
                 else:
                     del fds[fd]
-            if proc.poll() is not None:
+            if c.child.poll() is not None:
                 # A daemonised grandchild may hold the pipes open forever: once the shell has
                 # exited, give the pipes a moment to drain and then stop waiting for EOF.
                 exited_at = exited_at or time.monotonic()

@@ -19,7 +19,6 @@ from moat.protocol.contract import HOME
 # imported for the type checker (annotations are strings here).
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    import subprocess
     from typing import Any
 
 #: How long an interrupted cell gets to unwind after SIGINT before its kernel is killed...
@@ -58,9 +57,9 @@ def oom_first(pid: int) -> None:
 class Kernel:
     """One kernel process with its control pipe and output pipes."""
 
-    def __init__(self, pid: int, ctl_w: int, ctl_r: int, out_r: int, err_r: int) -> None:
-        self.pid = pid
-        self._popen: subprocess.Popen[bytes] | None = None  # spawned kernels: it reaps them
+    def __init__(self, child: shield.Child, ctl_w: int, ctl_r: int, out_r: int, err_r: int) -> None:
+        self.pid = child.pid
+        self.child = child  # its exit status (as init, the agent's reaper reaps it)
         self.ctl_w, self.ctl_r, self.out_r, self.err_r = ctl_w, ctl_r, out_r, err_r
 
     @classmethod
@@ -74,7 +73,7 @@ class Kernel:
         with shield.spawn_lock:
             pid = os.fork()
             if pid != 0:
-                shield.own(pid)
+                child = shield.own(pid)
         if pid == 0:  # child
             try:
                 _child_setup()
@@ -96,15 +95,16 @@ class Kernel:
                 os._exit(1)
         for fd in (c_in_r, c_out_w, o_w, e_w):
             os.close(fd)
-        return cls(pid, c_in_w, c_out_r, o_r, e_r)
+        return cls(child, c_in_w, c_out_r, o_r, e_r)
 
     @classmethod
     def spawn(cls, cwd: str | None) -> Kernel:
         """Start a new kernel interpreter (used once threads exist, where fork is unsafe)."""
         c_in_r, c_in_w = os.pipe()
         c_out_r, c_out_w = os.pipe()
+        # The user's limit and OOM score come first (no preexec_fn: CPython can vfork).
         boot = (
-            "import sys; sys.path.insert(0, '/opt/moat'); "
+            f"{shield.user_python_boot()}import sys; sys.path.insert(0, '/opt/moat'); "
             "from moat.agent.kernel import main; main()"
         )
         import subprocess  # lazily: only extra contexts and restarts spawn
@@ -118,9 +118,9 @@ class Kernel:
                 pass_fds=(c_in_r, c_out_w),
                 cwd=cwd or (HOME if os.path.isdir(HOME) else "/"),
                 start_new_session=True,
-                preexec_fn=shield.user_limits,  # os-level calls only (safe with threads)
+                **shield.user_ids(),
             )
-            shield.own(proc.pid)
+            child = shield.own(proc.pid)
         oom_first(proc.pid)
         os.close(c_in_r)
         os.close(c_out_w)
@@ -128,9 +128,8 @@ class Kernel:
         out_r, err_r = os.dup(proc.stdout.fileno()), os.dup(proc.stderr.fileno())
         proc.stdout.close()
         proc.stderr.close()
-        kernel = cls(proc.pid, c_in_w, c_out_r, out_r, err_r)
-        kernel._popen = proc  # keep the Popen so it reaps the child
-        return kernel
+        proc.returncode = 0  # so the Popen never reaps (a reused) pid itself: self.child does
+        return cls(child, c_in_w, c_out_r, out_r, err_r)
 
     def close(self) -> None:
         try:
@@ -142,11 +141,7 @@ class Kernel:
                 os.close(fd)
             except OSError:
                 pass
-        try:
-            os.waitpid(self.pid, 0)
-        except ChildProcessError:
-            pass
-        shield.disown(self.pid)
+        self.child.wait()
 
 
 class Context:

@@ -47,10 +47,15 @@ _CAP_VERSION_3 = 0x20080522
 RESERVE_MAX = 32
 RESERVE_MIN = 4
 
-#: Held while the agent starts a child and records it (see :func:`own`): the reaper never
-#: reaps a child an owner will wait for.
+#: Held while the agent starts a child and records it (see :func:`own`), and while the reaper
+#: reaps: a child is always recorded before it can be reaped, so no exit status is lost.
 spawn_lock = threading.Lock()
-_owned: set[int] = set()
+#: pid -> the handle its owner waits on (see :class:`Child`); guarded by spawn_lock.
+_owned: dict[int, Child] = {}
+#: Set once :func:`start_reaper` runs: from then on only the reaper calls waitpid.
+_reaping = False
+#: Set by :func:`own`: wakes a reaper that found no child at all.
+_spawned = threading.Event()
 _user_nproc: int | None = None
 
 
@@ -107,52 +112,185 @@ def child_setup() -> None:
 
 
 def user_limits() -> None:
-    """The user's uid and process limit; os-level calls only (also a ``preexec_fn``)."""
+    """The user's uid and process limit, first in line for the OOM killer; os-level calls
+    only (also a ``preexec_fn``)."""
     euid = os.geteuid()
     if os.getuid() != euid:
         os.setresuid(euid, euid, euid)
     if _user_nproc is not None:
         resource.setrlimit(resource.RLIMIT_NPROC, (_user_nproc, _user_nproc))
+    try:
+        fd = os.open("/proc/self/oom_score_adj", os.O_WRONLY)
+        try:
+            os.write(fd, b"1000")
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
 
 
-def own(pid: int) -> None:
+#: Environment names that make bash (or the dynamic loader before it) run code or read
+#: files before the first command of ``-c`` (startup files, imported functions, xtrace's
+#: prompt, preloaded libraries, iconv modules).
+_STARTUP_ENV = frozenset({"BASH_ENV", "ENV", "SHELLOPTS", "BASHOPTS", "PS4", "GCONV_PATH"})
+#: The shell makes itself the OOM killer's first choice before anything it forks inherits
+#: its score (the agent's write to the new pid comes after Popen returns: too late for a
+#: child the shell forked at once).
+_OOM_FIRST_SH = "{ echo 1000 >/proc/self/oom_score_adj; } 2>/dev/null"
+
+
+def _runs_before_first_command(env: dict[str, str]) -> bool:
+    return any(name in _STARTUP_ENV or name.startswith(("LD_", "BASH_FUNC_")) for name in env)
+
+
+def user_shell(shell: str, cmd: str, env: dict[str, str]) -> tuple[list[str], dict[str, Any]]:
+    """The argv and extra ``Popen`` arguments that run ``cmd`` as user code, under its limits.
+
+    A ``preexec_fn`` makes CPython fork the agent and run Python in the child (~1.5 ms per
+    command); without one it uses vfork. So where it can, the shell itself lowers its
+    ``RLIMIT_NPROC`` (soft and hard) and raises its OOM score in the first commands of its
+    ``-c`` string, before any of ``cmd`` is even parsed: nothing of user code runs without
+    the limit, and no fork of user code escapes it (the kernel checks the forking process's
+    limit). That holds only when nothing runs before those first commands, so the fork path
+    stays for a shell other than bash and for an environment naming what bash or the loader
+    act on at start-up. The uid switch is :func:`user_ids`.
+    """
+    if os.path.basename(shell) != "bash" or _runs_before_first_command(env):
+        return [shell, "-c", cmd], {"preexec_fn": user_limits}
+    limit = "" if _user_nproc is None else f"ulimit -HSu {_user_nproc} || exit 126; "
+    return [shell, "-c", f"{limit}{_OOM_FIRST_SH}; {cmd}"], user_ids()
+
+
+def user_python_boot() -> str:
+    """Python lines that put a fresh interpreter under the user's process limit and make it
+    the OOM killer's first choice.
+
+    The first lines of a kernel started with ``python -I -c`` (isolated: no environment, no
+    user site), so no user code runs before them; the uid comes from :func:`user_ids` as for
+    commands. The OOM score is set here, not only by the agent after the spawn: the agent's
+    write can come while the child is still inside execve, not yet dumpable, when its /proc
+    files belong to root and the write fails.
+    """
+    lines = ["import resource"]
+    if _user_nproc is not None:
+        n = _user_nproc
+        lines.append(f"resource.setrlimit(resource.RLIMIT_NPROC, ({n}, {n}))")
+    lines += [
+        "try:",
+        "    with open('/proc/self/oom_score_adj', 'w') as f: f.write('1000')",
+        "except OSError:",
+        "    pass",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def user_ids() -> dict[str, Any]:
+    """Extra ``Popen`` arguments that give a child the user's uid as real, effective, saved.
+
+    Only where the agent's differ (gVisor, :func:`_split_uid`): CPython's ``user=`` calls
+    setreuid in the child before exec (without it the sentry's exec leaves all three at the
+    agent's real uid).
+    """
+    euid = os.geteuid()
+    return {"user": euid} if os.getuid() != euid else {}
+
+
+class Child:
+    """A child the agent started and will wait for: its exit status arrives here.
+
+    Once the reaper runs (the agent is init), it alone calls ``waitpid`` and hands an owned
+    child's status to this handle, so the owner neither races it nor loses the status;
+    before that (or when the agent is not init) the owner reaps its child itself.
+    """
+
+    __slots__ = ("_code", "_done", "pid")
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self._code: int | None = None
+        self._done = threading.Event()
+
+    def _exited(self, status: int) -> None:
+        self._code = os.waitstatus_to_exitcode(status)
+        self._done.set()
+
+    def poll(self) -> int | None:
+        """The exit code (``-signal`` if killed, as subprocess reports it), None while it runs."""
+        return self.wait(0)
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        """Wait up to ``timeout`` seconds (None: for ever); the exit code, or None if running."""
+        if self._done.is_set():
+            return self._code
+        if _reaping:
+            self._done.wait(timeout)  # the reaper has dropped it from the table
+        else:
+            self._reap_self(timeout)
+        return self._code
+
+    def _reap_self(self, timeout: float | None) -> None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            try:
+                pid, status = os.waitpid(self.pid, 0 if deadline is None else os.WNOHANG)
+            except ChildProcessError:  # not ours to reap (cannot happen without a reaper)
+                pid, status = self.pid, signal.SIGKILL  # reads as killed, never as success
+            if pid == self.pid:
+                with spawn_lock:
+                    if _owned.get(self.pid) is self:
+                        del _owned[self.pid]
+                self._exited(status)
+                return
+            if deadline is None or time.monotonic() >= deadline:
+                return
+            time.sleep(0.01)
+
+
+def own(pid: int) -> Child:
     """Record a child its owner will wait for (call with :data:`spawn_lock` held)."""
-    _owned.add(pid)
-
-
-def disown(pid: int) -> None:
-    """The owner has waited for ``pid``."""
-    with spawn_lock:
-        _owned.discard(pid)
+    child = Child(pid)
+    _owned[pid] = child
+    _spawned.set()
+    return child
 
 
 def start_reaper() -> None:
-    """As a pid namespace's init: reap orphans, never a child an owner waits for.
+    """As a pid namespace's init: reap every exited child, handing owned ones' status over.
 
     Unreaped, orphans' zombies would count against the process limit until nothing, not even
     the agent, could start a thread.
     """
+    global _reaping
+    _reaping = True
     threading.Thread(target=_reap, daemon=True, name="reaper").start()
 
 
 def _reap() -> None:
-    flags = os.WEXITED | os.WNOWAIT
+    """Block until some child has exited, then reap every exited child (no busy loop).
+
+    ``waitid(WNOWAIT)`` only waits: the zombie stays until ``waitpid(-1, WNOHANG)`` takes it,
+    under :data:`spawn_lock`, so a child spawned concurrently is recorded before it can be
+    reaped. An owned child's status goes to its :class:`Child`; an orphan's is dropped. (The
+    former reaper left an owned zombie for its owner and, since ``waitid`` kept returning that
+    same zombie, never reached the orphans behind it while the owner was not waiting.)
+    """
     while True:
+        _spawned.clear()
         try:
-            info = os.waitid(os.P_ALL, 0, flags)
-        except ChildProcessError:
-            time.sleep(0.1)
+            os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOWAIT)
+        except ChildProcessError:  # no child at all: none can exit before the next spawn
+            _spawned.wait()
             continue
         except InterruptedError:
             continue
-        if info is None:
-            continue
         with spawn_lock:
-            mine = info.si_pid in _owned
-        if mine:
-            time.sleep(0.05)  # its owner reaps it (and removes it from the set)
-            continue
-        try:
-            os.waitpid(info.si_pid, os.WNOHANG)
-        except ChildProcessError:
-            pass
+            while True:
+                try:
+                    pid, status = os.waitpid(-1, os.WNOHANG)
+                except ChildProcessError:
+                    break
+                if pid == 0:
+                    break
+                child = _owned.pop(pid, None)
+                if child is not None:
+                    child._exited(status)

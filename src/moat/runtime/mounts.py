@@ -5,6 +5,14 @@ Trust domain: host engine (root). The caller names a host path; the engine resol
 fine), opens what it resolves to without following a link that appeared since, and judges the
 object it holds. Errors are typed and name no host path but the one the caller passed
 (invariant 8).
+
+One rule for the tiers that keep host owners (:func:`check_owners`): gVisor's gofer and the
+microVM's mount image show a mounted entry with its host uid/gid, and inside both the sandbox's
+user *is* uid/gid 1000, so host uid/gid 1000's owner or group bits would apply to it. The
+container tier maps its user to a random host uid (host uid 1000 appears as ``nobody``), so
+there only the "other" bits ever apply. A sandbox must get no more of a mount than any other
+host user does (invariant 1: nothing of the host unless named, and naming a directory shares
+what the host shares with others), so such an entry is refused.
 """
 
 from __future__ import annotations
@@ -15,9 +23,9 @@ import stat
 from dataclasses import dataclass
 
 from moat.errors import InvalidArgumentError, PolicyError
-from moat.runtime.spec import Mount
+from moat.runtime.spec import SANDBOX_GID, SANDBOX_UID, Mount
 
-__all__ = ["Source", "resolve"]
+__all__ = ["Source", "beyond_others", "check_owners", "owner_error", "resolve"]
 
 
 @dataclass(frozen=True)
@@ -61,3 +69,52 @@ def resolve(m: Mount, gid: int) -> Source:
             f"{stat.S_IMODE(st.st_mode):04o}); sandboxes run as an unprivileged uid"
         )
     return Source(real, is_dir, (st.st_dev, st.st_ino))
+
+
+def beyond_others(st: os.stat_result, writable: bool) -> bool:
+    """Whether a tier that keeps host owners gives the sandbox's user (uid/gid
+    :data:`SANDBOX_UID`/:data:`SANDBOX_GID`) more of this entry than any other host user gets:
+    read or search (and, on a writable mount, write) in its owner or group bits, not in
+    "other"."""
+    bits = 0o7 if writable else 0o5
+    others = st.st_mode & 0o7
+    owner, group = (st.st_mode >> 6) & 0o7, (st.st_mode >> 3) & 0o7
+    return (st.st_uid == SANDBOX_UID and owner & ~others & bits != 0) or (
+        st.st_gid == SANDBOX_GID and group & ~others & bits != 0
+    )
+
+
+def owner_error(m: Mount, rel: str, tier: str) -> PolicyError:
+    """The error for an entry :func:`beyond_others` refuses (names no host path but the
+    caller's own)."""
+    where = m.host_path if rel == "." else f"{rel!r} in {m.host_path}"
+    return PolicyError(
+        f"mount entry {where} is owned by host uid or gid {SANDBOX_UID}, which is the sandbox's"
+        f" user on the {tier} tier, and gives that owner more than other users"
+        f" ({'read, write or search' if not m.read_only else 'read or search'}): the sandbox"
+        " would get it. Make it accessible to others alike, or use the container tier"
+    )
+
+
+def check_owners(m: Mount, tier: str) -> Source:
+    """:func:`resolve` ``m``, then refuse it if any entry of its tree, the root included,
+    is :func:`beyond_others` (links are not followed: a link's own mode opens nothing).
+
+    Walks the whole tree (blocking: call it off the event loop). A later change on the host
+    is not seen: the check holds at start.
+    """
+    source = resolve(m, SANDBOX_GID)
+    writable = not m.read_only
+    if beyond_others(os.stat(source.path), writable):
+        raise owner_error(m, ".", tier)
+    if source.is_dir:
+        for dirpath, dirnames, filenames in os.walk(source.path):
+            for name in dirnames + filenames:
+                path = os.path.join(dirpath, name)
+                try:
+                    st = os.lstat(path)
+                except OSError:
+                    continue
+                if beyond_others(st, writable):
+                    raise owner_error(m, os.path.relpath(path, source.path), tier)
+    return source

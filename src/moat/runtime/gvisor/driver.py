@@ -41,6 +41,7 @@ from moat.runtime.gvisor.hostproc import kill_processes_of_root, processes_of_ro
 from moat.runtime.gvisor.oci import CGROUP_PREFIX, Bundle, build_config, cgroup_name
 from moat.runtime.gvisor.probe import PLATFORMS, RUNSC_ENV, probe, runsc_path
 from moat.runtime.gvisor.rootfs import etc_binds, write_skeleton
+from moat.runtime.mounts import check_owners
 from moat.runtime.mounts import resolve as resolve_mount
 from moat.runtime.spec import SANDBOX_GID, SandboxSpec
 
@@ -268,6 +269,10 @@ class GvisorRuntime:
             (workdir / "owner").write_text(f"{os.getpid()} {_start_time(os.getpid())}\n")
             # Built once per host (make install does it); a compile the first time otherwise.
             preload = await asyncio.to_thread(compat.build)
+            # The gofer keeps host owners and the sandbox's user is uid/gid 1000: refuse an
+            # entry that would give it more than other host users get (walks the trees).
+            for m in spec.mounts:
+                await asyncio.to_thread(check_owners, m, "gvisor")
             config = self._bundle(spec, workdir, preload)
             proc = await asyncio.create_subprocess_exec(
                 *self._argv(exe, workdir, spec.sandbox_id),

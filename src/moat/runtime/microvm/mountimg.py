@@ -31,7 +31,7 @@ from typing import Final
 
 from moat.errors import PolicyError, SandboxError
 from moat.runtime.microvm import artifacts
-from moat.runtime.mounts import resolve
+from moat.runtime.mounts import beyond_others, owner_error, resolve
 from moat.runtime.spec import SANDBOX_GID, Mount
 
 __all__ = ["SERIAL_PREFIX", "build", "sweep"]
@@ -52,25 +52,13 @@ def _dir() -> Path:
     return path
 
 
-#: The guest's user: uid and gid 1000 (moat.guest.boot). mke2fs -d keeps host owners.
-_GUEST_IDS = 1000
-
-
-def _beyond_others(st: os.stat_result) -> bool:
-    """Whether the image would give the guest's user more of this entry than the host gives
-    any other user: it keeps host owners, and host uid/gid 1000 is the guest's user."""
-    others = st.st_mode & 0o7
-    owner, group = (st.st_mode >> 6) & 0o7, (st.st_mode >> 3) & 0o7
-    return (st.st_uid == _GUEST_IDS and owner & ~others & 0o5 != 0) or (
-        st.st_gid == _GUEST_IDS and group & ~others & 0o5 != 0
-    )
-
-
-def _measure(root: str) -> tuple[int, int]:
+def _measure(m: Mount, root: str) -> tuple[int, int]:
     """(bytes the data takes in blocks, inodes) of the tree at ``root``; links not followed.
 
-    PolicyError for an entry the image would open to the sandbox beyond its host mode (the
-    sandbox sees what any other host user may read, as on the container tier)."""
+    PolicyError for an entry the image would open to the sandbox beyond its host mode:
+    mke2fs -d keeps host owners and the guest's user is uid/gid 1000 (the rule all tiers that
+    keep owners share: :func:`moat.runtime.mounts.beyond_others`). The image's root is
+    root-owned (``root_owner=0:0``), so it is not checked here."""
     total, inodes = _BLOCK, 1
     for dirpath, dirnames, filenames in os.walk(root):
         for name in dirnames + filenames:
@@ -79,13 +67,8 @@ def _measure(root: str) -> tuple[int, int]:
                 st = os.lstat(os.path.join(dirpath, name))
             except OSError:
                 continue
-            if _beyond_others(st):
-                rel = os.path.relpath(os.path.join(dirpath, name), root)
-                raise PolicyError(
-                    f"mount entry {rel!r} is owned by host uid or gid {_GUEST_IDS}, the microVM"
-                    " guest's user, and not readable by others: the sandbox would read it."
-                    " Make it readable by others, or use the container or gvisor tier"
-                )
+            if beyond_others(st, writable=False):
+                raise owner_error(m, os.path.relpath(os.path.join(dirpath, name), root), "microvm")
             total += -(-st.st_size // _BLOCK) * _BLOCK if st.st_size else 0
         total += _BLOCK * len(dirnames)
     return total, inodes
@@ -108,7 +91,7 @@ def build(mounts: tuple[Mount, ...], cap_mb: int) -> list[int]:
         if not source.is_dir:
             raise PolicyError("the microvm tier mounts directories only, not single files")
         sources.append(source)
-    sizes = [_measure(s.path) for s in sources]
+    sizes = [_measure(m, s.path) for m, s in zip(mounts, sources, strict=True)]
     if sum(b for b, _ in sizes) > cap_mb << 20:
         raise PolicyError(
             f"mounts on the microvm tier are copied in at start: at most {cap_mb} MiB in all"
