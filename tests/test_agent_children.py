@@ -145,9 +145,12 @@ def test_user_code_runs_under_its_limits_from_the_start(tier: str) -> None:
         ).logs.stdout
         # the fast path is taken where nothing runs before the shell's first command
         assert "ulimit -HSu" in s.commands.run('echo "$BASH_EXECUTION_STRING"').stdout
-        assert "ulimit" not in s.commands.run(
-            'echo "$BASH_EXECUTION_STRING"', envs={"BASH_ENV": "/dev/null"}
-        ).stdout
+        assert (
+            "ulimit"
+            not in s.commands.run(
+                'echo "$BASH_EXECUTION_STRING"', envs={"BASH_ENV": "/dev/null"}
+            ).stdout
+        )
         soft, hard = int(fast[0]), int(fast[1])
         assert soft == hard and 0 < soft < 1024  # the user's limit, soft and hard
         assert fast == slow == kernel[0].split()
