@@ -289,11 +289,33 @@ def _table(rows: list[dict[str, Any]]) -> list[str]:
     help="Tenant policy file: quotas, tiers, egress ceiling, guard floor "
     "($MOAT_TENANTS_FILE; default: <state dir>/tenants.toml if it exists; docs/server.md).",
 )
-def serve(host: str, port: int, tier: str | None, policy_file: str | None) -> None:
+@click.option(
+    "--tls-cert",
+    type=click.Path(dir_okay=False),
+    envvar="MOAT_SERVE_TLS_CERT",
+    default=None,
+    help="PEM certificate (chain) to serve HTTPS with, e.g. a wildcard for ingress host names "
+    "($MOAT_SERVE_TLS_CERT; with --tls-key).",
+)
+@click.option(
+    "--tls-key",
+    type=click.Path(dir_okay=False),
+    envvar="MOAT_SERVE_TLS_KEY",
+    default=None,
+    help="PEM private key of --tls-cert ($MOAT_SERVE_TLS_KEY).",
+)
+def serve(
+    host: str,
+    port: int,
+    tier: str | None,
+    policy_file: str | None,
+    tls_cert: str | None,
+    tls_key: str | None,
+) -> None:
     """Serve E2B's wire on HOST:PORT for the unmodified E2B SDKs (keys: ``moat keys``)."""
     from moat.server.serve import main as serve_main
 
-    serve_main(host, port, tier, policy_file)
+    serve_main(host, port, tier, policy_file, tls_cert or None, tls_key or None)
 
 
 @main.command()

@@ -17,6 +17,7 @@ import os
 import re
 import signal
 import socket
+import ssl
 import sys
 from collections.abc import Iterator
 
@@ -45,13 +46,14 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def warn_if_exposed(host: str) -> None:
-    if not is_loopback(host):
+def warn_if_exposed(host: str, tls: bool = False) -> None:
+    if not is_loopback(host) and not tls:
         bar = "!" * 78
         print(
             f"{bar}\n! moat serve is listening on {host}, not loopback, over PLAIN HTTP.\n"
-            "! API keys and sandbox access tokens cross the network in the clear. Put it\n"
-            f"! behind TLS (a reverse proxy) or bind 127.0.0.1.\n{bar}",
+            "! API keys and sandbox access tokens cross the network in the clear. Give it\n"
+            "! --tls-cert/--tls-key, put it behind a TLS proxy, or bind 127.0.0.1.\n"
+            f"{bar}",
             file=sys.stderr,
             flush=True,
         )
@@ -65,7 +67,11 @@ def log_level() -> str:
 
 
 async def serve(
-    host: str, port: int, tier: str | None, policy: TenantPolicies | None = None
+    host: str,
+    port: int,
+    tier: str | None,
+    policy: TenantPolicies | None = None,
+    tls: tuple[str, str] | None = None,
 ) -> None:
     """Serve until a signal; then kill every sandbox this server started."""
     front = FrontDoor(policy=policy or TenantPolicies())
@@ -86,6 +92,8 @@ async def serve(
         http="h11",
         ws="wsproto",  # ingress WebSockets only (moat.server.ingress)
         server_header=False,  # nothing to advertise; an app's own Server header goes through
+        ssl_certfile=tls[0] if tls else None,
+        ssl_keyfile=tls[1] if tls else None,
     )
     server = _Server(config, front)
     loop = asyncio.get_running_loop()
@@ -125,8 +133,34 @@ class _Server(uvicorn.Server):
         await super().shutdown(sockets)
 
 
-def main(host: str, port: int, tier: str | None, policy_file: str | None = None) -> None:
+def _tls(cert: str | None, key: str | None) -> tuple[str, str] | None:
+    """The certificate and key to serve HTTPS with, checked before anything starts: both or
+    neither, each a readable PEM file that loads as a pair (else exit 2, never plain HTTP
+    by mistake: invariant 7)."""
+    if cert is None and key is None:
+        return None
+    if cert is None or key is None:
+        print("moat serve: --tls-cert and --tls-key go together", file=sys.stderr, flush=True)
+        raise SystemExit(2)
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as exc:
+        print(f"moat serve: the TLS certificate and key don't load: {exc}", file=sys.stderr,
+              flush=True)  # fmt: skip
+        raise SystemExit(2) from None
+    return cert, key
+
+
+def main(
+    host: str,
+    port: int,
+    tier: str | None,
+    policy_file: str | None = None,
+    tls_cert: str | None = None,
+    tls_key: str | None = None,
+) -> None:
     logging.basicConfig(level=logging.INFO, format="moat serve: %(message)s")
+    tls = _tls(tls_cert, tls_key)
     try:
         log_level()  # a bad setting fails before anything starts
     except InvalidArgumentError as exc:
@@ -138,9 +172,10 @@ def main(host: str, port: int, tier: str | None, policy_file: str | None = None)
     except SandboxError as exc:
         print(f"moat serve: bad tenant policy: {exc}", file=sys.stderr, flush=True)
         sys.exit(2)
-    warn_if_exposed(host)
+    warn_if_exposed(host, tls is not None)
     rules = "none" if policy == TenantPolicies() else policy_file or "<state dir>/tenants.toml"
-    print(f"moat serve: listening on http://{host}:{port} (tier: {tier or 'by trust'}; "
+    scheme = "https" if tls else "http"
+    print(f"moat serve: listening on {scheme}://{host}:{port} (tier: {tier or 'by trust'}; "
           f"tenant policy: {rules})", file=sys.stderr, flush=True)  # fmt: skip
-    asyncio.run(serve(host, port, tier, policy))
+    asyncio.run(serve(host, port, tier, policy, tls))
     print("moat serve: stopped; every sandbox was killed", file=sys.stderr, flush=True)
