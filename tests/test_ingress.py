@@ -143,6 +143,12 @@ def test_http_and_websocket_ingress_with_the_token_only(server: Server) -> None:
                        content=payload, timeout=20)  # fmt: skip
         assert r.status_code == 200
         assert r.text == f"{hashlib.sha256(payload).hexdigest()} {len(payload)}"
+        # The agent's egress proxy (3128) is no ingress target: from outside it would lend the
+        # sandbox's gateway, and the secrets it brokers, to whoever holds the token.
+        proxy = httpx.get(f"{server.url}/", headers={**headers, "E2b-Sandbox-Port": "3128"},
+                          timeout=20)  # fmt: skip
+        assert proxy.status_code == 403 and "egress proxy" in proxy.text, proxy.text
+        assert "x-moat-reason" not in proxy.headers  # nothing of the gateway answered
         # WebSocket: echoed both ways, and refused without the token.
         assert _ws_echo(server, sbx.sandbox_id, token) == ["echo:one", "echo:" + "two" * 100]
         assert _ws_echo(server, sbx.sandbox_id, None) == ["rejected"]
@@ -160,6 +166,7 @@ def test_http_and_websocket_ingress_with_the_token_only(server: Server) -> None:
     assert any(r["result"] == "allow" and r["port"] == 8000 and r["bytes_down"] > 0 for r in mine)
     assert any(r["method"] == "WEBSOCKET" and r["port"] == 8765 for r in mine)
     assert any(r["result"] == "deny" and r["reason"] == "port_not_open" for r in mine)
+    assert any(r["result"] == "deny" and r["reason"] == "port_refused" for r in mine)
 
 
 def test_public_traffic_needs_no_token_and_tenants_stay_apart(server: Server) -> None:

@@ -43,6 +43,7 @@ from moat.errors import (
 from moat.guard import Guard, GuardBudgetError, GuardPolicy
 from moat.model import (
     LANGUAGES,
+    PROXY_PORT,
     Context,
     End,
     EntryInfo,
@@ -319,7 +320,13 @@ class FrontDoor:
         to its client (the faces audit every connection)."""
         if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
             raise InvalidArgumentError("port must be an integer from 1 to 65535")
-        tunnel = await self._session(tenant, sandbox_id).open_port(port)
+        session = self._session(tenant, sandbox_id)
+        if port == PROXY_PORT:
+            # The agent's proxy port is the sandbox's way out through its gateway, which
+            # brokers the sandbox's secrets: reached from outside it would lend them (and the
+            # sandbox's egress) to whoever holds the traffic token (invariant 3).
+            raise PolicyError(f"port {PROXY_PORT} is the sandbox's egress proxy: not reachable")
+        tunnel = await session.open_port(port)
         return tunnel.reader, tunnel.writer
 
     async def pause(self, tenant: str, sandbox_id: str) -> None:

@@ -35,7 +35,7 @@ from starlette.datastructures import Headers
 from wsproto import ConnectionType, WSConnection
 from wsproto import events as ws
 
-from moat.errors import PortNotOpenError, SandboxError
+from moat.errors import PolicyError, PortNotOpenError, SandboxError
 from moat.server.app import MAX_FILE_BODY, Receive, Record, Scope, Send, ServerState
 
 __all__ = ["IDLE_TIMEOUT_S", "TOKEN_COOKIE", "TOKEN_PARAM", "Target", "handle", "target_of"]
@@ -135,6 +135,11 @@ async def handle(state: ServerState, target: Target, scope: Scope, receive: Rece
         _audit(state, rec, sid, target.port, "WEBSOCKET" if is_ws else scope.get("method"),
                allowed=False, reason="port_not_open")  # fmt: skip
         await _refuse(send, is_ws, 502, str(exc), sid)
+        return
+    except PolicyError as exc:  # a port of moat's own inside (the egress proxy)
+        _audit(state, rec, sid, target.port, "WEBSOCKET" if is_ws else scope.get("method"),
+               allowed=False, reason="port_refused")  # fmt: skip
+        await _refuse(send, is_ws, 403, str(exc), sid)
         return
     except SandboxError:
         await _refuse(send, is_ws, 502, "The sandbox was not found", sid)
