@@ -210,17 +210,45 @@ def _forwarded(scope: Scope) -> list[tuple[bytes, bytes]]:
     return out
 
 
-async def _read_body(receive: Receive) -> bytes:
-    body = bytearray()
+async def _send_body(
+    receive: Receive, conn: h11.Connection, writer: Any, counts: list[int]
+) -> None:
+    """Stream the client's body to the app as it arrives: memory is bounded by the stream's
+    credit (``drain``), never a whole body per request; the total stays under the cap."""
+    sent = 0
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
             raise ConnectionResetError("client left")
-        body += message.get("body", b"")
-        if len(body) > MAX_FILE_BODY:
+        chunk = message.get("body", b"")
+        sent += len(chunk)
+        if sent > MAX_FILE_BODY:
             raise _Failed("request body too large")
+        if chunk:
+            out = conn.send(h11.Data(data=chunk))
+            counts[0] += len(out)
+            writer.write(out)
+            await writer.drain()
         if not message.get("more_body", False):
-            return bytes(body)
+            out = conn.send(h11.EndOfMessage())
+            counts[0] += len(out)
+            writer.write(out)
+            await writer.drain()
+            return
+
+
+def _framing(scope: Scope) -> list[tuple[bytes, bytes]]:
+    """How the request's body is framed to the app: the client's Content-Length, or chunked
+    when the client sent one so, or no body at all."""
+    headers = Headers(scope=scope)
+    length = headers.get("content-length")
+    if length is not None and length.isdigit():
+        if int(length) > MAX_FILE_BODY:
+            raise _Failed("request body too large")
+        return [(b"content-length", length.encode())]
+    if "chunked" in headers.get("transfer-encoding", "").lower():
+        return [(b"transfer-encoding", b"chunked")]
+    return []
 
 
 async def _next_event(conn: h11.Connection, reader: Any, counts: list[int]) -> Any:
@@ -236,23 +264,19 @@ async def _next_event(conn: h11.Connection, reader: Any, counts: list[int]) -> A
 
 async def _http(scope: Scope, receive: Receive, send: Send, reader: Any, writer: Any,
                 counts: list[int], set_cookie: str | None) -> None:  # fmt: skip
-    body = await _read_body(receive)
     conn = h11.Connection(h11.CLIENT)
     target = scope.get("raw_path") or scope["path"].encode()
     query = _without_token(scope.get("query_string", b""))
     if query:
         target += b"?" + query
     # The client's Host goes on (apps build their links from it), as any reverse proxy does.
-    headers = [*_forwarded(scope), (b"connection", b"close"),
-               (b"content-length", str(len(body)).encode())]  # fmt: skip
+    headers = [*_forwarded(scope), (b"connection", b"close"), *_framing(scope)]
     if not any(k == b"host" for k, _ in headers):
         headers.insert(0, (b"host", b"localhost"))
     out = conn.send(h11.Request(method=scope["method"], target=target, headers=headers))
-    out += conn.send(h11.Data(data=body)) if body else b""
-    out += conn.send(h11.EndOfMessage())
     counts[0] += len(out)
     writer.write(out)
-    await writer.drain()
+    await _send_body(receive, conn, writer, counts)
     response = await _next_event(conn, reader, counts)
     if not isinstance(response, h11.Response):
         raise _Failed("no response")
