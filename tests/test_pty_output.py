@@ -98,3 +98,62 @@ def test_block_mode_raises_and_releases_nothing_of_the_value() -> None:
     with pytest.raises(LeakBlockedError):
         out = _run(guard, [b"ok ", SECRET.encode()[:5], SECRET.encode()[5:]])
         assert SECRET[:5].encode() not in b"".join(out)
+
+
+def test_a_reader_that_leaves_frees_a_stalled_terminal_stream() -> None:
+    """A reader that stops, then leaves: the idle release waiting for room ends, and nothing
+    more is held (before, that task waited forever holding the 4 MiB backlog)."""
+    import asyncio
+
+    from moat.engine.api import PTY_BACKLOG, _Stream
+    from moat.engine.ptyout import PtySink
+
+    class Hold:  # holds the last 10 characters back, like a guard's window
+        def __init__(self) -> None:
+            self.buf = ""
+
+        def feed(self, s: str) -> str:
+            self.buf += s
+            out, self.buf = self.buf[:-10], self.buf[-10:]
+            return out
+
+        @property
+        def pending(self) -> int:
+            return len(self.buf)
+
+        def release_idle(self) -> str:
+            out, self.buf = self.buf, ""
+            return out
+
+        def flush(self) -> str:
+            return self.release_idle()
+
+    async def main() -> None:
+        stream = _Stream()
+        sink = PtySink(Hold(), stream.push_pty)
+
+        async def work() -> None:
+            try:
+                while True:
+                    await sink.feed(b"x" * 100_000)
+                    await asyncio.sleep(0.25)  # idle: the release fires
+            except BaseException:
+                sink.abandon()
+                raise
+
+        stream.run(work)
+        events = stream.events()
+        await events.__anext__()
+        for _ in range(300):  # the reader stalls: the backlog fills past its cap
+            if stream.backlog > PTY_BACKLOG:
+                break
+            await asyncio.sleep(0.1)
+        assert stream.backlog > PTY_BACKLOG  # the writer now waits for room
+        await asyncio.sleep(0.5)
+        await events.aclose()  # type: ignore[attr-defined]  # the reader leaves
+        await asyncio.sleep(0.5)
+        rest = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        assert stream.task is not None and stream.task.done()
+        assert not rest, rest  # no idle release left waiting
+
+    asyncio.run(main())

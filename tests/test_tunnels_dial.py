@@ -54,9 +54,11 @@ def test_forged_opens_are_protocol_errors() -> None:
         task = asyncio.create_task(mux.dial(8000))
         await asyncio.sleep(0)
         mux.on_frame(MsgType.TCP_OPEN, 1, b"", {})
-        await task
+        tunnel = await task
+        mux.on_frame(MsgType.TCP_OPEN, 1, b"", {})  # twice: an issued id, harmless, ignored
+        assert mux.streams == {1: tunnel}
         with pytest.raises(ProtocolError):
-            mux.on_frame(MsgType.TCP_OPEN, 1, b"", {})  # twice
+            mux.on_frame(MsgType.TCP_OPEN, 2, b"", {})  # the next id, not issued yet
 
     asyncio.run(main())
 
@@ -70,6 +72,12 @@ def test_silent_agent_dial_times_out_and_cap_holds(monkeypatch: pytest.MonkeyPat
         with pytest.raises(TimeoutError):
             await mux.dial(8000)
         assert sent[-1][0] is MsgType.TCP_CLOSE and not mux.streams  # cleaned up, agent told
+        # The agent's answer to the dial we gave up on arrives late: ignored (its TCP_CLOSE
+        # is on the way), not a protocol error that would end an honest sandbox.
+        mux.on_frame(MsgType.TCP_OPEN, sent[-1][1], b"", {})
+        assert not mux.streams
+        with pytest.raises(ProtocolError):
+            mux.on_frame(MsgType.TCP_OPEN, 99, b"", {})  # an id never issued: forged
         opened = []
         for _ in range(2):
             task = asyncio.create_task(mux.dial(8000))

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from tests.test_hostile_agent import _end, _ended, _hostile, _peak_rss
 
-from moat.errors import SandboxDiedError
+from moat.errors import PolicyError, SandboxDiedError
 from moat.model import FilesystemEvent
 from moat.protocol.watch import MAX_QUEUED_EVENTS
 
@@ -141,5 +141,25 @@ async def test_event_names_pass_the_guard() -> None:
         got = await _collect(sbx, seconds=1.0)
         assert got and all(value not in e.name for e in got), got
         assert got[0].name.startswith("x-")  # positive control: the event itself came
+    finally:
+        await _end(door)
+
+
+async def test_racing_starts_cannot_pass_the_watch_cap() -> None:
+    # An agent that accepts every watch: the host's cap must hold for starts that race
+    # across their awaits (they all passed the check before any was counted).
+    from moat.protocol.watch import MAX_WATCHERS
+
+    door, sbx = await _hostile(_watch())
+    try:
+        results = await asyncio.gather(
+            *(sbx.files.watch_dir("d", lambda e: None) for _ in range(MAX_WATCHERS + 8)),
+            return_exceptions=True,
+        )
+        started = [r for r in results if not isinstance(r, BaseException)]
+        refused = [r for r in results if isinstance(r, PolicyError)]
+        assert len(started) == MAX_WATCHERS and len(refused) == 8, results
+        for handle in started:
+            await handle.stop()
     finally:
         await _end(door)

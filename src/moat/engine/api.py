@@ -122,15 +122,18 @@ class _Stream:
         self.task: asyncio.Task[None] | None = None
         self.backlog = 0  # bytes of PtyOutput queued unread
         self._drained = asyncio.Event()
+        self._closed = False  # the reader left: nothing queued from now on is read
 
     def push(self, event: Event) -> None:
         self.queue.put_nowait(event)
 
     async def push_pty(self, data: bytes) -> None:
         """Terminal output, once the reader has taken all but PTY_BACKLOG bytes."""
-        while self.backlog > PTY_BACKLOG:
+        while self.backlog > PTY_BACKLOG and not self._closed:
             self._drained.clear()
             await self._drained.wait()
+        if self._closed:
+            return  # nobody will read it: never hold it
         self.backlog += len(data)
         self.queue.put_nowait(PtyOutput(data))
 
@@ -162,6 +165,8 @@ class _Stream:
                     self._drained.set()
                 yield item
         finally:
+            self._closed = True
+            self._drained.set()  # a writer waiting for room goes on, and drops its output
             if self.task is not None and not self.task.done():
                 self.task.cancel()
                 with contextlib.suppress(BaseException):

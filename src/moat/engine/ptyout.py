@@ -132,11 +132,14 @@ class PtySink:
             await self._emit(text)
 
     def abandon(self) -> None:
-        """The call ended without a finish (the caller left): stop the idle release."""
+        """The call ended without a finish (the caller left): stop the idle release, the
+        one already running too (it may wait on a reader that is gone)."""
         self._finished = True
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if self._idle_task is not None and not self._idle_task.done():
+            self._idle_task.cancel()
 
     async def _emit(self, text: str) -> None:
         if text:

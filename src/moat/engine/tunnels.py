@@ -183,6 +183,7 @@ class Tunnels:
         self.streams: dict[int, Tunnel] = {}
         self._dials: dict[int, asyncio.Future[None]] = {}
         self._ids = itertools.count(1)  # ingress stream ids are positive, the agent's negative
+        self._issued = 0  # the highest ingress id handed out
 
     async def dial(self, port: int) -> Tunnel:
         """Ingress: a stream to ``127.0.0.1:port`` inside the sandbox (the reverse of egress,
@@ -190,6 +191,7 @@ class Tunnels:
         if sum(1 for sid in self.streams if sid > 0) >= MAX_INGRESS:
             raise ConnectionResetError("too many ingress streams")
         sid = next(self._ids)
+        self._issued = sid
         tunnel = Tunnel(self, sid)
         self.streams[sid] = tunnel
         opened = asyncio.get_running_loop().create_future()
@@ -209,9 +211,13 @@ class Tunnels:
 
     def on_frame(self, mtype: MsgType, sid: int, payload: bytes, fields: dict[str, Any]) -> None:
         if mtype is MsgType.TCP_OPEN and sid > 0:
-            # The answer to our dial; anything else with a positive id is forged.
+            # The answer to our dial. A dial we gave up on (timed out, cancelled) may still be
+            # answered: its TCP_CLOSE is on its way to the agent, so a late open of an id we
+            # issued is ignored; an id never issued is forged.
             pending = self._dials.get(sid)
             if pending is None or pending.done():
+                if 0 < sid <= self._issued:
+                    return
                 raise ProtocolError("stream opened that was never dialled")
             pending.set_result(None)
             return

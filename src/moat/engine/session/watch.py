@@ -16,7 +16,7 @@ import builtins
 import collections
 import contextlib
 
-from moat.engine.client import Call
+from moat.engine.client import AgentClient, Call
 from moat.engine.session.core import SessionCore, ended_error
 from moat.errors import PolicyError, SandboxDiedError, SandboxError
 from moat.protocol import MsgType, ProtocolError
@@ -153,14 +153,25 @@ class WatchCalls(SessionCore):
     """Watches of the sandbox's directories."""
 
     _watches: set[DirWatch]
+    #: watches being started (counted against the cap until they are in _watches)
+    _watch_starting: int = 0
 
     async def watch_dir(self, path: str, recursive: bool) -> DirWatch:
         """Start watching ``path`` (a directory inside the sandbox)."""
         client = self._check()
-        if len(self._watches) >= MAX_WATCHERS:
+        if len(self._watches) + self._watch_starting >= MAX_WATCHERS:
             raise PolicyError(
                 f"too many directory watches in this sandbox (at most {MAX_WATCHERS})"
             )
+        # Held from here, across the awaits, until the watch is in _watches or failed: racing
+        # starts can't pass the cap together (against a hostile agent that accepts them all).
+        self._watch_starting += 1
+        try:
+            return await self._start_watch(client, path, recursive)
+        finally:
+            self._watch_starting -= 1
+
+    async def _start_watch(self, client: AgentClient, path: str, recursive: bool) -> DirWatch:
         await self._prepare_guard()
         call = await client.open(MsgType.WATCH_START, {"path": path, "recursive": recursive})
         try:
