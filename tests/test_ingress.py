@@ -175,6 +175,11 @@ def test_public_traffic_needs_no_token_and_tenants_stay_apart(server: Server) ->
     try:
         status, _, body = _curl(f"http://{sbx.get_host(8000)}/index.html")
         assert (status, body) == (200, "hello from inside\n")
+        # A public sandbox compares no token: attacker text in the parameter never becomes a
+        # cookie (it could have set one for the parent domain every sandbox shares).
+        bad = "x%3B%20Domain%3Dmoat.localhost"
+        status, head, _ = _curl(f"http://{sbx.get_host(8000)}/index.html?moat_traffic_token={bad}")
+        assert status == 200 and "set-cookie" not in head.lower()
         # Another tenant's key opens nothing over the control plane either.
         r = httpx.get(f"{server.url}/sandboxes/{sbx.sandbox_id}",
                       headers={"X-API-Key": stranger}, timeout=20)  # fmt: skip
@@ -183,3 +188,26 @@ def test_public_traffic_needs_no_token_and_tenants_stay_apart(server: Server) ->
         sbx.kill()
     # A killed sandbox: its host name answers like an unknown one.
     assert _curl(f"http://{sbx.get_host(8000)}/index.html")[0] == 502
+
+
+def test_routing_and_cookie_rules() -> None:
+    """Pure rules of moat.server.ingress: moat's own ports are never an ingress target by
+    host name; an app's cookie stays on its own host; every token cookie is a candidate."""
+    from moat.server.ingress import _host_only, _matches, _token, target_of
+
+    def scope(host: str, **headers: str) -> dict[str, object]:
+        hs = [(b"host", host.encode())] + [(k.encode(), v.encode()) for k, v in headers.items()]
+        return {"type": "http", "headers": hs, "query_string": b""}
+
+    dom = "moat.localhost:49982"
+    t = target_of(scope("8000-sbx-abcd.moat.localhost:49982"), dom)
+    assert t is not None and (t.sandbox_id, t.port, t.by_host) == ("sbx-abcd", 8000, True)
+    for own in (49983, 49999):  # envd and the code interpreter: the sandbox plane's, not user code
+        assert target_of(scope(f"{own}-sbx-abcd.moat.localhost"), dom) is None
+    assert target_of(scope("8000-sbx-abcd.evil.example"), dom) is None
+    assert _host_only(b"a=1; Domain=moat.localhost; Path=/") == b"a=1; Path=/"
+    assert _host_only(b"a=1; path=/; DOMAIN=.x") == b"a=1; path=/"
+    planted = scope("h", cookie="moat_traffic_token=planted; moat_traffic_token=real")
+    tokens, from_query = _token(planted)
+    assert tokens == ["planted", "real"] and not from_query
+    assert _matches("real", tokens) and not _matches("other", tokens)

@@ -207,6 +207,11 @@ def test_e2b_sdk_gets_metrics_in_range_and_tenants_are_separate(server: str) -> 
             headers={"X-API-Key": key},
         )
         assert bad.status_code == 400 and "unix time" in bad.json()["message"]
+        far = httpx.get(
+            f"{server}/sandboxes/{sbx.sandbox_id}/metrics?end=999999999999",
+            headers={"X-API-Key": key},
+        )  # past year 9999 (fromtimestamp would raise): a 400, never a 500
+        assert far.status_code == 400 and "unix time" in far.json()["message"]
     finally:
         sbx.kill()
 

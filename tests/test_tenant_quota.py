@@ -196,6 +196,10 @@ async def test_the_embedded_sdk_gets_the_tenants_default_tier(door: FrontDoor) -
 async def test_guard_floor_refuses_weaker_modes(door: FrontDoor) -> None:
     with pytest.raises(PolicyError, match="weaker than this tenant's floor"):
         await door.create("picky", FrontDoor.resolve(isolation="gvisor", guard={"mode": "off"}))
+    # A stronger mode's name with fewer detectors, or values let through, catches less.
+    for guard in ({"mode": "block", "detectors": ["exact"]}, {"mode": "block", "allow": ["x" * 8]}):
+        with pytest.raises(PolicyError, match="guard floor needs the default detectors"):
+            await door.create("picky", FrontDoor.resolve(isolation="gvisor", guard=guard))
     await door.create("picky", FrontDoor.resolve(isolation="gvisor", guard={"mode": "block"}))
 
 

@@ -611,6 +611,7 @@ class Gateway:
             return
         row = self._decision(method, dest, ip, allowed=True, reason="tcp")
         checked = _Inspected(client, self._check_raw)
+        checked.seed(initial)  # a value split between the CONNECT head and the next read
         try:
             if is_socks:
                 await client.write(socks.reply(socks.Reply.SUCCEEDED))
@@ -807,6 +808,11 @@ class _Inspected(PlainStream):
         self._left = _INSPECT_BYTES
         self._tail = b""
         self.blocked: str | None = None
+
+    def seed(self, initial: bytes) -> None:
+        """Bytes checked already (pipelined after a CONNECT head): the overlap's start."""
+        self._tail = initial[-self._OVERLAP :]
+        self._left -= len(initial)
 
     async def read(self, n: int) -> bytes:
         data = await self._inner.read(n)

@@ -31,6 +31,12 @@ def check_config(policy: TenantPolicy, config: SandboxConfig) -> None:
             f"guard mode {config.guard.mode!r} is weaker than this tenant's floor "
             f"({policy.guard_floor!r})"
         )
+    if policy.guard_floor not in (None, "off") and (
+        config.guard.detectors is not None or config.guard.allow
+    ):
+        # A floor is about what the guard catches, not its mode's name: a "block" guard with
+        # fewer detectors, or values let through, would pass a mode check and catch less.
+        raise PolicyError("this tenant's guard floor needs the default detectors and no allow list")
     check_network(
         policy,
         NetworkPolicy(config.network.allow_out, config.network.deny_out,

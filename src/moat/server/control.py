@@ -341,9 +341,12 @@ def _unix_param(raw: str | None, name: str) -> dt.datetime | None:
     """A time in whole unix seconds (E2B's metrics range)."""
     if raw is None or raw == "":
         return None
-    if not raw.isdigit() or len(raw) > 12:
+    if not raw.isdigit() or len(raw) > 11:
         raise InvalidArgumentError(f"{name} must be a unix time in seconds")
-    return dt.datetime.fromtimestamp(int(raw), dt.UTC)
+    try:
+        return dt.datetime.fromtimestamp(int(raw), dt.UTC)
+    except (ValueError, OverflowError, OSError):  # past year 9999
+        raise InvalidArgumentError(f"{name} must be a unix time in seconds") from None
 
 
 def _page_token(raw: str | None) -> int:

@@ -46,13 +46,15 @@ TOKEN_PARAM = "moat_traffic_token"  # noqa: S105 - a parameter's name, not a sec
 TOKEN_COOKIE = "moat_traffic_token"  # noqa: S105 - a cookie's name, not a secret
 #: An ingress connection with no byte either way for this long is closed.
 IDLE_TIMEOUT_S = 300.0
+#: The largest WebSocket message relayed from an app (uvicorn's own default for the outside).
+_MAX_WS_MESSAGE = 16 * 1024 * 1024
 _READ = 64 * 1024
 _HOST_RE = re.compile(r"(\d{1,5})-([a-z0-9-]{4,64})\.(.+)")
 #: Hop-by-hop headers (RFC 9110 §7.6.1) and framing the proxy sets itself.
 _HOP = frozenset(
     {
         b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer",
-        b"transfer-encoding", b"upgrade", b"content-length",
+        b"transfer-encoding", b"upgrade", b"content-length", b"expect",
         b"e2b-traffic-access-token", b"x-access-token", b"e2b-sandbox-id", b"e2b-sandbox-port",
     }
 )  # fmt: skip
@@ -79,23 +81,34 @@ def target_of(scope: Scope, domain: str) -> Target | None:
     m = _HOST_RE.fullmatch(host)
     if m is None or m.group(3) != domain.split(":", 1)[0].lower():
         return None
+    if int(m.group(1)) in _OWN_PORTS:  # envd and the code interpreter are moat's own, served
+        return None  # on the sandbox plane: never a port of user code inside
     return Target(m.group(2), int(m.group(1)), by_host=True)
 
 
-def _token(scope: Scope) -> tuple[str | None, bool]:
-    """The traffic token a request carries, and whether it came as the query parameter."""
+def _token(scope: Scope) -> tuple[list[str], bool]:
+    """The traffic token candidates a request carries, and whether they came as the query
+    parameter. Every cookie of the name counts: one planted for a parent domain must not
+    hide the real one."""
     headers = Headers(scope=scope)
     given = headers.get("e2b-traffic-access-token")
     if given:
-        return given, False
+        return [given], False
     query = urllib.parse.parse_qs(scope.get("query_string", b"").decode("latin-1"))
     if query.get(TOKEN_PARAM):
-        return query[TOKEN_PARAM][0], True
-    for part in headers.get("cookie", "").split(";"):
-        name, _, value = part.strip().partition("=")
-        if name == TOKEN_COOKIE and value:
-            return value, False
-    return None, False
+        return query[TOKEN_PARAM][:1], True
+    cookies = [
+        value
+        for part in headers.get("cookie", "").split(";")
+        for name, _, value in [part.strip().partition("=")]
+        if name == TOKEN_COOKIE and value
+    ]
+    return cookies[:16], False
+
+
+def _matches(expected: str, given: list[str]) -> bool:
+    """Whether one of ``given`` is the sandbox's traffic token (constant time per candidate)."""
+    return any(hmac.compare_digest(expected.encode(), g.encode("utf-8", "replace")) for g in given)
 
 
 def _without_token(query: bytes) -> bytes:
@@ -121,10 +134,8 @@ async def handle(state: ServerState, target: Target, scope: Scope, receive: Rece
     is_ws = scope["type"] == "websocket"
     rec = state.records.get(sid)
     token, from_query = _token(scope)
-    admitted = rec is not None and (
-        rec.public_traffic
-        or (token is not None and hmac.compare_digest(rec.traffic.encode(), token.encode()))
-    )
+    token_ok = rec is not None and _matches(rec.traffic, token)
+    admitted = rec is not None and (rec.public_traffic or token_ok)
     if rec is None or not admitted:
         # Unknown, another's, or no/wrong token: the same answer (invariant 11).
         await _refuse(send, is_ws, 502, "The sandbox was not found", sid)
@@ -152,10 +163,16 @@ async def handle(state: ServerState, target: Target, scope: Scope, receive: Rece
         if is_ws:
             await _websocket(scope, receive, send, reader, writer, counts, accepted)
         else:
-            cookie = token if from_query and target.by_host else None
+            # Only a real token, as given in the query, becomes the cookie (never attacker text:
+            # the value is the sandbox's own token once it matched).
+            cookie = rec.traffic if from_query and target.by_host and token_ok else None
             await _http(scope, receive, send, reader, writer, counts, cookie)
     except _Failed as exc:
         reason = f"ingress;failed:{exc}"
+        if not is_ws and not counts[1]:  # nothing of a response went out yet
+            status = 413 if "too large" in str(exc) else 502
+            with contextlib.suppress(Exception):
+                await _reply(send, status, f"ingress: {exc}", sid)
     except (ConnectionError, OSError, TimeoutError, h11.ProtocolError):
         reason = "ingress;closed"
     finally:
@@ -217,7 +234,8 @@ async def _send_body(
     credit (``drain``), never a whole body per request; the total stays under the cap."""
     sent = 0
     while True:
-        message = await receive()
+        async with asyncio.timeout(IDLE_TIMEOUT_S):  # a client that stops sending is let go
+            message = await receive()
         if message["type"] == "http.disconnect":
             raise ConnectionResetError("client left")
         chunk = message.get("body", b"")
@@ -281,7 +299,11 @@ async def _http(scope: Scope, receive: Receive, send: Send, reader: Any, writer:
     if not isinstance(response, h11.Response):
         raise _Failed("no response")
     # uvicorn sends its own Date (one is enough) and no Server header (the app's stays).
-    headers_out = [(k, v) for k, v in response.headers if k.lower() not in _HOP | {b"date"}]
+    headers_out = [
+        (k, _host_only(v) if k.lower() == b"set-cookie" else v)
+        for k, v in response.headers
+        if k.lower() not in _HOP | {b"date"}
+    ]
     if set_cookie is not None:
         headers_out.append((b"set-cookie", f"{TOKEN_COOKIE}={set_cookie}; HttpOnly; Path=/; "
                                            "SameSite=Lax".encode()))  # fmt: skip
@@ -295,6 +317,15 @@ async def _http(scope: Scope, receive: Receive, send: Send, reader: Any, writer:
         elif isinstance(event, (h11.EndOfMessage, h11.ConnectionClosed)):
             await send({"type": "http.response.body", "body": b""})
             return
+
+
+_DOMAIN_ATTR = re.compile(rb";\s*domain=[^;]*", re.IGNORECASE)
+
+
+def _host_only(cookie: bytes) -> bytes:
+    """An app's cookie without its ``Domain`` attribute: it stays on its own host name, never
+    set for the parent domain every sandbox shares (invariant 11)."""
+    return _DOMAIN_ATTR.sub(b"", cookie)
 
 
 async def _websocket(scope: Scope, receive: Receive, send: Send, reader: Any, writer: Any,
@@ -351,14 +382,27 @@ async def _websocket(scope: Scope, receive: Receive, send: Send, reader: Any, wr
 
     async def from_app() -> None:
         events = pending
+        parts: list[Any] = []  # a message the app sends in several frames
+        size = 0
         while True:
             for event in events:
-                if isinstance(event, ws.TextMessage):
-                    await send({"type": "websocket.send", "text": event.data})
-                elif isinstance(event, ws.BytesMessage):
-                    await send({"type": "websocket.send", "bytes": bytes(event.data)})
+                if isinstance(event, (ws.TextMessage, ws.BytesMessage)):
+                    parts.append(event.data)
+                    size += len(event.data)
+                    if size > _MAX_WS_MESSAGE:
+                        await send({"type": "websocket.close", "code": 1009})
+                        return
+                    if not event.message_finished:
+                        continue
+                    whole = "".join(parts) if isinstance(event, ws.TextMessage) else None
+                    if whole is not None:
+                        await send({"type": "websocket.send", "text": whole})
+                    else:
+                        await send({"type": "websocket.send", "bytes": b"".join(parts)})
+                    parts, size = [], 0
                 elif isinstance(event, ws.Ping):
                     writer.write(ws_conn.send(event.response()))
+                    await writer.drain()  # a ping flood must wait for the app to read
                 elif isinstance(event, ws.CloseConnection):
                     with contextlib.suppress(Exception):
                         writer.write(ws_conn.send(event.response()))
