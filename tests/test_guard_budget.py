@@ -121,7 +121,16 @@ def test_scanning_in_a_worker_thread_keeps_the_event_loop_running() -> None:
         g.redact_text(text, "result")
 
     gap_on, took_on = _loop_gap_while(scan, off_loop=False)
-    gap_off, took_off = _loop_gap_while(scan, off_loop=True)
     assert gap_on >= 0.9 * took_on  # positive control: on the loop, the loop stops
-    assert took_off > 0.2
-    assert gap_off < 0.15, (gap_off, took_off)
+    # Off the loop, the loop keeps running. A wall-clock bound on a shared 2-core machine:
+    # other processes (a reaper finishing an earlier test's VM) can stall both threads at
+    # once, so the best of three tries is held to the bound; a scan that really held the
+    # loop would fail all three (it does: gap_on above).
+    tries = []
+    for _ in range(3):
+        gap_off, took_off = _loop_gap_while(scan, off_loop=True)
+        assert took_off > 0.2
+        tries.append(gap_off)
+        if gap_off < 0.15:
+            break
+    assert min(tries) < 0.15, tries

@@ -166,15 +166,18 @@ async def handle(state: ServerState, target: Target, scope: Scope, receive: Rece
             # Only a real token, as given in the query, becomes the cookie (never attacker text:
             # the value is the sandbox's own token once it matched).
             cookie = rec.traffic if from_query and target.by_host and token_ok else None
-            await _http(scope, receive, send, reader, writer, counts, cookie)
+            await _http(scope, receive, send, reader, writer, counts, cookie, accepted)
     except _Failed as exc:
         reason = f"ingress;failed:{exc}"
-        if not is_ws and not counts[1]:  # nothing of a response went out yet
+        if not is_ws and not accepted[0]:  # no response started yet: answer it
             status = 413 if "too large" in str(exc) else 502
             with contextlib.suppress(Exception):
                 await _reply(send, status, f"ingress: {exc}", sid)
     except (ConnectionError, OSError, TimeoutError, h11.ProtocolError):
         reason = "ingress;closed"
+        if not is_ws and not accepted[0]:  # the app broke off before answering
+            with contextlib.suppress(Exception):
+                await _reply(send, 502, "ingress: the app closed the connection", sid)
     finally:
         if is_ws and not accepted[0]:  # refused before the upgrade: the client hears a 403
             with contextlib.suppress(Exception):
@@ -281,7 +284,8 @@ async def _next_event(conn: h11.Connection, reader: Any, counts: list[int]) -> A
 
 
 async def _http(scope: Scope, receive: Receive, send: Send, reader: Any, writer: Any,
-                counts: list[int], set_cookie: str | None) -> None:  # fmt: skip
+                counts: list[int], set_cookie: str | None,
+                started: list[bool]) -> None:  # fmt: skip
     conn = h11.Connection(h11.CLIENT)
     target = scope.get("raw_path") or scope["path"].encode()
     query = _without_token(scope.get("query_string", b""))
@@ -307,6 +311,7 @@ async def _http(scope: Scope, receive: Receive, send: Send, reader: Any, writer:
     if set_cookie is not None:
         headers_out.append((b"set-cookie", f"{TOKEN_COOKIE}={set_cookie}; HttpOnly; Path=/; "
                                            "SameSite=Lax".encode()))  # fmt: skip
+    started[0] = True
     await send({"type": "http.response.start", "status": response.status_code,
                 "headers": headers_out})  # fmt: skip
     while True:
