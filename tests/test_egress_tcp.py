@@ -360,3 +360,30 @@ def test_placeholder_or_canary_in_the_first_bytes_ends_the_tunnel(
     assert _closed_within(s, 5)
     s.close()
     assert any(r["reason"].endswith("closed:blocked_by_guard") for r in _rows(h))
+
+
+def test_a_canary_split_across_the_connect_head_is_caught(
+    gateway: GatewayFactory, echo: EchoServer
+) -> None:
+    """The bytes pipelined after a CONNECT head and the next read are checked as one stream."""
+    from moat.errors import LeakBlockedError
+
+    def inspect(data: bytes) -> None:
+        if b"CANARY-1234" in data:
+            raise LeakBlockedError(["canary"], "egress")
+
+    h = gateway(NetworkPolicy(allow_tcp=[f"{API}:{echo.port}"]))
+    h.gw.set_inspect(inspect)
+    s = socket.create_connection(("127.0.0.1", h.port), timeout=10)
+    target = f"{API}:{echo.port}"
+    s.sendall(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\nCANARY-".encode())
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += s.recv(1)
+    assert head.startswith(b"HTTP/1.1 200")
+    time.sleep(0.2)
+    s.sendall(b"1234 and more")
+    assert _closed_within(s, 5)
+    s.close()
+    assert all(b"1234" not in got for got in echo.received)
+    assert any(r["reason"].endswith("closed:blocked_by_guard") for r in _rows(h))
