@@ -96,9 +96,11 @@ async def test_a_pty_flood_to_a_slow_reader_stays_bounded() -> None:
         seen = 0
 
         async def slow(data: bytes) -> None:
+            # At most ~10 MB/s whatever the chunks' size (merged chunks grow on a loaded
+            # machine, and a fixed pause per chunk once let this reader keep up).
             nonlocal seen
             seen += len(data)
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(0.01 + len(data) / 10e6)
 
         h = await sbx.pty.create(80, 24, on_data=slow, timeout=120)
         result = await h.wait()
