@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 from moat.runtime.spec import SandboxSpec
@@ -65,3 +66,36 @@ class Runtime(Protocol):
 
     def sweep(self) -> int:
         """Remove what a crashed host process left behind for this tier; return the count."""
+
+
+@runtime_checkable
+class Checkpointable(Protocol):
+    """A tier that can save a running sandbox to disk and start sandboxes from it (issue 11).
+
+    The checkpoint directory is opaque to everything above the driver. Its contents are written
+    by the driver only (never by anything inside the sandbox with host-side path authority) and
+    hold nothing secret: secrets live in the host's gateway, rebuilt from the store on restore
+    (invariant 3). The caller owns atomicity: it passes an empty temporary directory and renames
+    it into place after ``checkpoint`` returns.
+    """
+
+    #: Whether ``checkpoint(memory=True)`` keeps processes and memory on this tier.
+    keeps_memory: bool
+
+    async def checkpoint(
+        self, proc: SandboxProcess, dest: Path, *, memory: bool, leave_running: bool
+    ) -> None:
+        """Save ``proc`` into the empty directory ``dest``; fail closed, leaving ``proc`` as it was.
+
+        ``memory=False`` saves the writable filesystem only. ``leave_running=True`` (a snapshot
+        or fork) keeps ``proc`` serving afterwards; ``False`` (pause) may leave it stopped, the
+        caller kills it next. Raises PolicyError if this tier can't keep what is asked.
+        """
+
+    async def restore(self, spec: SandboxSpec, src: Path) -> SandboxProcess:
+        """Start a sandbox from the checkpoint in ``src`` (left unchanged, reusable).
+
+        ``spec.sandbox_id`` may differ from the checkpointed one (a fork). The restored agent
+        speaks on a fresh channel and must be reseeded (its RNG and every kernel's) so that two
+        sandboxes restored from one checkpoint never share randomness.
+        """
