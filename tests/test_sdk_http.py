@@ -605,3 +605,67 @@ def test_a_remote_only_program_never_loads_the_engine(server: Server, key: str) 
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == ["42", "clean"], out.stdout
     assert "Traceback" not in out.stderr
+
+
+def test_pty_over_the_wire(pair: tuple[Sandbox, Sandbox]) -> None:
+    """Terminals through moat serve: the same session semantics as embedded (size, resize,
+    Ctrl-C, Ctrl-D), re-attach by pid, env/cwd, and the same refusals."""
+    from tests.test_pty import Screen, _session, _shell
+
+    _, remote = pair
+    _session(remote)
+    first, second = Screen(), Screen()
+    h = _shell(remote, first)
+    h.disconnect()
+    again = remote.pty.connect(h.pid, on_data=second)
+    again.send_stdin(b"echo re$((1+1))attached\nexit 3\n")
+    second.wait_for(b"re2attached")
+    with pytest.raises(CommandExitError) as err:
+        again.wait()
+    assert err.value.exit_code == 3
+    screen = Screen()
+    remote.pty.create(
+        90, 20, on_data=screen, envs={"ABC": "x-1-y"}, cwd="/tmp", cmd='echo "$ABC $PWD $(tty)"'
+    ).wait()
+    assert b"x-1-y /tmp /dev/pts/" in screen.data
+    for cols, rows in ((0, 24), (80, 100_000), (-1, 24)):
+        with pytest.raises(InvalidArgumentError):
+            remote.pty.create(cols, rows)
+    # a killed terminal's pid answers False on both faces
+    k = remote.pty.create(80, 24, cmd="sleep 600")
+    assert remote.pty.kill(k.pid) is True
+    with pytest.raises(CommandExitError):
+        k.wait()
+
+
+def test_watch_dir_over_the_wire(pair: tuple[Sandbox, Sandbox]) -> None:
+    """Directory watches through moat serve give the embedded SDK's events, in both forms."""
+    from tests.test_watch import _kinds, _wait_for
+
+    from moat.model import FilesystemEvent
+
+    seen: dict[str, tuple[list[tuple[str, str]], list[tuple[str, str]]]] = {}
+    for name, box in zip(("local", "remote"), pair, strict=True):
+        box.files.make_dir("wq1")
+        got: list[FilesystemEvent] = []
+        handle = box.files.watch_dir("wq1", got.append)
+        box.commands.run("cd ~/wq1 && echo a > f && chmod 600 f && mv f g && rm g")
+        _wait_for(got, ("g", "remove"))
+        handle.stop()
+        box.files.make_dir("wq2")
+        poll = box.files.watch_dir("wq2", include_entry=True)
+        box.files.write("wq2/x.txt", "hello")
+        events = poll.get_new_events()
+        entry = events[-1].entry
+        assert entry is not None and entry.path == "/home/user/wq2/x.txt" and entry.size == 5
+        poll.stop()
+        seen[name] = (_kinds(got), _kinds(events))
+        with pytest.raises(NotFoundError):
+            box.files.watch_dir("no-such-dir")
+        with pytest.raises(InvalidArgumentError, match="not a directory"):
+            box.files.watch_dir("wq2/x.txt")
+    assert seen["remote"] == seen["local"]
+    assert seen["local"][0] == [
+        ("f", "create"), ("f", "write"), ("f", "chmod"), ("f", "rename"), ("g", "create"),
+        ("g", "remove"),
+    ]  # fmt: skip

@@ -55,8 +55,11 @@ from moat.model import (
     End,
     EntryInfo,
     Event,
+    FilesystemEvent,
     Output,
     ProcessInfo,
+    PtyOutput,
+    PtySize,
     SandboxInfo,
     SandboxMetrics,
     Started,
@@ -555,6 +558,64 @@ class HttpTransport(Transport):
         reply = await self._rpc(sid, self._c().process.list(pr.ListRequest(), headers=headers))
         return [w.process_info(p) for p in reply.processes]
 
+    # -- watches -----------------------------------------------------------------------------
+
+    async def watch_dir(
+        self, sandbox_id: str, path: str, recursive: bool, include_entry: bool
+    ) -> _Watch:
+        for name, flag in (("recursive", recursive), ("include_entry", include_entry)):
+            if not isinstance(flag, bool):
+                raise InvalidArgumentError(f"{name} must be a bool")
+        sid, headers = await self._plane(sandbox_id, w.ENVD_PORT)
+        # E2B's polling form: the server holds the watch (bounded) under an id until removed;
+        # it starts now, so events after this call returns are never missed.
+        request = fs.CreateWatcherRequest(
+            path=v.path(path), recursive=recursive, include_entry=include_entry
+        )
+        reply = await self._rpc(sid, self._c().files.create_watcher(request, headers=headers))
+        if not isinstance(reply.watcher_id, str) or not reply.watcher_id:
+            raise SandboxError("moat serve sent no watcher id")
+        return _Watch(self, sid, reply.watcher_id)
+
+    # -- terminals ---------------------------------------------------------------------------
+
+    async def start_pty(
+        self,
+        sandbox_id: str,
+        size: PtySize,
+        cmd: str | None,
+        envs: Mapping[str, str] | None,
+        cwd: str | None,
+    ) -> _Command:
+        # E2B's shape: Start with pty{size}; no cmd is the SDKs' interactive login shell.
+        args = ["-i", "-l"] if cmd is None else ["-l", "-c", v.text("cmd", cmd)]
+        config = pr.ProcessConfig(
+            cmd="/bin/bash",
+            args=args,
+            envs=v.envs(envs),
+            cwd=v.path(cwd) if cwd is not None else None,
+        )
+        sid, headers = await self._plane(sandbox_id, w.ENVD_PORT)
+        headers["Keepalive-Ping-Interval"] = _KEEPALIVE_S
+        stream = self._c().process.start(
+            pr.StartRequest(process=config, pty=_pty(size)), headers=headers
+        )
+        return await _Command.begin(self, sid, stream)
+
+    async def send_pty_input(self, sandbox_id: str, pid: int, data: bytes) -> None:
+        if not isinstance(data, bytes):
+            raise InvalidArgumentError("data must be bytes")
+        sid, headers = await self._plane(sandbox_id, w.ENVD_PORT)
+        request = pr.SendInputRequest(
+            process=_selector(v.pid(pid)), input=pr.ProcessInput(input=_oneof("pty", data))
+        )
+        await self._rpc(sid, self._c().process.send_input(request, headers=headers))
+
+    async def resize_pty(self, sandbox_id: str, pid: int, size: PtySize) -> None:
+        sid, headers = await self._plane(sandbox_id, w.ENVD_PORT)
+        request = pr.UpdateRequest(process=_selector(v.pid(pid)), pty=_pty(size))
+        await self._rpc(sid, self._c().process.update(request, headers=headers))
+
     # -- files -------------------------------------------------------------------------------
 
     async def read_file(
@@ -678,6 +739,8 @@ class _Command:
                     out = event.value.output
                     if out is not None and out.field in ("stdout", "stderr"):
                         yield Output(out.field, bytes(out.value).decode("utf-8", "replace"))
+                    elif out is not None and out.field == "pty":
+                        yield PtyOutput(bytes(out.value))
                 elif event.field == "end":
                     yield End(exit_code=int(event.value.exit_code))
                     return
@@ -685,6 +748,74 @@ class _Command:
             with contextlib.suppress(BaseException):
                 await it.aclose()
         await self._t._ended_under(self._sid, None)
+
+
+class _Watch:
+    """A directory watch held by the server (E2B's polling form) as a ``WatchEvents``."""
+
+    #: Polling intervals of ``events()``: quick while events come, backing off when idle.
+    POLL_S = (0.05, 0.5)
+
+    def __init__(self, transport: HttpTransport, sid: str, watcher_id: str) -> None:
+        self._t = transport
+        self._sid = sid
+        self._id = watcher_id
+        self._done = False
+
+    async def take(self) -> list[FilesystemEvent]:
+        if self._done:
+            return []
+        _, headers = await self._t._plane(self._sid, w.ENVD_PORT)
+        request = fs.GetWatcherEventsRequest(watcher_id=self._id)
+        try:
+            reply = await self._t._rpc(
+                self._sid, self._t._c().files.get_watcher_events(request, headers=headers)
+            )
+        except QuotaExceededError as exc:  # the server's word for lost events (overflow)
+            self._done = True
+            if "events were lost" in str(exc):
+                return [FilesystemEvent(name="", type="overflow")]
+            raise
+        except NotFoundError:
+            self._done = True  # the watch ended (its directory or the sandbox gone)
+            return []
+        return [_fs_event(e) for e in reply.events]
+
+    async def events(self) -> AsyncIterator[FilesystemEvent]:
+        wait = self.POLL_S[0]
+        while not self._done:
+            got = await self.take()
+            for event in got:
+                yield event
+            wait = self.POLL_S[0] if got else min(wait * 2, self.POLL_S[1])
+            if not self._done:
+                await asyncio.sleep(wait)
+
+    async def stop(self) -> None:
+        if self._done:
+            return
+        self._done = True
+        _, headers = await self._t._plane(self._sid, w.ENVD_PORT)
+        request = fs.RemoveWatcherRequest(watcher_id=self._id)
+        with contextlib.suppress(NotFoundError):
+            await self._t._rpc(
+                self._sid, self._t._c().files.remove_watcher(request, headers=headers)
+            )
+
+
+#: envd's event types as the front door names them.
+_FS_EVENTS = {
+    fs.EventType.CREATE: "create", fs.EventType.WRITE: "write", fs.EventType.REMOVE: "remove",
+    fs.EventType.RENAME: "rename", fs.EventType.CHMOD: "chmod",
+}  # fmt: skip
+
+
+def _fs_event(e: fs.FilesystemEvent) -> FilesystemEvent:
+    kind = _FS_EVENTS.get(e.type)
+    if kind is None or not isinstance(e.name, str):
+        raise SandboxError("moat serve sent a malformed watch event")
+    entry = w.entry(e.entry) if e.entry is not None else None
+    return FilesystemEvent(name=e.name, type=kind, entry=entry)  # type: ignore[arg-type]
 
 
 #: What pyqwest raises when the server can't be reached or a stream breaks.
@@ -725,6 +856,15 @@ async def _lines(resp: pyqwest.Response) -> AsyncIterator[bytes]:
 
 def _oneof(field: str, value: Any) -> Any:
     return Oneof(field, value)
+
+
+def _pty(size: PtySize) -> pr.PTY:
+    if not isinstance(size, PtySize):
+        raise InvalidArgumentError("size must be a PtySize(cols, rows)")
+    # The wire's uint32 range here; the server checks the real bounds (INVALID_ARGUMENT).
+    cols = v.integer("cols", size.cols, 0, 0xFFFFFFFF)
+    rows = v.integer("rows", size.rows, 0, 0xFFFFFFFF)
+    return pr.PTY(size=pr.PTY.Size(cols=cols, rows=rows))
 
 
 def _selector(pid: int) -> pr.ProcessSelector:
