@@ -32,11 +32,13 @@ ALLOWED: dict[str, set[str]] = {
     "guard": {"errors", "model"},
     # the host's records (audit now; keys, tenants, snapshots later): below every service
     "store": {"errors", "paths"},
+    # built templates on disk (issue 12): found by the engine, read by the drivers' specs
+    "templates": {"errors", "model", "paths"},
     # the gateway scrubs reflected secrets with the guard's encodings and audits to the store
     "egress": {"errors", "model", "protocol", "paths", "guard", "store"},
     "engine": {
         "errors", "model", "protocol", "paths", "profiles", "runtime", "egress", "guard",
-        "store",
+        "store", "templates",
     },
     # generated wire stubs of E2B envd (Connect RPC): shared by the server and the SDK's HTTP
     # transport, so neither face imports the other
@@ -49,12 +51,14 @@ ALLOWED: dict[str, set[str]] = {
     "testing": {"errors", "model", "engine", "sdk", "runtime"},
     "cli": {
         "errors", "model", "engine", "sdk", "paths", "profiles", "egress", "runtime", "store",
-        "server",
+        "server", "templates",
     },
     "__init__": set(),
 }  # fmt: skip
 #: Privileged packages: nothing below the engine may import them, and the model never.
-PRIVILEGED = {"runtime", "egress", "guard", "engine", "store", "server", "sdk", "cli"}
+PRIVILEGED = {
+    "runtime", "egress", "guard", "engine", "store", "server", "sdk", "cli", "templates",
+}  # fmt: skip
 
 
 def _part(module: str) -> str:

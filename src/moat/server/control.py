@@ -24,6 +24,8 @@ from moat.errors import InvalidArgumentError, NotFoundError, SandboxError
 from moat.server import wire
 from moat.server.app import MAX_JSON_BODY, BodyTooLarge, Record, ServerState, read_body, too_large
 from moat.server.network import policy_of
+from moat.server.secrets import check_header, secret_routes, stored
+from moat.store.secrets import SecretStore
 
 log = logging.getLogger("moat.server")
 
@@ -60,6 +62,7 @@ def _authed(state: ServerState, handler: Handler) -> Callable[[Request], Awaitab
 
 def control_app(state: ServerState) -> Starlette:
     front = state.front
+    secret_store = SecretStore()  # <state dir>/secrets.db, beside keys.db
 
     async def health(request: Request) -> Response:
         return JSONResponse({"status": "ok"})
@@ -93,9 +96,21 @@ def control_app(state: ServerState) -> Starlette:
         network["internet_access"] = policy.internet_access  # as enforced (denyOut 0.0.0.0/0)
         network["allow_tcp"] = policy.to_dict()["allow_tcp"]  # canonical, as enforced
         ext = body.moat or wire.MoatExtension()
+        for inline in ext.secrets.values():
+            check_header(inline.header)
         secrets = {
             name: Secret(s.value, s.hosts, s.header, s.template) for name, s in ext.secrets.items()
         }
+        if ext.stored_secrets:
+            names = list(dict.fromkeys(ext.stored_secrets))
+            if set(names) & set(secrets) or len(names) + len(secrets) > 64:
+                raise InvalidArgumentError(
+                    "storedSecrets must not repeat a name of moat.secrets (64 secrets at most)"
+                )
+            try:
+                secrets.update(stored(secret_store, tenant, names))
+            except NotFoundError as exc:
+                raise InvalidArgumentError(str(exc)) from None
         kwargs: dict[str, Any] = {
             "timeout": body.timeout,
             "envs": body.env_vars,
@@ -300,6 +315,7 @@ def control_app(state: ServerState) -> Starlette:
         r(sid + "/snapshots", missing("snapshots"), ["POST"]),
         r("/snapshots", missing("snapshots"), ["GET"]),
         r("/moat/v1" + sid + "/audit", audit, ["GET"]),
+        *secret_routes(secret_store, r),
         r("/{rest:path}", unknown, ["GET", "POST", "PUT", "PATCH", "DELETE"]),
     ]
     return Starlette(routes=routes)

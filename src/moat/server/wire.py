@@ -76,6 +76,8 @@ class MoatExtension(_Closed):
     """The ``moat`` key of the create body: what E2B's wire has no word for."""
 
     secrets: dict[_Str, MoatSecret] = Field(default_factory=dict, max_length=64)
+    #: names of the tenant's stored secrets (``/secrets``) to broker into this sandbox
+    stored_secrets: list[_Str] = Field(default_factory=list, alias="storedSecrets", max_length=64)
     sensitive: list[_Str] = Field(default_factory=list, max_length=1000)
 
 
