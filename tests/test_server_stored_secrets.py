@@ -114,12 +114,9 @@ def test_tenants_never_see_each_others_secrets(server: Server) -> None:
             "secretID"
         ]
         unknown = "sec-" + "0" * 16
-        for call in (
-            lambda c, i: c.get(f"/secrets/{i}"),
-            lambda c, i: c.post(f"/secrets/{i}", json={"value": "x" * 20}),
-            lambda c, i: c.delete(f"/secrets/{i}"),
-        ):
-            theirs, nobodys = call(b, sid), call(b, unknown)
+        for method, body in (("GET", None), ("POST", {"value": "x" * 20}), ("DELETE", None)):
+            theirs = b.request(method, f"/secrets/{sid}", json=body)
+            nobodys = b.request(method, f"/secrets/{unknown}", json=body)
             assert theirs.status_code == nobodys.status_code == 404
             assert theirs.json() == nobodys.json()
         assert b.get("/secrets").json() == []

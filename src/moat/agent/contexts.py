@@ -54,6 +54,15 @@ def oom_first(pid: int) -> None:
         pass
 
 
+#: Languages whose kernel is Node (``ts`` is stripped of types first, where Node can).
+JS_LANGUAGES = ("js", "ts")
+_NODES = ("/usr/bin/node", "/usr/local/bin/node")
+
+
+class NoRuntime(Exception):
+    """The template lacks what a language's kernel runs on."""
+
+
 class Kernel:
     """One kernel process with its control pipe and output pipes."""
 
@@ -98,8 +107,17 @@ class Kernel:
         return cls(child, c_in_w, c_out_r, o_r, e_r)
 
     @classmethod
-    def spawn(cls, cwd: str | None) -> Kernel:
-        """Start a new kernel interpreter (used once threads exist, where fork is unsafe)."""
+    def spawn(cls, cwd: str | None, language: str = "python") -> Kernel:
+        """Start a new kernel interpreter (used once threads exist, where fork is unsafe).
+
+        ``js``/``ts``: Node running moat's ``jskernel.js`` (the same frames), when the
+        sandbox's template has ``node``; else NoRuntime (a FAIL ``unsupported``).
+        """
+        node = None
+        if language in JS_LANGUAGES:
+            node = next((n for n in _NODES if os.access(n, os.X_OK)), None)
+            if node is None:
+                raise NoRuntime("JavaScript needs node in the sandbox's template (not found)")
         c_in_r, c_in_w = os.pipe()
         c_out_r, c_out_w = os.pipe()
         # The user's limit and OOM score come first (no preexec_fn: CPython can vfork).
@@ -107,6 +125,10 @@ class Kernel:
             f"{shield.user_python_boot()}import sys; sys.path.insert(0, '/opt/moat'); "
             "from moat.agent.kernel import main; main()"
         )
+        if node is not None:  # the limits are set by Python, then it becomes Node (execv)
+            script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "jskernel.js")
+            argv = [node, script, str(c_in_r), str(c_out_w), language]
+            boot = f"{shield.user_python_boot()}import os; os.execv({node!r}, {argv!r})"
         import subprocess  # lazily: only extra contexts and restarts spawn
 
         with shield.spawn_lock:
@@ -166,6 +188,7 @@ class Contexts:
     def __init__(self, channel: Channel, default_kernel: Kernel | None) -> None:
         self.ch = channel
         self.items: dict[str, Context] = {}
+        self.defaults: dict[str, Context] = {}  # js/ts: the "default" context of each
         self.mu = threading.Lock()
         if default_kernel is not None:
             self.items["default"] = Context("default", "python", None, default_kernel)
@@ -176,7 +199,7 @@ class Contexts:
 
     def create(self, language: str, cwd: str | None) -> Context:
         cid = os.urandom(6).hex()
-        ctx = Context(cid, language, cwd, Kernel.spawn(cwd))
+        ctx = Context(cid, language, cwd, Kernel.spawn(cwd, language))
         with self.mu:
             self.items[cid] = ctx
         return ctx
@@ -190,9 +213,19 @@ class Contexts:
                 self.items["default"] = ctx
         return ctx
 
+    def default_for(self, language: str) -> Context:
+        """The unnamed context of a non-Python language (not listed, made on first use)."""
+        with self.mu:
+            ctx = self.defaults.get(language)
+        if ctx is None:
+            ctx = Context("default", language, None, Kernel.spawn(None, language))
+            with self.mu:
+                self.defaults[language] = ctx
+        return ctx
+
     def restart(self, ctx: Context) -> None:
         old = ctx.kernel
-        ctx.kernel = Kernel.spawn(ctx.cwd)
+        ctx.kernel = Kernel.spawn(ctx.cwd, ctx.language)
         old.close()
 
     def remove(self, cid: str) -> bool:
@@ -213,7 +246,8 @@ class Contexts:
         its state.
         """
         with self.mu:
-            ctx = next((c for c in self.items.values() if c.running == rid), None)
+            every = [*self.items.values(), *self.defaults.values()]
+            ctx = next((c for c in every if c.running == rid), None)
         if ctx is None:
             return False
         kernel = ctx.kernel

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from moat.agent import shield
 from moat.agent.channel import Channel
 from moat.agent.commands import Commands
-from moat.agent.contexts import Contexts, Kernel
+from moat.agent.contexts import JS_LANGUAGES, Context, Contexts, Kernel, NoRuntime
 from moat.agent.files import FileError, Files
 from moat.agent.netproxy import NetProxy
 from moat.agent.watch import Watches
@@ -91,13 +91,20 @@ class Agent:
                 self.ch.done(rid, interrupted=ok)
             elif t is MsgType.CTX_CREATE:
                 lang = a["language"]
-                if lang not in ("python", "bash"):
+                if lang not in ("python", "bash", *JS_LANGUAGES):
                     self.ch.fail(rid, "invalid", "unsupported language")
                     return
                 cwd = a.get("cwd")
-                self._in_thread(
-                    rid, lambda: self.ch.done(rid, **self.contexts.create(lang, cwd).info())
-                )
+
+                def create() -> None:
+                    try:
+                        ctx = self.contexts.create(lang, cwd)
+                    except NoRuntime as exc:
+                        self.ch.fail(rid, "unsupported", str(exc))
+                        return
+                    self.ch.done(rid, **ctx.info())
+
+                self._in_thread(rid, create)
             elif t is MsgType.CTX_LIST:
                 with self.contexts.mu:
                     items = [c.info() for c in self.contexts.items.values()]
@@ -205,25 +212,38 @@ class Agent:
                 cwd = ctx.cwd
             self.commands.start(rid, a["code"], envs, cwd, stdin=False, as_exec=True)
             return
-        if a["language"] != "python":
+        lang = a["language"]
+        if lang not in ("python", *JS_LANGUAGES):
             self.ch.fail(rid, "invalid", "unsupported language")
             return
+        threading.Thread(target=self._run_cell, args=(f, lang), daemon=True).start()
+
+    def _run_cell(self, f: Frame, lang: str) -> None:
+        """Find (or make) the cell's context, then run it there (a thread of its own: a
+        kernel's start may take a moment)."""
+        rid, a = f.id, f.fields
+        envs: dict[str, str] = a.get("envs") or {}
         cid = a["context"]
-        ctx = self.contexts.get(cid)
-        if ctx is None and cid == "default":
-            ctx = self.contexts.ensure_default()
+        try:
+            if cid == "default" and lang != "python":
+                ctx: Context | None = self.contexts.default_for(lang)
+            else:
+                ctx = self.contexts.get(cid)
+                if ctx is None and cid == "default":
+                    ctx = self.contexts.ensure_default()
+        except NoRuntime as exc:
+            self.ch.fail(rid, "unsupported", str(exc))
+            return
         if ctx is None:
             self.ch.fail(rid, "not_found", "no such context")
             return
-        if ctx.language != "python":
+        if ctx.language != lang:
             self.ch.fail(rid, "invalid", "context language mismatch")
             return
         if ctx.running is not None:
             self.ch.fail(rid, "busy", "the context is already running code")
             return
-        threading.Thread(
-            target=self.contexts.execute, args=(rid, ctx, a["code"], envs), daemon=True
-        ).start()
+        self.contexts.execute(rid, ctx, a["code"], envs)
 
 
 def _parse_args(argv: list[str]) -> dict[str, Any]:

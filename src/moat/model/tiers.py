@@ -19,7 +19,7 @@ TRUST_TO_TIER: Mapping[str, str] = MappingProxyType(
 #: Guard modes (moat.guard.GuardPolicy.mode).
 GUARD_MODES: tuple[str, ...] = ("redact", "block", "off")
 #: Languages run_code and contexts accept.
-LANGUAGES: tuple[str, ...] = ("python", "bash")
+LANGUAGES: tuple[str, ...] = ("python", "bash", "js", "ts")
 
 
 def choose_tier(isolation: str | None, trust: str) -> str:

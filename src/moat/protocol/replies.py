@@ -83,7 +83,9 @@ def _obj(required: Mapping[str, Check], optional: Mapping[str, Check] | None = N
 
 _PATH = _str(4096)
 _BIG = 1 << 62
-CONTEXT = _obj({"id": _str(64, _CONTEXT_ID), "language": _enum("python", "bash"), "cwd": _PATH})
+CONTEXT = _obj(
+    {"id": _str(64, _CONTEXT_ID), "language": _enum("python", "bash", "js", "ts"), "cwd": _PATH}
+)
 ENTRY = _obj(
     {
         "name": _str(4096),

@@ -26,6 +26,7 @@ def _sources() -> list[Path]:
     files: list[Path] = []
     for pkg in _PACKAGES:
         files.extend(sorted(p for p in (root / pkg).rglob("*.py")))
+        files.extend(sorted(p for p in (root / pkg).rglob("*.js")))  # the JS kernel
     return files
 
 

@@ -352,7 +352,7 @@ class AsyncSandbox:
     async def run_code(
         self,
         code: str,
-        language: str = "python",
+        language: str | None = None,
         context: Context | str | None = None,
         timeout: float | None = 60,
         envs: dict[str, str] | None = None,
@@ -361,7 +361,12 @@ class AsyncSandbox:
         on_result: Any = None,
         on_error: Any = None,
     ) -> Execution:
-        """Run code in a persistent context. Errors in the code are on ``Execution.error``."""
+        """Run code in a persistent context. Errors in the code are on ``Execution.error``.
+
+        ``language``: python (the default), bash, js or ts; with a ``Context`` object and no
+        language, the context's own."""
+        if language is None:
+            language = context.language if isinstance(context, Context) else "python"
         ctx = _context_id(context)
         for name, cb in (
             ("on_stdout", on_stdout),

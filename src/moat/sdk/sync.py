@@ -304,7 +304,7 @@ class Sandbox:
     def run_code(
         self,
         code: str,
-        language: str = "python",
+        language: str | None = None,
         context: Context | str | None = None,
         timeout: float | None = 60,
         envs: dict[str, str] | None = None,

@@ -52,7 +52,10 @@ KEEPALIVE_S = 5.0
 _FIRST_EVENT_S = 1.0
 #: How long /execute waits for a busy context to become free before answering 409.
 _BUSY_WAIT_S = 10.0
-_LANGUAGE_ALIASES = {"py": "python", "python3": "python", "sh": "bash", "shell": "bash"}
+_LANGUAGE_ALIASES = {
+    "py": "python", "python3": "python", "sh": "bash", "shell": "bash",
+    "javascript": "js", "node": "js", "typescript": "ts",
+}  # fmt: skip
 
 Handler = Callable[[Request, Record, str], Awaitable[Response]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
