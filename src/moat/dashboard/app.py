@@ -31,6 +31,7 @@ from starlette.staticfiles import StaticFiles
 
 from moat.dashboard.auth import COOKIE, LOGIN_COOKIE, Login, Sessions, admin_tenants, same_origin
 from moat.dashboard.data import Host, Views
+from moat.dashboard.words import explain, kind_name
 from moat.errors import SandboxError
 from moat.store.keys import TENANT_PATTERN
 
@@ -93,7 +94,7 @@ def _environment() -> jinja2.Environment:
         loader=jinja2.FileSystemLoader(HERE / "templates"),
         autoescape=True,  # every value is escaped unless a template says otherwise (none do)
     )
-    env.filters.update(when=_when, age=_age, mib=_mib)
+    env.filters.update(when=_when, age=_age, mib=_mib, explain=explain, kind=kind_name)
     return env
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import time
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -20,6 +21,9 @@ from moat.model import SandboxInfo
 from moat.store.keys import KeyStore
 
 __all__ = ["Host", "SandboxRow", "Views"]
+
+#: Template names remembered for sandboxes that ended.
+MAX_REMEMBERED = 2000
 
 
 class Host(Protocol):
@@ -64,6 +68,8 @@ class Views:
     def __init__(self, host: Host) -> None:
         self.host = host
         self.front = host.front
+        #: the E2B template names of sandboxes seen running (their records go at the end)
+        self._templates: OrderedDict[str, str] = OrderedDict()
 
     def tenants(self, login: Login) -> list[str]:
         """The tenants a login may see: its own, or for an admin every tenant the server
@@ -75,7 +81,13 @@ class Views:
 
     def template_of(self, info: SandboxInfo) -> str:
         rec = self.host.records.get(info.sandbox_id)
-        return str(getattr(rec, "template_id", None) or info.template)
+        name = getattr(rec, "template_id", None)
+        if isinstance(name, str):
+            self._templates[info.sandbox_id] = name
+            while len(self._templates) > MAX_REMEMBERED:
+                self._templates.popitem(last=False)
+            return name
+        return self._templates.get(info.sandbox_id, info.template)
 
     async def sandboxes(self, login: Login, state: str | None = "running") -> list[SandboxRow]:
         """The sandboxes the login may see, newest first, with their latest metrics."""
@@ -158,5 +170,5 @@ class Views:
         policy = self.front.policy.of(name)
         keys = [k for k in self.host.keys.list() if k.tenant == name]
         running = await self.front.list_sandboxes(name, state="running")
-        return {"name": name, "policy": policy, "keys": keys, "running": running,
+        return {"name": name, "policy": policy, "api_keys": keys, "running": running,
                 "named": name in self.front.policy.tenants}  # fmt: skip
