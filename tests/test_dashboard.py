@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import secrets
 import subprocess
 import time
 from collections.abc import Iterator
@@ -250,3 +251,29 @@ def test_a_tenant_trail_holds_only_its_own_rows(server: Server) -> None:
                         break
     finally:
         sbx.kill()
+
+
+def test_brokered_secrets_appear_by_name_only(server: Server) -> None:
+    key = new_key(tenant_name("broker"))
+    value = "sk-live-" + secrets.token_hex(16)
+    secret = {"value": value, "hosts": ["api.example.com"]}
+    body = {"templateID": "base", "timeout": 120, "moat": {"secrets": {"API_TOKEN": secret}}}
+    api = {"X-API-Key": key}
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        r = c.post("/v2/sandboxes", json=body, headers=api)
+        assert r.status_code == 201, r.text
+        sid, traffic = r.json()["sandboxID"], r.json().get("trafficAccessToken") or ""
+        plane = {"E2b-Sandbox-Id": sid, "X-Access-Token": r.json()["envdAccessToken"],
+                 "E2b-Sandbox-Port": "49999", "E2B-Traffic-Access-Token": traffic}  # fmt: skip
+        try:
+            # The code names the value itself (as a careless caller might): kept redacted.
+            code = f"import os\nprint(os.environ['API_TOKEN'])\nprint({value!r})"
+            out = c.post("/execute", json={"code": code}, headers=plane).text
+            assert value not in out
+            with http_login(server.url, key) as d:
+                page = d.get(f"/ui/sandboxes/{sid}").text
+        finally:
+            c.delete(f"/sandboxes/{sid}", headers=api)
+    assert "API_TOKEN" in page and "api.example.com" in page
+    assert value not in page and value[8:] not in page
+    assert "[REDACTED:API_TOKEN]" in page  # in the code shown and in its output

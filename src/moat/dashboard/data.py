@@ -131,6 +131,7 @@ class Views:
             running = await self.front.is_running(tenant, sandbox_id)
             rows = await self.front.audit(tenant, sandbox_id, limit=1000)
             calls = await self.front.activity_of(tenant, sandbox_id)
+            brokered = await self.front.secret_names(tenant, sandbox_id)
         except SandboxError:
             return None
         metrics = None
@@ -151,6 +152,7 @@ class Views:
             "template": self.template_of(info),
             "metrics": metrics,
             "calls": calls,
+            "secrets": brokered,
             "egress": by_kind.get("egress", []),
             "findings": by_kind.get("finding", []),
             "execs": by_kind.get("exec", []),

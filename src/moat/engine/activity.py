@@ -69,6 +69,9 @@ class Activity:
         self._by_sandbox: collections.OrderedDict[str, collections.deque[Call]] = (
             collections.OrderedDict()
         )
+        self._secrets: collections.OrderedDict[str, list[tuple[str, tuple[str, ...]]]] = (
+            collections.OrderedDict()
+        )
 
     def start(
         self, sandbox_id: str, kind: str, language: str, source: str, scrub: Callable[[str], str]
@@ -92,6 +95,17 @@ class Activity:
                 self._by_sandbox.move_to_end(sandbox_id)
             calls.append(call)
         return call
+
+    def note_secrets(self, sandbox_id: str, refs: list[tuple[str, tuple[str, ...]]]) -> None:
+        """The names of a sandbox's brokered secrets and their hosts (never the values)."""
+        with self._mu:
+            self._secrets[sandbox_id] = list(refs)
+            while len(self._secrets) > MAX_SANDBOXES:
+                self._secrets.popitem(last=False)
+
+    def secrets(self, sandbox_id: str) -> list[tuple[str, tuple[str, ...]]]:
+        with self._mu:
+            return list(self._secrets.get(sandbox_id, ()))
 
     def calls(self, sandbox_id: str) -> list[Call]:
         """The sandbox's recent calls, newest first."""

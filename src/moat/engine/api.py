@@ -252,6 +252,7 @@ class FrontDoor:
             ledger.release(token)
             raise
         ledger.bind(token, session.id)
+        self.activity.note_secrets(session.id, [(r.name, r.hosts) for r in cfg.secrets])
         if self.engine.get(session.id) is None:  # it ended already: the end freed nothing
             ledger.release_sandbox(session.id)
         return session.info()
@@ -704,6 +705,13 @@ class FrontDoor:
         found = self._find(tenant, sandbox_id)
         sid = found.id if isinstance(found, Session) else v.sandbox_id(sandbox_id)
         return self.activity.calls(str(sid))
+
+    async def secret_names(self, tenant: str, sandbox_id: str) -> list[tuple[str, tuple[str, ...]]]:
+        """The sandbox's brokered secrets by name, with the hosts each may be used on;
+        never a value (invariant 3)."""
+        found = self._find(tenant, sandbox_id)
+        sid = found.id if isinstance(found, Session) else v.sandbox_id(sandbox_id)
+        return self.activity.secrets(str(sid))
 
     def _recorded(self, session: Session, kind: str, language: str, source: str) -> Call:
         """Start the record of a call; its code passes the sandbox's guard first."""
