@@ -714,13 +714,14 @@ class FrontDoor:
         return self.activity.secrets(str(sid))
 
     def _recorded(self, session: Session, kind: str, language: str, source: str) -> Call:
-        """Start the record of a call; its code passes the sandbox's guard first."""
+        """Start the record of a call; its code passes the sandbox's guard first (the
+        caller's own text: redacted, but no finding of a leak is reported for it)."""
         guard = session.guard
         scrub = getattr(guard, "scrub_text", None)
         if scrub is None:  # not a moat Guard: keep nothing of the code (fail closed)
             return self.activity.start(session.id, kind, language, "", lambda t: t)
         return self.activity.start(
-            session.id, kind, language, source, lambda t: scrub(t, "activity")
+            session.id, kind, language, source, lambda t: scrub(t, "activity", report=False)
         )
 
     # -- lookups ----------------------------------------------------------------------
