@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import os
 import re
 import shutil
@@ -75,9 +76,14 @@ def shoot(driver: Any, name: str) -> None:
         return
     Path(folder).mkdir(parents=True, exist_ok=True)
     height = driver.execute_script("return document.documentElement.scrollHeight")
-    driver.set_window_size(1360, max(900, min(int(height) + 40, 4000)))
-    driver.save_screenshot(str(Path(folder) / f"{name}.png"))
-    driver.set_window_size(1360, 1100)
+    size = {"width": 1360, "height": min(int(height), 6000), "deviceScaleFactor": 1,
+            "mobile": False}  # fmt: skip
+    driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", size)
+    try:
+        shot = driver.execute_cdp_cmd("Page.captureScreenshot", {"format": "png"})
+    finally:
+        driver.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
+    (Path(folder) / f"{name}.png").write_bytes(base64.b64decode(shot["data"]))
 
 
 def browser_login(driver: Any, url: str, key: str) -> None:

@@ -144,6 +144,10 @@ class Views:
         by_kind: dict[str, list[dict[str, Any]]] = {}
         for row in rows:
             by_kind.setdefault(str(row.get("kind")), []).append(row)
+        ends = info.end_at.astimezone(dt.UTC).timestamp()  # planned, while it runs
+        if not running:  # when it really ended, where the trail says
+            ended = [r for r in by_kind.get("sandbox", []) if r.get("result") == "ended"]
+            ends = float(ended[0]["ts"]) if ended else ends
         return {
             "info": info,
             "tenant": tenant,
@@ -164,7 +168,7 @@ class Views:
                 key=lambda r: float(r.get("ts", 0)),
             ),
             "started": info.started_at.timestamp(),
-            "ends": info.end_at.astimezone(dt.UTC).timestamp(),
+            "ends": ends,
         }
 
     async def tenant_page(self, name: str) -> dict[str, Any]:
