@@ -277,3 +277,18 @@ def test_brokered_secrets_appear_by_name_only(server: Server) -> None:
     assert "API_TOKEN" in page and "api.example.com" in page
     assert value not in page and value[8:] not in page
     assert "[REDACTED:API_TOKEN]" in page  # in the code shown and in its output
+
+
+def test_the_script_sets_text_only() -> None:
+    """The one script builds rows with textContent: nothing it receives becomes markup."""
+    import moat.dashboard
+
+    js = (Path(moat.dashboard.__file__).parent / "static" / "dash.js").read_text()
+    for sink in ("innerHTML", "outerHTML", "insertAdjacentHTML", "document.write", "eval("):
+        assert sink not in js, sink
+    templates = Path(moat.dashboard.__file__).parent / "templates"
+    for page in templates.glob("*.html"):
+        text = page.read_text()
+        assert "|safe" not in text.replace(" ", "") and "autoescape false" not in text, page
+        assert not re.search(r"<script(?![^>]*\bsrc=)", text), page  # no inline script
+        assert not re.search(r"\son[a-z]+=", text), page  # no inline handlers

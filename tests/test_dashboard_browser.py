@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import shlex
 from collections.abc import Iterator
 
 import pytest
@@ -192,5 +193,33 @@ def test_another_tenant_sees_nothing_of_it(server: Server, admin: str) -> None:
             assert "key-" in driver.find_element(By.ID, "keys").text
             assert key_a not in driver.page_source and key_a[4:] not in driver.page_source
             shoot(driver, "10-admin-tenant")
+    finally:
+        sbx.kill()
+
+
+#: Markup a sandbox (or a caller) may put in what the pages show: it must stay text.
+MARKUP = "<img src=x onerror=\"document.title='pwned'\"><script>document.title='pwned'</script>"
+
+
+def test_markup_from_a_sandbox_stays_text(server: Server) -> None:
+    from e2b_code_interpreter import Sandbox
+    from selenium.webdriver.common.by import By
+
+    key = new_key(tenant_name("xss"))
+    sbx = Sandbox.create(api_key=key, metadata={"note": MARKUP})
+    try:
+        sbx.run_code(f"print({MARKUP!r})")
+        sbx.commands.run(f"echo {shlex.quote(MARKUP)} >&2")
+        with chromium() as driver:
+            browser_login(driver, server.url, key)
+            driver.get(server.url + f"/ui/sandboxes/{sbx.sandbox_id}")
+            main = driver.find_element(By.TAG_NAME, "main").text
+            assert "note=" + MARKUP in main  # metadata, shown as text
+            outputs = [e.text for e in driver.find_elements(By.CSS_SELECTOR, "pre.out")]
+            assert any(MARKUP in t and "STDOUT" in t for t in outputs), outputs
+            assert any(MARKUP in t and "STDERR" in t for t in outputs), outputs
+            assert driver.title.startswith("Sandbox ") and "pwned" not in driver.title
+            assert not driver.find_elements(By.CSS_SELECTOR, "main img, main script")
+            shoot(driver, "11-markup-as-text")
     finally:
         sbx.kill()

@@ -1,5 +1,5 @@
 // moat dashboard: live sandbox list (server-sent events) and a confirm on kill.
-// No innerHTML anywhere: every value is set as text (the CSP allows no inline script).
+// Every value is set as text, never parsed as markup (the CSP allows no inline script).
 "use strict";
 
 function age(s) {
