@@ -244,6 +244,12 @@ def test_a_tenant_trail_holds_only_its_own_rows(server: Server) -> None:
                         break
         with http_login(server.url, key_a) as a:
             assert sbx.sandbox_id in a.get("/ui/audit").text
+            later = a.get("/ui/audit", params={"since": "2099-01-01T00:00"}).text
+            assert sbx.sandbox_id not in later and "No row matches" in later
+            earlier = a.get("/ui/audit", params={"until": "2000-01-01T00:00"}).text
+            assert sbx.sandbox_id not in earlier
+            bad = a.get("/ui/audit", params={"since": "yesterday"})
+            assert bad.status_code == 200 and "Times look like" in bad.text
             with a.stream("GET", "/ui/events") as events:
                 for line in events.iter_lines():
                     if line.startswith("data:"):
