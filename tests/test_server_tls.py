@@ -165,3 +165,21 @@ def test_no_plain_http_warning_with_tls(capsys: pytest.CaptureFixture[str]) -> N
     assert capsys.readouterr().err == ""
     warn_if_exposed("0.0.0.0")
     assert "PLAIN HTTP" in capsys.readouterr().err
+
+
+def test_dashboard_cookie_is_secure_over_tls(tls_server: TlsServer) -> None:
+    """The dashboard's session cookie carries Secure where the server speaks TLS
+    (docs/dashboard.md); over plain HTTP it can't (tests/test_dashboard.py)."""
+    import re
+
+    key = new_key(tenant_name("tlsdash"))
+    with httpx.Client(base_url=tls_server.url, verify=_trust(tls_server.ca), timeout=30) as c:
+        form = c.get("/ui/login")
+        nonce = re.search(r'name="nonce" value="([^"]+)"', form.text)
+        assert nonce is not None
+        r = c.post("/ui/login", data={"api_key": key, "nonce": nonce.group(1)},
+                   headers={"origin": tls_server.url})  # fmt: skip
+        assert r.status_code == 303, r.text
+        cookies = [v for k, v in r.headers.multi_items() if k == "set-cookie"]
+        session = next(v for v in cookies if v.startswith("moat_session="))
+        assert "Secure" in session and "HttpOnly" in session and "SameSite=strict" in session

@@ -160,7 +160,7 @@ _SANDBOX_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 @click.option("--denied", is_flag=True, help="Only refused egress requests.")
 @click.option(
     "--kind",
-    type=click.Choice(["egress", "exec", "finding", "sandbox", "audit_dropped"]),
+    type=click.Choice(["egress", "exec", "finding", "sandbox", "audit_dropped", "operator"]),
     help="Only rows of this kind.",
 )
 @click.option(
@@ -244,6 +244,8 @@ def _detail(row: dict[str, Any]) -> str:
         text = f"{get('language', '-')} sha256={str(get('code_sha256', ''))[:12]} "
         text += f"{get('duration_ms', 0)}ms"
         return text + (f" error={get('error_name')}" if get("error_name") else "")
+    if row["kind"] == "operator":  # a dashboard action (docs/dashboard.md)
+        return f"{get('method', '-')} by {get('label', '-')} {get('reason', '')}".rstrip()
     if row["kind"] == "audit_dropped":
         return f"{get('count', 1)} {get('label', '-')} rows not written ({get('reason', '-')})"
     text = f"{get('label', '-')} on {get('channel', '-')}"

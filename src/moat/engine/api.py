@@ -20,7 +20,8 @@ from typing import IO, Any, Literal
 
 from moat.egress import GatewayConfig, NetworkPolicy, Secret
 from moat.engine import admission
-from moat.engine.auditview import OfflineScrub, guard_rows, sandbox_audit
+from moat.engine.activity import Activity, Call
+from moat.engine.auditview import OfflineScrub, guard_rows, guard_trail, sandbox_audit
 from moat.engine.engine import DEFAULT_TENANT, Engine, default_engine
 from moat.engine.output import off_loop
 from moat.engine.resolve import (
@@ -195,6 +196,8 @@ class FrontDoor:
         if policy is not None and not isinstance(policy, TenantPolicies):
             raise InvalidArgumentError("policy must be a TenantPolicies")
         self.policy = load_tenants() if policy is None else policy
+        #: recent calls per sandbox, code and guarded output (the dashboard's view)
+        self.activity = Activity()
 
     # -- configuration ------------------------------------------------------------------
 
@@ -249,6 +252,7 @@ class FrontDoor:
             ledger.release(token)
             raise
         ledger.bind(token, session.id)
+        self.activity.note_secrets(session.id, [(r.name, r.hosts) for r in cfg.secrets])
         if self.engine.get(session.id) is None:  # it ended already: the end freed nothing
             ledger.release_sandbox(session.id)
         return session.info()
@@ -381,6 +385,40 @@ class FrontDoor:
         )
         return await asyncio.to_thread(guard_rows, rows, OfflineScrub())
 
+    async def audit_trail(
+        self,
+        tenant: str | None,
+        *,
+        sandbox_id: str | None = None,
+        denied_only: bool = False,
+        since: float | None = None,
+        until: float | None = None,
+        limit: int = 500,
+    ) -> list[dict[str, Any]]:
+        """Audit rows of every sandbox of ``tenant``, newest first, guarded (a live
+        sandbox's by its own guard, invariant 4). ``tenant`` None: every tenant's rows, for
+        a face that has established its caller is the host's operator (the dashboard's
+        admin); a tenant sees only rows stamped with its name (invariant 11)."""
+        if tenant is not None:
+            _tenant(tenant)
+        sid = v.sandbox_id(sandbox_id) if sandbox_id is not None else None
+        if sandbox_id is not None and sid is None:
+            return []  # a malformed id matches nothing, like an unknown one
+        rows = await asyncio.to_thread(
+            self.engine.audit.query, sandbox_id=sid, denied_only=denied_only, limit=limit,
+            tenant=tenant, since=since, until=until,
+        )  # fmt: skip
+
+        def live(row_sid: str) -> Guard | None:
+            with self.engine._mu:
+                session = self.engine.sessions.get(row_sid)
+            if session is None or (tenant is not None and session.tenant != tenant):
+                return None
+            guard = session.guard
+            return guard if isinstance(guard, Guard) else None
+
+        return await asyncio.to_thread(guard_trail, rows, live)
+
     # -- code and contexts ------------------------------------------------------------
 
     def run_code(
@@ -404,21 +442,31 @@ class FrontDoor:
         t = v.MAX_TIMEOUT if timeout is None else v.timeout("timeout", timeout)
         env = v.envs(envs)
         stream = _Stream()
+        call = self._recorded(session, "code", lang, code)
 
         async def out(text: str, name: Literal["stdout", "stderr"]) -> None:
+            call.add(name, text)  # guarded already, as the caller gets it (invariant 4)
             stream.push(Output(name, text))
 
         async def on_result(r: Result) -> None:
+            if r.text is not None:
+                call.add("result", r.text)
             stream.push(ResultEvent(r))
 
         async def on_error(e: ExecutionError) -> None:
+            call.add("error", f"{e.name}: {e.value}")
             stream.push(ErrorEvent(e))
 
         async def work() -> End:
-            ex: Execution = await session.run_code(
-                code, lang, ctx, t, env,
-                lambda s: out(s, "stdout"), lambda s: out(s, "stderr"), on_result, on_error,
-            )  # fmt: skip
+            try:
+                ex: Execution = await session.run_code(
+                    code, lang, ctx, t, env,
+                    lambda s: out(s, "stdout"), lambda s: out(s, "stderr"), on_result, on_error,
+                )  # fmt: skip
+            except BaseException:
+                call.end("failed")
+                raise
+            call.end("error" if ex.error is not None else "ok")
             return End(truncated=ex.truncated, execution_count=ex.execution_count)
 
         stream.run(work)
@@ -461,17 +509,28 @@ class FrontDoor:
         if not isinstance(stdin, bool):
             raise InvalidArgumentError("stdin must be a bool")
         stream = _Stream()
+        record = self._recorded(session, "command", "bash", cmd)
 
         async def out(text: str, name: Literal["stdout", "stderr"]) -> None:
+            record.add(name, text)  # guarded already (invariant 4)
             stream.push(Output(name, text))
 
-        pid, call, sink = await session.start_command(
-            cmd, env, cwd, stdin, lambda s: out(s, "stdout"), lambda s: out(s, "stderr")
-        )
+        try:
+            pid, call, sink = await session.start_command(
+                cmd, env, cwd, stdin, lambda s: out(s, "stdout"), lambda s: out(s, "stderr")
+            )
+        except BaseException:
+            record.end("failed")
+            raise
         stream.push(Started(pid))
 
         async def work() -> End:
-            result = await session.wait_command(call, sink, None, pid)
+            try:
+                result = await session.wait_command(call, sink, None, pid)
+            except BaseException:
+                record.end("failed")
+                raise
+            record.end("ok" if result.exit_code == 0 else "error", result.exit_code)
             return End(truncated=result.truncated, exit_code=result.exit_code)
 
         stream.run(work)
@@ -637,6 +696,33 @@ class FrontDoor:
             raise InvalidArgumentError("recursive and include_entry must be bools")
         watch = await session.watch_dir(path, recursive)
         return WatchStream(session, watch, path, include_entry)
+
+    # -- recent calls -------------------------------------------------------------------
+
+    async def activity_of(self, tenant: str, sandbox_id: str) -> list[Call]:
+        """The tenant's sandbox's recent calls, newest first (``moat.engine.activity``);
+        NotFoundError for another tenant's, like an unknown id (invariant 11)."""
+        found = self._find(tenant, sandbox_id)
+        sid = found.id if isinstance(found, Session) else v.sandbox_id(sandbox_id)
+        return self.activity.calls(str(sid))
+
+    async def secret_names(self, tenant: str, sandbox_id: str) -> list[tuple[str, tuple[str, ...]]]:
+        """The sandbox's brokered secrets by name, with the hosts each may be used on;
+        never a value (invariant 3)."""
+        found = self._find(tenant, sandbox_id)
+        sid = found.id if isinstance(found, Session) else v.sandbox_id(sandbox_id)
+        return self.activity.secrets(str(sid))
+
+    def _recorded(self, session: Session, kind: str, language: str, source: str) -> Call:
+        """Start the record of a call; its code passes the sandbox's guard first (the
+        caller's own text: redacted, but no finding of a leak is reported for it)."""
+        guard = session.guard
+        scrub = getattr(guard, "scrub_text", None)
+        if scrub is None:  # not a moat Guard: keep nothing of the code (fail closed)
+            return self.activity.start(session.id, kind, language, "", lambda t: t)
+        return self.activity.start(
+            session.id, kind, language, source, lambda t: scrub(t, "activity", report=False)
+        )
 
     # -- lookups ----------------------------------------------------------------------
 

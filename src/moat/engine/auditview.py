@@ -14,6 +14,7 @@ writer without a guard:
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -50,6 +51,20 @@ async def sandbox_audit(
     if scrub_text is None:  # not a moat Guard: fall back on the default one (fail closed)
         scrub_text = Guard(GuardPolicy()).scrub_text
     return await asyncio.to_thread(guard_rows, rows, lambda text: scrub_text(text, CHANNEL))
+
+
+def guard_trail(rows: list[Row], live: Callable[[str], Guard | None]) -> list[Row]:
+    """Rows of many sandboxes, each guarded by its sandbox's own guard while it lives
+    (``live(sandbox_id)``), else by the offline one (default rules, canaries' shapes)."""
+    offline = OfflineScrub()
+    out: list[Row] = []
+    for row in rows:
+        guard = live(str(row.get("sandbox_id", "")))
+        scrub: Scrub = offline
+        if guard is not None:
+            scrub = functools.partial(guard.scrub_text, channel=CHANNEL)
+        out.append({k: scrub(v) if isinstance(v, str) else v for k, v in row.items()})
+    return out
 
 
 class OfflineScrub:

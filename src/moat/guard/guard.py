@@ -347,11 +347,12 @@ class Guard:
             for i, s, e in ac.find_matches_as_indexes(folded, overlapping=True)
         ]
 
-    def scrub_text(self, text: str, channel: str) -> str:
+    def scrub_text(self, text: str, channel: str, *, report: bool = True) -> str:
         """``text`` redacted whatever the mode, for the host's own records that reach the
         caller (the audit trail): registered values never appear there (invariant 3), and
         a canary is flagged wherever it shows up. Values are also matched with ASCII case
-        folded. Findings are reported as usual; never raises for one."""
+        folded. Findings are reported as usual (``report=False``: not at all, for text the
+        caller wrote itself, such as the code it sent); never raises for one."""
         if not isinstance(text, str):
             raise InvalidArgumentError("the guard scrubs text (str)")
         channel = _check_channel(channel)
@@ -360,7 +361,8 @@ class Guard:
         hits += [h for h in self._folded_hits(text) if (h.start, h.end, h.audit_label) not in seen]
         if not hits:
             return text
-        self._report(hits, channel)
+        if report:
+            self._report(hits, channel)
         return render(text, merge(hits))
 
     def _bytes_hits(self, view: str, budget: Budget | None = None) -> list[Hit]:

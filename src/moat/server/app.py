@@ -131,12 +131,14 @@ def too_large() -> Response:
 
 def make_app(state: ServerState) -> Callable[[Scope, Receive, Send], Awaitable[None]]:
     """The server's ASGI callable over ``state``."""
+    from moat.dashboard import dashboard_app, is_dashboard_path
     from moat.server import ingress
     from moat.server.control import control_app
     from moat.server.sandbox import sandbox_app
 
     control = control_app(state)
     plane = sandbox_app(state)
+    dashboard = dashboard_app(state)  # the operators' pages at / and /ui/ (docs/dashboard.md)
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -157,6 +159,8 @@ def make_app(state: ServerState) -> Callable[[Scope, Receive, Send], Awaitable[N
             # A signed link a browser follows names no sandbox: the signature finds it
             # (moat.server.files); the control plane has no /files.
             await plane(scope, receive, send)
+        elif is_dashboard_path(scope.get("path", "")):
+            await dashboard(scope, receive, send)
         else:
             await control(scope, receive, send)
 

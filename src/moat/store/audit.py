@@ -78,7 +78,7 @@ _COLUMNS = (
 )  # fmt: skip
 #: Columns of later versions, added to an older store when it is opened (additive only).
 _ADDED = {"tier": "TEXT", "count": "INTEGER", "last_ts": "REAL", "tenant": "TEXT"}
-KINDS = frozenset({"egress", "exec", "finding", "sandbox", "audit_dropped", "ingress"})
+KINDS = frozenset({"egress", "exec", "finding", "sandbox", "audit_dropped", "ingress", "operator"})
 #: Sandboxes whose rate and aggregation state is kept (oldest forgotten beyond).
 MAX_SANDBOXES = 10_000
 #: Seconds ``query`` waits for queued rows to be written before it reads.
@@ -467,6 +467,35 @@ class AuditLog:
                 st.seen.add(key)
             self._accumulate(key, row)
 
+    def record_operator(
+        self,
+        action: str,
+        *,
+        allowed: bool,
+        actor: str | None,
+        sandbox_id: str | None = None,
+        tenant: str | None = None,
+        reason: str | None = None,
+    ) -> None:
+        """A state-changing action of an operator (the dashboard: login, logout, kill).
+        ``actor``: who acted (tenant and key id, as text); ``tenant``: whose row it is (the
+        actor's, or the owner of the sandbox acted on). Refusals pass a rate bucket of their
+        own (a flood of bad logins can't flood the store); the excess is counted."""
+        row = {
+            "ts": time.time(),
+            "kind": "operator",
+            "sandbox_id": inert(sandbox_id or "-"),
+            "method": inert(action, "method"),
+            "result": "allow" if allowed else "deny",
+            "reason": inert(reason, "reason"),
+            "label": inert(actor, "label"),
+            "tenant": inert(tenant, "tenant"),
+        }
+        with self._mu:
+            if not allowed and not self._admit("-operator-refusals", "operator", time.monotonic()):
+                return
+            self._put(("row", row, None))
+
     # -- reading -------------------------------------------------------------------------
 
     def flush(self, timeout: float = FLUSH_TIMEOUT) -> bool:
@@ -493,12 +522,16 @@ class AuditLog:
         kind: str | None = None,
         limit: int = 1000,
         tenant: str | None = None,
+        since: float | None = None,
+        until: float | None = None,
     ) -> list[dict[str, Any]]:
         """Rows, newest first, as dicts with None-valued columns left out (after what was
-        recorded before the call is written). Blocking: call it off an event loop."""
+        recorded before the call is written); ``since``/``until``: unix times bounding
+        ``ts`` (inclusive). Blocking: call it off an event loop."""
         if kind is not None and kind not in KINDS:
             raise InvalidArgumentError(
-                "audit kind must be egress, exec, finding, sandbox, ingress or audit_dropped"
+                "audit kind must be egress, exec, finding, sandbox, ingress, operator or "
+                "audit_dropped"
             )
         if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 100_000:
             raise InvalidArgumentError("audit limit must be between 1 and 100000")
@@ -518,6 +551,12 @@ class AuditLog:
         if tenant is not None:
             where.append("tenant = ?")
             args.append(tenant)
+        for bound, op in ((since, ">="), (until, "<=")):
+            if bound is not None:
+                if isinstance(bound, bool) or not isinstance(bound, (int, float)):
+                    raise InvalidArgumentError("audit time bounds must be unix times")
+                where.append(f"ts {op} ?")
+                args.append(float(bound))
         # columns are fixed and named (a store migrated by ALTER has them in another order)
         sql = f"SELECT {', '.join(_COLUMNS)} FROM events"  # noqa: S608 - our column names
         if where:

@@ -102,6 +102,23 @@ class KeyStore:
         ).fetchone()
         return None if row is None else str(row[0])
 
+    def lookup(self, key: str | None) -> KeyInfo | None:
+        """The listing of a valid, unrevoked key (its id and tenant); None for anything else."""
+        if not isinstance(key, str) or not KEY_PATTERN.fullmatch(key):
+            return None
+        row = self._db.execute(
+            "SELECT key_id, tenant, created FROM api_keys WHERE key_sha256 = ? AND revoked IS NULL",
+            (_digest(key),),
+        ).fetchone()
+        return None if row is None else KeyInfo(str(row[0]), str(row[1]), float(row[2]), None)
+
+    def is_live(self, key_id: str) -> bool:
+        """Whether ``key_id`` names a key that is not revoked."""
+        row = self._db.execute(
+            "SELECT 1 FROM api_keys WHERE key_id = ? AND revoked IS NULL", (key_id,)
+        ).fetchone()
+        return row is not None
+
     def list(self) -> list[KeyInfo]:
         rows = self._db.execute(
             "SELECT key_id, tenant, created, revoked FROM api_keys ORDER BY created"
