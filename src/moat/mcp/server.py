@@ -50,9 +50,6 @@ Asgi = Callable[
 ]
 CallerOf = Callable[[ServerRequestContext[Any, Any]], Caller]
 
-#: Seconds an HTTP MCP session may sit with no request in flight before it ends (and with
-#: it its unnamed sandboxes).
-IDLE_TIMEOUT = 30 * 60
 #: Where the tenant of an authenticated HTTP request is kept in its ASGI scope.
 TENANT_KEY = "moat.tenant"
 
@@ -147,7 +144,7 @@ class McpHttp:
             # call (DNS rebinding needs an unauthenticated server); Host checks would break
             # a server reached by its name.
             security_settings=None,
-            session_idle_timeout=IDLE_TIMEOUT,
+            session_idle_timeout=settings.idle_timeout,
         )
         self._ending: set[asyncio.Task[None]] = set()  # session ends being cleaned up
 

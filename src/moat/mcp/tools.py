@@ -30,6 +30,7 @@ from moat.engine.api import FrontDoor
 from moat.errors import InvalidArgumentError, NotFoundError, SandboxError
 from moat.mcp import schemas as s
 from moat.model import End, ErrorEvent, Output, ResultEvent, SandboxConfig, SandboxInfo
+from moat.model import validate as v
 
 __all__ = ["MARK", "NAME", "Caller", "Scope", "Settings", "Tools"]
 
@@ -55,16 +56,25 @@ class Settings:
     trust: str | None = None
     isolation: str | None = None
     policy_file: str | None = None
+    #: seconds an HTTP session may sit with no request in flight before it ends
+    idle_timeout: float = 1800
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
-        """``MOAT_MCP_PROFILE``, ``MOAT_MCP_TRUST``, ``MOAT_MCP_ISOLATION`` (empty: unset);
-        a profile is looked up in ``$MOAT_POLICY_FILE`` (docs/profiles.md)."""
+        """``MOAT_MCP_PROFILE``, ``MOAT_MCP_TRUST``, ``MOAT_MCP_ISOLATION`` (empty: unset;
+        a profile is looked up in ``$MOAT_POLICY_FILE``, docs/profiles.md) and
+        ``MOAT_MCP_IDLE_TIMEOUT`` (seconds)."""
         env = os.environ if env is None else env
+        idle = env.get("MOAT_MCP_IDLE_TIMEOUT") or "1800"
+        try:
+            idle_s = float(idle)
+        except ValueError:
+            raise InvalidArgumentError("MOAT_MCP_IDLE_TIMEOUT must be a number") from None
         return cls(
             profile=env.get("MOAT_MCP_PROFILE") or None,
             trust=env.get("MOAT_MCP_TRUST") or None,
             isolation=env.get("MOAT_MCP_ISOLATION") or None,
+            idle_timeout=v.number("MOAT_MCP_IDLE_TIMEOUT", idle_s, 1, 86400),
         )
 
     def config(

@@ -177,8 +177,8 @@ def main(
     except SandboxError as exc:
         print(f"moat serve: bad tenant policy: {exc}", file=sys.stderr, flush=True)
         sys.exit(2)
-    mcp = Settings.from_env()
-    try:  # a bad MCP profile stops the start too (invariant 7)
+    try:  # a bad MCP setting stops the start too (invariant 7)
+        mcp = Settings.from_env()
         mcp.check()
     except SandboxError as exc:
         print(f"moat serve: bad MCP setting: {exc}", file=sys.stderr, flush=True)
