@@ -37,7 +37,7 @@ async def http_client(
         headers = {"Authorization": f"Bearer {key}"} if bearer else {"X-API-Key": key}
     async with httpx2.AsyncClient(headers=headers, timeout=120) as http:
         transport = streamable_http_client(url + "/mcp", http_client=http)
-        async with Client(transport, mode=mode) as client:  # type: ignore[arg-type]
+        async with Client(transport, mode=mode) as client:
             yield client
 
 

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import secrets
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +22,7 @@ import pytest
 from tests.conftest import require_tier
 from tests.killcheck import cannot_run, eventually
 from tests.mcp_support import failed, http_client, new_sandbox, ok, text
-from tests.server_support import Server, new_key, serving, tenant_name
+from tests.server_support import MOAT, Server, free_port, new_key, serving, tenant_name
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.container]
 
@@ -164,6 +166,39 @@ async def test_tools_over_http(server: Server, key_a: str) -> None:
         assert "round trip" in await ok(client, "run_command", sandbox=name, command="cat f.txt")
         await ok(client, "kill_sandbox", sandbox=name)
     assert await asyncio.to_thread(eventually, lambda: _ended(server, key_a, sid), 20)
+
+
+async def test_egress_policy_applies(server: Server, key_a: str) -> None:
+    """A sandbox made through MCP gets the resolved policy (deny-all by default): the
+    gateway refuses, and says so in the audit trail (invariant 2)."""
+    name = "net-" + secrets.token_hex(3)
+    code = (
+        "import urllib.request\ntry:\n"
+        "    urllib.request.urlopen('http://example.com/', timeout=20)\n"
+        "    print('REACHED')\nexcept Exception as e:\n    print('refused:', type(e).__name__)"
+    )
+    async with http_client(server.url, key_a) as client:
+        sid = await new_sandbox(client, name)
+        shown = await ok(client, "run_code", sandbox=name, code=code)
+        assert "refused:" in shown and "REACHED" not in shown
+        await ok(client, "kill_sandbox", sandbox=name)
+    r = await asyncio.to_thread(
+        httpx.get, f"{server.url}/moat/v1/sandboxes/{sid}/audit",
+        headers={"X-API-Key": key_a}, timeout=30,
+    )  # fmt: skip
+    egress = [row for row in r.json() if row["kind"] == "egress"]
+    assert egress and all(row["result"] == "deny" for row in egress), egress
+    assert any(row["host"] == "example.com" for row in egress), egress
+
+
+async def test_bad_mcp_setting_stops_the_server() -> None:
+    proc = await asyncio.to_thread(
+        subprocess.run, [*MOAT, "serve", "--port", str(free_port())],
+        env={**os.environ, "MOAT_MCP_TRUST": "reckless"}, capture_output=True, text=True,
+        timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 2 and "bad MCP setting" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
 
 
 async def test_tenants_are_separate(server: Server, key_a: str, key_b: str) -> None:

@@ -11,6 +11,7 @@ import asyncio
 import base64
 import hashlib
 import secrets
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ from mcp import Client
 from tests.conftest import require_tier
 from tests.killcheck import cannot_run, eventually
 from tests.mcp_support import failed, images, new_sandbox, ok, stdio_params, text
+from tests.server_support import MOAT
 
 from moat.engine.api import FrontDoor
 from moat.mcp import Settings
@@ -213,3 +215,18 @@ async def test_runs_on_gvisor() -> None:
         sid = await new_sandbox(client)
         assert "gvisor" in await ok(client, "list_sandboxes")
         assert "42" in await ok(client, "run_code", sandbox=sid, code="6 * 7")
+
+
+async def test_bad_settings_stop_the_start() -> None:
+    """A setting the resolver refuses stops ``moat mcp`` before it serves (invariant 7)."""
+    for args, expected in (
+        (["--profile", "no-such-profile"], "NotFoundError"),
+        (["--tenant", "bad tenant!"], "--tenant must be"),
+        (["--trust", "reckless"], "Invalid value for '--trust'"),
+    ):
+        proc = await asyncio.to_thread(
+            subprocess.run, [*MOAT, "mcp", *args], input="", capture_output=True, text=True,
+            timeout=60,
+        )  # fmt: skip
+        assert proc.returncode == 2 and expected in proc.stderr, (args, proc.stderr)
+        assert "Traceback" not in proc.stderr and proc.stdout == ""

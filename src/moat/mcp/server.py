@@ -147,6 +147,8 @@ class McpHttp:
             session_idle_timeout=settings.idle_timeout,
         )
         self._ending: set[asyncio.Task[None]] = set()  # session ends being cleaned up
+        # The SDK logs every session id at INFO; the server's log keeps to moat's own lines.
+        logging.getLogger("mcp").setLevel(logging.WARNING)
 
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[None]:
@@ -173,7 +175,23 @@ class McpHttp:
         scope["user"] = AuthenticatedUser(
             AccessToken(token="-", client_id=tenant, scopes=[], subject=tenant)  # noqa: S106
         )
-        await self.manager.handle_request(scope, receive, send)
+        started = done = False
+
+        async def tracked(message: Any) -> None:
+            nonlocal started, done
+            if message["type"] == "http.response.start":
+                started = True
+            elif message["type"] == "http.response.body" and not message.get("more_body"):
+                done = True
+            await send(message)
+
+        await self.manager.handle_request(scope, receive, tracked)
+        # A stream the SDK dropped (its session ended under an open GET at the server's
+        # stop) still ends as a complete HTTP response.
+        if not started:
+            await JSONResponse({"error": "the MCP session ended"}, 503)(scope, receive, send)
+        elif not done:
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     def _tenant(self, scope: MutableMapping[str, Any]) -> str | None:
         headers = {k.lower(): v for k, v in scope.get("headers", ())}
