@@ -105,6 +105,10 @@ async def test_errors_in_user_code_are_tool_errors() -> None:
         assert result.is_error and "oops" in text(result) and "exit code: 3" in text(result)
         result = await client.call_tool("run_command", {"command": "sleep 30", "timeout": 1})
         assert result.is_error and "killed after 1 s" in text(result)
+        code = "import time\nprint('started', flush=True)\ntime.sleep(30)"
+        result = await client.call_tool("run_code", {"code": code, "timeout": 2})
+        assert result.is_error and "TimeoutError" in text(result)
+        assert text(result).startswith("stdout:\nstarted")  # what came before the timeout
 
 
 async def test_guard_redacts_secret_shaped_output() -> None:

@@ -292,19 +292,23 @@ class Tools:
             stderr: list[str] = []
             results: list[Any] = []
             error = None
+            failure: str | None = None  # the call's own end: a timeout, a blocked leak, ...
             truncated = False
             events = self.front.run_code(
                 caller.tenant, sid, args.code, language=args.language, timeout=args.timeout
             )
-            async for ev in events:
-                if isinstance(ev, Output):
-                    (stdout if ev.stream == "stdout" else stderr).append(ev.text)
-                elif isinstance(ev, ResultEvent):
-                    results.append(ev.result)
-                elif isinstance(ev, ErrorEvent):
-                    error = ev.error
-                elif isinstance(ev, End):
-                    truncated = ev.truncated
+            try:
+                async for ev in events:
+                    if isinstance(ev, Output):
+                        (stdout if ev.stream == "stdout" else stderr).append(ev.text)
+                    elif isinstance(ev, ResultEvent):
+                        results.append(ev.result)
+                    elif isinstance(ev, ErrorEvent):
+                        error = ev.error
+                    elif isinstance(ev, End):
+                        truncated = ev.truncated
+            except SandboxError as exc:  # keep what came before it (all of it guarded)
+                failure = f"{type(exc).__name__}: {exc}"
         text: list[str] = []
         images: list[ContentBlock] = []
         _section(text, "stdout", "".join(stdout))
@@ -322,9 +326,11 @@ class Tools:
             text.append("[output exceeded the per-call cap and was cut]")
         if error is not None:
             _section(text, "error", f"{error.name}: {error.value}\n{error.traceback}".rstrip())
+        if failure is not None:
+            text.append(failure)
         body = "\n".join(text) or "(no output)"
         content: list[ContentBlock] = [TextContent(text=body), *images]
-        return CallToolResult(content=content, is_error=error is not None)
+        return CallToolResult(content=content, is_error=error is not None or failure is not None)
 
     async def _run_command(self, caller: Caller, args: s.RunCommand) -> CallToolResult:
         async with self._sandbox(caller, args.sandbox, args.timeout) as sid:
@@ -332,6 +338,7 @@ class Tools:
             stderr: list[str] = []
             code: int | None = None
             timed_out = False
+            failure: str | None = None
             cmd = await self.front.start_command(caller.tenant, sid, args.command, cwd=args.cwd)
             try:
                 async with asyncio.timeout(args.timeout):
@@ -344,11 +351,15 @@ class Tools:
                 timed_out = True
                 with contextlib.suppress(SandboxError):
                     await self.front.signal(caller.tenant, sid, cmd.pid, "SIGKILL")
+            except SandboxError as exc:  # keep what came before it (all of it guarded)
+                failure = f"{type(exc).__name__}: {exc}"
         text: list[str] = []
         _section(text, "stdout", "".join(stdout))
         _section(text, "stderr", "".join(stderr))
         if timed_out:
             text.append(f"[killed after {args.timeout:g} s]")
+        elif failure is not None:
+            text.append(failure)
         else:
             text.append(f"exit code: {code}")
         return CallToolResult(content=[TextContent(text="\n".join(text))], is_error=code != 0)
