@@ -8,6 +8,7 @@ outside: the E2B REST list of the tenant and the host's /proc.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import secrets
@@ -34,11 +35,12 @@ HANDSHAKE = "2025-11-25"
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     require_tier("container")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MOAT_MCP_ISOLATION", "container")
-        mp.setenv("MOAT_MCP_IDLE_TIMEOUT", str(IDLE_S))
-        with serving(tmp_path_factory.mktemp("serve") / "server.log") as srv:
-            yield srv
+    with contextlib.ExitStack() as stack:
+        with pytest.MonkeyPatch.context() as mp:  # the server's environment, not the tests'
+            mp.setenv("MOAT_MCP_ISOLATION", "container")
+            mp.setenv("MOAT_MCP_IDLE_TIMEOUT", str(IDLE_S))
+            srv = stack.enter_context(serving(tmp_path_factory.mktemp("serve") / "server.log"))
+        yield srv
 
 
 @pytest.fixture(scope="module")
