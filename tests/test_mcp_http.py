@@ -30,6 +30,8 @@ pytestmark = [pytest.mark.asyncio, pytest.mark.container]
 #: The server's MCP sessions end after this many idle seconds (MOAT_MCP_IDLE_TIMEOUT).
 IDLE_S = 6
 HANDSHAKE = "2025-11-25"
+#: MCP sessions one tenant may hold open (MOAT_MCP_MAX_SESSIONS).
+MAX_SESSIONS = 3
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +41,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         with pytest.MonkeyPatch.context() as mp:  # the server's environment, not the tests'
             mp.setenv("MOAT_MCP_ISOLATION", "container")
             mp.setenv("MOAT_MCP_IDLE_TIMEOUT", str(IDLE_S))
+            mp.setenv("MOAT_MCP_MAX_SESSIONS", str(MAX_SESSIONS))
             srv = stack.enter_context(serving(tmp_path_factory.mktemp("serve") / "server.log"))
         yield srv
 
@@ -92,6 +95,9 @@ class Raw:
         if not notify:
             self.ids += 1
             body["id"] = self.ids
+        return httpx.post(self.url, json=body, headers=self._headers(key), timeout=60)
+
+    def _headers(self, key: str | None) -> dict[str, str]:
         headers = {
             "X-API-Key": key or self.key,
             "Accept": "application/json, text/event-stream",
@@ -99,7 +105,7 @@ class Raw:
         }
         if self.session:
             headers["Mcp-Session-Id"] = self.session
-        return httpx.post(self.url, json=body, headers=headers, timeout=60)
+        return headers
 
     def open(self) -> None:
         r = self.post("initialize", {"protocolVersion": HANDSHAKE, "capabilities": {},
@@ -107,6 +113,11 @@ class Raw:
         assert r.status_code == 200, r.text
         self.session = r.headers["mcp-session-id"]
         assert self.post("notifications/initialized", notify=True).status_code == 202
+
+    def close(self) -> None:
+        """End the session (DELETE), as a client does when it is done."""
+        r = httpx.delete(self.url, headers=self._headers(self.key), timeout=30)
+        assert r.status_code == 200, r.text
 
     def call(self, tool: str, **args: Any) -> dict[str, Any]:
         r = self.post("tools/call", {"name": tool, "arguments": args})
@@ -141,6 +152,8 @@ async def test_authentication(server: Server, key_a: str) -> None:
     for headers in ({"X-API-Key": key_a}, {"Authorization": f"Bearer {key_a}"}):
         r = await asyncio.to_thread(post, {**accept, **headers})
         assert r.status_code == 200, r.text  # positive control: the same request, a good key
+        gone = {**headers, "Mcp-Session-Id": r.headers["mcp-session-id"]}
+        assert (await asyncio.to_thread(httpx.delete, url, headers=gone)).status_code == 200
     with pytest.raises(Exception):  # noqa: B017 (the SDK's error for a 401 varies)
         async with http_client(server.url, None) as client:
             await client.list_tools()
@@ -234,6 +247,7 @@ async def test_tenants_are_separate(server: Server, key_a: str, key_b: str) -> N
     raw.open()
     assert raw.post("tools/list").status_code == 200  # positive control: its owner
     assert raw.post("tools/list", key=key_b).status_code == 404
+    raw.close()
 
 
 async def test_session_end_kills_its_unnamed_sandboxes(server: Server, key_a: str) -> None:
@@ -275,3 +289,22 @@ async def test_idle_session_end_kills_its_unnamed_sandboxes(server: Server, key_
     assert await asyncio.to_thread(eventually, lambda: _ended(server, key_a, sid), IDLE_S + 20)
     assert time.monotonic() - started >= IDLE_S - 1
     assert raw.post("tools/list").status_code == 404  # the session is gone too
+
+
+async def test_sessions_per_tenant_are_capped(server: Server, key_b: str) -> None:
+    """One tenant can't take every MCP session of the server (invariant 11)."""
+    key = new_key(tenant_name("many"))
+    raws = [Raw(server, key) for _ in range(MAX_SESSIONS)]
+    for raw in raws:
+        raw.open()
+    extra = Raw(server, key)
+    r = extra.post("initialize", {"protocolVersion": HANDSHAKE, "capabilities": {},
+                                  "clientInfo": {"name": "raw", "version": "1"}})  # fmt: skip
+    assert r.status_code == 429 and "too many open MCP sessions" in r.text
+    other = Raw(server, key_b)
+    other.open()  # another tenant is not held back
+    assert raws[0].post("tools/list").status_code == 200  # the open ones still serve
+    raws[0].close()
+    extra.open()  # room again once one ended
+    for raw in (*raws[1:], extra, other):
+        raw.close()

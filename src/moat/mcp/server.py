@@ -34,6 +34,7 @@ from mcp.types import (
     PaginatedRequestParams,
     TextContent,
 )
+from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS
 from starlette.responses import JSONResponse
 
 from moat.engine.api import DEFAULT_TENANT, FrontDoor, kill_everything
@@ -147,6 +148,9 @@ class McpHttp:
             session_idle_timeout=settings.idle_timeout,
         )
         self._ending: set[asyncio.Task[None]] = set()  # session ends being cleaned up
+        self.max_sessions = settings.max_sessions
+        self._sessions: dict[str, int] = {}  # tenant -> sessions open or being opened
+        self.server.middleware.append(self._count_session)
         # The SDK logs every session id at INFO; the server's log keeps to moat's own lines.
         logging.getLogger("mcp").setLevel(logging.WARNING)
 
@@ -171,6 +175,30 @@ class McpHttp:
             await response(scope, receive, send)
             return
         scope[TENANT_KEY] = tenant
+        if _opens_session(scope):  # one tenant must not take every session (invariant 11)
+            if self._sessions.get(tenant, 0) >= self.max_sessions:
+                response = JSONResponse(
+                    {"error": f"too many open MCP sessions (at most {self.max_sessions}): "
+                              "end one (DELETE) or let it time out"},
+                    status_code=429,
+                )  # fmt: skip
+                await response(scope, receive, send)
+                return
+            self._add(tenant, 1)  # held while it opens, so racing opens count too
+            try:
+                await self._serve(tenant, scope, receive, send)
+            finally:
+                self._add(tenant, -1)
+            return
+        await self._serve(tenant, scope, receive, send)
+
+    async def _serve(
+        self,
+        tenant: str,
+        scope: MutableMapping[str, Any],
+        receive: Callable[[], Awaitable[Any]],
+        send: Callable[[Any], Awaitable[None]],
+    ) -> None:
         # The SDK binds a session to the principal that opened it: the tenant.
         scope["user"] = AuthenticatedUser(
             AccessToken(token="-", client_id=tenant, scopes=[], subject=tenant)  # noqa: S106
@@ -192,6 +220,27 @@ class McpHttp:
             await JSONResponse({"error": "the MCP session ended"}, 503)(scope, receive, send)
         elif not done:
             await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    def _add(self, tenant: str, n: int) -> None:
+        count = self._sessions.get(tenant, 0) + n
+        if count > 0:
+            self._sessions[tenant] = count
+        else:
+            self._sessions.pop(tenant, None)
+
+    async def _count_session(
+        self, ctx: ServerRequestContext[Any, Any], call_next: Callable[[Any], Awaitable[Any]]
+    ) -> Any:
+        """SDK middleware: a session counts against its tenant from its ``initialize`` to
+        its end (the connection's exit stack: DELETE, idle timeout, the server's stop)."""
+        if ctx.method == "initialize" and ctx.request is not None:
+            conn = _connection(ctx)
+            if "moat.counted" not in conn.state:
+                tenant = ctx.request.scope[TENANT_KEY]
+                conn.state["moat.counted"] = tenant
+                self._add(tenant, 1)
+                conn.exit_stack.callback(self._add, tenant, -1)
+        return await call_next(ctx)
 
     def _tenant(self, scope: MutableMapping[str, Any]) -> str | None:
         headers = {k.lower(): v for k, v in scope.get("headers", ())}
@@ -224,6 +273,18 @@ class McpHttp:
         task = asyncio.get_running_loop().create_task(scope.close(self.front))
         self._ending.add(task)  # held, so a running cleanup is never garbage-collected
         task.add_done_callback(self._ending.discard)
+
+
+def _opens_session(scope: MutableMapping[str, Any]) -> bool:
+    """A request that may open a session-ful MCP session: a POST without a session id on
+    the handshake protocol (the 2026 one has no sessions)."""
+    if scope.get("method") != "POST":
+        return False
+    headers = {k.lower(): v for k, v in scope.get("headers", ())}
+    version = headers.get(b"mcp-protocol-version")
+    return b"mcp-session-id" not in headers and (
+        version is None or version.decode("latin-1") in HANDSHAKE_PROTOCOL_VERSIONS
+    )
 
 
 def _connection(ctx: ServerRequestContext[Any, Any]) -> Any:

@@ -58,23 +58,21 @@ class Settings:
     policy_file: str | None = None
     #: seconds an HTTP session may sit with no request in flight before it ends
     idle_timeout: float = 1800
+    #: HTTP sessions one tenant may hold open at once (the SDK's own cap is server-wide)
+    max_sessions: int = 100
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         """``MOAT_MCP_PROFILE``, ``MOAT_MCP_TRUST``, ``MOAT_MCP_ISOLATION`` (empty: unset;
         a profile is looked up in ``$MOAT_POLICY_FILE``, docs/profiles.md) and
-        ``MOAT_MCP_IDLE_TIMEOUT`` (seconds)."""
+        ``MOAT_MCP_IDLE_TIMEOUT`` (seconds), ``MOAT_MCP_MAX_SESSIONS`` (per tenant)."""
         env = os.environ if env is None else env
-        idle = env.get("MOAT_MCP_IDLE_TIMEOUT") or "1800"
-        try:
-            idle_s = float(idle)
-        except ValueError:
-            raise InvalidArgumentError("MOAT_MCP_IDLE_TIMEOUT must be a number") from None
         return cls(
             profile=env.get("MOAT_MCP_PROFILE") or None,
             trust=env.get("MOAT_MCP_TRUST") or None,
             isolation=env.get("MOAT_MCP_ISOLATION") or None,
-            idle_timeout=v.number("MOAT_MCP_IDLE_TIMEOUT", idle_s, 1, 86400),
+            idle_timeout=_env_number(env, "MOAT_MCP_IDLE_TIMEOUT", 1800, 1, 86400),
+            max_sessions=int(_env_number(env, "MOAT_MCP_MAX_SESSIONS", 100, 1, 10_000)),
         )
 
     def config(
@@ -246,8 +244,9 @@ class Tools:
             scope = self._scope(caller)
             info = await self._create(caller, args.timeout, {MARK: f"session:{scope.id}"})
             scope.sandboxes.add(info.sandbox_id)
-            if scope.closed:  # the session ended while it started
+            if scope.closed:  # the session ended while it started: it goes with it
                 await self.front.kill(caller.tenant, info.sandbox_id)
+                raise InvalidArgumentError("the MCP session ended")
             note = "it ends with this MCP session"
         else:
             lock = self._name_locks.setdefault(caller.tenant, asyncio.Lock())
@@ -458,6 +457,15 @@ class Tools:
             yield info.sandbox_id
         finally:
             await asyncio.shield(self.front.kill(caller.tenant, info.sandbox_id))
+
+
+def _env_number(env: Mapping[str, str], name: str, default: float, lo: float, hi: float) -> float:
+    raw = env.get(name) or str(default)
+    try:
+        value = float(raw)
+    except ValueError:
+        raise InvalidArgumentError(f"{name} must be a number") from None
+    return v.number(name, value, lo, hi)
 
 
 def _when(info: SandboxInfo) -> str:
