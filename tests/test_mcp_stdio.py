@@ -10,14 +10,16 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import os
 import secrets
+import signal
 import subprocess
 from pathlib import Path
 
 import pytest
 from mcp import Client
 from tests.conftest import require_tier
-from tests.killcheck import cannot_run, eventually
+from tests.killcheck import cannot_run, descendants, eventually
 from tests.mcp_support import failed, images, new_sandbox, ok, stdio_params, text
 from tests.server_support import MOAT
 
@@ -202,6 +204,28 @@ async def test_session_end_kills_its_sandboxes() -> None:
     # stdin closed: the session ended, and with the process every sandbox it made
     # (invariant 5: a named one cannot outlive the process that holds it either)
     assert await asyncio.to_thread(eventually, lambda: all(cannot_run(p) for p in pids), 20)
+
+
+async def test_sigterm_kills_its_sandboxes() -> None:
+    marker = str(600 + secrets.randbelow(10_000))
+    async with Client(CONTAINER) as client:
+        sid = await new_sandbox(client, "kept")
+        await ok(client, "run_command", sandbox=sid,
+                 command=f"nohup sleep {marker} >/dev/null 2>&1 &")  # fmt: skip
+        await asyncio.sleep(0.3)
+        pids = _sleepers(f"sleep\0{marker}")
+        (server,) = [p for p in descendants() if b"moat.cli\0mcp" in _cmdline(p)]
+        assert len(pids) == 1  # positive control: the sleeper, seen from outside
+        os.kill(server, signal.SIGTERM)
+        assert await asyncio.to_thread(eventually, lambda: all(cannot_run(p) for p in pids), 20)
+        assert await asyncio.to_thread(eventually, lambda: cannot_run(server), 20)
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
 
 
 async def test_default_tier_is_by_trust_untrusted() -> None:

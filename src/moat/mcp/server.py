@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
+import os
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from typing import Any
@@ -45,10 +47,6 @@ __all__ = ["McpHttp", "build_server", "serve_stdio"]
 
 log = logging.getLogger("moat.mcp")
 
-Asgi = Callable[
-    [MutableMapping[str, Any], Callable[[], Awaitable[Any]], Callable[[Any], Awaitable[None]]],
-    Awaitable[None],
-]
 CallerOf = Callable[[ServerRequestContext[Any, Any]], Caller]
 
 #: Where the tenant of an authenticated HTTP request is kept in its ASGI scope.
@@ -114,16 +112,86 @@ async def serve_stdio(settings: Settings, tenant: str = DEFAULT_TENANT) -> None:
     task = asyncio.current_task()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, task.cancel if task else (lambda: None))
+    stdin = await _stdin_lines()
     try:
-        async with stdio_server() as (read, write):
+        async with stdio_server(stdin=stdin) as (read, write):
             await server.run(read, write, server.create_initialization_options())
     except asyncio.CancelledError:
         log.info("mcp: stopped by a signal")
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
+        if stdin is not None:
+            stdin.close()
         await scope.close(front)
         await kill_everything(front.engine)
+
+
+#: The longest MCP message read from stdin (a write_file of a few MiB, base64).
+MAX_LINE = 16 << 20
+
+
+class _PipeLines:
+    """stdin's lines for the SDK's stdio transport, read on the event loop.
+
+    The SDK's own reader blocks a worker thread in read(), which nothing can interrupt: a
+    SIGTERM while the host keeps stdin open would wait for its next line, with the
+    sandboxes still running. On the loop, the read is cancelled with the server."""
+
+    def __init__(self, reader: asyncio.StreamReader, transport: asyncio.BaseTransport) -> None:
+        self.reader = reader
+        self.transport = transport
+
+    def __aiter__(self) -> _PipeLines:
+        return self
+
+    async def __anext__(self) -> str:
+        try:
+            line = await self.reader.readuntil(b"\n")
+        except asyncio.IncompleteReadError as exc:  # EOF: the last line, if any
+            if not exc.partial:
+                raise StopAsyncIteration from None
+            line = exc.partial
+        except asyncio.LimitOverrunError:
+            await self._skip_line()
+            return "moat: message too large\n"  # the SDK answers it as a parse error
+        return line.decode("utf-8", "replace")
+
+    async def _skip_line(self) -> None:
+        while True:
+            try:
+                await self.reader.readuntil(b"\n")
+                return
+            except asyncio.LimitOverrunError as exc:
+                await self.reader.readexactly(exc.consumed)
+            except asyncio.IncompleteReadError:
+                return
+
+    def close(self) -> None:
+        self.transport.close()
+
+
+async def _stdin_lines() -> Any:
+    """stdin as ``_PipeLines`` over a private copy of fd 0, with fd 0 itself pointed at
+    /dev/null (so nothing else reads the wire); None where stdin is no pipe (the SDK then
+    reads it its own way)."""
+    loop = asyncio.get_running_loop()
+    try:
+        pipe = os.fdopen(fcntl.fcntl(0, fcntl.F_DUPFD_CLOEXEC, 3), "rb", buffering=0)
+    except OSError:  # no fd 0
+        return None
+    reader = asyncio.StreamReader(limit=MAX_LINE)
+    try:
+        transport, _ = await loop.connect_read_pipe(
+            lambda: asyncio.StreamReaderProtocol(reader), pipe
+        )
+    except (OSError, ValueError):  # a regular file: not a pipe
+        pipe.close()
+        return None
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.close(null)
+    return _PipeLines(reader, transport)
 
 
 # -- streamable HTTP -----------------------------------------------------------------------
