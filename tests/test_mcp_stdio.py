@@ -258,3 +258,13 @@ async def test_bad_settings_stop_the_start() -> None:
         )  # fmt: skip
         assert proc.returncode == 2 and expected in proc.stderr, (args, proc.stderr)
         assert "Traceback" not in proc.stderr and proc.stdout == ""
+
+
+@pytest.mark.microvm
+async def test_default_is_untrusted_on_microvm() -> None:
+    """No setting at all: the sandboxes are the resolver's default, untrusted -> microvm."""
+    require_tier("microvm")
+    async with Client(stdio_params()) as client:
+        sid = await new_sandbox(client)
+        assert f"{sid}  name=-  tier=microvm" in await ok(client, "list_sandboxes")
+        assert "42" in await ok(client, "run_code", sandbox=sid, code="6 * 7")
