@@ -81,6 +81,8 @@ async def test_run_code_files_and_commands_in_a_session_sandbox() -> None:
         code = "import hashlib\nhashlib.sha256(open('/tmp/raw.bin', 'rb').read()).hexdigest()"
         shown = await ok(client, "run_code", sandbox=sid, code=code)
         assert hashlib.sha256(raw).hexdigest() in shown
+        shown = await ok(client, "read_file", sandbox=sid, path="/tmp/raw.bin")
+        assert shown.startswith("/tmp/raw.bin is a binary file of 256 bytes")
         # state persists between calls in the session's sandbox
         await ok(client, "run_code", sandbox=sid, code="counter = 41")
         assert "42" in await ok(client, "run_code", sandbox=sid, code="counter + 1")

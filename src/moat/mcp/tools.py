@@ -376,6 +376,11 @@ class Tools:
                 return CallToolResult(
                     content=[ImageContent(data=base64.b64encode(data).decode(), mime_type=mime)]
                 )
+        if b"\0" in data[:8192]:  # binary: bytes a model can't read, and would pay for
+            return _text(
+                f"{args.path} is a binary file of {len(data)} bytes (not shown); inspect it "
+                "with run_code or run_command (e.g. `xxd | head`)"
+            )
         text = data.decode("utf-8", "replace")
         return _text(_clip(text, MAX_SECTION * 4) if text else "(the file is empty)")
 
