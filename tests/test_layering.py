@@ -47,20 +47,22 @@ ALLOWED: dict[str, set[str]] = {
     # a face: the front door only, plus its keys in the store. NetworkPolicy and Secret are
     # the front door's input value types (public as moat.NetworkPolicy / moat.Secret); they
     # belong in the model, which is where they should move.
-    "server": {"errors", "model", "engine.api", "store", "egress", "envd", "dashboard"},
+    "server": {"errors", "model", "engine.api", "store", "egress", "envd", "dashboard", "mcp"},
     # the operators' pages, mounted in the server: a face over the front door and the keys
     "dashboard": {"errors", "model", "engine.api", "store"},
+    # a face like the server: the front door only, plus the keys that authenticate HTTP
+    "mcp": {"errors", "model", "engine.api", "store"},
     "testing": {"errors", "model", "engine", "sdk", "runtime"},
     "cli": {
         "errors", "model", "engine", "sdk", "paths", "profiles", "egress", "runtime", "store",
-        "server", "templates",
+        "server", "templates", "mcp",
     },
     "__init__": set(),
 }  # fmt: skip
 #: Privileged packages: nothing below the engine may import them, and the model never.
 PRIVILEGED = {
     "runtime", "egress", "guard", "engine", "store", "server", "dashboard", "sdk", "cli",
-    "templates",
+    "templates", "mcp",
 }  # fmt: skip
 
 

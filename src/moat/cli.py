@@ -321,6 +321,54 @@ def serve(
 
 
 @main.command()
+@click.option(
+    "--tenant",
+    envvar="MOAT_MCP_TENANT",
+    default="default",
+    show_default=True,
+    help="Tenant the tool calls run as ($MOAT_MCP_TENANT): its quotas and audit rows.",
+)
+@click.option(
+    "--trust",
+    type=click.Choice(list(TRUST_LEVELS)),
+    envvar="MOAT_MCP_TRUST",
+    default=None,
+    help="Trust level of the sandboxes, mapped to a tier ($MOAT_MCP_TRUST; default: "
+    "untrusted -> microvm).",
+)
+@click.option(
+    "--isolation",
+    type=click.Choice(list(TIERS)),
+    envvar="MOAT_MCP_ISOLATION",
+    default=None,
+    help="Isolation tier of the sandboxes, over --trust ($MOAT_MCP_ISOLATION).",
+)
+@click.option(
+    "--profile",
+    envvar="MOAT_MCP_PROFILE",
+    default=None,
+    help="A profile of the policy file for every sandbox ($MOAT_MCP_PROFILE; docs/profiles.md).",
+)
+@click.option(
+    "--policy-file",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Policy file of --profile (default: $MOAT_POLICY_FILE).",
+)
+def mcp(
+    tenant: str,
+    trust: str | None,
+    isolation: str | None,
+    profile: str | None,
+    policy_file: str | None,
+) -> None:
+    """Serve moat's MCP tools over stdio, for a local agent host (docs/mcp.md)."""
+    from moat.mcp.cli import main as mcp_main
+
+    mcp_main(tenant, trust or None, isolation or None, profile or None, policy_file or None)
+
+
+@main.command()
 @click.option("--api-url", envvar="MOAT_API_URL", help="The moat serve to ask ($MOAT_API_URL).")
 @click.option("--api-key", envvar="MOAT_API_KEY", help="The tenant's key ($MOAT_API_KEY).")
 @click.option("--json", "as_json", is_flag=True, help="JSON (a list of objects), not a table.")

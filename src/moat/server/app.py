@@ -69,6 +69,8 @@ class ServerState:
         #: ingress host names are ``<port>-<sandbox id>.<domain>`` (``get_host``)
         self.domain = domain
         self.records: dict[str, Record] = {}
+        #: the MCP server's ASGI app at ``/mcp`` (moat.mcp.McpHttp; None: not served)
+        self.mcp: Callable[[Scope, Receive, Send], Awaitable[None]] | None = None
         # A sandbox that ends by timeout or death takes its record with it, as DELETE does.
         self.unsubscribe = front.on_ended(self.forget)
 
@@ -155,6 +157,8 @@ def make_app(state: ServerState) -> Callable[[Scope, Receive, Send], Awaitable[N
         headers = {k.lower(): v for k, v in scope.get("headers", ())}
         if b"e2b-sandbox-id" in headers and b"e2b-sandbox-port" in headers:
             await plane(scope, receive, send)
+        elif scope.get("path") == "/mcp" and state.mcp is not None:
+            await state.mcp(scope, receive, send)  # authenticates by the tenant's key itself
         elif scope.get("path") == "/files":
             # A signed link a browser follows names no sandbox: the signature finds it
             # (moat.server.files); the control plane has no /files.

@@ -25,6 +25,7 @@ import uvicorn
 
 from moat.engine.api import FrontDoor, TenantPolicies, kill_everything, load_tenants
 from moat.errors import InvalidArgumentError, SandboxError
+from moat.mcp import McpHttp, Settings
 from moat.server.app import ServerState, make_app
 from moat.store.keys import KeyStore
 
@@ -72,6 +73,7 @@ async def serve(
     tier: str | None,
     policy: TenantPolicies | None = None,
     tls: tuple[str, str] | None = None,
+    mcp: Settings | None = None,
 ) -> None:
     """Serve until a signal; then kill every sandbox this server started."""
     front = FrontDoor(policy=policy or TenantPolicies())
@@ -82,6 +84,8 @@ async def serve(
     if not re.fullmatch(r"[a-z0-9.-]{1,200}(:[0-9]{1,5})?", domain):
         raise SystemExit("MOAT_SERVE_DOMAIN must be a lower-case host name with an optional :port")
     state = ServerState(front, keys, tier, domain)
+    mcp_app = McpHttp(front, keys, mcp or Settings())
+    state.mcp = mcp_app
     config = uvicorn.Config(
         make_app(state),
         host=host,
@@ -101,7 +105,8 @@ async def serve(
         # Held until the sandboxes are dead: a second signal must not cut the cleanup short.
         loop.add_signal_handler(sig, server.handle_exit, sig, None)
     try:
-        await server.serve()
+        async with mcp_app.running():  # the MCP sessions' task group (moat.mcp.server)
+            await server.serve()
     finally:
         await kill_everything(front.engine)
         keys.close()
@@ -172,10 +177,16 @@ def main(
     except SandboxError as exc:
         print(f"moat serve: bad tenant policy: {exc}", file=sys.stderr, flush=True)
         sys.exit(2)
+    try:  # a bad MCP setting stops the start too (invariant 7)
+        mcp = Settings.from_env()
+        mcp.check()
+    except SandboxError as exc:
+        print(f"moat serve: bad MCP setting: {exc}", file=sys.stderr, flush=True)
+        sys.exit(2)
     warn_if_exposed(host, tls is not None)
     rules = "none" if policy == TenantPolicies() else policy_file or "<state dir>/tenants.toml"
     scheme = "https" if tls else "http"
     print(f"moat serve: listening on {scheme}://{host}:{port} (tier: {tier or 'by trust'}; "
           f"tenant policy: {rules})", file=sys.stderr, flush=True)  # fmt: skip
-    asyncio.run(serve(host, port, tier, policy, tls))
+    asyncio.run(serve(host, port, tier, policy, tls, mcp))
     print("moat serve: stopped; every sandbox was killed", file=sys.stderr, flush=True)
