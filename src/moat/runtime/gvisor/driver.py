@@ -68,6 +68,8 @@ START_TIMEOUT: Final = 15.0
 KILL_TIMEOUT: Final = 5.0
 #: Seconds kill() waits for ``runsc run`` itself to be reaped (the rest goes to the reaper).
 EXIT_WAIT: Final = 0.05
+#: Seconds a failed ``runsc checkpoint`` may take to end the sandbox (its save failure does).
+FAILED_SAVE_WAIT: Final = 1.0
 #: Bytes of runsc's stderr kept for diagnostics (the agent's stderr goes there too: bounded).
 STDERR_KEEP: Final = 64 * 1024
 _PYTHON: Final = "/usr/bin/python3"
@@ -425,47 +427,51 @@ class GvisorRuntime:
     async def _checkpoint(
         self, exe: str, sb: GvisorSandbox, dest: Path, leave_running: bool
     ) -> None:
-        root = sb.workdir / "root"
+        """Checkpoint, then (``leave_running``) restore in place. On any failure ``dest`` is
+        emptied; the sandbox is as it was (refused before runsc ran), or dead."""
         sb.swapping = True
         try:
-            try:
-                await run_checkpoint(
-                    exe,
-                    root,
-                    sb.workdir / "runsc.log",
-                    sb.sandbox_id,
-                    dest,
-                    sb.stats().get("memory_bytes", 0),
-                )
-            except DiskFullError:
-                _empty(dest)
-                raise  # refused before runsc ran: the sandbox is as it was
-            except BaseException:
-                _empty(dest)
-                if sb.killed or not await _stopped(sb):
-                    raise
-                sb.stopped = True  # runsc ends a sandbox whose save failed
-                sb.pipes.release()
-                raise
-            # Saved: the sentry kills its tasks and `runsc run` exits, removing its state.
-            if not await _stopped(sb):
-                _empty(dest)
-                await sb.kill()
-                raise SandboxDiedError("the gvisor sandbox did not stop after its checkpoint")
-            write_manifest(
-                dest,
-                exe=exe,
-                platform=self.platform,
-                workdir=sb.workdir,
-                cgroups_path="/" + sb.cgroup.name,
-                sandbox_id=sb.sandbox_id,
-            )
-            if not leave_running:
+            await self._save(exe, sb, dest)
+            if leave_running:
+                await self._restore_in_place(exe, sb, dest)
+            else:
                 sb.stopped = True
-                return
-            await self._restore_in_place(exe, sb, dest)
+        except BaseException:
+            _empty(dest)
+            raise
         finally:
             sb.swapping = False
+
+    async def _save(self, exe: str, sb: GvisorSandbox, dest: Path) -> None:
+        try:
+            await run_checkpoint(
+                exe,
+                sb.workdir / "root",
+                sb.workdir / "runsc.log",
+                sb.sandbox_id,
+                dest,
+                sb.stats().get("memory_bytes", 0),
+            )
+        except DiskFullError:
+            raise  # refused before runsc ran: the sandbox is as it was
+        except BaseException:
+            # runsc ends a sandbox whose save failed: then it is stopped for good
+            if not sb.killed and await _stopped(sb, FAILED_SAVE_WAIT):
+                sb.stopped = True
+                sb.pipes.release()
+            raise
+        # Saved: the sentry kills its tasks and `runsc run` exits, removing its state.
+        if not await _stopped(sb, KILL_TIMEOUT):
+            await sb.kill()
+            raise SandboxDiedError("the gvisor sandbox did not stop after its checkpoint")
+        write_manifest(
+            dest,
+            exe=exe,
+            platform=self.platform,
+            workdir=sb.workdir,
+            cgroups_path="/" + sb.cgroup.name,
+            sandbox_id=sb.sandbox_id,
+        )
 
     async def _restore_in_place(self, exe: str, sb: GvisorSandbox, src: Path) -> None:
         """Restore ``sb`` from ``src`` under its own id, work dir and pipes."""
@@ -489,8 +495,11 @@ class GvisorRuntime:
         try:
             await self._verify_limits(proc, sb.cgroup, config)
             await wait_running(proc, root, sb.sandbox_id)
-        except BaseException:
+        except BaseException as exc:
+            killed = sb.killed
             await sb.kill()
+            if killed:
+                raise SandboxDiedError("the gvisor sandbox was killed") from exc
             raise
 
     async def restore(self, spec: SandboxSpec, src: Path) -> GvisorSandbox:
@@ -616,11 +625,11 @@ class GvisorRuntime:
         return count
 
 
-async def _stopped(sb: GvisorSandbox) -> bool:
+async def _stopped(sb: GvisorSandbox, timeout: float) -> bool:
     """Wait (bounded) for the runsc process behind ``sb`` to exit and its cgroup to empty."""
     with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(sb.process.wait(), KILL_TIMEOUT)
-    deadline = time.monotonic() + KILL_TIMEOUT
+        await asyncio.wait_for(sb.process.wait(), timeout)
+    deadline = time.monotonic() + timeout
     while True:
         if not sb.cgroup.pids():
             return sb.process.returncode is not None
