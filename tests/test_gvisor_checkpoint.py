@@ -231,7 +231,8 @@ async def test_five_cycles_of_one_sandbox_grow_nothing(tmp_path: Path) -> None:
         await sb.kill()
     print(f"image bytes {sizes}, engine fds {fds}, in-sandbox procs/agent fds {inside}")
     print(f"host tasks {tasks}")
-    assert max(sizes) - min(sizes) < 2 << 20, sizes  # compressed images: within 2 MiB
+    # ~150 bytes a cycle when idle; the commands run each cycle add their traces (~15 KiB)
+    assert max(sizes) - min(sizes) < 512 << 10, sizes
     assert fds[-1] <= fds[0], fds  # the engine's own fds do not pile up
     assert len(set(inside)) == 1, inside  # same processes and agent fds every time
     assert max(tasks) <= 2 * min(tasks), tasks

@@ -70,6 +70,8 @@ KILL_TIMEOUT: Final = 5.0
 EXIT_WAIT: Final = 0.05
 #: Seconds a failed ``runsc checkpoint`` may take to end the sandbox (its save failure does).
 FAILED_SAVE_WAIT: Final = 1.0
+#: Bytes of runsc's log past which a restore in place starts it afresh.
+LOG_KEEP: Final = 1 << 20
 #: Bytes of runsc's stderr kept for diagnostics (the agent's stderr goes there too: bounded).
 STDERR_KEEP: Final = 64 * 1024
 _PYTHON: Final = "/usr/bin/python3"
@@ -192,6 +194,7 @@ class GvisorSandbox:
     def adopt(self, proc: asyncio.subprocess.Process) -> None:
         """Make ``proc`` (a ``runsc restore`` on this sandbox's pipes) the process behind it."""
         self._proc = proc
+        self._tasks = [t for t in self._tasks if not t.done()]  # one swap's worth at most
         self._watch(proc)
 
     async def kill(self) -> None:
@@ -432,15 +435,24 @@ class GvisorRuntime:
         sb.swapping = True
         try:
             await self._save(exe, sb, dest)
-            if leave_running:
-                await self._restore_in_place(exe, sb, dest)
-            else:
+            if not leave_running:
                 sb.stopped = True
+                return
+            try:
+                await self._restore_in_place(exe, sb, dest)
+            except BaseException as exc:
+                killed = sb.killed
+                await sb.kill()  # stopped by its checkpoint and not restored: end it
+                if killed:
+                    raise SandboxDiedError("the gvisor sandbox was killed") from exc
+                raise
         except BaseException:
             _empty(dest)
             raise
         finally:
             sb.swapping = False
+            if sb.process.returncode is not None and not sb.stopped:
+                sb.pipes.release()  # it ended during the swap: the engine must see EOF
 
     async def _save(self, exe: str, sb: GvisorSandbox, dest: Path) -> None:
         try:
@@ -480,27 +492,23 @@ class GvisorRuntime:
         root = sb.workdir / "root"
         shutil.rmtree(root, ignore_errors=True)
         root.mkdir(mode=0o700)
+        log = sb.workdir / "runsc.log"
+        with contextlib.suppress(OSError):
+            if log.stat().st_size > LOG_KEEP:  # each swap appends to it: keep it bounded
+                log.write_bytes(b"")
         if sb.killed:
             raise SandboxDiedError("the gvisor sandbox was killed")
         argv = self._argv(exe, sb.workdir, sb.sandbox_id, image=image)
         try:
             proc = await _spawn(argv, sb.workdir, sb.pipes)
         except OSError as exc:
-            await sb.kill()
             raise SandboxDiedError("the gvisor sandbox could not be restored") from exc
         if sb.killed:  # killed while spawning: the reaper's loop finds it by its --root
             _kill_now(sb.cgroup, str(root), proc)
             raise SandboxDiedError("the gvisor sandbox was killed")
         sb.adopt(proc)
-        try:
-            await self._verify_limits(proc, sb.cgroup, config)
-            await wait_running(proc, root, sb.sandbox_id)
-        except BaseException as exc:
-            killed = sb.killed
-            await sb.kill()
-            if killed:
-                raise SandboxDiedError("the gvisor sandbox was killed") from exc
-            raise
+        await self._verify_limits(proc, sb.cgroup, config)
+        await wait_running(proc, root, sb.sandbox_id)
 
     async def restore(self, spec: SandboxSpec, src: Path) -> GvisorSandbox:
         """Start a sandbox for ``spec`` from the checkpoint in ``src`` (left unchanged).
