@@ -8,7 +8,8 @@ Each round, interleaved so that drift of the machine hits all alike:
   context (a variable in it), and the image size;
 * resume: ``restore()`` under the same id -> the answer to a PING, then -> ``print(x)`` in the
   restored kernel;
-* snapshot: ``checkpoint(leave_running=True)`` -> the same stream answering again.
+* snapshot: ``checkpoint(leave_running=True)`` -> the same stream answering again;
+* fork5: five ``restore()`` of that snapshot at once (new ids) -> all five answered a PING.
 
 Prints median and range of each (target: resume <= 0.5 s).
 """
@@ -65,6 +66,17 @@ async def create(rt: GvisorRuntime) -> float:
         await sb.kill()
 
 
+async def fork(rt: GvisorRuntime, snap: Path) -> GvisorSandbox:
+    spec = SandboxSpec(sandbox_id="bench-" + uuid.uuid4().hex[:10], tier="gvisor")
+    sb = await rt.restore(spec, snap)
+    try:
+        await _Talk(sb).call(MsgType.PING)
+    except BaseException:
+        await sb.kill()
+        raise
+    return sb
+
+
 async def cycle(rt: GvisorRuntime, base: Path) -> dict[str, float]:
     spec = SandboxSpec(sandbox_id="bench-" + uuid.uuid4().hex[:10], tier="gvisor")
     sb = await rt.start(spec)
@@ -79,6 +91,10 @@ async def cycle(rt: GvisorRuntime, base: Path) -> dict[str, float]:
         await rt.checkpoint(sb, snap, memory=True, leave_running=True)
         await talk.call(MsgType.PING)
         out["snapshot"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        forks = await asyncio.gather(*(fork(rt, snap) for _ in range(5)))
+        out["fork5"] = time.perf_counter() - t0
+        await asyncio.gather(*(f.kill() for f in forks))
         dest = base / "pause"
         dest.mkdir()
         t0 = time.perf_counter()
