@@ -313,8 +313,6 @@ def _ping_frame(rid: int) -> bytes:
 async def test_refusals_leave_the_sandbox_serving(ckdir: Path) -> None:
     sb, client = await _started(_spec())
     try:
-        with pytest.raises(PolicyError):
-            await RUNTIME.checkpoint(sb, ckdir, memory=False, leave_running=False)
         (ckdir / "junk").write_text("x")
         with pytest.raises(InvalidArgumentError):
             await RUNTIME.checkpoint(sb, ckdir, memory=True, leave_running=False)
@@ -501,3 +499,64 @@ async def test_sweep_reaps_a_restored_sandbox_of_a_dead_engine(ckdir: Path) -> N
     assert RUNTIME.sweep() >= 1
     assert _leftovers(spec.sandbox_id) == []
     await sb.kill()
+
+
+@pytest.mark.asyncio
+async def test_a_files_only_pause_keeps_home_and_nothing_else(ckdir: Path) -> None:
+    """memory=False: /home/user comes back (modes, links, nesting); processes, variables and
+    /tmp start afresh, like after a reboot; the agent is new and says READY."""
+    spec, token = _spec(), uuid.uuid4().hex[:8]
+    sb, client = await _started(spec)
+    try:
+        await _plant(client, token)
+        out, code = await client.sh(
+            "mkdir -p /home/user/d/.e && echo s > /home/user/d/secret && chmod 600 "
+            "/home/user/d/secret && ln -s d/secret /home/user/link && echo t > /tmp/t"
+        )
+        assert code == 0, out
+        snap = ckdir.parent / "snap"
+        snap.mkdir()
+        await RUNTIME.checkpoint(sb, snap, memory=False, leave_running=True)
+        assert sb.alive()  # a files-only snapshot leaves it serving
+        assert await _fetch(client) == "200"
+        await RUNTIME.checkpoint(sb, ckdir, memory=False, leave_running=False)
+        assert not sb.alive()  # a pause stops it
+    finally:
+        await sb.kill()
+    assert _leftovers(spec.sandbox_id) == []  # the id is free at once
+    assert sorted(p.name for p in ckdir.iterdir()) == ["home.tar", MANIFEST]
+    assert json.loads((ckdir / MANIFEST).read_text())["memory"] is False
+    sb2 = await RUNTIME.restore(spec, ckdir)
+    client2 = Client(sb2)
+    try:
+        assert (await client2.frame()).type is MsgType.READY  # a fresh agent
+        out, code = await client2.sh(
+            "cat /home/user/kept.txt /home/user/link; stat -c '%a %U' /home/user/d/secret; "
+            "test -d /home/user/d/.e && echo dir; ls /tmp"
+        )
+        assert (out, code) == (f"keep-{token}\ns\n600 user\ndir\n", 0)
+        assert await client2.py("print('kept' in globals())") == "False\n"
+        assert await _fetch(client2) != "200"  # the server did not come back
+    finally:
+        await sb2.kill()
+    assert await asyncio.to_thread(eventually, lambda: not _leftovers(spec.sandbox_id))
+
+
+@pytest.mark.asyncio
+async def test_a_files_only_pause_refuses_an_unreadable_home_and_keeps_running(
+    ckdir: Path,
+) -> None:
+    sb, client = await _started(_spec())
+    try:
+        await client.sh("mkdir /home/user/locked && echo x > /home/user/locked/f")
+        await client.sh("chmod 000 /home/user/locked")
+        with pytest.raises(PolicyError) as info:
+            await RUNTIME.checkpoint(sb, ckdir, memory=False, leave_running=False)
+        assert str(state_dir()) not in str(info.value)
+        assert list(ckdir.iterdir()) == []
+        assert sb.alive()
+        await client.sh("chmod 700 /home/user/locked")
+        await RUNTIME.checkpoint(sb, ckdir, memory=False, leave_running=False)  # control
+        assert (ckdir / "home.tar").stat().st_size > 0
+    finally:
+        await sb.kill()

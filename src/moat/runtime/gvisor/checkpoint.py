@@ -33,6 +33,7 @@ from typing import Any, Final
 from moat.errors import DiskFullError, InvalidArgumentError, PolicyError, SandboxDiedError
 from moat.paths import state_dir
 from moat.protocol import PROTOCOL_VERSION
+from moat.runtime.gvisor.fscopy import ARCHIVE
 from moat.runtime.gvisor.probe import RUNSC_ENV
 from moat.runtime.spec import AGENT_DIR
 
@@ -40,6 +41,7 @@ __all__ = [
     "IMAGE",
     "MANIFEST",
     "RestoreImage",
+    "check_space",
     "load_image",
     "run_checkpoint",
     "runsc_version",
@@ -95,7 +97,8 @@ def _agent_hash(config: dict[str, Any]) -> str:
     raise PolicyError("gvisor: the sandbox has no agent mount")
 
 
-def _disk_check(dest: Path, memory_bytes: int) -> None:
+def check_space(dest: Path, memory_bytes: int) -> None:
+    """DiskFullError unless ``dest`` has room for a save of a sandbox using ``memory_bytes``."""
     st = os.statvfs(dest)
     if st.f_bavail * st.f_frsize < memory_bytes + SPACE_MARGIN:
         raise DiskFullError("not enough disk space on the host to save the sandbox")
@@ -109,7 +112,7 @@ async def run_checkpoint(
     Raises DiskFullError before touching the sandbox when ``dest`` has too little room,
     SandboxDiedError when runsc fails (its save failure ends the sandbox too).
     """
-    await asyncio.to_thread(_disk_check, dest, memory_bytes)
+    await asyncio.to_thread(check_space, dest, memory_bytes)
     argv = [exe, "--root", str(root), f"--log={log}", "checkpoint", f"--image-path={dest}"]
     proc = await asyncio.create_subprocess_exec(
         *argv,
@@ -138,15 +141,23 @@ async def run_checkpoint(
 
 
 def write_manifest(
-    dest: Path, *, exe: str, platform: str, workdir: Path, cgroups_path: str, sandbox_id: str
+    dest: Path,
+    *,
+    exe: str,
+    platform: str,
+    workdir: Path,
+    cgroups_path: str,
+    sandbox_id: str,
+    memory: bool = True,
 ) -> None:
     """Record what a restore must match, next to the image (written by the host only)."""
     config = json.loads((workdir / "bundle" / "config.json").read_text())
     preload = workdir / "bundle" / "rootfs" / ".moat" / "statx_compat.so"
+    payload = IMAGE if memory else ARCHIVE
     manifest = {
         "format": _FORMAT,
         "tier": "gvisor",
-        "memory": True,
+        "memory": memory,
         "runsc": runsc_version(exe),
         "platform": platform,
         "protocol": PROTOCOL_VERSION,
@@ -154,13 +165,13 @@ def write_manifest(
         "preload": _file_digest(preload),
         "source": sandbox_id,
         "created": time.time(),
-        "image_bytes": (dest / IMAGE).stat().st_size,
+        "image_bytes": (dest / payload).stat().st_size,
         "config": _normalise(config, workdir, cgroups_path),
     }
     tmp = dest / (MANIFEST + ".tmp")
     tmp.write_text(json.dumps(manifest, sort_keys=True))
     os.replace(tmp, dest / MANIFEST)
-    for name in (IMAGE, MANIFEST):
+    for name in (payload, MANIFEST):
         os.chmod(dest / name, 0o600)
 
 
@@ -177,6 +188,11 @@ class RestoreImage:
 
     path: Path
     manifest: dict[str, Any]
+
+    @property
+    def memory(self) -> bool:
+        """A full memory image (else ``/home/user`` only: :mod:`moat.runtime.gvisor.fscopy`)."""
+        return self.manifest.get("memory") is True
 
     @property
     def agent_dir(self) -> Path:
@@ -212,15 +228,17 @@ def load_image(src: Path, exe: str, platform: str) -> RestoreImage:
     """Read and check ``src``'s manifest against this host; raise a typed error if unusable."""
     try:
         manifest = json.loads((src / MANIFEST).read_text())
-        size = (src / IMAGE).stat().st_size
+        if not isinstance(manifest, dict) or manifest.get("format") != _FORMAT:
+            raise ValueError("format")
+        if manifest.get("tier") != "gvisor" or manifest.get("memory") not in (True, False):
+            raise ValueError("tier")
+        size = (src / (IMAGE if manifest["memory"] else ARCHIVE)).stat().st_size
     except (OSError, ValueError) as exc:
         raise InvalidArgumentError("not a gvisor checkpoint (or a damaged one)") from exc
-    if not isinstance(manifest, dict) or manifest.get("format") != _FORMAT:
-        raise InvalidArgumentError("not a gvisor checkpoint (or a damaged one)")
-    if manifest.get("tier") != "gvisor" or manifest.get("memory") is not True:
-        raise InvalidArgumentError("not a gvisor checkpoint (or a damaged one)")
     if manifest.get("image_bytes") != size or not isinstance(manifest.get("config"), dict):
         raise InvalidArgumentError("the gvisor checkpoint is damaged (its image changed)")
+    if manifest["memory"] is False:
+        return RestoreImage(src, manifest)  # files only: a fresh sandbox of today's moat
     if manifest.get("runsc") != runsc_version(exe):
         raise PolicyError(
             f"gvisor: the checkpoint was taken with {manifest.get('runsc')!s:.60}, "

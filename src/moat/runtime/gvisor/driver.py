@@ -35,7 +35,6 @@ from moat.errors import (
     DiskFullError,
     InvalidArgumentError,
     IsolationUnavailableError,
-    PolicyError,
     SandboxDiedError,
 )
 from moat.paths import state_dir
@@ -46,11 +45,13 @@ from moat.runtime.gvisor import compat
 from moat.runtime.gvisor.channel import AgentPipes
 from moat.runtime.gvisor.checkpoint import (
     RestoreImage,
+    check_space,
     load_image,
     run_checkpoint,
     wait_running,
     write_manifest,
 )
+from moat.runtime.gvisor.fscopy import load_home, save_home
 from moat.runtime.gvisor.hostcg import CGROUP_ROOT, HostCgroup, layout
 from moat.runtime.gvisor.hostproc import kill_processes_of_root, processes_of_root
 from moat.runtime.gvisor.oci import CGROUP_PREFIX, Bundle, build_config, cgroup_name
@@ -410,13 +411,12 @@ class GvisorRuntime:
         ``leave_running`` the driver restores it in place at once, on the same pipes
         (:mod:`moat.runtime.gvisor.channel`): the engine's stream carries on. Without it the
         sandbox is left stopped, its channel open, for the caller's ``kill``.
+
+        ``memory=False`` saves ``/home/user`` only, as a tar made inside the sandbox; a
+        failure leaves the sandbox running.
         """
         if not isinstance(proc, GvisorSandbox):
             raise InvalidArgumentError("not a gvisor sandbox")
-        if not memory:
-            # Every writable file of a gVisor sandbox lives in the sentry's memory (tmpfs):
-            # a filesystem-only image would be the memory image anyway (docs/persistence-gvisor.md).
-            raise PolicyError("gvisor: a pause keeps memory on this tier; use memory=True")
         if not dest.is_dir() or any(dest.iterdir()):  # noqa: ASYNC240 - one small listing
             raise InvalidArgumentError("the checkpoint destination must be an empty directory")
         exe = runsc_path(self.runsc)
@@ -425,7 +425,33 @@ class GvisorRuntime:
         async with proc.op_lock:
             if not proc.alive():
                 raise SandboxDiedError("the gvisor sandbox is not running")
-            await self._checkpoint(exe, proc, dest, leave_running)
+            if memory:
+                await self._checkpoint(exe, proc, dest, leave_running)
+                return
+            await self._save_files(exe, proc, dest)
+            if not leave_running:
+                # Stopped like a memory pause, so that its kill frees the id at once.
+                proc.stopped = True
+                _kill_now(proc.cgroup, str(proc.workdir / "root"), proc.process)
+                await _stopped(proc, KILL_TIMEOUT)
+
+    async def _save_files(self, exe: str, sb: GvisorSandbox, dest: Path) -> None:
+        """``memory=False``: ``/home/user`` as a tar (:mod:`moat.runtime.gvisor.fscopy`)."""
+        try:
+            await asyncio.to_thread(check_space, dest, sb.stats().get("memory_bytes", 0))
+            await save_home(exe, sb.workdir, sb.sandbox_id, dest)
+            write_manifest(
+                dest,
+                exe=exe,
+                platform=self.platform,
+                workdir=sb.workdir,
+                cgroups_path="/" + sb.cgroup.name,
+                sandbox_id=sb.sandbox_id,
+                memory=False,
+            )
+        except BaseException:
+            _empty(dest)
+            raise
 
     async def _checkpoint(
         self, exe: str, sb: GvisorSandbox, dest: Path, leave_running: bool
@@ -529,7 +555,17 @@ class GvisorRuntime:
             workdir.mkdir(mode=0o700)
         except FileExistsError as exc:
             raise InvalidArgumentError("a sandbox with this id already exists") from exc
-        return await self._launch(exe, spec, workdir, image)
+        if image.memory:
+            return await self._launch(exe, spec, workdir, image)
+        # Files only: a fresh sandbox (its agent sends READY, as after start) and its home.
+        sb = await self._launch(exe, spec, workdir, None)
+        try:
+            await wait_running(sb.process, workdir / "root", spec.sandbox_id)  # for runsc exec
+            await load_home(exe, workdir, spec.sandbox_id, src)
+        except BaseException:
+            await sb.kill()
+            raise
+        return sb
 
     def _bundle(
         self, spec: SandboxSpec, workdir: Path, preload: Path | None, agent_dir: Path
