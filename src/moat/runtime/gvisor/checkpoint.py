@@ -66,9 +66,18 @@ _WORKDIR: Final = "@WORKDIR@"
 _CGROUP: Final = "@CGROUP@"
 
 
-@functools.cache
 def runsc_version(exe: str) -> str:
-    """The first line of ``runsc --version`` (``runsc version 0.0~20221219.0``)."""
+    """The first line of ``runsc --version`` (``runsc version 0.0~20221219.0``); asked again
+    when the binary changes (an upgrade under a running engine)."""
+    try:
+        st = os.stat(exe)
+    except OSError as exc:
+        raise PolicyError("gvisor: runsc's version could not be read") from exc
+    return _version(exe, st.st_ino, st.st_mtime_ns)
+
+
+@functools.cache
+def _version(exe: str, _ino: int, _mtime: int) -> str:
     try:
         out = subprocess.run(
             [exe, "--version"], capture_output=True, env=RUNSC_ENV, timeout=10, check=True
