@@ -440,7 +440,8 @@ class GvisorRuntime:
         try:
             await asyncio.to_thread(check_space, dest, sb.stats().get("memory_bytes", 0))
             await save_home(exe, sb.workdir, sb.sandbox_id, dest)
-            write_manifest(
+            await asyncio.to_thread(
+                write_manifest,
                 dest,
                 exe=exe,
                 platform=self.platform,
@@ -502,7 +503,8 @@ class GvisorRuntime:
         if not await _stopped(sb, KILL_TIMEOUT):
             await sb.kill()
             raise SandboxDiedError("the gvisor sandbox did not stop after its checkpoint")
-        write_manifest(
+        await asyncio.to_thread(  # reads files, may run `runsc --version`: off the loop
+            write_manifest,
             dest,
             exe=exe,
             platform=self.platform,
@@ -513,7 +515,7 @@ class GvisorRuntime:
 
     async def _restore_in_place(self, exe: str, sb: GvisorSandbox, src: Path) -> None:
         """Restore ``sb`` from ``src`` under its own id, work dir and pipes."""
-        image = load_image(src, exe, self.platform)
+        image = await asyncio.to_thread(load_image, src, exe, self.platform)
         config = json.loads((sb.workdir / "bundle" / "config.json").read_text())
         root = sb.workdir / "root"
         shutil.rmtree(root, ignore_errors=True)
