@@ -225,6 +225,11 @@ class GvisorSandbox:
             # the loop is surely alive, but never let it hold kill() up.
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._proc.wait(), EXIT_WAIT)
+            # Not reaped yet (a loaded host): close asyncio's transport now, so that it is
+            # not finalised unclosed after the loop has gone (a ResourceWarning).
+            transport = getattr(self._proc, "_transport", None)
+            if self._proc.returncode is None and isinstance(transport, asyncio.BaseTransport):
+                transport.close()
             for task in self._tasks:
                 task.cancel()
             for task in self._tasks:
