@@ -7,7 +7,9 @@ carries the sandbox's limits.
 
 Modules: :mod:`~moat.runtime.gvisor.oci` (pure spec -> OCI config), ``rootfs`` (the root
 skeleton), ``hostcg`` (the host cgroup, from outside), ``hostproc`` (runsc processes of one
-state root), ``probe`` (bounded availability check), ``driver`` (the Runtime).
+state root), ``probe`` (bounded availability check), ``channel`` (the agent's pipes),
+``checkpoint`` (runsc checkpoint images and their manifest), ``fscopy`` (files-only saves),
+``driver`` (the Runtime and Checkpointable).
 """
 
 from moat.runtime.gvisor.driver import GvisorRuntime, GvisorSandbox

@@ -31,11 +31,27 @@ import time
 from pathlib import Path
 from typing import Final
 
-from moat.errors import InvalidArgumentError, IsolationUnavailableError, SandboxDiedError
+from moat.errors import (
+    DiskFullError,
+    InvalidArgumentError,
+    IsolationUnavailableError,
+    SandboxDiedError,
+)
 from moat.paths import state_dir
 from moat.runtime import reaper
 from moat.runtime.agentdir import agent_argv, prepare
+from moat.runtime.base import SandboxProcess
 from moat.runtime.gvisor import compat
+from moat.runtime.gvisor.channel import AgentPipes
+from moat.runtime.gvisor.checkpoint import (
+    RestoreImage,
+    check_space,
+    load_image,
+    run_checkpoint,
+    wait_running,
+    write_manifest,
+)
+from moat.runtime.gvisor.fscopy import load_home, save_home
 from moat.runtime.gvisor.hostcg import CGROUP_ROOT, HostCgroup, layout
 from moat.runtime.gvisor.hostproc import kill_processes_of_root, processes_of_root
 from moat.runtime.gvisor.oci import CGROUP_PREFIX, Bundle, build_config, cgroup_name
@@ -53,6 +69,10 @@ START_TIMEOUT: Final = 15.0
 KILL_TIMEOUT: Final = 5.0
 #: Seconds kill() waits for ``runsc run`` itself to be reaped (the rest goes to the reaper).
 EXIT_WAIT: Final = 0.05
+#: Seconds a failed ``runsc checkpoint`` may take to end the sandbox (its save failure does).
+FAILED_SAVE_WAIT: Final = 1.0
+#: Bytes of runsc's log past which a restore in place starts it afresh.
+LOG_KEEP: Final = 1 << 20
 #: Bytes of runsc's stderr kept for diagnostics (the agent's stderr goes there too: bounded).
 STDERR_KEEP: Final = 64 * 1024
 _PYTHON: Final = "/usr/bin/python3"
@@ -74,34 +94,60 @@ def _start_time(pid: int) -> str | None:
 
 
 class GvisorSandbox:
-    """One running gVisor sandbox as the engine sees it (implements ``SandboxProcess``)."""
+    """One running gVisor sandbox as the engine sees it (implements ``SandboxProcess``).
+
+    Its channel (:class:`~moat.runtime.gvisor.channel.AgentPipes`) outlives the runsc process
+    behind it: a snapshot with ``leave_running`` replaces that process with a restored one
+    (:meth:`adopt`) while the engine keeps reading and writing the same stream.
+    """
 
     def __init__(
         self,
         proc: asyncio.subprocess.Process,
         *,
+        pipes: AgentPipes,
         runsc: str,
         sandbox_id: str,
         workdir: Path,
         cgroup: HostCgroup,
     ) -> None:
-        if proc.stdout is None or proc.stdin is None or proc.stderr is None:
-            raise SandboxDiedError("the gvisor sandbox has no stdio")
-        self.reader: asyncio.StreamReader = proc.stdout
-        self.writer: asyncio.StreamWriter = proc.stdin
-        self._proc = proc
+        if pipes.reader is None or pipes.writer is None:
+            raise SandboxDiedError("the gvisor sandbox has no channel")
+        self.reader: asyncio.StreamReader = pipes.reader
+        self.writer: asyncio.StreamWriter = pipes.writer
+        self._pipes = pipes
         self._runsc = runsc
         self._id = sandbox_id
         self._workdir = workdir
         self._root = str(workdir / "root")
         self._cgroup = cgroup
         self._stderr: collections.deque[bytes] = collections.deque()
-        self._stderr_task = asyncio.get_running_loop().create_task(self._drain(proc.stderr))
         self._lock = asyncio.Lock()
+        #: held by a checkpoint (never by kill, which must not wait for one)
+        self.op_lock = asyncio.Lock()
         self._killed = False
+        #: a checkpoint is replacing the runsc process: its exit is not the sandbox's end
+        self.swapping = False
+        #: checkpointed without leave_running: stopped for good, the channel open until kill
+        self.stopped = False
+        self._tasks: list[asyncio.Task[None]] = []
+        self._proc = proc
+        self._watch(proc)
+
+    def _watch(self, proc: asyncio.subprocess.Process) -> None:
+        loop = asyncio.get_running_loop()
+        if proc.stderr is not None:
+            self._tasks.append(loop.create_task(self._drain(proc.stderr)))
+        self._tasks.append(loop.create_task(self._on_exit(proc)))
+
+    async def _on_exit(self, proc: asyncio.subprocess.Process) -> None:
+        await proc.wait()
+        if proc is self._proc and not self.swapping and not self.stopped:
+            # The sandbox ended by itself: let the engine's reader see EOF (invariant 6).
+            self._pipes.release()
 
     async def _drain(self, stream: asyncio.StreamReader) -> None:
-        kept = 0
+        kept = sum(len(c) for c in self._stderr)
         while chunk := await stream.read(8192):
             self._stderr.append(chunk)
             kept += len(chunk)
@@ -113,7 +159,9 @@ class GvisorSandbox:
         return b"".join(self._stderr)
 
     def alive(self) -> bool:
-        return not self._killed and self._proc.returncode is None
+        if self._killed or self.stopped:
+            return False
+        return self.swapping or self._proc.returncode is None
 
     def stats(self) -> dict[str, int]:
         return self._cgroup.stats() if self.alive() else {}
@@ -123,31 +171,84 @@ class GvisorSandbox:
         """The host directory holding this sandbox's bundle and runsc state."""
         return self._workdir
 
+    @property
+    def sandbox_id(self) -> str:
+        return self._id
+
+    @property
+    def cgroup(self) -> HostCgroup:
+        return self._cgroup
+
+    @property
+    def killed(self) -> bool:
+        return self._killed
+
+    @property
+    def pipes(self) -> AgentPipes:
+        return self._pipes
+
+    @property
+    def process(self) -> asyncio.subprocess.Process:
+        """The runsc process behind the sandbox now (``runsc run`` or ``runsc restore``)."""
+        return self._proc
+
+    def adopt(self, proc: asyncio.subprocess.Process) -> None:
+        """Make ``proc`` (a ``runsc restore`` on this sandbox's pipes) the process behind it."""
+        self._proc = proc
+        self._tasks = [t for t in self._tasks if not t.done()]  # one swap's worth at most
+        self._watch(proc)
+
     async def kill(self) -> None:
         """End the sandbox now; its files, cgroup and runsc state go in the background.
 
         Returns once every host process of the sandbox (sentry, gofer, ptrace stubs, ``runsc
-        run``) has a SIGKILL pending and the agent's channel is closed: nothing of it can run
-        or be reached. Waiting for them to exit and the removals are left to
-        :mod:`moat.runtime.reaper`, drained at exit and covered by ``sweep`` after a crash
-        (invariant 5).
+        run`` or ``runsc restore``, a checkpoint in flight) has a SIGKILL pending and the
+        agent's channel is closed: nothing of it can run or be reached. Waiting for them to
+        exit and the removals are left to :mod:`moat.runtime.reaper`, drained at exit and
+        covered by ``sweep`` after a crash (invariant 5). Never waits for a checkpoint.
         """
         async with self._lock:
             if self._killed:
                 return
             self._killed = True
             _kill_now(self._cgroup, self._root, self._proc)
-            with contextlib.suppress(Exception):
-                self.writer.close()
+            self._pipes.close()
             workdir, cgroup = self._workdir, self._cgroup
-            reaper.submit(self._id, lambda: _reap_blocking(workdir, cgroup))
+            if self.stopped:
+                # Checkpointed (paused): runsc has ended every process and removed its state
+                # and cgroup already; removing the rest now lets a restore under the same id
+                # follow at once (the reaper would race it for the work dir and the cgroup).
+                await asyncio.to_thread(_reap_blocking, workdir, cgroup)
+            else:
+                reaper.submit(self._id, lambda: _reap_blocking(workdir, cgroup))
             # `runsc run` (our child) dies within milliseconds of its SIGKILL: reap it while
             # the loop is surely alive, but never let it hold kill() up.
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._proc.wait(), EXIT_WAIT)
-            self._stderr_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._stderr_task
+            # Not reaped yet (a loaded host): close asyncio's transport now, so that it is
+            # not finalised unclosed after the loop has gone (a ResourceWarning).
+            transport = getattr(self._proc, "_transport", None)
+            if self._proc.returncode is None and isinstance(transport, asyncio.BaseTransport):
+                transport.close()
+            for task in self._tasks:
+                task.cancel()
+            for task in self._tasks:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+
+
+async def _spawn(argv: list[str], workdir: Path, pipes: AgentPipes) -> asyncio.subprocess.Process:
+    """Start a runsc process with the agent's pipes as its stdin/stdout."""
+    stdin, stdout = pipes.sandbox_ends()
+    return await asyncio.create_subprocess_exec(
+        *argv,
+        stdin=stdin,
+        stdout=stdout,
+        stderr=asyncio.subprocess.PIPE,
+        env=RUNSC_ENV,
+        cwd=workdir,
+        start_new_session=True,
+    )
 
 
 async def _run_bounded(argv: list[str]) -> None:
@@ -229,7 +330,7 @@ async def _teardown(
 
 
 class GvisorRuntime:
-    """The gvisor tier (implements ``moat.runtime.base.Runtime``).
+    """The gvisor tier (implements ``Runtime`` and ``Checkpointable``).
 
     ``platform`` is runsc's platform: ``ptrace`` (default; works everywhere), ``kvm`` (fast
     where KVM is real; it hangs on PVM hosts, which the probe detects) or ``systrap`` (newer
@@ -237,6 +338,8 @@ class GvisorRuntime:
     """
 
     name = "gvisor"
+    #: runsc checkpoints keep every process and its memory (issue 11).
+    keeps_memory = True
 
     def __init__(self, *, platform: str = "ptrace", runsc: str = "runsc") -> None:
         if platform not in PLATFORMS:
@@ -263,8 +366,15 @@ class GvisorRuntime:
             workdir.mkdir(mode=0o700)
         except FileExistsError as exc:
             raise InvalidArgumentError("a sandbox with this id already exists") from exc
+        return await self._launch(exe, spec, workdir, None)
+
+    async def _launch(
+        self, exe: str, spec: SandboxSpec, workdir: Path, image: RestoreImage | None
+    ) -> GvisorSandbox:
+        """``runsc run`` (or, with ``image``, ``runsc restore``) of ``spec`` in ``workdir``."""
         cgroup = HostCgroup(cgroup_name(spec))
         proc: asyncio.subprocess.Process | None = None
+        pipes = AgentPipes()
         try:
             (workdir / "owner").write_text(f"{os.getpid()} {_start_time(os.getpid())}\n")
             # Built once per host (make install does it); a compile the first time otherwise.
@@ -273,25 +383,200 @@ class GvisorRuntime:
             # entry that would give it more than other host users get (walks the trees).
             for m in spec.mounts:
                 await asyncio.to_thread(check_owners, m, "gvisor")
-            config = self._bundle(spec, workdir, preload)
-            proc = await asyncio.create_subprocess_exec(
-                *self._argv(exe, workdir, spec.sandbox_id),
-                stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
-                env=RUNSC_ENV,
-                cwd=workdir,
-                start_new_session=True,
-            )
+            agent_dir = prepare() if image is None else image.agent_dir
+            config = self._bundle(spec, workdir, preload, agent_dir)
+            if image is not None:
+                image.check(config, workdir, "/" + cgroup_name(spec))
+            await pipes.connect()
+            argv = self._argv(exe, workdir, spec.sandbox_id, image=image)
+            proc = await _spawn(argv, workdir, pipes)
             await self._verify_limits(proc, cgroup, config)
+            if image is not None:
+                await wait_running(proc, workdir / "root", spec.sandbox_id)
             return GvisorSandbox(
-                proc, runsc=exe, sandbox_id=spec.sandbox_id, workdir=workdir, cgroup=cgroup
+                proc,
+                pipes=pipes,
+                runsc=exe,
+                sandbox_id=spec.sandbox_id,
+                workdir=workdir,
+                cgroup=cgroup,
             )
         except BaseException:
+            pipes.close()
             await _teardown(exe, spec.sandbox_id, workdir, cgroup, proc)
             raise
 
-    def _bundle(self, spec: SandboxSpec, workdir: Path, preload: Path | None) -> dict[str, object]:
+    async def checkpoint(
+        self, proc: SandboxProcess, dest: Path, *, memory: bool, leave_running: bool
+    ) -> None:
+        """Save ``proc`` into the empty directory ``dest`` with ``runsc checkpoint``.
+
+        runsc 20221219 stops the sandbox once it is saved (its ``--leave-running`` restores
+        onto the checkpoint command's own stdio, which no one reads), so with
+        ``leave_running`` the driver restores it in place at once, on the same pipes
+        (:mod:`moat.runtime.gvisor.channel`): the engine's stream carries on. Without it the
+        sandbox is left stopped, its channel open, for the caller's ``kill``.
+
+        ``memory=False`` saves ``/home/user`` only, as a tar made inside the sandbox; a
+        failure leaves the sandbox running.
+        """
+        if not isinstance(proc, GvisorSandbox):
+            raise InvalidArgumentError("not a gvisor sandbox")
+        if not dest.is_dir() or any(dest.iterdir()):  # noqa: ASYNC240 - one small listing
+            raise InvalidArgumentError("the checkpoint destination must be an empty directory")
+        exe = runsc_path(self.runsc)
+        if exe is None:
+            raise IsolationUnavailableError("gvisor: runsc is not installed")
+        async with proc.op_lock:
+            if not proc.alive():
+                raise SandboxDiedError("the gvisor sandbox is not running")
+            if memory:
+                await self._checkpoint(exe, proc, dest, leave_running)
+                return
+            await self._save_files(exe, proc, dest)
+            if not leave_running:
+                # Stopped like a memory pause, so that its kill frees the id at once.
+                proc.stopped = True
+                _kill_now(proc.cgroup, str(proc.workdir / "root"), proc.process)
+                await _stopped(proc, KILL_TIMEOUT)
+
+    async def _save_files(self, exe: str, sb: GvisorSandbox, dest: Path) -> None:
+        """``memory=False``: ``/home/user`` as a tar (:mod:`moat.runtime.gvisor.fscopy`)."""
+        try:
+            await asyncio.to_thread(check_space, dest, sb.stats().get("memory_bytes", 0))
+            await save_home(exe, sb.workdir, sb.sandbox_id, dest)
+            await asyncio.to_thread(
+                write_manifest,
+                dest,
+                exe=exe,
+                platform=self.platform,
+                workdir=sb.workdir,
+                cgroups_path="/" + sb.cgroup.name,
+                sandbox_id=sb.sandbox_id,
+                memory=False,
+            )
+        except BaseException:
+            _empty(dest)
+            raise
+
+    async def _checkpoint(
+        self, exe: str, sb: GvisorSandbox, dest: Path, leave_running: bool
+    ) -> None:
+        """Checkpoint, then (``leave_running``) restore in place. On any failure ``dest`` is
+        emptied; the sandbox is as it was (refused before runsc ran), or dead."""
+        sb.swapping = True
+        try:
+            await self._save(exe, sb, dest)
+            if not leave_running:
+                sb.stopped = True
+                return
+            try:
+                await self._restore_in_place(exe, sb, dest)
+            except BaseException as exc:
+                killed = sb.killed
+                await sb.kill()  # stopped by its checkpoint and not restored: end it
+                if killed:
+                    raise SandboxDiedError("the gvisor sandbox was killed") from exc
+                raise
+        except BaseException:
+            _empty(dest)
+            raise
+        finally:
+            sb.swapping = False
+            if sb.process.returncode is not None and not sb.stopped:
+                sb.pipes.release()  # it ended during the swap: the engine must see EOF
+
+    async def _save(self, exe: str, sb: GvisorSandbox, dest: Path) -> None:
+        try:
+            await run_checkpoint(
+                exe,
+                sb.workdir / "root",
+                sb.workdir / "runsc.log",
+                sb.sandbox_id,
+                dest,
+                sb.stats().get("memory_bytes", 0),
+            )
+        except DiskFullError:
+            raise  # refused before runsc ran: the sandbox is as it was
+        except BaseException:
+            # runsc ends a sandbox whose save failed: then it is stopped for good
+            if not sb.killed and await _stopped(sb, FAILED_SAVE_WAIT):
+                sb.stopped = True
+                sb.pipes.release()
+            raise
+        # Saved: the sentry kills its tasks and `runsc run` exits, removing its state.
+        if not await _stopped(sb, KILL_TIMEOUT):
+            await sb.kill()
+            raise SandboxDiedError("the gvisor sandbox did not stop after its checkpoint")
+        await asyncio.to_thread(  # reads files, may run `runsc --version`: off the loop
+            write_manifest,
+            dest,
+            exe=exe,
+            platform=self.platform,
+            workdir=sb.workdir,
+            cgroups_path="/" + sb.cgroup.name,
+            sandbox_id=sb.sandbox_id,
+        )
+
+    async def _restore_in_place(self, exe: str, sb: GvisorSandbox, src: Path) -> None:
+        """Restore ``sb`` from ``src`` under its own id, work dir and pipes."""
+        image = await asyncio.to_thread(load_image, src, exe, self.platform)
+        config = json.loads((sb.workdir / "bundle" / "config.json").read_text())
+        root = sb.workdir / "root"
+        shutil.rmtree(root, ignore_errors=True)
+        root.mkdir(mode=0o700)
+        log = sb.workdir / "runsc.log"
+        with contextlib.suppress(OSError):
+            if log.stat().st_size > LOG_KEEP:  # each swap appends to it: keep it bounded
+                log.write_bytes(b"")
+        if sb.killed:
+            raise SandboxDiedError("the gvisor sandbox was killed")
+        argv = self._argv(exe, sb.workdir, sb.sandbox_id, image=image)
+        try:
+            proc = await _spawn(argv, sb.workdir, sb.pipes)
+        except OSError as exc:
+            raise SandboxDiedError("the gvisor sandbox could not be restored") from exc
+        if sb.killed:  # killed while spawning: the reaper's loop finds it by its --root
+            _kill_now(sb.cgroup, str(root), proc)
+            raise SandboxDiedError("the gvisor sandbox was killed")
+        sb.adopt(proc)
+        await self._verify_limits(proc, sb.cgroup, config)
+        await wait_running(proc, root, sb.sandbox_id)
+
+    async def restore(self, spec: SandboxSpec, src: Path) -> GvisorSandbox:
+        """Start a sandbox for ``spec`` from the checkpoint in ``src`` (left unchanged).
+
+        The bundle is built afresh for ``spec`` (a fork has its own id, work dir, cgroup and
+        pipes) and must match the checkpointed one (:mod:`moat.runtime.gvisor.checkpoint`).
+        The restored agent sends no READY: it carries on reading its (new) stdin.
+        """
+        reason = self.probe()
+        if reason is not None:
+            raise IsolationUnavailableError(reason)
+        exe = runsc_path(self.runsc)
+        if exe is None:
+            raise IsolationUnavailableError("gvisor: runsc is not installed")
+        image = await asyncio.to_thread(load_image, src, exe, self.platform)
+        workdir = _base() / spec.sandbox_id
+        try:
+            workdir.mkdir(mode=0o700)
+        except FileExistsError as exc:
+            raise InvalidArgumentError("a sandbox with this id already exists") from exc
+        if image.memory:
+            return await self._launch(exe, spec, workdir, image)
+        # Files only: a fresh sandbox (its agent sends READY, as after start) and its home.
+        sb = await self._launch(exe, spec, workdir, None)
+        try:
+            await wait_running(sb.process, workdir / "root", spec.sandbox_id)  # for runsc exec
+            await load_home(exe, workdir, spec.sandbox_id, src)
+        except BaseException:
+            await sb.kill()
+            raise
+        return sb
+
+    def _bundle(
+        self, spec: SandboxSpec, workdir: Path, preload: Path | None, agent_dir: Path
+    ) -> dict[str, object]:
         bundle_dir = workdir / "bundle"
         bundle_dir.mkdir(mode=0o700)
         (workdir / "root").mkdir(mode=0o700)
@@ -312,7 +597,7 @@ class GvisorRuntime:
             spec,
             Bundle(
                 rootfs=str(rootfs),
-                agent_dir=str(prepare()),
+                agent_dir=str(agent_dir),
                 argv=tuple(agent_argv(python=_PYTHON)),
                 etc_binds=etc_binds(),
             ),
@@ -320,7 +605,10 @@ class GvisorRuntime:
         (bundle_dir / "config.json").write_text(json.dumps(config, indent=1))
         return config
 
-    def _argv(self, exe: str, workdir: Path, sandbox_id: str) -> list[str]:
+    def _argv(
+        self, exe: str, workdir: Path, sandbox_id: str, image: RestoreImage | None = None
+    ) -> list[str]:
+        verb = ["run"] if image is None else ["restore", f"--image-path={image.path}"]
         return [
             exe,
             "--root",
@@ -330,7 +618,7 @@ class GvisorRuntime:
             "--oci-seccomp",
             # runsc logs to stdout by default: that is the agent's stream, so never there
             f"--log={workdir / 'runsc.log'}",
-            "run",
+            *verb,
             "--bundle",
             str(workdir / "bundle"),
             sandbox_id,
@@ -386,6 +674,28 @@ class GvisorRuntime:
             count += 1
         count += _sweep_cgroups(live_ids)
         return count
+
+
+async def _stopped(sb: GvisorSandbox, timeout: float) -> bool:
+    """Wait (bounded) for the runsc process behind ``sb`` to exit and its cgroup to empty."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(sb.process.wait(), timeout)
+    deadline = time.monotonic() + timeout
+    while True:
+        if not sb.cgroup.pids():
+            return sb.process.returncode is not None
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.01)
+
+
+def _empty(dest: Path) -> None:
+    """Remove what a failed checkpoint wrote into ``dest`` (the caller's directory stays)."""
+    for entry in dest.iterdir():
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
 
 
 def _owner_alive(workdir: Path) -> bool:

@@ -1,0 +1,127 @@
+"""Filesystem-only saves of the gvisor tier: ``/home/user`` as a tar, through ``runsc exec``.
+
+Trust domain: host engine. A gVisor sandbox's writable files live in the sentry's memory (its
+tmpfs mounts), out of the host's reach; a ``checkpoint(memory=False)`` therefore runs ``tar``
+*inside* the sandbox with ``runsc exec`` as the sandbox's user (uid 1000, no capabilities,
+``noNewPrivileges``: what user code itself has, invariant 9) and writes its stdout to a host
+file. A restore starts a fresh sandbox and runs ``tar -x`` inside it, fed from that file. The
+archive is sandbox-made data: the host only stores and replays it, never unpacks or parses it
+(the unpacking happens inside the new sandbox, with the same rights as user code). Like a
+reboot, ``/tmp`` is not kept; processes start afresh.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+from pathlib import Path
+from typing import Any, Final
+
+from moat.errors import PolicyError, SandboxDiedError
+from moat.runtime.gvisor.probe import RUNSC_ENV
+from moat.runtime.spec import HOME, SANDBOX_GID, SANDBOX_UID
+
+__all__ = ["ARCHIVE", "load_home", "process_json", "save_home"]
+
+#: The archive in a filesystem-only checkpoint directory.
+ARCHIVE: Final = "home.tar"
+#: Seconds a tar in or out of the sandbox may take (bounded like every runsc call).
+TAR_TIMEOUT: Final = 300.0
+_TAR: Final = "/usr/bin/tar"
+_REL_HOME: Final = HOME.lstrip("/")
+# GNU tar: 1 = a file changed while it was read (a live sandbox); 2 = fatal (unreadable...)
+_TAR_OK: Final = (0, 1)
+
+
+def process_json(args: list[str]) -> dict[str, Any]:
+    """The OCI process ``runsc exec`` runs: the sandbox's user, no capabilities. Pure."""
+    none: list[str] = []
+    return {
+        "user": {"uid": SANDBOX_UID, "gid": SANDBOX_GID},
+        "args": args,
+        "env": ["PATH=/usr/bin:/bin", "LC_ALL=C.UTF-8"],
+        "cwd": "/",
+        "capabilities": {k: none for k in ("bounding", "effective", "inheritable", "permitted")}
+        | {"ambient": none},
+        "noNewPrivileges": True,
+        "terminal": False,
+    }
+
+
+async def _exec(
+    exe: str, workdir: Path, sandbox_id: str, args: list[str], *, stdin: int, stdout: int
+) -> tuple[int, bytes]:
+    spec = workdir / "exec-process.json"
+    spec.write_text(json.dumps(process_json(args)))
+    argv = [exe, "--root", str(workdir / "root"), f"--log={workdir / 'runsc.log'}", "exec"]
+    proc = await asyncio.create_subprocess_exec(
+        *argv,
+        "--process",
+        str(spec),
+        sandbox_id,
+        stdin=stdin,
+        stdout=stdout,
+        stderr=asyncio.subprocess.PIPE,
+        env=RUNSC_ENV,
+        start_new_session=True,
+    )
+    try:
+        _, err = await asyncio.wait_for(proc.communicate(), TAR_TIMEOUT)
+    except BaseException:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        await proc.wait()
+        raise
+    finally:
+        spec.unlink(missing_ok=True)
+    return proc.returncode or 0, err[-2048:]
+
+
+async def save_home(exe: str, workdir: Path, sandbox_id: str, dest: Path) -> None:
+    """Write ``/home/user`` of the running sandbox as ``dest/home.tar`` (0600)."""
+    fd = os.open(dest / ARCHIVE, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        code, err = await _exec(
+            exe,
+            workdir,
+            sandbox_id,
+            [_TAR, "-C", "/", "-cf", "-", _REL_HOME],
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=fd,
+        )
+    finally:
+        os.close(fd)
+    if code not in _TAR_OK:
+        _log(workdir, b"save of the home directory failed: " + err)
+        raise PolicyError(
+            "gvisor: the home directory could not be saved (a file in it is not readable "
+            "by the sandbox's user?)"
+        )
+
+
+async def load_home(exe: str, workdir: Path, sandbox_id: str, src: Path) -> None:
+    """Unpack ``src/home.tar`` into the (fresh) sandbox's ``/home/user``."""
+    fd = os.open(src / ARCHIVE, os.O_RDONLY)
+    try:
+        code, err = await _exec(
+            exe,
+            workdir,
+            sandbox_id,
+            [_TAR, "-C", "/", "-xpf", "-", "--no-overwrite-dir", _REL_HOME],
+            stdin=fd,
+            stdout=asyncio.subprocess.DEVNULL,
+        )
+    finally:
+        os.close(fd)
+    if code != 0:
+        _log(workdir, b"restore of the home directory failed: " + err)
+        raise SandboxDiedError("the gvisor sandbox's files could not be restored")
+
+
+def _log(workdir: Path, line: bytes) -> None:
+    # tar's and runsc's messages may name host paths: the log keeps them (invariant 8)
+    with contextlib.suppress(OSError), (workdir / "runsc.log").open("ab") as f:
+        f.write(line + b"\n")
