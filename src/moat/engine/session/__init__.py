@@ -12,10 +12,12 @@ import contextlib
 import datetime as dt
 import logging
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from moat.egress import Gateway
 from moat.engine.client import AgentClient, Call
+from moat.engine.inside import AgentInside
 from moat.engine.metrics import MetricsRing, interval_s
 from moat.engine.session.code import INTERRUPT_GRACE, CodeCalls
 from moat.engine.session.core import Audit, OutputGuard, SessionCore, ended_error
@@ -78,19 +80,30 @@ class Session(CodeCalls, PtyCalls, FileCalls, WatchCalls):
         self.metrics = MetricsRing(spec.limits, self._stats)
         self._sampler: asyncio.Task[None] | None = None
         self._watches = set()
+        #: what it was created with: (config, secrets, sensitive, gateway config), for pause
+        self.origin: tuple[Any, Any, Any, Any] | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
 
-    async def start(self, pooled: bool = False) -> None:
-        """Start the sandbox; a ``pooled`` one waits (no lifetime yet) until ``adopt``."""
+    async def start(self, pooled: bool = False, restore: Path | None = None) -> None:
+        """Start the sandbox; a ``pooled`` one waits (no lifetime yet) until ``adopt``;
+        ``restore``: from that checkpoint (``moat.engine.persist``)."""
         if not pooled:
             await self._prepare_guard()
-        self.proc = await self.runtime.start(self.spec)
+        if restore is not None:
+            self.proc = await self.runtime.restore(self.spec, restore)  # type: ignore[attr-defined]
+        else:
+            self.proc = await self.runtime.start(self.spec)
         self.client = AgentClient(self.proc, self._agent_died)
+        if hasattr(self.proc, "inside"):  # its driver archives files through the agent
+            self.proc.inside = AgentInside(self)
         try:
             await self.client.wait_ready(START_TIMEOUT)
             if self.gateway is not None:
                 await self._start_egress(self.client, self.gateway)
+            finish = getattr(self.proc, "finish_restore", None)
+            if restore is not None and finish is not None:
+                await finish()
         except BaseException:
             await self.kill("died: the agent did not start")
             raise
