@@ -286,6 +286,8 @@ class FrontDoor:
         return session[2]
 
     async def is_running(self, tenant: str, sandbox_id: str) -> bool:
+        if await self._paused(tenant, sandbox_id) is not None:
+            return False
         session = self._find(tenant, sandbox_id)
         return isinstance(session, Session) and session.is_running()
 
@@ -786,6 +788,9 @@ class FrontDoor:
                 return session
             if ended is not None and ended[0] == tenant:
                 return ended
+            paused = self.engine.persist._paused  # loaded by any earlier paused lookup
+            if paused is not None and (p := paused.get(sid)) is not None and p.tenant == tenant:
+                raise NotFoundError(f"sandbox {sid} is paused (connect resumes it)")
         raise NotFoundError(f"sandbox {sid or '(malformed id)'} was not found")
 
     def _session(self, tenant: str, sandbox_id: str) -> Session:

@@ -61,8 +61,8 @@ class AgentInside:
             with contextlib.suppress(SandboxError):
                 await self._s.kill_command(pid)
             raise QuotaExceededError(
-                f"the sandbox's files exceed the checkpoint cap of {cap >> 20} MiB; "
-                "the sandbox keeps running"
+                f"the sandbox's files exceed the {max(1, cap >> 20)} MiB that may be kept "
+                "(the tenant's snapshot quota or the checkpoint cap); the sandbox keeps running"
             ) from None
         except builtins.TimeoutError:
             with contextlib.suppress(SandboxError):
