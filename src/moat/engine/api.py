@@ -443,6 +443,11 @@ class FrontDoor:
                 ledger.release_sandbox(session.id)
             return session.info(), True
 
+    def keeps_memory(self, tenant: str, sandbox_id: str) -> bool:
+        """Whether a pause of this running sandbox can keep its processes and memory."""
+        runtime = self._session(tenant, sandbox_id).runtime
+        return isinstance(runtime, Checkpointable) and bool(runtime.keeps_memory)
+
     async def face_data(self, tenant: str, sandbox_id: str) -> dict[str, Any] | None:
         """What a face kept with a paused sandbox (``pause(face=...)``); None if not paused."""
         paused = await self._paused(tenant, sandbox_id)

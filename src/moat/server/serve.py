@@ -82,6 +82,10 @@ async def serve(
     if not re.fullmatch(r"[a-z0-9.-]{1,200}(:[0-9]{1,5})?", domain):
         raise SystemExit("MOAT_SERVE_DOMAIN must be a lower-case host name with an optional :port")
     state = ServerState(front, keys, tier, domain)
+    # Paused sandboxes outlive the server (issue 11): load them now, and report what a crash
+    # left half-written (the scan removed it; the sandbox was still running then).
+    for name in await asyncio.to_thread(front.paused_report):
+        log.warning("removed a half-written paused state left by a crash: %s", name)
     config = uvicorn.Config(
         make_app(state),
         host=host,

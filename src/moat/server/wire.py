@@ -102,6 +102,20 @@ class ConnectBody(_Closed):
     timeout: StrictInt | None = Field(default=None, ge=1, le=86400)
 
 
+class PauseBody(_Closed):
+    """E2B's ``SandboxPauseRequest``: ``memory`` (full or filesystem snapshot)."""
+
+    memory: StrictBool | None = None
+    require_healthy_guest: StrictBool | None = Field(default=None, alias="requireHealthyGuest")
+
+
+class ResumeBody(_Closed):
+    """E2B's legacy resume (``autoPause`` there sets what its next timeout does)."""
+
+    timeout: StrictInt | None = Field(default=None, ge=1, le=86400)
+    auto_pause: StrictBool | None = Field(default=None, alias="autoPause")
+
+
 class ExecuteBody(_Closed):
     code: _Str = Field(max_length=1 << 20)
     context_id: _Str | None = None
@@ -187,8 +201,8 @@ def status_of(exc: SandboxError) -> int:
         return 502
     if isinstance(exc, DiskFullError):
         return 507  # the SDKs' NotEnoughSpaceException
-    if "already running code" in str(exc):
-        return 409  # the context is busy
+    if "already running code" in str(exc) or "already paused" in str(exc):
+        return 409  # the context is busy; the sandbox is paused already
     return 500
 
 
@@ -238,7 +252,7 @@ def detail_reply(info: SandboxInfo, rec: _Tokens) -> dict[str, Any]:
         "cpuCount": max(1, round(limits.cpus)),
         "memoryMB": limits.memory_mb,
         "diskSizeMB": limits.disk_mb,
-        "state": "running",
+        "state": "paused" if info.state == "paused" else "running",
         "metadata": dict(info.metadata),
         "allowInternetAccess": bool(network.get("internet_access")),
         "network": {
