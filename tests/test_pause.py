@@ -352,3 +352,40 @@ async def test_sigkill_during_pause_leaves_old_or_new_state(tmp_path: Path) -> N
         await asyncio.to_thread(runtime_for("container").sweep)  # the crashed child's cgroup
     print("outcomes:", outcomes)
     assert any(o.startswith("new") for o in outcomes)  # late kills found a complete pause
+
+
+async def _wait_state(door: FrontDoor, sid: str, want: str, within: float) -> None:
+    deadline = asyncio.get_running_loop().time() + within
+    while asyncio.get_running_loop().time() < deadline:
+        states = {i.sandbox_id: i.state for i in await door.list_sandboxes(T, state=None)}
+        if states.get(sid) == want:
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"{sid} not {want} within {within}s: {states.get(sid)}")
+
+
+async def test_on_timeout_pause_then_connect_resumes(door: FrontDoor) -> None:
+    sid = await _create(door, timeout=2, on_timeout="pause")
+    await door.write_file(T, sid, "/home/user/f", "kept at timeout")
+    await _wait_state(door, sid, "paused", 10)
+    assert (_root(door) / sid / "record.json").is_file()
+    info, resumed = await door.connect(T, sid, timeout=60)
+    assert resumed and info.state == "running"
+    assert await door.read_file(T, sid, "/home/user/f") == "kept at timeout"
+
+
+async def test_idle_timeout_pauses_an_idle_sandbox_only(door: FrontDoor) -> None:
+    busy = await _create(door, timeout=120, idle_timeout=2, on_timeout="pause")
+    idle = await _create(door, timeout=120, idle_timeout=2, on_timeout="pause")
+    # output every 0.3 s for 5 s keeps `busy` active; `idle` gets no call at all
+    stream = await door.start_command(T, busy, "for i in $(seq 17); do echo $i; sleep 0.3; done")
+    await _wait_state(door, idle, "paused", 8)
+    assert await door.is_running(T, busy)
+    await _drain(stream.events())
+    await _wait_state(door, busy, "paused", 8)  # idle from the command's end
+
+
+async def test_idle_timeout_kill(door: FrontDoor) -> None:
+    sid = await _create(door, timeout=120, idle_timeout=1)
+    await _wait_state(door, sid, "ended", 8)
+    assert list(_root(door).iterdir()) == []  # a kill keeps nothing

@@ -8,6 +8,7 @@ before a pause (dead afterwards), another tenant's view (exactly an unknown id's
 from __future__ import annotations
 
 import secrets
+import time
 from pathlib import Path
 
 import httpx
@@ -56,8 +57,8 @@ def test_e2b_sdk_pause_list_connect(server: Server, key_a: str) -> None:
         assert back.run_code("print('again')").logs.stdout == ["again\n"]
         assert not _paused_dir(sid).exists()  # deleted once it serves again
         assert back.get_info().state == SandboxState.RUNNING
-        with pytest.raises(Exception):  # noqa: B017 - the token of before the pause is dead
-            sbx.files.read("/home/user/keep.txt")
+        # the same server kept its tokens for it: the object of before the pause works on
+        assert sbx.files.read("/home/user/keep.txt") == "kept across pause"
         # an explicit full (memory) pause can't be kept on this tier: refused, still running
         r = httpx.post(
             f"{server.url}/sandboxes/{sid}/pause", json={"memory": True}, headers=_h(key_a)
@@ -146,3 +147,30 @@ def test_resume_after_a_server_restart(tmp_path: Path) -> None:
         finally:
             back.kill()
     assert not _paused_dir(sid).exists()
+
+
+def test_auto_pause_at_timeout_and_resume_on_ingress(server: Server, key_a: str) -> None:
+    """E2B's ``autoPause``: the timeout pauses; traffic to the paused sandbox's port (public
+    traffic here) resumes it under the same id and tokens; a stranger's id stays unknown."""
+    body = {
+        "templateID": "base", "timeout": 2, "autoPause": True,
+        "network": {"allowPublicTraffic": True},
+    }  # fmt: skip
+    r = httpx.post(server.url + "/v2/sandboxes", json=body, headers=_h(key_a), timeout=60)
+    assert r.status_code == 201, r.text
+    sid, token = r.json()["sandboxID"], r.json()["envdAccessToken"]
+    url = f"{server.url}/sandboxes/{sid}"
+    deadline = time.monotonic() + 15
+    while httpx.get(url, headers=_h(key_a)).json().get("state") != "paused":
+        assert time.monotonic() < deadline, "not paused at its timeout"
+        time.sleep(0.2)
+    assert _paused_dir(sid).is_dir()
+    port = server.url.rsplit(":", 1)[1]
+    host = f"8000-{sid}.moat.localhost:{port}"
+    r = httpx.get(server.url + "/", headers={"Host": host}, timeout=60)
+    # resumed (files only on this tier: nothing listens on 8000 until started again)
+    assert r.status_code == 502
+    info = httpx.get(url, headers=_h(key_a)).json()
+    assert info["state"] == "running" and info["envdAccessToken"] == token
+    assert not _paused_dir(sid).exists()
+    assert httpx.delete(url, headers=_h(key_a)).status_code == 204

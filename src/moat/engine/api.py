@@ -248,6 +248,7 @@ class FrontDoor:
         ledger.bind(token, session.id)
         if self.engine.get(session.id) is None:  # it ended already: the end freed nothing
             ledger.release_sandbox(session.id)
+        self._arm(tenant, session, cfg)
         return session.info()
 
     async def kill(self, tenant: str, sandbox_id: str) -> bool:
@@ -441,7 +442,44 @@ class FrontDoor:
             ledger.bind(token, session.id)
             if self.engine.get(session.id) is None:
                 ledger.release_sandbox(session.id)
+            session.face = dict(paused.record.get("face") or {})
+            self._arm(tenant, session, config)
             return session.info(), True
+
+    def set_face(self, tenant: str, sandbox_id: str, face: Mapping[str, Any]) -> None:
+        """A face's own non-secret names for a running sandbox, kept with it when it pauses
+        (by request or at its timeout) and given back by ``face_data``."""
+        self._session(tenant, sandbox_id).face = dict(face)
+
+    def _arm(self, tenant: str, session: Session, cfg: SandboxConfig) -> None:
+        """Its lifetime's end: a pause (``on_timeout="pause"``), and its idle timer."""
+        if session.ended is not None:
+            return
+        if cfg.on_timeout == "pause":
+            persist = self.engine.persist
+            runtime = session.runtime
+
+            async def expire() -> None:
+                async with persist.lock(session.id):
+                    if session.ended is not None:
+                        return
+                    quota = self.policy.of(tenant).quotas.snapshot_mb
+                    await persist.pause(
+                        session,
+                        memory=isinstance(runtime, Checkpointable) and bool(runtime.keeps_memory),
+                        quota_bytes=None if quota is None else quota << 20,
+                    )
+
+            session.on_expiry = expire
+        if cfg.idle_timeout is not None:
+            session.watch_idle(cfg.idle_timeout)
+
+    def is_paused_now(self, tenant: str, sandbox_id: str) -> bool:
+        """Whether the tenant's sandbox is paused, from memory only (for end listeners: a
+        pause ends the session after its state is recorded)."""
+        paused = self.engine.persist._paused
+        entry = None if paused is None else paused.get(sandbox_id)
+        return entry is not None and entry.tenant == tenant
 
     def keeps_memory(self, tenant: str, sandbox_id: str) -> bool:
         """Whether a pause of this running sandbox can keep its processes and memory."""

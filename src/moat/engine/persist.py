@@ -193,7 +193,7 @@ class Persistence:
             "memory": memory,
             "secret_names": sorted(r.name for r in config.secrets),
             "sensitive": len(origin[2]),
-            "face": dict(face or {}),
+            "face": dict(session.face if face is None else face),
         }
 
     async def resume(

@@ -294,6 +294,8 @@ class AsyncSandbox:
         profile: str | None = None,
         policy_file: str | None = None,
         max_output_bytes: int | None = None,
+        on_timeout: str = "kill",
+        idle_timeout: float | None = None,
         transport: Transport | None = None,
         api_url: str | None = None,
         api_key: str | None = None,
@@ -317,6 +319,9 @@ class AsyncSandbox:
         (default: the engine in this process, as the default tenant). ``api_url`` and
         ``api_key`` (or ``$MOAT_API_URL``/``$MOAT_API_KEY``) send them to a ``moat serve``
         instead, as the key's tenant (docs/server.md: what its policy decides there).
+        ``on_timeout="pause"`` pauses it at the end of its lifetime instead of killing it
+        (``connect`` resumes it); ``idle_timeout`` applies that end after so many seconds
+        without a call, output or traffic (docs/persistence.md).
         """
         transport = _pick(transport, api_url, api_key)
         info = await transport.create(
@@ -337,6 +342,8 @@ class AsyncSandbox:
             profile=profile,
             policy_file=policy_file,
             max_output_bytes=max_output_bytes,
+            on_timeout=on_timeout,
+            idle_timeout=idle_timeout,
         )
         return cls(transport, info)
 

@@ -9,6 +9,7 @@ engine has them (invariant 7: never a quiet no-op).
 from __future__ import annotations
 
 import base64
+import contextlib
 import datetime as dt
 import logging
 import urllib.parse
@@ -85,8 +86,8 @@ def control_app(state: ServerState) -> Starlette:
 
     async def create(request: Request, tenant: str) -> Response:
         body = wire.parse(wire.CreateBody, await read_body(request, MAX_JSON_BODY))
-        if body.auto_pause or (body.auto_resume and body.auto_resume != {"enabled": False}):
-            raise InvalidArgumentError("autoPause/autoResume need persistence, not built yet")
+        if body.auto_resume is not None and not _auto_resume_ok(body.auto_resume):
+            raise InvalidArgumentError("autoResume must be {'enabled': true|false}")
         if body.mcp or body.volume_mounts:
             raise InvalidArgumentError("mcp and volumeMounts are not supported by moat")
         network = network_of(body.allow_internet_access, body.network)
@@ -103,6 +104,8 @@ def control_app(state: ServerState) -> Starlette:
             "metadata": body.metadata,
             "network": policy,
             "secrets": secrets or None,
+            "on_timeout": "pause" if body.auto_pause else "kill",
+            "idle_timeout": ext.idle_timeout,
         }
         if body.template_id not in wire.DEFAULT_TEMPLATES:
             kwargs["profile"] = body.template_id  # a moat profile name is a template too
@@ -128,6 +131,8 @@ def control_app(state: ServerState) -> Starlette:
         rec = Record(tenant, state.new_token(), state.new_token(), body.template_id, network)
         rec.public_traffic = bool(body.network and body.network.allow_public_traffic)
         state.records[info.sandbox_id] = rec
+        with contextlib.suppress(SandboxError):  # kept with it if it pauses at its timeout
+            front.set_face(tenant, info.sandbox_id, persist.face_of(rec))
         if not await front.is_running(tenant, info.sandbox_id):
             state.forget(info.sandbox_id)  # it ended before its record was in: no leak
         return JSONResponse(wire.sandbox_reply(info, rec, state.domain), 201)
@@ -191,8 +196,8 @@ def control_app(state: ServerState) -> Starlette:
             return JSONResponse(wire.sandbox_reply(info, rec, state.domain), 200)
         info, resumed = await front.connect(tenant, sid, timeout=timeout)
         live = state.record(tenant, sid)
-        if live is None:  # fresh tokens: those of before the pause stay dead
-            live = persist.record_of(tenant, face, state.new_token(), state.new_token())
+        if live is None:
+            live = persist.resumed_record(state, tenant, sid, face)
             state.records[sid] = live
             if not await front.is_running(tenant, sid):
                 state.forget(sid)  # it ended before its record was in: no leak
@@ -225,6 +230,7 @@ def control_app(state: ServerState) -> Starlette:
         sid = request.path_params["sandbox_id"]
         if state.record(tenant, sid) is None:
             if await front.face_data(tenant, sid) is not None:  # paused: its state goes too
+                state.paused.pop(sid, None)
                 return (
                     Response(status_code=204) if await front.kill(tenant, sid) else _not_found(sid)
                 )
@@ -366,6 +372,13 @@ def control_app(state: ServerState) -> Starlette:
         r("/{rest:path}", unknown, ["GET", "POST", "PUT", "PATCH", "DELETE"]),
     ]
     return Starlette(routes=routes)
+
+
+def _auto_resume_ok(value: Any) -> bool:
+    """E2B's ``autoResume``: moat always resumes a paused sandbox on connect and ingress."""
+    return isinstance(value, dict) and set(value) <= {"enabled"} and value.get("enabled") in (
+        True, False, None,
+    )  # fmt: skip
 
 
 def _metadata_filter(raw: str | None) -> dict[str, str]:

@@ -2,15 +2,16 @@
 
 Only non-secret, wire-facing names travel with the paused state (``FrontDoor.pause(face=)``):
 the template id, the network fields as E2B shows them, public traffic. Access tokens are
-never written down: a resumed sandbox gets fresh ones (E2B's connect reply carries them),
-and the tokens of before the pause stay dead.
+never written down: while this server runs, a paused sandbox's record (its tokens) waits in
+memory and comes back with it (as E2B keeps them); after a restart a resumed sandbox gets
+fresh ones (E2B's connect reply carries them) and those of before stay dead.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from moat.server.app import Record
+from moat.server.app import Record, ServerState
 
 
 def face_of(rec: Record) -> dict[str, Any]:
@@ -32,3 +33,11 @@ def record_of(tenant: str, face: dict[str, Any], token: str, traffic: str) -> Re
     )
     rec.public_traffic = face.get("public_traffic") is True
     return rec
+
+
+def resumed_record(state: ServerState, tenant: str, sid: str, face: dict[str, Any]) -> Record:
+    """The record of a sandbox just resumed: the one it paused with, else fresh tokens."""
+    rec = state.paused.pop(sid, None)
+    if rec is not None and rec.tenant == tenant:
+        return rec
+    return record_of(tenant, face, state.new_token(), state.new_token())

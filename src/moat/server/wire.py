@@ -77,6 +77,8 @@ class MoatExtension(_Closed):
 
     secrets: dict[_Str, MoatSecret] = Field(default_factory=dict, max_length=64)
     sensitive: list[_Str] = Field(default_factory=list, max_length=1000)
+    #: seconds without a call, output or traffic before the timeout's action (issue 11)
+    idle_timeout: StrictInt | None = Field(default=None, ge=1, le=86400)
 
 
 class CreateBody(_Closed):
