@@ -1,7 +1,7 @@
 """The container tier's checkpoint: its writable filesystems as a tar made INSIDE (issue 11).
 
 Trust domain: host engine. The sandbox's ``/home/user`` and ``/tmp`` are tmpfs mounts inside
-bubblewrap; there is no way to keep its processes here (see docs/persistence.md: CRIU), so
+bubblewrap; there is no way to keep its processes here (docs/persistence.md: CRIU), so
 ``keeps_memory`` is False and ``memory=True`` is a PolicyError (invariant 7: never a quiet
 filesystem-only pause). ``tar`` runs in the sandbox as its user, through the engine's
 ``Inside`` channel, and writes the archive to its stdout; the host stores those bytes as an
@@ -30,9 +30,9 @@ KEPT = ("home/user", "tmp")
 DEFAULT_MAX_MB = 2048
 #: Why this tier can't keep memory (shown to the caller).
 NO_MEMORY = (
-    "the container tier can't keep processes and memory across a pause (CRIU cannot "
-    "checkpoint bubblewrap's unprivileged user namespace here); pause with memory=False to "
-    "keep the files in /home/user and /tmp, or use the gvisor or microvm tier"
+    "the container tier can't keep processes and memory across a pause (that needs CRIU, "
+    "which fails its own kernel check on this host: docs/persistence.md); pause with "
+    "memory=False to keep the files in /home/user and /tmp, or use the gvisor or microvm tier"
 )
 
 # gzip -1: fast, and pays on the text and wheels an agent's workspace mostly holds.
