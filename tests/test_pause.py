@@ -389,3 +389,16 @@ async def test_idle_timeout_kill(door: FrontDoor) -> None:
     sid = await _create(door, timeout=120, idle_timeout=1)
     await _wait_state(door, sid, "ended", 8)
     assert list(_root(door).iterdir()) == []  # a kill keeps nothing
+
+
+async def test_resumed_sandbox_trusts_its_new_gateway_ca(door: FrontDoor) -> None:
+    """moat's CA bundle in /tmp/.moat is the new gateway's after a resume, never the archived
+    one (the new gateway has a new CA: HTTPS through it would fail otherwise)."""
+    sid = await _create(door, network={"allow_out": ["example.com"]})
+    path = "/tmp/.moat/ca-bundle.pem"
+    before = await door.read_file(T, sid, path)
+    await door.pause(T, sid)
+    await door.connect(T, sid)
+    gateway = door.engine.get(sid).gateway  # type: ignore[union-attr]
+    after = await door.read_file(T, sid, path)
+    assert after.endswith(gateway.ca_cert_pem().decode()) and after != before

@@ -35,15 +35,18 @@ NO_MEMORY = (
     "memory=False to keep the files in /home/user and /tmp, or use the gvisor or microvm tier"
 )
 
-# gzip -1: fast, and pays on the text and wheels an agent's workspace mostly holds.
+#: moat's own files in the sandbox's /tmp (the gateway's CA bundle): written afresh by the new
+#: sandbox's agent, never taken from an archive (which the sandbox's code may have shaped).
+_MOAT_TMP = "tmp/.moat"
+# gzip: pays on the text and wheels an agent's workspace mostly holds.
 # --warning=no-file-changed: a file written while tar reads it is kept as read (tar's exit 1).
 _PACK = (
-    "cd / && tar --create --gzip --file=- --numeric-owner --sparse "
+    f"cd / && tar --create --gzip --file=- --numeric-owner --sparse --exclude={_MOAT_TMP} "
     "--warning=no-file-changed --warning=no-file-removed --ignore-failed-read " + " ".join(KEPT)
 )
 _UNPACK = (
-    "cd / && tar --extract --gzip --file=- --numeric-owner --preserve-permissions "
-    "--delay-directory-restore --no-overwrite-dir"
+    f"cd / && tar --extract --gzip --file=- --numeric-owner --preserve-permissions "
+    f"--delay-directory-restore --no-overwrite-dir --exclude={_MOAT_TMP}"
 )
 
 
