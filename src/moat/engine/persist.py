@@ -33,6 +33,7 @@ from moat.engine.session import Session
 from moat.engine.tiers import require
 from moat.errors import (
     DiskFullError,
+    NotFoundError,
     PolicyError,
     QuotaExceededError,
     SandboxError,
@@ -42,7 +43,7 @@ from moat.model.config import Limits
 from moat.protocol import MsgType
 from moat.runtime.base import Checkpointable
 from moat.runtime.spec import SandboxSpec
-from moat.store.paused import PausedStore, disk_usage
+from moat.store.paused import CHECKPOINT, PausedStore, disk_usage
 
 if TYPE_CHECKING:
     from moat.engine.engine import Engine
@@ -269,19 +270,26 @@ class Persistence:
         session.origin = (config, brokered, known, gateway_config)
         with contextlib.suppress(ValueError):
             session.started_at = dt.datetime.fromisoformat(record["started_at"])
-        ckpt = self.store.checkpoint(sid)
+        # Claimed by a rename: one process resumes it; a crash from here on is repaired by
+        # the next start's scan (the paused state goes back, whole).
+        try:
+            claimed = await asyncio.to_thread(self.store.claim, sid)
+        except NotFoundError:
+            self.paused().pop(sid, None)  # another engine on this state dir took it
+            raise
         engine._register(session)
         try:
-            await session.start(restore=ckpt)
+            await session.start(restore=claimed / CHECKPOINT)
             await reseed(session)
         except BaseException:
             await session.kill("died: failed to resume")
             with engine._mu:
                 engine.ended.pop(sid, None)  # still paused: its state is untouched
+            await asyncio.to_thread(self.store.unclaim, claimed, sid)
             raise
         self.paused().pop(sid, None)
         self._held.pop(sid, None)
-        await asyncio.to_thread(self.store.delete, sid)
+        await asyncio.to_thread(self.store.release, claimed, sid)
         session._audit_life("resumed", None)
         return session
 

@@ -2,17 +2,24 @@
 
 Trust domain: host engine (privileged). Layout under ``<state dir>/paused/``::
 
-    <sandbox id>/record.json   the frozen config and bookkeeping (no secret values: inv. 3)
-    <sandbox id>/ckpt/         the tier's checkpoint, opaque (written by the driver only)
-    .tmp-<sandbox id>-<nonce>/ a pause in progress
-    .del-<sandbox id>-<nonce>/ a paused sandbox being deleted
+    <sandbox id>/record.json            the frozen config and bookkeeping (no secret values:
+                                        invariant 3)
+    <sandbox id>/ckpt/                  the tier's checkpoint, opaque (written by the driver)
+    .tmp-<sandbox id>-<owner>-<nonce>/  a pause in progress
+    .res-<sandbox id>-<owner>-<nonce>/  a resume in progress (claimed by one process)
+    .del-<sandbox id>-<owner>-<nonce>/  a paused sandbox being deleted
 
-A pause fills a ``.tmp-`` directory (checkpoint, then ``record.json`` written to a temporary
-name, fsynced and renamed), fsyncs it, and renames it to ``<sandbox id>`` in one step: a
-SIGKILL at any moment leaves either no ``<sandbox id>`` (the sandbox was still running; the
-crash killed it, invariant 5) or a complete one. Deletion renames first, then removes, so a
-half-removed directory never looks like a paused sandbox. ``scan`` at start-up reports and
-removes what a crash left (``.tmp-``, ``.del-``, or a directory without a readable record).
+``<owner>`` is ``<pid>.<start time>`` of the process at work. A pause fills a ``.tmp-``
+directory (checkpoint, then ``record.json`` written to a temporary name, fsynced and
+renamed), fsyncs it, and renames it to ``<sandbox id>`` in one step: a SIGKILL at any moment
+leaves either no ``<sandbox id>`` (the sandbox was still running; the crash killed it,
+invariant 5) or a complete one. A resume first claims the directory by renaming it (one
+process wins), and removes it once the sandbox serves, or renames it back. Deletion renames
+first, then removes, so a half-removed directory never looks like a paused sandbox. ``scan``
+at start-up reports and repairs what a crashed process left: its ``.tmp-`` and ``.del-``
+are removed, its ``.res-`` goes back to ``<sandbox id>`` (the previous complete state), and
+a directory without a readable record is removed. What a live process is working on is left
+alone (two engines may share a state directory).
 """
 
 from __future__ import annotations
@@ -43,6 +50,37 @@ VERSION = 1
 #: The most a record may hold (it is JSON the engine wrote; bounded anyway).
 MAX_RECORD = 1 << 20
 _ID = re.compile(r"[a-z0-9-]{4,64}")
+
+
+def _start_time(pid: int) -> int | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text(encoding="ascii")
+        return int(stat.rsplit(")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _owner() -> str:
+    pid = os.getpid()
+    return f"{pid}.{_start_time(pid)}"
+
+
+def _owner_alive(name: str) -> bool:
+    """Whether the process named in a work directory's name still runs (unknown: alive)."""
+    try:
+        owner = name.rsplit("-", 2)[1]
+        pid, start = owner.split(".")
+        return _start_time(int(pid)) == int(start)
+    except (IndexError, ValueError):
+        return False
+
+
+def _work(kind: str, sandbox_id: str) -> str:
+    return f".{kind}-{sandbox_id}-{_owner()}-{secrets.token_hex(4)}"
+
+
+def _sandbox_of(name: str) -> str:
+    return name[5:].rsplit("-", 2)[0]
 
 
 def _fsync_dir(path: Path) -> None:
@@ -94,7 +132,7 @@ class PausedStore:
     def begin(self, sandbox_id: str) -> Pending:
         """A fresh temporary directory (with an empty ``ckpt/``) for a pause of ``sandbox_id``."""
         _check_id(sandbox_id)
-        tmp = self.root / f".tmp-{sandbox_id}-{secrets.token_hex(4)}"
+        tmp = self.root / _work("tmp", sandbox_id)
         tmp.mkdir(mode=0o700)
         (tmp / CHECKPOINT).mkdir(mode=0o700)
         return Pending(sandbox_id, tmp)
@@ -135,7 +173,7 @@ class PausedStore:
         """Remove a paused sandbox's state (rename first: never half a record). False: none."""
         _check_id(sandbox_id)
         final = self.root / sandbox_id
-        gone = self.root / f".del-{sandbox_id}-{secrets.token_hex(4)}"
+        gone = self.root / _work("del", sandbox_id)
         try:
             os.rename(final, gone)
         except FileNotFoundError:
@@ -144,6 +182,29 @@ class PausedStore:
             _fsync_dir(self.root)
         shutil.rmtree(gone, ignore_errors=True)
         return True
+
+    def claim(self, sandbox_id: str) -> Path:
+        """Take a paused sandbox's directory for a resume (NotFoundError: gone, or another
+        process took it). Then ``release`` it (resumed) or ``unclaim`` it (failed)."""
+        _check_id(sandbox_id)
+        claimed = self.root / _work("res", sandbox_id)
+        try:
+            os.rename(self.root / sandbox_id, claimed)
+        except FileNotFoundError:
+            raise NotFoundError(f"sandbox {sandbox_id} was not found") from None
+        return claimed
+
+    def unclaim(self, claimed: Path, sandbox_id: str) -> None:
+        """Put a claimed paused state back, unchanged (a failed resume)."""
+        os.rename(claimed, self.root / sandbox_id)
+
+    def release(self, claimed: Path, sandbox_id: str) -> None:
+        """Remove a claimed paused state (the sandbox serves again)."""
+        gone = self.root / _work("del", sandbox_id)
+        os.rename(claimed, gone)
+        with contextlib.suppress(OSError):
+            _fsync_dir(self.root)
+        shutil.rmtree(gone, ignore_errors=True)
 
     # -- reading ----------------------------------------------------------------------
 
@@ -178,7 +239,18 @@ class PausedStore:
         removed: list[str] = []
         for entry in sorted(self.root.iterdir()):
             name = entry.name
-            broken = name.startswith((".tmp-", ".del-"))
+            work = name.startswith((".tmp-", ".del-", ".res-"))
+            if work and _owner_alive(name):
+                continue  # another live engine's work in progress
+            if name.startswith(".res-"):  # a resume that never finished: back to paused
+                sid = _sandbox_of(name)
+                if _ID.fullmatch(sid) and not (self.root / sid).exists():
+                    log.warning("an unfinished resume of %s: its paused state is back", sid)
+                    with contextlib.suppress(OSError):
+                        os.rename(entry, self.root / sid)
+                        removed.append(name)
+                        continue
+            broken = work
             if not broken and not name.startswith("."):
                 try:
                     _read(entry / RECORD)
