@@ -62,3 +62,25 @@ def test_scan_repairs_a_dead_owners_work_and_leaves_a_live_ones(tmp_path: Path) 
     names = sorted(p.name for p in tmp_path.iterdir())
     assert names == sorted([SID, live.tmp.name])
     assert (tmp_path / SID / "ckpt" / "blob").is_file()
+
+
+def test_agent_takes_a_new_gateways_ca_on_a_second_net_setup(tmp_path: Path) -> None:
+    """An agent restored with its memory keeps its proxy port; the new gateway's NET_SETUP
+    must still replace the CA bundle (else HTTPS through the new gateway fails)."""
+    import socket
+
+    from moat.agent.netproxy import NetProxy
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proxy = NetProxy(channel=None)  # type: ignore[arg-type]
+    ca = tmp_path / ".moat" / "ca-bundle.pem"
+    proxy.setup(port, str(ca), b"OLD-CA\n")
+    listener = proxy.listener
+    assert ca.read_bytes().endswith(b"OLD-CA\n")
+    proxy.setup(port, str(ca), b"NEW-CA\n")
+    assert proxy.listener is listener  # the same port, not bound twice
+    assert ca.read_bytes().endswith(b"NEW-CA\n")
+    assert listener is not None
+    listener.close()
