@@ -146,7 +146,8 @@ class Persistence:
         if room is not None and room <= 0:
             raise QuotaExceededError(_quota_message(quota_bytes))
         if room is not None:
-            setattr(proc, "checkpoint_cap", room)  # noqa: B010 - honoured where a driver can
+            with contextlib.suppress(AttributeError):  # a process type without the slot
+                setattr(proc, "checkpoint_cap", room)  # noqa: B010 - read where a driver can
         pending = await asyncio.to_thread(self.store.begin, session.id)
         try:
             await runtime.checkpoint(proc, pending.checkpoint, memory=memory, leave_running=False)
