@@ -140,14 +140,13 @@ class Persistence:
         origin = session.origin
         if proc is None or origin is None or session.tenant is None:
             raise SandboxError("the sandbox is not ready to be paused")
-        paused = self.paused()
+        paused = await asyncio.to_thread(self.paused)  # read from disk the first time
         used = self.usage(session.tenant)
         room = None if quota_bytes is None else quota_bytes - used
         if room is not None and room <= 0:
             raise QuotaExceededError(_quota_message(quota_bytes))
-        if room is not None:
-            with contextlib.suppress(AttributeError):  # a process type without the slot
-                setattr(proc, "checkpoint_cap", room)  # noqa: B010 - read where a driver can
+        with contextlib.suppress(AttributeError):  # a process type without the slot
+            setattr(proc, "checkpoint_cap", room)  # noqa: B010 - read where a driver can
         pending = await asyncio.to_thread(self.store.begin, session.id)
         try:
             await runtime.checkpoint(proc, pending.checkpoint, memory=memory, leave_running=False)
