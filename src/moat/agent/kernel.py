@@ -44,6 +44,13 @@ def _on_sigint(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
 
 
+def _on_reseed(signum: int, frame: object) -> None:
+    """The agent reseeded the pool after a restore or fork (moat.agent.reseed): so do we."""
+    rnd = sys.modules.get("random")
+    if rnd is not None:
+        rnd.seed()
+
+
 def _send(mtype: MsgType, rid: int, **fields: Any) -> None:
     data = encode(Frame(mtype, rid, fields))
     view = memoryview(data)
@@ -161,6 +168,7 @@ def serve(ctl_in: int, ctl_out: int) -> None:
     os.set_inheritable(ctl_in, False)
     os.set_inheritable(ctl_out, False)
     signal.signal(signal.SIGINT, _on_sigint)
+    signal.signal(signal.SIGUSR2, _on_reseed)
     os.environ["MPLBACKEND"] = "module://moat.agent.mplbackend"
     # Write-through text streams: output reaches the host as it is printed, not at the end.
     sys.stdout = io.TextIOWrapper(

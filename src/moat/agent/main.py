@@ -17,6 +17,7 @@ from moat.agent.commands import Commands
 from moat.agent.contexts import JS_LANGUAGES, Context, Contexts, Kernel, NoRuntime
 from moat.agent.files import FileError, Files
 from moat.agent.netproxy import NetProxy
+from moat.agent.reseed import reseed
 from moat.agent.watch import Watches
 from moat.protocol import HOST_TO_AGENT, PROTOCOL_VERSION, Decoder, Frame, MsgType, ProtocolError
 from moat.protocol.contract import HOME
@@ -79,6 +80,11 @@ class Agent:
             elif t is MsgType.TCP_ACK or t is MsgType.TCP_DIAL:
                 self.net.on_frame(t, rid, b"", n=a["n"] if t is MsgType.TCP_ACK else a["port"])
             elif t is MsgType.PING:
+                self.ch.done(rid)
+            elif t is MsgType.RESEED:
+                with self.contexts.mu:
+                    pids = [c.kernel.pid for c in self.contexts.items.values()]
+                reseed(f.payload, pids)
                 self.ch.done(rid)
             elif t is MsgType.NET_SETUP:
                 self.net.setup(a["port"], a["ca_path"], f.payload)

@@ -6,8 +6,9 @@ unknown id (invariant 11). Validation, defaults, profiles and tier choice happen
 ``moat.engine.resolve``), and everything that leaves has passed the sandbox's guard
 (invariant 4), whichever face called.
 
-Pause, resume and snapshot are declared capabilities that this engine does not have yet:
-they raise PolicyError naming the missing capability (invariant 7: never a quiet no-op).
+Pause and resume (``moat.engine.persist``) work on tiers whose driver is Checkpointable; on
+another tier, and for snapshots (not built yet), they raise PolicyError naming the missing
+capability (invariant 7: never a quiet no-op).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from moat.engine.activity import Activity, Call
 from moat.engine.auditview import OfflineScrub, guard_rows, guard_trail, sandbox_audit
 from moat.engine.engine import DEFAULT_TENANT, Engine, default_engine
 from moat.engine.output import off_loop
+from moat.engine.persist import Paused, Persistence
 from moat.engine.resolve import (
     network_policy,
     resolve,
@@ -67,6 +69,7 @@ from moat.model import (
 from moat.model import validate as v
 from moat.protocol import MsgType
 from moat.protocol.frames import MAX_PTY_SIDE
+from moat.runtime.base import Checkpointable
 
 __all__ = [
     "CAPABILITIES",
@@ -94,13 +97,12 @@ CAPABILITIES = frozenset(
         "files.write", "files.list", "files.stat", "files.move", "files.remove",
         "files.make_dir", "commands.connect", "files.watch", "pty.create", "pty.input",
         "pty.resize", "network.update", "audit.query", "sandboxes.metrics", "ports.open",
+        "sandboxes.pause", "sandboxes.resume",
     }
 )  # fmt: skip
 #: Declared, not there yet: each raises PolicyError naming itself.
-MISSING_CAPABILITIES = frozenset(
-    {"sandboxes.pause", "sandboxes.resume", "sandboxes.snapshot"}
-)  # fmt: skip
-_STATES = ("running", "ended")
+MISSING_CAPABILITIES = frozenset({"sandboxes.snapshot"})
+_STATES = ("running", "paused", "ended")
 _SIGNALS = {"SIGKILL": 9, "SIGTERM": 15, "SIGINT": 2, "SIGHUP": 1}
 #: What a terminal runs unless told otherwise (E2B's: an interactive login shell).
 PTY_COMMAND = "/bin/bash -i -l"
@@ -237,12 +239,7 @@ class FrontDoor:
         policy = self.policy.of(tenant)
         admission.check_config(policy, cfg)
         ledger = self.engine.quota
-        try:  # checked and held at once, before any await (two racing creates: one slot)
-            token = ledger.reserve(tenant, policy.quotas, cfg.limits.cpus, cfg.limits.memory_mb)
-        except QuotaExceededError as exc:
-            if exc.retry_after is None:
-                exc.retry_after = admission.retry_after(self._end_ats(tenant))
-            raise
+        token = self._reserve(tenant, policy, cfg)
         try:
             session = await self.engine.create(
                 cfg, tenant=tenant, secrets=brokered, sensitive=known,
@@ -255,11 +252,19 @@ class FrontDoor:
         self.activity.note_secrets(session.id, [(r.name, r.hosts) for r in cfg.secrets])
         if self.engine.get(session.id) is None:  # it ended already: the end freed nothing
             ledger.release_sandbox(session.id)
+        self._arm(tenant, session, cfg)
         return session.info()
 
     async def kill(self, tenant: str, sandbox_id: str) -> bool:
         """Kill a sandbox. False if it had ended already, or there is no such sandbox."""
         _tenant(tenant)
+        persist = self.engine.persist
+        sid = v.sandbox_id(sandbox_id)
+        if sid is not None:
+            async with persist.lock(sid):
+                paused = await off_loop_paused(persist, tenant, sid)
+                if paused is not None:  # its state on disk goes with it
+                    return await persist.delete(paused)
         try:
             session = self._session(tenant, sandbox_id)
         except SandboxError:  # unknown, another tenant's, or ended already: nothing to kill
@@ -277,12 +282,17 @@ class FrontDoor:
         self._session(tenant, sandbox_id).set_timeout(v.number("seconds", seconds, 1, 86400))
 
     async def info(self, tenant: str, sandbox_id: str) -> SandboxInfo:
+        paused = await self._paused(tenant, sandbox_id)
+        if paused is not None:
+            return paused.info
         session = self._find(tenant, sandbox_id)
         if isinstance(session, Session):
             return session.info()
         return session[2]
 
     async def is_running(self, tenant: str, sandbox_id: str) -> bool:
+        if await self._paused(tenant, sandbox_id) is not None:
+            return False
         session = self._find(tenant, sandbox_id)
         return isinstance(session, Session) and session.is_running()
 
@@ -298,12 +308,16 @@ class FrontDoor:
         want = v.metadata(metadata)
         if state is not None:
             v.choice("state", state, _STATES)
+        paused = await asyncio.to_thread(self.engine.persist.paused)  # loads once from disk
         with self.engine._mu:
             live = [s for s in self.engine.sessions.values() if s.tenant == tenant]
             gone = [e[2] for e in self.engine.ended.values() if e[0] == tenant]
-        infos = [s.info() for s in live if s.ended is None]
-        if state != "running":
-            infos = ([] if state == "ended" else infos) + gone
+        held = [p.info for p in list(paused.values()) if p.tenant == tenant]
+        infos = [s.info() for s in live if s.ended is None] if state in (None, "running") else []
+        if state in (None, "paused"):
+            infos += held
+        if state in (None, "ended"):
+            infos += gone
         return [i for i in infos if all(i.metadata.get(k) == x for k, x in want.items())]
 
     async def metrics(
@@ -338,13 +352,153 @@ class FrontDoor:
         tunnel = await session.open_port(port)
         return tunnel.reader, tunnel.writer
 
-    async def pause(self, tenant: str, sandbox_id: str) -> None:
-        self._find(tenant, sandbox_id)
-        raise _missing("sandboxes.pause")
+    async def pause(
+        self,
+        tenant: str,
+        sandbox_id: str,
+        memory: bool = False,
+        *,
+        face: Mapping[str, Any] | None = None,
+    ) -> SandboxInfo:
+        """Stop the sandbox and keep its state on disk under its id (``resume``/``connect``
+        bring it back). ``memory=True`` keeps processes and memory where the tier can, else
+        PolicyError (never a quiet filesystem-only pause); ``False`` keeps the files.
+        ``face``: a face's own non-secret fields, kept with it (``face_data``). Fails
+        closed: on any error (disk full, quota) the sandbox keeps running."""
+        if not isinstance(memory, bool):
+            raise InvalidArgumentError("memory must be a bool")
+        _tenant(tenant)
+        persist = self.engine.persist
+        sid = v.sandbox_id(sandbox_id)
+        async with persist.lock(sid or "-"):
+            if sid is not None and await self._paused(tenant, sid) is not None:
+                raise SandboxError("the sandbox is already paused")
+            session = self._session(tenant, sandbox_id)
+            runtime = session.runtime
+            if not isinstance(runtime, Checkpointable):
+                raise PolicyError(
+                    f"the {session.spec.tier} tier lacks the capability 'sandboxes.pause' "
+                    "(its driver can't checkpoint)"
+                )
+            quota = self.policy.of(tenant).quotas.snapshot_mb
+            entry = await persist.pause(
+                session, memory=memory, face=face,
+                quota_bytes=None if quota is None else quota << 20,
+            )  # fmt: skip
+        return entry.info
 
-    async def resume(self, tenant: str, sandbox_id: str) -> None:
-        self._find(tenant, sandbox_id)
-        raise _missing("sandboxes.resume")
+    async def resume(
+        self,
+        tenant: str,
+        sandbox_id: str,
+        *,
+        timeout: float | None = None,
+        secrets: Mapping[str, str] | None = None,
+        sensitive: Mapping[str, str] | list[str] | None = None,
+    ) -> SandboxInfo:
+        """Bring a paused sandbox back under its id (a running one: its info)."""
+        info, _ = await self.connect(
+            tenant, sandbox_id, timeout=timeout, secrets=secrets, sensitive=sensitive
+        )
+        return info
+
+    async def connect(
+        self,
+        tenant: str,
+        sandbox_id: str,
+        *,
+        timeout: float | None = None,
+        secrets: Mapping[str, str] | None = None,
+        sensitive: Mapping[str, str] | list[str] | None = None,
+    ) -> tuple[SandboxInfo, bool]:
+        """The sandbox, resumed if it was paused: (info, whether it was resumed).
+
+        ``timeout``: its lifetime from now (a running one's is only extended). After a
+        restart of this engine, a sandbox with secrets or sensitive values needs them again.
+        """
+        _tenant(tenant)
+        if timeout is not None:
+            timeout = v.number("timeout", timeout, 1, v.MAX_TIMEOUT)
+        persist = self.engine.persist
+        sid = v.sandbox_id(sandbox_id)
+        async with persist.lock(sid or "-"):
+            paused = None if sid is None else await self._paused(tenant, sid)
+            if paused is None:
+                session = self._session(tenant, sandbox_id)
+                if timeout is not None and session.end_at < dt.datetime.now(dt.UTC) + dt.timedelta(
+                    seconds=timeout
+                ):
+                    session.set_timeout(timeout)
+                return session.info(), False
+            known = sensitive_values(sensitive) if sensitive is not None else None
+            config = SandboxConfig.from_dict(paused.record["config"])
+            policy = self.policy.of(tenant)
+            admission.check_config(policy, config)  # the tenant's policy as it is now
+            ledger = self.engine.quota
+            token = self._reserve(tenant, policy, config)
+            try:
+                session = await persist.resume(
+                    paused, timeout=timeout, secrets=secrets, sensitive=known
+                )
+            except BaseException:
+                ledger.release(token)
+                raise
+            ledger.bind(token, session.id)
+            if self.engine.get(session.id) is None:
+                ledger.release_sandbox(session.id)
+            session.face = dict(paused.record.get("face") or {})
+            self._arm(tenant, session, config)
+            return session.info(), True
+
+    def set_face(self, tenant: str, sandbox_id: str, face: Mapping[str, Any]) -> None:
+        """A face's own non-secret names for a running sandbox, kept with it when it pauses
+        (by request or at its timeout) and given back by ``face_data``."""
+        self._session(tenant, sandbox_id).face = dict(face)
+
+    def _arm(self, tenant: str, session: Session, cfg: SandboxConfig) -> None:
+        """Its lifetime's end: a pause (``on_timeout="pause"``), and its idle timer."""
+        if session.ended is not None:
+            return
+        if cfg.on_timeout == "pause":
+            persist = self.engine.persist
+            runtime = session.runtime
+
+            async def expire() -> None:
+                async with persist.lock(session.id):
+                    if session.ended is not None:
+                        return
+                    quota = self.policy.of(tenant).quotas.snapshot_mb
+                    await persist.pause(
+                        session,
+                        memory=isinstance(runtime, Checkpointable) and bool(runtime.keeps_memory),
+                        quota_bytes=None if quota is None else quota << 20,
+                    )
+
+            session.on_expiry = expire
+        if cfg.idle_timeout is not None:
+            session.watch_idle(cfg.idle_timeout)
+
+    def is_paused_now(self, tenant: str, sandbox_id: str) -> bool:
+        """Whether the tenant's sandbox is paused, from memory only (for end listeners: a
+        pause ends the session after its state is recorded)."""
+        paused = self.engine.persist._paused
+        entry = None if paused is None else paused.get(sandbox_id)
+        return entry is not None and entry.tenant == tenant
+
+    def keeps_memory(self, tenant: str, sandbox_id: str) -> bool:
+        """Whether a pause of this running sandbox can keep its processes and memory."""
+        runtime = self._session(tenant, sandbox_id).runtime
+        return isinstance(runtime, Checkpointable) and bool(runtime.keeps_memory)
+
+    async def face_data(self, tenant: str, sandbox_id: str) -> dict[str, Any] | None:
+        """What a face kept with a paused sandbox (``pause(face=...)``); None if not paused."""
+        paused = await self._paused(tenant, sandbox_id)
+        return None if paused is None else dict(paused.record.get("face") or {})
+
+    def paused_report(self) -> list[str]:
+        """Half-written paused states the start-up scan removed (after a crash)."""
+        self.engine.persist.paused()
+        return list(self.engine.persist.scan_report)
 
     async def snapshot(self, tenant: str, sandbox_id: str) -> None:
         self._find(tenant, sandbox_id)
@@ -726,6 +880,26 @@ class FrontDoor:
 
     # -- lookups ----------------------------------------------------------------------
 
+    def _reserve(self, tenant: str, policy: Any, cfg: SandboxConfig) -> int:
+        """Room for one more running sandbox, checked and held at once, before any await
+        (two racing creates: one slot)."""
+        try:
+            return self.engine.quota.reserve(
+                tenant, policy.quotas, cfg.limits.cpus, cfg.limits.memory_mb
+            )
+        except QuotaExceededError as exc:
+            if exc.retry_after is None:
+                exc.retry_after = admission.retry_after(self._end_ats(tenant))
+            raise
+
+    async def _paused(self, tenant: str, sandbox_id: str) -> Paused | None:
+        """The tenant's paused sandbox (invariant 11: another tenant's is unknown)."""
+        _tenant(tenant)
+        sid = v.sandbox_id(sandbox_id)
+        if sid is None:
+            return None
+        return await off_loop_paused(self.engine.persist, tenant, sid)
+
     def _end_ats(self, tenant: str) -> list[Any]:
         with self.engine._mu:
             return [s.end_at for s in self.engine.sessions.values() if s.tenant == tenant]
@@ -743,6 +917,9 @@ class FrontDoor:
                 return session
             if ended is not None and ended[0] == tenant:
                 return ended
+            paused = self.engine.persist._paused  # loaded by any earlier paused lookup
+            if paused is not None and (p := paused.get(sid)) is not None and p.tenant == tenant:
+                raise NotFoundError(f"sandbox {sid} is paused (connect resumes it)")
         raise NotFoundError(f"sandbox {sid or '(malformed id)'} was not found")
 
     def _session(self, tenant: str, sandbox_id: str) -> Session:
@@ -751,6 +928,13 @@ class FrontDoor:
         if isinstance(found, Session):
             return found
         raise ended_error(found[1])
+
+
+async def off_loop_paused(persist: Persistence, tenant: str, sid: str) -> Paused | None:
+    """``persist.find``, loading the paused set off the loop the first time (disk I/O)."""
+    if persist._paused is None:
+        await asyncio.to_thread(persist.paused)
+    return persist.find(tenant, sid)
 
 
 def _size(size: Any) -> tuple[int, int]:

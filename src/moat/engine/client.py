@@ -12,6 +12,7 @@ import collections
 import contextlib
 import itertools
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -170,6 +171,8 @@ class AgentClient:
         #: proxied TCP streams (set once egress is wired up)
         self.tunnels: Tunnels | None = None
         self._on_dead = on_dead
+        #: when bytes last moved either way (monotonic): a sandbox's idle timer (issue 11)
+        self.last_active = time.monotonic()
         self._ready: asyncio.Future[Frame] = asyncio.get_running_loop().create_future()
         self._task = asyncio.create_task(self._read_loop())
 
@@ -194,6 +197,7 @@ class AgentClient:
                 data = await self.proc.reader.read(1 << 20)
                 if not data:
                     break
+                self.last_active = time.monotonic()
                 for frame in decoder.feed(data):
                     self._route(frame)
         except ProtocolError as exc:
@@ -240,6 +244,7 @@ class AgentClient:
     def send(self, mtype: MsgType, rid: int, fields: dict[str, Any], payload: bytes = b"") -> None:
         if self.dead_reason is not None:
             raise SandboxDiedError(self.dead_reason)
+        self.last_active = time.monotonic()
         try:
             data = encode(Frame(mtype, rid, fields, payload))
         except ProtocolError as exc:

@@ -14,6 +14,7 @@ from typing import Any
 
 from moat.egress import Gateway, GatewayConfig, Secret, proxy_env
 from moat.engine.guardhook import make_guard
+from moat.engine.persist import Persistence
 from moat.engine.pool import WarmPool, parse_pool, poolable
 from moat.engine.quota import Ledger
 from moat.engine.resolve import guard_policy, network_policy
@@ -67,6 +68,8 @@ class Engine:
         self._end_listeners: list[Callable[[str], None]] = []
         #: per-tenant quota reservations of this engine's sandboxes (every front door's)
         self.quota = Ledger()
+        #: paused sandboxes (on disk under the state dir) and the pause/resume verbs
+        self.persist = Persistence(self)
 
     def new_id(self) -> str:
         return "sbx-" + secrets.token_hex(8)
@@ -135,6 +138,7 @@ class Engine:
                     session.id, guard or GuardPolicy(), dict(sensitive or {}), audit
                 )
                 session.tenant = tenant  # adopted by this tenant alone (invariant 11)
+                session.origin = (config, dict(secrets or {}), dict(sensitive or {}), None)
                 try:
                     await session.adopt(
                         the_guard, the_guard.check_egress, network, timeout, metadata, max_output
@@ -170,6 +174,7 @@ class Engine:
             gateway=gateway, max_output=max_output,
         )  # fmt: skip
         session.tenant = tenant
+        session.origin = (config, dict(secrets or {}), dict(sensitive or {}), gateway_config)
         self._register(session)
         try:
             await session.start()

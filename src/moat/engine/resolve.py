@@ -62,6 +62,8 @@ def resolve(
     profile: str | None = None,
     policy_file: str | None = None,
     max_output_bytes: int | None = None,
+    on_timeout: str = "kill",
+    idle_timeout: float | None = None,
 ) -> SandboxConfig:
     """The config of a new sandbox. A ``profile``'s settings apply where the caller gives none
     (docs/profiles.md); without one: trust "untrusted", 300 s, 4 MiB of output per call."""
@@ -108,6 +110,10 @@ def resolve(
         max_output_bytes=DEFAULT_MAX_OUTPUT
         if max_output_bytes is None
         else int(v.number("max_output_bytes", max_output_bytes, 1024, MAX_OUTPUT_LIMIT)),
+        on_timeout=on_timeout,
+        idle_timeout=None
+        if idle_timeout is None
+        else v.number("idle_timeout", idle_timeout, 1, v.MAX_TIMEOUT),
     )
 
 

@@ -19,6 +19,7 @@ The format (docs/server.md, ``examples/tenants.toml``)::
     memory_mb = 8192                   # sum of Limits.memory_mb of running sandboxes
     cpus = 8                           # sum of Limits.cpus of running sandboxes
     creates_per_minute = 60            # sliding window of 60 s
+    snapshot_mb = 4096                 # paused sandboxes' state kept on disk (issue 11)
     [default.egress]                   # the most a sandbox of the tenant may be allowed
     allow_out = ["pypi.org", "*.pythonhosted.org"]
     internet_access = false
@@ -72,7 +73,7 @@ FILE_NAME = "tenants.toml"
 #: Guard modes from weakest to strongest (a floor refuses anything before it).
 GUARD_ORDER: tuple[str, ...] = ("off", "redact", "block")
 MAX_TENANTS = 10_000
-_QUOTA_KEYS = ("sandboxes", "memory_mb", "cpus", "creates_per_minute")
+_QUOTA_KEYS = ("sandboxes", "memory_mb", "cpus", "creates_per_minute", "snapshot_mb")
 _EGRESS_KEYS = ("allow_out", "internet_access", "allow_tcp")
 _TENANT_KEYS = ("quotas", "allowed_tiers", "default_tier", "guard_floor", "egress")
 _Path = tuple[str | int, ...]
@@ -86,6 +87,8 @@ class Quotas:
     memory_mb: int | None = None
     cpus: float | None = None
     creates_per_minute: int | None = None
+    #: MiB of paused-sandbox state (checkpoints) the tenant may keep (issue 11)
+    snapshot_mb: int | None = None
 
 
 @dataclass(frozen=True)

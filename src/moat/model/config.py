@@ -24,6 +24,8 @@ _RESERVED = ("/proc", "/dev", "/sys", AGENT_DIR, "/usr", "/etc", "/bin", "/lib",
 DEFAULT_MAX_OUTPUT = 4 * 1024 * 1024
 MAX_OUTPUT_LIMIT = 256 * 1024 * 1024
 DEFAULT_TIMEOUT = 300.0
+#: What a sandbox's timeout does (``SandboxConfig.on_timeout``).
+ON_TIMEOUT = ("kill", "pause")
 
 
 @dataclass(frozen=True)
@@ -191,6 +193,10 @@ class SandboxConfig:
     secrets: tuple[SecretRef, ...] = ()
     metadata: tuple[tuple[str, str], ...] = ()
     max_output_bytes: int = DEFAULT_MAX_OUTPUT
+    #: what the end of its lifetime (or idle time) does: "kill", or "pause" (issue 11)
+    on_timeout: str = "kill"
+    #: seconds without a call, output or traffic after which ``on_timeout`` applies; None: never
+    idle_timeout: float | None = None
 
     def __post_init__(self) -> None:
         v.choice("isolation", self.tier, TIERS)
@@ -213,6 +219,9 @@ class SandboxConfig:
         meta = v.metadata(dict(self.metadata))
         object.__setattr__(self, "metadata", tuple(sorted(meta.items())))
         v.integer("max_output_bytes", self.max_output_bytes, 1024, MAX_OUTPUT_LIMIT)
+        v.choice("on_timeout", self.on_timeout, ON_TIMEOUT)
+        if self.idle_timeout is not None:
+            v.number("idle_timeout", self.idle_timeout, 1, v.MAX_TIMEOUT)
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = codec.to_dict(self)

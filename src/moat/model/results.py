@@ -155,7 +155,7 @@ class SandboxInfo(_Wire):
     started_at: _dt.datetime
     end_at: _dt.datetime
     metadata: dict[str, str]
-    #: "running" or "ended"
+    #: "running", "paused" (kept on disk: ``connect`` resumes it) or "ended"
     state: str = "running"
 
 

@@ -51,6 +51,7 @@ class MsgType(enum.StrEnum):
     FILE_MKDIR = "file_mkdir"
     FILE_MOVE = "file_move"  # rename or move `path` to `dst`
     PING = "ping"
+    RESEED = "reseed"  # after a restore or fork; payload = host entropy (moat.agent.reseed)
     NET_SETUP = "net_setup"  # start the local proxy port; payload = CA bundle (PEM)
     # connect to 127.0.0.1:<port> inside (ingress, id = a positive stream id the host chose);
     # the agent answers TCP_OPEN with that id, or TCP_CLOSE when nothing listens there
@@ -102,6 +103,7 @@ HOST_TO_AGENT = frozenset(
         MsgType.FILE_MKDIR,
         MsgType.FILE_MOVE,
         MsgType.PING,
+        MsgType.RESEED,
         MsgType.NET_SETUP,
         MsgType.TCP_DIAL,
         MsgType.WATCH_START,
@@ -191,6 +193,7 @@ SCHEMAS: dict[MsgType, dict[str, _F]] = {
     MsgType.FILE_MKDIR: {"path": _PATH},
     MsgType.FILE_MOVE: {"path": _PATH, "dst": _PATH},
     MsgType.PING: {},
+    MsgType.RESEED: {},
     MsgType.NET_SETUP: {"port": _F(int), "ca_path": _PATH},
     MsgType.WATCH_START: {"path": _PATH, "recursive": _F(bool, required=False)},
     MsgType.WATCH_STOP: {"target": _F(int)},

@@ -110,6 +110,7 @@ _EMPTY = _obj({})
 #: The DONE of each request type. Commands (CMD_START) end with their exit status.
 REPLIES: dict[MsgType, Check] = {
     MsgType.PING: _EMPTY,
+    MsgType.RESEED: _EMPTY,
     MsgType.NET_SETUP: _EMPTY,
     MsgType.EXEC: _obj({}, {"restarted": _bool, "exit_code": _int(0, 1 << 16)}),  # bash: a command
     MsgType.INTERRUPT: _obj({}, {"interrupted": _bool}),

@@ -64,6 +64,14 @@ def _transport(api_url: str | None, api_key: str | None) -> Transport:
     return _local()
 
 
+def _pick(transport: Transport | None, api_url: str | None, api_key: str | None) -> Transport:
+    if transport is None:
+        return _transport(api_url, api_key)
+    if api_url is not None or api_key is not None:
+        raise InvalidArgumentError("give a transport or api_url/api_key, not both")
+    return transport
+
+
 class AsyncCommandHandle:
     """A command started with ``background=True``. Its output is collected as it arrives."""
 
@@ -286,6 +294,8 @@ class AsyncSandbox:
         profile: str | None = None,
         policy_file: str | None = None,
         max_output_bytes: int | None = None,
+        on_timeout: str = "kill",
+        idle_timeout: float | None = None,
         transport: Transport | None = None,
         api_url: str | None = None,
         api_key: str | None = None,
@@ -309,11 +319,11 @@ class AsyncSandbox:
         (default: the engine in this process, as the default tenant). ``api_url`` and
         ``api_key`` (or ``$MOAT_API_URL``/``$MOAT_API_KEY``) send them to a ``moat serve``
         instead, as the key's tenant (docs/server.md: what its policy decides there).
+        ``on_timeout="pause"`` pauses it at the end of its lifetime instead of killing it
+        (``connect`` resumes it); ``idle_timeout`` applies that end after so many seconds
+        without a call, output or traffic (docs/persistence.md).
         """
-        if transport is None:
-            transport = _transport(api_url, api_key)
-        elif api_url is not None or api_key is not None:
-            raise InvalidArgumentError("give a transport or api_url/api_key, not both")
+        transport = _pick(transport, api_url, api_key)
         info = await transport.create(
             template=template,
             isolation=isolation,
@@ -332,6 +342,8 @@ class AsyncSandbox:
             profile=profile,
             policy_file=policy_file,
             max_output_bytes=max_output_bytes,
+            on_timeout=on_timeout,
+            idle_timeout=idle_timeout,
         )
         return cls(transport, info)
 
@@ -433,6 +445,54 @@ class AsyncSandbox:
         """Resource samples (CPU, memory, disk) read from the host's kernel every few
         seconds, oldest first, within ``[start, end]`` (timezone-aware datetimes)."""
         return await self._t.metrics(self._id, start, end)
+
+    async def pause(self, memory: bool = True) -> None:
+        """Stop the sandbox and keep its state on disk under its id; ``connect`` brings it
+        back. ``memory=True`` keeps processes and memory, where the tier can (else
+        PolicyError: never a quiet files-only pause); ``memory=False`` keeps the files
+        (processes start afresh)."""
+        await self._t.pause(self._id, memory)
+
+    async def beta_pause(self, memory: bool = True) -> None:
+        """E2B's name for ``pause``."""
+        await self.pause(memory)
+
+    @classmethod
+    async def connect(
+        cls,
+        sandbox_id: str,
+        timeout: float | None = None,
+        *,
+        secrets: dict[str, str] | None = None,
+        transport: Transport | None = None,
+        api_url: str | None = None,
+        api_key: str | None = None,
+    ) -> AsyncSandbox:
+        """The sandbox ``sandbox_id``, resumed if it is paused (same id, its files kept).
+        ``timeout``: its lifetime from now (a running one's is only extended). After the
+        engine's process restarted, a sandbox with secrets needs their values again
+        (``secrets``: variable name -> value)."""
+        t = _pick(transport, api_url, api_key)
+        info = await t.connect(sandbox_id, timeout, secrets)
+        return cls(t, info)
+
+    @classmethod
+    async def list(
+        cls,
+        state: str | None = None,
+        metadata: dict[str, str] | None = None,
+        *,
+        transport: Transport | None = None,
+        api_url: str | None = None,
+        api_key: str | None = None,
+    ) -> list[SandboxInfo]:
+        """The caller's sandboxes: running and paused ones (``state``: only those)."""
+        t = _pick(transport, api_url, api_key)
+        if state is not None:
+            return await t.list_sandboxes(metadata, state)
+        return await t.list_sandboxes(metadata, "running") + await t.list_sandboxes(
+            metadata, "paused"
+        )
 
     async def __aenter__(self) -> AsyncSandbox:
         return self

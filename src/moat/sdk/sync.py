@@ -257,6 +257,8 @@ class Sandbox:
         profile: str | None = None,
         policy_file: str | None = None,
         max_output_bytes: int | None = None,
+        on_timeout: str = "kill",
+        idle_timeout: float | None = None,
         transport: Transport | None = None,
         api_url: str | None = None,
         api_key: str | None = None,
@@ -281,6 +283,8 @@ class Sandbox:
                 profile=profile,
                 policy_file=policy_file,
                 max_output_bytes=max_output_bytes,
+                on_timeout=on_timeout,
+                idle_timeout=idle_timeout,
                 transport=transport,
                 api_url=api_url,
                 api_key=api_key,
@@ -366,6 +370,55 @@ class Sandbox:
         """Resource samples (CPU, memory, disk) read from the host's kernel every few
         seconds, oldest first, within ``[start, end]`` (timezone-aware datetimes)."""
         return _run(self._a.get_metrics(start, end))
+
+    def pause(self, memory: bool = True) -> None:
+        """Stop the sandbox and keep its state; see ``AsyncSandbox.pause``."""
+        _run(self._a.pause(memory))
+
+    def beta_pause(self, memory: bool = True) -> None:
+        """E2B's name for ``pause``."""
+        _run(self._a.beta_pause(memory))
+
+    @classmethod
+    def connect(
+        cls,
+        sandbox_id: str,
+        timeout: float | None = None,
+        *,
+        secrets: dict[str, str] | None = None,
+        transport: Transport | None = None,
+        api_url: str | None = None,
+        api_key: str | None = None,
+    ) -> Sandbox:
+        """The sandbox, resumed if paused; see ``AsyncSandbox.connect``."""
+        inner = _run(
+            AsyncSandbox.connect(
+                sandbox_id,
+                timeout,
+                secrets=secrets,
+                transport=transport,
+                api_url=api_url,
+                api_key=api_key,
+            )
+        )
+        return cls(inner)
+
+    @classmethod
+    def list(
+        cls,
+        state: str | None = None,
+        metadata: dict[str, str] | None = None,
+        *,
+        transport: Transport | None = None,
+        api_url: str | None = None,
+        api_key: str | None = None,
+    ) -> list[SandboxInfo]:
+        """Running and paused sandboxes; see ``AsyncSandbox.list``."""
+        return _run(
+            AsyncSandbox.list(
+                state, metadata, transport=transport, api_url=api_url, api_key=api_key
+            )
+        )
 
     def __enter__(self) -> Sandbox:
         return self

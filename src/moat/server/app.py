@@ -71,12 +71,17 @@ class ServerState:
         self.records: dict[str, Record] = {}
         #: the MCP server's ASGI app at ``/mcp`` (moat.mcp.McpHttp; None: not served)
         self.mcp: Callable[[Scope, Receive, Send], Awaitable[None]] | None = None
+        #: records of sandboxes paused while this server runs: their tokens stay valid for
+        #: the resume (E2B's); after a restart a resumed sandbox gets fresh ones
+        self.paused: dict[str, Record] = {}
         # A sandbox that ends by timeout or death takes its record with it, as DELETE does.
         self.unsubscribe = front.on_ended(self.forget)
 
     def forget(self, sandbox_id: str) -> None:
-        """Drop the record of a sandbox that ended."""
-        self.records.pop(sandbox_id, None)
+        """Drop the record of a sandbox that ended (kept aside when it paused)."""
+        rec = self.records.pop(sandbox_id, None)
+        if rec is not None and self.front.is_paused_now(rec.tenant, sandbox_id):
+            self.paused[sandbox_id] = rec
 
     def tenant_of(self, request: Request) -> str | None:
         return self.keys.tenant_of(request.headers.get("x-api-key"))

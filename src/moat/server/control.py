@@ -1,13 +1,15 @@
 """Control plane: E2B's REST API (``X-API-Key``), through the front door with the key's tenant.
 
 Another tenant's sandbox id answers exactly like an unknown one (404, same message), on every
-route (invariant 11). Persistence verbs (pause, resume, snapshots, fork) answer 501 with a
-clear message until the engine has them (invariant 7: never a quiet no-op).
+route (invariant 11). Pause, connect (resume) and legacy resume go through the front door
+(``moat.server.persist``); snapshots and fork answer 501 with a clear message until the
+engine has them (invariant 7: never a quiet no-op).
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import datetime as dt
 import logging
 import urllib.parse
@@ -21,7 +23,7 @@ from starlette.routing import Route
 
 from moat.egress import Secret
 from moat.errors import InvalidArgumentError, NotFoundError, SandboxError
-from moat.server import wire
+from moat.server import persist, wire
 from moat.server.app import MAX_JSON_BODY, BodyTooLarge, Record, ServerState, read_body, too_large
 from moat.server.network import policy_of
 from moat.server.secrets import check_header, secret_routes, stored
@@ -87,8 +89,8 @@ def control_app(state: ServerState) -> Starlette:
 
     async def create(request: Request, tenant: str) -> Response:
         body = wire.parse(wire.CreateBody, await read_body(request, MAX_JSON_BODY))
-        if body.auto_pause or (body.auto_resume and body.auto_resume != {"enabled": False}):
-            raise InvalidArgumentError("autoPause/autoResume need persistence, not built yet")
+        if body.auto_resume is not None and not _auto_resume_ok(body.auto_resume):
+            raise InvalidArgumentError("autoResume must be {'enabled': true|false}")
         if body.mcp or body.volume_mounts:
             raise InvalidArgumentError("mcp and volumeMounts are not supported by moat")
         network = network_of(body.allow_internet_access, body.network)
@@ -117,6 +119,8 @@ def control_app(state: ServerState) -> Starlette:
             "metadata": body.metadata,
             "network": policy,
             "secrets": secrets or None,
+            "on_timeout": "pause" if body.auto_pause else "kill",
+            "idle_timeout": ext.idle_timeout,
         }
         if body.template_id not in wire.DEFAULT_TEMPLATES:
             kwargs["profile"] = body.template_id  # a moat profile name is a template too
@@ -142,6 +146,8 @@ def control_app(state: ServerState) -> Starlette:
         rec = Record(tenant, state.new_token(), state.new_token(), body.template_id, network)
         rec.public_traffic = bool(body.network and body.network.allow_public_traffic)
         state.records[info.sandbox_id] = rec
+        with contextlib.suppress(SandboxError):  # kept with it if it pauses at its timeout
+            front.set_face(tenant, info.sandbox_id, persist.face_of(rec))
         if not await front.is_running(tenant, info.sandbox_id):
             state.forget(info.sandbox_id)  # it ended before its record was in: no leak
         return JSONResponse(wire.sandbox_reply(info, rec, state.domain), 201)
@@ -157,9 +163,21 @@ def control_app(state: ServerState) -> Starlette:
         except NotFoundError:
             return None
 
+    async def _paused(tenant: str, sandbox_id: str) -> tuple[Record, Any] | None:
+        """A paused sandbox of the tenant: a record without tokens (none are valid while it
+        is paused) from what the server kept with it, and its info."""
+        try:
+            face = await front.face_data(tenant, sandbox_id)
+            if face is None:
+                return None
+            info = await front.info(tenant, sandbox_id)
+        except NotFoundError:
+            return None
+        return persist.record_of(tenant, face, "", ""), info
+
     async def get_info(request: Request, tenant: str) -> Response:
         sid = request.path_params["sandbox_id"]
-        found = await _live(tenant, sid)
+        found = await _live(tenant, sid) or await _paused(tenant, sid)
         if found is None:
             return _not_found(sid)
         rec, info = found
@@ -168,20 +186,69 @@ def control_app(state: ServerState) -> Starlette:
     async def connect(request: Request, tenant: str) -> Response:
         sid = request.path_params["sandbox_id"]
         body = wire.parse(wire.ConnectBody, await read_body(request, MAX_JSON_BODY))
-        found = await _live(tenant, sid)
-        if found is None:
+        return await _connect(tenant, sid, body.timeout, legacy=False)
+
+    async def resume(request: Request, tenant: str) -> Response:
+        """E2B's legacy resume: 201 resumed; 409 when it runs already."""
+        sid = request.path_params["sandbox_id"]
+        body = wire.parse(wire.ResumeBody, await read_body(request, MAX_JSON_BODY))
+        return await _connect(tenant, sid, body.timeout, legacy=True)
+
+    async def _connect(tenant: str, sid: str, timeout: int | None, *, legacy: bool) -> Response:
+        face = await front.face_data(tenant, sid) if state.record(tenant, sid) is None else None
+        if face is None:  # running (or unknown, or another tenant's: one answer)
+            found = await _live(tenant, sid)
+            if found is None:
+                return _not_found(sid)
+            if legacy:
+                return wire.error(409, f"sandbox {sid} is already running")
+            rec, info = found
+            if timeout is not None:
+                wanted = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=timeout)
+                if wanted > info.end_at.astimezone(dt.UTC):  # connect only extends
+                    await front.set_timeout(tenant, sid, timeout)
+                    info = await front.info(tenant, sid)
+            return JSONResponse(wire.sandbox_reply(info, rec, state.domain), 200)
+        info, resumed = await front.connect(tenant, sid, timeout=timeout)
+        live = state.record(tenant, sid)
+        if live is None:
+            live = persist.resumed_record(state, tenant, sid, face)
+            state.records[sid] = live
+            if not await front.is_running(tenant, sid):
+                state.forget(sid)  # it ended before its record was in: no leak
+        return JSONResponse(wire.sandbox_reply(info, live, state.domain), 201 if resumed else 200)
+
+    async def pause(request: Request, tenant: str) -> Response:
+        """E2B's pause: 204; 409 when paused already; 404 unknown (or another tenant's).
+        ``memory`` (E2B's body, or moat's ``?memory=``) asked explicitly is kept or refused
+        (PolicyError, 400); left out, the most the tier keeps: processes and memory where it
+        can, else the files (docs/persistence.md)."""
+        sid = request.path_params["sandbox_id"]
+        raw_body = await read_body(request, MAX_JSON_BODY)
+        body = wire.parse(wire.PauseBody, raw_body) if raw_body.strip() else wire.PauseBody()
+        rec = state.record(tenant, sid)
+        if rec is None:
+            if await front.face_data(tenant, sid) is not None:
+                return wire.error(409, f"sandbox {sid} is already paused")
             return _not_found(sid)
-        rec, info = found
-        if body.timeout is not None:
-            wanted = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=body.timeout)
-            if wanted > info.end_at.astimezone(dt.UTC):  # connect only extends
-                await front.set_timeout(tenant, sid, body.timeout)
-                info = await front.info(tenant, sid)
-        return JSONResponse(wire.sandbox_reply(info, rec, state.domain), 200)
+        raw = request.query_params.get("memory")
+        if raw not in (None, "true", "false"):
+            raise InvalidArgumentError("memory must be true or false")
+        memory = body.memory if raw is None else raw == "true"
+        if memory is None:
+            memory = front.keeps_memory(tenant, sid)
+        await front.pause(tenant, sid, memory, face=persist.face_of(rec))
+        state.records.pop(sid, None)
+        return Response(status_code=204)
 
     async def kill(request: Request, tenant: str) -> Response:
         sid = request.path_params["sandbox_id"]
         if state.record(tenant, sid) is None:
+            if await front.face_data(tenant, sid) is not None:  # paused: its state goes too
+                state.paused.pop(sid, None)
+                return (
+                    Response(status_code=204) if await front.kill(tenant, sid) else _not_found(sid)
+                )
             return _not_found(sid)
         killed = await front.kill(tenant, sid)
         state.records.pop(sid, None)
@@ -224,22 +291,24 @@ def control_app(state: ServerState) -> Starlette:
         after = _time_param(q.get("startedAfter"), "startedAfter")
         template = q.get("template")
         infos = []
-        if "running" in states:  # nothing is ever paused in this engine yet
-            infos = await front.list_sandboxes(tenant, metadata=want, state="running")
+        for wanted in sorted(states):
+            infos += await front.list_sandboxes(tenant, metadata=want, state=wanted)
         if after is not None:
             infos = [i for i in infos if i.started_at > after]
+        recs: dict[str, Record] = {}
+        for i in infos:
+            rec = state.record(tenant, i.sandbox_id)
+            if rec is None and i.state == "paused":
+                face = await front.face_data(tenant, i.sandbox_id)
+                rec = None if face is None else persist.record_of(tenant, face, "", "")
+            if rec is not None:
+                recs[i.sandbox_id] = rec
+        infos = [i for i in infos if i.sandbox_id in recs]
         if template:
-            infos = [
-                i for i in infos
-                if (rec := state.record(tenant, i.sandbox_id)) and rec.template_id == template
-            ]  # fmt: skip
+            infos = [i for i in infos if recs[i.sandbox_id].template_id == template]
         infos.sort(key=lambda i: (i.started_at, i.sandbox_id), reverse=order == "desc")
         page = infos[start : start + limit]
-        rows = []
-        for info in page:
-            rec = state.record(tenant, info.sandbox_id)
-            if rec is not None:
-                rows.append(wire.detail_reply(info, rec))
+        rows = [wire.detail_reply(info, recs[info.sandbox_id]) for info in page]
         headers = {}
         if start + limit < len(infos):
             headers["x-next-token"] = base64.urlsafe_b64encode(
@@ -309,8 +378,8 @@ def control_app(state: ServerState) -> Starlette:
         r(sid + "/timeout", set_timeout, ["POST"]),
         r(sid + "/network", update_network, ["PUT"]),
         r(sid + "/metrics", metrics, ["GET"]),
-        r(sid + "/pause", missing("pause"), ["POST"]),
-        r(sid + "/resume", missing("resume"), ["POST"]),
+        r(sid + "/pause", pause, ["POST"]),
+        r(sid + "/resume", resume, ["POST"]),
         r(sid + "/fork", missing("fork"), ["POST"]),
         r(sid + "/snapshots", missing("snapshots"), ["POST"]),
         r("/snapshots", missing("snapshots"), ["GET"]),
@@ -319,6 +388,13 @@ def control_app(state: ServerState) -> Starlette:
         r("/{rest:path}", unknown, ["GET", "POST", "PUT", "PATCH", "DELETE"]),
     ]
     return Starlette(routes=routes)
+
+
+def _auto_resume_ok(value: Any) -> bool:
+    """E2B's ``autoResume``: moat always resumes a paused sandbox on connect and ingress."""
+    return isinstance(value, dict) and set(value) <= {"enabled"} and value.get("enabled") in (
+        True, False, None,
+    )  # fmt: skip
 
 
 def _metadata_filter(raw: str | None) -> dict[str, str]:

@@ -133,6 +133,9 @@ async def handle(state: ServerState, target: Target, scope: Scope, receive: Rece
     sid = target.sandbox_id
     is_ws = scope["type"] == "websocket"
     rec = state.records.get(sid)
+    paused = rec is None and sid in state.paused
+    if paused:
+        rec = state.paused[sid]
     token, from_query = _token(scope)
     token_ok = rec is not None and _matches(rec.traffic, token)
     admitted = rec is not None and (rec.public_traffic or token_ok)
@@ -140,6 +143,15 @@ async def handle(state: ServerState, target: Target, scope: Scope, receive: Rece
         # Unknown, another's, or no/wrong token: the same answer (invariant 11).
         await _refuse(send, is_ws, 502, "The sandbox was not found", sid)
         return
+    if paused:  # traffic to a paused sandbox resumes it (E2B's autoResume), same tokens
+        try:
+            await state.front.connect(rec.tenant, sid)
+        except SandboxError:
+            await _refuse(send, is_ws, 502, "The sandbox was not found", sid)
+            return
+        if state.paused.get(sid) is rec:
+            state.paused.pop(sid, None)
+            state.records[sid] = rec
     try:
         reader, writer = await state.front.open_port(rec.tenant, sid, target.port)
     except PortNotOpenError as exc:

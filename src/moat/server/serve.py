@@ -86,6 +86,10 @@ async def serve(
     state = ServerState(front, keys, tier, domain)
     mcp_app = McpHttp(front, keys, mcp or Settings())
     state.mcp = mcp_app
+    # Paused sandboxes outlive the server (issue 11): load them now, and report what a crash
+    # left half-written (the scan removed it; the sandbox was still running then).
+    for name in await asyncio.to_thread(front.paused_report):
+        log.warning("removed a half-written paused state left by a crash: %s", name)
     config = uvicorn.Config(
         make_app(state),
         host=host,

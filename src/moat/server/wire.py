@@ -79,6 +79,8 @@ class MoatExtension(_Closed):
     #: names of the tenant's stored secrets (``/secrets``) to broker into this sandbox
     stored_secrets: list[_Str] = Field(default_factory=list, alias="storedSecrets", max_length=64)
     sensitive: list[_Str] = Field(default_factory=list, max_length=1000)
+    #: seconds without a call, output or traffic before the timeout's action (issue 11)
+    idle_timeout: StrictInt | None = Field(default=None, ge=1, le=86400)
 
 
 class CreateBody(_Closed):
@@ -102,6 +104,20 @@ class TimeoutBody(_Closed):
 
 class ConnectBody(_Closed):
     timeout: StrictInt | None = Field(default=None, ge=1, le=86400)
+
+
+class PauseBody(_Closed):
+    """E2B's ``SandboxPauseRequest``: ``memory`` (full or filesystem snapshot)."""
+
+    memory: StrictBool | None = None
+    require_healthy_guest: StrictBool | None = Field(default=None, alias="requireHealthyGuest")
+
+
+class ResumeBody(_Closed):
+    """E2B's legacy resume (``autoPause`` there sets what its next timeout does)."""
+
+    timeout: StrictInt | None = Field(default=None, ge=1, le=86400)
+    auto_pause: StrictBool | None = Field(default=None, alias="autoPause")
 
 
 class ExecuteBody(_Closed):
@@ -189,8 +205,8 @@ def status_of(exc: SandboxError) -> int:
         return 502
     if isinstance(exc, DiskFullError):
         return 507  # the SDKs' NotEnoughSpaceException
-    if "already running code" in str(exc):
-        return 409  # the context is busy
+    if "already running code" in str(exc) or "already paused" in str(exc):
+        return 409  # the context is busy; the sandbox is paused already
     return 500
 
 
@@ -240,7 +256,7 @@ def detail_reply(info: SandboxInfo, rec: _Tokens) -> dict[str, Any]:
         "cpuCount": max(1, round(limits.cpus)),
         "memoryMB": limits.memory_mb,
         "diskSizeMB": limits.disk_mb,
-        "state": "running",
+        "state": "paused" if info.state == "paused" else "running",
         "metadata": dict(info.metadata),
         "allowInternetAccess": bool(network.get("internet_access")),
         "network": {

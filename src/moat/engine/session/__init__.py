@@ -11,11 +11,14 @@ import builtins
 import contextlib
 import datetime as dt
 import logging
-from collections.abc import Callable
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 from moat.egress import Gateway
 from moat.engine.client import AgentClient, Call
+from moat.engine.inside import AgentInside
 from moat.engine.metrics import MetricsRing, interval_s
 from moat.engine.session.code import INTERRUPT_GRACE, CodeCalls
 from moat.engine.session.core import Audit, OutputGuard, SessionCore, ended_error
@@ -78,19 +81,35 @@ class Session(CodeCalls, PtyCalls, FileCalls, WatchCalls):
         self.metrics = MetricsRing(spec.limits, self._stats)
         self._sampler: asyncio.Task[None] | None = None
         self._watches = set()
+        #: what it was created with: (config, secrets, sensitive, gateway config), for pause
+        self.origin: tuple[Any, Any, Any, Any] | None = None
+        #: a face's own non-secret names, kept with a pause (``FrontDoor.set_face``)
+        self.face: dict[str, Any] = {}
+        #: what the end of its lifetime does instead of a kill (auto-pause), if set
+        self.on_expiry: Callable[[], Awaitable[None]] | None = None
+        self._idle: asyncio.Task[None] | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
 
-    async def start(self, pooled: bool = False) -> None:
-        """Start the sandbox; a ``pooled`` one waits (no lifetime yet) until ``adopt``."""
+    async def start(self, pooled: bool = False, restore: Path | None = None) -> None:
+        """Start the sandbox; a ``pooled`` one waits (no lifetime yet) until ``adopt``;
+        ``restore``: from that checkpoint (``moat.engine.persist``)."""
         if not pooled:
             await self._prepare_guard()
-        self.proc = await self.runtime.start(self.spec)
+        if restore is not None:
+            self.proc = await self.runtime.restore(self.spec, restore)  # type: ignore[attr-defined]
+        else:
+            self.proc = await self.runtime.start(self.spec)
         self.client = AgentClient(self.proc, self._agent_died)
+        if hasattr(self.proc, "inside"):  # its driver archives files through the agent
+            self.proc.inside = AgentInside(self)
         try:
             await self.client.wait_ready(START_TIMEOUT)
             if self.gateway is not None:
                 await self._start_egress(self.client, self.gateway)
+            finish = getattr(self.proc, "finish_restore", None)
+            if restore is not None and finish is not None:
+                await finish()
         except BaseException:
             await self.kill("died: the agent did not start")
             raise
@@ -215,7 +234,37 @@ class Session(CodeCalls, PtyCalls, FileCalls, WatchCalls):
             self._timer.cancel()
         loop = asyncio.get_running_loop()
         self.end_at = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=seconds)
-        self._timer = loop.call_later(seconds, lambda: loop.create_task(self.kill("timeout")))
+        self._timer = loop.call_later(seconds, lambda: loop.create_task(self.expire()))
+
+    async def expire(self) -> None:
+        """The end of its lifetime or idle time: ``on_expiry`` (a pause) where set, else a
+        kill; a pause that fails ends in the kill (never a sandbox that outlives its time)."""
+        if self.ended is not None:
+            return
+        hook = self.on_expiry
+        if hook is not None:
+            try:
+                await hook()
+                return
+            except Exception:  # noqa: BLE001 - logged; the sandbox still ends (invariant 5)
+                log.warning("sandbox %s: pause at timeout failed; killing it", self.id)
+        await self.kill("timeout")
+
+    def watch_idle(self, seconds: float) -> None:
+        """Expire after ``seconds`` without a call, output or traffic either way."""
+        if self._idle is None:
+            self._idle = asyncio.get_running_loop().create_task(self._idle_loop(seconds))
+
+    async def _idle_loop(self, seconds: float) -> None:
+        step = min(5.0, max(0.25, seconds / 4))
+        while self.ended is None:
+            await asyncio.sleep(step)
+            client = self.client
+            if client is None or self.ended is not None:
+                return
+            if time.monotonic() - client.last_active >= seconds:
+                asyncio.get_running_loop().create_task(self.expire())
+                return
 
     async def kill(self, reason: str = "killed") -> None:
         """Kill the sandbox and everything in it. Idempotent."""
@@ -228,6 +277,8 @@ class Session(CodeCalls, PtyCalls, FileCalls, WatchCalls):
                 self._timer = None
             if self._sampler is not None:
                 self._sampler.cancel()
+            if self._idle is not None and self._idle is not asyncio.current_task():
+                self._idle.cancel()
             # The gateway first: its tunnels end (and are audited) as closed by moat.
             if self.tunnels is not None:
                 self.tunnels.close_all()

@@ -180,6 +180,8 @@ def ended_error(reason: str) -> SandboxError:
     """What a call on a sandbox that ended (for ``reason``) raises."""
     if reason == "timeout":
         return TimeoutError("the sandbox reached the end of its lifetime and was killed")
+    if reason == "paused":
+        return NotFoundError("the sandbox was paused (connect resumes it)")
     if reason.startswith("died"):
         return SandboxDiedError(f"the sandbox is gone ({reason[6:]})")
     return NotFoundError("the sandbox was killed")

@@ -20,7 +20,8 @@ from typing import Any, TypeVar
 
 from moat.errors import IsolationUnavailableError, SandboxDiedError
 from moat.runtime import agentdir, cgroups, reaper, seccomp
-from moat.runtime.container import bwrap, mountns, template
+from moat.runtime.container import bwrap, checkpoint, mountns, template
+from moat.runtime.inside import Inside
 from moat.runtime.spec import SandboxSpec
 
 log = logging.getLogger("moat.runtime.container")
@@ -176,6 +177,16 @@ class ContainerProcess:
         self.cgroup = cgroup
         self.host_uid = host_uid
         self._killed = False
+        #: commands inside, lent by the engine once the agent is up (checkpoint.py)
+        self.inside: Inside | None = None
+        #: a checkpoint to replay once the agent is up (``finish_restore``)
+        self.restore_from: Path | None = None
+
+    async def finish_restore(self) -> None:
+        """Replay the checkpoint this sandbox was restored from (its agent now up)."""
+        src, self.restore_from = self.restore_from, None
+        if src is not None:
+            await checkpoint.unpack(self, src)
 
     async def kill(self) -> None:
         """End the sandbox now; reaping and removing its cgroup go to the background reaper.
@@ -264,6 +275,8 @@ class ContainerRuntime:
     """The `container` tier."""
 
     name = "container"
+    #: pause keeps the writable files only (checkpoint.py: NO_MEMORY)
+    keeps_memory = False
 
     def __init__(self) -> None:
         self._cgroups: cgroups.CgroupManager | None = None
@@ -293,7 +306,26 @@ class ContainerRuntime:
     def sweep(self) -> int:
         return self._manager().sweep()
 
+    async def checkpoint(self, proc: Any, dest: Path, *, memory: bool, leave_running: bool) -> None:
+        """Checkpointable (issue 11): ``/home/user`` and ``/tmp`` as a tar made inside."""
+        await checkpoint.checkpoint(
+            proc, dest, memory=memory, cap=getattr(proc, "checkpoint_cap", None)
+        )
+
+    async def restore(self, spec: SandboxSpec, src: Path) -> ContainerProcess:
+        """A fresh sandbox of ``spec``; its files come back once its agent is up."""
+        if not (src / checkpoint.ARCHIVE).is_file():
+            raise SandboxDiedError("the paused sandbox's files are missing")
+        # Its own cgroup name: the paused one's may still be on the reaper's queue.
+        name = spec.sandbox_id.removeprefix("sbx-")[:56] + "-r" + secrets.token_hex(3)
+        proc = await self._start(spec, name)
+        proc.restore_from = src
+        return proc
+
     async def start(self, spec: SandboxSpec) -> ContainerProcess:
+        return await self._start(spec, spec.sandbox_id.removeprefix("sbx-"))
+
+    async def _start(self, spec: SandboxSpec, cg_name: str) -> ContainerProcess:
         reason = self.probe() if self._cgroups is None else None
         if reason:
             raise IsolationUnavailableError(f"container tier unavailable: {reason}")
@@ -314,7 +346,7 @@ class ContainerRuntime:
         trees = (("agent", host.agent_dir), ("etc", host.etc_dir))
         staged = await asyncio.to_thread(mountns.open_sources, spec.mounts, SANDBOX_HOST_GID, trees)
         cgroup = await _owned(
-            lambda: manager.create(spec.sandbox_id.removeprefix("sbx-"), spec.limits),
+            lambda: manager.create(cg_name, spec.limits),
             lambda made: made.destroy(),
         )
         try:

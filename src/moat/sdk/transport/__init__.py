@@ -71,6 +71,19 @@ class Transport(abc.ABC):
         self, metadata: Mapping[str, str] | None = None, state: str | None = "running"
     ) -> list[SandboxInfo]: ...
 
+    async def pause(self, sandbox_id: str, memory: bool) -> None:
+        """Pause the sandbox, keeping its state (``FrontDoor.pause``)."""
+        raise PolicyError("this transport can't pause sandboxes")
+
+    async def connect(
+        self,
+        sandbox_id: str,
+        timeout: float | None = None,
+        secrets: Mapping[str, str] | None = None,
+    ) -> SandboxInfo:
+        """The sandbox, resumed if it was paused (``FrontDoor.connect``)."""
+        raise PolicyError("this transport can't resume sandboxes")
+
     @abc.abstractmethod
     async def metrics(
         self, sandbox_id: str, start: dt.datetime | None, end: dt.datetime | None

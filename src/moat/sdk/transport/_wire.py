@@ -263,6 +263,13 @@ def create_body(options: Mapping[str, Any]) -> dict[str, Any]:
         if values is None or not all(isinstance(x, str) for x in values):
             raise InvalidArgumentError("sensitive must be a list of str or a dict of str")
         ext["sensitive"] = values
+    on_timeout = options.get("on_timeout") or "kill"
+    v.choice("on_timeout", on_timeout, ("kill", "pause"))
+    if on_timeout == "pause":
+        body["autoPause"] = True  # E2B's word for it
+    idle = options.get("idle_timeout")
+    if idle is not None:
+        ext["idle_timeout"] = math.ceil(v.number("idle_timeout", idle, 1, v.MAX_TIMEOUT))
     if ext:
         body["moat"] = ext
     return body

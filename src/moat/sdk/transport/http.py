@@ -355,13 +355,43 @@ class HttpTransport(Transport):
         except NotFoundError:
             return False
 
+    async def pause(self, sandbox_id: str, memory: bool) -> None:
+        sid = self._sid(sandbox_id)
+        if not isinstance(memory, bool):
+            raise InvalidArgumentError("memory must be a bool")
+        await self._control("POST", f"/sandboxes/{sid}/pause", {"memory": memory})
+        self._tokens.pop(sid, None)  # a resumed sandbox gets new access tokens
+
+    async def connect(
+        self,
+        sandbox_id: str,
+        timeout: float | None = None,
+        secrets: Mapping[str, str] | None = None,
+    ) -> SandboxInfo:
+        sid = self._sid(sandbox_id)
+        if secrets:
+            raise PolicyError(
+                "over moat serve, a paused sandbox's secrets are held by the server; "
+                "resume it without secret values"
+            )
+        body: dict[str, Any] = {}
+        if timeout is not None:
+            body["timeout"] = round(v.number("timeout", timeout, 1, 86400))
+        reply = (await self._control("POST", f"/sandboxes/{sid}/connect", body)).json()
+        token = reply.get("envdAccessToken") if isinstance(reply, dict) else None
+        if not isinstance(token, str):
+            raise SandboxError("moat serve sent no access token")
+        self._tokens[sid] = token
+        return await self.info(sid)
+
     async def list_sandboxes(
         self, metadata: Mapping[str, str] | None = None, state: str | None = "running"
     ) -> list[SandboxInfo]:
-        if state != "running":
-            raise PolicyError("moat serve lists running sandboxes only (state='running')")
+        if state not in ("running", "paused", None):
+            raise PolicyError("moat serve lists running and paused sandboxes only")
         want = v.metadata(metadata)
-        params: dict[str, str] = {"state": "running", "limit": "100"}
+        wire_state = "running,paused" if state is None else state
+        params: dict[str, str] = {"state": wire_state, "limit": "100"}
         if want:  # E2B's form: the pairs url-encoded, each key and value quoted once more
             params["metadata"] = urllib.parse.urlencode(
                 {urllib.parse.quote(k): urllib.parse.quote(x) for k, x in want.items()}

@@ -55,6 +55,20 @@ class LocalTransport(Transport):
     ) -> list[SandboxInfo]:
         return await self.front_door.list_sandboxes(self.tenant, metadata=metadata, state=state)
 
+    async def pause(self, sandbox_id: str, memory: bool) -> None:
+        await self.front_door.pause(self.tenant, sandbox_id, memory)
+
+    async def connect(
+        self,
+        sandbox_id: str,
+        timeout: float | None = None,
+        secrets: Mapping[str, str] | None = None,
+    ) -> SandboxInfo:
+        info, _ = await self.front_door.connect(
+            self.tenant, sandbox_id, timeout=timeout, secrets=secrets
+        )
+        return info
+
     async def metrics(
         self, sandbox_id: str, start: dt.datetime | None, end: dt.datetime | None
     ) -> list[SandboxMetrics]:

@@ -1,0 +1,333 @@
+"""Pause and resume: a sandbox's state to disk and back under the same id (issue 11).
+
+Trust domain: host engine. A pause asks the tier's driver (``Checkpointable``) to checkpoint
+the sandbox into a temporary directory of the paused store, writes the record (the frozen
+``SandboxConfig``, secrets by reference only: invariant 3), commits both with one rename,
+and only then kills the sandbox: a failure at any step (a full disk, a quota, a driver
+error) leaves the sandbox running and nothing on disk. A resume rebuilds the gateway, the
+guard and the secrets from the record (and, in this process, from what was held in memory),
+restores through the driver, reseeds the agent's randomness, and deletes the paused state
+only once the sandbox serves again: a crash at any moment leaves one complete state.
+
+What is never written down: secret values and the caller's sensitive values. While this
+process lives they are held in memory; after a restart, resuming a sandbox that had any
+needs them again from the caller (a PolicyError names them), never a weaker guard.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import errno
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from moat.egress import Gateway, GatewayConfig, NetworkPolicy, Secret, proxy_env
+from moat.engine.guardhook import make_guard
+from moat.engine.resolve import guard_policy, secrets_of
+from moat.engine.session import Session
+from moat.engine.tiers import require
+from moat.errors import (
+    DiskFullError,
+    NotFoundError,
+    PolicyError,
+    QuotaExceededError,
+    SandboxError,
+)
+from moat.model import CA_BUNDLE_PATH, PROXY_PORT, SandboxConfig, SandboxInfo
+from moat.model.config import Limits
+from moat.protocol import MsgType
+from moat.runtime.base import Checkpointable
+from moat.runtime.spec import SandboxSpec
+from moat.store.paused import CHECKPOINT, PausedStore, disk_usage
+
+if TYPE_CHECKING:
+    from moat.engine.engine import Engine
+
+log = logging.getLogger("moat.engine")
+
+__all__ = ["Paused", "Persistence", "reseed"]
+
+#: Bytes of host entropy sent to a restored agent (moat.agent.reseed).
+RESEED_BYTES = 64
+#: The reason a paused sandbox's session ended with (not an end: it is paused).
+PAUSED = "paused"
+
+
+@dataclass
+class Paused:
+    """A paused sandbox as the engine lists it."""
+
+    sandbox_id: str
+    tenant: str
+    record: dict[str, Any]
+    info: SandboxInfo
+    size: int
+
+
+@dataclass
+class _Held:
+    """What a paused sandbox needs that is never written down (this process's memory)."""
+
+    secrets: Mapping[str, Secret]
+    sensitive: dict[str, str]
+    gateway_config: GatewayConfig | None
+    guard: Any
+
+
+class Persistence:
+    """The paused sandboxes of one engine, and the pause and resume verbs."""
+
+    def __init__(self, engine: Engine, store: PausedStore | None = None) -> None:
+        self.engine = engine
+        self.store = store or PausedStore()
+        self._paused: dict[str, Paused] | None = None
+        self._held: dict[str, _Held] = {}
+        self._busy: dict[str, asyncio.Lock] = {}
+        #: what the start-up scan removed (half-written pauses left by a crash)
+        self.scan_report: list[str] = []
+
+    # -- the paused set ---------------------------------------------------------------
+
+    def paused(self) -> dict[str, Paused]:
+        """Every paused sandbox (loaded from disk at first use: they survive restarts)."""
+        if self._paused is None:
+            self.scan_report = self.store.scan()
+            loaded: dict[str, Paused] = {}
+            for sid, record in self.store.records():
+                try:
+                    loaded[sid] = _entry(sid, record, self.store.usage(sid))
+                except (KeyError, TypeError, ValueError, SandboxError) as exc:
+                    log.warning("paused sandbox %s: bad record (%s); left alone", sid, exc)
+            self._paused = loaded
+        return self._paused
+
+    def find(self, tenant: str, sandbox_id: str) -> Paused | None:
+        """The tenant's paused sandbox, or None (another tenant's is unknown: invariant 11)."""
+        entry = self.paused().get(sandbox_id)
+        return entry if entry is not None and entry.tenant == tenant else None
+
+    def usage(self, tenant: str) -> int:
+        """Bytes of paused state the tenant holds."""
+        return sum(p.size for p in self.paused().values() if p.tenant == tenant)
+
+    def lock(self, sandbox_id: str) -> asyncio.Lock:
+        """Serialises pause, resume and delete of one sandbox."""
+        lock = self._busy.get(sandbox_id)
+        if lock is None:
+            lock = self._busy[sandbox_id] = asyncio.Lock()
+        return lock
+
+    # -- verbs ------------------------------------------------------------------------
+
+    async def pause(
+        self,
+        session: Session,
+        *,
+        memory: bool,
+        quota_bytes: int | None = None,
+        face: Mapping[str, Any] | None = None,
+    ) -> Paused:
+        """Checkpoint ``session`` to disk, then kill it. Fails closed: the sandbox runs on."""
+        runtime = session.runtime
+        if not isinstance(runtime, Checkpointable):
+            raise PolicyError(f"the {session.spec.tier} tier can't pause sandboxes")
+        proc = session.proc
+        origin = session.origin
+        if proc is None or origin is None or session.tenant is None:
+            raise SandboxError("the sandbox is not ready to be paused")
+        paused = await asyncio.to_thread(self.paused)  # read from disk the first time
+        used = self.usage(session.tenant)
+        room = None if quota_bytes is None else quota_bytes - used
+        if room is not None and room <= 0:
+            raise QuotaExceededError(_quota_message(quota_bytes))
+        with contextlib.suppress(AttributeError):  # a process type without the slot
+            setattr(proc, "checkpoint_cap", room)  # noqa: B010 - read where a driver can
+        pending = await asyncio.to_thread(self.store.begin, session.id)
+        try:
+            await runtime.checkpoint(proc, pending.checkpoint, memory=memory, leave_running=False)
+            size = await asyncio.to_thread(disk_usage, pending.tmp)
+            if room is not None and size > room:
+                raise QuotaExceededError(_quota_message(quota_bytes))
+            record = self._record(session, origin, memory, face)
+            await asyncio.to_thread(self.store.commit, pending, record)
+        except OSError as exc:
+            await asyncio.to_thread(self.store.abort, pending)
+            log.warning("pause of %s failed: %s", session.id, exc)  # details: the log only
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise DiskFullError(
+                    "the host has no room to keep the paused sandbox; it keeps running"
+                ) from None
+            raise SandboxError("the sandbox could not be paused; it keeps running") from None
+        except BaseException:
+            await asyncio.to_thread(self.store.abort, pending)
+            raise
+        entry = _entry(session.id, {"version": 1, **record}, size)
+        _config, secrets, sensitive, gateway_config = origin
+        self._held[session.id] = _Held(secrets, sensitive, gateway_config, session.guard)
+        paused[session.id] = entry
+        await session.kill(PAUSED)
+        with self.engine._mu:
+            self.engine.ended.pop(session.id, None)  # paused, not ended
+        return entry
+
+    def _record(
+        self, session: Session, origin: Any, memory: bool, face: Mapping[str, Any] | None
+    ) -> dict[str, Any]:
+        config: SandboxConfig = origin[0]
+        gateway = session.gateway
+        network = gateway.policy.to_dict() if gateway is not None else None
+        return {
+            "sandbox_id": session.id,
+            "tenant": session.tenant,
+            "tier": session.spec.tier,  # the checkpoint's tier
+            "config": config.to_dict(),  # secrets by reference only (invariant 3)
+            "network": network,  # the egress policy as it is now (update_network kept)
+            "metadata": dict(session.metadata),
+            "max_output": session.max_output,
+            "started_at": session.started_at.isoformat(),
+            "paused_at": dt.datetime.now(dt.UTC).isoformat(),
+            "memory": memory,
+            "secret_names": sorted(r.name for r in config.secrets),
+            "sensitive": len(origin[2]),
+            "face": dict(session.face if face is None else face),
+        }
+
+    async def resume(
+        self,
+        paused: Paused,
+        *,
+        timeout: float | None = None,
+        secrets: Mapping[str, str] | None = None,
+        sensitive: Mapping[str, str] | None = None,
+    ) -> Session:
+        """Start the paused sandbox again under its id; its paused state is deleted once it
+        serves. Fails closed: a failed restore leaves the paused state as it was."""
+        sid, record = paused.sandbox_id, paused.record
+        engine = self.engine
+        config = SandboxConfig.from_dict(record["config"])
+        held = self._held.get(sid)
+        if held is not None:
+            brokered: Mapping[str, Secret] = held.secrets
+            known = dict(held.sensitive)
+            gateway_config = held.gateway_config
+        else:
+            missing = [n for n in record["secret_names"] if n not in (secrets or {})]
+            if missing:
+                raise PolicyError(
+                    "resuming this sandbox after a restart needs the values of its secrets "
+                    f"again: {', '.join(missing)}"
+                )
+            brokered = secrets_of(config, {n: (secrets or {})[n] for n in record["secret_names"]})
+            if record["sensitive"] and not sensitive:
+                raise PolicyError(
+                    "resuming this sandbox after a restart needs its sensitive values again"
+                )
+            known = dict(sensitive or {})
+            gateway_config = None
+        tier = record["tier"]
+        runtime = engine._runtime or require(tier)
+        if getattr(runtime, "name", tier) != tier or not isinstance(runtime, Checkpointable):
+            raise PolicyError(f"the {tier} tier can't resume sandboxes here")
+        audit = await engine._audit_usable()
+        if held is not None:
+            guard = held.guard
+        else:
+            for s in brokered.values():
+                known.setdefault(s.value, "secret")
+            guard = make_guard(sid, guard_policy(config.guard), known, audit)
+        env = dict(config.envs)
+        gateway: Gateway | None = None
+        if getattr(runtime, "provides_network", True):
+            gateway = Gateway(
+                sid,
+                NetworkPolicy.parse(record["network"]),
+                brokered,
+                audit=audit,
+                config=gateway_config,
+                inspect=guard.check_egress,
+            )
+            env.update(proxy_env(PROXY_PORT, CA_BUNDLE_PATH))
+            env.update(gateway.placeholders())
+        spec = SandboxSpec(
+            sandbox_id=sid,
+            tier=tier,
+            template=config.template,
+            envs=tuple(sorted(env.items())),
+            mounts=config.mounts,
+            limits=config.limits,
+        )
+        session = Session(
+            spec, runtime, guard, config.timeout if timeout is None else timeout,
+            dict(record["metadata"]), engine._ended, audit=audit, gateway=gateway,
+            max_output=int(record["max_output"]),
+        )  # fmt: skip
+        session.tenant = paused.tenant
+        session.origin = (config, brokered, known, gateway_config)
+        with contextlib.suppress(ValueError):
+            session.started_at = dt.datetime.fromisoformat(record["started_at"])
+        # Claimed by a rename: one process resumes it; a crash from here on is repaired by
+        # the next start's scan (the paused state goes back, whole).
+        try:
+            claimed = await asyncio.to_thread(self.store.claim, sid)
+        except NotFoundError:
+            self.paused().pop(sid, None)  # another engine on this state dir took it
+            raise
+        engine._register(session)
+        try:
+            await session.start(restore=claimed / CHECKPOINT)
+            await reseed(session)
+        except BaseException:
+            await session.kill("died: failed to resume")
+            with engine._mu:
+                engine.ended.pop(sid, None)  # still paused: its state is untouched
+            await asyncio.to_thread(self.store.unclaim, claimed, sid)
+            raise
+        self.paused().pop(sid, None)
+        self._held.pop(sid, None)
+        await asyncio.to_thread(self.store.release, claimed, sid)
+        session._audit_life("resumed", None)
+        return session
+
+    async def delete(self, paused: Paused) -> bool:
+        """Forget a paused sandbox and delete its state (kill of a paused sandbox)."""
+        self.paused().pop(paused.sandbox_id, None)
+        self._held.pop(paused.sandbox_id, None)
+        return await asyncio.to_thread(self.store.delete, paused.sandbox_id)
+
+
+async def reseed(session: Session) -> None:
+    """Fresh host entropy into the restored agent and its kernels (moat.agent.reseed)."""
+    await session.request(MsgType.RESEED, {}, payload=os.urandom(RESEED_BYTES))
+
+
+def _quota_message(quota_bytes: int | None) -> str:
+    mb = (quota_bytes or 0) >> 20
+    return (
+        f"the tenant's paused-sandbox storage quota ({mb} MiB) is used up; the sandbox keeps "
+        "running"
+    )
+
+
+def _entry(sid: str, record: dict[str, Any], size: int) -> Paused:
+    """A paused sandbox's listing entry from its record (checked: it is read from disk)."""
+    config = SandboxConfig.from_dict(record["config"])
+    tenant = record["tenant"]
+    if not isinstance(tenant, str) or record["sandbox_id"] != sid:
+        raise ValueError("record does not match its directory")
+    paused_at = dt.datetime.fromisoformat(record["paused_at"])
+    info = SandboxInfo(
+        sandbox_id=sid,
+        tier=str(record["tier"]),
+        template=config.template,
+        limits=config.limits if isinstance(config.limits, Limits) else Limits(),
+        started_at=dt.datetime.fromisoformat(record["started_at"]),
+        end_at=paused_at,
+        metadata={str(k): str(v) for k, v in dict(record["metadata"]).items()},
+        state="paused",
+    )
+    return Paused(sid, tenant, record, info, size)

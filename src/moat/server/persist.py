@@ -1,0 +1,43 @@
+"""What the server keeps with a paused sandbox, and its record again on resume (issue 11).
+
+Only non-secret, wire-facing names travel with the paused state (``FrontDoor.pause(face=)``):
+the template id, the network fields as E2B shows them, public traffic. Access tokens are
+never written down: while this server runs, a paused sandbox's record (its tokens) waits in
+memory and comes back with it (as E2B keeps them); after a restart a resumed sandbox gets
+fresh ones (E2B's connect reply carries them) and those of before stay dead.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from moat.server.app import Record, ServerState
+
+
+def face_of(rec: Record) -> dict[str, Any]:
+    return {
+        "template_id": rec.template_id,
+        "network": dict(rec.network),
+        "public_traffic": rec.public_traffic,
+    }
+
+
+def record_of(tenant: str, face: dict[str, Any], token: str, traffic: str) -> Record:
+    network = face.get("network")
+    rec = Record(
+        tenant,
+        token,
+        traffic,
+        str(face.get("template_id") or "base"),
+        dict(network) if isinstance(network, dict) else {},
+    )
+    rec.public_traffic = face.get("public_traffic") is True
+    return rec
+
+
+def resumed_record(state: ServerState, tenant: str, sid: str, face: dict[str, Any]) -> Record:
+    """The record of a sandbox just resumed: the one it paused with, else fresh tokens."""
+    rec = state.paused.pop(sid, None)
+    if rec is not None and rec.tenant == tenant:
+        return rec
+    return record_of(tenant, face, state.new_token(), state.new_token())
