@@ -400,5 +400,7 @@ async def test_resumed_sandbox_trusts_its_new_gateway_ca(door: FrontDoor) -> Non
     await door.pause(T, sid)
     await door.connect(T, sid)
     gateway = door.engine.get(sid).gateway  # type: ignore[union-attr]
+    assert gateway is not None
     after = await door.read_file(T, sid, path)
+    assert isinstance(after, str)
     assert after.endswith(gateway.ca_cert_pem().decode()) and after != before

@@ -10,6 +10,7 @@ from __future__ import annotations
 import secrets
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -109,7 +110,8 @@ def test_codes_tenancy_and_kill_of_paused(server: Server, key_a: str) -> None:
 
 
 def test_moat_sdk_over_http_and_embedded(server: Server, key_a: str) -> None:
-    for kw in ({"api_url": server.url, "api_key": key_a}, {}):
+    options: list[dict[str, Any]] = [{"api_url": server.url, "api_key": key_a}, {}]
+    for kw in options:
         sbx = MoatSandbox.create(isolation="container", timeout=120, metadata={"k": "v"}, **kw)
         sid = sbx.sandbox_id
         try:
