@@ -95,7 +95,11 @@ class NetProxy:
         srv.set_inheritable(False)
         srv.setblocking(False)
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        sel = selectors.DefaultSelector()
+        # poll(2), not epoll: gVisor's checkpoint (runsc 20221219) refuses a listening TCP
+        # endpoint that still has waiters, and an epoll registration stays one between calls;
+        # poll's lasts only while the call blocks (the sentry interrupts it to save). At most
+        # MAX_STREAMS + 2 descriptors, so poll's linear scan costs little.
+        sel = selectors.PollSelector()
         sel.register(srv, _EVENT_READ)
         sel.register(self._wake_r, _EVENT_READ)
         self._sel = sel

@@ -104,7 +104,10 @@ class Session(CodeCalls, PtyCalls, FileCalls, WatchCalls):
         if hasattr(self.proc, "inside"):  # its driver archives files through the agent
             self.proc.inside = AgentInside(self)
         try:
-            await self.client.wait_ready(START_TIMEOUT)
+            if getattr(self.proc, "sends_ready", True):
+                await self.client.wait_ready(START_TIMEOUT)
+            else:  # restored with its memory: the agent goes on where it was (no READY)
+                await self.client.request(MsgType.PING, {}, timeout=START_TIMEOUT)
             if self.gateway is not None:
                 await self._start_egress(self.client, self.gateway)
             finish = getattr(self.proc, "finish_restore", None)

@@ -35,6 +35,7 @@ from moat.errors import (
     DiskFullError,
     InvalidArgumentError,
     IsolationUnavailableError,
+    PolicyError,
     SandboxDiedError,
 )
 from moat.paths import state_dir
@@ -51,7 +52,7 @@ from moat.runtime.gvisor.checkpoint import (
     wait_running,
     write_manifest,
 )
-from moat.runtime.gvisor.fscopy import load_home, save_home
+from moat.runtime.gvisor.fscopy import epoll_listener, load_home, save_home
 from moat.runtime.gvisor.hostcg import CGROUP_ROOT, HostCgroup, layout
 from moat.runtime.gvisor.hostproc import kill_processes_of_root, processes_of_root
 from moat.runtime.gvisor.oci import CGROUP_PREFIX, Bundle, build_config, cgroup_name
@@ -116,6 +117,8 @@ class GvisorSandbox:
         self.reader: asyncio.StreamReader = pipes.reader
         self.writer: asyncio.StreamWriter = pipes.writer
         self._pipes = pipes
+        #: whether the agent announces itself with READY (False after a memory restore)
+        self.sends_ready = True
         self._runsc = runsc
         self._id = sandbox_id
         self._workdir = workdir
@@ -393,7 +396,7 @@ class GvisorRuntime:
             await self._verify_limits(proc, cgroup, config)
             if image is not None:
                 await wait_running(proc, workdir / "root", spec.sandbox_id)
-            return GvisorSandbox(
+            sb = GvisorSandbox(
                 proc,
                 pipes=pipes,
                 runsc=exe,
@@ -401,6 +404,9 @@ class GvisorRuntime:
                 workdir=workdir,
                 cgroup=cgroup,
             )
+            # A memory restore's agent carries on where it was: no READY (the engine pings).
+            sb.sends_ready = image is None or not image.memory
+            return sb
         except BaseException:
             pipes.close()
             await _teardown(exe, spec.sandbox_id, workdir, cgroup, proc)
@@ -431,6 +437,12 @@ class GvisorRuntime:
             if not proc.alive():
                 raise SandboxDiedError("the gvisor sandbox is not running")
             if memory:
+                if await epoll_listener(exe, proc.workdir, proc.sandbox_id):
+                    raise PolicyError(
+                        "gvisor: this runsc cannot save a listening socket that a process "
+                        "watches with epoll (e.g. an asyncio or Node server); stop it, or "
+                        "pause with memory=False"
+                    )
                 await self._checkpoint(exe, proc, dest, leave_running)
                 return
             await self._save_files(exe, proc, dest)

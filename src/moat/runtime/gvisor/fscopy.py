@@ -121,6 +121,57 @@ async def load_home(exe: str, workdir: Path, sandbox_id: str, src: Path) -> None
         raise SandboxDiedError("the gvisor sandbox's files could not be restored")
 
 
+#: Run inside the sandbox before a memory checkpoint (as the sandbox's user): prints
+#: ``epoll-listen`` when some process holds an epoll instance while a TCP socket other than
+#: the agent's egress proxy (port 3128, watched with poll) listens. runsc 20221219 fails to
+#: save a listening endpoint with an epoll waiter -- and a failed save ends the sandbox -- so
+#: such a pause is refused up front, the sandbox left running. Conservative: an epoll user
+#: and a listener in different processes also refuse.
+_EPOLL_PROBE = r"""
+import os
+ep = False
+for p in filter(str.isdigit, os.listdir("/proc")):
+    try:
+        fds = os.listdir(f"/proc/{p}/fd")
+    except OSError:
+        continue
+    for fd in fds:
+        try:
+            ep = ep or "eventpoll" in os.readlink(f"/proc/{p}/fd/{fd}")
+        except OSError:
+            pass
+ls = False
+for name in ("/proc/net/tcp", "/proc/net/tcp6"):
+    try:
+        rows = open(name).read().splitlines()[1:]
+    except OSError:
+        continue
+    for row in rows:
+        f = row.split()
+        ls = ls or (len(f) > 3 and f[3] == "0A" and not f[1].upper().endswith(":0C38"))
+print("epoll-listen" if ep and ls else "ok")
+"""
+
+
+async def epoll_listener(exe: str, workdir: Path, sandbox_id: str) -> bool:
+    """Whether a memory checkpoint would meet runsc's epoll-on-a-listener failure (above).
+    A probe that cannot run counts as yes (fail closed: refuse rather than lose the sandbox)."""
+    r, w = os.pipe()
+    try:
+        code, _ = await _exec(
+            exe, workdir, sandbox_id, ["/usr/bin/python3", "-I", "-c", _EPOLL_PROBE],
+            stdin=asyncio.subprocess.DEVNULL, stdout=w,
+        )  # fmt: skip
+        os.close(w)
+        w = -1
+        out = os.read(r, 64)
+    finally:
+        os.close(r)
+        if w >= 0:
+            os.close(w)
+    return code != 0 or out.strip() != b"ok"
+
+
 def _log(workdir: Path, line: bytes) -> None:
     # tar's and runsc's messages may name host paths: the log keeps them (invariant 8)
     with contextlib.suppress(OSError), (workdir / "runsc.log").open("ab") as f:
