@@ -438,6 +438,8 @@ class GvisorRuntime:
                 raise SandboxDiedError("the gvisor sandbox is not running")
             if memory:
                 if await epoll_listener(exe, proc.workdir, proc.sandbox_id):
+                    if proc.killed or not proc.alive():  # the probe failed as it was killed
+                        raise SandboxDiedError("the gvisor sandbox was killed")
                     raise PolicyError(
                         "gvisor: this runsc cannot save a listening socket that a process "
                         "watches with epoll (e.g. an asyncio or Node server); stop it, or "
