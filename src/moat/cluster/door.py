@@ -207,7 +207,7 @@ class ClusterFrontDoor:
         cursor = 0
         while not self._closed and node.node_id in self.nodes:
             try:
-                cursor, ids = await node.handle.ended_since.remote(cursor, PULL_WAIT_S)
+                cursor, ids, lost = await node.handle.ended_since.remote(cursor, PULL_WAIT_S)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # the actor is dead: so is its node for us
@@ -217,6 +217,9 @@ class ClusterFrontDoor:
                 log.exception("ended watch failed")
                 await asyncio.sleep(1.0)
                 continue
+            if lost:
+                self._lose_node(node.node_id, "it lost its raylet")
+                return
             for sid in ids:
                 self._ended(sid, lost=False)
 
@@ -352,6 +355,9 @@ class ClusterFrontDoor:
                     self._lose_node(node_id, "its actor died")
                     raise SandboxDiedError("the cluster node of the new sandbox was lost") from None
                 raise
+            if status == "lost":
+                self._lose_node(node_id, "it lost its raylet")
+                raise SandboxDiedError("the cluster node of the new sandbox was lost")
             if status != "ok":
                 raise unpack_error(value)
         except BaseException:
@@ -605,6 +611,9 @@ class ClusterFrontDoor:
                     "the sandbox was not found: its cluster node was lost"
                 ) from None
             raise
+        if status == "lost":
+            self._lose_node(node.node_id, "it lost its raylet")
+            raise SandboxLostError("the sandbox was not found: its cluster node was lost")
         if status != "ok":
             raise unpack_error(value)
         return value
@@ -634,7 +643,7 @@ class _Remote:
         try:
             while not done:
                 events, done, err = await self._door._remote(
-                    node, _ok(node.handle.pull.remote(self._id, PULL_WAIT_S))
+                    node, node.handle.pull.remote(self._id, PULL_WAIT_S)
                 )
                 for event in events:
                     yield event
@@ -644,10 +653,6 @@ class _Remote:
             if not done:  # the reader left early: the node cancels the call
                 with contextlib.suppress(Exception):
                     node.handle.close_stream.remote(self._id)
-
-
-async def _ok(ref: Any) -> tuple[str, Any]:
-    return "ok", await ref
 
 
 async def _await(ref: Any) -> Any:

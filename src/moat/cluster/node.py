@@ -165,6 +165,7 @@ class NodeActor:
         self.streams: dict[str, _Pump] = {}
         self.loop: asyncio.AbstractEventLoop | None = None
         self.parent = os.getppid()  # the raylet that started this worker
+        self.lost = False  # the raylet is gone: every call answers "lost" from now on
         #: ids of sandboxes that ended, for the server (``ended_since``); bounded
         self._ended: collections.deque[str] = collections.deque(maxlen=MAX_ENDED_IDS)
         self._ended_base = 0  # how many ids fell off the deque's front
@@ -223,7 +224,10 @@ class NodeActor:
         while os.getppid() == self.parent:
             time.sleep(WATCH_PERIOD_S)
         log.warning("the raylet is gone: killing this node's sandboxes")
+        self.lost = True
         loop = self.loop
+        if loop is not None and self._ended_event is not None:
+            loop.call_soon_threadsafe(self._ended_event.set)
         if loop is not None:
             with contextlib.suppress(Exception):
                 asyncio.run_coroutine_threadsafe(self.kill_all(), loop).result(LAST_KILL_S)
@@ -241,6 +245,8 @@ class NodeActor:
         secrets_: Mapping[str, str] | None,
         sensitive: Any,
     ) -> tuple[str, Any]:
+        if self.lost:
+            return "lost", None
         try:
             info = await self.front.create(tenant, config, secrets=secrets_, sensitive=sensitive)
         except Exception as exc:  # noqa: BLE001 - every failure crosses as data (invariant 8)
@@ -248,6 +254,8 @@ class NodeActor:
         return "ok", info
 
     async def call(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if self.lost:
+            return "lost", None
         if method not in PLAIN:
             return "err", pack_error(InvalidArgumentError(f"no node call {method!r}"))
         try:
@@ -258,6 +266,8 @@ class NodeActor:
     async def write_file(
         self, tenant: str, sandbox_id: str, path: str, data: bytes, metadata: Any
     ) -> tuple[str, Any]:
+        if self.lost:
+            return "lost", None
         try:
             entry = await self.front.write_file(tenant, sandbox_id, path, data, metadata)
         except Exception as exc:  # noqa: BLE001 - every failure crosses as data (invariant 8)
@@ -268,6 +278,8 @@ class NodeActor:
         self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> tuple[str, Any]:
         """Start a streaming call: ("ok", (stream id, pid or None))."""
+        if self.lost:
+            return "lost", None
         if method not in STREAMS:
             return "err", pack_error(InvalidArgumentError(f"no node stream {method!r}"))
         try:
@@ -282,14 +294,19 @@ class NodeActor:
         self.streams[sid] = _Pump(events)
         return "ok", (sid, pid)
 
-    async def pull(self, stream_id: str, wait: float) -> tuple[list[Any], bool, Any]:
+    async def pull(self, stream_id: str, wait: float) -> tuple[str, Any]:
+        """("ok", (events, done, packed error or None)), or ("lost", None)."""
+        if self.lost:
+            return "lost", None
         pump = self.streams.get(stream_id)
         if pump is None:
-            return [], True, pack_error(errors.NotFoundError("no such stream"))
+            return "ok", ([], True, pack_error(errors.NotFoundError("no such stream")))
         events, done, err = await pump.pull(min(max(wait, 0.0), 30.0))
         if done:
             self.streams.pop(stream_id, None)
-        return events, done, err
+        if self.lost:  # lost while waiting: what it saw is not a normal end
+            return "lost", None
+        return "ok", (events, done, err)
 
     async def close_stream(self, stream_id: str) -> None:
         pump = self.streams.pop(stream_id, None)
