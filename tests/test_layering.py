@@ -45,16 +45,18 @@ ALLOWED: dict[str, set[str]] = {
     # a face: the front door only, plus its keys in the store. NetworkPolicy and Secret are
     # the front door's input value types (public as moat.NetworkPolicy / moat.Secret); they
     # belong in the model, which is where they should move.
-    "server": {"errors", "model", "engine.api", "store", "egress", "envd"},
+    "server": {"errors", "model", "engine.api", "store", "egress", "envd", "cluster"},
+    # scale-out (issue 13): a placement face above the engine; nothing below imports it
+    "cluster": {"errors", "model", "engine", "egress", "runtime"},
     "testing": {"errors", "model", "engine", "sdk", "runtime"},
     "cli": {
         "errors", "model", "engine", "sdk", "paths", "profiles", "egress", "runtime", "store",
-        "server",
+        "server", "cluster",
     },
     "__init__": set(),
 }  # fmt: skip
 #: Privileged packages: nothing below the engine may import them, and the model never.
-PRIVILEGED = {"runtime", "egress", "guard", "engine", "store", "server", "sdk", "cli"}
+PRIVILEGED = {"runtime", "egress", "guard", "engine", "store", "server", "sdk", "cli", "cluster"}
 
 
 def _part(module: str) -> str:
