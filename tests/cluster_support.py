@@ -123,8 +123,8 @@ def wait_nodes(count: int, timeout: float = 90) -> None:
 
     deadline = time.monotonic() + timeout
     while True:
-        up = [n for n in ray.nodes() if n.get("Alive") and (n.get("Resources") or {}).get(
-            "moat_node")]  # fmt: skip
+        listed = ray.nodes()  # type: ignore[no-untyped-call]
+        up = [n for n in listed if n.get("Alive") and (n.get("Resources") or {}).get("moat_node")]
         if len(up) >= count:
             return
         if time.monotonic() > deadline:
