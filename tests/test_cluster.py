@@ -9,6 +9,7 @@ is made from outside: processes and cgroups in /proc and /sys, a listener's acce
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import socket
 import subprocess
@@ -23,6 +24,7 @@ from tests.cluster_support import (
     MOAT,
     Cluster,
     alive,
+    children,
     descendants,
     kill_raylet,
     start_cluster,
@@ -101,11 +103,13 @@ def create(loop: asyncio.AbstractEventLoop, door: ClusterFrontDoor, tenant: str,
 
 
 def node_name(cluster: Cluster, door: ClusterFrontDoor, tenant: str, sid: str) -> str:
-    """Which of the cluster's nodes ("a" or "b") hosts the sandbox: by its state dir."""
+    """Which of the cluster's nodes hosts the sandbox: its actor's parent is that raylet."""
     pid = door.node_of(tenant, sid)["pid"]
-    env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-    state = next(e for e in env if e.startswith(b"MOAT_STATE_DIR=")).split(b"=", 1)[1].decode()
-    return next(n for n, node in cluster.nodes.items() if node.state == state)
+    raylet = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    for name, node in cluster.nodes.items():
+        if raylet in children(node.proc.pid):
+            return name
+    raise AssertionError("the sandbox's actor runs under no known raylet")
 
 
 def test_sandboxes_land_on_a_node_owning_their_tier(
@@ -220,6 +224,15 @@ def test_guard_egress_and_ray_ports_on_a_remote_node(
         ports = {r.get("port") for r in rows if r.get("kind") == "egress"}
         assert int(gcs_port) in ports, rows  # the Ray port, audited as denied
         assert all(r["node"].endswith(door.node_of("t-guard", sid)["node_id"][:12]) for r in rows)
+        # `moat audit --cluster` merges every node's trail and names the node of each row
+        out = subprocess.run(
+            [*MOAT, "audit", "--cluster", cluster.address, "--sandbox", sid, "--denied", "--json"],
+            capture_output=True, text=True, timeout=120, check=True,
+        ).stdout  # fmt: skip
+        merged = json.loads(out)
+        assert {r["port"] for r in merged if r["kind"] == "egress"} >= {int(gcs_port)}
+        node_id = door.node_of("t-guard", sid)["node_id"][:12]
+        assert {r["node"].split("/")[1] for r in merged} == {node_id}
         # positive control: the listener does count a connection from outside a sandbox
         socket.create_connection(("127.0.0.1", canary_port), timeout=3).close()
         time.sleep(0.3)
@@ -324,3 +337,46 @@ def test_node_loss_gives_sandbox_lost_and_leaves_nothing(
     assert run(loop, command(door, "t-loss", survivor, "echo alive")) == ("alive\n", 0)
     run(loop, door.kill("t-loss", survivor))
     print(f"lost after {lost_after:.2f} s")
+
+
+def cgroups_of(pid: int) -> list[str]:
+    """Sandbox cgroups whose owner (in their name) is ``pid``."""
+    return [
+        f"{d}/{n}" for root in Path("/sys/fs/cgroup").glob("*")
+        for d, names, _ in os.walk(root) for n in names if "sbx-" in n and f".{pid}." in n
+    ]  # fmt: skip
+
+
+def test_a_returning_node_sweeps_before_it_advertises(
+    cluster: Cluster, door: ClusterFrontDoor, loop: asyncio.AbstractEventLoop
+) -> None:
+    """A node killed hard (its actor and its raylet at once: no cleanup ran) leaves cgroups;
+    the same machine's next ``moat node`` sweeps them before it joins."""
+    state = cluster.nodes["a"].state
+    cluster.add_node("a2", "container", SLOTS, state=state)
+    wait_nodes(2)
+    run(loop, door.start(min_nodes=2))
+    sid = ""
+    for _ in range(4):
+        sid = create(loop, door, "t-back", "container")
+        if node_name(cluster, door, "t-back", sid) == "a2":
+            break
+    assert node_name(cluster, door, "t-back", sid) == "a2"
+    actor = door.node_of("t-back", sid)["pid"]
+    assert cgroups_of(actor)
+    os.kill(actor, 9)  # no last kill by the node: what it held stays behind
+    kill_raylet(cluster.nodes["a2"])
+    with pytest.raises(SandboxLostError):
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            run(loop, door.list_commands("t-back", sid))
+            time.sleep(0.2)
+    left = cgroups_of(actor)
+    back = cluster.add_node("a3", "container", SLOTS, state=state)
+    deadline = time.monotonic() + 90
+    while "joining" not in back.log.read_text():
+        assert back.proc.poll() is None and time.monotonic() < deadline, back.log.read_text()
+        time.sleep(0.2)
+    log = back.log.read_text()
+    assert "moat node: swept" in log.split("joining")[0]  # the sweep ran before it joined
+    assert [g for g in left if os.path.exists(g)] == []  # the leftovers are gone

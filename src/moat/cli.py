@@ -171,8 +171,20 @@ _SANDBOX_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
     help="The last N rows.",
 )
 @click.option("--json", "as_json", is_flag=True, help="JSON (a list of objects), not a table.")
+@click.option(
+    "--cluster",
+    "cluster",
+    metavar="ADDRESS",
+    default=None,
+    help="Every moat node's rows of the Ray cluster at ADDRESS, each naming its node.",
+)
 def audit(
-    sandbox_id: str | None, denied: bool, kind: str | None, limit: int, as_json: bool
+    sandbox_id: str | None,
+    denied: bool,
+    kind: str | None,
+    limit: int,
+    as_json: bool,
+    cluster: str | None = None,
 ) -> None:
     """Show the audit trail: egress decisions, code executions, guard findings.
 
@@ -188,8 +200,14 @@ def audit(
     if sandbox_id is not None and not _SANDBOX_ID.fullmatch(sandbox_id):
         raise click.BadParameter("not a sandbox id", param_hint="--sandbox")
     path = audit_db()
-    if not path.exists():  # reading must not create an empty log
-        rows: list[dict[str, Any]] = []
+    if cluster is not None:
+        from moat.cluster.auditmerge import cluster_audit
+
+        rows: list[dict[str, Any]] = cluster_audit(
+            cluster, sandbox_id=sandbox_id, denied_only=denied, kind=kind, limit=limit
+        )
+    elif not path.exists():  # reading must not create an empty log
+        rows = []
     else:
         # The store logs an unusable file with its path; this command says it without one.
         logging.getLogger("moat.store").addHandler(logging.NullHandler())
@@ -251,6 +269,11 @@ def _detail(row: dict[str, Any]) -> str:
     return text + (f" canary={get('canary')}" if get("canary") else "")
 
 
+def _detail_on(row: dict[str, Any]) -> str:
+    """The row's detail, and its node where the rows came from a cluster."""
+    return _detail(row) + (f" node={row['node']}" if row.get("node") else "")
+
+
 def _table(rows: list[dict[str, Any]]) -> list[str]:
     head = ("TIME", "SANDBOX", "KIND", "RESULT", "DETAIL")
     body = [
@@ -259,7 +282,7 @@ def _table(rows: list[dict[str, Any]]) -> list[str]:
             str(r["sandbox_id"]),
             str(r["kind"]),
             str(r.get("result", "-")),
-            _detail(r),
+            _detail_on(r),
         )
         for r in rows
     ]

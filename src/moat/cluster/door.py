@@ -207,7 +207,7 @@ class ClusterFrontDoor:
         cursor = 0
         while not self._closed and node.node_id in self.nodes:
             try:
-                cursor, ids, lost = await node.handle.ended_since.remote(cursor, PULL_WAIT_S)
+                reply = await node.handle.ended_since.remote(cursor, PULL_WAIT_S)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # the actor is dead: so is its node for us
@@ -215,6 +215,12 @@ class ClusterFrontDoor:
                     self._lose_node(node.node_id, "its actor died")
                     return
                 log.exception("ended watch failed")
+                await asyncio.sleep(1.0)
+                continue
+            try:
+                cursor, ids, lost = reply
+            except (TypeError, ValueError):
+                log.error("unexpected reply of a node's ended watch: %r", reply)
                 await asyncio.sleep(1.0)
                 continue
             if lost:

@@ -151,3 +151,24 @@ def free_port() -> int:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
         return port
+
+
+def sweep_after(pid: int, tiers: Sequence[str], timeout: float = 60.0) -> int:
+    """Wait for ``pid`` to end (a node's actor whose raylet died), then sweep what it left."""
+    deadline = time.monotonic() + timeout
+    while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    break
+        except OSError:
+            break
+        time.sleep(0.1)
+    return sweep(tiers)
+
+
+if __name__ == "__main__":  # the detached sweeper of a lost node (moat.cluster.node)
+    import sys
+
+    if len(sys.argv) >= 3 and sys.argv[1] == "--sweep-after":
+        sweep_after(int(sys.argv[2]), [t for t in sys.argv[3:] if t in TIERS])

@@ -27,6 +27,8 @@ import logging
 import os
 import secrets
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Mapping
@@ -180,18 +182,21 @@ class NodeActor:
         if self._ended_event is not None:
             self._ended_event.set()
 
-    async def ended_since(self, cursor: int, wait: float) -> tuple[int, list[str]]:
-        """Sandboxes that ended after ``cursor`` (a long poll of up to ``wait`` seconds)."""
+    async def ended_since(self, cursor: int, wait: float) -> tuple[int, list[str], bool]:
+        """Sandboxes that ended after ``cursor`` (a long poll of up to ``wait`` seconds), and
+        whether this node is lost (its sandboxes then are lost, not ended)."""
         if self._ended_event is None:
             self._ended_event = asyncio.Event()
         end = self._ended_base + len(self._ended)
-        if cursor >= end:
+        if cursor >= end and not self.lost:
             self._ended_event.clear()
-            with contextlib.suppress(asyncio.TimeoutError):
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._ended_event.wait(), min(max(wait, 0.0), 30.0))
             end = self._ended_base + len(self._ended)
+        if self.lost:
+            return cursor, [], True
         start = max(cursor - self._ended_base, 0)
-        return end, list(self._ended)[start:]
+        return end, list(self._ended)[start:], False
 
     # -- lifecycle of the node -----------------------------------------------------------
 
@@ -220,7 +225,11 @@ class NodeActor:
 
     def _watch_raylet(self) -> None:
         """Invariant 5: the raylet died (SIGKILL, a lost machine): kill every sandbox of this
-        node, let the reaper finish, and exit; the server sees the actor dead."""
+        node and exit; the server then finds the actor dead (and, sooner, answered "lost").
+
+        Ray's own worker may exit at any moment once its raylet is gone, cutting a cleanup
+        short; so first a detached sweeper starts that waits for this process to end and
+        then sweeps what it left (the sweep removes only what dead owners held)."""
         while os.getppid() == self.parent:
             time.sleep(WATCH_PERIOD_S)
         log.warning("the raylet is gone: killing this node's sandboxes")
@@ -228,6 +237,15 @@ class NodeActor:
         loop = self.loop
         if loop is not None and self._ended_event is not None:
             loop.call_soon_threadsafe(self._ended_event.set)
+        tiers = sorted(self.front.engine._swept)  # the tiers this engine used
+        if tiers:
+            with contextlib.suppress(OSError):
+                subprocess.Popen(
+                    [sys.executable, "-m", "moat.cluster.launch", "--sweep-after",
+                     str(os.getpid()), *tiers],
+                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL, start_new_session=True,
+                )  # fmt: skip
         if loop is not None:
             with contextlib.suppress(Exception):
                 asyncio.run_coroutine_threadsafe(self.kill_all(), loop).result(LAST_KILL_S)
