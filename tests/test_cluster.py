@@ -37,6 +37,7 @@ from moat.errors import (
     CapacityError,
     IsolationUnavailableError,
     NotFoundError,
+    QuotaExceededError,
     SandboxLostError,
 )
 from moat.model import End, Output
@@ -161,6 +162,33 @@ def test_a_full_cluster_gives_a_clear_error_then_room_again(
     finally:
         for sid in made:
             run(loop, door.kill("t-full", sid))
+
+
+def test_a_tenants_quota_holds_across_nodes(
+    cluster: Cluster, door: ClusterFrontDoor, loop: asyncio.AbstractEventLoop
+) -> None:
+    """The server keeps the tenant's quota for the whole cluster (invariant 11): two sandboxes
+    on two nodes count as two, and another tenant is not held back."""
+    from moat.engine.tenants import Quotas, TenantPolicies, TenantPolicy
+
+    saved = door.policy
+    door.policy = TenantPolicies(tenants={"t-quota": TenantPolicy(quotas=Quotas(sandboxes=2))})
+    made: list[tuple[str, str]] = []
+    try:
+        for _ in range(8):  # until one is on each node
+            if len({node_name(cluster, door, t, s) for t, s in made}) == 2:
+                break
+            if len(made) == 2:
+                run(loop, door.kill(*made.pop(0)))
+            made.append(("t-quota", create(loop, door, "t-quota", "container")))
+        assert len({node_name(cluster, door, t, s) for t, s in made}) == 2
+        with pytest.raises(QuotaExceededError):
+            create(loop, door, "t-quota", "container")
+        made.append(("t-free", create(loop, door, "t-free", "container")))
+    finally:
+        door.policy = saved
+        for tenant, sid in made:
+            run(loop, door.kill(tenant, sid))
 
 
 def _listener() -> tuple[socket.socket, list[Any]]:

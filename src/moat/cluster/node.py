@@ -73,7 +73,8 @@ def pack_error(exc: BaseException) -> tuple[str, str, dict[str, Any]]:
     """A moat error as plain data (class name, message, fields); anything else becomes a
     bare SandboxError whose message names no host detail (invariant 8)."""
     if isinstance(exc, SandboxError) and getattr(errors, type(exc).__name__, None) is type(exc):
-        fields = {k: v for k, v in vars(exc).items() if isinstance(v, (str, int, float, list))}
+        plain = (str, int, float, list, type(None))
+        fields = {k: v for k, v in vars(exc).items() if isinstance(v, plain)}
         return type(exc).__name__, str(exc), fields
     log.error("node call failed: %r", exc)  # the detail stays in the node's log
     return "SandboxError", "internal error on the cluster node", {}
