@@ -38,9 +38,10 @@ from moat.errors import (
     IsolationUnavailableError,
     NotFoundError,
     QuotaExceededError,
+    SandboxError,
     SandboxLostError,
 )
-from moat.model import End, Output
+from moat.model import End, Output, Started
 
 pytestmark = [pytest.mark.container, pytest.mark.gvisor, pytest.mark.slow]
 
@@ -162,6 +163,34 @@ def test_a_full_cluster_gives_a_clear_error_then_room_again(
     finally:
         for sid in made:
             run(loop, door.kill("t-full", sid))
+
+
+def test_a_kill_ends_the_streams_open_on_it(
+    door: ClusterFrontDoor, loop: asyncio.AbstractEventLoop
+) -> None:
+    """A command streaming from a node ends (with an error) when its sandbox is killed: the
+    server's pull must not wait on a stream that never ends (E2B's killed-during-run test)."""
+    sid = create(loop, door, "t-kill", "container")
+
+    async def scenario() -> BaseException | None:
+        handle = await door.start_command("t-kill", sid, "sleep 60")
+        events = handle.events()
+        assert isinstance(await anext(events), Started)
+        pending = asyncio.ensure_future(anext(events))
+        await asyncio.sleep(0.3)
+        await door.kill("t-kill", sid)
+        try:
+            await asyncio.wait_for(pending, 10)
+        except SandboxError as exc:
+            return exc
+        except StopAsyncIteration:
+            return None
+        return None
+
+    t0 = time.monotonic()
+    ended = run(loop, scenario())
+    assert time.monotonic() - t0 < 10
+    assert isinstance(ended, SandboxError), ended
 
 
 def test_a_tenants_quota_holds_across_nodes(

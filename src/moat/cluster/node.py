@@ -117,6 +117,13 @@ class _Pump:
             await self.queue.put(exc)
         except Exception as exc:  # noqa: BLE001 - packed by pull(): no host detail crosses
             await self.queue.put(exc)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # the server closed the stream
+            # the call was cancelled under us (its sandbox was killed): the server must learn
+            # it ended, or its pull would wait on a stream that never ends
+            await self.queue.put(errors.SandboxDiedError("the call ended with its sandbox"))
         finally:
             aclose = getattr(events, "aclose", None)
             if aclose is not None:
