@@ -240,6 +240,20 @@ class ClusterFrontDoor:
             self._ended(sid, lost=True)
         if node.watcher is not None:
             node.watcher.cancel()
+        # Declared dead while its actor still runs (a partition): end it, so that its
+        # sandboxes die with it rather than run on unseen (invariant 5).
+        with contextlib.suppress(Exception):
+            import ray
+
+            ray.kill(node.handle, no_restart=True)
+
+    async def _up(self, node: _Node) -> None:
+        """Wait for the node's actor; one that never came up is a lost node."""
+        try:
+            await node.ready
+        except Exception as exc:  # noqa: BLE001 - whatever kept it from starting, it is lost
+            self._lose_node(node.node_id, f"its actor did not start ({type(exc).__name__})")
+            raise SandboxLostError("the sandbox was not found: its cluster node was lost") from None
 
     def _ended(self, sandbox_id: str, *, lost: bool) -> None:
         """A sandbox ended (or was lost): release its bundle and quota, tell the faces."""
@@ -351,7 +365,7 @@ class ClusterFrontDoor:
             node = self.nodes.get(node_id)
             if node is None:
                 raise SandboxDiedError("the cluster node chosen for the sandbox was lost")
-            await node.ready
+            await self._up(node)
             try:
                 status, value = await node.handle.create.remote(
                     tenant, cfg, dict(secrets or {}), sensitive
@@ -604,7 +618,7 @@ class ClusterFrontDoor:
         return await self._call(node, method, tenant, sandbox_id, *args, **kwargs)
 
     async def _call(self, node: _Node, method: str, *args: Any, **kwargs: Any) -> Any:
-        await node.ready
+        await self._up(node)
         return await self._remote(node, node.handle.call.remote(method, args, kwargs))
 
     async def _remote(self, node: _Node, ref: Any) -> Any:
@@ -627,7 +641,7 @@ class ClusterFrontDoor:
     async def _open(self, method: str, tenant: str, sandbox_id: str, args: tuple[Any, ...],
                     kwargs: dict[str, Any]) -> _Remote:  # fmt: skip
         node = self._route(tenant, sandbox_id)
-        await node.ready
+        await self._up(node)
         sid, pid = await self._remote(
             node, node.handle.open_stream.remote(method, (tenant, sandbox_id, *args), kwargs)
         )
