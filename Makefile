@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml constraints-dev.txt
 	fi
 	test -x $(PY) || /usr/bin/python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]' -c constraints-dev.txt
+	$(PY) -m pip install -q -e '.[dev,cluster]' -c constraints-dev.txt
 	@ls /var/lib/apt/lists/*_Packages >/dev/null 2>&1 || apt-get update -qq  # the kernel is fetched with apt-get download
 	$(PY) -m moat.runtime.microvm.setup
 	$(PY) -m moat.runtime.gvisor.setup

@@ -47,22 +47,26 @@ ALLOWED: dict[str, set[str]] = {
     # a face: the front door only, plus its keys in the store. NetworkPolicy and Secret are
     # the front door's input value types (public as moat.NetworkPolicy / moat.Secret); they
     # belong in the model, which is where they should move.
-    "server": {"errors", "model", "engine.api", "store", "egress", "envd", "dashboard", "mcp"},
+    "server": {
+        "errors", "model", "engine.api", "store", "egress", "envd", "dashboard", "mcp", "cluster",
+    },
     # the operators' pages, mounted in the server: a face over the front door and the keys
     "dashboard": {"errors", "model", "engine.api", "store"},
     # a face like the server: the front door only, plus the keys that authenticate HTTP
     "mcp": {"errors", "model", "engine.api", "store"},
+    # scale-out (issue 13): a placement face above the engine; nothing below imports it
+    "cluster": {"errors", "model", "paths", "engine", "egress", "runtime", "store"},
     "testing": {"errors", "model", "engine", "sdk", "runtime"},
     "cli": {
         "errors", "model", "engine", "sdk", "paths", "profiles", "egress", "runtime", "store",
-        "server", "templates", "mcp",
+        "server", "templates", "mcp", "cluster",
     },
     "__init__": set(),
 }  # fmt: skip
 #: Privileged packages: nothing below the engine may import them, and the model never.
 PRIVILEGED = {
     "runtime", "egress", "guard", "engine", "store", "server", "dashboard", "sdk", "cli",
-    "templates", "mcp",
+    "templates", "mcp", "cluster",
 }  # fmt: skip
 
 

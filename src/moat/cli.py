@@ -171,8 +171,20 @@ _SANDBOX_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
     help="The last N rows.",
 )
 @click.option("--json", "as_json", is_flag=True, help="JSON (a list of objects), not a table.")
+@click.option(
+    "--cluster",
+    "cluster",
+    metavar="ADDRESS",
+    default=None,
+    help="Every moat node's rows of the Ray cluster at ADDRESS, each naming its node.",
+)
 def audit(
-    sandbox_id: str | None, denied: bool, kind: str | None, limit: int, as_json: bool
+    sandbox_id: str | None,
+    denied: bool,
+    kind: str | None,
+    limit: int,
+    as_json: bool,
+    cluster: str | None = None,
 ) -> None:
     """Show the audit trail: egress decisions, code executions, guard findings.
 
@@ -188,8 +200,14 @@ def audit(
     if sandbox_id is not None and not _SANDBOX_ID.fullmatch(sandbox_id):
         raise click.BadParameter("not a sandbox id", param_hint="--sandbox")
     path = audit_db()
-    if not path.exists():  # reading must not create an empty log
-        rows: list[dict[str, Any]] = []
+    if cluster is not None:
+        from moat.cluster.auditmerge import cluster_audit
+
+        rows: list[dict[str, Any]] = cluster_audit(
+            cluster, sandbox_id=sandbox_id, denied_only=denied, kind=kind, limit=limit
+        )
+    elif not path.exists():  # reading must not create an empty log
+        rows = []
     else:
         # The store logs an unusable file with its path; this command says it without one.
         logging.getLogger("moat.store").addHandler(logging.NullHandler())
@@ -253,6 +271,11 @@ def _detail(row: dict[str, Any]) -> str:
     return text + (f" canary={get('canary')}" if get("canary") else "")
 
 
+def _detail_on(row: dict[str, Any]) -> str:
+    """The row's detail, and its node where the rows came from a cluster."""
+    return _detail(row) + (f" node={row['node']}" if row.get("node") else "")
+
+
 def _table(rows: list[dict[str, Any]]) -> list[str]:
     head = ("TIME", "SANDBOX", "KIND", "RESULT", "DETAIL")
     body = [
@@ -261,7 +284,7 @@ def _table(rows: list[dict[str, Any]]) -> list[str]:
             str(r["sandbox_id"]),
             str(r["kind"]),
             str(r.get("result", "-")),
-            _detail(r),
+            _detail_on(r),
         )
         for r in rows
     ]
@@ -306,6 +329,15 @@ def _table(rows: list[dict[str, Any]]) -> list[str]:
     default=None,
     help="PEM private key of --tls-cert ($MOAT_SERVE_TLS_KEY).",
 )
+@click.option(
+    "--cluster",
+    is_flag=False,
+    flag_value="local",
+    default=None,
+    metavar="[ADDRESS]",
+    help="Place sandboxes on the moat nodes of the Ray cluster at ADDRESS; alone: start a "
+    "local head that is itself a node (moat[cluster]; docs/cluster.md).",
+)
 def serve(
     host: str,
     port: int,
@@ -313,11 +345,36 @@ def serve(
     policy_file: str | None,
     tls_cert: str | None,
     tls_key: str | None,
+    cluster: str | None,
 ) -> None:
     """Serve E2B's wire on HOST:PORT for the unmodified E2B SDKs (keys: ``moat keys``)."""
     from moat.server.serve import main as serve_main
 
-    serve_main(host, port, tier, policy_file, tls_cert or None, tls_key or None)
+    serve_main(host, port, tier, policy_file, tls_cert or None, tls_key or None, cluster)
+
+
+@main.command()
+@click.option("--address", required=True, help="The Ray cluster to join (head's host:port).")
+@click.option("--slots", type=click.IntRange(1, 100_000), default=16, show_default=True,
+              help="Sandboxes this node hosts at most.")  # fmt: skip
+@click.option("--tiers", default=None, help="Advertise only these tiers (comma-separated); "
+              "each must pass its probe. Default: every tier that passes.")  # fmt: skip
+@click.option("--node-ip", default="127.0.0.1", show_default=True,
+              help="This node's address on the cluster's private network.")  # fmt: skip
+@click.option("--num-cpus", type=click.IntRange(0, 4096), default=0, show_default=True,
+              help="CPUs this node offers Ray's own tasks (sandboxes reserve none).")  # fmt: skip
+def node(address: str, slots: int, tiers: str | None, node_ip: str, num_cpus: int) -> None:
+    """Join a Ray cluster as a moat node: probe the tiers, sweep leftovers, then advertise
+    the usable tiers and SLOTS as Ray resources (moat[cluster]; docs/cluster.md)."""
+    from moat.cluster.launch import run_node
+    from moat.errors import SandboxError
+
+    wanted = [t.strip() for t in tiers.split(",") if t.strip()] if tiers else None
+    try:
+        run_node(address, slots=slots, tiers=wanted, node_ip=node_ip, num_cpus=num_cpus)
+    except SandboxError as exc:
+        click.echo(f"moat node: {exc}", err=True)
+        sys.exit(2)
 
 
 @main.command()

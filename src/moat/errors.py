@@ -12,9 +12,11 @@
     ├── DiskFullError                 the sandbox's disk (or its inodes) ran out during a write
     ├── CommandExitError              a command exited non-zero (carries exit_code, stdout, stderr)
     ├── SandboxDiedError              the sandbox or its agent died or broke the protocol
+    │   └── SandboxLostError          its cluster node was lost (never re-created elsewhere)
     ├── LeakBlockedError              the guard blocked output in "block" mode (carries no content)
     ├── AuditUnavailableError         the audit store can't record: no new sandbox starts
     ├── PortNotOpenError              ingress: nothing listens on that port in the sandbox
+    ├── CapacityError                 a cluster had no room for the sandbox within the wait
     └── AuthenticationError           a server refused the API key (missing, unknown, revoked)
 
 Messages are safe to show a model (DESIGN invariant 8): no host paths, host user names or
@@ -30,6 +32,7 @@ import builtins
 __all__ = [
     "AuditUnavailableError",
     "AuthenticationError",
+    "CapacityError",
     "CommandExitError",
     "DiskFullError",
     "InvalidArgumentError",
@@ -41,6 +44,7 @@ __all__ = [
     "QuotaExceededError",
     "SandboxDiedError",
     "SandboxError",
+    "SandboxLostError",
     "TimeoutError",
 ]
 
@@ -106,6 +110,12 @@ class SandboxDiedError(SandboxError):
     """The sandbox ended unexpectedly, or its agent broke the protocol or went silent."""
 
 
+class SandboxLostError(SandboxDiedError):
+    """The cluster node hosting the sandbox was lost: the sandbox is gone with it and is never
+    re-created elsewhere. The message carries "was not found", which E2B's SDKs key on (a
+    502 over the wire: ``SandboxNotRunningException``)."""
+
+
 class LeakBlockedError(SandboxError):
     """The guard found sensitive data in output and its policy is "block".
 
@@ -133,6 +143,15 @@ class PortNotOpenError(SandboxError):
     def __init__(self, port: int) -> None:
         super().__init__(f"The sandbox is running but port is not open (port {port})")
         self.port = port
+
+
+class CapacityError(SandboxError):
+    """No node of the cluster had room for the sandbox within the bounded wait (HTTP 503,
+    with a Retry-After). ``retry_after``: seconds after which trying again is reasonable."""
+
+    def __init__(self, message: str, *, retry_after: float = 5.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class AuthenticationError(SandboxError):

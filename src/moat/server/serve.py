@@ -74,9 +74,17 @@ async def serve(
     policy: TenantPolicies | None = None,
     tls: tuple[str, str] | None = None,
     mcp: Settings | None = None,
+    cluster: str | None = None,
 ) -> None:
-    """Serve until a signal; then kill every sandbox this server started."""
-    front = FrontDoor(policy=policy or TenantPolicies())
+    """Serve until a signal; then kill every sandbox this server started. ``cluster``: the
+    Ray address whose moat nodes host the sandboxes (``moat.cluster``)."""
+    if cluster is not None:
+        from moat.cluster.door import ClusterFrontDoor
+
+        front: FrontDoor = ClusterFrontDoor(cluster, policy or TenantPolicies())  # type: ignore[assignment]
+        await front.start(min_nodes=1)  # type: ignore[attr-defined]
+    else:
+        front = FrontDoor(policy=policy or TenantPolicies())
     keys = KeyStore()
     # Ingress host names (get_host): <port>-<sandbox id>.<domain>; under localhost by default,
     # which browsers and curl resolve to loopback without any DNS setup.
@@ -112,7 +120,10 @@ async def serve(
         async with mcp_app.running():  # the MCP sessions' task group (moat.mcp.server)
             await server.serve()
     finally:
-        await kill_everything(front.engine)
+        if cluster is not None:
+            await front.engine.end_loop()  # the cluster's sandboxes (moat.cluster.door)
+        else:
+            await kill_everything(front.engine)
         keys.close()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
@@ -167,6 +178,7 @@ def main(
     policy_file: str | None = None,
     tls_cert: str | None = None,
     tls_key: str | None = None,
+    cluster: str | None = None,
 ) -> None:
     logging.basicConfig(level=logging.INFO, format="moat serve: %(message)s")
     tls = _tls(tls_cert, tls_key)
@@ -192,5 +204,14 @@ def main(
     scheme = "https" if tls else "http"
     print(f"moat serve: listening on {scheme}://{host}:{port} (tier: {tier or 'by trust'}; "
           f"tenant policy: {rules})", file=sys.stderr, flush=True)  # fmt: skip
-    asyncio.run(serve(host, port, tier, policy, tls, mcp))
+    head = None
+    if cluster == "local":  # a head on this host, itself a node (moat.cluster.launch)
+        from moat.cluster.launch import start_local_head
+
+        cluster, head = start_local_head()
+    try:
+        asyncio.run(serve(host, port, tier, policy, tls, mcp, cluster))
+    finally:
+        if head is not None:
+            head()
     print("moat serve: stopped; every sandbox was killed", file=sys.stderr, flush=True)

@@ -18,6 +18,7 @@ from starlette.responses import JSONResponse, Response
 
 from moat.errors import (
     AuditUnavailableError,
+    CapacityError,
     DiskFullError,
     InvalidArgumentError,
     IsolationUnavailableError,
@@ -197,7 +198,7 @@ def status_of(exc: SandboxError) -> int:
         return 429  # the SDKs raise RateLimitException
     if isinstance(exc, PolicyError):
         return 501 if "lacks the capability" in str(exc) else 400
-    if isinstance(exc, (IsolationUnavailableError, AuditUnavailableError)):
+    if isinstance(exc, (IsolationUnavailableError, AuditUnavailableError, CapacityError)):
         return 503  # the host can't run (or audit) a sandbox now: an operator must act
     if isinstance(exc, TimeoutError):
         return 504
@@ -213,6 +214,8 @@ def status_of(exc: SandboxError) -> int:
 def moat_error(exc: SandboxError) -> Response:
     status = status_of(exc)
     headers = {"Should-Retry": "false"} if status in (502, 503, 504) else {}
+    if isinstance(exc, CapacityError):  # a full cluster frees room: the SDKs retry with backoff
+        headers = {"Retry-After": str(max(1, math.ceil(exc.retry_after)))}
     headers[ERROR_HEADER] = json.dumps(error_fields(exc), ensure_ascii=True)
     if isinstance(exc, QuotaExceededError):  # always a Retry-After (whole seconds, >= 1)
         wait = exc.retry_after if exc.retry_after is not None else 1.0

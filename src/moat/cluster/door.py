@@ -1,0 +1,703 @@
+"""The clustered server's front door: the ``FrontDoor`` API, placed and routed over Ray.
+
+Trust domain: host engine (the server's). Every face call keeps its shape; what changes is
+where it runs:
+
+* **create**: tenancy and quotas are checked here, across nodes (invariant 11); the tier
+  must be advertised by a live node (else IsolationUnavailableError: invariant 7, never a
+  downgrade); one placement-group bundle (``resources.bundle_for``) is reserved, waited for
+  a bounded time (else CapacityError: 503 over the wire), and the sandbox is created by
+  the node actor owning the bundle. No Ray worker per sandbox: the node's actor hosts all.
+* **every other call** goes to the node recorded for the sandbox; another tenant's id
+  answers like an unknown one (invariant 11).
+* **streams** (code, commands, terminals) are pulled from the node in bounded batches
+  (``moat.cluster.node``); only guarded events cross (invariant 4).
+* **node loss** (the GCS declares the node dead, or a call finds its actor dead): each of
+  its sandboxes becomes lost: its bundle is released, its quota freed, the faces told it
+  ended, and the next call raises SandboxLostError ("was not found": 502 over the wire).
+  It is never re-created elsewhere.
+
+Ingress (``open_port``) and directory watches are not carried across the cluster yet:
+they raise PolicyError naming the missing capability (invariant 7).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import IO, Any, Final
+
+from moat.cluster import raycfg
+from moat.cluster.node import NodeActor, unpack_error
+from moat.cluster.resources import NODE, bundle_for, tiers_of
+from moat.engine import admission
+from moat.engine.api import CAPABILITIES
+from moat.engine.quota import Ledger
+from moat.engine.resolve import resolve, validate_config
+from moat.engine.session import file_chunks
+from moat.engine.tenants import TenantPolicies
+from moat.errors import (
+    CapacityError,
+    InvalidArgumentError,
+    IsolationUnavailableError,
+    NotFoundError,
+    PolicyError,
+    QuotaExceededError,
+    SandboxDiedError,
+    SandboxError,
+    SandboxLostError,
+)
+from moat.model import Event, SandboxConfig, SandboxInfo
+from moat.model import validate as v
+
+log = logging.getLogger("moat.cluster")
+
+__all__ = ["ClusterFrontDoor", "cluster_capabilities"]
+
+#: Seconds a create waits for a bundle before CapacityError (issue 13: bounded).
+PLACE_TIMEOUT_S: Final = 10.0
+#: Seconds between two looks at the cluster's nodes (a dead node is seen within this plus
+#: the GCS's own detection, raycfg.HEALTH).
+MONITOR_PERIOD_S: Final = 0.25
+#: Long-poll of one stream pull, and of a node's ended sandboxes.
+PULL_WAIT_S: Final = 5.0
+#: Ended or lost sandboxes remembered (to answer calls on them with why they ended).
+MAX_ENDED: Final = 4096
+#: Seconds a node actor gets to start (a worker process, the engine's imports).
+NODE_START_S: Final = 120.0
+#: The largest file body a write carries across the cluster.
+MAX_WRITE_BYTES: Final = 256 << 20
+_MISSING: Final = frozenset({"ports.open", "files.watch"})
+
+
+def cluster_capabilities() -> frozenset[str]:
+    return CAPABILITIES - _MISSING
+
+
+@dataclass
+class _Node:
+    node_id: str
+    handle: Any
+    tiers: list[str]
+    ready: asyncio.Task[dict[str, Any]]
+    info: dict[str, Any] = field(default_factory=dict)
+    watcher: asyncio.Task[None] | None = None
+
+
+@dataclass
+class _Placed:
+    tenant: str
+    node_id: str
+    pg: Any
+    token: int | None = None
+
+
+class _EngineShim:
+    """What the server's shared code reads of ``front.engine`` (no local engine here)."""
+
+    audit = None  # ingress is not carried across the cluster: nothing to record locally
+
+    def __init__(self, door: ClusterFrontDoor) -> None:
+        self._door = door
+
+    async def end_loop(self) -> None:
+        await self._door.close()
+
+
+class ClusterFrontDoor:
+    """The server's front door over a Ray cluster (``moat serve --cluster``)."""
+
+    def __init__(
+        self,
+        address: str,
+        policy: TenantPolicies | None = None,
+        *,
+        place_timeout: float = PLACE_TIMEOUT_S,
+    ) -> None:
+        import ray
+
+        if policy is not None and not isinstance(policy, TenantPolicies):
+            raise InvalidArgumentError("policy must be a TenantPolicies")
+        self.policy = policy or TenantPolicies()
+        self.place_timeout = place_timeout
+        self.quota = Ledger()
+        self.engine = _EngineShim(self)
+        self.nodes: dict[str, _Node] = {}
+        self.dead: set[str] = set()
+        self.placed: dict[str, _Placed] = {}
+        #: ended or lost sandboxes: id -> (tenant, node id, lost?)
+        self.ended: collections.OrderedDict[str, tuple[str, str, bool]] = collections.OrderedDict()
+        self._listeners: list[Callable[[str], None]] = []
+        self._monitor: asyncio.Task[None] | None = None
+        self._closed = False
+        if not ray.is_initialized():
+            ray.init(
+                address=address, namespace=raycfg.NAMESPACE, log_to_driver=False,
+                configure_logging=False, include_dashboard=False,
+            )  # fmt: skip
+        self._actor_cls = ray.remote(NodeActor)
+
+    # -- nodes -----------------------------------------------------------------------------
+
+    async def start(self, min_nodes: int = 0, timeout: float = NODE_START_S) -> None:
+        """Watch the cluster; return once ``min_nodes`` node actors answer."""
+        if self._monitor is None:
+            self._monitor = asyncio.get_running_loop().create_task(self._watch_nodes())
+        deadline = time.monotonic() + timeout
+        while True:
+            await self._refresh()
+            up = [n for n in self.nodes.values() if n.ready.done() and not n.ready.exception()]
+            if len(up) >= min_nodes:
+                return
+            if time.monotonic() > deadline:
+                raise SandboxError(f"only {len(up)} of {min_nodes} cluster nodes came up")
+            await asyncio.sleep(MONITOR_PERIOD_S)
+
+    async def _watch_nodes(self) -> None:
+        while not self._closed:
+            try:
+                await self._refresh()
+            except Exception:  # the GCS briefly unreachable: look again
+                log.exception("cluster refresh failed")
+            await asyncio.sleep(MONITOR_PERIOD_S)
+
+    async def _refresh(self) -> None:
+        import ray
+
+        listed = await asyncio.to_thread(ray.nodes)
+        alive = {n["NodeID"]: n for n in listed if n.get("Alive")}
+        for nid in list(self.nodes):
+            if nid not in alive:
+                self._lose_node(nid, "the GCS declared it dead")
+        for nid, n in alive.items():
+            res = n.get("Resources") or {}
+            if res.get(NODE) and nid not in self.nodes and nid not in self.dead:
+                self._start_node(nid, tiers_of(res))
+
+    def _start_node(self, node_id: str, tiers: list[str]) -> None:
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        handle = self._actor_cls.options(
+            num_cpus=0,  # the actor reserves nothing: the sandboxes' bundles do
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
+            max_restarts=0,  # a lost node's sandboxes are lost, never re-created
+            max_concurrency=1000,
+        ).remote()
+        node = _Node(node_id, handle, tiers, asyncio.get_running_loop().create_task(
+            self._ready(node_id, handle)))  # fmt: skip
+        node.ready.add_done_callback(lambda t: t.cancelled() or t.exception())
+        self.nodes[node_id] = node
+        log.info("cluster node %s joined with tiers %s", node_id[:12], ",".join(tiers))
+
+    async def _ready(self, node_id: str, handle: Any) -> dict[str, Any]:
+        info: dict[str, Any] = await asyncio.wait_for(handle.ready.remote(), NODE_START_S)
+        node = self.nodes.get(node_id)
+        if node is not None:
+            node.info = info
+            node.watcher = asyncio.get_running_loop().create_task(self._watch_ended(node))
+        return info
+
+    async def _watch_ended(self, node: _Node) -> None:
+        """Learn of sandboxes that ended on the node by themselves (timeout, death)."""
+        cursor = 0
+        while not self._closed and node.node_id in self.nodes:
+            try:
+                reply = await node.handle.ended_since.remote(cursor, PULL_WAIT_S)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the actor is dead: so is its node for us
+                if _is_ray_death(exc):
+                    self._lose_node(node.node_id, "its actor died")
+                    return
+                log.exception("ended watch failed")
+                await asyncio.sleep(1.0)
+                continue
+            try:
+                cursor, ids, lost = reply
+            except (TypeError, ValueError):
+                log.error("unexpected reply of a node's ended watch: %r", reply)
+                await asyncio.sleep(1.0)
+                continue
+            if lost:
+                self._lose_node(node.node_id, "it lost its raylet")
+                return
+            for sid in ids:
+                self._ended(sid, lost=False)
+
+    def _lose_node(self, node_id: str, why: str) -> None:
+        node = self.nodes.pop(node_id, None)
+        self.dead.add(node_id)
+        if node is None:
+            return
+        gone = [sid for sid, p in self.placed.items() if p.node_id == node_id]
+        log.warning("cluster node %s lost (%s): %d sandboxes lost", node_id[:12], why, len(gone))
+        for sid in gone:
+            self._ended(sid, lost=True)
+        if node.watcher is not None:
+            node.watcher.cancel()
+        # Declared dead while its actor still runs (a partition): end it, so that its
+        # sandboxes die with it rather than run on unseen (invariant 5).
+        with contextlib.suppress(Exception):
+            import ray
+
+            ray.kill(node.handle, no_restart=True)
+
+    async def _up(self, node: _Node) -> None:
+        """Wait for the node's actor; one that never came up is a lost node."""
+        try:
+            await node.ready
+        except Exception as exc:  # noqa: BLE001 - whatever kept it from starting, it is lost
+            self._lose_node(node.node_id, f"its actor did not start ({type(exc).__name__})")
+            raise SandboxLostError("the sandbox was not found: its cluster node was lost") from None
+
+    def _ended(self, sandbox_id: str, *, lost: bool) -> None:
+        """A sandbox ended (or was lost): release its bundle and quota, tell the faces."""
+        placed = self.placed.pop(sandbox_id, None)
+        if placed is None:
+            return
+        self.ended[sandbox_id] = (placed.tenant, placed.node_id, lost)
+        while len(self.ended) > MAX_ENDED:
+            self.ended.popitem(last=False)
+        _remove_pg(placed.pg)
+        self.quota.release_sandbox(sandbox_id)
+        for listener in list(self._listeners):
+            try:
+                listener(sandbox_id)
+            except Exception:
+                log.exception("end listener failed for %s", sandbox_id)
+
+    def tiers(self) -> set[str]:
+        """The tiers some live node advertises."""
+        return {t for n in self.nodes.values() for t in n.tiers}
+
+    async def close(self) -> None:
+        """Kill every sandbox this server placed (invariant 5) and release their bundles."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._monitor is not None:
+            self._monitor.cancel()
+        nodes = list(self.nodes.values())
+        await asyncio.gather(
+            *(asyncio.wait_for(_await(n.handle.kill_all.remote()), 30) for n in nodes),
+            return_exceptions=True,
+        )
+        for sid in list(self.placed):
+            self._ended(sid, lost=False)
+        for n in nodes:
+            if n.watcher is not None:
+                n.watcher.cancel()
+
+    # -- configuration -----------------------------------------------------------------
+
+    @staticmethod
+    def resolve(**kwargs: Any) -> SandboxConfig:
+        return resolve(**kwargs)
+
+    def default_tier(self, tenant: str) -> str | None:
+        _tenant(tenant)
+        return self.policy.of(tenant).default_tier
+
+    def capabilities(self) -> frozenset[str]:
+        return cluster_capabilities()
+
+    def on_ended(self, listener: Callable[[str], None]) -> Callable[[], None]:
+        self._listeners.append(listener)
+
+        def unsubscribe() -> None:
+            with contextlib.suppress(ValueError):
+                self._listeners.remove(listener)
+
+        return unsubscribe
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    async def create(
+        self,
+        tenant: str,
+        config: SandboxConfig | Mapping[str, Any],
+        *,
+        secrets: Mapping[str, str] | None = None,
+        sensitive: Mapping[str, str] | list[str] | None = None,
+        gateway_config: Any = None,
+    ) -> SandboxInfo:
+        """Place and start a sandbox for ``tenant`` (see the module's docstring)."""
+        import ray
+        from ray.util.placement_group import placement_group
+
+        _tenant(tenant)
+        if gateway_config is not None:
+            raise PolicyError("a gateway_config is a node's setting in a cluster")
+        cfg = validate_config(config)
+        if self._monitor is None:
+            await self.start()
+        policy = self.policy.of(tenant)
+        admission.check_config(policy, cfg)
+        if cfg.tier not in self.tiers():
+            raise IsolationUnavailableError(
+                f"isolation tier {cfg.tier!r} is not offered by any node of the cluster"
+            )
+        try:
+            token = self.quota.reserve(tenant, policy.quotas, cfg.limits.cpus,
+                                       cfg.limits.memory_mb)  # fmt: skip
+        except QuotaExceededError as exc:
+            if exc.retry_after is None:
+                exc.retry_after = 5.0
+            raise
+        pg = None
+        try:
+            pg = await asyncio.to_thread(
+                placement_group, [bundle_for(cfg.tier, cfg.limits.memory_mb)], "STRICT_PACK"
+            )
+            try:
+                await asyncio.wait_for(_await(pg.ready()), self.place_timeout)
+            except TimeoutError:
+                raise CapacityError(
+                    f"no cluster node has room for a {cfg.tier} sandbox now; try again later"
+                ) from None
+            table = await asyncio.to_thread(ray.util.placement_group_table, pg)
+            node_id = table["bundles_to_node_id"][0]
+            node = self.nodes.get(node_id)
+            if node is None:
+                raise SandboxDiedError("the cluster node chosen for the sandbox was lost")
+            await self._up(node)
+            try:
+                status, value = await node.handle.create.remote(
+                    tenant, cfg, dict(secrets or {}), sensitive
+                )
+            except Exception as exc:
+                if _is_ray_death(exc):
+                    self._lose_node(node_id, "its actor died")
+                    raise SandboxDiedError("the cluster node of the new sandbox was lost") from None
+                raise
+            if status == "lost":
+                self._lose_node(node_id, "it lost its raylet")
+                raise SandboxDiedError("the cluster node of the new sandbox was lost")
+            if status != "ok":
+                raise unpack_error(value)
+        except BaseException:
+            self.quota.release(token)
+            if pg is not None:
+                _remove_pg(pg)
+            raise
+        info: SandboxInfo = value
+        self.placed[info.sandbox_id] = _Placed(tenant, node_id, pg, token)
+        self.quota.bind(token, info.sandbox_id)
+        if node_id not in self.nodes:  # lost while we waited: so is the sandbox
+            self._lose_node(node_id, "lost during create")
+        return info
+
+    def node_of(self, tenant: str, sandbox_id: str) -> dict[str, Any]:
+        """Which node hosts the tenant's sandbox (its Ray node id, host, pid)."""
+        node = self._route(tenant, sandbox_id)
+        return {"node_id": node.node_id, **node.info}
+
+    async def kill(self, tenant: str, sandbox_id: str) -> bool:
+        try:
+            node = self._route(tenant, sandbox_id)
+        except SandboxError:
+            return False
+        killed = bool(await self._call(node, "kill", tenant, sandbox_id))
+        self._ended(sandbox_id, lost=False)
+        return killed
+
+    async def set_timeout(self, tenant: str, sandbox_id: str, seconds: float) -> None:
+        await self._plain("set_timeout", tenant, sandbox_id, seconds)
+
+    async def info(self, tenant: str, sandbox_id: str) -> SandboxInfo:
+        info: SandboxInfo = await self._plain("info", tenant, sandbox_id, ended_ok=True)
+        return info
+
+    async def is_running(self, tenant: str, sandbox_id: str) -> bool:
+        try:
+            return bool(await self._plain("is_running", tenant, sandbox_id, ended_ok=True))
+        except SandboxLostError:
+            return False
+
+    async def list_sandboxes(
+        self, tenant: str, *, metadata: Mapping[str, str] | None = None,
+        state: str | None = "running",
+    ) -> list[SandboxInfo]:  # fmt: skip
+        _tenant(tenant)
+        nodes = [n for n in self.nodes.values() if n.ready.done() and not n.ready.exception()]
+        got = await asyncio.gather(
+            *(self._call(n, "list_sandboxes", tenant, metadata=metadata, state=state)
+              for n in nodes),
+            return_exceptions=True,
+        )  # fmt: skip
+        out: list[SandboxInfo] = []
+        for part in got:
+            if isinstance(part, list):
+                out.extend(part)
+            elif isinstance(part, (InvalidArgumentError, PolicyError)):
+                raise part
+        return out
+
+    async def metrics(
+        self, tenant: str, sandbox_id: str, start: Any = None, end: Any = None
+    ) -> Any:
+        return await self._plain("metrics", tenant, sandbox_id, start, end)
+
+    async def open_port(self, tenant: str, sandbox_id: str, port: int) -> tuple[Any, Any]:
+        self._route(tenant, sandbox_id)
+        raise _missing("ports.open")
+
+    async def pause(self, tenant: str, sandbox_id: str) -> None:
+        await self._plain("pause", tenant, sandbox_id, ended_ok=True)
+
+    async def resume(self, tenant: str, sandbox_id: str) -> None:
+        await self._plain("resume", tenant, sandbox_id, ended_ok=True)
+
+    async def snapshot(self, tenant: str, sandbox_id: str) -> None:
+        await self._plain("snapshot", tenant, sandbox_id, ended_ok=True)
+
+    def guard(self, tenant: str, sandbox_id: str) -> Any:
+        raise PolicyError("a clustered sandbox's guard lives on its node")
+
+    async def update_network(self, tenant: str, sandbox_id: str, network: Any) -> None:
+        """Replace the egress policy; the tenant's ceiling is checked here (invariant 11)."""
+        from moat.egress import NetworkPolicy
+        from moat.engine.resolve import network_policy
+        from moat.model import NetworkConfig
+
+        if isinstance(network, NetworkConfig):
+            policy = network_policy(network)
+        else:
+            policy = NetworkPolicy.parse(network)
+        admission.check_network(self.policy.of(tenant), policy)
+        await self._plain("update_network", tenant, sandbox_id, network)
+
+    async def audit(
+        self, tenant: str, sandbox_id: str, *, denied_only: bool = False, limit: int = 1000
+    ) -> list[dict[str, Any]]:
+        """The sandbox's audit rows, from its node (guarded there), each naming the node."""
+        node = self._route(tenant, sandbox_id, ended_ok=True)
+        rows: list[dict[str, Any]] = await self._call(
+            node, "audit", tenant, sandbox_id, denied_only=denied_only, limit=limit
+        )
+        name = node.info.get("host", "?") + "/" + node.node_id[:12]
+        return [{**row, "node": name} for row in rows]
+
+    # -- code and contexts ------------------------------------------------------------
+
+    def run_code(
+        self, tenant: str, sandbox_id: str, code: str, **kwargs: Any
+    ) -> AsyncIterator[Event]:
+        async def events() -> AsyncIterator[Event]:
+            stream = await self._open("run_code", tenant, sandbox_id, (code,), kwargs)
+            async for event in stream.events():
+                yield event
+
+        return events()
+
+    async def create_context(self, tenant: str, sandbox_id: str, language: str = "python",
+                             cwd: str | None = None) -> Any:  # fmt: skip
+        return await self._plain("create_context", tenant, sandbox_id, language, cwd)
+
+    async def list_contexts(self, tenant: str, sandbox_id: str) -> Any:
+        return await self._plain("list_contexts", tenant, sandbox_id)
+
+    async def restart_context(self, tenant: str, sandbox_id: str, context: str) -> None:
+        await self._plain("restart_context", tenant, sandbox_id, context)
+
+    async def remove_context(self, tenant: str, sandbox_id: str, context: str) -> None:
+        await self._plain("remove_context", tenant, sandbox_id, context)
+
+    # -- commands and terminals -------------------------------------------------------
+
+    async def start_command(self, tenant: str, sandbox_id: str, cmd: str, **kw: Any) -> _Remote:
+        return await self._open("start_command", tenant, sandbox_id, (cmd,), kw)
+
+    async def connect_command(self, tenant: str, sandbox_id: str, pid: int) -> _Remote:
+        return await self._open("connect_command", tenant, sandbox_id, (pid,), {})
+
+    async def start_pty(self, tenant: str, sandbox_id: str, size: Any, **kw: Any) -> _Remote:
+        return await self._open("start_pty", tenant, sandbox_id, (size,), kw)
+
+    async def send_pty_input(self, tenant: str, sandbox_id: str, pid: int, data: bytes) -> None:
+        await self._plain("send_pty_input", tenant, sandbox_id, pid, data)
+
+    async def resize_pty(self, tenant: str, sandbox_id: str, pid: int, size: Any) -> None:
+        await self._plain("resize_pty", tenant, sandbox_id, pid, size)
+
+    async def send_stdin(self, tenant: str, sandbox_id: str, pid: int, data: bytes,
+                         eof: bool = False) -> None:  # fmt: skip
+        await self._plain("send_stdin", tenant, sandbox_id, pid, data, eof)
+
+    async def close_stdin(self, tenant: str, sandbox_id: str, pid: int) -> None:
+        await self._plain("close_stdin", tenant, sandbox_id, pid)
+
+    async def signal(self, tenant: str, sandbox_id: str, pid: int, signal: str = "SIGKILL") -> bool:
+        return bool(await self._plain("signal", tenant, sandbox_id, pid, signal))
+
+    async def list_commands(self, tenant: str, sandbox_id: str) -> Any:
+        return await self._plain("list_commands", tenant, sandbox_id)
+
+    # -- files ------------------------------------------------------------------------
+
+    async def read_file(self, tenant: str, sandbox_id: str, path: str,
+                        format: str = "text") -> str | bytes:  # fmt: skip
+        data: str | bytes = await self._plain("read_file", tenant, sandbox_id, path, format)
+        return data
+
+    async def write_file(
+        self, tenant: str, sandbox_id: str, path: str,
+        data: str | bytes | IO[Any] | AsyncIterator[bytes],
+        metadata: Mapping[str, str] | None = None,
+    ) -> Any:  # fmt: skip
+        node = self._route(tenant, sandbox_id)
+        if hasattr(data, "__aiter__"):
+            chunks: Any = data
+        elif isinstance(data, (str, bytes, bytearray, memoryview)) or hasattr(data, "read"):
+            chunks = file_chunks(data)
+        else:
+            raise InvalidArgumentError("data must be str, bytes or a readable file object")
+        body = bytearray()
+        async for chunk in chunks:
+            body += chunk
+            if len(body) > MAX_WRITE_BYTES:
+                raise InvalidArgumentError("the file is too large to write across the cluster")
+        return await self._remote(
+            node,
+            node.handle.write_file.remote(
+                tenant, sandbox_id, path, bytes(body), None if metadata is None else dict(metadata)
+            ),
+        )
+
+    async def list_dir(self, tenant: str, sandbox_id: str, path: str = ".", depth: int = 1) -> Any:
+        return await self._plain("list_dir", tenant, sandbox_id, path, depth)
+
+    async def stat(self, tenant: str, sandbox_id: str, path: str) -> Any:
+        return await self._plain("stat", tenant, sandbox_id, path)
+
+    async def remove(self, tenant: str, sandbox_id: str, path: str) -> None:
+        await self._plain("remove", tenant, sandbox_id, path)
+
+    async def make_dir(self, tenant: str, sandbox_id: str, path: str) -> bool:
+        return bool(await self._plain("make_dir", tenant, sandbox_id, path))
+
+    async def move(self, tenant: str, sandbox_id: str, source: str, destination: str) -> Any:
+        return await self._plain("move", tenant, sandbox_id, source, destination)
+
+    async def watch_dir(self, tenant: str, sandbox_id: str, path: str, **kw: Any) -> Any:
+        self._route(tenant, sandbox_id)
+        raise _missing("files.watch")
+
+    # -- routing ----------------------------------------------------------------------
+
+    def _route(self, tenant: str, sandbox_id: str, *, ended_ok: bool = False) -> _Node:
+        """The node of the tenant's sandbox (invariant 11: another tenant's is unknown)."""
+        _tenant(tenant)
+        sid = v.sandbox_id(sandbox_id)
+        placed = self.placed.get(sid) if sid is not None else None
+        if placed is not None and placed.tenant == tenant:
+            node = self.nodes.get(placed.node_id)
+            if node is not None:
+                return node
+            self._ended(sid or "", lost=True)
+        ended = self.ended.get(sid) if sid is not None else None
+        if ended is not None and ended[0] == tenant:
+            if ended[2]:
+                raise SandboxLostError(f"sandbox {sid} was not found: its cluster node was lost")
+            node = self.nodes.get(ended[1])
+            if node is not None and ended_ok:
+                return node
+            if node is not None:
+                return node  # the node answers why it ended (timeout, killed, died)
+            raise SandboxLostError(f"sandbox {sid} was not found: its cluster node was lost")
+        raise NotFoundError(f"sandbox {sid or '(malformed id)'} was not found")
+
+    async def _plain(self, method: str, tenant: str, sandbox_id: str, *args: Any,
+                     ended_ok: bool = False, **kwargs: Any) -> Any:  # fmt: skip
+        node = self._route(tenant, sandbox_id, ended_ok=ended_ok)
+        return await self._call(node, method, tenant, sandbox_id, *args, **kwargs)
+
+    async def _call(self, node: _Node, method: str, *args: Any, **kwargs: Any) -> Any:
+        await self._up(node)
+        return await self._remote(node, node.handle.call.remote(method, args, kwargs))
+
+    async def _remote(self, node: _Node, ref: Any) -> Any:
+        try:
+            status, value = await ref
+        except Exception as exc:
+            if _is_ray_death(exc):
+                self._lose_node(node.node_id, "its actor died")
+                raise SandboxLostError(
+                    "the sandbox was not found: its cluster node was lost"
+                ) from None
+            raise
+        if status == "lost":
+            self._lose_node(node.node_id, "it lost its raylet")
+            raise SandboxLostError("the sandbox was not found: its cluster node was lost")
+        if status != "ok":
+            raise unpack_error(value)
+        return value
+
+    async def _open(self, method: str, tenant: str, sandbox_id: str, args: tuple[Any, ...],
+                    kwargs: dict[str, Any]) -> _Remote:  # fmt: skip
+        node = self._route(tenant, sandbox_id)
+        await self._up(node)
+        sid, pid = await self._remote(
+            node, node.handle.open_stream.remote(method, (tenant, sandbox_id, *args), kwargs)
+        )
+        return _Remote(self, node, sid, pid)
+
+
+class _Remote:
+    """A stream on a node: its pid (commands, terminals) and its events, pulled in batches."""
+
+    def __init__(self, door: ClusterFrontDoor, node: _Node, stream_id: str, pid: int | None):
+        self._door = door
+        self._node = node
+        self._id = stream_id
+        self.pid = pid if pid is not None else 0
+
+    async def events(self) -> AsyncIterator[Event]:
+        node = self._node
+        done = False
+        try:
+            while not done:
+                events, done, err = await self._door._remote(
+                    node, node.handle.pull.remote(self._id, PULL_WAIT_S)
+                )
+                for event in events:
+                    yield event
+                if err is not None:
+                    raise unpack_error(err)
+        finally:
+            if not done:  # the reader left early: the node cancels the call
+                with contextlib.suppress(Exception):
+                    node.handle.close_stream.remote(self._id)
+
+
+async def _await(ref: Any) -> Any:
+    return await ref
+
+
+def _remove_pg(pg: Any) -> None:
+    from ray.util.placement_group import remove_placement_group
+
+    try:
+        remove_placement_group(pg)
+    except Exception:  # already gone with the cluster
+        log.debug("placement group removal failed", exc_info=True)
+
+
+def _is_ray_death(exc: BaseException) -> bool:
+    from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+
+    return isinstance(exc, (ActorDiedError, ActorUnavailableError, RayActorError))
+
+
+def _tenant(tenant: Any) -> None:
+    if not isinstance(tenant, str) or not 0 < len(tenant) <= 128:
+        raise InvalidArgumentError("tenant must be a non-empty str")
+
+
+def _missing(capability: str) -> PolicyError:
+    return PolicyError(f"this engine lacks the capability {capability!r} (not on a cluster yet)")

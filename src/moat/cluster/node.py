@@ -1,0 +1,351 @@
+"""The node: one long-lived Ray actor per machine hosting moat's unchanged front door.
+
+Trust domain: host engine (the node's). The actor runs the node's own ``FrontDoor`` and
+``Engine`` (runtimes, egress gateway, guard, audit, warm pool, sweep) exactly as a single
+host does; what leaves it is what the front door returns: guarded results and events
+(invariant 4). Frames, the gateway and secrets' substitution never leave the node.
+
+Errors cross as ``("err", packed)`` values, never as raised exceptions: Ray would append
+the node's traceback to the message (invariant 8), and moat's errors carry structured
+fields that plain pickling of an exception loses. Streams (code, commands, terminals)
+cross by pulling: a pump per stream moves the front door's events into a bounded queue,
+and the server takes up to ``PULL_MAX_ITEMS`` / ``PULL_MAX_BYTES`` per call, waiting at
+most ``wait`` seconds for the first one (a long poll: one Ray call per batch, not per event).
+
+The node's sandboxes die with it (invariant 5): a thread watches the raylet (this worker's
+parent); when it dies the actor kills every sandbox, drains the reaper and exits, and what a
+harder death leaves is owned by a dead process, which ``moat node``'s sweep removes before
+the node advertises capacity again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator, Mapping
+from typing import Any, Final
+
+from moat import errors
+from moat.errors import InvalidArgumentError, SandboxError
+
+log = logging.getLogger("moat.cluster.node")
+
+__all__ = ["NodeActor", "pack_error", "unpack_error"]
+
+#: Events one pull returns at most, and the text/bytes they carry at most (a pull of a
+#: chatty command stays a bounded Ray object).
+PULL_MAX_ITEMS: Final = 512
+PULL_MAX_BYTES: Final = 1 << 20
+#: Events a stream's pump holds unread before it waits for the server (backpressure).
+STREAM_QUEUE: Final = 1024
+#: How often the raylet watcher looks, and how long the node's last kill may take.
+WATCH_PERIOD_S: Final = 0.2
+LAST_KILL_S: Final = 5.0
+#: Ended sandbox ids a node remembers for the server's watch.
+MAX_ENDED_IDS: Final = 4096
+
+#: The front door's methods a server may call as plain request/reply.
+PLAIN: Final = frozenset(
+    {
+        "kill", "set_timeout", "info", "is_running", "list_sandboxes", "metrics",
+        "update_network", "audit", "create_context", "list_contexts", "restart_context",
+        "remove_context", "send_pty_input", "resize_pty", "send_stdin", "close_stdin",
+        "signal", "list_commands", "read_file", "list_dir", "stat", "remove", "make_dir",
+        "move", "pause", "resume", "snapshot",
+    }
+)  # fmt: skip
+#: The front door's methods that return a stream of events.
+STREAMS: Final = frozenset({"run_code", "start_command", "connect_command", "start_pty"})
+
+_END = object()
+
+
+def pack_error(exc: BaseException) -> tuple[str, str, dict[str, Any]]:
+    """A moat error as plain data (class name, message, fields); anything else becomes a
+    bare SandboxError whose message names no host detail (invariant 8)."""
+    if isinstance(exc, SandboxError) and getattr(errors, type(exc).__name__, None) is type(exc):
+        plain = (str, int, float, list, type(None))
+        fields = {k: v for k, v in vars(exc).items() if isinstance(v, plain)}
+        return type(exc).__name__, str(exc), fields
+    log.error("node call failed: %r", exc)  # the detail stays in the node's log
+    return "SandboxError", "internal error on the cluster node", {}
+
+
+def unpack_error(packed: tuple[str, str, dict[str, Any]]) -> SandboxError:
+    """The error :func:`pack_error` packed, rebuilt on this side (a fresh traceback)."""
+    name, message, fields = packed
+    cls = getattr(errors, name, None)
+    if not (isinstance(cls, type) and issubclass(cls, SandboxError)):
+        return SandboxError("internal error on the cluster node")
+    exc = cls.__new__(cls)
+    Exception.__init__(exc, message)
+    for key, value in fields.items():
+        setattr(exc, key, value)
+    return exc
+
+
+def _size(event: Any) -> int:
+    for name in ("text", "data", "line"):
+        value = getattr(event, name, None)
+        if isinstance(value, (str, bytes)):
+            return len(value)
+    return 64
+
+
+class _Pump:
+    """One stream's events, moved into a bounded queue by a task on the actor's loop."""
+
+    def __init__(self, events: AsyncIterator[Any]) -> None:
+        self.queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=STREAM_QUEUE)
+        self.task = asyncio.get_running_loop().create_task(self._run(events))
+
+    async def _run(self, events: AsyncIterator[Any]) -> None:
+        try:
+            async for event in events:
+                await self.queue.put(event)
+            await self.queue.put(_END)
+        except SandboxError as exc:
+            await self.queue.put(exc)
+        except Exception as exc:  # noqa: BLE001 - packed by pull(): no host detail crosses
+            await self.queue.put(exc)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # the server closed the stream
+            # the call was cancelled under us (its sandbox was killed): the server must learn
+            # it ended, or its pull would wait on a stream that never ends
+            await self.queue.put(errors.SandboxDiedError("the call ended with its sandbox"))
+        finally:
+            aclose = getattr(events, "aclose", None)
+            if aclose is not None:
+                with contextlib.suppress(BaseException):
+                    await aclose()
+
+    async def pull(self, wait: float) -> tuple[list[Any], bool, Any]:
+        """(events, done, packed error or None)."""
+        try:
+            first = await asyncio.wait_for(self.queue.get(), wait)
+        except TimeoutError:
+            return [], False, None
+        out: list[Any] = []
+        size = 0
+        item = first
+        while True:
+            if item is _END:
+                return out, True, None
+            if isinstance(item, BaseException):
+                return out, True, pack_error(item)
+            out.append(item)
+            size += _size(item)
+            if len(out) >= PULL_MAX_ITEMS or size >= PULL_MAX_BYTES:
+                return out, False, None
+            try:
+                item = self.queue.get_nowait()
+            except asyncio.QueueEmpty:
+                return out, False, None
+
+    async def close(self) -> None:
+        if not self.task.done():
+            self.task.cancel()
+            with contextlib.suppress(BaseException):
+                await self.task
+
+
+class NodeActor:
+    """The node's front door behind Ray calls. Created by the clustered server with
+    ``num_cpus=0`` and hard node affinity (``moat.cluster.door``); every method is async
+    (one event loop: the engine's)."""
+
+    def __init__(self) -> None:
+        from moat.engine.api import FrontDoor
+        from moat.engine.tenants import TenantPolicies
+
+        # Quotas and tenancy limits are the server's, across nodes; the node enforces what a
+        # sandbox's own config says (limits, network, guard), as any host does.
+        self.front = FrontDoor(policy=TenantPolicies())
+        self.streams: dict[str, _Pump] = {}
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.parent = os.getppid()  # the raylet that started this worker
+        self.lost = False  # the raylet is gone: every call answers "lost" from now on
+        #: ids of sandboxes that ended, for the server (``ended_since``); bounded
+        self._ended: collections.deque[str] = collections.deque(maxlen=MAX_ENDED_IDS)
+        self._ended_base = 0  # how many ids fell off the deque's front
+        self._ended_event: asyncio.Event | None = None
+        self.front.on_ended(self._on_end)
+        threading.Thread(target=self._watch_raylet, name="moat-raylet-watch", daemon=True).start()
+
+    def _on_end(self, sandbox_id: str) -> None:
+        if len(self._ended) == self._ended.maxlen:
+            self._ended_base += 1
+        self._ended.append(sandbox_id)
+        if self._ended_event is not None:
+            self._ended_event.set()
+
+    async def ended_since(self, cursor: int, wait: float) -> tuple[int, list[str], bool]:
+        """Sandboxes that ended after ``cursor`` (a long poll of up to ``wait`` seconds), and
+        whether this node is lost (its sandboxes then are lost, not ended)."""
+        if self._ended_event is None:
+            self._ended_event = asyncio.Event()
+        end = self._ended_base + len(self._ended)
+        if cursor >= end and not self.lost:
+            self._ended_event.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._ended_event.wait(), min(max(wait, 0.0), 30.0))
+            end = self._ended_base + len(self._ended)
+        if self.lost:
+            return cursor, [], True
+        start = max(cursor - self._ended_base, 0)
+        return end, list(self._ended)[start:], False
+
+    # -- lifecycle of the node -----------------------------------------------------------
+
+    async def ready(self) -> dict[str, Any]:
+        """Who this node is: its Ray node id, host name, usable tiers and memory."""
+        import ray
+
+        self.loop = asyncio.get_running_loop()
+        probes = await asyncio.to_thread(self.front.engine.doctor)
+        return {
+            "node_id": ray.get_runtime_context().get_node_id(),
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "probed": [t for t, why in probes.items() if why is None],
+            "rss_bytes": _rss(),
+        }
+
+    async def stats(self) -> dict[str, Any]:
+        return {"rss_bytes": _rss(), "sandboxes": len(self.front.engine.sessions)}
+
+    async def kill_all(self) -> int:
+        """Kill every sandbox of this node (the server's shutdown)."""
+        sessions = list(self.front.engine.sessions.values())
+        await asyncio.gather(*(s.kill("killed") for s in sessions), return_exceptions=True)
+        return len(sessions)
+
+    def _watch_raylet(self) -> None:
+        """Invariant 5: the raylet died (SIGKILL, a lost machine): kill every sandbox of this
+        node and exit; the server then finds the actor dead (and, sooner, answered "lost").
+
+        Ray's own worker may exit at any moment once its raylet is gone, cutting a cleanup
+        short; so first a detached sweeper starts that waits for this process to end and
+        then sweeps what it left (the sweep removes only what dead owners held)."""
+        while os.getppid() == self.parent:
+            time.sleep(WATCH_PERIOD_S)
+        log.warning("the raylet is gone: killing this node's sandboxes")
+        self.lost = True
+        loop = self.loop
+        if loop is not None and self._ended_event is not None:
+            loop.call_soon_threadsafe(self._ended_event.set)
+        tiers = sorted(self.front.engine._swept)  # the tiers this engine used
+        if tiers:
+            with contextlib.suppress(OSError):
+                subprocess.Popen(
+                    [sys.executable, "-m", "moat.cluster.launch", "--sweep-after",
+                     str(os.getpid()), *tiers],
+                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL, start_new_session=True,
+                )  # fmt: skip
+        if loop is not None:
+            with contextlib.suppress(Exception):
+                asyncio.run_coroutine_threadsafe(self.kill_all(), loop).result(LAST_KILL_S)
+        from moat.runtime import reaper
+
+        reaper.drain(LAST_KILL_S)
+        os._exit(1)
+
+    # -- calls ------------------------------------------------------------------------
+
+    async def create(
+        self,
+        tenant: str,
+        config: Any,
+        secrets_: Mapping[str, str] | None,
+        sensitive: Any,
+    ) -> tuple[str, Any]:
+        if self.lost:
+            return "lost", None
+        try:
+            info = await self.front.create(tenant, config, secrets=secrets_, sensitive=sensitive)
+        except Exception as exc:  # noqa: BLE001 - every failure crosses as data (invariant 8)
+            return "err", pack_error(exc)
+        return "ok", info
+
+    async def call(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if self.lost:
+            return "lost", None
+        if method not in PLAIN:
+            return "err", pack_error(InvalidArgumentError(f"no node call {method!r}"))
+        try:
+            return "ok", await getattr(self.front, method)(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - every failure crosses as data (invariant 8)
+            return "err", pack_error(exc)
+
+    async def write_file(
+        self, tenant: str, sandbox_id: str, path: str, data: bytes, metadata: Any
+    ) -> tuple[str, Any]:
+        if self.lost:
+            return "lost", None
+        try:
+            entry = await self.front.write_file(tenant, sandbox_id, path, data, metadata)
+        except Exception as exc:  # noqa: BLE001 - every failure crosses as data (invariant 8)
+            return "err", pack_error(exc)
+        return "ok", entry
+
+    async def open_stream(
+        self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[str, Any]:
+        """Start a streaming call: ("ok", (stream id, pid or None))."""
+        if self.lost:
+            return "lost", None
+        if method not in STREAMS:
+            return "err", pack_error(InvalidArgumentError(f"no node stream {method!r}"))
+        try:
+            result = getattr(self.front, method)(*args, **kwargs)
+            if asyncio.iscoroutine(result):
+                result = await result
+        except Exception as exc:  # noqa: BLE001 - every failure crosses as data (invariant 8)
+            return "err", pack_error(exc)
+        pid = getattr(result, "pid", None)
+        events = result.events() if hasattr(result, "events") else result
+        sid = secrets.token_hex(8)
+        self.streams[sid] = _Pump(events)
+        return "ok", (sid, pid)
+
+    async def pull(self, stream_id: str, wait: float) -> tuple[str, Any]:
+        """("ok", (events, done, packed error or None)), or ("lost", None)."""
+        if self.lost:
+            return "lost", None
+        pump = self.streams.get(stream_id)
+        if pump is None:
+            return "ok", ([], True, pack_error(errors.NotFoundError("no such stream")))
+        events, done, err = await pump.pull(min(max(wait, 0.0), 30.0))
+        if done:
+            self.streams.pop(stream_id, None)
+        if self.lost:  # lost while waiting: what it saw is not a normal end
+            return "lost", None
+        return "ok", (events, done, err)
+
+    async def close_stream(self, stream_id: str) -> None:
+        pump = self.streams.pop(stream_id, None)
+        if pump is not None:
+            await pump.close()
+
+
+def _rss() -> int:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0

@@ -1,0 +1,439 @@
+"""moat on a real Ray cluster (issue 13): a head and two moat nodes on loopback, one per module.
+
+Node A advertises the container tier only, node B container and gVisor (``moat node
+--tiers``); microVM is advertised nowhere. The server side is a ``ClusterFrontDoor`` in this
+process (and, for the E2B SDK, a real ``moat serve --cluster``). Every check of containment
+is made from outside: processes and cgroups in /proc and /sys, a listener's accept count.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from tests.cluster_support import (
+    MOAT,
+    Cluster,
+    alive,
+    children,
+    descendants,
+    kill_raylet,
+    start_cluster,
+    wait_nodes,
+)
+from tests.server_support import free_port, new_key
+
+from moat.cluster.door import ClusterFrontDoor
+from moat.errors import (
+    CapacityError,
+    IsolationUnavailableError,
+    NotFoundError,
+    QuotaExceededError,
+    SandboxError,
+    SandboxLostError,
+)
+from moat.model import End, Output, Started
+
+pytestmark = [pytest.mark.container, pytest.mark.gvisor, pytest.mark.slow]
+
+SLOTS = 3  # per node: 6 sandboxes fill the cluster
+PLACE_TIMEOUT = 3.0
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    import ray
+
+    c = start_cluster(tmp_path_factory.mktemp("cluster"))
+    try:
+        ray.init(address=c.address, namespace="moat", log_to_driver=False,
+                 configure_logging=False)  # fmt: skip
+        # one at a time: two raylets registering at once time out on a busy 2-core host
+        c.add_node("a", "container", SLOTS)
+        wait_nodes(1)
+        c.add_node("b", "container,gvisor", SLOTS)
+        wait_nodes(2)
+        yield c
+    finally:
+        ray.shutdown()
+        c.stop()
+
+
+@pytest.fixture(scope="module")
+def loop() -> Iterator[asyncio.AbstractEventLoop]:
+    lp = asyncio.new_event_loop()
+    yield lp
+    lp.close()
+
+
+@pytest.fixture(scope="module")
+def door(cluster: Cluster, loop: asyncio.AbstractEventLoop) -> Iterator[ClusterFrontDoor]:
+    d = ClusterFrontDoor(cluster.address, place_timeout=PLACE_TIMEOUT)
+    loop.run_until_complete(d.start(min_nodes=2))
+    yield d
+    loop.run_until_complete(d.close())
+
+
+def run(loop: asyncio.AbstractEventLoop, coro: Any) -> Any:
+    return loop.run_until_complete(coro)
+
+
+async def command(door: ClusterFrontDoor, tenant: str, sid: str, cmd: str) -> tuple[str, int]:
+    handle = await door.start_command(tenant, sid, cmd)
+    out, code = [], -1
+    async for event in handle.events():
+        if isinstance(event, Output):
+            out.append(event.text)
+        elif isinstance(event, End):
+            code = event.exit_code if event.exit_code is not None else -1
+    return "".join(out), code
+
+
+def create(loop: asyncio.AbstractEventLoop, door: ClusterFrontDoor, tenant: str, tier: str,
+           **kw: Any) -> str:  # fmt: skip
+    info = run(loop, door.create(tenant, door.resolve(isolation=tier, timeout=300), **kw))
+    return str(info.sandbox_id)
+
+
+def node_name(cluster: Cluster, door: ClusterFrontDoor, tenant: str, sid: str) -> str:
+    """Which of the cluster's nodes hosts the sandbox: its actor's parent is that raylet."""
+    pid = door.node_of(tenant, sid)["pid"]
+    raylet = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    for name, node in cluster.nodes.items():
+        if raylet in children(node.proc.pid):
+            return name
+    raise AssertionError("the sandbox's actor runs under no known raylet")
+
+
+def test_sandboxes_land_on_a_node_owning_their_tier(
+    cluster: Cluster, door: ClusterFrontDoor, loop: asyncio.AbstractEventLoop
+) -> None:
+    gv = create(loop, door, "t-tier", "gvisor")
+    ct = create(loop, door, "t-tier", "container")
+    try:
+        assert node_name(cluster, door, "t-tier", gv) == "b"  # only B advertises gVisor
+        assert run(loop, door.info("t-tier", gv)).tier == "gvisor"
+        for sid in (gv, ct):
+            out, code = run(loop, command(door, "t-tier", sid, "echo placed; echo e >&2"))
+            assert (out, code) == ("placed\ne\n", 0)
+        # another tenant's id answers exactly like an unknown one (invariant 11)
+        with pytest.raises(NotFoundError, match=f"sandbox {gv} was not found"):
+            run(loop, door.info("t-other", gv))
+    finally:
+        for sid in (gv, ct):
+            run(loop, door.kill("t-tier", sid))
+
+
+def test_a_tier_no_node_advertises_fails_closed(
+    door: ClusterFrontDoor, loop: asyncio.AbstractEventLoop
+) -> None:
+    import ray
+
+    before = len(ray.util.placement_group_table())
+    t0 = time.monotonic()
+    with pytest.raises(IsolationUnavailableError, match="'microvm' is not offered"):
+        create(loop, door, "t-closed", "microvm")
+    assert time.monotonic() - t0 < 2  # refused at once, no wait for a bundle
+    assert len(ray.util.placement_group_table()) == before  # nothing reserved
+
+
+def test_a_full_cluster_gives_a_clear_error_then_room_again(
+    door: ClusterFrontDoor, loop: asyncio.AbstractEventLoop
+) -> None:
+    made: list[str] = []
+    try:
+        for _ in range(2 * SLOTS):
+            made.append(create(loop, door, "t-full", "container"))
+        t0 = time.monotonic()
+        with pytest.raises(CapacityError, match="no cluster node has room"):
+            create(loop, door, "t-full", "container")
+        waited = time.monotonic() - t0
+        assert PLACE_TIMEOUT - 0.5 < waited < PLACE_TIMEOUT + 5  # bounded wait, then the error
+        run(loop, door.kill("t-full", made.pop()))  # its bundle is released at once
+        made.append(create(loop, door, "t-full", "container"))
+    finally:
+        for sid in made:
+            run(loop, door.kill("t-full", sid))
+
+
+def test_a_kill_ends_the_streams_open_on_it(
+    door: ClusterFrontDoor, loop: asyncio.AbstractEventLoop
+) -> None:
+    """A command streaming from a node ends (with an error) when its sandbox is killed: the
+    server's pull must not wait on a stream that never ends (E2B's killed-during-run test)."""
+    sid = create(loop, door, "t-kill", "container")
+
+    async def scenario() -> BaseException | None:
+        handle = await door.start_command("t-kill", sid, "sleep 60")
+        events = handle.events()
+        assert isinstance(await anext(events), Started)
+        pending = asyncio.ensure_future(anext(events))
+        await asyncio.sleep(0.3)
+        await door.kill("t-kill", sid)
+        try:
+            await asyncio.wait_for(pending, 10)
+        except SandboxError as exc:
+            return exc
+        except StopAsyncIteration:
+            return None
+        return None
+
+    t0 = time.monotonic()
+    ended = run(loop, scenario())
+    assert time.monotonic() - t0 < 10
+    assert isinstance(ended, SandboxError), ended
+
+
+def test_a_tenants_quota_holds_across_nodes(
+    cluster: Cluster, door: ClusterFrontDoor, loop: asyncio.AbstractEventLoop
+) -> None:
+    """The server keeps the tenant's quota for the whole cluster (invariant 11): two sandboxes
+    on two nodes count as two, and another tenant is not held back."""
+    from moat.engine.tenants import Quotas, TenantPolicies, TenantPolicy
+
+    saved = door.policy
+    door.policy = TenantPolicies(tenants={"t-quota": TenantPolicy(quotas=Quotas(sandboxes=2))})
+    made: list[tuple[str, str]] = []
+    try:
+        for _ in range(8):  # until one is on each node
+            if len({node_name(cluster, door, t, s) for t, s in made}) == 2:
+                break
+            if len(made) == 2:
+                run(loop, door.kill(*made.pop(0)))
+            made.append(("t-quota", create(loop, door, "t-quota", "container")))
+        assert len({node_name(cluster, door, t, s) for t, s in made}) == 2
+        with pytest.raises(QuotaExceededError):
+            create(loop, door, "t-quota", "container")
+        made.append(("t-free", create(loop, door, "t-free", "container")))
+    finally:
+        door.policy = saved
+        for tenant, sid in made:
+            run(loop, door.kill(tenant, sid))
+
+
+def _listener() -> tuple[socket.socket, list[Any]]:
+    """A canary listener on every interface (as Ray's ports are): counts what arrives."""
+    srv = socket.socket()
+    srv.bind(("0.0.0.0", 0))
+    srv.listen(8)
+    got: list[Any] = []
+
+    def accept() -> None:
+        while True:
+            try:
+                got.append(srv.accept())
+            except OSError:
+                return
+
+    threading.Thread(target=accept, daemon=True).start()
+    return srv, got
+
+
+PROBE = r"""
+import os, socket, sys
+out = []
+for host, port in [(h, int(p)) for h, p in (a.split(":") for a in sys.argv[1:])]:
+    try:
+        socket.create_connection((host, port), timeout=3).close(); out.append("direct-open")
+    except OSError:
+        out.append("direct-refused")
+    proxy = os.environ.get("HTTP_PROXY") or os.environ.get("http_proxy")
+    ph, pp = proxy.rsplit("/", 1)[-1].rsplit(":", 1)
+    s = socket.create_connection((ph, int(pp)), timeout=5)
+    s.sendall(f"CONNECT {host}:{port} HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n".encode())
+    out.append(s.recv(64).split(b"\r\n")[0].decode())
+print(" | ".join(out))
+"""
+
+
+def test_guard_egress_and_ray_ports_on_a_remote_node(
+    cluster: Cluster, door: ClusterFrontDoor, loop: asyncio.AbstractEventLoop
+) -> None:
+    canary = "moat-canary-" + os.urandom(6).hex()
+    sid = create(loop, door, "t-guard", "container", sensitive=[canary])
+    srv, got = _listener()
+    try:
+        out, _ = run(loop, command(door, "t-guard", sid, f"echo {canary}"))
+        assert canary not in out and "[REDACTED" in out  # guarded on the node (invariant 4)
+        gcs_port = cluster.address.rsplit(":", 1)[1]
+        host_ip = socket.gethostbyname(socket.gethostname())
+        canary_port = srv.getsockname()[1]
+        targets = [f"127.0.0.1:{gcs_port}", f"{host_ip}:{gcs_port}", f"127.0.0.1:{canary_port}",
+                   f"{host_ip}:{canary_port}"]  # fmt: skip
+        run(loop, door.write_file("t-guard", sid, "/tmp/probe.py", PROBE))
+        out, _ = run(loop, command(door, "t-guard", sid,
+                                   "python3 /tmp/probe.py " + " ".join(targets)))  # fmt: skip
+        answers = out.strip().split(" | ")
+        assert answers[0::2] == ["direct-refused"] * 4, out  # no route to any host port
+        assert all(" 403" in a or " 502" in a for a in answers[1::2]), out  # gateway says no
+        time.sleep(0.5)
+        assert got == []  # from outside: nothing reached the listener (positive control below)
+        rows = run(loop, door.audit("t-guard", sid, denied_only=True))
+        ports = {r.get("port") for r in rows if r.get("kind") == "egress"}
+        assert int(gcs_port) in ports, rows  # the Ray port, audited as denied
+        assert all(r["node"].endswith(door.node_of("t-guard", sid)["node_id"][:12]) for r in rows)
+        # `moat audit --cluster` merges every node's trail and names the node of each row
+        out = subprocess.run(
+            [*MOAT, "audit", "--cluster", cluster.address, "--sandbox", sid, "--denied", "--json"],
+            capture_output=True, text=True, timeout=120, check=True,
+        ).stdout  # fmt: skip
+        merged = json.loads(out)
+        assert {r["port"] for r in merged if r["kind"] == "egress"} >= {int(gcs_port)}
+        node_id = door.node_of("t-guard", sid)["node_id"][:12]
+        assert {r["node"].split("/")[1] for r in merged} == {node_id}
+        # positive control: the listener does count a connection from outside a sandbox
+        socket.create_connection(("127.0.0.1", canary_port), timeout=3).close()
+        time.sleep(0.3)
+        assert len(got) == 1
+    finally:
+        srv.close()
+        run(loop, door.kill("t-guard", sid))
+
+
+def test_the_e2b_sdk_drives_a_clustered_server(cluster: Cluster, tmp_path: Path) -> None:
+    from e2b_code_interpreter import Sandbox
+
+    port = free_port()
+    log = tmp_path / "serve.log"
+    env = {**os.environ, "MOAT_WARM_POOL": "0"}
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [*MOAT, "serve", "--host", "127.0.0.1", "--port", str(port), "--tier", "container",
+             "--cluster", cluster.address],
+            stdout=out, stderr=subprocess.STDOUT, env=env,
+        )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        import httpx
+
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(url + "/health", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.5)
+        key = new_key("t-sdk")
+        os.environ["E2B_API_URL"] = os.environ["E2B_SANDBOX_URL"] = url
+        sbx = Sandbox.create(api_key=key, timeout=120)
+        try:
+            assert sbx.run_code("6 * 7").text == "42"
+            assert sbx.commands.run("echo clustered").stdout == "clustered\n"
+            sbx.files.write("/tmp/x.txt", "over the cluster")
+            assert sbx.files.read("/tmp/x.txt") == "over the cluster"
+        finally:
+            sbx.kill()
+        assert not sbx.is_running()
+    finally:
+        os.environ.pop("E2B_API_URL", None)
+        os.environ.pop("E2B_SANDBOX_URL", None)
+        proc.terminate()
+        assert proc.wait(60) == 0, log.read_text()[-3000:]
+
+
+def test_node_loss_gives_sandbox_lost_and_leaves_nothing(
+    cluster: Cluster, door: ClusterFrontDoor, loop: asyncio.AbstractEventLoop
+) -> None:
+    """Last in the module: it kills a node. SIGKILL its raylet (by pid): the next call for
+    its sandboxes raises SandboxLostError within 5 s, never a re-creation; the bundles are
+    released; no process or cgroup of its sandboxes is left; the other node keeps serving."""
+    import ray
+
+    made: dict[str, str] = {}
+    for _ in range(4):  # one sandbox on each node
+        sid = create(loop, door, "t-loss", "container")
+        made.setdefault(node_name(cluster, door, "t-loss", sid), sid)
+        if len(made) == 2:
+            break
+    assert len(made) == 2
+    victim, survivor = made["a"], made["b"]
+    run(loop, command(door, "t-loss", victim, "sleep 600 >/dev/null 2>&1 &"))
+    actor_pid = door.node_of("t-loss", victim)["pid"]
+    procs = descendants(actor_pid)
+    assert procs  # the victim's sandbox runs under the node's actor
+    pg = door.placed[victim].pg.id.hex()
+
+    killed_at = kill_raylet(cluster.nodes["a"])
+    while True:
+        try:
+            run(loop, door.list_commands("t-loss", victim))
+        except SandboxLostError as exc:
+            assert "was not found" in str(exc)  # the E2B SDKs' 502 shape
+            break
+        assert time.monotonic() - killed_at < 5
+        time.sleep(0.1)
+    lost_after = time.monotonic() - killed_at
+    assert lost_after < 5
+    assert not run(loop, door.is_running("t-loss", victim))
+    with pytest.raises(SandboxLostError):
+        run(loop, door.info("t-loss", victim))
+    # the bundle is released, not rescheduled onto the survivor
+    assert ray.util.placement_group_table()[pg]["state"] == "REMOVED"
+    # nothing of the node's sandboxes is left (invariant 5), seen from outside
+    deadline = time.monotonic() + 10
+    while any(alive(p) for p in procs | {actor_pid}) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not [p for p in procs | {actor_pid} if alive(p)]
+    cgroups = [
+        f"{d}/{n}" for root in Path("/sys/fs/cgroup").glob("*")
+        for d, names, _ in os.walk(root) for n in names if f".{actor_pid}." in n
+    ]  # fmt: skip
+    assert cgroups == []
+    # the survivor keeps serving
+    assert run(loop, command(door, "t-loss", survivor, "echo alive")) == ("alive\n", 0)
+    run(loop, door.kill("t-loss", survivor))
+    print(f"lost after {lost_after:.2f} s")
+
+
+def cgroups_of(pid: int) -> list[str]:
+    """Sandbox cgroups whose owner (in their name) is ``pid``."""
+    return [
+        f"{d}/{n}" for root in Path("/sys/fs/cgroup").glob("*")
+        for d, names, _ in os.walk(root) for n in names if "sbx-" in n and f".{pid}." in n
+    ]  # fmt: skip
+
+
+def test_a_returning_node_sweeps_before_it_advertises(
+    cluster: Cluster, door: ClusterFrontDoor, loop: asyncio.AbstractEventLoop
+) -> None:
+    """A node killed hard (its actor and its raylet at once: no cleanup ran) leaves cgroups;
+    the same machine's next ``moat node`` sweeps them before it joins."""
+    state = cluster.nodes["a"].state
+    cluster.add_node("a2", "container", SLOTS, state=state)
+    wait_nodes(2)
+    run(loop, door.start(min_nodes=2))
+    sid = ""
+    for _ in range(4):
+        sid = create(loop, door, "t-back", "container")
+        if node_name(cluster, door, "t-back", sid) == "a2":
+            break
+    assert node_name(cluster, door, "t-back", sid) == "a2"
+    actor = door.node_of("t-back", sid)["pid"]
+    assert cgroups_of(actor)
+    os.kill(actor, 9)  # no last kill by the node: what it held stays behind
+    kill_raylet(cluster.nodes["a2"])
+    with pytest.raises(SandboxLostError):
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            run(loop, door.list_commands("t-back", sid))
+            time.sleep(0.2)
+    left = cgroups_of(actor)
+    back = cluster.add_node("a3", "container", SLOTS, state=state)
+    deadline = time.monotonic() + 90
+    while "joining" not in back.log.read_text():
+        assert back.proc.poll() is None and time.monotonic() < deadline, back.log.read_text()
+        time.sleep(0.2)
+    log = back.log.read_text()
+    assert "moat node: swept" in log.split("joining")[0]  # the sweep ran before it joined
+    assert [g for g in left if os.path.exists(g)] == []  # the leftovers are gone
