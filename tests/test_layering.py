@@ -36,8 +36,10 @@ ALLOWED: dict[str, set[str]] = {
     "egress": {"errors", "model", "protocol", "paths", "guard", "store"},
     "engine": {
         "errors", "model", "protocol", "paths", "profiles", "runtime", "egress", "guard",
-        "store",
+        "store", "templates",
     },
+    # built template roots (issue 12): their layout and checks; builders run sandboxes
+    "templates": {"errors", "paths", "model", "protocol", "runtime"},
     # generated wire stubs of E2B envd (Connect RPC): shared by the server and the SDK's HTTP
     # transport, so neither face imports the other
     "envd": set(),
