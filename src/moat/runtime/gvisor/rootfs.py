@@ -84,13 +84,13 @@ def write_skeleton(
         for name, target in SKELETON_SYMLINKS:
             os.symlink(target, rootfs / name)
     for op in template or ():
-        path = rootfs / op.path
+        point = rootfs / op.path
         if op.op == "link":
-            os.symlink(op.target, path)
+            os.symlink(op.target, point)
         elif op.op == "dir" or op.kind == "dir":
-            path.mkdir(mode=0o755, exist_ok=True)
+            point.mkdir(mode=0o755, exist_ok=True)
         else:
-            path.touch(mode=0o644)
+            point.touch(mode=0o644)
     (rootfs / NODEV_FILE).touch(mode=0o000)  # bound over unwanted devices (oci.py)
     os.chmod(rootfs / NODEV_FILE, 0o000)
     etc = rootfs / "etc"
