@@ -46,8 +46,9 @@ def qemu_version(binary: str) -> str:
     return out.splitlines()[0] if out else "unknown"
 
 
-def key(cfg: qemu.VMConfig, arts: artifacts.Artifacts, initrd_digest: str) -> str:
-    """The snapshot key of a VM configuration (paths and fds excluded: they vary per run)."""
+def key(cfg: qemu.VMConfig, arts: artifacts.Artifacts, initrd_digest: str, image: str = "") -> str:
+    """The snapshot key of a VM configuration (paths and fds excluded: they vary per run);
+    ``image``: the digest of a template's root image (issue 12), "" for the host's /usr."""
     parts = {
         "artifacts": arts.digest,
         "initrd": initrd_digest,
@@ -64,6 +65,8 @@ def key(cfg: qemu.VMConfig, arts: artifacts.Artifacts, initrd_digest: str) -> st
             )
         ),
     }  # fmt: skip
+    if image:
+        parts["image"] = image
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
 
 
