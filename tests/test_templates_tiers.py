@@ -19,10 +19,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from tests import template_support
 
 from moat import InvalidArgumentError, Sandbox
 from moat.templates import ref
-from tests import template_support
 
 NAME = "tt-debian"
 MARKER = "/usr/share/moat-test/marker.txt"
