@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 from tests import template_support
+from tests.conftest import require_tier
 
 from moat import InvalidArgumentError, Sandbox
 from moat.templates import ref
@@ -152,7 +153,7 @@ def test_root_with_a_device_node_is_refused(tmp_path: Path) -> None:
     node = found.rootfs / "dev" / "null"
     if not node.exists():
         os.mknod(node, stat.S_IFCHR | 0o666, os.makedev(1, 3))
-    with pytest.raises(InvalidArgumentError, match="device node.* at /dev/null"):
+    with pytest.raises(InvalidArgumentError, match=r"device node.* at /dev/null"):
         Sandbox.create(template="tt-devnode", isolation="container", timeout=60)
 
 
@@ -160,3 +161,28 @@ def test_template_of_another_user_is_refused(tmp_path: Path) -> None:
     template_support.install("tt-root-user", src=_small_root(tmp_path, python=True), user="root")
     with pytest.raises(InvalidArgumentError, match="only the sandbox user"):
         Sandbox.create(template="tt-root-user", isolation="container", timeout=60)
+
+
+def test_e2b_sdk_creates_a_sandbox_of_a_built_template(
+    template: tuple[ref.TemplateRef, str], tmp_path: Path
+) -> None:
+    """Over the wire: ``templateID`` names a built template; an unknown one is a 400."""
+    import httpx
+    from e2b import Sandbox as E2BSandbox
+    from tests.server_support import new_key, serving, tenant_name
+
+    require_tier("container")
+    _, content = template
+    with serving(tmp_path / "serve.log") as srv:
+        key = new_key(tenant_name("tt"))
+        s = E2BSandbox.create(template=NAME, api_key=key, timeout=120)
+        try:
+            assert s.files.read(MARKER) == content
+            r = s.commands.run("pwd; echo $TT_GREETING")
+            assert r.stdout.split() == [WORKDIR, "hello-from-template"]
+        finally:
+            s.kill()
+        r = httpx.post(
+            srv.url + "/v2/sandboxes", json={"templateID": "tt-no-such"}, headers={"X-API-Key": key}
+        )
+        assert r.status_code == 400 and "was not found" in r.json()["message"]
