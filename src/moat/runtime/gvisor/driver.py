@@ -40,7 +40,7 @@ from moat.runtime.gvisor.hostcg import CGROUP_ROOT, HostCgroup, layout
 from moat.runtime.gvisor.hostproc import kill_processes_of_root, processes_of_root
 from moat.runtime.gvisor.oci import CGROUP_PREFIX, Bundle, build_config, cgroup_name
 from moat.runtime.gvisor.probe import PLATFORMS, RUNSC_ENV, probe, runsc_path
-from moat.runtime.gvisor.rootfs import OWNED, etc_binds, write_skeleton
+from moat.runtime.gvisor.rootfs import OWNED, copied, etc_binds, write_skeleton
 from moat.runtime.mounts import check_owners
 from moat.runtime.mounts import resolve as resolve_mount
 from moat.runtime.spec import SANDBOX_GID, SandboxSpec
@@ -300,7 +300,7 @@ class GvisorRuntime:
         if spec.rootfs is not None:  # a template's root (issue 12), around moat's own paths
             owned = OWNED + tuple(m.sandbox_path for m in spec.mounts)
             ops = templateroot.ops_for(spec.rootfs, owned)
-        write_skeleton(rootfs, spec.hostname, preload=preload, template=ops)
+        write_skeleton(rootfs, spec.hostname, preload=preload, template=ops, source=spec.rootfs)
         for m in spec.mounts:
             # Checked as root (runsc's gofer opens it as root too: 0700 parents are fine);
             # missing, a device or unreadable to the sandbox's uid is a typed error.
@@ -322,7 +322,7 @@ class GvisorRuntime:
                 root_binds=tuple(
                     (f"{spec.rootfs}/{op.path}", f"/{op.path}")
                     for op in ops or ()
-                    if op.op == "bind"
+                    if op.op == "bind" and not copied(op)
                 ),
             ),
         )

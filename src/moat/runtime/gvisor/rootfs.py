@@ -63,18 +63,43 @@ OWNED: Final = (
 )
 
 
+def copied(op: Op) -> bool:
+    """Whether a template entry is copied into the skeleton rather than bound: /etc's. Each
+    bind is one more gofer mount, and /etc holds ~70 small entries (measured: +0.3 s per
+    start when bound one by one); hard links make the copy ~2 ms."""
+    return op.op == "bind" and op.path.startswith("etc/")
+
+
+def _copy_in(src: Path, dst: Path, kind: str) -> None:
+    """Copy a template entry (hard links where the file system allows; symlinks as symlinks,
+    never followed; anything else left out: the root was checked before use)."""
+
+    def link_or_copy(s: str, d: str) -> None:
+        try:
+            os.link(s, d, follow_symlinks=False)
+        except OSError:
+            shutil.copy2(s, d, follow_symlinks=False)
+
+    if kind == "dir":
+        shutil.copytree(src, dst, symlinks=True, copy_function=link_or_copy)
+    elif kind == "file":
+        link_or_copy(str(src), str(dst))
+
+
 def write_skeleton(
     rootfs: Path,
     hostname: str,
     preload: Path | None = None,
     template: tuple[Op, ...] | None = None,
+    source: str | None = None,
 ) -> None:
     """Create the read-only root skeleton at ``rootfs`` (which must not exist yet).
 
     ``preload``: a library copied to :data:`compat.SANDBOX_PATH` and named in
     ``/etc/ld.so.preload`` (the statx compatibility library). ``template``: the operations
     that lay a template's root out (runtime.templateroot): its directories and symlinks are
-    made here, its binds get their mount points; None is the host's /usr and a few /etc files.
+    made here, its binds get their mount points, except those :func:`copied` from the
+    template's root ``source``; None is the host's /usr and a few /etc files.
     """
     rootfs.mkdir(mode=0o755)
     dirs = SKELETON_DIRS if template is None else tuple(d for d in SKELETON_DIRS if d != "usr")
@@ -87,6 +112,8 @@ def write_skeleton(
         point = rootfs / op.path
         if op.op == "link":
             os.symlink(op.target, point)
+        elif copied(op):
+            _copy_in(Path(source or "/nonexistent") / op.path, point, op.kind)
         elif op.op == "dir" or op.kind == "dir":
             point.mkdir(mode=0o755, exist_ok=True)
         else:
