@@ -7,6 +7,7 @@ import os
 import stat
 import threading
 from pathlib import Path
+from typing import Final
 
 import pytest
 
@@ -17,7 +18,8 @@ from moat.runtime.rootlayout import Entry, Op, ancestors, plan
 from moat.runtime.spec import SandboxSpec
 from moat.templates.check import check_root
 
-D, F = "dir", "file"
+D: Final = "dir"
+F: Final = "file"
 LISTING = {
     "": (
         Entry("usr", D), Entry("bin", "link", "usr/bin"), Entry("etc", D), Entry("home", D),

@@ -182,7 +182,7 @@ def test_e2b_sdk_creates_a_sandbox_of_a_built_template(
             assert r.stdout.split() == [WORKDIR, "hello-from-template"]
         finally:
             s.kill()
-        r = httpx.post(
+        raw = httpx.post(
             srv.url + "/v2/sandboxes", json={"templateID": "tt-no-such"}, headers={"X-API-Key": key}
         )
-        assert r.status_code == 400 and "was not found" in r.json()["message"]
+        assert raw.status_code == 400 and "was not found" in raw.json()["message"]
