@@ -23,6 +23,7 @@ from tests import template_support
 from tests.conftest import require_tier
 
 from moat import InvalidArgumentError, Sandbox
+from moat.paths import state_dir
 from moat.templates import ref
 
 NAME = "tt-debian"
@@ -110,6 +111,10 @@ def test_sandbox_runs_on_the_template_root(
             "touch /home/user/x /tmp/x && echo ok"
         )
         assert r.stdout.split() == ["ok"]
+        # issue 17 §4: no host path of the template's root in the mount table inside
+        table = s.files.read("/proc/self/mountinfo")
+        assert " /usr " in table  # positive control: the sandbox's real table
+        assert str(state_dir()) not in table and "/templates/" not in table
 
 
 def test_host_template_sees_the_host_usr(

@@ -72,6 +72,9 @@ class HostLayout:
     #: the template's root as ``/`` (spec.rootfs, planned by runtime.templateroot); empty
     #: for the host's /usr
     root_ops: tuple[Op, ...] = ()
+    #: where bwrap finds the template's root (staged by the driver, see mountns.py); empty:
+    #: spec.rootfs itself
+    root_source: str = ""
 
 
 def build_argv(spec: SandboxSpec, host: HostLayout, command: list[str]) -> list[str]:
@@ -105,7 +108,7 @@ def build_argv(spec: SandboxSpec, host: HostLayout, command: list[str]) -> list[
             argv += ["--symlink", target, link]
     else:
         # the template's root, read-only (bwrap binds nosuid, nodev) around moat's own paths
-        argv += _template_root(spec.rootfs, host.root_ops)
+        argv += _template_root(host.root_source or spec.rootfs, host.root_ops)
     # bwrap's /dev is an uncapped tmpfs the sandbox uid owns: /dev/shm gets its own capped
     # tmpfs and /dev itself is made read-only below (issue 17: the disk limit means what it
     # says; tmpfs pages also count against the memory cgroup).

@@ -324,7 +324,9 @@ class ContainerRuntime:
         # moat's own trees are copied onto the staging tmpfs, never bound from the state dir:
         # a bind's mountinfo entry would name the host path (issue 17 §4, invariant 1).
         trees = (("agent", host.agent_dir), ("etc", host.etc_dir))
-        staged = await asyncio.to_thread(mountns.open_sources, spec.mounts, SANDBOX_HOST_GID, trees)
+        staged = await asyncio.to_thread(
+            mountns.open_sources, spec.mounts, SANDBOX_HOST_GID, trees, spec.rootfs
+        )
         cgroup = await _owned(
             lambda: manager.create(spec.sandbox_id.removeprefix("sbx-"), spec.limits),
             lambda made: made.destroy(),
@@ -357,6 +359,7 @@ class ContainerRuntime:
                 usr_links=host.usr_links,
                 mount_sources=staged.sources(),
                 root_ops=host.root_ops,
+                root_source=staged.root_dir() if spec.rootfs else "",
             )
             argv = bwrap.build_argv(spec, host, agentdir.agent_argv(workdir=spec.workdir))
             argv[0] = shutil.which("bwrap") or "bwrap"
