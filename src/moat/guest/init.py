@@ -61,23 +61,25 @@ if [ -d $R/usr/bin ]; then
   # the paths moat owns (proc, sys, dev, tmp, home, run, the agent in /opt/moat). /etc is the
   # template's with moat's own passwd, group, hostname, hosts, resolv.conf, nsswitch.conf and
   # ssh_config over it (a copy: the root file system is remounted read-only in stage 2).
-  for e in $R/*; do
-    n=${{e##*/}}
-    case $n in proc|sys|dev|tmp|home|run|etc|opt|lost+found) continue;; esac
-    if [ -L $e ]; then
-      $B rm -rf /$n; $B ln -s "$($B readlink $e)" /$n || die "link $n"
-    elif [ -d $e ]; then
-      $B mkdir -p /$n
-      $B mount --bind $e /$n || die "bind $n"
-      $B mount -o remount,bind,ro,nosuid,nodev /$n || die "remount $n"
+  # (names other than [A-Za-z0-9._+-] are left out: no quoting games with a template's names)
+  for e in "$R"/*; do
+    n="${{e##*/}}"
+    case "$n" in proc|sys|dev|tmp|home|run|etc|opt|lost+found|*[!A-Za-z0-9._+-]*) continue;; esac
+    if [ -L "$e" ]; then
+      $B rm -rf "/$n"; $B ln -s "$($B readlink "$e")" "/$n" || die "link $n"
+    elif [ -d "$e" ]; then
+      $B mkdir -p "/$n"
+      $B mount --bind "$e" "/$n" || die "bind $n"
+      $B mount -o remount,bind,ro,nosuid,nodev "/$n" || die "remount $n"
     fi
   done
-  for e in $R/opt/*; do
+  for e in "$R"/opt/*; do
+    n="${{e##*/}}"
+    case "$n" in moat|*[!A-Za-z0-9._+-]*) continue;; esac
     [ -d "$e" ] && [ ! -L "$e" ] || continue
-    n=${{e##*/}}; [ "$n" = moat ] && continue
-    $B mkdir -p /opt/$n
-    $B mount --bind $e /opt/$n || die "bind opt"
-    $B mount -o remount,bind,ro,nosuid,nodev /opt/$n || die "remount opt"
+    $B mkdir -p "/opt/$n"
+    $B mount --bind "$e" "/opt/$n" || die "bind opt"
+    $B mount -o remount,bind,ro,nosuid,nodev "/opt/$n" || die "remount opt"
   done
   $B mv /etc {TOOLS}/etc
   $B mkdir -m 0755 /etc
