@@ -94,6 +94,13 @@ def test_check_root(tmp_path: Path) -> None:
         check_root(root, "t")
     (root / "usr/bin/python3").unlink()
     os.symlink("python3.11", root / "usr/bin/python3")
+    (root / "usr/bin/python3.9").write_text("")
+    (root / "usr/bin/python3").unlink()
+    os.symlink("python3.9", root / "usr/bin/python3")
+    with pytest.raises(InvalidArgumentError, match=r"has Python 3\.9; .* needs 3\.11"):
+        check_root(root, "t")
+    (root / "usr/bin/python3").unlink()
+    os.symlink("python3.11", root / "usr/bin/python3")
     os.mkfifo(root / "usr/fifo")
     with pytest.raises(InvalidArgumentError, match="at /usr/fifo"):
         check_root(root, "t")

@@ -11,6 +11,7 @@ Messages name paths inside the template only, never the host's (invariant 8).
 from __future__ import annotations
 
 import os
+import re
 import stat
 from pathlib import Path
 
@@ -20,6 +21,8 @@ __all__ = ["PYTHON", "check_root"]
 
 #: The interpreter every tier starts the agent with.
 PYTHON = "usr/bin/python3"
+#: The oldest Python the agent runs on (pyproject's requires-python).
+MIN_MINOR = 11
 #: Entries scanned at most (a template root with more is refused: a bound on the check's cost).
 MAX_ENTRIES = 2_000_000
 
@@ -34,9 +37,18 @@ def check_root(rootfs: Path, name: str) -> None:
     if not stat.S_ISDIR(st.st_mode):
         raise InvalidArgumentError(f"template {shown!r}: its root is not a directory")
     # python3 is a symlink to python3.11 in Debian: resolve it inside the root, not the host's
-    if not _is_file_inside(rootfs, PYTHON):
+    final = _file_inside(rootfs, PYTHON)
+    if final is None:
         raise InvalidArgumentError(
             f"template {shown!r} has no /{PYTHON} (the sandbox agent needs Python 3)"
+        )
+    # Never run on the host (it is the template's code): its name tells the version Debian's
+    # way (python3 -> python3.11); other names are let through and tried in the sandbox.
+    version = re.fullmatch(r"python3\.(\d+)", final)
+    if version and int(version.group(1)) < MIN_MINOR:
+        raise InvalidArgumentError(
+            f"template {shown!r} has Python 3.{version.group(1)}; the sandbox agent needs "
+            f"3.{MIN_MINOR} or newer"
         )
     bad = _special_entry(rootfs)
     if bad is not None:
@@ -46,8 +58,9 @@ def check_root(rootfs: Path, name: str) -> None:
         )
 
 
-def _is_file_inside(rootfs: Path, rel: str, hops: int = 16) -> bool:
-    """Whether ``rel`` names a regular file when its symlinks are resolved within ``rootfs``."""
+def _file_inside(rootfs: Path, rel: str, hops: int = 16) -> str | None:
+    """The name of the regular file ``rel`` resolves to, its symlinks resolved within
+    ``rootfs`` (never the host's), or None if it is not one."""
     parts = [p for p in rel.split("/") if p]
     here: list[str] = []
     while parts and hops > 0:
@@ -60,7 +73,7 @@ def _is_file_inside(rootfs: Path, rel: str, hops: int = 16) -> bool:
         try:
             st = os.lstat(path)
         except OSError:
-            return False
+            return None
         if stat.S_ISLNK(st.st_mode):
             hops -= 1
             target = os.readlink(path)
@@ -69,11 +82,11 @@ def _is_file_inside(rootfs: Path, rel: str, hops: int = 16) -> bool:
             parts = [p for p in target.split("/") if p and p != "."] + parts
             continue
         if parts and not stat.S_ISDIR(st.st_mode):
-            return False
+            return None
         if not parts:
-            return stat.S_ISREG(st.st_mode)
+            return part if stat.S_ISREG(st.st_mode) else None
         here.append(part)
-    return False
+    return None
 
 
 def _special_entry(rootfs: Path) -> str | None:
