@@ -129,3 +129,22 @@ def test_microvm_image_is_built_once_under_concurrent_first_use(tmp_path: Path) 
     inode = image.stat().st_ino
     assert rootimage.ensure(root) == (image, digest) and image.stat().st_ino == inode  # cached
     assert sorted(p.name for p in tmp_path.iterdir() if ".tmp-" in p.name) == []  # atomic
+
+
+def test_sweep_removes_what_a_crashed_build_left(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MOAT_STATE_DIR", str(tmp_path))
+    tdir = tmp_path / "templates" / ("a" * 64)
+    (tdir / rootimage.SNAPSHOTS).mkdir(parents=True)
+    dead = 2**22 + 12345  # above pid_max's default: no such process
+    left = [
+        tdir / f".{rootimage.IMAGE}.tmp-{dead}",
+        tdir / rootimage.SNAPSHOTS / f".tmp-{dead}-k.bin",
+    ]
+    mine = tdir / f".{rootimage.IMAGE}.tmp-{os.getpid()}"  # a live build: kept
+    kept = tdir / rootimage.IMAGE
+    for p in [*left, mine, kept]:
+        p.write_bytes(b"x")
+    assert rootimage.sweep() == 2
+    assert not any(p.exists() for p in left) and mine.exists() and kept.exists()

@@ -199,7 +199,7 @@ class MicroVMRuntime:
 
     def sweep(self) -> int:
         """Kill VMs (via their cgroups) and remove temp files a crashed host process left."""
-        count = self._manager().sweep() + mountimg.sweep()
+        count = self._manager().sweep() + mountimg.sweep() + rootimage.sweep()
         snaps = artifacts.root() / "snapshots"
         for tmp in [*snaps.glob(".tmp-*"), *(artifacts.root() / "initrd").glob(".tmp-*")]:
             pid = tmp.name.split("-")[1]
@@ -242,7 +242,10 @@ class MicroVMRuntime:
         # A snapshot's device set has no mount disks (and microvm has no hotplug): cold boot.
         if self.snapshots and not mount_fds:
             snap_key = snapshot.key(base, arts, initrd_digest, image_digest)
-            snap = await asyncio.to_thread(snapshot.ensure, base, snap_key, self._spawn_base)
+            folder = None if spec.rootfs is None else Path(spec.rootfs).parent / rootimage.SNAPSHOTS
+            snap = await asyncio.to_thread(
+                snapshot.ensure, base, snap_key, self._spawn_base, folder
+            )
         host_limits = Limits(
             cpus=float(base.cpus),
             memory_mb=base.memory_mb + QEMU_HOST_OVERHEAD_MB,

@@ -19,11 +19,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from moat.errors import IsolationUnavailableError
+from moat.paths import state_dir
 
-__all__ = ["IMAGE", "ensure"]
+__all__ = ["IMAGE", "SNAPSHOTS", "ensure", "sweep"]
 
 IMAGE = "microvm-root.img"
 _DIGEST = IMAGE + ".sha256"
+#: A template's own booted snapshots (snapshot.ensure's ``folder``), beside its image.
+SNAPSHOTS = "microvm-snapshots"
 
 
 @contextlib.contextmanager
@@ -92,3 +95,18 @@ def ensure(rootfs: Path) -> tuple[Path, str]:
         finally:
             tmp.unlink(missing_ok=True)
     return image, sha
+
+
+def sweep() -> int:
+    """Remove the temporary images and snapshots a crashed host process left in templates'
+    directories (invariant 5); return the count."""
+    count = 0
+    base = state_dir() / "templates"
+    leftovers = [*base.glob(f"*/.{IMAGE}.tmp-*"), *base.glob(f"*/{SNAPSHOTS}/.tmp-*")]
+    for tmp in leftovers:
+        pid = tmp.name.rsplit(".tmp-", 1)[1].split("-")[0]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+                count += 1
+    return count
