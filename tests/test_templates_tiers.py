@@ -191,3 +191,22 @@ def test_e2b_sdk_creates_a_sandbox_of_a_built_template(
             srv.url + "/v2/sandboxes", json={"templateID": "tt-no-such"}, headers={"X-API-Key": key}
         )
         assert raw.status_code == 400 and "was not found" in raw.json()["message"]
+
+
+def test_mounts_on_a_template_root(
+    tier: str, template: tuple[ref.TemplateRef, str], tmp_path: Path
+) -> None:
+    """A caller's mounts land on the template's root: at a new path and inside one of its
+    directories (/opt, beside the agent); the host's mount table is unchanged after."""
+    from moat import Mount
+
+    _, content = template
+    (tmp_path / "f").write_text("hello-data")
+    os.chmod(tmp_path, 0o755)
+    os.chmod(tmp_path / "f", 0o644)
+    before = Path("/proc/self/mountinfo").read_text()
+    mounts = [Mount(str(tmp_path), "/data"), Mount(str(tmp_path), "/opt/tool")]
+    with Sandbox.create(template=NAME, isolation=tier, timeout=300, mounts=mounts) as s:
+        r = s.commands.run(f"cat /data/f; echo; cat /opt/tool/f; echo; ls /opt; cat {MARKER}")
+    assert r.stdout.split() == ["hello-data", "hello-data", "moat", "tool", content]
+    assert Path("/proc/self/mountinfo").read_text() == before  # staged in the child only
