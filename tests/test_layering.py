@@ -32,14 +32,14 @@ ALLOWED: dict[str, set[str]] = {
     "guard": {"errors", "model"},
     # the host's records (audit now; keys, tenants, snapshots later): below every service
     "store": {"errors", "paths"},
-    # built templates on disk (issue 12): found by the engine, read by the drivers' specs
-    "templates": {"errors", "model", "paths"},
     # the gateway scrubs reflected secrets with the guard's encodings and audits to the store
     "egress": {"errors", "model", "protocol", "paths", "guard", "store"},
     "engine": {
         "errors", "model", "protocol", "paths", "profiles", "runtime", "egress", "guard",
         "store", "templates",
     },
+    # built template roots (issue 12): their layout and checks; builders run sandboxes
+    "templates": {"errors", "paths", "model", "protocol", "runtime"},
     # generated wire stubs of E2B envd (Connect RPC): shared by the server and the SDK's HTTP
     # transport, so neither face imports the other
     "envd": set(),

@@ -11,9 +11,9 @@ import time
 from moat.agent import pty, shield
 from moat.agent.channel import Channel
 from moat.agent.contexts import oom_first
+from moat.agent.cwd import default as default_cwd
 from moat.agent.files import FileError
 from moat.protocol import MsgType
-from moat.protocol.contract import HOME
 
 # The agent starts in every sandbox: typing costs ~8 ms of imports, so it is only
 # imported for the type checker (annotations are strings here).
@@ -74,7 +74,7 @@ class Commands:
         """Start ``cmd``; with ``size`` (cols, rows) on a new pseudo-terminal (moat.agent.pty)."""
         env = dict(os.environ)
         env.update(envs)
-        workdir = cwd or HOME
+        workdir = cwd or default_cwd()
         if not os.path.isdir(workdir):
             self.ch.fail(rid, "not_found", "working directory does not exist")
             return

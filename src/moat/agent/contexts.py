@@ -12,8 +12,8 @@ from collections.abc import Callable
 
 from moat.agent import shield
 from moat.agent.channel import Channel
+from moat.agent.cwd import default as default_cwd
 from moat.protocol import Decoder, Frame, MsgType, encode
-from moat.protocol.contract import HOME
 
 # The agent starts in every sandbox: typing costs ~8 ms of imports, so it is only
 # imported for the type checker (annotations are strings here).
@@ -96,7 +96,7 @@ class Kernel:
                 os.dup2(devnull, 0)
                 os.dup2(o_w, 1)
                 os.dup2(e_w, 2)
-                os.chdir(HOME) if os.path.isdir(HOME) else None
+                os.chdir(default_cwd())
                 from moat.agent import kernel
 
                 kernel.serve(c_in_r, c_out_w)
@@ -138,7 +138,7 @@ class Kernel:
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 pass_fds=(c_in_r, c_out_w),
-                cwd=cwd or (HOME if os.path.isdir(HOME) else "/"),
+                cwd=cwd or default_cwd(),
                 start_new_session=True,
                 **shield.user_ids(),
             )
@@ -172,7 +172,7 @@ class Context:
     def __init__(self, cid: str, language: str, cwd: str | None, kernel: Kernel) -> None:
         self.id = cid
         self.language = language
-        self.cwd = cwd or HOME
+        self.cwd = cwd or default_cwd()
         self.kernel = kernel
         self.lock = threading.Lock()
         self.running: int | None = None

@@ -15,12 +15,13 @@ from moat.agent import shield
 from moat.agent.channel import Channel
 from moat.agent.commands import Commands
 from moat.agent.contexts import JS_LANGUAGES, Context, Contexts, Kernel, NoRuntime
+from moat.agent.cwd import default as default_cwd
+from moat.agent.cwd import set_default as set_default_cwd
 from moat.agent.files import FileError, Files
 from moat.agent.netproxy import NetProxy
 from moat.agent.reseed import reseed
 from moat.agent.watch import Watches
 from moat.protocol import HOST_TO_AGENT, PROTOCOL_VERSION, Decoder, Frame, MsgType, ProtocolError
-from moat.protocol.contract import HOME
 
 # The agent starts in every sandbox: typing costs ~8 ms of imports, so it is only
 # imported for the type checker (annotations are strings here).
@@ -253,9 +254,10 @@ class Agent:
 
 
 def _parse_args(argv: list[str]) -> dict[str, Any]:
-    opts: dict[str, Any] = {"channel": None}
-    if len(argv) >= 2 and argv[0] == "--channel":
-        opts["channel"] = argv[1]
+    opts: dict[str, Any] = {"channel": None, "workdir": None}
+    while len(argv) >= 2 and argv[0] in ("--channel", "--workdir"):
+        opts[argv[0][2:]] = argv[1]
+        argv = argv[2:]
     return opts
 
 
@@ -277,8 +279,9 @@ def main() -> None:
         os.close(devnull)
     for fd in (in_fd, out_fd):
         os.set_inheritable(fd, False)
-    if os.path.isdir(HOME):
-        os.chdir(HOME)
+    if opts["workdir"]:
+        set_default_cwd(opts["workdir"])
+    os.chdir(default_cwd())
     # Fork the default context's kernel now, while the agent is single-threaded: the first
     # run_code then costs no interpreter start-up.
     kernel = Kernel.fork(close=(in_fd, out_fd))

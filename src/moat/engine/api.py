@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from typing import IO, Any, Literal
 
 from moat.egress import GatewayConfig, NetworkPolicy, Secret
-from moat.engine import admission
+from moat.engine import admission, templating
 from moat.engine.activity import Activity, Call
 from moat.engine.auditview import OfflineScrub, guard_rows, guard_trail, sandbox_audit
 from moat.engine.engine import DEFAULT_TENANT, Engine, default_engine
@@ -207,6 +207,14 @@ class FrontDoor:
     def resolve(**kwargs: Any) -> SandboxConfig:
         """Caller input (keyword arguments of ``Sandbox.create``, or a profile) -> config."""
         return resolve(**kwargs)
+
+    @staticmethod
+    def template_exists(name: str) -> bool:
+        """Whether ``name`` is a template this engine can run (``host`` or a built one)."""
+        try:
+            return templating.exists(name)
+        except InvalidArgumentError:
+            return False
 
     def default_tier(self, tenant: str) -> str | None:
         """The tier the tenant's policy gives a request that names none (None: not set)."""

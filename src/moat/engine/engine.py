@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from moat.egress import Gateway, GatewayConfig, Secret, proxy_env
+from moat.engine import templating
 from moat.engine.guardhook import make_guard
 from moat.engine.persist import Persistence
 from moat.engine.pool import WarmPool, parse_pool, poolable
@@ -127,9 +128,13 @@ class Engine:
         }
         runtime = self._runtime or require(tier)  # probes are cached after the first: cheap
         audit = await self._audit_usable()
+        # the template's root (issue 12): found and checked off the loop (reads its files once)
+        found = await asyncio.to_thread(templating.lookup, config.template)
+        if found is not None:
+            spec_args.update(templating.spec_args(found, config.envs))
         if self._runtime is None and self._sweep_due(tier):
             await asyncio.to_thread(self._sweep, tier)
-        warm = poolable(spec_args, secrets, gateway_config)
+        warm = found is None and poolable(spec_args, secrets, gateway_config)
         if warm:
             pooled: Session | None = await self.pool.take(tier)
             if pooled is not None:

@@ -14,6 +14,7 @@ from typing import Any
 
 from moat.egress import NetworkPolicy, Secret
 from moat.egress.policy import HostPattern
+from moat.engine import templating
 from moat.errors import InvalidArgumentError, PolicyError
 from moat.guard import GuardPolicy
 from moat.model import (
@@ -84,8 +85,9 @@ def resolve(
         envs = kw.get("envs")
     trust = DEFAULT_TRUST if trust is None else trust
     timeout = DEFAULT_TIMEOUT if timeout is None else timeout
-    if template != "default":
-        raise InvalidArgumentError("unknown template (only 'default' exists)")
+    v.template_name(template)
+    if not templating.exists(template):
+        raise InvalidArgumentError(f"template {template!r} was not found")
     v.choice("trust", trust, TRUST_LEVELS)
     if isolation is not None:
         v.choice("isolation", isolation, TIERS)

@@ -51,8 +51,47 @@ while [ ! -b /dev/vda ] || [ ! -c /dev/vport0p1 ]; do
   i=$((i+1)); [ $i -gt 2500 ] && die devices
   $B usleep 2000
 done
-# nosuid: the image mirrors the host's /usr, set-uid binaries included; they stay inert here.
-$B mount -t ext4 -o ro,noload,nosuid,nodev /dev/vda /usr || die usr
+# nosuid: the image mirrors the host's /usr (or a template's root), set-uid binaries
+# included; they stay inert here.
+R={TOOLS}/root
+$B mkdir -p $R
+$B mount -t ext4 -o ro,noload,nosuid,nodev /dev/vda $R || die usr
+if [ -d $R/usr/bin ]; then
+  # A template's whole root (issue 12): its entries over the initramfs's, read-only, except
+  # the paths moat owns (proc, sys, dev, tmp, home, run, the agent in /opt/moat). /etc is the
+  # template's with moat's own passwd, group, hostname, hosts, resolv.conf, nsswitch.conf and
+  # ssh_config over it (a copy: the root file system is remounted read-only in stage 2).
+  # (names other than [A-Za-z0-9._+-] are left out: no quoting games with a template's names)
+  for e in "$R"/*; do
+    n="${{e##*/}}"
+    case "$n" in proc|sys|dev|tmp|home|run|etc|opt|lost+found|*[!A-Za-z0-9._+-]*) continue;; esac
+    if [ -L "$e" ]; then
+      $B rm -rf "/$n"; $B ln -s "$($B readlink "$e")" "/$n" || die "link $n"
+    elif [ -d "$e" ]; then
+      $B mkdir -p "/$n"
+      $B mount --bind "$e" "/$n" || die "bind $n"
+      $B mount -o remount,bind,ro,nosuid,nodev "/$n" || die "remount $n"
+    fi
+  done
+  for e in "$R"/opt/*; do
+    n="${{e##*/}}"
+    case "$n" in moat|*[!A-Za-z0-9._+-]*) continue;; esac
+    [ -d "$e" ] && [ ! -L "$e" ] || continue
+    $B mkdir -p "/opt/$n"
+    $B mount --bind "$e" "/opt/$n" || die "bind opt"
+    $B mount -o remount,bind,ro,nosuid,nodev "/opt/$n" || die "remount opt"
+  done
+  $B mv /etc {TOOLS}/etc
+  $B mkdir -m 0755 /etc
+  $B cp -a $R/etc/. /etc/ || die etc
+  for f in passwd group hostname hosts resolv.conf nsswitch.conf; do
+    $B rm -rf /etc/$f; $B cp {TOOLS}/etc/$f /etc/$f || die "etc $f"
+  done
+  $B rm -rf /etc/ssh/ssh_config; $B mkdir -p /etc/ssh
+  $B cp {TOOLS}/etc/ssh/ssh_config /etc/ssh/ssh_config || die ssh_config
+else
+  $B mount --move $R /usr || die usr
+fi
 $B mount -t cgroup2 -o nosuid,nodev,noexec cgroup2 /sys/fs/cgroup || die cgroup
 $B mkdir -p /dev/shm /dev/pts
 $B mount -t tmpfs -o nosuid,nodev,noexec,mode=1777,size=64m shm /dev/shm

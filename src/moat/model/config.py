@@ -201,8 +201,7 @@ class SandboxConfig:
     def __post_init__(self) -> None:
         v.choice("isolation", self.tier, TIERS)
         v.choice("trust", self.trust, TRUST_LEVELS)
-        if self.template != "default":
-            raise InvalidArgumentError("unknown template (only 'default' exists)")
+        v.template_name(self.template)
         v.number("timeout", self.timeout, 1, v.MAX_TIMEOUT)
         env = v.envs(dict(self.envs))
         object.__setattr__(self, "envs", tuple(sorted(env.items())))

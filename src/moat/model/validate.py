@@ -20,6 +20,8 @@ MAX_ENVS = 256
 MAX_TIMEOUT = 86400.0
 
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
+#: A template's name or id (moat.templates.ref holds the same rules, above the model)
+_TEMPLATE = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}|[0-9a-f]{64}")
 _SANDBOX_ID = re.compile(r"[a-z0-9-]{4,64}")
 
 
@@ -64,6 +66,13 @@ def check_env(key: object, value: object) -> None:
         raise InvalidArgumentError(f"environment variable {key} must be a string")
     if "\0" in value or len(value) > 128 * 1024:
         raise InvalidArgumentError(f"environment variable {key} is too long or contains NUL")
+
+
+def template_name(value: Any) -> str:
+    """A template name or id (``default``, ``host`` or a built template's)."""
+    if not isinstance(value, str) or not _TEMPLATE.fullmatch(value):
+        raise InvalidArgumentError("bad template name")
+    return value
 
 
 def envs(value: Any) -> dict[str, str]:

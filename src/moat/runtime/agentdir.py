@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 
 from moat.paths import state_dir
-from moat.runtime.spec import AGENT_DIR
+from moat.runtime.spec import AGENT_DIR, HOME
 
 _PACKAGES = ("protocol", "agent")
 
@@ -71,11 +71,14 @@ def prepare() -> Path:
     return target
 
 
-def agent_argv(python: str = "/usr/bin/python3", channel: str | None = None) -> list[str]:
+def agent_argv(
+    python: str = "/usr/bin/python3", channel: str | None = None, workdir: str = HOME
+) -> list[str]:
     """The command that starts the agent inside a sandbox.
 
     With ``channel`` the agent speaks on that device (a virtio serial port in a microVM);
-    otherwise on its stdin/stdout.
+    otherwise on its stdin/stdout. ``workdir``: the default working directory of commands and
+    code (a template's, issue 12).
     """
     boot = (
         f"import sys; sys.path.insert(0, {AGENT_DIR!r}); from moat.agent.main import main; main()"
@@ -83,4 +86,6 @@ def agent_argv(python: str = "/usr/bin/python3", channel: str | None = None) -> 
     argv = [python, "-I", "-S", "-c", boot]
     if channel:
         argv += ["--channel", channel]
+    if workdir != HOME:
+        argv += ["--workdir", workdir]
     return argv

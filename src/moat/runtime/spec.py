@@ -50,10 +50,22 @@ class SandboxSpec:
     mounts: tuple[Mount, ...] = ()
     limits: Limits = field(default_factory=Limits)
     hostname: str = "sandbox"
+    #: host path of the template's root filesystem (issue 12), or None: the host's /usr
+    rootfs: str | None = None
+    #: the template's id (its root's cache key on the microVM tier); "" with no rootfs
+    template_id: str = ""
+    #: where commands and code run by default (the template's working directory)
+    workdir: str = HOME
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"[a-z0-9-]{4,64}", self.sandbox_id):
             raise InvalidArgumentError("bad sandbox id")
+        if self.rootfs is not None and (
+            not self.rootfs.startswith("/") or not re.fullmatch(r"[0-9a-f]{64}", self.template_id)
+        ):
+            raise InvalidArgumentError("bad template root")
+        if not self.workdir.startswith("/") or "\0" in self.workdir:
+            raise InvalidArgumentError("bad working directory")
         for k, v in self.envs:
             check_env(k, v)
 

@@ -123,7 +123,10 @@ def control_app(state: ServerState) -> Starlette:
             "idle_timeout": ext.idle_timeout,
         }
         if body.template_id not in wire.DEFAULT_TEMPLATES:
-            kwargs["profile"] = body.template_id  # a moat profile name is a template too
+            if front.template_exists(body.template_id):  # a built template (issue 12) or "host"
+                kwargs["template"] = body.template_id
+            else:
+                kwargs["profile"] = body.template_id  # a moat profile name is a template too
         if "profile" not in kwargs:  # the tenant's default tier, else the server's
             tier = front.default_tier(tenant) or state.tier
             if tier is not None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from moat.runtime.rootlayout import Op
 from moat.runtime.spec import AGENT_DIR, HOME, SANDBOX_GID, SANDBOX_UID, SandboxSpec
 
 #: Host /etc entries a userland needs and that hold nothing about the host's users or secrets.
@@ -37,6 +38,23 @@ USR_LINKS = (
     ("usr/lib", "/lib"),
     ("usr/lib64", "/lib64"),
 )
+#: Paths moat mounts itself on a template's root (issue 12): never taken from the template
+#: (``sys``: not mounted at all, as with the host's /usr).
+OWNED = (
+    "proc",
+    "dev",
+    "sys",
+    "tmp",
+    HOME,
+    AGENT_DIR,
+    *(f"etc/{name}" for name in SYNTHETIC_ETC),
+    "etc/ssh/ssh_config",
+)
+
+
+def owned(spec: SandboxSpec) -> tuple[str, ...]:
+    """Paths moat mounts on this sandbox's root: its own, and the caller's mounts."""
+    return OWNED + tuple(m.sandbox_path for m in spec.mounts)
 
 
 @dataclass(frozen=True)
@@ -51,6 +69,12 @@ class HostLayout:
     #: where bwrap finds each of spec.mounts (staged by the driver, see mountns.py); empty:
     #: the mounts' host paths themselves
     mount_sources: tuple[str, ...] = ()
+    #: the template's root as ``/`` (spec.rootfs, planned by runtime.templateroot); empty
+    #: for the host's /usr
+    root_ops: tuple[Op, ...] = ()
+    #: where bwrap finds the template's root (staged by the driver, see mountns.py); empty:
+    #: spec.rootfs itself
+    root_source: str = ""
 
 
 def build_argv(spec: SandboxSpec, host: HostLayout, command: list[str]) -> list[str]:
@@ -78,9 +102,13 @@ def build_argv(spec: SandboxSpec, host: HostLayout, command: list[str]) -> list[
     ]  # fmt: skip
     for key, value in sorted(spec.env().items()):
         argv += ["--setenv", key, value]
-    argv += ["--ro-bind", "/usr", "/usr"]
-    for target, link in host.usr_links:
-        argv += ["--symlink", target, link]
+    if spec.rootfs is None:
+        argv += ["--ro-bind", "/usr", "/usr"]
+        for target, link in host.usr_links:
+            argv += ["--symlink", target, link]
+    else:
+        # the template's root, read-only (bwrap binds nosuid, nodev) around moat's own paths
+        argv += _template_root(host.root_source or spec.rootfs, host.root_ops)
     # bwrap's /dev is an uncapped tmpfs the sandbox uid owns: /dev/shm gets its own capped
     # tmpfs and /dev itself is made read-only below (issue 17: the disk limit means what it
     # says; tmpfs pages also count against the memory cgroup).
@@ -88,7 +116,7 @@ def build_argv(spec: SandboxSpec, host: HostLayout, command: list[str]) -> list[
     argv += ["--dev", "/dev"]
     argv += ["--perms", "1777", "--size", str(shm_size), "--tmpfs", "/dev/shm"]  # noqa: S108 - the sandbox's own
     argv += ["--dir", "/etc"]
-    for name in host.host_etc:
+    for name in host.host_etc if spec.rootfs is None else ():  # a template has its own
         argv += ["--ro-bind", f"/etc/{name}", f"/etc/{name}"]
     for name in SYNTHETIC_ETC:
         argv += ["--ro-bind", f"{host.etc_dir}/{name}", f"/etc/{name}"]
@@ -108,3 +136,15 @@ def build_argv(spec: SandboxSpec, host: HostLayout, command: list[str]) -> list[
         "--",
     ]  # fmt: skip
     return argv + command
+
+
+def _template_root(rootfs: str, ops: tuple[Op, ...]) -> list[str]:
+    out: list[str] = []
+    for op in ops:
+        if op.op == "bind":
+            out += ["--ro-bind", f"{rootfs}/{op.path}", f"/{op.path}"]
+        elif op.op == "link":
+            out += ["--symlink", op.target, f"/{op.path}"]
+        else:
+            out += ["--dir", f"/{op.path}"]
+    return out

@@ -19,9 +19,10 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from moat.errors import IsolationUnavailableError, SandboxDiedError
-from moat.runtime import agentdir, cgroups, reaper, seccomp
+from moat.runtime import agentdir, cgroups, reaper, seccomp, templateroot
 from moat.runtime.container import bwrap, checkpoint, mountns, template
 from moat.runtime.inside import Inside
+from moat.runtime.rootlayout import Op
 from moat.runtime.spec import SandboxSpec
 
 log = logging.getLogger("moat.runtime.container")
@@ -271,6 +272,16 @@ def _reap(popen: subprocess.Popen[bytes], cgroup: cgroups.SandboxCgroup) -> None
         cgroup.destroy()
 
 
+async def _root_ops(spec: SandboxSpec) -> tuple[Op, ...]:
+    """The template's root around moat's own paths (issue 12); none for the host's /usr."""
+    if spec.rootfs is None:
+        return ()
+    try:
+        return await asyncio.to_thread(templateroot.ops_for, spec.rootfs, bwrap.owned(spec))
+    except OSError as exc:
+        raise SandboxDiedError("the sandbox's template root could not be read") from exc
+
+
 class ContainerRuntime:
     """The `container` tier."""
 
@@ -338,13 +349,16 @@ class ContainerRuntime:
             # a dozen stat calls on the host's /etc and /: microseconds, less than a thread hop
             host_etc=tuple(n for n in bwrap.HOST_ETC if os.path.exists(f"/etc/{n}")),  # noqa: ASYNC240
             usr_links=tuple((t, ln) for t, ln in bwrap.USR_LINKS if os.path.islink(ln)),  # noqa: ASYNC240
+            root_ops=await _root_ops(spec),
         )
         # Opened here, as root: a path under a parent the sandbox uid cannot traverse (0700
         # /root) still mounts; a missing or unusable one is a typed error (see mountns.py).
         # moat's own trees are copied onto the staging tmpfs, never bound from the state dir:
         # a bind's mountinfo entry would name the host path (issue 17 §4, invariant 1).
         trees = (("agent", host.agent_dir), ("etc", host.etc_dir))
-        staged = await asyncio.to_thread(mountns.open_sources, spec.mounts, SANDBOX_HOST_GID, trees)
+        staged = await asyncio.to_thread(
+            mountns.open_sources, spec.mounts, SANDBOX_HOST_GID, trees, spec.rootfs
+        )
         cgroup = await _owned(
             lambda: manager.create(cg_name, spec.limits),
             lambda made: made.destroy(),
@@ -376,8 +390,10 @@ class ContainerRuntime:
                 host_etc=host.host_etc,
                 usr_links=host.usr_links,
                 mount_sources=staged.sources(),
+                root_ops=host.root_ops,
+                root_source=staged.root_dir() if spec.rootfs else "",
             )
-            argv = bwrap.build_argv(spec, host, agentdir.agent_argv())
+            argv = bwrap.build_argv(spec, host, agentdir.agent_argv(workdir=spec.workdir))
             argv[0] = shutil.which("bwrap") or "bwrap"
             uid = UID_BASE + 1 + secrets.randbelow(UID_SPAN - 1)
             procs_files = list(cgroup.procs_files)

@@ -49,6 +49,7 @@ from moat.runtime.spec import Mount
 __all__ = ["Entry", "Staged", "open_sources", "snapshot", "stage_dir"]
 
 _CLONE_NEWNS: Final = 0x00020000
+_MS_RDONLY: Final = 1
 _MS_NOSUID: Final = 2
 _MS_NODEV: Final = 4
 _MS_NOEXEC: Final = 8
@@ -130,6 +131,13 @@ class Staged:
     stage: str
     #: (name, snapshot): written to ``stage/name`` in the child (names are not digits)
     trees: tuple[tuple[str, tuple[Entry, ...]], ...] = ()
+    #: a template's root (issue 12), shown at ``stage/root`` through a read-only overlay
+    #: (see :meth:`enter`); "" for none
+    root: str = ""
+
+    def root_dir(self) -> str:
+        """Where bwrap finds the template's root (a path valid in the child only)."""
+        return f"{self.stage}/root"
 
     def sources(self) -> tuple[str, ...]:
         """What bwrap binds from, one per mount (paths valid in the child only)."""
@@ -145,7 +153,7 @@ class Staged:
         Only os-level and libc calls (no locks: runs between fork and exec). Raises OSError,
         which fails the spawn: never a sandbox without the data it was promised.
         """
-        if not self.paths and not self.trees:
+        if not self.paths and not self.trees and not self.root:
             return
         _check(_unshare(_CLONE_NEWNS))
         _check(_mount(b"none", b"/", None, _MS_REC | _MS_PRIVATE, None))
@@ -156,6 +164,8 @@ class Staged:
         _check(_mount(b"moat", stage, b"tmpfs", flags, opts))
         for name, entries in self.trees:
             _write_tree(f"{self.stage}/{name}", entries)
+        if self.root:
+            _mount_root(self.root, self.stage)
         for i, (path, is_dir, ident) in enumerate(
             zip(self.paths, self.is_dir, self.ids, strict=True)
         ):
@@ -168,6 +178,36 @@ class Staged:
             st = os.stat(target, follow_symlinks=False)
             if (st.st_dev, st.st_ino) != ident:
                 raise OSError(errno.ESTALE, "a mount source changed while starting")
+
+
+def _mount_root(root: str, stage: str) -> None:
+    """Show the template's ``root`` at ``stage/root`` as a read-only overlay (in the child).
+
+    A bind would name the root's host path in the sandbox's ``/proc/self/mountinfo``
+    (``<state>/templates/<id>/rootfs``, issue 17 §4); an overlay is a file system of its own,
+    whose binds name paths from its own root, and whose options name its layers as given:
+    ``/proc/self/fd/N`` of this child, nothing of the host. Overlay needs two layers without
+    an upper one: the root over an empty directory. Redirects and metacopy are off: the
+    template's xattrs steer nothing.
+    """
+    empty, merged = f"{stage}/.empty", f"{stage}/root"
+    os.mkdir(empty, 0o755)
+    os.mkdir(merged, 0o755)
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+    top = os.open(root, flags)
+    try:
+        bottom = os.open(empty, flags)
+        try:
+            opts = (
+                f"lowerdir=/proc/self/fd/{top}:/proc/self/fd/{bottom},"
+                "redirect_dir=nofollow,metacopy=off"
+            )
+            mode = _MS_RDONLY | _MS_NOSUID | _MS_NODEV
+            _check(_mount(b"moat", merged.encode(), b"overlay", mode, opts.encode()))
+        finally:
+            os.close(bottom)
+    finally:
+        os.close(top)
 
 
 def _write_tree(top: str, entries: tuple[Entry, ...]) -> None:
@@ -198,15 +238,20 @@ def _check(rc: int) -> None:
 
 
 def open_sources(
-    mounts: tuple[Mount, ...], gid: int, trees: tuple[tuple[str, str], ...] = ()
+    mounts: tuple[Mount, ...],
+    gid: int,
+    trees: tuple[tuple[str, str], ...] = (),
+    root: str | None = None,
 ) -> Staged:
     """Resolve and check every mount's host path as root (see :func:`mounts.resolve`), and
-    snapshot moat's ``(name, host dir)`` trees (cached: read once per engine)."""
+    snapshot moat's ``(name, host dir)`` trees (cached: read once per engine). ``root``: a
+    template's root (moat's own state dir, checked by the engine), staged as an overlay."""
     found = [resolve(m, gid) for m in mounts]
     return Staged(
         tuple(r.path for r in found),
         tuple(r.is_dir for r in found),
         tuple(r.ident for r in found),
-        str(stage_dir()) if mounts or trees else "",
+        str(stage_dir()) if mounts or trees or root else "",
         tuple((name, snapshot(path)) for name, path in trees),
+        root or "",
     )

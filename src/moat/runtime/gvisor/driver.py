@@ -39,7 +39,7 @@ from moat.errors import (
     SandboxDiedError,
 )
 from moat.paths import state_dir
-from moat.runtime import reaper
+from moat.runtime import reaper, templateroot
 from moat.runtime.agentdir import agent_argv, prepare
 from moat.runtime.base import SandboxProcess
 from moat.runtime.gvisor import compat
@@ -57,7 +57,7 @@ from moat.runtime.gvisor.hostcg import CGROUP_ROOT, HostCgroup, layout
 from moat.runtime.gvisor.hostproc import kill_processes_of_root, processes_of_root
 from moat.runtime.gvisor.oci import CGROUP_PREFIX, Bundle, build_config, cgroup_name
 from moat.runtime.gvisor.probe import PLATFORMS, RUNSC_ENV, probe, runsc_path
-from moat.runtime.gvisor.rootfs import etc_binds, write_skeleton
+from moat.runtime.gvisor.rootfs import OWNED, copied, etc_binds, write_skeleton
 from moat.runtime.mounts import check_owners
 from moat.runtime.mounts import resolve as resolve_mount
 from moat.runtime.spec import SANDBOX_GID, SandboxSpec
@@ -595,7 +595,11 @@ class GvisorRuntime:
         bundle_dir.mkdir(mode=0o700)
         (workdir / "root").mkdir(mode=0o700)
         rootfs = bundle_dir / "rootfs"
-        write_skeleton(rootfs, spec.hostname, preload=preload)
+        ops = None
+        if spec.rootfs is not None:  # a template's root (issue 12), around moat's own paths
+            owned = OWNED + tuple(m.sandbox_path for m in spec.mounts)
+            ops = templateroot.ops_for(spec.rootfs, owned)
+        write_skeleton(rootfs, spec.hostname, preload=preload, template=ops, source=spec.rootfs)
         for m in spec.mounts:
             # Checked as root (runsc's gofer opens it as root too: 0700 parents are fine);
             # missing, a device or unreadable to the sandbox's uid is a typed error.
@@ -612,8 +616,13 @@ class GvisorRuntime:
             Bundle(
                 rootfs=str(rootfs),
                 agent_dir=str(agent_dir),
-                argv=tuple(agent_argv(python=_PYTHON)),
-                etc_binds=etc_binds(),
+                argv=tuple(agent_argv(python=_PYTHON, workdir=spec.workdir)),
+                etc_binds=etc_binds() if spec.rootfs is None else (),
+                root_binds=tuple(
+                    (f"{spec.rootfs}/{op.path}", f"/{op.path}")
+                    for op in ops or ()
+                    if op.op == "bind" and not copied(op)
+                ),
             ),
         )
         (bundle_dir / "config.json").write_text(json.dumps(config, indent=1))

@@ -113,6 +113,9 @@ class Bundle:
     agent_dir: str
     argv: tuple[str, ...]
     etc_binds: tuple[str, ...] = ()
+    #: a template's root (issue 12): (host source, sandbox path) bound read-only instead of
+    #: the host's /usr (planned by runtime.templateroot; the skeleton holds the mount points)
+    root_binds: tuple[tuple[str, str], ...] = ()
 
 
 def cgroup_name(spec: SandboxSpec) -> str:
@@ -198,8 +201,10 @@ def build_config(spec: SandboxSpec, bundle: Bundle) -> dict[str, Any]:
             "source": "sysfs",
             "options": ["nosuid", "noexec", "nodev", "ro"],
         },
-        _bind("/usr", "/usr"),
     ]
+    if spec.rootfs is None:
+        mounts.append(_bind("/usr", "/usr"))
+    mounts += [_bind(source, dest) for source, dest in bundle.root_binds]
     mounts += [_bind(path, path) for path in bundle.etc_binds]
     mounts += [
         _bind(bundle.agent_dir, AGENT_DIR),
@@ -232,7 +237,7 @@ def build_config(spec: SandboxSpec, bundle: Bundle) -> dict[str, Any]:
             "user": {"uid": AGENT_UID, "gid": SANDBOX_GID, "additionalGids": [SANDBOX_GID]},
             "args": list(bundle.argv),
             "env": env,
-            "cwd": HOME,
+            "cwd": HOME,  # the agent moves to spec.workdir itself (it may be a tmpfs below)
             "capabilities": {
                 "bounding": [_SETUID],
                 "effective": [_SETUID],

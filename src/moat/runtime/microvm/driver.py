@@ -28,7 +28,15 @@ from pathlib import Path
 from moat.errors import IsolationUnavailableError, SandboxDiedError
 from moat.guest.init import BOOT_MARKER
 from moat.runtime import agentdir, cgroups, reaper, seccomp
-from moat.runtime.microvm import artifacts, initramfs, mountimg, probe, qemu, snapshot
+from moat.runtime.microvm import (
+    artifacts,
+    initramfs,
+    mountimg,
+    probe,
+    qemu,
+    rootimage,
+    snapshot,
+)
 from moat.runtime.spec import Limits, SandboxSpec
 
 log = logging.getLogger("moat.runtime.microvm")
@@ -191,7 +199,7 @@ class MicroVMRuntime:
 
     def sweep(self) -> int:
         """Kill VMs (via their cgroups) and remove temp files a crashed host process left."""
-        count = self._manager().sweep() + mountimg.sweep()
+        count = self._manager().sweep() + mountimg.sweep() + rootimage.sweep()
         snaps = artifacts.root() / "snapshots"
         for tmp in [*snaps.glob(".tmp-*"), *(artifacts.root() / "initrd").glob(".tmp-*")]:
             pid = tmp.name.split("-")[1]
@@ -220,17 +228,24 @@ class MicroVMRuntime:
         arts = _artifacts()
         initrd, initrd_digest = await asyncio.to_thread(_initrd, arts)
         binary = probe.qemu_binary() or probe.QEMU_BINARY
+        usr_image, image_digest = str(arts.usr_image), ""
+        if spec.rootfs is not None:  # a template's whole root as the disk (issue 12)
+            built, image_digest = await asyncio.to_thread(rootimage.ensure, Path(spec.rootfs))
+            usr_image = str(built)
         base = qemu.VMConfig(
             qemu=binary, accel=self._choose_accel(), vmlinux=str(arts.vmlinux),
-            initrd=str(initrd), usr_image=str(arts.usr_image),
+            initrd=str(initrd), usr_image=usr_image,
             memory_mb=qemu.vm_memory_mb(spec.limits), cpus=qemu.vm_cpus(spec.limits),
             tsc_khz=probe.host_tsc_khz(), name=f"moat-{spec.sandbox_id}", agent_fd=-1,
         )  # fmt: skip
         snap: Path | None = None
         # A snapshot's device set has no mount disks (and microvm has no hotplug): cold boot.
         if self.snapshots and not mount_fds:
-            snap_key = snapshot.key(base, arts, initrd_digest)
-            snap = await asyncio.to_thread(snapshot.ensure, base, snap_key, self._spawn_base)
+            snap_key = snapshot.key(base, arts, initrd_digest, image_digest)
+            folder = None if spec.rootfs is None else Path(spec.rootfs).parent / rootimage.SNAPSHOTS
+            snap = await asyncio.to_thread(
+                snapshot.ensure, base, snap_key, self._spawn_base, folder
+            )
         host_limits = Limits(
             cpus=float(base.cpus),
             memory_mb=base.memory_mb + QEMU_HOST_OVERHEAD_MB,
@@ -317,7 +332,9 @@ def _guest_config(spec: SandboxSpec) -> bytes:
         "time_ns": time.time_ns(),
         "hostname": spec.hostname,
         "env": spec.env(),
-        "argv": agentdir.agent_argv(python="/usr/bin/python3", channel=GUEST_PORT),
+        "argv": agentdir.agent_argv(
+            python="/usr/bin/python3", channel=GUEST_PORT, workdir=spec.workdir
+        ),
         "disk_mb": limits.disk_mb,
         "memory_bytes": limits.memory_mb << 20,
         "pids": limits.pids,

@@ -46,8 +46,9 @@ def qemu_version(binary: str) -> str:
     return out.splitlines()[0] if out else "unknown"
 
 
-def key(cfg: qemu.VMConfig, arts: artifacts.Artifacts, initrd_digest: str) -> str:
-    """The snapshot key of a VM configuration (paths and fds excluded: they vary per run)."""
+def key(cfg: qemu.VMConfig, arts: artifacts.Artifacts, initrd_digest: str, image: str = "") -> str:
+    """The snapshot key of a VM configuration (paths and fds excluded: they vary per run);
+    ``image``: the digest of a template's root image (issue 12), "" for the host's /usr."""
     parts = {
         "artifacts": arts.digest,
         "initrd": initrd_digest,
@@ -64,6 +65,8 @@ def key(cfg: qemu.VMConfig, arts: artifacts.Artifacts, initrd_digest: str) -> st
             )
         ),
     }  # fmt: skip
+    if image:
+        parts["image"] = image
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
 
 
@@ -133,26 +136,33 @@ def ensure(
     cfg: qemu.VMConfig,
     snap_key: str,
     spawn: Callable[[list[str], tuple[int, ...]], subprocess.Popen[bytes]],
+    folder: Path | None = None,
 ) -> Path:
     """Return the snapshot file for ``snap_key``, booting and saving a base VM if needed.
 
     Blocking (run it in a thread). ``spawn(argv, pass_fds)`` starts QEMU the way the driver
     starts every VM (unprivileged uid, limits). Concurrent callers wait on a lock file.
+    ``folder``: where to keep it (a template's own, issue 12: its snapshots then neither evict
+    the host's nor outlive the template), else :func:`directory`.
     """
-    path = directory() / f"{snap_key}.bin"
+    if folder is None:
+        folder = directory()
+    else:
+        folder.mkdir(exist_ok=True, mode=0o700)
+    path = folder / f"{snap_key}.bin"
     if path.is_file():
         return path
-    with _locked(directory() / f"{snap_key}.lock"):
+    with _locked(folder / f"{snap_key}.lock"):
         if path.is_file():
             return path
-        tmp = directory() / f".tmp-{os.getpid()}-{snap_key}.bin"
+        tmp = folder / f".tmp-{os.getpid()}-{snap_key}.bin"
         try:
             _save_base(cfg, tmp, spawn)
             os.replace(tmp, path)
         finally:
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
-    prune(directory(), "*.bin", KEEP)
+    prune(folder, "*.bin", KEEP)
     return path
 
 

@@ -1,0 +1,94 @@
+"""Which root a sandbox runs on: the template lookup behind ``Sandbox.create(template=...)``.
+
+Trust domain: host engine. ``host`` is today's behaviour (the host's ``/usr`` read-only, no
+root of its own); any other name is a built template under the state directory
+(:mod:`moat.templates.ref`), checked once per engine before first use
+(:mod:`moat.templates.check`). An unknown name is :class:`InvalidArgumentError` ("template 'x'
+was not found"; the wire answers 400, as E2B does for an unknown template).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+from moat.errors import InvalidArgumentError
+from moat.protocol.contract import HOME
+from moat.templates import ref
+from moat.templates.check import check_root
+
+__all__ = ["DEFAULT_TEMPLATE", "exists", "lookup"]
+
+#: What ``template="default"`` (and E2B's ``base`` / ``code-interpreter-v1``) runs on. ``host``
+#: for now; switching the default to a built template is this one line.
+DEFAULT_TEMPLATE = ref.HOST
+
+#: The only user a template may name for now: the sandbox's own (uid 1000 on every tier).
+SANDBOX_USERS = frozenset({"user", "1000", "1000:1000"})
+
+#: template id -> (template.json's mtime_ns, rootfs identity): roots already checked
+_checked: dict[str, tuple[int, int, int]] = {}
+_mu = threading.Lock()
+
+
+def _actual(name: str) -> str:
+    return DEFAULT_TEMPLATE if name == "default" else name
+
+
+def exists(name: str) -> bool:
+    """Whether ``name`` is ``host``, ``default`` or a built template (no checks run)."""
+    name = _actual(ref.check_name(name))
+    return name == ref.HOST or ref.find(name) is not None
+
+
+def lookup(name: str) -> ref.TemplateRef | None:
+    """The built template ``name`` stands for, checked; None for the host's own ``/usr``.
+
+    Blocking (reads the template's root on first use): run it off the event loop.
+    """
+    shown = name[:64] if isinstance(name, str) else "?"
+    name = _actual(ref.check_name(name))
+    if name == ref.HOST:
+        return None
+    found = ref.find(name)
+    if found is None:
+        raise InvalidArgumentError(f"template {shown!r} was not found")
+    if found.user not in SANDBOX_USERS:
+        raise InvalidArgumentError(
+            f"template {shown!r} runs as user {found.user[:32]!r}; only the sandbox user "
+            "('user', uid 1000) is supported"
+        )
+    if not found.workdir.startswith("/") or "\0" in found.workdir or ".." in found.workdir:
+        raise InvalidArgumentError(f"template {shown!r} has a bad working directory")
+    _check_once(found)
+    return found
+
+
+def _check_once(found: ref.TemplateRef) -> None:
+    meta = found.rootfs.parent / "template.json"
+    try:
+        st, root = os.stat(meta), os.lstat(found.rootfs)
+    except OSError:
+        raise InvalidArgumentError(f"template {found.name[:64]!r} was not found") from None
+    stamp = (st.st_mtime_ns, root.st_dev, root.st_ino)
+    with _mu:
+        if _checked.get(found.id) == stamp:
+            return
+    check_root(Path(found.rootfs), found.name)
+    with _mu:
+        _checked[found.id] = stamp
+
+
+def spec_args(found: ref.TemplateRef, envs: tuple[tuple[str, str], ...]) -> dict[str, Any]:
+    """The SandboxSpec fields of a sandbox on ``found``: its root, id and working directory,
+    and its environment with the caller's ``envs`` over it."""
+    env = dict(found.env)
+    env.update(envs)
+    return {
+        "rootfs": str(found.rootfs),
+        "template_id": found.id,
+        "workdir": found.workdir or HOME,
+        "envs": tuple(sorted(env.items())),
+    }
