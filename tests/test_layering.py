@@ -47,9 +47,12 @@ ALLOWED: dict[str, set[str]] = {
     # belong in the model, which is where they should move.
     "server": {"errors", "model", "engine.api", "store", "egress", "envd"},
     "testing": {"errors", "model", "engine", "sdk", "runtime"},
+    # template builds: definitions -> roots, built in the container tier's build sandbox
+    # behind an egress gateway, audited to the store (issue 12)
+    "templates": {"errors", "model", "paths", "runtime", "egress", "store"},
     "cli": {
         "errors", "model", "engine", "sdk", "paths", "profiles", "egress", "runtime", "store",
-        "server",
+        "server", "templates",
     },
     "__init__": set(),
 }  # fmt: skip

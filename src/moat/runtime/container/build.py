@@ -11,8 +11,8 @@ how normal sandboxes start. It differs in three ways, all needed by apt and dpkg
   nothing outside the (root-only) layer store. Processes still hold no capability outside
   their namespaces, run under ``no_new_privs`` and the seccomp filter (invariant 9);
 * the network is loopback only, as everywhere (invariant 2): the host binds a listening
-  socket inside the sandbox's network namespace and serves it with a :class:`Gateway` that
-  allows only the hosts the step needs; every decision is audited under the step's id.
+  socket inside the sandbox's network namespace and hands each connection to the caller's
+  egress gateway (:mod:`moat.templates` allows only the hosts the step needs, audited).
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ import asyncio
 import builtins
 import contextlib
 import ctypes
-import ipaddress
 import json
 import logging
 import os
@@ -32,19 +31,16 @@ import socket
 import subprocess
 import tempfile
 import threading
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
-from moat.egress import Gateway, GatewayConfig, NetworkPolicy, SystemResolver
-from moat.egress.addr import IPAddress
 from moat.errors import IsolationUnavailableError, TimeoutError
 from moat.model.config import Limits
 from moat.runtime import cgroups, seccomp
 from moat.runtime.container import bwrap
 from moat.runtime.container.driver import UID_BASE, UID_SPAN, _owned, _settle
-from moat.store import AuditLog
 
 log = logging.getLogger("moat.runtime.container.build")
 
@@ -56,6 +52,11 @@ BUILD_ID_COUNT = 65536
 PROXY_PORT = 3128
 #: Where a step sees its read-only inputs (build context files, an OCI image).
 INPUT_DIR = "/run/moat-input"
+CA_FILE = "/run/moat-ca.pem"
+_CA_VARS = (
+    "SSL_CERT_FILE", "PIP_CERT", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "NODE_EXTRA_CA_CERTS",
+    "npm_config_cafile", "GIT_SSL_CAINFO",
+)  # fmt: skip
 _CLONE_NEWNET = 0x40000000
 _TAIL = 8192
 
@@ -70,11 +71,11 @@ class BuildSpec:
     root: Path
     command: tuple[str, ...]
     env: tuple[tuple[str, str], ...] = ()
-    allow_out: tuple[str, ...] = ()
     inputs: Path | None = None  # bound read-only at INPUT_DIR
     host_root: bool = False
-    #: GatewayConfig.unsafe_allow_networks for this step (a site mirror; warned at start)
-    unsafe_allow_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    #: extra CA bundle the step trusts (a site's TLS-intercepting proxy or mirror); bound at
+    #: CA_FILE and named by the usual variables, never written into the root
+    ca_file: Path | None = None
     limits: Limits = field(default_factory=lambda: Limits(cpus=2.0, memory_mb=2048, pids=1024))
     timeout: float = 1800.0
 
@@ -98,6 +99,8 @@ def build_argv(spec: BuildSpec, seccomp_fd: int, info_fd: int, block_fd: int) ->
     proxy = f"http://127.0.0.1:{PROXY_PORT}"
     for name in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"):
         env[name] = proxy
+    if spec.ca_file is not None:
+        env.update(dict.fromkeys(_CA_VARS, CA_FILE))
     env.update(dict(spec.env))
     for key, value in sorted(env.items()):
         argv += ["--setenv", key, value]
@@ -113,36 +116,14 @@ def build_argv(spec: BuildSpec, seccomp_fd: int, info_fd: int, block_fd: int) ->
     else:
         argv += ["--bind", str(spec.root), "/"]
     argv += ["--proc", "/proc", "--dev", "/dev"]
-    argv += ["--size", str(1 << 30), "--tmpfs", "/tmp", "--tmpfs", "/run"]  # noqa: S108
+    argv += ["--perms", "1777", "--size", str(1 << 30), "--tmpfs", "/tmp"]  # noqa: S108
+    argv += ["--tmpfs", "/run"]
     if spec.inputs is not None:
         argv += ["--ro-bind", str(spec.inputs), INPUT_DIR]
+    if spec.ca_file is not None:
+        argv += ["--ro-bind", str(spec.ca_file), CA_FILE]
     argv += ["--seccomp", str(seccomp_fd), "--chdir", "/", "--"]
     return argv + list(spec.command)
-
-
-class _StepResolver:
-    """The system resolver, retried on a transient failure and remembered for the step's
-    life: a package install asks for the same few names hundreds of times. Every answer is
-    still classified by the gateway before it is dialled (invariant 2)."""
-
-    def __init__(self) -> None:
-        self._inner = SystemResolver()
-        self._known: dict[tuple[str, int], list[IPAddress]] = {}
-
-    async def resolve(self, host: str, port: int) -> list[IPAddress]:
-        key = (host, port)
-        if key in self._known:
-            return list(self._known[key])
-        for attempt in range(4):
-            try:
-                answer = await self._inner.resolve(host, port)
-            except OSError:
-                await asyncio.sleep(0.2 * (attempt + 1))
-                continue
-            if answer:
-                self._known[key] = answer
-                return list(answer)
-        return []
 
 
 def _setns_listen(pid: int) -> socket.socket:
@@ -154,26 +135,10 @@ def _setns_listen(pid: int) -> socket.socket:
     out: list[socket.socket | BaseException] = []
 
     def work() -> None:
-        libc = ctypes.CDLL(None, use_errno=True)
-        own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
-        target = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY)
         try:
-            if libc.setns(target, _CLONE_NEWNET) != 0:
-                raise OSError(ctypes.get_errno(), "setns")
-            try:
-                sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-                sock.bind(("127.0.0.1", PROXY_PORT))
-                sock.listen(64)
-                sock.setblocking(False)
-                out.append(sock)
-            finally:
-                if libc.setns(own, _CLONE_NEWNET) != 0:  # the thread ends anyway
-                    log.error("could not return a build thread to the host's namespace")
+            out.append(_listen_in(pid))
         except BaseException as exc:  # noqa: BLE001 - handed to the caller below
             out.append(exc)
-        finally:
-            os.close(own)
-            os.close(target)
 
     t = threading.Thread(target=work, name="moat-build-netns")
     t.start()
@@ -184,6 +149,29 @@ def _setns_listen(pid: int) -> socket.socket:
             result
         )
     return result
+
+
+def _listen_in(pid: int) -> socket.socket:
+    libc = ctypes.CDLL(None, use_errno=True)
+    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    try:
+        target = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY)
+        try:
+            if libc.setns(target, _CLONE_NEWNET) != 0:
+                raise OSError(ctypes.get_errno(), "setns")
+            try:
+                sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                sock.bind(("127.0.0.1", PROXY_PORT))
+                sock.listen(64)
+                sock.setblocking(False)
+                return sock
+            finally:
+                if libc.setns(own, _CLONE_NEWNET) != 0:  # the thread ends anyway
+                    log.error("could not return a build thread to the host's namespace")
+        finally:
+            os.close(target)
+    finally:
+        os.close(own)
 
 
 class _Holder:
@@ -244,10 +232,13 @@ def _probe() -> None:
 
 async def run_step(
     spec: BuildSpec,
+    proxy: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]],
     on_output: Callable[[bytes], None] | None = None,
-    audit: AuditLog | None = None,
 ) -> tuple[int, bytes]:
     """Run one build step; its exit code and the tail of its combined output.
+
+    ``proxy`` serves each connection to the proxy port inside (the step's egress gateway's
+    ``handle_connection``: the only way out, invariant 2).
 
     Fails closed (IsolationUnavailableError) if the sandbox can't be set up, raises
     moat.errors.TimeoutError past ``spec.timeout``; on any exit, cancellation included, the
@@ -258,19 +249,6 @@ async def run_step(
     bpf = seccomp.build_filter()
     cg = await asyncio.to_thread(manager.create, spec.step_id, spec.limits)
     server: asyncio.Server | None = None
-    gateway = Gateway(
-        spec.step_id,
-        NetworkPolicy(allow_out=list(spec.allow_out)),
-        audit=audit,
-        # apt fetches each package with its own plain-HTTP request: a package install's
-        # request rate, not an interactive sandbox's
-        config=GatewayConfig(
-            max_requests_per_second=500.0,
-            request_burst=5000,
-            unsafe_allow_networks=spec.unsafe_allow_networks,
-            resolver=_StepResolver(),
-        ),
-    )
     tail = bytearray()
     started: _Started | None = None
     try:
@@ -284,7 +262,7 @@ async def run_step(
             log.warning("build sandbox did not start (bwrap said %r)", raw[-200:])
             raise IsolationUnavailableError("the build sandbox did not start") from exc
         sock = await asyncio.to_thread(_setns_listen, child)
-        server = await asyncio.start_server(gateway.handle_connection, sock=sock)
+        server = await asyncio.start_server(proxy, sock=sock)
         os.write(block_w, b"1")  # the network is ready: let the step run
         code = await asyncio.wait_for(_pump(popen, on_output, tail), spec.timeout)
         return code, bytes(tail)
@@ -294,7 +272,6 @@ async def run_step(
         await _settle(asyncio.get_running_loop().run_in_executor(None, _teardown, cg, started))
         if server is not None:
             server.close()
-        await gateway.close()
 
 
 async def _pump(
@@ -405,11 +382,13 @@ def _start(spec: BuildSpec, bpf: bytes, cg: cgroups.SandboxCgroup) -> _Started:
     return _Started(holder, popen, info_r, block_w)
 
 
+def own_dir(path: Path) -> None:
+    """Give a fresh host directory to root of the build's ids (only they and host root
+    enter it: 0700)."""
+    os.chown(path, BUILD_UID_BASE, BUILD_UID_BASE)
+    os.chmod(path, 0o700)
+
+
 def step_id() -> str:
     """A fresh id for one build step (its cgroup name and audit sandbox id)."""
     return "bld-" + secrets.token_hex(8)
-
-
-def chown_tree(path: Path) -> None:
-    """Make ``path`` (a fresh host directory) root of the build's id range."""
-    os.chown(path, BUILD_UID_BASE, BUILD_UID_BASE)
