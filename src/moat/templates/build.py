@@ -117,8 +117,10 @@ class Builder:
         self.options = options or BuildOptions.from_env()
         self.audit = audit
         self._out = on_output or (lambda b: None)
-        #: (kind, step description) of each step that ran (not cached) in the last build
+        #: the label of each step that ran (was not cached) in the last build
         self.ran: list[str] = []
+        #: label -> the build sandbox's id (its audit rows' sandbox id), for the same steps
+        self.step_ids: dict[str, str] = {}
 
     def say(self, text: str) -> None:
         self._out(f"==> {text}\n".encode())
@@ -132,6 +134,7 @@ class Builder:
         id and ``name``; the built template."""
         self.store.prepare()
         self.ran = []
+        self.step_ids = {}
         staging = self.store.tmpdir(self.store.layers)
         try:
             defn, inputs = await asyncio.to_thread(self._stage, defn, context_dir, staging)
@@ -266,6 +269,7 @@ class Builder:
                 ca_file=self.options.ca_file,
                 timeout=self.options.step_timeout,
             )
+            self.step_ids[label] = spec.step_id
             code, tail = await self._run(spec, allow)
             if code != 0:
                 raise TemplateBuildError(

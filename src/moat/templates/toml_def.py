@@ -72,7 +72,7 @@ def parse(text: str) -> tuple[TemplateDef, str | None]:
             line = _line(text, kind)
             pkgs = _strings(data[kind], kind, line)
             if pkgs:
-                steps.append(Step(kind, pkgs, line=line))  # type: ignore[arg-type]
+                steps.append(Step(kind, pkgs, line=line))
     for table in ("copy", "run"):
         items = data.get(table, [])
         if not isinstance(items, list):

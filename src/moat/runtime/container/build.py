@@ -73,6 +73,7 @@ class BuildSpec:
     env: tuple[tuple[str, str], ...] = ()
     inputs: Path | None = None  # bound read-only at INPUT_DIR
     host_root: bool = False
+    read_only: bool = False  # bind ``root`` read-only (running a command on a built root)
     #: extra CA bundle the step trusts (a site's TLS-intercepting proxy or mirror); bound at
     #: CA_FILE and named by the usual variables, never written into the root
     ca_file: Path | None = None
@@ -114,7 +115,7 @@ def build_argv(spec: BuildSpec, seccomp_fd: int, info_fd: int, block_fd: int) ->
             argv += ["--ro-bind-try", f"/etc/{name}", f"/etc/{name}"]
         argv += ["--bind", str(spec.root), "/target"]
     else:
-        argv += ["--bind", str(spec.root), "/"]
+        argv += ["--ro-bind" if spec.read_only else "--bind", str(spec.root), "/"]
     argv += ["--proc", "/proc", "--dev", "/dev"]
     argv += ["--perms", "1777", "--size", str(1 << 30), "--tmpfs", "/tmp"]  # noqa: S108
     argv += ["--tmpfs", "/run"]
