@@ -49,7 +49,7 @@ ALLOWED: dict[str, set[str]] = {
     "testing": {"errors", "model", "engine", "sdk", "runtime"},
     # template builds: definitions -> roots, built in the container tier's build sandbox
     # behind an egress gateway, audited to the store (issue 12)
-    "templates": {"errors", "model", "paths", "runtime", "egress", "store"},
+    "templates": {"errors", "model", "protocol", "paths", "runtime", "egress", "store"},
     "cli": {
         "errors", "model", "engine", "sdk", "paths", "profiles", "egress", "runtime", "store",
         "server", "templates",

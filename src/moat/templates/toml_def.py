@@ -40,7 +40,7 @@ _KEYS = {
 
 def _line(text: str, key: str, nth: int = 0) -> int | None:
     """The line of ``key = ...`` (or the ``nth`` ``[[key]]`` table) in ``text``, 1-based."""
-    pattern = re.compile(rf"^\s*(\[\[\s*{re.escape(key)}\s*\]\]|{re.escape(key)}\s*=)", re.M)
+    pattern = re.compile(rf"^[ \t]*(\[\[\s*{re.escape(key)}\s*\]\]|{re.escape(key)}\s*=)", re.M)
     found = list(pattern.finditer(text))
     if len(found) <= nth:
         return None
