@@ -342,8 +342,13 @@ class Builder:
         self, defn: TemplateDef, tid: str, name: str | None, keys: list[str], top: Path
     ) -> None:
         self.say("checking and publishing the root")
+        fd = await self._lock(f"publish-{tid}", "publish")
         tmp = self.store.tmpdir(self.store.templates)
         try:
+            if self.store.meta(tid) is not None:  # a concurrent build published it
+                if name is not None:
+                    self.store.set_name(name, tid)
+                return
             await asyncio.to_thread(_copy_tree, top, tmp / "rootfs")
             await asyncio.to_thread(finalize, tmp / "rootfs")
             os.chmod(tmp, 0o755)  # noqa: S103 - sandboxes read the root
@@ -359,6 +364,7 @@ class Builder:
             }
             await asyncio.to_thread(self.store.publish, tid, name, tmp, meta)
         finally:
+            os.close(fd)
             if tmp.exists():
                 await asyncio.to_thread(remove_tree, tmp)
 

@@ -210,7 +210,7 @@ class Store:
                 with self.lock(p.name):
                     remove_tree(p)
                 removed["layers"] += 1
-            elif p.name.endswith(".lock") and p.name[:-5] not in keep:
+            elif p.name.endswith(".lock") and p.name.removeprefix("publish-")[:-5] not in keep:
                 with contextlib.suppress(OSError):
                     if not (self.layers / p.name[:-5]).exists():
                         p.unlink()
