@@ -306,7 +306,7 @@ def test_failing_step_reports_step_exit_code_and_output(store: Store) -> None:
 
 
 def test_step_egress_outside_its_sources_is_refused_and_audited(store: Store) -> None:
-    script = r"""
+    script = f"# run {time.monotonic_ns()}: a fresh step, never a cache hit\n" + r"""
 import socket, urllib.request
 def get(url):
     try:
