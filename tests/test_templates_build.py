@@ -306,7 +306,9 @@ def test_failing_step_reports_step_exit_code_and_output(store: Store) -> None:
 
 
 def test_step_egress_outside_its_sources_is_refused_and_audited(store: Store) -> None:
-    script = f"# run {time.monotonic_ns()}: a fresh step, never a cache hit\n" + r"""
+    script = (
+        f"# run {time.monotonic_ns()}: a fresh step, never a cache hit\n"
+        + r"""
 import socket, urllib.request
 def get(url):
     try:
@@ -323,6 +325,7 @@ try:
 except OSError as e:
     print("direct refused", e.errno)
 """
+    )
     defn = TemplateDef(
         Base("template", "t-base"),
         (Step("run", (f"python3 - <<'EOF'\n{script}\nEOF",), network=("pypi",)),),

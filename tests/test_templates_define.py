@@ -178,3 +178,28 @@ def test_load_picks_the_front_end(tmp_path: Path) -> None:
     assert load(tmp_path / "img.tar")[0].base == Base("oci", "img.tar")
     with pytest.raises(TemplateDefinitionError):
         load(tmp_path / "missing.toml")
+
+
+def test_python_builder_in_e2b_shape() -> None:
+    from moat.templates.builder import Template
+
+    t = (
+        Template()
+        .from_debian_image("bookworm")
+        .apt_install(["jq"])
+        .pip_install("six")
+        .copy("hello.txt", "/opt/hello.txt")
+        .run_cmd(["echo a", "echo b"])
+        .set_envs({"GREETING": "hi"})
+        .set_workdir("/opt")
+        .set_start_cmd("python3 -m http.server", "true")
+    )
+    defn = t.to_definition()
+    assert [s.kind for s in defn.steps] == ["apt", "pip", "copy", "run"]  # in call order
+    assert defn.steps[3].args == ("echo a && echo b",)
+    assert defn.workdir == "/opt" and defn.ready_cmd == "true"
+    assert Template().from_template("base").to_definition().base == Base("template", "base")
+    with pytest.raises(TemplateDefinitionError, match="registry"):
+        Template().from_image("python:3.12")
+    with pytest.raises(TemplateDefinitionError):
+        Template().apt_install(["--evil"])
