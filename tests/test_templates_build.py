@@ -134,9 +134,15 @@ def store() -> Iterator[Store]:
     with open_dir() as d:
         s = Store(d / "templates", LAYERS)
         s.prepare()
+        before = set(LAYERS.iterdir())
         # the test base, built once per machine (its layers stay in the cache)
         build(s, TEST_BASE, "t-base")
         yield s
+        # the layers the tests made on top (unique per run) go: the cache must not grow
+        keep = set(TEST_BASE.layer_keys())
+        for p in set(LAYERS.iterdir()) - before:
+            if p.name.removesuffix(".lock") not in keep:
+                remove_tree(p)
 
 
 @pytest.fixture
@@ -215,12 +221,13 @@ def test_unchanged_rebuild_is_a_cache_hit_and_a_changed_last_step_rebuilds_only_
     assert b.ran == [], b.ran
     assert took < 5, took
     print(f"cached rebuild: {took * 1000:.0f} ms")
-    (ctx / "hello.txt").write_text("changed\n")
+    changed = f"changed {time.time_ns()}\n"  # never built before: not in the machine's cache
+    (ctx / "hello.txt").write_text(changed)
     defn2, _, _ = load(ctx / "moat.toml")
     ref2, b2 = build(store, defn2, "small", context)
     assert [r.split(" ", 1)[1] for r in b2.ran] == ["copy: hello.txt /opt/hello.txt"]
     assert ref2.id != ref.id
-    assert (ref2.rootfs / "opt/hello.txt").read_text() == "changed\n"
+    assert (ref2.rootfs / "opt/hello.txt").read_text() == changed
     assert (store.templates / "names" / "small").readlink().name == ref2.id
 
 

@@ -32,6 +32,7 @@ from typing import Any
 from moat.egress import Gateway, GatewayConfig, NetworkPolicy, SystemResolver
 from moat.egress.addr import IPAddress
 from moat.errors import InvalidArgumentError, NotFoundError, TemplateBuildError
+from moat.model.config import Limits
 from moat.protocol.contract import SANDBOX_UID
 from moat.runtime.container import build as sandbox
 from moat.store import AuditLog
@@ -268,6 +269,9 @@ class Builder:
                 host_root=host_root,
                 ca_file=self.options.ca_file,
                 timeout=self.options.step_timeout,
+                limits=Limits(
+                    cpus=2.0, memory_mb=2048, pids=1024, disk_mb=self.options.size_cap_mb
+                ),
             )
             self.step_ids[label] = spec.step_id
             code, tail = await self._run(spec, allow)

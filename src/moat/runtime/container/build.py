@@ -57,6 +57,13 @@ _CA_VARS = (
     "SSL_CERT_FILE", "PIP_CERT", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "NODE_EXTRA_CA_CERTS",
     "npm_config_cafile", "GIT_SSL_CAINFO",
 )  # fmt: skip
+#: Root's capabilities inside a step (in its own user namespace only): what package installs
+#: need, as in Docker's default set without NET_RAW; no SYS_ADMIN, SYS_PTRACE, NET_ADMIN...
+CAPS = (
+    "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FOWNER", "CAP_FSETID", "CAP_KILL", "CAP_MKNOD",
+    "CAP_SETGID", "CAP_SETUID", "CAP_SETFCAP", "CAP_SETPCAP", "CAP_NET_BIND_SERVICE",
+    "CAP_SYS_CHROOT", "CAP_AUDIT_WRITE",
+)  # fmt: skip
 _CLONE_NEWNET = 0x40000000
 _TAIL = 8192
 
@@ -77,7 +84,10 @@ class BuildSpec:
     #: extra CA bundle the step trusts (a site's TLS-intercepting proxy or mirror); bound at
     #: CA_FILE and named by the usual variables, never written into the root
     ca_file: Path | None = None
-    limits: Limits = field(default_factory=lambda: Limits(cpus=2.0, memory_mb=2048, pids=1024))
+    #: cgroup limits; ``disk_mb`` is the largest file a step may write (RLIMIT_FSIZE)
+    limits: Limits = field(
+        default_factory=lambda: Limits(cpus=2.0, memory_mb=2048, pids=1024, disk_mb=8192)
+    )
     timeout: float = 1800.0
 
 
@@ -123,6 +133,9 @@ def build_argv(spec: BuildSpec, seccomp_fd: int, info_fd: int, block_fd: int) ->
         argv += ["--ro-bind", str(spec.inputs), INPUT_DIR]
     if spec.ca_file is not None:
         argv += ["--ro-bind", str(spec.ca_file), CA_FILE]
+    argv += ["--cap-drop", "ALL"]
+    for cap in CAPS:
+        argv += ["--cap-add", cap]
     argv += ["--seccomp", str(seccomp_fd), "--chdir", "/", "--"]
     return argv + list(spec.command)
 
@@ -351,6 +364,7 @@ def _start(spec: BuildSpec, bpf: bytes, cg: cgroups.SandboxCgroup) -> _Started:
             argv = [nsenter, f"--user={holder.userns}", "--setuid", "0", "--setgid", "0", *argv]
             procs = list(cg.procs_files)
             nproc = spec.limits.pids + 8
+            fsize = spec.limits.disk_mb * 1024 * 1024  # no one file beyond the size cap
 
             def preexec() -> None:  # os calls only, in the forked child
                 for path in procs:
@@ -361,6 +375,7 @@ def _start(spec: BuildSpec, bpf: bytes, cg: cgroups.SandboxCgroup) -> _Started:
                         os.close(fd)
                 resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
                 resource.setrlimit(resource.RLIMIT_NPROC, (nproc, nproc))
+                resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
 
             popen = subprocess.Popen(
                 argv,
