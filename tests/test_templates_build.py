@@ -439,3 +439,33 @@ def test_concurrent_builds_of_one_template_build_it_once(store: Store) -> None:
 
     bs = asyncio.run(both())
     assert sorted(len(b.ran) for b in bs) == [0, 1]
+
+
+def test_finalize_neutralises_a_root_and_never_follows_a_symlink(tmp_path: Path) -> None:
+    from moat.templates.build import finalize
+
+    root = tmp_path / "root"
+    (root / "usr/bin").mkdir(parents=True)
+    (root / "usr/bin/su").write_text("x")
+    os.chmod(root / "usr/bin/su", 0o4755)
+    (root / "usr/bin/wall").write_text("x")
+    os.chmod(root / "usr/bin/wall", 0o2755)
+    os.chown(root / "usr/bin/wall", 1234, 5678)
+    os.mknod(root / "kmem", 0o600 | stat.S_IFCHR, os.makedev(1, 2))
+    os.mkfifo(root / "fifo")
+    outside = tmp_path / "outside"
+    outside.write_text("host")
+    os.chown(outside, 4321, 4321)
+    os.symlink(str(outside), root / "link")
+    finalize(root)
+    assert stat.S_IMODE(os.lstat(root / "usr/bin/su").st_mode) == 0o755
+    assert stat.S_IMODE(os.lstat(root / "usr/bin/wall").st_mode) == 0o755
+    assert os.lstat(root / "usr/bin/wall").st_uid == 0
+    assert not (root / "kmem").exists() and not (root / "fifo").exists()
+    assert os.lstat(root / "link").st_uid == 0 and os.stat(outside).st_uid == 4321  # lchown
+    # a root that is a symlink (a hostile unpack) is refused, its target untouched
+    os.symlink(str(tmp_path / "victim"), tmp_path / "evil")
+    (tmp_path / "victim").mkdir(mode=0o700)
+    with pytest.raises(TemplateBuildError):
+        finalize(tmp_path / "evil")
+    assert stat.S_IMODE(os.stat(tmp_path / "victim").st_mode) == 0o700

@@ -280,7 +280,11 @@ class Builder:
                     label, f"exit code {code}", exit_code=code, output=_text(tail)
                 )
             if base.kind == "oci" and step is None:
-                os.rename(tmp / "target" / "root", root)
+                unpacked = tmp / "target" / "root"
+                # made inside the sandbox: a directory, never a symlink to the host's files
+                if not stat.S_ISDIR(os.lstat(unpacked).st_mode):
+                    raise TemplateBuildError(label, "the image did not unpack to a directory")
+                os.rename(unpacked, root)
                 remove_tree(tmp / "target")
             size = await asyncio.to_thread(tree_bytes, root)
             self._check_size(label, size)
@@ -427,17 +431,23 @@ def _command(step: Step) -> tuple[str, ...]:
 
 def _copy_tree(src: Path, dest: Path) -> None:
     """``cp -a`` (reflinks where the file system has them): ownership, modes, links kept."""
-    subprocess.run(
-        ["cp", "-a", "--reflink=auto", "--", str(src), str(dest)],
-        check=True,
-        capture_output=True,
-        timeout=3600,
-    )
+    try:
+        subprocess.run(
+            ["cp", "-a", "--reflink=auto", "--", str(src), str(dest)],
+            check=True,
+            capture_output=True,
+            timeout=3600,
+        )
+    except (subprocess.SubprocessError, OSError) as exc:
+        log.warning("copying a template layer failed: %s", exc)
+        raise TemplateBuildError("copy", "copying a layer failed (is the disk full?)") from None
 
 
 def finalize(root: Path) -> None:
     """Make a built root safe to share read-only: no device nodes, fifos or sockets, no
     setuid/setgid bits, everything owned by root. Never follows a symlink."""
+    if not stat.S_ISDIR(os.lstat(root).st_mode):
+        raise TemplateBuildError("publish", "the built root is not a directory")
     for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
         for name in dirnames + filenames:
             path = os.path.join(dirpath, name)
