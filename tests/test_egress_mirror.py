@@ -38,11 +38,11 @@ def _decide(host: str, *addrs: str, nets: tuple[Net, ...] = MIRROR) -> tuple[Ver
         # just outside each network: the usual classes apply
         ("deb.debian.org", ["203.0.113.81"], (Verdict.DENY, "blocked_address:reserved")),
         ("deb.debian.org", ["10.2.0.0"], (Verdict.DENY, "blocked_address:private")),
-        # one answer outside refuses the whole name
+        # one answer outside: the whole answer is judged without the widening
         (
             "deb.debian.org",
             ["203.0.113.80", "127.0.0.1"],
-            (Verdict.DENY, "blocked_address:loopback"),
+            (Verdict.DENY, "blocked_address:reserved"),
         ),
         # names the policy does not allow stay refused before any address is looked at
         ("example.com", ["203.0.113.80"], (Verdict.DENY, "not_allowed")),
