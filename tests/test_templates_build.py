@@ -469,3 +469,17 @@ def test_finalize_neutralises_a_root_and_never_follows_a_symlink(tmp_path: Path)
     with pytest.raises(TemplateBuildError):
         finalize(tmp_path / "evil")
     assert stat.S_IMODE(os.stat(tmp_path / "victim").st_mode) == 0o700
+
+
+def test_gc_removes_what_dead_builds_left_and_keeps_live_ones(tmp_path: Path) -> None:
+    s = Store(tmp_path / "templates", tmp_path / "layers")
+    s.prepare()
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    left = [s.layers / f".tmp-{dead.pid}-abc", s.templates / f".tmp-{dead.pid}-def"]
+    live = s.tmpdir(s.layers)  # this process is alive: its build may be running
+    for d in left:
+        (d / "root").mkdir(parents=True)
+    (s.layers / ("e" * 64)).mkdir()  # a layer no template refers to
+    assert s.gc() == {"templates": 0, "layers": 1, "temp": 2}
+    assert not any(d.exists() for d in left) and live.is_dir()
