@@ -89,9 +89,15 @@ class Log:
         self.data += chunk
 
 
+#: every builder the tests made: the layers they added leave the machine's cache afterwards
+BUILDERS: list[Builder] = []
+
+
 def builder(store: Store, **kw: object) -> tuple[Builder, Log]:
     log = Log()
-    return Builder(store, site_options(**kw), audit=AuditLog(), on_output=log), log
+    b = Builder(store, site_options(**kw), audit=AuditLog(), on_output=log)
+    BUILDERS.append(b)
+    return b, log
 
 
 def build(store: Store, defn: TemplateDef, name: str | None = None, ctx: Path | None = None,
@@ -134,15 +140,16 @@ def store() -> Iterator[Store]:
     with open_dir() as d:
         s = Store(d / "templates", LAYERS)
         s.prepare()
-        before = set(LAYERS.iterdir())
         # the test base, built once per machine (its layers stay in the cache)
         build(s, TEST_BASE, "t-base")
         yield s
-        # the layers the tests made on top (unique per run) go: the cache must not grow
+        # the layers the tests made on top (unique per run) go: the cache must not grow.
+        # Only those: another run may be using the same cache right now.
         keep = set(TEST_BASE.layer_keys())
-        for p in set(LAYERS.iterdir()) - before:
-            if p.name.removesuffix(".lock") not in keep:
-                remove_tree(p)
+        for key in {k for b in BUILDERS for k in b.built} - keep:
+            for p in (LAYERS / key, LAYERS / f"{key}.lock"):
+                if p.exists():
+                    remove_tree(p)
 
 
 @pytest.fixture

@@ -122,6 +122,8 @@ class Builder:
         self.ran: list[str] = []
         #: label -> the build sandbox's id (its audit rows' sandbox id), for the same steps
         self.step_ids: dict[str, str] = {}
+        #: the keys of every layer this builder added to the cache (all builds)
+        self.built: list[str] = []
 
     def say(self, text: str) -> None:
         self._out(f"==> {text}\n".encode())
@@ -288,7 +290,9 @@ class Builder:
                 remove_tree(tmp / "target")
             size = await asyncio.to_thread(tree_bytes, root)
             self._check_size(label, size)
-            return self.store.commit_layer(tmp, key, {"step": label, "bytes": size})
+            committed = self.store.commit_layer(tmp, key, {"step": label, "bytes": size})
+            self.built.append(key)
+            return committed
         finally:
             if tmp.exists():
                 await asyncio.to_thread(remove_tree, tmp)
