@@ -18,6 +18,7 @@ under the step's id. The host only copies directories, checks and publishes the 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import logging
 import os
@@ -376,6 +377,9 @@ class Builder:
             }
             await asyncio.to_thread(self.store.publish, tid, name, tmp, meta)
         finally:
+            if self.store.meta(tid) is not None:  # published: whoever waits returns early
+                with contextlib.suppress(OSError):
+                    (self.store.layers / f"publish-{tid}.lock").unlink()
             os.close(fd)
             if tmp.exists():
                 await asyncio.to_thread(remove_tree, tmp)
