@@ -356,6 +356,8 @@ except OSError as e:
     denied = {(r["host"], r["reason"]) for r in rows if r["result"] == "deny"}
     assert ("example.com", "not_allowed") in denied, rows
     assert any(r["host"] == "pypi.org" and r["result"] == "allow" for r in rows), rows
+    life = AuditLog().query(sandbox_id=step_id, kind="sandbox")
+    assert {(r["result"], r["tier"]) for r in life} == {("created", "build"), ("ended", "build")}
 
 
 def test_cancelled_build_leaves_nothing(store: Store, tmp_path: Path) -> None:

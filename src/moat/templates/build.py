@@ -277,7 +277,7 @@ class Builder:
                 ),
             )
             self.step_ids[label] = spec.step_id
-            code, tail = await self._run(spec, allow)
+            code, tail = await self._run(spec, allow, label)
             if code != 0:
                 raise TemplateBuildError(
                     label, f"exit code {code}", exit_code=code, output=_text(tail)
@@ -331,7 +331,9 @@ class Builder:
             return target, ("/bin/sh", "-ec", _UNPACK_OCI, "unpack"), ()
         raise InvalidArgumentError("unknown base")
 
-    async def _run(self, spec: sandbox.BuildSpec, allow: tuple[str, ...]) -> tuple[int, bytes]:
+    async def _run(
+        self, spec: sandbox.BuildSpec, allow: tuple[str, ...], label: str
+    ) -> tuple[int, bytes]:
         gateway = Gateway(
             spec.step_id,
             NetworkPolicy(allow_out=list(allow)),
@@ -344,10 +346,20 @@ class Builder:
                 resolver=_StepResolver(),
             ),
         )
+        if self.audit is not None:  # the step's life beside its egress rows
+            self.audit.record_sandbox(spec.step_id, "created", "build", reason=label)
+        ended = "ended: died"
         try:
-            return await sandbox.run_step(spec, gateway.handle_connection, self._out)
+            code, tail = await sandbox.run_step(spec, gateway.handle_connection, self._out)
+            ended = f"exit {code}"
+            return code, tail
+        except BaseException as exc:
+            ended = f"ended: {type(exc).__name__}"
+            raise
         finally:
             await gateway.close()
+            if self.audit is not None:
+                self.audit.record_sandbox(spec.step_id, "ended", "build", reason=ended)
 
     # -- publish ----------------------------------------------------------------------------
 
