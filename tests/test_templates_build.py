@@ -319,6 +319,17 @@ def test_failing_step_reports_step_exit_code_and_output(store: Store) -> None:
     assert made() == before  # no layer, no temp directory left
 
 
+def test_step_past_its_time_limit_is_killed_and_reported(store: Store) -> None:
+    marker = f"slow-{time.monotonic_ns()}"
+    defn = TemplateDef(Base("template", "t-base"), (Step("run", (f"echo {marker}; sleep 300",)),))
+    t0 = time.perf_counter()
+    with pytest.raises(TemplateBuildError, match="limit") as info:
+        build(store, defn, step_timeout=3.0)
+    assert time.perf_counter() - t0 < 60
+    assert info.value.step.startswith("2/2 run:") and info.value.exit_code is None
+    assert not _procs_with(marker)
+
+
 def test_step_egress_outside_its_sources_is_refused_and_audited(store: Store) -> None:
     script = (
         f"# run {time.monotonic_ns()}: a fresh step, never a cache hit\n"

@@ -32,7 +32,7 @@ from typing import Any
 
 from moat.egress import Gateway, GatewayConfig, NetworkPolicy, SystemResolver
 from moat.egress.addr import IPAddress
-from moat.errors import InvalidArgumentError, NotFoundError, TemplateBuildError
+from moat.errors import InvalidArgumentError, NotFoundError, TemplateBuildError, TimeoutError
 from moat.model.config import Limits
 from moat.protocol.contract import SANDBOX_UID
 from moat.runtime.container import build as sandbox
@@ -277,7 +277,10 @@ class Builder:
                 ),
             )
             self.step_ids[label] = spec.step_id
-            code, tail = await self._run(spec, allow, label)
+            try:
+                code, tail = await self._run(spec, allow, label)
+            except TimeoutError as exc:  # moat's: the step ran past its limit
+                raise TemplateBuildError(label, str(exc)) from None
             if code != 0:
                 raise TemplateBuildError(
                     label, f"exit code {code}", exit_code=code, output=_text(tail)
