@@ -140,6 +140,7 @@ def store() -> Iterator[Store]:
     with open_dir() as d:
         s = Store(d / "templates", LAYERS)
         s.prepare()
+        locks = set(LAYERS.glob("*.lock"))
         # the test base, built once per machine (its layers stay in the cache)
         build(s, TEST_BASE, "t-base")
         yield s
@@ -150,6 +151,9 @@ def store() -> Iterator[Store]:
             for p in (LAYERS / key, LAYERS / f"{key}.lock"):
                 if p.exists():
                     remove_tree(p)
+        for p in set(LAYERS.glob("*.lock")) - locks:  # failed steps' (no layer was made)
+            if not (LAYERS / p.name.removesuffix(".lock")).exists():
+                p.unlink(missing_ok=True)
 
 
 @pytest.fixture
