@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
-APT_PACKAGES := bubblewrap runsc qemu-system-x86 busybox-static lz4 e2fsprogs python3-venv python3-pip python3-pandas python3-matplotlib curl gcc libc6-dev openssh-client openssh-server git chromium chromium-driver mmdebstrap
+APT_PACKAGES := bubblewrap runsc qemu-system-x86 busybox-static lz4 e2fsprogs python3-venv python3-pip python3-pandas python3-matplotlib curl gcc libc6-dev openssh-client openssh-server git chromium chromium-driver mmdebstrap umoci skopeo
 STAMP := $(VENV)/.installed
 # The E2B JS SDKs (tests/test_server_js.py), pinned by tests/js/package-lock.json.
 JS_DIR := tests/js

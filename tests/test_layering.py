@@ -38,8 +38,6 @@ ALLOWED: dict[str, set[str]] = {
         "errors", "model", "protocol", "paths", "profiles", "runtime", "egress", "guard",
         "store", "templates",
     },
-    # built template roots (issue 12): their layout and checks; builders run sandboxes
-    "templates": {"errors", "paths", "model", "protocol", "runtime"},
     # generated wire stubs of E2B envd (Connect RPC): shared by the server and the SDK's HTTP
     # transport, so neither face imports the other
     "envd": set(),
@@ -57,6 +55,9 @@ ALLOWED: dict[str, set[str]] = {
     # scale-out (issue 13): a placement face above the engine; nothing below imports it
     "cluster": {"errors", "model", "paths", "engine", "egress", "runtime", "store"},
     "testing": {"errors", "model", "engine", "sdk", "runtime"},
+    # template builds: definitions -> roots, built in the container tier's build sandbox
+    # behind an egress gateway, audited to the store (issue 12)
+    "templates": {"errors", "model", "protocol", "paths", "runtime", "egress", "store"},
     "cli": {
         "errors", "model", "engine", "sdk", "paths", "profiles", "egress", "runtime", "store",
         "server", "templates", "mcp", "cluster",

@@ -541,5 +541,13 @@ def keys_revoke(key_id: str) -> None:
     click.echo(f"revoked {key_id}")
 
 
+def _templates() -> None:
+    from moat.templates.commands import template
+
+    main.add_command(template)
+
+
+_templates()
+
 if __name__ == "__main__":
     main()

@@ -17,7 +17,11 @@
     ├── AuditUnavailableError         the audit store can't record: no new sandbox starts
     ├── PortNotOpenError              ingress: nothing listens on that port in the sandbox
     ├── CapacityError                 a cluster had no room for the sandbox within the wait
-    └── AuthenticationError           a server refused the API key (missing, unknown, revoked)
+    ├── AuthenticationError           a server refused the API key (missing, unknown, revoked)
+    └── TemplateBuildError            a template build step failed (carries step, exit code, tail)
+
+    InvalidArgumentError
+    └── TemplateDefinitionError       a template definition is invalid (carries field and line)
 
 Messages are safe to show a model (DESIGN invariant 8): no host paths, host user names or
 host tracebacks. Foreign exceptions are translated where they are caught with
@@ -45,6 +49,8 @@ __all__ = [
     "SandboxDiedError",
     "SandboxError",
     "SandboxLostError",
+    "TemplateBuildError",
+    "TemplateDefinitionError",
     "TimeoutError",
 ]
 
@@ -156,3 +162,27 @@ class CapacityError(SandboxError):
 
 class AuthenticationError(SandboxError):
     """A ``moat serve`` refused the caller's API key (missing, unknown or revoked): HTTP 401."""
+
+
+class TemplateDefinitionError(InvalidArgumentError):
+    """A template definition (TOML, Dockerfile, builder) is invalid. ``field`` names the
+    setting, ``line`` the line of the file when known; both are in the message too."""
+
+    def __init__(self, message: str, *, field: str | None = None, line: int | None = None) -> None:
+        where = " ".join(p for p in (f"line {line}" if line else "", field or "") if p)
+        super().__init__(f"{where}: {message}" if where else message)
+        self.field = field
+        self.line = line
+
+
+class TemplateBuildError(SandboxError):
+    """A template build step failed. ``step`` describes it (``"3/5 apt: jq"``), ``exit_code``
+    is its status (None when it did not exit: a size cap, a timeout), ``output`` the tail of
+    what it printed (it ran in a sandbox: its output is the build's own, shown to the caller
+    who asked for the build)."""
+
+    def __init__(self, step: str, message: str, exit_code: int | None = None, output: str = ""):
+        super().__init__(f"template build step {step} failed: {message}")
+        self.step = step
+        self.exit_code = exit_code
+        self.output = output

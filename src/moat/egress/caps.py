@@ -7,6 +7,7 @@ total time per tunnel, header sizes and handshake time.
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import time
 from dataclasses import dataclass
@@ -46,6 +47,10 @@ class GatewayConfig:
     upstream_ca_file: str | None = None
     resolver: Resolver | None = None
     own_addresses: frozenset[IPAddress] | None = None
+    #: Networks whose addresses are dialled whatever their class (but unspecified, multicast
+    #: and broadcast), for names the policy allows: a site's package mirror behind a private
+    #: or reserved address (template builds, issue 12). Warned at every gateway start.
+    unsafe_allow_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
 
     def __post_init__(self) -> None:
         ints = {
@@ -80,6 +85,11 @@ class GatewayConfig:
                 raise InvalidArgumentError(f"GatewayConfig.{name} must be a positive number")
         if not isinstance(self.unsafe_allow_private_ranges, bool):
             raise InvalidArgumentError("GatewayConfig.unsafe_allow_private_ranges must be a bool")
+        if not isinstance(self.unsafe_allow_networks, tuple) or not all(
+            isinstance(n, (ipaddress.IPv4Network, ipaddress.IPv6Network))
+            for n in self.unsafe_allow_networks
+        ):
+            raise InvalidArgumentError("GatewayConfig.unsafe_allow_networks must be networks")
         if self.upstream_ca_file is not None and not isinstance(self.upstream_ca_file, str):
             raise InvalidArgumentError("GatewayConfig.upstream_ca_file must be a path string")
 

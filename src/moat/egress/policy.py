@@ -275,6 +275,7 @@ def decide(
     unsafe_allow_private_ranges: bool = False,
     own_addresses: frozenset[IPAddress] = frozenset(),
     tcp: bool = False,
+    unsafe_allow_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = (),
 ) -> Decision:
     """The full decision for a destination and every address it resolved to (``tcp``: a
     raw TCP destination, decided by :func:`decide_tcp_name` in step 1).
@@ -295,6 +296,9 @@ def decide(
 
     One bad address refuses the whole name (a resolver mixing 127.0.0.1 into an answer is
     hostile), so the pinned address never depends on which answer is picked.
+
+    An address inside one of ``unsafe_allow_networks`` skips steps 3 to 5 unless it is
+    unspecified, multicast or broadcast (an admin's declared mirror; issue 12).
     """
     verdict = decide_tcp_name(policy, dest) if tcp else decide_name(policy, dest)
     if not verdict.allowed:
@@ -302,6 +306,12 @@ def decide(
     addrs = tuple(ipaddress.ip_address(a) if isinstance(a, str) else a for a in addresses)
     if not addrs:
         return Decision(Verdict.DENY, "no_address")
+    if unsafe_allow_networks and all(
+        classify(a) not in _NEVER - {AddrClass.RESERVED}
+        and any(_unmapped(a) in n for n in unsafe_allow_networks)
+        for a in addrs
+    ):
+        return Decision(Verdict.ALLOW, verdict.reason, addrs)
     for a in addrs:
         cls = classify(a)
         if cls in _NEVER:

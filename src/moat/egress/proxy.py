@@ -168,6 +168,13 @@ class Gateway:
                 " link-local and host addresses are reachable from it",
                 sandbox_id,
             )
+        if self.config.unsafe_allow_networks:
+            log.warning(
+                "UNSAFE: unsafe_allow_networks is on for sandbox %s: %s reachable for"
+                " allowed names",
+                sandbox_id,
+                ", ".join(map(str, self.config.unsafe_allow_networks)),
+            )
 
     # -- public API ------------------------------------------------------------------------
 
@@ -303,6 +310,7 @@ class Gateway:
             unsafe_allow_private_ranges=self.config.unsafe_allow_private_ranges,
             own_addresses=host_addresses() if own is None else own,
             tcp=tcp,
+            unsafe_allow_networks=self.config.unsafe_allow_networks,
         )
 
     def _decision(
