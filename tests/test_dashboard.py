@@ -298,3 +298,44 @@ def test_the_script_sets_text_only() -> None:
         assert "|safe" not in text.replace(" ", "") and "autoescape false" not in text, page
         assert not re.search(r"<script(?![^>]*\bsrc=)", text), page  # no inline script
         assert not re.search(r"\son[a-z]+=", text), page  # no inline handlers
+
+
+def test_pause_and_resume_from_the_dashboard(server: Server, admin: str) -> None:
+    """The sandbox page pauses a running sandbox and resumes it (forms with the session's
+    token, audited); checked from outside with the E2B SDK: paused, then running again with
+    its files; another tenant's login cannot pause it (an unknown id's 404)."""
+    from e2b import Sandbox, SandboxQuery
+    from e2b.api.client.models.sandbox_state import SandboxState
+
+    tenant = tenant_name("pz")
+    key = new_key(tenant)
+    sbx = Sandbox.create(api_key=key)
+    try:
+        sbx.files.write("/home/user/kept.txt", "still here")
+        with http_login(server.url, new_key(tenant_name("pz-other"))) as other:
+            token = csrf_of(other.get("/ui/").text)
+            r = other.post(f"/ui/sandboxes/{sbx.sandbox_id}/pause", data={"csrf": token},
+                           headers={"origin": server.url})  # fmt: skip
+            assert r.status_code == 404 and sbx.is_running()
+        with http_login(server.url, key) as c:
+            token = csrf_of(c.get("/ui/").text)
+            page = f"/ui/sandboxes/{sbx.sandbox_id}"
+            assert 'id="pause"' in c.get(page).text
+            r = c.post(page + "/pause", data={}, headers={"origin": server.url})
+            assert r.status_code == 403 and sbx.is_running()  # no token: refused
+            r = c.post(page + "/pause", data={"csrf": token}, headers={"origin": server.url})
+            assert r.status_code == 303, r.text
+            paused = Sandbox.list(api_key=key, query=SandboxQuery(state=[SandboxState.PAUSED]))
+            assert [s.sandbox_id for s in paused.next_items()] == [sbx.sandbox_id]
+            shown = c.get(page).text
+            assert 'id="resume"' in shown and "paused" in shown and 'id="pause"' not in shown
+            r = c.post(page + "/resume", data={"csrf": token}, headers={"origin": server.url})
+            assert r.status_code == 303, r.text
+            assert sbx.is_running()
+            again = Sandbox.connect(sbx.sandbox_id, api_key=key)
+            assert again.files.read("/home/user/kept.txt") == "still here"
+        with http_login(server.url, new_key(admin)) as a:
+            trail = a.get("/ui/audit", params={"sandbox": sbx.sandbox_id}).text
+            assert "paused from the dashboard" in trail and "resumed from the dashboard" in trail
+    finally:
+        sbx.kill()

@@ -268,6 +268,28 @@ def dashboard_app(host: Host) -> Callable[[Scope, Receive, Send], Awaitable[None
         )  # fmt: skip
         return RedirectResponse(f"/ui/sandboxes/{sid}", 303)
 
+    async def pause_or_resume(request: Request, login: Login) -> Response:
+        sid = request.path_params["sandbox_id"]
+        action = request.path_params["action"]
+        owner = await views.owner(login, sid)
+        if owner is None or action not in ("pause", "resume"):
+            audit_action(action[:16], False, login.actor, tenant=login.tenant,
+                         reason="refused: no such sandbox")  # fmt: skip
+            return not_found(request, sid)
+        try:
+            if action == "pause":
+                await host.pause_sandbox(owner, sid)
+            else:
+                await host.resume_sandbox(owner, sid)
+        except SandboxError as exc:  # the front door's own words (never a host path)
+            audit_action(action, False, login.actor, sandbox_id=sid, tenant=owner,
+                         reason=f"refused: {type(exc).__name__}")  # fmt: skip
+            return page(request, "error.html", 409, title=f"Could not {action}",
+                        message=str(exc)[:500])  # fmt: skip
+        audit_action(action, True, login.actor, sandbox_id=sid, tenant=owner,
+                     reason=f"{action}d from the dashboard")  # fmt: skip
+        return RedirectResponse(f"/ui/sandboxes/{sid}", 303)
+
     async def trail(request: Request, login: Login) -> Response:
         q = request.query_params
         filters: dict[str, Any] = {
@@ -323,6 +345,9 @@ def dashboard_app(host: Host) -> Callable[[Scope, Receive, Send], Awaitable[None
         Route("/ui/tenants/{name}", needs_login(tenant), methods=["GET"]),
         Route("/ui/sandboxes/{sandbox_id}", needs_login(sandbox), methods=["GET"]),
         Route("/ui/sandboxes/{sandbox_id}/kill", needs_login(kill), methods=["POST"]),
+        Route(
+            "/ui/sandboxes/{sandbox_id}/{action}", needs_login(pause_or_resume), methods=["POST"]
+        ),
         Mount("/ui/static", StaticFiles(directory=HERE / "static"), name="static"),
     ]
     router = Router(routes=routes)

@@ -37,6 +37,10 @@ class Host(Protocol):
 
     def forget(self, sandbox_id: str) -> None: ...
 
+    async def pause_sandbox(self, tenant: str, sandbox_id: str) -> None: ...
+
+    async def resume_sandbox(self, tenant: str, sandbox_id: str) -> None: ...
+
 
 @dataclass
 class SandboxRow:
@@ -130,10 +134,16 @@ class Views:
             info = await self.front.info(tenant, sandbox_id)
             running = await self.front.is_running(tenant, sandbox_id)
             rows = await self.front.audit(tenant, sandbox_id, limit=1000)
+        except SandboxError:
+            return None
+        paused = info.state == "paused"
+        try:  # a paused sandbox has no session: what ran before is in the trail only
             calls = await self.front.activity_of(tenant, sandbox_id)
             brokered = await self.front.secret_names(tenant, sandbox_id)
         except SandboxError:
-            return None
+            if not paused:
+                return None
+            calls, brokered = [], []
         metrics = None
         if running:
             try:
@@ -145,14 +155,15 @@ class Views:
         for row in rows:
             by_kind.setdefault(str(row.get("kind")), []).append(row)
         ends = info.end_at.astimezone(dt.UTC).timestamp()  # planned, while it runs
-        if not running:  # when it really ended, where the trail says
+        if not running and not paused:  # when it really ended, where the trail says
             ended = [r for r in by_kind.get("sandbox", []) if r.get("result") == "ended"]
             ends = float(ended[0]["ts"]) if ended else ends
         return {
             "info": info,
             "tenant": tenant,
             "running": running,
-            "state": "running" if running else "ended",
+            "paused": paused,
+            "state": "running" if running else "paused" if paused else "ended",
             "template": self.template_of(info),
             "metrics": metrics,
             "calls": calls,

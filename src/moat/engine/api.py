@@ -533,12 +533,14 @@ class FrontDoor:
         self, tenant: str, sandbox_id: str, *, denied_only: bool = False, limit: int = 1000
     ) -> list[dict[str, Any]]:
         """The sandbox's audit rows: egress decisions, executions, guard findings."""
-        found = self._find(tenant, sandbox_id)
-        if isinstance(found, Session):  # guarded by its own guard (invariant 4)
-            return await sandbox_audit(
-                found, self.engine.audit, denied_only=denied_only, limit=limit
-            )
-        # an ended sandbox has no guard left: the offline one (default rules, canary shapes)
+        if await self._paused(tenant, sandbox_id) is None:  # else: no session while paused
+            found = self._find(tenant, sandbox_id)
+            if isinstance(found, Session):  # guarded by its own guard (invariant 4)
+                return await sandbox_audit(
+                    found, self.engine.audit, denied_only=denied_only, limit=limit
+                )
+        # an ended (or paused) sandbox has no guard running: the offline one (default rules,
+        # canary shapes)
         rows = await asyncio.to_thread(
             self.engine.audit.query,
             sandbox_id=v.sandbox_id(sandbox_id),

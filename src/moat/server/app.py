@@ -77,6 +77,18 @@ class ServerState:
         # A sandbox that ends by timeout or death takes its record with it, as DELETE does.
         self.unsubscribe = front.on_ended(self.forget)
 
+    async def pause_sandbox(self, tenant: str, sandbox_id: str) -> None:
+        """Pause for the dashboard, as E2B's ``/pause`` does (``moat.server.persist``)."""
+        from moat.server import persist
+
+        await persist.pause(self, tenant, sandbox_id)
+
+    async def resume_sandbox(self, tenant: str, sandbox_id: str) -> None:
+        """Resume for the dashboard, as E2B's ``/connect`` does."""
+        from moat.server import persist
+
+        await persist.resume(self, tenant, sandbox_id)
+
     def forget(self, sandbox_id: str) -> None:
         """Drop the record of a sandbox that ended (kept aside when it paused)."""
         rec = self.records.pop(sandbox_id, None)

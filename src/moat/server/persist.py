@@ -41,3 +41,22 @@ def resumed_record(state: ServerState, tenant: str, sid: str, face: dict[str, An
     if rec is not None and rec.tenant == tenant:
         return rec
     return record_of(tenant, face, state.new_token(), state.new_token())
+
+
+async def pause(state: ServerState, tenant: str, sid: str) -> None:
+    """Pause a sandbox for a face other than E2B's wire (the dashboard): the most the tier
+    keeps (memory where it can), the sandbox's E2B record kept for its resume."""
+    rec = state.record(tenant, sid)
+    memory = state.front.keeps_memory(tenant, sid)
+    await state.front.pause(tenant, sid, memory, face=face_of(rec) if rec is not None else None)
+    state.records.pop(sid, None)
+
+
+async def resume(state: ServerState, tenant: str, sid: str) -> None:
+    """Resume a paused sandbox (the dashboard), its E2B record rebuilt as connect does."""
+    face = await state.front.face_data(tenant, sid)
+    await state.front.connect(tenant, sid)
+    if face is not None and state.record(tenant, sid) is None:
+        state.records[sid] = resumed_record(state, tenant, sid, face)
+        if not await state.front.is_running(tenant, sid):
+            state.forget(sid)  # it ended before its record was in: no leak
