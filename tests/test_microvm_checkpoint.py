@@ -27,7 +27,7 @@ from tests.killcheck import eventually
 from tests.raw_agent import Client
 
 from moat.errors import DiskFullError, PolicyError
-from moat.protocol import MsgType
+from moat.protocol import Frame, MsgType, encode
 from moat.runtime.base import Checkpointable
 from moat.runtime.microvm import MicroVMProcess, MicroVMRuntime, checkpoint
 from moat.runtime.spec import Limits, SandboxSpec
@@ -61,8 +61,33 @@ def _spec(**kw: object) -> SandboxSpec:
     )
 
 
-async def _ready(vm: MicroVMProcess) -> Client:
-    client = Client(vm, timeout=60)
+class Recording(Client):
+    """The raw client, remembering the id of every frame it reads."""
+
+    def __init__(self, vm: MicroVMProcess) -> None:
+        super().__init__(vm, timeout=60)
+        self.seen: list[int] = []
+
+    async def frame(self, timeout: float | None = None) -> Frame:
+        f = await super().frame(timeout)
+        self.seen.append(f.id)
+        return f
+
+    async def send(self, mtype: MsgType, **fields: object) -> int:
+        rid, self.next_id = self.next_id, self.next_id + 1
+        self.sb.writer.write(encode(Frame(mtype, rid, dict(fields))))
+        await self.sb.writer.drain()
+        return rid
+
+    async def until(self, rid: int, mtype: MsgType) -> Frame:
+        while True:
+            f = await self.frame()
+            if f.id == rid and f.type is mtype:
+                return f
+
+
+async def _ready(vm: MicroVMProcess) -> Recording:
+    client = Recording(vm)
     try:
         ready = await client.frame(timeout=120)
     except BaseException:
@@ -72,16 +97,9 @@ async def _ready(vm: MicroVMProcess) -> Client:
     return client
 
 
-async def _py(client: Client, code: str) -> str:
-    """Run ``code`` in the default Python context; its stdout and last value."""
-    rid = client.next_id
-    client.next_id += 1
-    from moat.protocol import Frame, encode
-
-    client.sb.writer.write(
-        encode(Frame(MsgType.EXEC, rid, {"context": "default", "language": "python", "code": code}))
-    )
-    await client.sb.writer.drain()
+async def _py(client: Recording, code: str) -> str:
+    """Run ``code`` in the default Python context; its stdout."""
+    rid = await client.send(MsgType.EXEC, context="default", language="python", code=code)
     out = []
     while True:
         f = await client.frame()
@@ -127,6 +145,8 @@ def _fds() -> dict[str, str]:
     return out
 
 
+#: One process printing a line every 0.2 s (a shell loop forking `sleep` is costly on TCG).
+TICKER = "python3 -u -c 'import time\nwhile True: print(\"tick\"); time.sleep(0.2)'"
 HTTP_GET = (
     f"exec 3<>/dev/tcp/127.0.0.1/{PORT} && printf 'GET /keep.txt HTTP/1.0\\r\\n\\r\\n' >&3 "
     "&& cat <&3 | tail -n1"
@@ -155,6 +175,12 @@ async def test_state_survives_three_cycles_and_nothing_grows(ckdir: Path) -> Non
         )
         assert code == 0 and "up" in out, out
         assert (await _py(client, "x = 41\nprint(x)")).strip() == "41"
+        # A command streaming output to a request of the old host while it is saved: after a
+        # restore nothing of it reaches the new host before READY, nor under the old id; it
+        # runs on and a new request re-attaches to it.
+        ticker = await client.send(MsgType.CMD_START, cmd=TICKER)
+        tick_pid = int((await client.until(ticker, MsgType.STARTED)).fields["pid"])
+        await client.until(ticker, MsgType.STDOUT)
         sizes, procs, fds = [], [], []
         for cycle in range(3):
             dest = ckdir / f"c{cycle}"
@@ -165,6 +191,7 @@ async def test_state_survives_three_cycles_and_nothing_grows(ckdir: Path) -> Non
             vm = await RUNTIME.restore(spec, dest)
             assert _qemu_pids(spec.sandbox_id) == [vm.pid]
             client = await _ready(vm)
+            first = client.next_id = 100 * (cycle + 1)  # above every id the old host used
             out, code = await client.sh(
                 f"cat /home/user/keep.txt; {HTTP_GET}; ls /proc | grep -c '^[0-9]'"
             )
@@ -173,6 +200,12 @@ async def test_state_survives_three_cycles_and_nothing_grows(ckdir: Path) -> Non
             assert lines[0] == "kept-42" and lines[1] == "kept-42", out  # file, and the server
             procs.append(int(lines[-1]))
             assert (await _py(client, "x += 1\nprint(x)")).strip() == str(42 + cycle)
+            again = await client.send(MsgType.CMD_CONNECT, pid=tick_pid)
+            assert (await client.until(again, MsgType.STARTED)).fields["pid"] == tick_pid
+            assert b"tick" in (await client.until(again, MsgType.STDOUT)).payload
+            # READY (id 0), then only answers to this host's own requests
+            assert client.seen[0] == 0 and min(client.seen[1:]) >= first, client.seen
+            ticker = again
             fds.append(len(_fds()))
             shutil.rmtree(dest)
         # nothing grows per cycle: stream size (within 10%), guest processes, host fds
