@@ -67,9 +67,8 @@ class NetProxy:
 
     def setup(self, port: int, ca_path: str, bundle: bytes) -> None:
         """Write the CA bundle (the template's system roots + ``bundle``, this sandbox's CA)
-        where the environment says, then listen on the proxy port."""
-        if self.listener is not None:
-            return
+        where the environment says, then listen on the proxy port. Again after a restore
+        (a new host, perhaps a new CA): the bundle is rewritten, the port kept."""
         os.makedirs(os.path.dirname(ca_path), exist_ok=True)
         system = b""
         for roots in ("/etc/ssl/certs/ca-certificates.crt", "/etc/pki/tls/certs/ca-bundle.crt"):
@@ -84,6 +83,8 @@ class NetProxy:
             f.write(system + bundle)  # the template's roots, then this sandbox's CA
         os.chmod(tmp, 0o444)
         os.replace(tmp, ca_path)
+        if self.listener is not None:
+            return
         import selectors
         import socket
 
