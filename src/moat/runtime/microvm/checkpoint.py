@@ -328,9 +328,11 @@ class Feeder(threading.Thread):
             self.ok = ok
 
     def close_unstarted(self) -> None:
+        """Close what a feeder that never ran holds (``read_fd`` is -1 once handed to QEMU)."""
         for fd in (self.file_fd, self.read_fd, self.write_fd):
-            with contextlib.suppress(OSError):
-                os.close(fd)
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
 
 
 class _Hashing:

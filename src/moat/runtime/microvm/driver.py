@@ -519,20 +519,21 @@ class MicroVMRuntime:
             await _announcement(reader, nonce, deadline)
             return mon
 
-        old = self._vms.get(spec.sandbox_id)
-        if old is not None:  # paused and resumed under its id: its cgroup must be gone first
-            await asyncio.to_thread(old.reaped.wait, REAP_WAIT_S)
-        cgroup = await asyncio.to_thread(self._manager().create, spec.sandbox_id, host_limits)
         try:
-            cfg = qemu.VMConfig(**{**base.__dict__, "mount_fds": mount_fds})
-            incoming, feeder.read_fd = feeder.read_fd, -1  # _launch closes it
-            return await self._launch(
-                spec, cfg, None, cgroup, mount_fds, ident=ident, incoming_fd=incoming,
-                resumed=resumed,
-            )  # fmt: skip
-        except BaseException:
-            await asyncio.to_thread(cgroup.destroy)
-            raise
+            old = self._vms.get(spec.sandbox_id)
+            if old is not None:  # paused, resumed under its id: its cgroup must be gone first
+                await asyncio.to_thread(old.reaped.wait, REAP_WAIT_S)
+            cgroup = await asyncio.to_thread(self._manager().create, spec.sandbox_id, host_limits)
+            try:
+                cfg = qemu.VMConfig(**{**base.__dict__, "mount_fds": mount_fds})
+                incoming, feeder.read_fd = feeder.read_fd, -1  # _launch closes it
+                return await self._launch(
+                    spec, cfg, None, cgroup, mount_fds, ident=ident, incoming_fd=incoming,
+                    resumed=resumed,
+                )  # fmt: skip
+            except BaseException:
+                await asyncio.to_thread(cgroup.destroy)
+                raise
         finally:
             if started:
                 await asyncio.to_thread(feeder.join, 30)
