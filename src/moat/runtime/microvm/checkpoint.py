@@ -90,9 +90,10 @@ def _sha256_file(fd: int) -> tuple[int, str]:
 class _Writer(threading.Thread):
     """Drains QEMU's migration pipe into ``path``: hash, compress, write."""
 
-    def __init__(self, read_fd: int, path: Path) -> None:
+    def __init__(self, read_fd: int, out_fd: int, path: Path) -> None:
         super().__init__(name="moat-ckpt-writer", daemon=True)
         self.read_fd = read_fd
+        self.out_fd = out_fd
         self.path = path
         self.error: BaseException | None = None
         self.raw_size = 0
@@ -100,21 +101,23 @@ class _Writer(threading.Thread):
         self.sha256 = ""
 
     def run(self) -> None:
+        h = hashlib.sha256()
         try:
-            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             try:
-                with open(fd, "wb", closefd=False) as out:
+                with open(self.out_fd, "wb", closefd=False) as out:
                     comp = zstandard.ZstdCompressor(level=ZSTD_LEVEL).compressobj()
                     while chunk := os.read(self.read_fd, _CHUNK):
                         self.raw_size += len(chunk)
-                        out.write(comp.compress(chunk))
-                    out.write(comp.flush())
-                os.fsync(fd)
-                os.lseek(fd, 0, os.SEEK_SET)
+                        data = comp.compress(chunk)
+                        h.update(data)
+                        self.size += out.write(data)
+                    data = comp.flush()
+                    h.update(data)
+                    self.size += out.write(data)
+                os.fsync(self.out_fd)
             finally:
-                os.close(fd)
-            with open(self.path, "rb") as f:
-                self.size, self.sha256 = _sha256_file(f.fileno())
+                os.close(self.out_fd)
+            self.sha256 = h.hexdigest()
         except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
             self.error = exc
         finally:
@@ -179,11 +182,21 @@ def _migrate(mon: QMP, path: Path, written: list[Path]) -> dict[str, Any]:
     # Unthrottled: the VM is stopped, there is nothing to converge (QEMU's default cap is
     # 128 MiB/s, 0.5 s for a small guest's stream).
     mon.execute("migrate-set-parameters", {"max-bandwidth": 1 << 40})
-    r, w = _pipe()
-    writer = _Writer(r, path)
+    # Created here, not on the writer's thread: a failure's cleanup then always finds it.
+    out = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     written.append(path)
     try:
+        r, w = _pipe()
+    except OSError:
+        os.close(out)
+        raise
+    writer = _Writer(r, out, path)
+    try:
         mon.call("getfd", fds=[w], fdname="moat-ckpt")
+    except BaseException:
+        os.close(r)
+        os.close(out)
+        raise
     finally:
         os.close(w)
     writer.start()
