@@ -45,6 +45,8 @@ def _check_golden(name: str, argv: list[str]) -> None:
         ("boot", {}),
         ("restore", {"incoming_fd": 4, "memory_mb": 1120, "cpus": 2}),
         ("base", {"qmp_fd": 4}),
+        # every sandbox VM since issue 11: a monitor and guest root's control port
+        ("ctl", {"qmp_fd": 4, "ctl_fd": 5, "incoming_fd": 6}),
     ],
 )
 def test_argv_golden(name: str, kw: dict[str, object]) -> None:

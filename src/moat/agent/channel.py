@@ -19,15 +19,20 @@ class Channel:
 
     def __init__(self, out_fd: int) -> None:
         self._fd = out_fd
-        self._lock = threading.Lock()
+        #: held while one whole frame is written (public for a restore's resync, main.py)
+        self.lock = threading.Lock()
 
     def send(self, mtype: MsgType, rid: int, payload: bytes = b"", **fields: Any) -> None:
         data = encode(Frame(mtype, rid, fields, payload))
-        with self._lock:
-            view = memoryview(data)
-            while view:
-                n = os.write(self._fd, view)
-                view = view[n:]
+        with self.lock:
+            self.write_locked(data)
+
+    def write_locked(self, data: bytes) -> None:
+        """Write all of ``data``; the caller holds ``lock``."""
+        view = memoryview(data)
+        while view:
+            n = os.write(self._fd, view)
+            view = view[n:]
 
     def send_stream(self, mtype: MsgType, rid: int, data: bytes) -> None:
         """Send output bytes split into frames of at most CHUNK_SIZE."""

@@ -164,7 +164,7 @@ class Commands:
                 if data == b"":
                     break  # every slave fd is closed
                 if data:
-                    for rid in (c.rid, *c.watchers):
+                    for rid in _targets(c.rid, c.watchers):
                         self.ch.send_stream(MsgType.PTY, rid, data)
                 if c.child.poll() is not None:
                     # Background jobs may hold the slave open: once the command has exited,
@@ -191,7 +191,7 @@ class Commands:
             for fd in ready:
                 data = os.read(fd, 1 << 16)
                 if data:
-                    for rid in (c.rid, *c.watchers):
+                    for rid in _targets(c.rid, c.watchers):
                         self.ch.send_stream(fds[fd], rid, data)
                 else:
                     del fds[fd]
@@ -216,7 +216,7 @@ class Commands:
                 self.groups.add(proc.pid)
             watchers = tuple(c.watchers)  # none can join once it is out of items
         status = code if code >= 0 else 128 - code
-        if c.as_exec and status != 0:
+        if c.as_exec and status != 0 and c.rid:
             self.ch.send(
                 MsgType.ERROR,
                 c.rid,
@@ -224,7 +224,7 @@ class Commands:
                 value=f"exit status {status}",
                 traceback="",
             )
-        for rid in (c.rid, *watchers):
+        for rid in _targets(c.rid, watchers):
             self.ch.done(rid, exit_code=status, restarted=False)
 
     def connect(self, rid: int, pid: int) -> None:
@@ -351,11 +351,24 @@ class Commands:
                 {"pid": pid, "cmd": c.cmd, "started": c.started} for pid, c in self.items.items()
             ]
 
+    def detach(self) -> None:
+        """After a restore: the old host's requests are gone. Commands keep running with no
+        request attached (rid 0: their output is dropped) until a new one connects."""
+        with self.mu:
+            for c in self.items.values():
+                c.rid = 0
+                c.watchers.clear()
+
     def kill_all(self) -> None:
         with self.mu:
             pids = list(self.items)
         for pid in pids:
             self.kill(pid)
+
+
+def _targets(rid: int, watchers: list[int] | tuple[int, ...]) -> list[int]:
+    """The requests a command's output and end go to (none once detached)."""
+    return [r for r in (rid, *watchers) if r]
 
 
 def _close(*fds: int | None) -> None:

@@ -7,6 +7,7 @@ stdin/stdout, or on ``--channel DEVICE`` (a virtio serial port in a microVM).
 from __future__ import annotations
 
 import os
+import select
 import sys
 import threading
 from collections.abc import Callable
@@ -21,7 +22,16 @@ from moat.agent.files import FileError, Files
 from moat.agent.netproxy import NetProxy
 from moat.agent.reseed import reseed
 from moat.agent.watch import Watches
-from moat.protocol import HOST_TO_AGENT, PROTOCOL_VERSION, Decoder, Frame, MsgType, ProtocolError
+from moat.protocol import (
+    HOST_TO_AGENT,
+    PROTOCOL_VERSION,
+    Decoder,
+    Frame,
+    MsgType,
+    ProtocolError,
+    encode,
+    resume,
+)
 
 # The agent starts in every sandbox: typing costs ~8 ms of imports, so it is only
 # imported for the type checker (annotations are strings here).
@@ -35,8 +45,12 @@ _SETTLE = frozenset({MsgType.FILE_WRITE, MsgType.FILE_MKDIR, MsgType.FILE_MOVE})
 
 
 class Agent:
-    def __init__(self, in_fd: int, out_fd: int, default_kernel: Kernel | None) -> None:
+    def __init__(
+        self, in_fd: int, out_fd: int, default_kernel: Kernel | None, resume_fd: int | None = None
+    ) -> None:
         self.in_fd = in_fd
+        #: restore notices from guest root (microVM only; moat.guest.boot.serve_ctl)
+        self.resume_fd = resume_fd
         self.ch = Channel(out_fd)
         self.contexts = Contexts(self.ch, default_kernel)
         self.commands = Commands(self.ch)
@@ -47,7 +61,19 @@ class Agent:
     def serve(self) -> None:
         self.ch.send(MsgType.READY, 0, version=PROTOCOL_VERSION, pid=os.getpid())
         decoder = Decoder(direction=HOST_TO_AGENT)
+        poller = None
+        if self.resume_fd is not None:
+            poller = select.poll()
+            poller.register(self.in_fd, select.POLLIN)
+            poller.register(self.resume_fd, select.POLLIN)
         while True:
+            if poller is not None:
+                ready = [fd for fd, _ in poller.poll()]
+                if self.resume_fd in ready:
+                    if not self._resumed():
+                        poller.unregister(self.resume_fd)
+                    decoder = Decoder(direction=HOST_TO_AGENT)
+                    continue
             data = os.read(self.in_fd, 1 << 20)
             if not data:
                 break
@@ -59,6 +85,33 @@ class Agent:
                 self.dispatch(frame)
         self.commands.kill_all()
         os._exit(0)
+
+    def _resumed(self) -> bool:
+        """The sandbox was restored from a checkpoint: start over with the new host.
+
+        What the old host sent and this agent has not read yet is dropped (it may end
+        mid-frame), requests of the old host no longer get output (its ids mean nothing to
+        the new one), and the new host learns where its stream starts (moat.protocol.resume).
+        Returns False once guest root's end is closed.
+        """
+        notice = os.read(self.resume_fd, 256) if self.resume_fd is not None else b""
+        if not notice:
+            return False
+        nonce = notice.splitlines()[-1].decode("ascii", "replace")
+        self.commands.detach()
+        self.net.drop_streams()
+        ready = encode(Frame(MsgType.READY, 0, {"version": PROTOCOL_VERSION, "pid": os.getpid()}))
+        with self.ch.lock:  # between two whole frames; no other thread writes meanwhile
+            os.set_blocking(self.in_fd, False)  # the same open file as out_fd: under the lock
+            try:
+                while os.read(self.in_fd, 1 << 20):
+                    pass
+            except BlockingIOError:
+                pass
+            finally:
+                os.set_blocking(self.in_fd, True)
+            self.ch.write_locked(resume.line(nonce) + ready)
+        return True
 
     def _in_thread(self, rid: int, fn: Callable[[], None]) -> None:
         def run() -> None:
@@ -254,10 +307,12 @@ class Agent:
 
 
 def _parse_args(argv: list[str]) -> dict[str, Any]:
-    opts: dict[str, Any] = {"channel": None, "workdir": None}
-    while len(argv) >= 2 and argv[0] in ("--channel", "--workdir"):
-        opts[argv[0][2:]] = argv[1]
-        argv = argv[2:]
+    opts: dict[str, Any] = {"channel": None, "workdir": None, "resume_fd": None}
+    for flag, value in zip(argv[::2], argv[1::2], strict=False):
+        if flag in ("--channel", "--workdir"):
+            opts[flag[2:]] = value
+        elif flag == "--resume-fd" and value.isdigit():
+            opts["resume_fd"] = int(value)
     return opts
 
 
@@ -277,17 +332,18 @@ def main() -> None:
         os.dup2(devnull, 0)
         os.dup2(devnull, 1)
         os.close(devnull)
-    for fd in (in_fd, out_fd):
+    resume_fd = opts["resume_fd"]
+    for fd in (in_fd, out_fd) + ((resume_fd,) if resume_fd is not None else ()):
         os.set_inheritable(fd, False)
     if opts["workdir"]:
         set_default_cwd(opts["workdir"])
     os.chdir(default_cwd())
     # Fork the default context's kernel now, while the agent is single-threaded: the first
     # run_code then costs no interpreter start-up.
-    kernel = Kernel.fork(close=(in_fd, out_fd))
+    kernel = Kernel.fork(close=(in_fd, out_fd) + ((resume_fd,) if resume_fd is not None else ()))
     if os.getpid() == 1:
         shield.start_reaper()
-    Agent(in_fd, out_fd, kernel).serve()
+    Agent(in_fd, out_fd, kernel, resume_fd).serve()
 
 
 if __name__ == "__main__":

@@ -117,6 +117,12 @@ class NetProxy:
         with contextlib.suppress(BlockingIOError):
             os.write(self._wake_w, b"\0")  # a full pipe means a wake-up is pending anyway
 
+    def drop_streams(self) -> None:
+        """After a restore: the host ends of every stream are gone; close ours (as if the
+        host had closed each), on the proxy thread. The proxy port keeps listening."""
+        for sid in list(self.streams):
+            self.on_frame(MsgType.TCP_CLOSE, sid, b"")
+
     # the proxy thread -------------------------------------------------------------------------
 
     def _loop(self) -> None:

@@ -33,11 +33,14 @@ import importlib
 import json
 import os
 import resource
+import select
 import struct
 import sys
 import time
 
 PORT = "/dev/vport0p1"
+#: Guest root's control port (the host's ``qemu.CTL_PORT``): restores' reseed and resume notice.
+CTL_PORT = "/dev/vport0p2"
 #: Keep in step with init.py (this file runs in the guest, without the moat package).
 TOOLS = "/.moat"
 MARKER = b"MOAT-BOOT-WAITING 1\n"
@@ -219,30 +222,100 @@ def _install_seccomp(program: bytes) -> None:
         raise OSError(ctypes.get_errno(), "seccomp")
 
 
-def enter_pid_namespace() -> None:
-    """Continue as init of a new pid namespace; this process stays outside and waits.
+def enter_pid_namespace() -> int:
+    """Continue as init of a new pid namespace; this process stays outside as guest root.
 
     As its namespace's init, the agent cannot be stopped or killed by user code (the kernel
     drops those signals; see moat.agent.shield), and guest root outside is invisible to it.
     A fresh /proc shows only the namespace. When the agent ends, /init powers the VM off.
+    Returns (in the agent) the read end of the pipe on which guest root announces restores.
     """
+    resume_r, resume_w = os.pipe()
     if _libc.unshare(_CLONE_NEWPID | _CLONE_NEWNS) != 0:
         raise OSError(ctypes.get_errno(), "unshare")
     pid = os.fork()
     if pid != 0:
+        os.close(resume_r)
         os.closerange(0, 3)
-        while True:
-            try:
-                os.waitpid(pid, 0)
-                break
-            except InterruptedError:
-                continue
+        serve_ctl(pid, resume_w)
         os._exit(0)
+    os.close(resume_w)
     _mount("none", "/", "", _MS_REC | _MS_PRIVATE, "")
     _mount("proc", "/proc", "proc", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC, "")
+    return resume_r
 
 
-def become_agent(cfg: dict[str, object]) -> None:
+def _wait(pid: int) -> None:
+    while True:
+        try:
+            os.waitpid(pid, 0)
+            return
+        except InterruptedError:
+            continue
+        except ChildProcessError:
+            return
+
+
+def resume(line: bytes, notify_w: int) -> None:
+    """One restore: the host's line (one JSON object) on the control port.
+
+    Guest root mixes the host's fresh seed into the kernel's CRNG and forces a reseed (two
+    guests restored from one checkpoint must not share it; QEMU 7.2's microvm machine gives
+    the guest no vmgenid), sets the wall clock and host name, then tells the agent, which
+    drops what the old host channel left and announces itself with ``nonce`` (agent/main.py).
+    """
+    msg = _parse_config(line)
+    seed = bytes.fromhex(str(msg["seed"]))
+    nonce = str(msg["nonce"])
+    if len(seed) < 32 or not (16 <= len(nonce) <= 64 and nonce.isalnum()):
+        raise ValueError("bad resume message")
+    _reseed(seed)
+    time.clock_settime_ns(time.CLOCK_REALTIME, int(msg["time_ns"]))  # type: ignore[call-overload]
+    if isinstance(msg.get("hostname"), str):
+        _socket.sethostname(str(msg["hostname"]))
+    os.write(notify_w, nonce.encode() + b"\n")
+
+
+def serve_ctl(agent: int, notify_w: int) -> None:
+    """Guest root, outside the sandbox's pid namespace, until the agent ends: serve the
+    control port (one JSON line per restore). User code can't reach it: the port is root's
+    and this process is outside the agent's pid namespace (invariant 9)."""
+    try:
+        ctl = os.open(CTL_PORT, os.O_RDWR | os.O_NOCTTY)
+    except OSError:
+        _wait(agent)  # a VM without the port (started by an older host)
+        return
+    pidfd = os.pidfd_open(agent)
+    poller = select.poll()
+    poller.register(pidfd, select.POLLIN)
+    poller.register(ctl, select.POLLIN)
+    buf = b""
+    while True:
+        for fd, _ in poller.poll():
+            if fd == pidfd:
+                _wait(agent)
+                return
+            try:
+                chunk = os.read(ctl, 65536)
+            except OSError:
+                chunk = b""
+            if not chunk:  # the host closed its end: no more restores to serve
+                poller.unregister(ctl)
+                continue
+            buf += chunk
+            if len(buf) > _MAX:
+                buf = b""  # never from moat's host; drop it rather than grow
+            while b"\n" in buf:
+                line, buf = buf.split(b"\n", 1)
+                try:
+                    resume(line + b"\n", notify_w)
+                except Exception:  # noqa: BLE001, S112 - guest root serves on; the host fails closed
+                    # The agent then never announces itself: the host's restore times out
+                    # and kills the VM (it fails closed). fds 0-2 are closed: nothing to say.
+                    continue
+
+
+def become_agent(cfg: dict[str, object], resume_fd: int) -> None:
     argv = cfg["argv"]
     env = cfg["env"]
     if not (isinstance(argv, list) and argv and all(isinstance(a, str) for a in argv)):
@@ -265,6 +338,9 @@ def become_agent(cfg: dict[str, object]) -> None:
         raise OSError(ctypes.get_errno(), "no_new_privs")
     _install_seccomp(program)
     os.chdir(HOME)
+    # The agent reads guest root's restore notices here (not inherited by what it starts).
+    os.set_inheritable(resume_fd, True)
+    argv = [*argv, "--resume-fd", str(resume_fd)]
     if len(argv) >= 4 and argv[0] == sys.executable and argv[1:4] == [*FLAGS, "-c"]:
         at = 2 + len(FLAGS)  # the code's position in argv (after "-c")
         os.environ.clear()
@@ -313,8 +389,8 @@ def main() -> None:
     cfg = _parse_config(line)
     os.close(fd)
     apply(cfg)
-    enter_pid_namespace()
-    become_agent(cfg)
+    resume_fd = enter_pid_namespace()
+    become_agent(cfg, resume_fd)
 
 
 def run() -> None:

@@ -22,14 +22,20 @@ import secrets
 import shutil
 import socket
 import subprocess
+import threading
 import time
+import weakref
 from pathlib import Path
+from typing import Any
 
-from moat.errors import IsolationUnavailableError, SandboxDiedError
+from moat.errors import IsolationUnavailableError, PolicyError, SandboxDiedError
 from moat.guest.init import BOOT_MARKER
+from moat.protocol import resume
 from moat.runtime import agentdir, cgroups, reaper, seccomp
+from moat.runtime.base import SandboxProcess
 from moat.runtime.microvm import (
     artifacts,
+    checkpoint,
     initramfs,
     mountimg,
     probe,
@@ -37,6 +43,7 @@ from moat.runtime.microvm import (
     rootimage,
     snapshot,
 )
+from moat.runtime.microvm.qmp import QMP, QMPError
 from moat.runtime.spec import Limits, SandboxSpec
 
 log = logging.getLogger("moat.runtime.microvm")
@@ -54,6 +61,15 @@ QEMU_HOST_OVERHEAD_MB = 256
 QEMU_PIDS = 64
 #: The guest port the agent speaks on (virtio-serial port 1 of virtio device 0).
 GUEST_PORT = "/dev/vport0p1"
+#: A checkpoint (stop, migrate, compress, fsync) of a guest must finish within this.
+CHECKPOINT_TIMEOUT_S = 120.0
+#: A restore must reach the agent's announcement within this (TCG on a loaded host).
+RESTORE_TIMEOUT_S = 60.0
+#: How long a restore waits for the reaper to finish a VM of the same sandbox id.
+REAP_WAIT_S = 30.0
+#: What a restored agent may have queued for the old host before its announcement: output
+#: frames already in the guest's virtio queue. Past this the restore fails closed.
+RESUME_DISCARD_MAX = 64 << 20
 FIRECRACKER_HOOK = "firecracker"
 
 
@@ -69,6 +85,10 @@ class MicroVMProcess:
         *,
         restored: bool,
         vm_memory_mb: int,
+        qmp: socket.socket | None = None,
+        ctl: socket.socket | None = None,
+        mount_fds: tuple[int, ...] = (),
+        identity: dict[str, Any] | None = None,
     ) -> None:
         self.proc = proc
         self.cgroup = cgroup
@@ -76,7 +96,19 @@ class MicroVMProcess:
         self.writer = writer
         self.restored = restored
         self.vm_memory_mb = vm_memory_mb
+        #: the host ends of QEMU's monitor and of guest root's control port (checkpoint.py)
+        self.qmp = qmp
+        self.ctl = ctl
+        #: our own read-only copies of the mount images' fds (a checkpoint copies them)
+        self.mount_fds = mount_fds
+        #: what a checkpoint of this VM records and a restore must match
+        self.identity = identity
+        self._monitor: QMP | None = None
+        self._lock = asyncio.Lock()
         self._killed = False
+        #: set once the reaper has reaped QEMU and removed the cgroup (a restore under the
+        #: same sandbox id waits for it: the cgroup's name is the id's)
+        self.reaped = threading.Event()
 
     @property
     def pid(self) -> int:
@@ -98,7 +130,36 @@ class MicroVMProcess:
         await asyncio.to_thread(cgroup.stop_now, freeze=False)
         with contextlib.suppress(Exception):
             self.writer.close()
-        reaper.submit(cgroup.name, lambda: _stop(proc, cgroup))
+        self._release()
+        reaped = self.reaped
+
+        def reap() -> None:
+            try:
+                _stop(proc, cgroup)
+            finally:
+                reaped.set()
+
+        reaper.submit(cgroup.name, reap)
+
+    def _release(self) -> None:
+        """Close our monitor and control sockets and mount fds (QEMU is gone or going)."""
+        for sock in (self.qmp, self.ctl):
+            if sock is not None:
+                sock.close()
+        self.qmp = self.ctl = None
+        for fd in self.mount_fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.mount_fds = ()
+
+    def monitor(self, deadline: float) -> QMP:
+        """QEMU's monitor, its greeting read on first use; blocking."""
+        if self.qmp is None:
+            raise SandboxDiedError("the microVM has no monitor")
+        if self._monitor is None:
+            self._monitor = QMP(self.qmp, deadline).handshake()
+        self._monitor.deadline = deadline
+        return self._monitor
 
     def alive(self) -> bool:
         return not self._killed and self.proc.poll() is None
@@ -152,6 +213,8 @@ class MicroVMRuntime:
         self.console_log = console_log
         self._accel: str | None = None
         self._cgroups: cgroups.CgroupManager | None = None
+        #: this runtime's VMs by sandbox id (a restore may reuse the id of one being reaped)
+        self._vms: weakref.WeakValueDictionary[str, MicroVMProcess] = weakref.WeakValueDictionary()
 
     # -- probing -----------------------------------------------------------------------------
 
@@ -237,8 +300,10 @@ class MicroVMRuntime:
             initrd=str(initrd), usr_image=usr_image,
             memory_mb=qemu.vm_memory_mb(spec.limits), cpus=qemu.vm_cpus(spec.limits),
             tsc_khz=probe.host_tsc_khz(), name=f"moat-{spec.sandbox_id}", agent_fd=-1,
+            ctl_fd=-1, mount_fds=mount_fds,
         )  # fmt: skip
         snap: Path | None = None
+        ident = checkpoint.identity(base, arts, initrd_digest)
         # A snapshot's device set has no mount disks (and microvm has no hotplug): cold boot.
         if self.snapshots and not mount_fds:
             snap_key = snapshot.key(base, arts, initrd_digest, image_digest)
@@ -254,7 +319,7 @@ class MicroVMRuntime:
         )
         cgroup = await asyncio.to_thread(self._manager().create, spec.sandbox_id, host_limits)
         try:
-            return await self._launch(spec, base, snap, cgroup, mount_fds)
+            return await self._launch(spec, base, snap, cgroup, mount_fds, ident=ident)
         except BaseException:
             await asyncio.to_thread(cgroup.destroy)
             raise
@@ -266,39 +331,63 @@ class MicroVMRuntime:
         snap: Path | None,
         cgroup: cgroups.SandboxCgroup,
         mount_fds: tuple[int, ...] = (),
+        *,
+        ident: dict[str, Any],
+        incoming_fd: int | None = None,
+        resumed: Any = None,
     ) -> MicroVMProcess:
-        snap_fd = None
+        """Start QEMU: boot, restore the base VM ``snap``, or (``incoming_fd`` and the
+        coroutine function ``resumed(qmp, ctl, reader) -> QMP``) restore a checkpoint."""
+        snap_fd = incoming_fd
         if snap is not None:
             try:
                 snap_fd = os.open(snap, os.O_RDONLY | os.O_CLOEXEC)
             except FileNotFoundError:
                 snap = None  # pruned meanwhile: boot instead (same isolation, just slower)
-        host_sock, guest_sock = socket.socketpair()
+        try:
+            host_sock, guest_sock = socket.socketpair()
+            qmp_host, qmp_guest = socket.socketpair()
+            ctl_host, ctl_guest = socket.socketpair()
+        except OSError as exc:  # out of fds: what was made is collected with its objects
+            if snap_fd is not None:
+                os.close(snap_fd)
+            raise SandboxDiedError("the microVM could not be started") from exc
         console = None
         if self.console_log:
             console = os.path.join(self.console_log, f"{spec.sandbox_id}.log")
         cfg = qemu.VMConfig(
             **{**base.__dict__, "agent_fd": guest_sock.fileno(), "incoming_fd": snap_fd,
-               "console_log": console, "mount_fds": mount_fds}
+               "console_log": console, "mount_fds": mount_fds, "qmp_fd": qmp_guest.fileno(),
+               "ctl_fd": ctl_guest.fileno()}
         )  # fmt: skip
-        fds = (guest_sock.fileno(),) + ((snap_fd,) if snap_fd is not None else ()) + mount_fds
+        fds: tuple[int, ...] = (guest_sock.fileno(), qmp_guest.fileno(), ctl_guest.fileno())
+        fds += ((snap_fd,) if snap_fd is not None else ()) + mount_fds
         t0 = time.monotonic()
         try:
             proc = _spawn(qemu.build_argv(cfg), fds, cgroup.procs_files, kvm=cfg.accel == "kvm")
         except OSError as exc:
-            host_sock.close()
+            for sock in (host_sock, qmp_host, ctl_host):
+                sock.close()
             raise SandboxDiedError("the microVM could not be started") from exc
         finally:
-            guest_sock.close()
+            for sock in (guest_sock, qmp_guest, ctl_guest):
+                sock.close()
             if snap_fd is not None:
-                os.close(snap_fd)
+                os.close(snap_fd)  # QEMU holds its own (and an incoming_fd is ours to close)
+        kept: tuple[int, ...] = ()
+        writer: asyncio.StreamWriter | None = None
         try:
+            kept = tuple(os.dup(fd) for fd in mount_fds)  # for a checkpoint's copy
             reader, writer = await asyncio.open_unix_connection(sock=host_sock, limit=1 << 21)
-            # Sent at once, also to a booting guest: it waits in the socket until stage 2
-            # opens the port (see moat/guest/init.py), so the guest never waits for the host.
-            writer.write(_guest_config(spec) + b"\n")
-            await asyncio.wait_for(writer.drain(), BOOT_TIMEOUT_S)
-            if snap is None:
+            monitor: QMP | None = None
+            if resumed is not None:
+                monitor = await resumed(qmp_host, ctl_host, reader)
+            else:
+                # Sent at once, also to a booting guest: it waits in the socket until stage
+                # 2 opens the port (see moat/guest/init.py): the guest never waits for us.
+                writer.write(_guest_config(spec) + b"\n")
+                await asyncio.wait_for(writer.drain(), BOOT_TIMEOUT_S)
+            if snap is None and resumed is None:
                 # A cold boot announces stage 2; a restored base VM already did, before saving.
                 marker = await asyncio.wait_for(
                     reader.readexactly(len(BOOT_MARKER)), BOOT_TIMEOUT_S
@@ -307,20 +396,219 @@ class MicroVMRuntime:
                     raise SandboxDiedError("the microVM sent an unexpected boot message")
         except (OSError, asyncio.IncompleteReadError, TimeoutError) as exc:
             await asyncio.to_thread(_stop, proc, cgroup)
+            _close_all(writer or host_sock, qmp_host, ctl_host, kept)
             raise SandboxDiedError("the microVM did not boot") from exc
         except BaseException:
             await asyncio.to_thread(_stop, proc, cgroup)
+            _close_all(writer or host_sock, qmp_host, ctl_host, kept)
             raise
+        how = "resumed" if resumed else "restored" if snap else "booted"
         log.info(
             "microvm %s: %s in %.2fs (pid %d)",
-            spec.sandbox_id, "restored" if snap else "booted", time.monotonic() - t0, proc.pid,
+            spec.sandbox_id, how, time.monotonic() - t0, proc.pid,
         )  # fmt: skip
-        return MicroVMProcess(
-            proc, cgroup, reader, writer, restored=snap is not None, vm_memory_mb=base.memory_mb
-        )
+        vm = MicroVMProcess(
+            proc, cgroup, reader, writer, restored=snap is not None or resumed is not None,
+            vm_memory_mb=base.memory_mb, qmp=qmp_host, ctl=ctl_host, mount_fds=kept,
+            identity=ident,
+        )  # fmt: skip
+        vm._monitor = monitor
+        self._vms[spec.sandbox_id] = vm
+        return vm
+
+    # -- checkpoint and restore (issue 11: runtime.base.Checkpointable) -----------------------
+
+    #: ``memory=True`` keeps processes and memory: QEMU migrates the whole guest.
+    keeps_memory = True
+
+    async def checkpoint(
+        self, proc: SandboxProcess, dest: Path, *, memory: bool, leave_running: bool
+    ) -> None:
+        """Save ``proc`` into the empty directory ``dest`` (checkpoint.py's layout).
+
+        ``memory=False`` saves the same full checkpoint: this tier's writable filesystem is
+        tmpfs in guest RAM, so there is no filesystem to keep without the memory holding it
+        (docs/persistence-microvm.md). Fails closed: on any error ``proc`` runs on as before
+        and ``dest`` holds nothing of ours; a full host disk is a DiskFullError.
+        """
+        if not isinstance(proc, MicroVMProcess) or proc.identity is None:
+            raise PolicyError("this sandbox cannot be saved")
+        ident = proc.identity
+        async with proc._lock:  # one checkpoint of a VM at a time
+            if not proc.alive():
+                raise SandboxDiedError("the sandbox is not running")
+            t0 = time.monotonic()
+            deadline = t0 + CHECKPOINT_TIMEOUT_S
+
+            def save() -> dict[str, Any]:
+                return checkpoint.save(
+                    proc.monitor(deadline), dest, ident, proc.mount_fds,
+                    leave_running=leave_running,
+                )  # fmt: skip
+
+            try:
+                manifest = await asyncio.to_thread(save)
+            except (QMPError, EOFError, ValueError, TimeoutError, OSError) as exc:
+                raise SandboxDiedError("the microVM could not be saved") from exc
+        mem = manifest["memory"]
+        log.info(
+            "microvm pid %d: saved in %.2fs (%d bytes, %d raw)%s",
+            proc.pid, time.monotonic() - t0, mem["size"], mem["raw_size"],
+            "" if leave_running else ", left stopped",
+        )  # fmt: skip
+
+    async def restore(self, spec: SandboxSpec, src: Path) -> MicroVMProcess:
+        """Start a sandbox from the checkpoint in ``src`` (left unchanged).
+
+        The manifest is checked first: a checkpoint from other artifacts, another QEMU or
+        another VM shape (memory, vCPUs, mounts) is refused with a PolicyError, and so is one
+        whose files do not match their digests (the guest never runs: ``cont`` waits for the
+        whole stream's check). The guest gets a fresh CRNG seed, clock and host name from
+        the host (moat/guest/boot.py ``resume``) before the agent announces itself on the new
+        channel (moat.protocol.resume); what it had queued for the old host is discarded.
+        """
+        reason = self.probe() if self._accel is None or self._cgroups is None else None
+        if reason:
+            raise IsolationUnavailableError(f"microvm tier unavailable: {reason}")
+        arts = _artifacts()
+        initrd, initrd_digest = await asyncio.to_thread(_initrd, arts)
+        base = qemu.VMConfig(
+            qemu=probe.qemu_binary() or probe.QEMU_BINARY, accel=self._choose_accel(),
+            vmlinux=str(arts.vmlinux), initrd=str(initrd), usr_image=str(arts.usr_image),
+            memory_mb=qemu.vm_memory_mb(spec.limits), cpus=qemu.vm_cpus(spec.limits),
+            tsc_khz=probe.host_tsc_khz(), name=f"moat-{spec.sandbox_id}", agent_fd=-1,
+            ctl_fd=-1, mount_fds=tuple(range(len(spec.mounts))),
+        )  # fmt: skip
+        ident = checkpoint.identity(base, arts, initrd_digest)
+        manifest = await asyncio.to_thread(checkpoint.load, src, ident)
+        mount_fds = tuple(await asyncio.to_thread(checkpoint.open_mounts, src, manifest))
+        try:
+            return await self._restore(spec, src, manifest, base, ident, mount_fds)
+        finally:
+            _close_all(mount_fds)  # QEMU and the process hold their own
+
+    async def _restore(
+        self,
+        spec: SandboxSpec,
+        src: Path,
+        manifest: dict[str, Any],
+        base: qemu.VMConfig,
+        ident: dict[str, Any],
+        mount_fds: tuple[int, ...],
+    ) -> MicroVMProcess:
+        try:
+            feeder = checkpoint.Feeder(src, manifest)
+        except OSError as exc:
+            raise PolicyError("the checkpoint is missing or damaged") from exc
+        host_limits = Limits(
+            cpus=float(base.cpus), memory_mb=base.memory_mb + QEMU_HOST_OVERHEAD_MB,
+            pids=QEMU_PIDS, disk_mb=1,
+        )  # fmt: skip
+        deadline = time.monotonic() + RESTORE_TIMEOUT_S
+        started = False
+
+        async def resumed(
+            qmp_sock: socket.socket, ctl: socket.socket, reader: asyncio.StreamReader
+        ) -> QMP:
+            nonlocal started
+            feeder.start()
+            started = True
+            mon = await asyncio.to_thread(_settle, qmp_sock, feeder, deadline)
+            nonce = secrets.token_hex(resume.NONCE_BYTES)
+            msg = {
+                "seed": secrets.token_hex(64),
+                "time_ns": time.time_ns(),
+                "hostname": spec.hostname,
+                "nonce": nonce,
+            }
+            # Waits in the socket until the guest runs and guest root reads it.
+            ctl.sendall(json.dumps(msg, separators=(",", ":")).encode() + b"\n")
+            await asyncio.to_thread(mon.call, "cont")
+            await _announcement(reader, nonce, deadline)
+            return mon
+
+        try:
+            old = self._vms.get(spec.sandbox_id)
+            if old is not None:  # paused, resumed under its id: its cgroup must be gone first
+                await asyncio.to_thread(old.reaped.wait, REAP_WAIT_S)
+            cgroup = await asyncio.to_thread(self._manager().create, spec.sandbox_id, host_limits)
+            try:
+                cfg = qemu.VMConfig(**{**base.__dict__, "mount_fds": mount_fds})
+                incoming, feeder.read_fd = feeder.read_fd, -1  # _launch closes it
+                return await self._launch(
+                    spec, cfg, None, cgroup, mount_fds, ident=ident, incoming_fd=incoming,
+                    resumed=resumed,
+                )  # fmt: skip
+            except BaseException:
+                await asyncio.to_thread(cgroup.destroy)
+                raise
+        finally:
+            if started:
+                await asyncio.to_thread(feeder.join, 30)
+            else:
+                feeder.close_unstarted()
 
     def _spawn_base(self, argv: list[str], fds: tuple[int, ...]) -> subprocess.Popen[bytes]:
         return _spawn(argv, fds, [], kvm=self._accel == "kvm")
+
+
+def _settle(qmp_sock: socket.socket, feeder: checkpoint.Feeder, deadline: float) -> QMP:
+    """Wait until QEMU has loaded the whole checkpoint and it matched its digest; blocking.
+
+    Returns the monitor, with the guest still paused (the checkpoint was taken stopped).
+    """
+    try:
+        mon = QMP(qmp_sock, deadline).handshake()
+        feeder.join(max(0.0, deadline - time.monotonic()))
+        if feeder.ok is None:
+            raise SandboxDiedError("restoring the microVM timed out")
+        if not feeder.ok:
+            raise PolicyError("the checkpoint is damaged")
+        while (status := mon.call("query-status").get("status")) == "inmigrate":
+            if time.monotonic() > deadline:
+                raise SandboxDiedError("restoring the microVM timed out")
+            time.sleep(0.005)
+    except (QMPError, EOFError, ValueError, TimeoutError, OSError) as exc:
+        feeder.join(max(0.0, deadline - time.monotonic()))
+        if feeder.ok is False:
+            raise PolicyError("the checkpoint is damaged") from exc
+        raise SandboxDiedError("the microVM could not be restored") from exc
+    if status != "paused":
+        raise SandboxDiedError("the microVM could not be restored")
+    return mon
+
+
+async def _announcement(reader: asyncio.StreamReader, nonce: str, deadline: float) -> None:
+    """Read up to the restored agent's announcement; what it had queued for the old host
+    before it (bounded: RESUME_DISCARD_MAX) is dropped. The next frame is its READY."""
+    marker = resume.line(nonce)
+    dropped = 0
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("no announcement")
+        try:
+            async with asyncio.timeout(left):
+                data = await reader.readuntil(marker)
+            dropped += len(data) - len(marker)
+            break
+        except asyncio.LimitOverrunError as exc:
+            dropped += exc.consumed
+            await reader.readexactly(exc.consumed)
+        if dropped > RESUME_DISCARD_MAX:
+            raise SandboxDiedError("the restored microVM's agent did not announce itself")
+    if dropped:
+        log.info("microvm restore: dropped %d bytes queued for the old host", dropped)
+
+
+def _close_all(*items: socket.socket | asyncio.StreamWriter | tuple[int, ...]) -> None:
+    for item in items:
+        if isinstance(item, socket.socket | asyncio.StreamWriter):
+            item.close()
+        else:
+            for fd in item:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
 
 
 def _guest_config(spec: SandboxSpec) -> bytes:

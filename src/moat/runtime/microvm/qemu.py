@@ -23,6 +23,8 @@ MEMORY_OVERHEAD_MB = 96
 MIN_VM_MB = 128
 #: Name of the virtio-serial port; the guest sees it as /dev/vport0p1.
 AGENT_PORT = "moat.agent"
+#: Name of the second port (guest root's control port); the guest sees it as /dev/vport0p2.
+CTL_PORT = "moat.ctl"
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,9 @@ class VMConfig:
     console_log: str | None = None
     #: inherited read-only fds of the sandbox's mount images (mountimg.py), in mount order
     mount_fds: tuple[int, ...] = ()
+    #: inherited fd of a connected unix socket: the guest root's control port (restores'
+    #: reseed and resume notice, checkpoint.py), or None for no such port
+    ctl_fd: int | None = None
 
     def __post_init__(self) -> None:
         if self.accel not in ("tcg", "kvm"):
@@ -103,8 +108,17 @@ def build_argv(cfg: VMConfig) -> list[str]:
         # agent socket until the guest opens the port, so the host may send its first line as
         # soon as QEMU starts (moat/guest/init.py's boot protocol).
         "-chardev", f"socket,id=agent,fd={cfg.agent_fd}",
-        "-device", "virtio-serial-device,max_ports=2",
+        # port 0 is the console's (unused), 1 the agent's, 2 the control port (if any)
+        "-device", f"virtio-serial-device,max_ports={2 if cfg.ctl_fd is None else 3}",
         "-device", f"virtserialport,chardev=agent,name={AGENT_PORT}",
+    ]  # fmt: skip
+    if cfg.ctl_fd is not None:
+        # Port 2 (/dev/vport0p2): guest root's, outside the sandbox (moat/guest/boot.py).
+        argv += [
+            "-chardev", f"socket,id=ctl,fd={cfg.ctl_fd}",
+            "-device", f"virtserialport,chardev=ctl,name={CTL_PORT}",
+        ]  # fmt: skip
+    argv += [
         "-drive", f"id=usr,file={cfg.usr_image},format=raw,if=none,readonly=on",
         "-device", "virtio-blk-device,drive=usr",
     ]  # fmt: skip

@@ -25,11 +25,11 @@ import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 from moat.errors import SandboxDiedError
 from moat.guest.init import BASE_REQUEST, BOOT_MARKER, WARM_MARKER
 from moat.runtime.microvm import artifacts, qemu
+from moat.runtime.microvm.qmp import QMP
 
 #: A base VM must boot and save within this (TCG on a loaded 2-core host is slow).
 BASE_TIMEOUT_S = 120.0
@@ -61,7 +61,7 @@ def key(cfg: qemu.VMConfig, arts: artifacts.Artifacts, initrd_digest: str, image
             qemu.VMConfig(
                 qemu="qemu", accel=cfg.accel, vmlinux="K", initrd="I", usr_image="U",
                 memory_mb=cfg.memory_mb, cpus=cfg.cpus, tsc_khz=cfg.tsc_khz, name="N",
-                agent_fd=3,
+                agent_fd=3, ctl_fd=None if cfg.ctl_fd is None else 4,
             )
         ),
     }  # fmt: skip
@@ -84,52 +84,6 @@ def _locked(path: Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
-
-
-class _QMP:
-    """Just enough of QEMU's monitor protocol, blocking, over a connected socket."""
-
-    def __init__(self, sock: socket.socket, deadline: float) -> None:
-        self.sock = sock
-        self.deadline = deadline
-        self.buf = b""
-
-    def _line(self) -> dict[str, Any]:
-        while b"\n" not in self.buf:
-            left = self.deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError("QMP timed out")
-            self.sock.settimeout(left)
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                raise EOFError("QEMU closed its monitor")
-            self.buf += chunk
-        line, self.buf = self.buf.split(b"\n", 1)
-        msg = json.loads(line)
-        if not isinstance(msg, dict):
-            raise ValueError("bad QMP message")
-        return msg
-
-    def greeting(self) -> None:
-        if "QMP" not in self._line():
-            raise ValueError("no QMP greeting")
-
-    def call(self, command: str, fds: list[int] | None = None, **arguments: Any) -> Any:
-        msg: dict[str, Any] = {"execute": command}
-        if arguments:
-            msg["arguments"] = arguments
-        data = json.dumps(msg).encode()
-        if fds:
-            socket.send_fds(self.sock, [data], fds)
-        else:
-            self.sock.sendall(data)
-        while True:
-            reply = self._line()
-            if "error" in reply:
-                raise RuntimeError(f"QMP {command}: {reply['error'].get('desc')}")
-            if "return" in reply:
-                return reply["return"]
-            # anything else is an asynchronous event: skip it
 
 
 def ensure(
@@ -184,12 +138,18 @@ def _save_base(
     deadline = time.monotonic() + BASE_TIMEOUT_S
     agent_host, agent_guest = socket.socketpair()
     qmp_host, qmp_guest = socket.socketpair()
+    # The same device set as the sandboxes restored from it (their control port included).
+    ctl_host, ctl_guest = socket.socketpair()
+    has_ctl = cfg.ctl_fd is not None
     tcfg = qemu.VMConfig(**{**cfg.__dict__, "agent_fd": agent_guest.fileno(),
                             "qmp_fd": qmp_guest.fileno(), "incoming_fd": None,
+                            "ctl_fd": ctl_guest.fileno() if has_ctl else None,
                             "name": "moat-base"})  # fmt: skip
-    proc = spawn(qemu.build_argv(tcfg), (agent_guest.fileno(), qmp_guest.fileno()))
+    fds = (agent_guest.fileno(), qmp_guest.fileno()) + ((ctl_guest.fileno(),) if has_ctl else ())
+    proc = spawn(qemu.build_argv(tcfg), fds)
     agent_guest.close()
     qmp_guest.close()
+    ctl_guest.close()
     try:
         # A base VM warms up (imports the agent) before it waits for its configuration.
         agent_host.sendall(BASE_REQUEST)
@@ -206,7 +166,7 @@ def _save_base(
             buf += chunk
         if buf != expected:
             raise SandboxDiedError("the microVM base VM sent an unexpected boot message")
-        mon = _QMP(qmp_host, deadline)
+        mon = QMP(qmp_host, deadline)
         mon.greeting()
         mon.call("qmp_capabilities")
         fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
@@ -230,6 +190,7 @@ def _save_base(
     finally:
         agent_host.close()
         qmp_host.close()
+        ctl_host.close()
         proc.kill()
         proc.wait(timeout=10)
     with open(out, "rb") as f:
