@@ -91,6 +91,11 @@ def test_stored_secret_is_brokered_by_name_and_never_read_back(server: Server) -
         for reply in replies:
             assert value not in reply and new_value not in reply
 
+        # The binding can't be re-aimed without the value: else the tenant's key (an agent)
+        # could point the stored value at its own host through the gateway.
+        r = c.post(f"/secrets/{sid}", json={"moat": {"hosts": ["attacker.example"]}})
+        assert r.status_code == 400 and "needs the value again" in r.text
+        assert c.get(f"/secrets/{sid}").json()["moat"]["hosts"] == BINDING["hosts"]
         # At rest: sealed, so neither value is in the store's files.
         for suffix in ("", "-wal"):
             f = state_dir() / f"secrets.db{suffix}"

@@ -113,15 +113,18 @@ def secret_routes(store: SecretStore, r: Make) -> list[Route]:
             old = store.get(tenant, sid)
             if body.value is None and body.moat is None and body.metadata is None:
                 return JSONResponse(reply(old))
+            if body.moat is not None and body.value is None:
+                # A new binding needs the value again: else whoever holds the tenant's key
+                # (an agent, say) could point a stored value at its own host and have the
+                # gateway send it there (invariant 3: write-only means not re-aimable).
+                raise InvalidArgumentError(
+                    "changing moat.hosts, header or template needs the value again"
+                )
             binding = None
-            if body.value is not None or body.moat is not None:
+            if body.value is not None:
                 b = body.moat or _Binding(hosts=list(old.hosts), header=old.header,
                                           template=old.template)  # fmt: skip
-                # The stored value is checked against a new binding when only that changes.
-                value = body.value
-                if value is None:
-                    value = store.resolve(tenant, [old.name])[old.name][0]
-                binding = checked(value, b)
+                binding = checked(body.value, b)
             info = store.update(tenant, sid, body.value, binding, body.metadata)
         except NotFoundError:
             return missing()

@@ -144,9 +144,6 @@ async def run_checkpoint(
         # runsc's message names host paths: the log keeps it, the caller gets a safe one
         with contextlib.suppress(OSError), log.open("ab") as f:
             f.write(b"checkpoint failed: " + err[-4096:])
-        import sys
-
-        print("DEBUG", err.split(b"\n")[0][-1500:], file=sys.stderr)
         raise SandboxDiedError("the gvisor sandbox could not be checkpointed")
     if not (dest / IMAGE).is_file():
         raise SandboxDiedError("the gvisor sandbox could not be checkpointed")
