@@ -109,3 +109,26 @@ async def test_gvisor_epoll_listener_is_refused_and_keeps_running(door: FrontDoo
     await door.pause(T, sid, memory=True)
     await door.connect(T, sid)
     assert await _run(door, sid, "print(x)") == "5\n"
+
+
+@pytest.mark.parametrize("tier", ["container", "gvisor", "microvm"])
+async def test_a_templated_sandbox_resumes_on_its_template(door: FrontDoor, tier: str) -> None:
+    """Resume builds the spec as create did: the template's root, not the host's /usr (the
+    marker exists only in the template; a memory tier would refuse another root)."""
+    import secrets
+
+    from tests import template_support
+
+    require_tier(tier)
+    content = "marker-" + secrets.token_hex(6)
+    found = template_support.install(
+        "tt-pause", files={"/usr/share/moat-test/pause-marker.txt": content}
+    )
+    cfg = door.resolve(isolation=tier, timeout=600, template=found.name)
+    sid = (await door.create(T, cfg)).sandbox_id
+    probe = "print(open('/usr/share/moat-test/pause-marker.txt').read())"
+    assert await _run(door, sid, probe) == content + "\n"
+    await door.pause(T, sid, memory=tier != "container")
+    await door.connect(T, sid)
+    assert await _run(door, sid, probe) == content + "\n"
+    assert (await door.info(T, sid)).template == found.name

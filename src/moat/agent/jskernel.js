@@ -75,6 +75,16 @@ const sandbox = {
 };
 sandbox.globalThis = sandbox;
 const context = vm.createContext(sandbox);
+// Math.random from the OS's CSPRNG: two sandboxes restored from one snapshot never share it
+// (V8's own generator state would be copied with the memory and has no reseed).
+{
+  const crypto = require("crypto");
+  const buf = new Uint32Array(2);
+  vm.runInContext("Math", context).random = () => {
+    crypto.randomFillSync(buf);
+    return ((buf[0] >>> 5) * 2 ** 26 + (buf[1] >>> 6)) / 2 ** 53; // 53 bits in [0, 1)
+  };
+}
 
 function strip(code) {
   if (language !== "ts") return code;
@@ -167,6 +177,10 @@ async function drain() {
 // An interrupt (SIGINT from the agent) ends a synchronous cell through breakOnSigint; one
 // between cells is ignored, as in the Python kernel.
 process.on("SIGINT", () => {});
+// The agent's reseed after a restore or fork (SIGUSR2): V8's Math.random cannot be
+// reseeded, so the context's Math.random draws from the kernel's CSPRNG instead (reseeded
+// with the guest); nothing else to do here -- but the signal must not end the kernel.
+process.on("SIGUSR2", () => {});
 // A rejection or exception user code leaves behind after its cell must not end the context.
 process.on("unhandledRejection", (err) => writer(2)("Unhandled rejection: " + formatError(err).traceback));
 process.on("uncaughtException", (err) => writer(2)("Uncaught exception: " + formatError(err).traceback));

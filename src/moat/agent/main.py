@@ -137,7 +137,8 @@ class Agent:
                 self.ch.done(rid)
             elif t is MsgType.RESEED:
                 with self.contexts.mu:
-                    pids = [c.kernel.pid for c in self.contexts.items.values()]
+                    every = [*self.contexts.items.values(), *self.contexts.defaults.values()]
+                    pids = [c.kernel.pid for c in every]
                 reseed(f.payload, pids)
                 self.ch.done(rid)
             elif t is MsgType.NET_SETUP:

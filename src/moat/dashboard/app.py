@@ -261,7 +261,7 @@ def dashboard_app(host: Host) -> Callable[[Scope, Receive, Send], Awaitable[None
                          reason="refused: no such sandbox")  # fmt: skip
             return not_found(request, sid)
         killed = await front.kill(owner, sid)
-        host.forget(sid)
+        host.drop(sid)  # a paused one's record too
         audit_action(
             "kill", True, login.actor, sandbox_id=sid, tenant=owner,
             reason="killed from the dashboard" if killed else "had already ended",

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from moat.egress import Gateway, GatewayConfig, NetworkPolicy, Secret, proxy_env
+from moat.engine import templating
 from moat.engine.guardhook import make_guard
 from moat.engine.resolve import guard_policy, secrets_of
 from moat.engine.session import Session
@@ -117,6 +118,12 @@ class Persistence:
 
     def lock(self, sandbox_id: str) -> asyncio.Lock:
         """Serialises pause, resume and delete of one sandbox."""
+        # Locks nobody holds or waits on are dropped here, so ids callers make up (valid
+        # shape, unknown) never pile up.
+        if len(self._busy) > 256:
+            for sid, idle in list(self._busy.items()):
+                if not idle.locked() and not getattr(idle, "_waiters", None):
+                    del self._busy[sid]
         lock = self._busy.get(sandbox_id)
         if lock is None:
             lock = self._busy[sandbox_id] = asyncio.Lock()
@@ -240,7 +247,13 @@ class Persistence:
             for s in brokered.values():
                 known.setdefault(s.value, "secret")
             guard = make_guard(sid, guard_policy(config.guard), known, audit)
-        env = dict(config.envs)
+        # The template's root and settings, as at create (templating.lookup by its name: a
+        # root rebuilt since then differs, and a memory tier refuses that restore clearly).
+        spec_args: dict[str, Any] = {}
+        found = await asyncio.to_thread(templating.lookup, config.template)
+        if found is not None:
+            spec_args = templating.spec_args(found, config.envs)
+        env = dict(spec_args.pop("envs", config.envs))
         gateway: Gateway | None = None
         if getattr(runtime, "provides_network", True):
             gateway = Gateway(
@@ -260,6 +273,7 @@ class Persistence:
             envs=tuple(sorted(env.items())),
             mounts=config.mounts,
             limits=config.limits,
+            **spec_args,
         )
         session = Session(
             spec, runtime, guard, config.timeout if timeout is None else timeout,

@@ -95,6 +95,11 @@ class ServerState:
         if rec is not None and self.front.is_paused_now(rec.tenant, sandbox_id):
             self.paused[sandbox_id] = rec
 
+    def drop(self, sandbox_id: str) -> None:
+        """Forget a killed sandbox entirely (its paused record too)."""
+        self.records.pop(sandbox_id, None)
+        self.paused.pop(sandbox_id, None)
+
     def tenant_of(self, request: Request) -> str | None:
         return self.keys.tenant_of(request.headers.get("x-api-key"))
 

@@ -252,12 +252,18 @@ class PausedStore:
                         continue
             broken = work
             if not broken and not name.startswith("."):
-                try:
-                    _read(entry / RECORD)
-                    (entry / CHECKPOINT).is_dir() or _raise("no checkpoint")
-                except (OSError, ValueError) as exc:
-                    log.warning("paused sandbox %s is incomplete (%s): removed", name, exc)
+                # Only a state that is missing its record or checkpoint is half-written (a
+                # commit renames both in at once); one this version can't read, or an I/O
+                # error, is left alone and said: a paused sandbox is never deleted by guess.
+                if not (entry / RECORD).is_file() or not (entry / CHECKPOINT).is_dir():
+                    log.warning("paused sandbox %s is incomplete: removed", name)
                     broken = True
+                else:
+                    try:
+                        _read(entry / RECORD)
+                    except (OSError, ValueError) as exc:
+                        log.warning("paused sandbox %s can't be read (%s): left alone", name, exc)
+                        continue
             if broken:
                 log.warning("removing a half-written paused state: %s", name)
                 if entry.is_dir() and not entry.is_symlink():
@@ -267,10 +273,6 @@ class PausedStore:
                         entry.unlink()
                 removed.append(name)
         return removed
-
-
-def _raise(why: str) -> bool:
-    raise ValueError(why)
 
 
 def _check_id(sandbox_id: str) -> None:

@@ -47,9 +47,12 @@ _F_SETPIPE_SZ = 1031
 _MAX_MANIFEST = 1 << 20
 
 
-def identity(cfg: qemu.VMConfig, arts: artifacts.Artifacts, initrd_digest: str) -> dict[str, Any]:
-    """What a restore must match exactly: QEMU, the guest's kernel, initramfs and agent, /usr,
-    the accelerator and clock, guest RAM, vCPUs and the device set (the argv's shape)."""
+def identity(
+    cfg: qemu.VMConfig, arts: artifacts.Artifacts, initrd_digest: str, root_digest: str = ""
+) -> dict[str, Any]:
+    """What a restore must match exactly: QEMU, the guest's kernel, initramfs and agent, /usr
+    (or the template's root image: ``root_digest``), the accelerator and clock, guest RAM,
+    vCPUs and the device set (the argv's shape)."""
     shape = qemu.build_argv(
         qemu.VMConfig(
             qemu="qemu", accel=cfg.accel, vmlinux="K", initrd="I", usr_image="U",
@@ -63,6 +66,7 @@ def identity(cfg: qemu.VMConfig, arts: artifacts.Artifacts, initrd_digest: str) 
         "qemu": snapshot.qemu_version(cfg.qemu),
         "artifacts": arts.digest,
         "initrd": initrd_digest,
+        "root": root_digest,
         "accel": cfg.accel,
         "tsc_khz": cfg.tsc_khz,
         "memory_mb": cfg.memory_mb,

@@ -303,7 +303,7 @@ class MicroVMRuntime:
             ctl_fd=-1, mount_fds=mount_fds,
         )  # fmt: skip
         snap: Path | None = None
-        ident = checkpoint.identity(base, arts, initrd_digest)
+        ident = checkpoint.identity(base, arts, initrd_digest, image_digest)
         # A snapshot's device set has no mount disks (and microvm has no hotplug): cold boot.
         if self.snapshots and not mount_fds:
             snap_key = snapshot.key(base, arts, initrd_digest, image_digest)
@@ -472,14 +472,18 @@ class MicroVMRuntime:
             raise IsolationUnavailableError(f"microvm tier unavailable: {reason}")
         arts = _artifacts()
         initrd, initrd_digest = await asyncio.to_thread(_initrd, arts)
+        usr_image, image_digest = str(arts.usr_image), ""
+        if spec.rootfs is not None:  # the template's root image, as at its start
+            built, image_digest = await asyncio.to_thread(rootimage.ensure, Path(spec.rootfs))
+            usr_image = str(built)
         base = qemu.VMConfig(
             qemu=probe.qemu_binary() or probe.QEMU_BINARY, accel=self._choose_accel(),
-            vmlinux=str(arts.vmlinux), initrd=str(initrd), usr_image=str(arts.usr_image),
+            vmlinux=str(arts.vmlinux), initrd=str(initrd), usr_image=usr_image,
             memory_mb=qemu.vm_memory_mb(spec.limits), cpus=qemu.vm_cpus(spec.limits),
             tsc_khz=probe.host_tsc_khz(), name=f"moat-{spec.sandbox_id}", agent_fd=-1,
             ctl_fd=-1, mount_fds=tuple(range(len(spec.mounts))),
         )  # fmt: skip
-        ident = checkpoint.identity(base, arts, initrd_digest)
+        ident = checkpoint.identity(base, arts, initrd_digest, image_digest)
         manifest = await asyncio.to_thread(checkpoint.load, src, ident)
         mount_fds = tuple(await asyncio.to_thread(checkpoint.open_mounts, src, manifest))
         try:
