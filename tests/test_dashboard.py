@@ -339,3 +339,14 @@ def test_pause_and_resume_from_the_dashboard(server: Server, admin: str) -> None
             assert "paused from the dashboard" in trail and "resumed from the dashboard" in trail
     finally:
         sbx.kill()
+
+
+def test_activity_output_pieces_are_bounded() -> None:
+    """Alternating one-character stdout/stderr chunks must not become one tuple each."""
+    from moat.engine.activity import MAX_SEGMENTS, MAX_TEXT, Call
+
+    call = Call("code", "python", "print(1)")
+    for i in range(20_000):
+        call.add("stdout" if i % 2 else "stderr", "é")
+    assert len(call.output) <= MAX_SEGMENTS
+    assert sum(len(t) for _, t in call.output) <= MAX_TEXT + 200

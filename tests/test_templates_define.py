@@ -203,3 +203,14 @@ def test_python_builder_in_e2b_shape() -> None:
         Template().from_image("python:3.12")
     with pytest.raises(TemplateDefinitionError):
         Template().apt_install(["--evil"])
+
+
+def test_sparse_files_count_at_their_apparent_size(tmp_path: Path) -> None:
+    """A build step's sparse files would slip under a cap that counts blocks, then become a
+    full-size microVM disk image: the size that counts is the larger one."""
+    from moat.templates.store import tree_bytes
+
+    with open(tmp_path / "sparse", "wb") as f:
+        f.truncate(8 << 30)
+    (tmp_path / "small").write_bytes(b"x" * 10)
+    assert tree_bytes(tmp_path) >= 8 << 30

@@ -16,14 +16,18 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-__all__ = ["MAX_CALLS", "MAX_SANDBOXES", "MAX_TEXT", "Activity", "Call"]
+__all__ = ["MAX_CALLS", "MAX_SANDBOXES", "MAX_SEGMENTS", "MAX_TEXT", "Activity", "Call"]
 
 #: Calls kept per sandbox (the oldest dropped beyond).
-MAX_CALLS = 50
+MAX_CALLS = 20
 #: Characters of code (or command) and of output kept per call.
-MAX_TEXT = 16_384
-#: Sandboxes remembered (the least recently used forgotten beyond).
-MAX_SANDBOXES = 500
+MAX_TEXT = 8_192
+#: Output pieces kept per call (alternating stdout/stderr would otherwise make one tuple
+#: per character: the per-piece overhead, not the text, would fill memory).
+MAX_SEGMENTS = 64
+#: Sandboxes remembered (the least recently used forgotten beyond). The whole store is then
+#: at most 100 x 20 x 16 Ki characters (32 Mi; up to 128 MiB of astral-plane text).
+MAX_SANDBOXES = 100
 _CUT = "\n[… cut: the dashboard keeps the first {n} characters]"
 
 
@@ -49,7 +53,7 @@ class Call:
         if len(text) > room:
             text = text[:room] + _CUT.format(n=MAX_TEXT)
         self._chars += len(text)
-        if self.output and self.output[-1][0] == stream:
+        if self.output and (self.output[-1][0] == stream or len(self.output) >= MAX_SEGMENTS):
             self.output[-1] = (stream, self.output[-1][1] + text)
         else:
             self.output.append((stream, text))

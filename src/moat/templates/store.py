@@ -260,7 +260,8 @@ def remove_tree(path: Path) -> None:
 
 
 def tree_bytes(root: Path) -> int:
-    """Disk bytes used under ``root`` (allocated blocks; hard links counted once)."""
+    """Bytes under ``root``: allocated blocks, or a sparse file's apparent size where larger
+    (hard links counted once)."""
     seen: set[tuple[int, int]] = set()
     total = 0
     for dirpath, dirnames, filenames in os.walk(root):
@@ -272,5 +273,7 @@ def tree_bytes(root: Path) -> int:
             if (st.st_dev, st.st_ino) in seen:
                 continue
             seen.add((st.st_dev, st.st_ino))
-            total += st.st_blocks * 512
+            # a sparse file counts at its apparent size: what a copy of it or a disk image
+            # made from it (the microVM's) would take, not the blocks it holds here
+            total += max(st.st_blocks * 512, st.st_size if stat.S_ISREG(st.st_mode) else 0)
     return total

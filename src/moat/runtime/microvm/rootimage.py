@@ -18,7 +18,7 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
-from moat.errors import IsolationUnavailableError
+from moat.errors import IsolationUnavailableError, PolicyError
 from moat.paths import state_dir
 
 __all__ = ["IMAGE", "SNAPSHOTS", "ensure", "sweep"]
@@ -54,6 +54,10 @@ def _measure(root: Path) -> tuple[int, int]:
     return total, inodes
 
 
+#: The largest template root the microVM tier turns into a disk image (apparent bytes).
+MAX_IMAGE_BYTES = 16 << 30
+
+
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -77,6 +81,11 @@ def ensure(rootfs: Path) -> tuple[Path, str]:
         tmp = tdir / f".{IMAGE}.tmp-{os.getpid()}"
         try:
             total, inodes = _measure(rootfs)
+            if total > MAX_IMAGE_BYTES:  # apparent sizes: sparse files count whole here
+                raise PolicyError(
+                    f"microvm: the template's root is over {MAX_IMAGE_BYTES >> 30} GiB "
+                    "(apparent size), too large for its disk image"
+                )
             # ext4 metadata and block rounding: 15% plus 64 MiB headroom
             size_mb = int(total * 1.15) // (1 << 20) + 64
             argv = [
