@@ -19,7 +19,7 @@ from tests.conftest import require_tier
 from tests.test_pause import T, _close, _door, _root, _run
 
 from moat.engine.api import FrontDoor
-from moat.errors import PolicyError
+from moat.errors import PolicyError, QuotaExceededError
 
 pytestmark = [pytest.mark.asyncio]
 
@@ -132,3 +132,27 @@ async def test_a_templated_sandbox_resumes_on_its_template(door: FrontDoor, tier
     await door.connect(T, sid)
     assert await _run(door, sid, probe) == content + "\n"
     assert (await door.info(T, sid)).template == found.name
+
+
+async def test_gvisor_files_pause_is_capped_on_the_host(
+    door: FrontDoor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A files-only pause streams the sandbox's tar through a host-side counter: whatever the
+    sandbox makes of its files (sparse ones pass the tmpfs limit), at most the cap reaches the
+    host's disk; past it the pause is refused and the sandbox runs on."""
+    require_tier("gvisor")
+    sid = await _create(door, "gvisor")
+    await _sh(door, sid, "head -c 3000000 /dev/urandom > /home/user/blob; "
+              "for i in 1 2 3; do truncate -s 50M /home/user/sparse$i; done")  # fmt: skip
+    monkeypatch.setenv("MOAT_CHECKPOINT_MAX_MB", "2")
+    with pytest.raises(QuotaExceededError, match="cap"):
+        await door.pause(T, sid, memory=False)
+    assert await door.is_running(T, sid)
+    assert list(_root(door).iterdir()) == []
+    # Positive control: what fits under the cap pauses (the same sandbox, files trimmed).
+    monkeypatch.setenv("MOAT_CHECKPOINT_MAX_MB", "64")
+    await _sh(door, sid, "rm /home/user/blob /home/user/sparse1 /home/user/sparse2; "
+              "truncate -s 10M /home/user/sparse3")  # fmt: skip
+    await door.pause(T, sid, memory=False)
+    await door.connect(T, sid)
+    assert "sparse3" in await _sh(door, sid, "ls /home/user")

@@ -458,7 +458,9 @@ class GvisorRuntime:
         """``memory=False``: ``/home/user`` as a tar (:mod:`moat.runtime.gvisor.fscopy`)."""
         try:
             await asyncio.to_thread(check_space, dest, sb.stats().get("memory_bytes", 0))
-            await save_home(exe, sb.workdir, sb.sandbox_id, dest)
+            await save_home(
+                exe, sb.workdir, sb.sandbox_id, dest, getattr(sb, "checkpoint_cap", None)
+            )
             await asyncio.to_thread(
                 write_manifest,
                 dest,

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from moat.errors import PolicyError, SandboxDiedError
+from moat.runtime.container.checkpoint import max_bytes, too_large
 from moat.runtime.gvisor.probe import RUNSC_ENV
 from moat.runtime.spec import HOME, SANDBOX_GID, SANDBOX_UID
 
@@ -51,9 +52,31 @@ def process_json(args: list[str]) -> dict[str, Any]:
     }
 
 
+def _abandon(proc: asyncio.subprocess.Process) -> None:
+    """Kill ``runsc exec`` and close our ends of its pipes: the process inside the sandbox
+    holds their other ends (runsc hands them over), so only a broken pipe ends it, and
+    asyncio's ``wait()`` waits for the pipes as well as the process."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    transport: Any = getattr(proc, "_transport", None)
+    for n in (0, 1, 2):
+        pipe = transport.get_pipe_transport(n) if transport is not None else None
+        if pipe is not None:
+            pipe.close()
+
+
 async def _exec(
-    exe: str, workdir: Path, sandbox_id: str, args: list[str], *, stdin: int, stdout: int
+    exe: str,
+    workdir: Path,
+    sandbox_id: str,
+    args: list[str],
+    *,
+    stdin: int,
+    stdout: int,
+    sink: Any = None,
 ) -> tuple[int, bytes]:
+    """Run ``args`` inside the sandbox. ``sink(proc)``: a coroutine that drains the process's
+    stdout (``stdout`` must then be PIPE) while it runs."""
     spec = workdir / "exec-process.json"
     spec.write_text(json.dumps(process_json(args)))
     argv = [exe, "--root", str(workdir / "root"), f"--log={workdir / 'runsc.log'}", "exec"]
@@ -69,10 +92,16 @@ async def _exec(
         start_new_session=True,
     )
     try:
-        _, err = await asyncio.wait_for(proc.communicate(), TAR_TIMEOUT)
+        if sink is None:
+            _, err = await asyncio.wait_for(proc.communicate(), TAR_TIMEOUT)
+        else:
+            assert proc.stderr is not None
+            errs = asyncio.ensure_future(proc.stderr.read(1 << 16))
+            await asyncio.wait_for(sink(proc), TAR_TIMEOUT)
+            await asyncio.wait_for(proc.wait(), TAR_TIMEOUT)
+            err = await errs
     except BaseException:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
+        _abandon(proc)
         await proc.wait()
         raise
     finally:
@@ -80,20 +109,43 @@ async def _exec(
     return proc.returncode or 0, err[-2048:]
 
 
-async def save_home(exe: str, workdir: Path, sandbox_id: str, dest: Path) -> None:
-    """Write ``/home/user`` of the running sandbox as ``dest/home.tar`` (0600)."""
-    fd = os.open(dest / ARCHIVE, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+async def save_home(
+    exe: str, workdir: Path, sandbox_id: str, dest: Path, cap: int | None = None
+) -> None:
+    """Write ``/home/user`` of the running sandbox as ``dest/home.tar`` (0600), at most
+    ``cap`` bytes (and the global checkpoint cap): past it the tar is killed and
+    QuotaExceededError raised, the sandbox running on. The sandbox controls what it archives
+    (sparse files, say), so the host counts what reaches its disk, never trusts a size."""
+    limit = max_bytes() if cap is None else min(cap, max_bytes())
+    fd = os.open(dest / ARCHIVE, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    over = False
+
+    async def drain(proc: asyncio.subprocess.Process) -> None:
+        nonlocal over
+        assert proc.stdout is not None
+        written = 0
+        while chunk := await proc.stdout.read(1 << 20):
+            written += len(chunk)
+            if written > limit:
+                over = True
+                _abandon(proc)
+                return
+            await asyncio.to_thread(os.write, fd, chunk)  # a regular file: written whole
+
     try:
         code, err = await _exec(
             exe,
             workdir,
             sandbox_id,
-            [_TAR, "-C", "/", "-cf", "-", _REL_HOME],
+            [_TAR, "--sparse", "-C", "/", "-cf", "-", _REL_HOME],
             stdin=asyncio.subprocess.DEVNULL,
-            stdout=fd,
+            stdout=asyncio.subprocess.PIPE,
+            sink=drain,
         )
     finally:
         os.close(fd)
+    if over:
+        raise too_large(limit)
     if code not in _TAR_OK:
         _log(workdir, b"save of the home directory failed: " + err)
         raise PolicyError(
