@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from moat.agent import shield
 from moat.agent.channel import Channel
@@ -59,6 +60,21 @@ JS_LANGUAGES = ("js", "ts")
 _NODES = ("/usr/bin/node", "/usr/local/bin/node")
 
 
+@contextlib.contextmanager
+def _reseed_held(hold: bool = True) -> Iterator[None]:
+    """SIGUSR2 (the agent's reseed) blocked while a Python kernel is made: the child inherits
+    the mask and unblocks it once its handler is in (kernel.serve); until then a reseed right
+    after a restore waits as pending instead of killing the kernel (its default action)."""
+    if not hold:
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR2})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
 class NoRuntime(Exception):
     """The template lacks what a language's kernel runs on."""
 
@@ -80,8 +96,12 @@ class Kernel:
         fds = [os.pipe() for _ in range(4)]
         (c_in_r, c_in_w), (c_out_r, c_out_w), (o_r, o_w), (e_r, e_w) = fds
         with shield.spawn_lock:
+            # SIGUSR2 held in the child until its handler is in (kernel.serve unblocks it):
+            # restored only in the parent, never by the child leaving a with block.
+            held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR2})
             pid = os.fork()
             if pid != 0:
+                signal.pthread_sigmask(signal.SIG_SETMASK, held)
                 child = shield.own(pid)
         if pid == 0:  # child
             try:
@@ -131,7 +151,7 @@ class Kernel:
             boot = f"{shield.user_python_boot()}import os; os.execv({node!r}, {argv!r})"
         import subprocess  # lazily: only extra contexts and restarts spawn
 
-        with shield.spawn_lock:
+        with shield.spawn_lock, _reseed_held(node is None):
             proc = subprocess.Popen(
                 [sys.executable, "-I", "-c", boot, str(c_in_r), str(c_out_w)],
                 stdin=subprocess.DEVNULL,

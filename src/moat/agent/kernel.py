@@ -169,6 +169,7 @@ def serve(ctl_in: int, ctl_out: int) -> None:
     os.set_inheritable(ctl_out, False)
     signal.signal(signal.SIGINT, _on_sigint)
     signal.signal(signal.SIGUSR2, _on_reseed)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR2})  # held since the fork/spawn
     os.environ["MPLBACKEND"] = "module://moat.agent.mplbackend"
     # Write-through text streams: output reaches the host as it is printed, not at the end.
     sys.stdout = io.TextIOWrapper(

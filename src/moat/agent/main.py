@@ -138,7 +138,8 @@ class Agent:
             elif t is MsgType.RESEED:
                 with self.contexts.mu:
                     every = [*self.contexts.items.values(), *self.contexts.defaults.values()]
-                    pids = [c.kernel.pid for c in every]
+                    # Python kernels only: a JS kernel's Math.random is the OS's CSPRNG
+                    pids = [c.kernel.pid for c in every if c.language not in JS_LANGUAGES]
                 reseed(f.payload, pids)
                 self.ch.done(rid)
             elif t is MsgType.NET_SETUP:

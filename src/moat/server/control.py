@@ -26,8 +26,7 @@ from moat.errors import InvalidArgumentError, NotFoundError, SandboxError
 from moat.server import persist, wire
 from moat.server.app import MAX_JSON_BODY, BodyTooLarge, Record, ServerState, read_body, too_large
 from moat.server.network import policy_of
-from moat.server.secrets import check_header, secret_routes, stored
-from moat.store.secrets import SecretStore
+from moat.server.secrets import LazyStore, check_header, secret_routes, stored
 
 log = logging.getLogger("moat.server")
 
@@ -64,7 +63,7 @@ def _authed(state: ServerState, handler: Handler) -> Callable[[Request], Awaitab
 
 def control_app(state: ServerState) -> Starlette:
     front = state.front
-    secret_store = SecretStore()  # <state dir>/secrets.db, beside keys.db
+    secret_store = LazyStore()  # <state dir>/secrets.db beside keys.db, once first used
 
     async def health(request: Request) -> Response:
         return JSONResponse({"status": "ok"})

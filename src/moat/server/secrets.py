@@ -81,7 +81,20 @@ def reply(info: SecretInfo) -> dict[str, Any]:
     }
 
 
-def secret_routes(store: SecretStore, r: Make) -> list[Route]:
+class LazyStore:
+    """The server's SecretStore, opened on first use: a server whose tenants never store a
+    secret writes no ``secrets.db`` or key file."""
+
+    def __init__(self) -> None:
+        self._store: SecretStore | None = None
+
+    def __call__(self) -> SecretStore:
+        if self._store is None:
+            self._store = SecretStore()
+        return self._store
+
+
+def secret_routes(lazy: LazyStore, r: Make) -> list[Route]:
     """The routes, made authenticated by the control plane's ``r``."""
 
     def missing() -> Response:
@@ -94,15 +107,15 @@ def secret_routes(store: SecretStore, r: Make) -> list[Route]:
                 400, "moat.hosts is required: a secret is only used on requests to its hosts"
             )
         binding = checked(body.value, body.moat)
-        info = store.create(tenant, body.name, body.value, binding, body.metadata)
+        info = lazy().create(tenant, body.name, body.value, binding, body.metadata)
         return JSONResponse(reply(info), 201)
 
     async def list_all(request: Request, tenant: str) -> Response:
-        return JSONResponse([reply(i) for i in store.list_secrets(tenant)])
+        return JSONResponse([reply(i) for i in lazy().list_secrets(tenant)])
 
     async def get(request: Request, tenant: str) -> Response:
         try:
-            return JSONResponse(reply(store.get(tenant, request.path_params["secret_id"])))
+            return JSONResponse(reply(lazy().get(tenant, request.path_params["secret_id"])))
         except NotFoundError:
             return missing()
 
@@ -110,7 +123,7 @@ def secret_routes(store: SecretStore, r: Make) -> list[Route]:
         body = wire.parse(UpdateSecretBody, await read_body(request, MAX_JSON_BODY))
         sid = request.path_params["secret_id"]
         try:
-            old = store.get(tenant, sid)
+            old = lazy().get(tenant, sid)
             if body.value is None and body.moat is None and body.metadata is None:
                 return JSONResponse(reply(old))
             if body.moat is not None and body.value is None:
@@ -125,14 +138,14 @@ def secret_routes(store: SecretStore, r: Make) -> list[Route]:
                 b = body.moat or _Binding(hosts=list(old.hosts), header=old.header,
                                           template=old.template)  # fmt: skip
                 binding = checked(body.value, b)
-            info = store.update(tenant, sid, body.value, binding, body.metadata)
+            info = lazy().update(tenant, sid, body.value, binding, body.metadata)
         except NotFoundError:
             return missing()
         return JSONResponse(reply(info))
 
     async def delete(request: Request, tenant: str) -> Response:
         try:
-            store.delete(tenant, request.path_params["secret_id"])
+            lazy().delete(tenant, request.path_params["secret_id"])
         except NotFoundError:
             return missing()
         return Response(status_code=204)
@@ -147,9 +160,9 @@ def secret_routes(store: SecretStore, r: Make) -> list[Route]:
     ]
 
 
-def stored(store: SecretStore, tenant: str, names: list[str]) -> dict[str, Secret]:
+def stored(lazy: LazyStore, tenant: str, names: list[str]) -> dict[str, Secret]:
     """The tenant's stored secrets called ``names``, ready for the engine (values in)."""
     return {
         name: Secret(value, b.hosts, b.header, b.template)
-        for name, (value, b) in store.resolve(tenant, names).items()
+        for name, (value, b) in lazy().resolve(tenant, names).items()
     }
