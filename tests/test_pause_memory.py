@@ -156,3 +156,25 @@ async def test_gvisor_files_pause_is_capped_on_the_host(
     await door.pause(T, sid, memory=False)
     await door.connect(T, sid)
     assert "sparse3" in await _sh(door, sid, "ls /home/user")
+
+
+@pytest.mark.parametrize("tier", MEMORY_TIERS)
+@pytest.mark.parametrize("memory", [True, False])
+async def test_snapshot_quota_refuses_and_the_sandbox_keeps_running(
+    tmp_path: Path, tier: str, memory: bool
+) -> None:
+    """Over the tenant's snapshot quota, a pause is refused BEFORE the tier stops the
+    sandbox (a memory checkpoint stops it first): it keeps running, nothing is on disk."""
+    require_tier(tier)
+    d = _door(tmp_path / "paused", f"version = 1\n[tenants.{T}]\nquotas = {{ snapshot_mb = 1 }}\n")
+    try:
+        cfg = d.resolve(isolation=tier, timeout=600)
+        sid = (await d.create(T, cfg)).sandbox_id
+        await _run(d, sid, "import os; x = 7; open('/home/user/big','wb').write(os.urandom(3<<20))")
+        with pytest.raises(QuotaExceededError, match=r"quota|cap"):
+            await d.pause(T, sid, memory=memory)
+        assert await d.is_running(T, sid)
+        assert await _run(d, sid, "print(x)") == "7\n"  # the same processes, answering
+        assert list((tmp_path / "paused").iterdir()) == []
+    finally:
+        await _close(d)

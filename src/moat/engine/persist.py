@@ -37,6 +37,7 @@ from moat.errors import (
     NotFoundError,
     PolicyError,
     QuotaExceededError,
+    SandboxDiedError,
     SandboxError,
 )
 from moat.model import CA_BUNDLE_PATH, PROXY_PORT, SandboxConfig, SandboxInfo
@@ -154,9 +155,18 @@ class Persistence:
             raise QuotaExceededError(_quota_message(quota_bytes))
         with contextlib.suppress(AttributeError):  # a process type without the slot
             setattr(proc, "checkpoint_cap", room)  # noqa: B010 - read where a driver can
+        # (the microVM saves its memory for memory=False too: its files live in guest RAM)
+        if room is not None and runtime.keeps_memory and (memory or session.spec.tier == "microvm"):
+            # A memory checkpoint stops the sandbox before its size is known: refuse up front
+            # what could not fit (its memory in use bounds it), so a refusal leaves it running.
+            estimate = proc.stats().get("memory_bytes") or (session.spec.limits.memory_mb << 20)
+            if estimate > room:
+                raise QuotaExceededError(_quota_message(quota_bytes))
         pending = await asyncio.to_thread(self.store.begin, session.id)
+        saved = False
         try:
             await runtime.checkpoint(proc, pending.checkpoint, memory=memory, leave_running=False)
+            saved = True
             size = await asyncio.to_thread(disk_usage, pending.tmp)
             if room is not None and size > room:
                 raise QuotaExceededError(_quota_message(quota_bytes))
@@ -165,13 +175,27 @@ class Persistence:
         except OSError as exc:
             await asyncio.to_thread(self.store.abort, pending)
             log.warning("pause of %s failed: %s", session.id, exc)  # details: the log only
+            if saved and session.spec.tier != "container":
+                await session.kill("died: its pause failed after it was stopped")
+                raise SandboxDiedError(
+                    "the sandbox was stopped to be paused, then could not be kept (the host's "
+                    "disk); it has ended"
+                ) from None
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise DiskFullError(
                     "the host has no room to keep the paused sandbox; it keeps running"
                 ) from None
             raise SandboxError("the sandbox could not be paused; it keeps running") from None
-        except BaseException:
+        except BaseException as exc:
             await asyncio.to_thread(self.store.abort, pending)
+            if saved and session.spec.tier != "container":
+                # The checkpoint stopped it (gVisor, microVM) and what follows failed: it
+                # can't run on, so it ends, and the error says so (never "keeps running").
+                await session.kill("died: its pause failed after it was stopped")
+                raise SandboxDiedError(
+                    f"the sandbox was stopped to be paused, then could not be kept "
+                    f"({type(exc).__name__}); it has ended"
+                ) from None
             raise
         entry = _entry(session.id, {"version": 1, **record}, size)
         _config, secrets, sensitive, gateway_config = origin
