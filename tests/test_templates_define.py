@@ -214,3 +214,13 @@ def test_sparse_files_count_at_their_apparent_size(tmp_path: Path) -> None:
         f.truncate(8 << 30)
     (tmp_path / "small").write_bytes(b"x" * 10)
     assert tree_bytes(tmp_path) >= 8 << 30
+
+
+def test_build_output_cannot_drive_the_admins_terminal() -> None:
+    """A package's output (untrusted) reaches `moat template build`'s terminal inert: escape,
+    OSC and C1 control bytes are shown as '?', text, tabs and line ends stay."""
+    from moat.templates.commands import _inert
+
+    out = _inert(b"ok\x1b]52;c;ZXZpbA==\x07 tab\tnl\r\n \xc2\x9b31m caf\xc3\xa9")
+    assert b"\x1b" not in out and b"\x07" not in out and b"\xc2\x9b" not in out
+    assert out == b"ok?]52;c;ZXZpbA==? tab\tnl\r\n ?31m caf\xc3\xa9"

@@ -7,6 +7,7 @@ printed, passed through as the build's log; errors are moat's typed errors.
 from __future__ import annotations
 
 import asyncio
+import re
 import signal
 import sys
 from pathlib import Path
@@ -21,8 +22,19 @@ def _on_sigterm(_sig: int, _frame: Any) -> None:
     raise KeyboardInterrupt  # the build's cleanup runs as for ^C: nothing is left behind
 
 
+#: Control bytes a build's sandbox could use to drive the admin's terminal (OSC 52 writes the
+#: clipboard, CSI/OSC retitle and redraw it): everything below 0x20 but tab, LF and CR, DEL
+#: and the C1 range. What a package prints is untrusted like the package.
+_CONTROL = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]|\xc2[\x80-\x9f]")
+
+
+def _inert(data: bytes) -> bytes:
+    """``data`` with terminal control bytes shown as ``?``."""
+    return _CONTROL.sub(b"?", data)
+
+
 def _write(data: bytes) -> None:
-    sys.stdout.buffer.write(data)
+    sys.stdout.buffer.write(_inert(data))
     sys.stdout.buffer.flush()
 
 
@@ -73,7 +85,8 @@ def build_cmd(
     except TemplateBuildError as exc:
         click.echo(f"moat: {exc}", err=True)
         if exc.output:
-            click.echo(f"--- last output of the step ---\n{exc.output}", err=True)
+            tail = _inert(exc.output.encode("utf-8", "replace")).decode("utf-8", "replace")
+            click.echo(f"--- last output of the step ---\n{tail}", err=True)
         sys.exit(1)
     except SandboxError as exc:
         click.echo(f"moat: {exc}", err=True)
