@@ -325,13 +325,13 @@ async def _http(scope: Scope, receive: Receive, send: Send, reader: Any, writer:
     if set_cookie is not None:
         headers_out.append((b"set-cookie", f"{TOKEN_COOKIE}={set_cookie}; HttpOnly; Path=/; "
                                            "SameSite=Lax".encode()))  # fmt: skip
-    length = _body_length(scope, response)
+    length = _body_length(response)
     if length is not None:  # the client gets the app's framing: no re-chunking per piece
         headers_out.append((b"content-length", str(length).encode()))
     started[0] = True
     await send({"type": "http.response.start", "status": response.status_code,
                 "headers": headers_out})  # fmt: skip
-    if length is not None:
+    if length is not None and scope.get("method") != "HEAD":  # HEAD: no body follows
         await _relay_length(conn, reader, send, counts, length)
         return
     while True:
@@ -344,10 +344,10 @@ async def _http(scope: Scope, receive: Receive, send: Send, reader: Any, writer:
             return
 
 
-def _body_length(scope: Scope, response: h11.Response) -> int | None:
-    """The app's Content-Length when its body is framed by it (not for HEAD, 1xx, 204 or 304,
-    which have no body whatever the header says); h11 has checked the header's form."""
-    if scope.get("method") == "HEAD" or response.status_code in (204, 304):
+def _body_length(response: h11.Response) -> int | None:
+    """The app's Content-Length, when it frames the response (not for 204 or 304, which
+    have no body whatever the header says); h11 has checked the header's form."""
+    if response.status_code in (204, 304):
         return None
     values = [v for k, v in response.headers if k == b"content-length"]
     if len(values) != 1 or not values[0].isdigit():
