@@ -2,7 +2,7 @@
 
 An ingress stream's download direction gets INGRESS_WINDOW (wider than TCP_WINDOW) on both
 ends; the host still refuses one byte past it (a hostile agent can't make it buffer more), an
-egress stream keeps TCP_WINDOW, acks come per quarter window, and an agent that used its
+egress stream keeps TCP_WINDOW, acks come per half window, and an agent that used its
 whole credit always gets it back once the gateway reads (no stall waits on a missing ack).
 """
 
@@ -77,11 +77,11 @@ def test_egress_streams_keep_the_narrow_window() -> None:
     asyncio.run(main())
 
 
-def test_acks_per_quarter_and_a_spent_credit_always_returns() -> None:
+def test_acks_per_half_window_and_a_spent_credit_always_returns() -> None:
     async def main() -> None:
         mux, sent = _mux()
         tunnel = await _ingress(mux, sent)
-        quarter = INGRESS_WINDOW // 4
+        half = INGRESS_WINDOW // 2
         mux.on_frame(MsgType.TCP_DATA, tunnel.id, b"a" * 1000, {})
         assert await tunnel.reader.read(1000) == b"a" * 1000
         assert _acked(sent, tunnel.id) == 0  # a small read: no ack frame of its own
@@ -90,19 +90,19 @@ def test_acks_per_quarter_and_a_spent_credit_always_returns() -> None:
         mux.on_frame(MsgType.TCP_DATA, tunnel.id, b"b" * rest, {})
         got = 0
         while got < rest:
-            got += len(await tunnel.reader.read(quarter // 3))
-        # Read all it sent: less than a quarter window is still unacked, so the agent has
+            got += len(await tunnel.reader.read(half // 3))
+        # Read all it sent: less than half a window is still unacked, so the agent has
         # credit to go on (it only stalls at none, and then a read always acks).
         fed = INGRESS_WINDOW
-        assert fed - _acked(sent, tunnel.id) < quarter
+        assert fed - _acked(sent, tunnel.id) < half
         again = INGRESS_WINDOW - (fed - _acked(sent, tunnel.id))  # all of its credit again
         mux.on_frame(MsgType.TCP_DATA, tunnel.id, b"c" * again, {})
         fed += again
         while len(tunnel.reader._buffer):  # type: ignore[attr-defined]
             await tunnel.reader.read(TCP_CHUNK)
-        assert fed - _acked(sent, tunnel.id) < quarter
+        assert fed - _acked(sent, tunnel.id) < half
         acks = [f["n"] for t, s, f in sent if t is MsgType.TCP_ACK and s == tunnel.id]
-        assert all(n >= quarter for n in acks) and len(acks) <= 8
+        assert all(n >= half for n in acks) and len(acks) <= 8
 
     asyncio.run(main())
 

@@ -54,10 +54,11 @@ class _Reader(asyncio.StreamReader):
     def _maybe_resume_transport(self) -> None:  # called by StreamReader after each read
         super()._maybe_resume_transport()  # type: ignore[misc]
         consumed = self.fed - len(self._buffer) - self.acked  # type: ignore[attr-defined]
-        # An ack per quarter window, not per read: the agent only stalls with no credit left,
-        # and then what it sent is consumed + buffered = window, so draining the buffer
-        # always reaches the quarter: no stall waits on an ack that never comes.
-        if consumed >= self.window // 4:
+        # An ack per half window, not per read: each ack wakes the agent, and on a loaded
+        # host every wake-up can cost the gateway its time slice. The agent only stalls with
+        # no credit left, and then what it sent is consumed + buffered = window, so draining
+        # the buffer always reaches the half: no stall waits on an ack that never comes.
+        if consumed >= self.window // 2:
             self.acked += consumed
             self._tunnel.send(MsgType.TCP_ACK, {"n": consumed})
 
