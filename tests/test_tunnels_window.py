@@ -131,3 +131,24 @@ def test_agent_grants_the_ingress_window_only_to_dialled_streams() -> None:
         proxy._handle_inbox()
         assert st.credit == INGRESS_WINDOW
         proxy._close(st, notify=False)
+
+
+def test_agent_pipe_is_widened_only_with_privilege(monkeypatch: pytest.MonkeyPatch) -> None:
+    import fcntl
+    import os
+
+    from moat.runtime import pipes
+
+    r, w = os.pipe()
+    r2, w2 = os.pipe()
+    try:
+        default = fcntl.fcntl(r, fcntl.F_GETPIPE_SZ)
+        pipes.widen(r)
+        want = pipes.AGENT_PIPE_SIZE if os.geteuid() == 0 else default
+        assert fcntl.fcntl(r, fcntl.F_GETPIPE_SZ) == want
+        monkeypatch.setattr(os, "geteuid", lambda: 1000)  # unprivileged: the quota is shared
+        pipes.widen(r2)
+        assert fcntl.fcntl(r2, fcntl.F_GETPIPE_SZ) == default
+    finally:
+        for fd in (r, w, r2, w2):
+            os.close(fd)

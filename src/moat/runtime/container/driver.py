@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import logging
 import os
 import resource
@@ -20,14 +19,11 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from moat.errors import IsolationUnavailableError, SandboxDiedError
-from moat.runtime import agentdir, cgroups, reaper, seccomp, templateroot
+from moat.runtime import agentdir, cgroups, pipes, reaper, seccomp, templateroot
 from moat.runtime.container import bwrap, checkpoint, mountns, template
 from moat.runtime.inside import Inside
 from moat.runtime.rootlayout import Op
 from moat.runtime.spec import SandboxSpec
-
-#: The size of the pipe the agent writes its frames to (the kernel's default is 64 KiB).
-AGENT_PIPE_SIZE = 1 << 20
 
 log = logging.getLogger("moat.runtime.container")
 
@@ -125,18 +121,6 @@ def _discard(popen: subprocess.Popen[bytes]) -> None:
             pipe.close()
 
 
-def _widen(fd: int) -> None:
-    """Give the agent's channel to us a bigger pipe than the 64 KiB default, so the agent
-    writes a whole window of stream data without waiting on a read per frame (ingress
-    throughput, issue 10). Pages are taken only while bytes are in flight. Only with root's
-    privilege: an unprivileged user's pipes share a quota (fs.pipe-user-pages-soft), and past
-    it the kernel would shrink every new pipe of ours."""
-    if os.geteuid() != 0:
-        return
-    with contextlib.suppress(OSError):  # best effort: the default size works, only slower
-        fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, AGENT_PIPE_SIZE)
-
-
 async def _spawn_child(
     argv: list[str], preexec: Any, fd: int
 ) -> tuple[_Child, asyncio.StreamReader, asyncio.StreamWriter]:
@@ -159,7 +143,7 @@ async def _spawn_child(
         _discard,  # the thread still creates the process if we are cancelled: leave nothing
     )
     assert popen.stdin is not None and popen.stdout is not None
-    _widen(popen.stdout.fileno())
+    pipes.widen(popen.stdout.fileno())  # the agent's frames to us (issue 10's throughput)
     loop = asyncio.get_running_loop()
     try:
         reader = asyncio.StreamReader(limit=1 << 21)
