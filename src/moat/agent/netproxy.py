@@ -20,7 +20,7 @@ import os
 import threading
 
 from moat.agent.channel import Channel
-from moat.protocol import CHUNK_SIZE, TCP_WINDOW, MsgType
+from moat.protocol import INGRESS_WINDOW, TCP_CHUNK, TCP_WINDOW, MsgType
 
 # socket and selectors cost tens of ms of start-up under TCG and only sandboxes with egress
 # use them: setup() imports them (annotations are strings here).
@@ -39,10 +39,11 @@ MAX_STREAMS = 512
 class _Stream:
     """One accepted connection and its state on both directions."""
 
-    def __init__(self, sid: int, sock: socket.socket) -> None:
+    def __init__(self, sid: int, sock: socket.socket, window: int = TCP_WINDOW) -> None:
         self.id = sid
         self.sock = sock
-        self.credit = TCP_WINDOW  # what we may still send to the host
+        self.window = window  # the host's credit window for what we send it
+        self.credit = window  # what we may still send to the host
         self.out = bytearray()  # from the host, not yet written to the socket
         self.read_eof = False  # the process half-closed; TCP_EOF sent
         self.eof_in = False  # the host half-closed; shut our write side once out is empty
@@ -186,7 +187,7 @@ class NetProxy:
     def _read(self, st: _Stream) -> None:
         """Sandbox process -> host, within the credit the host grants."""
         try:
-            data = st.sock.recv(min(st.credit, CHUNK_SIZE))
+            data = st.sock.recv(min(st.credit, TCP_CHUNK))
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
@@ -248,7 +249,7 @@ class NetProxy:
                 st.closing = True  # after what is queued is delivered
                 self._write(st)
             elif mtype is MsgType.TCP_ACK:
-                st.credit = min(st.credit + n, TCP_WINDOW)
+                st.credit = min(st.credit + n, st.window)
                 self._watch(st)
 
     def _dial(self, sid: int, port: int) -> None:
@@ -268,7 +269,7 @@ class NetProxy:
             self.ch.send(MsgType.TCP_CLOSE, sid)
             return
         conn.setblocking(False)
-        st = _Stream(sid, conn)
+        st = _Stream(sid, conn, INGRESS_WINDOW)  # the host grants ingress downloads more
         self.streams[sid] = st
         self.ch.send(MsgType.TCP_OPEN, sid)
         self._watch(st)

@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from moat.errors import SandboxDiedError
-from moat.protocol import CHUNK_SIZE, TCP_WINDOW, MsgType, ProtocolError
+from moat.protocol import CHUNK_SIZE, INGRESS_WINDOW, TCP_WINDOW, MsgType, ProtocolError
 
 log = logging.getLogger("moat.engine")
 
@@ -36,22 +36,29 @@ class PortNotOpen(Exception):
 class _Reader(asyncio.StreamReader):
     """A StreamReader that returns credit to the agent as the gateway consumes bytes."""
 
-    def __init__(self, stream: Tunnel) -> None:
-        super().__init__(limit=TCP_WINDOW)
+    def __init__(self, stream: Tunnel, window: int) -> None:
+        super().__init__(limit=window)
         self._tunnel = stream
+        #: the credit the agent has for this stream: what it sent and we did not ack yet
+        #: never exceeds it, so the host buffers at most this much per stream (invariant 6)
+        self.window = window
         self.fed = 0
         self.acked = 0
 
     def push(self, data: bytes) -> None:
         self.fed += len(data)
-        if self.fed - self.acked > TCP_WINDOW:
+        if self.fed - self.acked > self.window:
             raise ProtocolError("proxied stream exceeded its credit")
         self.feed_data(data)
 
     def _maybe_resume_transport(self) -> None:  # called by StreamReader after each read
         super()._maybe_resume_transport()  # type: ignore[misc]
         consumed = self.fed - len(self._buffer) - self.acked  # type: ignore[attr-defined]
-        if consumed >= TCP_WINDOW // 4 or (consumed > 0 and not self._buffer):  # type: ignore[attr-defined]
+        # An ack per half window, not per read: each ack wakes the agent, and on a loaded
+        # host every wake-up can cost the gateway its time slice. The agent only stalls with
+        # no credit left, and then what it sent is consumed + buffered = window, so draining
+        # the buffer always reaches the half: no stall waits on an ack that never comes.
+        if consumed >= self.window // 2:
             self.acked += consumed
             self._tunnel.send(MsgType.TCP_ACK, {"n": consumed})
 
@@ -137,11 +144,11 @@ class _Writer:
 class Tunnel:
     """One proxied stream."""
 
-    def __init__(self, mux: Tunnels, sid: int) -> None:
+    def __init__(self, mux: Tunnels, sid: int, window: int = TCP_WINDOW) -> None:
         self.mux = mux
         self.id = sid
         self.dead = False
-        self.reader = _Reader(self)
+        self.reader = _Reader(self, window)
         self.writer = _Writer(self)
         self.task: asyncio.Task[None] | None = None
 
@@ -192,7 +199,7 @@ class Tunnels:
             raise ConnectionResetError("too many ingress streams")
         sid = next(self._ids)
         self._issued = sid
-        tunnel = Tunnel(self, sid)
+        tunnel = Tunnel(self, sid, INGRESS_WINDOW)  # the agent grants itself the same (netproxy)
         self.streams[sid] = tunnel
         opened = asyncio.get_running_loop().create_future()
         self._dials[sid] = opened

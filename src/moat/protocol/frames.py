@@ -119,6 +119,13 @@ _BOTH_WAYS = frozenset({MsgType.TCP_DATA, MsgType.TCP_EOF, MsgType.TCP_CLOSE, Ms
 AGENT_TO_HOST = frozenset((set(MsgType) - HOST_TO_AGENT) | _BOTH_WAYS)
 #: Credit window of one proxied stream, each way: the most a side may send unacknowledged.
 TCP_WINDOW = 256 * 1024
+#: Credit window of an ingress stream's download direction (sandbox app -> host): a wider
+#: window keeps a download flowing across the channel's round trip (issue 10's throughput).
+#: Host memory per ingress stream stays bounded by it (MAX_INGRESS of them per sandbox).
+INGRESS_WINDOW = 1024 * 1024
+#: The most of a stream's bytes in one TCP_DATA frame (well under MAX_FRAME): fewer, larger
+#: frames cost less per byte on both ends.
+TCP_CHUNK = 256 * 1024
 
 #: A PTY's size: columns and rows each in 1..MAX_PTY_SIDE.
 MAX_PTY_SIDE = 4096

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from moat.errors import IsolationUnavailableError, SandboxDiedError
-from moat.runtime import agentdir, cgroups, reaper, seccomp, templateroot
+from moat.runtime import agentdir, cgroups, pipes, reaper, seccomp, templateroot
 from moat.runtime.container import bwrap, checkpoint, mountns, template
 from moat.runtime.inside import Inside
 from moat.runtime.rootlayout import Op
@@ -143,6 +143,7 @@ async def _spawn_child(
         _discard,  # the thread still creates the process if we are cancelled: leave nothing
     )
     assert popen.stdin is not None and popen.stdout is not None
+    pipes.widen(popen.stdout.fileno())  # the agent's frames to us (issue 10's throughput)
     loop = asyncio.get_running_loop()
     try:
         reader = asyncio.StreamReader(limit=1 << 21)

@@ -20,6 +20,8 @@ import asyncio
 import contextlib
 import os
 
+from moat.runtime import pipes
+
 __all__ = ["AgentPipes"]
 
 
@@ -29,6 +31,7 @@ class AgentPipes:
     def __init__(self) -> None:
         self._in_r, self._in_w = os.pipe()  # host -> agent
         self._out_r, self._out_w = os.pipe()  # agent -> host
+        pipes.widen(self._out_r)  # a whole ingress window in flight (issue 10's throughput)
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
         self._read_transport: asyncio.BaseTransport | None = None
