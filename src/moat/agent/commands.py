@@ -41,6 +41,9 @@ class Command:
         self.started = time.time()
         #: requests re-attached to this command (cmd_connect): its output from then on
         self.watchers: list[int] = []
+        #: held while output goes out to this command's requests and while a restore detaches
+        #: them: a frame for an old host's request never follows the resume announcement
+        self.send_lock = threading.Lock()
         #: a PTY command: the master side (the agent's), and input the master has not taken
         self.master: int | None = None
         self.pending = bytearray()
@@ -164,8 +167,9 @@ class Commands:
                 if data == b"":
                     break  # every slave fd is closed
                 if data:
-                    for rid in _targets(c.rid, c.watchers):
-                        self.ch.send_stream(MsgType.PTY, rid, data)
+                    with c.send_lock:
+                        for rid in _targets(c.rid, c.watchers):
+                            self.ch.send_stream(MsgType.PTY, rid, data)
                 if c.child.poll() is not None:
                     # Background jobs may hold the slave open: once the command has exited,
                     # drain for a moment and stop (closing the master hangs them up).
@@ -191,8 +195,9 @@ class Commands:
             for fd in ready:
                 data = os.read(fd, 1 << 16)
                 if data:
-                    for rid in _targets(c.rid, c.watchers):
-                        self.ch.send_stream(fds[fd], rid, data)
+                    with c.send_lock:
+                        for rid in _targets(c.rid, c.watchers):
+                            self.ch.send_stream(fds[fd], rid, data)
                 else:
                     del fds[fd]
             if c.child.poll() is not None:
@@ -216,16 +221,18 @@ class Commands:
                 self.groups.add(proc.pid)
             watchers = tuple(c.watchers)  # none can join once it is out of items
         status = code if code >= 0 else 128 - code
-        if c.as_exec and status != 0 and c.rid:
-            self.ch.send(
-                MsgType.ERROR,
-                c.rid,
-                name="CommandExitError",
-                value=f"exit status {status}",
-                traceback="",
-            )
-        for rid in _targets(c.rid, watchers):
-            self.ch.done(rid, exit_code=status, restarted=False)
+        with c.send_lock:
+            watchers = tuple(w for w in watchers if w in c.watchers)  # none if detached since
+            if c.as_exec and status != 0 and c.rid:
+                self.ch.send(
+                    MsgType.ERROR,
+                    c.rid,
+                    name="CommandExitError",
+                    value=f"exit status {status}",
+                    traceback="",
+                )
+            for rid in _targets(c.rid, watchers):
+                self.ch.done(rid, exit_code=status, restarted=False)
 
     def connect(self, rid: int, pid: int) -> None:
         """Re-attach request ``rid`` to running command ``pid``: STARTED, then its output
@@ -356,8 +363,9 @@ class Commands:
         request attached (rid 0: their output is dropped) until a new one connects."""
         with self.mu:
             for c in self.items.values():
-                c.rid = 0
-                c.watchers.clear()
+                with c.send_lock:  # an output frame in flight goes out before, never after
+                    c.rid = 0
+                    c.watchers.clear()
 
     def kill_all(self) -> None:
         with self.mu:
