@@ -1,0 +1,195 @@
+"""Snapshots and fork on the container tier (issue 11), through the engine's front door.
+
+Real bubblewrap sandboxes. Outcomes are checked from outside: the snapshot store's
+directories on the host, files read back through the restored sandboxes, the source's
+answers while and after it is snapshotted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+from tests.conftest import require_tier
+
+from moat.engine.api import FrontDoor
+from moat.engine.engine import Engine
+from moat.engine.persist import Persistence
+from moat.engine.snapshots import Snapshots
+from moat.engine.tenants import parse_tenants
+from moat.errors import InvalidArgumentError, NotFoundError, QuotaExceededError
+from moat.model import SandboxInfo
+from moat.store.paused import PausedStore
+from moat.store.snapshots import SnapshotStore
+
+pytestmark = [pytest.mark.asyncio, pytest.mark.container]
+
+T = "tenant-a"
+
+
+def _door(root: Path, tenants: str | None = None) -> FrontDoor:
+    engine = Engine(pool={})
+    engine.persist = Persistence(engine, PausedStore(root / "paused"))
+    engine.snapshots = Snapshots(engine, SnapshotStore(root / "snapshots"))
+    policy = parse_tenants(tenants) if tenants else None
+    return FrontDoor(engine, policy)
+
+
+async def _close(door: FrontDoor) -> None:
+    engine = door.engine
+    for s in list(engine.sessions.values()):
+        await s.kill()
+    loop = asyncio.get_running_loop()
+    engine._ending.add(id(loop))
+    watcher = engine._watchers.pop(id(loop), None)
+    if watcher is not None:
+        watcher.cancel()
+
+
+@pytest_asyncio.fixture
+async def door(tmp_path: Path) -> AsyncIterator[FrontDoor]:
+    require_tier("container")
+    d = _door(tmp_path)
+    yield d
+    await _close(d)
+
+
+async def _create(door: FrontDoor, tenant: str = T, **kw: object) -> str:
+    cfg = door.resolve(isolation="container", **kw)
+    return (await door.create(tenant, cfg)).sandbox_id
+
+
+async def _sh(door: FrontDoor, sid: str, cmd: str, tenant: str = T) -> str:
+    out = []
+    async for e in (await door.start_command(tenant, sid, cmd)).events():
+        text = getattr(e, "text", None)
+        if text is not None and getattr(e, "name", "stdout") == "stdout":
+            out.append(text)
+    return "".join(out)
+
+
+def _dirs(root: Path) -> list[str]:
+    return (
+        sorted(p.name for p in (root / "snapshots").iterdir())
+        if (root / "snapshots").exists()
+        else []
+    )
+
+
+async def test_snapshot_keeps_files_source_runs_and_restore_is_a_new_sandbox(
+    door: FrontDoor, tmp_path: Path
+) -> None:
+    sid = await _create(door)
+    await _sh(door, sid, "echo before > /home/user/a.txt")
+    snap = await door.create_snapshot(T, sid, name="first")
+    assert snap.snapshot_id.startswith("snap-") and snap.sandbox_id == sid and snap.size > 0
+    assert snap.memory is False  # the container tier keeps files only
+    # the source keeps running and serving, and its later writes are its own
+    assert await door.is_running(T, sid)
+    await _sh(door, sid, "echo after > /home/user/b.txt; echo again >> /home/user/a.txt")
+    assert _dirs(tmp_path) == [snap.snapshot_id]  # on disk, complete (no temp dir left)
+    info = await door.create_from_snapshot(T, snap.snapshot_id)
+    new = info.sandbox_id
+    assert new != sid and info.state == "running"
+    assert await _sh(door, new, "cat /home/user/a.txt") == "before\n"
+    assert await _sh(door, new, "test -e /home/user/b.txt && echo yes || echo no") == "no\n"
+    assert await _sh(door, sid, "cat /home/user/a.txt") == "before\nagain\n"
+    # listing and filters
+    rows = await door.list_snapshots(T)
+    assert [r.snapshot_id for r in rows] == [snap.snapshot_id]
+    assert [r.snapshot_id for r in await door.list_snapshots(T, sandbox_id=sid)] == [
+        snap.snapshot_id
+    ]
+    assert await door.list_snapshots(T, sandbox_id=new) == []
+    assert [r.name for r in await door.list_snapshots(T, name="first")] == ["first"]
+    # deleted: its directory is gone (checked on the host), a start from it is unknown
+    assert await door.delete_snapshot(T, snap.snapshot_id)
+    assert _dirs(tmp_path) == []
+    assert not await door.delete_snapshot(T, snap.snapshot_id)
+    with pytest.raises(NotFoundError):
+        await door.create_from_snapshot(T, snap.snapshot_id)
+    assert await door.is_running(T, sid) and await door.is_running(T, new)
+
+
+async def test_another_tenants_snapshot_answers_like_an_unknown_one(
+    door: FrontDoor, tmp_path: Path
+) -> None:
+    sid = await _create(door)
+    snap = await door.create_snapshot(T, sid)
+    unknown = "snap-" + "0" * 16
+    for probe in (snap.snapshot_id, unknown):
+        with pytest.raises(NotFoundError) as exc:
+            await door.create_from_snapshot("tenant-b", probe)
+        assert str(exc.value) == f"snapshot {probe} was not found"
+        assert not await door.delete_snapshot("tenant-b", probe)
+    assert await door.list_snapshots("tenant-b") == []
+    with pytest.raises(NotFoundError):  # nor can another tenant snapshot or fork it
+        await door.create_snapshot("tenant-b", sid)
+    with pytest.raises(NotFoundError):
+        await door.fork("tenant-b", sid, 1)
+    assert _dirs(tmp_path) == [snap.snapshot_id]  # untouched
+    with pytest.raises(InvalidArgumentError):
+        await door.create_snapshot(T, sid, name="../etc")
+
+
+async def test_fork_of_three_gives_distinct_sandboxes_with_their_own_state(
+    door: FrontDoor, tmp_path: Path
+) -> None:
+    sid = await _create(door)
+    await _sh(door, sid, "echo shared > /home/user/s.txt")
+    got = await door.fork(T, sid, 3)
+    assert len(got) == 3 and all(isinstance(g, SandboxInfo) for g in got)
+    ids = [g.sandbox_id for g in got if isinstance(g, SandboxInfo)]
+    assert len(set(ids) | {sid}) == 4
+    probe = "python3 -c 'import os,uuid,random; random.seed(1); print(os.urandom(16).hex(), uuid.uuid4())'"
+    seen = set()
+    for f in ids:
+        assert await _sh(door, f, "cat /home/user/s.txt") == "shared\n"
+        seen.add(await _sh(door, f, probe))
+    assert len(seen) == 3
+    assert _dirs(tmp_path) == []  # the fork's temporary snapshot is gone
+    assert await door.list_snapshots(T) == []
+    assert await door.is_running(T, sid)
+    with pytest.raises(InvalidArgumentError):
+        await door.fork(T, sid, 21)
+
+
+async def test_quota_refusal_leaves_the_source_running_and_nothing_on_disk(tmp_path: Path) -> None:
+    require_tier("container")
+    door = _door(tmp_path, "[tenants.tenant-a.quotas]\nsnapshot_mb = 1\n")
+    try:
+        sid = await _create(door)
+        await _sh(door, sid, "head -c 3000000 /dev/urandom > /home/user/big.bin")
+        with pytest.raises(QuotaExceededError):
+            await door.create_snapshot(T, sid)
+        assert _dirs(tmp_path) == []
+        assert await door.is_running(T, sid)
+        assert await _sh(door, sid, "echo ok") == "ok\n"
+        with pytest.raises(QuotaExceededError):  # a fork's snapshot counts too
+            await door.fork(T, sid, 2)
+        assert _dirs(tmp_path) == []
+        assert await door.is_running(T, sid)
+    finally:
+        await _close(door)
+
+
+async def test_snapshots_survive_an_engine_restart(tmp_path: Path) -> None:
+    require_tier("container")
+    first = _door(tmp_path)
+    try:
+        sid = await _create(first)
+        await _sh(first, sid, "echo kept > /home/user/k.txt")
+        snap = await first.create_snapshot(T, sid, name="keep")
+    finally:
+        await _close(first)
+    second = _door(tmp_path)  # a new engine on the same state: loaded from disk
+    try:
+        rows = await second.list_snapshots(T)
+        assert [(r.snapshot_id, r.name) for r in rows] == [(snap.snapshot_id, "keep")]
+        info = await second.create_from_snapshot(T, snap.snapshot_id)
+        assert await _sh(second, info.sandbox_id, "cat /home/user/k.txt") == "kept\n"
+    finally:
+        await _close(second)
