@@ -576,6 +576,11 @@ class FrontDoor:
         snap = await self.engine.snapshots.find(tenant, snapshot_id)
         return False if snap is None else await self.engine.snapshots.delete(snap)
 
+    async def snapshot_face(self, tenant: str, snapshot_id: str) -> dict[str, Any] | None:
+        """What a face kept with the snapshot's source (``set_face``); None: no such one."""
+        snap = await self.engine.snapshots.find(tenant, snapshot_id)
+        return None if snap is None else dict(snap.record.get("face") or {})
+
     async def create_from_snapshot(
         self,
         tenant: str,
