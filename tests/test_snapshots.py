@@ -193,3 +193,33 @@ async def test_snapshots_survive_an_engine_restart(tmp_path: Path) -> None:
         assert await _sh(second, info.sandbox_id, "cat /home/user/k.txt") == "kept\n"
     finally:
         await _close(second)
+
+
+async def test_embedded_sdk_snapshot_create_from_fork_list_delete(
+    door: FrontDoor, tmp_path: Path
+) -> None:
+    from moat.sdk.async_ import AsyncSandbox
+    from moat.sdk.transport.local import LocalTransport
+
+    t = LocalTransport(door, T)
+    sbx = await AsyncSandbox.create(isolation="container", transport=t)
+    await sbx.files.write("/home/user/a.txt", "one")
+    info = await sbx.create_snapshot(name="sdk")
+    assert info.name == "sdk" and info.sandbox_id == sbx.sandbox_id
+    new = await AsyncSandbox.create(template=info.snapshot_id, timeout=60, transport=t)
+    assert new.sandbox_id != sbx.sandbox_id
+    assert await new.files.read("/home/user/a.txt") == "one"
+    with pytest.raises(InvalidArgumentError, match="keeps the snapshot's settings"):
+        await AsyncSandbox.create(
+            template=info.snapshot_id, isolation="gvisor", envs={"A": "1"}, transport=t
+        )
+    forks = await sbx.fork(2)
+    assert len(forks) == 2 and all(isinstance(f, AsyncSandbox) for f in forks)
+    for f in forks:
+        assert isinstance(f, AsyncSandbox)
+        assert await f.files.read("/home/user/a.txt") == "one"
+    listed = await AsyncSandbox.list_snapshots(transport=t)
+    assert [s.snapshot_id for s in listed] == [info.snapshot_id]
+    assert await AsyncSandbox.delete_snapshot(info.snapshot_id, transport=t)
+    assert not await AsyncSandbox.delete_snapshot(info.snapshot_id, transport=t)
+    assert _dirs(tmp_path) == []

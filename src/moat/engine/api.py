@@ -35,7 +35,7 @@ from moat.engine.resolve import (
     validate_config,
 )
 from moat.engine.session import Session, ended_error, file_chunks
-from moat.engine.snapshots import Snapshot, SnapshotInfo, check_name, is_snapshot_id
+from moat.engine.snapshots import Snapshot, check_name, info_of, is_snapshot_id
 from moat.engine.tenants import TenantPolicies, load_tenants
 from moat.engine.watching import WatchStream
 from moat.errors import (
@@ -66,6 +66,7 @@ from moat.model import (
     SandboxConfig,
     SandboxInfo,
     SandboxMetrics,
+    SnapshotInfo,
     Started,
 )
 from moat.model import validate as v
@@ -533,7 +534,7 @@ class FrontDoor:
         async with self.engine.persist.lock(sid or "-"):  # not while it pauses
             session = self._session(tenant, sandbox_id)
             snap = await self._take(tenant, session, memory, name, temporary=False)
-        return SnapshotInfo.of(snap)
+        return info_of(snap)
 
     async def _take(
         self, tenant: str, session: Session, memory: bool | None, name: str | None,
@@ -561,7 +562,7 @@ class FrontDoor:
         _tenant(tenant)
         snaps = await self.engine.snapshots.loaded()
         rows = [
-            SnapshotInfo.of(s)
+            info_of(s)
             for s in list(snaps.values())
             if s.tenant == tenant and not s.record.get("temporary")
             and (sandbox_id is None or s.sandbox_id == sandbox_id)

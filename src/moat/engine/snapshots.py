@@ -43,7 +43,7 @@ from moat.errors import (
     QuotaExceededError,
     SandboxError,
 )
-from moat.model import CA_BUNDLE_PATH, PROXY_PORT, SandboxConfig
+from moat.model import CA_BUNDLE_PATH, PROXY_PORT, SandboxConfig, SnapshotInfo
 from moat.runtime.base import Checkpointable
 from moat.runtime.spec import SandboxSpec
 from moat.store.paused import disk_usage
@@ -54,7 +54,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("moat.engine")
 
-__all__ = ["SNAPSHOT_PREFIX", "Snapshot", "SnapshotInfo", "Snapshots", "is_snapshot_id"]
+__all__ = ["SNAPSHOT_PREFIX", "Snapshot", "Snapshots", "info_of", "is_snapshot_id"]
 
 SNAPSHOT_PREFIX = "snap-"
 _SNAP_ID = re.compile(r"snap-[0-9a-f]{16}")
@@ -375,21 +375,9 @@ def _entry(snap_id: str, record: dict[str, Any], size: int) -> Snapshot:
     return Snapshot(snap_id, tenant, record, size)
 
 
-@dataclass(frozen=True)
-class SnapshotInfo:
+def info_of(snap: Snapshot) -> SnapshotInfo:
     """A snapshot as the faces show it."""
-
-    snapshot_id: str
-    sandbox_id: str  # the sandbox it was taken of
-    name: str | None
-    tier: str
-    memory: bool
-    size: int  # bytes on disk
-    created: dt.datetime
-
-    @classmethod
-    def of(cls, snap: Snapshot) -> SnapshotInfo:
-        return cls(
-            snap.snapshot_id, snap.sandbox_id, snap.name, snap.tier,
-            bool(snap.record.get("memory")), snap.size, snap.created,
-        )  # fmt: skip
+    return SnapshotInfo(
+        snap.snapshot_id, snap.sandbox_id, snap.name, snap.tier,
+        bool(snap.record.get("memory")), snap.size, snap.created,
+    )  # fmt: skip
