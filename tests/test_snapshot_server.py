@@ -148,3 +148,32 @@ def test_snapshot_and_fork_routes_keep_tenants_apart(server: Server, key_a: str)
             assert httpx.delete(f"{server.url}/templates/{s}", headers=_h(key_a)).status_code == 204
     finally:
         sbx.kill()
+
+
+def test_moat_sdk_over_http_snapshot_fork_list_delete(server: Server, key_a: str) -> None:
+    from moat import Sandbox as MoatSandbox
+
+    kw = {"api_url": server.url, "api_key": key_a}
+    sbx = MoatSandbox.create(isolation="container", timeout=120, **kw)
+    try:
+        sbx.files.write("/home/user/h.txt", "over http")
+        info = sbx.create_snapshot(name="http")
+        assert info.sandbox_id == sbx.sandbox_id and info.name == "http" and info.size > 0
+        assert info.tier == "container" and info.memory is False
+        new = MoatSandbox.create(template=info.snapshot_id, timeout=60, **kw)
+        assert new.sandbox_id != sbx.sandbox_id
+        assert new.files.read("/home/user/h.txt") == "over http"
+        new.kill()
+        forks = sbx.fork(2)
+        assert len(forks) == 2
+        for f in forks:
+            assert isinstance(f, MoatSandbox)
+            assert f.files.read("/home/user/h.txt") == "over http"
+            f.kill()
+        listed = MoatSandbox.list_snapshots(sandbox_id=sbx.sandbox_id, **kw)
+        assert [s.snapshot_id for s in listed] == [info.snapshot_id]
+        assert MoatSandbox.delete_snapshot(info.snapshot_id, **kw)
+        assert not MoatSandbox.delete_snapshot(info.snapshot_id, **kw)
+        assert not _snap_dir(info.snapshot_id).exists()
+    finally:
+        sbx.kill()

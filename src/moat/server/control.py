@@ -94,7 +94,8 @@ def control_app(state: ServerState) -> Starlette:
         if body.mcp or body.volume_mounts:
             raise InvalidArgumentError("mcp and volumeMounts are not supported by moat")
         if is_snapshot_id(body.template_id):  # a snapshot is a template (E2B's shape)
-            if body.env_vars or body.network or body.moat or body.allow_internet_access:
+            net = body.network.model_dump(exclude_none=True) if body.network else {}
+            if body.env_vars or body.moat or body.allow_internet_access or any(net.values()):
                 raise InvalidArgumentError(
                     "a sandbox started from a snapshot keeps its envVars, network and secrets"
                 )

@@ -22,7 +22,7 @@ from starlette.routing import Route
 
 from moat.engine.snapshots import is_snapshot_id
 from moat.errors import InvalidArgumentError, SandboxError
-from moat.model import SandboxInfo
+from moat.model import SandboxInfo, SnapshotInfo
 from moat.server import persist, wire
 from moat.server.app import MAX_JSON_BODY, Record, ServerState, read_body
 
@@ -84,8 +84,7 @@ def snapshot_routes(
         if state.record(tenant, sid) is None:
             return not_found(sid)
         snap = await front.create_snapshot(tenant, sid, name=body.name, memory=body.memory)
-        names = [snap.name] if snap.name else []
-        return JSONResponse({"snapshotID": snap.snapshot_id, "names": names}, 201)
+        return JSONResponse(_snapshot_reply(snap), 201)
 
     async def listing(request: Request, tenant: str) -> Response:
         q = request.query_params
@@ -100,8 +99,7 @@ def snapshot_routes(
             headers["x-next-token"] = base64.urlsafe_b64encode(
                 f"s:{offset + limit}".encode()
             ).decode()
-        out = [{"snapshotID": s.snapshot_id, "names": [s.name] if s.name else []} for s in page]
-        return JSONResponse(out, 200, headers=headers)
+        return JSONResponse([_snapshot_reply(s) for s in page], 200, headers=headers)
 
     async def delete(request: Request, tenant: str) -> Response:
         tid = request.path_params["template_id"]
@@ -137,6 +135,23 @@ def snapshot_routes(
         r("/templates/{template_id}", delete, ["DELETE"]),
         r(sid + "/fork", fork, ["POST"]),
     ]
+
+
+def _snapshot_reply(snap: SnapshotInfo) -> dict[str, Any]:
+    """E2B's ``SnapshotInfo`` (``snapshotID``, ``names``) and moat's own fields beside it (the
+    E2B SDK keeps unknown fields aside; moat's HTTP transport reads them)."""
+    return {
+        "snapshotID": snap.snapshot_id,
+        "names": [snap.name] if snap.name else [],
+        "moat": {
+            "sandboxID": snap.sandbox_id,
+            "name": snap.name,
+            "tier": snap.tier,
+            "memory": snap.memory,
+            "size": snap.size,
+            "createdAt": wire.iso(snap.created),
+        },
+    }
 
 
 def _int(raw: str | None, name: str, lo: int, hi: int, default: int) -> int:
