@@ -8,6 +8,7 @@ answers while and after it is snapshotted.
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -15,12 +16,13 @@ import pytest
 import pytest_asyncio
 from tests.conftest import require_tier
 
+from moat.egress import Secret
 from moat.engine.api import FrontDoor
 from moat.engine.engine import Engine
 from moat.engine.persist import Persistence
 from moat.engine.snapshots import Snapshots
 from moat.engine.tenants import parse_tenants
-from moat.errors import InvalidArgumentError, NotFoundError, QuotaExceededError
+from moat.errors import InvalidArgumentError, NotFoundError, PolicyError, QuotaExceededError
 from moat.model import SandboxInfo
 from moat.store.paused import PausedStore
 from moat.store.snapshots import SnapshotStore
@@ -223,3 +225,73 @@ async def test_embedded_sdk_snapshot_create_from_fork_list_delete(
     assert await AsyncSandbox.delete_snapshot(info.snapshot_id, transport=t)
     assert not await AsyncSandbox.delete_snapshot(info.snapshot_id, transport=t)
     assert _dirs(tmp_path) == []
+
+
+async def test_source_serves_during_the_snapshot_and_its_processes_live_on(
+    door: FrontDoor,
+) -> None:
+    sid = await _create(door)
+    bg = await door.start_command(T, sid, "sleep 120")
+    await _sh(door, sid, "head -c 4000000 /dev/urandom > /home/user/big.bin")
+    snap, echoed = await asyncio.gather(  # a call to the source while it is snapshotted
+        door.create_snapshot(T, sid), _sh(door, sid, "echo during")
+    )
+    assert echoed == "during\n"
+    assert snap.size > 4_000_000
+    procs = await door.list_commands(T, sid)
+    assert bg.pid in [p.pid for p in procs]  # its background process was never stopped
+    assert await _sh(door, sid, "echo after") == "after\n"
+
+
+async def test_secrets_by_reference_and_needed_again_after_a_restart(tmp_path: Path) -> None:
+    require_tier("container")
+    first = _door(tmp_path)
+    cfg = first.resolve(
+        isolation="container",
+        network={"allow_out": ["example.com"]},
+        secrets={"API_KEY": Secret("s3cr3t-value-xyz", ["example.com"])},
+    )
+    try:
+        sid = (await first.create(T, cfg, secrets={"API_KEY": "s3cr3t-value-xyz"})).sandbox_id
+        snap = await first.create_snapshot(T, sid)
+        # this process holds the values: a start needs nothing more
+        held = await first.create_from_snapshot(T, snap.snapshot_id)
+        assert held.sandbox_id != sid
+    finally:
+        await _close(first)
+    for path in (tmp_path / "snapshots").rglob("*"):
+        if path.is_file():  # invariant 3: the value is nowhere on disk (checked from outside)
+            assert b"s3cr3t-value-xyz" not in path.read_bytes(), path
+    record = json.loads((tmp_path / "snapshots" / snap.snapshot_id / "record.json").read_text())
+    assert record["secret_names"] == ["API_KEY"]
+    second = _door(tmp_path)
+    try:
+        with pytest.raises(PolicyError, match="API_KEY"):
+            await second.create_from_snapshot(T, snap.snapshot_id)
+        info = await second.create_from_snapshot(
+            T, snap.snapshot_id, secrets={"API_KEY": "s3cr3t-value-xyz"}
+        )
+        env = await _sh(second, info.sandbox_id, "printenv API_KEY")
+        assert env.strip() and "s3cr3t-value-xyz" not in env  # a placeholder only
+    finally:
+        await _close(second)
+
+
+async def test_a_forks_snapshot_left_by_a_crash_is_removed_at_load(tmp_path: Path) -> None:
+    require_tier("container")
+    first = _door(tmp_path)
+    try:
+        sid = await _create(first)
+        kept = await first.create_snapshot(T, sid)
+        temp = await first._take(T, first._session(T, sid), None, None, temporary=True)
+    finally:
+        await _close(first)  # "crashed" before the fork deleted its snapshot
+    assert _dirs(tmp_path) == sorted([kept.snapshot_id, temp.snapshot_id])
+    second = _door(tmp_path)
+    try:
+        rows = await second.list_snapshots(T)
+        assert [r.snapshot_id for r in rows] == [kept.snapshot_id]
+        assert _dirs(tmp_path) == [kept.snapshot_id]  # removed, checked on the host
+        assert temp.snapshot_id in second.engine.snapshots.scan_report
+    finally:
+        await _close(second)
