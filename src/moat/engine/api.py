@@ -87,6 +87,7 @@ __all__ = [
     "TenantPolicies",
     "WatchStream",
     "file_chunks",
+    "is_snapshot_id",
     "kill_everything",
     "load_tenants",
 ]

@@ -21,7 +21,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from moat.egress import Secret
-from moat.engine.snapshots import is_snapshot_id
+from moat.engine.api import is_snapshot_id
 from moat.errors import InvalidArgumentError, NotFoundError, SandboxError
 from moat.server import persist, snapshots, wire
 from moat.server.app import MAX_JSON_BODY, BodyTooLarge, Record, ServerState, read_body, too_large

@@ -20,7 +20,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from moat.engine.snapshots import is_snapshot_id
+from moat.engine.api import is_snapshot_id
 from moat.errors import InvalidArgumentError, SandboxError
 from moat.model import SandboxInfo, SnapshotInfo
 from moat.server import persist, wire

@@ -6,8 +6,14 @@ import datetime as dt
 from collections.abc import AsyncIterator, Mapping
 from typing import IO, Any, Literal
 
-from moat.engine.api import DEFAULT_TENANT, CommandStream, FrontDoor, Secret, WatchStream
-from moat.engine.snapshots import is_snapshot_id
+from moat.engine.api import (
+    DEFAULT_TENANT,
+    CommandStream,
+    FrontDoor,
+    Secret,
+    WatchStream,
+    is_snapshot_id,
+)
 from moat.errors import InvalidArgumentError, SandboxError
 from moat.model import (
     Context,
