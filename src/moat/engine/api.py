@@ -1126,10 +1126,6 @@ def _tenant(tenant: Any) -> None:
         raise InvalidArgumentError("tenant must be a non-empty str")
 
 
-def _missing(capability: str) -> PolicyError:
-    return PolicyError(f"this engine lacks the capability {capability!r} (not supported yet)")
-
-
 async def kill_everything(engine: Engine | None = None) -> None:
     """Kill every sandbox of ``engine`` (default: this process's) and what still runs on
     this loop for it: the end of an embedding program (invariant 5)."""
