@@ -295,3 +295,23 @@ async def test_a_forks_snapshot_left_by_a_crash_is_removed_at_load(tmp_path: Pat
         assert temp.snapshot_id in second.engine.snapshots.scan_report
     finally:
         await _close(second)
+
+
+async def test_a_reseed_while_kernels_start_never_kills_them(door: FrontDoor) -> None:
+    """A restored or forked sandbox is reseeded as soon as its agent answers, while its
+    kernels may still be starting: SIGUSR2 then must wait for the kernel's handler, not
+    kill it (its default action). Seen before the fix: a fork's first run_code answered
+    ContextDied about once in twelve forks."""
+    from moat.engine.persist import reseed
+
+    sid = await _create(door)
+    session = door.engine.get(sid)
+    assert session is not None
+    for _ in range(4):
+        ctx = await door.create_context(T, sid)  # a kernel spawning now
+        for _ in range(30):  # reseeds all through its start
+            await reseed(session)
+        out = []
+        async for e in door.run_code(T, sid, "print('alive')", context=ctx.id):
+            out.append(e)
+        assert any(getattr(e, "text", None) == "alive\n" for e in out), out

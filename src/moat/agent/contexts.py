@@ -59,6 +59,15 @@ JS_LANGUAGES = ("js", "ts")
 _NODES = ("/usr/bin/node", "/usr/local/bin/node")
 
 
+def _hold_reseed() -> set[int | signal.Signals]:
+    """Block SIGUSR2 (the reseed signal, moat.agent.reseed) in this thread for a kernel's
+    fork or spawn; returns the mask to restore. The child inherits the block (across exec
+    too) and lifts it once its handler is in (``kernel.serve``): a reseed sent while it
+    starts waits for the handler instead of killing it (SIGUSR2's default action), and a
+    Node kernel, which has no handler, keeps it blocked."""
+    return signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR2})
+
+
 class NoRuntime(Exception):
     """The template lacks what a language's kernel runs on."""
 
@@ -80,8 +89,14 @@ class Kernel:
         fds = [os.pipe() for _ in range(4)]
         (c_in_r, c_in_w), (c_out_r, c_out_w), (o_r, o_w), (e_r, e_w) = fds
         with shield.spawn_lock:
-            pid = os.fork()
+            mask = _hold_reseed()
+            try:
+                pid = os.fork()
+            except BaseException:
+                signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+                raise
             if pid != 0:
+                signal.pthread_sigmask(signal.SIG_SETMASK, mask)
                 child = shield.own(pid)
         if pid == 0:  # child
             try:
@@ -132,16 +147,20 @@ class Kernel:
         import subprocess  # lazily: only extra contexts and restarts spawn
 
         with shield.spawn_lock:
-            proc = subprocess.Popen(
-                [sys.executable, "-I", "-c", boot, str(c_in_r), str(c_out_w)],
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                pass_fds=(c_in_r, c_out_w),
-                cwd=cwd or default_cwd(),
-                start_new_session=True,
-                **shield.user_ids(),
-            )
+            mask = _hold_reseed()
+            try:
+                proc = subprocess.Popen(
+                    [sys.executable, "-I", "-c", boot, str(c_in_r), str(c_out_w)],
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    pass_fds=(c_in_r, c_out_w),
+                    cwd=cwd or default_cwd(),
+                    start_new_session=True,
+                    **shield.user_ids(),
+                )
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, mask)
             child = shield.own(proc.pid)
         oom_first(proc.pid)
         os.close(c_in_r)
