@@ -34,7 +34,7 @@ async def _run(door: FrontDoor, sid: str, code: str) -> str:
     out = []
     async for e in door.run_code(T, sid, code):
         text = getattr(e, "text", None)
-        if text is not None and getattr(e, "name", "stdout") == "stdout":
+        if text is not None and getattr(e, "stream", None) == "stdout":
             out.append(text)
     return "".join(out)
 

@@ -68,7 +68,7 @@ async def _sh(door: FrontDoor, sid: str, cmd: str, tenant: str = T) -> str:
     out = []
     async for e in (await door.start_command(tenant, sid, cmd)).events():
         text = getattr(e, "text", None)
-        if text is not None and getattr(e, "name", "stdout") == "stdout":
+        if text is not None and getattr(e, "stream", None) == "stdout":
             out.append(text)
     return "".join(out)
 
