@@ -23,7 +23,10 @@ from pathlib import Path
 from moat.engine.api import FrontDoor
 from moat.engine.engine import Engine
 from moat.engine.persist import Persistence
+from moat.engine.snapshots import Snapshots
+from moat.model import SandboxInfo
 from moat.store.paused import PausedStore
+from moat.store.snapshots import SnapshotStore
 
 T = "bench"
 
@@ -40,7 +43,9 @@ async def first_result(door: FrontDoor, sid: str) -> None:
         pass
 
 
-async def one(door: FrontDoor, tier: str, files_mb: float, memory: bool) -> tuple[float, ...]:
+async def one(
+    door: FrontDoor, tier: str, files_mb: float, memory: bool, forks: int
+) -> tuple[float, ...]:
     t0 = time.perf_counter()
     sid = (await door.create(T, door.resolve(isolation=tier, timeout=300))).sandbox_id
     await first_result(door, sid)
@@ -62,8 +67,21 @@ async def one(door: FrontDoor, tier: str, files_mb: float, memory: bool) -> tupl
     await door.connect(T, sid)
     await first_result(door, sid)
     resume = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    snap = await door.create_snapshot(T, sid)
+    snapshot = time.perf_counter() - t0
+    await door.delete_snapshot(T, snap.snapshot_id)
+    t0 = time.perf_counter()
+    got = await door.fork(T, sid, forks)
+    infos = [g for g in got if isinstance(g, SandboxInfo)]
+    if len(infos) != forks:
+        raise SystemExit(f"fork failed: {got}")
+    await asyncio.gather(*(first_result(door, i.sandbox_id) for i in infos))
+    fork = time.perf_counter() - t0
+    for i in infos:
+        await door.kill(T, i.sandbox_id)
     await door.kill(T, sid)
-    return create, pause, float(size), resume
+    return create, pause, float(size), resume, snapshot, fork
 
 
 async def main() -> None:
@@ -72,14 +90,17 @@ async def main() -> None:
     ap.add_argument("--runs", type=int, default=15)
     ap.add_argument("--files-mb", type=float, default=1.0)
     ap.add_argument("--memory", action="store_true", help="pause with memory=True")
+    ap.add_argument("--forks", type=int, default=5, help="sandboxes per fork (1-20)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="moat-bench-pause-") as tmp:
         engine = Engine(pool={})
-        engine.persist = Persistence(engine, PausedStore(Path(tmp)))
+        engine.persist = Persistence(engine, PausedStore(Path(tmp) / "paused"))
+        engine.snapshots = Snapshots(engine, SnapshotStore(Path(tmp) / "snapshots"))
         door = FrontDoor(engine)
-        await one(door, args.tier, args.files_mb, args.memory)  # warm caches
-        rows = [await one(door, args.tier, args.files_mb, args.memory) for _ in range(args.runs)]
-    create, pause, size, resume = (list(col) for col in zip(*rows, strict=True))
+        a = (args.tier, args.files_mb, args.memory, args.forks)
+        await one(door, *a)  # warm caches
+        rows = [await one(door, *a) for _ in range(args.runs)]
+    create, pause, size, resume, snapshot, fork = (list(col) for col in zip(*rows, strict=True))
     print(
         f"tier {args.tier}, {args.runs} runs, {args.files_mb:g} MiB of files, memory={args.memory}"
     )
@@ -87,6 +108,8 @@ async def main() -> None:
     print(f"  pause                   {fmt(pause)}")
     print(f"  checkpoint size         {fmt(size, 'KiB', 1 / 1024)}")
     print(f"  resume -> first result  {fmt(resume)}")
+    print(f"  snapshot (keeps running) {fmt(snapshot)}")
+    print(f"  fork of {args.forks} -> results   {fmt(fork)}")
 
 
 if __name__ == "__main__":

@@ -296,10 +296,11 @@ async def test_missing_capabilities_raise_policy_error_naming_them(door: FrontDo
     sbx = await _sbx(door)
     sid = sbx.sandbox_id
     # The fake runtime is not Checkpointable: pause names the capability its tier lacks;
-    # snapshots are not built at all. Resuming a running sandbox just answers its info.
+    # so do snapshot and fork. Resuming a running sandbox just answers its info.
     calls: list[tuple[str, Callable[[], Awaitable[object]]]] = [
         ("sandboxes.pause", lambda: door.pause("default", sid)),
-        ("sandboxes.snapshot", lambda: door.snapshot("default", sid)),
+        ("sandboxes.snapshot", lambda: door.create_snapshot("default", sid)),
+        ("sandboxes.snapshot", lambda: door.fork("default", sid, 2)),
     ]
     for name, call in calls:
         with pytest.raises(PolicyError, match=name.replace(".", r"\.")):

@@ -137,9 +137,10 @@ def test_unknown_template_and_unsupported_features_are_clear_4xx(
     assert r.status_code == 400 and "autoResume" in r.json()["message"]
     sid = raw_create(server, key_a, {"templateID": "base", "timeout": 60})["sandboxID"]
     try:
-        for path in ("/fork", "/snapshots"):  # pause works now (test_pause_server.py)
-            r = httpx.post(f"{server.url}/sandboxes/{sid}{path}", json={}, headers=h)
-            assert r.status_code == 501 and "not supported" in r.json()["message"], path
+        # fork and snapshots work now (test_snapshot_server.py): a bad body is a clear 400
+        for path, body in (("/fork", {"count": 21}), ("/snapshots", {"name": "../x"})):
+            r = httpx.post(f"{server.url}/sandboxes/{sid}{path}", json=body, headers=h)
+            assert r.status_code == 400, (path, r.text)
     finally:
         assert httpx.delete(f"{server.url}/sandboxes/{sid}", headers=h).status_code == 204
     assert httpx.delete(f"{server.url}/sandboxes/{sid}", headers=h).status_code == 404

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import select
 import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 from moat.agent import shield
 from moat.agent.channel import Channel
@@ -60,19 +59,13 @@ JS_LANGUAGES = ("js", "ts")
 _NODES = ("/usr/bin/node", "/usr/local/bin/node")
 
 
-@contextlib.contextmanager
-def _reseed_held(hold: bool = True) -> Iterator[None]:
-    """SIGUSR2 (the agent's reseed) blocked while a Python kernel is made: the child inherits
-    the mask and unblocks it once its handler is in (kernel.serve); until then a reseed right
-    after a restore waits as pending instead of killing the kernel (its default action)."""
-    if not hold:
-        yield
-        return
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR2})
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+def _hold_reseed() -> set[int | signal.Signals]:
+    """Block SIGUSR2 (the reseed signal, moat.agent.reseed) in this thread for a kernel's
+    fork or spawn; returns the mask to restore. The child inherits the block (across exec
+    too) and lifts it once its handler is in (``kernel.serve``): a reseed sent while it
+    starts waits for the handler instead of killing it (SIGUSR2's default action), and a
+    Node kernel, which has no handler, keeps it blocked."""
+    return signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR2})
 
 
 class NoRuntime(Exception):
@@ -96,12 +89,14 @@ class Kernel:
         fds = [os.pipe() for _ in range(4)]
         (c_in_r, c_in_w), (c_out_r, c_out_w), (o_r, o_w), (e_r, e_w) = fds
         with shield.spawn_lock:
-            # SIGUSR2 held in the child until its handler is in (kernel.serve unblocks it):
-            # restored only in the parent, never by the child leaving a with block.
-            held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR2})
-            pid = os.fork()
+            mask = _hold_reseed()
+            try:
+                pid = os.fork()
+            except BaseException:
+                signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+                raise
             if pid != 0:
-                signal.pthread_sigmask(signal.SIG_SETMASK, held)
+                signal.pthread_sigmask(signal.SIG_SETMASK, mask)
                 child = shield.own(pid)
         if pid == 0:  # child
             try:
@@ -151,17 +146,21 @@ class Kernel:
             boot = f"{shield.user_python_boot()}import os; os.execv({node!r}, {argv!r})"
         import subprocess  # lazily: only extra contexts and restarts spawn
 
-        with shield.spawn_lock, _reseed_held(node is None):
-            proc = subprocess.Popen(
-                [sys.executable, "-I", "-c", boot, str(c_in_r), str(c_out_w)],
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                pass_fds=(c_in_r, c_out_w),
-                cwd=cwd or default_cwd(),
-                start_new_session=True,
-                **shield.user_ids(),
-            )
+        with shield.spawn_lock:
+            mask = _hold_reseed()
+            try:
+                proc = subprocess.Popen(
+                    [sys.executable, "-I", "-c", boot, str(c_in_r), str(c_out_w)],
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    pass_fds=(c_in_r, c_out_w),
+                    cwd=cwd or default_cwd(),
+                    start_new_session=True,
+                    **shield.user_ids(),
+                )
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, mask)
             child = shield.own(proc.pid)
         oom_first(proc.pid)
         os.close(c_in_r)

@@ -169,7 +169,9 @@ def serve(ctl_in: int, ctl_out: int) -> None:
     os.set_inheritable(ctl_out, False)
     signal.signal(signal.SIGINT, _on_sigint)
     signal.signal(signal.SIGUSR2, _on_reseed)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR2})  # held since the fork/spawn
+    # Blocked by the agent since the fork or spawn (contexts._hold_reseed): a reseed that came
+    # while this kernel started is delivered now, to the handler.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR2})
     os.environ["MPLBACKEND"] = "module://moat.agent.mplbackend"
     # Write-through text streams: output reaches the host as it is printed, not at the end.
     sys.stdout = io.TextIOWrapper(

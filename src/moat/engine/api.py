@@ -7,8 +7,8 @@ unknown id (invariant 11). Validation, defaults, profiles and tier choice happen
 (invariant 4), whichever face called.
 
 Pause and resume (``moat.engine.persist``) work on tiers whose driver is Checkpointable; on
-another tier, and for snapshots (not built yet), they raise PolicyError naming the missing
-capability (invariant 7: never a quiet no-op).
+another tier they raise PolicyError naming the missing capability (invariant 7: never a quiet
+no-op). Snapshots, starts from a snapshot and fork: ``moat.engine.snapshots``.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import logging
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import IO, Any, Literal
 
@@ -34,6 +35,7 @@ from moat.engine.resolve import (
     validate_config,
 )
 from moat.engine.session import Session, ended_error, file_chunks
+from moat.engine.snapshots import Snapshot, check_name, info_of, is_snapshot_id
 from moat.engine.tenants import TenantPolicies, load_tenants
 from moat.engine.watching import WatchStream
 from moat.errors import (
@@ -64,6 +66,7 @@ from moat.model import (
     SandboxConfig,
     SandboxInfo,
     SandboxMetrics,
+    SnapshotInfo,
     Started,
 )
 from moat.model import validate as v
@@ -84,6 +87,7 @@ __all__ = [
     "TenantPolicies",
     "WatchStream",
     "file_chunks",
+    "is_snapshot_id",
     "kill_everything",
     "load_tenants",
 ]
@@ -97,11 +101,13 @@ CAPABILITIES = frozenset(
         "files.write", "files.list", "files.stat", "files.move", "files.remove",
         "files.make_dir", "commands.connect", "files.watch", "pty.create", "pty.input",
         "pty.resize", "network.update", "audit.query", "sandboxes.metrics", "ports.open",
-        "sandboxes.pause", "sandboxes.resume",
+        "sandboxes.pause", "sandboxes.resume", "sandboxes.snapshot", "sandboxes.fork",
     }
 )  # fmt: skip
 #: Declared, not there yet: each raises PolicyError naming itself.
-MISSING_CAPABILITIES = frozenset({"sandboxes.snapshot"})
+MISSING_CAPABILITIES: frozenset[str] = frozenset()
+#: The most sandboxes one fork starts (E2B's bound).
+MAX_FORKS = 20
 _STATES = ("running", "paused", "ended")
 _SIGNALS = {"SIGKILL": 9, "SIGTERM": 15, "SIGINT": 2, "SIGHUP": 1}
 #: What a terminal runs unless told otherwise (E2B's: an interactive login shell).
@@ -111,6 +117,7 @@ PTY_COMMAND = "/bin/bash -i -l"
 PTY_BACKLOG = 4 << 20
 
 _DONE = object()
+log = logging.getLogger("moat.engine")
 
 
 class _Stream:
@@ -508,9 +515,154 @@ class FrontDoor:
         self.engine.persist.paused()
         return list(self.engine.persist.scan_report)
 
-    async def snapshot(self, tenant: str, sandbox_id: str) -> None:
-        self._find(tenant, sandbox_id)
-        raise _missing("sandboxes.snapshot")
+    # -- snapshots and fork (moat.engine.snapshots) -------------------------------------
+
+    async def create_snapshot(
+        self,
+        tenant: str,
+        sandbox_id: str,
+        name: str | None = None,
+        memory: bool | None = None,
+    ) -> SnapshotInfo:
+        """Snapshot a running sandbox; it keeps running and serving. ``memory`` None: the
+        most the tier keeps (processes and memory where it can); True where it can't:
+        PolicyError. Counts against the tenant's ``snapshot_mb`` with its paused sandboxes."""
+        _tenant(tenant)
+        name = check_name(name)
+        if memory is not None and not isinstance(memory, bool):
+            raise InvalidArgumentError("memory must be a bool")
+        sid = v.sandbox_id(sandbox_id)
+        async with self.engine.persist.lock(sid or "-"):  # not while it pauses
+            session = self._session(tenant, sandbox_id)
+            snap = await self._take(tenant, session, memory, name, temporary=False)
+        return info_of(snap)
+
+    async def _take(
+        self, tenant: str, session: Session, memory: bool | None, name: str | None,
+        *, temporary: bool,
+    ) -> Snapshot:  # fmt: skip
+        runtime = session.runtime
+        if not isinstance(runtime, Checkpointable):
+            raise PolicyError(
+                f"the {session.spec.tier} tier lacks the capability 'sandboxes.snapshot' "
+                "(its driver can't checkpoint)"
+            )
+        keeps = bool(runtime.keeps_memory)
+        if memory and not keeps:
+            raise PolicyError(f"the {session.spec.tier} tier can't keep memory in a snapshot")
+        quota = self.policy.of(tenant).quotas.snapshot_mb
+        return await self.engine.snapshots.take(
+            session, memory=keeps if memory is None else memory, name=name,
+            quota_bytes=None if quota is None else quota << 20, temporary=temporary,
+        )  # fmt: skip
+
+    async def list_snapshots(
+        self, tenant: str, sandbox_id: str | None = None, name: str | None = None
+    ) -> list[SnapshotInfo]:
+        """The tenant's snapshots (of one sandbox, or with one name), oldest first."""
+        _tenant(tenant)
+        snaps = await self.engine.snapshots.loaded()
+        rows = [
+            info_of(s)
+            for s in list(snaps.values())
+            if s.tenant == tenant and not s.record.get("temporary")
+            and (sandbox_id is None or s.sandbox_id == sandbox_id)
+            and (name is None or s.name == name)
+        ]  # fmt: skip
+        return sorted(rows, key=lambda i: (i.created, i.snapshot_id))
+
+    async def delete_snapshot(self, tenant: str, snapshot_id: str) -> bool:
+        """Delete the tenant's snapshot and its directory. False: no such snapshot (or
+        another tenant's: invariant 11)."""
+        _tenant(tenant)
+        snap = await self.engine.snapshots.find(tenant, snapshot_id)
+        return False if snap is None else await self.engine.snapshots.delete(snap)
+
+    async def snapshot_face(self, tenant: str, snapshot_id: str) -> dict[str, Any] | None:
+        """What a face kept with the snapshot's source (``set_face``); None: no such one."""
+        snap = await self.engine.snapshots.find(tenant, snapshot_id)
+        return None if snap is None else dict(snap.record.get("face") or {})
+
+    async def create_from_snapshot(
+        self,
+        tenant: str,
+        snapshot_id: str,
+        *,
+        timeout: float | None = None,
+        metadata: Mapping[str, str] | None = None,
+        secrets: Mapping[str, str] | None = None,
+        sensitive: Mapping[str, str] | list[str] | None = None,
+    ) -> SandboxInfo:
+        """A new sandbox (its own id, gateway, guard, audit identity) from the tenant's
+        snapshot, reseeded. Another tenant's snapshot is NotFoundError like an unknown one."""
+        _tenant(tenant)
+        if timeout is not None:
+            timeout = v.number("timeout", timeout, 1, v.MAX_TIMEOUT)
+        want = v.metadata(metadata) if metadata is not None else None
+        snap = await self.engine.snapshots.find(tenant, snapshot_id)
+        if snap is None:
+            shown = snapshot_id if is_snapshot_id(snapshot_id) else "(malformed id)"
+            raise NotFoundError(f"snapshot {shown} was not found")
+        known = sensitive_values(sensitive) if sensitive is not None else None
+        session = await self._start_from(tenant, snap, timeout, want, secrets, known)
+        return session.info()
+
+    async def _start_from(
+        self, tenant: str, snap: Snapshot, timeout: float | None,
+        metadata: Mapping[str, str] | None, secrets: Mapping[str, str] | None,
+        sensitive: Mapping[str, str] | None,
+    ) -> Session:  # fmt: skip
+        config = SandboxConfig.from_dict(snap.record["config"])
+        policy = self.policy.of(tenant)
+        admission.check_config(policy, config)  # the tenant's policy as it is now
+        ledger = self.engine.quota
+        token = self._reserve(tenant, policy, config)
+        try:
+            session = await self.engine.snapshots.start(
+                snap, timeout=timeout, metadata=metadata, secrets=secrets, sensitive=sensitive
+            )
+        except BaseException:
+            ledger.release(token)
+            raise
+        ledger.bind(token, session.id)
+        if self.engine.get(session.id) is None:
+            ledger.release_sandbox(session.id)
+        self._arm(tenant, session, config)
+        return session
+
+    async def fork(
+        self, tenant: str, sandbox_id: str, count: int = 1, *, timeout: float | None = None
+    ) -> list[SandboxInfo | SandboxError]:
+        """``count`` (1..20) new sandboxes from the running sandbox's state now: a temporary
+        snapshot, ``count`` starts from it, the snapshot deleted. One entry per fork, in
+        order: its info, or the error that stopped it (the others still start)."""
+        _tenant(tenant)
+        count = v.integer("count", count, 1, MAX_FORKS)
+        if timeout is not None:
+            timeout = v.number("timeout", timeout, 1, v.MAX_TIMEOUT)
+        sid = v.sandbox_id(sandbox_id)
+        async with self.engine.persist.lock(sid or "-"):
+            session = self._session(tenant, sandbox_id)
+            snap = await self._take(tenant, session, None, None, temporary=True)
+        try:
+            got = await asyncio.gather(
+                *(self._start_from(tenant, snap, timeout, None, None, None) for _ in range(count)),
+                return_exceptions=True,
+            )
+        finally:
+            await self.engine.snapshots.delete(snap)
+        out: list[SandboxInfo | SandboxError] = []
+        for r in got:
+            if isinstance(r, Session):
+                out.append(r.info())
+            elif isinstance(r, SandboxError):
+                out.append(r)
+            elif isinstance(r, Exception):
+                log.warning("fork of %s failed: %r", sandbox_id, r)
+                out.append(SandboxError("the fork could not be started"))
+            else:
+                raise r
+        return out
 
     def guard(self, tenant: str, sandbox_id: str) -> Guard:
         """The sandbox's guard (embedded faces: ``register(value, label)``, ``canary()``)."""
@@ -972,10 +1124,6 @@ def _pty_stream(
 def _tenant(tenant: Any) -> None:
     if not isinstance(tenant, str) or not 0 < len(tenant) <= 128:
         raise InvalidArgumentError("tenant must be a non-empty str")
-
-
-def _missing(capability: str) -> PolicyError:
-    return PolicyError(f"this engine lacks the capability {capability!r} (not supported yet)")
 
 
 async def kill_everything(engine: Engine | None = None) -> None:

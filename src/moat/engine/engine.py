@@ -20,6 +20,7 @@ from moat.engine.pool import WarmPool, parse_pool, poolable
 from moat.engine.quota import Ledger
 from moat.engine.resolve import guard_policy, network_policy
 from moat.engine.session import Session
+from moat.engine.snapshots import Snapshots
 from moat.engine.tiers import TIERS, require, runtime_for
 from moat.errors import PolicyError
 from moat.guard import GuardPolicy
@@ -71,6 +72,8 @@ class Engine:
         self.quota = Ledger()
         #: paused sandboxes (on disk under the state dir) and the pause/resume verbs
         self.persist = Persistence(self)
+        #: snapshots (on disk under the state dir), start from one, fork
+        self.snapshots = Snapshots(self)
 
     def new_id(self) -> str:
         return "sbx-" + secrets.token_hex(8)

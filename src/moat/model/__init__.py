@@ -44,6 +44,7 @@ from moat.model.results import (
     Result,
     SandboxInfo,
     SandboxMetrics,
+    SnapshotInfo,
 )
 from moat.model.tiers import (
     DEFAULT_TRUST,
@@ -106,6 +107,7 @@ __all__ = [
     "SandboxInfo",
     "SandboxMetrics",
     "SecretRef",
+    "SnapshotInfo",
     "Started",
     "choose_tier",
     "codec",

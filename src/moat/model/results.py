@@ -180,3 +180,17 @@ class SandboxMetrics(_Wire):
     disk_used: int | None
     #: the sandbox's disk limit in bytes
     disk_total: int
+
+
+@dataclass(frozen=True)
+class SnapshotInfo:
+    """A snapshot of a sandbox (issue 11): ``Sandbox.create(template=snapshot_id)`` starts a
+    new sandbox from it."""
+
+    snapshot_id: str
+    sandbox_id: str  # the sandbox it was taken of
+    name: str | None
+    tier: str
+    memory: bool  # whether processes and memory were kept
+    size: int  # bytes on disk
+    created: _dt.datetime

@@ -35,6 +35,7 @@ from moat.model import (
     ResultEvent,
     SandboxInfo,
     SandboxMetrics,
+    SnapshotInfo,
 )
 from moat.model import validate as v
 from moat.sdk.pty import AsyncPty
@@ -456,6 +457,47 @@ class AsyncSandbox:
     async def beta_pause(self, memory: bool = True) -> None:
         """E2B's name for ``pause``."""
         await self.pause(memory)
+
+    async def create_snapshot(
+        self, name: str | None = None, memory: bool | None = None
+    ) -> SnapshotInfo:
+        """Snapshot this sandbox; it keeps running. ``create(template=info.snapshot_id)``
+        starts new sandboxes from it. ``memory``: None keeps the most the tier can
+        (processes and memory on gVisor and the microVM, files on the container tier)."""
+        return await self._t.create_snapshot(self._id, name, memory)
+
+    async def fork(
+        self, count: int = 1, timeout: float | None = None
+    ) -> builtins.list[AsyncSandbox | SandboxError]:
+        """``count`` (1-20) new sandboxes from this one's state now, each with its own id,
+        tokens and randomness; an entry is the error that stopped that fork."""
+        got = await self._t.fork(self._id, count, timeout)
+        return [AsyncSandbox(self._t, g) if isinstance(g, SandboxInfo) else g for g in got]
+
+    @classmethod
+    async def list_snapshots(
+        cls,
+        sandbox_id: str | None = None,
+        name: str | None = None,
+        *,
+        transport: Transport | None = None,
+        api_url: str | None = None,
+        api_key: str | None = None,
+    ) -> builtins.list[SnapshotInfo]:
+        """The caller's snapshots (of one sandbox, or with one name), oldest first."""
+        return await _pick(transport, api_url, api_key).list_snapshots(sandbox_id, name)
+
+    @classmethod
+    async def delete_snapshot(
+        cls,
+        snapshot_id: str,
+        *,
+        transport: Transport | None = None,
+        api_url: str | None = None,
+        api_key: str | None = None,
+    ) -> bool:
+        """Delete a snapshot and its state on disk; False if there is no such snapshot."""
+        return await _pick(transport, api_url, api_key).delete_snapshot(snapshot_id)
 
     @classmethod
     async def connect(

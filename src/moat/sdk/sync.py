@@ -21,6 +21,7 @@ from moat.model import (
     ProcessInfo,
     SandboxInfo,
     SandboxMetrics,
+    SnapshotInfo,
 )
 from moat.sdk._loop import loop_thread
 from moat.sdk.async_ import AsyncCommandHandle, AsyncCommands, AsyncFiles, AsyncSandbox
@@ -378,6 +379,48 @@ class Sandbox:
     def beta_pause(self, memory: bool = True) -> None:
         """E2B's name for ``pause``."""
         _run(self._a.beta_pause(memory))
+
+    def create_snapshot(self, name: str | None = None, memory: bool | None = None) -> SnapshotInfo:
+        """Snapshot this sandbox, which keeps running; see ``AsyncSandbox.create_snapshot``."""
+        return _run(self._a.create_snapshot(name, memory))
+
+    def fork(self, count: int = 1, timeout: float | None = None) -> list[Sandbox | SandboxError]:
+        """New sandboxes from this one's state now; see ``AsyncSandbox.fork``."""
+        got = _run(self._a.fork(count, timeout))
+        return [Sandbox(g) if isinstance(g, AsyncSandbox) else g for g in got]
+
+    @classmethod
+    def list_snapshots(
+        cls,
+        sandbox_id: str | None = None,
+        name: str | None = None,
+        *,
+        transport: Transport | None = None,
+        api_url: str | None = None,
+        api_key: str | None = None,
+    ) -> list[SnapshotInfo]:
+        """The caller's snapshots; see ``AsyncSandbox.list_snapshots``."""
+        return _run(
+            AsyncSandbox.list_snapshots(
+                sandbox_id, name, transport=transport, api_url=api_url, api_key=api_key
+            )
+        )
+
+    @classmethod
+    def delete_snapshot(
+        cls,
+        snapshot_id: str,
+        *,
+        transport: Transport | None = None,
+        api_url: str | None = None,
+        api_key: str | None = None,
+    ) -> bool:
+        """Delete a snapshot; see ``AsyncSandbox.delete_snapshot``."""
+        return _run(
+            AsyncSandbox.delete_snapshot(
+                snapshot_id, transport=transport, api_url=api_url, api_key=api_key
+            )
+        )
 
     @classmethod
     def connect(

@@ -2,8 +2,7 @@
 
 Another tenant's sandbox id answers exactly like an unknown one (404, same message), on every
 route (invariant 11). Pause, connect (resume) and legacy resume go through the front door
-(``moat.server.persist``); snapshots and fork answer 501 with a clear message until the
-engine has them (invariant 7: never a quiet no-op).
+(``moat.server.persist``); snapshots and fork: ``moat.server.snapshots``.
 """
 
 from __future__ import annotations
@@ -22,8 +21,9 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from moat.egress import Secret
+from moat.engine.api import is_snapshot_id
 from moat.errors import InvalidArgumentError, NotFoundError, SandboxError
-from moat.server import persist, wire
+from moat.server import persist, snapshots, wire
 from moat.server.app import MAX_JSON_BODY, BodyTooLarge, Record, ServerState, read_body, too_large
 from moat.server.network import policy_of
 from moat.server.secrets import LazyStore, check_header, secret_routes, stored
@@ -92,6 +92,15 @@ def control_app(state: ServerState) -> Starlette:
             raise InvalidArgumentError("autoResume must be {'enabled': true|false}")
         if body.mcp or body.volume_mounts:
             raise InvalidArgumentError("mcp and volumeMounts are not supported by moat")
+        if is_snapshot_id(body.template_id):  # a snapshot is a template (E2B's shape)
+            net = body.network.model_dump(exclude_none=True) if body.network else {}
+            if body.env_vars or body.moat or body.allow_internet_access or any(net.values()):
+                raise InvalidArgumentError(
+                    "a sandbox started from a snapshot keeps its envVars, network and secrets"
+                )
+            return await snapshots.start(
+                state, tenant, body.template_id, body.timeout, body.metadata
+            )
         network = network_of(body.allow_internet_access, body.network)
         policy = policy_of(network)
         network["internet_access"] = policy.internet_access  # as enforced (denyOut 0.0.0.0/0)
@@ -318,17 +327,6 @@ def control_app(state: ServerState) -> Starlette:
             ).decode()
         return JSONResponse(rows, 200, headers=headers)
 
-    def missing(what: str) -> Handler:
-        async def handler(request: Request, tenant: str) -> Response:
-            sid = request.path_params.get("sandbox_id")
-            if sid is not None and await _live(tenant, sid) is None:
-                return _not_found(sid)
-            return wire.error(
-                501, f"{what} is not supported by this moat server yet (persistence is not built)"
-            )
-
-        return handler
-
     async def metrics(request: Request, tenant: str) -> Response:
         sid = request.path_params["sandbox_id"]
         if await _live(tenant, sid) is None:
@@ -382,9 +380,7 @@ def control_app(state: ServerState) -> Starlette:
         r(sid + "/metrics", metrics, ["GET"]),
         r(sid + "/pause", pause, ["POST"]),
         r(sid + "/resume", resume, ["POST"]),
-        r(sid + "/fork", missing("fork"), ["POST"]),
-        r(sid + "/snapshots", missing("snapshots"), ["POST"]),
-        r("/snapshots", missing("snapshots"), ["GET"]),
+        *snapshots.snapshot_routes(state, r, _not_found),
         r("/moat/v1" + sid + "/audit", audit, ["GET"]),
         *secret_routes(secret_store, r),
         r("/{rest:path}", unknown, ["GET", "POST", "PUT", "PATCH", "DELETE"]),

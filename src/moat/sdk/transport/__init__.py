@@ -13,7 +13,7 @@ import datetime as dt
 from collections.abc import AsyncIterator, Mapping
 from typing import IO, Any, Literal, Protocol
 
-from moat.errors import PolicyError
+from moat.errors import PolicyError, SandboxError
 from moat.model import (
     Context,
     EntryInfo,
@@ -23,6 +23,7 @@ from moat.model import (
     PtySize,
     SandboxInfo,
     SandboxMetrics,
+    SnapshotInfo,
 )
 
 __all__ = ["CommandEvents", "Transport", "WatchEvents"]
@@ -83,6 +84,26 @@ class Transport(abc.ABC):
     ) -> SandboxInfo:
         """The sandbox, resumed if it was paused (``FrontDoor.connect``)."""
         raise PolicyError("this transport can't resume sandboxes")
+
+    async def create_snapshot(
+        self, sandbox_id: str, name: str | None, memory: bool | None
+    ) -> SnapshotInfo:
+        """Snapshot a running sandbox, which keeps running (``FrontDoor.create_snapshot``)."""
+        raise PolicyError("this transport can't snapshot sandboxes")
+
+    async def list_snapshots(
+        self, sandbox_id: str | None = None, name: str | None = None
+    ) -> list[SnapshotInfo]:
+        raise PolicyError("this transport can't list snapshots")
+
+    async def delete_snapshot(self, snapshot_id: str) -> bool:
+        raise PolicyError("this transport can't delete snapshots")
+
+    async def fork(
+        self, sandbox_id: str, count: int, timeout: float | None
+    ) -> list[SandboxInfo | SandboxError]:
+        """``count`` new sandboxes from the sandbox's state now (``FrontDoor.fork``)."""
+        raise PolicyError("this transport can't fork sandboxes")
 
     @abc.abstractmethod
     async def metrics(

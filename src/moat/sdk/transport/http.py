@@ -62,6 +62,7 @@ from moat.model import (
     PtySize,
     SandboxInfo,
     SandboxMetrics,
+    SnapshotInfo,
     Started,
 )
 from moat.model import validate as v
@@ -383,6 +384,73 @@ class HttpTransport(Transport):
             raise SandboxError("moat serve sent no access token")
         self._tokens[sid] = token
         return await self.info(sid)
+
+    async def create_snapshot(
+        self, sandbox_id: str, name: str | None, memory: bool | None
+    ) -> SnapshotInfo:
+        sid = self._sid(sandbox_id)
+        body: dict[str, Any] = {}
+        if name is not None:
+            body["name"] = name
+        if memory is not None:
+            if not isinstance(memory, bool):
+                raise InvalidArgumentError("memory must be a bool")
+            body["memory"] = memory
+        return _snapshot((await self._control("POST", f"/sandboxes/{sid}/snapshots", body)).json())
+
+    async def list_snapshots(
+        self, sandbox_id: str | None = None, name: str | None = None
+    ) -> builtins.list[SnapshotInfo]:
+        params: dict[str, str] = {"limit": "100"}
+        if sandbox_id is not None:
+            params["sandboxID"] = v.text("sandbox_id", sandbox_id, 64)
+        if name is not None:
+            params["name"] = v.text("name", name, 64)
+        out: builtins.list[SnapshotInfo] = []
+        for _ in range(1000):  # pages of 100: bounded
+            resp = await self._control("GET", "/snapshots", params=params)
+            rows = resp.json()
+            if not isinstance(rows, list):
+                raise SandboxError("the server's snapshot list is not a list")
+            out += [_snapshot(r) for r in rows]
+            token = resp.headers.get("x-next-token")
+            if not token:
+                break
+            params["nextToken"] = token
+        return out
+
+    async def delete_snapshot(self, snapshot_id: str) -> bool:
+        if not isinstance(snapshot_id, str) or not snapshot_id.startswith("snap-"):
+            return False
+        try:
+            await self._control("DELETE", f"/templates/{urllib.parse.quote(snapshot_id, safe='')}")
+        except NotFoundError:
+            return False
+        return True
+
+    async def fork(
+        self, sandbox_id: str, count: int, timeout: float | None
+    ) -> builtins.list[SandboxInfo | SandboxError]:
+        sid = self._sid(sandbox_id)
+        body: dict[str, Any] = {"count": v.integer("count", count, 1, 20)}
+        if timeout is not None:
+            body["timeout"] = round(v.number("timeout", timeout, 1, 86400))
+        rows = (await self._control("POST", f"/sandboxes/{sid}/fork", body)).json()
+        if not isinstance(rows, list):
+            raise SandboxError("the server's fork reply is not a list")
+        out: builtins.list[SandboxInfo | SandboxError] = []
+        for row in rows:
+            box = row.get("sandbox") if isinstance(row, dict) else None
+            if isinstance(box, dict):
+                fid, token = box.get("sandboxID"), box.get("envdAccessToken")
+                if isinstance(fid, str) and isinstance(token, str):
+                    self._tokens[fid] = token
+                    out.append(await self.info(fid))
+                    continue
+            err = row.get("error") if isinstance(row, dict) else None
+            code = err.get("code") if isinstance(err, dict) else None
+            out.append(w.error(code if isinstance(code, int) else 500, err))
+        return out
 
     async def list_sandboxes(
         self, metadata: Mapping[str, str] | None = None, state: str | None = "running"
@@ -899,6 +967,26 @@ def _pty(size: PtySize) -> pr.PTY:
 
 def _selector(pid: int) -> pr.ProcessSelector:
     return pr.ProcessSelector(selector=_oneof("pid", pid))
+
+
+def _snapshot(row: Any) -> SnapshotInfo:
+    """A snapshot from moat serve's reply (E2B's ``snapshotID`` and moat's fields)."""
+    extra = row.get("moat") if isinstance(row, dict) else None
+    if not isinstance(extra, dict) or not isinstance(row.get("snapshotID"), str):
+        raise SandboxError("moat serve sent a malformed snapshot record")
+    try:
+        name = extra.get("name")
+        return SnapshotInfo(
+            snapshot_id=row["snapshotID"],
+            sandbox_id=str(extra["sandboxID"]),
+            name=name if isinstance(name, str) else None,
+            tier=str(extra["tier"]),
+            memory=extra["memory"] is True,
+            size=int(extra["size"]),
+            created=dt.datetime.fromisoformat(str(extra["createdAt"]).replace("Z", "+00:00")),
+        )
+    except (KeyError, TypeError, ValueError):
+        raise SandboxError("moat serve sent a malformed snapshot record") from None
 
 
 def _info(row: Any) -> SandboxInfo:

@@ -6,9 +6,46 @@ import datetime as dt
 from collections.abc import AsyncIterator, Mapping
 from typing import IO, Any, Literal
 
-from moat.engine.api import DEFAULT_TENANT, CommandStream, FrontDoor, Secret, WatchStream
-from moat.model import Context, EntryInfo, Event, ProcessInfo, PtySize, SandboxInfo, SandboxMetrics
+from moat.engine.api import (
+    DEFAULT_TENANT,
+    CommandStream,
+    FrontDoor,
+    Secret,
+    WatchStream,
+    is_snapshot_id,
+)
+from moat.errors import InvalidArgumentError, SandboxError
+from moat.model import (
+    Context,
+    EntryInfo,
+    Event,
+    ProcessInfo,
+    PtySize,
+    SandboxInfo,
+    SandboxMetrics,
+    SnapshotInfo,
+)
 from moat.sdk.transport import Transport
+
+#: What a start from a snapshot keeps from the snapshot (its source's): set otherwise, refused.
+_KEPT_BY_SNAPSHOT = ("isolation", "trust", "envs", "mounts", "limits", "network", "guard",
+                     "profile", "policy_file", "max_output_bytes", "idle_timeout")  # fmt: skip
+
+
+def _snapshot_options(options: dict[str, Any], gateway_config: Any) -> None:
+    """A create from a snapshot takes a timeout, metadata and secret values only: what the
+    snapshot keeps (tier, files, network...) is never quietly replaced (invariant 7)."""
+    given = [k for k in _KEPT_BY_SNAPSHOT if options.get(k) is not None]
+    if options.get("allow_internet_access") or options.get("on_timeout", "kill") != "kill":
+        given.append("allow_internet_access/on_timeout")
+    if gateway_config is not None:
+        given.append("gateway_config")
+    if given:
+        raise InvalidArgumentError(
+            "a sandbox started from a snapshot keeps the snapshot's settings; not allowed: "
+            + ", ".join(given)
+        )
+
 
 __all__ = ["LocalTransport"]
 
@@ -24,6 +61,16 @@ class LocalTransport(Transport):
         secrets: Mapping[str, Secret] | None = options.get("secrets")
         sensitive = options.pop("sensitive", None)
         gateway_config = options.pop("gateway_config", None)
+        if is_snapshot_id(options.get("template")):  # a snapshot is a template (E2B's shape)
+            _snapshot_options(options, gateway_config)
+            return await self.front_door.create_from_snapshot(
+                self.tenant,
+                options["template"],
+                timeout=options.get("timeout"),
+                metadata=options.get("metadata"),
+                secrets={name: s.value for name, s in (secrets or {}).items()} or None,
+                sensitive=sensitive,
+            )
         if all(options.get(k) is None for k in ("isolation", "trust", "profile")):
             tier = self.front_door.default_tier(self.tenant)  # the tenant policy's default
             if tier is not None:
@@ -68,6 +115,24 @@ class LocalTransport(Transport):
             self.tenant, sandbox_id, timeout=timeout, secrets=secrets
         )
         return info
+
+    async def create_snapshot(
+        self, sandbox_id: str, name: str | None, memory: bool | None
+    ) -> SnapshotInfo:
+        return await self.front_door.create_snapshot(self.tenant, sandbox_id, name, memory)
+
+    async def list_snapshots(
+        self, sandbox_id: str | None = None, name: str | None = None
+    ) -> list[SnapshotInfo]:
+        return await self.front_door.list_snapshots(self.tenant, sandbox_id, name)
+
+    async def delete_snapshot(self, snapshot_id: str) -> bool:
+        return await self.front_door.delete_snapshot(self.tenant, snapshot_id)
+
+    async def fork(
+        self, sandbox_id: str, count: int, timeout: float | None
+    ) -> list[SandboxInfo | SandboxError]:
+        return await self.front_door.fork(self.tenant, sandbox_id, count, timeout=timeout)
 
     async def metrics(
         self, sandbox_id: str, start: dt.datetime | None, end: dt.datetime | None
