@@ -9,6 +9,7 @@ tenant's view (exactly an unknown id's), the tokens of every new sandbox (its ow
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -153,7 +154,7 @@ def test_snapshot_and_fork_routes_keep_tenants_apart(server: Server, key_a: str)
 def test_moat_sdk_over_http_snapshot_fork_list_delete(server: Server, key_a: str) -> None:
     from moat import Sandbox as MoatSandbox
 
-    kw = {"api_url": server.url, "api_key": key_a}
+    kw: dict[str, Any] = {"api_url": server.url, "api_key": key_a}
     sbx = MoatSandbox.create(isolation="container", timeout=120, **kw)
     try:
         sbx.files.write("/home/user/h.txt", "over http")
