@@ -533,9 +533,12 @@ class MicroVMRuntime:
 
         try:
             old = self._vms.get(spec.sandbox_id)
-            if old is not None:  # paused, resumed under its id: its cgroup must be gone first
+            if old is not None:  # paused, resumed under its id: let its reaping finish first
                 await asyncio.to_thread(old.reaped.wait, REAP_WAIT_S)
-            cgroup = await asyncio.to_thread(self._manager().create, spec.sandbox_id, host_limits)
+            # Its own cgroup name (as the container tier's restore): the paused VM's group may
+            # still be on the reaper's queue on a loaded host (seen in CI: "already exists").
+            cg_name = spec.sandbox_id.removeprefix("sbx-")[:56] + "-r" + secrets.token_hex(3)
+            cgroup = await asyncio.to_thread(self._manager().create, cg_name, host_limits)
             try:
                 cfg = qemu.VMConfig(**{**base.__dict__, "mount_fds": mount_fds})
                 incoming, feeder.read_fd = feeder.read_fd, -1  # _launch closes it
