@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import gc
 import time
 
 import pytest
 
 import moat.guard.budget as budget_mod
+import moat.guard.gcquiet as gcquiet
 from moat.errors import TimeoutError as MoatTimeoutError
 from moat.guard import Guard, GuardBudgetError, GuardPolicy
 
@@ -134,3 +136,73 @@ def test_scanning_in_a_worker_thread_keeps_the_event_loop_running() -> None:
         if gap_off < 0.15:
             break
     assert min(tries) < 0.15, tries
+
+
+def _collections_during(scan: object) -> tuple[int, int]:
+    """Collections that ran while ``scan`` ran in a worker thread: full ones (generation 2),
+    and any while a scan held collection paused."""
+    assert callable(scan)
+    full = in_pause = 0
+
+    def count(phase: str, info: dict[str, int]) -> None:
+        nonlocal full, in_pause
+        if phase == "start":
+            full += info["generation"] == 2
+            in_pause += gcquiet._depth > 0  # no lock here: a collection can run under it
+
+    gc.callbacks.append(count)
+    try:
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            pool.submit(scan).result()
+    finally:
+        gc.callbacks.remove(count)
+    return full, in_pause
+
+
+def test_a_large_scan_pauses_garbage_collection_and_restores_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A dense large scan triggers no collection (a full one holds the GIL for a walk of the
+    whole heap, stalling every thread: moat.guard.gcquiet); collection is back after."""
+    g = Guard(GuardPolicy(), sensitive=[(SECRET, "S")])
+    text = ("eyJa.b " + SECRET + " xoxb-1-2-a ") * 20_000
+    g.prepare()
+    assert gc.isenabled()
+    assert _collections_during(lambda: g.redact_text(text, "result")) == (0, 0)
+    assert _collections_during(lambda: g.redact_bytes(text.encode(), "file")) == (0, 0)
+    assert gc.isenabled() and not gcquiet.paused()
+    # Positive control: without the pause the same scan runs full collections.
+    monkeypatch.setattr(gcquiet, "MIN_SIZE", 1 << 40)
+    assert _collections_during(lambda: g.redact_text(text, "result"))[0] >= 2
+
+
+def test_the_pause_is_bounded_and_respects_a_disabled_collector(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    big = gcquiet.MIN_SIZE
+    with gcquiet.quiet_gc(big):
+        assert not gc.isenabled()
+        with gcquiet.quiet_gc(big):  # a scan joins a young pause
+            assert not gc.isenabled()
+        assert not gc.isenabled()
+    assert gc.isenabled()
+    with gcquiet.quiet_gc(big - 1):  # small scans never pause
+        assert gc.isenabled()
+    # A pause older than MAX_PAUSE_S takes no new scan: it ends with the scans that joined it.
+    monkeypatch.setattr(gcquiet, "MAX_PAUSE_S", 0.0)
+    first = gcquiet.quiet_gc(big)
+    first.__enter__()
+    late = gcquiet.quiet_gc(big)
+    late.__enter__()
+    first.__exit__(None, None, None)
+    assert gc.isenabled()  # the late scan did not extend the pause
+    late.__exit__(None, None, None)
+    assert gc.isenabled()
+    # A process that disabled collection itself keeps it disabled.
+    gc.disable()
+    try:
+        with gcquiet.quiet_gc(big):
+            pass
+        assert not gc.isenabled()
+    finally:
+        gc.enable()

@@ -35,6 +35,7 @@ from moat.errors import InvalidArgumentError, LeakBlockedError
 from moat.guard import binary, png
 from moat.guard.budget import Budget, GuardBudgetError
 from moat.guard.canary import KINDS, SHOWN_LABEL, make_canary
+from moat.guard.gcquiet import quiet_gc
 from moat.guard.policy import EXACT, Finding, GuardPolicy
 from moat.guard.rules import RULE_WINDOW, RuleSet, rule_set
 from moat.guard.scanner import (
@@ -300,7 +301,8 @@ class Guard:
             raise InvalidArgumentError("the guard scans text (str)")
         channel = _check_channel(channel)
         budget = self._budget(len(text), budget_s)
-        return self._report(self._text_hits(text, budget), channel)
+        with quiet_gc(len(text)):
+            return self._report(self._text_hits(text, budget), channel)
 
     def redact_text(self, text: str, channel: str, *, budget_s: float | None = None) -> str:
         """``text`` made safe: findings replaced by ``[REDACTED:<label>]``.
@@ -316,13 +318,14 @@ class Guard:
         channel = _check_channel(channel)
         if self.mode == "off":
             return text
-        hits = self._text_hits(text, self._budget(len(text), budget_s))
-        if not hits:
-            return text
-        self._report(hits, channel)
-        if self.mode == "block":
-            raise self._block(hits, channel)
-        return render(text, merge(hits))
+        with quiet_gc(len(text)):
+            hits = self._text_hits(text, self._budget(len(text), budget_s))
+            if not hits:
+                return text
+            self._report(hits, channel)
+            if self.mode == "block":
+                raise self._block(hits, channel)
+            return render(text, merge(hits))
 
     def _folded_hits(self, text: str) -> list[Hit]:
         """Raw values matched with ASCII case folded: a host name is stored lower-cased, and
@@ -381,13 +384,14 @@ class Guard:
         if self.mode == "off":
             return raw
         view = raw.decode("latin-1")  # one character per byte: offsets are byte offsets
-        hits = self._bytes_hits(view, self._budget(len(raw), budget_s))
-        if not hits:
-            return raw
-        self._report(hits, channel)
-        if self.mode == "block":
-            raise self._block(hits, channel)
-        return render(view, merge(hits)).encode("latin-1")
+        with quiet_gc(len(raw)):
+            hits = self._bytes_hits(view, self._budget(len(raw), budget_s))
+            if not hits:
+                return raw
+            self._report(hits, channel)
+            if self.mode == "block":
+                raise self._block(hits, channel)
+            return render(view, merge(hits)).encode("latin-1")
 
     def guard_png(self, data: bytes, channel: str) -> bytes:
         """A PNG result: pixels pass through, text metadata (tEXt/zTXt/iTXt) is scanned.
@@ -452,6 +456,12 @@ class Guard:
         if self.mode == "off":
             return raw, []
         budget = self._budget(len(raw), budget_s)
+        with quiet_gc(len(raw)):
+            return self._scan_binary(mime, raw, channel, budget)
+
+    def _scan_binary(
+        self, mime: str, raw: bytes, channel: str, budget: Budget
+    ) -> tuple[bytes | None, list[Finding]]:
         kind = binary.kind_of(mime)
 
         def unverified(what: str) -> tuple[bytes | None, list[Finding]]:
@@ -701,7 +711,8 @@ class GuardStream:
 
     def _release(self, *, final: bool) -> str:
         try:
-            return self._release_scanned(final=final)
+            with quiet_gc(len(self._buf)):
+                return self._release_scanned(final=final)
         except GuardBudgetError:
             # Fail closed: the held output is dropped and the stream releases nothing more.
             self._over_budget = True
