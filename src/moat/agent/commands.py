@@ -91,7 +91,9 @@ class Commands:
                 fds: tuple[Any, Any, Any] = (slave, slave, slave)
                 # A terminal takes the fork path: its child makes the slave its controlling
                 # terminal (TIOCSCTTY) and applies the user's uid and limits itself.
-                argv, user = [self.shell, "-c", cmd], {"preexec_fn": pty.child_setup}
+                # Its OOM score, as on the fork path of user_shell: the shell sets it.
+                argv = [self.shell, "-c", f"{shield.OOM_FIRST_SH}; {cmd}"]
+                user = {"preexec_fn": pty.child_setup}
             else:
                 fds = (
                     subprocess.PIPE if stdin else subprocess.DEVNULL,

@@ -136,7 +136,7 @@ _STARTUP_ENV = frozenset({"BASH_ENV", "ENV", "SHELLOPTS", "BASHOPTS", "PS4", "GC
 #: The shell makes itself the OOM killer's first choice before anything it forks inherits
 #: its score (the agent's write to the new pid comes after Popen returns: too late for a
 #: child the shell forked at once).
-_OOM_FIRST_SH = "{ echo 1000 >/proc/self/oom_score_adj; } 2>/dev/null"
+OOM_FIRST_SH = "{ echo 1000 >/proc/self/oom_score_adj; } 2>/dev/null"
 
 
 def _runs_before_first_command(env: dict[str, str]) -> bool:
@@ -156,9 +156,13 @@ def user_shell(shell: str, cmd: str, env: dict[str, str]) -> tuple[list[str], di
     act on at start-up. The uid switch is :func:`user_ids`.
     """
     if os.path.basename(shell) != "bash" or _runs_before_first_command(env):
-        return [shell, "-c", cmd], {"preexec_fn": user_limits}
+        # The fork path: the limit is set before exec. The OOM score can't be (the forked
+        # child is not dumpable, so its /proc files are root's and the write fails; the
+        # agent's write after Popen races with the end of execve), so the shell sets it
+        # before the command, as on the fast path.
+        return [shell, "-c", f"{OOM_FIRST_SH}; {cmd}"], {"preexec_fn": user_limits}
     limit = "" if _user_nproc is None else f"ulimit -HSu {_user_nproc} || exit 126; "
-    return [shell, "-c", f"{limit}{_OOM_FIRST_SH}; {cmd}"], user_ids()
+    return [shell, "-c", f"{limit}{OOM_FIRST_SH}; {cmd}"], user_ids()
 
 
 def user_python_boot() -> str:
