@@ -127,13 +127,16 @@ def proc_cpu_ns(pids: list[int]) -> int:
 
 
 def _proc_start_time(pid: int) -> int | None:
-    """Field 22 of /proc/<pid>/stat (start time in clock ticks), None if no such process."""
+    """Field 22 of /proc/<pid>/stat (start time in clock ticks), None if no such process
+    or it is a zombie (dead, not yet reaped: it owns nothing any more)."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text(encoding="ascii", errors="replace")
     except (FileNotFoundError, ProcessLookupError):
         return None
     # comm (field 2) may contain spaces and parentheses: split after the last ')'
     fields = stat.rsplit(")", 1)[-1].split()
+    if not fields or fields[0] in ("Z", "X"):
+        return None
     return int(fields[19]) if len(fields) > 19 else None
 
 
@@ -554,7 +557,10 @@ class CgroupManager:
         swept = 0
         for entry, dirs in sorted(found.items()):
             cg = SandboxCgroup(entry[len(_PREFIX) :].split(".", 1)[0], self.version, dirs)
-            cg.destroy()
+            try:
+                cg.destroy()
+            except SandboxError:
+                continue  # logged by destroy; one stuck group must not keep the rest
             swept += 1
         for parent in set(self.parents.values()):
             try:
