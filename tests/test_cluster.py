@@ -414,7 +414,8 @@ def test_a_returning_node_sweeps_before_it_advertises(
     wait_nodes(2)
     run(loop, door.start(min_nodes=2))
     sid = ""
-    for _ in range(4):
+    # Ray places them (packing first): once "a" and "b" are full, one must land on "a2".
+    for _ in range(2 * SLOTS + 1):
         sid = create(loop, door, "t-back", "container")
         if node_name(cluster, door, "t-back", sid) == "a2":
             break
