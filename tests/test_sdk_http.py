@@ -300,8 +300,9 @@ def test_info_list_timeout_kill(server: Server, key: str) -> None:
         assert info.metadata == {"run": tag} and info.state == "running"
         with transport(server.url, key) as t:
             listed = loop_thread().run(t.list_sandboxes(metadata={"run": tag}))
-            with pytest.raises(PolicyError):
-                loop_thread().run(t.list_sandboxes(state="ended"))
+            assert loop_thread().run(t.list_sandboxes(state="ended", metadata={"run": tag})) == []
+            with pytest.raises(InvalidArgumentError):
+                loop_thread().run(t.list_sandboxes(state="gone"))
         assert [i.sandbox_id for i in listed] == [sbx.sandbox_id]
         assert listed[0] == sbx.get_info()
         sbx.set_timeout(600)
@@ -317,6 +318,10 @@ def test_info_list_timeout_kill(server: Server, key: str) -> None:
             sbx.get_info()
         with transport(server.url, key) as t:
             assert loop_thread().run(t.kill(sbx.sandbox_id)) is False
+        # ended sandboxes are listed when asked for (moat's extension), as embedded
+        ended = Sandbox.list(state="ended", metadata={"run": tag}, api_url=server.url, api_key=key)
+        assert [(i.sandbox_id, i.state) for i in ended] == [(sbx.sandbox_id, "ended")]
+        assert Sandbox.list(metadata={"run": tag}, api_url=server.url, api_key=key) == []
     finally:
         sbx.kill()
         other.kill()

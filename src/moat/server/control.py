@@ -292,8 +292,9 @@ def control_app(state: ServerState) -> Starlette:
         q = request.query_params
         want = _metadata_filter(q.get("metadata"))
         states = {s for s in (q.get("state") or "running,paused").split(",") if s}
-        if not states <= {"running", "paused"}:
-            raise InvalidArgumentError("state must be running and/or paused")
+        # "ended" is moat's extension (its SDK's list(state="ended")): only when asked for
+        if not states <= {"running", "paused", "ended"}:
+            raise InvalidArgumentError("state must be running, paused and/or ended")
         limit = _int_param(q.get("limit"), "limit", 1, _MAX_LIST, _MAX_LIST)
         start = _page_token(q.get("nextToken"))
         order = q.get("order") or "desc"  # E2B lists the newest first
@@ -312,6 +313,9 @@ def control_app(state: ServerState) -> Starlette:
             if rec is None and i.state == "paused":
                 face = await front.face_data(tenant, i.sandbox_id)
                 rec = None if face is None else persist.record_of(tenant, face, "", "")
+            if rec is None and i.state == "ended":
+                # its wire record went with it: no tokens (nothing can reach it any more)
+                rec = Record(tenant, "", "", i.template, {})
             if rec is not None:
                 recs[i.sandbox_id] = rec
         infos = [i for i in infos if i.sandbox_id in recs]

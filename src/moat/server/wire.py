@@ -259,7 +259,8 @@ def detail_reply(info: SandboxInfo, rec: _Tokens) -> dict[str, Any]:
         "cpuCount": max(1, round(limits.cpus)),
         "memoryMB": limits.memory_mb,
         "diskSizeMB": limits.disk_mb,
-        "state": "paused" if info.state == "paused" else "running",
+        # E2B's two states; "ended" (moat's extension) only in a listing that asked for it
+        "state": info.state if info.state in ("paused", "ended") else "running",
         "metadata": dict(info.metadata),
         "allowInternetAccess": bool(network.get("internet_access")),
         "network": {

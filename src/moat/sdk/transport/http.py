@@ -455,8 +455,8 @@ class HttpTransport(Transport):
     async def list_sandboxes(
         self, metadata: Mapping[str, str] | None = None, state: str | None = "running"
     ) -> list[SandboxInfo]:
-        if state not in ("running", "paused", None):
-            raise PolicyError("moat serve lists running and paused sandboxes only")
+        if state not in ("running", "paused", "ended", None):
+            raise InvalidArgumentError("state must be running, paused or ended")
         want = v.metadata(metadata)
         wire_state = "running,paused" if state is None else state
         params: dict[str, str] = {"state": wire_state, "limit": "100"}
