@@ -315,3 +315,27 @@ async def test_a_reseed_while_kernels_start_never_kills_them(door: FrontDoor) ->
         async for e in door.run_code(T, sid, "print('alive')", context=ctx.id):
             out.append(e)
         assert any(getattr(e, "text", None) == "alive\n" for e in out), out
+
+
+async def test_a_snapshot_of_a_templated_sandbox_starts_on_its_template(door: FrontDoor) -> None:
+    """A start from a snapshot builds the spec as create did: the template's root, not the
+    host's /usr (the marker exists only in the template)."""
+    import secrets
+
+    from tests import template_support
+
+    content = "marker-" + secrets.token_hex(6)
+    found = template_support.install(
+        "tt-snap", files={"/usr/share/moat-test/snap-marker.txt": content}
+    )
+    sid = await _create(door, template=found.name)
+    probe = "cat /usr/share/moat-test/snap-marker.txt"
+    assert await _sh(door, sid, probe) == content  # positive control: the template's root
+    snap = await door.create_snapshot(T, sid)
+    info = await door.create_from_snapshot(T, snap.snapshot_id)
+    assert info.template == found.name
+    assert await _sh(door, info.sandbox_id, probe) == content
+    forks = await door.fork(T, sid, 1)
+    fork = forks[0]
+    assert isinstance(fork, SandboxInfo)
+    assert await _sh(door, fork.sandbox_id, probe) == content

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from moat.egress import Gateway, GatewayConfig, NetworkPolicy, Secret, proxy_env
+from moat.engine import templating
 from moat.engine.guardhook import make_guard
 from moat.engine.persist import reseed
 from moat.engine.resolve import guard_policy, secrets_of
@@ -265,7 +266,7 @@ class Snapshots:
         for s in brokered.values():
             known.setdefault(s.value, "secret")
         guard = make_guard(sid, guard_policy(config.guard), known, audit)
-        env = dict(config.envs)
+        spec_args, env = await templating.restore_args(config.template, config.envs)
         gateway: Gateway | None = None
         if getattr(runtime, "provides_network", True):
             gateway = Gateway(
@@ -285,6 +286,7 @@ class Snapshots:
             envs=tuple(sorted(env.items())),
             mounts=config.mounts,
             limits=config.limits,
+            **spec_args,
         )
         meta = dict(record["metadata"]) if metadata is None else dict(metadata)
         session = Session(

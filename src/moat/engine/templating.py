@@ -9,6 +9,7 @@ was not found"; the wire answers 400, as E2B does for an unknown template).
 
 from __future__ import annotations
 
+import asyncio
 import os
 import threading
 from pathlib import Path
@@ -92,3 +93,16 @@ def spec_args(found: ref.TemplateRef, envs: tuple[tuple[str, str], ...]) -> dict
         "workdir": found.workdir or HOME,
         "envs": tuple(sorted(env.items())),
     }
+
+
+async def restore_args(
+    template: str, envs: tuple[tuple[str, str], ...]
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """The SandboxSpec fields (less ``envs``) and the environment of a sandbox started again
+    from saved state (a resume, a snapshot, a fork) on ``template``, as at create: its root,
+    not the host's ``/usr``. Looked up by name: a root rebuilt since then differs, and a
+    memory tier refuses that restore clearly."""
+    found = await asyncio.to_thread(lookup, template)
+    args = spec_args(found, envs) if found is not None else {}
+    env = dict(args.pop("envs", envs))
+    return args, env
