@@ -216,9 +216,15 @@ async def test_paused_sandbox_survives_an_engine_restart(tmp_path: Path) -> None
     )
     sid = (await first.create(T, cfg, secrets={"API_KEY": "s3cr3t-value-xyz"})).sandbox_id
     await first.write_file(T, sid, "/home/user/notes", "before restart")
+    placeholder = (await _run(first, sid, "import os; print(os.environ['API_KEY'])")).strip()
+    ca = first.engine.get(sid).gateway.ca_cert_pem()  # type: ignore[union-attr]
     await first.pause(T, sid, face={"template_id": "base"})
     record = (root / sid / "record.json").read_text()
     assert "s3cr3t-value-xyz" not in record  # invariant 3: by reference only
+    # the gateway's identity (placeholders, CA with its key) beside the checkpoint: host only
+    kept = root / sid / "gateway.json"
+    assert kept.stat().st_mode & 0o777 == 0o600 and "s3cr3t-value-xyz" not in kept.read_text()
+    assert placeholder in kept.read_text()
     assert json.loads(record)["secret_names"] == ["API_KEY"]
     await _close(first)
 
@@ -238,6 +244,10 @@ async def test_paused_sandbox_survives_an_engine_restart(tmp_path: Path) -> None
         # the placeholder is there, the value is not (invariant 3), and the guard knows it
         env = await _run(second, sid, "import os; print(os.environ['API_KEY'])", T)
         assert env.strip() and "s3cr3t-value-xyz" not in env
+        # and it is the one it had (files or processes may hold it), with the CA it trusted
+        gateway = second.engine.get(sid).gateway  # type: ignore[union-attr]
+        assert env.strip() == placeholder == gateway.placeholders()["API_KEY"]
+        assert gateway.ca_cert_pem() == ca
     finally:
         await _close(second)
 

@@ -184,3 +184,28 @@ async def test_snapshot_quota_refuses_and_the_sandbox_keeps_running(
         assert list((tmp_path / "paused").iterdir()) == []
     finally:
         await _close(d)
+
+
+@pytest.mark.parametrize("tier", MEMORY_TIERS)
+async def test_a_restored_process_keeps_working_placeholders(door: FrontDoor, tier: str) -> None:
+    """A process restored with its memory holds its secret's placeholder (and may have
+    loaded the CA): the new gateway takes both over, so the placeholder it holds is still
+    the one swapped for the value (checked on the host's gateway)."""
+    from moat.egress import Secret
+
+    require_tier(tier)
+    cfg = door.resolve(
+        isolation=tier,
+        timeout=600,
+        network={"allow_out": ["api.example.com"]},
+        secrets={"API_KEY": Secret("s3cr3t-value-memory", ["api.example.com"])},
+    )
+    sid = (await door.create(T, cfg, secrets={"API_KEY": "s3cr3t-value-memory"})).sandbox_id
+    held = (await _run(door, sid, "import os; ph = os.environ['API_KEY']; print(ph)")).strip()
+    ca = door.engine.get(sid).gateway.ca_cert_pem()  # type: ignore[union-attr]
+    await door.pause(T, sid, memory=True)
+    await door.connect(T, sid)
+    assert (await _run(door, sid, "print(ph)")).strip() == held  # its memory
+    gateway = door.engine.get(sid).gateway  # type: ignore[union-attr]
+    assert gateway.placeholders() == {"API_KEY": held}
+    assert gateway.ca_cert_pem() == ca

@@ -37,6 +37,7 @@ from moat.errors import InvalidArgumentError, PolicyError
 __all__ = ["PLACEHOLDER_PREFIX", "CertificateAuthority", "Scrubber", "Secret", "SecretBroker"]
 
 PLACEHOLDER_PREFIX = "moat-ph-"
+_PLACEHOLDER = re.compile(re.escape(PLACEHOLDER_PREFIX) + r"[0-9a-f]{32}")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
 _HEADER = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]{1,64}$")
 _VALUE = re.compile(r"^[\x21-\x7e](?:[\x20-\x7e]*[\x21-\x7e])?$")
@@ -116,8 +117,13 @@ class _Bound:
 class SecretBroker:
     """The secrets of one sandbox: placeholders, bindings, substitution and scrubbing."""
 
-    def __init__(self, secrets: Mapping[str, Secret] | None) -> None:
+    def __init__(
+        self, secrets: Mapping[str, Secret] | None, placeholders: Mapping[str, str] | None = None
+    ) -> None:
+        """``placeholders``: name -> placeholder to keep (a restored sandbox holds them; see
+        moat.egress.identity); a name without a well-formed one draws a fresh one."""
         items = dict(secrets or {})
+        kept = dict(placeholders or {})
         if len(items) > 64:
             raise InvalidArgumentError("too many secrets")
         self._bound: list[_Bound] = []
@@ -128,7 +134,11 @@ class SecretBroker:
                 raise InvalidArgumentError("secret names must be environment variable names")
             if not isinstance(secret, Secret):
                 raise InvalidArgumentError("secrets must be Secret instances")
-            placeholder = PLACEHOLDER_PREFIX + _random.token_hex(16)
+            placeholder = kept.get(name, "")
+            if not _PLACEHOLDER.fullmatch(placeholder) or any(
+                b.placeholder == placeholder.encode() for b in self._bound
+            ):  # malformed, or another secret's: one placeholder names one value
+                placeholder = PLACEHOLDER_PREFIX + _random.token_hex(16)
             self._bound.append(
                 _Bound(
                     handle=name,
@@ -231,6 +241,31 @@ def _now() -> datetime.datetime:
     return datetime.datetime.now(datetime.UTC)
 
 
+def _take_over(
+    saved: tuple[bytes, bytes], subtrees: list[x509.GeneralName]
+) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate] | None:
+    """A saved CA's key and certificate, if they are a pair, a P-256 CA constrained to
+    exactly ``subtrees`` and valid for at least a day more; else None (never raises)."""
+    try:
+        key = serialization.load_pem_private_key(saved[0], password=None)
+        cert = x509.load_pem_x509_certificate(saved[1])
+        if not isinstance(key, ec.EllipticCurvePrivateKey) or key.curve.name != "secp256r1":
+            return None
+        if cert.public_key() != key.public_key():
+            return None
+        basic = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
+        limits = cert.extensions.get_extension_for_class(x509.NameConstraints).value
+        if not basic.ca or basic.path_length != 0 or limits.excluded_subtrees is not None:
+            return None
+        if set(limits.permitted_subtrees or ()) != set(subtrees):
+            return None
+        if cert.not_valid_after_utc < _now() + datetime.timedelta(days=1):
+            return None
+        return key, cert
+    except (ValueError, TypeError, x509.ExtensionNotFound):
+        return None
+
+
 class CertificateAuthority:
     """A per-sandbox CA. Its key stays in this object; only the certificate is exported.
 
@@ -238,13 +273,29 @@ class CertificateAuthority:
     OpenSSL, Go, NSS and Node enforce), valid for ``days`` days.
     """
 
-    def __init__(self, common_name: str, permitted: Iterable[HostPattern], days: int = 30) -> None:
-        self._key = ec.generate_private_key(ec.SECP256R1())
+    def __init__(
+        self,
+        common_name: str,
+        permitted: Iterable[HostPattern],
+        days: int = 30,
+        *,
+        saved: tuple[bytes, bytes] | None = None,
+    ) -> None:
+        """``saved``: a CA's PEM key and certificate to take over (a restored sandbox trusts
+        it), used only if it is exactly the CA these hosts would get and valid for a day
+        more; otherwise a new one is made."""
         names = sorted({p.host for p in permitted})
         # With no bound host the CA may sign nothing: ".invalid" is reserved (RFC 6761).
         subtrees: list[x509.GeneralName] = [x509.DNSName(n) for n in names] or [
             x509.DNSName("invalid")
         ]
+        self._days = days
+        self._contexts: dict[str, ssl.SSLContext] = {}
+        taken = _take_over(saved, subtrees) if saved is not None else None
+        if taken is not None:
+            self._key, self._cert = taken
+            return
+        self._key = ec.generate_private_key(ec.SECP256R1())
         subject = x509.Name(
             [
                 x509.NameAttribute(NameOID.ORGANIZATION_NAME, "moat sandbox"),
@@ -284,8 +335,14 @@ class CertificateAuthority:
             )
             .sign(self._key, hashes.SHA256())
         )
-        self._days = days
-        self._contexts: dict[str, ssl.SSLContext] = {}
+
+    def key_pem(self) -> bytes:
+        """The CA's private key (PEM): host side only, saved with a checkpoint (0600)."""
+        return self._key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
 
     def cert_pem(self) -> bytes:
         """The CA certificate (public) to install inside the sandbox."""

@@ -56,6 +56,7 @@ from moat.egress.exchange import (
 )
 from moat.egress.framing import FramingError
 from moat.egress.hostport import HostKind, HostPort, parse_absolute_url, parse_authority
+from moat.egress.identity import GatewayIdentity
 from moat.egress.policy import Decision, NetworkPolicy, decide, decide_name, decide_tcp_name
 from moat.egress.pump import SplicePump, UpstreamPump, open_pump
 from moat.egress.resolve import Resolver, SystemResolver, host_addresses, resolve_once
@@ -137,10 +138,14 @@ class Gateway:
         audit: AuditLog | None = None,
         config: GatewayConfig | None = None,
         inspect: Callable[[bytes], object] | None = None,
+        identity: GatewayIdentity | None = None,
     ) -> None:
         """``inspect`` sees each request's line and headers as the sandbox sent them (before
         any secret is swapped in): the guard's canary and sensitive-value check. It reports
-        findings itself; raising LeakBlockedError refuses the request."""
+        findings itself; raising LeakBlockedError refuses the request.
+
+        ``identity``: the placeholders and CA of the gateway a restored sandbox had (kept
+        where they are still valid: moat.egress.identity)."""
         if not isinstance(sandbox_id, str) or not 1 <= len(sandbox_id) <= 128:
             raise InvalidArgumentError("bad sandbox id")
         if config is not None and not isinstance(config, GatewayConfig):
@@ -149,8 +154,11 @@ class Gateway:
         self.config = config or GatewayConfig()
         self._policy = NetworkPolicy.parse(policy)
         self._policy_gen = 0
-        self._broker = SecretBroker(secrets)
-        self._ca = CertificateAuthority(f"moat {sandbox_id}", self._broker.bound_hosts())
+        self._broker = SecretBroker(secrets, identity.placeholders if identity else None)
+        saved = (identity.ca_key_pem, identity.ca_cert_pem) if identity else None
+        self._ca = CertificateAuthority(
+            f"moat {sandbox_id}", self._broker.bound_hosts(), saved=saved
+        )
         self._audit = audit
         self._inspect = inspect
         self._resolver: Resolver = self.config.resolver or SystemResolver()
@@ -181,6 +189,11 @@ class Gateway:
     def placeholders(self) -> dict[str, str]:
         """Environment variable name -> placeholder to put in the sandbox's environment."""
         return self._broker.placeholders()
+
+    def identity(self) -> GatewayIdentity:
+        """What the sandbox's processes may hold of this gateway (placeholders, its CA), to
+        save with a checkpoint: host side only (the CA key is in it)."""
+        return GatewayIdentity(self.placeholders(), self._ca.key_pem(), self._ca.cert_pem())
 
     def ca_cert_pem(self) -> bytes:
         """The per-sandbox CA certificate (public part only) for the sandbox's trust paths."""

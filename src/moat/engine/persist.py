@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from moat.egress import Gateway, GatewayConfig, NetworkPolicy, Secret, proxy_env
+from moat.egress.identity import GatewayIdentity
 from moat.engine import templating
 from moat.engine.guardhook import make_guard
 from moat.engine.resolve import guard_policy, secrets_of
@@ -171,6 +172,8 @@ class Persistence:
             if room is not None and size > room:
                 raise QuotaExceededError(_quota_message(quota_bytes))
             record = self._record(session, origin, memory, face)
+            if session.gateway is not None:  # what its processes hold: kept on resume
+                await asyncio.to_thread(session.gateway.identity().save, pending.tmp)
             await asyncio.to_thread(self.store.commit, pending, record)
         except OSError as exc:
             await asyncio.to_thread(self.store.abort, pending)
@@ -280,6 +283,8 @@ class Persistence:
         env = dict(spec_args.pop("envs", config.envs))
         gateway: Gateway | None = None
         if getattr(runtime, "provides_network", True):
+            # its placeholders and CA as they were: its processes may hold them
+            saved = await asyncio.to_thread(self._identity, sid)
             gateway = Gateway(
                 sid,
                 NetworkPolicy.parse(record["network"]),
@@ -287,6 +292,7 @@ class Persistence:
                 audit=audit,
                 config=gateway_config,
                 inspect=guard.check_egress,
+                identity=saved,
             )
             env.update(proxy_env(PROXY_PORT, CA_BUNDLE_PATH))
             env.update(gateway.placeholders())
@@ -330,6 +336,12 @@ class Persistence:
         await asyncio.to_thread(self.store.release, claimed, sid)
         session._audit_life("resumed", None)
         return session
+
+    def _identity(self, sid: str) -> GatewayIdentity | None:
+        try:
+            return GatewayIdentity.load(self.store.checkpoint(sid).parent)
+        except NotFoundError:
+            return None  # the claim that follows reports it
 
     async def delete(self, paused: Paused) -> bool:
         """Forget a paused sandbox and delete its state (kill of a paused sandbox)."""

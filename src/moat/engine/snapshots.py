@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from moat.egress import Gateway, GatewayConfig, NetworkPolicy, Secret, proxy_env
+from moat.egress.identity import GatewayIdentity
 from moat.engine import templating
 from moat.engine.guardhook import make_guard
 from moat.engine.persist import reseed
@@ -201,6 +202,8 @@ class Snapshots:
             if room is not None and size > room:
                 raise QuotaExceededError(_quota_message(quota_bytes))
             record = _record(session, snap_id, origin, memory, name, temporary)
+            if session.gateway is not None:  # what its processes hold: kept by its starts
+                await asyncio.to_thread(session.gateway.identity().save, pending.tmp)
             await asyncio.to_thread(self.store.commit, pending, record)
         except OSError as exc:
             await asyncio.to_thread(self.store.abort, pending)
@@ -269,6 +272,7 @@ class Snapshots:
         spec_args, env = await templating.restore_args(config.template, config.envs)
         gateway: Gateway | None = None
         if getattr(runtime, "provides_network", True):
+            saved = await asyncio.to_thread(self._identity, snap.snapshot_id)
             gateway = Gateway(
                 sid,
                 NetworkPolicy.parse(record["network"]),
@@ -276,6 +280,7 @@ class Snapshots:
                 audit=audit,
                 config=gateway_config,
                 inspect=guard.check_egress,
+                identity=saved,
             )
             env.update(proxy_env(PROXY_PORT, CA_BUNDLE_PATH))
             env.update(gateway.placeholders())
@@ -319,6 +324,12 @@ class Snapshots:
                     self._doomed.discard(snap_id)
                     await asyncio.to_thread(self.store.delete, snap_id)
         return session
+
+    def _identity(self, snap_id: str) -> GatewayIdentity | None:
+        try:
+            return GatewayIdentity.load(self.store.checkpoint(snap_id).parent)
+        except NotFoundError:
+            return None  # reported where the start reads its checkpoint
 
     async def delete(self, snap: Snapshot) -> bool:
         """Forget a snapshot and delete its directory (after the starts reading it)."""
