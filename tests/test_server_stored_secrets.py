@@ -171,3 +171,81 @@ def test_duplicate_names_and_unauthenticated_calls(server: Server) -> None:
     for method in ("GET", "POST"):
         r = httpx.request(method, server.url + "/secrets", json={}, timeout=30)
         assert r.status_code == 401
+
+
+def _plane_run(c: httpx.Client, sid: str, token: str, code: str) -> str:
+    plane = {"E2b-Sandbox-Id": sid, "X-Access-Token": token, "E2b-Sandbox-Port": "49999"}
+    r = c.post("/execute", json={"code": code}, headers=plane)
+    lines = [json.loads(x) for x in r.text.splitlines() if x.strip()]
+    return "".join(x["text"] for x in lines if x.get("type") == "stdout")
+
+
+def test_a_paused_sandbox_resumes_after_a_restart_with_its_stored_secrets(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """After a restart the engine has no value (never written down): the server takes the
+    stored secrets' values from the store again, only while they are bound as they were.
+    The resumed sandbox has its placeholder of before, and the guard knows the value again
+    (it redacts it). Positive control: a sandbox whose secret was given inline can't be
+    resumed that way (a clear error, its paused state kept)."""
+    value = "sk-stored-" + secrets.token_hex(16)
+    logs = tmp_path_factory.mktemp("restart")
+    tenant = tenant_name("restart")
+    with serving(logs / "first.log") as srv, _client(srv, new_key(tenant)) as c:
+        key = c.headers["X-API-Key"]
+        assert c.post("/secrets", json={"name": NAME, "value": value, "moat": BINDING}).is_success
+        made = {}
+        for kind, ext in (
+            ("stored", {"storedSecrets": [NAME]}),
+            ("inline", {"secrets": {"INLINE": {"value": "sk-inline-" + secrets.token_hex(8),
+                                               "hosts": ["api.example.com"]}}}),
+        ):  # fmt: skip
+            r = c.post("/v2/sandboxes", json={"templateID": "base", "timeout": 300, "moat": ext})
+            assert r.status_code == 201, r.text
+            made[kind] = r.json()["sandboxID"], r.json()["envdAccessToken"]
+        sid, token = made["stored"]
+        before = _plane_run(c, sid, token, f"import os; print(os.environ[{NAME!r}])").strip()
+        assert before.startswith("moat-ph-")
+        for s, _ in made.values():
+            assert c.post(f"/sandboxes/{s}/pause").status_code == 204
+    with serving(logs / "second.log") as srv, _client(srv, key) as c:
+        try:
+            r = c.post(f"/sandboxes/{made['inline'][0]}/connect", json={"timeout": 60})
+            assert r.status_code >= 400 and "INLINE" in r.text  # its value is nowhere now
+            r = c.post(f"/sandboxes/{sid}/connect", json={"timeout": 120})
+            assert r.status_code == 201, r.text
+            token = r.json()["envdAccessToken"]
+            code = f"import os; print(os.environ[{NAME!r}]); print({value[:6]!r} + {value[6:]!r})"
+            out = _plane_run(c, sid, token, code)
+            assert out.splitlines()[0] == before  # the placeholder it had
+            assert value not in out and "[REDACTED" in out  # the guard has the value again
+        finally:
+            for s, _ in made.values():
+                c.delete(f"/sandboxes/{s}")
+
+
+def test_a_rebound_stored_secret_is_not_handed_to_a_resume(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    logs = tmp_path_factory.mktemp("rebound")
+    tenant = tenant_name("rebound")
+    value = "sk-stored-" + secrets.token_hex(16)
+    with serving(logs / "first.log") as srv, _client(srv, new_key(tenant)) as c:
+        key = c.headers["X-API-Key"]
+        created = c.post("/secrets", json={"name": NAME, "value": value, "moat": BINDING}).json()
+        r = c.post("/v2/sandboxes", json={"templateID": "base", "moat": {"storedSecrets": [NAME]}})
+        sid = r.json()["sandboxID"]
+        assert c.post(f"/sandboxes/{sid}/pause").status_code == 204
+    with serving(logs / "second.log") as srv, _client(srv, key) as c:
+        try:
+            wider = {
+                "value": value,
+                "moat": {**BINDING, "hosts": ["api.example.com", "evil.example"]},
+            }
+            r = c.post(f"/secrets/{created['secretID']}", json=wider)
+            assert r.is_success, r.text
+            r = c.post(f"/sandboxes/{sid}/connect", json={"timeout": 60})
+            assert r.status_code >= 400 and "bound otherwise" in r.text
+            assert value not in r.text
+        finally:
+            c.delete(f"/sandboxes/{sid}")

@@ -55,6 +55,9 @@ class Record:
     procs: dict[int, ProcMeta] = field(default_factory=dict)  # pid -> what envd's List shows
     #: ingress without the traffic token (E2B's ``network.allowPublicTraffic``)
     public_traffic: bool = False
+    #: stored secrets it was created with: name -> binding then (moat.server.secrets), so a
+    #: resume after a restart can take their values from the store again
+    stored: dict[str, Any] = field(default_factory=dict)
 
 
 class ServerState:
@@ -74,6 +77,8 @@ class ServerState:
         #: records of sandboxes paused while this server runs: their tokens stay valid for
         #: the resume (E2B's); after a restart a resumed sandbox gets fresh ones
         self.paused: dict[str, Record] = {}
+        #: the tenants' stored secrets (moat.server.secrets.LazyStore), set by the control app
+        self.secret_store: Any = None
         # A sandbox that ends by timeout or death takes its record with it, as DELETE does.
         self.unsubscribe = front.on_ended(self.forget)
 

@@ -26,7 +26,7 @@ from moat.errors import InvalidArgumentError, NotFoundError, SandboxError
 from moat.server import persist, snapshots, wire
 from moat.server.app import MAX_JSON_BODY, BodyTooLarge, Record, ServerState, read_body, too_large
 from moat.server.network import policy_of
-from moat.server.secrets import LazyStore, check_header, secret_routes, stored
+from moat.server.secrets import LazyStore, binding_of, check_header, secret_routes, stored
 
 log = logging.getLogger("moat.server")
 
@@ -64,6 +64,7 @@ def _authed(state: ServerState, handler: Handler) -> Callable[[Request], Awaitab
 def control_app(state: ServerState) -> Starlette:
     front = state.front
     secret_store = LazyStore()  # <state dir>/secrets.db beside keys.db, once first used
+    state.secret_store = secret_store  # a resume after a restart reads it again
 
     async def health(request: Request) -> Response:
         return JSONResponse({"status": "ok"})
@@ -111,6 +112,7 @@ def control_app(state: ServerState) -> Starlette:
         secrets = {
             name: Secret(s.value, s.hosts, s.header, s.template) for name, s in ext.secrets.items()
         }
+        names: list[str] = []
         if ext.stored_secrets:
             names = list(dict.fromkeys(ext.stored_secrets))
             if set(names) & set(secrets) or len(names) + len(secrets) > 64:
@@ -156,6 +158,7 @@ def control_app(state: ServerState) -> Starlette:
         )
         rec = Record(tenant, state.new_token(), state.new_token(), body.template_id, network)
         rec.public_traffic = bool(body.network and body.network.allow_public_traffic)
+        rec.stored = {n: binding_of(secrets[n]) for n in names}
         state.records[info.sandbox_id] = rec
         with contextlib.suppress(SandboxError):  # kept with it if it pauses at its timeout
             front.set_face(tenant, info.sandbox_id, persist.face_of(rec))
@@ -220,7 +223,9 @@ def control_app(state: ServerState) -> Starlette:
                     await front.set_timeout(tenant, sid, timeout)
                     info = await front.info(tenant, sid)
             return JSONResponse(wire.sandbox_reply(info, rec, state.domain), 200)
-        info, resumed = await front.connect(tenant, sid, timeout=timeout)
+        # after a restart its stored secrets' values come from the store again
+        values = persist.stored_values(state, tenant, face)  # the store is this thread's
+        info, resumed = await front.connect(tenant, sid, timeout=timeout, secrets=values)
         live = state.record(tenant, sid)
         if live is None:
             live = persist.resumed_record(state, tenant, sid, face)

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from moat.server.app import Record, ServerState
+from moat.server.secrets import stored_again
 
 
 def face_of(rec: Record) -> dict[str, Any]:
@@ -19,6 +20,7 @@ def face_of(rec: Record) -> dict[str, Any]:
         "template_id": rec.template_id,
         "network": dict(rec.network),
         "public_traffic": rec.public_traffic,
+        "stored_secrets": dict(rec.stored),  # names and bindings only, never a value
     }
 
 
@@ -32,7 +34,18 @@ def record_of(tenant: str, face: dict[str, Any], token: str, traffic: str) -> Re
         dict(network) if isinstance(network, dict) else {},
     )
     rec.public_traffic = face.get("public_traffic") is True
+    kept = face.get("stored_secrets")
+    rec.stored = dict(kept) if isinstance(kept, dict) else {}
     return rec
+
+
+def stored_values(state: ServerState, tenant: str, face: dict[str, Any]) -> dict[str, str] | None:
+    """The stored secrets' values a paused sandbox needs to resume after a restart (None:
+    it has none); PolicyError when one was deleted or rebound since."""
+    kept = face.get("stored_secrets")
+    if not isinstance(kept, dict) or not kept:
+        return None
+    return stored_again(state.secret_store, tenant, kept) or None
 
 
 def resumed_record(state: ServerState, tenant: str, sid: str, face: dict[str, Any]) -> Record:
@@ -55,7 +68,8 @@ async def pause(state: ServerState, tenant: str, sid: str) -> None:
 async def resume(state: ServerState, tenant: str, sid: str) -> None:
     """Resume a paused sandbox (the dashboard), its E2B record rebuilt as connect does."""
     face = await state.front.face_data(tenant, sid)
-    await state.front.connect(tenant, sid)
+    values = None if face is None else stored_values(state, tenant, face)
+    await state.front.connect(tenant, sid, secrets=values)
     if face is not None and state.record(tenant, sid) is None:
         state.records[sid] = resumed_record(state, tenant, sid, face)
         if not await state.front.is_running(tenant, sid):

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import datetime as dt
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from pydantic import Field
@@ -22,7 +22,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from moat.egress import Secret
-from moat.errors import InvalidArgumentError, NotFoundError
+from moat.errors import InvalidArgumentError, NotFoundError, PolicyError
 from moat.server import wire
 from moat.server.app import MAX_JSON_BODY, read_body
 from moat.store.secrets import Binding, SecretInfo, SecretStore
@@ -158,6 +158,34 @@ def secret_routes(lazy: LazyStore, r: Make) -> list[Route]:
         r(one, update, ["POST"]),
         r(one, delete, ["DELETE"]),
     ]
+
+
+def binding_of(secret: Secret) -> dict[str, Any]:
+    """A secret's binding as kept with a paused sandbox (JSON: no value in it)."""
+    return {"hosts": list(secret.hosts), "header": secret.header, "template": secret.template}
+
+
+def stored_again(lazy: LazyStore | None, tenant: str, kept: Mapping[str, Any]) -> dict[str, str]:
+    """The values of the stored secrets a paused sandbox was created with (``kept``: name ->
+    binding then), to resume it after a restart (the engine never wrote them down).
+
+    Fails closed with PolicyError when one was deleted or bound otherwise since: its value
+    goes to the hosts the sandbox was created with only while the tenant still binds it so.
+    """
+    names = [n for n in kept if isinstance(n, str)]
+    if not names or lazy is None:
+        return {}
+    try:
+        found = stored(lazy, tenant, names)
+    except NotFoundError as exc:
+        raise PolicyError(f"resuming this sandbox needs a stored secret again: {exc}") from None
+    for name, secret in found.items():
+        if binding_of(secret) != kept[name]:
+            raise PolicyError(
+                f"the stored secret {name} is bound otherwise than when this sandbox was "
+                "created: bind it as it was to resume it"
+            )
+    return {name: secret.value for name, secret in found.items()}
 
 
 def stored(lazy: LazyStore, tenant: str, names: list[str]) -> dict[str, Secret]:
