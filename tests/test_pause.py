@@ -28,7 +28,13 @@ from moat.engine.engine import Engine
 from moat.engine.persist import Persistence, reseed
 from moat.engine.tenants import parse_tenants
 from moat.engine.tiers import runtime_for
-from moat.errors import DiskFullError, NotFoundError, PolicyError, QuotaExceededError
+from moat.errors import (
+    DiskFullError,
+    NotFoundError,
+    PolicyError,
+    QuotaExceededError,
+    SandboxError,
+)
 from moat.store.paused import PausedStore
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.container]
@@ -402,8 +408,9 @@ async def test_idle_timeout_kill(door: FrontDoor) -> None:
 
 
 async def test_resumed_sandbox_trusts_its_new_gateway_ca(door: FrontDoor) -> None:
-    """moat's CA bundle in /tmp/.moat is the new gateway's after a resume, never the archived
-    one (the new gateway has a new CA: HTTPS through it would fail otherwise)."""
+    """moat's CA bundle in /tmp/.moat is the new gateway's after a resume (written again on
+    resume, not taken from the archive); the new gateway took the old one's CA over
+    (moat.egress.identity), so it is the same bundle the sandbox's processes trusted."""
     sid = await _create(door, network={"allow_out": ["example.com"]})
     path = "/tmp/.moat/ca-bundle.pem"
     before = await door.read_file(T, sid, path)
@@ -413,4 +420,34 @@ async def test_resumed_sandbox_trusts_its_new_gateway_ca(door: FrontDoor) -> Non
     assert gateway is not None
     after = await door.read_file(T, sid, path)
     assert isinstance(after, str)
-    assert after.endswith(gateway.ca_cert_pem().decode()) and after != before
+    assert after.endswith(gateway.ca_cert_pem().decode()) and after == before
+
+
+async def test_a_kill_does_not_wait_for_a_pause_in_progress(door: FrontDoor) -> None:
+    """A kill ends the sandbox at once, even while its pause archives (a hostile sandbox
+    could stretch that up to its timeout); the pause then fails, and nothing is kept."""
+    sid = await _create(door, limits={"memory_mb": 1024, "disk_mb": 2048})
+    # incompressible files: the archive step takes seconds
+    await _run(door, sid, "import os\nfor i in range(6):\n"
+               "    open(f'/home/user/r{i}', 'wb').write(os.urandom(40 << 20))")  # fmt: skip
+    order: list[str] = []
+
+    async def pause() -> None:
+        try:
+            await door.pause(T, sid)
+            order.append("paused")
+        except SandboxError:
+            order.append("pause failed")
+
+    task = asyncio.create_task(pause())
+    await asyncio.sleep(0.5)  # the archive is under way (it holds the pause lock)
+    assert not task.done()
+    assert await door.kill(T, sid)
+    order.append("killed")
+    await task
+    # The kill ended the sandbox mid-archive: the pause failed (waiting for the pause's
+    # lock first, as before, let the pause complete and the kill then delete its state).
+    assert sorted(order) == ["killed", "pause failed"], order
+    assert not await door.is_running(T, sid)
+    assert await door.list_sandboxes(T, state="paused") == []
+    assert not _root(door).exists() or list(_root(door).iterdir()) == []  # nothing kept

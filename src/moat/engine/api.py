@@ -275,17 +275,22 @@ class FrontDoor:
         _tenant(tenant)
         persist = self.engine.persist
         sid = v.sandbox_id(sandbox_id)
+        killed = False
+        try:
+            session = self._session(tenant, sandbox_id)
+        except SandboxError:  # paused, unknown, another tenant's, or ended already
+            session = None
+        if session is not None:
+            # At once, not after a pause in progress (it holds the lock below): a sandbox
+            # can't stretch its kill by making its checkpoint slow. That pause then fails.
+            await session.kill("killed")
+            killed = True
         if sid is not None:
             async with persist.lock(sid):
                 paused = await off_loop_paused(persist, tenant, sid)
-                if paused is not None:  # its state on disk goes with it
-                    return await persist.delete(paused)
-        try:
-            session = self._session(tenant, sandbox_id)
-        except SandboxError:  # unknown, another tenant's, or ended already: nothing to kill
-            return False
-        await session.kill("killed")
-        return True
+                if paused is not None:  # its state on disk goes with it (a pause that
+                    return await persist.delete(paused) or killed  # won the race too)
+        return killed
 
     def on_ended(self, listener: Callable[[str], None]) -> Callable[[], None]:
         """Subscribe ``listener(sandbox_id)`` to the end of every sandbox (kill, timeout,
