@@ -451,3 +451,25 @@ async def test_a_kill_does_not_wait_for_a_pause_in_progress(door: FrontDoor) -> 
     assert not await door.is_running(T, sid)
     assert await door.list_sandboxes(T, state="paused") == []
     assert not _root(door).exists() or list(_root(door).iterdir()) == []  # nothing kept
+
+
+async def test_concurrent_pauses_of_one_tenant_share_its_quota(tmp_path: Path) -> None:
+    """Two pauses at once each saw the whole room under snapshot_mb and together overran it;
+    a tenant's pauses and snapshots now check and fill it one at a time."""
+    require_tier("container")
+    door = _door(
+        tmp_path / "paused",
+        f"version = 1\n[tenants.{T}]\nquotas = {{ snapshot_mb = 4 }}\n",
+    )
+    try:
+        sids = [await _create(door) for _ in range(2)]
+        for sid in sids:  # 3 MiB each, incompressible: one fits under 4 MiB, two don't
+            await _run(door, sid, "import os; open('/home/user/big','wb').write(os.urandom(3<<20))")
+        got = await asyncio.gather(*(door.pause(T, s) for s in sids), return_exceptions=True)
+        assert sorted(type(g).__name__ for g in got) == ["QuotaExceededError", "SandboxInfo"]
+        kept = sum(f.stat().st_size for f in (tmp_path / "paused").rglob("*") if f.is_file())
+        assert kept <= 4 << 20
+        refused = sids[[isinstance(g, QuotaExceededError) for g in got].index(True)]
+        assert await door.is_running(T, refused)  # the refused one runs on
+    finally:
+        await _close(door)

@@ -91,6 +91,7 @@ class Persistence:
         self._paused: dict[str, Paused] | None = None
         self._held: dict[str, _Held] = {}
         self._busy: dict[str, asyncio.Lock] = {}
+        self._quota_locks: dict[str, asyncio.Lock] = {}
         #: what the start-up scan removed (half-written pauses left by a crash)
         self.scan_report: list[str] = []
 
@@ -133,6 +134,21 @@ class Persistence:
 
     # -- verbs ------------------------------------------------------------------------
 
+    def quota_lock(self, tenant: str | None) -> contextlib.AbstractAsyncContextManager[Any]:
+        """Serialises the tenant's pauses and snapshots while its ``snapshot_mb`` quota is
+        checked and filled (None: no quota, nothing to serialise): each one sees the room
+        the ones before it left, so together they can't overrun it."""
+        if tenant is None:
+            return contextlib.nullcontext()
+        if len(self._quota_locks) > 256:
+            for name, idle in list(self._quota_locks.items()):
+                if not idle.locked() and not getattr(idle, "_waiters", None):
+                    del self._quota_locks[name]
+        lock = self._quota_locks.get(tenant)
+        if lock is None:
+            lock = self._quota_locks[tenant] = asyncio.Lock()
+        return lock
+
     async def pause(
         self,
         session: Session,
@@ -142,6 +158,17 @@ class Persistence:
         face: Mapping[str, Any] | None = None,
     ) -> Paused:
         """Checkpoint ``session`` to disk, then kill it. Fails closed: the sandbox runs on."""
+        async with self.quota_lock(None if quota_bytes is None else session.tenant):
+            return await self._pause(session, memory=memory, quota_bytes=quota_bytes, face=face)
+
+    async def _pause(
+        self,
+        session: Session,
+        *,
+        memory: bool,
+        quota_bytes: int | None,
+        face: Mapping[str, Any] | None,
+    ) -> Paused:
         runtime = session.runtime
         if not isinstance(runtime, Checkpointable):
             raise PolicyError(f"the {session.spec.tier} tier can't pause sandboxes")

@@ -178,7 +178,23 @@ class Snapshots:
     ) -> Snapshot:
         """Checkpoint ``session`` with ``leave_running=True`` into a new snapshot. Fails
         closed: nothing on disk, the source runs on. ``quota_bytes`` bounds the tenant's
-        snapshots and paused sandboxes together (``snapshot_mb``)."""
+        snapshots and paused sandboxes together (``snapshot_mb``; one at a time per tenant
+        while it is checked and filled: Persistence.quota_lock)."""
+        tenant = None if quota_bytes is None else session.tenant
+        async with self.engine.persist.quota_lock(tenant):
+            return await self._take(
+                session, memory=memory, name=name, quota_bytes=quota_bytes, temporary=temporary
+            )
+
+    async def _take(
+        self,
+        session: Session,
+        *,
+        memory: bool,
+        name: str | None,
+        quota_bytes: int | None,
+        temporary: bool,
+    ) -> Snapshot:
         runtime = session.runtime
         if not isinstance(runtime, Checkpointable):
             raise PolicyError(f"the {session.spec.tier} tier can't snapshot sandboxes")
