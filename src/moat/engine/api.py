@@ -223,6 +223,16 @@ class FrontDoor:
         except InvalidArgumentError:
             return False
 
+    @staticmethod
+    def tenant_template(tenant: str, name: str) -> str | None:
+        """The id of the tenant's own template ``name`` names (built through the server;
+        issue 12), or None: another tenant's is unknown here (invariant 11)."""
+        _tenant(tenant)
+        try:
+            return templating.own_template(tenant, name)
+        except InvalidArgumentError:
+            return None
+
     def default_tier(self, tenant: str) -> str | None:
         """The tier the tenant's policy gives a request that names none (None: not set)."""
         _tenant(tenant)
@@ -247,6 +257,8 @@ class FrontDoor:
         must never let through (a list, or value -> label)."""
         _tenant(tenant)
         cfg = validate_config(config)
+        if not templating.visible_to(tenant, cfg.template):  # another tenant's (invariant 11)
+            raise InvalidArgumentError(f"template {cfg.template[:64]!r} was not found")
         brokered = secrets_of(cfg, secrets or {})
         known = sensitive_values(sensitive)
         if gateway_config is not None and not isinstance(gateway_config, GatewayConfig):
