@@ -216,9 +216,12 @@ class FrontDoor:
         return resolve(**kwargs)
 
     @staticmethod
-    def template_exists(name: str) -> bool:
-        """Whether ``name`` is a template this engine can run (``host`` or a built one)."""
+    def template_exists(name: str, tenant: str | None = None) -> bool:
+        """Whether ``name`` is a template this engine can run (``host`` or a built one), and
+        given ``tenant``, one that tenant may use (another tenant's is unknown: invariant 11)."""
         try:
+            if tenant is not None and not templating.visible_to(tenant, name):
+                return False
             return templating.exists(name)
         except InvalidArgumentError:
             return False

@@ -135,7 +135,7 @@ def control_app(state: ServerState) -> Starlette:
             own = front.tenant_template(tenant, body.template_id)
             if own is not None:  # the tenant's own template (its name, id or name:tag)
                 kwargs["template"] = own
-            elif front.template_exists(body.template_id):  # host-wide (issue 12) or "host"
+            elif front.template_exists(body.template_id, tenant):  # host-wide, or "host"
                 kwargs["template"] = body.template_id
             else:
                 kwargs["profile"] = body.template_id  # a moat profile name is a template too

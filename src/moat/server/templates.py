@@ -247,6 +247,9 @@ class TemplateBuilds:
             job.say("the build failed: internal error", "error")
         finally:
             job.finished_at = time.time()
+            rec = tenant.get(job.template_id)
+            if job.status == "error" and rec is not None and not rec.get("tags"):
+                tenant.delete(job.template_id)  # never built: it holds no name or room
             if work is not None:
                 await asyncio.to_thread(remove_tree, work)
 
