@@ -129,7 +129,9 @@ def test_sdk_builds_a_template_a_sandbox_uses_and_other_tenants_cannot_see(
     )
     name = f"web-{marker}"
     logs = []
-    info = Template.build(template, name, on_build_logs=logs.append, api_key=key_a)
+    info = Template.build(
+        template, name, cpu_count=1, memory_mb=768, on_build_logs=logs.append, api_key=key_a
+    )
     text = "\n".join(str(e.message) for e in logs)
     assert f"build-output-{marker}" in text  # the step's own output came back as build logs
     cid = _content_id(info.template_id)
@@ -138,6 +140,7 @@ def test_sdk_builds_a_template_a_sandbox_uses_and_other_tenants_cannot_see(
 
     sbx = Sandbox.create(name, api_key=key_a, timeout=120)
     try:
+        assert sbx.get_info().memory_mb == 768  # the template's size (E2B's memoryMB)
         got = sbx.commands.run(
             "cat /opt/hello.txt /opt/built.txt /opt/u/who.txt /opt/app/lib/m.py"
             ' && echo "$GREETING|$MARK"'
@@ -210,7 +213,7 @@ def test_what_does_not_map_is_refused_before_anything_runs(server: Server, key_a
         assert c.get("/templates", headers=_h(key_a)).json() == []  # none left half-made
         r = c.post("/v3/templates", json={"name": "base"}, headers=_h(key_a))
         assert r.status_code == 400 and "reserved" in r.json()["message"]
-        r = c.post("/v3/templates", json={"name": "x", "cpuCount": 4}, headers=_h(key_a))
+        r = c.post("/v3/templates", json={"name": "x", "cpuCount": 99}, headers=_h(key_a))
         assert r.status_code == 400 and "cpuCount" in r.json()["message"]
         r = c.put("/moat/v1/template-uploads/not-a-token", content=b"x")
         assert r.status_code == 404

@@ -69,6 +69,13 @@ def test_steps_map_onto_moat_steps_and_settings() -> None:
     assert p.copies == (e2b.Copy(4, "app", "/opt/app/", "a" * 64),)
 
 
+def test_a_forced_upload_is_no_forced_rebuild() -> None:
+    copy = {"type": "COPY", "args": ["a", "/b"], "filesHash": "a" * 64, "force": True}
+    assert _plan({"steps": [{**copy, "forceUpload": True}], "fromImage": "debian:12"}).copies
+    with pytest.raises(InvalidArgumentError, match="skip_cache"):
+        _plan({"steps": [copy], "fromImage": "debian:12"})
+
+
 def test_bases_map_or_are_refused_by_name() -> None:
     assert _plan({"fromTemplate": "mine"}).defn.base.ref == BASE_ID
     assert _plan({"fromImage": "e2bdev/base"}).defn.base.ref == BASE_ID  # the SDK's default

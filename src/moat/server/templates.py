@@ -118,6 +118,8 @@ class Job:
     template_id: str
     build_id: str
     tags: list[str]
+    #: the sandbox sizes the template's sandboxes get (``cpus``, ``memory_mb``)
+    sizes: dict[str, int] = field(default_factory=dict)
     status: str = "waiting"  # waiting | building | ready | error
     entries: list[dict[str, Any]] = field(default_factory=list)
     dropped: int = 0
@@ -222,7 +224,7 @@ class TemplateBuilds:
                 )  # fmt: skip
                 built = await builder.build(plan.defn, None, work)
                 before = dict((tenant.get(job.template_id) or {}).get("tags") or {})
-                tenant.set_tags(job.template_id, job.tags, built.id)
+                tenant.set_tags(job.template_id, job.tags, built.id, job.sizes)
                 if tenant.bytes_used() > byte_cap:  # the new root took the tenant past it
                     self._revert(tenant, job, before, built.id)
                     raise QuotaExceededError("the template is over this tenant's storage quota")
@@ -297,6 +299,14 @@ class TemplateBuilds:
         return work
 
 
+def template_limits(tenant: str, name: str) -> dict[str, int] | None:
+    """The sandbox sizes ``tenant``'s own template ``name`` was built with (``cpuCount``,
+    ``memoryMB`` of its build request), or None."""
+    rec = TenantTemplates(Store.default(), tenant).get(name)
+    sizes = dict(rec.get("sizes") or {}) if rec is not None else {}
+    return {str(k): int(v) for k, v in sizes.items()} or None
+
+
 def plan_numbers(body: dict[str, Any]) -> tuple[int, ...]:
     """The E2B step number of each moat step (RUN and COPY make one; the rest none)."""
     steps = body.get("steps") or []
@@ -314,10 +324,15 @@ def template_routes(state: ServerState, r: Make) -> list[Route]:
 
     async def request_build(request: Request, tenant: str) -> Response:
         body = wire.parse(BuildRequestBody, await read_body(request, MAX_JSON_BODY))
-        if body.cpu_count is not None or body.memory_mb is not None:
-            raise InvalidArgumentError(
-                "cpuCount and memoryMB are set per sandbox in moat, not per template"
-            )
+        sizes: dict[str, int] = {}
+        if body.cpu_count is not None:  # what sandboxes of the template get (E2B's)
+            if not 1 <= body.cpu_count <= 64:
+                raise InvalidArgumentError("cpuCount must be from 1 to 64")
+            sizes["cpus"] = body.cpu_count
+        if body.memory_mb is not None:
+            if not 128 <= body.memory_mb <= 1 << 20:
+                raise InvalidArgumentError("memoryMB must be from 128 to 1048576")
+            sizes["memory_mb"] = body.memory_mb
         if body.min_free_disk_mb:
             raise InvalidArgumentError("minFreeDiskMb is not supported by moat")
         given = body.name or body.alias
@@ -338,7 +353,7 @@ def template_routes(state: ServerState, r: Make) -> list[Route]:
         rec = builds.tenant(tenant).request(name, count)
         builds.forget_old()
         build_id = "bld-" + secrets.token_hex(12)
-        builds.jobs[build_id] = Job(tenant, rec["templateID"], build_id, tags)
+        builds.jobs[build_id] = Job(tenant, rec["templateID"], build_id, tags, sizes)
         return JSONResponse(
             {
                 "templateID": rec["templateID"],
@@ -466,8 +481,8 @@ def template_routes(state: ServerState, r: Make) -> list[Route]:
             "buildStatus": "ready" if tags else "waiting",
             "buildCount": len(set(tags.values())),
             "spawnCount": 0,
-            "cpuCount": 2,
-            "memoryMB": 512,
+            "cpuCount": int(dict(rec.get("sizes") or {}).get("cpus", 1)),
+            "memoryMB": int(dict(rec.get("sizes") or {}).get("memory_mb", 512)),
             "envdVersion": "0.2.0",
             "createdBy": None,
             "lastSpawnedAt": None,

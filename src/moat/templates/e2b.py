@@ -123,7 +123,12 @@ def plan(body: dict[str, Any], resolve_base: Callable[[str], str | None]) -> Pla
     ``resolve_base(name)``: the template id the caller may build on, or None."""
     if body.get("fromImageRegistry"):
         raise _bad("fromImageRegistry: moat does not pull from registries")
-    if body.get("force") or any(s.get("force") for s in body.get("steps") or []):
+    steps_in = body.get("steps") or []
+    # a COPY's force_upload marks its step forced too (the SDK's): the files are uploaded
+    # again and checked by hash; its layer's key is their content, so nothing else differs
+    forced = [s for s in steps_in if s.get("force") and not (
+        s.get("type") == "COPY" and s.get("forceUpload"))]  # fmt: skip
+    if body.get("force") or forced:
         raise _bad(
             "skip_cache/force is not supported: moat caches each step by content hash "
             "(change a step to rebuild it)"

@@ -124,11 +124,17 @@ class TenantTemplates:
         _write_json(t / f"{rec['templateID']}.json", rec)
         return rec
 
-    def set_tags(self, template_id: str, tags: list[str], content_id: str) -> None:
+    def set_tags(
+        self, template_id: str, tags: list[str], content_id: str,
+        sizes: dict[str, int] | None = None,
+    ) -> None:  # fmt: skip
+        """Point ``tags`` at ``content_id``; ``sizes``: the sandbox sizes it was built for."""
         rec = self.get(template_id)
         if rec is None:
             raise NotFoundError("the template was deleted during its build")
         rec["tags"] = {**dict(rec.get("tags") or {}), **dict.fromkeys(tags, content_id)}
+        if sizes is not None:
+            rec["sizes"] = dict(sizes)
         rec["updated"] = time.time()
         _write_json(self.root / "t" / f"{rec['templateID']}.json", rec)
 
