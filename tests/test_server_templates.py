@@ -169,6 +169,8 @@ def test_sdk_builds_a_template_a_sandbox_uses_and_other_tenants_cannot_see(
             ("DELETE", f"/templates/{info.template_id}"),
             ("GET", f"/templates/{info.template_id}/builds/{info.build_id}/status"),
             ("GET", f"/templates/aliases/{name}"),
+            ("GET", f"/templates/{info.template_id}/files/{'0' * 64}"),  # no upload link
+            ("POST", f"/v2/templates/{info.template_id}/builds/{info.build_id}"),
         ]:
             r = c.request(method, path, headers=_h(key_b))
             assert r.status_code == 404, (method, path, r.text)
