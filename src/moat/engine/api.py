@@ -37,6 +37,7 @@ from moat.engine.resolve import (
 from moat.engine.session import Session, ended_error, file_chunks
 from moat.engine.snapshots import Snapshot, check_name, info_of, is_snapshot_id
 from moat.engine.tenants import TenantPolicies, load_tenants
+from moat.engine.tmplbuild import TemplateBuilds, UploadTooLarge
 from moat.engine.watching import WatchStream
 from moat.errors import (
     InvalidArgumentError,
@@ -84,7 +85,9 @@ __all__ = [
     "GuardPolicy",
     "NetworkPolicy",
     "Secret",
+    "TemplateBuilds",
     "TenantPolicies",
+    "UploadTooLarge",
     "WatchStream",
     "file_chunks",
     "is_snapshot_id",
@@ -207,6 +210,8 @@ class FrontDoor:
         self.policy = load_tenants() if policy is None else policy
         #: recent calls per sandbox, code and guarded output (the dashboard's view)
         self.activity = Activity()
+        #: templates tenants build through a face (E2B's template API; issue 12)
+        self.template_builds = TemplateBuilds(self)
 
     # -- configuration ------------------------------------------------------------------
 
@@ -225,6 +230,12 @@ class FrontDoor:
             return templating.exists(name)
         except InvalidArgumentError:
             return False
+
+    def tenant_template_sizes(self, tenant: str, name: str) -> dict[str, int] | None:
+        """The sandbox sizes (``cpus``, ``memory_mb``) the tenant's own template ``name``
+        was built with, or None."""
+        _tenant(tenant)
+        return self.template_builds.sizes_of(tenant, name)
 
     @staticmethod
     def tenant_template(tenant: str, name: str) -> str | None:

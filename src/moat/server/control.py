@@ -27,7 +27,7 @@ from moat.server import persist, snapshots, wire
 from moat.server.app import MAX_JSON_BODY, BodyTooLarge, Record, ServerState, read_body, too_large
 from moat.server.network import policy_of
 from moat.server.secrets import LazyStore, check_header, secret_routes, stored
-from moat.server.templates import template_limits, template_routes
+from moat.server.templates import template_routes
 
 log = logging.getLogger("moat.server")
 
@@ -135,7 +135,7 @@ def control_app(state: ServerState) -> Starlette:
             own = front.tenant_template(tenant, body.template_id)
             if own is not None:  # the tenant's own template (its name, id or name:tag)
                 kwargs["template"] = own
-                kwargs["limits"] = template_limits(tenant, body.template_id)
+                kwargs["limits"] = front.tenant_template_sizes(tenant, body.template_id)
             elif front.template_exists(body.template_id, tenant):  # host-wide, or "host"
                 kwargs["template"] = body.template_id
             else:
