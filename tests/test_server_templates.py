@@ -31,6 +31,8 @@ from moat.templates.store import Store, remove_tree
 pytestmark = [pytest.mark.container, pytest.mark.slow, pytest.mark.timeout(900)]
 
 BASE = "e2b-test-base"
+#: a tenant with room for one template of at most 1 MiB (the server's policy file)
+SMALL = tenant_name("tmpl-small")
 
 
 def _store() -> Store:
@@ -51,6 +53,9 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     asyncio.run(Builder(store).build(TEST_BASE, BASE))  # every layer cached: no step runs
     saved = os.environ.get("MOAT_TEMPLATE_LAYERS")
     os.environ["MOAT_TEMPLATE_LAYERS"] = str(LAYERS)
+    policy = tmp_path_factory.mktemp("policy") / "tenants.toml"
+    policy.write_text(f"[tenants.{SMALL}]\nquotas = {{ templates = 1, template_mb = 1 }}\n")
+    os.environ["MOAT_TENANTS_FILE"] = str(policy)
     built: set[str] = set()
     try:
         with serving(tmp_path_factory.mktemp("serve") / "server.log") as srv:
@@ -59,6 +64,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
                 built.update(str(t) for t in dict(rec["tags"]).values())  # type: ignore[arg-type]
             built.update(str(t) for t in _DELETED)
     finally:
+        os.environ.pop("MOAT_TENANTS_FILE", None)
         if saved is None:
             os.environ.pop("MOAT_TEMPLATE_LAYERS", None)
         else:
@@ -219,3 +225,24 @@ def test_what_does_not_map_is_refused_before_anything_runs(server: Server, key_a
         assert r.status_code == 400 and "cpuCount" in r.json()["message"]
         r = c.put("/moat/v1/template-uploads/not-a-token", content=b"x")
         assert r.status_code == 404
+
+
+def test_tenant_quotas_bound_templates_uploads_and_builds(server: Server, tmp_path: Path) -> None:
+    key = new_key(SMALL)
+    with httpx.Client(base_url=server.url, timeout=30) as c:
+        first = c.post("/v3/templates", json={"name": "one"}, headers=_h(key))
+        assert first.status_code == 202
+        second = c.post("/v3/templates", json={"name": "two"}, headers=_h(key))
+        assert second.status_code == 429 and "limit" in second.json()["message"]
+        # an upload past the tenant's room (1 MiB): refused, nothing kept on the host
+        tid = first.json()["templateID"]
+        link = c.get(f"/templates/{tid}/files/{'1' * 64}", headers=_h(key)).json()
+        assert link["present"] is False
+        r = c.put(link["url"], content=os.urandom(2 << 20))
+        assert r.status_code == 429 and "storage is full" in r.json()["message"]
+        assert not list((state_dir() / "templates" / "tenants").glob(f"*/uploads/{'1' * 64}*"))
+        assert c.put(link["url"], content=b"x").status_code == 404  # a link works once
+    # a build: its size cap is the tenant's room, so the first layer is over it
+    template = Template().from_template(BASE).run_cmd("true", user="root")
+    with pytest.raises(BuildException, match="size cap of 1 MiB"):
+        Template.build(template, "one", api_key=key)
