@@ -221,6 +221,12 @@ def test_tenant_names_are_private_and_counted(tmp_path: Path) -> None:
         assert bob.resolve(name) is None and bob.get(name) is None
     assert not visible(store, "bob", tid) and visible(store, "alice", tid)
     assert bob.delete(rec["templateID"]) is False and (store.templates / tid).is_dir()
+    # an id being built is the builder's before it is published
+    other = "e" * 64
+    alice.claim(rec["templateID"], other)
+    assert not visible(store, "bob", other) and visible(store, "alice", other)
+    alice.claim(rec["templateID"], None)
+    assert visible(store, "bob", other)  # owned by no tenant: an operator's, by id
     # a host-wide template is everyone's
     store.set_name("base", "d" * 64)
     assert bob.resolve("base") == "d" * 64 and visible(store, "bob", "d" * 64)

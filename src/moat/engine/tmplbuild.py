@@ -193,9 +193,25 @@ class TemplateBuilds:
                     self.store, options, audit=self.front.engine.audit,
                     on_output=job.output,
                 )  # fmt: skip
-                built = await builder.build(plan.defn, None, work)
-                before = dict((tenant.get(job.template_id) or {}).get("tags") or {})
-                tenant.set_tags(job.template_id, job.tags, built.id, job.sizes)
+                claimed: list[str] = []
+
+                def claim(tid: str) -> None:  # owned before it is published (invariant 11)
+                    tenant.claim(job.template_id, tid)
+                    claimed.append(tid)
+
+                builder.on_template_id = claim
+                tagged = False
+                try:
+                    built = await builder.build(plan.defn, None, work)
+                    before = dict((tenant.get(job.template_id) or {}).get("tags") or {})
+                    tenant.set_tags(job.template_id, job.tags, built.id, job.sizes)
+                    tagged = True
+                finally:
+                    if claimed:
+                        with contextlib.suppress(NotFoundError):
+                            tenant.claim(job.template_id, None)
+                        if not tagged:  # published, then failed: no one's, so it goes
+                            await asyncio.to_thread(tenant.drop_if_unused, claimed[-1])
                 if tenant.bytes_used() > byte_cap:  # the new root took the tenant past it
                     self._revert(tenant, job, before, built.id)
                     raise QuotaExceededError("the template is over this tenant's storage quota")

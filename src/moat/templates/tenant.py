@@ -167,7 +167,19 @@ class TenantTemplates:
         return self.store.names().get(value)
 
     def content_ids(self) -> set[str]:
-        return {str(t) for r in self.records() for t in dict(r.get("tags") or {}).values()}
+        return {i for r in self.records() for i in _ids_of(r)}
+
+    def claim(self, template_id: str, content_id: str | None) -> None:
+        """Mark ``content_id`` as being built into ``template_id`` (None: clear the mark):
+        owned, so invisible to other tenants, before it is published."""
+        rec = self.get(template_id)
+        if rec is None:
+            raise NotFoundError("the template was deleted during its build")
+        if content_id is None:
+            rec.pop("pending", None)
+        else:
+            rec["pending"] = content_id
+        _write_json(self.root / "t" / f"{rec['templateID']}.json", rec)
 
     def delete(self, value: str) -> bool:
         """Remove the tenant's template ``value`` (id or name) and every root no one else
@@ -212,6 +224,14 @@ class TenantTemplates:
         return self.upload_path(files_hash).is_file()
 
 
+def _ids_of(rec: dict[str, Any]) -> set[str]:
+    """The content ids a record holds: its tags' and the one being built."""
+    out = {str(t) for t in dict(rec.get("tags") or {}).values()}
+    if isinstance(rec.get("pending"), str):
+        out.add(rec["pending"])
+    return out
+
+
 def _host_ids(store: Store) -> set[str]:
     return set(store.names().values())
 
@@ -223,7 +243,7 @@ def owned_ids(templates: Path) -> set[str]:
     for p in base.glob("*/t/tpl-*.json") if base.is_dir() else []:
         rec = TenantTemplates._read(p)
         if rec is not None:
-            out.update(str(t) for t in dict(rec.get("tags") or {}).values())
+            out.update(_ids_of(rec))
     return out
 
 
