@@ -14,6 +14,7 @@ import asyncio
 import json
 import os
 import secrets
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,8 +22,8 @@ import httpx
 import pytest
 from e2b import BuildException, Sandbox, SandboxException, Template
 from tests.conftest import require_tier
-from tests.server_support import Server, new_key, serving, tenant_name
-from tests.test_templates_build import LAYERS, TEST_BASE
+from tests.server_support import Server, new_key, serving, start_server, tenant_name
+from tests.test_templates_build import LAYERS, TEST_BASE, _cgroups_of, _procs_with
 
 from moat.paths import state_dir
 from moat.templates.build import Builder
@@ -246,3 +247,37 @@ def test_tenant_quotas_bound_templates_uploads_and_builds(server: Server, tmp_pa
     template = Template().from_template(BASE).run_cmd("true", user="root")
     with pytest.raises(BuildException, match="size cap of 1 MiB"):
         Template.build(template, "one", api_key=key)
+
+
+def test_a_server_that_stops_ends_its_builds_and_leaves_nothing(
+    server: Server, tmp_path: Path
+) -> None:
+    """Invariant 5: SIGTERM to ``moat serve`` mid-build kills the build step's sandbox and
+    removes its temp directories (checked from outside: processes, cgroups, directories)."""
+    marker = f"tmpl-stop-{secrets.token_hex(6)}"
+    own = start_server(tmp_path / "server.log")
+    saved = {k: os.environ.get(k) for k in ("E2B_API_URL", "E2B_SANDBOX_URL")}
+    os.environ["E2B_API_URL"] = os.environ["E2B_SANDBOX_URL"] = own.url
+    try:
+        key = new_key(tenant_name("tmpl-stop"))
+        template = Template().from_template(BASE).run_cmd(f"echo {marker}; sleep 300", user="root")
+        info = Template.build_in_background(template, "slow", api_key=key)
+        deadline = time.monotonic() + 120
+        while not _procs_with(marker):
+            assert time.monotonic() < deadline, "the build step never started"
+            status = Template.get_build_status(info, api_key=key)
+            assert status.status.value in ("waiting", "building"), status
+            time.sleep(0.5)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        assert own.stop() == 0
+    assert "Traceback" not in own.log.read_text()
+    assert not _procs_with(marker)  # the step's processes died with it
+    assert not _cgroups_of(own.proc.pid)
+    for d in (LAYERS, state_dir() / "templates"):  # no temp directory of that server's
+        assert not list(d.glob(f".tmp-{own.proc.pid}-*")), d
+    assert not list((state_dir() / "templates" / "tenants").glob("*/work/*"))
