@@ -211,9 +211,13 @@ def test_tenant_names_are_private_and_counted(tmp_path: Path) -> None:
     assert alice.request("web", max_count=1) == rec  # the same name: the same template
     with pytest.raises(QuotaExceededError, match="limit"):
         alice.request("other", max_count=1)
-    tid = "c" * 64
-    (store.templates / tid).mkdir()
+    tid, stray = "c" * 64, "f" * 64
+    for t in (tid, stray):
+        (store.templates / t).mkdir()
+        (store.templates / t / "template.json").write_text("{}")
     alice.set_tags(rec["templateID"], ["default"], tid)
+    store.gc()  # a tenant's template is named in its own area: gc keeps it, not the stray
+    assert (store.templates / tid).is_dir() and not (store.templates / stray).exists()
     assert alice.resolve("web") == tid and alice.resolve(rec["templateID"]) == tid
     assert alice.resolve(tid) == tid
     # bob: none of alice's names, ids or content ids resolve; the engine's check refuses it
