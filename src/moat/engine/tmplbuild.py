@@ -57,6 +57,8 @@ MAX_LINE = 4096
 KEEP_FINISHED = 200
 #: Builds a tenant may have requested and not started (older ones are forgotten).
 MAX_PENDING = 5
+#: Unused upload links a tenant may hold (older ones stop working).
+MAX_LINKS = 100
 #: Names a face gives its default templates: not a tenant's to take.
 RESERVED = frozenset({"base", "code-interpreter-v1", "default", "host"})
 
@@ -316,6 +318,9 @@ class TemplateBuilds:
         if own.get(template_id) is None:
             raise NotFoundError(f"template {template_id[:64]} was not found")
         present = own.has_upload(files_hash)
+        mine = [t for t, up in self.uploads.items() if up.tenant == tenant]
+        for old in mine[: max(0, len(mine) - MAX_LINKS + 1)]:  # the oldest links go
+            self.uploads.pop(old, None)
         token = secrets.token_urlsafe(32)
         self.uploads[token] = Upload(tenant, files_hash, time.time() + UPLOAD_TTL)
         return present, token

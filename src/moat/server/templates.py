@@ -18,7 +18,7 @@ sources, cached by content hash), mapped by :mod:`moat.templates.e2b`:
 Tenants (invariant 11): a template built here belongs to its tenant; names are per tenant;
 another tenant's template id or name answers exactly as an unknown one (404; a create on it:
 400 "not found"). Host-wide templates (the operator's CLI) are visible to all, read-only.
-Bounds: ``templates`` and ``template_mb`` of the tenant's quotas (defaults below; 429 past
+Bounds (``moat.engine.tmplbuild``): ``templates`` and ``template_mb`` of the quotas (429 past
 them), one queued or running build per tenant, uploads of at most ``MAX_UPLOAD`` bytes, and
 the builder's own limits per step (time, CPUs, memory, size cap).
 """
