@@ -37,6 +37,7 @@ from moat.engine.resolve import (
 from moat.engine.session import Session, ended_error, file_chunks
 from moat.engine.snapshots import Snapshot, check_name, info_of, is_snapshot_id
 from moat.engine.tenants import TenantPolicies, load_tenants
+from moat.engine.tmplbuild import TemplateBuilds, UploadTooLarge
 from moat.engine.watching import WatchStream
 from moat.errors import (
     InvalidArgumentError,
@@ -84,7 +85,9 @@ __all__ = [
     "GuardPolicy",
     "NetworkPolicy",
     "Secret",
+    "TemplateBuilds",
     "TenantPolicies",
+    "UploadTooLarge",
     "WatchStream",
     "file_chunks",
     "is_snapshot_id",
@@ -207,6 +210,8 @@ class FrontDoor:
         self.policy = load_tenants() if policy is None else policy
         #: recent calls per sandbox, code and guarded output (the dashboard's view)
         self.activity = Activity()
+        #: templates tenants build through a face (E2B's template API; issue 12)
+        self.template_builds = TemplateBuilds(self)
 
     # -- configuration ------------------------------------------------------------------
 
@@ -216,12 +221,31 @@ class FrontDoor:
         return resolve(**kwargs)
 
     @staticmethod
-    def template_exists(name: str) -> bool:
-        """Whether ``name`` is a template this engine can run (``host`` or a built one)."""
+    def template_exists(name: str, tenant: str | None = None) -> bool:
+        """Whether ``name`` is a template this engine can run (``host`` or a built one), and
+        given ``tenant``, one that tenant may use (another tenant's is unknown: invariant 11)."""
         try:
+            if tenant is not None and not templating.visible_to(tenant, name):
+                return False
             return templating.exists(name)
         except InvalidArgumentError:
             return False
+
+    def tenant_template_sizes(self, tenant: str, name: str) -> dict[str, int] | None:
+        """The sandbox sizes (``cpus``, ``memory_mb``) the tenant's own template ``name``
+        was built with, or None."""
+        _tenant(tenant)
+        return self.template_builds.sizes_of(tenant, name)
+
+    @staticmethod
+    def tenant_template(tenant: str, name: str) -> str | None:
+        """The id of the tenant's own template ``name`` names (built through the server;
+        issue 12), or None: another tenant's is unknown here (invariant 11)."""
+        _tenant(tenant)
+        try:
+            return templating.own_template(tenant, name)
+        except InvalidArgumentError:
+            return None
 
     def default_tier(self, tenant: str) -> str | None:
         """The tier the tenant's policy gives a request that names none (None: not set)."""
@@ -247,6 +271,8 @@ class FrontDoor:
         must never let through (a list, or value -> label)."""
         _tenant(tenant)
         cfg = validate_config(config)
+        if not templating.visible_to(tenant, cfg.template):  # another tenant's (invariant 11)
+            raise InvalidArgumentError(f"template {cfg.template[:64]!r} was not found")
         brokered = secrets_of(cfg, secrets or {})
         known = sensitive_values(sensitive)
         if gateway_config is not None and not isinstance(gateway_config, GatewayConfig):

@@ -19,8 +19,10 @@ from moat.errors import InvalidArgumentError
 from moat.protocol.contract import HOME
 from moat.templates import ref
 from moat.templates.check import check_root
+from moat.templates.store import Store
+from moat.templates.tenant import TenantTemplates, visible
 
-__all__ = ["DEFAULT_TEMPLATE", "exists", "lookup"]
+__all__ = ["DEFAULT_TEMPLATE", "exists", "lookup", "own_template", "visible_to"]
 
 #: What ``template="default"`` (and E2B's ``base`` / ``code-interpreter-v1``) runs on. ``host``
 #: for now; switching the default to a built template is this one line.
@@ -42,6 +44,22 @@ def exists(name: str) -> bool:
     """Whether ``name`` is ``host``, ``default`` or a built template (no checks run)."""
     name = _actual(ref.check_name(name))
     return name == ref.HOST or ref.find(name) is not None
+
+
+def visible_to(tenant: str, name: str) -> bool:
+    """Whether ``tenant`` may run a sandbox on template ``name``: every host-wide template,
+    and of those built through the server only its own (invariant 11)."""
+    name = _actual(ref.check_name(name))
+    return name == ref.HOST or visible(Store.default(), tenant, name)
+
+
+def own_template(tenant: str, name: str) -> str | None:
+    """The id of ``tenant``'s own template that ``name`` names (its name, ``name:tag``,
+    ``tpl-…`` id or content id), or None."""
+    own = TenantTemplates(Store.default(), tenant)
+    if own.get(name) is None and name not in own.content_ids():
+        return None
+    return own.resolve(name)
 
 
 def lookup(name: str) -> ref.TemplateRef | None:

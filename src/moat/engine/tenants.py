@@ -20,6 +20,8 @@ The format (docs/server.md, ``examples/tenants.toml``)::
     cpus = 8                           # sum of Limits.cpus of running sandboxes
     creates_per_minute = 60            # sliding window of 60 s
     snapshot_mb = 4096                 # paused sandboxes' state kept on disk (issue 11)
+    templates = 20                     # templates built through the server (issue 12)
+    template_mb = 16384                # their roots and uploads on disk
     [default.egress]                   # the most a sandbox of the tenant may be allowed
     allow_out = ["pypi.org", "*.pythonhosted.org"]
     internet_access = false
@@ -73,7 +75,10 @@ FILE_NAME = "tenants.toml"
 #: Guard modes from weakest to strongest (a floor refuses anything before it).
 GUARD_ORDER: tuple[str, ...] = ("off", "redact", "block")
 MAX_TENANTS = 10_000
-_QUOTA_KEYS = ("sandboxes", "memory_mb", "cpus", "creates_per_minute", "snapshot_mb")
+_QUOTA_KEYS = (
+    "sandboxes", "memory_mb", "cpus", "creates_per_minute", "snapshot_mb", "templates",
+    "template_mb",
+)  # fmt: skip
 _EGRESS_KEYS = ("allow_out", "internet_access", "allow_tcp")
 _TENANT_KEYS = ("quotas", "allowed_tiers", "default_tier", "guard_floor", "egress")
 _Path = tuple[str | int, ...]
@@ -89,6 +94,10 @@ class Quotas:
     creates_per_minute: int | None = None
     #: MiB of paused-sandbox state (checkpoints) the tenant may keep (issue 11)
     snapshot_mb: int | None = None
+    #: templates built through the server the tenant may keep, and their MiB on disk with
+    #: its uploads (issue 12; None: the server's defaults, moat.server.templates)
+    templates: int | None = None
+    template_mb: int | None = None
 
 
 @dataclass(frozen=True)

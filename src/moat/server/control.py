@@ -27,6 +27,7 @@ from moat.server import persist, snapshots, wire
 from moat.server.app import MAX_JSON_BODY, BodyTooLarge, Record, ServerState, read_body, too_large
 from moat.server.network import policy_of
 from moat.server.secrets import LazyStore, binding_of, check_header, secret_routes, stored
+from moat.server.templates import template_routes
 
 log = logging.getLogger("moat.server")
 
@@ -133,7 +134,11 @@ def control_app(state: ServerState) -> Starlette:
             "idle_timeout": ext.idle_timeout,
         }
         if body.template_id not in wire.DEFAULT_TEMPLATES:
-            if front.template_exists(body.template_id):  # a built template (issue 12) or "host"
+            own = front.tenant_template(tenant, body.template_id)
+            if own is not None:  # the tenant's own template (its name, id or name:tag)
+                kwargs["template"] = own
+                kwargs["limits"] = front.tenant_template_sizes(tenant, body.template_id)
+            elif front.template_exists(body.template_id, tenant):  # host-wide, or "host"
                 kwargs["template"] = body.template_id
             else:
                 kwargs["profile"] = body.template_id  # a moat profile name is a template too
@@ -390,6 +395,7 @@ def control_app(state: ServerState) -> Starlette:
         r(sid + "/pause", pause, ["POST"]),
         r(sid + "/resume", resume, ["POST"]),
         *snapshots.snapshot_routes(state, r, _not_found),
+        *template_routes(state, r),
         r("/moat/v1" + sid + "/audit", audit, ["GET"]),
         *secret_routes(secret_store, r),
         r("/{rest:path}", unknown, ["GET", "POST", "PUT", "PATCH", "DELETE"]),

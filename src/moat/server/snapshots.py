@@ -3,7 +3,8 @@
 ``POST /sandboxes/{id}/snapshots`` (``name``, ``memory``) → 201 ``{snapshotID, names}``;
 ``GET /snapshots`` (``sandboxID``, ``name``, ``limit``, ``nextToken``; ``x-next-token``);
 ``DELETE /templates/{id}`` of a snapshot id → 204, 404 when unknown (or another tenant's:
-invariant 11); ``POST /sandboxes/{id}/fork`` (``timeout``, ``count``) → 201 with one entry per
+invariant 11; served by ``moat.server.templates``, which owns ``/templates``);
+``POST /sandboxes/{id}/fork`` (``timeout``, ``count``) → 201 with one entry per
 fork, ``{sandbox}`` or ``{error: {code, message}}``. A create whose ``templateID`` is a snapshot
 id starts from it (``start``). Every new sandbox gets fresh access tokens; the source's record
 lends only its non-secret names (template id, network fields).
@@ -20,7 +21,6 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from moat.engine.api import is_snapshot_id
 from moat.errors import InvalidArgumentError, SandboxError
 from moat.model import SandboxInfo, SnapshotInfo
 from moat.server import persist, wire
@@ -101,13 +101,6 @@ def snapshot_routes(
             ).decode()
         return JSONResponse([_snapshot_reply(s) for s in page], 200, headers=headers)
 
-    async def delete(request: Request, tenant: str) -> Response:
-        tid = request.path_params["template_id"]
-        if is_snapshot_id(tid) and await front.delete_snapshot(tenant, tid):
-            return Response(status_code=204)
-        shown = tid if len(tid) <= 64 and tid.isprintable() else "(bad id)"
-        return wire.error(404, f"template {shown} was not found")
-
     async def fork(request: Request, tenant: str) -> Response:
         sid = request.path_params["sandbox_id"]
         raw = await read_body(request, MAX_JSON_BODY)
@@ -132,7 +125,6 @@ def snapshot_routes(
     return [
         r(sid + "/snapshots", create, ["POST"]),
         r("/snapshots", listing, ["GET"]),
-        r("/templates/{template_id}", delete, ["DELETE"]),
         r(sid + "/fork", fork, ["POST"]),
     ]
 

@@ -12,6 +12,8 @@ Trust domain: host engine; everything a build runs executes in a build sandbox
 - :mod:`~moat.templates.store`: published templates, the layer cache, ``gc``
 - :mod:`~moat.templates.build`: the builder (steps in sandboxes, cache, checks, publish)
 - :mod:`~moat.templates.commands`: ``moat template build | list | rm | gc``
+- :mod:`~moat.templates.e2b`: E2B's build request mapped onto a definition, uploads checked
+- :mod:`~moat.templates.tenant`: templates tenants built through the server, their names
 
 See docs/templates.md.
 """

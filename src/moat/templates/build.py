@@ -125,6 +125,9 @@ class Builder:
         self.step_ids: dict[str, str] = {}
         #: the keys of every layer this builder added to the cache (all builds)
         self.built: list[str] = []
+        #: called with a build's template id before anything of it is published (a tenant's
+        #: build claims the id first: moat.templates.tenant, invariant 11)
+        self.on_template_id: Callable[[str], None] | None = None
 
     def say(self, text: str) -> None:
         self._out(f"==> {text}\n".encode())
@@ -144,6 +147,8 @@ class Builder:
             defn, inputs = await asyncio.to_thread(self._stage, defn, context_dir, staging)
             keys = defn.layer_keys()
             tid = defn.template_id()
+            if self.on_template_id is not None:
+                self.on_template_id(tid)
             meta = self.store.meta(tid)
             if meta is None:
                 top = await self._layers(defn, keys, inputs)

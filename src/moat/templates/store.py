@@ -191,8 +191,11 @@ class Store:
 
     def gc(self) -> dict[str, int]:
         """Remove unnamed templates, layers no template uses and dead builds' temp dirs."""
+        from moat.templates.tenant import owned_ids  # it builds on this module
+
         removed = {"templates": 0, "layers": 0, "temp": 0}
-        named = set(self.names().values())
+        # a tenant's templates (built through the server) are named in its own area
+        named = set(self.names().values()) | owned_ids(self.templates)
         for tid in self.ids():
             if tid not in named:
                 self._drop(tid)
