@@ -464,7 +464,8 @@ async def test_concurrent_pauses_of_one_tenant_share_its_quota(tmp_path: Path) -
     try:
         sids = [await _create(door) for _ in range(2)]
         for sid in sids:  # 3 MiB each, incompressible: one fits under 4 MiB, two don't
-            await _run(door, sid, "import os; open('/home/user/big','wb').write(os.urandom(3<<20))")
+            code = "import os; print(open('/home/user/big','wb').write(os.urandom(3<<20)))"
+            assert await _run(door, sid, code) == f"{3 << 20}\n"
         got = await asyncio.gather(*(door.pause(T, s) for s in sids), return_exceptions=True)
         assert sorted(type(g).__name__ for g in got) == ["QuotaExceededError", "SandboxInfo"]
         kept = sum(f.stat().st_size for f in (tmp_path / "paused").rglob("*") if f.is_file())

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import ipaddress
 import os
 import signal
@@ -33,7 +34,7 @@ from tests.oci_image import docker_archive
 
 from moat.egress import Gateway
 from moat.egress.addr import AddrClass, classify
-from moat.errors import TemplateBuildError
+from moat.errors import CapacityError, TemplateBuildError
 from moat.runtime.container import build as sandbox
 from moat.store import AuditLog
 from moat.templates import dockerfile, toml_def
@@ -152,7 +153,7 @@ def store() -> Iterator[Store]:
                 if p.exists():
                     remove_tree(p)
         for p in set(LAYERS.glob("*.lock")) - locks:  # failed steps' (no layer was made)
-            if not (LAYERS / p.name.removesuffix(".lock")).exists():
+            if p.name != "builds.lock" and not (LAYERS / p.name.removesuffix(".lock")).exists():
                 p.unlink(missing_ok=True)
 
 
@@ -507,3 +508,45 @@ def test_gc_removes_what_dead_builds_left_and_keeps_live_ones(tmp_path: Path) ->
     (s.layers / ("e" * 64)).mkdir()  # a layer no template refers to
     assert s.gc() == {"templates": 0, "layers": 1, "temp": 2}
     assert not any(d.exists() for d in left) and live.is_dir()
+
+
+def test_gc_is_refused_while_a_build_runs(tmp_path: Path) -> None:
+    """A build's finished layers are named by no template until it publishes: gc, which
+    removes such layers, runs only while no build does (the store's build lock)."""
+    s = Store(tmp_path / "templates", tmp_path / "layers")
+    s.prepare()
+    (s.layers / ("e" * 64)).mkdir()  # a layer no template refers to (yet)
+    held = asyncio.run(s.building())
+    try:
+        with pytest.raises(CapacityError, match="builds are running"):
+            s.gc()
+        assert (s.layers / ("e" * 64)).is_dir()
+    finally:
+        os.close(held)
+    assert s.gc()["layers"] == 1  # positive control: no build, gc runs
+    assert (s.layers / "builds.lock").exists()  # never unlinked: its inode is the lock
+
+
+def test_a_running_build_holds_the_store_build_lock(store: Store) -> None:
+    defn = TemplateDef(
+        Base("template", "t-base"), (Step("run", (f"echo {os.urandom(4).hex()}; sleep 3",)),)
+    )
+    b, _ = builder(store)
+
+    def gc_lock_free() -> bool:
+        fd = os.open(store.layers / "builds.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            return False
+        finally:
+            os.close(fd)
+
+    async def go() -> None:
+        task = asyncio.create_task(b.build(defn))
+        await asyncio.sleep(1.5)  # the step runs
+        assert not task.done() and not gc_lock_free()
+        await task
+
+    asyncio.run(go())

@@ -22,6 +22,7 @@ import datetime as dt
 import errno
 import logging
 import os
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -92,13 +93,22 @@ class Persistence:
         self._held: dict[str, _Held] = {}
         self._busy: dict[str, asyncio.Lock] = {}
         self._quota_locks: dict[str, asyncio.Lock] = {}
+        self._loading = threading.Lock()
         #: what the start-up scan removed (half-written pauses left by a crash)
         self.scan_report: list[str] = []
 
     # -- the paused set ---------------------------------------------------------------
 
     def paused(self) -> dict[str, Paused]:
-        """Every paused sandbox (loaded from disk at first use: they survive restarts)."""
+        """Every paused sandbox (loaded from disk at first use: they survive restarts).
+        Thread-safe: two first uses at once (callers run it off the loop) load once, and no
+        entry a pause adds meanwhile is lost to a second load."""
+        if self._paused is not None:
+            return self._paused
+        with self._loading:
+            return self._load()
+
+    def _load(self) -> dict[str, Paused]:
         if self._paused is None:
             self.scan_report = self.store.scan()
             loaded: dict[str, Paused] = {}

@@ -25,6 +25,7 @@ import datetime as dt
 import errno
 import logging
 import re
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -122,6 +123,7 @@ class Snapshots:
         self.engine = engine
         self.store = store or SnapshotStore()
         self._all: dict[str, Snapshot] | None = None
+        self._loading = threading.Lock()
         self._held: dict[str, _Held] = {}
         self._users: dict[str, int] = {}  # snapshot id -> starts reading its checkpoint now
         self._doomed: set[str] = set()  # deleted while in use: removed by the last start
@@ -131,7 +133,14 @@ class Snapshots:
     # -- the set ---------------------------------------------------------------------------
 
     def all(self) -> dict[str, Snapshot]:
-        """Every snapshot (loaded from disk at first use: they survive restarts)."""
+        """Every snapshot (loaded from disk at first use: they survive restarts). Thread-safe
+        as Persistence.paused."""
+        if self._all is not None:
+            return self._all
+        with self._loading:
+            return self._load()
+
+    def _load(self) -> dict[str, Snapshot]:
         if self._all is None:
             self.scan_report = self.store.scan()
             loaded: dict[str, Snapshot] = {}

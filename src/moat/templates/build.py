@@ -142,7 +142,12 @@ class Builder:
         self.store.prepare()
         self.ran = []
         self.step_ids = {}
-        staging = self.store.tmpdir(self.store.layers)
+        building = await self.store.building()  # no gc while this build runs
+        try:
+            staging = self.store.tmpdir(self.store.layers)
+        except BaseException:
+            os.close(building)
+            raise
         try:
             defn, inputs = await asyncio.to_thread(self._stage, defn, context_dir, staging)
             keys = defn.layer_keys()
@@ -158,6 +163,7 @@ class Builder:
             self.say(f"template {tid[:12]}{f' ({name})' if name else ''} ready")
         finally:
             await asyncio.to_thread(remove_tree, staging)
+            os.close(building)
         found = find(tid, self.store.templates)
         if found is None:
             raise TemplateBuildError("publish", "the template was removed while it was built")

@@ -14,6 +14,7 @@ Every directory appears by an atomic rename, so a crash or a cancelled build lea
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
 import fcntl
@@ -28,10 +29,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from moat.errors import InvalidArgumentError, NotFoundError
+from moat.errors import CapacityError, InvalidArgumentError, NotFoundError
 from moat.templates import ref
 
 _ID_LEN = 64
+#: In the layers directory: held shared by every build, exclusively by gc (Store.building).
+_BUILDS_LOCK = "builds.lock"
 
 
 @dataclass(frozen=True)
@@ -79,6 +82,18 @@ class Store:
         except BlockingIOError:
             os.close(fd)
             return None
+        return fd
+
+    async def building(self) -> int:
+        """Take the store's build lock, shared, for a whole build (its fd: close it to
+        release). ``gc`` takes it exclusively: a layer a build has finished but no template
+        names yet is never removed under it."""
+        fd = os.open(self.layers / _BUILDS_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            await asyncio.to_thread(fcntl.flock, fd, fcntl.LOCK_SH)  # waits out a running gc
+        except BaseException:
+            os.close(fd)
+            raise
         return fd
 
     @contextlib.contextmanager
@@ -190,7 +205,23 @@ class Store:
             remove_tree(doomed)
 
     def gc(self) -> dict[str, int]:
-        """Remove unnamed templates, layers no template uses and dead builds' temp dirs."""
+        """Remove unnamed templates, layers no template uses and dead builds' temp dirs.
+        Refused (CapacityError) while a build runs: its finished layers are named by no
+        template yet."""
+        self.prepare()
+        fd = os.open(self.layers / _BUILDS_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise CapacityError(
+                    "template builds are running: run gc again once they have ended"
+                ) from None
+            return self._gc()
+        finally:
+            os.close(fd)
+
+    def _gc(self) -> dict[str, int]:
         from moat.templates.tenant import owned_ids  # it builds on this module
 
         removed = {"templates": 0, "layers": 0, "temp": 0}
@@ -213,7 +244,11 @@ class Store:
                 with self.lock(p.name):
                     remove_tree(p)
                 removed["layers"] += 1
-            elif p.name.endswith(".lock") and p.name.removeprefix("publish-")[:-5] not in keep:
+            elif (
+                p.name.endswith(".lock")
+                and p.name != _BUILDS_LOCK
+                and p.name.removeprefix("publish-")[:-5] not in keep
+            ):
                 with contextlib.suppress(OSError):
                     if not (self.layers / p.name[:-5]).exists():
                         p.unlink()
