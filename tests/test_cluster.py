@@ -548,11 +548,13 @@ def test_a_paused_sandbox_outlives_its_node_and_resumes_on_another(
 
         # X dies while the sandbox is paused: nothing of it is lost
         kill_raylet(cluster.nodes[x])
-        deadline = time.monotonic() + 15
-        while any(n["NodeID"] == dead and n["Alive"] for n in ray.nodes()):
-            assert time.monotonic() < deadline
-            time.sleep(0.2)
+        deadline = time.monotonic() + 10
+        while dead in door.nodes:  # the server sees it lost (the GCS may still offer it: a
+            assert time.monotonic() < deadline  # bundle placed there is placed again)
+            run(loop, asyncio.sleep(0.1))
+        t0 = time.monotonic()
         info, resumed = run(loop, door.connect(t, sid))
+        print(f"resumed on the other node in {time.monotonic() - t0:.2f} s")
         assert resumed and info.sandbox_id == sid and info.metadata == {"run": "p1"}
         assert node_name(cluster, door, t, sid) != x  # placed again, on the other node
         assert run(loop, door.read_file(t, sid, "/home/user/keep.txt")) == "kept across nodes"

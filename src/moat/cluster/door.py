@@ -87,6 +87,9 @@ NODE_START_S: Final = 120.0
 #: The largest file body a write carries across the cluster.
 MAX_WRITE_BYTES: Final = 256 << 20
 _MISSING: Final = frozenset({"ports.open", "files.watch"})
+#: Seconds after a node's loss before its unfinished paused-store work is repaired (its
+#: engine's last kill takes at most moat.cluster.node.LAST_KILL_S, twice: kill and drain).
+REPAIR_AFTER_S: Final = 12.0
 
 
 def cluster_capabilities() -> frozenset[str]:
@@ -264,6 +267,7 @@ class ClusterFrontDoor:
         log.warning("cluster node %s lost (%s): %d sandboxes lost", node_id[:12], why, len(gone))
         for sid in gone:
             self._ended(sid, lost=True)
+        self._repair_after(node)
         if node.watcher is not None:
             node.watcher.cancel()
         # Declared dead while its actor still runs (a partition): end it, so that its
@@ -272,6 +276,26 @@ class ClusterFrontDoor:
             import ray
 
             ray.kill(node.handle, no_restart=True)
+
+    def _repair_after(self, node: _Node) -> None:
+        """A lost node's unfinished work in the paused store is repaired once its engine
+        has surely ended (its last kill: moat.cluster.node), so a resume it was running
+        leaves the sandbox paused, not claimed for ever."""
+        store = self.paused_store
+        pid, host = node.info.get("pid"), node.info.get("host_token")
+        if store is None or not isinstance(pid, int) or not isinstance(host, str):
+            return
+
+        async def later() -> None:
+            await asyncio.sleep(REPAIR_AFTER_S)
+            removed = await asyncio.to_thread(store.repair, pid, host)
+            if removed:
+                log.warning("repaired a lost node's paused-store work: %s", ", ".join(removed))
+
+        try:
+            self._keep(asyncio.get_running_loop().create_task(later()))
+        except RuntimeError:  # no loop (closing): the next server's first scan repairs it
+            pass
 
     async def _up(self, node: _Node) -> None:
         """Wait for the node's actor; one that never came up is a lost node."""
@@ -346,6 +370,8 @@ class ClusterFrontDoor:
         for n in nodes:
             if n.watcher is not None:
                 n.watcher.cancel()
+        for task in list(self._tasks):  # repairs waiting (the next server's scan does them)
+            task.cancel()
 
     # -- configuration -----------------------------------------------------------------
 
@@ -457,7 +483,8 @@ class ClusterFrontDoor:
 
     async def _place(self, tier: str, memory_mb: int, *, paused: bool) -> tuple[Any, _Node]:
         """One bundle for a sandbox of ``tier`` (``paused``: a resume, on a node reaching the
-        paused store), waited for a bounded time (else CapacityError), and its node."""
+        paused store), waited for a bounded time (else CapacityError), and its node (a lost
+        one: SandboxDiedError, the bundle removed)."""
         import ray
         from ray.util.placement_group import placement_group
 
@@ -692,25 +719,39 @@ class ClusterFrontDoor:
             dict(was.face),
         )
         token = self._reserve(tenant, config)
-        pg = None
-        try:
-            pg, node = await self._place(tier, config.limits.memory_mb, paused=True)
-            if node.info.get("paused_store") != store.store_id:
-                raise PolicyError(
-                    "the cluster node chosen to resume the sandbox can't reach the "
-                    "paused-sandbox store"
+        # A node lost under the resume (the GCS still offers a dying node for ~3 s) did
+        # nothing to the paused state: place it again, within the placing time.
+        deadline = time.monotonic() + self.place_timeout
+        while True:
+            pg = node = None
+            try:
+                pg, node = await self._place(tier, config.limits.memory_mb, paused=True)
+                if node.info.get("paused_store") != store.store_id:
+                    raise PolicyError(
+                        "the cluster node chosen to resume the sandbox can't reach the "
+                        "paused-sandbox store"
+                    )
+                info: SandboxInfo = await self._placed_call(
+                    node,
+                    node.handle.resume.remote(
+                        tenant, sid, timeout, held.secrets or None, held.sensitive
+                    ),
                 )
-            info: SandboxInfo = await self._placed_call(
-                node,
-                node.handle.resume.remote(
-                    tenant, sid, timeout, held.secrets or None, held.sensitive
-                ),
-            )
-        except BaseException:
-            self.quota.release(token)
-            if pg is not None:
-                _remove_pg(pg)
-            raise
+                break
+            except SandboxDiedError:
+                if pg is not None:
+                    _remove_pg(pg)
+                gone = node is None or node.node_id not in self.nodes
+                if not gone or time.monotonic() > deadline:
+                    self.quota.release(token)
+                    raise
+                log.warning("resume of %s: its node was lost; placing it again", sid)
+                await asyncio.sleep(0.5)
+            except BaseException:
+                self.quota.release(token)
+                if pg is not None:
+                    _remove_pg(pg)
+                raise
         store.take(sid)
         self._track(sid, _Placed(tenant, node.node_id, pg, token, held))
         return info

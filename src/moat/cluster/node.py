@@ -43,7 +43,7 @@ from moat import errors
 from moat.cluster.paused import configured_dir, read_store_id
 from moat.engine.persist import Persistence
 from moat.errors import InvalidArgumentError, NotFoundError, PolicyError, SandboxError
-from moat.store.paused import PausedStore
+from moat.store.paused import PausedStore, host_token
 
 log = logging.getLogger("moat.cluster.node")
 
@@ -247,6 +247,7 @@ class NodeActor:
             "pid": os.getpid(),
             "probed": [t for t, why in probes.items() if why is None],
             "paused_store": await asyncio.to_thread(read_store_id, self.paused_root),
+            "host_token": host_token(),  # names this engine's work in the paused store
             "rss_bytes": _rss(),
         }
 

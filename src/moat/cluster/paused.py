@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from moat.engine.persist import KeyedLocks, Paused, load_paused
-from moat.store.paused import PausedStore
+from moat.store.paused import PausedStore, owner_of
 
 __all__ = ["ENV", "ClusterPaused", "Held", "configured_dir", "read_store_id"]
 
@@ -125,6 +125,21 @@ class ClusterPaused:
         """Forget a paused sandbox (it resumed); what was held for it."""
         self.loaded().pop(sandbox_id, None)
         return self.held.pop(sandbox_id, None)
+
+    def repair(self, pid: int, host: str) -> list[str]:
+        """Repair the store's work left by a lost node's engine (process ``pid`` on the host
+        whose token is ``host``): its unfinished resume goes back to paused, whole; its
+        unfinished pause is removed (that sandbox was lost with its node). Disk I/O."""
+
+        def abandoned(name: str) -> bool:
+            return owner_of(name) == (pid, host)
+
+        removed = self.store.scan(abandoned)
+        if self._paused is not None:  # a resume put back: known again (its record is there)
+            fresh, _ = load_paused(self.store, scan=False)
+            for sid, entry in fresh.items():
+                self._paused.setdefault(sid, entry)
+        return removed
 
     def delete(self, sandbox_id: str) -> bool:
         """Forget a paused sandbox and delete its state (disk I/O: off the loop)."""
