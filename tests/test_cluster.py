@@ -519,6 +519,8 @@ def test_a_paused_sandbox_outlives_its_node_and_resumes_on_another(
     sid = run(loop, door.create(t, cfg, sensitive=[canary])).sandbox_id
     gone = run(loop, door.create(t, door.resolve(isolation="container", timeout=300)))
     gone_id = gone.sandbox_id
+    auto_cfg = door.resolve(isolation="container", timeout=2, on_timeout="pause")
+    auto = run(loop, door.create(t, auto_cfg)).sandbox_id
     try:
         run(loop, door.write_file(t, sid, "/home/user/keep.txt", "kept across nodes"))
         x = node_name(cluster, door, t, sid)
@@ -545,6 +547,17 @@ def test_a_paused_sandbox_outlives_its_node_and_resumes_on_another(
         assert run(loop, door.kill(t, gone_id)) is True
         assert not (store / gone_id).exists()
         assert gone_id not in {i.sandbox_id for i in run(loop, door.list_sandboxes(t, state=None))}
+
+        # one that pauses by itself at its timeout (on its node) is tracked as paused too
+        deadline = time.monotonic() + 20
+        while auto not in {i.sandbox_id for i in run(loop, door.list_sandboxes(t, state=None))
+                           if i.state == "paused"}:  # fmt: skip
+            assert time.monotonic() < deadline
+            time.sleep(0.3)
+        assert run(loop, door.info(t, auto)).state == "paused"
+        assert auto not in door.placed and (store / auto).is_dir()
+        assert auto in {i.sandbox_id for i in run(loop, door.list_sandboxes(t, state="paused"))}
+        assert run(loop, door.kill(t, auto)) is True and not (store / auto).exists()
 
         # X dies while the sandbox is paused: nothing of it is lost
         kill_raylet(cluster.nodes[x])

@@ -639,7 +639,8 @@ class ClusterFrontDoor:
                     "the sandbox's cluster node can't reach the paused-sandbox store; it "
                     "keeps running"
                 )
-            placed = self.placed[sid or ""]
+            placed = self.placed.get(sid or "")  # None: ended (the node says how)
+            kept = placed.held.face if placed is not None else {}
             quota = self.policy.of(tenant).quotas.snapshot_mb
             room = None
             if quota is not None:  # the tenant's paused state across the cluster
@@ -647,7 +648,7 @@ class ClusterFrontDoor:
             entry: Paused = await self._remote(
                 node,
                 node.handle.pause.remote(
-                    tenant, sid, memory, placed.held.face if face is None else dict(face), room
+                    tenant, sid, memory, kept if face is None else dict(face), room
                 ),
             )
             self._to_paused(entry.sandbox_id, entry, node.node_id)
