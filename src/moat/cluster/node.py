@@ -184,7 +184,7 @@ class NodeActor:
         if self.paused_root is not None:  # the cluster's shared store (moat.cluster.paused)
             engine = self.front.engine
             engine.persist = Persistence(engine, PausedStore(self.paused_root), shared=True)
-        self._pausing: set[str] = set()  # pauses and resumes the server waits on
+        self._pausing: set[str] = set()  # pauses the server waits on
         self._resuming: set[str] = set()
         self._paused_out: dict[str, Any] = {}  # sid -> Paused entry, for pause()'s reply
         self.streams: dict[str, _Pump] = {}
@@ -207,7 +207,7 @@ class NodeActor:
             self._paused_out[sandbox_id] = entry  # pause()'s reply carries it
             return
         if entry is not None and sandbox_id in self._resuming:
-            return  # a resume that failed: still paused, pause()'s error says why
+            return  # a resume that failed: still paused, resume()'s error says why
         if len(self._ended) == self._ended.maxlen:
             self._ended_base += 1
         self._ended.append((sandbox_id, entry))
