@@ -39,6 +39,7 @@ from moat.errors import (
     CapacityError,
     IsolationUnavailableError,
     NotFoundError,
+    PolicyError,
     QuotaExceededError,
     SandboxError,
     SandboxLostError,
@@ -403,6 +404,32 @@ def test_a_cancelled_create_leaves_no_sandbox(
     assert door.quota.usage("t-cancel")[0] == 0
     live = {k for k, g in ray.util.placement_group_table().items() if g["state"] != "REMOVED"}
     assert live <= pgs  # its bundle is released
+
+
+def test_a_pause_without_a_reachable_store_is_refused_and_the_sandbox_runs_on(
+    door: ClusterFrontDoor, loop: asyncio.AbstractEventLoop
+) -> None:
+    """No shared paused store (no --paused-dir), or a node that sees another store: the pause
+    is a PolicyError and the sandbox keeps running (invariant 7), nothing written."""
+    store = door.paused_store
+    assert store is not None
+    sid = create(loop, door, "t-nostore", "container")
+    try:
+        door.paused_store = None
+        with pytest.raises(PolicyError, match="needs a paused-sandbox store"):
+            run(loop, door.pause("t-nostore", sid))
+        door.paused_store = store
+        real, store.store_id = store.store_id, "0" * 32  # the nodes read another store's id
+        try:
+            with pytest.raises(PolicyError, match="can't reach the paused-sandbox store"):
+                run(loop, door.pause("t-nostore", sid))
+        finally:
+            store.store_id = real
+        assert run(loop, command(door, "t-nostore", sid, "echo still")) == ("still\n", 0)
+        assert not (store.store.root / sid).exists()
+    finally:
+        door.paused_store = store
+        run(loop, door.kill("t-nostore", sid))
 
 
 def test_node_loss_gives_sandbox_lost_and_leaves_nothing(
