@@ -90,6 +90,8 @@ _MISSING: Final = frozenset({"ports.open", "files.watch"})
 #: Seconds after a node's loss before its unfinished paused-store work is repaired (its
 #: engine's last kill takes at most moat.cluster.node.LAST_KILL_S, twice: kill and drain).
 REPAIR_AFTER_S: Final = 12.0
+#: Seconds a closing server waits for the creates and resumes in flight (placing: 10 s).
+CLOSE_WAIT_S: Final = 30.0
 
 
 def cluster_capabilities() -> frozenset[str]:
@@ -158,7 +160,8 @@ class ClusterFrontDoor:
         self._listeners: list[Callable[[str], None]] = []
         self._monitor: asyncio.Task[None] | None = None
         self._closed = False
-        self._tasks: set[asyncio.Task[Any]] = set()  # cancelled creates and resumes, running on
+        self._tasks: set[asyncio.Task[Any]] = set()  # creates and resumes (they run on if
+        self._repairs: set[asyncio.Task[Any]] = set()  # their caller leaves), kills, repairs
         root = configured_dir() if paused_dir is None else Path(paused_dir)
         self.paused_store = ClusterPaused(root) if root is not None else None
         if not ray.is_initialized():
@@ -293,7 +296,9 @@ class ClusterFrontDoor:
                 log.warning("repaired a lost node's paused-store work: %s", ", ".join(removed))
 
         try:
-            self._keep(asyncio.get_running_loop().create_task(later()))
+            task = asyncio.get_running_loop().create_task(later())
+            self._repairs.add(task)
+            task.add_done_callback(self._repairs.discard)
         except RuntimeError:  # no loop (closing): the next server's first scan repairs it
             pass
 
@@ -360,6 +365,10 @@ class ClusterFrontDoor:
         self._closed = True
         if self._monitor is not None:
             self._monitor.cancel()
+        for task in list(self._repairs):  # the next server's first scan repairs what's left
+            task.cancel()
+        if self._tasks:  # creates in flight land before the last kill (invariant 5)
+            await asyncio.wait(list(self._tasks), timeout=CLOSE_WAIT_S)
         nodes = list(self.nodes.values())
         await asyncio.gather(
             *(asyncio.wait_for(_await(n.handle.kill_all.remote()), 30) for n in nodes),
@@ -370,8 +379,6 @@ class ClusterFrontDoor:
         for n in nodes:
             if n.watcher is not None:
                 n.watcher.cancel()
-        for task in list(self._tasks):  # repairs waiting (the next server's scan does them)
-            task.cancel()
 
     # -- configuration -----------------------------------------------------------------
 
