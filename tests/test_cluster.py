@@ -426,6 +426,12 @@ def test_a_pause_without_a_reachable_store_is_refused_and_the_sandbox_runs_on(
         finally:
             store.store_id = real
         assert run(loop, command(door, "t-nostore", sid, "echo still")) == ("still\n", 0)
+        # snapshots and fork are not carried across the cluster: said (501), never a 500
+        with pytest.raises(PolicyError, match=r"lacks the capability 'sandboxes\.snapshot'"):
+            run(loop, door.create_snapshot("t-nostore", sid))
+        with pytest.raises(PolicyError, match=r"lacks the capability 'sandboxes\.fork'"):
+            run(loop, door.fork("t-nostore", sid, 2))
+        assert run(loop, door.list_snapshots("t-nostore")) == []
         assert not (store.store.root / sid).exists()
     finally:
         door.paused_store = store

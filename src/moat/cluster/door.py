@@ -86,7 +86,7 @@ MAX_ENDED: Final = 4096
 NODE_START_S: Final = 120.0
 #: The largest file body a write carries across the cluster.
 MAX_WRITE_BYTES: Final = 256 << 20
-_MISSING: Final = frozenset({"ports.open", "files.watch"})
+_MISSING: Final = frozenset({"ports.open", "files.watch", "sandboxes.snapshot", "sandboxes.fork"})
 #: Seconds after a node's loss before its unfinished paused-store work is repaired (its
 #: engine's last kill takes at most moat.cluster.node.LAST_KILL_S, twice: kill and drain).
 REPAIR_AFTER_S: Final = 12.0
@@ -812,8 +812,35 @@ class ClusterFrontDoor:
     async def audit_trail(self, tenant: str | None, **kw: Any) -> list[dict[str, Any]]:
         raise _missing("audit.trail (use `moat audit --cluster`)")
 
-    async def snapshot(self, tenant: str, sandbox_id: str) -> None:
-        await self._plain("snapshot", tenant, sandbox_id, ended_ok=True)
+    # Snapshots and fork: a node's engine keeps its snapshots in its own state dir, where
+    # another node can't start them; not carried across the cluster yet (invariant 7: said,
+    # 501 over the wire, not a 500). No snapshot exists on a cluster, so lists are empty.
+
+    async def create_snapshot(self, tenant: str, sandbox_id: str, name: str | None = None,
+                              memory: bool | None = None) -> Any:  # fmt: skip
+        self._route(tenant, sandbox_id)
+        raise _missing("sandboxes.snapshot")
+
+    async def fork(self, tenant: str, sandbox_id: str, count: int = 1, **kw: Any) -> Any:
+        self._route(tenant, sandbox_id)
+        raise _missing("sandboxes.fork")
+
+    async def list_snapshots(self, tenant: str, sandbox_id: str | None = None,
+                             name: str | None = None) -> list[Any]:  # fmt: skip
+        _tenant(tenant)
+        return []
+
+    async def delete_snapshot(self, tenant: str, snapshot_id: str) -> bool:
+        _tenant(tenant)
+        return False
+
+    async def snapshot_face(self, tenant: str, snapshot_id: str) -> dict[str, Any] | None:
+        _tenant(tenant)
+        return None
+
+    async def create_from_snapshot(self, tenant: str, snapshot_id: str, **kw: Any) -> Any:
+        _tenant(tenant)
+        raise NotFoundError("snapshot was not found (snapshots are not kept on a cluster yet)")
 
     def guard(self, tenant: str, sandbox_id: str) -> Any:
         raise PolicyError("a clustered sandbox's guard lives on its node")

@@ -68,7 +68,7 @@ PLAIN: Final = frozenset(
         "update_network", "audit", "create_context", "list_contexts", "restart_context",
         "remove_context", "send_pty_input", "resize_pty", "send_stdin", "close_stdin",
         "signal", "list_commands", "read_file", "list_dir", "stat", "remove", "make_dir",
-        "move", "snapshot",
+        "move",
     }
 )  # fmt: skip
 #: The front door's methods that return a stream of events.
