@@ -91,15 +91,19 @@ class Cluster:
     head: subprocess.Popen[bytes]
     workdir: Path
     nodes: dict[str, Node] = field(default_factory=dict)
+    #: the shared store of paused sandboxes every node is started with (``--paused-dir``)
+    paused_dir: str | None = None
 
     def add_node(self, name: str, tiers: str, slots: int, state: str | None = None) -> Node:
         log = self.workdir / f"node-{name}.log"
         env = {**os.environ, "MOAT_WARM_POOL": "0", "MOAT_STATE_DIR": state or state_dir(name)}
         env.pop("MOAT_AUDIT_DB", None)
+        env.pop("MOAT_PAUSED_DIR", None)
+        paused = ["--paused-dir", self.paused_dir] if self.paused_dir else []
         with log.open("ab") as out:
             proc = subprocess.Popen(
                 [*MOAT, "node", "--address", self.address, "--tiers", tiers,
-                 "--slots", str(slots)],
+                 "--slots", str(slots), *paused],
                 env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
             )  # fmt: skip
         node = Node(name, proc, env["MOAT_STATE_DIR"], log)
@@ -112,9 +116,10 @@ class Cluster:
         launch.stop(self.head)
 
 
-def start_cluster(workdir: Path) -> Cluster:
+def start_cluster(workdir: Path, paused_dir: str | None = None) -> Cluster:
+    """A head; ``paused_dir``: the shared paused store the nodes added later reach."""
     address, head = launch.start_head(env={**os.environ, "MOAT_WARM_POOL": "0"})
-    return Cluster(address, head, workdir)
+    return Cluster(address, head, workdir, paused_dir=paused_dir)
 
 
 def wait_nodes(count: int, timeout: float = 90) -> None:

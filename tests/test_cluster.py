@@ -2,8 +2,10 @@
 
 Node A advertises the container tier only, node B container and gVisor (``moat node
 --tiers``); microVM is advertised nowhere. The server side is a ``ClusterFrontDoor`` in this
-process (and, for the E2B SDK, a real ``moat serve --cluster``). Every check of containment
-is made from outside: processes and cgroups in /proc and /sys, a listener's accept count.
+process (and, for the E2B SDK, a real ``moat serve --cluster``). Every node and the server
+share one paused-sandbox store (``--paused-dir``, a directory of this machine). Every check
+of containment is made from outside: processes and cgroups in /proc and /sys, a listener's
+accept count, the paused store's directory.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from moat.errors import (
     CapacityError,
     IsolationUnavailableError,
     NotFoundError,
+    PolicyError,
     QuotaExceededError,
     SandboxError,
     SandboxLostError,
@@ -53,7 +56,9 @@ PLACE_TIMEOUT = 3.0
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     import ray
 
-    c = start_cluster(tmp_path_factory.mktemp("cluster"))
+    c = start_cluster(
+        tmp_path_factory.mktemp("cluster"), paused_dir=str(tmp_path_factory.mktemp("paused"))
+    )
     try:
         ray.init(address=c.address, namespace="moat", log_to_driver=False,
                  configure_logging=False)  # fmt: skip
@@ -77,7 +82,9 @@ def loop() -> Iterator[asyncio.AbstractEventLoop]:
 
 @pytest.fixture(scope="module")
 def door(cluster: Cluster, loop: asyncio.AbstractEventLoop) -> Iterator[ClusterFrontDoor]:
-    d = ClusterFrontDoor(cluster.address, place_timeout=PLACE_TIMEOUT)
+    d = ClusterFrontDoor(
+        cluster.address, place_timeout=PLACE_TIMEOUT, paused_dir=cluster.paused_dir
+    )
     loop.run_until_complete(d.start(min_nodes=2))
     yield d
     loop.run_until_complete(d.close())
@@ -308,7 +315,7 @@ def test_the_e2b_sdk_drives_a_clustered_server(cluster: Cluster, tmp_path: Path)
     with log.open("wb") as out:
         proc = subprocess.Popen(
             [*MOAT, "serve", "--host", "127.0.0.1", "--port", str(port), "--tier", "container",
-             "--cluster", cluster.address],
+             "--cluster", cluster.address, "--paused-dir", str(cluster.paused_dir)],
             stdout=out, stderr=subprocess.STDOUT, env=env,
         )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
@@ -332,6 +339,14 @@ def test_the_e2b_sdk_drives_a_clustered_server(cluster: Cluster, tmp_path: Path)
             assert sbx.commands.run("echo clustered").stdout == "clustered\n"
             sbx.files.write("/tmp/x.txt", "over the cluster")
             assert sbx.files.read("/tmp/x.txt") == "over the cluster"
+            # pause and connect (E2B's shapes) through the clustered server's paused store
+            assert sbx.pause() is True
+            assert (Path(str(cluster.paused_dir)) / sbx.sandbox_id).is_dir()  # from outside
+            assert sbx.get_info().state.value == "paused"
+            back = Sandbox.connect(sbx.sandbox_id, api_key=key)
+            assert back.files.read("/tmp/x.txt") == "over the cluster"
+            assert back.commands.run("echo resumed").stdout == "resumed\n"
+            assert not (Path(str(cluster.paused_dir)) / sbx.sandbox_id).exists()
         finally:
             sbx.kill()
         assert not sbx.is_running()
@@ -340,6 +355,87 @@ def test_the_e2b_sdk_drives_a_clustered_server(cluster: Cluster, tmp_path: Path)
         os.environ.pop("E2B_SANDBOX_URL", None)
         proc.terminate()
         assert proc.wait(60) == 0, log.read_text()[-3000:]
+
+
+def _sbx_groups(pid: int) -> set[str]:
+    """The sandbox cgroups owned by ``pid`` (the name says its owner), in the pids
+    hierarchy (fast enough to poll); elsewhere, every hierarchy."""
+    parent = Path("/sys/fs/cgroup/pids/moat")
+    if not parent.is_dir():
+        return set(cgroups_of(pid))
+    return {n for n in os.listdir(parent) if n.startswith("sbx-") and f".{pid}." in n}
+
+
+def test_a_cancelled_create_leaves_no_sandbox(
+    door: ClusterFrontDoor, loop: asyncio.AbstractEventLoop
+) -> None:
+    """The caller's create is cancelled while its node is starting the sandbox (its cgroup
+    exists, the create has not returned): within a bounded time nothing of it is left on any
+    node (cgroups, from outside), no node lists it, its bundle and quota are released."""
+    import ray
+
+    pids = [int(n.info["pid"]) for n in door.nodes.values()]
+    before = {p: _sbx_groups(p) for p in pids}
+    pgs = {k for k, g in ray.util.placement_group_table().items() if g["state"] != "REMOVED"}
+
+    def new() -> set[str]:
+        return {g for p in pids for g in _sbx_groups(p) - before[p]}
+
+    async def scenario() -> None:
+        cfg = door.resolve(isolation="container", timeout=300)
+        task = asyncio.ensure_future(door.create("t-cancel", cfg))
+        deadline = time.monotonic() + 30
+        while not new():  # the node is starting it
+            assert not task.done() and time.monotonic() < deadline, task
+            await asyncio.sleep(0.002)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        for _ in range(100):  # let the create's remainder run on this loop (kill on arrival)
+            await asyncio.sleep(0.1)
+            if not new() and not [p for p in door.placed.values() if p.tenant == "t-cancel"]:
+                break
+
+    run(loop, scenario())
+    assert new() == set()  # no sandbox cgroup left on any node (invariant 5)
+    for node in door.nodes.values():
+        assert run(loop, door._call(node, "list_sandboxes", "t-cancel")) == []
+    assert [p for p in door.placed.values() if p.tenant == "t-cancel"] == []
+    assert door.quota.usage("t-cancel")[0] == 0
+    live = {k for k, g in ray.util.placement_group_table().items() if g["state"] != "REMOVED"}
+    assert live <= pgs  # its bundle is released
+
+
+def test_a_pause_without_a_reachable_store_is_refused_and_the_sandbox_runs_on(
+    door: ClusterFrontDoor, loop: asyncio.AbstractEventLoop
+) -> None:
+    """No shared paused store (no --paused-dir), or a node that sees another store: the pause
+    is a PolicyError and the sandbox keeps running (invariant 7), nothing written."""
+    store = door.paused_store
+    assert store is not None
+    sid = create(loop, door, "t-nostore", "container")
+    try:
+        door.paused_store = None
+        with pytest.raises(PolicyError, match="needs a paused-sandbox store"):
+            run(loop, door.pause("t-nostore", sid))
+        door.paused_store = store
+        real, store.store_id = store.store_id, "0" * 32  # the nodes read another store's id
+        try:
+            with pytest.raises(PolicyError, match="can't reach the paused-sandbox store"):
+                run(loop, door.pause("t-nostore", sid))
+        finally:
+            store.store_id = real
+        assert run(loop, command(door, "t-nostore", sid, "echo still")) == ("still\n", 0)
+        # snapshots and fork are not carried across the cluster: said (501), never a 500
+        with pytest.raises(PolicyError, match=r"lacks the capability 'sandboxes\.snapshot'"):
+            run(loop, door.create_snapshot("t-nostore", sid))
+        with pytest.raises(PolicyError, match=r"lacks the capability 'sandboxes\.fork'"):
+            run(loop, door.fork("t-nostore", sid, 2))
+        assert run(loop, door.list_snapshots("t-nostore")) == []
+        assert not (store.store.root / sid).exists()
+    finally:
+        door.paused_store = store
+        run(loop, door.kill("t-nostore", sid))
 
 
 def test_node_loss_gives_sandbox_lost_and_leaves_nothing(
@@ -438,3 +534,82 @@ def test_a_returning_node_sweeps_before_it_advertises(
     log = back.log.read_text()
     assert "moat node: swept" in log.split("joining")[0]  # the sweep ran before it joined
     assert [g for g in left if os.path.exists(g)] == []  # the leftovers are gone
+
+
+def test_a_paused_sandbox_outlives_its_node_and_resumes_on_another(
+    cluster: Cluster, door: ClusterFrontDoor, loop: asyncio.AbstractEventLoop
+) -> None:
+    """Last: pause on node X into the shared store, SIGKILL X's raylet, and connect resumes
+    it on the other node under the same id, tenant, metadata and guard, files intact. Kill of
+    a paused sandbox deletes its state; another tenant can neither resume nor kill it."""
+    import ray
+
+    wait_nodes(2)
+    run(loop, door.start(min_nodes=2))
+    store = Path(str(cluster.paused_dir))
+    t = "t-pause"
+    canary = "moat-canary-" + os.urandom(6).hex()
+    cfg = door.resolve(isolation="container", timeout=300, metadata={"run": "p1"})
+    sid = run(loop, door.create(t, cfg, sensitive=[canary])).sandbox_id
+    gone = run(loop, door.create(t, door.resolve(isolation="container", timeout=300)))
+    gone_id = gone.sandbox_id
+    auto_cfg = door.resolve(isolation="container", timeout=2, on_timeout="pause")
+    auto = run(loop, door.create(t, auto_cfg)).sandbox_id
+    try:
+        run(loop, door.write_file(t, sid, "/home/user/keep.txt", "kept across nodes"))
+        x = node_name(cluster, door, t, sid)
+        dead = door.node_of(t, sid)["node_id"]
+        pg = door.placed[sid].pg.id.hex()
+        assert run(loop, door.pause(t, sid)).state == "paused"
+        assert (store / sid / "record.json").is_file()  # in the shared store, from outside
+        assert ray.util.placement_group_table()[pg]["state"] == "REMOVED"  # bundle released
+        assert run(loop, door.info(t, sid)).state == "paused"
+        assert not run(loop, door.is_running(t, sid))
+        paused = {i.sandbox_id for i in run(loop, door.list_sandboxes(t, state="paused"))}
+        assert sid in paused
+        assert sid not in {i.sandbox_id for i in run(loop, door.list_sandboxes(t))}  # running
+        with pytest.raises(SandboxError, match="already paused"):
+            run(loop, door.pause(t, sid))
+        # another tenant's id answers like an unknown one (invariant 11)
+        with pytest.raises(NotFoundError, match=f"sandbox {sid} was not found"):
+            run(loop, door.connect("t-other", sid))
+        assert run(loop, door.kill("t-other", sid)) is False
+        assert (store / sid).is_dir()
+        # kill of a paused sandbox deletes its state
+        run(loop, door.pause(t, gone_id))
+        assert (store / gone_id).is_dir()
+        assert run(loop, door.kill(t, gone_id)) is True
+        assert not (store / gone_id).exists()
+        assert gone_id not in {i.sandbox_id for i in run(loop, door.list_sandboxes(t, state=None))}
+
+        # one that pauses by itself at its timeout (on its node) is tracked as paused too
+        deadline = time.monotonic() + 20
+        while auto not in {i.sandbox_id for i in run(loop, door.list_sandboxes(t, state=None))
+                           if i.state == "paused"}:  # fmt: skip
+            assert time.monotonic() < deadline
+            time.sleep(0.3)
+        assert run(loop, door.info(t, auto)).state == "paused"
+        assert auto not in door.placed and (store / auto).is_dir()
+        assert auto in {i.sandbox_id for i in run(loop, door.list_sandboxes(t, state="paused"))}
+        assert run(loop, door.kill(t, auto)) is True and not (store / auto).exists()
+
+        # X dies while the sandbox is paused: nothing of it is lost
+        kill_raylet(cluster.nodes[x])
+        deadline = time.monotonic() + 10
+        while dead in door.nodes:  # the server sees it lost (the GCS may still offer it: a
+            assert time.monotonic() < deadline  # bundle placed there is placed again)
+            run(loop, asyncio.sleep(0.1))
+        t0 = time.monotonic()
+        info, resumed = run(loop, door.connect(t, sid))
+        print(f"resumed on the other node in {time.monotonic() - t0:.2f} s")
+        assert resumed and info.sandbox_id == sid and info.metadata == {"run": "p1"}
+        assert node_name(cluster, door, t, sid) != x  # placed again, on the other node
+        assert run(loop, door.read_file(t, sid, "/home/user/keep.txt")) == "kept across nodes"
+        out, _ = run(loop, command(door, t, sid, f"echo {canary}"))
+        assert canary not in out and "[REDACTED" in out  # the same guard (invariant 4)
+        assert not (store / sid).exists()  # deleted once it serves again
+        with pytest.raises(NotFoundError):
+            run(loop, door.info("t-other", sid))
+    finally:
+        run(loop, door.kill(t, sid))
+    assert not (store / sid).exists()

@@ -4,20 +4,24 @@ across the node boundary, and what the wire answers for a lost sandbox or a full
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
 from moat.cluster.node import pack_error, unpack_error
+from moat.cluster.paused import MARKER, ClusterPaused, Held, read_store_id
 from moat.cluster.raycfg import HEALTH, ray_env, start_argv
 from moat.cluster.resources import (
     KVM,
     NODE,
+    PAUSED,
     SLOT,
     advertise,
     bundle_for,
     tier_resource,
     tiers_of,
 )
+from moat.engine.resolve import resolve
 from moat.errors import (
     CapacityError,
     LeakBlockedError,
@@ -50,6 +54,49 @@ def test_a_bundle_is_a_slot_its_tier_and_its_memory() -> None:
     assert "CPU" not in bundle_for("container", 512)  # CPU limits are cgroup caps
     with pytest.raises(ValueError):
         tier_resource("docker")
+
+
+def test_the_paused_store_is_advertised_and_asked_for_by_a_resume_only() -> None:
+    assert advertise({"container": None}, 4, paused=True)[PAUSED] == 4.0
+    assert PAUSED not in advertise({"container": None}, 4)
+    assert bundle_for("container", 64, paused=True)[PAUSED] == 1.0
+    assert PAUSED not in bundle_for("container", 64)  # a create goes anywhere
+
+
+def _pause_into(store: ClusterPaused, sid: str, tenant: str) -> None:
+    """A committed paused state as a node's engine writes it (moat.store.paused)."""
+    pending = store.store.begin(sid)
+    record = {
+        "sandbox_id": sid, "tenant": tenant, "tier": "container",
+        "config": resolve(isolation="container").to_dict(), "network": None, "metadata": {"k": "v"},
+        "max_output": 1024, "started_at": "2026-12-01T10:00:00+00:00",
+        "paused_at": "2026-12-01T10:05:00+00:00", "memory": False, "secret_names": [],
+        "sensitive": 0, "face": {},
+    }  # fmt: skip
+    (pending.checkpoint / "fs.tar.gz").write_bytes(b"x" * 100)
+    store.store.commit(pending, record)
+
+
+def test_the_servers_paused_view_keeps_tenants_apart_and_deletes(tmp_path: Path) -> None:
+    root = tmp_path / "shared"
+    store = ClusterPaused(root)
+    assert read_store_id(root) == store.store_id  # what a node reads: the same store
+    assert ClusterPaused(root).store_id == store.store_id  # one id per store, kept
+    assert read_store_id(tmp_path / "elsewhere") is None  # a node without it: no id
+    _pause_into(store, "sbx-a1", "t-a")
+    assert ClusterPaused(root).find("t-a", "sbx-a1") is not None  # loaded from disk
+    assert store.find("t-b", "sbx-a1") is None  # invariant 11: another tenant's is unknown
+    assert store.known("t-a", "sbx-a1") and not store.known("t-b", "sbx-a1")
+    assert store.usage("t-a") >= 100 and store.usage("t-b") == 0
+    entry = store.find("t-a", "sbx-a1")
+    assert entry is not None and entry.info.state == "paused" and entry.info.metadata == {"k": "v"}
+    store.add(entry, Held({"S": "v"}, ["x"], {"template_id": "base"}))
+    assert entry.record["face"] == {"template_id": "base"}  # the face's names, kept
+    assert store.delete("sbx-a1") is True
+    assert not (root / "sbx-a1").exists() and store.find("t-a", "sbx-a1") is None
+    assert "sbx-a1" not in store.held  # nothing held for a deleted one
+    assert (root / MARKER).is_file()  # the store's scan leaves the marker alone
+    assert ClusterPaused(root).loaded() == {}
 
 
 def test_errors_cross_the_node_boundary_with_their_fields_and_no_host_detail() -> None:

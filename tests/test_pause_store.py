@@ -84,3 +84,31 @@ def test_agent_takes_a_new_gateways_ca_on_a_second_net_setup(tmp_path: Path) -> 
     assert ca.read_bytes().endswith(b"NEW-CA\n")
     assert listener is not None
     listener.close()
+
+
+def test_a_shared_stores_scan_leaves_another_hosts_work_alone(tmp_path: Path) -> None:
+    """A cluster's store is shared by machines: a pid of another host means nothing here, so
+    its work is left alone; an earlier boot of this host is dead; a lost node's work is
+    repaired by name (``scan(abandoned)``)."""
+    from moat.store.paused import host_token, owner_of
+
+    store = PausedStore(tmp_path)
+    mine = host_token()
+    other_host = "ffffffff" + mine[8:] if not mine.startswith("ffffffff") else "0" * 16
+    old_boot = mine[:8] + ("0" * 8 if mine[8:] != "0" * 8 else "1" * 8)
+    assert owner_of(store.begin(SID).tmp.name) == (os.getpid(), mine)  # names its host
+    elsewhere = tmp_path / f".tmp-sbx-1111222233334444-{DEAD}.{other_host}-0000"
+    rebooted = tmp_path / f".tmp-sbx-5555666677778888-1.1.{old_boot}-0000"
+    elsewhere.mkdir()
+    rebooted.mkdir()
+    store.scan()
+    assert elsewhere.is_dir()  # another host's pause in progress: untouched
+    assert not rebooted.exists()  # this host before its reboot: a crash's leftover
+    # the server repairs a lost node's work by its owner's name only
+    _commit(store, "sbx-9999aaaabbbbcccc")
+    claimed = tmp_path / f".res-sbx-9999aaaabbbbcccc-{DEAD}.{other_host}-0001"
+    os.rename(tmp_path / "sbx-9999aaaabbbbcccc", claimed)
+    lost = (999999999, other_host)
+    store.scan(lambda name: owner_of(name) == lost)
+    assert (tmp_path / "sbx-9999aaaabbbbcccc" / "ckpt" / "blob").is_file()  # paused again
+    assert not elsewhere.exists()  # that node's unfinished pause: removed

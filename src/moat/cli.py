@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import os
 import re
 import sqlite3
 import sys
@@ -338,6 +339,14 @@ def _table(rows: list[dict[str, Any]]) -> list[str]:
     help="Place sandboxes on the moat nodes of the Ray cluster at ADDRESS; alone: start a "
     "local head that is itself a node (moat[cluster]; docs/cluster.md).",
 )
+@click.option(
+    "--paused-dir",
+    envvar="MOAT_PAUSED_DIR",
+    default=None,
+    help="With --cluster: the shared directory of paused sandboxes, which the nodes that "
+    "resume them mount too (moat node --paused-dir); without it pause is refused "
+    "($MOAT_PAUSED_DIR).",
+)
 def serve(
     host: str,
     port: int,
@@ -346,9 +355,13 @@ def serve(
     tls_cert: str | None,
     tls_key: str | None,
     cluster: str | None,
+    paused_dir: str | None,
 ) -> None:
     """Serve E2B's wire on HOST:PORT for the unmodified E2B SDKs (keys: ``moat keys``)."""
     from moat.server.serve import main as serve_main
+
+    if paused_dir:  # read by the cluster's front door and a local head (moat.cluster.paused)
+        os.environ["MOAT_PAUSED_DIR"] = os.path.abspath(paused_dir)
 
     serve_main(host, port, tier, policy_file, tls_cert or None, tls_key or None, cluster)
 
@@ -363,7 +376,14 @@ def serve(
               help="This node's address on the cluster's private network.")  # fmt: skip
 @click.option("--num-cpus", type=click.IntRange(0, 4096), default=0, show_default=True,
               help="CPUs this node offers Ray's own tasks (sandboxes reserve none).")  # fmt: skip
-def node(address: str, slots: int, tiers: str | None, node_ip: str, num_cpus: int) -> None:
+@click.option("--paused-dir", envvar="MOAT_PAUSED_DIR", default=None,
+              help="The cluster's shared directory of paused sandboxes (the server's "
+              "--paused-dir, mounted here); without it this node can't pause or resume "
+              "($MOAT_PAUSED_DIR).")  # fmt: skip
+def node(
+    address: str, slots: int, tiers: str | None, node_ip: str, num_cpus: int,
+    paused_dir: str | None,
+) -> None:  # fmt: skip
     """Join a Ray cluster as a moat node: probe the tiers, sweep leftovers, then advertise
     the usable tiers and SLOTS as Ray resources (moat[cluster]; docs/cluster.md)."""
     from moat.cluster.launch import run_node
@@ -371,7 +391,8 @@ def node(address: str, slots: int, tiers: str | None, node_ip: str, num_cpus: in
 
     wanted = [t.strip() for t in tiers.split(",") if t.strip()] if tiers else None
     try:
-        run_node(address, slots=slots, tiers=wanted, node_ip=node_ip, num_cpus=num_cpus)
+        run_node(address, slots=slots, tiers=wanted, node_ip=node_ip, num_cpus=num_cpus,
+                 paused_dir=paused_dir or None)  # fmt: skip
     except SandboxError as exc:
         click.echo(f"moat node: {exc}", err=True)
         sys.exit(2)

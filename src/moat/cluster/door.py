@@ -17,6 +17,16 @@ where it runs:
   ended, and the next call raises SandboxLostError ("was not found": 502 over the wire).
   It is never re-created elsewhere.
 
+* **pause and resume** (with a shared paused store: ``--paused-dir``,
+  ``moat.cluster.paused``): a pause runs on the sandbox's node, into the store; the sandbox's
+  bundle and quota are released and the server tracks it as paused (no node). A resume
+  places it again, on any node that advertises its tier and reaches the store, under the
+  same id. Without a store a pause is refused (PolicyError).
+* **a cancelled create** (a dropped request, an MCP cancel) runs on to its end in the
+  background, and the sandbox it made, if any, is killed on arrival: nothing is left that
+  nobody tracks (invariant 5). A cancelled resume runs on too, and the sandbox is tracked
+  as running (killing it would lose the user's paused state).
+
 Ingress (``open_port``) and directory watches are not carried across the cluster yet:
 they raise PolicyError naming the missing capability (invariant 7).
 """
@@ -31,13 +41,16 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import IO, Any, Final
 
 from moat.cluster import raycfg
 from moat.cluster.node import NodeActor, unpack_error
-from moat.cluster.resources import NODE, bundle_for, tiers_of
+from moat.cluster.paused import ClusterPaused, Held, configured_dir
+from moat.cluster.resources import NODE, PAUSED, bundle_for, tiers_of
 from moat.engine import admission
 from moat.engine.api import CAPABILITIES
+from moat.engine.persist import Paused
 from moat.engine.quota import Ledger
 from moat.engine.resolve import resolve, validate_config
 from moat.engine.session import file_chunks
@@ -73,7 +86,12 @@ MAX_ENDED: Final = 4096
 NODE_START_S: Final = 120.0
 #: The largest file body a write carries across the cluster.
 MAX_WRITE_BYTES: Final = 256 << 20
-_MISSING: Final = frozenset({"ports.open", "files.watch"})
+_MISSING: Final = frozenset({"ports.open", "files.watch", "sandboxes.snapshot", "sandboxes.fork"})
+#: Seconds after a node's loss before its unfinished paused-store work is repaired (its
+#: engine's last kill takes at most moat.cluster.node.LAST_KILL_S, twice: kill and drain).
+REPAIR_AFTER_S: Final = 12.0
+#: Seconds a closing server waits for the creates and resumes in flight (placing: 10 s).
+CLOSE_WAIT_S: Final = 30.0
 
 
 def cluster_capabilities() -> frozenset[str]:
@@ -88,6 +106,7 @@ class _Node:
     ready: asyncio.Task[dict[str, Any]]
     info: dict[str, Any] = field(default_factory=dict)
     watcher: asyncio.Task[None] | None = None
+    paused: bool = False  # advertises the shared paused store (resources.PAUSED)
 
 
 @dataclass
@@ -96,6 +115,8 @@ class _Placed:
     node_id: str
     pg: Any
     token: int | None = None
+    #: what a resume elsewhere needs and is never written down (invariant 3: memory only)
+    held: Held = field(default_factory=Held)
 
 
 class _EngineShim:
@@ -119,7 +140,10 @@ class ClusterFrontDoor:
         policy: TenantPolicies | None = None,
         *,
         place_timeout: float = PLACE_TIMEOUT_S,
+        paused_dir: str | None = None,
     ) -> None:
+        """``paused_dir``: the shared store of paused sandboxes (default ``$MOAT_PAUSED_DIR``;
+        none: pause is refused)."""
         import ray
 
         if policy is not None and not isinstance(policy, TenantPolicies):
@@ -136,6 +160,10 @@ class ClusterFrontDoor:
         self._listeners: list[Callable[[str], None]] = []
         self._monitor: asyncio.Task[None] | None = None
         self._closed = False
+        self._tasks: set[asyncio.Task[Any]] = set()  # creates and resumes (they run on if
+        self._repairs: set[asyncio.Task[Any]] = set()  # their caller leaves), kills, repairs
+        root = configured_dir() if paused_dir is None else Path(paused_dir)
+        self.paused_store = ClusterPaused(root) if root is not None else None
         if not ray.is_initialized():
             ray.init(
                 address=address, namespace=raycfg.NAMESPACE, log_to_driver=False,
@@ -178,9 +206,9 @@ class ClusterFrontDoor:
         for nid, n in alive.items():
             res = n.get("Resources") or {}
             if res.get(NODE) and nid not in self.nodes and nid not in self.dead:
-                self._start_node(nid, tiers_of(res))
+                self._start_node(nid, tiers_of(res), paused=res.get(PAUSED, 0) > 0)
 
-    def _start_node(self, node_id: str, tiers: list[str]) -> None:
+    def _start_node(self, node_id: str, tiers: list[str], *, paused: bool = False) -> None:
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         handle = self._actor_cls.options(
@@ -190,7 +218,7 @@ class ClusterFrontDoor:
             max_concurrency=1000,
         ).remote()
         node = _Node(node_id, handle, tiers, asyncio.get_running_loop().create_task(
-            self._ready(node_id, handle)))  # fmt: skip
+            self._ready(node_id, handle)), paused=paused)  # fmt: skip
         node.ready.add_done_callback(lambda t: t.cancelled() or t.exception())
         self.nodes[node_id] = node
         log.info("cluster node %s joined with tiers %s", node_id[:12], ",".join(tiers))
@@ -227,8 +255,11 @@ class ClusterFrontDoor:
             if lost:
                 self._lose_node(node.node_id, "it lost its raylet")
                 return
-            for sid in ids:
-                self._ended(sid, lost=False)
+            for sid, entry in ids:
+                if entry is not None:  # it paused by itself (on_timeout="pause")
+                    self._to_paused(sid, entry, node.node_id)
+                else:
+                    self._ended(sid, lost=False, node_id=node.node_id)
 
     def _lose_node(self, node_id: str, why: str) -> None:
         node = self.nodes.pop(node_id, None)
@@ -239,6 +270,7 @@ class ClusterFrontDoor:
         log.warning("cluster node %s lost (%s): %d sandboxes lost", node_id[:12], why, len(gone))
         for sid in gone:
             self._ended(sid, lost=True)
+        self._repair_after(node)
         if node.watcher is not None:
             node.watcher.cancel()
         # Declared dead while its actor still runs (a partition): end it, so that its
@@ -248,6 +280,28 @@ class ClusterFrontDoor:
 
             ray.kill(node.handle, no_restart=True)
 
+    def _repair_after(self, node: _Node) -> None:
+        """A lost node's unfinished work in the paused store is repaired once its engine
+        has surely ended (its last kill: moat.cluster.node), so a resume it was running
+        leaves the sandbox paused, not claimed for ever."""
+        store = self.paused_store
+        pid, host = node.info.get("pid"), node.info.get("host_token")
+        if store is None or not isinstance(pid, int) or not isinstance(host, str):
+            return
+
+        async def later() -> None:
+            await asyncio.sleep(REPAIR_AFTER_S)
+            removed = await asyncio.to_thread(store.repair, pid, host)
+            if removed:
+                log.warning("repaired a lost node's paused-store work: %s", ", ".join(removed))
+
+        try:
+            task = asyncio.get_running_loop().create_task(later())
+            self._repairs.add(task)
+            task.add_done_callback(self._repairs.discard)
+        except RuntimeError:  # no loop (closing): the next server's first scan repairs it
+            pass
+
     async def _up(self, node: _Node) -> None:
         """Wait for the node's actor; one that never came up is a lost node."""
         try:
@@ -256,25 +310,53 @@ class ClusterFrontDoor:
             self._lose_node(node.node_id, f"its actor did not start ({type(exc).__name__})")
             raise SandboxLostError("the sandbox was not found: its cluster node was lost") from None
 
-    def _ended(self, sandbox_id: str, *, lost: bool) -> None:
-        """A sandbox ended (or was lost): release its bundle and quota, tell the faces."""
-        placed = self.placed.pop(sandbox_id, None)
-        if placed is None:
+    def _ended(self, sandbox_id: str, *, lost: bool, node_id: str | None = None) -> None:
+        """A sandbox ended (or was lost): release its bundle and quota, tell the faces.
+        ``node_id``: the node that reports it (a late report of a sandbox that paused and
+        resumed elsewhere since is not about its new placement)."""
+        placed = self.placed.get(sandbox_id)
+        if placed is None or (node_id is not None and placed.node_id != node_id):
             return
+        del self.placed[sandbox_id]
         self.ended[sandbox_id] = (placed.tenant, placed.node_id, lost)
         while len(self.ended) > MAX_ENDED:
             self.ended.popitem(last=False)
         _remove_pg(placed.pg)
         self.quota.release_sandbox(sandbox_id)
+        self._tell(sandbox_id)
+
+    def _tell(self, sandbox_id: str) -> None:
         for listener in list(self._listeners):
             try:
                 listener(sandbox_id)
             except Exception:
                 log.exception("end listener failed for %s", sandbox_id)
 
-    def tiers(self) -> set[str]:
-        """The tiers some live node advertises."""
-        return {t for n in self.nodes.values() for t in n.tiers}
+    def _to_paused(self, sandbox_id: str, entry: Paused, node_id: str) -> None:
+        """A sandbox paused into the shared store: its bundle and quota are released and the
+        server tracks it as paused, on no node (its state outlives the node)."""
+        placed = self.placed.get(sandbox_id)
+        if placed is None or placed.node_id != node_id:
+            return
+        store = self.paused_store
+        if store is None:  # a node paused into a store this server doesn't know: ended here
+            log.error("sandbox %s paused into a store this server has not", sandbox_id)
+            self._ended(sandbox_id, lost=False, node_id=node_id)
+            return
+        del self.placed[sandbox_id]
+        store.add(entry, placed.held)  # before the faces hear of it (is_paused_now)
+        _remove_pg(placed.pg)
+        self.quota.release_sandbox(sandbox_id)
+        self._tell(sandbox_id)
+
+    def _keep(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def tiers(self, *, paused: bool = False) -> set[str]:
+        """The tiers some live node advertises (``paused``: a node reaching the paused
+        store)."""
+        return {t for n in self.nodes.values() if n.paused or not paused for t in n.tiers}
 
     async def close(self) -> None:
         """Kill every sandbox this server placed (invariant 5) and release their bundles."""
@@ -283,6 +365,10 @@ class ClusterFrontDoor:
         self._closed = True
         if self._monitor is not None:
             self._monitor.cancel()
+        for task in list(self._repairs):  # the next server's first scan repairs what's left
+            task.cancel()
+        if self._tasks:  # creates in flight land before the last kill (invariant 5)
+            await asyncio.wait(list(self._tasks), timeout=CLOSE_WAIT_S)
         nodes = list(self.nodes.values())
         await asyncio.gather(
             *(asyncio.wait_for(_await(n.handle.kill_all.remote()), 30) for n in nodes),
@@ -299,6 +385,24 @@ class ClusterFrontDoor:
     @staticmethod
     def resolve(**kwargs: Any) -> SandboxConfig:
         return resolve(**kwargs)
+
+    #: no template builds over a cluster (each node keeps its own template store): the
+    #: server's template routes answer 501
+    template_builds = None
+
+    @staticmethod
+    def template_exists(name: str, tenant: str | None = None) -> bool:
+        """Only ``host`` (each node's own store is not the server's to name): any other
+        template name is unknown here, a clear error at create."""
+        return name == "host"
+
+    @staticmethod
+    def tenant_template(tenant: str, name: str) -> str | None:
+        return None  # tenants build no templates through a clustered server
+
+    @staticmethod
+    def tenant_template_sizes(tenant: str, name: str) -> dict[str, int] | None:
+        return None
 
     def default_tier(self, tenant: str) -> str | None:
         _tenant(tenant)
@@ -327,10 +431,42 @@ class ClusterFrontDoor:
         sensitive: Mapping[str, str] | list[str] | None = None,
         gateway_config: Any = None,
     ) -> SandboxInfo:
-        """Place and start a sandbox for ``tenant`` (see the module's docstring)."""
-        import ray
-        from ray.util.placement_group import placement_group
+        """Place and start a sandbox for ``tenant`` (see the module's docstring).
 
+        Cancelled (the caller went away), the create runs on in the background and the
+        sandbox it made is killed on arrival: a node must never keep a sandbox nobody tracks
+        (invariant 5), and the bundle and quota it held are released with it."""
+        task = asyncio.ensure_future(
+            self._create(tenant, config, secrets, sensitive, gateway_config)
+        )
+        self._keep(task)
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            task.add_done_callback(lambda t: self._kill_on_arrival(tenant, t))
+            raise
+
+    def _kill_on_arrival(self, tenant: str, task: asyncio.Task[SandboxInfo]) -> None:
+        if task.cancelled() or task.exception() is not None:
+            return  # nothing was made (the error was the caller's, who left)
+        sid = task.result().sandbox_id
+        log.warning("a cancelled create's sandbox %s arrived: killed", sid)
+        self._keep(asyncio.ensure_future(self._quiet_kill(tenant, sid)))
+
+    async def _quiet_kill(self, tenant: str, sandbox_id: str) -> None:
+        try:
+            await self.kill(tenant, sandbox_id)
+        except Exception:  # its node lost meanwhile: it went with it
+            log.exception("kill of %s failed", sandbox_id)
+
+    async def _create(
+        self,
+        tenant: str,
+        config: SandboxConfig | Mapping[str, Any],
+        secrets: Mapping[str, str] | None,
+        sensitive: Mapping[str, str] | list[str] | None,
+        gateway_config: Any,
+    ) -> SandboxInfo:
         _tenant(tenant)
         if gateway_config is not None:
             raise PolicyError("a gateway_config is a node's setting in a cluster")
@@ -343,55 +479,82 @@ class ClusterFrontDoor:
             raise IsolationUnavailableError(
                 f"isolation tier {cfg.tier!r} is not offered by any node of the cluster"
             )
-        try:
-            token = self.quota.reserve(tenant, policy.quotas, cfg.limits.cpus,
-                                       cfg.limits.memory_mb)  # fmt: skip
-        except QuotaExceededError as exc:
-            if exc.retry_after is None:
-                exc.retry_after = 5.0
-            raise
+        token = self._reserve(tenant, cfg)
         pg = None
         try:
-            pg = await asyncio.to_thread(
-                placement_group, [bundle_for(cfg.tier, cfg.limits.memory_mb)], "STRICT_PACK"
+            pg, node = await self._place(cfg.tier, cfg.limits.memory_mb, paused=False)
+            info: SandboxInfo = await self._placed_call(
+                node, node.handle.create.remote(tenant, cfg, dict(secrets or {}), sensitive)
             )
-            try:
-                await asyncio.wait_for(_await(pg.ready()), self.place_timeout)
-            except TimeoutError:
-                raise CapacityError(
-                    f"no cluster node has room for a {cfg.tier} sandbox now; try again later"
-                ) from None
-            table = await asyncio.to_thread(ray.util.placement_group_table, pg)
-            node_id = table["bundles_to_node_id"][0]
-            node = self.nodes.get(node_id)
-            if node is None:
-                raise SandboxDiedError("the cluster node chosen for the sandbox was lost")
-            await self._up(node)
-            try:
-                status, value = await node.handle.create.remote(
-                    tenant, cfg, dict(secrets or {}), sensitive
-                )
-            except Exception as exc:
-                if _is_ray_death(exc):
-                    self._lose_node(node_id, "its actor died")
-                    raise SandboxDiedError("the cluster node of the new sandbox was lost") from None
-                raise
-            if status == "lost":
-                self._lose_node(node_id, "it lost its raylet")
-                raise SandboxDiedError("the cluster node of the new sandbox was lost")
-            if status != "ok":
-                raise unpack_error(value)
         except BaseException:
             self.quota.release(token)
             if pg is not None:
                 _remove_pg(pg)
             raise
-        info: SandboxInfo = value
-        self.placed[info.sandbox_id] = _Placed(tenant, node_id, pg, token)
-        self.quota.bind(token, info.sandbox_id)
-        if node_id not in self.nodes:  # lost while we waited: so is the sandbox
-            self._lose_node(node_id, "lost during create")
+        held = Held(dict(secrets or {}), sensitive)
+        self._track(info.sandbox_id, _Placed(tenant, node.node_id, pg, token, held))
         return info
+
+    def _reserve(self, tenant: str, cfg: SandboxConfig) -> int:
+        """The tenant's quota for one more sandbox, across the cluster (invariant 11)."""
+        policy = self.policy.of(tenant)
+        try:
+            return self.quota.reserve(tenant, policy.quotas, cfg.limits.cpus,
+                                      cfg.limits.memory_mb)  # fmt: skip
+        except QuotaExceededError as exc:
+            if exc.retry_after is None:
+                exc.retry_after = 5.0
+            raise
+
+    async def _place(self, tier: str, memory_mb: int, *, paused: bool) -> tuple[Any, _Node]:
+        """One bundle for a sandbox of ``tier`` (``paused``: a resume, on a node reaching the
+        paused store), waited for a bounded time (else CapacityError), and its node (a lost
+        one: SandboxDiedError, the bundle removed)."""
+        import ray
+        from ray.util.placement_group import placement_group
+
+        pg = await asyncio.to_thread(
+            placement_group, [bundle_for(tier, memory_mb, paused=paused)], "STRICT_PACK"
+        )
+        try:
+            try:
+                await asyncio.wait_for(_await(pg.ready()), self.place_timeout)
+            except TimeoutError:
+                raise CapacityError(
+                    f"no cluster node has room for a {tier} sandbox now; try again later"
+                ) from None
+            table = await asyncio.to_thread(ray.util.placement_group_table, pg)
+            node = self.nodes.get(table["bundles_to_node_id"][0])
+            if node is None:
+                raise SandboxDiedError("the cluster node chosen for the sandbox was lost")
+            await self._up(node)
+        except BaseException:
+            _remove_pg(pg)
+            raise
+        return pg, node
+
+    async def _placed_call(self, node: _Node, ref: Any) -> Any:
+        """A node's create or resume of a sandbox placed there: its value."""
+        try:
+            status, value = await ref
+        except Exception as exc:
+            if _is_ray_death(exc):
+                self._lose_node(node.node_id, "its actor died")
+                raise SandboxDiedError("the cluster node of the sandbox was lost") from None
+            raise
+        if status == "lost":
+            self._lose_node(node.node_id, "it lost its raylet")
+            raise SandboxDiedError("the cluster node of the sandbox was lost")
+        if status != "ok":
+            raise unpack_error(value)
+        return value
+
+    def _track(self, sandbox_id: str, placed: _Placed) -> None:
+        self.placed[sandbox_id] = placed
+        if placed.token is not None:
+            self.quota.bind(placed.token, sandbox_id)
+        if placed.node_id not in self.nodes:  # lost while we waited: so is the sandbox
+            self._lose_node(placed.node_id, "lost during create")
 
     def node_of(self, tenant: str, sandbox_id: str) -> dict[str, Any]:
         """Which node hosts the tenant's sandbox (its Ray node id, host, pid)."""
@@ -399,6 +562,14 @@ class ClusterFrontDoor:
         return {"node_id": node.node_id, **node.info}
 
     async def kill(self, tenant: str, sandbox_id: str) -> bool:
+        """Kill a sandbox; a paused one's state is deleted from the shared store."""
+        _tenant(tenant)
+        sid = v.sandbox_id(sandbox_id)
+        store = self.paused_store
+        if store is not None and sid is not None:
+            async with store.locks.of(sid):
+                if await self._find_paused(tenant, sid) is not None:
+                    return await asyncio.to_thread(store.delete, sid)
         try:
             node = self._route(tenant, sandbox_id)
         except SandboxError:
@@ -411,10 +582,15 @@ class ClusterFrontDoor:
         await self._plain("set_timeout", tenant, sandbox_id, seconds)
 
     async def info(self, tenant: str, sandbox_id: str) -> SandboxInfo:
+        paused = await self._find_paused(tenant, sandbox_id)
+        if paused is not None:
+            return paused.info
         info: SandboxInfo = await self._plain("info", tenant, sandbox_id, ended_ok=True)
         return info
 
     async def is_running(self, tenant: str, sandbox_id: str) -> bool:
+        if await self._find_paused(tenant, sandbox_id) is not None:
+            return False
         try:
             return bool(await self._plain("is_running", tenant, sandbox_id, ended_ok=True))
         except SandboxLostError:
@@ -424,8 +600,14 @@ class ClusterFrontDoor:
         self, tenant: str, *, metadata: Mapping[str, str] | None = None,
         state: str | None = "running",
     ) -> list[SandboxInfo]:  # fmt: skip
+        """Running and ended sandboxes from the nodes; paused ones from the shared store."""
         _tenant(tenant)
+        want = v.metadata(metadata)
+        if state is not None:
+            v.choice("state", state, ("running", "paused", "ended"))
         nodes = [n for n in self.nodes.values() if n.ready.done() and not n.ready.exception()]
+        if state == "paused":
+            nodes = []  # a node keeps none (moat.cluster.node)
         got = await asyncio.gather(
             *(self._call(n, "list_sandboxes", tenant, metadata=metadata, state=state)
               for n in nodes),
@@ -434,9 +616,16 @@ class ClusterFrontDoor:
         out: list[SandboxInfo] = []
         for part in got:
             if isinstance(part, list):
-                out.extend(part)
+                out.extend(i for i in part if i.state != "paused")
             elif isinstance(part, (InvalidArgumentError, PolicyError)):
                 raise part
+        store = self.paused_store
+        if store is not None and state in (None, "paused"):
+            loaded = await asyncio.to_thread(store.loaded)
+            out += [
+                p.info for p in list(loaded.values())
+                if p.tenant == tenant and all(p.info.metadata.get(k) == x for k, x in want.items())
+            ]  # fmt: skip
         return out
 
     async def metrics(
@@ -451,11 +640,44 @@ class ClusterFrontDoor:
     async def pause(
         self, tenant: str, sandbox_id: str, memory: bool = False, *, face: Any = None
     ) -> SandboxInfo:
-        # Not yet across nodes: a paused sandbox needs a snapshot store every node reaches
-        # and a record that outlives its bundle (issue 13's persistence part). Said, not
-        # attempted (invariant 7).
-        self._route(tenant, sandbox_id)
-        raise _missing("sandboxes.pause")
+        """Pause on the sandbox's node into the shared store; the server then tracks it as
+        paused, on no node. Without a shared store, or on a node that can't reach it:
+        PolicyError, and it keeps running (invariant 7)."""
+        if not isinstance(memory, bool):
+            raise InvalidArgumentError("memory must be a bool")
+        _tenant(tenant)
+        store = self.paused_store
+        sid = v.sandbox_id(sandbox_id)
+        if store is None:
+            self._route(tenant, sandbox_id)
+            raise PolicyError(
+                "pausing a sandbox on a cluster needs a paused-sandbox store that every node "
+                "reaches (moat serve --paused-dir); none is set"
+            )
+        async with store.locks.of(sid or "-"):
+            if sid is not None and await self._find_paused(tenant, sid) is not None:
+                raise SandboxError("the sandbox is already paused")
+            node = self._route(tenant, sandbox_id)
+            await self._up(node)
+            if node.info.get("paused_store") != store.store_id:
+                raise PolicyError(
+                    "the sandbox's cluster node can't reach the paused-sandbox store; it "
+                    "keeps running"
+                )
+            placed = self.placed.get(sid or "")  # None: ended (the node says how)
+            kept = placed.held.face if placed is not None else {}
+            quota = self.policy.of(tenant).quotas.snapshot_mb
+            room = None
+            if quota is not None:  # the tenant's paused state across the cluster
+                room = max((quota << 20) - await asyncio.to_thread(store.usage, tenant), 0)
+            entry: Paused = await self._remote(
+                node,
+                node.handle.pause.remote(
+                    tenant, sid, memory, kept if face is None else dict(face), room
+                ),
+            )
+            self._to_paused(entry.sandbox_id, entry, node.node_id)
+        return entry.info
 
     async def resume(self, tenant: str, sandbox_id: str, **kw: Any) -> SandboxInfo:
         info, _ = await self.connect(tenant, sandbox_id, **kw)
@@ -467,11 +689,31 @@ class ClusterFrontDoor:
         sandbox_id: str,
         *,
         timeout: float | None = None,
-        secrets: Any = None,
-        sensitive: Any = None,
+        secrets: Mapping[str, str] | None = None,
+        sensitive: Mapping[str, str] | list[str] | None = None,
     ) -> tuple[SandboxInfo, bool]:
-        """A running sandbox's info (nothing is ever paused on a cluster yet); ``timeout``
-        only extends its lifetime, as on one host."""
+        """The sandbox, resumed if it was paused (placed again, on any node that offers its
+        tier and reaches the paused store): (info, whether it was resumed). ``timeout``: a
+        running one's lifetime is only extended, as on one host. Secret and sensitive values
+        the server held since its create are given again; after a restart of the server the
+        caller gives them.
+
+        Cancelled, a resume runs on in the background and its sandbox is tracked as running
+        (never killed: that would lose the paused state)."""
+        _tenant(tenant)
+        if timeout is not None:
+            timeout = v.number("timeout", timeout, 1, v.MAX_TIMEOUT)
+        sid = v.sandbox_id(sandbox_id)
+        store = self.paused_store
+        if store is not None and sid is not None:
+            async with store.locks.of(sid):
+                paused = await self._find_paused(tenant, sid)
+                if paused is not None:
+                    task = asyncio.ensure_future(
+                        self._resume(tenant, paused, timeout, secrets, sensitive)
+                    )
+                    self._keep(task)
+                    return await asyncio.shield(task), True
         info = await self.info(tenant, sandbox_id)
         if timeout is not None:
             now = _dt.datetime.now(_dt.UTC)
@@ -480,22 +722,101 @@ class ClusterFrontDoor:
                 info = await self.info(tenant, sandbox_id)
         return info, False
 
-    def paused_report(self) -> list[str]:
-        return []
+    async def _resume(
+        self, tenant: str, paused: Paused, timeout: float | None,
+        secrets: Mapping[str, str] | None, sensitive: Mapping[str, str] | list[str] | None,
+    ) -> SandboxInfo:  # fmt: skip
+        store = self.paused_store
+        if store is None:
+            raise SandboxError("no paused-sandbox store")
+        sid = paused.sandbox_id
+        config = SandboxConfig.from_dict(paused.record["config"])
+        tier = str(paused.record["tier"])
+        admission.check_config(self.policy.of(tenant), config)  # the tenant's policy now
+        if tier not in self.tiers(paused=True):
+            raise IsolationUnavailableError(
+                f"isolation tier {tier!r} is not offered by any node of the cluster that "
+                "reaches the paused-sandbox store"
+            )
+        was = store.held.get(sid) or Held()
+        held = Held(
+            dict(was.secrets if secrets is None else secrets),
+            was.sensitive if sensitive is None else sensitive,
+            dict(was.face),
+        )
+        token = self._reserve(tenant, config)
+        # A node lost under the resume (the GCS still offers a dying node for ~3 s) did
+        # nothing to the paused state: place it again, within the placing time.
+        deadline = time.monotonic() + self.place_timeout
+        while True:
+            pg = node = None
+            try:
+                pg, node = await self._place(tier, config.limits.memory_mb, paused=True)
+                if node.info.get("paused_store") != store.store_id:
+                    raise PolicyError(
+                        "the cluster node chosen to resume the sandbox can't reach the "
+                        "paused-sandbox store"
+                    )
+                info: SandboxInfo = await self._placed_call(
+                    node,
+                    node.handle.resume.remote(
+                        tenant, sid, timeout, held.secrets or None, held.sensitive
+                    ),
+                )
+                break
+            except SandboxDiedError:
+                if pg is not None:
+                    _remove_pg(pg)
+                gone = node is None or node.node_id not in self.nodes
+                if not gone or time.monotonic() > deadline:
+                    self.quota.release(token)
+                    raise
+                log.warning("resume of %s: its node was lost; placing it again", sid)
+                await asyncio.sleep(0.5)
+            except BaseException:
+                self.quota.release(token)
+                if pg is not None:
+                    _remove_pg(pg)
+                raise
+        store.take(sid)
+        self._track(sid, _Placed(tenant, node.node_id, pg, token, held))
+        return info
 
-    # What faces keep beside a sandbox for persistence and the dashboard: not across nodes
-    # yet (nothing is paused on a cluster; a node's own activity stays on the node).
+    async def _find_paused(self, tenant: str, sandbox_id: str) -> Paused | None:
+        """The tenant's paused sandbox (invariant 11: another tenant's is unknown)."""
+        store = self.paused_store
+        sid = v.sandbox_id(sandbox_id)
+        if store is None or sid is None:
+            return None
+        if store.is_loaded:
+            return store.find(tenant, sid)
+        return await asyncio.to_thread(store.find, tenant, sid)  # loads from disk once
+
+    def paused_report(self) -> list[str]:
+        """Half-written paused states the first load of the store removed."""
+        if self.paused_store is None:
+            return []
+        self.paused_store.loaded()
+        return list(self.paused_store.report)
+
+    # What faces keep beside a sandbox for persistence: the face's names travel with a
+    # paused sandbox (in the server's memory while it runs; with the record when it pauses).
 
     def set_face(self, tenant: str, sandbox_id: str, face: Any) -> None:
         self._route(tenant, sandbox_id)
+        placed = self.placed.get(sandbox_id)
+        if placed is not None:
+            placed.held.face = dict(face)
 
     def is_paused_now(self, tenant: str, sandbox_id: str) -> bool:
-        return False
+        return self.paused_store is not None and self.paused_store.known(tenant, sandbox_id)
 
     async def face_data(self, tenant: str, sandbox_id: str) -> dict[str, Any] | None:
-        return None
+        paused = await self._find_paused(tenant, sandbox_id)
+        return None if paused is None else dict(paused.record.get("face") or {})
 
     def keeps_memory(self, tenant: str, sandbox_id: str) -> bool:
+        """A pause left to choose keeps the files (docs/cluster.md)."""
         return False
 
     async def activity_of(self, tenant: str, sandbox_id: str) -> list[Any]:
@@ -509,8 +830,35 @@ class ClusterFrontDoor:
     async def audit_trail(self, tenant: str | None, **kw: Any) -> list[dict[str, Any]]:
         raise _missing("audit.trail (use `moat audit --cluster`)")
 
-    async def snapshot(self, tenant: str, sandbox_id: str) -> None:
-        await self._plain("snapshot", tenant, sandbox_id, ended_ok=True)
+    # Snapshots and fork: a node's engine keeps its snapshots in its own state dir, where
+    # another node can't start them; not carried across the cluster yet (invariant 7: said,
+    # 501 over the wire, not a 500). No snapshot exists on a cluster, so lists are empty.
+
+    async def create_snapshot(self, tenant: str, sandbox_id: str, name: str | None = None,
+                              memory: bool | None = None) -> Any:  # fmt: skip
+        self._route(tenant, sandbox_id)
+        raise _missing("sandboxes.snapshot")
+
+    async def fork(self, tenant: str, sandbox_id: str, count: int = 1, **kw: Any) -> Any:
+        self._route(tenant, sandbox_id)
+        raise _missing("sandboxes.fork")
+
+    async def list_snapshots(self, tenant: str, sandbox_id: str | None = None,
+                             name: str | None = None) -> list[Any]:  # fmt: skip
+        _tenant(tenant)
+        return []
+
+    async def delete_snapshot(self, tenant: str, snapshot_id: str) -> bool:
+        _tenant(tenant)
+        return False
+
+    async def snapshot_face(self, tenant: str, snapshot_id: str) -> dict[str, Any] | None:
+        _tenant(tenant)
+        return None
+
+    async def create_from_snapshot(self, tenant: str, snapshot_id: str, **kw: Any) -> Any:
+        _tenant(tenant)
+        raise NotFoundError("snapshot was not found (snapshots are not kept on a cluster yet)")
 
     def guard(self, tenant: str, sandbox_id: str) -> Any:
         raise PolicyError("a clustered sandbox's guard lives on its node")

@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable, Sequence
 
 from moat.cluster import raycfg
+from moat.cluster.paused import ENV as PAUSED_ENV
 from moat.cluster.resources import advertise, tiers_of
 from moat.errors import IsolationUnavailableError
 from moat.model.tiers import TIERS
@@ -35,9 +36,12 @@ __all__ = [
 ]
 
 
-def node_resources(slots: int, tiers: Sequence[str] | None = None) -> dict[str, float]:
+def node_resources(
+    slots: int, tiers: Sequence[str] | None = None, *, paused_dir: str | None = None
+) -> dict[str, float]:
     """Probe this host and return what it may advertise. ``tiers``: only these (each must
-    pass its probe, else IsolationUnavailableError naming why); None: every tier that passes."""
+    pass its probe, else IsolationUnavailableError naming why); None: every tier that passes.
+    ``paused_dir``: the cluster's shared store of paused sandboxes (must be a directory)."""
     from moat.engine.tiers import runtime_for
 
     wanted = list(TIERS) if tiers is None else list(tiers)
@@ -55,7 +59,11 @@ def node_resources(slots: int, tiers: Sequence[str] | None = None) -> dict[str, 
         from moat.runtime.microvm.probe import dev_kvm_usable, kvm_modules_loaded
 
         kvm = dev_kvm_usable() and kvm_modules_loaded()
-    return advertise(probes, slots, kvm=kvm)
+    if paused_dir is not None and not os.path.isdir(paused_dir):
+        raise IsolationUnavailableError(
+            "the paused-sandbox store (--paused-dir) is not a directory"
+        )
+    return advertise(probes, slots, kvm=kvm, paused=paused_dir is not None)
 
 
 def sweep(tiers: Sequence[str]) -> int:
@@ -78,9 +86,11 @@ def run_node(
     tiers: Sequence[str] | None,
     node_ip: str,
     num_cpus: int,
+    paused_dir: str | None = None,
 ) -> None:
-    """Probe, sweep, then become ``ray start --block`` joining ``address`` (never returns)."""
-    resources = node_resources(slots, tiers)
+    """Probe, sweep, then become ``ray start --block`` joining ``address`` (never returns).
+    ``paused_dir``: the shared paused store, passed to the node's actor by its environment."""
+    resources = node_resources(slots, tiers, paused_dir=paused_dir)
     usable = tiers_of(resources)
     if not usable:
         raise IsolationUnavailableError("no isolation tier can run on this host (moat doctor)")
@@ -91,7 +101,10 @@ def run_node(
         head=False, address=address, node_ip=node_ip, resources=resources,
         num_cpus=num_cpus, block=True,
     )  # fmt: skip
-    os.execve(argv[0], argv, raycfg.ray_env())  # noqa: S606 - an argv list, no shell
+    env = raycfg.ray_env()
+    if paused_dir is not None:
+        env[PAUSED_ENV] = os.path.abspath(paused_dir)  # read by the actor (moat.cluster.node)
+    os.execve(argv[0], argv, env)  # noqa: S606 - an argv list, no shell
 
 
 def start_head(
@@ -140,7 +153,7 @@ def stop(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
 
 def start_local_head(slots: int = 16) -> tuple[str, Callable[[], None]]:
     """``moat serve --cluster`` alone: a head on this host that is itself a moat node."""
-    resources = node_resources(slots)
+    resources = node_resources(slots, paused_dir=os.environ.get(PAUSED_ENV) or None)
     sweep(tiers_of(resources))
     address, proc = start_head(resources=resources)
     return address, lambda: stop(proc)

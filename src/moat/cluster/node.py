@@ -16,6 +16,11 @@ The node's sandboxes die with it (invariant 5): a thread watches the raylet (thi
 parent); when it dies the actor kills every sandbox, drains the reaper and exits, and what a
 harder death leaves is owned by a dead process, which ``moat node``'s sweep removes before
 the node advertises capacity again.
+
+Pause and resume (``pause``, ``resume``) go through the cluster's shared paused store
+(``moat.cluster.paused``) when the node has one: this engine keeps none of its paused
+sandboxes in memory (the server tracks them), and reports the ones that paused by
+themselves (``on_timeout="pause"``) with its ended ones.
 """
 
 from __future__ import annotations
@@ -35,7 +40,10 @@ from collections.abc import AsyncIterator, Mapping
 from typing import Any, Final
 
 from moat import errors
-from moat.errors import InvalidArgumentError, SandboxError
+from moat.cluster.paused import configured_dir, read_store_id
+from moat.engine.persist import Persistence
+from moat.errors import InvalidArgumentError, NotFoundError, PolicyError, SandboxError
+from moat.store.paused import PausedStore, host_token
 
 log = logging.getLogger("moat.cluster.node")
 
@@ -60,7 +68,7 @@ PLAIN: Final = frozenset(
         "update_network", "audit", "create_context", "list_contexts", "restart_context",
         "remove_context", "send_pty_input", "resize_pty", "send_stdin", "close_stdin",
         "signal", "list_commands", "read_file", "list_dir", "stat", "remove", "make_dir",
-        "move", "pause", "resume", "snapshot",
+        "move",
     }
 )  # fmt: skip
 #: The front door's methods that return a stream of events.
@@ -172,27 +180,46 @@ class NodeActor:
         # Quotas and tenancy limits are the server's, across nodes; the node enforces what a
         # sandbox's own config says (limits, network, guard), as any host does.
         self.front = FrontDoor(policy=TenantPolicies())
+        self.paused_root = configured_dir()
+        if self.paused_root is not None:  # the cluster's shared store (moat.cluster.paused)
+            engine = self.front.engine
+            engine.persist = Persistence(engine, PausedStore(self.paused_root), shared=True)
+        self._pausing: set[str] = set()  # pauses the server waits on
+        self._resuming: set[str] = set()
+        self._paused_out: dict[str, Any] = {}  # sid -> Paused entry, for pause()'s reply
         self.streams: dict[str, _Pump] = {}
         self.loop: asyncio.AbstractEventLoop | None = None
         self.parent = os.getppid()  # the raylet that started this worker
         self.lost = False  # the raylet is gone: every call answers "lost" from now on
-        #: ids of sandboxes that ended, for the server (``ended_since``); bounded
-        self._ended: collections.deque[str] = collections.deque(maxlen=MAX_ENDED_IDS)
+        #: sandboxes that ended, for the server (``ended_since``): (id, its Paused entry when
+        #: it paused by itself, else None); bounded
+        self._ended: collections.deque[tuple[str, Any]] = collections.deque(maxlen=MAX_ENDED_IDS)
         self._ended_base = 0  # how many ids fell off the deque's front
         self._ended_event: asyncio.Event | None = None
         self.front.on_ended(self._on_end)
         threading.Thread(target=self._watch_raylet, name="moat-raylet-watch", daemon=True).start()
 
     def _on_end(self, sandbox_id: str) -> None:
+        entry = None
+        if self.paused_root is not None:  # paused into the shared store: the server's now
+            entry = self.front.engine.persist.forget(sandbox_id)
+        if entry is not None and sandbox_id in self._pausing:
+            self._paused_out[sandbox_id] = entry  # pause()'s reply carries it
+            return
+        if entry is not None and sandbox_id in self._resuming:
+            return  # a resume that failed: still paused, resume()'s error says why
         if len(self._ended) == self._ended.maxlen:
             self._ended_base += 1
-        self._ended.append(sandbox_id)
+        self._ended.append((sandbox_id, entry))
         if self._ended_event is not None:
             self._ended_event.set()
 
-    async def ended_since(self, cursor: int, wait: float) -> tuple[int, list[str], bool]:
-        """Sandboxes that ended after ``cursor`` (a long poll of up to ``wait`` seconds), and
-        whether this node is lost (its sandboxes then are lost, not ended)."""
+    async def ended_since(
+        self, cursor: int, wait: float
+    ) -> tuple[int, list[tuple[str, Any]], bool]:
+        """Sandboxes that ended after ``cursor`` (a long poll of up to ``wait`` seconds) as
+        (id, Paused entry if it paused by itself), and whether this node is lost (its
+        sandboxes then are lost, not ended)."""
         if self._ended_event is None:
             self._ended_event = asyncio.Event()
         end = self._ended_base + len(self._ended)
@@ -219,6 +246,8 @@ class NodeActor:
             "host": socket.gethostname(),
             "pid": os.getpid(),
             "probed": [t for t, why in probes.items() if why is None],
+            "paused_store": await asyncio.to_thread(read_store_id, self.paused_root),
+            "host_token": host_token(),  # names this engine's work in the paused store
             "rss_bytes": _rss(),
         }
 
@@ -277,6 +306,53 @@ class NodeActor:
             info = await self.front.create(tenant, config, secrets=secrets_, sensitive=sensitive)
         except Exception as exc:  # noqa: BLE001 - every failure crosses as data (invariant 8)
             return "err", pack_error(exc)
+        return "ok", info
+
+    async def pause(
+        self, tenant: str, sandbox_id: str, memory: bool, face: Any, room: int | None
+    ) -> tuple[str, Any]:
+        """Pause into the shared store: ("ok", its Paused entry). ``room``: bytes left of the
+        tenant's paused-state quota across the cluster (the server's count)."""
+        if self.lost:
+            return "lost", None
+        if self.paused_root is None:
+            return "err", pack_error(PolicyError("this cluster node has no paused store"))
+        self._pausing.add(sandbox_id)
+        try:
+            await self.front.pause(tenant, sandbox_id, memory, face=face, quota_bytes=room)
+        except Exception as exc:  # noqa: BLE001 - every failure crosses as data (invariant 8)
+            return "err", pack_error(exc)
+        finally:
+            self._pausing.discard(sandbox_id)
+            entry = self._paused_out.pop(sandbox_id, None)
+        if entry is None:
+            return "err", pack_error(SandboxError("the sandbox could not be paused"))
+        return "ok", entry
+
+    async def resume(
+        self, tenant: str, sandbox_id: str, timeout: float | None, secrets_: Any, sensitive: Any
+    ) -> tuple[str, Any]:
+        """Resume a sandbox of the shared store here: ("ok", its info)."""
+        if self.lost:
+            return "lost", None
+        if self.paused_root is None:
+            return "err", pack_error(PolicyError("this cluster node has no paused store"))
+        persist = self.front.engine.persist
+        self._resuming.add(sandbox_id)
+        try:
+            async with persist.lock(sandbox_id):
+                found = await asyncio.to_thread(persist.adopt, sandbox_id)
+            if found is None or found.tenant != tenant:
+                persist.forget(sandbox_id)
+                raise NotFoundError(f"sandbox {sandbox_id} was not found")
+            info, _ = await self.front.connect(
+                tenant, sandbox_id, timeout=timeout, secrets=secrets_, sensitive=sensitive
+            )
+        except Exception as exc:  # noqa: BLE001 - every failure crosses as data (invariant 8)
+            persist.forget(sandbox_id)  # still paused on disk: the server's to track
+            return "err", pack_error(exc)
+        finally:
+            self._resuming.discard(sandbox_id)
         return "ok", info
 
     async def call(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:

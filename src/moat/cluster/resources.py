@@ -14,6 +14,7 @@ from moat.model.tiers import TIERS
 __all__ = [
     "KVM",
     "NODE",
+    "PAUSED",
     "SLOT",
     "advertise",
     "bundle_for",
@@ -27,6 +28,9 @@ NODE = "moat_node"
 SLOT = "moat_slot"
 #: Present (= slots) where /dev/kvm is usable: the microVM tier runs accelerated there.
 KVM = "moat_kvm"
+#: Present (= slots) where the node reaches the cluster's shared store of paused sandboxes
+#: (``moat node --paused-dir``): a paused sandbox resumes only on such a node.
+PAUSED = "moat_paused_store"
 _TIER_PREFIX = "moat_tier_"
 #: The memory a bundle reserves is the sandbox's limit; never below this (MiB).
 MIN_BUNDLE_MEMORY_MB = 32
@@ -40,11 +44,12 @@ def tier_resource(tier: str) -> str:
 
 
 def advertise(
-    probes: Mapping[str, str | None], slots: int, *, kvm: bool = False
+    probes: Mapping[str, str | None], slots: int, *, kvm: bool = False, paused: bool = False
 ) -> dict[str, float]:
     """The custom resources of a node whose ``probes`` (tier -> None when usable, else why
     not: ``Engine.doctor()``) passed for some tiers. Every tier resource carries ``slots``
-    units so that one bundle takes one unit of its tier and one slot."""
+    units so that one bundle takes one unit of its tier and one slot. ``paused``: the node
+    reaches the shared store of paused sandboxes."""
     if slots < 1:
         raise ValueError("a node needs at least one slot")
     out: dict[str, float] = {NODE: 1.0, SLOT: float(slots)}
@@ -53,6 +58,8 @@ def advertise(
             out[tier_resource(tier)] = float(slots)
     if kvm and tier_resource("microvm") in out:
         out[KVM] = float(slots)
+    if paused:
+        out[PAUSED] = float(slots)
     return out
 
 
@@ -61,13 +68,17 @@ def tiers_of(resources: Mapping[str, float]) -> list[str]:
     return [t for t in TIERS if resources.get(tier_resource(t), 0) > 0]
 
 
-def bundle_for(tier: str, memory_mb: int) -> dict[str, float]:
+def bundle_for(tier: str, memory_mb: int, *, paused: bool = False) -> dict[str, float]:
     """The one bundle a sandbox of ``tier`` with a ``memory_mb`` limit reserves.
 
     A slot, a unit of its tier and its memory limit (Ray's ``memory`` resource, bytes):
     a node is never promised more sandbox memory than it has. No CPU is reserved: a
     sandbox's CPU limit is a cgroup cap the kernel enforces (invariant 10), and reserving
-    whole CPUs would cap a 2-core node at two sandboxes.
+    whole CPUs would cap a 2-core node at two sandboxes. ``paused``: a resume, which only
+    a node reaching the paused store may host.
     """
     mem = max(int(memory_mb), MIN_BUNDLE_MEMORY_MB)
-    return {SLOT: 1.0, tier_resource(tier): 1.0, "memory": float(mem << 20)}
+    out = {SLOT: 1.0, tier_resource(tier): 1.0, "memory": float(mem << 20)}
+    if paused:
+        out[PAUSED] = 1.0
+    return out

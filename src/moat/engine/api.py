@@ -405,12 +405,15 @@ class FrontDoor:
         memory: bool = False,
         *,
         face: Mapping[str, Any] | None = None,
+        quota_bytes: int | None = None,
     ) -> SandboxInfo:
         """Stop the sandbox and keep its state on disk under its id (``resume``/``connect``
         bring it back). ``memory=True`` keeps processes and memory where the tier can, else
         PolicyError (never a quiet filesystem-only pause); ``False`` keeps the files.
-        ``face``: a face's own non-secret fields, kept with it (``face_data``). Fails
-        closed: on any error (disk full, quota) the sandbox keeps running."""
+        ``face``: a face's own non-secret fields, kept with it (``face_data``).
+        ``quota_bytes``: a lower bound on the paused state's room than the tenant's own quota
+        (a cluster's server passes what is left of it across nodes). Fails closed: on any
+        error (disk full, quota) the sandbox keeps running."""
         if not isinstance(memory, bool):
             raise InvalidArgumentError("memory must be a bool")
         _tenant(tenant)
@@ -427,10 +430,10 @@ class FrontDoor:
                     "(its driver can't checkpoint)"
                 )
             quota = self.policy.of(tenant).quotas.snapshot_mb
-            entry = await persist.pause(
-                session, memory=memory, face=face,
-                quota_bytes=None if quota is None else quota << 20,
-            )  # fmt: skip
+            room = None if quota is None else quota << 20
+            if quota_bytes is not None:  # only ever lower (invariant 11: quotas hold)
+                room = quota_bytes if room is None else min(room, quota_bytes)
+            entry = await persist.pause(session, memory=memory, face=face, quota_bytes=room)
         return entry.info
 
     async def resume(

@@ -54,7 +54,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("moat.engine")
 
-__all__ = ["Paused", "Persistence", "reseed"]
+__all__ = ["KeyedLocks", "Paused", "Persistence", "load_paused", "reseed"]
 
 #: Bytes of host entropy sent to a restored agent (moat.agent.reseed).
 RESEED_BYTES = 64
@@ -86,13 +86,18 @@ class _Held:
 class Persistence:
     """The paused sandboxes of one engine, and the pause and resume verbs."""
 
-    def __init__(self, engine: Engine, store: PausedStore | None = None) -> None:
+    def __init__(
+        self, engine: Engine, store: PausedStore | None = None, *, shared: bool = False
+    ) -> None:
+        """``shared``: ``store`` is a cluster's shared store (``moat.cluster.paused``), whose
+        sandboxes the clustered server lists and tracks: this engine loads none of them up
+        front (nor scans the store), only the one it is asked to resume (``adopt``)."""
         self.engine = engine
         self.store = store or PausedStore()
-        self._paused: dict[str, Paused] | None = None
+        self._paused: dict[str, Paused] | None = {} if shared else None
         self._held: dict[str, _Held] = {}
-        self._busy: dict[str, asyncio.Lock] = {}
-        self._quota_locks: dict[str, asyncio.Lock] = {}
+        self._busy = KeyedLocks()
+        self._quota_locks = KeyedLocks()
         self._loading = threading.Lock()
         #: what the start-up scan removed (half-written pauses left by a crash)
         self.scan_report: list[str] = []
@@ -110,15 +115,25 @@ class Persistence:
 
     def _load(self) -> dict[str, Paused]:
         if self._paused is None:
-            self.scan_report = self.store.scan()
-            loaded: dict[str, Paused] = {}
-            for sid, record in self.store.records():
-                try:
-                    loaded[sid] = _entry(sid, record, self.store.usage(sid))
-                except (KeyError, TypeError, ValueError, SandboxError) as exc:
-                    log.warning("paused sandbox %s: bad record (%s); left alone", sid, exc)
-            self._paused = loaded
+            self._paused, self.scan_report = load_paused(self.store)
         return self._paused
+
+    def adopt(self, sandbox_id: str) -> Paused | None:
+        """Load one paused sandbox from the store into this engine's set (a shared store:
+        paused by another node's engine). None: it is not in the store."""
+        try:
+            record = self.store.load(sandbox_id)
+            entry = _entry(sandbox_id, record, self.store.usage(sandbox_id))
+        except (OSError, KeyError, TypeError, ValueError, SandboxError):
+            return None
+        self.paused()[sandbox_id] = entry
+        return entry
+
+    def forget(self, sandbox_id: str) -> Paused | None:
+        """Drop a paused sandbox from this engine's set and memory, its state left on disk
+        (a shared store's sandboxes are the clustered server's to track)."""
+        self._held.pop(sandbox_id, None)
+        return self.paused().pop(sandbox_id, None)
 
     def find(self, tenant: str, sandbox_id: str) -> Paused | None:
         """The tenant's paused sandbox, or None (another tenant's is unknown: invariant 11)."""
@@ -131,16 +146,7 @@ class Persistence:
 
     def lock(self, sandbox_id: str) -> asyncio.Lock:
         """Serialises pause, resume and delete of one sandbox."""
-        # Locks nobody holds or waits on are dropped here, so ids callers make up (valid
-        # shape, unknown) never pile up.
-        if len(self._busy) > 256:
-            for sid, idle in list(self._busy.items()):
-                if not idle.locked() and not getattr(idle, "_waiters", None):
-                    del self._busy[sid]
-        lock = self._busy.get(sandbox_id)
-        if lock is None:
-            lock = self._busy[sandbox_id] = asyncio.Lock()
-        return lock
+        return self._busy.of(sandbox_id)
 
     # -- verbs ------------------------------------------------------------------------
 
@@ -150,14 +156,7 @@ class Persistence:
         the ones before it left, so together they can't overrun it."""
         if tenant is None:
             return contextlib.nullcontext()
-        if len(self._quota_locks) > 256:
-            for name, idle in list(self._quota_locks.items()):
-                if not idle.locked() and not getattr(idle, "_waiters", None):
-                    del self._quota_locks[name]
-        lock = self._quota_locks.get(tenant)
-        if lock is None:
-            lock = self._quota_locks[tenant] = asyncio.Lock()
-        return lock
+        return self._quota_locks.of(tenant)
 
     async def pause(
         self,
@@ -385,6 +384,38 @@ class Persistence:
         self.paused().pop(paused.sandbox_id, None)
         self._held.pop(paused.sandbox_id, None)
         return await asyncio.to_thread(self.store.delete, paused.sandbox_id)
+
+
+class KeyedLocks:
+    """One asyncio lock per key (a sandbox id, a tenant)."""
+
+    def __init__(self) -> None:
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    def of(self, key: str) -> asyncio.Lock:
+        # Locks nobody holds or waits on are dropped here, so ids callers make up (valid
+        # shape, unknown) never pile up.
+        if len(self._locks) > 256:
+            for k, idle in list(self._locks.items()):
+                if not idle.locked() and not getattr(idle, "_waiters", None):
+                    del self._locks[k]
+        lock = self._locks.get(key)
+        if lock is None:
+            lock = self._locks[key] = asyncio.Lock()
+        return lock
+
+
+def load_paused(store: PausedStore, *, scan: bool = True) -> tuple[dict[str, Paused], list[str]]:
+    """Every paused sandbox of ``store`` (id -> entry), after the start-up ``scan`` (what it
+    removed is the second value). A bad record is said and left alone."""
+    report = store.scan() if scan else []
+    loaded: dict[str, Paused] = {}
+    for sid, record in store.records():
+        try:
+            loaded[sid] = _entry(sid, record, store.usage(sid))
+        except (KeyError, TypeError, ValueError, SandboxError) as exc:
+            log.warning("paused sandbox %s: bad record (%s); left alone", sid, exc)
+    return loaded, report
 
 
 async def reseed(session: Session) -> None:

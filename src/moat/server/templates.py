@@ -77,7 +77,10 @@ class BuildStartBody(wire._Closed):
 def template_routes(state: ServerState, r: Make) -> list[Route]:
     """The routes: authenticated ones made by the control plane's ``r``, and the upload."""
     front = state.front
-    builds: TemplateBuilds = front.template_builds
+    found: TemplateBuilds | None = getattr(front, "template_builds", None)
+    if found is None:  # a clustered server: its nodes keep their own template stores
+        return _unavailable(r)
+    builds = found
 
     def not_found(tid: str) -> Response:
         shown = tid if len(tid) <= 64 and tid.isprintable() else "(bad id)"
@@ -207,6 +210,27 @@ def template_routes(state: ServerState, r: Make) -> list[Route]:
         r(t, get_one, ["GET"]),
         r(t, delete, ["DELETE"]),
         Route("/moat/v1/template-uploads/{token}", upload, methods=["PUT"]),
+    ]
+
+
+def _unavailable(r: Make) -> list[Route]:
+    """The same paths, each a clear 501 (no template builds through this front door)."""
+
+    async def refuse(request: Request, tenant: str | None = None) -> Response:
+        return wire.error(
+            501, "template builds are not available on a clustered server (docs/cluster.md)"
+        )
+
+    t = "/templates/{template_id}"
+    paths = [
+        ("/v3/templates", ["POST"]), ("/templates", ["GET"]),
+        ("/templates/tags", ["POST", "DELETE"]), ("/templates/aliases/{alias}", ["GET"]),
+        (t + "/files/{hash}", ["GET"]), ("/v2" + t + "/builds/{build_id}", ["POST"]),
+        (t + "/builds/{build_id}/status", ["GET"]), (t + "/tags", ["GET"]),
+        (t, ["GET", "DELETE"]),
+    ]  # fmt: skip
+    return [r(path, refuse, methods) for path, methods in paths] + [
+        Route("/moat/v1/template-uploads/{token}", refuse, methods=["PUT"])
     ]
 
 

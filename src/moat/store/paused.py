@@ -9,7 +9,9 @@ Trust domain: host engine (privileged). Layout under ``<state dir>/paused/``::
     .res-<sandbox id>-<owner>-<nonce>/  a resume in progress (claimed by one process)
     .del-<sandbox id>-<owner>-<nonce>/  a paused sandbox being deleted
 
-``<owner>`` is ``<pid>.<start time>`` of the process at work. A pause fills a ``.tmp-``
+``<owner>`` is ``<pid>.<start time>.<host token>`` of the process at work (the token names
+the host and its boot: in a store shared by several machines another host's work is left
+alone by this host's scan). A pause fills a ``.tmp-``
 directory (checkpoint, then ``record.json`` written to a temporary name, fsynced and
 renamed), fsyncs it, and renames it to ``<sandbox id>`` in one step: a SIGKILL at any moment
 leaves either no ``<sandbox id>`` (the sandbox was still running; the crash killed it,
@@ -25,13 +27,16 @@ alone (two engines may share a state directory).
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
 import json
 import logging
 import os
 import re
 import secrets
 import shutil
-from collections.abc import Iterator
+import socket
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,7 +46,7 @@ from moat.errors import NotFoundError, QuotaExceededError
 
 log = logging.getLogger("moat.store")
 
-__all__ = ["PausedStore", "Pending", "disk_usage"]
+__all__ = ["PausedStore", "Pending", "disk_usage", "host_token", "owner_of"]
 
 RECORD = "record.json"
 CHECKPOINT = "ckpt"
@@ -60,16 +65,47 @@ def _start_time(pid: int) -> int | None:
         return None
 
 
+@functools.cache
+def host_token() -> str:
+    """This host (8 hex digits of its name) and this boot (8 of its boot id): a store shared
+    by several machines (a cluster's, ``moat.cluster.paused``) holds work directories whose
+    pids mean nothing on another host."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text(encoding="ascii").strip()
+    except OSError:
+        boot = ""
+    host = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+    return host + hashlib.sha256(boot.encode()).hexdigest()[:8]
+
+
 def _owner() -> str:
     pid = os.getpid()
-    return f"{pid}.{_start_time(pid)}"
+    return f"{pid}.{_start_time(pid)}.{host_token()}"
+
+
+def owner_of(name: str) -> tuple[int, str] | None:
+    """(pid, host token) of a work directory's owner (None: not one, or an older name)."""
+    try:
+        pid, _start, token = name.rsplit("-", 2)[1].split(".")
+        return int(pid), token
+    except (IndexError, ValueError):
+        return None
 
 
 def _owner_alive(name: str) -> bool:
-    """Whether the process named in a work directory's name still runs (unknown: alive)."""
+    """Whether the process named in a work directory's name still runs. Another host's
+    process can't be told from here: it counts as alive (its work is left alone); one of an
+    earlier boot of this host is dead."""
     try:
         owner = name.rsplit("-", 2)[1]
-        pid, start = owner.split(".")
+        parts = owner.split(".")
+        if len(parts) == 3:
+            mine = host_token()
+            if parts[2][:8] != mine[:8]:
+                return True
+            if parts[2] != mine:
+                return False
+        pid, start = parts[0], parts[1]
         return _start_time(int(pid)) == int(start)
     except (IndexError, ValueError):
         return False
@@ -233,14 +269,17 @@ class PausedStore:
     def usage(self, sandbox_id: str) -> int:
         return disk_usage(self.root / sandbox_id)
 
-    def scan(self) -> list[str]:
+    def scan(self, abandoned: Callable[[str], bool] | None = None) -> list[str]:
         """Report and remove what a crash left: unfinished pauses and deletions, and
-        directories without a readable record. Returns what was removed (names)."""
+        directories without a readable record. Returns what was removed (names).
+        ``abandoned(name)``: which work directories are a dead owner's (default: those whose
+        owner no longer runs; a cluster's server names a lost node's)."""
+        dead = abandoned or (lambda name: not _owner_alive(name))
         removed: list[str] = []
         for entry in sorted(self.root.iterdir()):
             name = entry.name
             work = name.startswith((".tmp-", ".del-", ".res-"))
-            if work and _owner_alive(name):
+            if work and not dead(name):
                 continue  # another live engine's work in progress
             if name.startswith(".res-"):  # a resume that never finished: back to paused
                 sid = _sandbox_of(name)
