@@ -334,6 +334,10 @@ class ContainerRuntime:
         proc.restore_from = src
         return proc
 
+    async def restore_into(self, proc: Any, src: Path) -> None:
+        """ReplaysFiles: the checkpoint's files into a running sandbox (a warm one)."""
+        await checkpoint.unpack(proc, src)
+
     async def start(self, spec: SandboxSpec) -> ContainerProcess:
         return await self._start(spec, spec.sandbox_id.removeprefix("sbx-"))
 
