@@ -167,9 +167,7 @@ async def test_resume_takes_a_warm_sandbox_and_is_the_paused_one(door: FrontDoor
 
 
 @pytest.mark.parametrize("shape", ["limits", "secrets"])
-async def test_non_poolable_paused_sandbox_resumes_the_old_way(
-    door: FrontDoor, shape: str
-) -> None:
+async def test_non_poolable_paused_sandbox_resumes_the_old_way(door: FrontDoor, shape: str) -> None:
     value = "pool-secret-" + secrets.token_hex(8)
     if shape == "limits":
         sid = await _create(door, limits=Limits(memory_mb=256))
