@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import gzip
 import secrets
+import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -29,7 +31,7 @@ from moat.engine.engine import Engine
 from moat.engine.persist import Persistence
 from moat.engine.session import Session
 from moat.errors import NotFoundError, SandboxError
-from moat.runtime.container.checkpoint import ARCHIVE
+from moat.runtime.container.checkpoint import ARCHIVE, LEGACY_ARCHIVE
 from moat.store.paused import PausedStore
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.container]
@@ -217,6 +219,26 @@ async def test_failed_replay_into_a_warm_sandbox_keeps_the_paused_state(
     assert (engine.persist.store.root / sid / "record.json").is_file()
     assert [i.state for i in await door.list_sandboxes(T, state=None)] == ["paused"]
     await _warm(door, not_ids=(warm.id, sid))  # refilled
+    archive.write_bytes(b"PK\x03\x04 a format moat never wrote")  # no decompressor guessed
+    with pytest.raises(SandboxError, match="format"):
+        await door.connect(T, sid)
+    assert (engine.persist.store.root / sid / "record.json").is_file()
     archive.write_bytes(good)
     await door.connect(T, sid)
     assert await door.read_file(T, sid, "/home/user/f") == "x"
+
+
+async def test_zstd_archive_and_a_legacy_gzip_one_both_resume(door: FrontDoor) -> None:
+    """Pauses write zstd where the sandbox has it; a checkpoint of before (``fs.tar.gz``,
+    gzip) still resumes."""
+    sid = await _create(door)
+    await door.write_file(T, sid, "/home/user/f", "legacy")
+    await door.pause(T, sid)
+    ckpt = door.engine.persist.store.root / sid / "ckpt"
+    data = (ckpt / ARCHIVE).read_bytes()
+    assert data[:4] == b"\x28\xb5\x2f\xfd"  # zstd's magic: this host's root has zstd
+    tar = subprocess.run(["zstd", "-dc"], input=data, capture_output=True, check=True).stdout
+    (ckpt / LEGACY_ARCHIVE).write_bytes(gzip.compress(tar))
+    (ckpt / ARCHIVE).unlink()
+    await door.connect(T, sid)
+    assert await door.read_file(T, sid, "/home/user/f") == "legacy"
