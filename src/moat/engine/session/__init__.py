@@ -158,7 +158,7 @@ class Session(CodeCalls, PtyCalls, FileCalls, WatchCalls):
         await self._prepare_guard()
         if self.tunnels is not None:
             self.tunnels.close_all()  # a warm sandbox has run nothing: none are open
-            self.tunnels = None
+            self.tunnels = client.tunnels = None
         old, self.gateway = self.gateway, gateway
         if old is not None:
             await old.close()
