@@ -265,3 +265,37 @@ async def test_resumed_sandbox_audit_rows_are_scrubbed_by_its_guard(door: FrontD
     rows = await asyncio.to_thread(door.engine.audit.query, sandbox_id=sid, kind="egress")
     assert rows, "the refused request was audited"
     assert value not in repr(rows)
+
+
+async def test_snapshot_starts_and_forks_take_warm_sandboxes(door: FrontDoor) -> None:
+    """A start from a container snapshot of the pool's shape takes a warm sandbox as a resume
+    does: a new id (not the warm one's), the snapshot's files and egress policy; a fork of 3
+    with one warm sandbox gets one warm and two cold, all alike."""
+    engine = door.engine
+    sid = await _create(door, network={"allow_out": ["example.com"]}, metadata={"m": "1"})
+    await door.write_file(T, sid, "/home/user/snap.txt", "from the snapshot")
+    snap = await door.create_snapshot(T, sid)
+    warm = await _warm(door)
+    warm_id = warm.id
+    info = await door.create_from_snapshot(T, snap.snapshot_id)
+    new = info.sandbox_id
+    assert engine.get(new) is warm and new not in (sid, warm_id) and warm.tenant == T
+    assert await door.read_file(T, new, "/home/user/snap.txt") == "from the snapshot"
+    assert info.metadata == {"m": "1"}
+    gateway = warm.gateway
+    assert gateway is not None and gateway.sandbox_id == new
+    assert gateway.policy.to_dict()["allow_out"] == ["example.com"]
+    assert engine.get(warm_id) is None and warm_id not in engine.audit._scrubbers
+    listed = {i.sandbox_id for i in await door.list_sandboxes(T, state=None)}
+    assert listed == {sid, new}
+
+    second = await _warm(door, not_ids=(new, warm_id))  # refilled
+    second_id = second.id
+    forks = await door.fork(T, sid, 3)
+    ids = [f.sandbox_id for f in forks if not isinstance(f, SandboxError)]
+    assert len(ids) == 3 and second_id not in ids and engine.get(second_id) is None
+    assert sum(engine.get(i) is second for i in ids) == 1  # the warm one served one fork
+    for i in ids:
+        assert await door.read_file(T, i, "/home/user/snap.txt") == "from the snapshot"
+    every = {i.sandbox_id for i in await door.list_sandboxes(T, state=None)}
+    assert every == {sid, new, *ids}

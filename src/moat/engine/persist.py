@@ -24,6 +24,7 @@ import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from moat.egress import Gateway, GatewayConfig, NetworkPolicy, Secret, proxy_env
@@ -54,7 +55,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("moat.engine")
 
-__all__ = ["Paused", "Persistence", "reseed"]
+__all__ = ["Paused", "Persistence", "fits_warm", "into_warm", "reseed"]
 
 #: Bytes of host entropy sent to a restored agent (moat.agent.reseed).
 RESEED_BYTES = 64
@@ -316,8 +317,8 @@ class Persistence:
         except NotFoundError:
             self.paused().pop(sid, None)  # another engine on this state dir took it
             raise
-        fits_pool = found is None and self._fits_pool(
-            runtime, spec, config, brokered, gateway_config
+        fits_pool = found is None and fits_warm(
+            engine, runtime, spec, config, brokered, gateway_config
         )
         warm: Session | None = await engine.pool.take(tier, refill=False) if fits_pool else None
         session = warm or Session(
@@ -326,14 +327,10 @@ class Persistence:
         )  # fmt: skip
         try:
             if warm is not None:
-                # A warm sandbox (nobody's, never used) becomes this one: its id, tenant,
-                # guard, gateway and lifetime are the paused sandbox's (invariant 11).
-                engine._rekey(warm, spec)
-                warm.tenant = paused.tenant
-                await warm.assume(guard, gateway, metadata, max_output)
-                if not isinstance(runtime, ReplaysFiles) or warm.proc is None:
-                    raise SandboxError("the warm sandbox can't take the paused one's files")
-                await runtime.restore_into(warm.proc, claimed / CHECKPOINT)
+                await into_warm(
+                    engine, warm, spec, paused.tenant, guard, gateway, metadata, max_output,
+                    runtime, claimed / CHECKPOINT,
+                )  # fmt: skip
             else:
                 session.tenant = paused.tenant
                 engine._register(session)
@@ -366,35 +363,59 @@ class Persistence:
         session._audit_life("resumed", None)
         return session
 
-    def _fits_pool(
-        self,
-        runtime: object,
-        spec: SandboxSpec,
-        config: SandboxConfig,
-        brokered: Mapping[str, Secret],
-        gateway_config: GatewayConfig | None,
-    ) -> bool:
-        """Whether a warm-pool sandbox can be this resume's: the tier replays files into a
-        running sandbox, and the paused one's frozen shape is the pool's (``poolable``: no
-        secrets, mounts, envs or other limits; its spec the pool's but for the id)."""
-        shape = {
-            "template": config.template,
-            "envs": config.envs,
-            "mounts": config.mounts,
-            "limits": config.limits,
-        }
-        return (
-            self.engine._runtime is None
-            and isinstance(runtime, ReplaysFiles)
-            and poolable(shape, brokered, gateway_config)
-            and spec == pooled_spec(spec.sandbox_id, spec.tier)
-        )
-
     async def delete(self, paused: Paused) -> bool:
         """Forget a paused sandbox and delete its state (kill of a paused sandbox)."""
         self.paused().pop(paused.sandbox_id, None)
         self._held.pop(paused.sandbox_id, None)
         return await asyncio.to_thread(self.store.delete, paused.sandbox_id)
+
+
+def fits_warm(
+    engine: Engine,
+    runtime: object,
+    spec: SandboxSpec,
+    config: SandboxConfig,
+    brokered: Mapping[str, Secret],
+    gateway_config: GatewayConfig | None,
+) -> bool:
+    """Whether a warm-pool sandbox can be the one restored as ``spec``: the tier replays
+    files into a running sandbox, and the frozen shape is the pool's (``poolable``: no
+    secrets, mounts, envs or other limits; the spec the pool's but for the id)."""
+    shape = {
+        "template": config.template,
+        "envs": config.envs,
+        "mounts": config.mounts,
+        "limits": config.limits,
+    }
+    return (
+        engine._runtime is None
+        and isinstance(runtime, ReplaysFiles)
+        and poolable(shape, brokered, gateway_config)
+        and spec == pooled_spec(spec.sandbox_id, spec.tier)
+    )
+
+
+async def into_warm(
+    engine: Engine,
+    warm: Session,
+    spec: SandboxSpec,
+    tenant: str,
+    guard: Any,
+    gateway: Gateway | None,
+    metadata: dict[str, str],
+    max_output: int,
+    runtime: object,
+    src: Path,
+) -> None:
+    """Make a warm sandbox (nobody's, never used) the one restored as ``spec`` from ``src``:
+    its id, tenant, guard, gateway and metadata (invariant 11), then the checkpoint's files.
+    The caller kills it on failure and starts its lifetime (``begin``) on success."""
+    engine._rekey(warm, spec)
+    warm.tenant = tenant
+    await warm.assume(guard, gateway, metadata, max_output)
+    if not isinstance(runtime, ReplaysFiles) or warm.proc is None:
+        raise SandboxError("the warm sandbox can't take the checkpoint's files")
+    await runtime.restore_into(warm.proc, src)
 
 
 async def reseed(session: Session) -> None:
