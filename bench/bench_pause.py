@@ -10,9 +10,10 @@ pause (``memory=--memory``; the container tier keeps files only); resume -> firs
 resume -> first result. ``--tier`` takes any tier whose driver is Checkpointable.
 
 ``--pool N`` keeps N warm sandboxes of the tier (default: 1 on the container tier, as
-``MOAT_WARM_POOL`` does, else 0); before each create and each resume the bench waits until
-the pool holds one (a sandbox resumed after a while finds it so), and reports how many were
-served from it. A files-only resume takes a warm sandbox when the paused one's shape is
+``MOAT_WARM_POOL`` does, else 0); before each timed step the bench waits until the pool
+holds what it aims for (a sandbox resumed after a while finds it so), and reports how many
+sandboxes it handed out (fork starts take warm sandboxes too, and make it grow). A
+files-only resume, a snapshot start and a fork start take a warm sandbox when the shape is
 poolable (docs/persistence.md); ``--pool 0`` measures the cold path. ``--breakdown`` also
 prints where a resume's time goes (driver start, agent up, file replay, reseed, the first
 call).
@@ -186,8 +187,8 @@ async def main() -> None:
     create, pause, size_b, resume, snapshot, fork = (list(c) for c in zip(*rows, strict=True))
     print(
         f"tier {args.tier}, {args.runs} runs, {args.files_mb:g} MiB of files, "
-        f"memory={args.memory}, warm pool {size} ({hits} of {2 * args.runs} creates and "
-        "resumes served from it)"
+        f"memory={args.memory}, warm pool {size} ({hits} hand-outs to the {2 * args.runs} "
+        f"creates and resumes and {args.forks * args.runs} fork starts)"
     )
     print(f"  create -> first result  {fmt(create)}")
     print(f"  pause                   {fmt(pause)}")
