@@ -174,7 +174,7 @@ async def test_snapshot_quota_refuses_and_sandbox_keeps_running(tmp_path: Path) 
     )
     try:
         sid = await _create(door)
-        # 3 MiB of random bytes: gzip can't shrink them under the 1 MiB quota
+        # 3 MiB of random bytes: no compression shrinks them under the 1 MiB quota
         await _run(door, sid, "import os; open('/home/user/big','wb').write(os.urandom(3<<20))")
         with pytest.raises(QuotaExceededError, match="quota"):
             await door.pause(T, sid)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import logging
 import secrets
 import threading
@@ -16,13 +17,13 @@ from moat.egress import Gateway, GatewayConfig, Secret, proxy_env
 from moat.engine import templating
 from moat.engine.guardhook import make_guard
 from moat.engine.persist import Persistence
-from moat.engine.pool import WarmPool, parse_pool, poolable
+from moat.engine.pool import WarmPool, parse_pool, poolable, pooled_spec
 from moat.engine.quota import Ledger
 from moat.engine.resolve import guard_policy, network_policy
 from moat.engine.session import Session
 from moat.engine.snapshots import Snapshots
 from moat.engine.tiers import TIERS, require, runtime_for
-from moat.errors import PolicyError
+from moat.errors import PolicyError, SandboxError
 from moat.guard import GuardPolicy
 from moat.model import CA_BUNDLE_PATH, PROXY_PORT, SandboxConfig, SandboxInfo
 from moat.runtime.base import Runtime
@@ -198,11 +199,7 @@ class Engine:
         sandbox_id = self.new_id()
         audit = self.audit
         gateway = Gateway(sandbox_id, None, None, audit=audit)
-        spec = SandboxSpec(
-            sandbox_id=sandbox_id,
-            tier=tier,
-            envs=tuple(sorted(proxy_env(PROXY_PORT, CA_BUNDLE_PATH).items())),
-        )
+        spec = pooled_spec(sandbox_id, tier)
         placeholder_guard = make_guard(sandbox_id, GuardPolicy(), {}, audit)  # replaced on adopt
         session = Session(
             spec, runtime_for(tier), placeholder_guard, 300.0, {}, self._ended, audit=audit,
@@ -215,6 +212,30 @@ class Engine:
             await session.kill("died: failed to start")
             raise
         return session
+
+    def _rekey(self, session: Session, spec: SandboxSpec) -> None:
+        """Give a warm sandbox (taken from the pool, nobody's yet) the id of ``spec``, which
+        differs from its own in nothing else (a resume into it: ``moat.engine.persist``).
+
+        Its own id goes from this engine's registry and from the audit trail's scrubbers; it
+        wrote no audit row, and the caller replaces the gateway and guard that carry it.
+        """
+        old = session.id
+        if session.tenant is not None or dataclasses.replace(spec, sandbox_id=old) != session.spec:
+            raise SandboxError("that sandbox can't take another identity")  # a bug, not input
+        with self._mu:
+            if spec.sandbox_id in self.sessions:
+                raise SandboxError(f"sandbox {spec.sandbox_id} is running already")
+            self.sessions.pop(old, None)
+            loop = self._loop_of.pop(old, None)
+            session.spec = spec
+            session.id = spec.sandbox_id
+            self.sessions[session.id] = session
+            if loop is not None:
+                self._loop_of[session.id] = loop
+        set_scrubber = getattr(session.audit, "set_scrubber", None)
+        if set_scrubber is not None:
+            set_scrubber(old, None)
 
     def _register(self, session: Session) -> None:
         """Track a new session as this loop's, and make sure this loop's end ends it."""

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import collections
 import contextlib
 from typing import TYPE_CHECKING, BinaryIO
 
-from moat.errors import QuotaExceededError, SandboxDiedError, SandboxError
+from moat.engine.client import Call
+from moat.errors import NotFoundError, QuotaExceededError, SandboxDiedError, SandboxError
 from moat.protocol import CHUNK_SIZE, MsgType
 
 if TYPE_CHECKING:
@@ -21,6 +23,8 @@ if TYPE_CHECKING:
 
 #: The most a persistence command may run.
 INSIDE_TIMEOUT = 600.0
+#: Stdin chunks sent ahead of their answers (64 KiB each; the agent's pipe holds as much).
+STDIN_WINDOW = 4
 
 
 class AgentInside:
@@ -79,11 +83,7 @@ class AgentInside:
         pid, call = await self._start(cmd, True)
         try:
             async with asyncio.timeout(INSIDE_TIMEOUT):
-                while True:
-                    chunk = await asyncio.to_thread(src.read, CHUNK_SIZE * 16)
-                    await self._s.send_stdin(pid, chunk, eof=not chunk)
-                    if not chunk:
-                        break
+                await self._feed(pid, src)
                 done = await self._s.consume(
                     call,  # type: ignore[arg-type]
                     MsgType.CMD_START,
@@ -98,6 +98,42 @@ class AgentInside:
             call.close()  # type: ignore[attr-defined]
         code: int = done["exit_code"]
         return code
+
+    async def _feed(self, pid: int, src: BinaryIO) -> None:
+        """``src``'s bytes, then EOF, to the command's stdin with up to ``STDIN_WINDOW``
+        chunks unanswered (the agent takes frames in order and answers each; every answer
+        is checked), not a round trip per chunk. A command that stops reading (``tar`` at
+        its archive's end) ends the feed early; its exit status says how it went."""
+        client = self._s._check()
+        sent: collections.deque[Call] = collections.deque()
+
+        async def settle(stdin: Call) -> bool:
+            try:
+                await self._s.consume(stdin, MsgType.CMD_STDIN, {}, "a restore's input")
+                return True
+            except NotFoundError:  # its stdin is closed: it has read what it wanted
+                return False
+            finally:
+                stdin.close()
+
+        reading = True
+        try:
+            while reading:
+                block = await asyncio.to_thread(src.read, CHUNK_SIZE * 16)
+                for i in range(0, max(len(block), 1), CHUNK_SIZE):
+                    fields = {"pid": pid, "eof": not block}
+                    sent.append(
+                        await client.open(MsgType.CMD_STDIN, fields, block[i : i + CHUNK_SIZE])
+                    )
+                    if len(sent) >= STDIN_WINDOW and not await settle(sent.popleft()):
+                        reading = False
+                        break
+                reading = reading and bool(block)
+            while sent:
+                await settle(sent.popleft())
+        finally:
+            for stdin in sent:
+                stdin.close()
 
 
 class _Over(Exception):

@@ -25,12 +25,15 @@ import os
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from moat.egress import Gateway, GatewayConfig, NetworkPolicy, Secret, proxy_env
 from moat.egress.identity import GatewayIdentity
 from moat.engine import templating
+from moat.engine.auditview import attach_scrubber
 from moat.engine.guardhook import make_guard
+from moat.engine.pool import poolable, pooled_spec
 from moat.engine.resolve import guard_policy, secrets_of
 from moat.engine.session import Session
 from moat.engine.tiers import require
@@ -45,7 +48,7 @@ from moat.errors import (
 from moat.model import CA_BUNDLE_PATH, PROXY_PORT, SandboxConfig, SandboxInfo
 from moat.model.config import Limits
 from moat.protocol import MsgType
-from moat.runtime.base import Checkpointable
+from moat.runtime.base import Checkpointable, ReplaysFiles
 from moat.runtime.spec import SandboxSpec
 from moat.store.paused import CHECKPOINT, PausedStore, disk_usage
 
@@ -54,7 +57,15 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("moat.engine")
 
-__all__ = ["KeyedLocks", "Paused", "Persistence", "load_paused", "reseed"]
+__all__ = [
+    "KeyedLocks",
+    "Paused",
+    "Persistence",
+    "fits_warm",
+    "into_warm",
+    "load_paused",
+    "reseed",
+]
 
 #: Bytes of host entropy sent to a restored agent (moat.agent.reseed).
 RESEED_BYTES = 64
@@ -99,6 +110,8 @@ class Persistence:
         self._busy = KeyedLocks()
         self._quota_locks = KeyedLocks()
         self._loading = threading.Lock()
+        #: removals of resumed sandboxes' paused states under way (asyncio holds tasks weakly)
+        self._removals: set[asyncio.Task[None]] = set()
         #: what the start-up scan removed (half-written pauses left by a crash)
         self.scan_report: list[str] = []
 
@@ -306,6 +319,9 @@ class Persistence:
         audit = await engine._audit_usable()
         if held is not None:
             guard = held.guard
+            # The pause's "ended" row dropped the trail's hook on it: the resumed sandbox's
+            # audit rows are scrubbed by its guard again (invariants 3 and 4).
+            attach_scrubber(audit, sid, guard)
         else:
             for s in brokered.values():
                 known.setdefault(s.value, "secret")
@@ -341,15 +357,9 @@ class Persistence:
             limits=config.limits,
             **spec_args,
         )
-        session = Session(
-            spec, runtime, guard, config.timeout if timeout is None else timeout,
-            dict(record["metadata"]), engine._ended, audit=audit, gateway=gateway,
-            max_output=int(record["max_output"]),
-        )  # fmt: skip
-        session.tenant = paused.tenant
-        session.origin = (config, brokered, known, gateway_config)
-        with contextlib.suppress(ValueError):
-            session.started_at = dt.datetime.fromisoformat(record["started_at"])
+        lifetime = config.timeout if timeout is None else timeout
+        metadata = dict(record["metadata"])
+        max_output = int(record["max_output"])
         # Claimed by a rename: one process resumes it; a crash from here on is repaired by
         # the next start's scan (the paused state goes back, whole).
         try:
@@ -357,19 +367,49 @@ class Persistence:
         except NotFoundError:
             self.paused().pop(sid, None)  # another engine on this state dir took it
             raise
-        engine._register(session)
+        fits_pool = found is None and fits_warm(
+            engine, runtime, spec, config, brokered, gateway_config
+        )
+        warm: Session | None = await engine.pool.take(tier, refill=False) if fits_pool else None
+        session = warm or Session(
+            spec, runtime, guard, lifetime, metadata, engine._ended, audit=audit,
+            gateway=gateway, max_output=max_output,
+        )  # fmt: skip
         try:
-            await session.start(restore=claimed / CHECKPOINT)
+            if warm is not None:
+                await into_warm(
+                    engine, warm, spec, paused.tenant, guard, gateway, metadata, max_output,
+                    runtime, claimed / CHECKPOINT,
+                )  # fmt: skip
+            else:
+                session.tenant = paused.tenant
+                engine._register(session)
+                await session.start(restore=claimed / CHECKPOINT)
+            session.origin = (config, brokered, known, gateway_config)
+            with contextlib.suppress(ValueError):
+                session.started_at = dt.datetime.fromisoformat(record["started_at"])
             await reseed(session)
         except BaseException:
             await session.kill("died: failed to resume")
             with engine._mu:
                 engine.ended.pop(sid, None)  # still paused: its state is untouched
             await asyncio.to_thread(self.store.unclaim, claimed, sid)
+            if fits_pool:
+                engine.pool.refill(tier)
             raise
+        if warm is not None:
+            warm.begin(lifetime, "warm pool")
+        if fits_pool:
+            engine.pool.refill(tier)  # once the files are in (their replay got the CPU)
         self.paused().pop(sid, None)
         self._held.pop(sid, None)
-        await asyncio.to_thread(self.store.release, claimed, sid)
+        # One rename now (microseconds: on the loop, no thread hop on the resume's path);
+        # the fsync and the removal go on in the background (a crash leaves a .del- that
+        # the next start's scan removes).
+        gone = self.store.retire(claimed, sid)
+        removal = asyncio.get_running_loop().create_task(asyncio.to_thread(self.store.remove, gone))
+        self._removals.add(removal)
+        removal.add_done_callback(self._removals.discard)
         session._audit_life("resumed", None)
         return session
 
@@ -416,6 +456,54 @@ def load_paused(store: PausedStore, *, scan: bool = True) -> tuple[dict[str, Pau
         except (KeyError, TypeError, ValueError, SandboxError) as exc:
             log.warning("paused sandbox %s: bad record (%s); left alone", sid, exc)
     return loaded, report
+
+
+def fits_warm(
+    engine: Engine,
+    runtime: object,
+    spec: SandboxSpec,
+    config: SandboxConfig,
+    brokered: Mapping[str, Secret],
+    gateway_config: GatewayConfig | None,
+) -> bool:
+    """Whether a warm-pool sandbox can be the one restored as ``spec``: the tier replays
+    files into a running sandbox, and the frozen shape is the pool's (``poolable``: no
+    secrets, mounts, envs or other limits; the spec the pool's but for the id)."""
+    shape = {
+        "template": config.template,
+        "envs": config.envs,
+        "mounts": config.mounts,
+        "limits": config.limits,
+    }
+    return (
+        engine._runtime is None
+        and isinstance(runtime, ReplaysFiles)
+        and poolable(shape, brokered, gateway_config)
+        and spec == pooled_spec(spec.sandbox_id, spec.tier)
+    )
+
+
+async def into_warm(
+    engine: Engine,
+    warm: Session,
+    spec: SandboxSpec,
+    tenant: str,
+    guard: Any,
+    gateway: Gateway | None,
+    metadata: dict[str, str],
+    max_output: int,
+    runtime: object,
+    src: Path,
+) -> None:
+    """Make a warm sandbox (nobody's, never used) the one restored as ``spec`` from ``src``:
+    its id, tenant, guard, gateway and metadata (invariant 11), then the checkpoint's files.
+    The caller kills it on failure and starts its lifetime (``begin``) on success."""
+    engine._rekey(warm, spec)
+    warm.tenant = tenant
+    await warm.assume(guard, gateway, metadata, max_output)
+    if not isinstance(runtime, ReplaysFiles) or warm.proc is None:
+        raise SandboxError("the warm sandbox can't take the checkpoint's files")
+    await runtime.restore_into(warm.proc, src)
 
 
 async def reseed(session: Session) -> None:

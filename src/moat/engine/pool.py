@@ -29,8 +29,10 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+from moat.egress import proxy_env
 from moat.errors import InvalidArgumentError
-from moat.model import TIERS, Limits
+from moat.model import CA_BUNDLE_PATH, PROXY_PORT, TIERS, Limits
+from moat.runtime.spec import SandboxSpec
 
 log = logging.getLogger("moat.engine")
 
@@ -88,6 +90,15 @@ def poolable(spec_args: Mapping[str, Any], secrets: object, gateway_config: obje
         and spec_args.get("limits", Limits()) == Limits()
         and not secrets
         and gateway_config is None
+    )
+
+
+def pooled_spec(sandbox_id: str, tier: str) -> SandboxSpec:
+    """The spec of a warm-pool sandbox: the default shape, moat's proxy settings only."""
+    return SandboxSpec(
+        sandbox_id=sandbox_id,
+        tier=tier,
+        envs=tuple(sorted(proxy_env(PROXY_PORT, CA_BUNDLE_PATH).items())),
     )
 
 
@@ -184,10 +195,12 @@ class WarmPool:
         pool = self._pool(tier)
         return pool.target(time.monotonic()) if pool is not None else 0
 
-    async def take(self, tier: str) -> Any | None:
+    async def take(self, tier: str, refill: bool = True) -> Any | None:
         """A ready session for ``tier`` on this loop, or None (then start a cold one).
 
-        Counts the demand and starts replacements at once, before the caller's first call.
+        Counts the demand and starts replacements at once, before the caller's first call
+        (``refill=False``: the caller calls ``refill`` itself once its own work is done; a
+        resume replays its files first, without a start competing for the CPU).
         """
         pool = self._pool(tier)
         if pool is None:
@@ -211,7 +224,8 @@ class WarmPool:
             self.misses += 1  # the engine refills after its cold start, off that start's path
         else:
             self.hits += 1
-            self._fill(tier, pool)
+            if refill:
+                self._fill(tier, pool)
         return session
 
     def refill(self, tier: str) -> None:

@@ -34,7 +34,7 @@ from moat.egress import Gateway, GatewayConfig, NetworkPolicy, Secret, proxy_env
 from moat.egress.identity import GatewayIdentity
 from moat.engine import templating
 from moat.engine.guardhook import make_guard
-from moat.engine.persist import reseed
+from moat.engine.persist import fits_warm, into_warm, reseed
 from moat.engine.resolve import guard_policy, secrets_of
 from moat.engine.session import Session
 from moat.engine.tiers import require
@@ -319,27 +319,42 @@ class Snapshots:
             **spec_args,
         )
         meta = dict(record["metadata"]) if metadata is None else dict(metadata)
-        session = Session(
-            spec, runtime, guard, config.timeout if timeout is None else timeout, meta,
-            engine._ended, audit=audit, gateway=gateway, max_output=int(record["max_output"]),
-        )  # fmt: skip
-        session.tenant = snap.tenant
-        session.origin = (config, brokered, known, gateway_config)
-        session.face = dict(record.get("face") or {})
+        lifetime = config.timeout if timeout is None else timeout
+        max_output = int(record["max_output"])
         snap_id = snap.snapshot_id
         if snap_id not in self.all() or snap_id in self._doomed:
             raise NotFoundError(f"snapshot {snap_id} was not found")
         self._users[snap_id] = self._users.get(snap_id, 0) + 1
+        # A warm-pool sandbox where the snapshot's shape is the pool's (as a resume does).
+        fits_pool = fits_warm(engine, runtime, spec, config, brokered, gateway_config)
         try:
             src = await asyncio.to_thread(self.store.checkpoint, snap_id)
-            engine._register(session)
+            warm: Session | None = await engine.pool.take(tier, refill=False) if fits_pool else None
+            session = warm or Session(
+                spec, runtime, guard, lifetime, meta, engine._ended, audit=audit,
+                gateway=gateway, max_output=max_output,
+            )  # fmt: skip
             try:
-                await session.start(restore=src)
+                if warm is not None:
+                    await into_warm(
+                        engine, warm, spec, snap.tenant, guard, gateway, meta, max_output,
+                        runtime, src,
+                    )  # fmt: skip
+                else:
+                    session.tenant = snap.tenant
+                    engine._register(session)
+                    await session.start(restore=src)
+                session.origin = (config, brokered, known, gateway_config)
+                session.face = dict(record.get("face") or {})
                 await reseed(session)
             except BaseException:
                 await session.kill("died: failed to start from a snapshot")
                 raise
+            if warm is not None:
+                warm.begin(lifetime, "warm pool")
         finally:
+            if fits_pool:
+                engine.pool.refill(tier)
             left = self._users[snap_id] - 1
             if left:
                 self._users[snap_id] = left

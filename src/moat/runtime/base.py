@@ -99,3 +99,17 @@ class Checkpointable(Protocol):
         speaks on a fresh channel and must be reseeded (its RNG and every kernel's) so that two
         sandboxes restored from one checkpoint never share randomness.
         """
+
+
+@runtime_checkable
+class ReplaysFiles(Protocol):
+    """A Checkpointable tier whose checkpoint is files only, replayed into a fresh sandbox.
+
+    Its ``restore`` is a start plus a replay, so the engine may instead replay the checkpoint
+    into a sandbox it already started (the warm pool's: ``moat.engine.persist``). Tiers that
+    restore processes and memory (gVisor, the microVM) don't implement it.
+    """
+
+    async def restore_into(self, proc: SandboxProcess, src: Path) -> None:
+        """Replay the checkpoint in ``src`` (left unchanged) into the running ``proc``, whose
+        agent is up and has run nothing; fail closed (the caller then kills ``proc``)."""

@@ -236,8 +236,17 @@ class PausedStore:
 
     def release(self, claimed: Path, sandbox_id: str) -> None:
         """Remove a claimed paused state (the sandbox serves again)."""
+        self.remove(self.retire(claimed, sandbox_id))
+
+    def retire(self, claimed: Path, sandbox_id: str) -> Path:
+        """The first half of ``release``: one rename, after which the state is no paused
+        sandbox's (a crash leaves a ``.del-`` the scan removes); ``remove`` it next."""
         gone = self.root / _work("del", sandbox_id)
         os.rename(claimed, gone)
+        return gone
+
+    def remove(self, gone: Path) -> None:
+        """The second half of ``release`` (blocking: fsync and removal, off any hot path)."""
         with contextlib.suppress(OSError):
             _fsync_dir(self.root)
         shutil.rmtree(gone, ignore_errors=True)

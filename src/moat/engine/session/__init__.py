@@ -144,6 +144,35 @@ class Session(CodeCalls, PtyCalls, FileCalls, WatchCalls):
         self._start_sampling()
         self._audit_life("created", "warm pool")
 
+    async def assume(
+        self, guard: OutputGuard, gateway: Gateway | None, metadata: dict[str, str],
+        max_output: int,
+    ) -> None:  # fmt: skip
+        """Take on a paused sandbox's guard and gateway (a warm sandbox the engine has just
+        given the paused one's id: ``moat.engine.persist``); its lifetime starts with
+        ``begin``. The warm sandbox's own gateway goes, its CA too: the agent is sent the new
+        gateway's CA (it rewrites its bundle; its proxy port stays), so nothing of the warm
+        sandbox's identity remains inside or out."""
+        client = self._check()
+        self.guard = guard
+        await self._prepare_guard()
+        if self.tunnels is not None:
+            self.tunnels.close_all()  # a warm sandbox has run nothing: none are open
+            self.tunnels = client.tunnels = None
+        old, self.gateway = self.gateway, gateway
+        if old is not None:
+            await old.close()
+        if gateway is not None:
+            await self._start_egress(client, gateway)
+        self.metadata = metadata
+        self.max_output = max_output
+
+    def begin(self, timeout: float, reason: str | None = None) -> None:
+        """Start the lifetime of a sandbox started with ``pooled=True`` (audited "created")."""
+        self.set_timeout(timeout)
+        self._start_sampling()
+        self._audit_life("created", reason)
+
     def _audit_life(self, event: str, reason: str | None) -> None:
         record = getattr(self.audit, "record_sandbox", None)
         if record is None:

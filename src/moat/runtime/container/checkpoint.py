@@ -21,8 +21,16 @@ from moat.errors import PolicyError, QuotaExceededError, SandboxError
 
 log = logging.getLogger("moat.runtime.container")
 
-#: The archive inside a container checkpoint directory.
-ARCHIVE = "fs.tar.gz"
+#: The archive inside a container checkpoint directory: a compressed tar, zstd where the
+#: sandbox has ``zstd`` (several times faster than gzip both ways, and smaller), else gzip.
+#: Its format is told by its first bytes (it is the sandbox's output: only a known
+#: decompressor is ever asked for, and it runs inside the new sandbox).
+ARCHIVE = "fs.tar"
+#: The name checkpoints made before zstd used (gzip always); still read.
+LEGACY_ARCHIVE = "fs.tar.gz"
+#: First bytes of each format -> tar's option for it.
+#: (``--use-compress-program``, not ``--zstd``: a template's older GNU tar knows it too)
+_FORMATS = ((b"\x28\xb5\x2f\xfd", "--use-compress-program=zstd"), (b"\x1f\x8b", "--gzip"))
 #: What is kept: the sandbox's writable trees (relative to its /).
 KEPT = ("home/user", "tmp")
 #: The most one archive may hold unless MOAT_CHECKPOINT_MAX_MB says otherwise (a global cap,
@@ -38,14 +46,19 @@ NO_MEMORY = (
 #: moat's own files in the sandbox's /tmp (the gateway's CA bundle): written afresh by the new
 #: sandbox's agent, never taken from an archive (which the sandbox's code may have shaped).
 _MOAT_TMP = "tmp/.moat"
-# gzip: pays on the text and wheels an agent's workspace mostly holds.
+# Compressed: pays on the text and wheels an agent's workspace mostly holds. zstd (level 3)
+# packed 14 MiB of such files ~5x faster than gzip, 8% smaller, and unpacked them ~1.6x
+# faster (docs/persistence.md); gzip where a template's root has no zstd.
 # --warning=no-file-changed: a file written while tar reads it is kept as read (tar's exit 1).
 _PACK = (
-    f"cd / && tar --create --gzip --file=- --numeric-owner --sparse --exclude={_MOAT_TMP} "
-    "--warning=no-file-changed --warning=no-file-removed --ignore-failed-read " + " ".join(KEPT)
+    "if command -v zstd >/dev/null 2>&1; then z=--use-compress-program=zstd; else z=--gzip; fi; "
+    f'exec tar --create "$z" --file=- --numeric-owner --sparse --exclude={_MOAT_TMP} '
+    "--directory=/ --warning=no-file-changed --warning=no-file-removed --ignore-failed-read "
+    + " ".join(KEPT)
 )
+# exec: one process less between the agent and tar (the shell's limits stay in force).
 _UNPACK = (
-    f"cd / && tar --extract --gzip --file=- --numeric-owner --preserve-permissions "
+    "exec tar --extract {z} --file=- --directory=/ --numeric-owner --preserve-permissions "
     f"--delay-directory-restore --no-overwrite-dir --exclude={_MOAT_TMP}"
 )
 
@@ -82,15 +95,29 @@ async def checkpoint(proc: Any, dest: Path, *, memory: bool, cap: int | None = N
         raise SandboxError(f"the sandbox's files could not be archived (tar exit {code})")
 
 
+def archive(src: Path) -> Path | None:
+    """The archive of the checkpoint ``src`` (either name), or None."""
+    for name in (ARCHIVE, LEGACY_ARCHIVE):
+        if (src / name).is_file():
+            return src / name
+    return None
+
+
 async def unpack(proc: Any, src: Path) -> None:
-    """Replay the archive of ``src`` into the new sandbox ``proc`` (its agent up)."""
-    path = src / ARCHIVE
-    if not path.is_file():
+    """Replay the archive of ``src`` into the new sandbox ``proc`` (its agent up), streamed
+    from the file to ``tar -x`` inside (no copy on the way)."""
+    path = archive(src)
+    if path is None:
         raise SandboxError("the paused sandbox's files are missing")
     inside = _inside(proc)
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
     with os.fdopen(fd, "rb") as f:
-        code = await inside.input_from(_UNPACK, f)
+        head = f.read(4)
+        option = next((opt for magic, opt in _FORMATS if head.startswith(magic)), None)
+        if option is None:
+            raise SandboxError("the paused sandbox's files are not in a format moat wrote")
+        f.seek(0)
+        code = await inside.input_from(_UNPACK.format(z=option), f)
     if code != 0:
         raise SandboxError(f"the paused sandbox's files could not be restored (tar exit {code})")
 

@@ -326,13 +326,17 @@ class ContainerRuntime:
 
     async def restore(self, spec: SandboxSpec, src: Path) -> ContainerProcess:
         """A fresh sandbox of ``spec``; its files come back once its agent is up."""
-        if not (src / checkpoint.ARCHIVE).is_file():
+        if checkpoint.archive(src) is None:
             raise SandboxDiedError("the paused sandbox's files are missing")
         # Its own cgroup name: the paused one's may still be on the reaper's queue.
         name = spec.sandbox_id.removeprefix("sbx-")[:56] + "-r" + secrets.token_hex(3)
         proc = await self._start(spec, name)
         proc.restore_from = src
         return proc
+
+    async def restore_into(self, proc: Any, src: Path) -> None:
+        """ReplaysFiles: the checkpoint's files into a running sandbox (a warm one)."""
+        await checkpoint.unpack(proc, src)
 
     async def start(self, spec: SandboxSpec) -> ContainerProcess:
         return await self._start(spec, spec.sandbox_id.removeprefix("sbx-"))
