@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -66,7 +67,7 @@ def test_the_paused_store_is_advertised_and_asked_for_by_a_resume_only() -> None
 def _pause_into(store: ClusterPaused, sid: str, tenant: str) -> None:
     """A committed paused state as a node's engine writes it (moat.store.paused)."""
     pending = store.store.begin(sid)
-    record = {
+    record: dict[str, Any] = {
         "sandbox_id": sid, "tenant": tenant, "tier": "container",
         "config": resolve(isolation="container").to_dict(), "network": None, "metadata": {"k": "v"},
         "max_output": 1024, "started_at": "2026-12-01T10:00:00+00:00",

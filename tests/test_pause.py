@@ -252,6 +252,7 @@ async def test_paused_sandbox_survives_an_engine_restart(tmp_path: Path) -> None
         assert env.strip() and "s3cr3t-value-xyz" not in env
         # and it is the one it had (files or processes may hold it), with the CA it trusted
         gateway = second.engine.get(sid).gateway  # type: ignore[union-attr]
+        assert gateway is not None
         assert env.strip() == placeholder == gateway.placeholders()["API_KEY"]
         assert gateway.ca_cert_pem() == ca
     finally:

@@ -207,5 +207,6 @@ async def test_a_restored_process_keeps_working_placeholders(door: FrontDoor, ti
     await door.connect(T, sid)
     assert (await _run(door, sid, "print(ph)")).strip() == held  # its memory
     gateway = door.engine.get(sid).gateway  # type: ignore[union-attr]
+    assert gateway is not None
     assert gateway.placeholders() == {"API_KEY": held}
     assert gateway.ca_cert_pem() == ca

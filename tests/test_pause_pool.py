@@ -23,6 +23,7 @@ import pytest
 import pytest_asyncio
 from cryptography import x509
 from tests.conftest import require_tier
+from tests.test_pause import _close
 
 from moat import Limits
 from moat.egress import Secret
@@ -48,13 +49,7 @@ async def door(tmp_path: Path) -> AsyncIterator[FrontDoor]:
     d = FrontDoor(engine)
     yield d
     await engine.pool.close()
-    for s in list(engine.sessions.values()):
-        await s.kill()
-    loop = asyncio.get_running_loop()
-    engine._ending.add(id(loop))
-    watcher = engine._watchers.pop(id(loop), None)
-    if watcher is not None:
-        watcher.cancel()
+    await _close(d)
 
 
 async def _warm(door: FrontDoor, not_ids: tuple[str, ...] = ()) -> Session:

@@ -17,6 +17,7 @@ import secrets
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -40,7 +41,7 @@ def _store() -> Store:
     return Store(state_dir() / "templates", LAYERS)
 
 
-def _tenant_records() -> list[dict[str, object]]:
+def _tenant_records() -> list[dict[str, Any]]:
     base = state_dir() / "templates" / "tenants"
     return [json.loads(p.read_text()) for p in base.glob("*/t/tpl-*.json")]
 
@@ -62,7 +63,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         with serving(tmp_path_factory.mktemp("serve") / "server.log") as srv:
             yield srv
             for rec in _tenant_records():
-                built.update(str(t) for t in dict(rec["tags"]).values())  # type: ignore[arg-type]
+                built.update(str(t) for t in dict(rec["tags"]).values())
             built.update(str(t) for t in _DELETED)
     finally:
         os.environ.pop("MOAT_TENANTS_FILE", None)
@@ -109,7 +110,7 @@ def _h(key: str) -> dict[str, str]:
 def _content_id(template_id: str) -> str:
     for rec in _tenant_records():
         if rec["templateID"] == template_id:
-            return str(dict(rec["tags"])["default"])  # type: ignore[arg-type]
+            return str(dict(rec["tags"])["default"])
     raise AssertionError("no such template record")
 
 
@@ -135,7 +136,7 @@ def test_sdk_builds_a_template_a_sandbox_uses_and_other_tenants_cannot_see(
         .set_envs({"GREETING": "hi there"})
     )
     name = f"web-{marker}"
-    logs = []
+    logs: list[Any] = []
     info = Template.build(
         template, name, cpu_count=1, memory_mb=768, on_build_logs=logs.append, api_key=key_a
     )
@@ -200,7 +201,7 @@ def test_failing_step_reports_the_step_and_exit_code(server: Server, key_a: str)
         .set_envs({"X": "1"})
         .run_cmd(f"echo failing-output-{marker}; exit 7", user="root")
     )
-    logs = []
+    logs: list[Any] = []
     with pytest.raises(BuildException) as exc:
         Template.build(template, f"bad-{marker}", on_build_logs=logs.append, api_key=key_a)
     message = str(exc.value)
@@ -210,12 +211,13 @@ def test_failing_step_reports_the_step_and_exit_code(server: Server, key_a: str)
 
 
 def test_what_does_not_map_is_refused_before_anything_runs(server: Server, key_a: str) -> None:
-    for template, words in [
+    cases: list[tuple[Any, str]] = [
         (Template().from_python_image("3").run_cmd("true"), "python:3"),
         (Template().from_template(BASE).skip_cache().run_cmd("true"), "skip_cache"),
         (Template().from_template(BASE).set_start_cmd("sleep 1", "true"), "startCmd"),
         (Template().from_template("no-such-base"), "was not found"),
-    ]:
+    ]
+    for template, words in cases:
         with pytest.raises(BuildException, match=words):
             Template.build(template, f"refused-{secrets.token_hex(3)}", api_key=key_a)
     with httpx.Client(base_url=server.url, timeout=30) as c:

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 from tests.conftest import require_tier
-from tests.test_snapshots import T, _close, _dirs, _door
+from tests.test_pause import _close
+from tests.test_snapshots import T, _dirs, _door
 
 from moat.engine.api import FrontDoor
 from moat.model import SandboxInfo

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 from tests.conftest import require_tier
+from tests.test_pause import _close
 
 from moat.egress import Secret
 from moat.engine.api import FrontDoor
@@ -38,17 +39,6 @@ def _door(root: Path, tenants: str | None = None) -> FrontDoor:
     engine.snapshots = Snapshots(engine, SnapshotStore(root / "snapshots"))
     policy = parse_tenants(tenants) if tenants else None
     return FrontDoor(engine, policy)
-
-
-async def _close(door: FrontDoor) -> None:
-    engine = door.engine
-    for s in list(engine.sessions.values()):
-        await s.kill()
-    loop = asyncio.get_running_loop()
-    engine._ending.add(id(loop))
-    watcher = engine._watchers.pop(id(loop), None)
-    if watcher is not None:
-        watcher.cancel()
 
 
 @pytest_asyncio.fixture

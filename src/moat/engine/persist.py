@@ -328,11 +328,7 @@ class Persistence:
             guard = make_guard(sid, guard_policy(config.guard), known, audit)
         # The template's root and settings, as at create (templating.lookup by its name: a
         # root rebuilt since then differs, and a memory tier refuses that restore clearly).
-        spec_args: dict[str, Any] = {}
-        found = await asyncio.to_thread(templating.lookup, config.template)
-        if found is not None:
-            spec_args = templating.spec_args(found, config.envs)
-        env = dict(spec_args.pop("envs", config.envs))
+        spec_args, env = await templating.restore_args(config.template, config.envs)
         gateway: Gateway | None = None
         if getattr(runtime, "provides_network", True):
             # its placeholders and CA as they were: its processes may hold them
@@ -367,7 +363,7 @@ class Persistence:
         except NotFoundError:
             self.paused().pop(sid, None)  # another engine on this state dir took it
             raise
-        fits_pool = found is None and fits_warm(
+        fits_pool = not spec_args and fits_warm(
             engine, runtime, spec, config, brokered, gateway_config
         )
         warm: Session | None = await engine.pool.take(tier, refill=False) if fits_pool else None

@@ -305,7 +305,7 @@ def control_app(state: ServerState) -> Starlette:
         # "ended" is moat's extension (its SDK's list(state="ended")): only when asked for
         if not states <= {"running", "paused", "ended"}:
             raise InvalidArgumentError("state must be running, paused and/or ended")
-        limit = _int_param(q.get("limit"), "limit", 1, _MAX_LIST, _MAX_LIST)
+        limit = wire.int_param(q.get("limit"), "limit", 1, _MAX_LIST, _MAX_LIST)
         start = _page_token(q.get("nextToken"))
         order = q.get("order") or "desc"  # E2B lists the newest first
         if order not in ("asc", "desc"):
@@ -365,7 +365,7 @@ def control_app(state: ServerState) -> Starlette:
         denied = q.get("denied_only", "false")
         if denied not in ("true", "false"):
             raise InvalidArgumentError("denied_only must be true or false")
-        limit = _int_param(q.get("limit"), "limit", 1, 10_000, 1000)
+        limit = wire.int_param(q.get("limit"), "limit", 1, 10_000, 1000)
         try:
             rows = await front.audit(tenant, sid, denied_only=denied == "true", limit=limit)
         except NotFoundError:
@@ -422,14 +422,6 @@ def _metadata_filter(raw: str | None) -> dict[str, str]:
     except ValueError:
         raise InvalidArgumentError("metadata filter must be key=value pairs") from None
     return {urllib.parse.unquote(k): urllib.parse.unquote(v) for k, v in pairs}
-
-
-def _int_param(raw: str | None, name: str, lo: int, hi: int, default: int) -> int:
-    if raw is None or raw == "":
-        return default
-    if not raw.isdigit() or not lo <= int(raw) <= hi:
-        raise InvalidArgumentError(f"{name} must be an integer from {lo} to {hi}")
-    return int(raw)
 
 
 def _time_param(raw: str | None, name: str) -> dt.datetime | None:

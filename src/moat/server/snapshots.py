@@ -88,7 +88,7 @@ def snapshot_routes(
 
     async def listing(request: Request, tenant: str) -> Response:
         q = request.query_params
-        limit = _int(q.get("limit"), "limit", 1, _MAX_LIST, _MAX_LIST)
+        limit = wire.int_param(q.get("limit"), "limit", 1, _MAX_LIST, _MAX_LIST)
         offset = _token(q.get("nextToken"))
         rows = await front.list_snapshots(
             tenant, sandbox_id=q.get("sandboxID") or None, name=q.get("name") or None
@@ -144,14 +144,6 @@ def _snapshot_reply(snap: SnapshotInfo) -> dict[str, Any]:
             "createdAt": wire.iso(snap.created),
         },
     }
-
-
-def _int(raw: str | None, name: str, lo: int, hi: int, default: int) -> int:
-    if raw is None or raw == "":
-        return default
-    if not raw.isdigit() or not lo <= int(raw) <= hi:
-        raise InvalidArgumentError(f"{name} must be an integer from {lo} to {hi}")
-    return int(raw)
 
 
 def _token(raw: str | None) -> int:

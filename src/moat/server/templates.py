@@ -155,8 +155,8 @@ def template_routes(state: ServerState, r: Make) -> list[Route]:
     async def status(request: Request, tenant: str) -> Response:
         tid, bid = request.path_params["template_id"], request.path_params["build_id"]
         q = request.query_params
-        offset = _int(q.get("logsOffset"), "logsOffset", 0, 1 << 20, 0)
-        limit = _int(q.get("limit"), "limit", 1, 100, 100)
+        offset = wire.int_param(q.get("logsOffset"), "logsOffset", 0, 1 << 20, 0)
+        limit = wire.int_param(q.get("limit"), "limit", 1, 100, 100)
         try:
             return JSONResponse(builds.status(tenant, tid, bid, offset, limit, q.get("level")))
         except NotFoundError:
@@ -232,11 +232,3 @@ def _unavailable(r: Make) -> list[Route]:
     return [r(path, refuse, methods) for path, methods in paths] + [
         Route("/moat/v1/template-uploads/{token}", refuse, methods=["PUT"])
     ]
-
-
-def _int(raw: str | None, name: str, lo: int, hi: int, default: int) -> int:
-    if raw is None or raw == "":
-        return default
-    if not raw.isdigit() or not lo <= int(raw) <= hi:
-        raise InvalidArgumentError(f"{name} must be an integer from {lo} to {hi}")
-    return int(raw)

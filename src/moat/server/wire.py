@@ -316,3 +316,13 @@ def metric_line(m: SandboxMetrics) -> dict[str, Any]:
 
 def context_reply(c: Context) -> dict[str, Any]:
     return {"id": c.id, "language": c.language, "cwd": c.cwd}
+
+
+def int_param(raw: str | None, name: str, lo: int, hi: int, default: int) -> int:
+    """A query parameter's integer in ``[lo, hi]`` (``default`` when absent or empty);
+    InvalidArgumentError (400) otherwise."""
+    if raw is None or raw == "":
+        return default
+    if not raw.isdigit() or not lo <= int(raw) <= hi:
+        raise InvalidArgumentError(f"{name} must be an integer from {lo} to {hi}")
+    return int(raw)
