@@ -98,11 +98,15 @@ def install(
     files: dict[str, str] | None = None,
     user: str = "user",
     src: Path | None = None,
+    start_cmd: str | None = None,
+    ready_cmd: str | None = None,
 ) -> ref.TemplateRef:
     """Install the Debian root (or ``src``) as template ``name`` plus ``files`` (path inside
     -> text), replacing an older one of that name. Returns its lookup."""
     src = src or debian_root()
-    settings = {"name": name, "env": env or {}, "workdir": workdir, "user": user}
+    settings: dict[str, object] = {"name": name, "env": env or {}, "workdir": workdir, "user": user}
+    if start_cmd is not None or ready_cmd is not None:
+        settings.update(start_cmd=start_cmd, ready_cmd=ready_cmd)
     tid = _digest({"src": str(src), "settings": settings, "files": files or {}})
     base = ref.root()
     tdir = base / tid

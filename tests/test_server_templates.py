@@ -214,7 +214,6 @@ def test_what_does_not_map_is_refused_before_anything_runs(server: Server, key_a
     cases: list[tuple[Any, str]] = [
         (Template().from_python_image("3").run_cmd("true"), "python:3"),
         (Template().from_template(BASE).skip_cache().run_cmd("true"), "skip_cache"),
-        (Template().from_template(BASE).set_start_cmd("sleep 1", "true"), "startCmd"),
         (Template().from_template("no-such-base"), "was not found"),
     ]
     for template, words in cases:

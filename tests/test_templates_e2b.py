@@ -93,8 +93,6 @@ def test_bases_map_or_are_refused_by_name() -> None:
     [
         ({"force": True}, "skip_cache"),
         ({"steps": [{"type": "RUN", "args": ["x"], "force": True}]}, "skip_cache"),
-        ({"startCmd": "python app.py"}, "startCmd"),
-        ({"readyCmd": "true"}, "readyCmd"),
         (
             {"steps": [{"type": "COPY", "args": ["a", "/b", "", "0755"], "filesHash": "a" * 64}]},
             "user or mode",
@@ -237,3 +235,12 @@ def test_tenant_names_are_private_and_counted(tmp_path: Path) -> None:
     # alice deletes: the root no one else uses goes
     assert alice.delete("web") is True
     assert not (store.templates / tid).exists() and alice.records() == []
+
+
+def test_start_and_ready_commands_become_the_templates() -> None:
+    """Run by the engine when each sandbox of it starts (moat.engine.startcmd)."""
+    got = _plan(
+        {"fromImage": "debian:bookworm", "startCmd": "python3 app.py", "readyCmd": "true"}
+    ).defn
+    assert (got.start_cmd, got.ready_cmd) == ("python3 app.py", "true")
+    assert _plan({"fromImage": "debian:bookworm"}).defn.start_cmd is None

@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from moat.egress import Gateway, GatewayConfig, Secret, proxy_env
-from moat.engine import templating
+from moat.engine import startcmd, templating
 from moat.engine.guardhook import make_guard
 from moat.engine.persist import Persistence
 from moat.engine.pool import WarmPool, parse_pool, poolable, pooled_spec
@@ -187,6 +187,8 @@ class Engine:
         self._register(session)
         try:
             await session.start()
+            if found is not None and (found.start_cmd or found.ready_cmd):
+                await startcmd.run(session, found.start_cmd, found.ready_cmd)
         except BaseException:
             await session.kill("died: failed to start")
             raise

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from moat.egress import Gateway, GatewayConfig, NetworkPolicy, Secret, proxy_env
 from moat.egress.identity import GatewayIdentity
-from moat.engine import templating
+from moat.engine import startcmd, templating
 from moat.engine.auditview import attach_scrubber
 from moat.engine.guardhook import make_guard
 from moat.engine.pool import poolable, pooled_spec
@@ -385,6 +385,7 @@ class Persistence:
             with contextlib.suppress(ValueError):
                 session.started_at = dt.datetime.fromisoformat(record["started_at"])
             await reseed(session)
+            await startcmd.after_restore(session, config.template, tier, bool(record["memory"]))
         except BaseException:
             await session.kill("died: failed to resume")
             with engine._mu:

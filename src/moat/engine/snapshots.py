@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from moat.egress import Gateway, GatewayConfig, NetworkPolicy, Secret, proxy_env
 from moat.egress.identity import GatewayIdentity
-from moat.engine import templating
+from moat.engine import startcmd, templating
 from moat.engine.guardhook import make_guard
 from moat.engine.persist import fits_warm, into_warm, reseed
 from moat.engine.resolve import guard_policy, secrets_of
@@ -347,6 +347,8 @@ class Snapshots:
                 session.origin = (config, brokered, known, gateway_config)
                 session.face = dict(record.get("face") or {})
                 await reseed(session)
+                memory = bool(record.get("memory"))
+                await startcmd.after_restore(session, config.template, tier, memory)
             except BaseException:
                 await session.kill("died: failed to start from a snapshot")
                 raise

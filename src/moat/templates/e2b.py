@@ -21,6 +21,7 @@ files hash E2B's SDK computed checked against what was extracted.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import re
@@ -133,9 +134,6 @@ def plan(body: dict[str, Any], resolve_base: Callable[[str], str | None]) -> Pla
             "skip_cache/force is not supported: moat caches each step by content hash "
             "(change a step to rebuild it)"
         )
-    for key in ("startCmd", "readyCmd"):
-        if body.get(key):
-            raise _bad(f"{key}: start and ready commands are not run by moat templates yet")
     image, template = body.get("fromImage"), body.get("fromTemplate")
     if image and template:
         raise _bad("give fromImage or fromTemplate, not both")
@@ -227,6 +225,8 @@ def plan(body: dict[str, Any], resolve_base: Callable[[str], str | None]) -> Pla
         defn = TemplateDef(
             base=base, steps=tuple(steps), env=tuple(sorted(env.items())), workdir=workdir,
             user=user,
+            # run when each sandbox of it starts (moat.engine.startcmd)
+            start_cmd=body.get("startCmd") or None, ready_cmd=body.get("readyCmd") or None,
         )  # fmt: skip
     except TemplateDefinitionError as exc:
         raise InvalidArgumentError(str(exc)) from None
@@ -243,10 +243,7 @@ def adjust_copy_dest(plan_: Plan, context: Path) -> Plan:
         src = context / step.args[0]
         if stat.S_ISDIR(os.lstat(src).st_mode) and step.args[1].endswith("/"):
             steps[n] = Step("copy", (step.args[0], step.args[1].rstrip("/") or "/"))
-    defn = TemplateDef(
-        base=plan_.defn.base, steps=tuple(steps), env=plan_.defn.env,
-        workdir=plan_.defn.workdir, user=plan_.defn.user,
-    )  # fmt: skip
+    defn = dataclasses.replace(plan_.defn, steps=tuple(steps))
     return Plan(defn, plan_.copies, plan_.step_numbers)
 
 
