@@ -73,8 +73,13 @@ class Commands:
         stdin: bool,
         as_exec: bool = False,
         size: tuple[int, int] | None = None,
+        root: bool = False,
     ) -> None:
-        """Start ``cmd``; with ``size`` (cols, rows) on a new pseudo-terminal (moat.agent.pty)."""
+        """Start ``cmd``; with ``size`` (cols, rows) on a new pseudo-terminal (moat.agent.pty);
+        with ``root`` as root of the sandbox (moat.agent.shield.root_limits)."""
+        if root and not shield.can_root():
+            self.ch.fail(rid, "unsupported", "this sandbox cannot run commands as root")
+            return
         env = dict(os.environ)
         env.update(envs)
         workdir = cwd or default_cwd()
@@ -84,14 +89,15 @@ class Commands:
         import subprocess  # here, not at start-up: the first command pays for it
 
         master = slave = None
-        argv, user = shield.user_shell(self.shell, cmd, env)
+        argv, user = shield.user_shell(self.shell, cmd, env, root)
         try:
             if size is not None:
                 master, slave = pty.open_pair(*size)
                 fds: tuple[Any, Any, Any] = (slave, slave, slave)
                 # A terminal takes the fork path: its child makes the slave its controlling
                 # terminal (TIOCSCTTY) and applies the user's uid and limits itself.
-                argv, user = [self.shell, "-c", cmd], {"preexec_fn": pty.child_setup}
+                setup = pty.root_child_setup if root else pty.child_setup
+                argv, user = [self.shell, "-c", cmd], {"preexec_fn": setup}
             else:
                 fds = (
                     subprocess.PIPE if stdin else subprocess.DEVNULL,

@@ -17,8 +17,13 @@ alone protects nothing. Three layers on every tier, and a fourth where the tier 
   kill it and serve the next call (the kernel's pids cgroup or the VM's cgroup stays the
   outer cap: invariant 10).
 * **A uid of its own** (gVisor, whose /proc ignores non-dumpable and whose sentry signals its
-  init): the agent starts as :data:`AGENT_UID` with CAP_SETUID, keeps it as real and saved uid,
-  acts as :data:`USER_UID`, and drops the capability before anything else (:func:`_split_uid`).
+  init, and the microVM guest): the agent starts as root of the sandbox (:data:`AGENT_UID`,
+  uid 0 inside: the sentry's or the guest kernel's, never the host's) with root's bounded
+  capability set (``moat.protocol.contract.ROOT_CAPS``), keeps uid 0 as real and saved uid,
+  acts as :data:`USER_UID`, and keeps those capabilities only as *permitted*, none effective
+  (:func:`_split_uid`). A call with ``user="root"`` then runs in a child that takes uid 0
+  back (:func:`root_ids`): its effective capabilities are the permitted ones, still under
+  ``no_new_privs``, the seccomp filter and the kernel's limits (docs/users.md).
 
 Trust domain: sandbox (runs inside, stdlib only). Nothing here is a boundary for the host,
 which never trusts the agent (invariant 6); it keeps the sandbox usable and its reports honest.
@@ -38,10 +43,11 @@ if TYPE_CHECKING:
     from typing import Any
 
 _PR_SET_DUMPABLE = 4
-#: uids of the agent and of user code where a tier can give them apart (gVisor starts the
-#: agent as AGENT_UID with CAP_SETUID only: see :func:`_split_uid`).
-AGENT_UID = 999
+#: uids of the agent and of user code where a tier can give them apart (gVisor and the microVM
+#: start the agent as root of the sandbox with ROOT_CAPS only: see :func:`_split_uid`).
+AGENT_UID = 0
 USER_UID = 1000
+USER_GID = 1000
 _CAP_VERSION_3 = 0x20080522
 #: Processes (threads included) the agent keeps for itself out of its RLIMIT_NPROC.
 RESERVE_MAX = 32
@@ -57,18 +63,22 @@ _reaping = False
 #: Set by :func:`own`: wakes a reaper that found no child at all.
 _spawned = threading.Event()
 _user_nproc: int | None = None
+#: Set by :func:`_split_uid`: this agent can run a call as root (uid 0 of the sandbox).
+_can_root = False
 
 
-def harden() -> None:
-    """The agent's first call: its own uid (gVisor), non-dumpable, SIGINT, the user's limit.
+def harden(root: bool = False) -> None:
+    """The agent's first call: its own uid, non-dumpable, SIGINT, the user's limit.
 
-    Before any thread or child exists (the default kernel is forked right after).
+    ``root``: the tier started the agent as root of the sandbox for the uid split (gVisor,
+    microVM: :func:`_split_uid`); without it (the container tier, the fake runtime) nothing
+    about the agent's ids changes. Before any thread or child exists.
     """
     global _user_nproc
     import ctypes  # lazily: only this call needs it
 
     libc = ctypes.CDLL(None, use_errno=True)
-    if os.getuid() == AGENT_UID:
+    if root and os.getuid() == AGENT_UID:
         _split_uid(libc)
     if libc.prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_DUMPABLE)")
@@ -83,22 +93,62 @@ def harden() -> None:
 
 
 def _split_uid(libc: Any) -> None:
-    """Keep AGENT_UID as real and saved uid, act as USER_UID, and drop every capability.
+    """Keep uid 0 as real and saved uid, act as USER_UID, keep root's capabilities permitted
+    only (none effective, none inheritable).
 
-    User code then runs as USER_UID throughout (:func:`user_limits` sets all three ids): it
-    may not signal the agent (the kernel compares its uids with the agent's real and saved
-    uid), and /proc/<agent> files belong to another user (what gVisor's /proc checks, where
-    non-dumpable is not honoured). The agent's own file work happens as USER_UID (its
-    effective and file-system uid), so files keep their owner. Started with CAP_SETUID only,
-    for this one call; no capability remains afterwards (invariant 9).
+    User code then runs as USER_UID throughout (:func:`user_limits` sets all three ids, which
+    clears every capability): it may not signal the agent (the kernel compares its uids with
+    the agent's real and saved uid), and /proc/<agent> files belong to another user (what
+    gVisor's /proc checks, where non-dumpable is not honoured). The agent's own file work
+    happens as USER_UID (its effective and file-system uid, with no effective capability),
+    so files keep their owner. Root calls get uid 0 back in a child (:func:`root_ids`);
+    what that child may do is bounded by ROOT_CAPS (the tier's bounding set too) and by
+    ``no_new_privs`` and the seccomp filter (invariant 9).
     """
     import ctypes
 
+    from moat.protocol.contract import ROOT_CAPS
+
+    global _can_root
+    header = (ctypes.c_uint32 * 2)(_CAP_VERSION_3, 0)
+    data = (ctypes.c_uint32 * 6)()  # effective, permitted, inheritable x 2
+    if libc.capget(header, data) != 0:
+        raise OSError(ctypes.get_errno(), "capget")
+    wanted = 0
+    for bit in ROOT_CAPS.values():
+        wanted |= 1 << bit
+    keep = data[1] & wanted  # never more than the tier gave (all caps are < 32)
+    os.setgroups([USER_GID])
+    os.setresgid(USER_GID, USER_GID, USER_GID)
     os.setresuid(AGENT_UID, USER_UID, AGENT_UID)
     header = (ctypes.c_uint32 * 2)(_CAP_VERSION_3, 0)
-    data = (ctypes.c_uint32 * 6)()  # effective, permitted, inheritable x 2: all empty
+    data = (ctypes.c_uint32 * 6)(0, keep, 0, 0, 0, 0)
     if libc.capset(header, data) != 0:
         raise OSError(ctypes.get_errno(), "capset")
+    _can_root = bool(keep)
+
+
+def can_root() -> bool:
+    """Whether this sandbox can run a call as root (see :func:`_split_uid`)."""
+    return _can_root
+
+
+def root_ids() -> None:
+    """In a child of the agent that runs a root call: uid and gid 0, no supplementary groups.
+
+    Taking uid 0 back as effective uid makes the permitted capabilities (ROOT_CAPS at most)
+    effective again; os-level calls only (also part of a ``preexec_fn``).
+    """
+    os.setresuid(AGENT_UID, AGENT_UID, AGENT_UID)
+    os.setgroups([])
+    os.setresgid(0, 0, 0)
+
+
+def root_limits() -> None:
+    """``preexec_fn`` of a root command: root's ids, then the user's process limit and OOM
+    score (root holds no CAP_SYS_RESOURCE: it cannot raise them again)."""
+    root_ids()
+    user_limits()
 
 
 def _ignore(_signum: int, _frame: object) -> None:
@@ -143,7 +193,9 @@ def _runs_before_first_command(env: dict[str, str]) -> bool:
     return any(name in _STARTUP_ENV or name.startswith(("LD_", "BASH_FUNC_")) for name in env)
 
 
-def user_shell(shell: str, cmd: str, env: dict[str, str]) -> tuple[list[str], dict[str, Any]]:
+def user_shell(
+    shell: str, cmd: str, env: dict[str, str], root: bool = False
+) -> tuple[list[str], dict[str, Any]]:
     """The argv and extra ``Popen`` arguments that run ``cmd`` as user code, under its limits.
 
     A ``preexec_fn`` makes CPython fork the agent and run Python in the child (~1.5 ms per
@@ -153,8 +205,11 @@ def user_shell(shell: str, cmd: str, env: dict[str, str]) -> tuple[list[str], di
     the limit, and no fork of user code escapes it (the kernel checks the forking process's
     limit). That holds only when nothing runs before those first commands, so the fork path
     stays for a shell other than bash and for an environment naming what bash or the loader
-    act on at start-up. The uid switch is :func:`user_ids`.
+    act on at start-up. The uid switch is :func:`user_ids`; a root command always takes the
+    fork path (:func:`root_limits`).
     """
+    if root:
+        return [shell, "-c", cmd], {"preexec_fn": root_limits}
     if os.path.basename(shell) != "bash" or _runs_before_first_command(env):
         return [shell, "-c", cmd], {"preexec_fn": user_limits}
     limit = "" if _user_nproc is None else f"ulimit -HSu {_user_nproc} || exit 126; "

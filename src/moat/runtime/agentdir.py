@@ -72,13 +72,17 @@ def prepare() -> Path:
 
 
 def agent_argv(
-    python: str = "/usr/bin/python3", channel: str | None = None, workdir: str = HOME
+    python: str = "/usr/bin/python3",
+    channel: str | None = None,
+    workdir: str = HOME,
+    root: bool = False,
 ) -> list[str]:
     """The command that starts the agent inside a sandbox.
 
     With ``channel`` the agent speaks on that device (a virtio serial port in a microVM);
     otherwise on its stdin/stdout. ``workdir``: the default working directory of commands and
-    code (a template's, issue 12).
+    code (a template's, issue 12). ``root``: the tier starts the agent as root of the sandbox
+    with ROOT_CAPS, and the agent keeps them for ``user="root"`` calls (moat.agent.shield).
     """
     boot = (
         f"import sys; sys.path.insert(0, {AGENT_DIR!r}); from moat.agent.main import main; main()"
@@ -88,4 +92,6 @@ def agent_argv(
         argv += ["--channel", channel]
     if workdir != HOME:
         argv += ["--workdir", workdir]
+    if root:
+        argv += ["--root", "1"]
     return argv
