@@ -822,7 +822,7 @@ class FrontDoor:
         """Start ``cmd`` with bash as ``user`` ("user" or "root": docs/users.md); its events
         stream from the returned handle."""
         session = self._session(tenant, sandbox_id)
-        root = _as_root(session.spec.tier, user)
+        root = _as_root(session.spec, user)
         cmd = v.text("cmd", cmd)
         env = v.envs(envs)
         if cwd is not None:
@@ -897,7 +897,7 @@ class FrontDoor:
         inside the sandbox as ``user``: Started, PtyOutput (guarded bytes) as it comes, then
         End."""
         session = self._session(tenant, sandbox_id)
-        root = _as_root(session.spec.tier, user)
+        root = _as_root(session.spec, user)
         cols, rows = _size(size)
         cmd = v.text("cmd", PTY_COMMAND if cmd is None else cmd)
         env = v.envs(envs)
@@ -950,7 +950,7 @@ class FrontDoor:
     ) -> str | bytes:
         """A file's content, read as ``user``, guarded like any output (invariant 4)."""
         session = self._session(tenant, sandbox_id)
-        root = _as_root(session.spec.tier, user)
+        root = _as_root(session.spec, user)
         path = v.path(path)
         fmt = v.choice("format", format, ("text", "bytes"))
         data = await session.read_file(path, root=root)
@@ -980,7 +980,7 @@ class FrontDoor:
         ``metadata`` replaces the file's user metadata (``user.e2b.*`` extended attributes;
         ``{}`` clears it); None leaves it as it is."""
         session = self._session(tenant, sandbox_id)
-        root = _as_root(session.spec.tier, user)
+        root = _as_root(session.spec, user)
         path = v.path(path)
         meta = None if metadata is None else v.file_metadata(metadata)
         if hasattr(data, "__aiter__"):
@@ -1000,7 +1000,7 @@ class FrontDoor:
         user: str = DEFAULT_USER,
     ) -> list[EntryInfo]:
         session = self._session(tenant, sandbox_id)
-        root = _as_root(session.spec.tier, user)
+        root = _as_root(session.spec, user)
         depth = int(v.number("depth", depth, 1, 32))
         return await session.list_dir(v.path(path), depth, root=root)
 
@@ -1008,20 +1008,20 @@ class FrontDoor:
         self, tenant: str, sandbox_id: str, path: str, user: str = DEFAULT_USER
     ) -> EntryInfo:
         session = self._session(tenant, sandbox_id)
-        return await session.stat(v.path(path), root=_as_root(session.spec.tier, user))
+        return await session.stat(v.path(path), root=_as_root(session.spec, user))
 
     async def remove(
         self, tenant: str, sandbox_id: str, path: str, user: str = DEFAULT_USER
     ) -> None:
         session = self._session(tenant, sandbox_id)
-        await session.remove(v.path(path), root=_as_root(session.spec.tier, user))
+        await session.remove(v.path(path), root=_as_root(session.spec, user))
 
     async def make_dir(
         self, tenant: str, sandbox_id: str, path: str, user: str = DEFAULT_USER
     ) -> bool:
         """Create a directory (and parents). False if it already existed."""
         session = self._session(tenant, sandbox_id)
-        return await session.make_dir(v.path(path), root=_as_root(session.spec.tier, user))
+        return await session.make_dir(v.path(path), root=_as_root(session.spec, user))
 
     async def move(
         self,
@@ -1033,7 +1033,7 @@ class FrontDoor:
     ) -> EntryInfo:
         """Rename or move a file or directory (parents made); the entry at ``destination``."""
         session = self._session(tenant, sandbox_id)
-        root = _as_root(session.spec.tier, user)
+        root = _as_root(session.spec, user)
         return await session.move(v.path(source), v.path(destination), root=root)
 
     async def watch_dir(

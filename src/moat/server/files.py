@@ -37,9 +37,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from moat.errors import InvalidArgumentError, NotFoundError, SandboxError
-from moat.model import HOME
+from moat.model import HOME, USERS
 from moat.model import validate as v
-from moat.protocol.contract import USERS
 from moat.server import wire
 from moat.server.app import MAX_FILE_BODY, BodyTooLarge, Record, ServerState, too_large
 from moat.server.encoding import (

@@ -65,8 +65,17 @@ from moat.errors import (
     SandboxError,
     TimeoutError,
 )
-from moat.model import HOME, End, EntryInfo, FilesystemEvent, Output, PtyOutput, PtySize, Started
-from moat.protocol.contract import USERS
+from moat.model import (
+    HOME,
+    USERS,
+    End,
+    EntryInfo,
+    FilesystemEvent,
+    Output,
+    PtyOutput,
+    PtySize,
+    Started,
+)
 from moat.server.watchers import Watchers
 
 log = logging.getLogger("moat.server")
