@@ -175,8 +175,8 @@ def test_privileges_inside(tier: str, sbx: Sandbox) -> None:
     assert fields["CapBnd"].strip() in ("00000000200404fb", "0" * 16)
     real, effective, saved, fs = fields["Uid"].split()
     assert effective == fs == "1000"
-    # gVisor's agent keeps uid 0 of the sandbox as real and saved uid (moat.agent.shield)
-    assert real == saved == ("0" if tier == "gvisor" else "1000")
+    # gVisor's agent keeps a uid of its own as real and saved uid (moat.agent.shield)
+    assert real == saved == ("999" if tier == "gvisor" else "1000")
     # ...and user code has nothing of it: all four uids the user's, no capability at all
     user = shared_sbx.commands.run("grep -E '^(Uid|CapPrm|CapEff):' /proc/self/status").stdout
     assert user.split() == ["Uid:", *["1000"] * 4, "CapPrm:", "0" * 16, "CapEff:", "0" * 16]

@@ -62,10 +62,10 @@ def test_pure_and_deterministic() -> None:
 
 def test_process_has_no_privilege() -> None:
     proc = build_config(CASES["default"], BUNDLE)["process"]
-    # root of the sandbox (the sentry's) with root's bounded set, which the agent keeps
+    # the agent's own uid with root's bounded set (the sentry's), which the agent keeps
     # permitted only, for user="root" calls (moat.agent.shield; test_containment's
     # test_privileges_inside and test_users check what remains, from inside and outside)
-    assert proc["user"]["uid"] == AGENT_UID == shield.AGENT_UID == 0
+    assert proc["user"]["uid"] == AGENT_UID == shield.AGENT_UID == 999
     assert proc["user"]["gid"] == 1000
     assert shield.USER_UID == 1000
     caps = proc["capabilities"]

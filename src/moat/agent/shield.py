@@ -17,13 +17,13 @@ alone protects nothing. Three layers on every tier, and a fourth where the tier 
   kill it and serve the next call (the kernel's pids cgroup or the VM's cgroup stays the
   outer cap: invariant 10).
 * **A uid of its own** (gVisor, whose /proc ignores non-dumpable and whose sentry signals its
-  init, and the microVM guest): the agent starts as root of the sandbox (:data:`AGENT_UID`,
-  uid 0 inside: the sentry's or the guest kernel's, never the host's) with root's bounded
-  capability set (``moat.protocol.contract.ROOT_CAPS``), keeps uid 0 as real and saved uid,
-  acts as :data:`USER_UID`, and keeps those capabilities only as *permitted*, none effective
-  (:func:`_split_uid`). A call with ``user="root"`` then runs in a child that takes uid 0
-  back (:func:`root_ids`): its effective capabilities are the permitted ones, still under
-  ``no_new_privs``, the seccomp filter and the kernel's limits (docs/users.md).
+  init): the agent starts as :data:`AGENT_UID` with root's bounded capability set
+  (``moat.protocol.contract.ROOT_CAPS``: the sentry's capabilities, never the host's), keeps
+  AGENT_UID as real and saved uid, acts as :data:`USER_UID`, and keeps those capabilities
+  only as *permitted*, none effective (:func:`_split_uid`). A call with ``user="root"`` runs
+  in a child that takes uid 0 (:func:`root_ids`): its effective capabilities are the
+  permitted ones, still under ``no_new_privs``, the seccomp filter and the kernel's limits
+  (docs/users.md).
 
 Trust domain: sandbox (runs inside, stdlib only). Nothing here is a boundary for the host,
 which never trusts the agent (invariant 6); it keeps the sandbox usable and its reports honest.
@@ -43,9 +43,9 @@ if TYPE_CHECKING:
     from typing import Any
 
 _PR_SET_DUMPABLE = 4
-#: uids of the agent and of user code where a tier can give them apart (gVisor and the microVM
-#: start the agent as root of the sandbox with ROOT_CAPS only: see :func:`_split_uid`).
-AGENT_UID = 0
+#: uids of the agent and of user code where a tier can give them apart (gVisor starts the
+#: agent as AGENT_UID with root's bounded capabilities: see :func:`_split_uid`).
+AGENT_UID = 999
 USER_UID = 1000
 USER_GID = 1000
 _CAP_VERSION_3 = 0x20080522
@@ -65,20 +65,20 @@ _spawned = threading.Event()
 _user_nproc: int | None = None
 #: Set by :func:`_split_uid`: this agent can run a call as root (uid 0 of the sandbox).
 _can_root = False
+#: Set by :func:`_split_uid`: makes the permitted capabilities effective (root calls' child).
+_raise_caps: Any = None
 
 
-def harden(root: bool = False) -> None:
-    """The agent's first call: its own uid, non-dumpable, SIGINT, the user's limit.
+def harden() -> None:
+    """The agent's first call: its own uid (gVisor), non-dumpable, SIGINT, the user's limit.
 
-    ``root``: the tier started the agent as root of the sandbox for the uid split (gVisor,
-    microVM: :func:`_split_uid`); without it (the container tier, the fake runtime) nothing
-    about the agent's ids changes. Before any thread or child exists.
+    Before any thread or child exists (the default kernel is forked right after).
     """
     global _user_nproc
     import ctypes  # lazily: only this call needs it
 
     libc = ctypes.CDLL(None, use_errno=True)
-    if root and os.getuid() == AGENT_UID:
+    if os.getuid() == AGENT_UID:
         _split_uid(libc)
     if libc.prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_DUMPABLE)")
@@ -93,23 +93,25 @@ def harden(root: bool = False) -> None:
 
 
 def _split_uid(libc: Any) -> None:
-    """Keep uid 0 as real and saved uid, act as USER_UID, keep root's capabilities permitted
-    only (none effective, none inheritable).
+    """Keep AGENT_UID as real and saved uid, act as USER_UID, keep root's capabilities
+    permitted only (none effective, none inheritable).
 
     User code then runs as USER_UID throughout (:func:`user_limits` sets all three ids, which
     clears every capability): it may not signal the agent (the kernel compares its uids with
     the agent's real and saved uid), and /proc/<agent> files belong to another user (what
     gVisor's /proc checks, where non-dumpable is not honoured). The agent's own file work
     happens as USER_UID (its effective and file-system uid, with no effective capability),
-    so files keep their owner. Root calls get uid 0 back in a child (:func:`root_ids`);
-    what that child may do is bounded by ROOT_CAPS (the tier's bounding set too) and by
-    ``no_new_privs`` and the seccomp filter (invariant 9).
+    so files keep their owner. AGENT_UID is neither the user's nor root's: a root call's
+    process (uid 0) shares no uid with the agent either. Root calls take uid 0 in a child
+    (:func:`root_ids`); what that child may do is bounded by ROOT_CAPS (the tier's bounding
+    set too), ``no_new_privs`` and the seccomp filter (invariant 9). The agent's uids were
+    never 0, so the kernel keeps the permitted set across these changes.
     """
     import ctypes
 
     from moat.protocol.contract import ROOT_CAPS
 
-    global _can_root
+    global _can_root, _raise_caps
     header = (ctypes.c_uint32 * 2)(_CAP_VERSION_3, 0)
     data = (ctypes.c_uint32 * 6)()  # effective, permitted, inheritable x 2
     if libc.capget(header, data) != 0:
@@ -126,6 +128,15 @@ def _split_uid(libc: Any) -> None:
     if libc.capset(header, data) != 0:
         raise OSError(ctypes.get_errno(), "capset")
     _can_root = bool(keep)
+    # Built now, so that a forked child only makes the call (see root_ids).
+    raise_header = (ctypes.c_uint32 * 2)(_CAP_VERSION_3, 0)
+    raise_data = (ctypes.c_uint32 * 6)(keep, keep, 0, 0, 0, 0)
+
+    def raise_caps() -> None:
+        if libc.capset(raise_header, raise_data) != 0:
+            raise OSError(ctypes.get_errno(), "capset")
+
+    _raise_caps = raise_caps
 
 
 def can_root() -> bool:
@@ -136,10 +147,14 @@ def can_root() -> bool:
 def root_ids() -> None:
     """In a child of the agent that runs a root call: uid and gid 0, no supplementary groups.
 
-    Taking uid 0 back as effective uid makes the permitted capabilities (ROOT_CAPS at most)
-    effective again; os-level calls only (also part of a ``preexec_fn``).
+    The permitted capabilities (ROOT_CAPS at most) become effective, then uid 0 is taken as
+    real, effective and saved uid (CAP_SETUID); only calls, no allocation worth the name
+    (also part of a ``preexec_fn``).
     """
-    os.setresuid(AGENT_UID, AGENT_UID, AGENT_UID)
+    if _raise_caps is None:
+        raise PermissionError("this sandbox cannot run calls as root")
+    _raise_caps()
+    os.setresuid(0, 0, 0)
     os.setgroups([])
     os.setresgid(0, 0, 0)
 

@@ -72,17 +72,13 @@ def prepare() -> Path:
 
 
 def agent_argv(
-    python: str = "/usr/bin/python3",
-    channel: str | None = None,
-    workdir: str = HOME,
-    root: bool = False,
+    python: str = "/usr/bin/python3", channel: str | None = None, workdir: str = HOME
 ) -> list[str]:
     """The command that starts the agent inside a sandbox.
 
     With ``channel`` the agent speaks on that device (a virtio serial port in a microVM);
     otherwise on its stdin/stdout. ``workdir``: the default working directory of commands and
-    code (a template's, issue 12). ``root``: the tier starts the agent as root of the sandbox
-    with ROOT_CAPS, and the agent keeps them for ``user="root"`` calls (moat.agent.shield).
+    code (a template's, issue 12).
     """
     boot = (
         f"import sys; sys.path.insert(0, {AGENT_DIR!r}); from moat.agent.main import main; main()"
@@ -92,6 +88,4 @@ def agent_argv(
         argv += ["--channel", channel]
     if workdir != HOME:
         argv += ["--workdir", workdir]
-    if root:
-        argv += ["--root", "1"]
     return argv

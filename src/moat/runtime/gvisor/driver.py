@@ -618,7 +618,7 @@ class GvisorRuntime:
             Bundle(
                 rootfs=str(rootfs),
                 agent_dir=str(agent_dir),
-                argv=tuple(agent_argv(python=_PYTHON, workdir=spec.workdir, root=True)),
+                argv=tuple(agent_argv(python=_PYTHON, workdir=spec.workdir)),
                 etc_binds=etc_binds() if spec.rootfs is None else (),
                 root_binds=tuple(
                     (f"{spec.rootfs}/{op.path}", f"/{op.path}")

@@ -74,10 +74,9 @@ HOST_PIDS_PER_TASK: Final = 8
 #: Name prefix of the host cgroups of this tier (what ``sweep`` looks for).
 CGROUP_PREFIX: Final = "moat-gvisor-"
 _CPU_PERIOD: Final = 100_000
-#: The agent's own uid in a gVisor sandbox: root of the sandbox, the sentry's (user code runs
-#: as SANDBOX_UID); the agent's copy of the number is moat.agent.shield.AGENT_UID (a test
-#: holds them equal).
-AGENT_UID: Final = 0
+#: The agent's own uid in a gVisor sandbox (user code runs as SANDBOX_UID, root calls as 0);
+#: the agent's copy of the number is moat.agent.shield.AGENT_UID (a test holds them equal).
+AGENT_UID: Final = 999
 #: Root's capabilities inside (the sentry's, never the host's): the bounding set of the whole
 #: sandbox, so no process inside ever holds more (docs/users.md).
 _ROOT_CAPS: Final = sorted(ROOT_CAPS)
@@ -234,9 +233,9 @@ def build_config(spec: SandboxSpec, bundle: Bundle) -> dict[str, Any]:
         "ociVersion": "1.0.2",
         "process": {
             "terminal": False,
-            # The agent starts as AGENT_UID (root of the sandbox) with root's bounded set; its
-            # first lines act as SANDBOX_UID, keep AGENT_UID as real and saved uid and keep
-            # the capabilities permitted only, for user="root" calls (moat.agent.shield):
+            # The agent starts as AGENT_UID with root's bounded set; its first lines act as
+            # SANDBOX_UID, keep AGENT_UID as real and saved uid and keep the capabilities
+            # permitted only, for user="root" calls (moat.agent.shield):
             # gVisor's /proc ignores non-dumpable, so a uid of its own is what keeps user code
             # (SANDBOX_UID throughout) out of the agent's fds and signals.
             "user": {"uid": AGENT_UID, "gid": SANDBOX_GID, "additionalGids": [SANDBOX_GID]},
