@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 import stat
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -223,11 +225,13 @@ def test_container_refuses_root_and_runs_nothing() -> None:
 
 
 @pytest.mark.gvisor
-def test_gvisor_sandbox_with_a_mount_refuses_root(tmp_path: Path) -> None:
+def test_gvisor_sandbox_with_a_mount_refuses_root() -> None:
     require_tier("gvisor")
-    (tmp_path / "canary").write_text("host")
-    (tmp_path / "canary").chmod(0o600)
-    sbx = Sandbox.create(isolation="gvisor", mounts=[Mount(str(tmp_path), "/mnt/host", False)])
+    host = Path(tempfile.mkdtemp(prefix="moat-users-"))
+    host.chmod(0o755)
+    (host / "canary").write_text("host")
+    (host / "canary").chmod(0o600)
+    sbx = Sandbox.create(isolation="gvisor", mounts=[Mount(str(host), "/mnt/host")])
     try:
         # Without the refusal, root here wrote root-owned (and setuid) files into the host
         # directory and read its 0600 files: gVisor's gofer serves mounts as host root.
@@ -235,7 +239,10 @@ def test_gvisor_sandbox_with_a_mount_refuses_root(tmp_path: Path) -> None:
             sbx.commands.run("cp /bin/true /mnt/host/suid; chmod 4755 /mnt/host/suid", user="root")
         with pytest.raises(PolicyError, match="host mounts"):
             sbx.files.read("/mnt/host/canary", user="root")
-        assert sorted(p.name for p in tmp_path.iterdir()) == ["canary"]  # seen from the host
+        assert sorted(p.name for p in host.iterdir()) == ["canary"]  # seen from the host
         assert sbx.commands.run("id -u").stdout == "1000\n"
+        # Positive control: the mount is there, and the user is kept out of the 0600 file.
+        assert "Permission denied" in sbx.commands.run("cat /mnt/host/canary 2>&1 || true").stdout
     finally:
         sbx.kill()
+        shutil.rmtree(host)
