@@ -96,6 +96,13 @@ def test_root_inside_is_uid_0_with_the_bounded_set(gsbx: Sandbox) -> None:
     user = _caps(gsbx.commands.run("grep -E '^(Uid|CapPrm|CapEff)' /proc/self/status").stdout)
     assert user["Uid"].split() == ["1000"] * 4 and user["CapPrm"] == user["CapEff"] == "0" * 16
     assert gsbx.commands.run("id -un", user="user").stdout == "user\n"
+    # ...and so does user code in a kernel the agent forked (no exec that drops what the
+    # agent keeps for root calls): without user_limits' drop it held root's permitted set.
+    e = gsbx.run_code(
+        "print([l.split()[1] for l in open('/proc/self/status') "
+        "if l.startswith(('CapInh', 'CapPrm', 'CapEff'))])"
+    )
+    assert e.logs.stdout == [f"{['0' * 16] * 3}\n"]
 
 
 @pytest.mark.gvisor

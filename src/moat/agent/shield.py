@@ -67,6 +67,9 @@ _user_nproc: int | None = None
 _can_root = False
 #: Set by :func:`_split_uid`: makes the permitted capabilities effective (root calls' child).
 _raise_caps: Any = None
+#: Set by :func:`_split_uid`: clears every capability (a user child's, see user_limits).
+_drop_caps: Any = None
+_CAP_KILL = 5
 
 
 def harden() -> None:
@@ -111,7 +114,7 @@ def _split_uid(libc: Any) -> None:
 
     from moat.protocol.contract import ROOT_CAPS
 
-    global _can_root, _raise_caps
+    global _can_root, _raise_caps, _drop_caps
     header = (ctypes.c_uint32 * 2)(_CAP_VERSION_3, 0)
     data = (ctypes.c_uint32 * 6)()  # effective, permitted, inheritable x 2
     if libc.capget(header, data) != 0:
@@ -123,20 +126,30 @@ def _split_uid(libc: Any) -> None:
     os.setgroups([USER_GID])
     os.setresgid(USER_GID, USER_GID, USER_GID)
     os.setresuid(AGENT_UID, USER_UID, AGENT_UID)
+    # CAP_KILL alone stays effective, in every thread to come: the agent must signal (stop,
+    # interrupt, kill) the root calls it started, which run as uid 0.
     header = (ctypes.c_uint32 * 2)(_CAP_VERSION_3, 0)
-    data = (ctypes.c_uint32 * 6)(0, keep, 0, 0, 0, 0)
+    data = (ctypes.c_uint32 * 6)(keep & (1 << _CAP_KILL), keep, 0, 0, 0, 0)
     if libc.capset(header, data) != 0:
         raise OSError(ctypes.get_errno(), "capset")
     _can_root = bool(keep)
-    # Built now, so that a forked child only makes the call (see root_ids).
-    raise_header = (ctypes.c_uint32 * 2)(_CAP_VERSION_3, 0)
-    raise_data = (ctypes.c_uint32 * 6)(keep, keep, 0, 0, 0, 0)
+    # Built now, so that a forked child only makes the call (see root_ids, user_limits).
+    _raise_caps = _capset(libc, keep, keep)
+    _drop_caps = _capset(libc, 0, 0)
 
-    def raise_caps() -> None:
-        if libc.capset(raise_header, raise_data) != 0:
+
+def _capset(libc: Any, effective: int, permitted: int) -> Any:
+    """A function that sets the calling thread's capabilities (inheritable: none)."""
+    import ctypes
+
+    header = (ctypes.c_uint32 * 2)(_CAP_VERSION_3, 0)
+    data = (ctypes.c_uint32 * 6)(effective, permitted, 0, 0, 0, 0)
+
+    def capset() -> None:
+        if libc.capset(header, data) != 0:
             raise OSError(ctypes.get_errno(), "capset")
 
-    _raise_caps = raise_caps
+    return capset
 
 
 def can_root() -> bool:
@@ -163,7 +176,7 @@ def root_limits() -> None:
     """``preexec_fn`` of a root command: root's ids, then the user's process limit and OOM
     score (root holds no CAP_SYS_RESOURCE: it cannot raise them again)."""
     root_ids()
-    user_limits()
+    _limits()
 
 
 def _ignore(_signum: int, _frame: object) -> None:
@@ -177,11 +190,20 @@ def child_setup() -> None:
 
 
 def user_limits() -> None:
-    """The user's uid and process limit, first in line for the OOM killer; os-level calls
-    only (also a ``preexec_fn``)."""
+    """The user's uid and process limit, no capability, first in line for the OOM killer;
+    os-level calls only (also a ``preexec_fn``)."""
     euid = os.geteuid()
     if os.getuid() != euid:
         os.setresuid(euid, euid, euid)
+    if _drop_caps is not None:
+        # The agent's uids were never 0, so the kernel kept its permitted set across the
+        # switch; a child that runs user code without an exec (a forked kernel) must not
+        # keep it (an exec as a non-root uid would drop it anyway).
+        _drop_caps()
+    _limits()
+
+
+def _limits() -> None:
     if _user_nproc is not None:
         resource.setrlimit(resource.RLIMIT_NPROC, (_user_nproc, _user_nproc))
     try:
