@@ -15,6 +15,9 @@ from e2b.sandbox.commands.command_handle import PtySize
 from tests.conftest import require_tier
 from tests.server_support import Server, new_key, serving, tenant_name
 
+from moat import Sandbox as MoatSandbox
+from moat.errors import InvalidArgumentError as MoatInvalid
+
 pytestmark = [pytest.mark.gvisor, pytest.mark.slow, pytest.mark.timeout(240)]
 
 
@@ -73,3 +76,19 @@ def test_pty_as_root(sbx: Sandbox) -> None:
     sbx.pty.send_stdin(h.pid, b"echo uid=$(id -u); exit\n")
     h.wait(on_pty=data.extend)
     assert b"uid=0" in bytes(data)
+
+
+def test_moat_http_transport_as_root(gserver: Server) -> None:
+    """moat's own SDK over HTTP: the same user= surface as embedded use."""
+    key = new_key(tenant_name("users-moat"))
+    sbx = MoatSandbox.create(api_url=gserver.url, api_key=key, isolation="gvisor")
+    try:
+        assert sbx.commands.run("id -u", user="root").stdout == "0\n"
+        sbx.files.write("/tmp/by-root", "r", user="root")
+        assert sbx.commands.run("stat -c %u /tmp/by-root").stdout == "0\n"
+        assert sbx.files.read("/tmp/by-root", user="root") == "r"
+        assert sbx.files.make_dir("/tmp/rdir", user="root")
+        with pytest.raises(MoatInvalid):
+            sbx.commands.run("id -u", user="admin")
+    finally:
+        sbx.kill()
