@@ -22,6 +22,7 @@ from tests.conftest import require_tier
 from moat import Sandbox
 from moat.engine.users import ROOT_TIERS, as_root
 from moat.errors import InvalidArgumentError, PolicyError, SandboxError
+from moat.errors import TimeoutError as MoatTimeout
 from moat.model import Mount
 from moat.protocol.contract import ROOT_CAPS
 from moat.runtime.spec import SandboxSpec
@@ -253,3 +254,15 @@ def test_gvisor_sandbox_with_a_mount_refuses_root() -> None:
     finally:
         sbx.kill()
         shutil.rmtree(host)
+
+
+@pytest.mark.gvisor
+def test_root_calls_are_stopped_like_the_users(gsbx: Sandbox) -> None:
+    # The agent signals root's processes (its CAP_KILL; without it kill() answered False and
+    # a timeout left the root command running).
+    h = gsbx.commands.run("sleep 4242.5", user="root", background=True)
+    assert gsbx.commands.kill(h.pid) is True
+    with pytest.raises(MoatTimeout):
+        gsbx.commands.run("sleep 4243.5", user="root", timeout=1)
+    left = gsbx.commands.run("ps -eo args | grep -c '^sleep 424' || true").stdout
+    assert left == "0\n"
