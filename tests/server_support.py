@@ -77,10 +77,11 @@ def tenant_name(prefix: str) -> str:
 
 
 @contextmanager
-def serving(log: Path, pool: str = "0") -> Iterator[Server]:
-    """A running ``moat serve`` with the E2B SDKs pointed at it (``E2B_API_URL`` and
-    ``E2B_SANDBOX_URL``; no default key); on exit it must stop cleanly with no traceback."""
-    srv = start_server(log, pool=pool)
+def serving(log: Path, tier: str = "container", pool: str = "0") -> Iterator[Server]:
+    """A running ``moat serve`` (default tier ``tier``; ``pool``: its ``MOAT_WARM_POOL``)
+    with the E2B SDKs pointed at it (``E2B_API_URL`` and ``E2B_SANDBOX_URL``; no default
+    key); on exit it must stop cleanly with no traceback."""
+    srv = start_server(log, tier, pool=pool)
     names = ("E2B_API_URL", "E2B_SANDBOX_URL", "E2B_API_KEY")
     saved = {k: os.environ.get(k) for k in names}
     os.environ["E2B_API_URL"] = os.environ["E2B_SANDBOX_URL"] = srv.url

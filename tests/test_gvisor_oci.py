@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from moat.agent import shield
+from moat.protocol.contract import ROOT_CAPS
 from moat.runtime.gvisor.oci import AGENT_UID, NODEV_FILE, SENTRY_OVERHEAD_MB, Bundle, build_config
 from moat.runtime.spec import Limits, Mount, SandboxSpec
 
@@ -61,13 +62,18 @@ def test_pure_and_deterministic() -> None:
 
 def test_process_has_no_privilege() -> None:
     proc = build_config(CASES["default"], BUNDLE)["process"]
-    # the agent's own uid and CAP_SETUID alone, which the agent drops in its first lines
-    # (moat.agent.shield; test_containment.test_privileges_inside checks none remains)
-    assert proc["user"]["uid"] == AGENT_UID == shield.AGENT_UID and proc["user"]["gid"] == 1000
+    # the agent's own uid with root's bounded set (the sentry's), which the agent keeps
+    # permitted only, for user="root" calls (moat.agent.shield; test_containment's
+    # test_privileges_inside and test_users check what remains, from inside and outside)
+    assert proc["user"]["uid"] == AGENT_UID == shield.AGENT_UID == 999
+    assert proc["user"]["gid"] == 1000
     assert shield.USER_UID == 1000
     caps = proc["capabilities"]
     assert caps["inheritable"] == caps["ambient"] == []
-    assert caps["bounding"] == caps["effective"] == caps["permitted"] == ["CAP_SETUID"]
+    assert caps["bounding"] == caps["effective"] == caps["permitted"] == sorted(ROOT_CAPS)
+    for never in ("CAP_SYS_ADMIN", "CAP_SYS_PTRACE", "CAP_SYS_RESOURCE", "CAP_NET_RAW",
+                  "CAP_NET_ADMIN", "CAP_SYS_MODULE", "CAP_MKNOD", "CAP_SETFCAP"):  # fmt: skip
+        assert never not in caps["bounding"]
     assert proc["noNewPrivileges"] is True
     assert proc["terminal"] is False
     limits = {r["type"]: r["hard"] for r in proc["rlimits"]}

@@ -22,6 +22,7 @@ from e2b.exceptions import (
     InvalidArgumentException,
     NotEnoughSpaceException,
     NotFoundException,
+    SandboxException,
 )
 from e2b.sandbox.filesystem.filesystem import WriteEntry
 from tests.conftest import require_tier
@@ -161,11 +162,18 @@ def test_signed_urls_refuse_anything_they_were_not_signed_for(key: str, sbx: San
 
 
 def test_another_user_is_401(sbx: Sandbox) -> None:
+    # A user moat does not have is 401 as envd answers; root is a user moat knows, refused
+    # on this (container) tier with the tier named (docs/users.md), never read as the user.
     sbx.files.write("u.txt", "u")
     with pytest.raises(AuthenticationException):
+        sbx.files.read("u.txt", user="admin")
+    signed = sbx.download_url("u.txt", "admin")
+    assert httpx.get(signed, timeout=30).status_code == 401
+    with pytest.raises(SandboxException, match="container tier lacks the capability"):
         sbx.files.read("u.txt", user="root")
     signed = sbx.download_url("u.txt", "root")
-    assert httpx.get(signed, timeout=30).status_code == 401
+    refused = httpx.get(signed, timeout=30)
+    assert refused.status_code == 501 and "container tier" in refused.text
 
 
 # -- gzip ------------------------------------------------------------------------------------

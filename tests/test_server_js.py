@@ -189,10 +189,9 @@ def test_js_commands(server: Server, key_a: str) -> None:
             "kind": "CommandExitError", "exitCode": 3, "stdout": "partial\n", "stderr": "bad\n"
         }  # fmt: skip
         assert out["opts"] == "/tmp\nfoo-value\nuser\n"
-        # user "root" is another helper's work: either it runs as root or it is refused cleanly.
-        assert out["root"] == "root\n" or (
-            out["root"]["kind"] == "SandboxError" and "permission_denied" in out["root"]["message"]
-        )
+        # user "root" on the container tier: refused with the tier named (docs/users.md)
+        assert out["root"]["kind"] == "SandboxError"
+        assert "container tier lacks the capability 'user.root'" in out["root"]["message"]
         assert out["timeout"]["kind"] == "TimeoutError"
         assert out["listed"] is True and out["killed"] is True
         assert out["waitAfterKill"]["kind"] == "CommandExitError"

@@ -73,8 +73,13 @@ class Commands:
         stdin: bool,
         as_exec: bool = False,
         size: tuple[int, int] | None = None,
+        root: bool = False,
     ) -> None:
-        """Start ``cmd``; with ``size`` (cols, rows) on a new pseudo-terminal (moat.agent.pty)."""
+        """Start ``cmd``; with ``size`` (cols, rows) on a new pseudo-terminal (moat.agent.pty);
+        with ``root`` as root of the sandbox (moat.agent.shield.root_limits)."""
+        if root and not shield.can_root():
+            self.ch.fail(rid, "unsupported", "this sandbox cannot run commands as root")
+            return
         env = dict(os.environ)
         env.update(envs)
         workdir = cwd or default_cwd()
@@ -84,7 +89,7 @@ class Commands:
         import subprocess  # here, not at start-up: the first command pays for it
 
         master = slave = None
-        argv, user = shield.user_shell(self.shell, cmd, env)
+        argv, user = shield.user_shell(self.shell, cmd, env, root)
         try:
             if size is not None:
                 master, slave = pty.open_pair(*size)
@@ -92,8 +97,9 @@ class Commands:
                 # A terminal takes the fork path: its child makes the slave its controlling
                 # terminal (TIOCSCTTY) and applies the user's uid and limits itself.
                 # Its OOM score, as on the fork path of user_shell: the shell sets it.
+                setup = pty.root_child_setup if root else pty.child_setup
                 argv = [self.shell, "-c", f"{shield.OOM_FIRST_SH}; {cmd}"]
-                user = {"preexec_fn": pty.child_setup}
+                user = {"preexec_fn": setup}
             else:
                 fds = (
                     subprocess.PIPE if stdin else subprocess.DEVNULL,

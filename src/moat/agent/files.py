@@ -125,18 +125,53 @@ def write_metadata(fd: int, metadata: dict[str, str]) -> None:
         raise _oserror(exc) from exc
 
 
+def open_read(p: str) -> int:
+    """A descriptor of ``p`` for reading (as whoever calls it: rootops runs it as root)."""
+    try:
+        return os.open(p, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as exc:
+        raise _oserror(exc) from exc
+
+
+def open_write(p: str, metadata: dict[str, str] | None) -> int:
+    """A descriptor of ``p`` (parents made) truncated for writing, its metadata replaced."""
+    try:
+        parent = os.path.dirname(p)
+        os.makedirs(parent, exist_ok=True)
+        fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
+    except IsADirectoryError as exc:
+        raise FileError("invalid", "path is a directory") from exc
+    except OSError as exc:
+        raise _oserror(exc) from exc
+    # envd opens, chowns to the user, then writes: watchers of an upload see create,
+    # chmod, write, and E2B's clients count on that. A chown to the owner it has already
+    # (the file is the caller's here) gives the same event and changes nothing.
+    with contextlib.suppress(OSError):
+        st = os.fstat(fd)
+        os.fchown(fd, st.st_uid, st.st_gid)
+    if metadata is not None:
+        try:
+            write_metadata(fd, metadata)
+        except FileError:
+            os.close(fd)
+            raise
+    return fd
+
+
 class Files:
     def __init__(self, channel: Channel) -> None:
         self.ch = channel
-        #: open writes by request id
-        self.writes: dict[int, tuple[IO[bytes], int, int]] = {}
+        #: open writes by request id: file, bytes so far, cap, path
+        self.writes: dict[int, tuple[IO[bytes], int, int, str]] = {}
 
-    def read(self, rid: int, path: str, max_bytes: int) -> None:
+    def read(self, rid: int, path: str, max_bytes: int, root: bool = False) -> None:
         p = resolve(path)
-        try:
-            fd = os.open(p, os.O_RDONLY | os.O_NONBLOCK)
-        except OSError as exc:
-            raise _oserror(exc) from exc
+        if root:
+            from moat.agent import rootops
+
+            fd = rootops.run(open_read, p, fd_result=True)
+        else:
+            fd = open_read(p)
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             os.close(fd)
@@ -162,48 +197,39 @@ class Files:
         self.ch.done(rid, size=total)
 
     def write_open(
-        self, rid: int, path: str, max_bytes: int, metadata: dict[str, str] | None = None
+        self,
+        rid: int,
+        path: str,
+        max_bytes: int,
+        metadata: dict[str, str] | None = None,
+        root: bool = False,
     ) -> None:
         """Open ``path`` for a streamed write; ``metadata`` (when given) replaces the file's
         metadata before any content arrives, so an unsupported one fails the write early."""
         p = resolve(path)
-        try:
-            parent = os.path.dirname(p)
-            os.makedirs(parent, exist_ok=True)
-            f = open(p, "wb")
-        except IsADirectoryError as exc:
-            raise FileError("invalid", "path is a directory") from exc
-        except OSError as exc:
-            raise _oserror(exc) from exc
-        # envd opens, chowns to the user, then writes: watchers of an upload see create,
-        # chmod, write, and E2B's clients count on that. A chown to the owner it has already
-        # (the file is the user's here) gives the same event and changes nothing.
-        with contextlib.suppress(OSError):
-            st = os.fstat(f.fileno())
-            os.fchown(f.fileno(), st.st_uid, st.st_gid)
-        if metadata is not None:
-            try:
-                write_metadata(f.fileno(), metadata)
-            except FileError:
-                f.close()
-                raise
-        self.writes[rid] = (f, 0, max_bytes)
+        if root:
+            from moat.agent import rootops
+
+            fd = rootops.run(open_write, p, metadata, fd_result=True)
+        else:
+            fd = open_write(p, metadata)
+        self.writes[rid] = (open(fd, "wb"), 0, max_bytes, p)
 
     def write_chunk(self, rid: int, data: bytes, eof: bool) -> None:
         item = self.writes.get(rid)
         if item is None:
             return  # the write already failed and was reported
-        f, size, cap = item
+        f, size, cap, path = item
         try:
             size += len(data)
             if size > cap:
                 raise FileError("too_large", f"write exceeds the cap ({cap} bytes)")
             f.write(data)
-            self.writes[rid] = (f, size, cap)
+            self.writes[rid] = (f, size, cap, path)
             if eof:
                 f.close()
                 del self.writes[rid]
-                self.ch.done(rid, size=size, path=f.name)
+                self.ch.done(rid, size=size, path=path)
         except OSError as exc:
             self._abort(rid)
             err = _oserror(exc)

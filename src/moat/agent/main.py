@@ -126,6 +126,16 @@ class Agent:
 
     def dispatch(self, f: Frame) -> None:
         rid, t, a = f.id, f.type, f.fields
+        root = bool(a.get("root"))
+
+        def as_user(fn: Callable[..., Any], *args: Any) -> Any:
+            """``fn(*args)`` as the request's user (root: in a child, moat.agent.rootops)."""
+            if not root:
+                return fn(*args)
+            from moat.agent import rootops
+
+            return rootops.run(fn, *args)
+
         try:
             if t in _SETTLE and self.watches.items:
                 self.watches.settle()
@@ -196,7 +206,7 @@ class Agent:
                 size = (a["cols"], a["rows"]) if "cols" in a else None
                 self.commands.start(
                     rid, a["cmd"], a.get("envs") or {}, a.get("cwd"), bool(a.get("stdin")),
-                    size=size,
+                    size=size, root=root,
                 )  # fmt: skip
             elif t is MsgType.CMD_RESIZE:
                 if self.commands.resize(a["pid"], a["cols"], a["rows"]):
@@ -218,32 +228,32 @@ class Agent:
             elif t is MsgType.CMD_LIST:
                 self.ch.done(rid, processes=self.commands.list())
             elif t is MsgType.FILE_READ:
-                self._in_thread(rid, lambda: self.files.read(rid, a["path"], a["max_bytes"]))
+                self._in_thread(rid, lambda: self.files.read(rid, a["path"], a["max_bytes"], root))
             elif t is MsgType.FILE_WRITE:
-                self.files.write_open(rid, a["path"], a["max_bytes"], a.get("metadata"))
+                self.files.write_open(rid, a["path"], a["max_bytes"], a.get("metadata"), root)
             elif t is MsgType.FILE_CHUNK:
                 self.files.write_chunk(rid, f.payload, bool(a.get("eof")))
             elif t is MsgType.FILE_LIST:
                 self._in_thread(
                     rid,
                     lambda: self.ch.done(
-                        rid, entries=self.files.list(a["path"], a.get("depth", 1))
+                        rid, entries=as_user(self.files.list, a["path"], a.get("depth", 1))
                     ),
                 )
             elif t is MsgType.FILE_STAT:
-                self.ch.done(rid, **self.files.stat(a["path"]))
+                self.ch.done(rid, **as_user(self.files.stat, a["path"]))
             elif t is MsgType.FILE_REMOVE:
 
                 def remove() -> None:
-                    self.files.remove(a["path"])
+                    as_user(self.files.remove, a["path"])
                     self.ch.done(rid)
 
                 self._in_thread(rid, remove)
             elif t is MsgType.FILE_MKDIR:
-                self.ch.done(rid, created=self.files.mkdir(a["path"]))
+                self.ch.done(rid, created=as_user(self.files.mkdir, a["path"]))
             elif t is MsgType.FILE_MOVE:
                 self._in_thread(
-                    rid, lambda: self.ch.done(rid, **self.files.move(a["path"], a["dst"]))
+                    rid, lambda: self.ch.done(rid, **as_user(self.files.move, a["path"], a["dst"]))
                 )
             elif t is MsgType.WATCH_START:  # a large tree takes a while to walk: a thread
                 self._in_thread(

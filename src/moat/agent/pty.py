@@ -54,6 +54,13 @@ def child_setup() -> None:
     fcntl.ioctl(0, termios.TIOCSCTTY, 0)
 
 
+def root_child_setup() -> None:
+    """``preexec_fn`` of a root PTY command: root's ids (moat.agent.shield.root_limits), then
+    the controlling terminal."""
+    shield.root_limits()
+    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+
 def write_some(fd: int, data: bytes) -> int:
     """Write what the master takes now, without blocking; the count written."""
     try:

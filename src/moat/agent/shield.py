@@ -17,8 +17,13 @@ alone protects nothing. Three layers on every tier, and a fourth where the tier 
   kill it and serve the next call (the kernel's pids cgroup or the VM's cgroup stays the
   outer cap: invariant 10).
 * **A uid of its own** (gVisor, whose /proc ignores non-dumpable and whose sentry signals its
-  init): the agent starts as :data:`AGENT_UID` with CAP_SETUID, keeps it as real and saved uid,
-  acts as :data:`USER_UID`, and drops the capability before anything else (:func:`_split_uid`).
+  init): the agent starts as :data:`AGENT_UID` with root's bounded capability set
+  (``moat.protocol.contract.ROOT_CAPS``: the sentry's capabilities, never the host's), keeps
+  AGENT_UID as real and saved uid, acts as :data:`USER_UID`, and keeps those capabilities
+  only as *permitted*, none effective (:func:`_split_uid`). A call with ``user="root"`` runs
+  in a child that takes uid 0 (:func:`root_ids`): its effective capabilities are the
+  permitted ones, still under ``no_new_privs``, the seccomp filter and the kernel's limits
+  (docs/users.md).
 
 Trust domain: sandbox (runs inside, stdlib only). Nothing here is a boundary for the host,
 which never trusts the agent (invariant 6); it keeps the sandbox usable and its reports honest.
@@ -39,9 +44,10 @@ if TYPE_CHECKING:
 
 _PR_SET_DUMPABLE = 4
 #: uids of the agent and of user code where a tier can give them apart (gVisor starts the
-#: agent as AGENT_UID with CAP_SETUID only: see :func:`_split_uid`).
+#: agent as AGENT_UID with root's bounded capabilities: see :func:`_split_uid`).
 AGENT_UID = 999
 USER_UID = 1000
+USER_GID = 1000
 _CAP_VERSION_3 = 0x20080522
 #: Processes (threads included) the agent keeps for itself out of its RLIMIT_NPROC.
 RESERVE_MAX = 32
@@ -57,6 +63,13 @@ _reaping = False
 #: Set by :func:`own`: wakes a reaper that found no child at all.
 _spawned = threading.Event()
 _user_nproc: int | None = None
+#: Set by :func:`_split_uid`: this agent can run a call as root (uid 0 of the sandbox).
+_can_root = False
+#: Set by :func:`_split_uid`: makes the permitted capabilities effective (root calls' child).
+_raise_caps: Any = None
+#: Set by :func:`_split_uid`: clears every capability (a user child's, see user_limits).
+_drop_caps: Any = None
+_CAP_KILL = 5
 
 
 def harden() -> None:
@@ -83,22 +96,87 @@ def harden() -> None:
 
 
 def _split_uid(libc: Any) -> None:
-    """Keep AGENT_UID as real and saved uid, act as USER_UID, and drop every capability.
+    """Keep AGENT_UID as real and saved uid, act as USER_UID, keep root's capabilities
+    permitted only (none effective, none inheritable).
 
-    User code then runs as USER_UID throughout (:func:`user_limits` sets all three ids): it
-    may not signal the agent (the kernel compares its uids with the agent's real and saved
-    uid), and /proc/<agent> files belong to another user (what gVisor's /proc checks, where
-    non-dumpable is not honoured). The agent's own file work happens as USER_UID (its
-    effective and file-system uid), so files keep their owner. Started with CAP_SETUID only,
-    for this one call; no capability remains afterwards (invariant 9).
+    User code then runs as USER_UID throughout (:func:`user_limits` sets all three ids, which
+    clears every capability): it may not signal the agent (the kernel compares its uids with
+    the agent's real and saved uid), and /proc/<agent> files belong to another user (what
+    gVisor's /proc checks, where non-dumpable is not honoured). The agent's own file work
+    happens as USER_UID (its effective and file-system uid, with no effective capability),
+    so files keep their owner. AGENT_UID is neither the user's nor root's: a root call's
+    process (uid 0) shares no uid with the agent either. Root calls take uid 0 in a child
+    (:func:`root_ids`); what that child may do is bounded by ROOT_CAPS (the tier's bounding
+    set too), ``no_new_privs`` and the seccomp filter (invariant 9). The agent's uids were
+    never 0, so the kernel keeps the permitted set across these changes.
     """
     import ctypes
 
-    os.setresuid(AGENT_UID, USER_UID, AGENT_UID)
+    from moat.protocol.contract import ROOT_CAPS
+
+    global _can_root, _raise_caps, _drop_caps
     header = (ctypes.c_uint32 * 2)(_CAP_VERSION_3, 0)
-    data = (ctypes.c_uint32 * 6)()  # effective, permitted, inheritable x 2: all empty
+    data = (ctypes.c_uint32 * 6)()  # effective, permitted, inheritable x 2
+    if libc.capget(header, data) != 0:
+        raise OSError(ctypes.get_errno(), "capget")
+    wanted = 0
+    for bit in ROOT_CAPS.values():
+        wanted |= 1 << bit
+    keep = data[1] & wanted  # never more than the tier gave (all caps are < 32)
+    os.setgroups([USER_GID])
+    os.setresgid(USER_GID, USER_GID, USER_GID)
+    os.setresuid(AGENT_UID, USER_UID, AGENT_UID)
+    # CAP_KILL alone stays effective, in every thread to come: the agent must signal (stop,
+    # interrupt, kill) the root calls it started, which run as uid 0.
+    header = (ctypes.c_uint32 * 2)(_CAP_VERSION_3, 0)
+    data = (ctypes.c_uint32 * 6)(keep & (1 << _CAP_KILL), keep, 0, 0, 0, 0)
     if libc.capset(header, data) != 0:
         raise OSError(ctypes.get_errno(), "capset")
+    _can_root = bool(keep)
+    # Built now, so that a forked child only makes the call (see root_ids, user_limits).
+    _raise_caps = _capset(libc, keep, keep)
+    _drop_caps = _capset(libc, 0, 0)
+
+
+def _capset(libc: Any, effective: int, permitted: int) -> Any:
+    """A function that sets the calling thread's capabilities (inheritable: none)."""
+    import ctypes
+
+    header = (ctypes.c_uint32 * 2)(_CAP_VERSION_3, 0)
+    data = (ctypes.c_uint32 * 6)(effective, permitted, 0, 0, 0, 0)
+
+    def capset() -> None:
+        if libc.capset(header, data) != 0:
+            raise OSError(ctypes.get_errno(), "capset")
+
+    return capset
+
+
+def can_root() -> bool:
+    """Whether this sandbox can run a call as root (see :func:`_split_uid`)."""
+    return _can_root
+
+
+def root_ids() -> None:
+    """In a child of the agent that runs a root call: uid and gid 0, no supplementary groups.
+
+    The permitted capabilities (ROOT_CAPS at most) become effective, then uid 0 is taken as
+    real, effective and saved uid (CAP_SETUID); only calls, no allocation worth the name
+    (also part of a ``preexec_fn``).
+    """
+    if _raise_caps is None:
+        raise PermissionError("this sandbox cannot run calls as root")
+    _raise_caps()
+    os.setresuid(0, 0, 0)
+    os.setgroups([])
+    os.setresgid(0, 0, 0)
+
+
+def root_limits() -> None:
+    """``preexec_fn`` of a root command: root's ids, then the user's process limit and OOM
+    score (root holds no CAP_SYS_RESOURCE: it cannot raise them again)."""
+    root_ids()
+    _limits()
 
 
 def _ignore(_signum: int, _frame: object) -> None:
@@ -112,11 +190,20 @@ def child_setup() -> None:
 
 
 def user_limits() -> None:
-    """The user's uid and process limit, first in line for the OOM killer; os-level calls
-    only (also a ``preexec_fn``)."""
+    """The user's uid and process limit, no capability, first in line for the OOM killer;
+    os-level calls only (also a ``preexec_fn``)."""
     euid = os.geteuid()
     if os.getuid() != euid:
         os.setresuid(euid, euid, euid)
+    if _drop_caps is not None:
+        # The agent's uids were never 0, so the kernel kept its permitted set across the
+        # switch; a child that runs user code without an exec (a forked kernel) must not
+        # keep it (an exec as a non-root uid would drop it anyway).
+        _drop_caps()
+    _limits()
+
+
+def _limits() -> None:
     if _user_nproc is not None:
         resource.setrlimit(resource.RLIMIT_NPROC, (_user_nproc, _user_nproc))
     try:
@@ -143,7 +230,9 @@ def _runs_before_first_command(env: dict[str, str]) -> bool:
     return any(name in _STARTUP_ENV or name.startswith(("LD_", "BASH_FUNC_")) for name in env)
 
 
-def user_shell(shell: str, cmd: str, env: dict[str, str]) -> tuple[list[str], dict[str, Any]]:
+def user_shell(
+    shell: str, cmd: str, env: dict[str, str], root: bool = False
+) -> tuple[list[str], dict[str, Any]]:
     """The argv and extra ``Popen`` arguments that run ``cmd`` as user code, under its limits.
 
     A ``preexec_fn`` makes CPython fork the agent and run Python in the child (~1.5 ms per
@@ -153,8 +242,11 @@ def user_shell(shell: str, cmd: str, env: dict[str, str]) -> tuple[list[str], di
     the limit, and no fork of user code escapes it (the kernel checks the forking process's
     limit). That holds only when nothing runs before those first commands, so the fork path
     stays for a shell other than bash and for an environment naming what bash or the loader
-    act on at start-up. The uid switch is :func:`user_ids`.
+    act on at start-up. The uid switch is :func:`user_ids`; a root command always takes the
+    fork path (:func:`root_limits`).
     """
+    if root:
+        return [shell, "-c", f"{OOM_FIRST_SH}; {cmd}"], {"preexec_fn": root_limits}
     if os.path.basename(shell) != "bash" or _runs_before_first_command(env):
         # The fork path: the limit is set before exec. The OOM score can't be (the forked
         # child is not dumpable, so its /proc files are root's and the write fails; the

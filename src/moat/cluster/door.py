@@ -945,14 +945,14 @@ class ClusterFrontDoor:
     # -- files ------------------------------------------------------------------------
 
     async def read_file(self, tenant: str, sandbox_id: str, path: str,
-                        format: str = "text") -> str | bytes:  # fmt: skip
-        data: str | bytes = await self._plain("read_file", tenant, sandbox_id, path, format)
+                        format: str = "text", user: str = "user") -> str | bytes:  # fmt: skip
+        data: str | bytes = await self._plain("read_file", tenant, sandbox_id, path, format, user)
         return data
 
     async def write_file(
         self, tenant: str, sandbox_id: str, path: str,
         data: str | bytes | IO[Any] | AsyncIterator[bytes],
-        metadata: Mapping[str, str] | None = None,
+        metadata: Mapping[str, str] | None = None, user: str = "user",
     ) -> Any:  # fmt: skip
         node = self._route(tenant, sandbox_id)
         if hasattr(data, "__aiter__"):
@@ -969,24 +969,31 @@ class ClusterFrontDoor:
         return await self._remote(
             node,
             node.handle.write_file.remote(
-                tenant, sandbox_id, path, bytes(body), None if metadata is None else dict(metadata)
+                tenant,
+                sandbox_id,
+                path,
+                bytes(body),
+                None if metadata is None else dict(metadata),
+                user,
             ),
         )
 
-    async def list_dir(self, tenant: str, sandbox_id: str, path: str = ".", depth: int = 1) -> Any:
-        return await self._plain("list_dir", tenant, sandbox_id, path, depth)
+    async def list_dir(self, tenant: str, sandbox_id: str, path: str = ".", depth: int = 1,
+                       user: str = "user") -> Any:  # fmt: skip
+        return await self._plain("list_dir", tenant, sandbox_id, path, depth, user)
 
-    async def stat(self, tenant: str, sandbox_id: str, path: str) -> Any:
-        return await self._plain("stat", tenant, sandbox_id, path)
+    async def stat(self, tenant: str, sandbox_id: str, path: str, user: str = "user") -> Any:
+        return await self._plain("stat", tenant, sandbox_id, path, user)
 
-    async def remove(self, tenant: str, sandbox_id: str, path: str) -> None:
-        await self._plain("remove", tenant, sandbox_id, path)
+    async def remove(self, tenant: str, sandbox_id: str, path: str, user: str = "user") -> None:
+        await self._plain("remove", tenant, sandbox_id, path, user)
 
-    async def make_dir(self, tenant: str, sandbox_id: str, path: str) -> bool:
-        return bool(await self._plain("make_dir", tenant, sandbox_id, path))
+    async def make_dir(self, tenant: str, sandbox_id: str, path: str, user: str = "user") -> bool:
+        return bool(await self._plain("make_dir", tenant, sandbox_id, path, user))
 
-    async def move(self, tenant: str, sandbox_id: str, source: str, destination: str) -> Any:
-        return await self._plain("move", tenant, sandbox_id, source, destination)
+    async def move(self, tenant: str, sandbox_id: str, source: str, destination: str,
+                   user: str = "user") -> Any:  # fmt: skip
+        return await self._plain("move", tenant, sandbox_id, source, destination, user)
 
     async def watch_dir(self, tenant: str, sandbox_id: str, path: str, **kw: Any) -> Any:
         self._route(tenant, sandbox_id)

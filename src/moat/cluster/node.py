@@ -366,12 +366,13 @@ class NodeActor:
             return "err", pack_error(exc)
 
     async def write_file(
-        self, tenant: str, sandbox_id: str, path: str, data: bytes, metadata: Any
-    ) -> tuple[str, Any]:
+        self, tenant: str, sandbox_id: str, path: str, data: bytes, metadata: Any,
+        user: str = "user",
+    ) -> tuple[str, Any]:  # fmt: skip
         if self.lost:
             return "lost", None
         try:
-            entry = await self.front.write_file(tenant, sandbox_id, path, data, metadata)
+            entry = await self.front.write_file(tenant, sandbox_id, path, data, metadata, user)
         except Exception as exc:  # noqa: BLE001 - every failure crosses as data (invariant 8)
             return "err", pack_error(exc)
         return "ok", entry

@@ -38,6 +38,8 @@ from moat.engine.session import Session, ended_error, file_chunks
 from moat.engine.snapshots import Snapshot, check_name, info_of, is_snapshot_id
 from moat.engine.tenants import TenantPolicies, load_tenants
 from moat.engine.tmplbuild import TemplateBuilds, UploadTooLarge
+from moat.engine.users import DEFAULT_USER
+from moat.engine.users import as_root as _as_root
 from moat.engine.watching import WatchStream
 from moat.errors import (
     InvalidArgumentError,
@@ -849,9 +851,12 @@ class FrontDoor:
         envs: Mapping[str, str] | None = None,
         cwd: str | None = None,
         stdin: bool = False,
+        user: str = DEFAULT_USER,
     ) -> CommandStream:
-        """Start ``cmd`` with bash; its events stream from the returned handle."""
+        """Start ``cmd`` with bash as ``user`` ("user" or "root": docs/users.md); its events
+        stream from the returned handle."""
         session = self._session(tenant, sandbox_id)
+        root = _as_root(session.spec, user)
         cmd = v.text("cmd", cmd)
         env = v.envs(envs)
         if cwd is not None:
@@ -867,8 +872,9 @@ class FrontDoor:
 
         try:
             pid, call, sink = await session.start_command(
-                cmd, env, cwd, stdin, lambda s: out(s, "stdout"), lambda s: out(s, "stderr")
-            )
+                cmd, env, cwd, stdin, lambda s: out(s, "stdout"), lambda s: out(s, "stderr"),
+                root=root,
+            )  # fmt: skip
         except BaseException:
             record.end("failed")
             raise
@@ -919,16 +925,19 @@ class FrontDoor:
         cmd: str | None = None,
         envs: Mapping[str, str] | None = None,
         cwd: str | None = None,
+        user: str = DEFAULT_USER,
     ) -> CommandStream:
         """Start ``cmd`` (default: an interactive login shell) on a new pseudo-terminal
-        inside the sandbox: Started, PtyOutput (guarded bytes) as it comes, then End."""
+        inside the sandbox as ``user``: Started, PtyOutput (guarded bytes) as it comes, then
+        End."""
         session = self._session(tenant, sandbox_id)
+        root = _as_root(session.spec, user)
         cols, rows = _size(size)
         cmd = v.text("cmd", PTY_COMMAND if cmd is None else cmd)
         env = v.envs(envs)
         if cwd is not None:
             cwd = v.path(cwd)
-        pid, call = await session.start_pty(cmd, env, cwd, cols, rows)
+        pid, call = await session.start_pty(cmd, env, cwd, cols, rows, root=root)
         stream = _Stream()
         stream.push(Started(pid))
         return _pty_stream(session, stream, call, pid, MsgType.CMD_START)
@@ -966,13 +975,19 @@ class FrontDoor:
     # -- files ------------------------------------------------------------------------
 
     async def read_file(
-        self, tenant: str, sandbox_id: str, path: str, format: Literal["text", "bytes"] = "text"
+        self,
+        tenant: str,
+        sandbox_id: str,
+        path: str,
+        format: Literal["text", "bytes"] = "text",
+        user: str = DEFAULT_USER,
     ) -> str | bytes:
-        """A file's content, guarded like any output (invariant 4)."""
+        """A file's content, read as ``user``, guarded like any output (invariant 4)."""
         session = self._session(tenant, sandbox_id)
+        root = _as_root(session.spec, user)
         path = v.path(path)
         fmt = v.choice("format", format, ("text", "bytes"))
-        data = await session.read_file(path)
+        data = await session.read_file(path, root=root)
         guard = session.guard
         # Scanned off the event loop when large (a costly file must not stall the others).
         try:
@@ -991,12 +1006,15 @@ class FrontDoor:
         path: str,
         data: str | bytes | IO[Any] | AsyncIterator[bytes],
         metadata: Mapping[str, str] | None = None,
+        user: str = DEFAULT_USER,
     ) -> EntryInfo:
-        """Write a file from str, bytes, a readable file object or an async byte stream.
+        """Write a file from str, bytes, a readable file object or an async byte stream, as
+        ``user`` (who then owns a new file).
 
         ``metadata`` replaces the file's user metadata (``user.e2b.*`` extended attributes;
         ``{}`` clears it); None leaves it as it is."""
         session = self._session(tenant, sandbox_id)
+        root = _as_root(session.spec, user)
         path = v.path(path)
         meta = None if metadata is None else v.file_metadata(metadata)
         if hasattr(data, "__aiter__"):
@@ -1005,28 +1023,52 @@ class FrontDoor:
             chunks = file_chunks(data)
         else:
             raise InvalidArgumentError("data must be str, bytes or a readable file object")
-        return await session.write_file(path, chunks, metadata=meta)
+        return await session.write_file(path, chunks, metadata=meta, root=root)
 
     async def list_dir(
-        self, tenant: str, sandbox_id: str, path: str = ".", depth: int = 1
+        self,
+        tenant: str,
+        sandbox_id: str,
+        path: str = ".",
+        depth: int = 1,
+        user: str = DEFAULT_USER,
     ) -> list[EntryInfo]:
         session = self._session(tenant, sandbox_id)
-        return await session.list_dir(v.path(path), int(v.number("depth", depth, 1, 32)))
+        root = _as_root(session.spec, user)
+        depth = int(v.number("depth", depth, 1, 32))
+        return await session.list_dir(v.path(path), depth, root=root)
 
-    async def stat(self, tenant: str, sandbox_id: str, path: str) -> EntryInfo:
-        return await self._session(tenant, sandbox_id).stat(v.path(path))
+    async def stat(
+        self, tenant: str, sandbox_id: str, path: str, user: str = DEFAULT_USER
+    ) -> EntryInfo:
+        session = self._session(tenant, sandbox_id)
+        return await session.stat(v.path(path), root=_as_root(session.spec, user))
 
-    async def remove(self, tenant: str, sandbox_id: str, path: str) -> None:
-        await self._session(tenant, sandbox_id).remove(v.path(path))
+    async def remove(
+        self, tenant: str, sandbox_id: str, path: str, user: str = DEFAULT_USER
+    ) -> None:
+        session = self._session(tenant, sandbox_id)
+        await session.remove(v.path(path), root=_as_root(session.spec, user))
 
-    async def make_dir(self, tenant: str, sandbox_id: str, path: str) -> bool:
+    async def make_dir(
+        self, tenant: str, sandbox_id: str, path: str, user: str = DEFAULT_USER
+    ) -> bool:
         """Create a directory (and parents). False if it already existed."""
-        return await self._session(tenant, sandbox_id).make_dir(v.path(path))
+        session = self._session(tenant, sandbox_id)
+        return await session.make_dir(v.path(path), root=_as_root(session.spec, user))
 
-    async def move(self, tenant: str, sandbox_id: str, source: str, destination: str) -> EntryInfo:
+    async def move(
+        self,
+        tenant: str,
+        sandbox_id: str,
+        source: str,
+        destination: str,
+        user: str = DEFAULT_USER,
+    ) -> EntryInfo:
         """Rename or move a file or directory (parents made); the entry at ``destination``."""
         session = self._session(tenant, sandbox_id)
-        return await session.move(v.path(source), v.path(destination))
+        root = _as_root(session.spec, user)
+        return await session.move(v.path(source), v.path(destination), root=root)
 
     async def watch_dir(
         self,

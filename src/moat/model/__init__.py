@@ -62,6 +62,7 @@ from moat.protocol.contract import (
     PROXY_PORT,
     SANDBOX_GID,
     SANDBOX_UID,
+    USERS,
 )
 
 __all__ = [
@@ -82,6 +83,7 @@ __all__ = [
     "TIERS",
     "TRUST_LEVELS",
     "TRUST_TO_TIER",
+    "USERS",
     "CommandResult",
     "Context",
     "End",

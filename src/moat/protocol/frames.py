@@ -156,6 +156,8 @@ class _F:
 _PATH = _F(str, max_len=4096)
 _NAME = _F(str, max_len=256)
 _ENVS = _F(dict, required=False, max_len=256)
+#: true: the request runs as root inside the sandbox (docs/users.md); absent: as the user
+_ROOT = _F(bool, required=False)
 
 SCHEMAS: dict[MsgType, dict[str, _F]] = {
     MsgType.EXEC: {
@@ -180,25 +182,27 @@ SCHEMAS: dict[MsgType, dict[str, _F]] = {
         # both or neither: the command runs on a new pseudo-terminal of this size
         "cols": _F(int, required=False),
         "rows": _F(int, required=False),
+        "root": _ROOT,
     },
     MsgType.CMD_STDIN: {"pid": _F(int), "eof": _F(bool, required=False)},
     MsgType.CMD_KILL: {"pid": _F(int), "signal": _F(int, required=False)},
     MsgType.CMD_LIST: {},
     MsgType.CMD_CONNECT: {"pid": _F(int)},
     MsgType.CMD_RESIZE: {"pid": _F(int), "cols": _F(int), "rows": _F(int)},
-    MsgType.FILE_READ: {"path": _PATH, "max_bytes": _F(int)},
+    MsgType.FILE_READ: {"path": _PATH, "max_bytes": _F(int), "root": _ROOT},
     # metadata: the file's whole user metadata set (protocol.metadata checks its contents)
     MsgType.FILE_WRITE: {
         "path": _PATH,
         "max_bytes": _F(int),
         "metadata": _F(dict, required=False, max_len=512),
+        "root": _ROOT,
     },
     MsgType.FILE_CHUNK: {"eof": _F(bool, required=False)},
-    MsgType.FILE_LIST: {"path": _PATH, "depth": _F(int, required=False)},
-    MsgType.FILE_STAT: {"path": _PATH},
-    MsgType.FILE_REMOVE: {"path": _PATH},
-    MsgType.FILE_MKDIR: {"path": _PATH},
-    MsgType.FILE_MOVE: {"path": _PATH, "dst": _PATH},
+    MsgType.FILE_LIST: {"path": _PATH, "depth": _F(int, required=False), "root": _ROOT},
+    MsgType.FILE_STAT: {"path": _PATH, "root": _ROOT},
+    MsgType.FILE_REMOVE: {"path": _PATH, "root": _ROOT},
+    MsgType.FILE_MKDIR: {"path": _PATH, "root": _ROOT},
+    MsgType.FILE_MOVE: {"path": _PATH, "dst": _PATH, "root": _ROOT},
     MsgType.PING: {},
     MsgType.RESEED: {},
     MsgType.NET_SETUP: {"port": _F(int), "ca_path": _PATH},

@@ -162,8 +162,11 @@ class AsyncCommands:
         on_stdout: Any = None,
         on_stderr: Any = None,
         stdin: bool | str | bytes | None = None,
+        user: str = "user",
     ) -> Any:
-        """Run ``cmd`` with bash. Returns a CommandResult, or a handle if ``background``."""
+        """Run ``cmd`` with bash as ``user`` (``"root"``: uid 0 inside the sandbox, where the
+        tier gives it: docs/users.md). Returns a CommandResult, or a handle if
+        ``background``."""
         if timeout is not None:
             v.number("timeout", timeout, 0.001, 86400)
         v.callback("on_stdout", on_stdout)
@@ -172,7 +175,7 @@ class AsyncCommands:
             raise InvalidArgumentError("stdin must be True, str or bytes")
         data = None if isinstance(stdin, bool) or stdin is None else _bytes(stdin)
         started = await self._t.start_command(
-            self._sid, cmd, envs, cwd, bool(stdin) or data is not None
+            self._sid, cmd, envs, cwd, bool(stdin) or data is not None, user
         )
         handle = AsyncCommandHandle(self._t, self._sid, started, on_stdout, on_stderr)
         if data is not None:
@@ -207,36 +210,39 @@ class AsyncFiles:
         self._t = transport
         self._sid = sandbox_id
 
-    async def read(self, path: str, format: Literal["text", "bytes"] = "text") -> Any:
-        """The file's content (guarded by the front door, like all output)."""
-        return await self._t.read_file(self._sid, path, format)
+    async def read(
+        self, path: str, format: Literal["text", "bytes"] = "text", user: str = "user"
+    ) -> Any:
+        """The file's content (guarded by the front door, like all output), read as ``user``
+        (every method here takes it: ``"root"`` is uid 0 inside, docs/users.md)."""
+        return await self._t.read_file(self._sid, path, format, user)
 
-    async def write(self, path: str, data: str | bytes | IO[Any]) -> EntryInfo:
-        return await self._t.write_file(self._sid, path, data)
+    async def write(self, path: str, data: str | bytes | IO[Any], user: str = "user") -> EntryInfo:
+        return await self._t.write_file(self._sid, path, data, user)
 
-    async def list(self, path: str = ".", depth: int = 1) -> list[EntryInfo]:
-        return await self._t.list_dir(self._sid, path, depth)
+    async def list(self, path: str = ".", depth: int = 1, user: str = "user") -> list[EntryInfo]:
+        return await self._t.list_dir(self._sid, path, depth, user)
 
-    async def exists(self, path: str) -> bool:
+    async def exists(self, path: str, user: str = "user") -> bool:
         try:
-            await self._t.stat(self._sid, path)
+            await self._t.stat(self._sid, path, user)
         except NotFoundError:
             return False
         return True
 
-    async def get_info(self, path: str) -> EntryInfo:
-        return await self._t.stat(self._sid, path)
+    async def get_info(self, path: str, user: str = "user") -> EntryInfo:
+        return await self._t.stat(self._sid, path, user)
 
-    async def rename(self, old_path: str, new_path: str) -> EntryInfo:
+    async def rename(self, old_path: str, new_path: str, user: str = "user") -> EntryInfo:
         """Rename or move a file or directory (parents made); the entry at ``new_path``."""
-        return await self._t.move(self._sid, old_path, new_path)
+        return await self._t.move(self._sid, old_path, new_path, user)
 
-    async def remove(self, path: str) -> None:
-        await self._t.remove(self._sid, path)
+    async def remove(self, path: str, user: str = "user") -> None:
+        await self._t.remove(self._sid, path, user)
 
-    async def make_dir(self, path: str) -> bool:
+    async def make_dir(self, path: str, user: str = "user") -> bool:
         """Create a directory (and parents). False if it already existed."""
-        return await self._t.make_dir(self._sid, path)
+        return await self._t.make_dir(self._sid, path, user)
 
     async def watch_dir(
         self,

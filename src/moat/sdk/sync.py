@@ -115,12 +115,22 @@ class Commands:
         on_stdout: Any = None,
         on_stderr: Any = None,
         stdin: bool | str | bytes | None = None,
+        user: str = "user",
     ) -> Any:
-        """Run ``cmd`` with bash: a CommandResult, or a CommandHandle if ``background``."""
+        """Run ``cmd`` with bash as ``user``: a CommandResult, or a CommandHandle if
+        ``background``."""
         wrap = self._cb.wrap
         out = _run(
             self._c.run(
-                cmd, background, envs, cwd, timeout, wrap(on_stdout), wrap(on_stderr), stdin
+                cmd,
+                background,
+                envs,
+                cwd,
+                timeout,
+                wrap(on_stdout),
+                wrap(on_stderr),
+                stdin,
+                user,
             )
         )
         return CommandHandle(out) if isinstance(out, AsyncCommandHandle) else out
@@ -172,30 +182,30 @@ class Files:
         self._f = inner
         self._cb = callbacks or _Callbacks()
 
-    def read(self, path: str, format: Literal["text", "bytes"] = "text") -> Any:
-        return _run(self._f.read(path, format))
+    def read(self, path: str, format: Literal["text", "bytes"] = "text", user: str = "user") -> Any:
+        return _run(self._f.read(path, format, user))
 
-    def write(self, path: str, data: str | bytes | IO[Any]) -> EntryInfo:
-        return _run(self._f.write(path, data))
+    def write(self, path: str, data: str | bytes | IO[Any], user: str = "user") -> EntryInfo:
+        return _run(self._f.write(path, data, user))
 
-    def list(self, path: str = ".", depth: int = 1) -> list[EntryInfo]:
-        return _run(self._f.list(path, depth))
+    def list(self, path: str = ".", depth: int = 1, user: str = "user") -> list[EntryInfo]:
+        return _run(self._f.list(path, depth, user))
 
-    def exists(self, path: str) -> bool:
-        return _run(self._f.exists(path))
+    def exists(self, path: str, user: str = "user") -> bool:
+        return _run(self._f.exists(path, user))
 
-    def get_info(self, path: str) -> EntryInfo:
-        return _run(self._f.get_info(path))
+    def get_info(self, path: str, user: str = "user") -> EntryInfo:
+        return _run(self._f.get_info(path, user))
 
-    def rename(self, old_path: str, new_path: str) -> EntryInfo:
+    def rename(self, old_path: str, new_path: str, user: str = "user") -> EntryInfo:
         """Rename or move a file or directory (parents made); the entry at ``new_path``."""
-        return _run(self._f.rename(old_path, new_path))
+        return _run(self._f.rename(old_path, new_path, user))
 
-    def remove(self, path: str) -> None:
-        _run(self._f.remove(path))
+    def remove(self, path: str, user: str = "user") -> None:
+        _run(self._f.remove(path, user))
 
-    def make_dir(self, path: str) -> bool:
-        return _run(self._f.make_dir(path))
+    def make_dir(self, path: str, user: str = "user") -> bool:
+        return _run(self._f.make_dir(path, user))
 
     def watch_dir(
         self,

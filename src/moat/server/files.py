@@ -8,8 +8,9 @@ there, invariant 4):
   signed request need not name its sandbox (with ``E2B_SANDBOX_URL`` the link has no sandbox
   id in it): the signature itself finds the one sandbox whose token made it. A signature
   that matches none answers 401 whatever the sandbox id, so it tells nothing either.
-- **Users**: moat runs file operations only as the sandbox user; another ``username`` is 401,
-  as envd answers for a user it does not have (invariant 9: no privilege inside).
+- **Users**: ``username`` is ``user`` (the default) or ``root`` (uid 0 inside the sandbox, on
+  the tiers that give it: moat.engine.users, docs/users.md); another name is 401, as envd
+  answers for a user it does not have.
 - **Codings**: ``Accept-Encoding: gzip`` answers gzip (406 when nothing acceptable is
   left); an upload with ``Content-Encoding: gzip`` is inflated with a cap (a gzip bomb stops
   at the body cap, 413) and any other coding is 400, as envd does.
@@ -36,7 +37,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from moat.errors import InvalidArgumentError, NotFoundError, SandboxError
-from moat.model import HOME
+from moat.model import HOME, USERS
 from moat.model import validate as v
 from moat.server import wire
 from moat.server.app import MAX_FILE_BODY, BodyTooLarge, Record, ServerState, too_large
@@ -52,8 +53,9 @@ from moat.server.signing import Op, SignatureRefused, find
 log = logging.getLogger("moat.server")
 
 ENVD_PORT = "49983"
-#: The sandbox user file operations run as (moat's only one; rpc.DEFAULT_USER).
+#: The sandbox user file operations run as unless the request names ``root`` (rpc.DEFAULT_USER).
 USER = "user"
+_USERS = (None, "", *USERS)
 #: Limits of a multipart upload: ``file`` parts, and header bytes of one part.
 MAX_PARTS = 1000
 MAX_PART_HEADERS = 16 << 10
@@ -118,13 +120,11 @@ class FileRoutes:
         if request.headers.get("e2b-sandbox-port", ENVD_PORT) != ENVD_PORT:
             return wire.error(404, "no such endpoint on this port")
         user = request.query_params.get("username")
-        if user not in (None, "", USER):
-            # envd answers 401 for a user it has not; moat has only the sandbox user.
+        if user not in _USERS:
+            # envd answers 401 for a user it has not; moat has the sandbox user and root.
             shown = repr(user[:32]) if user.isprintable() else "(unprintable)"
             return wire.error(
-                401,
-                f"user {shown} is not available: moat runs file operations only as the "
-                f"sandbox user {USER!r}",
+                401, f"user {shown} is not available: moat knows the users {', '.join(USERS)}"
             )
         return found
 
@@ -151,7 +151,8 @@ class FileRoutes:
         except EncodingRefused as exc:
             return wire.error(406, str(exc))
         path = _path(request.query_params.get("path"))
-        data = await self.state.front.read_file(rec.tenant, sid, path, format="bytes")
+        user = request.query_params.get("username") or USER
+        data = await self.state.front.read_file(rec.tenant, sid, path, format="bytes", user=user)
         assert isinstance(data, bytes)  # format="bytes"
         headers = {"Content-Disposition": _disposition(path), "Vary": "Accept-Encoding"}
         if coding == "gzip":
@@ -195,9 +196,10 @@ class FileRoutes:
             parts = await asyncio.to_thread(parse_parts, body, boundary)
             uploads = _destinations(parts, query_path)
         out: list[dict[str, Any]] = []
+        user = request.query_params.get("username") or USER
         for path, data in uploads:
             entry = await self.state.front.write_file(
-                rec.tenant, sid, path, data, metadata=metadata
+                rec.tenant, sid, path, data, metadata=metadata, user=user
             )
             item: dict[str, Any] = {"path": entry.path, "name": entry.name, "type": "file"}
             if entry.metadata:

@@ -7,10 +7,14 @@ moat's own admission (``moat.server.sandbox``: the sandbox headers, the access t
 sandbox is running), which hands the admitted sandbox to the handlers through ``CALLER``.
 The handlers are thin: every check and every guard is the front door's (invariants 4, 11).
 
-Users: moat runs every command and file operation as the sandbox's unprivileged user
-(``user``, home ``/home/user``; invariant 9). A call that names another user (E2B's
-``user="root"``) is refused with ``permission_denied``, never quietly run as ``user``
-(invariant 7). PTYs are the front door's terminals: ``Start`` with ``pty{size}`` streams
+Users: a call runs as the sandbox's user (``user``, uid 1000, home ``/home/user``) unless it
+names ``root`` (E2B's ``user="root"``, sent as ``Authorization: Basic base64("root:")``): then
+it runs as uid 0 *inside* the sandbox on the tiers that can give it (gVisor: the sentry's
+root; never host root, invariant 9). A tier that cannot answers ``unimplemented`` naming the
+tier (moat.engine.users), never quietly running as ``user`` (invariant 7); any other user
+name is ``invalid_argument``. Directory watches run as the user only (root is refused).
+
+PTYs are the front door's terminals: ``Start`` with ``pty{size}`` streams
 ``data.pty`` (guarded bytes), ``SendInput``/``StreamInput`` with ``pty`` bytes type into it,
 ``Update{pty{size}}`` resizes it, ``SendSignal`` kills its session, ``Connect`` re-attaches.
 
@@ -61,12 +65,22 @@ from moat.errors import (
     SandboxError,
     TimeoutError,
 )
-from moat.model import HOME, End, EntryInfo, FilesystemEvent, Output, PtyOutput, PtySize, Started
+from moat.model import (
+    HOME,
+    USERS,
+    End,
+    EntryInfo,
+    FilesystemEvent,
+    Output,
+    PtyOutput,
+    PtySize,
+    Started,
+)
 from moat.server.watchers import Watchers
 
 log = logging.getLogger("moat.server")
 
-#: The sandbox user every call runs as (E2B's default user, moat's only one).
+#: The sandbox user a call runs as unless it names ``root`` (E2B's default user).
 DEFAULT_USER = "user"
 #: Idle seconds before a keepalive event when the client names no interval (envd's default).
 KEEPALIVE_DEFAULT_S = 90.0
@@ -108,15 +122,25 @@ CALLER: contextvars.ContextVar[Caller] = contextvars.ContextVar("moat_rpc_caller
 
 
 def _caller(ctx: RequestContext[Any, Any]) -> Caller:
-    user = _user(ctx.request_headers.get("authorization"))
-    if user != DEFAULT_USER:
-        # Invariant 9: no privilege inside; invariant 7: never run as someone else quietly.
-        raise ConnectError(
-            Code.PERMISSION_DENIED,
-            f"moat runs commands and file operations only as the sandbox user "
-            f"{DEFAULT_USER!r}; user {user[:32]!r} is not available",
-        )
+    _user_of(ctx)  # a name moat does not know is refused on every call
     return CALLER.get()
+
+
+def _user_of(ctx: RequestContext[Any, Any]) -> str:
+    """The request's user: ``user`` or ``root`` (the front door checks the tier can)."""
+    user = _user(ctx.request_headers.get("authorization"))
+    if user not in USERS:
+        raise ConnectError(
+            Code.INVALID_ARGUMENT,
+            f"user {user[:32]!r} is not available: moat knows the users {', '.join(USERS)}",
+        )
+    return user
+
+
+def _user_watch(ctx: RequestContext[Any, Any]) -> None:
+    """Watches run as the sandbox user: a root one is refused, never quietly downgraded."""
+    if _user_of(ctx) != DEFAULT_USER:
+        raise ConnectError(Code.UNIMPLEMENTED, "moat watches directories only as the user 'user'")
 
 
 def _user(header: str | None) -> str:
@@ -328,7 +352,7 @@ class ProcessService(Process):
     async def start(
         self, request: pr.StartRequest, ctx: RequestContext[pr.StartRequest, pr.StartResponse]
     ) -> AsyncIterator[pr.StartResponse]:
-        c = _caller(ctx)
+        c, user = _caller(ctx), _user_of(ctx)
         config = request.process or pr.ProcessConfig()
         cmd = command_line(config)
         cwd = _path(config.cwd) if config.has_field("cwd") and config.cwd else None
@@ -338,13 +362,19 @@ class ProcessService(Process):
             handle = await _mapped(
                 self.front.start_pty(
                     c.tenant, c.sandbox_id, _pty_size(request.pty),
-                    cmd=cmd, envs=dict(config.envs), cwd=cwd,
+                    cmd=cmd, envs=dict(config.envs), cwd=cwd, user=user,
                 )
             )  # fmt: skip
         else:
             handle = await _mapped(
                 self.front.start_command(
-                    c.tenant, c.sandbox_id, cmd, envs=dict(config.envs), cwd=cwd, stdin=stdin
+                    c.tenant,
+                    c.sandbox_id,
+                    cmd,
+                    envs=dict(config.envs),
+                    cwd=cwd,
+                    stdin=stdin,
+                    user=user,
                 )
             )
         tag = request.tag if request.has_field("tag") else None
@@ -447,7 +477,7 @@ class ProcessService(Process):
 # -- filesystem ----------------------------------------------------------------------------
 
 
-async def _followed(front: FrontDoor, c: Caller, e: EntryInfo) -> EntryInfo:
+async def _followed(front: FrontDoor, c: Caller, e: EntryInfo, user: str) -> EntryInfo:
     """A symlink's entry as envd shows it: the type of what it points at and the target's
     absolute path (a dangling or looping link stays a symlink)."""
     if e.type != "symlink" or e.symlink_target is None:
@@ -457,7 +487,7 @@ async def _followed(front: FrontDoor, c: Caller, e: EntryInfo) -> EntryInfo:
     while target.type == "symlink" and target.symlink_target is not None and seen < 8:
         path = posixpath.normpath(posixpath.join(posixpath.dirname(path), target.symlink_target))
         try:
-            target = await front.stat(c.tenant, c.sandbox_id, path)
+            target = await front.stat(c.tenant, c.sandbox_id, path, user=user)
         except NotFoundError:
             return e
         seen += 1
@@ -495,45 +525,45 @@ class FilesystemService(Filesystem):
     async def stat(
         self, request: fs.StatRequest, ctx: RequestContext[fs.StatRequest, Any]
     ) -> fs.StatResponse:
-        c = _caller(ctx)
-        e = await _mapped(self.front.stat(c.tenant, c.sandbox_id, _path(request.path)))
-        return fs.StatResponse(entry=entry_info(await _mapped(_followed(self.front, c, e))))
+        c, user = _caller(ctx), _user_of(ctx)
+        e = await _mapped(self.front.stat(c.tenant, c.sandbox_id, _path(request.path), user=user))
+        return fs.StatResponse(entry=entry_info(await _mapped(_followed(self.front, c, e, user))))
 
     async def list_dir(
         self, request: fs.ListDirRequest, ctx: RequestContext[fs.ListDirRequest, Any]
     ) -> fs.ListDirResponse:
-        c = _caller(ctx)
+        c, user = _caller(ctx), _user_of(ctx)
         depth = request.depth or 1
         entries = await _mapped(
-            self.front.list_dir(c.tenant, c.sandbox_id, _path(request.path), depth)
+            self.front.list_dir(c.tenant, c.sandbox_id, _path(request.path), depth, user=user)
         )
-        out = [entry_info(await _mapped(_followed(self.front, c, e))) for e in entries]
+        out = [entry_info(await _mapped(_followed(self.front, c, e, user))) for e in entries]
         return fs.ListDirResponse(entries=out)
 
     async def make_dir(
         self, request: fs.MakeDirRequest, ctx: RequestContext[fs.MakeDirRequest, Any]
     ) -> fs.MakeDirResponse:
-        c = _caller(ctx)
+        c, user = _caller(ctx), _user_of(ctx)
         path = _path(request.path)
-        if not await _mapped(self.front.make_dir(c.tenant, c.sandbox_id, path)):
+        if not await _mapped(self.front.make_dir(c.tenant, c.sandbox_id, path, user=user)):
             raise ConnectError(Code.ALREADY_EXISTS, "the directory already exists")
-        e = await _mapped(self.front.stat(c.tenant, c.sandbox_id, path))
+        e = await _mapped(self.front.stat(c.tenant, c.sandbox_id, path, user=user))
         return fs.MakeDirResponse(entry=entry_info(e))
 
     async def move(
         self, request: fs.MoveRequest, ctx: RequestContext[fs.MoveRequest, Any]
     ) -> fs.MoveResponse:
-        c = _caller(ctx)
+        c, user = _caller(ctx), _user_of(ctx)
         src, dst = _path(request.source), _path(request.destination)
-        e = await _mapped(self.front.move(c.tenant, c.sandbox_id, src, dst))
+        e = await _mapped(self.front.move(c.tenant, c.sandbox_id, src, dst, user=user))
         return fs.MoveResponse(entry=entry_info(e))
 
     async def remove(
         self, request: fs.RemoveRequest, ctx: RequestContext[fs.RemoveRequest, Any]
     ) -> fs.RemoveResponse:
-        c = _caller(ctx)
+        c, user = _caller(ctx), _user_of(ctx)
         try:
-            await _mapped(self.front.remove(c.tenant, c.sandbox_id, _path(request.path)))
+            await _mapped(self.front.remove(c.tenant, c.sandbox_id, _path(request.path), user=user))
         except ConnectError as exc:
             # E2B removes like ``rm -rf``: a missing path is no error; a missing sandbox is.
             if exc.code is not Code.NOT_FOUND or not await _running(self.front, c):
@@ -557,6 +587,7 @@ class FilesystemService(Filesystem):
         self, request: fs.WatchDirRequest, ctx: RequestContext[fs.WatchDirRequest, Any]
     ) -> AsyncIterator[fs.WatchDirResponse]:
         c = _caller(ctx)
+        _user_watch(ctx)
         stream = await self._watch(c, request.path, request.recursive, request.include_entry)
         events = stream.events()
         every = _keepalive_s(ctx)
@@ -597,6 +628,7 @@ class FilesystemService(Filesystem):
         self, request: fs.CreateWatcherRequest, ctx: RequestContext[fs.CreateWatcherRequest, Any]
     ) -> fs.CreateWatcherResponse:
         c = _caller(ctx)
+        _user_watch(ctx)
         stream = await self._watch(c, request.path, request.recursive, request.include_entry)
         return fs.CreateWatcherResponse(
             watcher_id=self.watchers.add(c.tenant, c.sandbox_id, stream)

@@ -34,8 +34,12 @@ class CommandCalls(SessionCore):
         stdin: bool,
         on_stdout: Callable[[str], Any] | None,
         on_stderr: Callable[[str], Any] | None,
+        *,
+        root: bool = False,
     ) -> tuple[int, Call, OutputSink]:
         fields: dict[str, Any] = {"cmd": cmd, "envs": envs, "stdin": stdin}
+        if root:  # as root of the sandbox (docs/users.md)
+            fields["root"] = True
         if cwd is not None:
             fields["cwd"] = cwd
         self._check()

@@ -23,11 +23,14 @@ MAX_WRITE_BYTES = 512 * 1024 * 1024
 class FileCalls(SessionCore):
     """The sandbox's filesystem, resolved inside the sandbox."""
 
-    async def read_file(self, path: str, max_bytes: int = MAX_READ_BYTES) -> bytes:
+    async def read_file(
+        self, path: str, max_bytes: int = MAX_READ_BYTES, *, root: bool = False
+    ) -> bytes:
         """Raw bytes; the front door guards them before they leave (invariant 4)."""
         client = self._check()
         await self._prepare_guard()
-        call = await client.open(MsgType.FILE_READ, {"path": path, "max_bytes": max_bytes})
+        fields = _as(root, {"path": path, "max_bytes": max_bytes})
+        call = await client.open(MsgType.FILE_READ, fields)
         buf = bytearray()
 
         def data(frame: Frame) -> None:
@@ -50,11 +53,13 @@ class FileCalls(SessionCore):
         chunks: AsyncIterator[bytes],
         max_bytes: int = MAX_WRITE_BYTES,
         metadata: dict[str, str] | None = None,
+        *,
+        root: bool = False,
     ) -> EntryInfo:
         """Stream ``chunks`` to ``path``; ``metadata`` (checked by the caller) replaces the
         file's user metadata when given, and is left alone when None."""
         client = self._check()
-        fields: dict[str, Any] = {"path": path, "max_bytes": max_bytes}
+        fields = _as(root, {"path": path, "max_bytes": max_bytes})
         if metadata is not None:
             fields["metadata"] = metadata
         call = await client.open(MsgType.FILE_WRITE, fields)
@@ -84,32 +89,35 @@ class FileCalls(SessionCore):
             raise
         finally:
             call.close()
-        return await self.stat(path)
+        return await self.stat(path, root=root)
 
-    async def list_dir(self, path: str, depth: int) -> list[EntryInfo]:
+    async def list_dir(self, path: str, depth: int, *, root: bool = False) -> list[EntryInfo]:
         self._check()
         await self._prepare_guard()
-        reply = await self.request(MsgType.FILE_LIST, {"path": path, "depth": depth}, timeout=60)
+        fields = _as(root, {"path": path, "depth": depth})
+        reply = await self.request(MsgType.FILE_LIST, fields, timeout=60)
         return await self._entries(reply["entries"])
 
-    async def stat(self, path: str) -> EntryInfo:
+    async def stat(self, path: str, *, root: bool = False) -> EntryInfo:
         self._check()
         await self._prepare_guard()
-        return (await self._entries([await self.request(MsgType.FILE_STAT, {"path": path})]))[0]
+        reply = await self.request(MsgType.FILE_STAT, _as(root, {"path": path}))
+        return (await self._entries([reply]))[0]
 
-    async def remove(self, path: str) -> None:
+    async def remove(self, path: str, *, root: bool = False) -> None:
         await self._prepare_guard()
-        await self.request(MsgType.FILE_REMOVE, {"path": path}, timeout=60)
+        await self.request(MsgType.FILE_REMOVE, _as(root, {"path": path}), timeout=60)
 
-    async def make_dir(self, path: str) -> bool:
+    async def make_dir(self, path: str, *, root: bool = False) -> bool:
         await self._prepare_guard()
-        reply = await self.request(MsgType.FILE_MKDIR, {"path": path})
+        reply = await self.request(MsgType.FILE_MKDIR, _as(root, {"path": path}))
         return bool(reply["created"])
 
-    async def move(self, path: str, dst: str) -> EntryInfo:
+    async def move(self, path: str, dst: str, *, root: bool = False) -> EntryInfo:
         """Rename or move ``path`` to ``dst``; the entry now at ``dst``."""
         await self._prepare_guard()
-        reply = await self.request(MsgType.FILE_MOVE, {"path": path, "dst": dst}, timeout=60)
+        fields = _as(root, {"path": path, "dst": dst})
+        reply = await self.request(MsgType.FILE_MOVE, fields, timeout=60)
         return (await self._entries([reply]))[0]
 
     async def _entries(self, entries: list[dict[str, Any]]) -> list[EntryInfo]:
@@ -152,6 +160,13 @@ class FileCalls(SessionCore):
 
 class _BadEntry(Exception):
     """An entry the schema let through but that can't be represented (an mtime)."""
+
+
+def _as(root: bool, fields: dict[str, Any]) -> dict[str, Any]:
+    """``fields`` of a request made as root of the sandbox when ``root`` (docs/users.md)."""
+    if root:
+        fields["root"] = True
+    return fields
 
 
 def file_chunks(data: str | bytes | IO[Any]) -> Any:

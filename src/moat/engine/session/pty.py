@@ -23,10 +23,19 @@ class PtyCalls(CommandCalls):
     """PTYs inside the sandbox (over the command verbs)."""
 
     async def start_pty(
-        self, cmd: str, envs: dict[str, str], cwd: str | None, cols: int, rows: int
+        self,
+        cmd: str,
+        envs: dict[str, str],
+        cwd: str | None,
+        cols: int,
+        rows: int,
+        *,
+        root: bool = False,
     ) -> tuple[int, Call]:
         """Start ``cmd`` on a new ``cols`` x ``rows`` terminal: its pid and its call."""
         fields: dict[str, Any] = {"cmd": cmd, "envs": envs, "cols": cols, "rows": rows}
+        if root:  # as root of the sandbox (docs/users.md)
+            fields["root"] = True
         if cwd is not None:
             fields["cwd"] = cwd
         self._check()

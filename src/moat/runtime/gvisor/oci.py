@@ -36,6 +36,7 @@ import errno
 from dataclasses import dataclass
 from typing import Any, Final
 
+from moat.protocol.contract import ROOT_CAPS
 from moat.runtime.seccomp import REFUSED
 from moat.runtime.spec import AGENT_DIR, HOME, SANDBOX_GID, SANDBOX_UID, SandboxSpec
 
@@ -73,10 +74,12 @@ HOST_PIDS_PER_TASK: Final = 8
 #: Name prefix of the host cgroups of this tier (what ``sweep`` looks for).
 CGROUP_PREFIX: Final = "moat-gvisor-"
 _CPU_PERIOD: Final = 100_000
-#: The agent's own uid in a gVisor sandbox (user code runs as SANDBOX_UID); the agent's copy
-#: of the number is moat.agent.shield.AGENT_UID (a test holds them equal).
+#: The agent's own uid in a gVisor sandbox (user code runs as SANDBOX_UID, root calls as 0);
+#: the agent's copy of the number is moat.agent.shield.AGENT_UID (a test holds them equal).
 AGENT_UID: Final = 999
-_SETUID: Final = "CAP_SETUID"
+#: Root's capabilities inside (the sentry's, never the host's): the bounding set of the whole
+#: sandbox, so no process inside ever holds more (docs/users.md).
+_ROOT_CAPS: Final = sorted(ROOT_CAPS)
 _NOFILE: Final = 4096
 
 #: Directories the driver creates in the (otherwise empty) read-only root skeleton, so that
@@ -230,19 +233,20 @@ def build_config(spec: SandboxSpec, bundle: Bundle) -> dict[str, Any]:
         "ociVersion": "1.0.2",
         "process": {
             "terminal": False,
-            # The agent starts as AGENT_UID with CAP_SETUID alone; its first lines act as
-            # SANDBOX_UID, keep AGENT_UID as real and saved uid and drop the capability
-            # (moat.agent.shield): gVisor's /proc ignores non-dumpable, so a uid of its own is
-            # what keeps user code (SANDBOX_UID throughout) out of the agent's fds and signals.
+            # The agent starts as AGENT_UID with root's bounded set; its first lines act as
+            # SANDBOX_UID, keep AGENT_UID as real and saved uid and keep the capabilities
+            # permitted only, for user="root" calls (moat.agent.shield):
+            # gVisor's /proc ignores non-dumpable, so a uid of its own is what keeps user code
+            # (SANDBOX_UID throughout) out of the agent's fds and signals.
             "user": {"uid": AGENT_UID, "gid": SANDBOX_GID, "additionalGids": [SANDBOX_GID]},
             "args": list(bundle.argv),
             "env": env,
             "cwd": HOME,  # the agent moves to spec.workdir itself (it may be a tmpfs below)
             "capabilities": {
-                "bounding": [_SETUID],
-                "effective": [_SETUID],
+                "bounding": list(_ROOT_CAPS),
+                "effective": list(_ROOT_CAPS),
                 "inheritable": [],
-                "permitted": [_SETUID],
+                "permitted": list(_ROOT_CAPS),
                 "ambient": [],
             },
             "noNewPrivileges": True,

@@ -152,6 +152,7 @@ class Transport(abc.ABC):
         envs: Mapping[str, str] | None,
         cwd: str | None,
         stdin: bool,
+        user: str = "user",
     ) -> CommandEvents: ...
 
     @abc.abstractmethod
@@ -168,28 +169,32 @@ class Transport(abc.ABC):
 
     @abc.abstractmethod
     async def read_file(
-        self, sandbox_id: str, path: str, format: Literal["text", "bytes"]
+        self, sandbox_id: str, path: str, format: Literal["text", "bytes"], user: str = "user"
     ) -> str | bytes: ...
 
     @abc.abstractmethod
     async def write_file(
-        self, sandbox_id: str, path: str, data: str | bytes | IO[Any]
+        self, sandbox_id: str, path: str, data: str | bytes | IO[Any], user: str = "user"
     ) -> EntryInfo: ...
 
     @abc.abstractmethod
-    async def list_dir(self, sandbox_id: str, path: str, depth: int) -> list[EntryInfo]: ...
+    async def list_dir(
+        self, sandbox_id: str, path: str, depth: int, user: str = "user"
+    ) -> list[EntryInfo]: ...
 
     @abc.abstractmethod
-    async def stat(self, sandbox_id: str, path: str) -> EntryInfo: ...
+    async def stat(self, sandbox_id: str, path: str, user: str = "user") -> EntryInfo: ...
 
     @abc.abstractmethod
-    async def move(self, sandbox_id: str, path: str, destination: str) -> EntryInfo: ...
+    async def move(
+        self, sandbox_id: str, path: str, destination: str, user: str = "user"
+    ) -> EntryInfo: ...
 
     @abc.abstractmethod
-    async def remove(self, sandbox_id: str, path: str) -> None: ...
+    async def remove(self, sandbox_id: str, path: str, user: str = "user") -> None: ...
 
     @abc.abstractmethod
-    async def make_dir(self, sandbox_id: str, path: str) -> bool: ...
+    async def make_dir(self, sandbox_id: str, path: str, user: str = "user") -> bool: ...
 
     async def watch_dir(
         self, sandbox_id: str, path: str, recursive: bool, include_entry: bool
@@ -206,6 +211,7 @@ class Transport(abc.ABC):
         cmd: str | None,
         envs: Mapping[str, str] | None,
         cwd: str | None,
+        user: str = "user",
     ) -> CommandEvents:
         raise PolicyError("this transport lacks the capability 'pty.create' (not supported yet)")
 

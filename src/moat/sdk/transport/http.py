@@ -14,6 +14,7 @@ the errors, the envd stubs, httpx and connectrpc (tests/test_layering.py).
 from __future__ import annotations
 
 import asyncio
+import base64
 import builtins
 import contextlib
 import datetime as dt
@@ -51,6 +52,7 @@ from moat.errors import (
 )
 from moat.model import (
     LANGUAGES,
+    USERS,
     Context,
     End,
     EntryInfo,
@@ -232,13 +234,17 @@ class HttpTransport(Transport):
             self._tokens[sid] = token
         return token
 
-    async def _plane(self, sandbox_id: str, port: str) -> tuple[str, dict[str, str]]:
+    async def _plane(
+        self, sandbox_id: str, port: str, user: str = "user"
+    ) -> tuple[str, dict[str, str]]:
         sid = self._sid(sandbox_id)
         headers = {
             "E2b-Sandbox-Id": sid,
             "E2b-Sandbox-Port": port,
             "X-Access-Token": await self._token(sid),
         }
+        if _user(user) != "user":  # envd's shape: Basic auth naming the user, no password
+            headers["Authorization"] = "Basic " + base64.b64encode(f"{user}:".encode()).decode()
         return sid, headers
 
     async def _sandbox_call(
@@ -599,6 +605,7 @@ class HttpTransport(Transport):
         envs: Mapping[str, str] | None,
         cwd: str | None,
         stdin: bool,
+        user: str = "user",
     ) -> _Command:
         cmd = v.text("cmd", cmd)
         config = pr.ProcessConfig(
@@ -609,7 +616,7 @@ class HttpTransport(Transport):
         )
         if not isinstance(stdin, bool):
             raise InvalidArgumentError("stdin must be a bool")
-        sid, headers = await self._plane(sandbox_id, w.ENVD_PORT)
+        sid, headers = await self._plane(sandbox_id, w.ENVD_PORT, user)
         headers["Keepalive-Ping-Interval"] = _KEEPALIVE_S
         stream = self._c().process.start(
             pr.StartRequest(process=config, stdin=stdin), headers=headers
@@ -684,6 +691,7 @@ class HttpTransport(Transport):
         cmd: str | None,
         envs: Mapping[str, str] | None,
         cwd: str | None,
+        user: str = "user",
     ) -> _Command:
         # E2B's shape: Start with pty{size}; no cmd is the SDKs' interactive login shell.
         args = ["-i", "-l"] if cmd is None else ["-l", "-c", v.text("cmd", cmd)]
@@ -693,7 +701,7 @@ class HttpTransport(Transport):
             envs=v.envs(envs),
             cwd=v.path(cwd) if cwd is not None else None,
         )
-        sid, headers = await self._plane(sandbox_id, w.ENVD_PORT)
+        sid, headers = await self._plane(sandbox_id, w.ENVD_PORT, user)
         headers["Keepalive-Ping-Interval"] = _KEEPALIVE_S
         stream = self._c().process.start(
             pr.StartRequest(process=config, pty=_pty(size)), headers=headers
@@ -717,18 +725,19 @@ class HttpTransport(Transport):
     # -- files -------------------------------------------------------------------------------
 
     async def read_file(
-        self, sandbox_id: str, path: str, format: Literal["text", "bytes"]
+        self, sandbox_id: str, path: str, format: Literal["text", "bytes"], user: str = "user"
     ) -> str | bytes:
         fmt = v.choice("format", format, ("text", "bytes"))
-        params = {"path": v.path(path)}
+        params = {"path": v.path(path), "username": _user(user)}
         resp = await self._sandbox_call(sandbox_id, w.ENVD_PORT, "GET", "/files", params=params)
         data = resp.content
         return data if fmt == "bytes" else data.decode("utf-8", "replace")
 
     async def write_file(
-        self, sandbox_id: str, path: str, data: str | bytes | IO[Any]
+        self, sandbox_id: str, path: str, data: str | bytes | IO[Any], user: str = "user"
     ) -> EntryInfo:
         path = v.path(path)
+        user = _user(user)
         content: Any
         if isinstance(data, str):
             content = data.encode("utf-8")
@@ -738,50 +747,55 @@ class HttpTransport(Transport):
             content = _chunks(data)  # streamed: chunked transfer, never whole in memory here
         else:
             raise InvalidArgumentError("data must be str, bytes or a readable file object")
-        await self._upload(sandbox_id, path, content)
-        return await self.stat(sandbox_id, path)
+        await self._upload(sandbox_id, path, content, user)
+        return await self.stat(sandbox_id, path, user)
 
-    async def _upload(self, sandbox_id: str, path: str, content: Any) -> None:
+    async def _upload(self, sandbox_id: str, path: str, content: Any, user: str) -> None:
         sid, headers = await self._plane(sandbox_id, w.ENVD_PORT)
         headers["Content-Type"] = "application/octet-stream"
+        params = {"path": path, "username": user}
         try:
             resp = await self._c().http.post(
-                "/files", params={"path": path}, content=content, headers=headers
+                "/files", params=params, content=content, headers=headers
             )
         except httpx.HTTPError as exc:
             self._unreachable(exc)
         if resp.status_code >= 400:
             raise await self._why(self._error(resp, sid), sid)
 
-    async def list_dir(self, sandbox_id: str, path: str, depth: int) -> list[EntryInfo]:
+    async def list_dir(
+        self, sandbox_id: str, path: str, depth: int, user: str = "user"
+    ) -> list[EntryInfo]:
         depth = int(v.number("depth", depth, 1, 32))
-        sid, headers = await self._plane(sandbox_id, w.ENVD_PORT)
+        sid, headers = await self._plane(sandbox_id, w.ENVD_PORT, user)
         request = fs.ListDirRequest(path=v.path(path), depth=depth)
         reply = await self._rpc(sid, self._c().files.list_dir(request, headers=headers))
         return [w.entry(e) for e in reply.entries]
 
-    async def stat(self, sandbox_id: str, path: str) -> EntryInfo:
-        sid, headers = await self._plane(sandbox_id, w.ENVD_PORT)
+    async def stat(self, sandbox_id: str, path: str, user: str = "user") -> EntryInfo:
+        sid, headers = await self._plane(sandbox_id, w.ENVD_PORT, user)
         request = fs.StatRequest(path=v.path(path))
         reply = await self._rpc(sid, self._c().files.stat(request, headers=headers))
         return w.entry(reply.entry)
 
-    async def move(self, sandbox_id: str, path: str, destination: str) -> EntryInfo:
-        sid, headers = await self._plane(sandbox_id, w.ENVD_PORT)
+    async def move(
+        self, sandbox_id: str, path: str, destination: str, user: str = "user"
+    ) -> EntryInfo:
+        sid, headers = await self._plane(sandbox_id, w.ENVD_PORT, user)
         request = fs.MoveRequest(source=v.path(path), destination=v.path(destination))
         reply = await self._rpc(sid, self._c().files.move(request, headers=headers))
         return w.entry(reply.entry)
 
-    async def remove(self, sandbox_id: str, path: str) -> None:
+    async def remove(self, sandbox_id: str, path: str, user: str = "user") -> None:
         # envd removes like ``rm -rf`` (a missing path is no error); the front door raises
         # NotFoundError for one: so does this transport.
-        await self.stat(sandbox_id, path)
-        sid, headers = await self._plane(sandbox_id, w.ENVD_PORT)
+        await self.stat(sandbox_id, path, user)
+        sid, headers = await self._plane(sandbox_id, w.ENVD_PORT, user)
         request = fs.RemoveRequest(path=v.path(path))
         await self._rpc(sid, self._c().files.remove(request, headers=headers))
 
-    async def make_dir(self, sandbox_id: str, path: str) -> bool:
-        sid, headers = await self._plane(sandbox_id, w.ENVD_PORT)
+    async def make_dir(self, sandbox_id: str, path: str, user: str = "user") -> bool:
+        sid, headers = await self._plane(sandbox_id, w.ENVD_PORT, user)
         request = fs.MakeDirRequest(path=v.path(path))
         try:
             await self._c().files.make_dir(request, headers=headers)
@@ -1013,3 +1027,10 @@ def shared(api_url: str | None = None, api_key: str | None = None) -> HttpTransp
     probe = HttpTransport(api_url, api_key)  # validates, and reads the environment once
     with _shared_mu:
         return _shared.setdefault((probe.api_url, probe._key), probe)
+
+
+def _user(user: str) -> str:
+    """``user`` or ``root`` (docs/users.md); anything else is refused here, typed."""
+    if not isinstance(user, str) or user not in USERS:
+        raise InvalidArgumentError(f"user must be one of {', '.join(map(repr, USERS))}")
+    return user

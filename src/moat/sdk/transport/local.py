@@ -190,9 +190,10 @@ class LocalTransport(Transport):
         envs: Mapping[str, str] | None,
         cwd: str | None,
         stdin: bool,
+        user: str = "user",
     ) -> CommandStream:
         return await self.front_door.start_command(
-            self.tenant, sandbox_id, cmd, envs=envs, cwd=cwd, stdin=stdin
+            self.tenant, sandbox_id, cmd, envs=envs, cwd=cwd, stdin=stdin, user=user
         )
 
     async def connect_command(self, sandbox_id: str, pid: int) -> CommandStream:
@@ -208,29 +209,33 @@ class LocalTransport(Transport):
         return await self.front_door.list_commands(self.tenant, sandbox_id)
 
     async def read_file(
-        self, sandbox_id: str, path: str, format: Literal["text", "bytes"]
+        self, sandbox_id: str, path: str, format: Literal["text", "bytes"], user: str = "user"
     ) -> str | bytes:
-        return await self.front_door.read_file(self.tenant, sandbox_id, path, format)
+        return await self.front_door.read_file(self.tenant, sandbox_id, path, format, user=user)
 
     async def write_file(
-        self, sandbox_id: str, path: str, data: str | bytes | IO[Any]
+        self, sandbox_id: str, path: str, data: str | bytes | IO[Any], user: str = "user"
     ) -> EntryInfo:
-        return await self.front_door.write_file(self.tenant, sandbox_id, path, data)
+        return await self.front_door.write_file(self.tenant, sandbox_id, path, data, user=user)
 
-    async def list_dir(self, sandbox_id: str, path: str, depth: int) -> list[EntryInfo]:
-        return await self.front_door.list_dir(self.tenant, sandbox_id, path, depth)
+    async def list_dir(
+        self, sandbox_id: str, path: str, depth: int, user: str = "user"
+    ) -> list[EntryInfo]:
+        return await self.front_door.list_dir(self.tenant, sandbox_id, path, depth, user=user)
 
-    async def stat(self, sandbox_id: str, path: str) -> EntryInfo:
-        return await self.front_door.stat(self.tenant, sandbox_id, path)
+    async def stat(self, sandbox_id: str, path: str, user: str = "user") -> EntryInfo:
+        return await self.front_door.stat(self.tenant, sandbox_id, path, user=user)
 
-    async def move(self, sandbox_id: str, path: str, destination: str) -> EntryInfo:
-        return await self.front_door.move(self.tenant, sandbox_id, path, destination)
+    async def move(
+        self, sandbox_id: str, path: str, destination: str, user: str = "user"
+    ) -> EntryInfo:
+        return await self.front_door.move(self.tenant, sandbox_id, path, destination, user=user)
 
-    async def remove(self, sandbox_id: str, path: str) -> None:
-        await self.front_door.remove(self.tenant, sandbox_id, path)
+    async def remove(self, sandbox_id: str, path: str, user: str = "user") -> None:
+        await self.front_door.remove(self.tenant, sandbox_id, path, user=user)
 
-    async def make_dir(self, sandbox_id: str, path: str) -> bool:
-        return await self.front_door.make_dir(self.tenant, sandbox_id, path)
+    async def make_dir(self, sandbox_id: str, path: str, user: str = "user") -> bool:
+        return await self.front_door.make_dir(self.tenant, sandbox_id, path, user=user)
 
     async def watch_dir(
         self, sandbox_id: str, path: str, recursive: bool, include_entry: bool
@@ -246,9 +251,10 @@ class LocalTransport(Transport):
         cmd: str | None,
         envs: Mapping[str, str] | None,
         cwd: str | None,
+        user: str = "user",
     ) -> CommandStream:
         return await self.front_door.start_pty(
-            self.tenant, sandbox_id, size, cmd=cmd, envs=envs, cwd=cwd
+            self.tenant, sandbox_id, size, cmd=cmd, envs=envs, cwd=cwd, user=user
         )
 
     async def send_pty_input(self, sandbox_id: str, pid: int, data: bytes) -> None:

@@ -1,0 +1,42 @@
+"""Who a call runs as inside a sandbox (E2B's ``user=``; docs/users.md).
+
+``user`` (uid 1000, home ``/home/user``) by default; ``root`` is uid 0 *inside* the sandbox
+on the tiers whose agent can give it safely, never host root (invariant 9). A tier that
+cannot refuses with a typed error naming it, never quietly running as ``user`` (invariant 7).
+"""
+
+from __future__ import annotations
+
+from moat.errors import InvalidArgumentError, PolicyError
+from moat.protocol.contract import USERS
+from moat.runtime.spec import SandboxSpec
+
+DEFAULT_USER = "user"
+#: Tiers that run ``user="root"`` calls: gVisor's root is the sentry's (its own kernel, in
+#: the sandbox's user namespace on the host). The container and microVM tiers do not yet
+#: (docs/users.md says what they would need).
+ROOT_TIERS = frozenset({"gvisor"})
+
+
+def as_root(spec: SandboxSpec, user: str) -> bool:
+    """Whether a call naming ``user`` runs as root in the sandbox of ``spec``; raises for any
+    other name, and where the sandbox cannot give root safely."""
+    tier = spec.tier
+    if not isinstance(user, str) or user not in USERS:
+        raise InvalidArgumentError(f"user must be one of {', '.join(map(repr, USERS))}")
+    if user != "root":
+        return False
+    if tier not in ROOT_TIERS:
+        raise PolicyError(
+            f"the {tier} tier lacks the capability 'user.root': run the sandbox on the "
+            f"{'/'.join(sorted(ROOT_TIERS))} tier to use user='root'"
+        )
+    if spec.mounts:
+        # gVisor's gofer serves host directories as host root and the sentry compares file
+        # owners with in-sandbox uids as they are: root inside would read a mounted host
+        # root's 0600 files and leave root-owned (setuid) files in a writable mount.
+        raise PolicyError(
+            f"the {tier} tier lacks the capability 'user.root' for a sandbox with host "
+            "mounts: root inside would act as host root on their files"
+        )
+    return True
