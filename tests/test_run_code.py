@@ -42,6 +42,21 @@ def test_syntax_error(shared_sbx: Sandbox) -> None:
     assert ex.error is not None and ex.error.name == "SyntaxError"
 
 
+def test_ipython_shell_lines(shared_sbx: Sandbox) -> None:
+    """IPython's ``!cmd`` (E2B's code interpreter is IPython): run in a shell, its output in
+    order with the cell's; valid Python is never rewritten, and a cell that is wrong anyway
+    reports its own SyntaxError."""
+    ex = shared_sbx.run_code("print('before')\n!pwd\nif True:\n    !echo in-block\nprint('after')")
+    assert ex.error is None, ex.error
+    assert "".join(ex.logs.stdout) == "before\n/home/user\nin-block\nafter\n"
+    # "!" inside valid Python (a string at a line's start) stays Python
+    ex = shared_sbx.run_code('x = """\n!not a command\n"""\nprint(x.strip())')
+    assert "".join(ex.logs.stdout) == "!not a command\n"
+    ex = shared_sbx.run_code("!echo never\ndef broken(:")
+    assert ex.error is not None and ex.error.name == "SyntaxError"
+    assert "never" not in "".join(ex.logs.stdout)
+
+
 def test_top_level_await(shared_sbx: Sandbox) -> None:
     ex = shared_sbx.run_code("import asyncio\nawait asyncio.sleep(0)\n7")
     assert ex.text == "7"

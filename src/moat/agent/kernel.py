@@ -78,10 +78,46 @@ def _flush() -> None:
             pass
 
 
+_SHELL_LINE = r"^([ \t]*)!(.*\S.*)$"
+_SHELL_NAME = "__moat_shell__"
+
+
+def _shell(cmd: str) -> None:
+    """IPython's ``!cmd`` line (E2B's code interpreter is IPython): ``cmd`` in a shell, as
+    this kernel's user under its limits, its output in the cell's, in order."""
+    import subprocess  # lazily: few cells use it
+
+    _flush()
+    subprocess.run(cmd, shell=True, check=False)  # noqa: S602 - the user's own command
+
+
+def _parse(code: str) -> ast.Module:
+    """The cell's tree. Only code that is not Python as written gets IPython's ``!cmd``
+    lines turned into shell calls: valid Python is never rewritten, and a cell still wrong
+    after that reports its own SyntaxError."""
+    try:
+        return ast.parse(code, _CELL, "exec")
+    except SyntaxError as exc:
+        import re  # lazily: kernels start without it
+
+        lines = code.split("\n")
+        shelled = [
+            f"{m[1]}{_SHELL_NAME}({m[2]!r})" if (m := re.match(_SHELL_LINE, line)) else line
+            for line in lines
+        ]
+        if shelled == lines:
+            raise
+        try:
+            return ast.parse("\n".join(shelled), _CELL, "exec")
+        except SyntaxError:
+            raise exc from None
+
+
 def _run(code: str, ns: dict[str, Any]) -> tuple[bool, Any]:
     """Execute ``code``; return (has_value, value of a trailing expression)."""
     flags = ast.PyCF_ALLOW_TOP_LEVEL_AWAIT
-    tree = ast.parse(code, _CELL, "exec")
+    tree = _parse(code)
+    ns.setdefault(_SHELL_NAME, _shell)
     last: ast.Expression | None = None
     if tree.body and isinstance(tree.body[-1], ast.Expr):
         tail = tree.body.pop()
