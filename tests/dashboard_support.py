@@ -58,10 +58,17 @@ def chromium() -> Iterator[Any]:
 
 
 def wait_for(what: Callable[[], Any], timeout: float = 30, step: float = 0.25) -> Any:
-    """Poll ``what()`` until it is truthy; its last value, or AssertionError on timeout."""
+    """Poll ``what()`` until it is truthy; its last value, or AssertionError on timeout.
+    An element the page replaced while it was read (server-sent events redraw rows) is a
+    "not yet", read again at the next poll."""
+    from selenium.common.exceptions import StaleElementReferenceException
+
     deadline = time.monotonic() + timeout
     while True:
-        value = what()
+        try:
+            value = what()
+        except StaleElementReferenceException:
+            value = None
         if value:
             return value
         if time.monotonic() > deadline:

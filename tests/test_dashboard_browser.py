@@ -97,7 +97,7 @@ def test_watch_a_sandbox_then_kill_it(server: Server) -> None:
             row = f'tr[data-id="{sbx.sandbox_id}"]'
             wait_for(lambda: driver.find_elements(By.CSS_SELECTOR, row), timeout=30)
             assert driver.execute_script("return document.body.dataset.marker") == "no reload"
-            cells = driver.find_element(By.CSS_SELECTOR, row).text
+            cells = wait_for(lambda: driver.find_element(By.CSS_SELECTOR, row).text)
             assert "container" in cells and "running" in cells
             execution = sbx.run_code(CODE)
             assert "[REDACTED:github_token]" in execution.logs.stdout[0]  # the SDK's view
