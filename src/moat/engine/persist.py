@@ -23,7 +23,7 @@ import errno
 import logging
 import os
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -65,6 +65,7 @@ __all__ = [
     "into_warm",
     "load_paused",
     "reseed",
+    "restored_spec",
 ]
 
 #: Bytes of host entropy sent to a restored agent (moat.agent.reseed).
@@ -326,33 +327,11 @@ class Persistence:
             for s in brokered.values():
                 known.setdefault(s.value, "secret")
             guard = make_guard(sid, guard_policy(config.guard), known, audit)
-        # The template's root and settings, as at create (templating.lookup by its name: a
-        # root rebuilt since then differs, and a memory tier refuses that restore clearly).
-        spec_args, env = await templating.restore_args(config.template, config.envs)
-        gateway: Gateway | None = None
-        if getattr(runtime, "provides_network", True):
-            # its placeholders and CA as they were: its processes may hold them
-            saved = await asyncio.to_thread(self._identity, sid)
-            gateway = Gateway(
-                sid,
-                NetworkPolicy.parse(record["network"]),
-                brokered,
-                audit=audit,
-                config=gateway_config,
-                inspect=guard.check_egress,
-                identity=saved,
-            )
-            env.update(proxy_env(PROXY_PORT, CA_BUNDLE_PATH))
-            env.update(gateway.placeholders())
-        spec = SandboxSpec(
-            sandbox_id=sid,
-            tier=tier,
-            template=config.template,
-            envs=tuple(sorted(env.items())),
-            mounts=config.mounts,
-            limits=config.limits,
-            **spec_args,
-        )
+        # The template's root and settings, as at create; its gateway's identity as it was.
+        spec, gateway = await restored_spec(
+            sid, tier, runtime, config, record["network"], brokered, self.store, sid,
+            audit=audit, gateway_config=gateway_config, inspect=guard.check_egress,
+        )  # fmt: skip
         lifetime = config.timeout if timeout is None else timeout
         metadata = dict(record["metadata"])
         max_output = int(record["max_output"])
@@ -363,9 +342,8 @@ class Persistence:
         except NotFoundError:
             self.paused().pop(sid, None)  # another engine on this state dir took it
             raise
-        fits_pool = not spec_args and fits_warm(
-            engine, runtime, spec, config, brokered, gateway_config
-        )
+        # (a templated spec is never the pool's: fits_warm compares it with pooled_spec)
+        fits_pool = fits_warm(engine, runtime, spec, config, brokered, gateway_config)
         warm: Session | None = await engine.pool.take(tier, refill=False) if fits_pool else None
         session = warm or Session(
             spec, runtime, guard, lifetime, metadata, engine._ended, audit=audit,
@@ -409,12 +387,6 @@ class Persistence:
         removal.add_done_callback(self._removals.discard)
         session._audit_life("resumed", None)
         return session
-
-    def _identity(self, sid: str) -> GatewayIdentity | None:
-        try:
-            return GatewayIdentity.load(self.store.checkpoint(sid).parent)
-        except NotFoundError:
-            return None  # the claim that follows reports it
 
     async def delete(self, paused: Paused) -> bool:
         """Forget a paused sandbox and delete its state (kill of a paused sandbox)."""
@@ -501,6 +473,49 @@ async def into_warm(
     if not isinstance(runtime, ReplaysFiles) or warm.proc is None:
         raise SandboxError("the warm sandbox can't take the checkpoint's files")
     await runtime.restore_into(warm.proc, src)
+
+
+async def restored_spec(
+    sid: str,
+    tier: str,
+    runtime: object,
+    config: SandboxConfig,
+    network: Any,
+    brokered: Mapping[str, Secret],
+    store: PausedStore,
+    saved_id: str,
+    *,
+    audit: Any,
+    gateway_config: GatewayConfig | None,
+    inspect: Callable[[bytes], object],
+) -> tuple[SandboxSpec, Gateway | None]:
+    """The spec and new gateway of sandbox ``sid`` restored from the saved state
+    ``saved_id`` of ``store`` (a resume, a snapshot start, a fork), as at create: the
+    template's root and settings (templating.restore_args), the egress policy ``network``,
+    and the gateway's placeholders and CA as they were (moat.egress.identity: its processes
+    may hold them)."""
+    spec_args, env = await templating.restore_args(config.template, config.envs)
+    gateway: Gateway | None = None
+    if getattr(runtime, "provides_network", True):
+        saved = await asyncio.to_thread(_identity, store, saved_id)
+        gateway = Gateway(
+            sid, NetworkPolicy.parse(network), brokered, audit=audit, config=gateway_config,
+            inspect=inspect, identity=saved,
+        )  # fmt: skip
+        env.update(proxy_env(PROXY_PORT, CA_BUNDLE_PATH))
+        env.update(gateway.placeholders())
+    spec = SandboxSpec(
+        sandbox_id=sid, tier=tier, template=config.template, envs=tuple(sorted(env.items())),
+        mounts=config.mounts, limits=config.limits, **spec_args,
+    )  # fmt: skip
+    return spec, gateway
+
+
+def _identity(store: PausedStore, saved_id: str) -> GatewayIdentity | None:
+    try:
+        return GatewayIdentity.load(store.checkpoint(saved_id).parent)
+    except NotFoundError:
+        return None  # reported where the restore reads its checkpoint
 
 
 async def reseed(session: Session) -> None:

@@ -30,11 +30,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from moat.egress import Gateway, GatewayConfig, NetworkPolicy, Secret, proxy_env
-from moat.egress.identity import GatewayIdentity
-from moat.engine import startcmd, templating
+from moat.egress import GatewayConfig, Secret
+from moat.engine import startcmd
 from moat.engine.guardhook import make_guard
-from moat.engine.persist import fits_warm, into_warm, reseed
+from moat.engine.persist import fits_warm, into_warm, reseed, restored_spec
 from moat.engine.resolve import guard_policy, secrets_of
 from moat.engine.session import Session
 from moat.engine.tiers import require
@@ -46,9 +45,8 @@ from moat.errors import (
     QuotaExceededError,
     SandboxError,
 )
-from moat.model import CA_BUNDLE_PATH, PROXY_PORT, SandboxConfig, SnapshotInfo
+from moat.model import SandboxConfig, SnapshotInfo
 from moat.runtime.base import Checkpointable
-from moat.runtime.spec import SandboxSpec
 from moat.store.paused import disk_usage
 from moat.store.snapshots import SnapshotStore, new_snapshot_id
 
@@ -294,30 +292,11 @@ class Snapshots:
         for s in brokered.values():
             known.setdefault(s.value, "secret")
         guard = make_guard(sid, guard_policy(config.guard), known, audit)
-        spec_args, env = await templating.restore_args(config.template, config.envs)
-        gateway: Gateway | None = None
-        if getattr(runtime, "provides_network", True):
-            saved = await asyncio.to_thread(self._identity, snap.snapshot_id)
-            gateway = Gateway(
-                sid,
-                NetworkPolicy.parse(record["network"]),
-                brokered,
-                audit=audit,
-                config=gateway_config,
-                inspect=guard.check_egress,
-                identity=saved,
-            )
-            env.update(proxy_env(PROXY_PORT, CA_BUNDLE_PATH))
-            env.update(gateway.placeholders())
-        spec = SandboxSpec(
-            sandbox_id=sid,
-            tier=tier,
-            template=config.template,
-            envs=tuple(sorted(env.items())),
-            mounts=config.mounts,
-            limits=config.limits,
-            **spec_args,
-        )
+        spec, gateway = await restored_spec(
+            sid, tier, runtime, config, record["network"], brokered, self.store,
+            snap.snapshot_id, audit=audit, gateway_config=gateway_config,
+            inspect=guard.check_egress,
+        )  # fmt: skip
         meta = dict(record["metadata"]) if metadata is None else dict(metadata)
         lifetime = config.timeout if timeout is None else timeout
         max_output = int(record["max_output"])
@@ -366,12 +345,6 @@ class Snapshots:
                     self._doomed.discard(snap_id)
                     await asyncio.to_thread(self.store.delete, snap_id)
         return session
-
-    def _identity(self, snap_id: str) -> GatewayIdentity | None:
-        try:
-            return GatewayIdentity.load(self.store.checkpoint(snap_id).parent)
-        except NotFoundError:
-            return None  # reported where the start reads its checkpoint
 
     async def delete(self, snap: Snapshot) -> bool:
         """Forget a snapshot and delete its directory (after the starts reading it)."""

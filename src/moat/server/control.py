@@ -306,7 +306,7 @@ def control_app(state: ServerState) -> Starlette:
         if not states <= {"running", "paused", "ended"}:
             raise InvalidArgumentError("state must be running, paused and/or ended")
         limit = wire.int_param(q.get("limit"), "limit", 1, _MAX_LIST, _MAX_LIST)
-        start = _page_token(q.get("nextToken"))
+        start = wire.page_token(q.get("nextToken"), "o")
         order = q.get("order") or "desc"  # E2B lists the newest first
         if order not in ("asc", "desc"):
             raise InvalidArgumentError("order must be asc or desc")
@@ -444,15 +444,3 @@ def _unix_param(raw: str | None, name: str) -> dt.datetime | None:
         return dt.datetime.fromtimestamp(int(raw), dt.UTC)
     except (ValueError, OverflowError, OSError):  # past year 9999
         raise InvalidArgumentError(f"{name} must be a unix time in seconds") from None
-
-
-def _page_token(raw: str | None) -> int:
-    if not raw:
-        return 0
-    try:
-        text = base64.urlsafe_b64decode(raw.encode("ascii")).decode("ascii")
-    except (ValueError, UnicodeError):
-        raise InvalidArgumentError("bad nextToken") from None
-    if not text.startswith("o:") or not text[2:].isdigit() or len(text) > 12:
-        raise InvalidArgumentError("bad nextToken")
-    return int(text[2:])

@@ -21,7 +21,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from moat.errors import InvalidArgumentError, SandboxError
+from moat.errors import SandboxError
 from moat.model import SandboxInfo, SnapshotInfo
 from moat.server import persist, wire
 from moat.server.app import MAX_JSON_BODY, Record, ServerState, read_body
@@ -89,7 +89,7 @@ def snapshot_routes(
     async def listing(request: Request, tenant: str) -> Response:
         q = request.query_params
         limit = wire.int_param(q.get("limit"), "limit", 1, _MAX_LIST, _MAX_LIST)
-        offset = _token(q.get("nextToken"))
+        offset = wire.page_token(q.get("nextToken"), "s")
         rows = await front.list_snapshots(
             tenant, sandbox_id=q.get("sandboxID") or None, name=q.get("name") or None
         )
@@ -144,15 +144,3 @@ def _snapshot_reply(snap: SnapshotInfo) -> dict[str, Any]:
             "createdAt": wire.iso(snap.created),
         },
     }
-
-
-def _token(raw: str | None) -> int:
-    if not raw:
-        return 0
-    try:
-        text = base64.urlsafe_b64decode(raw.encode("ascii")).decode("ascii")
-    except (ValueError, UnicodeError):
-        raise InvalidArgumentError("bad nextToken") from None
-    if not text.startswith("s:") or not text[2:].isdigit() or len(text) > 12:
-        raise InvalidArgumentError("bad nextToken")
-    return int(text[2:])

@@ -6,6 +6,7 @@ no engine calls here.
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 import json
 import math
@@ -326,3 +327,18 @@ def int_param(raw: str | None, name: str, lo: int, hi: int, default: int) -> int
     if not raw.isdigit() or not lo <= int(raw) <= hi:
         raise InvalidArgumentError(f"{name} must be an integer from {lo} to {hi}")
     return int(raw)
+
+
+def page_token(raw: str | None, kind: str) -> int:
+    """The offset in a listing's ``nextToken`` (ours: base64 of ``<kind>:<offset>``; 0 when
+    absent); InvalidArgumentError (400) for anything else."""
+    if not raw:
+        return 0
+    try:
+        text = base64.urlsafe_b64decode(raw.encode("ascii")).decode("ascii")
+    except (ValueError, UnicodeError):
+        raise InvalidArgumentError("bad nextToken") from None
+    head = f"{kind}:"
+    if not text.startswith(head) or not text[len(head) :].isdigit() or len(text) > 12:
+        raise InvalidArgumentError("bad nextToken")
+    return int(text[len(head) :])
