@@ -155,7 +155,7 @@ async def test_bad_input_is_invalid_argument_and_leaves_the_sandbox_usable(
         lambda: sbx.files.read("x", format="yaml"),  # type: ignore[arg-type]
         lambda: sbx.files.list(".", depth=0),
         lambda: sbx.files.write("x", 3),  # type: ignore[arg-type]
-        lambda: sbx.set_timeout(0),
+        lambda: sbx.set_timeout(-1),  # (0 is valid: the timeout's action now)
         lambda: sbx.commands.kill("1"),  # type: ignore[arg-type]
         lambda: door.signal("default", sid, 1, "SIGFOO"),
         lambda: door.list_sandboxes("default", state="zombie"),
@@ -243,6 +243,21 @@ async def test_sandbox_lifetime_ends_it(door: FrontDoor) -> None:
         await sbx.run_code("1")
     assert (await sbx.get_info()).state == "ended"
     assert not door.engine.sessions
+
+
+async def test_set_timeout_zero_ends_the_sandbox_now(door: FrontDoor) -> None:
+    """E2B's ``set_timeout(0)``: the timeout's action at once (its suite forces a timeout
+    this way)."""
+    sbx = await _sbx(door, timeout=600)
+    other = await _sbx(door, timeout=600)  # positive control: untouched, still running
+    await sbx.set_timeout(0)
+    for _ in range(100):
+        if (await sbx.get_info()).state == "ended":
+            break
+        await asyncio.sleep(0.05)
+    assert (await sbx.get_info()).state == "ended"
+    assert not await sbx.is_running()
+    assert await other.is_running() and (await other.run_code("1 + 1")).text == "2"
 
 
 # ---------------------------------------------------------------------------- guard wiring

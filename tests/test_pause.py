@@ -381,6 +381,24 @@ async def _wait_state(door: FrontDoor, sid: str, want: str, within: float) -> No
     raise AssertionError(f"{sid} not {want} within {within}s: {states.get(sid)}")
 
 
+async def test_boot_id_is_the_sandboxs_own_and_new_after_a_filesystem_only_resume(
+    door: FrontDoor,
+) -> None:
+    """The host's boot id identifies the host (invariant 1): each sandbox shows its own,
+    stable while it runs; a filesystem-only resume is a new boot (E2B: "reboots")."""
+    path = "/proc/sys/kernel/random/boot_id"
+    host = Path(path).read_text().strip()
+    sid, other = await _create(door), await _create(door)
+    first = (await door.read_file(T, sid, path)).strip()
+    assert first and first != host  # positive control: a boot id was read at all
+    assert (await _run(door, sid, f"print(open('{path}').read().strip())")).strip() == first
+    assert (await door.read_file(T, other, path)).strip() not in (first, host)
+    await door.pause(T, sid, memory=False)
+    await door.connect(T, sid)
+    again = (await door.read_file(T, sid, path)).strip()
+    assert again and again not in (first, host)
+
+
 async def test_on_timeout_pause_then_connect_resumes(door: FrontDoor) -> None:
     sid = await _create(door, timeout=2, on_timeout="pause")
     await door.write_file(T, sid, "/home/user/f", "kept at timeout")

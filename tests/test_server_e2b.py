@@ -6,6 +6,7 @@ A real server process on 127.0.0.1, real container sandboxes, the SDKs as users 
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import secrets
 import subprocess
@@ -73,8 +74,13 @@ def test_lifecycle_list_metadata_timeout_connect_kill(server: Server, key_a: str
         after = Sandbox.list(
             api_key=key_a, query=SandboxQuery(started_after=info.started_at)
         ).next_items()
-        assert sbx.sandbox_id not in {s.sandbox_id for s in after}
-        assert other.sandbox_id in {s.sandbox_id for s in after}
+        # inclusive, as E2B's own suite expects (test_list_sandboxes_started_after)
+        assert {sbx.sandbox_id, other.sandbox_id} <= {s.sandbox_id for s in after}
+        later_ones = Sandbox.list(
+            api_key=key_a,
+            query=SandboxQuery(started_after=info.started_at + dt.timedelta(seconds=1)),
+        ).next_items()
+        assert sbx.sandbox_id not in {s.sandbox_id for s in later_ones}
         base = Sandbox.list(api_key=key_a, query=SandboxQuery(template="base")).next_items()
         assert sbx.sandbox_id not in {s.sandbox_id for s in base}
         # Paging: limit 1 walks both with x-next-token.

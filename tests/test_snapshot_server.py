@@ -53,6 +53,18 @@ def test_e2b_sdk_snapshot_list_create_from_delete(server: Server, key_a: str) ->
             assert sbx.files.read("/home/user/a.txt") == "after"
         finally:
             new.kill()
+        # e2b 2.45 sends allow_internet_access=true on every create: that SDK default starts
+        # the snapshot (with its own network); asking for another network is refused.
+        url = f"{server.url}/sandboxes"
+        r = httpx.post(url, json={"templateID": snap, "allow_internet_access": True},
+                       headers=_h(key_a), timeout=120)  # fmt: skip
+        assert r.status_code == 201, r.text
+        _kill = httpx.delete(f"{url}/{r.json()['sandboxID']}", headers=_h(key_a), timeout=60)
+        assert _kill.status_code == 204
+        for body in ({"allow_internet_access": False}, {"envVars": {"A": "1"}},
+                     {"network": {"allowOut": ["example.com"]}}):  # fmt: skip
+            r = httpx.post(url, json={"templateID": snap, **body}, headers=_h(key_a), timeout=60)
+            assert r.status_code == 400 and "keeps its envVars" in r.json()["message"], r.text
         assert E2bSandbox.delete_snapshot(snap, api_key=key_a) is True
         assert not _snap_dir(snap).exists()  # gone, checked from outside
         assert E2bSandbox.delete_snapshot(snap, api_key=key_a) is False

@@ -326,8 +326,10 @@ class FrontDoor:
         return self.engine.on_ended(listener)
 
     async def set_timeout(self, tenant: str, sandbox_id: str, seconds: float) -> None:
-        """Give the sandbox ``seconds`` more to live, from now."""
-        self._session(tenant, sandbox_id).set_timeout(v.number("seconds", seconds, 1, 86400))
+        """Give the sandbox ``seconds`` more to live, from now. ``0`` ends it now: its
+        timeout's action (kill, or pause where ``on_timeout="pause"``) runs at once, as
+        E2B's ``set_timeout(0)`` does."""
+        self._session(tenant, sandbox_id).set_timeout(v.number("seconds", seconds, 0, 86400))
 
     async def info(self, tenant: str, sandbox_id: str) -> SandboxInfo:
         paused = await self._paused(tenant, sandbox_id)

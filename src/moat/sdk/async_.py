@@ -434,7 +434,8 @@ class AsyncSandbox:
         await self._t.kill(self._id)
 
     async def set_timeout(self, seconds: float) -> None:
-        """Give the sandbox ``seconds`` more to live, from now."""
+        """Give the sandbox ``seconds`` more to live, from now (``0``: its timeout's action,
+        kill or pause, runs at once)."""
         await self._t.set_timeout(self._id, seconds)
 
     async def is_running(self) -> bool:

@@ -96,7 +96,14 @@ def control_app(state: ServerState) -> Starlette:
             raise InvalidArgumentError("mcp and volumeMounts are not supported by moat")
         if is_snapshot_id(body.template_id):  # a snapshot is a template (E2B's shape)
             net = body.network.model_dump(exclude_none=True) if body.network else {}
-            if body.env_vars or body.moat or body.allow_internet_access or any(net.values()):
+            # The SDKs send allowInternetAccess=true unless told otherwise: that default is
+            # not a request to change the snapshot's network; anything else is refused.
+            if (
+                body.env_vars
+                or body.moat
+                or body.allow_internet_access is False
+                or any(net.values())
+            ):
                 raise InvalidArgumentError(
                     "a sandbox started from a snapshot keeps its envVars, network and secrets"
                 )
@@ -315,8 +322,8 @@ def control_app(state: ServerState) -> Starlette:
         infos = []
         for wanted in sorted(states):
             infos += await front.list_sandboxes(tenant, metadata=want, state=wanted)
-        if after is not None:
-            infos = [i for i in infos if i.started_at > after]
+        if after is not None:  # inclusive, as E2B's: its own startedAt lists the sandbox
+            infos = [i for i in infos if i.started_at >= after]
         recs: dict[str, Record] = {}
         for i in infos:
             rec = state.record(tenant, i.sandbox_id)

@@ -101,7 +101,8 @@ class CreateBody(_Closed):
 
 
 class TimeoutBody(_Closed):
-    timeout: StrictInt = Field(ge=1, le=86400)
+    #: 0: the timeout's action now (E2B's ``set_timeout(0)``)
+    timeout: StrictInt = Field(ge=0, le=86400)
 
 
 class ConnectBody(_Closed):

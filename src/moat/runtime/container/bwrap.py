@@ -31,6 +31,8 @@ HOST_ETC = (
 )
 #: Synthetic files moat writes for every sandbox (see template.py).
 SYNTHETIC_ETC = ("passwd", "group", "hostname", "hosts", "resolv.conf", "nsswitch.conf")
+#: The kernel's boot id: the host's would identify the host; each sandbox gets its own.
+BOOT_ID = "/proc/sys/kernel/random/boot_id"
 #: /usr-merged top-level symlinks.
 USR_LINKS = (
     ("usr/bin", "/bin"),
@@ -75,6 +77,9 @@ class HostLayout:
     #: where bwrap finds the template's root (staged by the driver, see mountns.py); empty:
     #: spec.rootfs itself
     root_source: str = ""
+    #: a file with this sandbox's own boot id, shown at /proc/sys/kernel/random/boot_id in
+    #: place of the host's (a stable host identifier: invariant 1); empty: none staged
+    boot_id: str = ""
 
 
 def build_argv(spec: SandboxSpec, host: HostLayout, command: list[str]) -> list[str]:
@@ -113,6 +118,8 @@ def build_argv(spec: SandboxSpec, host: HostLayout, command: list[str]) -> list[
     # tmpfs and /dev itself is made read-only below (issue 17: the disk limit means what it
     # says; tmpfs pages also count against the memory cgroup).
     argv += ["--proc", "/proc", "--ro-bind", f"{host.etc_dir}/cmdline", "/proc/cmdline"]
+    if host.boot_id:
+        argv += ["--ro-bind", host.boot_id, BOOT_ID]
     argv += ["--dev", "/dev"]
     argv += ["--perms", "1777", "--size", str(shm_size), "--tmpfs", "/dev/shm"]  # noqa: S108 - the sandbox's own
     argv += ["--dir", "/etc"]

@@ -14,6 +14,7 @@ import secrets
 import shutil
 import subprocess
 import tempfile
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -364,6 +365,7 @@ class ContainerRuntime:
         staged = await asyncio.to_thread(
             mountns.open_sources, spec.mounts, SANDBOX_HOST_GID, trees, spec.rootfs
         )
+        staged = mountns.with_boot_id(staged, str(uuid.uuid4()))
         cgroup = await _owned(
             lambda: manager.create(cg_name, spec.limits),
             lambda made: made.destroy(),
@@ -397,6 +399,7 @@ class ContainerRuntime:
                 mount_sources=staged.sources(),
                 root_ops=host.root_ops,
                 root_source=staged.root_dir() if spec.rootfs else "",
+                boot_id=staged.boot_id(),
             )
             argv = bwrap.build_argv(spec, host, agentdir.agent_argv(workdir=spec.workdir))
             argv[0] = shutil.which("bwrap") or "bwrap"

@@ -33,6 +33,7 @@ locked mounts, so the sandbox cannot unmount them to look beneath.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import errno
 import functools
 import os
@@ -147,6 +148,11 @@ class Staged:
         """Where bwrap finds moat's tree ``name`` (a path valid in the child only)."""
         return f"{self.stage}/{name}"
 
+    def boot_id(self) -> str:
+        """Where bwrap finds the sandbox's own boot id (:func:`with_boot_id`), or ""."""
+        has = any(name == _IDENT for name, _ in self.trees)
+        return f"{self.stage}/{_IDENT}/boot_id" if has else ""
+
     def enter(self) -> None:
         """In the forked child, as root, before privileges drop: stage every source.
 
@@ -235,6 +241,21 @@ def _check(rc: int) -> None:
     if rc != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
+
+
+#: The staged tree of per-sandbox identity files (not a host directory).
+_IDENT = "ident"
+
+
+def with_boot_id(staged: Staged, boot_id: str) -> Staged:
+    """``staged`` plus a file holding ``boot_id`` (a fresh one per sandbox start: a start after
+    a filesystem-only pause is a new boot, as E2B's "reboot" says)."""
+    entry = Entry("boot_id", boot_id.encode("ascii") + b"\n", 0o444, 0)
+    return dataclasses.replace(
+        staged,
+        stage=staged.stage or str(stage_dir()),
+        trees=(*staged.trees, (_IDENT, (entry,))),
+    )
 
 
 def open_sources(
