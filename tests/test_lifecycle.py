@@ -147,7 +147,7 @@ def test_bad_call_arguments_leave_sandbox_healthy(shared_sbx: Sandbox) -> None:
         shared_sbx.commands.run("ls", envs={"A B": "x"})
     with pytest.raises(InvalidArgumentError):
         shared_sbx.files.write("x" * 5000, "data")
-    assert shared_sbx.run_code("'healthy'").text == "'healthy'"
+    assert shared_sbx.run_code("'healthy'").text == "healthy"
 
 
 @pytest.mark.container
@@ -210,7 +210,7 @@ def test_async_api() -> None:
             slow = asyncio.create_task(a.run_code("import time; time.sleep(1); 'slow'"))
             fast = await a.commands.run("echo fast")
             assert fast.stdout == "fast\n" and not slow.done()
-            assert (await slow).text == "'slow'"
+            assert (await slow).text == "slow"
         assert not await a.is_running()
 
     asyncio.run(main())

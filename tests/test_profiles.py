@@ -688,6 +688,6 @@ def test_sandbox_create_with_profile(tmp_path: Path) -> None:
     with Sandbox.create(profile="quick", policy_file=str(policy)) as s:
         info = s.get_info()
         assert info.tier == "container" and info.limits.memory_mb == 256
-        assert s.run_code("import os; os.environ['TASK']").text == "'quick'"
+        assert s.run_code("import os; os.environ['TASK']").text == "quick"
     with Sandbox.create(profile="quick", policy_file=str(policy), limits={"memory_mb": 384}) as s:
         assert s.get_info().limits.memory_mb == 384 and s.get_info().limits.pids == 256

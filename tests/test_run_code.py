@@ -92,7 +92,7 @@ def test_bash_language(shared_sbx: Sandbox) -> None:
 def test_envs_apply_to_one_call(shared_sbx: Sandbox) -> None:
     code = "import os; repr(os.environ.get('GREETING'))"
     assert shared_sbx.run_code(code, envs={"GREETING": "hey"}).text == "\"'hey'\""
-    assert shared_sbx.run_code(code).text == "'None'"
+    assert shared_sbx.run_code(code).text == "None"
 
 
 def test_contexts_are_separate(shared_sbx: Sandbox) -> None:
@@ -100,8 +100,8 @@ def test_contexts_are_separate(shared_sbx: Sandbox) -> None:
     b = shared_sbx.create_code_context(cwd="/tmp")
     shared_sbx.run_code("v = 'a'", context=a)
     shared_sbx.run_code("v = 'b'", context=b)
-    assert shared_sbx.run_code("v", context=a).text == "'a'"
-    assert shared_sbx.run_code("import os; os.getcwd()", context=b).text == "'/tmp'"
+    assert shared_sbx.run_code("v", context=a).text == "a"
+    assert shared_sbx.run_code("import os; os.getcwd()", context=b).text == "/tmp"
     ids = {c.id for c in shared_sbx.list_code_contexts()}
     assert {a.id, b.id, "default"} <= ids
     shared_sbx.restart_code_context(a)
@@ -172,7 +172,7 @@ def test_timeout_interrupts_and_keeps_state(shared_sbx: Sandbox) -> None:
         shared_sbx.run_code("while True: pass", timeout=1)
     assert time.monotonic() - t0 < 5
     assert info.value.context_restarted is False
-    assert shared_sbx.run_code("kept").text == "'yes'"
+    assert shared_sbx.run_code("kept").text == "yes"
 
 
 def test_a_missed_interrupt_is_repeated(shared_sbx: Sandbox) -> None:
@@ -191,7 +191,7 @@ def test_a_missed_interrupt_is_repeated(shared_sbx: Sandbox) -> None:
     with pytest.raises(TimeoutError) as info:
         shared_sbx.run_code(code, timeout=1)
     assert info.value.context_restarted is False
-    assert shared_sbx.run_code("kept_too").text == "'yes'"
+    assert shared_sbx.run_code("kept_too").text == "yes"
 
 
 def test_timeout_kills_code_that_ignores_interrupts(sbx: Sandbox) -> None:

@@ -591,7 +591,7 @@ def test_cancelling_run_code_interrupts_it(server: Server, key: str) -> None:
             await sbx.kill()
             await t.aclose()
 
-    assert asyncio.run(flow()) == "'next'"
+    assert asyncio.run(flow()) == "next"
 
 
 def test_a_remote_only_program_never_loads_the_engine(server: Server, key: str) -> None:

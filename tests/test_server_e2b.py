@@ -172,15 +172,15 @@ def test_run_code_results_errors_and_streams(sbx_a: Sandbox) -> None:
     ex = sbx_a.run_code("class H:\n    def _repr_html_(self): return '<b>hi</b>'\nH()")
     assert ex.results and ex.results[0].html == "<b>hi</b>" and ex.results[0].is_main_result
     ex = sbx_a.run_code("import os; os.environ['FOO']", envs={"FOO": "bar"})
-    assert ex.text == "'bar'"
+    assert ex.text == "bar"
 
 
 def test_contexts_python_and_bash(sbx_a: Sandbox) -> None:
     py = sbx_a.create_code_context(language="python", cwd="/tmp")
     sh = sbx_a.create_code_context(language="bash")
-    assert sbx_a.run_code("import os; os.getcwd()", context=py).text == "'/tmp'"
+    assert sbx_a.run_code("import os; os.getcwd()", context=py).text == "/tmp"
     sbx_a.run_code("y = 'only here'", context=py)
-    assert sbx_a.run_code("y", context=py).text == "'only here'"
+    assert sbx_a.run_code("y", context=py).text == "only here"
     assert sbx_a.run_code("'y' in globals()").text == "False"
     ex = sbx_a.run_code("echo bash $((2+3))", context=sh)
     assert ex.logs.stdout == ["bash 5\n"]
@@ -221,7 +221,7 @@ def test_keepalive_lines_while_idle(server: Server, sbx_a: Sandbox) -> None:
         lines = [json.loads(x) for x in r.iter_lines() if x]
     kinds = [x["type"] for x in lines]
     assert "keepalive" in kinds and kinds[-1] == "end_of_execution"
-    assert any(x["type"] == "result" and x.get("text") == "'done'" for x in lines)
+    assert any(x["type"] == "result" and x.get("text") == "done" for x in lines)
 
 
 def test_traffic_token_opens_contexts_only(server: Server, sbx_a: Sandbox) -> None:
@@ -248,7 +248,7 @@ def test_files_write_and_read_through_the_sdk(sbx_a: Sandbox) -> None:
     blob = bytes(range(256)) * 100
     sbx_a.files.write("b.bin", blob)
     assert bytes(sbx_a.files.read("b.bin", format="bytes")) == blob
-    assert sbx_a.run_code("open('/home/user/dir/a.txt').read()").text == "'hello file'"
+    assert sbx_a.run_code("open('/home/user/dir/a.txt').read()").text == "hello file"
     with pytest.raises(NotFoundException):
         sbx_a.files.read("/home/user/missing.txt")
 

@@ -104,12 +104,12 @@ def test_js_run_code_results_errors_and_contexts(server: Server, key_a: str) -> 
     err = out["error"]
     assert err["name"] == "ValueError" and err["value"] == "bad value"
     assert "ValueError: bad value" in err["traceback"] and "/work" not in err["traceback"]
-    assert out["envs"] == "'bar'"
+    assert out["envs"] == "bar"
     # The client's timeout interrupted the cell: the next ran at once, the cell never ended.
     assert out["interrupt"]["kind"] == "TimeoutError" and out["interrupt"]["next"] == "2"
     assert out["interrupt"]["elapsedMs"] < 15_000 and out["interrupt"]["marker"] == "False"
     assert out["ctx"] == {"py": "python", "pyCwd": "/tmp", "sh": "bash"}
-    assert out["ctxCwd"] == "'/tmp'" and out["ctxKept"] == "'only here'"
+    assert out["ctxCwd"] == "/tmp" and out["ctxKept"] == "only here"
     assert out["defaultHasY"] == "False" and out["bash"] == ["bash 5\n"]
     assert out["listed"] == 2 and out["afterRestart"] == "False"
     assert out["afterRemoveListed"] is False

@@ -71,10 +71,18 @@ def format_value(value: Any) -> dict[str, Any]:
             continue
         data[key] = out
     try:
-        data["text"] = repr(value)
+        data["text"] = e2b_text(repr(value))
     except Exception as exc:  # noqa: BLE001 - user __repr__ may raise anything
         data["text"] = f"<unrepresentable {type(value).__name__}: {type(exc).__name__}>"
     return _fit(data)
+
+
+def e2b_text(text: str) -> str:
+    """A result's text as E2B's code interpreter gives it: a repr in single quotes (a str)
+    without them (``'a'`` -> ``a``), so code written against E2B reads the same value."""
+    if len(text) >= 2 and text.startswith("'") and text.endswith("'"):
+        return text[1:-1]
+    return text
 
 
 def _fit(data: dict[str, Any]) -> dict[str, Any]:
