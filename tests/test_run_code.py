@@ -57,6 +57,18 @@ def test_ipython_shell_lines(shared_sbx: Sandbox) -> None:
     assert "never" not in "".join(ex.logs.stdout)
 
 
+def test_an_indented_cell_runs_as_in_ipython(shared_sbx: Sandbox) -> None:
+    """IPython's leading_indent (E2B's suite sends cells from indented triple-quoted strings):
+    the first code line's indent comes off every line; error line numbers stay the cell's."""
+    ex = shared_sbx.run_code("\n    x = 20\n    if x:\n        x += 1\n    x * 2\n    ")
+    assert ex.error is None and ex.text == "42", (ex.error, ex.text)
+    ex = shared_sbx.run_code("\n    y = 1\n    1 / 0\n")
+    assert ex.error is not None and ex.error.name == "ZeroDivisionError"
+    assert "line 3" in ex.error.traceback, ex.error.traceback
+    ex = shared_sbx.run_code("x = 1\n  y = 2")  # positive control: still an error after line 1
+    assert ex.error is not None and ex.error.name == "IndentationError"
+
+
 def test_top_level_await(shared_sbx: Sandbox) -> None:
     ex = shared_sbx.run_code("import asyncio\nawait asyncio.sleep(0)\n7")
     assert ex.text == "7"

@@ -91,10 +91,23 @@ def _shell(cmd: str) -> None:
     subprocess.run(cmd, shell=True, check=False)  # noqa: S602 - the user's own command
 
 
+def _leading_indent(code: str) -> str:
+    """IPython's ``leading_indent``: a cell whose first line with code is indented loses that
+    indent on every line that has it (an indented cell is never valid Python as written, so
+    nothing valid changes; blank lines stay, so line numbers do too)."""
+    lines = code.split("\n")
+    first = next((line for line in lines if line.strip()), "")
+    indent = first[: len(first) - len(first.lstrip(" \t"))]
+    if not indent:
+        return code
+    return "\n".join(line[len(indent) :] if line.startswith(indent) else line for line in lines)
+
+
 def _parse(code: str) -> ast.Module:
     """The cell's tree. Only code that is not Python as written gets IPython's ``!cmd``
     lines turned into shell calls: valid Python is never rewritten, and a cell still wrong
     after that reports its own SyntaxError."""
+    code = _leading_indent(code)
     try:
         return ast.parse(code, _CELL, "exec")
     except SyntaxError as exc:
