@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from moat import Result, Sandbox, TimeoutError
+from moat import InvalidArgumentError, Result, Sandbox, TimeoutError
 
 
 def test_trailing_expression_is_main_result(shared_sbx: Sandbox) -> None:
@@ -121,6 +121,13 @@ def test_contexts_are_separate(shared_sbx: Sandbox) -> None:
     assert ex.error is not None and ex.error.name == "NameError"
     shared_sbx.remove_code_context(b)
     assert b.id not in {c.id for c in shared_sbx.list_code_contexts()}
+    # a cwd the user can't enter is the caller's bad input (400 over the wire), not a fault
+    before = {c.id for c in shared_sbx.list_code_contexts()}
+    for bad in ("/no/such/dir", "/etc/passwd"):
+        with pytest.raises(InvalidArgumentError, match="cwd"):
+            shared_sbx.create_code_context(cwd=bad)
+    assert {c.id for c in shared_sbx.list_code_contexts()} == before
+    assert shared_sbx.run_code("1 + 1").text == "2"
 
 
 def test_streaming_callbacks_arrive_before_return(shared_sbx: Sandbox) -> None:

@@ -174,6 +174,10 @@ class Agent:
                     except NoRuntime as exc:
                         self.ch.fail(rid, "unsupported", str(exc))
                         return
+                    except OSError as exc:  # the caller's cwd: bad input, not a fault
+                        why = exc.strerror or type(exc).__name__
+                        self.ch.fail(rid, "invalid", f"cwd {str(cwd)[:256]!r}: {why}")
+                        return
                     self.ch.done(rid, **ctx.info())
 
                 self._in_thread(rid, create)
