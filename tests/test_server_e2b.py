@@ -11,6 +11,7 @@ import json
 import secrets
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -206,6 +207,39 @@ def test_client_disconnect_interrupts_the_code(sbx_a: Sandbox) -> None:
     assert time.monotonic() - started < 15
     time.sleep(1)
     assert sbx_a.run_code(f"import os; os.path.exists('/tmp/{marker}')").text == "False"
+
+
+def test_a_kill_mid_run_code_raises_in_both_sdks(server: Server, key_a: str) -> None:
+    """A sandbox killed while its code runs: the stream ends as an E2B sandbox's does (the
+    connection, mid-body), so E2B's SDK raises "killed while the request was in progress";
+    moat's SDK raises from the error line sent first. Nothing about it is an ERROR in the
+    server's log (moat.server.cut_log)."""
+    from moat import Sandbox as MoatSandbox
+    from moat.errors import SandboxDiedError
+
+    sbx = Sandbox.create(api_key=key_a, timeout=120)
+    timer = threading.Timer(2.0, sbx.kill)
+    timer.start()
+    try:
+        with pytest.raises(TimeoutException, match="killed while the request was in progress"):
+            sbx.run_code("import time; time.sleep(300)", timeout=300)
+    finally:
+        timer.cancel()
+    mine = MoatSandbox.create(api_url=server.url, api_key=key_a, timeout=120)
+    timer = threading.Timer(2.0, mine.kill)
+    timer.start()
+    try:
+        with pytest.raises(SandboxDiedError):
+            mine.run_code("import time; time.sleep(300)", timeout=300)
+    finally:
+        timer.cancel()
+    # positive control: a run that ends normally still completes its stream
+    other = Sandbox.create(api_key=key_a, timeout=60)
+    try:
+        assert other.run_code("6 * 7").text == "42"
+    finally:
+        other.kill()
+    assert "without completing response" not in server.log.read_text()
 
 
 def test_keepalive_lines_while_idle(server: Server, sbx_a: Sandbox) -> None:

@@ -16,7 +16,7 @@ import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, Final
 
 from starlette.applications import Starlette
 from starlette.datastructures import Headers
@@ -24,9 +24,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from moat.errors import InvalidArgumentError, NotFoundError, SandboxError
+from moat.errors import InvalidArgumentError, NotFoundError, SandboxDiedError, SandboxError
 from moat.model import LANGUAGES, End, ErrorEvent, Event, Output, ResultEvent
-from moat.server import rpc, wire
+from moat.server import cut_log, rpc, wire
 from moat.server.app import (
     MAX_JSON_BODY,
     BodyTooLarge,
@@ -218,7 +218,7 @@ def _routes(state: ServerState) -> Starlette:
             if isinstance(exc, StopAsyncIteration):
                 return wire.error(500, "internal error")
             raise exc  # type: ignore[misc]
-        return StreamingResponse(_ndjson(events, pending), media_type="application/x-ndjson")
+        return _CuttableStream(_ndjson(events, pending), media_type="application/x-ndjson")
 
     async def create_context(request: Request, rec: Record, port: str) -> Response:
         sid = request.headers["e2b-sandbox-id"]
@@ -273,6 +273,28 @@ def _routes(state: ServerState) -> Starlette:
     return Starlette(routes=routes)
 
 
+#: Yielded by :func:`_ndjson` when the sandbox ended mid-call: the response stops without its
+#: last chunk, so the client sees the connection end, as when an E2B sandbox dies; E2B's SDKs
+#: then ask whether it still runs and raise "the sandbox was killed while the request was in
+#: progress". moat's SDK has raised by then, from the error line sent first.
+_CUT: Final = b"\0moat: cut"
+
+
+class _CuttableStream(StreamingResponse):
+    """A StreamingResponse that :data:`_CUT` ends without its final chunk."""
+
+    async def stream_response(self, send: Send) -> None:
+        start = {"type": "http.response.start", "status": self.status_code}
+        await send({**start, "headers": self.raw_headers})
+        async for chunk in self.body_iterator:
+            if chunk is _CUT:
+                cut_log.expect()
+                return  # uvicorn closes the connection: the body ends mid-stream
+            body = chunk if isinstance(chunk, bytes | memoryview) else chunk.encode(self.charset)
+            await send({"type": "http.response.body", "body": body, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
 def _line(obj: dict[str, Any]) -> bytes:
     return json.dumps(obj, ensure_ascii=False).encode() + b"\n"
 
@@ -300,6 +322,9 @@ async def _ndjson(
                 break
             except SandboxError as exc:
                 yield _line(_failure(exc))
+                if isinstance(exc, SandboxDiedError):  # killed, died or lost mid-call
+                    yield _CUT
+                    return
                 break
             pending = None
             if isinstance(event, Output):
@@ -337,8 +362,6 @@ def _busy(exc: BaseException | None) -> bool:
 
 def _failure(exc: SandboxError) -> dict[str, Any]:
     """A call that failed mid-stream, as an error line (message safe: invariant 8)."""
-    from moat.errors import SandboxDiedError
-
     name = "UnexpectedEndOfExecution" if isinstance(exc, SandboxDiedError) else type(exc).__name__
     line = {"type": "error", "name": name, "value": str(exc), "traceback": ""}
     return {**line, **wire.error_fields(exc)}

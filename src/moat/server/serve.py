@@ -26,6 +26,7 @@ import uvicorn
 from moat.engine.api import FrontDoor, TenantPolicies, kill_everything, load_tenants
 from moat.errors import InvalidArgumentError, SandboxError
 from moat.mcp import McpHttp, Settings
+from moat.server import cut_log
 from moat.server.app import ServerState, make_app
 from moat.store.keys import KeyStore
 
@@ -111,6 +112,7 @@ async def serve(
         ssl_certfile=tls[0] if tls else None,
         ssl_keyfile=tls[1] if tls else None,
     )
+    cut_log.install()  # after uvicorn's logging setup (moat.server.cut_log)
     server = _Server(config, front)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
