@@ -22,7 +22,7 @@ from tests.conftest import require_tier
 from tests.dashboard_support import csrf_of, http_login
 from tests.server_support import MOAT, Server, new_key, serving, tenant_name
 
-from moat.dashboard.auth import Sessions, admin_tenants
+from moat.dashboard.auth import MAX_TENANT_SESSIONS, MAX_TENANT_STREAMS, Sessions, admin_tenants
 from moat.dashboard.words import explain
 from moat.engine.activity import MAX_CALLS, MAX_TEXT, Activity
 from moat.errors import InvalidArgumentError
@@ -38,6 +38,23 @@ def test_cookies_are_signed_by_this_server_only() -> None:
     assert b.unsign(signed) is None  # another server's key (or a restart)
     assert a.unsign(signed[:-1] + ("0" if signed[-1] != "0" else "1")) is None
     assert a.unsign("abc") is None and a.unsign(None) is None and a.unsign("x" * 300) is None
+
+
+def test_one_tenant_can_neither_log_another_out_nor_hold_every_stream() -> None:
+    s = Sessions()
+    other = s.create("bob", "key-b", False)
+    first = s.create("mallory", "key-m", False)
+    for _ in range(MAX_TENANT_SESSIONS * 3):
+        last = s.create("mallory", "key-m", False)
+    live = set(s._by_id)
+    assert other.session_id in live  # bob's login survives mallory's flood
+    assert first.session_id not in live and last.session_id in live  # mallory's oldest went
+    assert sum(1 for x in s._by_id.values() if x.tenant == "mallory") == MAX_TENANT_SESSIONS
+    held = [s.open_stream(last) for _ in range(MAX_TENANT_STREAMS + 5)]
+    assert held.count(True) == MAX_TENANT_STREAMS  # the cap, then refusals
+    assert s.open_stream(other)  # bob still gets a stream
+    s.close_stream(last)
+    assert s.open_stream(last)  # a closed stream frees its place
 
 
 def test_admin_tenants_come_from_a_checked_list() -> None:
@@ -226,6 +243,25 @@ def test_logout_and_revocation_end_the_session(server: Server, admin: str) -> No
         r = c.post("/ui/login", data={"api_key": key, "nonce": nonce.group(1)},
                    headers={"origin": server.url})  # fmt: skip
         assert r.status_code == 401 and "not valid" in r.text  # revoked: refused
+
+
+def test_a_tenants_live_streams_are_capped_and_another_tenant_still_gets_one(
+    server: Server,
+) -> None:
+    import contextlib
+
+    with contextlib.ExitStack() as stack:
+        c = stack.enter_context(http_login(server.url, new_key(tenant_name("many"))))
+        firsts, readers = [], []  # the readers stay referenced: each keeps its stream open
+        for _ in range(MAX_TENANT_STREAMS + 1):
+            r = stack.enter_context(c.stream("GET", "/ui/events", timeout=30))
+            readers.append(r.iter_bytes())
+            firsts.append(next(readers[-1]))  # the stream has started (and is counted)
+        assert all(b"busy" not in f for f in firsts[:-1])  # positive control: served
+        assert b"event: busy" in firsts[-1]  # over the tenant's cap
+        with http_login(server.url, new_key(tenant_name("other"))) as o:
+            with o.stream("GET", "/ui/events", timeout=30) as r:
+                assert b"busy" not in next(r.iter_bytes())
 
 
 def test_a_tenant_trail_holds_only_its_own_rows(server: Server) -> None:

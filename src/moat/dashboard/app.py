@@ -233,14 +233,22 @@ def dashboard_app(host: Host) -> Callable[[Scope, Receive, Send], Awaitable[None
 
     async def events(request: Request, login: Login) -> Response:
         async def stream() -> AsyncIterator[bytes]:
-            yield b"retry: 3000\n\n"
-            end = time.monotonic() + STREAM_S
-            while time.monotonic() < end:
-                if sessions.of(request) is None or not host.keys.is_live(login.key_id):
-                    return  # logged out or revoked: the stream ends with the session
-                rows = [r.to_json() for r in await views.sandboxes(login, state="running")]
-                yield b"event: sandboxes\ndata: " + json.dumps(rows).encode() + b"\n\n"
-                await asyncio.sleep(TICK_S)
+            # Counted from the generator's first step to its close (Starlette closes it when
+            # the browser leaves): a request that never streams holds nothing.
+            if not sessions.open_stream(login):
+                yield b"retry: 10000\n\nevent: busy\ndata: {}\n\n"  # this tenant's cap
+                return
+            try:
+                yield b"retry: 3000\n\n"
+                end = time.monotonic() + STREAM_S
+                while time.monotonic() < end:
+                    if sessions.of(request) is None or not host.keys.is_live(login.key_id):
+                        return  # logged out or revoked: the stream ends with the session
+                    rows = [r.to_json() for r in await views.sandboxes(login, state="running")]
+                    yield b"event: sandboxes\ndata: " + json.dumps(rows).encode() + b"\n\n"
+                    await asyncio.sleep(TICK_S)
+            finally:
+                sessions.close_stream(login)
 
         return StreamingResponse(
             stream(), media_type="text/event-stream", headers={"x-accel-buffering": "no"}

@@ -34,6 +34,12 @@ LOGIN_COOKIE = "moat_login"
 SESSION_S = 8 * 3600
 #: Sessions kept at once (the oldest logged out beyond).
 MAX_SESSIONS = 10_000
+#: Sessions of one tenant (its own oldest logged out beyond): one tenant logging in again and
+#: again can never log another tenant out.
+MAX_TENANT_SESSIONS = 64
+#: Live-update streams open at once for one tenant (more are told to wait): one tenant's
+#: browsers can't take the server's time from another's.
+MAX_TENANT_STREAMS = 16
 ADMIN_ENV = "MOAT_ADMIN_TENANTS"
 
 
@@ -71,6 +77,7 @@ class Sessions:
     def __init__(self) -> None:
         self._key = secrets.token_bytes(32)
         self._by_id: OrderedDict[str, Login] = OrderedDict()
+        self._streams: dict[str, int] = {}  # tenant -> open live-update streams
 
     def sign(self, value: str) -> str:
         mac = hmac.new(self._key, value.encode(), hashlib.sha256).hexdigest()
@@ -89,10 +96,32 @@ class Sessions:
             secrets.token_urlsafe(32), tenant, key_id, admin, secrets.token_urlsafe(32),
             time.time() + SESSION_S,
         )  # fmt: skip
+        now = time.time()
+        mine = [s for s, other in self._by_id.items() if other.tenant == tenant]
+        for sid in mine[: max(0, len(mine) - MAX_TENANT_SESSIONS + 1)]:
+            del self._by_id[sid]  # this tenant's oldest, never another's
         self._by_id[login.session_id] = login
+        if len(self._by_id) > MAX_SESSIONS:
+            for sid in [s for s, other in self._by_id.items() if other.expires < now]:
+                del self._by_id[sid]
         while len(self._by_id) > MAX_SESSIONS:
             self._by_id.popitem(last=False)
         return login
+
+    def open_stream(self, login: Login) -> bool:
+        """Count a live-update stream of ``login``'s tenant; False (not counted) at its cap."""
+        n = self._streams.get(login.tenant, 0)
+        if n >= MAX_TENANT_STREAMS:
+            return False
+        self._streams[login.tenant] = n + 1
+        return True
+
+    def close_stream(self, login: Login) -> None:
+        n = self._streams.get(login.tenant, 0) - 1
+        if n > 0:
+            self._streams[login.tenant] = n
+        else:
+            self._streams.pop(login.tenant, None)
 
     def of(self, request: Request) -> Login | None:
         """The request's live login, else None."""
