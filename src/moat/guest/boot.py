@@ -337,7 +337,7 @@ def confine(cfg: dict[str, object]) -> None:
 
 def _bound_caps() -> None:
     """Root's bounded set for everything the agent will start: the bounding set dropped to
-    ROOT_CAPS, then (as AGENT_UID, kept across the uid change) permitted and effective."""
+    ROOT_CAPS (:func:`_agent_ids` then makes it the permitted and effective set)."""
     with open("/proc/sys/kernel/cap_last_cap") as f:
         last = int(f.read())
     for cap in range(last + 1):
