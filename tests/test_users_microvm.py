@@ -243,3 +243,23 @@ def test_root_after_pause_and_resume() -> None:
         assert sbx.commands.run("id -u").stdout == "1000\n"
     finally:
         sbx.kill()
+
+
+@pytest.mark.microvm
+@pytest.mark.slow
+def test_a_root_fork_bomb_is_stopped_and_the_sandbox_recovers() -> None:
+    """uid 0 is exempt from RLIMIT_NPROC, so root's fork bomb is held by the guest's pids
+    cgroup (read-only to it) instead of the agent's reserve; the agent still stops it at
+    the call's timeout and serves the next calls (this test: 20-35 s here under TCG)."""
+    require_tier("microvm")
+    sbx = Sandbox.create(isolation="microvm", timeout=300)
+    try:
+        bomb = "python3 -c 'import os\nwhile True:\n  try: os.fork()\n  except OSError: pass'"
+        with pytest.raises((MoatTimeout, SandboxError)):
+            sbx.commands.run(bomb, user="root", timeout=10)
+        limit = sbx.commands.run("cat /sys/fs/cgroup/sandbox/pids.max", timeout=60).stdout
+        assert limit.strip().isdigit()  # still the cap stage 2 set
+        assert sbx.commands.run("id -u", user="root", timeout=60).stdout == "0\n"
+        assert sbx.commands.run("ps -e --no-headers | wc -l").stdout.strip().isdigit()
+    finally:
+        sbx.kill()
