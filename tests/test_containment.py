@@ -168,17 +168,19 @@ def test_privileges_inside(tier: str, sbx: Sandbox) -> None:
     shared_sbx = sbx
     status = shared_sbx.files.read("/proc/self/status")  # read by the agent, in the sandbox
     fields = dict(line.split(":\t", 1) for line in status.splitlines() if ":\t" in line)
-    # gVisor's agent keeps CAP_KILL effective (to stop the root calls it started)
-    assert fields["CapEff"].strip() == ("0000000000000020" if tier == "gvisor" else "0" * 16)
-    # gVisor's agent keeps root's bounded set (the sentry's, for user="root" calls) permitted
-    # only, never effective; the container tier's agent has none (docs/users.md)
-    assert fields["CapPrm"].strip() == ("00000000200404fb" if tier == "gvisor" else "0" * 16)
-    if tier == "gvisor":  # the sandbox's bounding set: root's, no more
+    # The gVisor and microVM agents keep CAP_KILL effective (to stop the root calls they
+    # started)
+    split = tier in ("gvisor", "microvm")
+    assert fields["CapEff"].strip() == ("0000000000000020" if split else "0" * 16)
+    # ...and root's bounded set (for user="root" calls) permitted only, never effective; the
+    # container tier's agent has none (docs/users.md)
+    assert fields["CapPrm"].strip() == ("00000000200404fb" if split else "0" * 16)
+    if split:  # the sandbox's bounding set: root's, no more
         assert fields["CapBnd"].strip() == "00000000200404fb"
     real, effective, saved, fs = fields["Uid"].split()
     assert effective == fs == "1000"
-    # gVisor's agent keeps a uid of its own as real and saved uid (moat.agent.shield)
-    assert real == saved == ("999" if tier == "gvisor" else "1000")
+    # ...and a uid of its own as real and saved uid (moat.agent.shield)
+    assert real == saved == ("999" if split else "1000")
     # ...and user code has nothing of it: all four uids the user's, no capability at all
     user = shared_sbx.commands.run("grep -E '^(Uid|CapPrm|CapEff):' /proc/self/status").stdout
     assert user.split() == ["Uid:", *["1000"] * 4, "CapPrm:", "0" * 16, "CapEff:", "0" * 16]

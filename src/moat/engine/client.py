@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 from moat.engine.tunnels import Tunnels
+from moat.engine.users import root_refusal
 from moat.errors import (
     DiskFullError,
     InvalidArgumentError,
@@ -87,6 +88,8 @@ class Call:
         #: bytes of droppable output queued unread; whether some was dropped (see QUEUE_CAP)
         self.queued = 0
         self.overflowed = False
+        #: made as root of the sandbox (``user="root"``): its "unsupported" FAIL is a refusal
+        self.root = False
 
     def put(self, item: Frame | object) -> None:
         """Queue a frame (or the dead marker)."""
@@ -142,10 +145,15 @@ def _size(frame: Frame) -> int:
     return len(frame.payload) + sum(len(str(v)) for v in frame.fields.values())
 
 
-def fail_to_error(frame: Frame) -> SandboxError:
-    """Translate an agent FAIL frame into our exception tree."""
+def fail_to_error(frame: Frame, *, root: bool = False) -> SandboxError:
+    """Translate an agent FAIL frame into our exception tree (``root``: of a request made
+    as root of the sandbox)."""
     kind = frame.fields["kind"]
     msg = frame.fields["message"]
+    if kind == "unsupported" and root:
+        # An agent that cannot run calls as root (a guest too old for it): the front door's
+        # refusal, never a run as the user (invariant 7; moat.engine.users).
+        return root_refusal()
     if kind == "not_found":
         return NotFoundError(msg)
     if kind in ("invalid", "exists", "too_large"):
@@ -279,6 +287,7 @@ class AgentClient:
         returned Call yields its frames."""
         rid = next(self._ids)
         call = Call(self, rid)
+        call.root = fields.get("root") is True
         self.calls[rid] = call
         try:
             self.send(mtype, rid, fields, payload)
@@ -300,7 +309,7 @@ class AgentClient:
                     if frame.type is MsgType.DONE:
                         return frame.fields
                     if frame.type is MsgType.FAIL:
-                        raise fail_to_error(frame)
+                        raise fail_to_error(frame, root=call.root)
         except TimeoutError:
             self._die("the sandbox's agent stopped answering")
             raise SandboxDiedError("the sandbox's agent stopped answering") from None

@@ -13,9 +13,24 @@ from moat.runtime.spec import SandboxSpec
 
 DEFAULT_USER = "user"
 #: Tiers that run ``user="root"`` calls: gVisor's root is the sentry's (its own kernel, in
-#: the sandbox's user namespace on the host). The container and microVM tiers do not yet
-#: (docs/users.md says what they would need).
-ROOT_TIERS = frozenset({"gvisor"})
+#: the sandbox's user namespace on the host); the microVM's is the guest kernel's, with the
+#: guest's host-facing parts out of its reach (moat/guest/boot.py ``confine``). The
+#: container tier does not yet (docs/users.md says what it would need).
+ROOT_TIERS = frozenset({"gvisor", "microvm"})
+
+
+def root_refusal(tier: str | None = None) -> PolicyError:
+    """The typed refusal of a ``user="root"`` call: of ``tier``, or (None) of a sandbox whose
+    agent cannot run calls as root (a guest started by an older moat)."""
+    if tier is None:
+        return PolicyError(
+            "this sandbox lacks the capability 'user.root': its agent cannot run calls as "
+            "root (start a new sandbox to use user='root')"
+        )
+    return PolicyError(
+        f"the {tier} tier lacks the capability 'user.root': run the sandbox on the "
+        f"{'/'.join(sorted(ROOT_TIERS))} tier to use user='root'"
+    )
 
 
 def as_root(spec: SandboxSpec, user: str) -> bool:
@@ -27,14 +42,13 @@ def as_root(spec: SandboxSpec, user: str) -> bool:
     if user != "root":
         return False
     if tier not in ROOT_TIERS:
-        raise PolicyError(
-            f"the {tier} tier lacks the capability 'user.root': run the sandbox on the "
-            f"{'/'.join(sorted(ROOT_TIERS))} tier to use user='root'"
-        )
+        raise root_refusal(tier)
     if spec.mounts:
         # gVisor's gofer serves host directories as host root and the sentry compares file
         # owners with in-sandbox uids as they are: root inside would read a mounted host
-        # root's 0600 files and leave root-owned (setuid) files in a writable mount.
+        # root's 0600 files and leave root-owned (setuid) files in a writable mount. The
+        # microVM's mount images keep host owners and modes, checked for the user only
+        # (mountimg.py): root's DAC_OVERRIDE would read what the user may not.
         raise PolicyError(
             f"the {tier} tier lacks the capability 'user.root' for a sandbox with host "
             "mounts: root inside would act as host root on their files"

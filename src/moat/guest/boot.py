@@ -14,7 +14,7 @@ the configuration (one line of JSON, at most 1 MiB).
 
 Warm start: this interpreter runs with the same flags as the agent's argv (``python3 -I -S``).
 A base VM imports ``site`` and the agent's modules *before* the snapshot is taken. A cold
-boot skips that warm-up: ``site.main()`` then runs once, as the sandbox's user, just before
+boot skips that warm-up: ``site.main()`` then runs once, as the agent's uid, just before
 the agent starts (and before it forks its kernel, which skips it when ``site`` is loaded).
 When the host's argv is ``[this python, "-I", "-S", "-c", CODE, *args]`` it is run in-process
 exactly as ``python -I -S -c`` would (``sys.argv = ["-c", *args]``, CODE executed as
@@ -34,6 +34,7 @@ import json
 import os
 import resource
 import select
+import stat
 import struct
 import sys
 import time
@@ -48,6 +49,28 @@ BASE_REQUEST = b"MOAT-BASE 1\n"
 WARM_MARKER = b"MOAT-BOOT-WARM 1\n"
 FLAGS = ["-I", "-S"]
 UID = GID = 1000
+#: The agent's own uid (``moat.agent.shield.AGENT_UID``; a test holds them equal): it starts
+#: as this uid with root's bounded capability set, as on gVisor, and splits itself.
+AGENT_UID = 999
+#: Root's capabilities by number (``moat.protocol.contract.ROOT_CAPS``; a test holds them
+#: equal): the bounding set of everything the agent starts. No CAP_SYS_ADMIN, CAP_SYS_MODULE,
+#: CAP_SYS_RAWIO, CAP_MKNOD, CAP_SYS_PTRACE, CAP_SYS_RESOURCE (docs/users.md).
+ROOT_CAPS = (0, 1, 3, 4, 5, 6, 7, 10, 18, 29)
+#: /proc entries read-only in the agent's mount namespace (Docker's list): what guest root
+#: could otherwise write with uid 0 alone (sysctls such as core_pattern, sysrq).
+PROC_READ_ONLY = ("sys", "sysrq-trigger", "irq", "bus", "fs")
+#: /proc entries hidden (/dev/null bound over them): kernel memory and state.
+PROC_MASKED = ("kcore", "keys", "timer_list", "sched_debug")
+#: The character devices of the agent's /dev: (name, major, minor, mode). Nothing else of
+#: the guest's devtmpfs (its control port, block devices, consoles, /dev/mem, /dev/kmsg).
+DEVICES = (
+    ("null", 1, 3, 0o666),
+    ("zero", 1, 5, 0o666),
+    ("full", 1, 7, 0o666),
+    ("random", 1, 8, 0o666),
+    ("urandom", 1, 9, 0o666),
+    ("tty", 5, 0, 0o666),
+)
 HOME = "/home/user"
 AGENT_DIR = "/opt/moat"
 #: Modules imported before the snapshot (they are the agent's; the import is only a warm-up).
@@ -68,7 +91,9 @@ _RNDRESEEDCRNG = 0x5207
 _PR_SET_NO_NEW_PRIVS = 38
 _PR_SET_SECCOMP, _SECCOMP_MODE_FILTER = 22, 2
 _MS_NOSUID, _MS_NODEV, _MS_NOEXEC, _MS_REMOUNT, _MS_RDONLY = 2, 4, 8, 32, 1
-_MS_REC, _MS_PRIVATE = 0x4000, 0x40000
+_MS_BIND, _MS_REC, _MS_PRIVATE = 0x1000, 0x4000, 0x40000
+_PR_SET_KEEPCAPS, _PR_CAPBSET_DROP = 8, 24
+_CAP_VERSION_3 = 0x20080522
 _CLONE_NEWNS, _CLONE_NEWPID = 0x00020000, 0x20000000
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -245,6 +270,99 @@ def enter_pid_namespace() -> int:
     return resume_r
 
 
+def _bind_read_only(path: str) -> None:
+    """``path`` read-only (and nosuid, nodev, noexec) in this mount namespace only."""
+    _mount(path, path, "", _MS_BIND | _MS_REC, "")
+    ro = _MS_REMOUNT | _MS_BIND | _MS_RDONLY | _MS_NOSUID | _MS_NODEV | _MS_NOEXEC
+    _mount(path, path, "", ro, "")
+
+
+def _narrow_dev(disk_mb: int) -> None:
+    """A /dev of its own for the agent's mount namespace: the usual character devices, a
+    fresh devpts and /dev/shm, and the agent's port; read-only.
+
+    The guest's devtmpfs below it holds what guest root must not reach from inside the
+    sandbox (docs/users.md): the control port whose lines the host trusts for restores,
+    the block devices of /usr and the mounts, /dev/mem, /dev/kmsg, the consoles. Root inside
+    cannot make nodes of its own (no CAP_MKNOD in ROOT_CAPS) nor mount (no CAP_SYS_ADMIN).
+    """
+    port = os.stat(PORT).st_rdev
+    _mount("tmpfs", "/dev", "tmpfs", _MS_NOSUID | _MS_NOEXEC, "mode=0755,size=64k")
+    for name, major, minor, mode in DEVICES:
+        os.mknod(f"/dev/{name}", stat.S_IFCHR | mode, os.makedev(major, minor))
+        os.chmod(f"/dev/{name}", mode)
+    os.mknod(PORT, stat.S_IFCHR | 0o600, port)
+    os.chmod(PORT, 0o600)
+    os.chown(PORT, UID, GID)  # the agent opens it as the user (moat.agent.shield)
+    for d, mode in (("pts", 0o755), ("shm", 0o1777)):
+        os.mkdir(f"/dev/{d}")
+        os.chmod(f"/dev/{d}", mode)
+    flags = _MS_NOSUID | _MS_NOEXEC
+    _mount("devpts", "/dev/pts", "devpts", flags, "newinstance,ptmxmode=0666")
+    shm = f"mode=1777,size={min(64, disk_mb)}m"
+    _mount("shm", "/dev/shm", "tmpfs", flags | _MS_NODEV, shm)  # noqa: S108 - the guest's
+    for name, target in (
+        ("ptmx", "pts/ptmx"),
+        ("fd", "/proc/self/fd"),
+        ("stdin", "/proc/self/fd/0"),
+        ("stdout", "/proc/self/fd/1"),
+        ("stderr", "/proc/self/fd/2"),
+    ):
+        os.symlink(target, f"/dev/{name}")
+    _mount("tmpfs", "/dev", "", _MS_REMOUNT | _MS_RDONLY | _MS_NOSUID | _MS_NOEXEC, "")
+
+
+def confine(cfg: dict[str, object]) -> None:
+    """The agent's mount namespace, before anything of the sandbox runs in it: what would
+    let root inside (uid 0 with ROOT_CAPS, ``user="root"``) reach the guest kernel's
+    host-facing parts is read-only or absent (docs/users.md, invariant 9).
+
+    /proc/sys (core_pattern, modprobe, sysctls: uid 0 alone may write them) and the other
+    writable /proc entries are read-only; kernel memory and state files are masked; /sys
+    and the sandbox's cgroup are read-only (limits and cgroup membership stay as stage 2
+    set them: invariant 10); /dev is narrowed (:func:`_narrow_dev`). None of it can be
+    undone without CAP_SYS_ADMIN, and the seccomp filter refuses mount calls anyway.
+    """
+    _narrow_dev(int(cfg["disk_mb"]))  # type: ignore[call-overload]
+    for name in PROC_READ_ONLY:
+        if os.path.exists(f"/proc/{name}"):
+            _bind_read_only(f"/proc/{name}")
+    for name in PROC_MASKED:
+        if os.path.exists(f"/proc/{name}"):
+            _mount("/dev/null", f"/proc/{name}", "", _MS_BIND, "")
+    ro = _MS_REMOUNT | _MS_BIND | _MS_RDONLY | _MS_NOSUID | _MS_NODEV | _MS_NOEXEC
+    _mount("/sys/fs/cgroup", "/sys/fs/cgroup", "", ro, "")
+    _mount("/sys", "/sys", "", ro, "")
+
+
+def _bound_caps() -> None:
+    """Root's bounded set for everything the agent will start: the bounding set dropped to
+    ROOT_CAPS (:func:`_agent_ids` then makes it the permitted and effective set)."""
+    with open("/proc/sys/kernel/cap_last_cap") as f:
+        last = int(f.read())
+    for cap in range(last + 1):
+        if cap not in ROOT_CAPS and _libc.prctl(_PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "PR_CAPBSET_DROP")
+
+
+def _agent_ids() -> None:
+    """Become AGENT_UID (gid and groups the user's) with ROOT_CAPS permitted and effective,
+    none inheritable or ambient: the state gVisor starts the agent in (its OCI process), so
+    the agent splits itself the same way (moat.agent.shield._split_uid)."""
+    os.setgroups([GID])
+    os.setresgid(GID, GID, GID)
+    if _libc.prctl(_PR_SET_KEEPCAPS, 1, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "PR_SET_KEEPCAPS")
+    os.setresuid(AGENT_UID, AGENT_UID, AGENT_UID)
+    if _libc.prctl(_PR_SET_KEEPCAPS, 0, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "PR_SET_KEEPCAPS")
+    mask = sum(1 << cap for cap in ROOT_CAPS)
+    header = (ctypes.c_uint32 * 2)(_CAP_VERSION_3, 0)
+    data = (ctypes.c_uint32 * 6)(mask, mask, 0, 0, 0, 0)
+    if _libc.capset(header, data) != 0:
+        raise OSError(ctypes.get_errno(), "capset")
+
+
 def _wait(pid: int) -> None:
     while True:
         try:
@@ -331,13 +449,14 @@ def become_agent(cfg: dict[str, object], resume_fd: int) -> None:
     # The agent's own process budget (its reserve for a fork bomb is below it: agent/shield).
     pids = int(cfg["pids"])  # type: ignore[call-overload]
     resource.setrlimit(resource.RLIMIT_NPROC, (pids, pids))
-    os.setgroups([])
-    os.setresgid(GID, GID, GID)
-    os.setresuid(UID, UID, UID)
+    os.chdir(HOME)
+    # Not guest root's full set, never uid 0 (invariant 9): the agent starts as AGENT_UID
+    # with ROOT_CAPS, for user="root" calls, and acts as the user from its first lines.
+    _bound_caps()
+    _agent_ids()
     if _libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), "no_new_privs")
     _install_seccomp(program)
-    os.chdir(HOME)
     # The agent reads guest root's restore notices here (not inherited by what it starts).
     os.set_inheritable(resume_fd, True)
     argv = [*argv, "--resume-fd", str(resume_fd)]
@@ -346,7 +465,7 @@ def become_agent(cfg: dict[str, object], resume_fd: int) -> None:
         os.environ.clear()
         os.environ.update(env)
         if "site" not in sys.modules:
-            # A cold boot (a base VM ran it in its warm-up): site now, as the sandbox's user
+            # A cold boot (a base VM ran it in its warm-up): site now, as the agent's uid
             # with its environment, as the agent's kernel would after its fork; before the
             # fork, the pages it touches are not copy-on-write faults in the kernel.
             import site
@@ -356,6 +475,8 @@ def become_agent(cfg: dict[str, object], resume_fd: int) -> None:
         code = compile(argv[at], "<string>", "exec")
         exec(code, {"__name__": "__main__", "__builtins__": __builtins__})  # noqa: S102 - `python -c`
         sys.exit(0)
+    # (An exec'd agent, not uid 0 and with no ambient set, starts without capabilities: it
+    # then refuses user="root" calls, fail closed, as an older guest's agent does.)
     os.execve(argv[0], argv, env)  # noqa: S606 - argv from the host, no shell
 
 
@@ -390,6 +511,7 @@ def main() -> None:
     os.close(fd)
     apply(cfg)
     resume_fd = enter_pid_namespace()
+    confine(cfg)
     become_agent(cfg, resume_fd)
 
 

@@ -10,9 +10,10 @@ The handlers are thin: every check and every guard is the front door's (invarian
 Users: a call runs as the sandbox's user (``user``, uid 1000, home ``/home/user``) unless it
 names ``root`` (E2B's ``user="root"``, sent as ``Authorization: Basic base64("root:")``): then
 it runs as uid 0 *inside* the sandbox on the tiers that can give it (gVisor: the sentry's
-root; never host root, invariant 9). A tier that cannot answers ``unimplemented`` naming the
-tier (moat.engine.users), never quietly running as ``user`` (invariant 7); any other user
-name is ``invalid_argument``. Directory watches run as the user only (root is refused).
+root; microVM: the guest kernel's; never host root, invariant 9). A tier that cannot
+answers ``unimplemented`` naming the tier (moat.engine.users), never quietly running as
+``user`` (invariant 7); any other user name is ``invalid_argument``. Directory watches run
+as the user only (root is refused).
 
 PTYs are the front door's terminals: ``Start`` with ``pty{size}`` streams
 ``data.pty`` (guarded bytes), ``SendInput``/``StreamInput`` with ``pty`` bytes type into it,

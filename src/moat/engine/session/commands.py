@@ -84,7 +84,7 @@ class CommandCalls(SessionCore):
             raise
         if frame.type is MsgType.FAIL:
             call.close()
-            raise self._fail(frame)
+            raise self._fail(frame, root=call.root)
         if frame.type is not MsgType.STARTED:
             call.close()
             raise self._violation("expected a started frame")

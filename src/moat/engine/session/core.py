@@ -119,10 +119,10 @@ class SessionCore:
         asyncio.get_running_loop().create_task(self.kill(f"died: {what}"))
         return SandboxDiedError(f"the sandbox's agent broke the protocol ({what})")
 
-    def _fail(self, frame: Frame) -> SandboxError:
+    def _fail(self, frame: Frame, *, root: bool = False) -> SandboxError:
         """An agent FAIL as our exception, its message guarded (invariant 4)."""
         frame.fields["message"] = self.guard.redact_text(frame.fields["message"], "error")
-        return fail_to_error(frame)
+        return fail_to_error(frame, root=root)
 
     def _sink(
         self, on_stdout: Callable[[str], Any] | None, on_stderr: Callable[[str], Any] | None
@@ -152,7 +152,7 @@ class SessionCore:
                 except ProtocolError:
                     raise self._violation(f"bad reply in {what}") from None
             elif frame.type is MsgType.FAIL:
-                raise self._fail(frame)
+                raise self._fail(frame, root=call.root)
             else:
                 raise self._violation(f"unexpected frame in {what}")
 
