@@ -612,7 +612,9 @@ class GvisorRuntime:
 
         The bundle is built afresh for ``spec`` (a fork has its own id, work dir, cgroup and
         pipes) and must match the checkpointed one (:mod:`moat.runtime.gvisor.checkpoint`).
-        The restored agent sends no READY: it carries on reading its (new) stdin.
+        Its agent was quiesced at the checkpoint: it gets RESUME with a fresh nonce first and
+        announces itself (``resume.line`` + READY, read here up to the line). An image of
+        before the handshake: the agent carries on reading its (new) stdin, no READY.
         """
         reason = self.probe()
         if reason is not None:
