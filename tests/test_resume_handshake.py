@@ -5,7 +5,8 @@ agent's announcement within a bound; and the real agent (on the container tier, 
 the handshake is the agent's, not the tier's) answers QUIESCE at a frame boundary, writes
 nothing until RESUME, goes on after a RESUME without nonce, and starts over after one with a
 nonce: the announcement first on the stream, then READY, and no more output for requests of
-before. tests/test_pause_gvisor_handshake.py runs it end to end under real checkpoints.
+before. The host's client holds back every send between QUIESCE and its release.
+tests/test_pause_gvisor_handshake.py runs it end to end under real checkpoints.
 """
 
 from __future__ import annotations
@@ -21,8 +22,10 @@ from tests.conftest import require
 from tests.raw_agent import Client
 
 from moat.agent.channel import Channel
+from moat.engine.client import AgentClient
 from moat.errors import SandboxDiedError
-from moat.protocol import AGENT_TO_HOST, Decoder, Frame, MsgType, encode, resume
+from moat.errors import TimeoutError as MoatTimeoutError
+from moat.protocol import AGENT_TO_HOST, HOST_TO_AGENT, Decoder, Frame, MsgType, encode, resume
 from moat.runtime.announce import read_announcement
 from moat.runtime.spec import SandboxSpec
 
@@ -150,3 +153,65 @@ async def test_the_agent_quiesces_resumes_and_starts_over() -> None:
         assert (out, code) == ("still here\n", 0)
     finally:
         await sb.kill()
+
+
+class _Writer:
+    """What the client writes, as bytes (a transport that never blocks)."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+
+    def write(self, data: bytes) -> None:
+        self.data += data
+
+    async def drain(self) -> None:
+        return None
+
+
+class _Proc:
+    def __init__(self) -> None:
+        self.reader = asyncio.StreamReader()
+        self.writer = _Writer()
+
+
+def _sent(proc: _Proc) -> list[Frame]:
+    return Decoder(direction=HOST_TO_AGENT).feed(bytes(proc.writer.data))
+
+
+@pytest.mark.asyncio
+async def test_the_client_holds_every_send_between_quiesce_and_release() -> None:
+    proc = _Proc()
+    client = AgentClient(proc, lambda _reason: None)  # type: ignore[arg-type]
+    try:
+        quiesce = asyncio.ensure_future(client.quiesce(5))
+        await asyncio.sleep(0)
+        (q,) = _sent(proc)
+        assert q.type is MsgType.QUIESCE
+        client.send(MsgType.PING, 99, {})  # another task's request, meanwhile
+        drained = asyncio.ensure_future(client.drain())
+        await asyncio.sleep(0.05)
+        assert len(_sent(proc)) == 1 and not drained.done()  # held back, drain waits
+        proc.reader.feed_data(encode(Frame(MsgType.DONE, q.id, {})))
+        await asyncio.wait_for(quiesce, 5)
+        assert len(_sent(proc)) == 1
+        client.release()
+        await asyncio.wait_for(drained, 5)
+        frames = _sent(proc)
+        assert [f.type for f in frames] == [MsgType.QUIESCE, MsgType.RESUME, MsgType.PING]
+        assert "nonce" not in frames[1].fields  # the same stream goes on
+    finally:
+        await client.close()
+
+
+@pytest.mark.asyncio
+async def test_a_quiesce_nobody_answers_fails_typed_and_releases_at_once() -> None:
+    proc = _Proc()
+    client = AgentClient(proc, lambda _reason: None)  # type: ignore[arg-type]
+    try:
+        with pytest.raises(MoatTimeoutError, match="keeps running"):
+            await client.quiesce(0.2)
+        client.send(MsgType.PING, 7, {})  # not held any more
+        assert [f.type for f in _sent(proc)] == [MsgType.QUIESCE, MsgType.RESUME, MsgType.PING]
+        assert client.dead_reason is None
+    finally:
+        await client.close()

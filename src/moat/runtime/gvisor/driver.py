@@ -83,7 +83,7 @@ LOG_KEEP: Final = 1 << 20
 STDERR_KEEP: Final = 64 * 1024
 #: Seconds the agent gets to answer QUIESCE before a memory checkpoint (it answers at once
 #: unless its reader is stuck); past it the checkpoint is refused and the sandbox runs on.
-QUIESCE_TIMEOUT: Final = 5.0
+QUIESCE_TIMEOUT: Final = 10.0
 #: What a restored (quiesced) agent may write before its announcement: nothing, honestly;
 #: past one frame's worth the restore fails closed (invariant 6).
 ANNOUNCE_DISCARD_MAX: Final = MAX_FRAME
