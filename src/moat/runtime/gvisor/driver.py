@@ -243,10 +243,12 @@ class GvisorSandbox:
             # the loop is surely alive, but never let it hold kill() up.
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._proc.wait(), EXIT_WAIT)
-            # Not reaped yet (a loaded host): close asyncio's transport now, so that it is
-            # not finalised unclosed after the loop has gone (a ResourceWarning).
+            # Not reaped yet (a loaded host), or reaped while a process of the sandbox that
+            # the reaper has yet to see gone still holds runsc's stderr: close asyncio's
+            # transport now, so that it is not finalised unclosed after the loop has gone
+            # (a ResourceWarning; seen after pauses, the stderr pipe still open).
             transport = getattr(self._proc, "_transport", None)
-            if self._proc.returncode is None and isinstance(transport, asyncio.BaseTransport):
+            if isinstance(transport, asyncio.BaseTransport) and not transport.is_closing():
                 transport.close()
             for task in self._tasks:
                 task.cancel()
