@@ -6,8 +6,8 @@ Each round, interleaved so that drift of the machine hits all alike:
 * create: ``start()`` -> the agent's answer to a PING queued at once (what a new sandbox costs);
 * pause: ``checkpoint(leave_running=False)`` + ``kill()`` of a sandbox that ran a Python kernel
   context (a variable in it), and the image size;
-* resume: ``restore()`` under the same id -> the answer to a PING, then -> ``print(x)`` in the
-  restored kernel;
+* resume: ``restore()`` under the same id (with its RESUME handshake: the agent was
+  quiesced) -> the answer to a PING, then -> ``print(x)`` in the restored kernel;
 * snapshot: ``checkpoint(leave_running=True)`` -> the same stream answering again;
 * fork5: five ``restore()`` of that snapshot at once (new ids) -> all five answered a PING.
 
@@ -32,8 +32,19 @@ from moat.runtime.spec import SandboxSpec
 
 
 class _Talk:
+    """The host side, as the engine's client is for a checkpoint: it quiesces the agent
+    (``sb.agent_gate``), so the checkpoints and restores here take the RESUME handshake."""
+
     def __init__(self, sb: GvisorSandbox) -> None:
         self.sb, self.dec, self.rid = sb, Decoder(direction=AGENT_TO_HOST), 0
+        sb.agent_gate = self
+
+    async def quiesce(self, timeout: float) -> None:
+        await asyncio.wait_for(self.call(MsgType.QUIESCE), timeout)
+
+    def release(self) -> None:
+        self.rid += 1
+        self.sb.writer.write(encode(Frame(MsgType.RESUME, self.rid, {})))
 
     async def call(self, mtype: MsgType, **fields: object) -> bytes:
         self.rid += 1
@@ -89,7 +100,7 @@ async def cycle(rt: GvisorRuntime, base: Path) -> dict[str, float]:
         snap.mkdir()
         t0 = time.perf_counter()
         await rt.checkpoint(sb, snap, memory=True, leave_running=True)
-        await talk.call(MsgType.PING)
+        await talk.call(MsgType.PING)  # released in place: the same stream
         out["snapshot"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         forks = await asyncio.gather(*(fork(rt, snap) for _ in range(5)))

@@ -238,6 +238,11 @@ class Files:
             self._abort(rid)
             self.ch.fail(rid, err.kind, str(err))
 
+    def drop_writes(self) -> None:
+        """After a restore: the old host's streamed writes end where they were."""
+        for rid in list(self.writes):
+            self._abort(rid)
+
     def _abort(self, rid: int) -> None:
         item = self.writes.pop(rid, None)
         if item is not None:

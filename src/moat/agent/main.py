@@ -82,36 +82,65 @@ class Agent:
             except ProtocolError:
                 break  # the host never sends garbage; a broken stream ends the agent
             for frame in frames:
+                if self.ch.held and frame.type is not MsgType.RESUME:
+                    continue  # quiesced: the host sends nothing before its RESUME
                 self.dispatch(frame)
         self.commands.kill_all()
         os._exit(0)
 
     def _resumed(self) -> bool:
-        """The sandbox was restored from a checkpoint: start over with the new host.
-
-        What the old host sent and this agent has not read yet is dropped (it may end
-        mid-frame), requests of the old host no longer get output (its ids mean nothing to
-        the new one), and the new host learns where its stream starts (moat.protocol.resume).
-        Returns False once guest root's end is closed.
-        """
+        """The microVM was restored from a checkpoint: start over with the new host (the
+        nonce comes from guest root). Returns False once guest root's end is closed."""
         notice = os.read(self.resume_fd, 256) if self.resume_fd is not None else b""
         if not notice:
             return False
         nonce = notice.splitlines()[-1].decode("ascii", "replace")
+        self._start_over(nonce, b"", drain_input=True)
+        return True
+
+    def _start_over(self, nonce: str, seed: bytes, *, drain_input: bool) -> None:
+        """Start over with a new host (a restore): what the old host sent and this agent
+        has not read yet is dropped (``drain_input``: it may end mid-frame), nothing meant
+        for the old host reaches the new one (the channel is muted meanwhile: requests of
+        the old host no longer get output, streams and watches end, half-written files are
+        closed), and the new host learns where its stream starts (moat.protocol.resume).
+        """
+        self.ch.unhold(mute=True)  # writers waiting since a QUIESCE drop their frames
         self.commands.detach()
-        self.net.drop_streams()
+        self.watches.stop_all()
+        self.files.drop_writes()
+        self.net.drop_streams(wait=2.0)
+        if seed:
+            self._reseed(seed)
         ready = encode(Frame(MsgType.READY, 0, {"version": PROTOCOL_VERSION, "pid": os.getpid()}))
         with self.ch.lock:  # between two whole frames; no other thread writes meanwhile
-            os.set_blocking(self.in_fd, False)  # the same open file as out_fd: under the lock
-            try:
-                while os.read(self.in_fd, 1 << 20):
+            if drain_input:
+                os.set_blocking(self.in_fd, False)  # the same open file as out_fd: locked
+                try:
+                    while os.read(self.in_fd, 1 << 20):
+                        pass
+                except BlockingIOError:
                     pass
-            except BlockingIOError:
-                pass
-            finally:
-                os.set_blocking(self.in_fd, True)
+                finally:
+                    os.set_blocking(self.in_fd, True)
             self.ch.write_locked(resume.line(nonce) + ready)
-        return True
+            self.ch.muted = False
+
+    def _resume(self, f: Frame) -> None:
+        """The end of a QUIESCE: the same host goes on, or (``nonce``) a restore's new one.
+        gVisor's new stdin starts with this frame, so there is nothing to drop there."""
+        nonce = f.fields.get("nonce")
+        if nonce is None or not resume.valid_nonce(nonce):
+            self.ch.unhold()
+            return
+        self._start_over(nonce, f.payload, drain_input=False)
+
+    def _reseed(self, seed: bytes) -> None:
+        with self.contexts.mu:
+            every = [*self.contexts.items.values(), *self.contexts.defaults.values()]
+            # Python kernels only: a JS kernel's Math.random is the OS's CSPRNG
+            pids = [c.kernel.pid for c in every if c.language not in JS_LANGUAGES]
+        reseed(seed, pids)
 
     def _in_thread(self, rid: int, fn: Callable[[], None]) -> None:
         def run() -> None:
@@ -146,12 +175,14 @@ class Agent:
             elif t is MsgType.PING:
                 self.ch.done(rid)
             elif t is MsgType.RESEED:
-                with self.contexts.mu:
-                    every = [*self.contexts.items.values(), *self.contexts.defaults.values()]
-                    # Python kernels only: a JS kernel's Math.random is the OS's CSPRNG
-                    pids = [c.kernel.pid for c in every if c.language not in JS_LANGUAGES]
-                reseed(f.payload, pids)
+                self._reseed(f.payload)
                 self.ch.done(rid)
+            elif t is MsgType.QUIESCE:
+                # Before a checkpoint: acknowledged at a frame boundary (no frame of another
+                # thread is half-written), and nothing more goes out until RESUME.
+                self.ch.hold(encode(Frame(MsgType.DONE, rid, {})))
+            elif t is MsgType.RESUME:
+                self._resume(f)
             elif t is MsgType.NET_SETUP:
                 self.net.setup(a["port"], a["ca_path"], f.payload)
                 self.ch.done(rid)

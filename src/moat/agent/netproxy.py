@@ -65,6 +65,8 @@ class NetProxy:
         # and pops are thread-safe); a byte on the pipe wakes the selector.
         self._inbox: collections.deque[tuple[MsgType, int, bytes, int]] = collections.deque()
         self._wake_r = self._wake_w = -1
+        #: restores asking for every stream to end (drop_streams), each set once done
+        self._drops: collections.deque[threading.Event] = collections.deque()
 
     def setup(self, port: int, ca_path: str, bundle: bytes) -> None:
         """Write the CA bundle (the template's system roots + ``bundle``, this sandbox's CA)
@@ -118,11 +120,19 @@ class NetProxy:
         with contextlib.suppress(BlockingIOError):
             os.write(self._wake_w, b"\0")  # a full pipe means a wake-up is pending anyway
 
-    def drop_streams(self) -> None:
-        """After a restore: the host ends of every stream are gone; close ours (as if the
-        host had closed each), on the proxy thread. The proxy port keeps listening."""
-        for sid in list(self.streams):
-            self.on_frame(MsgType.TCP_CLOSE, sid, b"")
+    def drop_streams(self, wait: float = 0.0) -> None:
+        """After a restore: the host ends of every stream are gone; close ours at once, on
+        the proxy thread, after what it has queued (a dial in progress too). ``wait``: up
+        to that many seconds for it to be done (the channel is muted meanwhile, so no frame
+        of an old stream reaches the new host). The proxy port keeps listening."""
+        if self._sel is None:
+            return
+        done = threading.Event()
+        self._drops.append(done)
+        with contextlib.suppress(BlockingIOError):
+            os.write(self._wake_w, b"\0")
+        if wait:
+            done.wait(wait)
 
     # the proxy thread -------------------------------------------------------------------------
 
@@ -225,6 +235,13 @@ class NetProxy:
         self._watch(st)
 
     def _handle_inbox(self) -> None:
+        self._do_inbox()
+        while self._drops:
+            for st in list(self.streams.values()):
+                self._close(st, notify=False)
+            self._drops.popleft().set()
+
+    def _do_inbox(self) -> None:
         while self._inbox:
             mtype, sid, payload, n = self._inbox.popleft()
             if mtype is MsgType.TCP_DIAL:

@@ -342,6 +342,13 @@ class Watches:
         watch.stop()
         return True
 
+    def stop_all(self) -> None:
+        """After a restore: the old host's watches end (their DONE is dropped)."""
+        with self.mu:
+            watches = list(self.items.values())
+        for watch in watches:
+            watch.stop()
+
     def settle(self) -> None:
         """Before a file operation of the host's: let every recursive watch take in what is
         pending, so a directory made by the previous call is watched before this one writes

@@ -26,6 +26,7 @@ from moat.errors import (
     SandboxDiedError,
     SandboxError,
 )
+from moat.errors import TimeoutError as TimeoutError_
 from moat.protocol import (
     AGENT_TO_HOST,
     MAX_FRAME,
@@ -171,11 +172,18 @@ def fail_to_error(frame: Frame, *, root: bool = False) -> SandboxError:
 class AgentClient:
     """Talks to one agent."""
 
-    def __init__(self, proc: SandboxProcess, on_dead: Callable[[str], None]) -> None:
+    def __init__(
+        self, proc: SandboxProcess, on_dead: Callable[[str], None], first_id: int = 1
+    ) -> None:
         self.proc = proc
         self.calls: dict[int, Call] = {}
         self.dead_reason: str | None = None
-        self._ids = itertools.count(1)
+        #: a restored agent may still answer its old host's ids: a restore starts elsewhere
+        self._ids = itertools.count(first_id)
+        #: frames held back while the agent is quiesced (``quiesce``); None otherwise
+        self._held: list[bytes] | None = None
+        self._unheld = asyncio.Event()
+        self._unheld.set()
         #: proxied TCP streams (set once egress is wired up)
         self.tunnels: Tunnels | None = None
         self._on_dead = on_dead
@@ -244,6 +252,8 @@ class AgentClient:
         if not self._ready.done():
             self._ready.set_exception(SandboxDiedError(reason))
             self._ready.exception()  # mark retrieved
+        self._held = None
+        self._unheld.set()  # drains waiting for a release fail now
         for call in self.calls.values():
             call.put(_DEAD)
         if notify:
@@ -257,6 +267,9 @@ class AgentClient:
             data = encode(Frame(mtype, rid, fields, payload))
         except ProtocolError as exc:
             raise InvalidArgumentError("request too large") from exc
+        if self._held is not None:  # quiesced for a checkpoint: sent on release
+            self._held.append(data)
+            return
         try:
             self.proc.writer.write(data)
         except (ConnectionError, RuntimeError, OSError) as exc:
@@ -265,7 +278,12 @@ class AgentClient:
 
     async def drain(self, timeout: float | None = None) -> None:
         """Wait until the agent has read what was sent, at most ``timeout`` (default
-        SEND_TIMEOUT): an agent that stops reading is dead, and its sandbox ends."""
+        SEND_TIMEOUT): an agent that stops reading is dead, and its sandbox ends. While
+        the agent is quiesced this waits for the release first (not counted)."""
+        while self._held is not None:
+            await self._unheld.wait()
+        if self.dead_reason is not None:
+            raise SandboxDiedError(self.dead_reason)
         try:
             async with asyncio.timeout(SEND_TIMEOUT if timeout is None else timeout):
                 await self.proc.writer.drain()
@@ -296,6 +314,54 @@ class AgentClient:
             call.close()
             raise
         return call
+
+    async def quiesce(self, timeout: float) -> None:
+        """Quiesce the agent for a checkpoint (moat.runtime.quiesce.AgentGate): QUIESCE,
+        then nothing more is written until ``release``; its DONE within ``timeout``."""
+        if self._held is not None:
+            raise SandboxError("the sandbox is being checkpointed already")
+        rid = next(self._ids)
+        call = Call(self, rid)
+        self.calls[rid] = call
+        try:
+            self.send(MsgType.QUIESCE, rid, {})
+            self._held = []  # at once: no frame of another task goes out after it
+            self._unheld.clear()
+            try:
+                async with asyncio.timeout(timeout):
+                    await self.proc.writer.drain()
+                    frame = await call.next()
+            except TimeoutError:
+                # A wedged or hostile agent: it gets its RESUME right behind, so that it
+                # goes on whenever it reads them; the sandbox keeps running.
+                self.release()
+                raise TimeoutError_(
+                    "the sandbox's agent did not get ready for the checkpoint in time (it is "
+                    "busy or stuck); nothing was saved and the sandbox keeps running"
+                ) from None
+            except BaseException:
+                self.release()
+                raise
+            if frame.type is not MsgType.DONE:
+                self.release()
+                raise SandboxError("the sandbox's agent refused the checkpoint; it keeps running")
+        finally:
+            call.close()
+
+    def release(self) -> None:
+        """End a ``quiesce``: RESUME (no nonce: the same host goes on), then what was held."""
+        held, self._held = self._held, None
+        if held is None:
+            return
+        try:
+            if self.dead_reason is None:
+                self.proc.writer.write(encode(Frame(MsgType.RESUME, next(self._ids), {})))
+                for data in held:
+                    self.proc.writer.write(data)
+        except (ConnectionError, RuntimeError, OSError):
+            self._die("the connection to the sandbox's agent broke")
+        finally:
+            self._unheld.set()
 
     async def request(
         self, mtype: MsgType, fields: dict[str, Any], timeout: float = 30.0, payload: bytes = b""

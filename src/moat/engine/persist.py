@@ -225,30 +225,27 @@ class Persistence:
             if session.gateway is not None:  # what its processes hold: kept on resume
                 await asyncio.to_thread(session.gateway.identity().save, pending.tmp)
             await asyncio.to_thread(self.store.commit, pending, record)
-        except OSError as exc:
-            await asyncio.to_thread(self.store.abort, pending)
-            log.warning("pause of %s failed: %s", session.id, exc)  # details: the log only
-            if saved and session.spec.tier != "container":
-                await session.kill("died: its pause failed after it was stopped")
-                raise SandboxDiedError(
-                    "the sandbox was stopped to be paused, then could not be kept (the host's "
-                    "disk); it has ended"
-                ) from None
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise DiskFullError(
-                    "the host has no room to keep the paused sandbox; it keeps running"
-                ) from None
-            raise SandboxError("the sandbox could not be paused; it keeps running") from None
         except BaseException as exc:
             await asyncio.to_thread(self.store.abort, pending)
+            # (moat's own TimeoutError is an OSError too: only a host's OSError is the disk's)
+            host_os = isinstance(exc, OSError) and not isinstance(exc, SandboxError)
+            if host_os:
+                log.warning("pause of %s failed: %s", session.id, exc)  # details: the log only
             if saved and session.spec.tier != "container":
                 # The checkpoint stopped it (gVisor, microVM) and what follows failed: it
                 # can't run on, so it ends, and the error says so (never "keeps running").
                 await session.kill("died: its pause failed after it was stopped")
+                why = "the host's disk" if host_os else type(exc).__name__
                 raise SandboxDiedError(
-                    f"the sandbox was stopped to be paused, then could not be kept "
-                    f"({type(exc).__name__}); it has ended"
+                    f"the sandbox was stopped to be paused, then could not be kept ({why}); "
+                    "it has ended"
                 ) from None
+            if host_os:
+                if getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT):
+                    raise DiskFullError(
+                        "the host has no room to keep the paused sandbox; it keeps running"
+                    ) from None
+                raise SandboxError("the sandbox could not be paused; it keeps running") from None
             raise
         entry = _entry(session.id, {"version": 1, **record}, size)
         _config, secrets, sensitive, gateway_config = origin

@@ -230,6 +230,8 @@ class Snapshots:
             await asyncio.to_thread(self.store.commit, pending, record)
         except OSError as exc:
             await asyncio.to_thread(self.store.abort, pending)
+            if isinstance(exc, SandboxError):  # moat's TimeoutError is an OSError too
+                raise
             log.warning("snapshot of %s failed: %s", session.id, exc)  # details: the log only
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise DiskFullError(

@@ -53,6 +53,13 @@ class MsgType(enum.StrEnum):
     PING = "ping"
     RESEED = "reseed"  # after a restore or fork; payload = host entropy (moat.agent.reseed)
     NET_SETUP = "net_setup"  # start the local proxy port; payload = CA bundle (PEM)
+    # before a memory checkpoint (gvisor): the agent answers DONE at a frame boundary and
+    # writes nothing more until RESUME; the host sends nothing in between (protocol.resume)
+    QUIESCE = "quiesce"
+    # ends a QUIESCE: without ``nonce`` the same host goes on; with it (a restore, a new
+    # host) the agent starts over and announces ``resume.line(nonce)`` + READY; payload =
+    # host entropy for the agent's reseed
+    RESUME = "resume"
     # connect to 127.0.0.1:<port> inside (ingress, id = a positive stream id the host chose);
     # the agent answers TCP_OPEN with that id, or TCP_CLOSE when nothing listens there
     TCP_DIAL = "tcp_dial"
@@ -105,6 +112,8 @@ HOST_TO_AGENT = frozenset(
         MsgType.PING,
         MsgType.RESEED,
         MsgType.NET_SETUP,
+        MsgType.QUIESCE,
+        MsgType.RESUME,
         MsgType.TCP_DIAL,
         MsgType.WATCH_START,
         MsgType.WATCH_STOP,
@@ -206,6 +215,8 @@ SCHEMAS: dict[MsgType, dict[str, _F]] = {
     MsgType.PING: {},
     MsgType.RESEED: {},
     MsgType.NET_SETUP: {"port": _F(int), "ca_path": _PATH},
+    MsgType.QUIESCE: {},
+    MsgType.RESUME: {"nonce": _F(str, required=False, max_len=64)},
     MsgType.WATCH_START: {"path": _PATH, "recursive": _F(bool, required=False)},
     MsgType.WATCH_STOP: {"target": _F(int)},
     MsgType.WATCH_FLUSH: {"target": _F(int)},

@@ -11,6 +11,7 @@ import builtins
 import contextlib
 import datetime as dt
 import logging
+import secrets
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -50,6 +51,9 @@ log = logging.getLogger("moat.engine")
 
 #: How long the agent gets to come up.
 START_TIMEOUT = 20.0
+#: Request ids of a restored sandbox's client start at or above this (far from the ids its
+#: old host used, which its agent may still answer), below the protocol's 2**53.
+RESTORED_FIRST_ID = 1 << 48
 
 
 class Session(CodeCalls, PtyCalls, FileCalls, WatchCalls):
@@ -100,9 +104,14 @@ class Session(CodeCalls, PtyCalls, FileCalls, WatchCalls):
             self.proc = await self.runtime.restore(self.spec, restore)  # type: ignore[attr-defined]
         else:
             self.proc = await self.runtime.start(self.spec)
-        self.client = AgentClient(self.proc, self._agent_died)
+        # A restored agent may still send output for its old host's requests (a command,
+        # a cell): the new client's ids start far from those (moat.protocol.resume).
+        first = 1 if restore is None else RESTORED_FIRST_ID + secrets.randbelow(1 << 40)
+        self.client = AgentClient(self.proc, self._agent_died, first_id=first)
         if hasattr(self.proc, "inside"):  # its driver archives files through the agent
             self.proc.inside = AgentInside(self)
+        if hasattr(self.proc, "agent_gate"):  # its driver quiesces the agent to checkpoint
+            self.proc.agent_gate = self.client
         try:
             if getattr(self.proc, "sends_ready", True):
                 await self.client.wait_ready(START_TIMEOUT)

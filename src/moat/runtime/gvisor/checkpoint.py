@@ -40,6 +40,7 @@ from moat.runtime.spec import AGENT_DIR
 __all__ = [
     "IMAGE",
     "MANIFEST",
+    "RESTORE_TIMEOUT",
     "RestoreImage",
     "check_space",
     "load_image",
@@ -158,6 +159,7 @@ def write_manifest(
     cgroups_path: str,
     sandbox_id: str,
     memory: bool = True,
+    handshake: bool = False,
 ) -> None:
     """Record what a restore must match, next to the image (written by the host only)."""
     config = json.loads((workdir / "bundle" / "config.json").read_text())
@@ -177,6 +179,8 @@ def write_manifest(
         "image_bytes": (dest / payload).stat().st_size,
         "config": _normalise(config, workdir, cgroups_path),
     }
+    if handshake:  # the agent was quiesced: a restore starts with RESUME (protocol.resume)
+        manifest["handshake"] = 1
     tmp = dest / (MANIFEST + ".tmp")
     tmp.write_text(json.dumps(manifest, sort_keys=True))
     os.replace(tmp, dest / MANIFEST)
@@ -202,6 +206,12 @@ class RestoreImage:
     def memory(self) -> bool:
         """A full memory image (else ``/home/user`` only: :mod:`moat.runtime.gvisor.fscopy`)."""
         return self.manifest.get("memory") is True
+
+    @property
+    def handshake(self) -> bool:
+        """Its agent was quiesced: a restore onto a new stream sends RESUME with a nonce
+        and reads the announcement (else, an image of before: the agent carries on)."""
+        return self.memory and self.manifest.get("handshake") == 1
 
     @property
     def agent_dir(self) -> Path:

@@ -25,6 +25,7 @@ import collections
 import contextlib
 import json
 import os
+import secrets
 import shutil
 import signal
 import time
@@ -39,12 +40,15 @@ from moat.errors import (
     SandboxDiedError,
 )
 from moat.paths import state_dir
+from moat.protocol import MAX_FRAME, Frame, MsgType, encode, resume
 from moat.runtime import reaper, templateroot
 from moat.runtime.agentdir import agent_argv, prepare
+from moat.runtime.announce import read_announcement
 from moat.runtime.base import SandboxProcess
 from moat.runtime.gvisor import compat
 from moat.runtime.gvisor.channel import AgentPipes
 from moat.runtime.gvisor.checkpoint import (
+    RESTORE_TIMEOUT,
     RestoreImage,
     check_space,
     load_image,
@@ -60,6 +64,7 @@ from moat.runtime.gvisor.probe import PLATFORMS, RUNSC_ENV, probe, runsc_path
 from moat.runtime.gvisor.rootfs import OWNED, copied, etc_binds, write_skeleton
 from moat.runtime.mounts import check_owners
 from moat.runtime.mounts import resolve as resolve_mount
+from moat.runtime.quiesce import AgentGate
 from moat.runtime.spec import SANDBOX_GID, SandboxSpec
 
 __all__ = ["GvisorRuntime", "GvisorSandbox"]
@@ -76,6 +81,14 @@ FAILED_SAVE_WAIT: Final = 1.0
 LOG_KEEP: Final = 1 << 20
 #: Bytes of runsc's stderr kept for diagnostics (the agent's stderr goes there too: bounded).
 STDERR_KEEP: Final = 64 * 1024
+#: Seconds the agent gets to answer QUIESCE before a memory checkpoint (it answers at once
+#: unless its reader is stuck); past it the checkpoint is refused and the sandbox runs on.
+QUIESCE_TIMEOUT: Final = 10.0
+#: What a restored (quiesced) agent may write before its announcement: nothing, honestly;
+#: past one frame's worth the restore fails closed (invariant 6).
+ANNOUNCE_DISCARD_MAX: Final = MAX_FRAME
+#: Bytes of host entropy in the RESUME frame (the agent reseeds before it announces).
+RESUME_SEED_BYTES: Final = 64
 _PYTHON: Final = "/usr/bin/python3"
 
 
@@ -133,6 +146,8 @@ class GvisorSandbox:
         self.swapping = False
         #: checkpointed without leave_running: stopped for good, the channel open until kill
         self.stopped = False
+        #: the engine's hold on the agent for a memory checkpoint (lent once it is up)
+        self.agent_gate: AgentGate | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._proc = proc
         self._watch(proc)
@@ -228,10 +243,12 @@ class GvisorSandbox:
             # the loop is surely alive, but never let it hold kill() up.
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._proc.wait(), EXIT_WAIT)
-            # Not reaped yet (a loaded host): close asyncio's transport now, so that it is
-            # not finalised unclosed after the loop has gone (a ResourceWarning).
+            # Not reaped yet (a loaded host), or reaped while a process of the sandbox that
+            # the reaper has yet to see gone still holds runsc's stderr: close asyncio's
+            # transport now, so that it is not finalised unclosed after the loop has gone
+            # (a ResourceWarning; seen after pauses, the stderr pipe still open).
             transport = getattr(self._proc, "_transport", None)
-            if self._proc.returncode is None and isinstance(transport, asyncio.BaseTransport):
+            if isinstance(transport, asyncio.BaseTransport) and not transport.is_closing():
                 transport.close()
             for task in self._tasks:
                 task.cancel()
@@ -391,11 +408,22 @@ class GvisorRuntime:
             if image is not None:
                 image.check(config, workdir, "/" + cgroup_name(spec))
             await pipes.connect()
+            nonce = None
+            if image is not None and image.handshake:
+                # Its agent was quiesced: this RESUME is the first thing it reads on its
+                # new stdin (written now: it waits in the pipe until the sandbox runs).
+                nonce = secrets.token_hex(resume.NONCE_BYTES)
+                seed = secrets.token_bytes(RESUME_SEED_BYTES)
+                if pipes.writer is None:  # connect() sets it
+                    raise SandboxDiedError("the gvisor sandbox has no channel")
+                pipes.writer.write(encode(Frame(MsgType.RESUME, 1, {"nonce": nonce}, seed)))
             argv = self._argv(exe, workdir, spec.sandbox_id, image=image)
             proc = await _spawn(argv, workdir, pipes)
             await self._verify_limits(proc, cgroup, config)
             if image is not None:
                 await wait_running(proc, workdir / "root", spec.sandbox_id)
+            if nonce is not None:
+                await _announced(pipes, nonce)
             sb = GvisorSandbox(
                 proc,
                 pipes=pipes,
@@ -404,8 +432,9 @@ class GvisorRuntime:
                 workdir=workdir,
                 cgroup=cgroup,
             )
-            # A memory restore's agent carries on where it was: no READY (the engine pings).
-            sb.sends_ready = image is None or not image.memory
+            # A memory restore's agent announces itself with READY after its line (a
+            # checkpoint of before the handshake: it carries on, no READY; the engine pings).
+            sb.sends_ready = image is None or not image.memory or image.handshake
             return sb
         except BaseException:
             pipes.close()
@@ -445,7 +474,7 @@ class GvisorRuntime:
                         "watches with epoll (e.g. an asyncio or Node server); stop it, or "
                         "pause with memory=False"
                     )
-                await self._checkpoint(exe, proc, dest, leave_running)
+                await self._quiesced_checkpoint(exe, proc, dest, leave_running)
                 return
             await self._save_files(exe, proc, dest)
             if not leave_running:
@@ -475,14 +504,34 @@ class GvisorRuntime:
             _empty(dest)
             raise
 
-    async def _checkpoint(
+    async def _quiesced_checkpoint(
         self, exe: str, sb: GvisorSandbox, dest: Path, leave_running: bool
+    ) -> None:
+        """The agent quiesced around the checkpoint (moat.runtime.quiesce), when the engine
+        lent a gate: its image then holds no half frame either way, and a restore onto a
+        new stream starts with a RESUME handshake (moat.protocol.resume). Released after a
+        restore in place or a failure; a paused (stopped) sandbox is never released."""
+        gate = sb.agent_gate
+        if gate is None:  # the driver used on its own (no engine): no handshake
+            await self._checkpoint(exe, sb, dest, leave_running, quiesced=False)
+            return
+        await gate.quiesce(QUIESCE_TIMEOUT)
+        saved = False
+        try:
+            await self._checkpoint(exe, sb, dest, leave_running, quiesced=True)
+            saved = True
+        finally:
+            if leave_running or not saved:
+                gate.release()
+
+    async def _checkpoint(
+        self, exe: str, sb: GvisorSandbox, dest: Path, leave_running: bool, *, quiesced: bool
     ) -> None:
         """Checkpoint, then (``leave_running``) restore in place. On any failure ``dest`` is
         emptied; the sandbox is as it was (refused before runsc ran), or dead."""
         sb.swapping = True
         try:
-            await self._save(exe, sb, dest)
+            await self._save(exe, sb, dest, quiesced)
             if not leave_running:
                 sb.stopped = True
                 return
@@ -502,7 +551,7 @@ class GvisorRuntime:
             if sb.process.returncode is not None and not sb.stopped:
                 sb.pipes.release()  # it ended during the swap: the engine must see EOF
 
-    async def _save(self, exe: str, sb: GvisorSandbox, dest: Path) -> None:
+    async def _save(self, exe: str, sb: GvisorSandbox, dest: Path, quiesced: bool) -> None:
         try:
             await run_checkpoint(
                 exe,
@@ -532,6 +581,7 @@ class GvisorRuntime:
             workdir=sb.workdir,
             cgroups_path="/" + sb.cgroup.name,
             sandbox_id=sb.sandbox_id,
+            handshake=quiesced,
         )
 
     async def _restore_in_place(self, exe: str, sb: GvisorSandbox, src: Path) -> None:
@@ -564,7 +614,9 @@ class GvisorRuntime:
 
         The bundle is built afresh for ``spec`` (a fork has its own id, work dir, cgroup and
         pipes) and must match the checkpointed one (:mod:`moat.runtime.gvisor.checkpoint`).
-        The restored agent sends no READY: it carries on reading its (new) stdin.
+        Its agent was quiesced at the checkpoint: it gets RESUME with a fresh nonce first and
+        announces itself (``resume.line`` + READY, read here up to the line). An image of
+        before the handshake: the agent carries on reading its (new) stdin, no READY.
         """
         reason = self.probe()
         if reason is not None:
@@ -699,6 +751,18 @@ class GvisorRuntime:
             count += 1
         count += _sweep_cgroups(live_ids)
         return count
+
+
+async def _announced(pipes: AgentPipes, nonce: str) -> None:
+    """Wait for a restored agent's announcement (bounded; moat.runtime.announce): what it
+    writes before it is dropped, and the next frame is its READY."""
+    if pipes.reader is None:  # connect() sets it
+        raise SandboxDiedError("the gvisor sandbox has no channel")
+    deadline = time.monotonic() + RESTORE_TIMEOUT
+    try:
+        await read_announcement(pipes.reader, nonce, deadline, ANNOUNCE_DISCARD_MAX)
+    except (TimeoutError, asyncio.IncompleteReadError) as exc:
+        raise SandboxDiedError("the restored sandbox's agent did not announce itself") from exc
 
 
 async def _stopped(sb: GvisorSandbox, timeout: float) -> bool:

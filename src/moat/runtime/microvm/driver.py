@@ -32,6 +32,7 @@ from moat.errors import IsolationUnavailableError, PolicyError, SandboxDiedError
 from moat.guest.init import BOOT_MARKER
 from moat.protocol import resume
 from moat.runtime import agentdir, cgroups, reaper, seccomp
+from moat.runtime.announce import read_announcement
 from moat.runtime.base import SandboxProcess
 from moat.runtime.microvm import (
     artifacts,
@@ -588,22 +589,7 @@ def _settle(qmp_sock: socket.socket, feeder: checkpoint.Feeder, deadline: float)
 async def _announcement(reader: asyncio.StreamReader, nonce: str, deadline: float) -> None:
     """Read up to the restored agent's announcement; what it had queued for the old host
     before it (bounded: RESUME_DISCARD_MAX) is dropped. The next frame is its READY."""
-    marker = resume.line(nonce)
-    dropped = 0
-    while True:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise TimeoutError("no announcement")
-        try:
-            async with asyncio.timeout(left):
-                data = await reader.readuntil(marker)
-            dropped += len(data) - len(marker)
-            break
-        except asyncio.LimitOverrunError as exc:
-            dropped += exc.consumed
-            await reader.readexactly(exc.consumed)
-        if dropped > RESUME_DISCARD_MAX:
-            raise SandboxDiedError("the restored microVM's agent did not announce itself")
+    dropped = await read_announcement(reader, nonce, deadline, RESUME_DISCARD_MAX)
     if dropped:
         log.info("microvm restore: dropped %d bytes queued for the old host", dropped)
 
