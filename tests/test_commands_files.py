@@ -29,6 +29,28 @@ def test_cwd_envs_and_stdin(shared_sbx: Sandbox) -> None:
     assert shared_sbx.commands.run("cat | tr a-z A-Z", stdin="shout").stdout == "SHOUT"
 
 
+def test_stdin_a_command_does_not_read_yet_never_blocks_the_sandbox(shared_sbx: Sandbox) -> None:
+    """More input than a pipe holds, for a command that reads it only later: the agent queues
+    it (bounded) and keeps serving other calls at once; all of it arrives, in order."""
+    h = shared_sbx.commands.run("sleep 3; sha256sum", background=True, stdin=True)
+    data = os.urandom(350 << 10).hex()  # 700 KiB of text: far over a pipe's 64 KiB
+    t0 = time.monotonic()
+    h.send_stdin(data)
+    assert shared_sbx.run_code("40 + 2").text == "42"
+    assert time.monotonic() - t0 < 2.5  # served while the command still sleeps
+    h.send_stdin(b"", eof=True)
+    import hashlib
+
+    assert h.wait().stdout.split()[0] == hashlib.sha256(data.encode()).hexdigest()
+    # a command that never reads: input past the agent's bound is refused, nothing wedges
+    h = shared_sbx.commands.run("sleep 60", background=True, stdin=True)
+    with pytest.raises(Exception, match="not reading its input"):
+        for _ in range(8):
+            h.send_stdin("x" * (256 << 10))
+    assert shared_sbx.run_code("1 + 1").text == "2"
+    h.kill()
+
+
 def test_command_streaming_and_timeout(shared_sbx: Sandbox) -> None:
     chunks: list[tuple[float, str]] = []
     shared_sbx.commands.run(

@@ -25,9 +25,11 @@ from tests.test_gvisor_checkpoint import _leftovers
 from tests.test_pause import T, _close, _door, _root, _run
 
 from moat.engine.api import FrontDoor
+from moat.engine.client import AgentClient
 from moat.errors import SandboxDiedError, SandboxError
 from moat.errors import TimeoutError as MoatTimeout
 from moat.runtime.gvisor import driver as gvdriver
+from moat.runtime.gvisor.oci import CGROUP_PREFIX
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.gvisor, pytest.mark.timeout(600)]
 
@@ -125,27 +127,39 @@ async def test_pauses_while_the_host_streams_a_large_file_in(door: FrontDoor) ->
 async def test_an_agent_that_does_not_quiesce_fails_the_pause_and_keeps_running(
     door: FrontDoor, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """An agent whose reader is stuck never answers QUIESCE: the pause fails with a typed
-    error inside the bound, nothing is kept or left on disk, and the sandbox runs on with
-    its memory (paused fine once the agent reads again).
+    """An agent that never answers QUIESCE: the pause fails with a typed error inside the
+    bound, nothing is kept or left on disk, and the sandbox runs on with its memory (paused
+    fine once it answers again).
 
-    Stuck for real: a command that does not read its stdin (for a few seconds) is sent more
-    stdin than its pipe holds, and the agent's reader blocks writing it."""
+    Stuck for real: the sandbox's processes (sentry, agent) frozen by the host's cgroup
+    freezer, then thawed."""
     monkeypatch.setattr(gvdriver, "QUIESCE_TIMEOUT", 1.0)
     sid = await _create(door)
     await _run(door, sid, "x = 41")
-    cmd = await door.start_command(T, sid, "sleep 5; cat > /dev/null", stdin=True)
-    feed = asyncio.ensure_future(door.send_stdin(T, sid, cmd.pid, b"s" * (512 << 10)))
-    await asyncio.sleep(0.5)
+    v1 = Path("/sys/fs/cgroup/freezer") / (CGROUP_PREFIX + sid) / "freezer.state"
+    v2 = Path("/sys/fs/cgroup") / (CGROUP_PREFIX + sid) / "cgroup.freeze"
+    state, frozen, thawed = (v1, "FROZEN", "THAWED") if v1.exists() else (v2, "1", "0")
+    if not state.exists():
+        pytest.fail(f"no freezer for the sandbox's cgroup ({v1} or {v2})")
+    real_quiesce = AgentClient.quiesce
+
+    async def frozen_then_quiesce(self: AgentClient, timeout: float) -> None:
+        state.write_text(frozen)  # the moment QUIESCE goes out, nothing inside can answer
+        await real_quiesce(self, timeout)
+
+    monkeypatch.setattr(AgentClient, "quiesce", frozen_then_quiesce)
     loop = asyncio.get_running_loop()
     t0 = loop.time()
-    with pytest.raises(MoatTimeout, match="keeps running"):
-        await door.pause(T, sid, memory=True)
+    try:
+        with pytest.raises(MoatTimeout, match="keeps running"):
+            await door.pause(T, sid, memory=True)
+    finally:
+        state.write_text(thawed)
+        monkeypatch.setattr(AgentClient, "quiesce", real_quiesce)
     assert loop.time() - t0 < 4.0
     assert door.engine.get(sid) is not None  # still running, not paused
     assert _paused_dirs(door) == []  # nothing kept, no half checkpoint
-    # the agent reads again once the command does: the same sandbox, its memory intact
-    await asyncio.wait_for(feed, 30)
+    # thawed, the agent answers again: the same sandbox, its memory intact
     assert await _run(door, sid, "x += 1; print(x)") == "42\n"
     await door.pause(T, sid, memory=True)
     await door.connect(T, sid)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import os
 import select
 import signal
@@ -50,6 +51,62 @@ class Command:
         self.is_pty = False
         #: the slave, kept where the agent raises the terminal's signals (pty.kernel_signals)
         self.slave: int | None = None
+        #: a pipe command's input not yet written: its own thread writes it (a command that
+        #: does not read must never block the agent's dispatch), None in the queue is EOF
+        self.feed_cv = threading.Condition()
+        self.feed_q: collections.deque[bytes | None] = collections.deque()
+        self.feed_bytes = 0
+        self.feed_done = False  # EOF asked for, or the pipe broke: no more input
+        self.feeder: threading.Thread | None = None
+
+    def feed(self, data: bytes, eof: bool) -> bool:
+        """Queue input for the command's stdin (bounded); False once its stdin is closed."""
+        with self.feed_cv:
+            if self.feed_done or self.proc.stdin is None:
+                return False
+            if self.feed_bytes + len(data) > pty.MAX_PENDING:
+                raise FileError("busy", "the command is not reading its input")
+            if data:
+                self.feed_q.append(data)
+                self.feed_bytes += len(data)
+            if eof:
+                self.feed_q.append(None)
+                self.feed_done = True
+            if self.feeder is None:
+                # its own descriptor: a close of proc.stdin elsewhere never pulls the number
+                # from under a write in progress
+                fd = os.dup(self.proc.stdin.fileno())
+                self.feeder = threading.Thread(target=self._feed_loop, args=(fd,), daemon=True)
+                self.feeder.start()
+            self.feed_cv.notify()
+        return True
+
+    def _feed_loop(self, fd: int) -> None:
+        try:
+            while True:
+                with self.feed_cv:
+                    while not self.feed_q:
+                        self.feed_cv.wait()
+                    item = self.feed_q.popleft()
+                if item is None:
+                    return
+                view = memoryview(item)
+                while view:
+                    view = view[os.write(fd, view) :]
+                with self.feed_cv:
+                    self.feed_bytes -= len(item)
+        except OSError:  # EPIPE: the command is gone or closed its input
+            with self.feed_cv:
+                self.feed_done = True
+                self.feed_q.clear()
+                self.feed_bytes = 0
+        finally:
+            os.close(fd)
+            if self.proc.stdin is not None:
+                try:
+                    self.proc.stdin.close()  # EOF for the command (with our copy closed)
+                except OSError:
+                    pass
 
 
 class Commands:
@@ -282,14 +339,9 @@ class Commands:
         if c is None or c.proc.stdin is None:
             return False
         try:
-            if data:
-                c.proc.stdin.write(data)
-                c.proc.stdin.flush()
-            if eof:
-                c.proc.stdin.close()
-        except (BrokenPipeError, ValueError, OSError):
+            return c.feed(data, eof)
+        except (ValueError, OSError):  # its stdin already closed
             return False
-        return True
 
     def _pty_input(self, c: Command, fd: int, data: bytes) -> bool:
         """Input for a PTY (with ``mu`` held): what the master takes now is written, the rest
