@@ -73,9 +73,10 @@ def test_bad_values_fail_as_in_json_and_leave_no_state() -> None:
     assert jsonfast.dumps([shared, shared]) == '[{"x":1},{"x":1}]'
 
 
-def test_agent_imports_neither_json_nor_re(tmp_path: Path) -> None:
+def test_agent_start_imports_stay_lean(tmp_path: Path) -> None:
     """The point of the module: the agent's start (and its forked kernel's) imports neither
-    (each import is CPU on every create). A positive control: ``json`` itself imports ``re``."""
+    json nor re, nor base64 (which imports re) nor ast (a kernel imports it at its first
+    cell): each is CPU on every create. A positive control: ``json`` itself imports ``re``."""
     src = Path(__file__).resolve().parent.parent / "src" / "moat"
     tree = tmp_path / "moat"  # laid out as moat.runtime.agentdir lays it out for a sandbox
     tree.mkdir()
@@ -84,7 +85,7 @@ def test_agent_imports_neither_json_nor_re(tmp_path: Path) -> None:
         shutil.copytree(src / pkg, tree / pkg)
     probe = (
         f"import sys; sys.path.insert(0, {str(tmp_path)!r}); import moat.agent.main, "
-        "moat.agent.kernel; print(sorted(m for m in ('json', 're', 'base64') "
+        "moat.agent.kernel; print(sorted(m for m in ('json', 're', 'base64', 'ast') "
         "if m in sys.modules))"
     )
     out = subprocess.run(
