@@ -1,7 +1,7 @@
 """``moat serve`` benchmark: the E2B Python SDK against a live server, beside the embedded SDK.
 
     .venv/bin/python bench/bench_server.py [--runs 10] [--tiers container,gvisor,microvm]
-        [--concurrent 50] [--duration 60] [--sustain 20] [--pool container=1]
+        [--concurrent 50] [--duration 60] [--sustain 20] [--pool container=1] [--only-sustain]
 
 The script starts its own ``moat serve`` on 127.0.0.1 (one per tier: ``--tier``), makes a key,
 and measures, each beside the embedded SDK (``moat.Sandbox``) in this same process:
@@ -359,9 +359,15 @@ def bench_container(srv: Server, args: argparse.Namespace) -> list[Row]:
     rows.append((f"{tier}: {n} x {seconds:g}s p50 / p99", f"{p50:.1f} / {p99:.1f}", "",
                  f"{failures} failures of {len(trips) + failures}"))  # fmt: skip
     rows.append((f"{tier}: server RSS per idle sandbox", f"{per:.2f} MiB", "", ""))
-    # Interleaved halves (server, embedded, embedded, server) after a pause: the load's
-    # kills are reaped in the background, and a shared host's load drifts.
+    # after a pause: the load's kills are reaped in the background
     time.sleep(5)
+    return rows + bench_sustained(srv, args)
+
+
+def bench_sustained(srv: Server, args: argparse.Namespace) -> list[Row]:
+    """Sustained creates, interleaved halves (server, embedded, embedded, server): a shared
+    host's load drifts."""
+    tier, rows = "container", []
     ways = {
         "E2B SDK": lambda: e2b_acreate(srv, timeout=60),
         "embedded": lambda: AsyncSandbox.create(isolation=tier, timeout=60),
@@ -394,6 +400,10 @@ def main() -> None:
     ap.add_argument("--concurrent", type=int, default=50)
     ap.add_argument("--duration", type=float, default=60.0, help="seconds of concurrent load")
     ap.add_argument("--think", type=float, default=0.1, help="seconds between two calls")
+    ap.add_argument(
+        "--only-sustain", action="store_true",
+        help="the container tier's sustained creates only (bench_creates.py adds CPU per cycle)",
+    )  # fmt: skip
     args = ap.parse_args()
     if args.pool is not None:
         os.environ["MOAT_WARM_POOL"] = args.pool
@@ -410,6 +420,9 @@ def main() -> None:
             s.run_code("1+1")
         with serving(tier, args.pool, work) as srv:
             e2b_create(srv, timeout=60).kill()  # and the served one
+            if args.only_sustain:
+                rows += bench_sustained(srv, args) if tier == "container" else []
+                continue
             rows += bench_first_results(srv, tier, args.runs)
             if tier == "container":
                 rows += bench_container(srv, args)

@@ -7,7 +7,6 @@ user code started.
 
 from __future__ import annotations
 
-import ast
 import io
 import os
 import signal
@@ -21,6 +20,7 @@ from moat.protocol import Decoder, Frame, MsgType, encode
 # imported for the type checker (annotations are strings here).
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    import ast
     from typing import Any
 
 _CELL = "<cell>"
@@ -107,6 +107,8 @@ def _parse(code: str) -> ast.Module:
     """The cell's tree. Only code that is not Python as written gets IPython's ``!cmd``
     lines turned into shell calls: valid Python is never rewritten, and a cell still wrong
     after that reports its own SyntaxError."""
+    import ast  # lazily: ~4 ms of every sandbox's start, for sandboxes that may run no cell
+
     code = _leading_indent(code)
     try:
         return ast.parse(code, _CELL, "exec")
@@ -128,6 +130,8 @@ def _parse(code: str) -> ast.Module:
 
 def _run(code: str, ns: dict[str, Any]) -> tuple[bool, Any]:
     """Execute ``code``; return (has_value, value of a trailing expression)."""
+    import ast  # lazily (see _parse)
+
     flags = ast.PyCF_ALLOW_TOP_LEVEL_AWAIT
     tree = _parse(code)
     ns.setdefault(_SHELL_NAME, _shell)

@@ -51,6 +51,11 @@ class MetricsRing:
         self._ring: collections.deque[SandboxMetrics] = collections.deque(maxlen=RING_SIZE)
         self._last: tuple[float, int] | None = None  # (monotonic s, cpu ns) of the last read
 
+    def baseline(self, cpu_ns: int) -> None:
+        """Set the CPU baseline from one counter read (what the first :meth:`sample` does,
+        without reading every other counter: it runs on every create's path)."""
+        self._last = (time.monotonic(), cpu_ns)
+
     def sample(self) -> SandboxMetrics | None:
         """Read the counters now; append and return a sample (None on the first read, which
         only sets the CPU baseline, or when the sandbox's counters are gone)."""

@@ -12,9 +12,9 @@ Raw payloads spare the base64 cost on the hot path (10 MB of printed output).
 
 from __future__ import annotations
 
-import json
 import struct
 
+from moat.protocol import jsonfast
 from moat.protocol.frames import MAX_FRAME, Frame, MsgType, ProtocolError, validate
 
 _LEN = struct.Struct(">II")
@@ -22,11 +22,10 @@ _LEN = struct.Struct(">II")
 
 def encode(frame: Frame) -> bytes:
     """Serialise one frame. Raises ProtocolError if it would exceed MAX_FRAME."""
-    header = json.dumps(
-        {"t": frame.type.value, "i": frame.id, "f": frame.fields},
-        separators=(",", ":"),
-        ensure_ascii=False,
-    ).encode("utf-8", "surrogatepass")
+    # json.dumps(..., separators=(",", ":"), ensure_ascii=False), without importing json
+    header = jsonfast.dumps({"t": frame.type.value, "i": frame.id, "f": frame.fields}).encode(
+        "utf-8", "surrogatepass"
+    )
     total = 4 + len(header) + len(frame.payload)
     if total + 4 > MAX_FRAME:
         raise ProtocolError("frame too large")
@@ -80,7 +79,7 @@ class Decoder:
 
     def _parse(self, header: bytes, payload: bytes) -> Frame:
         try:
-            obj = json.loads(header.decode("utf-8"))
+            obj = jsonfast.loads(header.decode("utf-8"))
         except (UnicodeDecodeError, ValueError) as exc:
             raise ProtocolError("header is not JSON") from exc
         if not isinstance(obj, dict) or set(obj) - {"t", "i", "f"}:

@@ -2,8 +2,9 @@
 
 Trust domain: host engine. A driver's ``kill()`` does the part that ends the sandbox at once
 (its processes frozen or SIGKILLed, its channel closed) and hands the rest to :func:`submit`:
-waiting for exits, ``runsc delete``, removing cgroups and directories. One worker thread runs
-the jobs in order. Invariant 5 still holds exactly:
+waiting for exits, ``runsc delete``, removing cgroups and directories. Worker threads (at most
+``MAX_WORKERS``, started as jobs arrive and kept while there is work, so a kill does not pay
+for a thread's start) run the jobs, in order of arrival. Invariant 5 still holds exactly:
 
 * in this process, :func:`drain` runs at interpreter exit (``atexit``: after the SDK's own
   exit hook has killed what the program forgot), so a program that ends leaves nothing;
@@ -17,6 +18,7 @@ be bounded in time themselves; an exception is logged, never raised to anyone.
 from __future__ import annotations
 
 import atexit
+import collections
 import logging
 import threading
 import time
@@ -29,27 +31,64 @@ log = logging.getLogger("moat.runtime.reaper")
 
 #: How long interpreter exit waits for queued reaping (each job bounds itself too).
 EXIT_DRAIN_S: Final = 60.0
+#: Worker threads at most; more jobs wait their turn (each is bounded in time).
+MAX_WORKERS: Final = 16
+#: A worker with nothing to do for this long ends.
+IDLE_EXIT_S: Final = 30.0
 
-# Process-wide by nature (like atexit itself): one count of unfinished jobs per process.
-_idle = threading.Condition(threading.Lock())
+# Process-wide by nature (like atexit itself): one count of unfinished jobs per process, one
+# queue of jobs not started yet, and the workers that take them.
+_lock = threading.Lock()
+_idle = threading.Condition(_lock)
 _pending = 0
 _registered = False
+_queue: collections.deque[tuple[str, Callable[[], None]]] = collections.deque()
+_arrived = threading.Condition(_lock)  # the same lock: one state, one lock
+_workers = 0  # worker threads alive
+_free = 0  # of them, waiting for a job
 
 
 def submit(what: str, job: Callable[[], None]) -> None:
     """Run ``job`` on a background thread; :func:`drain` waits for it."""
-    global _pending, _registered
+    global _pending, _registered, _workers
     with _idle:
         _pending += 1
         if not _registered:
             atexit.register(drain, EXIT_DRAIN_S)
             _registered = True
+        _queue.append((what, job))
+        if _free > len(_queue) - 1 or _workers >= MAX_WORKERS:
+            _arrived.notify()
+            return
+        _workers += 1
     try:
-        thread = threading.Thread(target=_run, args=(what, job), name=f"reap-{what}", daemon=True)
-        thread.start()
+        threading.Thread(target=_work, name="moat-reaper", daemon=True).start()
     except BaseException:
-        _done()
+        with _idle:
+            _workers -= 1
+            if _workers == 0:  # nobody would ever run it: fail the submit, as before
+                _queue.remove((what, job))
+                _pending -= 1
+                _idle.notify_all()
         raise
+
+
+def _work() -> None:
+    """A worker: run queued jobs until none comes for ``IDLE_EXIT_S``."""
+    global _workers, _free
+    while True:
+        with _idle:
+            _free += 1
+            try:
+                if not _queue:
+                    _arrived.wait(IDLE_EXIT_S)
+                if not _queue:
+                    _workers -= 1
+                    return
+                what, job = _queue.popleft()
+            finally:
+                _free -= 1
+        _run(what, job)
 
 
 def pending() -> int:

@@ -257,8 +257,20 @@ class Session(CodeCalls, PtyCalls, FileCalls, WatchCalls):
         """Sample the sandbox's counters from now until it ends (``moat.engine.metrics``)."""
         if self._sampler is None:
             every = interval_s()  # a bad setting fails the create (the engine kills it)
-            self.metrics.sample()  # the CPU baseline
+            self._cpu_baseline()
             self._sampler = asyncio.get_running_loop().create_task(self._sample_loop(every))
+
+    def _cpu_baseline(self) -> None:
+        """The CPU baseline of the first sample: one counter where the driver reads it alone
+        (``cpu_ns``), else a whole sample."""
+        read = getattr(self.proc, "cpu_ns", None)
+        if read is None:
+            self.metrics.sample()
+            return
+        try:
+            self.metrics.baseline(read())
+        except (OSError, ValueError):  # its counters gone: the sandbox is ending
+            log.debug("sandbox %s: CPU baseline failed", self.id, exc_info=True)
 
     async def _sample_loop(self, every: float) -> None:
         while self.ended is None:

@@ -220,6 +220,10 @@ class ContainerProcess:
     def alive(self) -> bool:
         return not self._killed and self.proc.returncode is None
 
+    def cpu_ns(self) -> int:
+        """CPU time (ns) the sandbox has used: one counter (the metrics' baseline)."""
+        return self.cgroup.cpu_ns()
+
     def stats(self) -> dict[str, int]:
         out = self.cgroup.stats()
         if out:
@@ -293,9 +297,18 @@ class ContainerRuntime:
 
     def __init__(self) -> None:
         self._cgroups: cgroups.CgroupManager | None = None
+        self._bwrap: str | None = None
+
+    def _bwrap_path(self) -> str | None:
+        """bwrap's path: searched once (``shutil.which`` stats every PATH entry, on every
+        create), then only checked to be still there and executable (one syscall)."""
+        path = self._bwrap
+        if path is None or not os.access(path, os.X_OK):
+            path = self._bwrap = shutil.which("bwrap")
+        return path
 
     def probe(self) -> str | None:
-        if shutil.which("bwrap") is None:
+        if self._bwrap_path() is None:
             return "bubblewrap is not installed (Debian package 'bubblewrap')"
         if os.geteuid() != 0:
             return "the container tier needs root to create cgroups and drop to a sandbox uid"
@@ -402,7 +415,7 @@ class ContainerRuntime:
                 boot_id=staged.boot_id(),
             )
             argv = bwrap.build_argv(spec, host, agentdir.agent_argv(workdir=spec.workdir))
-            argv[0] = shutil.which("bwrap") or "bwrap"
+            argv[0] = self._bwrap_path() or "bwrap"
             uid = UID_BASE + 1 + secrets.randbelow(UID_SPAN - 1)
             procs_files = list(cgroup.procs_files)
             limits = spec.limits
