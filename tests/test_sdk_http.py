@@ -120,6 +120,15 @@ def test_run_code_same_execution(pair: tuple[Sandbox, Sandbox], code: str) -> No
     assert remote.execution_count is not None
 
 
+def test_a_figure_s_chart_is_the_same_over_http(pair: tuple[Sandbox, Sandbox]) -> None:
+    code = "import matplotlib.pyplot as plt\nplt.pie([1, 3], labels=['a', 'b'])\nplt.show()"
+    local, remote = both(pair, lambda s: s.run_code(code))
+    assert isinstance(local, Execution) and isinstance(remote, Execution)
+    (lr,), (rr,) = local.results, remote.results
+    assert rr.chart is not None and rr.chart == lr.chart and rr.chart["type"] == "pie"
+    assert rr.formats() == lr.formats() == ["text", "png", "chart"]
+
+
 def test_bash_and_contexts(pair: tuple[Sandbox, Sandbox]) -> None:
     local, remote = both(pair, lambda s: s.run_code("echo $((6*7))", language="bash"))
     assert local.logs == remote.logs and local.logs.stdout == ["42\n"]

@@ -176,6 +176,22 @@ def test_run_code_results_errors_and_streams(sbx_a: Sandbox) -> None:
     assert ex.text == "bar"
 
 
+def test_a_figure_s_chart_reaches_the_sdk(sbx_a: Sandbox) -> None:
+    """E2B's SDK reads a matplotlib figure's ``chart`` (its typed classes) beside the PNG."""
+    from e2b_code_interpreter.charts import BarChart, ChartType
+
+    ex = sbx_a.run_code(
+        "import matplotlib.pyplot as plt\nplt.bar(['a', 'b'], [1, 2], label='n')\n"
+        "plt.title('T'); plt.ylabel('Count (n)')\nplt.show()"
+    )
+    (r,) = ex.results
+    assert r.png and isinstance(r.chart, BarChart) and r.chart.type == ChartType.BAR
+    assert (r.chart.title, r.chart.y_label, r.chart.y_unit) == ("T", "Count (n)", "n")
+    assert [(b.label, b.value, b.group) for b in r.chart.elements] == [("a", 1, "n"), ("b", 2, "n")]
+    assert "chart" in r.formats()
+    assert json.loads(ex.to_json())["results"][0]["chart"]["type"] == "bar"
+
+
 def test_contexts_python_and_bash(sbx_a: Sandbox) -> None:
     py = sbx_a.create_code_context(language="python", cwd="/tmp")
     sh = sbx_a.create_code_context(language="bash")

@@ -44,8 +44,12 @@ def is_figure(value: Any) -> bool:
 def format_value(value: Any) -> dict[str, Any]:
     """Every representation of ``value`` we can produce, keyed by E2B's format names."""
     data: dict[str, Any] = {}
+    chart = None
     if is_figure(value):
-        data["png"] = figure_png(value)
+        data["png"] = figure_png(value)  # draws the figure: tick labels are set from here on
+        from moat.agent import charts  # lazily: only figures need it
+
+        chart = charts.chart_of(value)
     for method, key, binary in _REPR_METHODS:
         fn = getattr(value, method, None)
         if fn is None or not callable(fn) or isinstance(value, type):
@@ -75,7 +79,13 @@ def format_value(value: Any) -> dict[str, Any]:
         data["text"] = e2b_text(repr(value))
     except Exception as exc:  # noqa: BLE001 - user __repr__ may raise anything
         data["text"] = f"<unrepresentable {type(value).__name__}: {type(exc).__name__}>"
-    return _fit(data)
+    data = _fit(data)
+    if chart is not None and "png" in data:
+        # Only beside its PNG, and only where it fits: a chart never costs the figure its image.
+        with_chart = {**data, "chart": chart}
+        if len(json.dumps(with_chart, ensure_ascii=False)) <= MAX_RESULT:
+            data = with_chart
+    return data
 
 
 def e2b_text(text: str) -> str:

@@ -13,7 +13,7 @@ import signal
 import sys
 import types
 
-from moat.agent import display
+from moat.agent import display, imagehooks
 from moat.protocol import Decoder, Frame, MsgType, encode
 
 # The agent starts in every sandbox: typing costs ~8 ms of imports, so it is only
@@ -56,6 +56,11 @@ def _send(mtype: MsgType, rid: int, **fields: Any) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(_out_fd, view) :]
+
+
+def emit_display(value: Any) -> None:
+    """Send ``value`` as a display result of the current cell (IPython's ``display``)."""
+    _send(MsgType.RESULT, _current, data=display.format_value(value), is_main=False)
 
 
 def emit_open_figures() -> None:
@@ -226,6 +231,7 @@ def serve(ctl_in: int, ctl_out: int) -> None:
     # while this kernel started is delivered now, to the handler.
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR2})
     os.environ["MPLBACKEND"] = "module://moat.agent.mplbackend"
+    imagehooks.PILHook().install()
     # Write-through text streams: output reaches the host as it is printed, not at the end.
     sys.stdout = io.TextIOWrapper(
         os.fdopen(1, "wb", buffering=0, closefd=False),

@@ -15,8 +15,8 @@ from moat.model.config import Limits
 
 #: Result formats in the order they are reported by ``Result.formats()``.
 FORMATS = ("text", "html", "markdown", "svg", "png", "jpeg", "pdf", "latex", "json", "javascript")
-#: Every key a result's data may have (the formats, plus free-form ``data``).
-RESULT_KEYS = frozenset((*FORMATS, "data"))
+#: Every key a result's data may have (the formats, free-form ``data``, a figure's ``chart``).
+RESULT_KEYS = frozenset((*FORMATS, "data", "chart"))
 
 _T = TypeVar("_T", bound="_Wire")
 
@@ -48,6 +48,9 @@ class Result(_Wire):
     json: Any = None
     javascript: str | None = None
     data: dict[str, Any] | None = None
+    #: a matplotlib figure's data in E2B's chart shape (``type``: line, scatter, bar, pie,
+    #: box_and_whisker, superchart or unknown; title, axes, ``elements``): plain JSON
+    chart: dict[str, Any] | None = None
     is_main_result: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -56,6 +59,8 @@ class Result(_Wire):
         out = [f for f in FORMATS if getattr(self, f) is not None]
         if self.data is not None:
             out.append("data")
+        if self.chart is not None:
+            out.append("chart")
         out.extend(self.extra)
         return out
 

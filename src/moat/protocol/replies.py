@@ -14,15 +14,20 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from moat.protocol import metadata as _metadata
+from moat.protocol.charts import check_chart
 from moat.protocol.frames import MAX_FRAME, MsgType, ProtocolError
 
 __all__ = ["ENTRY_TYPES", "RESULT_KEYS", "check_reply", "check_result_data"]
 
 #: Kinds of file a directory entry may report.
 ENTRY_TYPES = ("file", "dir", "symlink", "other")
-#: Keys a RESULT frame's data may have (display formats, plus free-form ``data``).
+#: Keys a RESULT frame's data may have (display formats, free-form ``data``, a figure's
+#: ``chart``).
 RESULT_KEYS = frozenset(
-    {"text", "html", "markdown", "svg", "png", "jpeg", "pdf", "latex", "json", "javascript", "data"}
+    {
+        *("text", "html", "markdown", "svg", "png", "jpeg", "pdf", "latex", "json"),
+        *("javascript", "data", "chart"),
+    }
 )
 #: ``stat.filemode`` output: a type letter and nine permission letters.
 _PERMISSIONS = re.compile(r"[-dlcbps?][-r][-w][-xsS][-r][-w][-xsS][-r][-w][-xtT]")
@@ -147,10 +152,14 @@ def check_reply(request: MsgType, fields: Any) -> dict[str, Any]:
 
 
 def check_result_data(data: Any) -> dict[str, Any]:
-    """A RESULT frame's data: known keys; every format but json/data is a string."""
+    """A RESULT frame's data: known keys; every format but json/data/chart is a string; a
+    chart has one of E2B's chart shapes, bounded (``moat.protocol.charts``)."""
     if not isinstance(data, dict) or set(data) - RESULT_KEYS:
         raise ProtocolError("unknown result format")
     for key, value in data.items():
-        if key not in ("json", "data") and not isinstance(value, str):
+        if key == "chart":
+            if not check_chart(value):
+                raise ProtocolError("malformed chart")
+        elif key not in ("json", "data") and not isinstance(value, str):
             raise ProtocolError("result format is not text")
     return data

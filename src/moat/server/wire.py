@@ -290,6 +290,8 @@ def result_line(r: Result) -> dict[str, Any]:
         out["json"] = r.json
     if r.data is not None:
         out["data"] = r.data
+    if r.chart is not None:
+        out["chart"] = r.chart
     if r.extra:
         out["extra"] = dict(r.extra)
     out["is_main_result"] = bool(r.is_main_result)

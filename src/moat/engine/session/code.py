@@ -22,6 +22,7 @@ from moat.errors import LeakBlockedError, SandboxDiedError, SandboxError, Timeou
 from moat.guard import GuardBudgetError
 from moat.model import Context, Execution, ExecutionError, Logs, Result
 from moat.protocol import Frame, MsgType, ProtocolError
+from moat.protocol.charts import check_chart
 from moat.protocol.replies import check_result_data
 
 log = logging.getLogger("moat.engine")
@@ -197,6 +198,15 @@ class CodeCalls(SessionCore):
                 dumped = json.dumps(value, ensure_ascii=False)
                 text = await off_loop(sizes[key], self.guard.redact_text, dumped, "result")
                 kwargs[key] = _json_loads(text)
+            elif key == "chart":
+                # Titles, labels and categories are sandbox text (invariant 4): guarded as
+                # JSON, and checked again after, since a redaction may change the shape
+                # (invariant 6); a chart the guard broke is left out, never passed on.
+                dumped = json.dumps(value, ensure_ascii=False)
+                text = await off_loop(sizes[key], self.guard.redact_text, dumped, "result")
+                chart = _json_loads(text)
+                if check_chart(chart):
+                    kwargs[key] = chart
             elif key in _BINARY:
                 safe = await self._binary(key, value)
                 if safe is not None:
