@@ -32,6 +32,7 @@ from tests.cluster_support import (
     start_cluster,
     wait_nodes,
 )
+from tests.loopnet import interfaces, listeners, loopback_only_netns
 from tests.server_support import free_port, new_key
 
 from moat.cluster.door import ClusterFrontDoor
@@ -56,21 +57,24 @@ PLACE_TIMEOUT = 3.0
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     import ray
 
-    c = start_cluster(
-        tmp_path_factory.mktemp("cluster"), paused_dir=str(tmp_path_factory.mktemp("paused"))
-    )
-    try:
-        ray.init(address=c.address, namespace="moat", log_to_driver=False,
-                 configure_logging=False)  # fmt: skip
-        # one at a time: two raylets registering at once time out on a busy 2-core host
-        c.add_node("a", "container", SLOTS)
-        wait_nodes(1)
-        c.add_node("b", "container,gvisor", SLOTS)
-        wait_nodes(2)
-        yield c
-    finally:
-        ray.shutdown()
-        c.stop()
+    # Ray's ports on loopback only (issue 13): the whole cluster, its server side and this
+    # thread live in a network namespace whose one interface is lo (tests/loopnet.py)
+    with loopback_only_netns():
+        c = start_cluster(
+            tmp_path_factory.mktemp("cluster"), paused_dir=str(tmp_path_factory.mktemp("paused"))
+        )
+        try:
+            ray.init(address=c.address, namespace="moat", log_to_driver=False,
+                     configure_logging=False)  # fmt: skip
+            # one at a time: two raylets registering at once time out on a busy 2-core host
+            c.add_node("a", "container", SLOTS)
+            wait_nodes(1)
+            c.add_node("b", "container,gvisor", SLOTS)
+            wait_nodes(2)
+            yield c
+        finally:
+            ray.shutdown()
+            c.stop()
 
 
 @pytest.fixture(scope="module")
@@ -119,6 +123,36 @@ def node_name(cluster: Cluster, door: ClusterFrontDoor, tenant: str, sid: str) -
         if raylet in children(node.proc.pid):
             return name
     raise AssertionError("the sandbox's actor runs under no known raylet")
+
+
+def test_rays_ports_listen_on_loopback_only(cluster: Cluster, door: ClusterFrontDoor) -> None:
+    """Issue 13: no process of the test cluster (GCS, raylets' node and object managers,
+    runtime-env agents, workers with the node actors, this driver) listens on anything but
+    loopback, read from outside them (/proc); and their namespace has no interface but lo.
+    Positive control: the same reader flags a listener of ours on 0.0.0.0."""
+    pids = {os.getpid(), cluster.head.pid} | descendants(cluster.head.pid)
+    for node in cluster.nodes.values():
+        pids |= {node.proc.pid} | descendants(node.proc.pid)
+    found = listeners(pids)
+    names = {entry.comm for entry in found}
+    assert {"gcs_server", "raylet", "ray::NodeActor"} <= names, found
+    assert len([e for e in found if e.comm == "raylet"]) >= 2 * (1 + len(cluster.nodes))
+    assert [e for e in found if not e.loopback] == [], found
+    assert {tuple(interfaces(pid)) for pid in (cluster.head.pid, door_pid(door))} == {("lo",)}
+    # positive control: a listener on every interface is seen as such
+    ctl = socket.socket()
+    try:
+        ctl.bind(("0.0.0.0", 0))
+        ctl.listen(1)
+        mine = [e for e in listeners([os.getpid()]) if e.port == ctl.getsockname()[1]]
+        assert len(mine) == 1 and not mine[0].loopback, mine
+    finally:
+        ctl.close()
+
+
+def door_pid(door: ClusterFrontDoor) -> int:
+    """The pid of one of the door's node actors."""
+    return int(next(iter(door.nodes.values())).info["pid"])
 
 
 def test_sandboxes_land_on_a_node_owning_their_tier(
