@@ -33,7 +33,8 @@ from tests.cluster_support import (
     wait_nodes,
 )
 from tests.loopnet import interfaces, listeners, loopback_only_netns
-from tests.server_support import free_port, new_key
+from tests.server_support import Server, free_port, new_key
+from tests.test_ingress import WS_ECHO, _ws_echo
 
 from moat.cluster.door import ClusterFrontDoor
 from moat.errors import (
@@ -340,11 +341,13 @@ def test_guard_egress_and_ray_ports_on_a_remote_node(
         run(loop, door.kill("t-guard", sid))
 
 
-def test_the_e2b_sdk_drives_a_clustered_server(cluster: Cluster, tmp_path: Path) -> None:
-    from e2b_code_interpreter import Sandbox
+@pytest.fixture(scope="module")
+def served(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """One real ``moat serve --cluster`` for the module's wire tests."""
+    import httpx
 
     port = free_port()
-    log = tmp_path / "serve.log"
+    log = tmp_path_factory.mktemp("serve") / "serve.log"
     env = {**os.environ, "MOAT_WARM_POOL": "0"}
     with log.open("wb") as out:
         proc = subprocess.Popen(
@@ -352,19 +355,27 @@ def test_the_e2b_sdk_drives_a_clustered_server(cluster: Cluster, tmp_path: Path)
              "--cluster", cluster.address, "--paused-dir", str(cluster.paused_dir)],
             stdout=out, stderr=subprocess.STDOUT, env=env,
         )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
+    srv = Server(proc, f"http://127.0.0.1:{port}", log)
     try:
-        import httpx
-
         deadline = time.monotonic() + 120
         while True:
             try:
-                if httpx.get(url + "/health", timeout=5).status_code == 200:
+                if httpx.get(srv.url + "/health", timeout=5).status_code == 200:
                     break
             except httpx.HTTPError:
                 pass
             assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
             time.sleep(0.5)
+        yield srv
+    finally:
+        assert srv.stop() == 0, log.read_text()[-3000:]
+
+
+def test_the_e2b_sdk_drives_a_clustered_server(cluster: Cluster, served: Server) -> None:
+    from e2b_code_interpreter import Sandbox
+
+    url = served.url
+    try:
         key = new_key("t-sdk")
         os.environ["E2B_API_URL"] = os.environ["E2B_SANDBOX_URL"] = url
         sbx = Sandbox.create(api_key=key, timeout=120)
@@ -387,8 +398,92 @@ def test_the_e2b_sdk_drives_a_clustered_server(cluster: Cluster, tmp_path: Path)
     finally:
         os.environ.pop("E2B_API_URL", None)
         os.environ.pop("E2B_SANDBOX_URL", None)
-        proc.terminate()
-        assert proc.wait(60) == 0, log.read_text()[-3000:]
+
+
+ECHO_APP = r"""
+import sys
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+class Echo(BaseHTTPRequestHandler):
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers["Content-Length"]))[::-1]
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Echo).serve_forever()
+"""
+
+
+def test_ingress_reaches_a_sandbox_on_a_node_through_the_clustered_server(
+    cluster: Cluster, served: Server
+) -> None:
+    """E2B's ``get_host``: an http.server inside a sandbox on a moat node (the head runs
+    none) answers through the clustered server, 256 KB each way, with the sandbox's traffic
+    token only; the connection is an audit row in the trail of the sandbox's node."""
+    import httpx
+    from e2b import Sandbox
+
+    key = new_key("t-ingress")
+    sbx = Sandbox.create(api_key=key, api_url=served.url, sandbox_url=served.url, timeout=300)
+    try:
+        sbx.files.write("/home/user/echo.py", ECHO_APP)
+        sbx.commands.run("python3 /home/user/echo.py 8000", background=True)
+        sbx.files.write("/home/user/ws_echo.py", WS_ECHO)
+        sbx.commands.run("python3 /home/user/ws_echo.py 8765", background=True)
+        probe = (
+            "import socket; [socket.create_connection(('127.0.0.1', p)).close() for p in "
+            "(8000, 8765)]"
+        )
+        for _ in range(100):
+            if "up" in sbx.commands.run(f'python3 -c "{probe}" && echo up || true').stdout:
+                break
+            time.sleep(0.1)
+        body = os.urandom(256 * 1024)
+        host = {"Host": sbx.get_host(8000)}
+        # without the token, or with a wrong one: refused like an unknown sandbox (502)
+        for extra in ({}, {"E2B-Traffic-Access-Token": "x" * 32}):
+            r = httpx.post(served.url + "/", content=body, headers={**host, **extra}, timeout=30)
+            assert r.status_code == 502 and "was not found" in r.text, r.text
+        token = {"E2B-Traffic-Access-Token": sbx.traffic_access_token or ""}
+        t0 = time.monotonic()
+        r = httpx.post(served.url + "/", content=body, headers={**host, **token}, timeout=60)
+        took = time.monotonic() - t0
+        assert r.status_code == 200, r.text[:300]
+        assert r.content == body[::-1]  # 256 KB up, the app's 256 KB down, intact
+        print(f"256 KB each way through the cluster in {took:.2f} s")
+        # E2B's header form reaches it too
+        hdrs = {"E2b-Sandbox-Id": sbx.sandbox_id, "E2b-Sandbox-Port": "8000", **token}
+        r = httpx.post(served.url + "/", content=b"abc", headers=hdrs, timeout=30)
+        assert (r.status_code, r.content) == (200, b"cba")
+        # a WebSocket, message by message (with the token only)
+        tok = sbx.traffic_access_token
+        assert _ws_echo(served, sbx.sandbox_id, tok) == ["echo:one", "echo:" + "two" * 100]
+        assert _ws_echo(served, sbx.sandbox_id, None) == ["rejected"]
+        # a port where nothing listens: the node's answer, 502
+        r = httpx.get(served.url + "/", headers={"Host": sbx.get_host(8009), **token}, timeout=30)
+        assert r.status_code == 502
+        # the audit rows are in the trail of the sandbox's node, which names itself
+        deadline = time.monotonic() + 20
+        while True:
+            out = subprocess.run(
+                [*MOAT, "audit", "--cluster", cluster.address, "--sandbox", sbx.sandbox_id,
+                 "--json"], capture_output=True, text=True, timeout=120, check=True,
+            ).stdout  # fmt: skip
+            rows = [r for r in json.loads(out) if r["kind"] == "ingress"]
+            if len(rows) >= 4 or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        big = [r for r in rows if r["result"] == "allow" and r["bytes_up"] >= len(body)]
+        assert len(big) == 1 and big[0]["bytes_down"] >= len(body), rows
+        assert any(r["result"] == "deny" and r["port"] == 8009 for r in rows), rows
+        assert len({r["node"] for r in rows}) == 1  # one node, named on every row
+    finally:
+        sbx.kill()
 
 
 def _sbx_groups(pid: int) -> set[str]:

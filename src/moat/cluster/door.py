@@ -27,8 +27,10 @@ where it runs:
   nobody tracks (invariant 5). A cancelled resume runs on too, and the sandbox is tracked
   as running (killing it would lose the user's paused state).
 
-Ingress (``open_port``) and directory watches are not carried across the cluster yet:
-they raise PolicyError naming the missing capability (invariant 7).
+Ingress (``open_port``) runs on the sandbox's node, its bytes in bounded pieces through the
+node's actor (``moat.cluster.ports``), its audit rows in the node's trail. Directory watches
+are not carried across the cluster yet: they raise PolicyError naming the missing capability
+(invariant 7).
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ from typing import IO, Any, Final
 from moat.cluster import raycfg
 from moat.cluster.node import NodeActor, unpack_error
 from moat.cluster.paused import ClusterPaused, Held, configured_dir
+from moat.cluster.ports import RemoteReader, RemoteWriter
 from moat.cluster.resources import NODE, PAUSED, bundle_for, tiers_of
 from moat.engine import admission
 from moat.engine.api import CAPABILITIES
@@ -86,7 +89,7 @@ MAX_ENDED: Final = 4096
 NODE_START_S: Final = 120.0
 #: The largest file body a write carries across the cluster.
 MAX_WRITE_BYTES: Final = 256 << 20
-_MISSING: Final = frozenset({"ports.open", "files.watch", "sandboxes.snapshot", "sandboxes.fork"})
+_MISSING: Final = frozenset({"files.watch", "sandboxes.snapshot", "sandboxes.fork"})
 #: Seconds after a node's loss before its unfinished paused-store work is repaired (its
 #: engine's last kill takes at most moat.cluster.node.LAST_KILL_S, twice: kill and drain).
 REPAIR_AFTER_S: Final = 12.0
@@ -122,13 +125,26 @@ class _Placed:
 class _EngineShim:
     """What the server's shared code reads of ``front.engine`` (no local engine here)."""
 
-    audit = None  # ingress is not carried across the cluster: nothing to record locally
+    def __init__(self, door: ClusterFrontDoor) -> None:
+        self._door = door
+        self.audit = _NodeAudit(door)
+
+    async def end_loop(self) -> None:
+        await self._door.close()
+
+
+class _NodeAudit:
+    """The server's ingress rows (moat.server.ingress), written on the sandbox's node: its
+    trail holds every row of the sandbox, and ``audit`` reads them back naming the node."""
 
     def __init__(self, door: ClusterFrontDoor) -> None:
         self._door = door
 
-    async def end_loop(self) -> None:
-        await self._door.close()
+    def record_ingress(self, sandbox_id: str, **row: Any) -> None:
+        placed = self._door.placed.get(sandbox_id)
+        node = self._door.nodes.get(placed.node_id) if placed is not None else None
+        if node is not None:  # fire and forget, as one host's audit queue
+            node.handle.record_ingress.remote(sandbox_id, row)
 
 
 class ClusterFrontDoor:
@@ -634,8 +650,16 @@ class ClusterFrontDoor:
         return await self._plain("metrics", tenant, sandbox_id, start, end)
 
     async def open_port(self, tenant: str, sandbox_id: str, port: int) -> tuple[Any, Any]:
-        self._route(tenant, sandbox_id)
-        raise _missing("ports.open")
+        """Ingress on the sandbox's node (moat.cluster.ports): its front door opens the
+        stream; bytes cross in bounded pieces, reads long-polling like command streams."""
+        node = self._route(tenant, sandbox_id)
+        await self._up(node)
+        conn = await self._remote(node, node.handle.port_open.remote(tenant, sandbox_id, port))
+
+        async def call(method: str, args: tuple[Any, ...]) -> Any:
+            return await self._remote(node, getattr(node.handle, method).remote(*args))
+
+        return RemoteReader(call, conn, PULL_WAIT_S), RemoteWriter(call, conn)
 
     async def pause(
         self, tenant: str, sandbox_id: str, memory: bool = False, *, face: Any = None

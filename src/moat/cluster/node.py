@@ -41,6 +41,7 @@ from typing import Any, Final
 
 from moat import errors
 from moat.cluster.paused import configured_dir, read_store_id
+from moat.cluster.ports import NodePorts
 from moat.engine.persist import Persistence
 from moat.errors import InvalidArgumentError, NotFoundError, PolicyError, SandboxError
 from moat.store.paused import PausedStore, host_token
@@ -75,6 +76,8 @@ PLAIN: Final = frozenset(
 STREAMS: Final = frozenset({"run_code", "start_command", "connect_command", "start_pty"})
 
 _END = object()
+#: The fields of an ingress audit row the server sends (AuditLog.record_ingress's).
+_INGRESS_ROW: Final = ("method", "port", "allowed", "reason", "bytes_up", "bytes_down")
 
 
 def pack_error(exc: BaseException) -> tuple[str, str, dict[str, Any]]:
@@ -188,6 +191,7 @@ class NodeActor:
         self._resuming: set[str] = set()
         self._paused_out: dict[str, Any] = {}  # sid -> Paused entry, for pause()'s reply
         self.streams: dict[str, _Pump] = {}
+        self.ports = NodePorts()  # ingress streams (moat.cluster.ports)
         self.loop: asyncio.AbstractEventLoop | None = None
         self.parent = os.getppid()  # the raylet that started this worker
         self.lost = False  # the raylet is gone: every call answers "lost" from now on
@@ -410,6 +414,44 @@ class NodeActor:
         if self.lost:  # lost while waiting: what it saw is not a normal end
             return "lost", None
         return "ok", (events, done, err)
+
+    # -- ingress (moat.cluster.ports): bytes to and from a port inside a sandbox ----------
+
+    async def port_open(self, tenant: str, sandbox_id: str, port: int) -> tuple[str, Any]:
+        """("ok", stream id) of a stream to 127.0.0.1:port inside the tenant's sandbox."""
+        if self.lost:
+            return "lost", None
+        try:
+            reader, writer = await self.front.open_port(tenant, sandbox_id, port)
+            return "ok", self.ports.add(reader, writer)
+        except Exception as exc:  # noqa: BLE001 - every failure crosses as data (invariant 8)
+            return "err", pack_error(exc)
+
+    async def port_read(self, conn: str, wait: float) -> tuple[str, Any]:
+        """("ok", (bytes, at end)): a bounded piece, long-polling ``wait`` s for the first."""
+        if self.lost:
+            return "lost", None
+        return "ok", await self.ports.read(conn, wait)
+
+    async def port_write(self, conn: str, data: bytes) -> tuple[str, Any]:
+        """("ok", taken?): a bounded piece, once the sandbox's stream took it (its credit)."""
+        if self.lost:
+            return "lost", None
+        return "ok", await self.ports.write(conn, data)
+
+    async def port_close(self, conn: str) -> tuple[str, Any]:
+        self.ports.close(conn)
+        return "ok", None
+
+    async def record_ingress(self, sandbox_id: str, row: dict[str, Any]) -> None:
+        """The server's audit row of an ingress connection, in this node's trail (the trail
+        of the sandbox's node, as its egress rows)."""
+        record = getattr(self.front.engine.audit, "record_ingress", None)
+        if record is not None:
+            try:
+                record(sandbox_id, **{k: row[k] for k in _INGRESS_ROW if k in row})
+            except Exception:  # a bad row is logged, never raised to the server
+                log.exception("ingress audit failed")
 
     async def close_stream(self, stream_id: str) -> None:
         pump = self.streams.pop(stream_id, None)
