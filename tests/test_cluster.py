@@ -486,6 +486,85 @@ def test_ingress_reaches_a_sandbox_on_a_node_through_the_clustered_server(
         sbx.kill()
 
 
+def test_directory_watches_on_a_node_through_the_clustered_server(served: Server) -> None:
+    """E2B's directory watches against a sandbox on a moat node: the sync SDK's polling form
+    (CreateWatcher / GetWatcherEvents / RemoveWatcher) and the async SDK's stream (WatchDir)."""
+    from e2b import AsyncSandbox, Sandbox
+    from e2b.exceptions import SandboxException
+
+    key = new_key("t-watch")
+    kw: dict[str, Any] = {"api_key": key, "api_url": served.url, "sandbox_url": served.url}
+    sbx = Sandbox.create(timeout=300, **kw)
+    try:
+        sbx.files.make_dir("pw")
+        handle = sbx.files.watch_dir("pw")
+        sbx.files.write("pw/a.txt", "one")
+        sbx.commands.run("cd ~/pw && mv a.txt b.txt && rm b.txt")
+        seen = [(e.name, e.type.value) for e in handle.get_new_events()]
+        assert ("a.txt", "create") in seen and ("a.txt", "write") in seen, seen
+        assert ("a.txt", "rename") in seen and ("b.txt", "remove") in seen, seen
+        assert handle.get_new_events() == []  # nothing twice
+        handle.stop()
+        with pytest.raises(SandboxException):
+            handle.get_new_events()
+    finally:
+        sbx.kill()
+
+    async def streamed() -> list[tuple[str, str]]:
+        s = await AsyncSandbox.create(timeout=120, **kw)
+        try:
+            await s.files.make_dir("sw")
+            got: list[tuple[str, str]] = []
+            seen = asyncio.Event()
+
+            def on_event(e: Any) -> None:
+                got.append((e.name, e.type.value))
+                if e.type.value == "write" and e.name == "f.txt":
+                    seen.set()
+
+            watch = await s.files.watch_dir("sw", on_event)
+            await s.files.write("sw/f.txt", "hello")
+            await asyncio.wait_for(seen.wait(), 20)
+            await watch.stop()  # type: ignore[no-untyped-call]
+            await s.commands.run("touch ~/sw/late")
+            await asyncio.sleep(0.5)
+            return got
+        finally:
+            await s.kill()
+
+    got = asyncio.run(streamed())
+    assert ("f.txt", "create") in got and ("f.txt", "write") in got, got
+    assert ("late", "create") not in got  # stopped: no event after stop()
+
+
+def test_a_watch_on_a_node_guards_the_names_it_reports(
+    door: ClusterFrontDoor, loop: asyncio.AbstractEventLoop
+) -> None:
+    """A file named after a sensitive value: the watch's event names it redacted (the
+    node's guard, invariant 4), in the polling and the streaming form alike."""
+    canary = "moat-canary-" + os.urandom(6).hex()
+    sid = create(loop, door, "t-wguard", "container", sensitive=[canary])
+
+    async def scenario() -> tuple[list[str], list[str]]:
+        await door.make_dir("t-wguard", sid, "/home/user/g")
+        polled = await door.watch_dir("t-wguard", sid, "/home/user/g")
+        streamed = await door.watch_dir("t-wguard", sid, "/home/user/g")
+        events = streamed.events()
+        await door.write_file("t-wguard", sid, f"/home/user/g/{canary}.txt", "x")
+        first = await asyncio.wait_for(anext(events), 20)
+        await events.aclose()  # leaving the stream stops its watch on the node
+        names = [e.name for e in await polled.take()]
+        await polled.stop()
+        return names, [first.name]
+
+    try:
+        names, first = run(loop, scenario())
+        for got in (names, first):
+            assert got and all(canary not in n and "REDACTED" in n for n in got), got
+    finally:
+        run(loop, door.kill("t-wguard", sid))
+
+
 def _sbx_groups(pid: int) -> set[str]:
     """The sandbox cgroups owned by ``pid`` (the name says its owner), in the pids
     hierarchy (fast enough to poll); elsewhere, every hierarchy."""

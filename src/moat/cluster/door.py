@@ -29,8 +29,7 @@ where it runs:
 
 Ingress (``open_port``) runs on the sandbox's node, its bytes in bounded pieces through the
 node's actor (``moat.cluster.ports``), its audit rows in the node's trail. Directory watches
-are not carried across the cluster yet: they raise PolicyError naming the missing capability
-(invariant 7).
+are kept on the node (its guard names the files); the server takes or pulls their events.
 """
 
 from __future__ import annotations
@@ -89,7 +88,7 @@ MAX_ENDED: Final = 4096
 NODE_START_S: Final = 120.0
 #: The largest file body a write carries across the cluster.
 MAX_WRITE_BYTES: Final = 256 << 20
-_MISSING: Final = frozenset({"files.watch", "sandboxes.snapshot", "sandboxes.fork"})
+_MISSING: Final = frozenset({"sandboxes.snapshot", "sandboxes.fork"})
 #: Seconds after a node's loss before its unfinished paused-store work is repaired (its
 #: engine's last kill takes at most moat.cluster.node.LAST_KILL_S, twice: kill and drain).
 REPAIR_AFTER_S: Final = 12.0
@@ -1019,9 +1018,18 @@ class ClusterFrontDoor:
                    user: str = "user") -> Any:  # fmt: skip
         return await self._plain("move", tenant, sandbox_id, source, destination, user)
 
-    async def watch_dir(self, tenant: str, sandbox_id: str, path: str, **kw: Any) -> Any:
-        self._route(tenant, sandbox_id)
-        raise _missing("files.watch")
+    async def watch_dir(
+        self, tenant: str, sandbox_id: str, path: str, *, recursive: bool = False,
+        include_entry: bool = False,
+    ) -> _RemoteWatch:  # fmt: skip
+        """A directory watch on the sandbox's node (its names guarded there): the polling
+        form takes what is queued there; the streaming form pulls it like a command."""
+        node = self._route(tenant, sandbox_id)
+        await self._up(node)
+        wid = await self._remote(
+            node, node.handle.watch_open.remote(tenant, sandbox_id, path, recursive, include_entry)
+        )
+        return _RemoteWatch(self, node, wid, path, include_entry)
 
     # -- routing ----------------------------------------------------------------------
 
@@ -1108,6 +1116,44 @@ class _Remote:
             if not done:  # the reader left early: the node cancels the call
                 with contextlib.suppress(Exception):
                     node.handle.close_stream.remote(self._id)
+
+
+class _RemoteWatch:
+    """A WatchStream's shape (moat.engine.watching) over a watch kept on a node."""
+
+    def __init__(self, door: ClusterFrontDoor, node: _Node, wid: str, path: str,
+                 include_entry: bool) -> None:  # fmt: skip
+        self._door = door
+        self._node = node
+        self._id = wid
+        self.path = path
+        self.include_entry = include_entry
+        self.done = False  # as of the last take (the server's Watchers drop ended ones)
+        self.error: SandboxError | None = None
+
+    async def take(self) -> list[Any]:
+        node = self._node
+        events, done, err = await self._door._remote(node, node.handle.watch_take.remote(self._id))
+        self.done = bool(done)
+        if err is not None:
+            self.error = unpack_error(err)
+            raise self.error
+        return list(events)
+
+    async def events(self) -> AsyncIterator[Any]:
+        node = self._node
+        try:
+            await self._door._remote(node, node.handle.watch_pump.remote(self._id))
+            async for event in _Remote(self._door, node, self._id, None).events():
+                yield event
+        finally:
+            await self.stop()
+
+    async def stop(self) -> None:
+        if not self.done:
+            self.done = True
+            with contextlib.suppress(Exception):
+                await self._door._remote(self._node, self._node.handle.watch_stop.remote(self._id))
 
 
 async def _await(ref: Any) -> Any:
