@@ -95,6 +95,8 @@ class RemoteReader:
                 self._inflight = asyncio.ensure_future(
                     self._call("port_read", (self._conn, self._wait))
                 )
+                # one left behind by a caller that went away ends unread: not an error to log
+                self._inflight.add_done_callback(_retrieve)
             fetch = self._inflight
             try:
                 data, eof = await asyncio.shield(fetch)
@@ -110,6 +112,11 @@ class RemoteReader:
 
     def at_eof(self) -> bool:
         return self._eof and not self._buf
+
+
+def _retrieve(fut: asyncio.Future[Any]) -> None:
+    if not fut.cancelled():
+        fut.exception()
 
 
 class RemoteWriter:
