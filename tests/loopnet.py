@@ -9,6 +9,10 @@ node IP stays loopback, Ray's gRPC servers bind 127.0.0.1 only, and the namespac
 other interface anyway. The caller's thread enters the namespace, so every process it
 starts (head, ``moat node``, ``moat serve``) and every thread it creates (Ray's driver)
 inherits it; leaving restores the thread's own namespace.
+
+Beware of libraries that keep worker threads for the whole process (the E2B SDK's pyqwest
+transport): they stay in the namespace of the thread that first used them. Run such clients
+in a child process (tests/cluster_sdk.py), never in the test process inside the namespace.
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ import json
 import os
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -34,7 +35,7 @@ from tests.cluster_support import (
 )
 from tests.loopnet import interfaces, listeners, loopback_only_netns
 from tests.server_support import Server, free_port, new_key
-from tests.test_ingress import WS_ECHO, _ws_echo
+from tests.test_ingress import _ws_echo
 
 from moat.cluster.door import ClusterFrontDoor
 from moat.errors import (
@@ -371,52 +372,21 @@ def served(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         assert srv.stop() == 0, log.read_text()[-3000:]
 
 
+def sdk(scenario: str, **kw: Any) -> Any:
+    """Run an E2B SDK scenario of tests/cluster_sdk.py in a child process (in this namespace;
+    the SDK's transport threads must not outlive it: see that module)."""
+    out = subprocess.run(
+        [sys.executable, "-m", "tests.cluster_sdk", scenario, json.dumps(kw)],
+        capture_output=True, text=True, timeout=300, cwd=Path(__file__).parent.parent,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def test_the_e2b_sdk_drives_a_clustered_server(cluster: Cluster, served: Server) -> None:
-    from e2b_code_interpreter import Sandbox
-
-    url = served.url
-    try:
-        key = new_key("t-sdk")
-        os.environ["E2B_API_URL"] = os.environ["E2B_SANDBOX_URL"] = url
-        sbx = Sandbox.create(api_key=key, timeout=120)
-        try:
-            assert sbx.run_code("6 * 7").text == "42"
-            assert sbx.commands.run("echo clustered").stdout == "clustered\n"
-            sbx.files.write("/tmp/x.txt", "over the cluster")
-            assert sbx.files.read("/tmp/x.txt") == "over the cluster"
-            # pause and connect (E2B's shapes) through the clustered server's paused store
-            assert sbx.pause() is True
-            assert (Path(str(cluster.paused_dir)) / sbx.sandbox_id).is_dir()  # from outside
-            assert sbx.get_info().state.value == "paused"
-            back = Sandbox.connect(sbx.sandbox_id, api_key=key)
-            assert back.files.read("/tmp/x.txt") == "over the cluster"
-            assert back.commands.run("echo resumed").stdout == "resumed\n"
-            assert not (Path(str(cluster.paused_dir)) / sbx.sandbox_id).exists()
-        finally:
-            sbx.kill()
-        assert not sbx.is_running()
-    finally:
-        os.environ.pop("E2B_API_URL", None)
-        os.environ.pop("E2B_SANDBOX_URL", None)
-
-
-ECHO_APP = r"""
-import sys
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-class Echo(BaseHTTPRequestHandler):
-    def do_POST(self):
-        body = self.rfile.read(int(self.headers["Content-Length"]))[::-1]
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args):
-        pass
-
-ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Echo).serve_forever()
-"""
+    """Code, commands, files, pause and connect (E2B's shapes) through the clustered server
+    and its paused store."""
+    sdk("drive", url=served.url, key=new_key("t-sdk"), paused_dir=str(cluster.paused_dir))
 
 
 def test_ingress_reaches_a_sandbox_on_a_node_through_the_clustered_server(
@@ -426,30 +396,17 @@ def test_ingress_reaches_a_sandbox_on_a_node_through_the_clustered_server(
     none) answers through the clustered server, 256 KB each way, with the sandbox's traffic
     token only; the connection is an audit row in the trail of the sandbox's node."""
     import httpx
-    from e2b import Sandbox
 
     key = new_key("t-ingress")
-    sbx = Sandbox.create(api_key=key, api_url=served.url, sandbox_url=served.url, timeout=300)
+    app = sdk("ingress_app", url=served.url, key=key)
     try:
-        sbx.files.write("/home/user/echo.py", ECHO_APP)
-        sbx.commands.run("python3 /home/user/echo.py 8000", background=True)
-        sbx.files.write("/home/user/ws_echo.py", WS_ECHO)
-        sbx.commands.run("python3 /home/user/ws_echo.py 8765", background=True)
-        probe = (
-            "import socket; [socket.create_connection(('127.0.0.1', p)).close() for p in "
-            "(8000, 8765)]"
-        )
-        for _ in range(100):
-            if "up" in sbx.commands.run(f'python3 -c "{probe}" && echo up || true').stdout:
-                break
-            time.sleep(0.1)
         body = os.urandom(256 * 1024)
-        host = {"Host": sbx.get_host(8000)}
+        host = {"Host": app["host"]}
         # without the token, or with a wrong one: refused like an unknown sandbox (502)
         for extra in ({}, {"E2B-Traffic-Access-Token": "x" * 32}):
             r = httpx.post(served.url + "/", content=body, headers={**host, **extra}, timeout=30)
             assert r.status_code == 502 and "was not found" in r.text, r.text
-        token = {"E2B-Traffic-Access-Token": sbx.traffic_access_token or ""}
+        token = {"E2B-Traffic-Access-Token": app["token"] or ""}
         t0 = time.monotonic()
         r = httpx.post(served.url + "/", content=body, headers={**host, **token}, timeout=60)
         took = time.monotonic() - t0
@@ -457,22 +414,21 @@ def test_ingress_reaches_a_sandbox_on_a_node_through_the_clustered_server(
         assert r.content == body[::-1]  # 256 KB up, the app's 256 KB down, intact
         print(f"256 KB each way through the cluster in {took:.2f} s")
         # E2B's header form reaches it too
-        hdrs = {"E2b-Sandbox-Id": sbx.sandbox_id, "E2b-Sandbox-Port": "8000", **token}
+        hdrs = {"E2b-Sandbox-Id": app["id"], "E2b-Sandbox-Port": "8000", **token}
         r = httpx.post(served.url + "/", content=b"abc", headers=hdrs, timeout=30)
         assert (r.status_code, r.content) == (200, b"cba")
         # a WebSocket, message by message (with the token only)
-        tok = sbx.traffic_access_token
-        assert _ws_echo(served, sbx.sandbox_id, tok) == ["echo:one", "echo:" + "two" * 100]
-        assert _ws_echo(served, sbx.sandbox_id, None) == ["rejected"]
+        assert _ws_echo(served, app["id"], app["token"]) == ["echo:one", "echo:" + "two" * 100]
+        assert _ws_echo(served, app["id"], None) == ["rejected"]
         # a port where nothing listens: the node's answer, 502
-        r = httpx.get(served.url + "/", headers={"Host": sbx.get_host(8009), **token}, timeout=30)
+        r = httpx.get(served.url + "/", headers={"Host": app["closed"], **token}, timeout=30)
         assert r.status_code == 502
         # the audit rows are in the trail of the sandbox's node, which names itself
         deadline = time.monotonic() + 20
         while True:
             out = subprocess.run(
-                [*MOAT, "audit", "--cluster", cluster.address, "--sandbox", sbx.sandbox_id,
-                 "--json"], capture_output=True, text=True, timeout=120, check=True,
+                [*MOAT, "audit", "--cluster", cluster.address, "--sandbox", app["id"], "--json"],
+                capture_output=True, text=True, timeout=120, check=True,
             ).stdout  # fmt: skip
             rows = [r for r in json.loads(out) if r["kind"] == "ingress"]
             if len(rows) >= 4 or time.monotonic() > deadline:
@@ -483,58 +439,20 @@ def test_ingress_reaches_a_sandbox_on_a_node_through_the_clustered_server(
         assert any(r["result"] == "deny" and r["port"] == 8009 for r in rows), rows
         assert len({r["node"] for r in rows}) == 1  # one node, named on every row
     finally:
-        sbx.kill()
+        sdk("kill", url=served.url, key=key, sandbox_id=app["id"])
 
 
 def test_directory_watches_on_a_node_through_the_clustered_server(served: Server) -> None:
     """E2B's directory watches against a sandbox on a moat node: the sync SDK's polling form
     (CreateWatcher / GetWatcherEvents / RemoveWatcher) and the async SDK's stream (WatchDir)."""
-    from e2b import AsyncSandbox, Sandbox
-    from e2b.exceptions import SandboxException
-
-    key = new_key("t-watch")
-    kw: dict[str, Any] = {"api_key": key, "api_url": served.url, "sandbox_url": served.url}
-    sbx = Sandbox.create(timeout=300, **kw)
-    try:
-        sbx.files.make_dir("pw")
-        handle = sbx.files.watch_dir("pw")
-        sbx.files.write("pw/a.txt", "one")
-        sbx.commands.run("cd ~/pw && mv a.txt b.txt && rm b.txt")
-        seen = [(e.name, e.type.value) for e in handle.get_new_events()]
-        assert ("a.txt", "create") in seen and ("a.txt", "write") in seen, seen
-        assert ("a.txt", "rename") in seen and ("b.txt", "remove") in seen, seen
-        assert handle.get_new_events() == []  # nothing twice
-        handle.stop()
-        with pytest.raises(SandboxException):
-            handle.get_new_events()
-    finally:
-        sbx.kill()
-
-    async def streamed() -> list[tuple[str, str]]:
-        s = await AsyncSandbox.create(timeout=120, **kw)
-        try:
-            await s.files.make_dir("sw")
-            got: list[tuple[str, str]] = []
-            seen = asyncio.Event()
-
-            def on_event(e: Any) -> None:
-                got.append((e.name, e.type.value))
-                if e.type.value == "write" and e.name == "f.txt":
-                    seen.set()
-
-            watch = await s.files.watch_dir("sw", on_event)
-            await s.files.write("sw/f.txt", "hello")
-            await asyncio.wait_for(seen.wait(), 20)
-            await watch.stop()  # type: ignore[no-untyped-call]
-            await s.commands.run("touch ~/sw/late")
-            await asyncio.sleep(0.5)
-            return got
-        finally:
-            await s.kill()
-
-    got = asyncio.run(streamed())
-    assert ("f.txt", "create") in got and ("f.txt", "write") in got, got
-    assert ("late", "create") not in got  # stopped: no event after stop()
+    got = sdk("watches", url=served.url, key=new_key("t-watch"))
+    seen = {tuple(e) for e in got["polled"]}
+    assert {("a.txt", "create"), ("a.txt", "write"), ("a.txt", "rename"),
+            ("b.txt", "remove")} <= seen, got  # fmt: skip
+    assert got["again"] == 0 and got["refused"]  # nothing twice; stopped: refused
+    streamed = {tuple(e) for e in got["streamed"]}
+    assert {("f.txt", "create"), ("f.txt", "write")} <= streamed, got
+    assert ("late", "create") not in streamed  # stopped: no event after stop()
 
 
 def test_a_watch_on_a_node_guards_the_names_it_reports(
