@@ -29,6 +29,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tests.cluster_support import kill_raylet, start_cluster, wait_nodes
+from tests.loopnet import loopback_only_netns
 
 from moat.cluster.door import ClusterFrontDoor
 from moat.cluster.resources import bundle_for
@@ -149,4 +150,5 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=15)
     parser.add_argument("--burst", type=int, default=12)
-    asyncio.run(main(parser.parse_args()))
+    with loopback_only_netns():  # Ray's ports on loopback only, as in the tests
+        asyncio.run(main(parser.parse_args()))

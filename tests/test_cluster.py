@@ -15,6 +15,7 @@ import json
 import os
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -32,7 +33,9 @@ from tests.cluster_support import (
     start_cluster,
     wait_nodes,
 )
-from tests.server_support import free_port, new_key
+from tests.loopnet import interfaces, listeners, loopback_only_netns
+from tests.server_support import Server, free_port, new_key
+from tests.test_ingress import _ws_echo
 
 from moat.cluster.door import ClusterFrontDoor
 from moat.errors import (
@@ -56,21 +59,24 @@ PLACE_TIMEOUT = 3.0
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     import ray
 
-    c = start_cluster(
-        tmp_path_factory.mktemp("cluster"), paused_dir=str(tmp_path_factory.mktemp("paused"))
-    )
-    try:
-        ray.init(address=c.address, namespace="moat", log_to_driver=False,
-                 configure_logging=False)  # fmt: skip
-        # one at a time: two raylets registering at once time out on a busy 2-core host
-        c.add_node("a", "container", SLOTS)
-        wait_nodes(1)
-        c.add_node("b", "container,gvisor", SLOTS)
-        wait_nodes(2)
-        yield c
-    finally:
-        ray.shutdown()
-        c.stop()
+    # Ray's ports on loopback only (issue 13): the whole cluster, its server side and this
+    # thread live in a network namespace whose one interface is lo (tests/loopnet.py)
+    with loopback_only_netns():
+        c = start_cluster(
+            tmp_path_factory.mktemp("cluster"), paused_dir=str(tmp_path_factory.mktemp("paused"))
+        )
+        try:
+            ray.init(address=c.address, namespace="moat", log_to_driver=False,
+                     configure_logging=False)  # fmt: skip
+            # one at a time: two raylets registering at once time out on a busy 2-core host
+            c.add_node("a", "container", SLOTS)
+            wait_nodes(1)
+            c.add_node("b", "container,gvisor", SLOTS)
+            wait_nodes(2)
+            yield c
+        finally:
+            ray.shutdown()
+            c.stop()
 
 
 @pytest.fixture(scope="module")
@@ -119,6 +125,36 @@ def node_name(cluster: Cluster, door: ClusterFrontDoor, tenant: str, sid: str) -
         if raylet in children(node.proc.pid):
             return name
     raise AssertionError("the sandbox's actor runs under no known raylet")
+
+
+def test_rays_ports_listen_on_loopback_only(cluster: Cluster, door: ClusterFrontDoor) -> None:
+    """Issue 13: no process of the test cluster (GCS, raylets' node and object managers,
+    runtime-env agents, workers with the node actors, this driver) listens on anything but
+    loopback, read from outside them (/proc); and their namespace has no interface but lo.
+    Positive control: the same reader flags a listener of ours on 0.0.0.0."""
+    pids = {os.getpid(), cluster.head.pid} | descendants(cluster.head.pid)
+    for node in cluster.nodes.values():
+        pids |= {node.proc.pid} | descendants(node.proc.pid)
+    found = listeners(pids)
+    names = {entry.comm for entry in found}
+    assert {"gcs_server", "raylet", "ray::NodeActor"} <= names, found
+    assert len([e for e in found if e.comm == "raylet"]) >= 2 * (1 + len(cluster.nodes))
+    assert [e for e in found if not e.loopback] == [], found
+    assert {tuple(interfaces(pid)) for pid in (cluster.head.pid, door_pid(door))} == {("lo",)}
+    # positive control: a listener on every interface is seen as such
+    ctl = socket.socket()
+    try:
+        ctl.bind(("0.0.0.0", 0))
+        ctl.listen(1)
+        mine = [e for e in listeners([os.getpid()]) if e.port == ctl.getsockname()[1]]
+        assert len(mine) == 1 and not mine[0].loopback, mine
+    finally:
+        ctl.close()
+
+
+def door_pid(door: ClusterFrontDoor) -> int:
+    """The pid of one of the door's node actors."""
+    return int(next(iter(door.nodes.values())).info["pid"])
 
 
 def test_sandboxes_land_on_a_node_owning_their_tier(
@@ -306,11 +342,13 @@ def test_guard_egress_and_ray_ports_on_a_remote_node(
         run(loop, door.kill("t-guard", sid))
 
 
-def test_the_e2b_sdk_drives_a_clustered_server(cluster: Cluster, tmp_path: Path) -> None:
-    from e2b_code_interpreter import Sandbox
+@pytest.fixture(scope="module")
+def served(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """One real ``moat serve --cluster`` for the module's wire tests."""
+    import httpx
 
     port = free_port()
-    log = tmp_path / "serve.log"
+    log = tmp_path_factory.mktemp("serve") / "serve.log"
     env = {**os.environ, "MOAT_WARM_POOL": "0"}
     with log.open("wb") as out:
         proc = subprocess.Popen(
@@ -318,43 +356,131 @@ def test_the_e2b_sdk_drives_a_clustered_server(cluster: Cluster, tmp_path: Path)
              "--cluster", cluster.address, "--paused-dir", str(cluster.paused_dir)],
             stdout=out, stderr=subprocess.STDOUT, env=env,
         )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
+    srv = Server(proc, f"http://127.0.0.1:{port}", log)
     try:
-        import httpx
-
         deadline = time.monotonic() + 120
         while True:
             try:
-                if httpx.get(url + "/health", timeout=5).status_code == 200:
+                if httpx.get(srv.url + "/health", timeout=5).status_code == 200:
                     break
             except httpx.HTTPError:
                 pass
             assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
             time.sleep(0.5)
-        key = new_key("t-sdk")
-        os.environ["E2B_API_URL"] = os.environ["E2B_SANDBOX_URL"] = url
-        sbx = Sandbox.create(api_key=key, timeout=120)
-        try:
-            assert sbx.run_code("6 * 7").text == "42"
-            assert sbx.commands.run("echo clustered").stdout == "clustered\n"
-            sbx.files.write("/tmp/x.txt", "over the cluster")
-            assert sbx.files.read("/tmp/x.txt") == "over the cluster"
-            # pause and connect (E2B's shapes) through the clustered server's paused store
-            assert sbx.pause() is True
-            assert (Path(str(cluster.paused_dir)) / sbx.sandbox_id).is_dir()  # from outside
-            assert sbx.get_info().state.value == "paused"
-            back = Sandbox.connect(sbx.sandbox_id, api_key=key)
-            assert back.files.read("/tmp/x.txt") == "over the cluster"
-            assert back.commands.run("echo resumed").stdout == "resumed\n"
-            assert not (Path(str(cluster.paused_dir)) / sbx.sandbox_id).exists()
-        finally:
-            sbx.kill()
-        assert not sbx.is_running()
+        yield srv
     finally:
-        os.environ.pop("E2B_API_URL", None)
-        os.environ.pop("E2B_SANDBOX_URL", None)
-        proc.terminate()
-        assert proc.wait(60) == 0, log.read_text()[-3000:]
+        assert srv.stop() == 0, log.read_text()[-3000:]
+
+
+def sdk(scenario: str, **kw: Any) -> Any:
+    """Run an E2B SDK scenario of tests/cluster_sdk.py in a child process (in this namespace;
+    the SDK's transport threads must not outlive it: see that module)."""
+    out = subprocess.run(
+        [sys.executable, "-m", "tests.cluster_sdk", scenario, json.dumps(kw)],
+        capture_output=True, text=True, timeout=300, cwd=Path(__file__).parent.parent,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_the_e2b_sdk_drives_a_clustered_server(cluster: Cluster, served: Server) -> None:
+    """Code, commands, files, pause and connect (E2B's shapes) through the clustered server
+    and its paused store."""
+    sdk("drive", url=served.url, key=new_key("t-sdk"), paused_dir=str(cluster.paused_dir))
+
+
+def test_ingress_reaches_a_sandbox_on_a_node_through_the_clustered_server(
+    cluster: Cluster, served: Server
+) -> None:
+    """E2B's ``get_host``: an http.server inside a sandbox on a moat node (the head runs
+    none) answers through the clustered server, 256 KB each way, with the sandbox's traffic
+    token only; the connection is an audit row in the trail of the sandbox's node."""
+    import httpx
+
+    key = new_key("t-ingress")
+    app = sdk("ingress_app", url=served.url, key=key)
+    try:
+        body = os.urandom(256 * 1024)
+        host = {"Host": app["host"]}
+        # without the token, or with a wrong one: refused like an unknown sandbox (502)
+        for extra in ({}, {"E2B-Traffic-Access-Token": "x" * 32}):
+            r = httpx.post(served.url + "/", content=body, headers={**host, **extra}, timeout=30)
+            assert r.status_code == 502 and "was not found" in r.text, r.text
+        token = {"E2B-Traffic-Access-Token": app["token"] or ""}
+        t0 = time.monotonic()
+        r = httpx.post(served.url + "/", content=body, headers={**host, **token}, timeout=60)
+        took = time.monotonic() - t0
+        assert r.status_code == 200, r.text[:300]
+        assert r.content == body[::-1]  # 256 KB up, the app's 256 KB down, intact
+        print(f"256 KB each way through the cluster in {took:.2f} s")
+        # E2B's header form reaches it too
+        hdrs = {"E2b-Sandbox-Id": app["id"], "E2b-Sandbox-Port": "8000", **token}
+        r = httpx.post(served.url + "/", content=b"abc", headers=hdrs, timeout=30)
+        assert (r.status_code, r.content) == (200, b"cba")
+        # a WebSocket, message by message (with the token only)
+        assert _ws_echo(served, app["id"], app["token"]) == ["echo:one", "echo:" + "two" * 100]
+        assert _ws_echo(served, app["id"], None) == ["rejected"]
+        # a port where nothing listens: the node's answer, 502
+        r = httpx.get(served.url + "/", headers={"Host": app["closed"], **token}, timeout=30)
+        assert r.status_code == 502
+        # the audit rows are in the trail of the sandbox's node, which names itself
+        deadline = time.monotonic() + 20
+        while True:
+            out = subprocess.run(
+                [*MOAT, "audit", "--cluster", cluster.address, "--sandbox", app["id"], "--json"],
+                capture_output=True, text=True, timeout=120, check=True,
+            ).stdout  # fmt: skip
+            rows = [r for r in json.loads(out) if r["kind"] == "ingress"]
+            if len(rows) >= 4 or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        big = [r for r in rows if r["result"] == "allow" and r["bytes_up"] >= len(body)]
+        assert len(big) == 1 and big[0]["bytes_down"] >= len(body), rows
+        assert any(r["result"] == "deny" and r["port"] == 8009 for r in rows), rows
+        assert len({r["node"] for r in rows}) == 1  # one node, named on every row
+    finally:
+        sdk("kill", url=served.url, key=key, sandbox_id=app["id"])
+
+
+def test_directory_watches_on_a_node_through_the_clustered_server(served: Server) -> None:
+    """E2B's directory watches against a sandbox on a moat node: the sync SDK's polling form
+    (CreateWatcher / GetWatcherEvents / RemoveWatcher) and the async SDK's stream (WatchDir)."""
+    got = sdk("watches", url=served.url, key=new_key("t-watch"))
+    seen = {tuple(e) for e in got["polled"]}
+    assert {("a.txt", "create"), ("a.txt", "write"), ("a.txt", "rename"),
+            ("b.txt", "remove")} <= seen, got  # fmt: skip
+    assert got["again"] == 0 and got["refused"]  # nothing twice; stopped: refused
+    streamed = {tuple(e) for e in got["streamed"]}
+    assert {("f.txt", "create"), ("f.txt", "write")} <= streamed, got
+    assert ("late", "create") not in streamed  # stopped: no event after stop()
+
+
+def test_a_watch_on_a_node_guards_the_names_it_reports(
+    door: ClusterFrontDoor, loop: asyncio.AbstractEventLoop
+) -> None:
+    """A file named after a sensitive value: the watch's event names it redacted (the
+    node's guard, invariant 4), in the polling and the streaming form alike."""
+    canary = "moat-canary-" + os.urandom(6).hex()
+    sid = create(loop, door, "t-wguard", "container", sensitive=[canary])
+
+    async def scenario() -> tuple[list[str], list[str]]:
+        await door.make_dir("t-wguard", sid, "/home/user/g")
+        polled = await door.watch_dir("t-wguard", sid, "/home/user/g")
+        streamed = await door.watch_dir("t-wguard", sid, "/home/user/g")
+        events = streamed.events()
+        await door.write_file("t-wguard", sid, f"/home/user/g/{canary}.txt", "x")
+        first = await asyncio.wait_for(anext(events), 20)
+        await events.aclose()  # leaving the stream stops its watch on the node
+        names = [e.name for e in await polled.take()]
+        await polled.stop()
+        return names, [first.name]
+
+    try:
+        names, first = run(loop, scenario())
+        for got in (names, first):
+            assert got and all(canary not in n and "REDACTED" in n for n in got), got
+    finally:
+        run(loop, door.kill("t-wguard", sid))
 
 
 def _sbx_groups(pid: int) -> set[str]:

@@ -4,6 +4,8 @@ across the node boundary, and what the wire answers for a lost sandbox or a full
 from __future__ import annotations
 
 import json
+import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -144,3 +146,23 @@ def test_ray_runs_without_usage_stats_and_with_tuned_health_checks() -> None:
     assert "--address=10.0.0.1:6379" in node and not any("system-config" in a for a in node)
     with pytest.raises(ValueError):
         start_argv(head=False)
+
+
+def test_a_local_head_keeps_ray_on_loopback_or_refuses(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ray reads its one-machine switch at import: set before, or fail closed (a head that
+    would listen on every interface is not started)."""
+    import types
+
+    from moat.cluster.launch import LOCAL_ONLY_ENV, keep_ray_on_loopback
+    from moat.errors import IsolationUnavailableError
+
+    fake = types.ModuleType("ray._private.ray_constants")
+    fake.ENABLE_RAY_CLUSTER = True  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "ray._private.ray_constants", fake)
+    monkeypatch.delenv(LOCAL_ONLY_ENV, raising=False)
+    with pytest.raises(IsolationUnavailableError, match="before Ray is imported"):
+        keep_ray_on_loopback()
+    assert LOCAL_ONLY_ENV not in os.environ
+    fake.ENABLE_RAY_CLUSTER = False  # type: ignore[attr-defined]
+    keep_ray_on_loopback()
+    assert os.environ[LOCAL_ONLY_ENV] == "0"

@@ -27,8 +27,9 @@ where it runs:
   nobody tracks (invariant 5). A cancelled resume runs on too, and the sandbox is tracked
   as running (killing it would lose the user's paused state).
 
-Ingress (``open_port``) and directory watches are not carried across the cluster yet:
-they raise PolicyError naming the missing capability (invariant 7).
+Ingress (``open_port``) runs on the sandbox's node, its bytes in bounded pieces through the
+node's actor (``moat.cluster.ports``), its audit rows in the node's trail. Directory watches
+are kept on the node (its guard names the files); the server takes or pulls their events.
 """
 
 from __future__ import annotations
@@ -36,21 +37,21 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import datetime as _dt
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Final
 
 from moat.cluster import raycfg
 from moat.cluster.node import NodeActor, unpack_error
 from moat.cluster.paused import ClusterPaused, Held, configured_dir
+from moat.cluster.pausing import Pausing
+from moat.cluster.ports import RemoteReader, RemoteWriter
+from moat.cluster.records import _Node, _Placed, _remove_pg, _tenant
 from moat.cluster.resources import NODE, PAUSED, bundle_for, tiers_of
 from moat.engine import admission
 from moat.engine.api import CAPABILITIES
-from moat.engine.persist import Paused
 from moat.engine.quota import Ledger
 from moat.engine.resolve import resolve, validate_config
 from moat.engine.session import file_chunks
@@ -86,10 +87,7 @@ MAX_ENDED: Final = 4096
 NODE_START_S: Final = 120.0
 #: The largest file body a write carries across the cluster.
 MAX_WRITE_BYTES: Final = 256 << 20
-_MISSING: Final = frozenset({"ports.open", "files.watch", "sandboxes.snapshot", "sandboxes.fork"})
-#: Seconds after a node's loss before its unfinished paused-store work is repaired (its
-#: engine's last kill takes at most moat.cluster.node.LAST_KILL_S, twice: kill and drain).
-REPAIR_AFTER_S: Final = 12.0
+_MISSING: Final = frozenset({"sandboxes.snapshot", "sandboxes.fork"})
 #: Seconds a closing server waits for the creates and resumes in flight (placing: 10 s).
 CLOSE_WAIT_S: Final = 30.0
 
@@ -98,41 +96,34 @@ def cluster_capabilities() -> frozenset[str]:
     return CAPABILITIES - _MISSING
 
 
-@dataclass
-class _Node:
-    node_id: str
-    handle: Any
-    tiers: list[str]
-    ready: asyncio.Task[dict[str, Any]]
-    info: dict[str, Any] = field(default_factory=dict)
-    watcher: asyncio.Task[None] | None = None
-    paused: bool = False  # advertises the shared paused store (resources.PAUSED)
-
-
-@dataclass
-class _Placed:
-    tenant: str
-    node_id: str
-    pg: Any
-    token: int | None = None
-    #: what a resume elsewhere needs and is never written down (invariant 3: memory only)
-    held: Held = field(default_factory=Held)
-
-
 class _EngineShim:
     """What the server's shared code reads of ``front.engine`` (no local engine here)."""
 
-    audit = None  # ingress is not carried across the cluster: nothing to record locally
-
     def __init__(self, door: ClusterFrontDoor) -> None:
         self._door = door
+        self.audit = _NodeAudit(door)
 
     async def end_loop(self) -> None:
         await self._door.close()
 
 
-class ClusterFrontDoor:
-    """The server's front door over a Ray cluster (``moat serve --cluster``)."""
+class _NodeAudit:
+    """The server's ingress rows (moat.server.ingress), written on the sandbox's node: its
+    trail holds every row of the sandbox, and ``audit`` reads them back naming the node."""
+
+    def __init__(self, door: ClusterFrontDoor) -> None:
+        self._door = door
+
+    def record_ingress(self, sandbox_id: str, **row: Any) -> None:
+        placed = self._door.placed.get(sandbox_id)
+        node = self._door.nodes.get(placed.node_id) if placed is not None else None
+        if node is not None:  # fire and forget, as one host's audit queue
+            node.handle.record_ingress.remote(sandbox_id, row)
+
+
+class ClusterFrontDoor(Pausing):
+    """The server's front door over a Ray cluster (``moat serve --cluster``); pause and
+    resume are its ``Pausing`` half (moat.cluster.pausing)."""
 
     def __init__(
         self,
@@ -280,28 +271,6 @@ class ClusterFrontDoor:
 
             ray.kill(node.handle, no_restart=True)
 
-    def _repair_after(self, node: _Node) -> None:
-        """A lost node's unfinished work in the paused store is repaired once its engine
-        has surely ended (its last kill: moat.cluster.node), so a resume it was running
-        leaves the sandbox paused, not claimed for ever."""
-        store = self.paused_store
-        pid, host = node.info.get("pid"), node.info.get("host_token")
-        if store is None or not isinstance(pid, int) or not isinstance(host, str):
-            return
-
-        async def later() -> None:
-            await asyncio.sleep(REPAIR_AFTER_S)
-            removed = await asyncio.to_thread(store.repair, pid, host)
-            if removed:
-                log.warning("repaired a lost node's paused-store work: %s", ", ".join(removed))
-
-        try:
-            task = asyncio.get_running_loop().create_task(later())
-            self._repairs.add(task)
-            task.add_done_callback(self._repairs.discard)
-        except RuntimeError:  # no loop (closing): the next server's first scan repairs it
-            pass
-
     async def _up(self, node: _Node) -> None:
         """Wait for the node's actor; one that never came up is a lost node."""
         try:
@@ -331,23 +300,6 @@ class ClusterFrontDoor:
                 listener(sandbox_id)
             except Exception:
                 log.exception("end listener failed for %s", sandbox_id)
-
-    def _to_paused(self, sandbox_id: str, entry: Paused, node_id: str) -> None:
-        """A sandbox paused into the shared store: its bundle and quota are released and the
-        server tracks it as paused, on no node (its state outlives the node)."""
-        placed = self.placed.get(sandbox_id)
-        if placed is None or placed.node_id != node_id:
-            return
-        store = self.paused_store
-        if store is None:  # a node paused into a store this server doesn't know: ended here
-            log.error("sandbox %s paused into a store this server has not", sandbox_id)
-            self._ended(sandbox_id, lost=False, node_id=node_id)
-            return
-        del self.placed[sandbox_id]
-        store.add(entry, placed.held)  # before the faces hear of it (is_paused_now)
-        _remove_pg(placed.pg)
-        self.quota.release_sandbox(sandbox_id)
-        self._tell(sandbox_id)
 
     def _keep(self, task: asyncio.Task[Any]) -> None:
         self._tasks.add(task)
@@ -634,190 +586,16 @@ class ClusterFrontDoor:
         return await self._plain("metrics", tenant, sandbox_id, start, end)
 
     async def open_port(self, tenant: str, sandbox_id: str, port: int) -> tuple[Any, Any]:
-        self._route(tenant, sandbox_id)
-        raise _missing("ports.open")
+        """Ingress on the sandbox's node (moat.cluster.ports): its front door opens the
+        stream; bytes cross in bounded pieces, reads long-polling like command streams."""
+        node = self._route(tenant, sandbox_id)
+        await self._up(node)
+        conn = await self._remote(node, node.handle.port_open.remote(tenant, sandbox_id, port))
 
-    async def pause(
-        self, tenant: str, sandbox_id: str, memory: bool = False, *, face: Any = None
-    ) -> SandboxInfo:
-        """Pause on the sandbox's node into the shared store; the server then tracks it as
-        paused, on no node. Without a shared store, or on a node that can't reach it:
-        PolicyError, and it keeps running (invariant 7)."""
-        if not isinstance(memory, bool):
-            raise InvalidArgumentError("memory must be a bool")
-        _tenant(tenant)
-        store = self.paused_store
-        sid = v.sandbox_id(sandbox_id)
-        if store is None:
-            self._route(tenant, sandbox_id)
-            raise PolicyError(
-                "pausing a sandbox on a cluster needs a paused-sandbox store that every node "
-                "reaches (moat serve --paused-dir); none is set"
-            )
-        async with store.locks.of(sid or "-"):
-            if sid is not None and await self._find_paused(tenant, sid) is not None:
-                raise SandboxError("the sandbox is already paused")
-            node = self._route(tenant, sandbox_id)
-            await self._up(node)
-            if node.info.get("paused_store") != store.store_id:
-                raise PolicyError(
-                    "the sandbox's cluster node can't reach the paused-sandbox store; it "
-                    "keeps running"
-                )
-            placed = self.placed.get(sid or "")  # None: ended (the node says how)
-            kept = placed.held.face if placed is not None else {}
-            quota = self.policy.of(tenant).quotas.snapshot_mb
-            room = None
-            if quota is not None:  # the tenant's paused state across the cluster
-                room = max((quota << 20) - await asyncio.to_thread(store.usage, tenant), 0)
-            entry: Paused = await self._remote(
-                node,
-                node.handle.pause.remote(
-                    tenant, sid, memory, kept if face is None else dict(face), room
-                ),
-            )
-            self._to_paused(entry.sandbox_id, entry, node.node_id)
-        return entry.info
+        async def call(method: str, args: tuple[Any, ...]) -> Any:
+            return await self._remote(node, getattr(node.handle, method).remote(*args))
 
-    async def resume(self, tenant: str, sandbox_id: str, **kw: Any) -> SandboxInfo:
-        info, _ = await self.connect(tenant, sandbox_id, **kw)
-        return info
-
-    async def connect(
-        self,
-        tenant: str,
-        sandbox_id: str,
-        *,
-        timeout: float | None = None,
-        secrets: Mapping[str, str] | None = None,
-        sensitive: Mapping[str, str] | list[str] | None = None,
-    ) -> tuple[SandboxInfo, bool]:
-        """The sandbox, resumed if it was paused (placed again, on any node that offers its
-        tier and reaches the paused store): (info, whether it was resumed). ``timeout``: a
-        running one's lifetime is only extended, as on one host. Secret and sensitive values
-        the server held since its create are given again; after a restart of the server the
-        caller gives them.
-
-        Cancelled, a resume runs on in the background and its sandbox is tracked as running
-        (never killed: that would lose the paused state)."""
-        _tenant(tenant)
-        if timeout is not None:
-            timeout = v.number("timeout", timeout, 1, v.MAX_TIMEOUT)
-        sid = v.sandbox_id(sandbox_id)
-        store = self.paused_store
-        if store is not None and sid is not None:
-            async with store.locks.of(sid):
-                paused = await self._find_paused(tenant, sid)
-                if paused is not None:
-                    task = asyncio.ensure_future(
-                        self._resume(tenant, paused, timeout, secrets, sensitive)
-                    )
-                    self._keep(task)
-                    return await asyncio.shield(task), True
-        info = await self.info(tenant, sandbox_id)
-        if timeout is not None:
-            now = _dt.datetime.now(_dt.UTC)
-            if info.end_at < now + _dt.timedelta(seconds=timeout):
-                await self.set_timeout(tenant, sandbox_id, timeout)
-                info = await self.info(tenant, sandbox_id)
-        return info, False
-
-    async def _resume(
-        self, tenant: str, paused: Paused, timeout: float | None,
-        secrets: Mapping[str, str] | None, sensitive: Mapping[str, str] | list[str] | None,
-    ) -> SandboxInfo:  # fmt: skip
-        store = self.paused_store
-        if store is None:
-            raise SandboxError("no paused-sandbox store")
-        sid = paused.sandbox_id
-        config = SandboxConfig.from_dict(paused.record["config"])
-        tier = str(paused.record["tier"])
-        admission.check_config(self.policy.of(tenant), config)  # the tenant's policy now
-        if tier not in self.tiers(paused=True):
-            raise IsolationUnavailableError(
-                f"isolation tier {tier!r} is not offered by any node of the cluster that "
-                "reaches the paused-sandbox store"
-            )
-        was = store.held.get(sid) or Held()
-        held = Held(
-            dict(was.secrets if secrets is None else secrets),
-            was.sensitive if sensitive is None else sensitive,
-            dict(was.face),
-        )
-        token = self._reserve(tenant, config)
-        # A node lost under the resume (the GCS still offers a dying node for ~3 s) did
-        # nothing to the paused state: place it again, within the placing time.
-        deadline = time.monotonic() + self.place_timeout
-        while True:
-            pg = node = None
-            try:
-                pg, node = await self._place(tier, config.limits.memory_mb, paused=True)
-                if node.info.get("paused_store") != store.store_id:
-                    raise PolicyError(
-                        "the cluster node chosen to resume the sandbox can't reach the "
-                        "paused-sandbox store"
-                    )
-                info: SandboxInfo = await self._placed_call(
-                    node,
-                    node.handle.resume.remote(
-                        tenant, sid, timeout, held.secrets or None, held.sensitive
-                    ),
-                )
-                break
-            except SandboxDiedError:
-                if pg is not None:
-                    _remove_pg(pg)
-                gone = node is None or node.node_id not in self.nodes
-                if not gone or time.monotonic() > deadline:
-                    self.quota.release(token)
-                    raise
-                log.warning("resume of %s: its node was lost; placing it again", sid)
-                await asyncio.sleep(0.5)
-            except BaseException:
-                self.quota.release(token)
-                if pg is not None:
-                    _remove_pg(pg)
-                raise
-        store.take(sid)
-        self._track(sid, _Placed(tenant, node.node_id, pg, token, held))
-        return info
-
-    async def _find_paused(self, tenant: str, sandbox_id: str) -> Paused | None:
-        """The tenant's paused sandbox (invariant 11: another tenant's is unknown)."""
-        store = self.paused_store
-        sid = v.sandbox_id(sandbox_id)
-        if store is None or sid is None:
-            return None
-        if store.is_loaded:
-            return store.find(tenant, sid)
-        return await asyncio.to_thread(store.find, tenant, sid)  # loads from disk once
-
-    def paused_report(self) -> list[str]:
-        """Half-written paused states the first load of the store removed."""
-        if self.paused_store is None:
-            return []
-        self.paused_store.loaded()
-        return list(self.paused_store.report)
-
-    # What faces keep beside a sandbox for persistence: the face's names travel with a
-    # paused sandbox (in the server's memory while it runs; with the record when it pauses).
-
-    def set_face(self, tenant: str, sandbox_id: str, face: Any) -> None:
-        self._route(tenant, sandbox_id)
-        placed = self.placed.get(sandbox_id)
-        if placed is not None:
-            placed.held.face = dict(face)
-
-    def is_paused_now(self, tenant: str, sandbox_id: str) -> bool:
-        return self.paused_store is not None and self.paused_store.known(tenant, sandbox_id)
-
-    async def face_data(self, tenant: str, sandbox_id: str) -> dict[str, Any] | None:
-        paused = await self._find_paused(tenant, sandbox_id)
-        return None if paused is None else dict(paused.record.get("face") or {})
-
-    def keeps_memory(self, tenant: str, sandbox_id: str) -> bool:
-        """A pause left to choose keeps the files (docs/cluster.md)."""
-        return False
+        return RemoteReader(call, conn, PULL_WAIT_S), RemoteWriter(call, conn)
 
     async def activity_of(self, tenant: str, sandbox_id: str) -> list[Any]:
         self._route(tenant, sandbox_id, ended_ok=True)
@@ -995,9 +773,18 @@ class ClusterFrontDoor:
                    user: str = "user") -> Any:  # fmt: skip
         return await self._plain("move", tenant, sandbox_id, source, destination, user)
 
-    async def watch_dir(self, tenant: str, sandbox_id: str, path: str, **kw: Any) -> Any:
-        self._route(tenant, sandbox_id)
-        raise _missing("files.watch")
+    async def watch_dir(
+        self, tenant: str, sandbox_id: str, path: str, *, recursive: bool = False,
+        include_entry: bool = False,
+    ) -> _RemoteWatch:  # fmt: skip
+        """A directory watch on the sandbox's node (its names guarded there): the polling
+        form takes what is queued there; the streaming form pulls it like a command."""
+        node = self._route(tenant, sandbox_id)
+        await self._up(node)
+        wid = await self._remote(
+            node, node.handle.watch_open.remote(tenant, sandbox_id, path, recursive, include_entry)
+        )
+        return _RemoteWatch(self, node, wid, path, include_entry)
 
     # -- routing ----------------------------------------------------------------------
 
@@ -1086,28 +873,52 @@ class _Remote:
                     node.handle.close_stream.remote(self._id)
 
 
+class _RemoteWatch:
+    """A WatchStream's shape (moat.engine.watching) over a watch kept on a node."""
+
+    def __init__(self, door: ClusterFrontDoor, node: _Node, wid: str, path: str,
+                 include_entry: bool) -> None:  # fmt: skip
+        self._door = door
+        self._node = node
+        self._id = wid
+        self.path = path
+        self.include_entry = include_entry
+        self.done = False  # as of the last take (the server's Watchers drop ended ones)
+        self.error: SandboxError | None = None
+
+    async def take(self) -> list[Any]:
+        node = self._node
+        events, done, err = await self._door._remote(node, node.handle.watch_take.remote(self._id))
+        self.done = bool(done)
+        if err is not None:
+            self.error = unpack_error(err)
+            raise self.error
+        return list(events)
+
+    async def events(self) -> AsyncIterator[Any]:
+        node = self._node
+        try:
+            await self._door._remote(node, node.handle.watch_pump.remote(self._id))
+            async for event in _Remote(self._door, node, self._id, None).events():
+                yield event
+        finally:
+            await self.stop()
+
+    async def stop(self) -> None:
+        if not self.done:
+            self.done = True
+            with contextlib.suppress(Exception):
+                await self._door._remote(self._node, self._node.handle.watch_stop.remote(self._id))
+
+
 async def _await(ref: Any) -> Any:
     return await ref
-
-
-def _remove_pg(pg: Any) -> None:
-    from ray.util.placement_group import remove_placement_group
-
-    try:
-        remove_placement_group(pg)
-    except Exception:  # already gone with the cluster
-        log.debug("placement group removal failed", exc_info=True)
 
 
 def _is_ray_death(exc: BaseException) -> bool:
     from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
     return isinstance(exc, (ActorDiedError, ActorUnavailableError, RayActorError))
-
-
-def _tenant(tenant: Any) -> None:
-    if not isinstance(tenant, str) or not 0 < len(tenant) <= 128:
-        raise InvalidArgumentError("tenant must be a non-empty str")
 
 
 def _missing(capability: str) -> PolicyError:

@@ -14,6 +14,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Sequence
 
@@ -26,7 +27,9 @@ from moat.model.tiers import TIERS
 log = logging.getLogger("moat.cluster.launch")
 
 __all__ = [
+    "LOCAL_ONLY_ENV",
     "free_port",
+    "keep_ray_on_loopback",
     "node_resources",
     "run_node",
     "start_head",
@@ -151,8 +154,29 @@ def stop(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
         os.killpg(proc.pid, signal.SIGKILL)  # whatever of its session is left
 
 
+#: Ray's own switch for a Ray of one machine (its default on macOS and Windows): its Python
+#: side then keeps a loopback node address instead of rewriting it into the host's outbound
+#: one, and its gRPC servers bind 127.0.0.1 only (docs/cluster.md, "Security").
+LOCAL_ONLY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+def keep_ray_on_loopback() -> None:
+    """This process and the Ray processes it starts keep Ray's ports on loopback. Ray reads
+    the switch when it is imported: if it already was, with the switch off, fail closed
+    rather than start a head that listens on every interface."""
+    constants = sys.modules.get("ray._private.ray_constants")
+    if constants is not None and getattr(constants, "ENABLE_RAY_CLUSTER", True):
+        raise IsolationUnavailableError(
+            "a local Ray head must start before Ray is imported (its ports would listen on "
+            "every interface)"
+        )
+    os.environ[LOCAL_ONLY_ENV] = "0"
+
+
 def start_local_head(slots: int = 16) -> tuple[str, Callable[[], None]]:
-    """``moat serve --cluster`` alone: a head on this host that is itself a moat node."""
+    """``moat serve --cluster`` alone: a head on this host that is itself a moat node, its
+    Ray ports on loopback only (nothing else may join it: a one-machine cluster)."""
+    keep_ray_on_loopback()
     resources = node_resources(slots, paused_dir=os.environ.get(PAUSED_ENV) or None)
     sweep(tiers_of(resources))
     address, proc = start_head(resources=resources)
@@ -181,7 +205,5 @@ def sweep_after(pid: int, tiers: Sequence[str], timeout: float = 60.0) -> int:
 
 
 if __name__ == "__main__":  # the detached sweeper of a lost node (moat.cluster.node)
-    import sys
-
     if len(sys.argv) >= 3 and sys.argv[1] == "--sweep-after":
         sweep_after(int(sys.argv[2]), [t for t in sys.argv[3:] if t in TIERS])

@@ -41,6 +41,7 @@ from typing import Any, Final
 
 from moat import errors
 from moat.cluster.paused import configured_dir, read_store_id
+from moat.cluster.ports import NodePorts
 from moat.engine.persist import Persistence
 from moat.errors import InvalidArgumentError, NotFoundError, PolicyError, SandboxError
 from moat.store.paused import PausedStore, host_token
@@ -60,6 +61,8 @@ WATCH_PERIOD_S: Final = 0.2
 LAST_KILL_S: Final = 5.0
 #: Ended sandbox ids a node remembers for the server's watch.
 MAX_ENDED_IDS: Final = 4096
+#: Directory watches one node keeps open at once (each sandbox has its own, lower cap).
+MAX_WATCHES: Final = 4096
 
 #: The front door's methods a server may call as plain request/reply.
 PLAIN: Final = frozenset(
@@ -75,6 +78,8 @@ PLAIN: Final = frozenset(
 STREAMS: Final = frozenset({"run_code", "start_command", "connect_command", "start_pty"})
 
 _END = object()
+#: The fields of an ingress audit row the server sends (AuditLog.record_ingress's).
+_INGRESS_ROW: Final = ("method", "port", "allowed", "reason", "bytes_up", "bytes_down")
 
 
 def pack_error(exc: BaseException) -> tuple[str, str, dict[str, Any]]:
@@ -188,6 +193,8 @@ class NodeActor:
         self._resuming: set[str] = set()
         self._paused_out: dict[str, Any] = {}  # sid -> Paused entry, for pause()'s reply
         self.streams: dict[str, _Pump] = {}
+        self.ports = NodePorts()  # ingress streams (moat.cluster.ports)
+        self.watches: dict[str, Any] = {}  # directory watches (WatchStream) by their id
         self.loop: asyncio.AbstractEventLoop | None = None
         self.parent = os.getppid()  # the raylet that started this worker
         self.lost = False  # the raylet is gone: every call answers "lost" from now on
@@ -410,6 +417,100 @@ class NodeActor:
         if self.lost:  # lost while waiting: what it saw is not a normal end
             return "lost", None
         return "ok", (events, done, err)
+
+    # -- directory watches: the front door's WatchStream, kept here under an id ----------
+
+    async def watch_open(
+        self, tenant: str, sandbox_id: str, path: str, recursive: bool, include_entry: bool
+    ) -> tuple[str, Any]:
+        """("ok", watch id): the front door's watch (names guarded here, invariant 4)."""
+        if self.lost:
+            return "lost", None
+        try:
+            if len(self.watches) >= MAX_WATCHES:
+                raise PolicyError("too many directory watches on this cluster node")
+            stream = await self.front.watch_dir(
+                tenant, sandbox_id, path, recursive=recursive, include_entry=include_entry
+            )
+        except Exception as exc:  # noqa: BLE001 - every failure crosses as data (invariant 8)
+            return "err", pack_error(exc)
+        wid = secrets.token_hex(8)
+        self.watches[wid] = stream
+        return "ok", wid
+
+    async def watch_take(self, wid: str) -> tuple[str, Any]:
+        """("ok", (events up until now, ended, packed error or None)): the polling form."""
+        if self.lost:
+            return "lost", None
+        stream = self.watches.get(wid)
+        if stream is None:
+            return "ok", ([], True, None)
+        try:
+            events = await stream.take()
+        except Exception as exc:  # noqa: BLE001 - every failure crosses as data (invariant 8)
+            self.watches.pop(wid, None)
+            return "ok", ([], True, pack_error(exc))
+        if stream.done:
+            self.watches.pop(wid, None)
+        return "ok", (events, stream.done, None)
+
+    async def watch_pump(self, wid: str) -> tuple[str, Any]:
+        """The streaming form: the watch's events move into a pump under the same id, which
+        the server pulls like a command's (``pull``, ``close_stream``)."""
+        if self.lost:
+            return "lost", None
+        stream = self.watches.get(wid)
+        if stream is None:
+            return "err", pack_error(NotFoundError("no such watch"))
+        if wid not in self.streams:
+            self.streams[wid] = _Pump(stream.events())
+        return "ok", None
+
+    async def watch_stop(self, wid: str) -> tuple[str, Any]:
+        stream = self.watches.pop(wid, None)
+        await self.close_stream(wid)
+        if stream is not None:
+            with contextlib.suppress(Exception):
+                await stream.stop()
+        return "ok", None
+
+    # -- ingress (moat.cluster.ports): bytes to and from a port inside a sandbox ----------
+
+    async def port_open(self, tenant: str, sandbox_id: str, port: int) -> tuple[str, Any]:
+        """("ok", stream id) of a stream to 127.0.0.1:port inside the tenant's sandbox."""
+        if self.lost:
+            return "lost", None
+        try:
+            reader, writer = await self.front.open_port(tenant, sandbox_id, port)
+            return "ok", self.ports.add(reader, writer)
+        except Exception as exc:  # noqa: BLE001 - every failure crosses as data (invariant 8)
+            return "err", pack_error(exc)
+
+    async def port_read(self, conn: str, wait: float) -> tuple[str, Any]:
+        """("ok", (bytes, at end)): a bounded piece, long-polling ``wait`` s for the first."""
+        if self.lost:
+            return "lost", None
+        return "ok", await self.ports.read(conn, wait)
+
+    async def port_write(self, conn: str, data: bytes) -> tuple[str, Any]:
+        """("ok", taken?): a bounded piece, once the sandbox's stream took it (its credit)."""
+        if self.lost:
+            return "lost", None
+        return "ok", await self.ports.write(conn, data)
+
+    async def port_close(self, conn: str) -> tuple[str, Any]:
+        self.ports.close(conn)
+        return "ok", None
+
+    async def record_ingress(self, sandbox_id: str, row: dict[str, Any]) -> None:
+        """The server's audit row of an ingress connection, in this node's trail (the trail
+        of the sandbox's node, as its egress rows)."""
+        record = getattr(self.front.engine.audit, "record_ingress", None)
+        if record is not None:
+            try:
+                record(sandbox_id, **{k: row[k] for k in _INGRESS_ROW if k in row})
+            except Exception:  # a bad row is logged, never raised to the server
+                log.exception("ingress audit failed")
 
     async def close_stream(self, stream_id: str) -> None:
         pump = self.streams.pop(stream_id, None)
