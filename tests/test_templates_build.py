@@ -102,6 +102,22 @@ def open_dir() -> Iterator[Path]:
         remove_tree(d)
 
 
+def seed_base(s: Store) -> None:
+    """The Debian base layer (mmdebstrap), copied from the default store's layer cache when
+    ``make install``'s default templates built it there (same key: ``TEST_BASE`` and the
+    defaults start from ``Base("debian", "bookworm")``): CI builds it once."""
+    key = TEST_BASE.layer_keys()[0]
+    src = Store.default().layers / key
+    if s.layer(key) is not None or not (src / "layer.json").is_file():
+        return
+    with s.lock(key):  # the lock a build of this layer takes
+        if s.layer(key) is None:
+            tmp = s.tmpdir(s.layers)
+            os.rmdir(tmp)  # a fresh name (gc's pattern for a dead run's leftovers)
+            subprocess.run(["cp", "-a", "--reflink=auto", str(src), str(tmp)], check=True)
+            os.rename(tmp, s.layers / key)
+
+
 @pytest.fixture(scope="session")
 def store() -> Iterator[Store]:
     require_tier("container")
@@ -109,6 +125,7 @@ def store() -> Iterator[Store]:
         s = Store(d / "templates", LAYERS)
         s.prepare()
         locks = set(LAYERS.glob("*.lock"))
+        seed_base(s)
         # the test base, built once per machine (its layers stay in the cache)
         build(s, TEST_BASE, "t-base")
         yield s
