@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import secrets
+import subprocess
 from pathlib import Path
 
 from moat.engine import buildstate
+from moat.engine.tmplbuild import TemplateBuilds
 from moat.templates.store import Store
 from moat.templates.tenant import TenantTemplates
 
@@ -36,3 +39,34 @@ def test_old_finished_records_are_pruned(tmp_path: Path) -> None:
         buildstate.save(a, {"buildID": bid, "templateID": "tpl-x", "status": "error"})
     assert len(list((a.root / "builds").glob("bld-*.json"))) == buildstate.KEEP_PER_TENANT
     assert buildstate.load(a, ids[-1]) is not None
+
+
+def test_only_a_dead_servers_unfinished_builds_are_orphaned(tmp_path: Path) -> None:
+    """A live server's build (this process) is left alone; a dead one's is interrupted at the
+    next server's start, its work directory and untagged record removed."""
+    store = Store(tmp_path / "templates", tmp_path / "layers")
+    store.prepare()
+    a = TenantTemplates(store, "a")
+    live, dead = _bid(), _bid()
+    rec = a.request("t", 5)
+    buildstate.save(a, {"tenant": "a", "buildID": live, "templateID": "x", "status": "building"})
+    buildstate.save(a, {"tenant": "a", "buildID": dead, "templateID": rec["templateID"],
+                        "status": "building"})  # fmt: skip
+    child = subprocess.Popen(["true"])
+    child.wait()
+    path = a.root / "builds" / f"{dead}.json"
+    data = json.loads(path.read_text())
+    data["owner"] = f"{child.pid}:1"
+    path.write_text(json.dumps(data))
+    (a.root / "work" / dead).mkdir(parents=True)
+    live_rec = buildstate.load(a, live)
+    assert live_rec is not None and not buildstate.orphaned(live_rec)
+    assert [r["buildID"] for r in buildstate.unfinished(store.templates / "tenants")] == [dead]
+    builds = TemplateBuilds(None, store)  # type: ignore[arg-type]
+    assert builds.recover() == 1
+    after = buildstate.load(a, dead)
+    assert after is not None and after["status"] == "error"
+    assert after["reason"]["message"] == buildstate.INTERRUPTED
+    assert not (a.root / "work" / dead).exists() and a.get(rec["templateID"]) is None
+    assert builds.recover() == 0  # done once
+    assert buildstate.load(a, live)["status"] == "building"  # type: ignore[index]

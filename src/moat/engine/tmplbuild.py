@@ -103,6 +103,7 @@ class Job:
     def record(self) -> dict[str, Any]:
         """What :mod:`moat.engine.buildstate` keeps of it."""
         return {
+            "tenant": self.tenant,
             "templateID": self.template_id,
             "buildID": self.build_id,
             "tags": self.tags,
@@ -207,20 +208,40 @@ class TemplateBuilds:
         if rec is None:
             return None
         job = Job.from_record(tenant, rec)
-        if job.status not in ("ready", "error"):
-            job.status = "error"
-            job.reason = {"message": buildstate.INTERRUPTED}
-            job.say(buildstate.INTERRUPTED, "error")
-            work = own.root / "work" / build_id
-            if work.exists():
-                remove_tree(work)
-            tpl = own.get(job.template_id)
-            if tpl is not None and not tpl.get("tags"):  # never built: it holds no room
-                own.delete(job.template_id)
-            buildstate.save(own, job.record())
+        if buildstate.orphaned(rec):
+            self._interrupted(own, job)
+        elif job.status not in ("ready", "error"):
+            return None  # another live server's build: not this one's to show
         self.jobs[build_id] = job
         self.forget_old()
         return job
+
+    @staticmethod
+    def _interrupted(own: TenantTemplates, job: Job) -> None:
+        job.status = "error"
+        job.reason = {"message": buildstate.INTERRUPTED}
+        job.say(buildstate.INTERRUPTED, "error")
+        work = own.root / "work" / job.build_id
+        if work.exists():
+            remove_tree(work)
+        tpl = own.get(job.template_id)
+        if tpl is not None and not tpl.get("tags"):  # never built: it holds no room
+            own.delete(job.template_id)
+        buildstate.save(own, job.record())
+
+    def recover(self) -> int:
+        """At a server's start: every build an earlier process left ``waiting``/``building``
+        (it died under them) becomes failed, "interrupted by a restart", and what it left in
+        its tenant's area goes; a live server's builds are left alone. Blocking; the count."""
+        count = 0
+        for rec in buildstate.unfinished(self.store.templates / "tenants"):
+            tenant = str(rec.get("tenant", ""))
+            own = self.tenant(tenant)
+            if not tenant or buildstate.load(own, str(rec["buildID"])) != rec:
+                continue  # not where its tenant's area is: never acted on
+            self._interrupted(own, Job.from_record(tenant, rec))
+            count += 1
+        return count
 
     def busy(self, tenant: str) -> bool:
         return any(j.tenant == tenant and j.status in ("waiting", "building") and j.started

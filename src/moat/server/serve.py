@@ -99,6 +99,10 @@ async def serve(
     # left half-written (the scan removed it; the sandbox was still running then).
     for name in await asyncio.to_thread(front.paused_report):
         log.warning("removed a half-written paused state left by a crash: %s", name)
+    builds = getattr(front, "template_builds", None)  # a cluster front door builds none
+    if builds is not None:  # builds a dead server left read as interrupted (issue 12)
+        if n := await asyncio.to_thread(builds.recover):
+            log.warning("%d template build(s) were interrupted by the last stop", n)
     config = uvicorn.Config(
         make_app(state),
         host=host,
