@@ -35,13 +35,17 @@ CHART = "import matplotlib.pyplot as plt\nplt.plot([1, 2, 3], [3, 1, 2])\nplt.sh
 FRAME = "import pandas as pd\npd.DataFrame({'city': ['Lyon', 'Oslo'], 'temp_c': [14.2, 3.1]})"
 
 
+def _require_defaults() -> None:
+    built = all(templating.exists(n) for n in ("code-interpreter", "base"))
+    require(None if built else "run `moat template build --defaults`", "the default templates")
+
+
 @pytest.fixture(autouse=True)
 def real_default(monkeypatch: pytest.MonkeyPatch) -> None:
     """The real default: the suite's pin to ``host`` is lifted for these tests (and the
     servers and scripts they start)."""
     monkeypatch.delenv(templating.DEFAULT_ENV, raising=False)
-    built = templating.exists("default") and templating.exists("base")
-    require(None if built else "run `moat template build --defaults`", "the default templates")
+    _require_defaults()
 
 
 @pytest.fixture
@@ -60,6 +64,7 @@ def canary() -> Iterator[tuple[Path, str]]:
 def dflt(request: pytest.FixtureRequest) -> Iterator[Sandbox]:
     """One sandbox per tier on the real default (no template argument)."""
     require_tier(request.param)
+    _require_defaults()
     saved = os.environ.pop(templating.DEFAULT_ENV, None)
     try:
         sbx = Sandbox.create(isolation=request.param, timeout=900)
