@@ -6,9 +6,10 @@ and disk per template: the root's size (``du``, apparent and allocated) and the 
 The first sandbox of each (template, tier) pair is a warm-up and not counted: it may build the
 microVM image and booted snapshot, which are cached per template (reported separately).
 
-The template is the test suite's Debian root (tests/template_support.py: mmdebstrap, cached).
+The template is the test suite's Debian root (tests/template_support.py: mmdebstrap, cached),
+or with ``--template NAME`` a built one (``code-interpreter``: the default, issue 12).
 
-Usage: python bench/bench_template.py [-n 5] [--tiers container,gvisor,microvm]
+Usage: python bench/bench_template.py [-n 5] [--tiers container,gvisor,microvm] [--template N]
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from tests import template_support
 
 from moat import Sandbox
 from moat.runtime.microvm import rootimage
+from moat.templates import ref
 
 NAME = "bench-debian"
 
@@ -49,21 +51,26 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("-n", type=int, default=5)
     ap.add_argument("--tiers", default="container,gvisor,microvm")
+    ap.add_argument("--template", default=None, help="a built template (default: the test root)")
     args = ap.parse_args()
     os.environ.setdefault("MOAT_WARM_POOL", "0")
-    found = template_support.install(NAME)
-    print(f"template {NAME}: {found.id[:12]}..., root {found.rootfs}")
+    name = args.template or NAME
+    built = ref.find(name) if args.template else template_support.install(NAME)
+    if built is None:
+        sys.exit(f"template {name!r} is not built (moat template build --defaults)")
+    found = built
+    print(f"template {name}: {found.id[:12]}..., root {found.rootfs}")
     for tier in args.tiers.split(","):
-        runs: dict[str, list[float]] = {"host": [], NAME: []}
-        for name in runs:  # warm-up: builds the image and snapshot on first use
-            took = create_to_result(name, tier)
-            print(f"{tier:9} {name:13} first use (warm-up) {took:6.2f} s")
+        runs: dict[str, list[float]] = {"host": [], name: []}
+        for which in runs:  # warm-up: builds the image and snapshot on first use
+            took = create_to_result(which, tier)
+            print(f"{tier:9} {which:16} first use (warm-up) {took:6.2f} s")
         for _ in range(args.n):
-            for name, times in runs.items():
-                times.append(create_to_result(name, tier))
-        for name, times in runs.items():
+            for which, times in runs.items():
+                times.append(create_to_result(which, tier))
+        for which, times in runs.items():
             print(
-                f"{tier:9} {name:13} create->first result median {statistics.median(times):6.3f} s"
+                f"{tier:9} {which:16} create->first result median {statistics.median(times):6.3f} s"
                 f"  range {min(times):.3f}-{max(times):.3f}  (n={len(times)})"
             )
     root = found.rootfs

@@ -17,6 +17,12 @@ import pytest
 # The suite counts sandbox processes from outside; a warm pool refilling in the background
 # would add some. The pool has its own tests (test_pool.py, with their own engine).
 os.environ.setdefault("MOAT_WARM_POOL", "0")
+# The bulk of the suite runs on the host's /usr (template "host"), pinned here for speed: it
+# tests moat's own behaviour, which is the same on every root, and needs no 1.6 GiB template
+# per state directory. The built default (code-interpreter, issue 12) has its own tests that
+# unset this (tests/test_default_template.py: README example, demo, charts, E2B names, the
+# host's files invisible, the error when it is not built); set it to run the suite on another.
+os.environ.setdefault("MOAT_DEFAULT_TEMPLATE", "host")
 # Each run writes an audit store of its own, never the host's <state dir>/audit.db that the
 # operator's `moat serve` and other runs (other code versions) use; CLI children inherit it.
 if "MOAT_AUDIT_DB" not in os.environ:

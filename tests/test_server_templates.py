@@ -282,3 +282,66 @@ def test_a_server_that_stops_ends_its_builds_and_leaves_nothing(
     for d in (LAYERS, state_dir() / "templates"):  # no temp directory of that server's
         assert not list(d.glob(f".tmp-{own.proc.pid}-*")), d
     assert not list((state_dir() / "templates" / "tenants").glob("*/work/*"))
+    # the build's status outlives the server: the next one reads it as it ended
+    again = start_server(tmp_path / "again.log")
+    try:
+        status = _status_over(again, key, info.template_id, info.build_id)
+    finally:
+        assert again.stop() == 0
+    assert status["status"] == "error", status
+    assert "cancelled (the server stopped)" in status["reason"]["message"], status
+
+
+def _status_over(srv: Server, key: str, template_id: str, build_id: str) -> dict[str, Any]:
+    r = httpx.get(
+        f"{srv.url}/templates/{template_id}/builds/{build_id}/status", headers=_h(key), timeout=30
+    )
+    assert r.status_code == 200, r.text
+    out: dict[str, Any] = r.json()
+    return out
+
+
+def test_a_build_a_dead_server_left_reads_as_interrupted(server: Server, tmp_path: Path) -> None:
+    """A server killed mid-build (SIGKILL: no clean-up of its own): the next server reads
+    that build as failed, "interrupted by a restart", cleans what it left in the tenant's
+    area, and another tenant still can't see it (invariant 11)."""
+    require_tier("container")
+    marker = f"tmpl-kill-{secrets.token_hex(6)}"
+    own = start_server(tmp_path / "server.log")
+    key, other = new_key(tenant_name("tmpl-kill")), new_key(tenant_name("tmpl-kill-b"))
+    body = {"name": "killed", "cpuCount": 1, "memoryMB": 512}
+    r = httpx.post(f"{own.url}/v3/templates", json=body, headers=_h(key), timeout=30)
+    assert r.status_code == 202, r.text
+    tid, bid = r.json()["templateID"], r.json()["buildID"]
+    steps = {"fromTemplate": BASE, "steps": [
+        {"type": "RUN", "args": [f"echo {marker}; sleep 300", "root"], "force": False},
+    ]}  # fmt: skip
+    r = httpx.post(f"{own.url}/v2/templates/{tid}/builds/{bid}", json=steps, headers=_h(key))
+    assert r.status_code == 202, r.text
+    try:
+        deadline = time.monotonic() + 120
+        while not _procs_with(marker):
+            assert time.monotonic() < deadline, "the build step never started"
+            assert _status_over(own, key, tid, bid)["status"] in ("waiting", "building")
+            time.sleep(0.5)
+    finally:
+        own.proc.kill()
+        own.proc.wait(30)
+    deadline = time.monotonic() + 20
+    while _procs_with(marker) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    for pid in _procs_with(marker):  # not this test's subject (and not expected): by pid
+        os.kill(pid, 9)
+    again = start_server(tmp_path / "again.log")
+    try:
+        status = _status_over(again, key, tid, bid)
+        assert status["status"] == "error", status
+        assert status["reason"]["message"] == "the build was interrupted by a restart of the server"
+        assert any("interrupted" in e["message"] for e in status["logEntries"])
+        assert _status_over(again, key, tid, bid) == status  # read back once, then kept
+        r = httpx.get(f"{again.url}/templates/{tid}/builds/{bid}/status", headers=_h(other))
+        assert r.status_code == 404  # another tenant's build is unknown
+        assert httpx.get(f"{again.url}/templates/{tid}", headers=_h(key)).status_code == 404
+    finally:
+        assert again.stop() == 0
+    assert not list((state_dir() / "templates" / "tenants").glob(f"*/work/{bid}"))

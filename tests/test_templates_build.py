@@ -16,10 +16,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
-import ipaddress
 import os
 import signal
-import socket
 import stat
 import subprocess
 import sys
@@ -31,14 +29,14 @@ from pathlib import Path
 import pytest
 from tests.conftest import require_tier
 from tests.oci_image import docker_archive
+from tests.site_env import site_env, site_options
 
 from moat.egress import Gateway
-from moat.egress.addr import AddrClass, classify
 from moat.errors import CapacityError, TemplateBuildError
 from moat.runtime.container import build as sandbox
 from moat.store import AuditLog
 from moat.templates import dockerfile, toml_def
-from moat.templates.build import Builder, BuildOptions
+from moat.templates.build import Builder
 from moat.templates.define import Base, Step, TemplateDef
 from moat.templates.load import load
 from moat.templates.ref import TemplateRef
@@ -49,37 +47,6 @@ pytestmark = [pytest.mark.container, pytest.mark.slow, pytest.mark.timeout(1200)
 LAYERS = Path(os.environ.get("MOAT_TEST_TEMPLATE_LAYERS", "/var/cache/moat-test/layers"))
 TEST_BASE = TemplateDef(Base("debian", "bookworm"), (Step("apt", ("jq", "python3-pip")),))
 HELLO = "hello from the build context\n"
-
-
-def _addresses(host: str) -> set[str]:
-    for _ in range(5):
-        try:
-            return {str(a[4][0]) for a in socket.getaddrinfo(host, 443, type=socket.SOCK_STREAM)}
-        except OSError:
-            time.sleep(0.3)
-    return set()
-
-
-def site_options(**kw: object) -> BuildOptions:
-    """The admin knobs for a host behind a site mirror, when this host is one."""
-    nets = set()
-    for host in ("deb.debian.org", "pypi.org", "files.pythonhosted.org"):
-        for a in _addresses(host):
-            if classify(ipaddress.ip_address(a)) is not AddrClass.PUBLIC:
-                nets.add(ipaddress.ip_network(a))
-    site_ca = any(Path("/usr/local/share/ca-certificates").glob("*.crt"))
-    ca = Path("/etc/ssl/certs/ca-certificates.crt") if site_ca else None
-    return BuildOptions(unsafe_allow_networks=tuple(sorted(nets, key=str)), ca_file=ca, **kw)  # type: ignore[arg-type]
-
-
-def site_env() -> dict[str, str]:
-    opts = site_options()
-    env = {}
-    if opts.unsafe_allow_networks:
-        env["MOAT_UNSAFE_BUILD_NETWORKS"] = ",".join(map(str, opts.unsafe_allow_networks))
-    if opts.ca_file:
-        env["MOAT_BUILD_CA_FILE"] = str(opts.ca_file)
-    return env
 
 
 class Log:
@@ -135,6 +102,22 @@ def open_dir() -> Iterator[Path]:
         remove_tree(d)
 
 
+def seed_base(s: Store) -> None:
+    """The Debian base layer (mmdebstrap), copied from the default store's layer cache when
+    ``make install``'s default templates built it there (same key: ``TEST_BASE`` and the
+    defaults start from ``Base("debian", "bookworm")``): CI builds it once."""
+    key = TEST_BASE.layer_keys()[0]
+    src = Store.default().layers / key
+    if s.layer(key) is not None or not (src / "layer.json").is_file():
+        return
+    with s.lock(key):  # the lock a build of this layer takes
+        if s.layer(key) is None:
+            tmp = s.tmpdir(s.layers)
+            os.rmdir(tmp)  # a fresh name (gc's pattern for a dead run's leftovers)
+            subprocess.run(["cp", "-a", "--reflink=auto", str(src), str(tmp)], check=True)
+            os.rename(tmp, s.layers / key)
+
+
 @pytest.fixture(scope="session")
 def store() -> Iterator[Store]:
     require_tier("container")
@@ -142,6 +125,7 @@ def store() -> Iterator[Store]:
         s = Store(d / "templates", LAYERS)
         s.prepare()
         locks = set(LAYERS.glob("*.lock"))
+        seed_base(s)
         # the test base, built once per machine (its layers stay in the cache)
         build(s, TEST_BASE, "t-base")
         yield s

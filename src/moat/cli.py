@@ -347,6 +347,14 @@ def _table(rows: list[dict[str, Any]]) -> list[str]:
     "resume them mount too (moat node --paused-dir); without it pause is refused "
     "($MOAT_PAUSED_DIR).",
 )
+@click.option(
+    "--default-template",
+    envvar="MOAT_DEFAULT_TEMPLATE",
+    default=None,
+    help="What sandboxes run on when no template is named, and what E2B's 'base' and "
+    "'code-interpreter-v1' map to when set ($MOAT_DEFAULT_TEMPLATE; default: the built "
+    "'code-interpreter', E2B's 'base' -> 'base'; 'host' for the host's /usr).",
+)
 def serve(
     host: str,
     port: int,
@@ -356,10 +364,13 @@ def serve(
     tls_key: str | None,
     cluster: str | None,
     paused_dir: str | None,
+    default_template: str | None,
 ) -> None:
     """Serve E2B's wire on HOST:PORT for the unmodified E2B SDKs (keys: ``moat keys``)."""
     from moat.server.serve import main as serve_main
 
+    if default_template:  # read at each create (moat.engine.templating), checked at start
+        os.environ["MOAT_DEFAULT_TEMPLATE"] = default_template
     if paused_dir:  # read by the cluster's front door and a local head (moat.cluster.paused)
         os.environ["MOAT_PAUSED_DIR"] = os.path.abspath(paused_dir)
 

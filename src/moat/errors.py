@@ -21,7 +21,8 @@
     └── TemplateBuildError            a template build step failed (carries step, exit code, tail)
 
     InvalidArgumentError
-    └── TemplateDefinitionError       a template definition is invalid (carries field and line)
+    ├── TemplateDefinitionError       a template definition is invalid (carries field and line)
+    └── TemplateNotBuiltError         a default template is not built here (carries the command)
 
 Messages are safe to show a model (DESIGN invariant 8): no host paths, host user names or
 host tracebacks. Foreign exceptions are translated where they are caught with
@@ -51,6 +52,7 @@ __all__ = [
     "SandboxLostError",
     "TemplateBuildError",
     "TemplateDefinitionError",
+    "TemplateNotBuiltError",
     "TimeoutError",
 ]
 
@@ -173,6 +175,17 @@ class TemplateDefinitionError(InvalidArgumentError):
         super().__init__(f"{where}: {message}" if where else message)
         self.field = field
         self.line = line
+
+
+class TemplateNotBuiltError(InvalidArgumentError):
+    """A default template (``base``, ``code-interpreter``, or the configured default) is not
+    built on this host. ``template`` names it, ``command`` is what builds it; moat never runs
+    such a sandbox on the host's ``/usr`` instead (DESIGN invariants 1 and 7)."""
+
+    def __init__(self, template: str, command: str) -> None:
+        super().__init__(f"template {template!r} is not built on this host: run `{command}` first")
+        self.template = template
+        self.command = command
 
 
 class TemplateBuildError(SandboxError):

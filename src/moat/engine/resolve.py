@@ -86,8 +86,7 @@ def resolve(
     trust = DEFAULT_TRUST if trust is None else trust
     timeout = DEFAULT_TIMEOUT if timeout is None else timeout
     v.template_name(template)
-    if not templating.exists(template):
-        raise InvalidArgumentError(f"template {template!r} was not found")
+    templating.require(template)  # a default not built: a clear error, never `host` (inv. 7)
     v.choice("trust", trust, TRUST_LEVELS)
     if isolation is not None:
         v.choice("isolation", isolation, TIERS)

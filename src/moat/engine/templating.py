@@ -1,10 +1,14 @@
 """Which root a sandbox runs on: the template lookup behind ``Sandbox.create(template=...)``.
 
-Trust domain: host engine. ``host`` is today's behaviour (the host's ``/usr`` read-only, no
-root of its own); any other name is a built template under the state directory
-(:mod:`moat.templates.ref`), checked once per engine before first use
+Trust domain: host engine. ``default`` is the built ``code-interpreter`` unless
+``MOAT_DEFAULT_TEMPLATE`` (``moat serve --default-template``) names another, so nothing of
+the host's filesystem reaches a sandbox unless a template says so (invariant 1). ``host`` is
+the explicit opt-in to the host's ``/usr`` read-only; any other name is a built template under
+the state directory (:mod:`moat.templates.ref`), checked once per engine before first use
 (:mod:`moat.templates.check`). An unknown name is :class:`InvalidArgumentError` ("template 'x'
-was not found"; the wire answers 400, as E2B does for an unknown template).
+was not found"; the wire answers 400, as E2B does for an unknown template); a default one not
+built yet is :class:`TemplateNotBuiltError` naming the command that builds it, never a
+fallback to ``host`` (invariant 7).
 """
 
 from __future__ import annotations
@@ -15,18 +19,38 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from moat.errors import InvalidArgumentError
+from moat.errors import InvalidArgumentError, TemplateNotBuiltError
 from moat.protocol.contract import HOME
 from moat.templates import ref
 from moat.templates.check import check_root
+from moat.templates.defaults import DEFAULTS
 from moat.templates.store import Store
 from moat.templates.tenant import TenantTemplates, visible
 
-__all__ = ["DEFAULT_TEMPLATE", "exists", "lookup", "own_template", "visible_to"]
+__all__ = [
+    "DEFAULT_ENV",
+    "DEFAULT_TEMPLATE",
+    "check_default",
+    "default_template",
+    "e2b_template",
+    "exists",
+    "lookup",
+    "own_template",
+    "require",
+    "visible_to",
+]
 
-#: What ``template="default"`` (and E2B's ``base`` / ``code-interpreter-v1``) runs on. ``host``
-#: for now; switching the default to a built template is this one line.
-DEFAULT_TEMPLATE = ref.HOST
+#: What ``template="default"`` runs on unless ``MOAT_DEFAULT_TEMPLATE`` says otherwise: the
+#: built code interpreter (numpy, pandas, matplotlib: what ``run_code``'s display expects).
+DEFAULT_TEMPLATE = "code-interpreter"
+#: The setting that names another default (``host`` pins the host's ``/usr``, explicitly).
+DEFAULT_ENV = "MOAT_DEFAULT_TEMPLATE"
+#: The command that builds the default templates (named by TemplateNotBuiltError).
+BUILD_DEFAULTS = "moat template build --defaults"
+#: E2B's names of its own defaults -> moat's (over the wire; issue 12).
+E2B_DEFAULTS = {"base": "base", "code-interpreter-v1": "code-interpreter"}
+#: The names ``moat template build --defaults`` gives.
+_BUILT_BY_DEFAULTS = frozenset(n for _, names in DEFAULTS for n in names)
 
 #: The only user a template may name for now: the sandbox's own (uid 1000 on every tier).
 SANDBOX_USERS = frozenset({"user", "1000", "1000:1000"})
@@ -36,8 +60,56 @@ _checked: dict[str, tuple[int, int, int]] = {}
 _mu = threading.Lock()
 
 
+def check_default(name: object) -> str:
+    """``name`` if it can be the default template (``host`` or a template name), else
+    :class:`InvalidArgumentError` naming the setting."""
+    if not isinstance(name, str) or name == "default":
+        raise InvalidArgumentError(f"{DEFAULT_ENV}: not a template name")
+    try:
+        return ref.check_name(name)
+    except InvalidArgumentError:
+        raise InvalidArgumentError(f"{DEFAULT_ENV}: not a template name") from None
+
+
+def default_template() -> str:
+    """What ``template="default"`` runs on: ``$MOAT_DEFAULT_TEMPLATE``, else
+    ``code-interpreter`` (read at each create, so ``moat serve`` and tests can set it)."""
+    raw = os.environ.get(DEFAULT_ENV, "")
+    return check_default(raw) if raw else DEFAULT_TEMPLATE
+
+
+def e2b_template(name: str) -> str:
+    """The moat template an E2B SDK's default name runs on: ``base`` -> ``base``,
+    ``code-interpreter-v1`` -> ``code-interpreter``, ``default`` -> the default. A host that
+    sets another default (``MOAT_DEFAULT_TEMPLATE=host``) gets it for all three."""
+    chosen = default_template()
+    if name == "default" or chosen != DEFAULT_TEMPLATE:
+        return chosen
+    return E2B_DEFAULTS[name]
+
+
 def _actual(name: str) -> str:
-    return DEFAULT_TEMPLATE if name == "default" else name
+    return default_template() if name == "default" else name
+
+
+def require(name: str) -> None:
+    """Raise unless ``name`` is ``host``, ``default`` or a built template: a default one not
+    built is :class:`TemplateNotBuiltError` (never a quiet ``host``, invariant 7), any other
+    unknown name :class:`InvalidArgumentError`."""
+    if not exists(name):
+        raise _missing(name)
+
+
+def _missing(name: str) -> InvalidArgumentError:
+    """The error for a template ``name`` (as the caller gave it) that is not built."""
+    actual = _actual(name)
+    if actual in _BUILT_BY_DEFAULTS:
+        return TemplateNotBuiltError(actual, BUILD_DEFAULTS)
+    if name == "default":  # the configured default (MOAT_DEFAULT_TEMPLATE) names another
+        return TemplateNotBuiltError(
+            actual[:64], f"moat template build DEFINITION --name {actual[:64]}"
+        )
+    return InvalidArgumentError(f"template {name[:64]!r} was not found")
 
 
 def exists(name: str) -> bool:
@@ -68,12 +140,13 @@ def lookup(name: str) -> ref.TemplateRef | None:
     Blocking (reads the template's root on first use): run it off the event loop.
     """
     shown = name[:64] if isinstance(name, str) else "?"
-    name = _actual(ref.check_name(name))
+    given = ref.check_name(name)
+    name = _actual(given)
     if name == ref.HOST:
         return None
     found = ref.find(name)
     if found is None:
-        raise InvalidArgumentError(f"template {shown!r} was not found")
+        raise _missing(given)
     if found.user not in SANDBOX_USERS:
         raise InvalidArgumentError(
             f"template {shown!r} runs as user {found.user[:32]!r}; only the sandbox user "

@@ -1,7 +1,9 @@
 """Templates built for tenants through a face (E2B's template build API; issue 12).
 
 Trust domain: host engine. The face (``moat.server.templates``) speaks the wire; this module
-holds the builds (in memory: status and guarded log entries), the one-use upload links, the
+holds the builds (status and guarded log entries in memory, and on disk from start to end so
+that a restart reads a build it interrupted as failed: :mod:`moat.engine.buildstate`), the
+one-use upload links, the
 tenants' template records (:mod:`moat.templates.tenant`) and the quotas, and runs each build
 on moat's builder (:mod:`moat.templates.build`: every step in a build sandbox, egress only to
 the package sources, cached by content hash) from the request mapped by
@@ -23,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from moat.engine import buildstate
 from moat.errors import (
     InvalidArgumentError,
     NotFoundError,
@@ -94,6 +97,41 @@ class Job:
     finished_at: float | None = None
     partial: str = ""
     task: asyncio.Task[None] | None = None
+    #: the index of ``entries[0]`` among the build's entries (a record read back keeps the last)
+    first: int = 0
+
+    def record(self) -> dict[str, Any]:
+        """What :mod:`moat.engine.buildstate` keeps of it."""
+        return {
+            "tenant": self.tenant,
+            "templateID": self.template_id,
+            "buildID": self.build_id,
+            "tags": self.tags,
+            "sizes": self.sizes,
+            "status": self.status,
+            "reason": self.reason,
+            "entries": self.entries,
+            "first": self.first,
+            "dropped": self.dropped,
+            "finishedAt": self.finished_at,
+        }
+
+    @classmethod
+    def from_record(cls, tenant: str, rec: dict[str, Any]) -> Job:
+        """A build read back from disk (already finished, or interrupted)."""
+        reason = rec.get("reason")
+        job = cls(
+            tenant, str(rec.get("templateID", "")), str(rec["buildID"]),
+            [str(t) for t in rec.get("tags") or []],
+            status=str(rec.get("status", "error")),
+            entries=[e for e in rec.get("entries") or [] if isinstance(e, dict)],
+            reason=reason if isinstance(reason, dict) else None,
+            started=True,
+            first=int(rec.get("first", 0)),
+            dropped=int(rec.get("dropped", 0)),
+        )  # fmt: skip
+        job.finished_at = float(rec.get("finishedAt") or time.time())
+        return job
 
     def say(self, message: str, level: str = "info", step: str | None = None) -> None:
         if len(self.entries) >= MAX_LOG_ENTRIES:
@@ -155,9 +193,55 @@ class TemplateBuilds:
 
     def job(self, tenant: str, template_id: str, build_id: str) -> Job | None:
         j = self.jobs.get(build_id)
+        if j is None:
+            j = self._read_back(tenant, build_id)
         if j is None or j.tenant != tenant or j.template_id != template_id:
             return None  # another tenant's build is just unknown (invariant 11)
         return j
+
+    def _read_back(self, tenant: str, build_id: str) -> Job | None:
+        """A build an earlier server process started, from the tenant's own area: finished,
+        as it ended; still ``waiting``/``building``, that process died under it, so it
+        failed ("interrupted by a restart"), and what it left is cleaned up."""
+        own = self.tenant(tenant)
+        rec = buildstate.load(own, build_id)
+        if rec is None:
+            return None
+        job = Job.from_record(tenant, rec)
+        if buildstate.orphaned(rec):
+            self._interrupted(own, job)
+        elif job.status not in ("ready", "error"):
+            return None  # another live server's build: not this one's to show
+        self.jobs[build_id] = job
+        self.forget_old()
+        return job
+
+    @staticmethod
+    def _interrupted(own: TenantTemplates, job: Job) -> None:
+        job.status = "error"
+        job.reason = {"message": buildstate.INTERRUPTED}
+        job.say(buildstate.INTERRUPTED, "error")
+        work = own.root / "work" / job.build_id
+        if work.exists():
+            remove_tree(work)
+        tpl = own.get(job.template_id)
+        if tpl is not None and not tpl.get("tags"):  # never built: it holds no room
+            own.delete(job.template_id)
+        buildstate.save(own, job.record())
+
+    def recover(self) -> int:
+        """At a server's start: every build an earlier process left ``waiting``/``building``
+        (it died under them) becomes failed, "interrupted by a restart", and what it left in
+        its tenant's area goes; a live server's builds are left alone. Blocking; the count."""
+        count = 0
+        for rec in buildstate.unfinished(self.store.templates / "tenants"):
+            tenant = str(rec.get("tenant", ""))
+            own = self.tenant(tenant)
+            if not tenant or buildstate.load(own, str(rec["buildID"])) != rec:
+                continue  # not where its tenant's area is: never acted on
+            self._interrupted(own, Job.from_record(tenant, rec))
+            count += 1
+        return count
 
     def busy(self, tenant: str) -> bool:
         return any(j.tenant == tenant and j.status in ("waiting", "building") and j.started
@@ -243,6 +327,14 @@ class TemplateBuilds:
                 tenant.delete(job.template_id)  # never built: it holds no name or room
             if work is not None:
                 await asyncio.to_thread(remove_tree, work)
+            self._save(job)
+
+    def _save(self, job: Job) -> None:
+        """The build's status on disk (a failure to write is logged: the build itself stands)."""
+        try:
+            buildstate.save(self.tenant(job.tenant), job.record())
+        except OSError:
+            log.exception("template build %s: status not saved", job.build_id)
 
     def _revert(self, tenant: TenantTemplates, job: Job, before: dict[str, Any], new: str) -> None:
         """Put the template's tags back as they were and drop the new root if unused."""
@@ -373,6 +465,7 @@ class TemplateBuilds:
         if self.busy(tenant):
             raise QuotaExceededError("a build of this tenant is already running", retry_after=5)
         job.started = True
+        self._save(job)  # a restart from here on reads it as interrupted, not unknown
         job.task = asyncio.get_running_loop().create_task(self.run(job, data))
 
     def status(
@@ -382,7 +475,8 @@ class TemplateBuilds:
         job = self.job(tenant, template_id, build_id)
         if job is None:
             raise NotFoundError(f"template {template_id[:64]} was not found")
-        rows = job.entries[offset : offset + limit]
+        start = max(0, offset - job.first)  # a build read back keeps its last entries
+        rows = job.entries[start : start + limit]
         if level:
             order = ["debug", "info", "warn", "error"]
             if level not in order:

@@ -27,7 +27,7 @@ from typing import Any
 from mcp.types import CallToolResult, ContentBlock, ImageContent, TextContent, Tool, ToolAnnotations
 
 from moat.engine.api import FrontDoor
-from moat.errors import InvalidArgumentError, NotFoundError, SandboxError
+from moat.errors import InvalidArgumentError, NotFoundError, SandboxError, TemplateNotBuiltError
 from moat.mcp import schemas as s
 from moat.model import End, ErrorEvent, Output, ResultEvent, SandboxConfig, SandboxInfo
 from moat.model import validate as v
@@ -87,7 +87,10 @@ class Settings:
 
     def check(self) -> None:
         """Fail at start, not at the first call, on a setting the resolver refuses."""
-        FrontDoor.resolve(**self._kwargs())
+        try:
+            FrontDoor.resolve(**self._kwargs())
+        except TemplateNotBuiltError:
+            pass  # not an MCP setting: `moat serve` warns of it, its creates fail clearly
 
     def _kwargs(self) -> dict[str, Any]:
         kwargs: dict[str, Any] = {}

@@ -21,6 +21,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from moat.egress import Secret
+from moat.engine import templating
 from moat.engine.api import is_snapshot_id
 from moat.errors import InvalidArgumentError, NotFoundError, SandboxError
 from moat.server import persist, snapshots, wire
@@ -140,7 +141,9 @@ def control_app(state: ServerState) -> Starlette:
             "on_timeout": "pause" if body.auto_pause else "kill",
             "idle_timeout": ext.idle_timeout,
         }
-        if body.template_id not in wire.DEFAULT_TEMPLATES:
+        if body.template_id in wire.DEFAULT_TEMPLATES:  # base -> base, … (issue 12)
+            kwargs["template"] = templating.e2b_template(body.template_id)
+        else:
             own = front.tenant_template(tenant, body.template_id)
             if own is not None:  # the tenant's own template (its name, id or name:tag)
                 kwargs["template"] = own

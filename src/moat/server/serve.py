@@ -23,6 +23,7 @@ from collections.abc import Iterator
 
 import uvicorn
 
+from moat.engine import templating
 from moat.engine.api import FrontDoor, TenantPolicies, kill_everything, load_tenants
 from moat.errors import InvalidArgumentError, SandboxError
 from moat.mcp import McpHttp, Settings
@@ -99,6 +100,10 @@ async def serve(
     # left half-written (the scan removed it; the sandbox was still running then).
     for name in await asyncio.to_thread(front.paused_report):
         log.warning("removed a half-written paused state left by a crash: %s", name)
+    builds = getattr(front, "template_builds", None)  # a cluster front door builds none
+    if builds is not None:  # builds a dead server left read as interrupted (issue 12)
+        if n := await asyncio.to_thread(builds.recover):
+            log.warning("%d template build(s) were interrupted by the last stop", n)
     config = uvicorn.Config(
         make_app(state),
         host=host,
@@ -201,6 +206,15 @@ def main(
     except SandboxError as exc:
         print(f"moat serve: bad MCP setting: {exc}", file=sys.stderr, flush=True)
         sys.exit(2)
+    try:  # a bad default template setting stops the start (invariant 7)
+        templating.default_template()
+    except InvalidArgumentError as exc:
+        print(f"moat serve: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+    try:  # not built yet: creates that name no template fail clearly until it is
+        templating.require("default")
+    except InvalidArgumentError as exc:
+        print(f"moat serve: warning: {exc}", file=sys.stderr, flush=True)
     warn_if_exposed(host, tls is not None)
     rules = "none" if policy == TenantPolicies() else policy_file or "<state dir>/tenants.toml"
     scheme = "https" if tls else "http"

@@ -38,7 +38,7 @@ from moat.model import Context, ExecutionError, Result, SandboxInfo, SandboxMetr
 #: the entry in watch events, 0.6.4 ``allowNetworkMounts`` (accepted: moat mounts no network
 #: filesystems).
 ENVD_VERSION = "0.6.4"
-#: Templates the SDKs name by default; they resolve to moat's default template.
+#: Templates the SDKs name by default: moat.engine.templating.e2b_template maps them.
 DEFAULT_TEMPLATES = frozenset({"base", "code-interpreter-v1", "default"})
 CLIENT_ID = "moat"
 
