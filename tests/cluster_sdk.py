@@ -16,6 +16,7 @@ import asyncio
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -127,7 +128,7 @@ def watches(url: str, key: str) -> dict[str, Any]:
             watch = await s.files.watch_dir("sw", on_event)
             await s.files.write("sw/f.txt", "hello")
             await asyncio.wait_for(seen.wait(), 20)
-            await watch.stop()
+            await watch.stop()  # type: ignore[no-untyped-call]
             await s.commands.run("touch ~/sw/late")
             await asyncio.sleep(0.5)
             return got
@@ -139,5 +140,8 @@ def watches(url: str, key: str) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    scenario = {"drive": drive, "ingress_app": ingress_app, "kill": kill, "watches": watches}
-    print(json.dumps(scenario[sys.argv[1]](**json.loads(sys.argv[2]))))
+    scenario: dict[str, Callable[..., Any]] = {
+        "drive": drive, "ingress_app": ingress_app, "kill": kill, "watches": watches,
+    }  # fmt: skip
+    run = scenario[sys.argv[1]]
+    print(json.dumps(run(**json.loads(sys.argv[2]))))

@@ -470,7 +470,7 @@ def test_a_watch_on_a_node_guards_the_names_it_reports(
         events = streamed.events()
         await door.write_file("t-wguard", sid, f"/home/user/g/{canary}.txt", "x")
         first = await asyncio.wait_for(anext(events), 20)
-        await events.aclose()  # leaving the stream stops its watch on the node
+        await events.aclose()  # type: ignore[attr-defined]  # leaving the stream stops its watch
         names = [e.name for e in await polled.take()]
         await polled.stop()
         return names, [first.name]

@@ -83,7 +83,7 @@ def format_value(value: Any) -> dict[str, Any]:
     if chart is not None and "png" in data:
         # Only beside its PNG, and only where it fits: a chart never costs the figure its image.
         with_chart = {**data, "chart": chart}
-        if len(json.dumps(with_chart, ensure_ascii=False)) <= MAX_RESULT:
+        if len(jsonfast.dumps(with_chart, compact=False)) <= MAX_RESULT:
             data = with_chart
     return data
 
