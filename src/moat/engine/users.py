@@ -13,9 +13,20 @@ from moat.runtime.spec import SandboxSpec
 
 DEFAULT_USER = "user"
 #: Tiers that run ``user="root"`` calls: gVisor's root is the sentry's (its own kernel, in
-#: the sandbox's user namespace on the host). The container and microVM tiers do not yet
-#: (docs/users.md says what they would need).
-ROOT_TIERS = frozenset({"gvisor"})
+#: the sandbox's user namespace on the host); the container tier's is uid 0 of the sandbox's
+#: own user namespace, two fresh host ids that own nothing (runtime/container/driver.py).
+#: The microVM tier does not yet (docs/users.md says what it would need).
+ROOT_TIERS = frozenset({"gvisor", "container"})
+#: Why a sandbox with host mounts refuses root, per tier.
+_MOUNT_REASON = {
+    # gVisor's gofer serves host directories as host root and the sentry compares file
+    # owners with in-sandbox uids as they are: root inside would read a mounted host
+    # root's 0600 files and leave root-owned (setuid) files in a writable mount.
+    "gvisor": "root inside would act as host root on their files",
+    # The container tier starts such a sandbox without uid 0 at all: root's CHOWN and
+    # FSETID would leave files of the shared sandbox group, setgid, in a writable mount.
+    "container": "root inside could leave setgid files of the sandboxes' shared group there",
+}
 
 
 def as_root(spec: SandboxSpec, user: str) -> bool:
@@ -32,11 +43,13 @@ def as_root(spec: SandboxSpec, user: str) -> bool:
             f"{'/'.join(sorted(ROOT_TIERS))} tier to use user='root'"
         )
     if spec.mounts:
-        # gVisor's gofer serves host directories as host root and the sentry compares file
-        # owners with in-sandbox uids as they are: root inside would read a mounted host
-        # root's 0600 files and leave root-owned (setuid) files in a writable mount.
         raise PolicyError(
             f"the {tier} tier lacks the capability 'user.root' for a sandbox with host "
-            "mounts: root inside would act as host root on their files"
+            f"mounts: {_MOUNT_REASON[tier]}"
         )
     return True
+
+
+def can_root(spec: SandboxSpec) -> bool:
+    """Whether calls may run as root in the sandbox of ``spec`` at all (no error)."""
+    return spec.tier in ROOT_TIERS and not spec.mounts

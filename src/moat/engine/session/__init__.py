@@ -102,7 +102,7 @@ class Session(CodeCalls, PtyCalls, FileCalls, WatchCalls):
             self.proc = await self.runtime.start(self.spec)
         self.client = AgentClient(self.proc, self._agent_died)
         if hasattr(self.proc, "inside"):  # its driver archives files through the agent
-            self.proc.inside = AgentInside(self)
+            self.proc.inside = AgentInside(self, root=bool(getattr(self.proc, "can_root", False)))
         try:
             if getattr(self.proc, "sends_ready", True):
                 await self.client.wait_ready(START_TIMEOUT)
