@@ -168,22 +168,24 @@ def test_privileges_inside(tier: str, sbx: Sandbox) -> None:
     shared_sbx = sbx
     status = shared_sbx.files.read("/proc/self/status")  # read by the agent, in the sandbox
     fields = dict(line.split(":\t", 1) for line in status.splitlines() if ":\t" in line)
-    # gVisor's agent keeps CAP_KILL effective (to stop the root calls it started)
-    assert fields["CapEff"].strip() == ("0000000000000020" if tier == "gvisor" else "0" * 16)
-    # gVisor's agent keeps root's bounded set (the sentry's, for user="root" calls) permitted
-    # only, never effective; the container tier's agent has none (docs/users.md)
-    assert fields["CapPrm"].strip() == ("00000000200404fb" if tier == "gvisor" else "0" * 16)
-    if tier == "gvisor":  # the sandbox's bounding set: root's, no more
+    # gVisor's and the container tier's agents keep CAP_KILL effective (to stop the root
+    # calls they started) and root's bounded set (for user="root" calls: the sentry's, or
+    # that of the sandbox's own user namespace) permitted only, never effective
+    # (docs/users.md); the microVM's agent has none
+    can_root = tier in ("gvisor", "container")
+    assert fields["CapEff"].strip() == ("0000000000000020" if can_root else "0" * 16)
+    assert fields["CapPrm"].strip() == ("00000000200404fb" if can_root else "0" * 16)
+    if can_root:  # the sandbox's bounding set: root's, no more
         assert fields["CapBnd"].strip() == "00000000200404fb"
     real, effective, saved, fs = fields["Uid"].split()
     assert effective == fs == "1000"
-    # gVisor's agent keeps a uid of its own as real and saved uid (moat.agent.shield)
-    assert real == saved == ("999" if tier == "gvisor" else "1000")
+    # gVisor's agent keeps a uid of its own as real and saved uid, the container tier's
+    # the sandbox's root (moat.agent.shield)
+    assert real == saved == {"gvisor": "999", "container": "0"}.get(tier, "1000")
     # ...and user code has nothing of it: all four uids the user's, no capability at all
     user = shared_sbx.commands.run("grep -E '^(Uid|CapPrm|CapEff):' /proc/self/status").stdout
     assert user.split() == ["Uid:", *["1000"] * 4, "CapPrm:", "0" * 16, "CapEff:", "0" * 16]
     if tier == "container":  # the shared-kernel tier's own layers (DESIGN invariant 9)
-        assert fields["CapPrm"].strip() == "0000000000000000"
         assert fields["NoNewPrivs"].strip() == "1"
         assert fields["Seccomp"].strip() == "2"
         pids = sandbox_procs()
