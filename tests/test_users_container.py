@@ -397,3 +397,62 @@ def test_a_sandbox_with_a_mount_refuses_root_and_has_no_uid_0() -> None:
     finally:
         sbx.kill()
         shutil.rmtree(host)
+
+
+# -- failure paths: refused, and nothing left behind (invariant 5) -------------------------------
+
+
+def _children(name: bytes) -> list[int]:
+    me = str(os.getpid())
+    out = []
+    for d in Path("/proc").iterdir():
+        try:
+            fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
+            if fields[1] == me and (d / "comm").read_bytes().strip() == name:
+                out.append(int(d.name))
+        except (OSError, IndexError):
+            continue
+    return out
+
+
+def _cgroups(name: str) -> list[str]:
+    found = []
+    for root in Path("/sys/fs/cgroup").glob("*"):
+        for dirpath, dirnames, _files in os.walk(root):
+            found += [f"{dirpath}/{d}" for d in dirnames if name in d]
+    return found
+
+
+@pytest.mark.parametrize("fault", ["maps", "join"])
+def test_a_failed_namespace_leaves_nothing(fault: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The holder's maps refused by the kernel (overlapping ids), or bwrap's child failing to
+    join: a typed error, and no holder, bwrap or cgroup left (checked from the host)."""
+    import asyncio
+
+    from moat.errors import IsolationUnavailableError, SandboxDiedError
+    from moat.runtime.container import ContainerRuntime, driver, userns
+    from moat.runtime.spec import SandboxSpec
+
+    require_tier("container")
+    if fault == "maps":
+        monkeypatch.setattr(driver, "_fresh_ids", lambda: (UID_BASE + 77, UID_BASE + 77))
+        expected: type[Exception] = IsolationUnavailableError
+    else:
+
+        def broken(fd: int) -> None:
+            raise OSError(1, "setns refused (test)")
+
+        monkeypatch.setattr(userns, "enter", broken)
+        expected = SandboxDiedError
+    sid = f"sbx-nsfault-{fault}-{secrets.token_hex(3)}"
+    before = set(_children(b"cat"))
+
+    async def start() -> None:
+        rt = ContainerRuntime()
+        with pytest.raises(expected):
+            await rt.start(SandboxSpec(sandbox_id=sid, tier="container"))
+
+    asyncio.run(start())
+    assert set(_children(b"cat")) - before == set()
+    assert _children(b"bwrap") == []
+    assert _cgroups(sid.removeprefix("sbx-")) == []

@@ -471,7 +471,8 @@ class ContainerRuntime:
                 if holder is not None:
                     await _settle(asyncio.get_running_loop().run_in_executor(None, holder.close))
                 if isinstance(exc, subprocess.SubprocessError):  # preexec failed
-                    raise SandboxDiedError("the sandbox's mounts could not be set up") from exc
+                    what = "user namespace" if holder is not None else "mounts"
+                    raise SandboxDiedError(f"the sandbox's {what} could not be set up") from exc
                 raise
         return ContainerProcess(proc, reader, writer, cgroup, uid, holder)
 
