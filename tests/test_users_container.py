@@ -56,7 +56,7 @@ def _proc(sbx: Sandbox) -> object:
 
 
 def _host_pids(sbx: Sandbox) -> list[int]:
-    """Host pids of the sandbox's processes (its cgroup), bwrap and the holder included."""
+    """Host pids of the sandbox's processes (its cgroup), bwrap included."""
     return list(_proc(sbx).cgroup.pids())  # type: ignore[attr-defined]
 
 
@@ -126,17 +126,19 @@ def test_host_sees_roots_processes_as_fresh_unprivileged_ids(csbx: Sandbox) -> N
     assert len(set(user_ids)) == 1 and _in_range(int(user_ids[0]))
     assert root_ids[0] != user_ids[0]
     assert _proc(csbx).host_uid == int(user_ids[0])  # type: ignore[attr-defined]
-    holder = _proc(csbx).holder  # type: ignore[attr-defined]
     for pid in _host_pids(csbx):
         try:
             st = _host_status(pid)
         except OSError:
             continue
-        if pid == holder.popen.pid:
-            # moat's holder (host root, outside the sandbox's pid namespace): no capability
-            assert st["CapEff"] == st["CapPrm"] == "0" * 16
-            continue
         assert st["Uid"].split()[0] != "0", (pid, st["Name"])
+    # moat's holder of the namespace: host root outside the sandbox's pid namespace (nothing
+    # inside can name it), with no capability left (it exec'd as nobody of the namespace)
+    holder = _proc(csbx).holder.popen.pid  # type: ignore[attr-defined]
+    st = _host_status(holder)
+    assert st["CapEff"] == st["CapPrm"] == "0" * 16
+    assert os.readlink(f"/proc/{holder}/ns/user") == os.readlink(f"/proc/{root_pid}/ns/user")
+    assert os.readlink(f"/proc/{holder}/ns/pid") != os.readlink(f"/proc/{root_pid}/ns/pid")
     subprocess.run(["pkill", "-f", "^sleep 471[12]$"], check=False)
 
 
@@ -293,7 +295,7 @@ def test_roots_fork_bomb_hits_the_caps() -> None:
         assert 16 < int(refused[1]) < 64 and int(refused[2]) == 11  # EAGAIN
         proc = _proc(s)
         pids = len(proc.cgroup.pids())  # type: ignore[attr-defined]
-        assert pids <= 64 + 8  # from outside: the cgroup's cap (bwrap and the holder aside)
+        assert pids <= 64 + 8  # from outside: the cgroup's cap (bwrap aside)
         assert s.files.read("/proc/self/stat")  # the agent's reserve still serves
         h.kill()
         deadline = time.monotonic() + 20
@@ -445,7 +447,7 @@ def test_a_failed_namespace_leaves_nothing(fault: str, monkeypatch: pytest.Monke
         monkeypatch.setattr(userns, "enter", broken)
         expected = SandboxDiedError
     sid = f"sbx-nsfault-{fault}-{secrets.token_hex(3)}"
-    before = set(_children(b"cat"))
+    before = set(_children(b"cat")) | set(_children(b"bwrap"))
 
     async def start() -> None:
         rt = ContainerRuntime()
@@ -454,5 +456,19 @@ def test_a_failed_namespace_leaves_nothing(fault: str, monkeypatch: pytest.Monke
 
     asyncio.run(start())
     assert set(_children(b"cat")) - before == set()
-    assert _children(b"bwrap") == []
+    assert set(_children(b"bwrap")) - before == set()
     assert _cgroups(sid.removeprefix("sbx-")) == []
+
+
+def test_the_holder_ends_with_the_sandbox() -> None:
+    require_tier("container")
+    sbx = Sandbox.create(isolation="container")
+    holder = _proc(sbx).holder  # type: ignore[attr-defined]
+    pid = holder.popen.pid
+    assert Path(f"/proc/{pid}").exists()  # positive control: it runs while the sandbox does
+    sbx.kill()
+    deadline = time.monotonic() + 10
+    while holder.popen.returncode is None and time.monotonic() < deadline:
+        time.sleep(0.05)  # the background reaper closes it
+    assert holder.popen.returncode is not None
+    assert not Path(f"/proc/{pid}").exists() or pid not in _children(b"cat")

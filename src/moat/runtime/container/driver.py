@@ -436,9 +436,12 @@ class ContainerRuntime:
             )
             holder: userns.Holder | None = None
             if root:
+                # Not in the sandbox's cgroup: a cgroup v1 move waits for an RCU grace period
+                # (~5 ms measured); it ends on its pipe's EOF or the reaper's close, and no
+                # code of the sandbox can reach it (another pid namespace) (invariant 5).
                 holder = await _owned(
                     lambda: userns.Holder(
-                        procs_files,
+                        (),
                         [(0, root_id, 1), (SANDBOX_UID, uid, 1)],
                         [(0, root_id, 1), (SANDBOX_GID, SANDBOX_HOST_GID, 1)],
                     ),

@@ -5,8 +5,10 @@ Trust domain: host engine (privileged). Unprivileged bubblewrap can map only its
 a namespace with several ids (root inside, the sandbox user) needs host root to write its
 ``uid_map``/``gid_map``. A :class:`Holder` is a small process (``cat`` on a pipe from us) that
 creates the namespace and owns it while the maps are written and bubblewrap joins it
-(:func:`enter`, or ``nsenter``); it lives in the sandbox's cgroup and exits when its stdin
-closes, so it dies with the sandbox or with moat (invariant 5).
+(:func:`enter`, or ``nsenter``); it exits when its stdin closes and is killed and reaped by
+:meth:`Holder.close`, so it dies with the sandbox or with moat (invariant 5). The build sandbox
+also puts it in the step's cgroup; the container driver does not (a cgroup v1 move costs an RCU
+grace period, ~5 ms here).
 
 Nested user namespaces stay impossible without bwrap's ``--disable-userns`` (which would nest
 a one-uid namespace of its own): the holder sets ``user.max_user_namespaces`` to 0 *in the new
@@ -67,7 +69,7 @@ class Holder:
 
         def preexec() -> None:  # os and libc calls only (between fork and exec)
             pid = str(os.getpid()).encode()
-            for path in procs:  # into the sandbox's cgroup: killed with it
+            for path in procs:  # into the sandbox's cgroup (if given): killed with it
                 fd = os.open(path, os.O_WRONLY)
                 try:
                     os.write(fd, pid)
