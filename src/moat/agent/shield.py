@@ -46,6 +46,7 @@ if TYPE_CHECKING:
     from typing import Any
 
 _PR_SET_DUMPABLE = 4
+_PR_CAPBSET_READ = 23
 _PR_CAPBSET_DROP = 24
 #: uids of the agent and of user code where a tier can give them apart (gVisor starts the
 #: agent as AGENT_UID with root's bounded capabilities: see :func:`_split_uid`).
@@ -169,7 +170,9 @@ def _bound_root(libc: Any) -> None:
         last = 63
     keep = set(ROOT_CAPS.values())
     for cap in range(last + 1):
-        if cap not in keep and libc.prctl(_PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
+        if cap in keep or libc.prctl(_PR_CAPBSET_READ, cap, 0, 0, 0) != 1:
+            continue  # kept, or already out of the set (no CAP_SETPCAP needed then)
+        if libc.prctl(_PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
             raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
 
 

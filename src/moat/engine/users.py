@@ -45,11 +45,6 @@ def as_root(spec: SandboxSpec, user: str) -> bool:
     if spec.mounts:
         raise PolicyError(
             f"the {tier} tier lacks the capability 'user.root' for a sandbox with host "
-            f"mounts: {_MOUNT_REASON[tier]}"
+            f"mounts: {_MOUNT_REASON.get(tier, 'root inside could reach their files')}"
         )
     return True
-
-
-def can_root(spec: SandboxSpec) -> bool:
-    """Whether calls may run as root in the sandbox of ``spec`` at all (no error)."""
-    return spec.tier in ROOT_TIERS and not spec.mounts
