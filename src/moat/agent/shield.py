@@ -77,7 +77,7 @@ _drop_caps: Any = None
 _CAP_KILL = 5
 
 
-def harden() -> None:
+def harden(split_root: bool = False) -> None:
     """The agent's first call: its own uid (gVisor), non-dumpable, SIGINT, the user's limit.
 
     Before any thread or child exists (the default kernel is forked right after).
@@ -87,15 +87,19 @@ def harden() -> None:
 
     libc = ctypes.CDLL(None, use_errno=True)
     uid = os.getuid()
-    if uid == 0:
-        # The container tier's root-capable sandbox starts the agent as uid 0 of its own user
-        # namespace with ROOT_CAPS (bwrap, run as that root, made /home/user root's): the
-        # home goes to the user before anything of the user's runs, then the split.
+    if split_root:
+        # Named by the driver (``--split-root 1``: the container tier's root-capable sandbox,
+        # never a uid alone: a fake runtime's agent runs as the host's root). It starts the
+        # agent as uid 0 of the sandbox's own user namespace with ROOT_CAPS (bwrap, run as
+        # that root, made /home/user root's): the home goes to the user before anything of
+        # the user's runs, then the bounding set and the split.
         from moat.protocol.contract import HOME
 
+        if uid != 0:
+            raise PermissionError("--split-root needs the agent to start as uid 0")
         os.chown(HOME, USER_UID, USER_GID)
         _bound_root(libc)
-    if uid in (0, AGENT_UID):
+    if split_root or uid == AGENT_UID:
         _split_uid(libc)
     if libc.prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_DUMPABLE)")

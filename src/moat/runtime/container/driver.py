@@ -421,7 +421,10 @@ class ContainerRuntime:
             )
             root = not spec.mounts  # root-capable: see the module doc
             argv = bwrap.build_argv(
-                spec, host, agentdir.agent_argv(workdir=spec.workdir), root=root
+                spec,
+                host,
+                agentdir.agent_argv(workdir=spec.workdir, split_root=root),
+                root=root,
             )
             argv[0] = shutil.which("bwrap") or "bwrap"
             uid, root_id = _fresh_ids()
