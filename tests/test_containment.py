@@ -168,24 +168,21 @@ def test_privileges_inside(tier: str, sbx: Sandbox) -> None:
     shared_sbx = sbx
     status = shared_sbx.files.read("/proc/self/status")  # read by the agent, in the sandbox
     fields = dict(line.split(":\t", 1) for line in status.splitlines() if ":\t" in line)
-    # The gVisor and microVM agents keep CAP_KILL effective (to stop the root calls they
-    # started)
-    split = tier in ("gvisor", "microvm")
-    assert fields["CapEff"].strip() == ("0000000000000020" if split else "0" * 16)
-    # ...and root's bounded set (for user="root" calls) permitted only, never effective; the
-    # container tier's agent has none (docs/users.md)
-    assert fields["CapPrm"].strip() == ("00000000200404fb" if split else "0" * 16)
-    if split:  # the sandbox's bounding set: root's, no more
-        assert fields["CapBnd"].strip() == "00000000200404fb"
+    # Every tier's agent keeps CAP_KILL effective (to stop the root calls it started) and
+    # root's bounded set (for user="root" calls: the sentry's, the sandbox's own user
+    # namespace's, or the guest kernel's) permitted only, never effective (docs/users.md)
+    assert fields["CapEff"].strip() == "0000000000000020"
+    assert fields["CapPrm"].strip() == "00000000200404fb"
+    assert fields["CapBnd"].strip() == "00000000200404fb"  # the sandbox's: root's, no more
     real, effective, saved, fs = fields["Uid"].split()
     assert effective == fs == "1000"
-    # ...and a uid of its own as real and saved uid (moat.agent.shield)
-    assert real == saved == ("999" if split else "1000")
+    # gVisor's and the microVM's agents keep a uid of their own as real and saved uid, the
+    # container tier's the sandbox's root (moat.agent.shield)
+    assert real == saved == {"container": "0"}.get(tier, "999")
     # ...and user code has nothing of it: all four uids the user's, no capability at all
     user = shared_sbx.commands.run("grep -E '^(Uid|CapPrm|CapEff):' /proc/self/status").stdout
     assert user.split() == ["Uid:", *["1000"] * 4, "CapPrm:", "0" * 16, "CapEff:", "0" * 16]
     if tier == "container":  # the shared-kernel tier's own layers (DESIGN invariant 9)
-        assert fields["CapPrm"].strip() == "0000000000000000"
         assert fields["NoNewPrivs"].strip() == "1"
         assert fields["Seccomp"].strip() == "2"
         pids = sandbox_procs()

@@ -133,16 +133,14 @@ def test_timeout_kills_the_command(sbx: Sandbox) -> None:
     assert "sleep 3" not in " ".join(" ".join(p.args) for p in sbx.commands.list())
 
 
-def test_root_is_refused_not_downgraded(sbx: Sandbox) -> None:
-    # The container tier gives no root inside (docs/users.md): a typed refusal naming the
-    # tier, never the call quietly run as the user (invariants 7 and 9); test_server_users
-    # runs root on gvisor.
-    with pytest.raises(SandboxException, match=r"container tier lacks the capability 'user\.root'"):
-        sbx.commands.run("touch /home/user/as-root", user="root")
-    with pytest.raises(SandboxException, match=r"container tier lacks the capability 'user\.root'"):
-        sbx.files.make_dir("/home/user/root-dir", user="root")
-    assert not sbx.files.exists("/home/user/as-root")
-    assert not sbx.files.exists("/home/user/root-dir")
+def test_root_runs_as_root_not_downgraded(sbx: Sandbox) -> None:
+    # The container tier's root is uid 0 of the sandbox's own user namespace (docs/users.md;
+    # tests/test_users_container.py checks its containment): a root call runs as root,
+    # never quietly as the user (invariants 7 and 9).
+    sbx.commands.run("touch /home/user/as-root", user="root")
+    assert sbx.files.make_dir("/home/user/root-dir", user="root")
+    owners = sbx.commands.run("stat -c %u /home/user/as-root /home/user/root-dir").stdout
+    assert owners == "0\n0\n"
     assert sbx.commands.run("whoami", user="user").stdout == "user\n"
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -131,7 +132,11 @@ def _inotify_fds(uid: int) -> int:
 def test_watcher_cap_and_stop_frees_inotify() -> None:
     require_tier("container")
     with Sandbox.create(isolation="container", timeout=120) as s:
-        uid = session_of(s).proc.host_uid  # type: ignore[union-attr]
+        # the agent's host uid: the user's, or in a root-capable sandbox the sandbox's root id
+        # (its real uid; bwrap runs as it too: docs/users.md)
+        proc = session_of(s).proc
+        status = Path(f"/proc/{proc.proc.pid}/status").read_text()  # type: ignore[union-attr]
+        uid = int(status.split("Uid:")[1].split()[0])
         base = _inotify_fds(uid)
         handles = [s.files.watch_dir("/home/user") for _ in range(MAX_WATCHERS)]
         assert _inotify_fds(uid) == base + MAX_WATCHERS  # one instance per watch

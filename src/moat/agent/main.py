@@ -355,9 +355,12 @@ class Agent:
 
 def _parse_args(argv: list[str]) -> dict[str, Any]:
     opts: dict[str, Any] = {"channel": None, "workdir": None, "resume_fd": None}
+    opts["split_root"] = False
     for flag, value in zip(argv[::2], argv[1::2], strict=False):
         if flag in ("--channel", "--workdir"):
             opts[flag[2:]] = value
+        elif flag == "--split-root":
+            opts["split_root"] = value == "1"
         elif flag == "--resume-fd" and value.isdigit():
             opts["resume_fd"] = int(value)
     return opts
@@ -366,8 +369,8 @@ def _parse_args(argv: list[str]) -> dict[str, Any]:
 def main() -> None:
     # Every tier starts the agent as its pid namespace's init, non-dumpable: user code can
     # neither signal it nor read or write its memory and fds (see moat.agent.shield).
-    shield.harden()
     opts = _parse_args(sys.argv[1:])
+    shield.harden(split_root=opts["split_root"])
     if opts["channel"]:
         fd = os.open(opts["channel"], os.O_RDWR | os.O_NOCTTY)
         in_fd, out_fd = fd, os.dup(fd)

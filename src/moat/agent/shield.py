@@ -20,7 +20,10 @@ alone protects nothing. Three layers on every tier, and a fourth where the tier 
   init): the agent starts as :data:`AGENT_UID` with root's bounded capability set
   (``moat.protocol.contract.ROOT_CAPS``: the sentry's capabilities, never the host's), keeps
   AGENT_UID as real and saved uid, acts as :data:`USER_UID`, and keeps those capabilities
-  only as *permitted*, none effective (:func:`_split_uid`). A call with ``user="root"`` runs
+  only as *permitted*, none effective (:func:`_split_uid`). The container tier's
+  root-capable sandbox starts it as uid 0 of the sandbox's own user namespace instead (real
+  and saved uid stay 0; Linux honours non-dumpable and init's signal rule, which guard the
+  agent there). A call with ``user="root"`` runs
   in a child that takes uid 0 (:func:`root_ids`): its effective capabilities are the
   permitted ones, still under ``no_new_privs``, the seccomp filter and the kernel's limits
   (docs/users.md).
@@ -43,6 +46,8 @@ if TYPE_CHECKING:
     from typing import Any
 
 _PR_SET_DUMPABLE = 4
+_PR_CAPBSET_READ = 23
+_PR_CAPBSET_DROP = 24
 #: uids of the agent and of user code where a tier can give them apart (gVisor starts the
 #: agent as AGENT_UID with root's bounded capabilities: see :func:`_split_uid`).
 AGENT_UID = 999
@@ -72,7 +77,7 @@ _drop_caps: Any = None
 _CAP_KILL = 5
 
 
-def harden() -> None:
+def harden(split_root: bool = False) -> None:
     """The agent's first call: its own uid (gVisor), non-dumpable, SIGINT, the user's limit.
 
     Before any thread or child exists (the default kernel is forked right after).
@@ -81,7 +86,20 @@ def harden() -> None:
     import ctypes  # lazily: only this call needs it
 
     libc = ctypes.CDLL(None, use_errno=True)
-    if os.getuid() == AGENT_UID:
+    uid = os.getuid()
+    if split_root:
+        # Named by the driver (``--split-root 1``: the container tier's root-capable sandbox,
+        # never a uid alone: a fake runtime's agent runs as the host's root). It starts the
+        # agent as uid 0 of the sandbox's own user namespace with ROOT_CAPS (bwrap, run as
+        # that root, made /home/user root's): the home goes to the user before anything of
+        # the user's runs, then the bounding set and the split.
+        from moat.protocol.contract import HOME
+
+        if uid != 0:
+            raise PermissionError("--split-root needs the agent to start as uid 0")
+        os.chown(HOME, USER_UID, USER_GID)
+        _bound_root(libc)
+    if split_root or uid == AGENT_UID:
         _split_uid(libc)
     if libc.prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_DUMPABLE)")
@@ -107,8 +125,9 @@ def _split_uid(libc: Any) -> None:
     so files keep their owner. AGENT_UID is neither the user's nor root's: a root call's
     process (uid 0) shares no uid with the agent either. Root calls take uid 0 in a child
     (:func:`root_ids`); what that child may do is bounded by ROOT_CAPS (the tier's bounding
-    set too), ``no_new_privs`` and the seccomp filter (invariant 9). The agent's uids were
-    never 0, so the kernel keeps the permitted set across these changes.
+    set too), ``no_new_privs`` and the seccomp filter (invariant 9). The kernel keeps the
+    permitted set across these changes: the agent's uids were never 0 (gVisor), or its real
+    and saved uid stay 0 (container).
     """
     import ctypes
 
@@ -125,7 +144,8 @@ def _split_uid(libc: Any) -> None:
     keep = data[1] & wanted  # never more than the tier gave (all caps are < 32)
     os.setgroups([USER_GID])
     os.setresgid(USER_GID, USER_GID, USER_GID)
-    os.setresuid(AGENT_UID, USER_UID, AGENT_UID)
+    start = os.getuid()  # AGENT_UID (gVisor) or 0 (container: real and saved uid stay 0)
+    os.setresuid(start, USER_UID, start)
     # CAP_KILL alone stays effective, in every thread to come: the agent must signal (stop,
     # interrupt, kill) the root calls it started, which run as uid 0.
     header = (ctypes.c_uint32 * 2)(_CAP_VERSION_3, 0)
@@ -136,6 +156,28 @@ def _split_uid(libc: Any) -> None:
     # Built now, so that a forked child only makes the call (see root_ids, user_limits).
     _raise_caps = _capset(libc, keep, keep)
     _drop_caps = _capset(libc, 0, 0)
+
+
+def _bound_root(libc: Any) -> None:
+    """Drop every capability but ROOT_CAPS from the bounding set (the container tier: bwrap
+    leaves it whole when it runs in a user namespace it did not make, and gives the agent
+    CAP_SETPCAP for this alone; :func:`_split_uid` then keeps ROOT_CAPS only). With
+    ``no_new_privs`` no exec of root's could gain more anyway; this is the second layer."""
+    import ctypes
+
+    from moat.protocol.contract import ROOT_CAPS
+
+    try:
+        with open("/proc/sys/kernel/cap_last_cap") as f:
+            last = int(f.read())
+    except (OSError, ValueError):
+        last = 63
+    keep = set(ROOT_CAPS.values())
+    for cap in range(last + 1):
+        if cap in keep or libc.prctl(_PR_CAPBSET_READ, cap, 0, 0, 0) != 1:
+            continue  # kept, or already out of the set (no CAP_SETPCAP needed then)
+        if libc.prctl(_PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
 
 
 def _capset(libc: Any, effective: int, permitted: int) -> Any:
@@ -196,9 +238,9 @@ def user_limits() -> None:
     if os.getuid() != euid:
         os.setresuid(euid, euid, euid)
     if _drop_caps is not None:
-        # The agent's uids were never 0, so the kernel kept its permitted set across the
-        # switch; a child that runs user code without an exec (a forked kernel) must not
-        # keep it (an exec as a non-root uid would drop it anyway).
+        # On gVisor the agent's uids were never 0, so the kernel kept its permitted set
+        # across the switch; a child that runs user code without an exec (a forked kernel)
+        # must not keep it (an exec as a non-root uid would drop it anyway).
         _drop_caps()
     _limits()
 

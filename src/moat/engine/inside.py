@@ -28,14 +28,21 @@ STDIN_WINDOW = 4
 
 
 class AgentInside:
-    """Commands inside one session's sandbox, for its driver."""
+    """Commands inside one session's sandbox, for its driver: as its user, or as its root
+    where the sandbox has one (a root-capable container sandbox archives root's files and
+    their owners too; root inside is the sandbox's own, never the host's: invariant 9)."""
 
-    def __init__(self, session: CommandCalls) -> None:
+    def __init__(self, session: CommandCalls, root: bool = False) -> None:
         self._s = session
+        #: run as root of the sandbox (where it has one: its root's files are kept too)
+        self._root = root
 
     async def _start(self, cmd: str, stdin: bool) -> tuple[int, object]:
         client = self._s._check()
-        call = await client.open(MsgType.CMD_START, {"cmd": cmd, "envs": {}, "stdin": stdin})
+        fields: dict[str, object] = {"cmd": cmd, "envs": {}, "stdin": stdin}
+        if self._root:
+            fields["root"] = True
+        call = await client.open(MsgType.CMD_START, fields)
         pid = await self._s._started(call)
         return pid, call
 

@@ -13,10 +13,24 @@ from moat.runtime.spec import SandboxSpec
 
 DEFAULT_USER = "user"
 #: Tiers that run ``user="root"`` calls: gVisor's root is the sentry's (its own kernel, in
-#: the sandbox's user namespace on the host); the microVM's is the guest kernel's, with the
-#: guest's host-facing parts out of its reach (moat/guest/boot.py ``confine``). The
-#: container tier does not yet (docs/users.md says what it would need).
-ROOT_TIERS = frozenset({"gvisor", "microvm"})
+#: the sandbox's user namespace on the host); the container tier's is uid 0 of the sandbox's
+#: own user namespace, two fresh host ids that own nothing (runtime/container/driver.py); the
+#: microVM's is the guest kernel's, with the guest's host-facing parts out of its reach
+#: (moat/guest/boot.py ``confine``).
+ROOT_TIERS = frozenset({"gvisor", "container", "microvm"})
+#: Why a sandbox with host mounts refuses root, per tier.
+_MOUNT_REASON = {
+    # gVisor's gofer serves host directories as host root and the sentry compares file
+    # owners with in-sandbox uids as they are: root inside would read a mounted host
+    # root's 0600 files and leave root-owned (setuid) files in a writable mount.
+    "gvisor": "root inside would act as host root on their files",
+    # The container tier starts such a sandbox without uid 0 at all: root's CHOWN and
+    # FSETID would leave files of the shared sandbox group, setgid, in a writable mount.
+    "container": "root inside could leave setgid files of the sandboxes' shared group there",
+    # The microVM's mount images keep host owners and modes, checked for the user only
+    # (mountimg.py): root's DAC_OVERRIDE would read what the user may not.
+    "microvm": "root inside would read what the user may not in their images",
+}
 
 
 def root_refusal(tier: str | None = None) -> PolicyError:
@@ -44,13 +58,8 @@ def as_root(spec: SandboxSpec, user: str) -> bool:
     if tier not in ROOT_TIERS:
         raise root_refusal(tier)
     if spec.mounts:
-        # gVisor's gofer serves host directories as host root and the sentry compares file
-        # owners with in-sandbox uids as they are: root inside would read a mounted host
-        # root's 0600 files and leave root-owned (setuid) files in a writable mount. The
-        # microVM's mount images keep host owners and modes, checked for the user only
-        # (mountimg.py): root's DAC_OVERRIDE would read what the user may not.
         raise PolicyError(
             f"the {tier} tier lacks the capability 'user.root' for a sandbox with host "
-            "mounts: root inside would act as host root on their files"
+            f"mounts: {_MOUNT_REASON.get(tier, 'root inside could reach their files')}"
         )
     return True

@@ -72,7 +72,10 @@ def prepare() -> Path:
 
 
 def agent_argv(
-    python: str = "/usr/bin/python3", channel: str | None = None, workdir: str = HOME
+    python: str = "/usr/bin/python3",
+    channel: str | None = None,
+    workdir: str = HOME,
+    split_root: bool = False,
 ) -> list[str]:
     """The command that starts the agent inside a sandbox.
 
@@ -88,4 +91,6 @@ def agent_argv(
         argv += ["--channel", channel]
     if workdir != HOME:
         argv += ["--workdir", workdir]
+    if split_root:  # started as uid 0 of the sandbox's namespace (moat.agent.shield.harden)
+        argv += ["--split-root", "1"]
     return argv

@@ -109,7 +109,7 @@ class Session(CodeCalls, PtyCalls, FileCalls, WatchCalls):
         first = 1 if restore is None else RESTORED_FIRST_ID + secrets.randbelow(1 << 40)
         self.client = AgentClient(self.proc, self._agent_died, first_id=first)
         if hasattr(self.proc, "inside"):  # its driver archives files through the agent
-            self.proc.inside = AgentInside(self)
+            self.proc.inside = AgentInside(self, root=bool(getattr(self.proc, "can_root", False)))
         if hasattr(self.proc, "agent_gate"):  # its driver quiesces the agent to checkpoint
             self.proc.agent_gate = self.client
         try:

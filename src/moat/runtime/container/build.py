@@ -39,7 +39,7 @@ from typing import BinaryIO
 from moat.errors import IsolationUnavailableError, TimeoutError
 from moat.model.config import Limits
 from moat.runtime import cgroups, seccomp
-from moat.runtime.container import bwrap
+from moat.runtime.container import bwrap, userns
 from moat.runtime.container.driver import UID_BASE, UID_SPAN, _owned, _settle
 
 log = logging.getLogger("moat.runtime.container.build")
@@ -188,56 +188,8 @@ def _listen_in(pid: int) -> socket.socket:
         os.close(own)
 
 
-class _Holder:
-    """A process that owns the build's user namespace while the maps are written and bwrap
-    joins it; it exits when its stdin closes (so it dies with us, invariant 5)."""
-
-    def __init__(self, procs_files: list[str]) -> None:
-        def preexec() -> None:
-            for path in procs_files:
-                fd = os.open(path, os.O_WRONLY)
-                try:
-                    os.write(fd, str(os.getpid()).encode())
-                finally:
-                    os.close(fd)
-
-        self.popen = subprocess.Popen(
-            ["/usr/bin/unshare", "--user", "--", "/bin/sh", "-c", "echo ready; exec cat"],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            preexec_fn=preexec,
-            env={"PATH": "/usr/bin:/bin"},
-            cwd="/",
-        )
-        assert self.popen.stdout is not None
-        if self.popen.stdout.readline() != b"ready\n":
-            self.close()
-            raise IsolationUnavailableError("the build sandbox's user namespace failed")
-        mapping = f"0 {BUILD_UID_BASE} {BUILD_ID_COUNT}\n"
-        try:
-            for name in ("uid_map", "gid_map"):
-                Path(f"/proc/{self.popen.pid}/{name}").write_text(mapping)
-        except OSError as exc:
-            self.close()
-            raise IsolationUnavailableError("the build sandbox's ids could not be mapped") from exc
-
-    @property
-    def userns(self) -> str:
-        return f"/proc/{self.popen.pid}/ns/user"
-
-    def close(self) -> None:
-        for pipe in (self.popen.stdin, self.popen.stdout):
-            if pipe is not None:
-                with contextlib.suppress(OSError):
-                    pipe.close()
-        with contextlib.suppress(ProcessLookupError):
-            self.popen.kill()
-        self.popen.wait()
-
-
 def _probe() -> None:
-    for tool in ("bwrap", "nsenter", "unshare"):
+    for tool in ("bwrap", "nsenter"):
         if shutil.which(tool) is None:
             raise IsolationUnavailableError(f"template builds need '{tool}' on the host")
     if os.geteuid() != 0:
@@ -330,7 +282,7 @@ def _teardown(cg: cgroups.SandboxCgroup, started: _Started | None) -> None:
 
 @dataclass
 class _Started:
-    holder: _Holder
+    holder: userns.Holder
     popen: subprocess.Popen[bytes]
     info_r: int
     block_w: int
@@ -349,7 +301,8 @@ class _Started:
 
 def _start(spec: BuildSpec, bpf: bytes, cg: cgroups.SandboxCgroup) -> _Started:
     """Blocking: the namespace holder, then nsenter+bwrap, held at ``--block-fd``."""
-    holder = _Holder(list(cg.procs_files))
+    ids = [(0, BUILD_UID_BASE, BUILD_ID_COUNT)]
+    holder = userns.Holder(cg.procs_files, ids, ids)
     info_r, info_w = os.pipe()
     block_r, block_w = os.pipe()
     try:
@@ -361,7 +314,7 @@ def _start(spec: BuildSpec, bpf: bytes, cg: cgroups.SandboxCgroup) -> _Started:
             argv = build_argv(spec, sfd, info_w, block_r)
             argv[0] = shutil.which("bwrap") or "bwrap"
             nsenter = shutil.which("nsenter") or "nsenter"
-            argv = [nsenter, f"--user={holder.userns}", "--setuid", "0", "--setgid", "0", *argv]
+            argv = [nsenter, f"--user={holder.path}", "--setuid", "0", "--setgid", "0", *argv]
             procs = list(cg.procs_files)
             nproc = spec.limits.pids + 8
             fsize = spec.limits.disk_mb * 1024 * 1024  # no one file beyond the size cap

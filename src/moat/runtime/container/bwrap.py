@@ -1,13 +1,19 @@
 """Pure ``spec -> argv`` builder for bubblewrap. No I/O: golden-tested.
 
-Namespaces: a new user namespace (so the sandbox's uid 1000 maps to one unprivileged host uid
-and nothing inside holds a capability), pid, mount, ipc, uts, net (loopback only) and cgroup.
+Namespaces: a user namespace, pid, mount, ipc, uts, net (loopback only) and cgroup. The user
+namespace is either bwrap's own (``--unshare-user``: the sandbox's uid 1000 maps to one
+unprivileged host uid and nothing inside holds a capability), or, for a sandbox that can run
+calls as root (``root=True``, docs/users.md), one the driver made with two fresh host ids
+(``userns.Holder``: uid 0 and uid 1000 inside), which bwrap runs in as its root: the agent
+then starts as uid 0 with root's bounded capability set (``ROOT_CAPS``) and splits itself
+(``moat.agent.shield``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from moat.protocol.contract import ROOT_CAPS
 from moat.runtime.rootlayout import Op
 from moat.runtime.spec import AGENT_DIR, HOME, SANDBOX_GID, SANDBOX_UID, SandboxSpec
 
@@ -82,14 +88,18 @@ class HostLayout:
     boot_id: str = ""
 
 
-def build_argv(spec: SandboxSpec, host: HostLayout, command: list[str]) -> list[str]:
-    """The full bwrap command line for ``spec`` running ``command`` as the sandbox's init."""
+def build_argv(
+    spec: SandboxSpec, host: HostLayout, command: list[str], *, root: bool = False
+) -> list[str]:
+    """The full bwrap command line for ``spec`` running ``command`` as the sandbox's init;
+    ``root``: bwrap runs as root of a user namespace the driver made (module doc)."""
     disk = spec.limits.disk_mb * 1024 * 1024
     tmp_size = max(16 * 1024 * 1024, disk // 4)
     shm_size = max(4 * 1024 * 1024, disk // 8)
-    argv = [
-        "bwrap",
-        "--unshare-user",
+    argv = ["bwrap"]
+    if not root:
+        argv += ["--unshare-user"]
+    argv += [
         "--unshare-pid",
         # the agent is the pid namespace's init: user code cannot signal it (moat.agent.shield)
         "--as-pid-1",
@@ -97,9 +107,20 @@ def build_argv(spec: SandboxSpec, host: HostLayout, command: list[str]) -> list[
         "--unshare-uts",
         "--unshare-net",
         "--unshare-cgroup",
-        "--disable-userns",
-        "--uid", str(SANDBOX_UID),
-        "--gid", str(SANDBOX_GID),
+    ]
+    if root:
+        # No nested user namespace: the holder set max_user_namespaces=0 in this one, and the
+        # seccomp filter refuses them (userns.py; --disable-userns needs --unshare-user).
+        # The agent keeps root's bounded set, as on gVisor (invariant 9: no SYS_ADMIN,
+        # SYS_PTRACE, SYS_RESOURCE; no_new_privs and seccomp as for every process).
+        # CAP_SETPCAP only to drop the rest of the bounding set, which bwrap leaves whole
+        # here; the agent does that and lets SETPCAP go first thing (shield._bound_root).
+        argv += ["--cap-drop", "ALL"]
+        for cap in sorted({*ROOT_CAPS, "CAP_SETPCAP"}):
+            argv += ["--cap-add", cap]
+    else:
+        argv += ["--disable-userns", "--uid", str(SANDBOX_UID), "--gid", str(SANDBOX_GID)]
+    argv += [
         "--hostname", spec.hostname,
         "--die-with-parent",
         "--new-session",
@@ -131,6 +152,9 @@ def build_argv(spec: SandboxSpec, host: HostLayout, command: list[str]) -> list[
     argv += ["--dir", "/etc/ssh", "--ro-bind", f"{host.etc_dir}/ssh_config", "/etc/ssh/ssh_config"]
     argv += ["--perms", "0755", "--size", str(disk), "--tmpfs", HOME]
     argv += ["--perms", "1777", "--size", str(tmp_size), "--tmpfs", "/tmp"]  # noqa: S108 - the sandbox's own /tmp
+    if root:
+        # bwrap makes the bind's missing parent 0700, its own: root's here, not the user's
+        argv += ["--perms", "0755", "--dir", AGENT_DIR.rsplit("/", 1)[0]]
     argv += ["--ro-bind", host.agent_dir, AGENT_DIR]
     sources = host.mount_sources or tuple(m.host_path for m in spec.mounts)
     for m, source in zip(spec.mounts, sources, strict=True):

@@ -3,8 +3,9 @@
 Trust domain: host engine. The sandbox's ``/home/user`` and ``/tmp`` are tmpfs mounts inside
 bubblewrap; there is no way to keep its processes here (docs/persistence.md: CRIU), so
 ``keeps_memory`` is False and ``memory=True`` is a PolicyError (invariant 7: never a quiet
-filesystem-only pause). ``tar`` runs in the sandbox as its user, through the engine's
-``Inside`` channel, and writes the archive to its stdout; the host stores those bytes as an
+filesystem-only pause). ``tar`` runs in the sandbox as its user (as its root where the
+sandbox has one, so root's files and every owner are kept), through the engine's ``Inside``
+channel, and writes the archive to its stdout; the host stores those bytes as an
 opaque file and replays them into the new sandbox's ``tar -x``. The host never walks the
 sandbox's tree (a symlink planted inside would lend it the host's authority).
 """

@@ -1,6 +1,15 @@
 """Container tier driver: spawns bubblewrap as an unprivileged uid inside a fresh cgroup.
 
 This is the one place of the container tier that does I/O; ``bwrap.build_argv`` is pure.
+
+A sandbox without host mounts can run calls as root (docs/users.md): bubblewrap runs as root
+of a user namespace a holder process made (``userns.Holder``) with two fresh host ids of the
+sandbox range, ``0 -> host_root`` and ``1000 -> host_uid`` (gid 1000 -> the shared
+SANDBOX_HOST_GID, as always; gid 0 -> host_root). Those ids own nothing on the host, so root's
+DAC_OVERRIDE and CHOWN inside reach only the sandbox's own files (the kernel grants them only
+on inodes whose owner and group are both mapped: invariant 9). A sandbox with host mounts
+keeps bwrap's own one-uid namespace (no uid 0 inside at all): root there could leave files of
+the shared group, setgid, in a writable host directory.
 """
 
 from __future__ import annotations
@@ -21,10 +30,10 @@ from typing import Any, TypeVar
 
 from moat.errors import IsolationUnavailableError, SandboxDiedError
 from moat.runtime import agentdir, cgroups, pipes, reaper, seccomp, templateroot
-from moat.runtime.container import bwrap, checkpoint, mountns, template
+from moat.runtime.container import bwrap, checkpoint, mountns, template, userns
 from moat.runtime.inside import Inside
 from moat.runtime.rootlayout import Op
-from moat.runtime.spec import SandboxSpec
+from moat.runtime.spec import SANDBOX_GID, SANDBOX_UID, SandboxSpec
 
 log = logging.getLogger("moat.runtime.container")
 
@@ -173,12 +182,17 @@ class ContainerProcess:
         writer: asyncio.StreamWriter,
         cgroup: cgroups.SandboxCgroup,
         host_uid: int,
+        holder: userns.Holder | None = None,
     ) -> None:
         self.proc = proc
         self.reader = reader
         self.writer = writer
         self.cgroup = cgroup
         self.host_uid = host_uid
+        #: the user namespace's holder of a root-capable sandbox (None: bwrap's own userns)
+        self.holder = holder
+        #: whether its agent can run calls as root (uid 0 of its own user namespace)
+        self.can_root = holder is not None
         self._killed = False
         #: commands inside, lent by the engine once the agent is up (checkpoint.py)
         self.inside: Inside | None = None
@@ -212,7 +226,8 @@ class ContainerProcess:
         with contextlib.suppress(Exception):
             self.writer.close()
         proc.detach()
-        reaper.submit(cgroup.name, lambda: _reap(proc.popen, cgroup))
+        holder = self.holder
+        reaper.submit(cgroup.name, lambda: _reap(proc.popen, cgroup, holder))
         if cancelled:
             raise asyncio.CancelledError
         stop.result()
@@ -261,7 +276,11 @@ def _disk_usage(pids: list[int], bwrap_pid: int) -> dict[str, int]:
     return {}
 
 
-def _reap(popen: subprocess.Popen[bytes], cgroup: cgroups.SandboxCgroup) -> None:
+def _reap(
+    popen: subprocess.Popen[bytes],
+    cgroup: cgroups.SandboxCgroup,
+    holder: userns.Holder | None = None,
+) -> None:
     """The slow half of ContainerProcess.kill, on the reaper's thread. Blocking, bounded."""
     cgroup.thaw()
     with contextlib.suppress(subprocess.TimeoutExpired):
@@ -275,6 +294,8 @@ def _reap(popen: subprocess.Popen[bytes], cgroup: cgroups.SandboxCgroup) -> None
             popen.wait(5)
         except subprocess.TimeoutExpired:
             log.error("bwrap pid %s did not exit after kill", popen.pid)
+        if holder is not None:
+            holder.close()  # killed with the cgroup already; reaped here
         cgroup.destroy()
 
 
@@ -414,9 +435,15 @@ class ContainerRuntime:
                 root_source=staged.root_dir() if spec.rootfs else "",
                 boot_id=staged.boot_id(),
             )
-            argv = bwrap.build_argv(spec, host, agentdir.agent_argv(workdir=spec.workdir))
+            root = not spec.mounts  # root-capable: see the module doc
+            argv = bwrap.build_argv(
+                spec,
+                host,
+                agentdir.agent_argv(workdir=spec.workdir, split_root=root),
+                root=root,
+            )
             argv[0] = self._bwrap_path() or "bwrap"
-            uid = UID_BASE + 1 + secrets.randbelow(UID_SPAN - 1)
+            uid, root_id = _fresh_ids()
             procs_files = list(cgroup.procs_files)
             limits = spec.limits
             rlimits = (
@@ -426,6 +453,20 @@ class ContainerRuntime:
                 # per host uid, and the uid is this sandbox's alone; a little slack for bwrap
                 (resource.RLIMIT_NPROC, limits.pids + 4),
             )
+            holder: userns.Holder | None = None
+            if root:
+                # Not in the sandbox's cgroup: a cgroup v1 move waits for an RCU grace period
+                # (~5 ms measured); it ends on its pipe's EOF or the reaper's close, and no
+                # code of the sandbox can reach it (another pid namespace) (invariant 5).
+                holder = await _owned(
+                    lambda: userns.Holder(
+                        (),
+                        [(0, root_id, 1), (SANDBOX_UID, uid, 1)],
+                        [(0, root_id, 1), (SANDBOX_GID, SANDBOX_HOST_GID, 1)],
+                    ),
+                    lambda made: made.close(),
+                )
+            ns_fd = -1 if holder is None else holder.fd
 
             def preexec() -> None:
                 # Runs in the forked child before exec: only os-level calls, no locks.
@@ -439,12 +480,29 @@ class ContainerRuntime:
                 staged.enter()  # still root: bind the opened mount sources (mountns.py)
                 for res, value in rlimits:
                     resource.setrlimit(res, (value, value))
+                if ns_fd >= 0:
+                    userns.enter(ns_fd)  # root of the holder's namespace, nothing more
+                    return
                 os.setgroups([])
                 os.setresgid(SANDBOX_HOST_GID, SANDBOX_HOST_GID, SANDBOX_HOST_GID)
                 os.setresuid(uid, uid, uid)
 
             try:
                 proc, reader, writer = await _spawn_child(argv, preexec, fd)
-            except subprocess.SubprocessError as exc:  # preexec failed: staging a mount
-                raise SandboxDiedError("the sandbox's mounts could not be set up") from exc
-        return ContainerProcess(proc, reader, writer, cgroup, uid)
+            except BaseException as exc:
+                if holder is not None:
+                    await _settle(asyncio.get_running_loop().run_in_executor(None, holder.close))
+                if isinstance(exc, subprocess.SubprocessError):  # preexec failed
+                    what = "user namespace" if holder is not None else "mounts"
+                    raise SandboxDiedError(f"the sandbox's {what} could not be set up") from exc
+                raise
+        return ContainerProcess(proc, reader, writer, cgroup, uid, holder)
+
+
+def _fresh_ids() -> tuple[int, int]:
+    """Two distinct random host ids of the sandbox range: the user's and root's (the latter
+    used only by a root-capable sandbox). They own nothing on the host."""
+    uid = UID_BASE + 1 + secrets.randbelow(UID_SPAN - 1)
+    while (root_id := UID_BASE + 1 + secrets.randbelow(UID_SPAN - 1)) == uid:
+        pass
+    return uid, root_id
