@@ -113,6 +113,64 @@ def test_the_hosts_usr_is_not_in_the_default(dflt: Sandbox, canary: tuple[Path, 
     assert "/usr/lib/python3/dist-packages/numpy/" in out, out  # positive: Debian's numpy
 
 
+def test_the_pool_serves_the_default_and_never_another_root(
+    monkeypatch: pytest.MonkeyPatch, canary: tuple[Path, str]
+) -> None:
+    """The warm pool keeps sandboxes of the default template (a create naming none is then
+    served warm), and a warm one started on another default (the setting changed since) is
+    killed rather than handed out: a create always gets the default's root."""
+    require_tier("container")
+    import asyncio
+
+    from moat.engine.engine import Engine
+    from moat.sdk.async_ import AsyncSandbox
+    from moat.testing import local_transport
+
+    path, value = canary
+
+    async def wait_ready(engine: Engine) -> str:
+        for _ in range(400):
+            if engine.pool.ready("container"):
+                return str(engine.pool.ready("container")[0].id)
+            await asyncio.sleep(0.05)
+        raise AssertionError("the pool did not fill")
+
+    async def main() -> None:
+        monkeypatch.setenv(templating.DEFAULT_ENV, "host")  # the pool fills on the host's /usr
+        engine = Engine(pool={"container": 1})
+        first = await AsyncSandbox.create(
+            isolation="container", transport=local_transport(engine), timeout=60
+        )
+        host_warm = await wait_ready(engine)
+        monkeypatch.delenv(templating.DEFAULT_ENV)  # now the built code-interpreter
+        second = await AsyncSandbox.create(
+            isolation="container", transport=local_transport(engine), timeout=60
+        )
+        assert second.sandbox_id != host_warm  # the host-rooted warm one was not used
+        seen = await second.commands.run(f"cat {path} 2>/dev/null || echo absent")
+        assert seen.stdout.strip() == "absent"
+        # the pool refills on the default template: the next create is served warm from it
+        await second.kill()
+        warm = await wait_ready(engine)
+        assert warm != host_warm
+        third = await AsyncSandbox.create(
+            isolation="container", transport=local_transport(engine), timeout=60
+        )
+        assert third.sandbox_id == warm  # served from the pool
+        out = await third.commands.run(
+            f"cat {path} 2>/dev/null || echo absent; test -e {HOST_ONLY} && echo host || echo none"
+        )
+        assert out.stdout.split() == ["absent", "none"]  # no host /usr in a warm default
+        assert (await third.run_code("import numpy; numpy.__name__")).text == "numpy"
+        control = await first.commands.run(f"cat {path}")  # positive control: host's /usr
+        assert control.stdout.strip() == value
+        for s in (first, third):
+            await s.kill()
+        await engine.pool.close()
+
+    asyncio.run(main())
+
+
 def test_positive_control_the_host_template_sees_the_canary(canary: tuple[Path, str]) -> None:
     """The same probe on ``template="host"`` sees both (so the check above can fail)."""
     require_tier("container")

@@ -17,7 +17,7 @@ from moat.egress import Gateway, GatewayConfig, Secret, proxy_env
 from moat.engine import startcmd, templating
 from moat.engine.guardhook import make_guard
 from moat.engine.persist import Persistence
-from moat.engine.pool import WarmPool, parse_pool, poolable, pooled_spec
+from moat.engine.pool import WarmPool, parse_pool, plain, poolable, pooled_spec
 from moat.engine.quota import Ledger
 from moat.engine.resolve import guard_policy, network_policy
 from moat.engine.session import Session
@@ -130,6 +130,7 @@ class Engine:
             "mounts": config.mounts,
             "limits": config.limits,
         }
+        shape = dict(spec_args)  # as asked, before the template fills it in (pool.poolable)
         runtime = self._runtime or require(tier)  # probes are cached after the first: cheap
         audit = await self._audit_usable()
         # the template's root (issue 12): found and checked off the loop (reads its files once)
@@ -138,9 +139,13 @@ class Engine:
             spec_args.update(templating.spec_args(found, config.envs))
         if self._runtime is None and self._sweep_due(tier):
             await asyncio.to_thread(self._sweep, tier)
-        warm = found is None and poolable(spec_args, secrets, gateway_config)
+        warm = plain(found) and poolable(shape, secrets, gateway_config)
         if warm:
             pooled: Session | None = await self.pool.take(tier)
+            if pooled is not None and pooled.pool_template != (found.id if found else None):
+                # started on another default (the setting changed since): never another root
+                await pooled.kill("killed")
+                pooled = None
             if pooled is not None:
                 session = pooled
                 the_guard = make_guard(
@@ -198,15 +203,20 @@ class Engine:
 
     async def _start_pooled(self, tier: str) -> Session:
         """A sandbox of the default shape for the warm pool: deny-all, no lifetime yet."""
+        # the default template as a create naming none gets it (checked again at hand-out)
+        found = await asyncio.to_thread(templating.lookup, "default")
+        if not plain(found):
+            raise PolicyError("the default template has a start command: it is not pooled")
         sandbox_id = self.new_id()
         audit = self.audit
         gateway = Gateway(sandbox_id, None, None, audit=audit)
-        spec = pooled_spec(sandbox_id, tier)
+        spec = pooled_spec(sandbox_id, tier, found)
         placeholder_guard = make_guard(sandbox_id, GuardPolicy(), {}, audit)  # replaced on adopt
         session = Session(
             spec, runtime_for(tier), placeholder_guard, 300.0, {}, self._ended, audit=audit,
             gateway=gateway,
         )  # fmt: skip
+        session.pool_template = found.id if found else None
         self._register(session)
         try:
             await session.start(pooled=True)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import datetime as dt
 import errno
 import logging
@@ -33,7 +34,7 @@ from moat.egress.identity import GatewayIdentity
 from moat.engine import startcmd, templating
 from moat.engine.auditview import attach_scrubber
 from moat.engine.guardhook import make_guard
-from moat.engine.pool import poolable, pooled_spec
+from moat.engine.pool import poolable
 from moat.engine.resolve import guard_policy, secrets_of
 from moat.engine.session import Session
 from moat.engine.tiers import require
@@ -66,6 +67,7 @@ __all__ = [
     "load_paused",
     "reseed",
     "restored_spec",
+    "take_warm",
 ]
 
 #: Bytes of host entropy sent to a restored agent (moat.agent.reseed).
@@ -339,9 +341,8 @@ class Persistence:
         except NotFoundError:
             self.paused().pop(sid, None)  # another engine on this state dir took it
             raise
-        # (a templated spec is never the pool's: fits_warm compares it with pooled_spec)
         fits_pool = fits_warm(engine, runtime, spec, config, brokered, gateway_config)
-        warm: Session | None = await engine.pool.take(tier, refill=False) if fits_pool else None
+        warm = await take_warm(engine, spec) if fits_pool else None
         session = warm or Session(
             spec, runtime, guard, lifetime, metadata, engine._ended, audit=audit,
             gateway=gateway, max_output=max_output,
@@ -433,8 +434,9 @@ def fits_warm(
     gateway_config: GatewayConfig | None,
 ) -> bool:
     """Whether a warm-pool sandbox can be the one restored as ``spec``: the tier replays
-    files into a running sandbox, and the frozen shape is the pool's (``poolable``: no
-    secrets, mounts, envs or other limits; the spec the pool's but for the id)."""
+    files into a running sandbox, and the frozen shape is the pool's (``poolable``: the
+    default template, no secrets, mounts, envs or other limits). :func:`take_warm` then
+    checks the warm one's spec is ``spec``'s but for the id."""
     shape = {
         "template": config.template,
         "envs": config.envs,
@@ -445,8 +447,18 @@ def fits_warm(
         engine._runtime is None
         and isinstance(runtime, ReplaysFiles)
         and poolable(shape, brokered, gateway_config)
-        and spec == pooled_spec(spec.sandbox_id, spec.tier)
     )
+
+
+async def take_warm(engine: Engine, spec: SandboxSpec) -> Session | None:
+    """A warm-pool sandbox whose spec is ``spec`` but for the id, or None. One of another
+    shape (started on a default template the setting has changed since) is killed, never
+    used: a restore gets the root it was paused with."""
+    warm: Session | None = await engine.pool.take(spec.tier, refill=False)
+    if warm is not None and dataclasses.replace(warm.spec, sandbox_id=spec.sandbox_id) != spec:
+        await warm.kill("killed")
+        return None
+    return warm
 
 
 async def into_warm(

@@ -1,7 +1,8 @@
 """A warm pool: sandboxes of the default shape, started before anyone asks for them.
 
 What hosted services do for fast starts. A pooled sandbox has run no code; it is handed out
-only for a request whose sandbox-side shape it already has (default template, limits and
+only for a request whose sandbox-side shape it already has (the default template it was
+started on, which must still be the default's: checked at each hand-out, limits and
 environment, no mounts, no secrets: placeholders live in the environment), and is then given
 the caller's guard, network policy, metadata and lifetime; it belongs to nobody (no tenant)
 until then, and to the one tenant that takes it after (invariant 11). Pools are per tier and
@@ -30,9 +31,11 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from moat.egress import proxy_env
-from moat.errors import InvalidArgumentError
+from moat.engine import templating
+from moat.errors import InvalidArgumentError, SandboxError
 from moat.model import CA_BUNDLE_PATH, PROXY_PORT, TIERS, Limits
 from moat.runtime.spec import SandboxSpec
+from moat.templates.ref import TemplateRef
 
 log = logging.getLogger("moat.engine")
 
@@ -93,13 +96,20 @@ def poolable(spec_args: Mapping[str, Any], secrets: object, gateway_config: obje
     )
 
 
-def pooled_spec(sandbox_id: str, tier: str) -> SandboxSpec:
-    """The spec of a warm-pool sandbox: the default shape, moat's proxy settings only."""
-    return SandboxSpec(
-        sandbox_id=sandbox_id,
-        tier=tier,
-        envs=tuple(sorted(proxy_env(PROXY_PORT, CA_BUNDLE_PATH).items())),
-    )
+def pooled_spec(sandbox_id: str, tier: str, template: TemplateRef | None = None) -> SandboxSpec:
+    """The spec of a warm-pool sandbox: the default shape on ``template`` (the default
+    template, as a create that names none gets; None: the host's /usr), moat's proxy settings
+    over the template's environment."""
+    args = templating.spec_args(template, ()) if template is not None else {}
+    env = dict(args.pop("envs", ()))
+    env.update(proxy_env(PROXY_PORT, CA_BUNDLE_PATH))  # moat's own names win, as at create
+    return SandboxSpec(sandbox_id=sandbox_id, tier=tier, envs=tuple(sorted(env.items())), **args)
+
+
+def plain(template: TemplateRef | None) -> bool:
+    """Whether sandboxes of ``template`` can wait in a pool: no start command or ready check
+    (those run per sandbox, at its create)."""
+    return template is None or (template.start_cmd is None and template.ready_cmd is None)
 
 
 def memory_available() -> int:
@@ -259,6 +269,9 @@ class WarmPool:
             session = await self._start(tier)
         except asyncio.CancelledError:
             raise
+        except SandboxError as exc:  # e.g. the default template not built: said in a line
+            log.warning("warm pool: could not start a %s sandbox: %s", tier, exc)
+            return
         except Exception:  # a failed warm start only costs the next caller some time
             log.warning("warm pool: could not start a %s sandbox", tier, exc_info=True)
             return

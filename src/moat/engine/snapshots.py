@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 from moat.egress import GatewayConfig, Secret
 from moat.engine import startcmd
 from moat.engine.guardhook import make_guard
-from moat.engine.persist import fits_warm, into_warm, reseed, restored_spec
+from moat.engine.persist import fits_warm, into_warm, reseed, restored_spec, take_warm
 from moat.engine.resolve import guard_policy, secrets_of
 from moat.engine.session import Session
 from moat.engine.tiers import require
@@ -310,7 +310,7 @@ class Snapshots:
         fits_pool = fits_warm(engine, runtime, spec, config, brokered, gateway_config)
         try:
             src = await asyncio.to_thread(self.store.checkpoint, snap_id)
-            warm: Session | None = await engine.pool.take(tier, refill=False) if fits_pool else None
+            warm = await take_warm(engine, spec) if fits_pool else None
             session = warm or Session(
                 spec, runtime, guard, lifetime, meta, engine._ended, audit=audit,
                 gateway=gateway, max_output=max_output,

@@ -87,6 +87,8 @@ class Session(CodeCalls, PtyCalls, FileCalls, WatchCalls):
         self._watches = set()
         #: what it was created with: (config, secrets, sensitive, gateway config), for pause
         self.origin: tuple[Any, Any, Any, Any] | None = None
+        #: a warm-pool sandbox: the template it was started on (None: the host's /usr)
+        self.pool_template: str | None = None
         #: a face's own non-secret names, kept with a pause (``FrontDoor.set_face``)
         self.face: dict[str, Any] = {}
         #: what the end of its lifetime does instead of a kill (auto-pause), if set
