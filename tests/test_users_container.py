@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 from tests.conftest import require_tier
+from tests.test_containment import FORK_LOOP
 
 from moat import Sandbox, testing
 from moat.errors import PolicyError, SandboxError
@@ -265,21 +266,6 @@ def test_root_reaches_no_host_process_nor_another_sandboxs(csbx: Sandbox) -> Non
         host.kill()
         host.wait()
         other.kill()
-
-
-FORK_LOOP = """
-import os, time
-n = 0
-try:
-    while n < 10000:
-        if os.fork() == 0:
-            time.sleep(60)
-            os._exit(0)
-        n += 1
-except OSError as e:
-    print("refused", n, e.errno, flush=True)
-time.sleep(60)
-"""
 
 
 def test_roots_fork_bomb_hits_the_caps() -> None:

@@ -91,11 +91,20 @@ __all__ = [
     "TenantPolicies",
     "UploadTooLarge",
     "WatchStream",
+    "default_template",
+    "e2b_template",
     "file_chunks",
     "is_snapshot_id",
     "kill_everything",
     "load_tenants",
+    "require_template",
 ]
+
+# Template names as the faces see them (the front door's: faces import nothing else of the
+# engine): the default's name, E2B's default names mapped, and a name checked as built.
+default_template = templating.default_template
+e2b_template = templating.e2b_template
+require_template = templating.require
 
 #: What this engine can do for every tier.
 CAPABILITIES = frozenset(

@@ -21,8 +21,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from moat.egress import Secret
-from moat.engine import templating
-from moat.engine.api import is_snapshot_id
+from moat.engine.api import default_template, e2b_template, is_snapshot_id
 from moat.errors import InvalidArgumentError, NotFoundError, SandboxError
 from moat.server import persist, snapshots, wire
 from moat.server.app import MAX_JSON_BODY, BodyTooLarge, Record, ServerState, read_body, too_large
@@ -142,7 +141,9 @@ def control_app(state: ServerState) -> Starlette:
             "idle_timeout": ext.idle_timeout,
         }
         if body.template_id in wire.DEFAULT_TEMPLATES:  # base -> base, … (issue 12)
-            kwargs["template"] = templating.e2b_template(body.template_id)
+            name = e2b_template(body.template_id)
+            # the default itself stays "default": the shape the warm pool keeps (engine.pool)
+            kwargs["template"] = "default" if name == default_template() else name
         else:
             own = front.tenant_template(tenant, body.template_id)
             if own is not None:  # the tenant's own template (its name, id or name:tag)

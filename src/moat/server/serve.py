@@ -23,8 +23,14 @@ from collections.abc import Iterator
 
 import uvicorn
 
-from moat.engine import templating
-from moat.engine.api import FrontDoor, TenantPolicies, kill_everything, load_tenants
+from moat.engine.api import (
+    FrontDoor,
+    TenantPolicies,
+    default_template,
+    kill_everything,
+    load_tenants,
+    require_template,
+)
 from moat.errors import InvalidArgumentError, SandboxError
 from moat.mcp import McpHttp, Settings
 from moat.server import cut_log
@@ -207,12 +213,12 @@ def main(
         print(f"moat serve: bad MCP setting: {exc}", file=sys.stderr, flush=True)
         sys.exit(2)
     try:  # a bad default template setting stops the start (invariant 7)
-        templating.default_template()
+        default_template()
     except InvalidArgumentError as exc:
         print(f"moat serve: {exc}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
     try:  # not built yet: creates that name no template fail clearly until it is
-        templating.require("default")
+        require_template("default")
     except InvalidArgumentError as exc:
         print(f"moat serve: warning: {exc}", file=sys.stderr, flush=True)
     warn_if_exposed(host, tls is not None)

@@ -238,11 +238,11 @@ def create_body(options: Mapping[str, Any]) -> dict[str, Any]:
         raise InvalidArgumentError("give a template or a profile, not both")
     template_id = v.text("profile" if profile is not None else "template", profile or template, 256)
     net = network_body(options.get("network"), options.get("allow_internet_access", False))
-    body: dict[str, Any] = {
-        "templateID": template_id,
-        "allow_internet_access": net.pop("allow_internet_access"),
-        "network": net,
-    }
+    body: dict[str, Any] = {"templateID": template_id, "network": net}
+    # Sent only when asked for: absent is moat's deny-all, and a start from a snapshot (which
+    # keeps its own network) refuses any request to change it.
+    if net.pop("allow_internet_access"):
+        body["allow_internet_access"] = True
     timeout = options.get("timeout")
     if timeout is not None:  # the wire takes whole seconds: never less than asked
         body["timeout"] = math.ceil(v.number("timeout", timeout, 1, v.MAX_TIMEOUT))
