@@ -8,31 +8,37 @@ allows one such line to be dropped; any other keeps its ERROR.
 
 from __future__ import annotations
 
+import collections
 import logging
 import threading
+import time
 
 __all__ = ["expect", "install"]
 
 _MESSAGE = "ASGI callable returned without completing response."
+#: uvicorn logs the line as the cut response's app returns: an expectation older than this
+#: was never matched (the client had gone, so uvicorn said nothing) and drops nothing.
+_WITHIN_S = 5.0
 _mu = threading.Lock()
-_expected = 0
+_expected: collections.deque[float] = collections.deque(maxlen=1024)
 
 
 def expect() -> None:
     """A stream is about to end without its last chunk, on purpose."""
-    global _expected
     with _mu:
-        _expected = min(_expected + 1, 1024)
+        _expected.append(time.monotonic())
 
 
 class _Filter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        global _expected
         if record.getMessage() != _MESSAGE:
             return True
+        now = time.monotonic()
         with _mu:
-            if _expected > 0:
-                _expected -= 1
+            while _expected and now - _expected[0] > _WITHIN_S:
+                _expected.popleft()
+            if _expected:
+                _expected.popleft()
                 return False
         return True
 
