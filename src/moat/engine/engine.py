@@ -10,6 +10,7 @@ import logging
 import secrets
 import threading
 import time
+import weakref
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -38,6 +39,12 @@ DEFAULT_TENANT = "default"
 MAX_ENDED = 4096
 #: Seconds between two sweeps of one tier by one engine.
 SWEEP_INTERVAL = 60.0
+
+
+#: Every engine's loop watcher: at a loop's shutdown each one waits for the loop's other tasks,
+#: never for another engine's watcher, which is waiting too (two engines on one loop waited
+#: out each other's 10 s deadline).
+_LOOP_WATCHERS: weakref.WeakSet[asyncio.Task[None]] = weakref.WeakSet()
 
 
 class Engine:
@@ -263,6 +270,7 @@ class Engine:
                 # it; a loop closed with tasks pending must not report this one as lost.
                 watcher._log_destroy_pending = False  # type: ignore[attr-defined]
                 self._watchers[id(loop)] = watcher
+                _LOOP_WATCHERS.add(watcher)
 
     async def _watch_loop(self) -> None:
         """Wait for the loop's shutdown, then end every sandbox that lives on it.
@@ -293,7 +301,11 @@ class Engine:
             # connections closing): let it finish, so that no task of ours is left pending.
             me, deadline = asyncio.current_task(), loop.time() + 10.0
             while wait_tasks and loop.time() < deadline:
-                rest = [t for t in asyncio.all_tasks() if t is not me and not t.done()]
+                rest = [
+                    t
+                    for t in asyncio.all_tasks()
+                    if t is not me and not t.done() and t not in _LOOP_WATCHERS
+                ]
                 if not rest:
                     break
                 await asyncio.wait(rest, timeout=deadline - loop.time())
