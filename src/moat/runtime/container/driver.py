@@ -434,6 +434,7 @@ class ContainerRuntime:
                 root_ops=host.root_ops,
                 root_source=staged.root_dir() if spec.rootfs else "",
                 boot_id=staged.boot_id(),
+                root_merged=bool(staged.top),
             )
             root = not spec.mounts  # root-capable: see the module doc
             argv = bwrap.build_argv(
