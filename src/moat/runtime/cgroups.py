@@ -275,9 +275,14 @@ class SandboxCgroup:
         if self.version == 2:
             return _keyed(_read(self.dirs["cpu"] / "cpu.stat"), "usage_usec") * 1000
         acct = self.dirs["cpu"] / "cpuacct.usage"  # present where cpu and cpuacct share a mount
-        if acct.exists():
+        try:
             return int(_read(acct).strip())
-        return proc_cpu_ns(self.pids())
+        except FileNotFoundError:
+            pass
+        # The cpu group's processes alone: each of the sandbox's is in every one of its groups
+        # (it cannot move itself), so the other hierarchies' lists name the same ones. A CPU
+        # figure, not a kill list: kills and stats still read every group (pids()).
+        return proc_cpu_ns(sorted(_read_procs(self.dirs["cpu"])))
 
     def stats(self) -> dict[str, int]:
         """Figures for ``SandboxProcess.stats()``; empty once destroyed."""

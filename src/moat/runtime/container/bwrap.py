@@ -86,6 +86,10 @@ class HostLayout:
     #: a file with this sandbox's own boot id, shown at /proc/sys/kernel/random/boot_id in
     #: place of the host's (a stable host identifier: invariant 1); empty: none staged
     boot_id: str = ""
+    #: ``root_source`` is the sandbox's whole ``/`` (the template's root under moat's own
+    #: layer, one overlay: mountns.py, toplayer.py): bound once, and moat's /etc files and
+    #: agent are already in it
+    root_merged: bool = False
 
 
 def build_argv(
@@ -128,10 +132,15 @@ def build_argv(
     ]  # fmt: skip
     for key, value in sorted(spec.env().items()):
         argv += ["--setenv", key, value]
+    merged = spec.rootfs is not None and host.root_merged and bool(host.root_source)
     if spec.rootfs is None:
         argv += ["--ro-bind", "/usr", "/usr"]
         for target, link in host.usr_links:
             argv += ["--symlink", target, link]
+    elif merged:
+        # one read-only overlay: the template's root under moat's layer (invariant 1: moat's
+        # own paths hide the template's; toplayer.py)
+        argv += ["--ro-bind", host.root_source, "/"]
     else:
         # the template's root, read-only (bwrap binds nosuid, nodev) around moat's own paths
         argv += _template_root(host.root_source or spec.rootfs, host.root_ops)
@@ -143,19 +152,22 @@ def build_argv(
         argv += ["--ro-bind", host.boot_id, BOOT_ID]
     argv += ["--dev", "/dev"]
     argv += ["--perms", "1777", "--size", str(shm_size), "--tmpfs", "/dev/shm"]  # noqa: S108 - the sandbox's own
-    argv += ["--dir", "/etc"]
-    for name in host.host_etc if spec.rootfs is None else ():  # a template has its own
-        argv += ["--ro-bind", f"/etc/{name}", f"/etc/{name}"]
-    for name in SYNTHETIC_ETC:
-        argv += ["--ro-bind", f"{host.etc_dir}/{name}", f"/etc/{name}"]
-    # ssh through the egress gateway (runtime.spec.SSH_CONFIG)
-    argv += ["--dir", "/etc/ssh", "--ro-bind", f"{host.etc_dir}/ssh_config", "/etc/ssh/ssh_config"]
+    if not merged:
+        argv += ["--dir", "/etc"]
+        for name in host.host_etc if spec.rootfs is None else ():  # a template has its own
+            argv += ["--ro-bind", f"/etc/{name}", f"/etc/{name}"]
+        for name in SYNTHETIC_ETC:
+            argv += ["--ro-bind", f"{host.etc_dir}/{name}", f"/etc/{name}"]
+        # ssh through the egress gateway (runtime.spec.SSH_CONFIG)
+        argv += ["--dir", "/etc/ssh"]
+        argv += ["--ro-bind", f"{host.etc_dir}/ssh_config", "/etc/ssh/ssh_config"]
     argv += ["--perms", "0755", "--size", str(disk), "--tmpfs", HOME]
     argv += ["--perms", "1777", "--size", str(tmp_size), "--tmpfs", "/tmp"]  # noqa: S108 - the sandbox's own /tmp
-    if root:
-        # bwrap makes the bind's missing parent 0700, its own: root's here, not the user's
-        argv += ["--perms", "0755", "--dir", AGENT_DIR.rsplit("/", 1)[0]]
-    argv += ["--ro-bind", host.agent_dir, AGENT_DIR]
+    if not merged:
+        if root:
+            # bwrap makes the bind's missing parent 0700, its own: root's here, not the user's
+            argv += ["--perms", "0755", "--dir", AGENT_DIR.rsplit("/", 1)[0]]
+        argv += ["--ro-bind", host.agent_dir, AGENT_DIR]
     sources = host.mount_sources or tuple(m.host_path for m in spec.mounts)
     for m, source in zip(spec.mounts, sources, strict=True):
         argv += ["--ro-bind" if m.read_only else "--bind", source, m.sandbox_path]

@@ -22,9 +22,8 @@ import resource
 import secrets
 import shutil
 import subprocess
-import tempfile
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -418,12 +417,9 @@ class ContainerRuntime:
         cgroup: cgroups.SandboxCgroup,
         staged: mountns.Staged,
     ) -> ContainerProcess:
-        # The filter goes in through an unlinked temp file: bwrap reads it from the fd.
-        with tempfile.TemporaryFile() as filt:
-            filt.write(bpf)
-            filt.flush()
-            filt.seek(0)
-            fd = filt.fileno()
+        # The filter goes in through a memfd (no file system, no path): bwrap reads it from
+        # the fd, from offset 0.
+        with _memfd(bpf) as fd:
             host = bwrap.HostLayout(
                 agent_dir=staged.tree("agent"),
                 etc_dir=staged.tree("etc"),
@@ -434,6 +430,7 @@ class ContainerRuntime:
                 root_ops=host.root_ops,
                 root_source=staged.root_dir() if spec.rootfs else "",
                 boot_id=staged.boot_id(),
+                root_merged=bool(staged.top),
             )
             root = not spec.mounts  # root-capable: see the module doc
             argv = bwrap.build_argv(
@@ -497,6 +494,20 @@ class ContainerRuntime:
                     raise SandboxDiedError(f"the sandbox's {what} could not be set up") from exc
                 raise
         return ContainerProcess(proc, reader, writer, cgroup, uid, holder)
+
+
+@contextlib.contextmanager
+def _memfd(data: bytes) -> Iterator[int]:
+    """An anonymous in-memory file holding ``data``, positioned at its start; closed after."""
+    fd = os.memfd_create("moat-seccomp", os.MFD_CLOEXEC)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.lseek(fd, 0, os.SEEK_SET)
+        yield fd
+    finally:
+        os.close(fd)
 
 
 def _fresh_ids() -> tuple[int, int]:

@@ -44,6 +44,7 @@ from typing import Final
 
 from moat.errors import IsolationUnavailableError
 from moat.paths import state_dir
+from moat.runtime.container.toplayer import TopOp, plan_top
 from moat.runtime.mounts import resolve
 from moat.runtime.spec import Mount
 
@@ -116,10 +117,11 @@ def snapshot(root: str) -> tuple[Entry, ...]:
     return tuple(entries)
 
 
-def _tmpfs_size(trees: tuple[tuple[str, tuple[Entry, ...]], ...]) -> int:
-    """A cap for the staging tmpfs: the trees' pages, one per inode, and 64 KiB to spare."""
+def _tmpfs_size(trees: tuple[tuple[str, tuple[Entry, ...]], ...], extra: int = 0) -> int:
+    """A cap for the staging tmpfs: the trees' pages, one per inode, ``extra`` pages (the
+    root's top layer: a copy of a few files) and 64 KiB to spare."""
     pages = sum(1 + len(e.data or b"") // 4096 for _, entries in trees for e in entries)
-    return (pages + len(trees) + 16) * 4096
+    return (pages + len(trees) + extra + 16) * 4096
 
 
 @dataclass(frozen=True)
@@ -135,6 +137,9 @@ class Staged:
     #: a template's root (issue 12), shown at ``stage/root`` through a read-only overlay
     #: (see :meth:`enter`); "" for none
     root: str = ""
+    #: moat's layer over ``root`` (toplayer.plan_top): the overlay is then the sandbox's whole
+    #: ``/``; empty: the root alone (bwrap binds its entries one by one)
+    top: tuple[TopOp, ...] = ()
 
     def root_dir(self) -> str:
         """Where bwrap finds the template's root (a path valid in the child only)."""
@@ -165,13 +170,16 @@ class Staged:
         _check(_mount(b"none", b"/", None, _MS_REC | _MS_PRIVATE, None))
         stage = self.stage.encode()
         flags = _MS_NOSUID | _MS_NODEV | _MS_NOEXEC
-        opts = f"mode=0755,size={_tmpfs_size(self.trees)}".encode()
+        top = self.top if self.root else ()
+        opts = f"mode=0755,size={_tmpfs_size(self.trees, len(top))}".encode()
         # named "moat": the source field of every bind from it inside (issue 17 §4)
         _check(_mount(b"moat", stage, b"tmpfs", flags, opts))
+        in_top = {op.src for op in top if op.op == "tree"}  # written in the layer only
         for name, entries in self.trees:
-            _write_tree(f"{self.stage}/{name}", entries)
+            if name not in in_top:
+                _write_tree(f"{self.stage}/{name}", entries)
         if self.root:
-            _mount_root(self.root, self.stage)
+            _mount_root(self.root, self.stage, top, dict(self.trees))
         for i, (path, is_dir, ident) in enumerate(
             zip(self.paths, self.is_dir, self.ids, strict=True)
         ):
@@ -186,34 +194,73 @@ class Staged:
                 raise OSError(errno.ESTALE, "a mount source changed while starting")
 
 
-def _mount_root(root: str, stage: str) -> None:
+def _mount_root(
+    root: str,
+    stage: str,
+    top: tuple[TopOp, ...] = (),
+    trees: dict[str, tuple[Entry, ...]] | None = None,
+) -> None:
     """Show the template's ``root`` at ``stage/root`` as a read-only overlay (in the child).
 
     A bind would name the root's host path in the sandbox's ``/proc/self/mountinfo``
     (``<state>/templates/<id>/rootfs``, issue 17 §4); an overlay is a file system of its own,
     whose binds name paths from its own root, and whose options name its layers as given:
     ``/proc/self/fd/N`` of this child, nothing of the host. Overlay needs two layers without
-    an upper one: the root over an empty directory. Redirects and metacopy are off: the
-    template's xattrs steer nothing.
+    an upper one: moat's ``top`` layer (written here from ``trees``, see toplayer.py) over the
+    root, or the root over an empty directory. Redirects and metacopy are off: the template's
+    xattrs steer nothing (only the top layer's own opaque marks and whiteouts count there:
+    it is the highest layer, so the template's cannot reach above it).
     """
-    empty, merged = f"{stage}/.empty", f"{stage}/root"
-    os.mkdir(empty, 0o755)
+    upper, merged = f"{stage}/.top" if top else root, f"{stage}/root"
+    lower = root if top else f"{stage}/.empty"
+    os.mkdir(upper if top else lower, 0o755)
+    os.chmod(upper if top else lower, 0o755)  # noqa: S103 - whatever the umask: `/` inside
+    if top:
+        _write_top(upper, top, trees or {})
     os.mkdir(merged, 0o755)
     flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-    top = os.open(root, flags)
+    first = os.open(upper, flags)
     try:
-        bottom = os.open(empty, flags)
+        second = os.open(lower, flags)
         try:
             opts = (
-                f"lowerdir=/proc/self/fd/{top}:/proc/self/fd/{bottom},"
+                f"lowerdir=/proc/self/fd/{first}:/proc/self/fd/{second},"
                 "redirect_dir=nofollow,metacopy=off"
             )
             mode = _MS_RDONLY | _MS_NOSUID | _MS_NODEV
             _check(_mount(b"moat", merged.encode(), b"overlay", mode, opts.encode()))
         finally:
-            os.close(bottom)
+            os.close(second)
     finally:
-        os.close(top)
+        os.close(first)
+
+
+#: overlayfs's mark of a directory that hides those of the layers beneath it
+_OPAQUE_XATTR: Final = "trusted.overlay.opaque"
+
+
+def _write_top(top: str, ops: tuple[TopOp, ...], trees: dict[str, tuple[Entry, ...]]) -> None:
+    """Write moat's layer over a template's root (toplayer.py), in the child: os calls only."""
+    etc = {e.rel: e for e in trees.get("etc", ())}
+    for op in ops:
+        path = f"{top}/{op.path}"
+        if op.op in ("dir", "opaque"):
+            os.mkdir(path, 0o755)
+            os.chmod(path, 0o755)  # noqa: S103 - the sandbox uid traverses it
+            if op.op == "opaque":
+                os.setxattr(path, _OPAQUE_XATTR, b"y")
+        elif op.op == "tree":
+            _write_tree(path, trees[op.src])
+            os.setxattr(path, _OPAQUE_XATTR, b"y")
+        elif op.op == "whiteout":
+            # overlayfs's whiteout: a 0/0 character device; never opened (the staging tmpfs
+            # is nodev, and the overlay hides the entry altogether)
+            os.mknod(path, stat.S_IFCHR, os.makedev(0, 0))
+        elif op.op == "file":
+            entry = etc[op.src]
+            _write_file(path, entry.data or b"", entry.mode, entry.mtime_ns)
+        else:  # "point": a caller's file mount lands here
+            _write_file(path, b"", 0o644)
 
 
 def _write_tree(top: str, entries: tuple[Entry, ...]) -> None:
@@ -226,15 +273,21 @@ def _write_tree(top: str, entries: tuple[Entry, ...]) -> None:
             os.mkdir(path, e.mode)
             os.chmod(path, e.mode)
             continue
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, e.mode)
-        try:
-            view = memoryview(e.data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fchmod(fd, e.mode)
-            os.utime(fd, ns=(e.mtime_ns, e.mtime_ns))
-        finally:
-            os.close(fd)
+        _write_file(path, e.data, e.mode, e.mtime_ns)
+
+
+def _write_file(path: str, data: bytes, mode: int, mtime_ns: int | None = None) -> None:
+    """A new regular file (never through a link): os calls only."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fchmod(fd, mode)
+        if mtime_ns is not None:
+            os.utime(fd, ns=(mtime_ns, mtime_ns))
+    finally:
+        os.close(fd)
 
 
 def _check(rc: int) -> None:
@@ -266,8 +319,10 @@ def open_sources(
 ) -> Staged:
     """Resolve and check every mount's host path as root (see :func:`mounts.resolve`), and
     snapshot moat's ``(name, host dir)`` trees (cached: read once per engine). ``root``: a
-    template's root (moat's own state dir, checked by the engine), staged as an overlay."""
+    template's root (moat's own state dir, checked by the engine), staged as an overlay: the
+    sandbox's whole ``/``, with moat's layer over it (toplayer.py)."""
     found = [resolve(m, gid) for m in mounts]
+    points = tuple((m.sandbox_path, r.is_dir) for m, r in zip(mounts, found, strict=True))
     return Staged(
         tuple(r.path for r in found),
         tuple(r.is_dir for r in found),
@@ -275,4 +330,5 @@ def open_sources(
         str(stage_dir()) if mounts or trees or root else "",
         tuple((name, snapshot(path)) for name, path in trees),
         root or "",
+        plan_top(points) if root else (),
     )
