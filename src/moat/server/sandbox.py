@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Final
@@ -26,6 +25,7 @@ from starlette.routing import Route
 
 from moat.errors import InvalidArgumentError, NotFoundError, SandboxDiedError, SandboxError
 from moat.model import LANGUAGES, End, ErrorEvent, Event, Output, ResultEvent
+from moat.protocol import jsonfast
 from moat.server import cut_log, rpc, wire
 from moat.server.app import (
     MAX_JSON_BODY,
@@ -278,6 +278,16 @@ def _routes(state: ServerState) -> Starlette:
 #: then ask whether it still runs and raise "the sandbox was killed while the request was in
 #: progress". moat's SDK has raised by then, from the error line sent first.
 _CUT: Final = b"\0moat: cut"
+#: Lines of events that come at once go out as one chunk (one write, one wake-up of the
+#: client), up to this many bytes: a line waits at most ``_TURNS`` turns of the event loop
+#: (microseconds) for the next event, never for time to pass. A warm ``1+1`` is then the
+#: head and one chunk (its result, the count, the end and the body's end) instead of five.
+_BATCH = 64 << 10
+_TURNS = 5
+
+
+class _Last(bytes):
+    """The response's last chunk: sent with the end of the body, in the same write."""
 
 
 class _CuttableStream(StreamingResponse):
@@ -291,12 +301,15 @@ class _CuttableStream(StreamingResponse):
                 cut_log.expect()
                 return  # uvicorn closes the connection: the body ends mid-stream
             body = chunk if isinstance(chunk, bytes | memoryview) else chunk.encode(self.charset)
-            await send({"type": "http.response.body", "body": body, "more_body": True})
+            last = isinstance(chunk, _Last)
+            await send({"type": "http.response.body", "body": body, "more_body": not last})
+            if last:
+                return
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
 def _line(obj: dict[str, Any]) -> bytes:
-    return json.dumps(obj, ensure_ascii=False).encode() + b"\n"
+    return jsonfast.dumps(obj, compact=False).encode() + b"\n"  # json.dumps's very output
 
 
 async def _ndjson(
@@ -304,48 +317,70 @@ async def _ndjson(
 ) -> AsyncIterator[bytes]:
     """The front door's events as E2B's NDJSON lines, with keepalives while idle.
 
-    Leaving early (the client went away: Starlette cancels this generator) closes the
-    event stream, which cancels the call and interrupts the code.
+    The lines of events that come at once go out together (one chunk, see ``_BATCH``).
+    Leaving early (the client went away: Starlette
+    cancels this generator) closes the event stream, which cancels the call and interrupts
+    the code.
     """
     pending: asyncio.Future[Event] | None = first
     count: int | None = None
     truncated = False
+    batch: list[bytes] = []
+    size = 0
     try:
         while pending is not None:
-            done, _ = await asyncio.wait({pending}, timeout=KEEPALIVE_S)
-            if not done:
-                yield _line({"type": "keepalive"})
-                continue
+            for _ in range(_TURNS if batch else 0):  # an event on its way: same chunk
+                if pending.done():
+                    break
+                await asyncio.sleep(0)
+            if batch and (size >= _BATCH or not pending.done()):
+                yield b"".join(batch)
+                batch, size = [], 0
+            if not pending.done():
+                await asyncio.wait({pending}, timeout=KEEPALIVE_S)
+                if not pending.done():
+                    yield _line({"type": "keepalive"})
+                    continue
             try:
                 event = pending.result()
             except StopAsyncIteration:
                 break
             except SandboxError as exc:
-                yield _line(_failure(exc))
                 if isinstance(exc, SandboxDiedError):  # killed, died or lost mid-call
+                    yield b"".join([*batch, _line(_failure(exc))])
                     yield _CUT
                     return
+                batch.append(_line(_failure(exc)))
                 break
             pending = None
+            line: bytes | None = None
             if isinstance(event, Output):
-                yield _line({"type": event.stream, "text": event.text, "timestamp": wire.now_iso()})
+                line = _line(
+                    {"type": event.stream, "text": event.text, "timestamp": wire.now_iso()}
+                )
             elif isinstance(event, ResultEvent):
-                yield _line(wire.result_line(event.result))
+                line = _line(wire.result_line(event.result))
             elif isinstance(event, ErrorEvent):
-                yield _line(wire.error_line(event.error))
+                line = _line(wire.error_line(event.error))
             elif isinstance(event, End):
                 count = event.execution_count
                 truncated = event.truncated
                 if event.context_restarted:
-                    yield _line(
+                    line = _line(
                         {"type": "error", "name": "ContextRestarting",
                          "value": "the context was restarted", "traceback": ""}
                     )  # fmt: skip
+            if line is not None:
+                batch.append(line)
+                size += len(line)
             pending = asyncio.ensure_future(anext(events))
         if count is not None:
-            yield _line({"type": "number_of_executions", "execution_count": count})
+            batch.append(_line({"type": "number_of_executions", "execution_count": count}))
         # moat's key (the E2B SDKs ignore it): the output was cut at the per-call cap.
-        yield _line({"type": "end_of_execution", **({"truncated": True} if truncated else {})})
+        batch.append(
+            _line({"type": "end_of_execution", **({"truncated": True} if truncated else {})})
+        )
+        yield _Last(b"".join(batch))
     finally:
         if pending is not None and not pending.done():
             pending.cancel()
