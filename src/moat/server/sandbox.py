@@ -107,11 +107,18 @@ async def admit(state: ServerState, headers: Headers, path: str = "") -> Record 
 
 def sandbox_app(state: ServerState) -> ASGIApp:
     """The sandbox plane: envd's Connect RPC services, and the HTTP routes below."""
-    routes = _routes(state)
+    routes, execute = _routes(state)
     services = rpc.envd_apps(state.front)
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
         path: str = scope.get("path", "")
+        if path == "/execute" and scope.get("method") == "POST":
+            # The hot path (a warm run_code): straight to its endpoint, the very one the
+            # router would pick (same admission, token and port checks), without the
+            # router's and the middleware's layers per request.
+            response = await execute(Request(scope, receive))
+            await response(scope, receive, send)
+            return
         service = next((a for p, a in services.items() if path.startswith(p)), None)
         if service is None:
             await routes(scope, receive, send)
@@ -143,7 +150,8 @@ def sandbox_app(state: ServerState) -> ASGIApp:
     return app
 
 
-def _routes(state: ServerState) -> Starlette:
+def _routes(state: ServerState) -> tuple[Starlette, Callable[[Request], Awaitable[Response]]]:
+    """The plane's HTTP routes, and the guarded /execute endpoint among them."""
     front = state.front
 
     def guarded(handler: Handler) -> Callable[[Request], Awaitable[Response]]:
@@ -218,7 +226,7 @@ def _routes(state: ServerState) -> Starlette:
             if isinstance(exc, StopAsyncIteration):
                 return wire.error(500, "internal error")
             raise exc  # type: ignore[misc]
-        return _CuttableStream(_ndjson(events, pending), media_type="application/x-ndjson")
+        return _ExecStream(events, pending)
 
     async def create_context(request: Request, rec: Record, port: str) -> Response:
         sid = request.headers["e2b-sandbox-id"]
@@ -259,18 +267,19 @@ def _routes(state: ServerState) -> Starlette:
     def r(path: str, handler: Handler, methods: list[str]) -> Route:
         return Route(path, guarded(handler), methods=methods)
 
+    run = guarded(on(JUPYTER_PORT, execute))
     routes = [
         Route("/health", any_health, methods=["GET"]),
         Route("/files", files.download, methods=["GET"]),
         Route("/files", files.upload, methods=["POST"]),
-        r("/execute", on(JUPYTER_PORT, execute), ["POST"]),
+        Route("/execute", run, methods=["POST"]),
         r("/contexts", on(JUPYTER_PORT, create_context), ["POST"]),
         r("/contexts", on(JUPYTER_PORT, list_contexts), ["GET"]),
         r("/contexts/{context_id}/restart", on(JUPYTER_PORT, restart_context), ["POST"]),
         r("/contexts/{context_id}", on(JUPYTER_PORT, remove_context), ["DELETE"]),
         r("/{rest:path}", unknown, ["GET", "POST", "PUT", "PATCH", "DELETE"]),
     ]
-    return Starlette(routes=routes)
+    return Starlette(routes=routes), run
 
 
 #: Yielded by :func:`_ndjson` when the sandbox ended mid-call: the response stops without its
@@ -278,20 +287,67 @@ def _routes(state: ServerState) -> Starlette:
 #: then ask whether it still runs and raise "the sandbox was killed while the request was in
 #: progress". moat's SDK has raised by then, from the error line sent first.
 _CUT: Final = b"\0moat: cut"
+#: Yielded by :func:`_ndjson` when the client left: nothing more is sent.
+_GONE: Final = b"\0moat: gone"
 #: Lines of events that come at once go out as one chunk (one write, one wake-up of the
 #: client), up to this many bytes: a line waits at most ``_TURNS`` turns of the event loop
 #: (microseconds) for the next event, never for time to pass. A warm ``1+1`` is then the
 #: head and one chunk (its result, the count, the end and the body's end) instead of five.
 _BATCH = 64 << 10
 _TURNS = 5
+_NDJSON = "application/x-ndjson"
 
 
 class _Last(bytes):
     """The response's last chunk: sent with the end of the body, in the same write."""
 
 
-class _CuttableStream(StreamingResponse):
-    """A StreamingResponse that :data:`_CUT` ends without its final chunk."""
+class _Departure:
+    """The client's leaving (``http.disconnect``), watched by a task made only once the
+    stream goes on past its first chunk: a call whose events come at once costs no task."""
+
+    def __init__(self) -> None:
+        self.receive: Receive | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    def task(self) -> asyncio.Task[None]:
+        if self._task is None:
+            self._task = asyncio.ensure_future(self._listen())
+            self._task.add_done_callback(lambda t: t.cancelled() or t.exception())
+        return self._task
+
+    async def _listen(self) -> None:
+        receive = self.receive
+        if receive is None:  # _ExecStream sets it before the body is iterated
+            raise RuntimeError("no receive channel to watch")
+        while (await receive())["type"] != "http.disconnect":
+            pass
+
+    def left(self) -> bool:
+        return self._task is not None and self._task.done()
+
+    def close(self) -> None:
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+
+
+class _ExecStream(StreamingResponse):
+    """The /execute NDJSON response: :data:`_CUT` ends it without its final chunk; a
+    :class:`_Last` chunk ends it with the body's end. The client's leaving ends the stream
+    (which interrupts the code) as Starlette's own watcher would, without its task group."""
+
+    def __init__(self, events: AsyncIterator[Event], first: asyncio.Future[Event]) -> None:
+        self._departure = _Departure()
+        super().__init__(_ndjson(events, first, self._departure), media_type=_NDJSON)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        self._departure.receive = receive
+        try:
+            await self.stream_response(send)
+        finally:
+            self._departure.close()
+            with contextlib.suppress(BaseException):
+                await self.body_iterator.aclose()  # type: ignore[attr-defined]
 
     async def stream_response(self, send: Send) -> None:
         start = {"type": "http.response.start", "status": self.status_code}
@@ -300,6 +356,8 @@ class _CuttableStream(StreamingResponse):
             if chunk is _CUT:
                 cut_log.expect()
                 return  # uvicorn closes the connection: the body ends mid-stream
+            if chunk is _GONE:
+                return
             body = chunk if isinstance(chunk, bytes | memoryview) else chunk.encode(self.charset)
             last = isinstance(chunk, _Last)
             await send({"type": "http.response.body", "body": body, "more_body": not last})
@@ -313,14 +371,14 @@ def _line(obj: dict[str, Any]) -> bytes:
 
 
 async def _ndjson(
-    events: AsyncIterator[Event], first: asyncio.Future[Event]
+    events: AsyncIterator[Event], first: asyncio.Future[Event], departure: _Departure
 ) -> AsyncIterator[bytes]:
     """The front door's events as E2B's NDJSON lines, with keepalives while idle.
 
     The lines of events that come at once go out together (one chunk, see ``_BATCH``).
-    Leaving early (the client went away: Starlette
-    cancels this generator) closes the event stream, which cancels the call and interrupts
-    the code.
+    Leaving early (the client went away, seen by ``departure`` while the stream waits, or
+    this generator is cancelled) closes the event stream, which cancels the call and
+    interrupts the code.
     """
     pending: asyncio.Future[Event] | None = first
     count: int | None = None
@@ -334,10 +392,19 @@ async def _ndjson(
                     break
                 await asyncio.sleep(0)
             if batch and (size >= _BATCH or not pending.done()):
+                departure.task()  # a stream that goes on: watch for the client's leaving
                 yield b"".join(batch)
                 batch, size = [], 0
+            if departure.left():
+                yield _GONE  # the client left: the finally below interrupts the code
+                return
             if not pending.done():
-                await asyncio.wait({pending}, timeout=KEEPALIVE_S)
+                gone = departure.task()
+                both: set[asyncio.Future[Any]] = {pending, gone}
+                await asyncio.wait(both, timeout=KEEPALIVE_S, return_when=asyncio.FIRST_COMPLETED)
+                if gone.done():
+                    yield _GONE  # the client left: the finally below interrupts the code
+                    return
                 if not pending.done():
                     yield _line({"type": "keepalive"})
                     continue
