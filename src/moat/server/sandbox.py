@@ -156,7 +156,8 @@ def _routes(state: ServerState) -> tuple[Starlette, Callable[[Request], Awaitabl
 
     def guarded(handler: Handler) -> Callable[[Request], Awaitable[Response]]:
         async def endpoint(request: Request) -> Response:
-            found = await admit(state, request.headers, request.url.path)
+            path: str = request.scope.get("path", "")  # request.url builds a URL per request
+            found = await admit(state, request.headers, path)
             if isinstance(found, Response):
                 return found
             rec, port = found, request.headers.get("e2b-sandbox-port", "")
