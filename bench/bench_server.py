@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/bench_server.py [--runs 10] [--tiers container,gvisor,microvm]
         [--concurrent 50] [--duration 60] [--sustain 20] [--pool container=1] [--only-sustain]
+        [--only-warm]
 
 The script starts its own ``moat serve`` on 127.0.0.1 (one per tier: ``--tier``), makes a key,
 and measures, each beside the embedded SDK (``moat.Sandbox``) in this same process:
@@ -330,10 +331,10 @@ def bench_first_results(srv: Server, tier: str, runs: int) -> list[Row]:
     return rows
 
 
-def bench_container(srv: Server, args: argparse.Namespace) -> list[Row]:
-    """Round trips, concurrent load with the server's memory, sustained creates."""
-    tier, rows = "container", []
-    rt = round_trips(srv, tier, args.trips)
+def bench_warm(srv: Server, tier: str, trips: int) -> list[Row]:
+    """Warm round trips: run_code and commands.run both ways, and a bare POST /execute."""
+    rows = []
+    rt = round_trips(srv, tier, trips)
     for what, a, b in (
         ("run_code('1+1')", "srv_code", "emb_code"),
         ("commands.run('true')", "srv_cmd", "emb_cmd"),
@@ -344,6 +345,13 @@ def bench_container(srv: Server, args: argparse.Namespace) -> list[Row]:
     print(f"[{tier}] warm POST /execute '1+1', bare httpx {ms(rt['raw_code'])}")
     rows.append(vs(f"{tier}: warm POST /execute, bare httpx", rt["raw_code"], rt["emb_code"],
                    "(the server's share)", ".2f"))  # fmt: skip
+    return rows
+
+
+def bench_container(srv: Server, args: argparse.Namespace) -> list[Row]:
+    """Round trips, concurrent load with the server's memory, sustained creates."""
+    tier = "container"
+    rows = bench_warm(srv, tier, args.trips)
     n, seconds = args.concurrent, args.duration
     trips, failures, rss0, rss_idle = asyncio.run(concurrent_load(srv, n, seconds, args.think))
     p50, p99 = pct_ms(trips, 50), pct_ms(trips, 99)
@@ -404,6 +412,10 @@ def main() -> None:
         "--only-sustain", action="store_true",
         help="the container tier's sustained creates only (bench_creates.py adds CPU per cycle)",
     )  # fmt: skip
+    ap.add_argument(
+        "--only-warm", action="store_true",
+        help="the container tier's warm round trips only (run_code, commands.run, bare POST)",
+    )  # fmt: skip
     args = ap.parse_args()
     if args.pool is not None:
         os.environ["MOAT_WARM_POOL"] = args.pool
@@ -422,6 +434,9 @@ def main() -> None:
             e2b_create(srv, timeout=60).kill()  # and the served one
             if args.only_sustain:
                 rows += bench_sustained(srv, args) if tier == "container" else []
+                continue
+            if args.only_warm:
+                rows += bench_warm(srv, tier, args.trips)
                 continue
             rows += bench_first_results(srv, tier, args.runs)
             if tier == "container":

@@ -35,6 +35,7 @@ from moat.errors import InvalidArgumentError, SandboxError
 from moat.mcp import McpHttp, Settings
 from moat.server import cut_log
 from moat.server.app import ServerState, make_app
+from moat.server.httpproto import BoundedHttpToolsProtocol
 from moat.store.keys import KeyStore
 
 log = logging.getLogger("moat.server")
@@ -117,7 +118,8 @@ async def serve(
         lifespan="off",
         log_level=log_level(),
         timeout_graceful_shutdown=GRACE_S,
-        http="h11",
+        # llhttp through httptools, with h11's bound on a head (moat.server.httpproto)
+        http=BoundedHttpToolsProtocol,
         ws="wsproto",  # ingress WebSockets only (moat.server.ingress)
         server_header=False,  # nothing to advertise; an app's own Server header goes through
         ssl_certfile=tls[0] if tls else None,

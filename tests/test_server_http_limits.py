@@ -1,0 +1,132 @@
+"""The server's HTTP parser on hostile input: a head (or chunked trailers) without end is cut
+at h11's bound, not kept (moat.server.httpproto); malformed requests get a 400; the server
+stays healthy. Raw sockets against a real ``moat serve``."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+from tests.server_support import Server, serving
+
+from moat.server.httpproto import MAX_HEAD
+
+#: Bytes of a head without end sent before waiting for the server to close the connection.
+FLOOD = 4 << 20
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    with serving(Path(tmp_path_factory.mktemp("serve")) / "server.log") as srv:
+        yield srv
+
+
+def _connect(server: Server) -> socket.socket:
+    u = urlsplit(server.url)
+    return socket.create_connection((u.hostname or "127.0.0.1", u.port or 80), timeout=10)
+
+
+def _exchange(server: Server, data: bytes) -> bytes:
+    """Send ``data``; everything the server answers until it closes (or 10 s)."""
+    with _connect(server) as s:
+        s.sendall(data)
+        got = b""
+        try:
+            while chunk := s.recv(65536):
+                got += chunk
+                if b"\r\n\r\n" in got and b"connection: close" not in got.lower():
+                    break  # a kept-alive answer: enough
+        except TimeoutError:
+            pass
+        return got
+
+
+def _flood(server: Server, start: bytes, filler: bytes) -> bytes:
+    """Send ``start``, then ``filler`` until FLOOD bytes or the server cuts the connection;
+    then wait (10 s at most) for the server to close it. What it answered before closing;
+    pytest.fail if it kept the connection open (it took the flood as a request in progress).
+
+    Bytes sent prove nothing here (loopback's socket buffers hold megabytes): the close does.
+    """
+    sent = 0
+    answer = b""
+    with _connect(server) as s:
+        s.sendall(start)
+        try:
+            while sent < FLOOD:
+                s.sendall(filler)
+                sent += len(filler)
+            while chunk := s.recv(65536):
+                answer += chunk
+        except (BrokenPipeError, ConnectionResetError):
+            return answer
+        except TimeoutError:
+            pytest.fail(f"the server kept reading a head without end ({sent} bytes)")
+        return answer
+
+
+def test_a_head_within_the_bound_is_served(server: Server) -> None:
+    """Positive control: a large head just under the bound is an ordinary request."""
+    pad = b"X-Pad: " + b"a" * (MAX_HEAD - 1024) + b"\r\n"
+    got = _exchange(server, b"GET /health HTTP/1.1\r\nHost: x\r\n" + pad + b"\r\n")
+    assert got.startswith(b"HTTP/1.1 200"), got[:200]
+
+
+def test_a_head_over_the_bound_is_refused(server: Server) -> None:
+    pad = b"X-Pad: " + b"a" * (MAX_HEAD + 1024) + b"\r\n"
+    got = _exchange(server, b"GET /health HTTP/1.1\r\nHost: x\r\n" + pad + b"\r\n")
+    assert got.startswith(b"HTTP/1.1 400"), got[:200]
+    assert server.healthy()
+
+
+def test_a_head_without_end_is_cut(server: Server) -> None:
+    answer = _flood(server, b"GET /health HTTP/1.1\r\nHost: x\r\nX-Pad: ", b"a" * 4096)
+    assert answer == b"" or answer.startswith(b"HTTP/1.1 400"), answer[:200]
+    assert server.healthy()
+
+
+def test_headers_without_end_are_cut(server: Server) -> None:
+    answer = _flood(server, b"GET /health HTTP/1.1\r\nHost: x\r\n", b"X-A: b\r\n" * 512)
+    assert answer == b"" or answer.startswith(b"HTTP/1.1 400"), answer[:200]
+    assert server.healthy()
+
+
+def test_chunked_trailers_without_end_are_cut(server: Server) -> None:
+    start = (
+        b"POST /v2/sandboxes HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"2\r\n{}\r\n0\r\n"
+    )
+    _flood(server, start, b"X-T: c\r\n" * 512)  # (a 401 may come first: no key)
+    assert server.healthy()
+
+
+def test_a_large_body_is_not_a_large_head(server: Server) -> None:
+    """Body bytes never count towards the bound (an upload is no head): the control plane
+    reads a 1 MiB JSON body (refused for its content, not cut as a bad request)."""
+    body = b'{"templateID": "' + b"x" * (1 << 20) + b'"}'
+    got = _exchange(
+        server,
+        b"POST /v2/sandboxes HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body,
+    )
+    assert got.startswith(b"HTTP/1.1 401"), got[:200]  # no key: its answer, not a 400
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        b"GET /health HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n",
+        b"GET /health HTTP/9.9\r\nHost: x\r\n\r\n",
+        b"GET /health HTTP/1.1\r\nBad Header: x\r\n\r\n",
+        b"POST /v2/sandboxes HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n",
+        b"GET /he\x00alth HTTP/1.1\r\nHost: x\r\n\r\n",
+    ],
+)
+def test_malformed_requests_get_400(server: Server, request_bytes: bytes) -> None:
+    got = _exchange(server, request_bytes)
+    assert got.startswith(b"HTTP/1.1 400"), got[:200]
+    assert server.healthy()
