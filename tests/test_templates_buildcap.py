@@ -167,6 +167,9 @@ def test_many_files_past_the_cap_are_stopped_while_the_step_runs(store: Store) -
     b, log = builder(store, size_cap_mb=cap)
     with HostWatch() as watch, pytest.raises(TemplateBuildError) as info:
         asyncio.run(b.build(defn))
+    # from outside: what the step's writes took on the host never passed the image's size
+    assert 0 < watch.max_taken <= buildfs.image_bytes(64 * MiB), watch.max_taken >> 20
+    assert watch.free0 - watch.min_free < 512 * MiB, (watch.free0, watch.min_free)
     err = info.value
     assert err.step.startswith("2/2 run:"), err.step
     assert f"size cap of {cap} MiB" in str(err), str(err)
@@ -174,9 +177,6 @@ def test_many_files_past_the_cap_are_stopped_while_the_step_runs(store: Store) -
     out = log.data.decode()
     assert "No space left on device" in out and "refused-at-" in out, out[-2000:]
     assert "fill-done" in out  # it ran to its end: refused, not killed
-    # from outside: what the step's writes took on the host never passed the image's size
-    assert 0 < watch.max_taken <= buildfs.image_bytes(64 * MiB), watch.max_taken
-    assert watch.free0 - watch.min_free < 512 * MiB, (watch.free0, watch.min_free)
 
 
 def test_positive_control_the_same_step_under_a_larger_cap_succeeds(store: Store) -> None:  # noqa: F811

@@ -11,7 +11,8 @@ under the step's id. The host only copies directories, checks and publishes the 
 * the published root is checked: device nodes, fifos and sockets removed, setuid/setgid
   bits stripped, everything owned by root (the sandbox user reads it, invariant 9: nothing
   in a template can raise privileges, it is also mounted nosuid);
-* every layer and the whole template are under a size cap;
+* every layer and the whole template are under a size cap, which the kernel enforces while a
+  step runs (:mod:`moat.runtime.container.buildfs`: bytes and inodes, ENOSPC past them);
 * a failure or cancellation removes its temp directories (``gc`` removes a crash's).
 """
 

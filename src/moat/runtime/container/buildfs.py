@@ -31,7 +31,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from moat.errors import IsolationUnavailableError
+from moat.errors import IsolationUnavailableError, SandboxError
 from moat.runtime.container.driver import _owned, _settle
 
 __all__ = ["BYTES_PER_INODE", "StepFs", "image_bytes", "mounts_under", "remove", "step_fs"]
@@ -104,7 +104,8 @@ async def step_fs(work: Path, budget: int, lower: Path | None) -> AsyncIterator[
         done = loop.run_in_executor(None, remove, fs)
         await _settle(done)
         if (exc := done.exception()) is not None:
-            raise exc
+            log.error("a build step's file system was not removed: %s", exc)
+            raise SandboxError("a build step's file system could not be removed") from None
 
 
 def make(work: Path, budget: int, lower: Path | None) -> StepFs:
