@@ -158,6 +158,29 @@ def test_capped_file_system_refuses_past_its_budget_and_goes(tmp_path: Path) -> 
         os.rmdir(work)
 
 
+def test_sweep_unmounts_a_dead_builds_file_system_and_keeps_a_live_ones(tmp_path: Path) -> None:
+    s = Store(tmp_path / "templates", tmp_path / "layers")
+    s.prepare()
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    gone = s.layers / f".tmp-{dead.pid}-abc"
+    live = s.tmpdir(s.layers)  # this process: its build may be running
+    for d in (gone, live):
+        d.mkdir(exist_ok=True)
+        buildfs.make(d, 4 * MiB, None)
+    assert len(buildfs.mounts_under(s.layers)) == 2
+    held = asyncio.run(s.building())  # gc waits for builds; a sweep runs beside them
+    try:
+        assert s.sweep() == 1
+    finally:
+        os.close(held)
+    assert not gone.exists() and [p.parent for p in buildfs.mounts_under(s.layers)] == [live]
+    buildfs.remove(buildfs.StepFs(live, 4 * MiB, 0, False))
+    assert buildfs.mounts_under(s.layers) == []
+    loops = subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout
+    assert str(tmp_path) not in loops
+
+
 def test_many_files_past_the_cap_are_stopped_while_the_step_runs(store: Store) -> None:  # noqa: F811
     """A step writing 16 files of 8 MiB (and ignoring every error) under a cap that leaves
     it 64 MiB: the kernel refuses the writes past the budget while it runs; the build fails

@@ -74,20 +74,31 @@ class Store:
         """Remove what builds that died (a crash, SIGKILL) left in the layer cache: their
         steps' mounted file systems (and so their loop devices) first, then their temp
         directories with the images in them (invariant 5). A live process's are left alone,
-        so this is safe beside running builds; two sweeps never remove one directory twice."""
-        count = 0
-        for p in list(self.layers.iterdir()) if self.layers.is_dir() else []:
-            if not (p.name.startswith(".tmp-") and _dead(p.name)):
-                continue
-            buildfs.unmount_under(p)
-            claimed = self.layers / f".tmp-{os.getpid()}-{secrets.token_hex(6)}"
+        so this is safe beside running builds; two sweeps never remove one directory twice,
+        and none runs beside gc (which removes the same)."""
+        if not self.layers.is_dir():
+            return 0
+        fd = os.open(self.layers / _BUILDS_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
             try:
-                os.rename(p, claimed)  # ours now: another sweep finds it gone
-            except FileNotFoundError:
-                continue
-            remove_tree(claimed)
-            count += 1
-        return count
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return 0  # gc holds it: it removes these itself
+            count = 0
+            for p in list(self.layers.iterdir()):
+                if not (p.name.startswith(".tmp-") and _dead(p.name)):
+                    continue
+                buildfs.unmount_under(p)
+                claimed = self.layers / f".tmp-{os.getpid()}-{secrets.token_hex(6)}"
+                try:
+                    os.rename(p, claimed)  # ours now: another sweep finds it gone
+                except FileNotFoundError:
+                    continue
+                remove_tree(claimed)
+                count += 1
+            return count
+        finally:
+            os.close(fd)
 
     # -- layers ---------------------------------------------------------------------------
 
