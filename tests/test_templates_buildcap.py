@@ -265,6 +265,15 @@ def test_cancelled_step_leaves_no_mount_loop_or_image(store: Store) -> None:  # 
     # the autouse fixture checks that nothing is left
 
 
+def test_timed_out_step_leaves_no_mount_loop_or_image(store: Store) -> None:  # noqa: F811
+    defn = TemplateDef(
+        Base("template", "t-base"), (Step("run", (f"echo {time.monotonic_ns()}; sleep 300",)),)
+    )
+    with pytest.raises(TemplateBuildError, match="limit"):
+        build(store, defn, step_timeout=3.0)
+    # the autouse fixture checks that nothing is left
+
+
 def test_killed_build_leaves_mounts_that_the_next_build_sweeps(
     store: Store,  # noqa: F811
     tmp_path: Path,
