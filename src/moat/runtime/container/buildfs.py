@@ -76,9 +76,12 @@ class StepFs:
         return self.work / MERGED if self.overlay else self.work / DISK
 
     def full(self) -> bool:
-        """Whether the step ran its file system (nearly) out of room or inodes."""
+        """Whether the step ran its file system (nearly) out of room or inodes. (A budget
+        under 8 MiB counts as full only below an eighth of it: the size check after the step
+        still holds the root to the cap.)"""
         st = os.statvfs(self.disk)
-        return st.f_bavail * st.f_frsize < _FULL_BYTES or st.f_favail < _FULL_INODES
+        room = min(_FULL_BYTES, self.budget // 8)
+        return st.f_bavail * st.f_frsize < room or st.f_favail < _FULL_INODES
 
 
 def inodes_for(budget: int) -> int:
