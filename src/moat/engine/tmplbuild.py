@@ -232,7 +232,11 @@ class TemplateBuilds:
     def recover(self) -> int:
         """At a server's start: every build an earlier process left ``waiting``/``building``
         (it died under them) becomes failed, "interrupted by a restart", and what it left in
-        its tenant's area goes; a live server's builds are left alone. Blocking; the count."""
+        its tenant's area goes; a live server's builds are left alone. Blocking; the count.
+        What a dead build left in the layer cache (a step's mounted file system, its loop
+        device and image) goes too (invariant 5)."""
+        if n := self.store.sweep():
+            log.warning("removed what %d dead template build(s) left", n)
         count = 0
         for rec in buildstate.unfinished(self.store.templates / "tenants"):
             tenant = str(rec.get("tenant", ""))

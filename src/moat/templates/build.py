@@ -11,7 +11,8 @@ under the step's id. The host only copies directories, checks and publishes the 
 * the published root is checked: device nodes, fifos and sockets removed, setuid/setgid
   bits stripped, everything owned by root (the sandbox user reads it, invariant 9: nothing
   in a template can raise privileges, it is also mounted nosuid);
-* every layer and the whole template are under a size cap;
+* every layer and the whole template are under a size cap, which the kernel enforces while a
+  step runs (:mod:`moat.runtime.container.buildfs`: bytes and inodes, ENOSPC past them);
 * a failure or cancellation removes its temp directories (``gc`` removes a crash's).
 """
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import json
 import logging
 import os
 import stat
@@ -36,6 +38,7 @@ from moat.errors import InvalidArgumentError, NotFoundError, TemplateBuildError,
 from moat.model.config import Limits
 from moat.protocol.contract import SANDBOX_UID
 from moat.runtime.container import build as sandbox
+from moat.runtime.container import buildfs
 from moat.store import AuditLog
 from moat.templates import context as ctx
 from moat.templates.define import SOURCES, Base, Step, TemplateDef
@@ -144,6 +147,9 @@ class Builder:
         self.step_ids = {}
         building = await self.store.building()  # no gc while this build runs
         try:
+            # what a crashed build left (mounts, images); gc is excluded by the lock above
+            if n := await asyncio.to_thread(self.store.sweep):
+                log.warning("removed what %d dead template build(s) left", n)
             staging = self.store.tmpdir(self.store.layers)
         except BaseException:
             os.close(building)
@@ -262,55 +268,84 @@ class Builder:
         base: Base,
         inputs: Path | None,
     ) -> Path:
+        """One layer: the step runs on a file system the kernel caps (``buildfs``: the parent
+        read-only under an overlay whose writes land in a sparse ext4 image of the room left
+        under the size cap, inodes included; invariant 10); the result is measured, then
+        copied into the cache and the file system removed, on every path (invariant 5)."""
         tmp = self.store.tmpdir(self.store.layers)
         sandbox.own_dir(tmp)
         try:
             root = tmp / "root"
-            if step is None:
-                spec_root, command, allow = await self._base_spec(tmp, base)
-                host_root = True
-            else:
-                assert parent is not None
-                await asyncio.to_thread(_copy_tree, parent, root)
-                spec_root, command, allow = root, _command(step), step.allow_out()
-                host_root = False
-            self.ran.append(label)
-            spec = sandbox.BuildSpec(
-                step_id=sandbox.step_id(),
-                root=spec_root,
-                command=command,
-                inputs=inputs,
-                host_root=host_root,
-                ca_file=self.options.ca_file,
-                timeout=self.options.step_timeout,
-                limits=Limits(
-                    cpus=2.0, memory_mb=2048, pids=1024, disk_mb=self.options.size_cap_mb
-                ),
-            )
-            self.step_ids[label] = spec.step_id
-            try:
-                code, tail = await self._run(spec, allow, label)
-            except TimeoutError as exc:  # moat's: the step ran past its limit
-                raise TemplateBuildError(label, str(exc)) from None
-            if code != 0:
-                raise TemplateBuildError(
-                    label, f"exit code {code}", exit_code=code, output=_text(tail)
+            budget = await asyncio.to_thread(self._budget, label, parent)
+            async with buildfs.step_fs(tmp, budget, parent) as fs:
+                if step is None:
+                    spec_root, command, allow = await self._base_spec(fs.disk, base)
+                    host_root = True
+                else:
+                    spec_root, command, allow = fs.root, _command(step), step.allow_out()
+                    host_root = False
+                self.ran.append(label)
+                spec = sandbox.BuildSpec(
+                    step_id=sandbox.step_id(),
+                    root=spec_root,
+                    command=command,
+                    inputs=inputs,
+                    host_root=host_root,
+                    ca_file=self.options.ca_file,
+                    timeout=self.options.step_timeout,
+                    limits=Limits(
+                        cpus=2.0, memory_mb=2048, pids=1024, disk_mb=self.options.size_cap_mb
+                    ),
                 )
-            if base.kind == "oci" and step is None:
-                unpacked = tmp / "target" / "root"
-                # made inside the sandbox: a directory, never a symlink to the host's files
-                if not stat.S_ISDIR(os.lstat(unpacked).st_mode):
-                    raise TemplateBuildError(label, "the image did not unpack to a directory")
-                os.rename(unpacked, root)
-                remove_tree(tmp / "target")
-            size = await asyncio.to_thread(tree_bytes, root)
-            self._check_size(label, size)
+                self.step_ids[label] = spec.step_id
+                try:
+                    code, tail = await self._run(spec, allow, label)
+                except TimeoutError as exc:  # moat's: the step ran past its limit
+                    raise TemplateBuildError(label, str(exc)) from None
+                if fs.full():  # its writes were refused (ENOSPC), whatever it exited with
+                    raise TemplateBuildError(
+                        label,
+                        f"it filled the room under the template's size cap of"
+                        f" {self.options.size_cap_mb} MiB ({budget >> 20} MiB and"
+                        f" {fs.inodes} files for this step; it exited with {code})",
+                        output=_text(tail),
+                    )
+                if code != 0:
+                    raise TemplateBuildError(
+                        label, f"exit code {code}", exit_code=code, output=_text(tail)
+                    )
+                made = spec_root if step is not None else fs.disk / "root"
+                if base.kind == "oci" and step is None:
+                    made = fs.disk / "target" / "root"
+                    # made inside the sandbox: a directory, never a symlink to the host's files
+                    if not stat.S_ISDIR(os.lstat(made).st_mode):
+                        raise TemplateBuildError(label, "the image did not unpack to a directory")
+                size = await asyncio.to_thread(tree_bytes, made)
+                self._check_size(label, size)
+                await asyncio.to_thread(_copy_tree, made, root)
             committed = self.store.commit_layer(tmp, key, {"step": label, "bytes": size})
             self.built.append(key)
             return committed
         finally:
             if tmp.exists():
                 await asyncio.to_thread(remove_tree, tmp)
+
+    def _budget(self, label: str, parent: Path | None) -> int:
+        """Bytes a step may add: the size cap less what its parent layer already takes."""
+        cap = self.options.size_cap_mb * 1024 * 1024
+        used = 0
+        if parent is not None:
+            try:
+                used = int(json.loads((parent.parent / "layer.json").read_text())["bytes"])
+            except (OSError, ValueError, KeyError, TypeError):
+                used = tree_bytes(parent)
+        if used >= cap:
+            raise TemplateBuildError(
+                label,
+                f"the layer it starts from is {used >> 20} MiB, over the template's size cap"
+                f" of {self.options.size_cap_mb} MiB",
+            )
+        return cap - used
 
     def _check_size(self, label: str, size: int) -> None:
         cap = self.options.size_cap_mb * 1024 * 1024
@@ -324,6 +359,7 @@ class Builder:
     async def _base_spec(
         self, tmp: Path, base: Base
     ) -> tuple[Path, tuple[str, ...], tuple[str, ...]]:
+        """The base's command and where it writes (``tmp``: the step's capped disk)."""
         if base.kind == "debian":
             root = tmp / "root"
             root.mkdir()

@@ -7,6 +7,8 @@ Trust domain: host engine. Layouts (``moat.templates.ref`` for published templat
     <layers>/<key>/layer.json  written before the directory is renamed into place
     <layers>/<key>.lock        held while that layer is built (concurrent builds build once)
     .tmp-<pid>-<random>        work in progress in either directory (gc removes a dead pid's)
+    .tmp-…/disk.img, disk/, merged/  a running step's capped file system (runtime.container.
+                               buildfs): mounted while it runs; ``sweep`` unmounts a dead one's
 
 Every directory appears by an atomic rename, so a crash or a cancelled build leaves only
 ``.tmp-*`` directories behind, never a half-made layer or template (invariant 5).
@@ -30,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from moat.errors import CapacityError, InvalidArgumentError, NotFoundError
+from moat.runtime.container import buildfs
 from moat.templates import ref
 
 _ID_LEN = 64
@@ -66,6 +69,36 @@ class Store:
         path = parent / f".tmp-{os.getpid()}-{secrets.token_hex(6)}"
         path.mkdir(mode=0o700)
         return path
+
+    def sweep(self) -> int:
+        """Remove what builds that died (a crash, SIGKILL) left in the layer cache: their
+        steps' mounted file systems (and so their loop devices) first, then their temp
+        directories with the images in them (invariant 5). A live process's are left alone,
+        so this is safe beside running builds; two sweeps never remove one directory twice,
+        and none runs beside gc (which removes the same)."""
+        if not self.layers.is_dir():
+            return 0
+        fd = os.open(self.layers / _BUILDS_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return 0  # gc holds it: it removes these itself
+            count = 0
+            for p in list(self.layers.iterdir()):
+                if not (p.name.startswith(".tmp-") and _dead(p.name)):
+                    continue
+                buildfs.unmount_under(p)
+                claimed = self.layers / f".tmp-{os.getpid()}-{secrets.token_hex(6)}"
+                try:
+                    os.rename(p, claimed)  # ours now: another sweep finds it gone
+                except FileNotFoundError:
+                    continue
+                remove_tree(claimed)
+                count += 1
+            return count
+        finally:
+            os.close(fd)
 
     # -- layers ---------------------------------------------------------------------------
 
@@ -234,6 +267,7 @@ class Store:
         for d in (self.templates, self.layers):
             for p in d.iterdir() if d.is_dir() else []:
                 if p.name.startswith(".tmp-") and _dead(p.name):
+                    buildfs.unmount_under(p)  # a step's file system, never rm'd through
                     remove_tree(p)
                     removed["temp"] += 1
         keep: set[str] = set()

@@ -5,7 +5,8 @@ commands) is hostile, like any sandboxed code. This reuses the container tier's 
 (bubblewrap, its seccomp filter, a cgroup with limits, the egress gateway) without changing
 how normal sandboxes start. It differs in three ways, all needed by apt and dpkg:
 
-* the root is a writable host directory (one layer being built), not the host's ``/usr``;
+* the root is writable (one layer being built: :mod:`.buildfs` puts it on a file system
+  the kernel caps), not the host's ``/usr``;
 * the user namespace maps 65,536 ids (root inside = :data:`BUILD_UID_BASE` on the host),
   so packages can own files by other users; a fixed, otherwise unused host range that owns
   nothing outside the (root-only) layer store. Processes still hold no capability outside
