@@ -55,11 +55,7 @@ demo: install
 	$(PY) examples/demo.py
 
 test: install
-	$(PY) -m pytest -q
-	# The guard's fallback matcher (where no hyperscan wheel loads) gives the same results.
-	MOAT_GUARD_MATCHER=ahocorasick $(PY) -m pytest -q tests/test_guard_api.py \
-		tests/test_guard_stream.py tests/test_guard_corpus.py tests/test_guard_literals.py \
-		tests/test_guard_coverage.py tests/test_guard_binary.py tests/test_guard_linear.py
+	PY=$(PY) tests/run_suite.sh  # two pytest processes at once: read its header
 
 lint: install
 	$(VENV)/bin/ruff format --check src tests bench examples
