@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Final
@@ -25,7 +26,6 @@ from starlette.routing import Route
 
 from moat.errors import InvalidArgumentError, NotFoundError, SandboxDiedError, SandboxError
 from moat.model import LANGUAGES, End, ErrorEvent, Event, Output, ResultEvent
-from moat.protocol import jsonfast
 from moat.server import cut_log, rpc, wire
 from moat.server.app import (
     MAX_JSON_BODY,
@@ -368,7 +368,7 @@ class _ExecStream(StreamingResponse):
 
 
 def _line(obj: dict[str, Any]) -> bytes:
-    return jsonfast.dumps(obj, compact=False).encode() + b"\n"  # json.dumps's very output
+    return json.dumps(obj, ensure_ascii=False).encode() + b"\n"
 
 
 async def _ndjson(
