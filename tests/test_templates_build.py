@@ -364,6 +364,24 @@ def test_cancelled_build_leaves_nothing(store: Store, tmp_path: Path) -> None:
     """SIGTERM to `moat template build` in the middle of a step: the step's processes,
     cgroup and temp directories are gone, and the exit says so."""
     marker = f"started-{os.getpid()}-{time.monotonic_ns()}"
+    proc, state, seen = start_build_step(tmp_path, marker)
+    assert _procs_with(marker), "the step is running"
+    proc.send_signal(signal.SIGTERM)
+    rest, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130, seen + rest
+    assert b"cancelled" in rest
+    assert not _procs_with(marker)
+    assert not [p for p in LAYERS.iterdir() if p.name.startswith(f".tmp-{proc.pid}-")]
+    templates = state / "templates"
+    assert not [p for p in templates.iterdir() if p.name.startswith(".tmp-")]
+    assert not [p for p in templates.iterdir() if len(p.name) == 64]
+    assert not _cgroups_of(proc.pid)
+
+
+def start_build_step(tmp_path: Path, marker: str) -> tuple[subprocess.Popen[bytes], Path, bytes]:
+    """``moat template build`` in a child, of a template whose one step prints ``marker``
+    and sleeps: returned once the step runs (its own output seen), with its state dir and
+    the output so far."""
     (tmp_path / "moat.toml").write_text(
         f'base = "debian:bookworm"\n[[run]]\ncmd = "echo {marker}; sleep 300"\n'
     )
@@ -390,17 +408,7 @@ def test_cancelled_build_leaves_nothing(store: Store, tmp_path: Path) -> None:
         if not line or line == f"{marker}\n".encode():  # the step's own output: it runs
             break
     assert f"\n{marker}\n".encode() in seen, seen[-2000:]
-    assert _procs_with(marker), "the step is running"
-    proc.send_signal(signal.SIGTERM)
-    rest, _ = proc.communicate(timeout=60)
-    assert proc.returncode == 130, seen + rest
-    assert b"cancelled" in rest
-    assert not _procs_with(marker)
-    assert not [p for p in LAYERS.iterdir() if p.name.startswith(f".tmp-{proc.pid}-")]
-    templates = state / "templates"
-    assert not [p for p in templates.iterdir() if p.name.startswith(".tmp-")]
-    assert not [p for p in templates.iterdir() if len(p.name) == 64]
-    assert not _cgroups_of(proc.pid)
+    return proc, state, seen
 
 
 def _procs_with(marker: str) -> list[int]:

@@ -13,15 +13,20 @@ import asyncio
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from tests.site_env import site_env
-from tests.test_templates_build import LAYERS, build, builder, store  # noqa: F401 - fixture
+from tests.test_templates_build import (  # noqa: F401 - fixtures
+    LAYERS,
+    _procs_with,
+    build,
+    builder,
+    start_build_step,
+    store,
+)
 
 from moat.errors import TemplateBuildError
 from moat.runtime import cgroups
@@ -281,32 +286,8 @@ def test_killed_build_leaves_mounts_that_the_next_build_sweeps(
     """SIGKILL (a crash) in the middle of a step leaves its mounts and loop device; the next
     build's sweep (or gc) unmounts them, which frees the loop device, and removes the rest."""
     marker = f"crash-{os.getpid()}-{time.monotonic_ns()}"
-    (tmp_path / "moat.toml").write_text(
-        f'base = "debian:bookworm"\n[[run]]\ncmd = "echo {marker}; sleep 300"\n'
-    )
-    state = tmp_path / "state"
-    env = {
-        **os.environ,
-        **site_env(),
-        "MOAT_STATE_DIR": str(state),
-        "MOAT_TEMPLATE_LAYERS": str(LAYERS),
-        "PYTHONPATH": str(Path(__file__).resolve().parent.parent / "src"),
-    }
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "moat.cli", "template", "build", str(tmp_path / "moat.toml")],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        env=env,
-    )
+    proc, _, _ = start_build_step(tmp_path, marker)
     assert proc.stdout is not None
-    seen = b""
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        seen += line
-        if not line or line == f"{marker}\n".encode():
-            break
-    assert f"\n{marker}\n".encode() in seen, seen[-2000:]
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=60)
     proc.stdout.close()
@@ -318,15 +299,3 @@ def test_killed_build_leaves_mounts_that_the_next_build_sweeps(
     assert store.sweep() >= 1
     assert leftovers(proc.pid) == NOTHING
     cgroups.detect().sweep()  # the step's cgroup: the container tier's start-up sweep
-
-
-def _procs_with(marker: str) -> list[int]:
-    out = []
-    for p in Path("/proc").iterdir():
-        if p.name.isdigit():
-            try:
-                if marker.encode() in (p / "cmdline").read_bytes():
-                    out.append(int(p.name))
-            except OSError:
-                continue
-    return [pid for pid in out if pid != os.getpid()]

@@ -114,16 +114,19 @@ class Holder:
             raise IsolationUnavailableError("the sandbox's user namespace failed") from exc
         self.fd = -1
         try:
-            # Popen returned: the child has exec'd, so the namespace exists.
-            pid = self.popen.pid
-            with open(f"/proc/{pid}/uid_map", "w") as f:
-                f.write(_render(uids))
-            with open(f"/proc/{pid}/gid_map", "w") as f:
-                f.write(_render(gids))
-            self.fd = os.open(f"/proc/{pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
+            self._map(uids, gids)  # Popen returned: the child has exec'd, the namespace exists
         except OSError as exc:
             self.close()
             raise IsolationUnavailableError("the sandbox's ids could not be mapped") from exc
+
+    def _map(self, uids: Sequence[IdMap], gids: Sequence[IdMap]) -> None:
+        """Write the holder's id maps and keep its namespace open (``self.fd``)."""
+        pid = self.popen.pid
+        with open(f"/proc/{pid}/uid_map", "w") as f:
+            f.write(_render(uids))
+        with open(f"/proc/{pid}/gid_map", "w") as f:
+            f.write(_render(gids))
+        self.fd = os.open(f"/proc/{pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
 
     def _start_light(self, uids: Sequence[IdMap], gids: Sequence[IdMap]) -> None:
         """The holder without a fork of the engine (module doc); same outcome and errors."""
@@ -145,13 +148,7 @@ class Holder:
             ready, _, _ = select.select([self.popen.stdout], [], [], _READY_S)
             if not ready or os.read(self.popen.stdout.fileno(), 1) != b"u":
                 raise OSError("the user namespace's holder did not start")
-            # cat runs: unshare made the namespace before exec'ing it
-            pid = self.popen.pid
-            with open(f"/proc/{pid}/uid_map", "w") as f:
-                f.write(_render(uids))
-            with open(f"/proc/{pid}/gid_map", "w") as f:
-                f.write(_render(gids))
-            self.fd = os.open(f"/proc/{pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
+            self._map(uids, gids)  # cat runs: unshare made the namespace before exec'ing it
         except OSError as exc:
             self.close()
             raise IsolationUnavailableError("the sandbox's ids could not be mapped") from exc
