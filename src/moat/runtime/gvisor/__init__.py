@@ -6,10 +6,10 @@ processes confined by runsc (namespaces, seccomp, an unprivileged uid) inside a 
 carries the sandbox's limits.
 
 Modules: :mod:`~moat.runtime.gvisor.oci` (pure spec -> OCI config), ``rootfs`` (the root
-skeleton), ``hostcg`` (the host cgroup, from outside), ``hostproc`` (runsc processes of one
-state root), ``probe`` (bounded availability check), ``channel`` (the agent's pipes),
-``checkpoint`` (runsc checkpoint images and their manifest), ``fscopy`` (files-only saves),
-``driver`` (the Runtime and Checkpointable).
+skeleton), ``rootcache`` (a template's skeleton, shared), ``hostcg`` (the host cgroup, from
+outside), ``hostproc`` (runsc processes of one state root), ``probe`` (bounded availability
+check), ``channel`` (the agent's pipes), ``checkpoint`` (runsc checkpoint images and their
+manifest), ``fscopy`` (files-only saves), ``driver`` (the Runtime and Checkpointable).
 """
 
 from moat.runtime.gvisor.driver import GvisorRuntime, GvisorSandbox

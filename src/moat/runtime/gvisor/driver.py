@@ -45,7 +45,7 @@ from moat.runtime import reaper, templateroot
 from moat.runtime.agentdir import agent_argv, prepare
 from moat.runtime.announce import read_announcement
 from moat.runtime.base import SandboxProcess
-from moat.runtime.gvisor import compat
+from moat.runtime.gvisor import compat, rootcache
 from moat.runtime.gvisor.channel import AgentPipes
 from moat.runtime.gvisor.checkpoint import (
     RESTORE_TIMEOUT,
@@ -404,7 +404,7 @@ class GvisorRuntime:
             for m in spec.mounts:
                 await asyncio.to_thread(check_owners, m, "gvisor")
             agent_dir = prepare() if image is None else image.agent_dir
-            config = self._bundle(spec, workdir, preload, agent_dir)
+            config = await asyncio.to_thread(self._bundle, spec, workdir, preload, agent_dir)
             if image is not None:
                 image.check(config, workdir, "/" + cgroup_name(spec))
             await pipes.connect()
@@ -653,7 +653,11 @@ class GvisorRuntime:
         if spec.rootfs is not None:  # a template's root (issue 12), around moat's own paths
             owned = OWNED + tuple(m.sandbox_path for m in spec.mounts)
             ops = templateroot.ops_for(spec.rootfs, owned)
-        write_skeleton(rootfs, spec.hostname, preload=preload, template=ops, source=spec.rootfs)
+        if ops is not None and not spec.mounts:
+            # the template's skeleton, shared: nothing in it is this sandbox's (rootcache)
+            rootfs.symlink_to(rootcache.ensure(spec.rootfs or "", spec.hostname, preload, ops))
+        else:
+            write_skeleton(rootfs, spec.hostname, preload=preload, template=ops, source=spec.rootfs)
         for m in spec.mounts:
             # Checked as root (runsc's gofer opens it as root too: 0700 parents are fine);
             # missing, a device or unreadable to the sandbox's uid is a typed error.
@@ -749,7 +753,7 @@ class GvisorRuntime:
             cg.remove()
             shutil.rmtree(workdir, ignore_errors=True)
             count += 1
-        count += _sweep_cgroups(live_ids)
+        count += _sweep_cgroups(live_ids) + rootcache.sweep()
         return count
 
 
