@@ -10,6 +10,7 @@
 # mount or cgroup that the sandbox suite's checks from outside would see, and MOAT_SUITE_PURE
 # makes any that starts a sandbox fail (tests/conftest.py). Their output follows the main
 # run's. Tests with wall-clock bounds (test_guard_budget, test_pty_output) stay in the main run.
+# The main run lists its 40 slowest tests: CI has a 30-minute budget, watch what it costs.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -37,7 +38,7 @@ side=$!
 trap 'kill "$side" 2>/dev/null' EXIT
 ignore=()
 for f in "${PURE[@]}"; do ignore+=("--ignore=$f"); done
-"$PY" -m pytest -q "${ignore[@]}" "$@"
+"$PY" -m pytest -q --durations=40 "${ignore[@]}" "$@"
 main=$?
 wait "$side"
 side_rc=$?

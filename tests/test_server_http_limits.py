@@ -5,6 +5,7 @@ stays healthy. Raw sockets against a real ``moat serve``."""
 from __future__ import annotations
 
 import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -130,3 +131,34 @@ def test_malformed_requests_get_400(server: Server, request_bytes: bytes) -> Non
     got = _exchange(server, request_bytes)
     assert got.startswith(b"HTTP/1.1 400"), got[:200]
     assert server.healthy()
+
+
+def _get_health(s: socket.socket) -> bytes:
+    """GET /health on ``s``; the whole answer (head and Content-Length body)."""
+    s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+    got = b""
+    while b"\r\n\r\n" not in got and (chunk := s.recv(65536)):
+        got += chunk
+    if b"\r\n\r\n" not in got:
+        return got  # closed by the server
+    head, _, body = got.partition(b"\r\n\r\n")
+    length = next(
+        int(line.split(b":", 1)[1])
+        for line in head.lower().split(b"\r\n")
+        if line.startswith(b"content-length:")
+    )
+    while len(body) < length and (chunk := s.recv(65536)):
+        body += chunk
+    return head + b"\r\n\r\n" + body
+
+
+def test_an_idle_kept_alive_connection_outlives_the_clients_pause(server: Server) -> None:
+    """A client that pauses between calls reuses its pooled connection: the server must not
+    have closed it (uvicorn's default 5 s made a call ~5 s later fail with a reset)."""
+    from moat.server.serve import KEEP_ALIVE_S
+
+    assert KEEP_ALIVE_S > 90  # the E2B Python SDK's pool (reqwest) keeps a connection 90 s
+    with _connect(server) as s:
+        assert _get_health(s).startswith(b"HTTP/1.1 200")
+        time.sleep(6.5)  # past uvicorn's default, which closed it here
+        assert _get_health(s).startswith(b"HTTP/1.1 200")

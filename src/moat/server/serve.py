@@ -45,6 +45,11 @@ LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 
 #: Seconds open requests (a streaming /execute) get after SIGTERM before they are cut.
 GRACE_S = 5
+#: Seconds an idle kept-alive connection stays open. Longer than the clients' own pools keep
+#: one (the E2B Python SDK's transport, reqwest: 90 s; httpx 5 s; Node 4 s), so the client
+#: always closes first. With uvicorn's 5 s, a call made ~5 s after the last one raced the
+#: server's close and failed with "connection reset" (seen in E2B's own suite).
+KEEP_ALIVE_S = 120
 
 
 def is_loopback(host: str) -> bool:
@@ -118,6 +123,7 @@ async def serve(
         lifespan="off",
         log_level=log_level(),
         timeout_graceful_shutdown=GRACE_S,
+        timeout_keep_alive=KEEP_ALIVE_S,
         # llhttp through httptools, with h11's bound on a head (moat.server.httpproto)
         http=BoundedHttpToolsProtocol,
         ws="wsproto",  # ingress WebSockets only (moat.server.ingress)
