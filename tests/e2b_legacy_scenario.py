@@ -109,7 +109,18 @@ def main() -> dict[str, Any]:
     out["timeoutMovedS"] = (sbx.get_info().end_at - before).total_seconds()
     connected = Sandbox.connect(sbx.sandbox_id, api_key=key_a)
     out["connected"] = connected.run_code("40 + 2").text
+    sleeper = base.commands.run("sleep 60", background=True)
     out["kill"] = [base.kill(), BaseSandbox.kill(base.sandbox_id, api_key=key_a)]
+    # 2.45 probes /health only when the stream drops at the transport level (a reset): then
+    # it says the sandbox is gone; a body merely cut short reads as a "likely timeout"
+    try:
+        sleeper.wait()
+        out["killedDuringRun"] = None
+    except Exception as exc:  # noqa: BLE001 - the scenario reports whatever the SDK raised
+        out["killedDuringRun"] = [
+            type(exc).__name__,
+            "killed or reached its end of life" in str(exc),
+        ]
     out["afterKill"] = caught(lambda: BaseSandbox.get_info(base.sandbox_id, api_key=key_a))
 
     # Auth failure and tenant B.

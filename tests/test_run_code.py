@@ -79,6 +79,12 @@ def test_dataframe_has_text_and_html(shared_sbx: Sandbox) -> None:
     r = ex.results[0]
     assert r.is_main_result and r.html is not None and "<table" in r.html
     assert r.text is not None and "a" in r.text and "b" in r.text
+    assert r.data == {"a": [1, 2], "b": [3, 4]}  # E2B's data format: the columns as lists
+    assert "data" in r.formats()
+    ex = shared_sbx.run_code("pd.DataFrame({'t': pd.to_datetime(['2026-12-02']), 'x': [0.5]})")
+    assert ex.results[0].data == {"t": ["2026-12-02T00:00:00"], "x": [0.5]}
+    ex = shared_sbx.run_code("pd.Series([1, 2])")  # not a frame: no data
+    assert ex.results[0].data is None and ex.results[0].text
 
 
 def test_matplotlib_show_and_last_value_yield_png(shared_sbx: Sandbox) -> None:

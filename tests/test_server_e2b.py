@@ -174,6 +174,8 @@ def test_run_code_results_errors_and_streams(sbx_a: Sandbox) -> None:
     assert ex.results and ex.results[0].html == "<b>hi</b>" and ex.results[0].is_main_result
     ex = sbx_a.run_code("import os; os.environ['FOO']", envs={"FOO": "bar"})
     assert ex.text == "bar"
+    ex = sbx_a.run_code("import pandas as pd\npd.DataFrame({'a': [1, 2, 3]})")
+    assert ex.results[0].data == {"a": [1, 2, 3]}  # E2B's data format
 
 
 def test_a_figure_s_chart_reaches_the_sdk(sbx_a: Sandbox) -> None:

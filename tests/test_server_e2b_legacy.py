@@ -72,6 +72,7 @@ def test_e2b_2_45_create_code_commands_files_list_connect_kill(server: Server) -
         assert out["listed"] == [out["kept"]] and out["timeoutMovedS"] > 100
         assert out["connected"] == "42"
         assert out["kill"] == [True, False] and out["afterKill"] == "SandboxNotFoundException"
+        assert out["killedDuringRun"] == ["TimeoutException", True]
         assert out["badKey"] == "AuthenticationException"
         assert out["tenantB"] == {
             "info": "SandboxNotFoundException",

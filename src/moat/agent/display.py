@@ -75,6 +75,9 @@ def format_value(value: Any) -> dict[str, Any]:
         elif not isinstance(out, str):
             continue
         data[key] = out
+    frame = frame_data(value)
+    if frame is not None:
+        data["data"] = frame
     try:
         data["text"] = e2b_text(repr(value))
     except Exception as exc:  # noqa: BLE001 - user __repr__ may raise anything
@@ -86,6 +89,24 @@ def format_value(value: Any) -> dict[str, Any]:
         if len(jsonfast.dumps(with_chart, compact=False)) <= MAX_RESULT:
             data = with_chart
     return data
+
+
+def frame_data(value: Any) -> dict[str, Any] | None:
+    """A pandas DataFrame's columns as lists (E2B's ``data`` format: ``to_dict("list")``,
+    timestamps as ISO strings); None for anything else or a frame JSON can't hold."""
+    pandas = sys.modules.get("pandas")  # a frame exists only if user code imported pandas
+    if pandas is None or not isinstance(value, pandas.DataFrame):
+        return None
+    try:
+        columns = value.to_dict(orient="list")
+        out = {
+            str(k): [v.isoformat() if isinstance(v, pandas.Timestamp) else v for v in col]
+            for k, col in columns.items()
+        }
+        jsonfast.dumps(out, compact=False, ensure_ascii=True)  # what the frame will carry
+    except Exception:  # noqa: BLE001 - a frame of odd values keeps its other formats
+        return None
+    return out
 
 
 def e2b_text(text: str) -> str:

@@ -13,11 +13,43 @@ Trust domain: host; everything it parses comes from the network (untrusted).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import fcntl
+import socket
+import struct
+import termios
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 #: Bytes of a request that are not its body (request line, headers, trailers, chunk framing)
 #: allowed in a row: h11's bound in uvicorn (16 KiB).
 MAX_HEAD = 16 * 1024
+#: The ASGI scope extension (``scope["extensions"]``) that :func:`reset` calls.
+RESET = "moat.reset"
+#: The longest a reset waits for what was already written to leave (and be acknowledged).
+RESET_DRAIN_S = 1.0
+
+
+async def reset(scope: MutableMapping[str, Any]) -> None:
+    """Make the connection of ``scope``'s request end with a TCP reset when it closes: for a
+    response moat cuts on purpose (a sandbox that died under a stream). A client then reads a
+    dropped connection (ECONNRESET), as when E2B's edge resets the stream, not a body that
+    merely stopped: the E2B Python SDK (its pyqwest transport) takes only the former for a
+    transport failure, the one case in which it probes the sandbox's health and reports it
+    gone. Waits (at most :data:`RESET_DRAIN_S`) for what was already written to be sent and
+    acknowledged first: a reset discards what is still queued. No-op on other servers."""
+    hook: Callable[[], Awaitable[None]] | None = scope.get("extensions", {}).get(RESET)
+    if hook is not None:
+        await hook()
+
+
+def _queued(sock: Any) -> int:
+    """Bytes in the kernel's send queue not yet acknowledged by the peer (SIOCOUTQ)."""
+    buf = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
+    return int(struct.unpack("i", buf)[0])
 
 
 class BoundedHttpToolsProtocol(HttpToolsProtocol):
@@ -39,6 +71,24 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._open = True
         self._fields = 0
         super().on_message_begin()
+        ext: Any = {RESET: self._reset}  # a server's own extension (the ASGI spec's words)
+        self.scope["extensions"] = ext
+
+    async def _reset(self) -> None:
+        """:func:`reset` on this connection."""
+        sock = self.transport.get_extra_info("socket")
+        if sock is None:
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + RESET_DRAIN_S
+        with contextlib.suppress(OSError):
+            while not self.transport.is_closing() and loop.time() < deadline:
+                if self.transport.get_write_buffer_size() == 0 and _queued(sock) == 0:
+                    break
+                await asyncio.sleep(0.01)
+            # SO_LINGER on, 0 s: close() sends RST instead of FIN (uvicorn closes a
+            # connection whose response was not completed)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
 
     def on_url(self, url: bytes) -> None:
         self._count(len(url))

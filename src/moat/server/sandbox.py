@@ -26,7 +26,7 @@ from starlette.routing import Route
 
 from moat.errors import InvalidArgumentError, NotFoundError, SandboxDiedError, SandboxError
 from moat.model import LANGUAGES, End, ErrorEvent, Event, Output, ResultEvent
-from moat.server import cut_log, rpc, wire
+from moat.server import cut_log, httpproto, rpc, wire
 from moat.server.app import (
     MAX_JSON_BODY,
     BodyTooLarge,
@@ -135,10 +135,12 @@ def sandbox_app(state: ServerState) -> ASGIApp:
         token = rpc.CALLER.set(caller)  # this request's task only (contextvars)
 
         async def sending(message: dict[str, Any]) -> None:
-            # The sandbox died under a stream: leave the response unfinished, so the
-            # connection drops like E2B's edge drops it (the SDKs then probe /health).
+            # The sandbox died under a stream: leave the response unfinished and reset the
+            # connection, so it drops like E2B's edge drops it (the SDKs then probe /health).
             if caller.drop and message["type"] == "http.response.body":
                 if not message.get("more_body", False):
+                    await httpproto.reset(scope)
+                    cut_log.expect()
                     return
             await send(message)
 
@@ -339,10 +341,12 @@ class _ExecStream(StreamingResponse):
 
     def __init__(self, events: AsyncIterator[Event], first: asyncio.Future[Event]) -> None:
         self._departure = _Departure()
+        self._scope: Scope = {}
         super().__init__(_ndjson(events, first, self._departure), media_type=_NDJSON)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         self._departure.receive = receive
+        self._scope = scope
         try:
             await self.stream_response(send)
         finally:
@@ -355,8 +359,9 @@ class _ExecStream(StreamingResponse):
         await send({**start, "headers": self.raw_headers})
         async for chunk in self.body_iterator:
             if chunk is _CUT:
+                await httpproto.reset(self._scope)
                 cut_log.expect()
-                return  # uvicorn closes the connection: the body ends mid-stream
+                return  # uvicorn closes (resets) the connection: the body ends mid-stream
             if chunk is _GONE:
                 return
             body = chunk if isinstance(chunk, bytes | memoryview) else chunk.encode(self.charset)
