@@ -90,6 +90,25 @@ def test_the_readme_example_runs_on_the_default(dflt: Sandbox) -> None:
     assert "out" in names or "out/r.txt" in names, names
 
 
+def test_ipython_display_sends_results(dflt: Sandbox) -> None:
+    """IPython's own ``display`` (the default template has IPython, as E2B's does; without an
+    IPython shell it only prints) sends results too, from each module that has it. Positive
+    control: IPython's own formatting (``HTML``, ``Markdown``) reaches the result, so the
+    call went through IPython's classes."""
+    ex = dflt.run_code(
+        "from IPython.display import display, HTML, Markdown\n"
+        "import IPython.core.display as core\n"
+        "display(HTML('<b>x</b>'), Markdown('*m*'))\n"
+        "core.display_html('<i>y</i>', raw=True)\n"
+        "display({'text/latex': r'\\text{CustomReprObject}'}, raw=True)"
+    )
+    assert ex.error is None, ex.error
+    assert [r.formats() for r in ex.results] == [["text", "html"], ["text", "markdown"],
+                                                 ["html"], ["latex"]]  # fmt: skip
+    assert [ex.results[0].html, ex.results[1].markdown] == ["<b>x</b>", "*m*"]
+    assert ex.logs.stdout == []  # nothing printed in place of a result
+
+
 def test_charts_and_frames_render_on_the_default(dflt: Sandbox) -> None:
     ex = dflt.run_code(CHART)
     assert ex.error is None, ex.error

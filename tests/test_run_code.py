@@ -87,6 +87,23 @@ def test_dataframe_has_text_and_html(shared_sbx: Sandbox) -> None:
     assert ex.results[0].data is None and ex.results[0].text
 
 
+def test_display_sends_results_like_ipython(shared_sbx: Sandbox) -> None:
+    """``display()`` is in the namespace, as in Jupyter and E2B: each value a result (not the
+    main one), in every format; ``raw=True`` sends a MIME bundle as given."""
+    ex = shared_sbx.run_code("import pandas as pd\ndisplay(pd.DataFrame({'a': [1]}), 'two')\n3")
+    assert ex.error is None, ex.error
+    frame, two, main = ex.results
+    assert frame.html and "<table" in frame.html and frame.data == {"a": [1]}
+    assert not frame.is_main_result and two.text == "two" and main.is_main_result
+    ex = shared_sbx.run_code(
+        "display({'text/latex': r'\\text{x}', 'text/html': '<i>x</i>', 'x/unknown': 1}, raw=True)"
+    )
+    assert ex.error is None, ex.error
+    (r,) = ex.results
+    assert r.formats() == ["html", "latex"] and r.latex == "\\text{x}"
+    assert r.html == "<i>x</i>" and r.text is None  # no text/plain in the bundle: none
+
+
 def test_matplotlib_show_and_last_value_yield_png(shared_sbx: Sandbox) -> None:
     ex = shared_sbx.run_code("import matplotlib.pyplot as plt\nplt.plot([1, 3, 2])\nplt.show()")
     assert ex.error is None, ex.error

@@ -91,6 +91,43 @@ def format_value(value: Any) -> dict[str, Any]:
     return data
 
 
+#: MIME types of a raw display bundle (``display(bundle, raw=True)``) -> E2B's format names.
+_MIME_KEYS = {
+    "text/plain": "text",
+    "text/html": "html",
+    "text/markdown": "markdown",
+    "image/svg+xml": "svg",
+    "image/png": "png",
+    "image/jpeg": "jpeg",
+    "application/pdf": "pdf",
+    "text/latex": "latex",
+    "application/json": "json",
+    "application/javascript": "javascript",
+}
+_BINARY_KEYS = ("png", "jpeg", "pdf")
+
+
+def format_bundle(bundle: dict[Any, Any]) -> dict[str, Any]:
+    """A raw MIME bundle as E2B's formats (IPython's ``display(..., raw=True)``): the types
+    E2B knows, each as the text (binary ones base64) or JSON it must be; others left out."""
+    data: dict[str, Any] = {}
+    for mime, value in bundle.items():
+        key = _MIME_KEYS.get(mime) if isinstance(mime, str) else None
+        if key is None:
+            continue
+        if key in _BINARY_KEYS and isinstance(value, bytes):
+            data[key] = binascii.b2a_base64(value, newline=False).decode("ascii")
+        elif key == "json":
+            try:
+                jsonfast.dumps(value, compact=False, ensure_ascii=True)
+            except (TypeError, ValueError):
+                continue
+            data[key] = value
+        elif isinstance(value, str):
+            data[key] = e2b_text(value) if key == "text" else value
+    return _fit(data) if data else data
+
+
 def frame_data(value: Any) -> dict[str, Any] | None:
     """A pandas DataFrame's columns as lists (E2B's ``data`` format: ``to_dict("list")``,
     timestamps as ISO strings); None for anything else or a frame JSON can't hold."""

@@ -1,9 +1,12 @@
-"""PIL images shown or saved to a file are displayed, as in E2B's code interpreter.
+"""Libraries that would show something on a screen display it instead, as in E2B's code
+interpreter.
 
-A sandbox has no screen: ``Image.show()`` sends the image as a display result instead of
+A sandbox has no screen: ``Image.show()`` sends a PIL image as a display result instead of
 starting a viewer, and ``Image.save(path)`` sends it too (E2B's behaviour, which code written
-against E2B expects). Kernels start without PIL, so the patch waits for ``PIL.Image`` to be
-imported (a meta path finder that costs one string compare per import).
+against E2B expects). IPython's ``display`` (``from IPython.display import display``), which
+prints a repr when no IPython shell runs, sends its values as display results like the
+kernel's own ``display``. Kernels start without these libraries, so each patch waits for its
+module to be imported (a meta path finder that costs one set lookup per import).
 """
 
 from __future__ import annotations
@@ -17,21 +20,26 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
 
-_MODULE = "PIL.Image"
+_PIL = "PIL.Image"
+#: IPython's modules that define or re-export ``display``.
+_IPYTHON = ("IPython.display", "IPython.core.display_functions", "IPython.core.display")
 
 
 class PILHook:
-    """Patches ``PIL.Image`` as it is imported (or at once, if it already is)."""
+    """Patches ``PIL.Image`` and IPython's display modules as they are imported (or at once,
+    those that already are)."""
 
     def install(self) -> None:
-        mod = sys.modules.get(_MODULE)
-        if mod is not None:
-            _patch(mod)
-        elif self not in sys.meta_path:
+        for name in (_PIL, *_IPYTHON):
+            mod = sys.modules.get(name)
+            if mod is not None:
+                _PATCHES[name](mod)
+        if self not in sys.meta_path:
             sys.meta_path.insert(0, self)
 
     def find_spec(self, name: str, path: Any, target: Any = None) -> Any:
-        if name != _MODULE:
+        patch = _PATCHES.get(name)
+        if patch is None or name in sys.modules:
             return None
         from importlib.machinery import PathFinder
 
@@ -43,7 +51,7 @@ class PILHook:
 
         def exec_module(module: Any) -> None:
             run(module)
-            _patch(module)
+            patch(module)
 
         loader.exec_module = exec_module
         return spec
@@ -55,7 +63,7 @@ def _display(image: Any) -> None:
     kernel.emit_display(image)
 
 
-def _patch(module: Any) -> None:
+def _patch_pil(module: Any) -> None:
     cls = getattr(module, "Image", None)
     if cls is None or getattr(cls, "_moat_patched", False):
         return
@@ -73,3 +81,13 @@ def _patch(module: Any) -> None:
     cls.save = save_and_display
     cls.show = show
     cls._moat_patched = True
+
+
+def _patch_ipython(module: Any) -> None:
+    if callable(getattr(module, "display", None)):
+        from moat.agent.kernel import user_display
+
+        module.display = user_display
+
+
+_PATCHES = {_PIL: _patch_pil, **dict.fromkeys(_IPYTHON, _patch_ipython)}

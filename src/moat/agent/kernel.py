@@ -63,6 +63,21 @@ def emit_display(value: Any) -> None:
     _send(MsgType.RESULT, _current, data=display.format_value(value), is_main=False)
 
 
+def user_display(*objs: Any, raw: bool = False, **kwargs: Any) -> None:
+    """IPython's ``display``, in every cell's namespace (and in place of IPython's own, which
+    only prints without an IPython shell): each value as a display result of the current
+    cell; with ``raw=True`` each dict is a MIME bundle sent as given. IPython's other options
+    (``include``, ``display_id``...) are accepted and ignored."""
+    del kwargs
+    for obj in objs:
+        if raw and isinstance(obj, dict):
+            data = display.format_bundle(obj)
+            if data:
+                _send(MsgType.RESULT, _current, data=data, is_main=False)
+        else:
+            emit_display(obj)
+
+
 def emit_open_figures() -> None:
     """Send every open pyplot figure as a PNG result and close it (plt.show / end of cell)."""
     plt = sys.modules.get("matplotlib.pyplot")
@@ -246,7 +261,12 @@ def serve(ctl_in: int, ctl_out: int) -> None:
         line_buffering=True,
     )
     sys.stdin = open(os.devnull)
-    ns: dict[str, Any] = {"__name__": "__main__", "__builtins__": __builtins__}
+    # IPython's user namespace has display(): code written for Jupyter or E2B calls it bare
+    ns: dict[str, Any] = {
+        "__name__": "__main__",
+        "__builtins__": __builtins__,
+        "display": user_display,
+    }
     decoder = Decoder()
     while True:
         try:

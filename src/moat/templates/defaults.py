@@ -3,8 +3,10 @@
 ``base``: Debian bookworm with Python, pip, venv, git, curl, the build tools and Node (all
 from Debian). ``code-interpreter`` (also ``code-interpreter-v1``, E2B's name): ``base`` plus
 numpy, pandas and matplotlib, which ``run_code``'s rich display uses (moat.agent.display,
-moat.agent.mplbackend). Both are defined from the Debian base, so ``code-interpreter``'s first
-layers are ``base``'s (same keys: built once, shared in the cache).
+moat.agent.mplbackend), and IPython, whose ``IPython.display`` code written for Jupyter or E2B
+imports (its ``display`` sends results: moat.agent.imagehooks). Both are defined from the
+Debian base, so ``code-interpreter``'s first layers are ``base``'s (same keys: built once,
+shared in the cache).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ CODE_INTERPRETER_PACKAGES = (
     "python3-numpy", "python3-pandas", "python3-matplotlib", "python3-pil",
     "python3-requests", "python3-bs4",
 )  # fmt: skip
+IPYTHON_PACKAGES = ("python3-ipython",)
 _ENV = (("PYTHONUNBUFFERED", "1"),)
 
 BASE = TemplateDef(
@@ -28,7 +31,12 @@ BASE = TemplateDef(
 )
 CODE_INTERPRETER = TemplateDef(
     base=Base("debian", "bookworm"),
-    steps=(Step("apt", BASE_PACKAGES), Step("apt", CODE_INTERPRETER_PACKAGES)),
+    # IPython in a step of its own: the numpy/pandas layer before it stays cached
+    steps=(
+        Step("apt", BASE_PACKAGES),
+        Step("apt", CODE_INTERPRETER_PACKAGES),
+        Step("apt", IPYTHON_PACKAGES),
+    ),
     env=_ENV,
 )
 
