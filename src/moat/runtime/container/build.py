@@ -41,7 +41,8 @@ from moat.errors import IsolationUnavailableError, TimeoutError
 from moat.model.config import Limits
 from moat.runtime import cgroups, seccomp
 from moat.runtime.container import bwrap, userns
-from moat.runtime.container.driver import UID_BASE, UID_SPAN, _owned, _settle
+from moat.runtime.container.driver import UID_BASE, UID_SPAN
+from moat.runtime.offthread import owned, settle
 
 log = logging.getLogger("moat.runtime.container.build")
 
@@ -219,7 +220,7 @@ async def run_step(
     tail = bytearray()
     started: _Started | None = None
     try:
-        started = await _owned(lambda: _start(spec, bpf, cg), lambda st: st.close())
+        started = await owned(lambda: _start(spec, bpf, cg), lambda st: st.close())
         popen, block_w = started.popen, started.block_w
         with os.fdopen(started.info_r, "rb") as info:
             raw = await asyncio.to_thread(_read_info, info)
@@ -236,7 +237,7 @@ async def run_step(
     except builtins.TimeoutError as exc:
         raise TimeoutError(f"build step ran past its {spec.timeout:.0f} s limit") from exc
     finally:
-        await _settle(asyncio.get_running_loop().run_in_executor(None, _teardown, cg, started))
+        await settle(asyncio.get_running_loop().run_in_executor(None, _teardown, cg, started))
         if server is not None:
             server.close()
 

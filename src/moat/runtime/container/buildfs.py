@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from moat.errors import IsolationUnavailableError, SandboxError
-from moat.runtime.container.driver import _owned, _settle
+from moat.runtime.offthread import owned, settle
 
 __all__ = ["BYTES_PER_INODE", "StepFs", "image_bytes", "mounts_under", "remove", "step_fs"]
 
@@ -100,12 +100,12 @@ async def step_fs(work: Path, budget: int, lower: Path | None) -> AsyncIterator[
     """Make, mount and (on every exit, cancellation included) remove a step's capped file
     system in ``work`` (an empty directory only root and the build ids enter)."""
     loop = asyncio.get_running_loop()
-    fs = await _owned(lambda: make(work, budget, lower), remove)
+    fs = await owned(lambda: make(work, budget, lower), remove)
     try:
         yield fs
     finally:
         done = loop.run_in_executor(None, remove, fs)
-        await _settle(done)
+        await settle(done)
         if (exc := done.exception()) is not None:
             log.error("a build step's file system was not removed: %s", exc)
             raise SandboxError("a build step's file system could not be removed") from None

@@ -23,14 +23,15 @@ import secrets
 import shutil
 import subprocess
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from moat.errors import IsolationUnavailableError, SandboxDiedError
 from moat.runtime import agentdir, cgroups, pipes, reaper, seccomp, templateroot
 from moat.runtime.container import bwrap, checkpoint, mountns, template, userns
 from moat.runtime.inside import Inside
+from moat.runtime.offthread import owned, settle
 from moat.runtime.rootlayout import Op
 from moat.runtime.spec import SANDBOX_GID, SANDBOX_UID, SandboxSpec
 
@@ -85,41 +86,6 @@ class _Child:
             self.read_transport.close()
 
 
-T = TypeVar("T")
-
-
-async def _owned(fn: Callable[[], T], undo: Callable[[T], None]) -> T:
-    """``fn()`` on a worker thread; if the caller is cancelled meanwhile, wait for it anyway
-    and ``undo(result)``, then raise the cancellation (invariant 5: nothing it made survives).
-
-    An executor future, never a task: a loop's shutdown (``asyncio.run`` cancels every task,
-    once) must not cancel the thread's result away from us; a second cancellation while we
-    clean up is absorbed for the same reason.
-    """
-    loop = asyncio.get_running_loop()
-    made = loop.run_in_executor(None, fn)
-    try:
-        return await asyncio.shield(made)
-    except asyncio.CancelledError:
-        await _settle(made)
-        if not made.cancelled() and made.exception() is None:
-            await _settle(loop.run_in_executor(None, undo, made.result()))
-        raise
-
-
-async def _settle(fut: asyncio.Future[Any]) -> bool:
-    """Wait until ``fut`` is done, whatever cancellations arrive meanwhile; whether one did."""
-    cancelled = False
-    while not fut.done():
-        try:
-            await asyncio.shield(fut)
-        except asyncio.CancelledError:
-            cancelled = True
-        except Exception:  # noqa: BLE001, S110 - the caller reads fut's outcome itself
-            pass
-    return cancelled
-
-
 def _discard(popen: subprocess.Popen[bytes]) -> None:
     """Kill and reap a bwrap nobody will use, closing our ends of its pipes."""
     with contextlib.suppress(ProcessLookupError):
@@ -138,7 +104,7 @@ async def _spawn_child(
     Forking and the child's cgroup move (an RCU grace period on cgroup v1, ~10 ms) would
     otherwise stall the event loop, and with it every other sandbox's I/O.
     """
-    popen = await _owned(
+    popen = await owned(
         lambda: subprocess.Popen(
             argv,
             stdin=subprocess.PIPE,
@@ -163,7 +129,7 @@ async def _spawn_child(
             lambda: asyncio.StreamReaderProtocol(asyncio.StreamReader()), popen.stdin
         )
     except BaseException:
-        await _settle(loop.run_in_executor(None, _discard, popen))
+        await settle(loop.run_in_executor(None, _discard, popen))
         raise
     writer = asyncio.StreamWriter(transport, protocol, None, loop)
     child = _Child(popen)
@@ -221,7 +187,7 @@ class ContainerProcess:
         # Not to be cut short (a loop's shutdown cancels every task, kills in flight too):
         # the reaper must get the job, or the cgroup outlives the program (invariant 5).
         stop = asyncio.get_running_loop().run_in_executor(None, cgroup.stop_now, proc.pid)
-        cancelled = await _settle(stop)
+        cancelled = await settle(stop)
         with contextlib.suppress(Exception):
             self.writer.close()
         proc.detach()
@@ -399,14 +365,14 @@ class ContainerRuntime:
             mountns.open_sources, spec.mounts, SANDBOX_HOST_GID, trees, spec.rootfs
         )
         staged = mountns.with_boot_id(staged, str(uuid.uuid4()))
-        cgroup = await _owned(
+        cgroup = await owned(
             lambda: manager.create(cg_name, spec.limits),
             lambda made: made.destroy(),
         )
         try:
             return await self._spawn(spec, host, bpf, cgroup, staged)
         except BaseException:
-            await _settle(asyncio.get_running_loop().run_in_executor(None, cgroup.destroy))
+            await settle(asyncio.get_running_loop().run_in_executor(None, cgroup.destroy))
             raise
 
     async def _spawn(
@@ -455,7 +421,7 @@ class ContainerRuntime:
                 # Not in the sandbox's cgroup: a cgroup v1 move waits for an RCU grace period
                 # (~5 ms measured); it ends on its pipe's EOF or the reaper's close, and no
                 # code of the sandbox can reach it (another pid namespace) (invariant 5).
-                holder = await _owned(
+                holder = await owned(
                     lambda: userns.Holder(
                         (),
                         [(0, root_id, 1), (SANDBOX_UID, uid, 1)],
@@ -488,7 +454,7 @@ class ContainerRuntime:
                 proc, reader, writer = await _spawn_child(argv, preexec, fd)
             except BaseException as exc:
                 if holder is not None:
-                    await _settle(asyncio.get_running_loop().run_in_executor(None, holder.close))
+                    await settle(asyncio.get_running_loop().run_in_executor(None, holder.close))
                 if isinstance(exc, subprocess.SubprocessError):  # preexec failed
                     what = "user namespace" if holder is not None else "mounts"
                     raise SandboxDiedError(f"the sandbox's {what} could not be set up") from exc

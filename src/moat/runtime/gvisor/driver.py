@@ -64,6 +64,7 @@ from moat.runtime.gvisor.probe import PLATFORMS, RUNSC_ENV, probe, runsc_path
 from moat.runtime.gvisor.rootfs import OWNED, copied, etc_binds, write_skeleton
 from moat.runtime.mounts import check_owners
 from moat.runtime.mounts import resolve as resolve_mount
+from moat.runtime.offthread import owned
 from moat.runtime.quiesce import AgentGate
 from moat.runtime.spec import SANDBOX_GID, SandboxSpec
 
@@ -404,7 +405,11 @@ class GvisorRuntime:
             for m in spec.mounts:
                 await asyncio.to_thread(check_owners, m, "gvisor")
             agent_dir = prepare() if image is None else image.agent_dir
-            config = await asyncio.to_thread(self._bundle, spec, workdir, preload, agent_dir)
+            # on a thread (a template's first start writes its skeleton), finished before a
+            # cancellation's teardown below removes the work dir
+            config = await owned(
+                lambda: self._bundle(spec, workdir, preload, agent_dir), lambda _: None
+            )
             if image is not None:
                 image.check(config, workdir, "/" + cgroup_name(spec))
             await pipes.connect()
