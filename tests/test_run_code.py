@@ -83,6 +83,12 @@ def test_dataframe_has_text_and_html(shared_sbx: Sandbox) -> None:
     assert "data" in r.formats()
     ex = shared_sbx.run_code("pd.DataFrame({'t': pd.to_datetime(['2026-12-02']), 'x': [0.5]})")
     assert ex.results[0].data == {"t": ["2026-12-02T00:00:00"], "x": [0.5]}
+    # a large frame has no data, so its (truncated) HTML still fits beside its text
+    ex = shared_sbx.run_code("pd.DataFrame({'a': range(40_000), 'b': 'x' * 20})")
+    big = ex.results[0]
+    assert big.data is None and big.html and "<table" in big.html and big.text
+    ex = shared_sbx.run_code("pd.DataFrame({'a': range(20_000), 'b': 'y' * 30})")
+    assert ex.results[0].data is None and ex.results[0].html  # few cells, too many bytes
     ex = shared_sbx.run_code("pd.Series([1, 2])")  # not a frame: no data
     assert ex.results[0].data is None and ex.results[0].text
 

@@ -128,19 +128,28 @@ def format_bundle(bundle: dict[Any, Any]) -> dict[str, Any]:
     return _fit(data) if data else data
 
 
+#: A frame with more cells than this has no ``data`` (its JSON would crowd out the others).
+MAX_FRAME_CELLS = 50_000
+
+
 def frame_data(value: Any) -> dict[str, Any] | None:
     """A pandas DataFrame's columns as lists (E2B's ``data`` format: ``to_dict("list")``,
-    timestamps as ISO strings); None for anything else or a frame JSON can't hold."""
+    timestamps as ISO strings); None for anything else, a frame JSON can't hold, or one too
+    large: a result over :data:`MAX_RESULT` keeps only its text, so ``data`` takes at most
+    half of it and a big frame keeps its (truncated) HTML instead."""
     pandas = sys.modules.get("pandas")  # a frame exists only if user code imported pandas
     if pandas is None or not isinstance(value, pandas.DataFrame):
         return None
     try:
+        if value.size > MAX_FRAME_CELLS:
+            return None
         columns = value.to_dict(orient="list")
         out = {
             str(k): [v.isoformat() if isinstance(v, pandas.Timestamp) else v for v in col]
             for k, col in columns.items()
         }
-        jsonfast.dumps(out, compact=False, ensure_ascii=True)  # what the frame will carry
+        if len(jsonfast.dumps(out, compact=False, ensure_ascii=True)) > MAX_RESULT // 2:
+            return None
     except Exception:  # noqa: BLE001 - a frame of odd values keeps its other formats
         return None
     return out
