@@ -90,6 +90,18 @@ def descendants(root: int | None = None) -> set[int]:
     return found
 
 
+def cgroup_dirs(match: Callable[[str], bool]) -> list[Path]:
+    """Directories under /sys/fs/cgroup whose name ``match`` accepts.
+
+    os.walk, never glob: the reaper removes groups (and an empty ``moat`` parent) while we
+    list, and glob raises on a directory that vanishes under it; os.walk skips it.
+    """
+    found: list[Path] = []
+    for dirpath, dirnames, _files in os.walk("/sys/fs/cgroup"):
+        found += [Path(dirpath, d) for d in dirnames if match(d)]
+    return found
+
+
 def eventually(check: Callable[[], bool], timeout: float = 10.0) -> bool:
     """Poll ``check`` until it holds or ``timeout`` passes; its last answer."""
     deadline = time.monotonic() + timeout

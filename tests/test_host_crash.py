@@ -14,6 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from tests.killcheck import cgroup_dirs
 from tests.test_containment import sandbox_procs
 
 SCRIPT = """
@@ -42,7 +43,7 @@ def _child_env(**extra: str) -> dict[str, str]:
 
 
 def _cgroups_of(pid: int) -> list[Path]:
-    return [p for p in Path("/sys/fs/cgroup").glob("*/**/moat/*") if f".{pid}." in p.name]
+    return [p for p in cgroup_dirs(lambda n: f".{pid}." in n) if p.parent.name == "moat"]
 
 
 def test_host_crash_leaves_nothing_running(tier: str) -> None:

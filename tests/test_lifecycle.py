@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from tests.conftest import require_tier
+from tests.killcheck import cgroup_dirs
 
 import moat
 from moat import (
@@ -372,7 +373,11 @@ def _leftovers(pid: int, state_dir: Path) -> list[str]:
     """What a program with ``pid`` left on the host: cgroups named with its pid, processes in
     them, and files in its state dir other than the shared ones (audit, agent, template)."""
     tag = f".{pid}."
-    found = [str(p) for p in Path("/sys/fs/cgroup").glob("*/**/moat/sbx-*") if tag in p.name]
+    found = [
+        str(p)
+        for p in cgroup_dirs(lambda n: n.startswith("sbx-") and tag in n)
+        if p.parent.name == "moat"
+    ]
     for proc in Path("/proc").iterdir():
         if proc.name.isdigit():
             try:

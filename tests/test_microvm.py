@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 from tests.conftest import require
-from tests.killcheck import cannot_run, eventually
+from tests.killcheck import cannot_run, cgroup_dirs, eventually
 from tests.raw_agent import Client as RawClient
 
 from moat.errors import IsolationUnavailableError
@@ -90,8 +90,7 @@ def _qemu_pids(sandbox_id: str) -> list[int]:
 
 
 def _cgroups_of(sandbox_id: str) -> list[str]:
-    root = Path("/sys/fs/cgroup")
-    return [str(p) for p in root.glob(f"*/**/sbx-{sandbox_id}.*")]
+    return [str(p) for p in cgroup_dirs(lambda n: n.startswith(f"sbx-{sandbox_id}."))]
 
 
 def _state_files() -> set[str]:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 from tests.conftest import require
-from tests.killcheck import eventually
+from tests.killcheck import cgroup_dirs, eventually
 from tests.raw_agent import Client
 
 from moat.errors import DiskFullError, PolicyError
@@ -130,7 +130,7 @@ def _qemu_pids(sandbox_id: str) -> list[int]:
 
 
 def _cgroups_of(sandbox_id: str) -> list[str]:
-    return [str(p) for p in Path("/sys/fs/cgroup").glob(f"*/**/sbx-{sandbox_id}.*")]
+    return [str(p) for p in cgroup_dirs(lambda n: n.startswith(f"sbx-{sandbox_id}."))]
 
 
 def _fds() -> dict[str, str]:

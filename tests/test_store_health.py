@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 from tests.conftest import require_tier
+from tests.killcheck import cgroup_dirs
 
 from moat.errors import AuditUnavailableError
 from moat.store import AuditLog, shared_audit_log
@@ -214,4 +215,5 @@ def test_engine_refuses_sandboxes_while_the_store_is_corrupt(
 
 def _our_cgroups() -> set[Path]:
     """This process's sandbox cgroups, seen from outside (their names carry our pid)."""
-    return {p for p in Path("/sys/fs/cgroup").glob("*/**/moat/*") if f".{os.getpid()}." in p.name}
+    mine = f".{os.getpid()}."
+    return {p for p in cgroup_dirs(lambda n: mine in n) if p.parent.name == "moat"}

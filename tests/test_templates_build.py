@@ -28,6 +28,7 @@ from pathlib import Path
 
 import pytest
 from tests.conftest import require_tier
+from tests.killcheck import cgroup_dirs
 from tests.oci_image import docker_archive
 from tests.site_env import site_env, site_options
 
@@ -424,12 +425,7 @@ def _procs_with(marker: str) -> list[int]:
 
 
 def _cgroups_of(pid: int) -> list[str]:
-    found = []
-    for root in Path("/sys/fs/cgroup").glob("*/moat"):
-        found += [
-            p.name for p in root.iterdir() if p.name.startswith("sbx-bld-") and f".{pid}." in p.name
-        ]
-    return found
+    return [p.name for p in cgroup_dirs(lambda n: n.startswith("sbx-bld-") and f".{pid}." in n)]
 
 
 def test_size_cap_fails_clearly(store: Store) -> None:
