@@ -36,8 +36,9 @@ if "MOAT_AUDIT_DB" not in os.environ:
 from moat import Sandbox
 from moat.engine.tiers import runtime_for
 
-# The server tests' shared fixtures (`server`, `key_a`): a real `moat serve` per module.
-pytest_plugins = ["tests.server_fixtures"]
+# The server tests' shared fixtures (`server`, `key_a`): a real `moat serve` per module; the
+# build tests' template store; a session fixture's heavy cleanup started after its last user.
+pytest_plugins = ["tests.early_release", "tests.server_fixtures", "tests.template_store"]
 
 if os.environ.get("MOAT_SUITE_PURE") == "1":
     # The tests that run beside the sandbox suite (tests/run_suite.sh) must start no sandbox:

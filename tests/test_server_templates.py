@@ -24,7 +24,8 @@ import pytest
 from e2b import BuildException, Sandbox, SandboxException, Template
 from tests.conftest import require_tier
 from tests.server_support import Server, new_key, serving, start_server, tenant_name
-from tests.test_templates_build import LAYERS, TEST_BASE, _cgroups_of, _procs_with
+from tests.template_store import LAYERS, TEST_BASE
+from tests.test_templates_build import _cgroups_of, _procs_with
 
 from moat.paths import state_dir
 from moat.templates.build import Builder

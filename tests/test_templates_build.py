@@ -30,7 +30,8 @@ import pytest
 from tests.conftest import require_tier
 from tests.killcheck import cgroup_dirs
 from tests.oci_image import docker_archive
-from tests.site_env import site_env, site_options
+from tests.site_env import site_env
+from tests.template_store import LAYERS, build, builder
 
 from moat.egress import Gateway
 from moat.errors import CapacityError, TemplateBuildError
@@ -40,39 +41,11 @@ from moat.templates import dockerfile, toml_def
 from moat.templates.build import Builder
 from moat.templates.define import Base, Step, TemplateDef
 from moat.templates.load import load
-from moat.templates.ref import TemplateRef
 from moat.templates.store import Store, remove_tree
 
 pytestmark = [pytest.mark.container, pytest.mark.slow, pytest.mark.timeout(1200)]
 
-LAYERS = Path(os.environ.get("MOAT_TEST_TEMPLATE_LAYERS", "/var/cache/moat-test/layers"))
-TEST_BASE = TemplateDef(Base("debian", "bookworm"), (Step("apt", ("jq", "python3-pip")),))
 HELLO = "hello from the build context\n"
-
-
-class Log:
-    def __init__(self) -> None:
-        self.data = bytearray()
-
-    def __call__(self, chunk: bytes) -> None:
-        self.data += chunk
-
-
-#: every builder the tests made: the layers they added leave the machine's cache afterwards
-BUILDERS: list[Builder] = []
-
-
-def builder(store: Store, **kw: object) -> tuple[Builder, Log]:
-    log = Log()
-    b = Builder(store, site_options(**kw), audit=AuditLog(), on_output=log)
-    BUILDERS.append(b)
-    return b, log
-
-
-def build(store: Store, defn: TemplateDef, name: str | None = None, ctx: Path | None = None,
-          **kw: object) -> tuple[TemplateRef, Builder]:  # fmt: skip
-    b, _ = builder(store, **kw)
-    return asyncio.run(b.build(defn, name, ctx)), b
 
 
 def run_in(root: Path, command: str) -> tuple[int, str]:
@@ -101,45 +74,6 @@ def open_dir() -> Iterator[Path]:
         yield d
     finally:
         remove_tree(d)
-
-
-def seed_base(s: Store) -> None:
-    """The Debian base layer (mmdebstrap), copied from the default store's layer cache when
-    ``make install``'s default templates built it there (same key: ``TEST_BASE`` and the
-    defaults start from ``Base("debian", "bookworm")``): CI builds it once."""
-    key = TEST_BASE.layer_keys()[0]
-    src = Store.default().layers / key
-    if s.layer(key) is not None or not (src / "layer.json").is_file():
-        return
-    with s.lock(key):  # the lock a build of this layer takes
-        if s.layer(key) is None:
-            tmp = s.tmpdir(s.layers)
-            os.rmdir(tmp)  # a fresh name (gc's pattern for a dead run's leftovers)
-            subprocess.run(["cp", "-a", "--reflink=auto", str(src), str(tmp)], check=True)
-            os.rename(tmp, s.layers / key)
-
-
-@pytest.fixture(scope="session")
-def store() -> Iterator[Store]:
-    require_tier("container")
-    with open_dir() as d:
-        s = Store(d / "templates", LAYERS)
-        s.prepare()
-        locks = set(LAYERS.glob("*.lock"))
-        seed_base(s)
-        # the test base, built once per machine (its layers stay in the cache)
-        build(s, TEST_BASE, "t-base")
-        yield s
-        # the layers the tests made on top (unique per run) go: the cache must not grow.
-        # Only those: another run may be using the same cache right now.
-        keep = set(TEST_BASE.layer_keys())
-        for key in {k for b in BUILDERS for k in b.built} - keep:
-            for p in (LAYERS / key, LAYERS / f"{key}.lock"):
-                if p.exists():
-                    remove_tree(p)
-        for p in set(LAYERS.glob("*.lock")) - locks:  # failed steps' (no layer was made)
-            if p.name != "builds.lock" and not (LAYERS / p.name.removesuffix(".lock")).exists():
-                p.unlink(missing_ok=True)
 
 
 @pytest.fixture

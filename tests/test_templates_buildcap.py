@@ -19,14 +19,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from tests.test_templates_build import (  # noqa: F401 - fixtures
-    LAYERS,
-    _procs_with,
-    build,
-    builder,
-    start_build_step,
-    store,
-)
+from tests.template_store import LAYERS, build, builder
+from tests.test_templates_build import _procs_with, start_build_step
 
 from moat.errors import TemplateBuildError
 from moat.runtime import cgroups
@@ -186,7 +180,7 @@ def test_sweep_unmounts_a_dead_builds_file_system_and_keeps_a_live_ones(tmp_path
     assert str(tmp_path) not in loops
 
 
-def test_many_files_past_the_cap_are_stopped_while_the_step_runs(store: Store) -> None:  # noqa: F811
+def test_many_files_past_the_cap_are_stopped_while_the_step_runs(store: Store) -> None:
     """A step writing 16 files of 8 MiB (and ignoring every error) under a cap that leaves
     it 64 MiB: the kernel refuses the writes past the budget while it runs; the build fails
     naming the step and the cap; the host never held more than the capped image."""
@@ -207,7 +201,7 @@ def test_many_files_past_the_cap_are_stopped_while_the_step_runs(store: Store) -
     assert "fill-done" in out  # it ran to its end: refused, not killed
 
 
-def test_positive_control_the_same_step_under_a_larger_cap_succeeds(store: Store) -> None:  # noqa: F811
+def test_positive_control_the_same_step_under_a_larger_cap_succeeds(store: Store) -> None:
     cap = _base_mb(store) + 256
     defn = _fill(16, 8, f"under {time.monotonic_ns()}")
     b, log = builder(store, size_cap_mb=cap)
@@ -220,7 +214,7 @@ def test_positive_control_the_same_step_under_a_larger_cap_succeeds(store: Store
     assert (root / "usr/bin/jq").exists()  # the parent's files, through the overlay
 
 
-def test_inode_exhaustion_stops_the_step(store: Store) -> None:  # noqa: F811
+def test_inode_exhaustion_stops_the_step(store: Store) -> None:
     """Empty files take no blocks: the inode count bounds them (one per 4 KiB of budget)."""
     cap = _base_mb(store) + 64
     script = (
@@ -247,7 +241,7 @@ def test_inode_exhaustion_stops_the_step(store: Store) -> None:  # noqa: F811
     assert info.value.step.startswith("2/2 run:")
 
 
-def test_cancelled_step_leaves_no_mount_loop_or_image(store: Store) -> None:  # noqa: F811
+def test_cancelled_step_leaves_no_mount_loop_or_image(store: Store) -> None:
     marker = f"cancel-{time.monotonic_ns()}"
     defn = TemplateDef(
         Base("template", "t-base"),
@@ -270,7 +264,7 @@ def test_cancelled_step_leaves_no_mount_loop_or_image(store: Store) -> None:  # 
     # the autouse fixture checks that nothing is left
 
 
-def test_timed_out_step_leaves_no_mount_loop_or_image(store: Store) -> None:  # noqa: F811
+def test_timed_out_step_leaves_no_mount_loop_or_image(store: Store) -> None:
     defn = TemplateDef(
         Base("template", "t-base"), (Step("run", (f"echo {time.monotonic_ns()}; sleep 300",)),)
     )
@@ -280,7 +274,7 @@ def test_timed_out_step_leaves_no_mount_loop_or_image(store: Store) -> None:  # 
 
 
 def test_killed_build_leaves_mounts_that_the_next_build_sweeps(
-    store: Store,  # noqa: F811
+    store: Store,
     tmp_path: Path,
 ) -> None:
     """SIGKILL (a crash) in the middle of a step leaves its mounts and loop device; the next
