@@ -228,7 +228,9 @@ def test_standalone_scan_and_redact_for_the_agents_reply() -> None:
 def test_rules_fail_closed_without_detect_secrets(monkeypatch: pytest.MonkeyPatch) -> None:
     import moat.guard.rules as rules
 
+    # both caches: a test run before this one may have built the rule set already
     rules.load_rules.cache_clear()
+    rules.rule_set.cache_clear()
     monkeypatch.setitem(__import__("sys").modules, "detect_secrets.plugins.aws", None)
     try:
         with pytest.raises(PolicyError) as info:
@@ -236,6 +238,7 @@ def test_rules_fail_closed_without_detect_secrets(monkeypatch: pytest.MonkeyPatc
         assert "/" not in str(info.value)
     finally:
         rules.load_rules.cache_clear()
+        rules.rule_set.cache_clear()
 
 
 def test_findings_report_offsets_not_values() -> None:

@@ -126,6 +126,22 @@ def test_jpeg_comment_and_app_segments_are_cut(marker: int) -> None:
         assert findings
 
 
+def test_among_many_segments_only_the_one_holding_a_value_is_cut() -> None:
+    """The parts of a file are scanned together (one pass, not one per part): a value is
+    still found at a part's edge, after a part that ends in a word character, and only its
+    own segment is cut."""
+    g, values = _guard()
+    filler = [with_segment(b"\xff\xd8", 0xFE, b"abc%d" % i)[2:] for i in range(2000)]
+    clean = JPEG[:2] + b"".join(filler) + JPEG[2:]
+    assert g.scan_binary_result("jpeg", clean) == (clean, [])  # control: nothing to cut
+    for value in values:
+        seg = with_segment(b"\xff\xd8", 0xFE, value.encode())[2:]
+        data = JPEG[:2] + b"".join(filler[:1000]) + seg + b"".join(filler[1000:]) + JPEG[2:]
+        out, findings = g.scan_binary_result("jpeg", data)
+        assert findings, value
+        assert out == clean
+
+
 def test_jpeg_trailer_after_eoi_is_cut() -> None:
     g, values = _guard()
     out, findings = g.scan_binary_result("image/jpeg", JPEG + values[1].encode())

@@ -23,6 +23,7 @@ Streams (see docs/guard.md for the reasoning):
 
 from __future__ import annotations
 
+import bisect
 import collections
 import secrets
 import threading
@@ -480,9 +481,7 @@ class Guard:
         view = raw.decode("latin-1")
         hits = self._bytes_hits(view, budget)
         spans = [(p.start, p.end) for p in parts if p.removable] + cut
-        for part in parts:
-            for h in self._bytes_hits(part.data.decode("latin-1"), budget):
-                hits.append(Hit(part.start, part.end, h.label, h.audit_label, h.detector, h.canary))
+        hits += self._part_hits(parts, budget)
         if not hits:
             return _cut(raw, cut), []
         findings = self._report(hits, channel)
@@ -495,6 +494,29 @@ class Guard:
                 return None, findings  # not in a part that can be cut: drop it all
             drop.update(inside)
         return _cut(raw, sorted(drop)), findings
+
+    def _part_hits(self, parts: list[binary.Part], budget: Budget) -> list[Hit]:
+        """Hits in the parts' decoded data, each over the file span of the part(s) it is in.
+
+        One scan of the parts joined by a newline, not one per part: a file of 90,000 tiny
+        segments cost a second of per-call overhead. The newline keeps each part's edges
+        what they were alone (word and line anchors); a hit across it (a value that holds a
+        newline, a block split over parts) covers every part it touches."""
+        if not parts:
+            return []
+        starts: list[int] = []
+        at = 0
+        for part in parts:
+            starts.append(at)
+            at += len(part.data) + 1
+        joined = "\n".join(part.data.decode("latin-1") for part in parts)
+        hits: list[Hit] = []
+        for h in self._bytes_hits(joined, budget):
+            first = bisect.bisect_right(starts, h.start) - 1
+            last = max(first + 1, bisect.bisect_left(starts, h.end))
+            for part in parts[first:last]:
+                hits.append(Hit(part.start, part.end, h.label, h.audit_label, h.detector, h.canary))
+        return hits
 
     def check_egress(self, data: str | bytes) -> list[Finding]:
         """Findings of registered values and canaries in an outgoing request (the egress
