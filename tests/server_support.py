@@ -52,11 +52,18 @@ class Server:
             return False
 
 
-def start_server(log: Path, tier: str = "container", pool: str = "0") -> Server:
-    """``pool``: its ``MOAT_WARM_POOL`` (none by default)."""
+def start_server(
+    log: Path, tier: str = "container", pool: str = "0", env: dict[str, str] | None = None
+) -> Server:
+    """``pool``: its ``MOAT_WARM_POOL`` (none by default); ``env``: more of its environment."""
     port = free_port()
     # Its own audit store: the server's log must show no failure of anything shared.
-    env = {**os.environ, "MOAT_WARM_POOL": pool, "MOAT_AUDIT_DB": str(log.parent / "audit.db")}
+    env = {
+        **os.environ,
+        "MOAT_WARM_POOL": pool,
+        "MOAT_AUDIT_DB": str(log.parent / "audit.db"),
+        **(env or {}),
+    }
     with log.open("wb") as out:
         proc = subprocess.Popen(
             [*MOAT, "serve", "--host", "127.0.0.1", "--port", str(port), "--tier", tier],
@@ -77,11 +84,13 @@ def tenant_name(prefix: str) -> str:
 
 
 @contextmanager
-def serving(log: Path, tier: str = "container", pool: str = "0") -> Iterator[Server]:
-    """A running ``moat serve`` (default tier ``tier``; ``pool``: its ``MOAT_WARM_POOL``)
-    with the E2B SDKs pointed at it (``E2B_API_URL`` and ``E2B_SANDBOX_URL``; no default
-    key); on exit it must stop cleanly with no traceback."""
-    srv = start_server(log, tier, pool=pool)
+def serving(
+    log: Path, tier: str = "container", pool: str = "0", env: dict[str, str] | None = None
+) -> Iterator[Server]:
+    """A running ``moat serve`` (default tier ``tier``; ``pool``: its ``MOAT_WARM_POOL``;
+    ``env``: more of its environment) with the E2B SDKs pointed at it (``E2B_API_URL`` and
+    ``E2B_SANDBOX_URL``; no default key); on exit it must stop cleanly with no traceback."""
+    srv = start_server(log, tier, pool=pool, env=env)
     names = ("E2B_API_URL", "E2B_SANDBOX_URL", "E2B_API_KEY")
     saved = {k: os.environ.get(k) for k in names}
     os.environ["E2B_API_URL"] = os.environ["E2B_SANDBOX_URL"] = srv.url

@@ -45,13 +45,23 @@ def test_the_default_bind_is_loopback() -> None:
     assert "127.0.0.1" in out.stdout
 
 
-def test_a_bad_log_level_fails_before_starting() -> None:
-    env = {**os.environ, "MOAT_SERVE_LOG": "loud"}
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("MOAT_SERVE_LOG", "loud"),
+        ("MOAT_SERVE_HEAD_TIMEOUT_S", "abc"),
+        ("MOAT_SERVE_HEAD_TIMEOUT_S", "0"),
+        ("MOAT_SERVE_HEAD_TIMEOUT_S", "nan"),
+        ("MOAT_SERVE_HEAD_TIMEOUT_S", "1e9"),
+    ],
+)
+def test_a_bad_setting_fails_before_starting(name: str, value: str) -> None:
+    env = {**os.environ, name: value}
     out = subprocess.run(
         [*MOAT, "serve", "--port", str(free_port())],
         capture_output=True, text=True, timeout=60, env=env,
     )  # fmt: skip
-    assert out.returncode == 2 and "MOAT_SERVE_LOG" in out.stderr
+    assert out.returncode == 2 and name in out.stderr
     assert "Traceback" not in out.stderr
 
 

@@ -1,6 +1,7 @@
 """The server's HTTP parser on hostile input: a head (or chunked trailers) without end is cut
-at h11's bound, not kept (moat.server.httpproto); malformed requests get a 400; the server
-stays healthy. Raw sockets against a real ``moat serve``."""
+at h11's bound, not kept (moat.server.httpproto); a head that does not arrive in time (a
+connection that sends nothing, or a head a byte at a time) is closed; malformed requests get
+a 400; the server stays healthy. Raw sockets against a real ``moat serve``."""
 
 from __future__ import annotations
 
@@ -17,11 +18,14 @@ from moat.server.httpproto import MAX_HEAD
 
 #: Bytes of a head without end sent before waiting for the server to close the connection.
 FLOOD = 4 << 20
+#: This module's server's head timeout (MOAT_SERVE_HEAD_TIMEOUT_S; 30 s by default).
+HEAD_S = 3.0
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    with serving(Path(tmp_path_factory.mktemp("serve")) / "server.log") as srv:
+    log = Path(tmp_path_factory.mktemp("serve")) / "server.log"
+    with serving(log, env={"MOAT_SERVE_HEAD_TIMEOUT_S": str(HEAD_S)}) as srv:
         yield srv
 
 
@@ -162,3 +166,75 @@ def test_an_idle_kept_alive_connection_outlives_the_clients_pause(server: Server
         assert _get_health(s).startswith(b"HTTP/1.1 200")
         time.sleep(6.5)  # past uvicorn's default, which closed it here
         assert _get_health(s).startswith(b"HTTP/1.1 200")
+
+
+def _closed_after(s: socket.socket, limit: float) -> float | None:
+    """Seconds until the server closes ``s`` (EOF or reset), or None if it is still open
+    after ``limit``."""
+    t0 = time.monotonic()
+    s.settimeout(limit)
+    try:
+        while s.recv(65536):
+            pass
+    except TimeoutError:
+        return None
+    except ConnectionResetError:
+        pass
+    return time.monotonic() - t0
+
+
+def test_an_idle_new_connection_is_closed_after_the_head_timeout(server: Server) -> None:
+    """uvicorn arms no timer on a fresh connection: without the head timeout a socket that
+    sends nothing was held for ever (bounded only by file descriptors)."""
+    from moat.server.httpproto import HEAD_TIMEOUT_S
+
+    assert HEAD_TIMEOUT_S <= 60  # the default an operator gets
+    with _connect(server) as s:
+        took = _closed_after(s, HEAD_S + 5)
+    assert took is not None, "an idle connection was kept past the head timeout"
+    assert HEAD_S - 0.5 < took < HEAD_S + 5
+    assert server.healthy()
+
+
+def test_a_head_sent_a_byte_at_a_time_is_cut(server: Server) -> None:
+    """Slowloris: the bytes keep coming, but the head has HEAD_S in all, not per byte."""
+    head = b"GET /health HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 1000
+    t0 = time.monotonic()
+    with _connect(server) as s:
+        try:
+            for byte in head:  # 100 s of head at this pace
+                s.sendall(bytes([byte]))
+                time.sleep(0.1)
+                if time.monotonic() - t0 > HEAD_S + 5:
+                    pytest.fail("a head trickling in was kept past the head timeout")
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # cut
+    assert time.monotonic() - t0 > HEAD_S - 0.5
+    assert server.healthy()
+
+
+def test_a_head_sent_in_pieces_within_the_timeout_is_served(server: Server) -> None:
+    """Positive control: a slow client whose head arrives whole in time is answered."""
+    head = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
+    with _connect(server) as s:
+        for i in range(0, len(head), 8):
+            s.sendall(head[i : i + 8])
+            time.sleep(0.2)
+        got = s.recv(65536)
+    assert got.startswith(b"HTTP/1.1 200"), got[:200]
+
+
+def test_a_response_longer_than_the_head_timeout_is_not_cut(server: Server) -> None:
+    """The timer covers a head only: code that runs past it streams to its end, and the
+    connection, kept alive, serves the next call."""
+    from e2b_code_interpreter import Sandbox
+    from tests.server_support import new_key, tenant_name
+
+    sbx = Sandbox.create(api_key=new_key(tenant_name("slow")), timeout=60)
+    try:
+        ex = sbx.run_code(f"import time; time.sleep({HEAD_S + 1.5}); print('slept'); 6 * 7")
+        assert ex.error is None and ex.logs.stdout == ["slept\n"] and ex.text == "42"
+        assert sbx.commands.run(f"sleep {HEAD_S + 1}; echo done").stdout == "done\n"
+        assert sbx.run_code("1 + 1").text == "2"
+    finally:
+        sbx.kill()

@@ -8,6 +8,13 @@ at 16 KiB (``h11_max_incomplete_event_size``'s default in uvicorn); this protoco
 same: more than :data:`MAX_HEAD` bytes that are not body, in one message, since its start or
 its last body bytes, answer uvicorn's own 400 and close (the host's availability, DESIGN §1).
 
+Nor does uvicorn time a head: its keep-alive timer starts only after a response, so a
+connection that sends nothing, or a head a byte at a time (slowloris), was held for ever, and
+idle sockets were bounded only by file descriptors. A request's head must now arrive whole
+within the protocol's ``head_timeout`` (:data:`HEAD_TIMEOUT_S`; :func:`with_head_timeout`),
+counted from the connection's opening or the message's first byte; otherwise the connection
+is closed.
+
 Trust domain: host; everything it parses comes from the network (untrusted).
 """
 
@@ -27,6 +34,9 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 #: Bytes of a request that are not its body (request line, headers, trailers, chunk framing)
 #: allowed in a row: h11's bound in uvicorn (16 KiB).
 MAX_HEAD = 16 * 1024
+#: Seconds a request's head may take to arrive whole (nginx's ``client_header_timeout`` is 60,
+#: Apache's ``RequestReadTimeout`` 20-40): clients send a head in one write.
+HEAD_TIMEOUT_S = 30.0
 #: The ASGI scope extension (``scope["extensions"]``) that :func:`reset` calls.
 RESET = "moat.reset"
 #: The longest a reset waits for what was already written to leave (and be acknowledged).
@@ -61,13 +71,46 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
     body bytes or the message's end reset it. So what it holds is at most the bound plus one
     read."""
 
+    head_timeout = HEAD_TIMEOUT_S
+    _head_timer: asyncio.TimerHandle | None = None
     _open = False  # a message has begun and not ended
     _body = False  # body bytes came in this read
     _ended = False  # a message ended in this read
     _head = 0  # non-body bytes in a row
     _fields = 0  # bytes of the message's target, headers and trailers, as parsed
 
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm_head_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm_head_timer()
+        super().connection_lost(exc)
+
+    def _arm_head_timer(self) -> None:
+        if self._head_timer is None:
+            self._head_timer = self.loop.call_later(self.head_timeout, self._head_timed_out)
+
+    def _disarm_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        if self.transport.is_closing():
+            return
+        if self.cycle is not None and not self.cycle.response_complete:
+            # a pipelined head behind a response still streaming (reads are paused then):
+            # the response is not cut; the head gets its time once reads resume
+            self._arm_head_timer()
+            return
+        # debug, not warning: browsers open spare connections they may never use
+        self.logger.debug("no whole request head in %g s: connection closed", self.head_timeout)
+        self.transport.close()
+
     def on_message_begin(self) -> None:
+        self._arm_head_timer()
         self._open = True
         self._fields = 0
         super().on_message_begin()
@@ -106,6 +149,10 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             self.logger.warning("a request head of more than %d bytes", MAX_HEAD)
             raise ValueError("request head too large")
 
+    def on_headers_complete(self) -> None:
+        self._disarm_head_timer()
+        super().on_headers_complete()
+
     def on_body(self, body: bytes) -> None:
         self._body = True
         super().on_body(body)
@@ -128,3 +175,11 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
                 msg = "Invalid HTTP request received."  # uvicorn's words for a bad request
                 self.logger.warning("%s (a head of more than %d bytes)", msg, MAX_HEAD)
                 self.send_400_response(msg)
+
+
+def with_head_timeout(seconds: float) -> type[BoundedHttpToolsProtocol]:
+    """:class:`BoundedHttpToolsProtocol` with ``head_timeout`` of ``seconds`` (uvicorn takes
+    a protocol class, not an instance)."""
+    if not 0 < seconds <= 3600:
+        raise ValueError("a head timeout is more than 0 and at most 3600 seconds")
+    return type("BoundedHttpToolsProtocol", (BoundedHttpToolsProtocol,), {"head_timeout": seconds})
