@@ -53,6 +53,8 @@ def test_the_default_bind_is_loopback() -> None:
         ("MOAT_SERVE_HEAD_TIMEOUT_S", "0"),
         ("MOAT_SERVE_HEAD_TIMEOUT_S", "nan"),
         ("MOAT_SERVE_HEAD_TIMEOUT_S", "1e9"),
+        ("MOAT_SERVE_BODY_TIMEOUT_S", "-5"),
+        ("MOAT_SERVE_BODY_TIMEOUT_S", "inf"),
     ],
 )
 def test_a_bad_setting_fails_before_starting(name: str, value: str) -> None:

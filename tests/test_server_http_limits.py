@@ -12,20 +12,23 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
-from tests.server_support import Server, serving
+from tests.server_support import Server, new_key, serving, tenant_name
 
-from moat.server.httpproto import MAX_HEAD
+from moat.server.httpproto import BODY_TIMEOUT_S, HEAD_TIMEOUT_S, MAX_HEAD
 
 #: Bytes of a head without end sent before waiting for the server to close the connection.
 FLOOD = 4 << 20
-#: This module's server's head timeout (MOAT_SERVE_HEAD_TIMEOUT_S; 30 s by default).
+#: This module's server's head and body timeouts (MOAT_SERVE_HEAD_TIMEOUT_S and
+#: MOAT_SERVE_BODY_TIMEOUT_S; 30 and 60 s by default).
 HEAD_S = 3.0
+BODY_S = 3.0
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     log = Path(tmp_path_factory.mktemp("serve")) / "server.log"
-    with serving(log, env={"MOAT_SERVE_HEAD_TIMEOUT_S": str(HEAD_S)}) as srv:
+    env = {"MOAT_SERVE_HEAD_TIMEOUT_S": str(HEAD_S), "MOAT_SERVE_BODY_TIMEOUT_S": str(BODY_S)}
+    with serving(log, env=env) as srv:
         yield srv
 
 
@@ -186,8 +189,6 @@ def _closed_after(s: socket.socket, limit: float) -> float | None:
 def test_an_idle_new_connection_is_closed_after_the_head_timeout(server: Server) -> None:
     """uvicorn arms no timer on a fresh connection: without the head timeout a socket that
     sends nothing was held for ever (bounded only by file descriptors)."""
-    from moat.server.httpproto import HEAD_TIMEOUT_S
-
     assert HEAD_TIMEOUT_S <= 60  # the default an operator gets
     with _connect(server) as s:
         took = _closed_after(s, HEAD_S + 5)
@@ -228,7 +229,6 @@ def test_a_response_longer_than_the_head_timeout_is_not_cut(server: Server) -> N
     """The timer covers a head only: code that runs past it streams to its end, and the
     connection, kept alive, serves the next call."""
     from e2b_code_interpreter import Sandbox
-    from tests.server_support import new_key, tenant_name
 
     sbx = Sandbox.create(api_key=new_key(tenant_name("slow")), timeout=60)
     try:
@@ -238,3 +238,41 @@ def test_a_response_longer_than_the_head_timeout_is_not_cut(server: Server) -> N
         assert sbx.run_code("1 + 1").text == "2"
     finally:
         sbx.kill()
+
+
+def _create_head(key: str, length: int) -> bytes:
+    return (
+        b"POST /v2/sandboxes HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"X-API-Key: " + key.encode() + b"\r\n"
+        b"Content-Length: " + str(length).encode() + b"\r\n\r\n"
+    )
+
+
+def test_a_body_that_stops_is_cut(server: Server) -> None:
+    """A slow POST: the head is whole, the body stops; the app reading it does not wait for
+    ever (uvicorn arms no timer while a body is read)."""
+    assert BODY_TIMEOUT_S <= 120  # the default an operator gets
+    key = new_key(tenant_name("slowbody"))
+    with _connect(server) as s:
+        s.sendall(_create_head(key, 200) + b'{"templateID": ')
+        took = _closed_after(s, BODY_S + 5)
+    assert took is not None, "a body that stopped was waited for past the body timeout"
+    assert BODY_S - 0.5 < took < BODY_S + 5
+    assert server.healthy()
+
+
+def test_a_body_trickled_within_the_timeout_is_read_whole(server: Server) -> None:
+    """Positive control: the limit is on a pause, not on the whole body: a body sent over
+    twice the timeout, a piece every 0.25 s, is read whole and answered for its content."""
+    key = new_key(tenant_name("trickle"))
+    body = b'{"templateID": "no-such-template-' + b"x" * 40 + b'"}'
+    t0 = time.monotonic()
+    with _connect(server) as s:
+        s.sendall(_create_head(key, len(body)))
+        step = max(1, len(body) // 28)
+        for i in range(0, len(body), step):
+            s.sendall(body[i : i + step])
+            time.sleep(0.25)
+        assert time.monotonic() - t0 > BODY_S * 2
+        got = s.recv(65536)
+    assert got.startswith(b"HTTP/1.1 4") and b"no-such-template" in got, got[:300]

@@ -8,12 +8,14 @@ at 16 KiB (``h11_max_incomplete_event_size``'s default in uvicorn); this protoco
 same: more than :data:`MAX_HEAD` bytes that are not body, in one message, since its start or
 its last body bytes, answer uvicorn's own 400 and close (the host's availability, DESIGN §1).
 
-Nor does uvicorn time a head: its keep-alive timer starts only after a response, so a
-connection that sends nothing, or a head a byte at a time (slowloris), was held for ever, and
-idle sockets were bounded only by file descriptors. A request's head must now arrive whole
-within the protocol's ``head_timeout`` (:data:`HEAD_TIMEOUT_S`; :func:`with_head_timeout`),
-counted from the connection's opening or the message's first byte; otherwise the connection
-is closed.
+Nor does uvicorn time a request: its keep-alive timer starts only after a response, so a
+connection that sends nothing, a head a byte at a time (slowloris) or a body that stops
+(a slow POST) was held for ever, and idle sockets were bounded only by file descriptors. A
+request's head must now arrive whole within ``head_timeout`` (:data:`HEAD_TIMEOUT_S`),
+counted from the connection's opening or the message's first byte, and its body may not
+pause longer than ``body_timeout`` (:data:`BODY_TIMEOUT_S`) while the app reads it (a pause
+of the app's own, uvicorn's flow control, does not count); otherwise the connection is
+closed (:func:`with_timeouts`).
 
 Trust domain: host; everything it parses comes from the network (untrusted).
 """
@@ -37,6 +39,9 @@ MAX_HEAD = 16 * 1024
 #: Seconds a request's head may take to arrive whole (nginx's ``client_header_timeout`` is 60,
 #: Apache's ``RequestReadTimeout`` 20-40): clients send a head in one write.
 HEAD_TIMEOUT_S = 30.0
+#: Seconds a request's body may go without a byte while the app reads it (nginx's
+#: ``client_body_timeout``): the time between two reads, not the whole upload's.
+BODY_TIMEOUT_S = 60.0
 #: The ASGI scope extension (``scope["extensions"]``) that :func:`reset` calls.
 RESET = "moat.reset"
 #: The longest a reset waits for what was already written to leave (and be acknowledged).
@@ -69,10 +74,16 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
     message; and per ``data_received``, for what the parser holds unfinished (one header
     without end): a read that carries no body bytes and does not end the message counts whole,
     body bytes or the message's end reset it. So what it holds is at most the bound plus one
-    read."""
+    read.
+
+    Timed too (module docstring): one timer per connection, on the head or on the body's
+    next bytes. A client stream (Connect's ``StreamInput``) must send within the body
+    timeout; its keepalive messages are for that."""
 
     head_timeout = HEAD_TIMEOUT_S
-    _head_timer: asyncio.TimerHandle | None = None
+    body_timeout = BODY_TIMEOUT_S
+    _timer: asyncio.TimerHandle | None = None  # the head's or the body's, never both
+    _timing: str = ""  # "head" or "body": what the timer waits for
     _open = False  # a message has begun and not ended
     _body = False  # body bytes came in this read
     _ended = False  # a message ended in this read
@@ -81,36 +92,49 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        self._arm_head_timer()
+        self._arm("head")
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._disarm_head_timer()
+        self._disarm()
         super().connection_lost(exc)
 
-    def _arm_head_timer(self) -> None:
-        if self._head_timer is None:
-            self._head_timer = self.loop.call_later(self.head_timeout, self._head_timed_out)
+    def _arm(self, what: str) -> None:
+        self._disarm()
+        seconds = self.head_timeout if what == "head" else self.body_timeout
+        self._timing = what
+        self._timer = self.loop.call_later(seconds, self._timed_out)
 
-    def _disarm_head_timer(self) -> None:
-        if self._head_timer is not None:
-            self._head_timer.cancel()
-            self._head_timer = None
+    def _disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._timing = ""
 
-    def _head_timed_out(self) -> None:
-        self._head_timer = None
-        if self.transport.is_closing():
-            return
-        if self.cycle is not None and not self.cycle.response_complete:
+    def _timed_out(self) -> None:
+        what = self._timing
+        self._timer, self._timing = None, ""
+        if self.transport.is_closing() or self.transport.get_protocol() is not self:
+            return  # closed, or upgraded (a WebSocket has its own protocol)
+        if what == "head" and self.cycle is not None and not self.cycle.response_complete:
             # a pipelined head behind a response still streaming (reads are paused then):
             # the response is not cut; the head gets its time once reads resume
-            self._arm_head_timer()
+            self._arm("head")
+            return
+        if what == "body" and (
+            self.flow.read_paused
+            or (self.cycle is not None and self.cycle.waiting_for_100_continue)
+        ):
+            # the app is behind, not the client: reads are paused, or the client waits for
+            # the "100 Continue" that the app's first read sends
+            self._arm("body")
             return
         # debug, not warning: browsers open spare connections they may never use
-        self.logger.debug("no whole request head in %g s: connection closed", self.head_timeout)
+        self.logger.debug("no request %s bytes in time: connection closed", what)
         self.transport.close()
 
     def on_message_begin(self) -> None:
-        self._arm_head_timer()
+        if self._timing != "head":  # a new connection's first head: timed from its opening
+            self._arm("head")
         self._open = True
         self._fields = 0
         super().on_message_begin()
@@ -150,14 +174,19 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             raise ValueError("request head too large")
 
     def on_headers_complete(self) -> None:
-        self._disarm_head_timer()
+        if self.parser.should_upgrade():
+            self._disarm()
+        else:
+            self._arm("body")  # disarmed at once by the message's end if it has no body
         super().on_headers_complete()
 
     def on_body(self, body: bytes) -> None:
         self._body = True
+        self._arm("body")  # the time between two reads, not the whole body's
         super().on_body(body)
 
     def on_message_complete(self) -> None:
+        self._disarm()
         self._open = False
         self._ended = True
         super().on_message_complete()
@@ -177,9 +206,14 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
                 self.send_400_response(msg)
 
 
-def with_head_timeout(seconds: float) -> type[BoundedHttpToolsProtocol]:
-    """:class:`BoundedHttpToolsProtocol` with ``head_timeout`` of ``seconds`` (uvicorn takes
-    a protocol class, not an instance)."""
-    if not 0 < seconds <= 3600:
-        raise ValueError("a head timeout is more than 0 and at most 3600 seconds")
-    return type("BoundedHttpToolsProtocol", (BoundedHttpToolsProtocol,), {"head_timeout": seconds})
+def with_timeouts(head: float, body: float) -> type[BoundedHttpToolsProtocol]:
+    """:class:`BoundedHttpToolsProtocol` with these ``head_timeout`` and ``body_timeout``
+    (uvicorn takes a protocol class, not an instance)."""
+    for seconds in (head, body):
+        if not 0 < seconds <= 3600:
+            raise ValueError("a timeout is more than 0 and at most 3600 seconds")
+    return type(
+        "BoundedHttpToolsProtocol",
+        (BoundedHttpToolsProtocol,),
+        {"head_timeout": head, "body_timeout": body},
+    )

@@ -5,7 +5,8 @@ survives the server), then gives open requests a few seconds to end.
 
 ``MOAT_SERVE_LOG=info`` turns on uvicorn's access log (one line per request, with the
 client's address); the default is ``warning``. ``MOAT_SERVE_HEAD_TIMEOUT_S`` (default 30) is
-how long a request's head may take to arrive before its connection is closed.
+how long a request's head may take to arrive, ``MOAT_SERVE_BODY_TIMEOUT_S`` (default 60) how
+long its body may pause, before its connection is closed.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from moat.errors import InvalidArgumentError, SandboxError
 from moat.mcp import McpHttp, Settings
 from moat.server import cut_log
 from moat.server.app import ServerState, make_app
-from moat.server.httpproto import HEAD_TIMEOUT_S, with_head_timeout
+from moat.server.httpproto import BODY_TIMEOUT_S, HEAD_TIMEOUT_S, with_timeouts
 from moat.store.keys import KeyStore
 
 log = logging.getLogger("moat.server")
@@ -82,19 +83,22 @@ def log_level() -> str:
     return level
 
 
-def head_timeout() -> float:
-    raw = os.environ.get("MOAT_SERVE_HEAD_TIMEOUT_S", "").strip()
-    if not raw:
-        return HEAD_TIMEOUT_S
-    try:
-        value = float(raw)
-    except ValueError:
-        value = 0.0
-    if not 0 < value <= 3600:  # also refuses nan and inf
-        raise InvalidArgumentError(
-            "MOAT_SERVE_HEAD_TIMEOUT_S must be a number of seconds, 0 < s <= 3600"
-        )
-    return value
+def read_timeouts() -> tuple[float, float]:
+    """The head and body timeouts (``MOAT_SERVE_HEAD_TIMEOUT_S``, ``MOAT_SERVE_BODY_TIMEOUT_S``)."""
+    out = []
+    for name, default in (
+        ("MOAT_SERVE_HEAD_TIMEOUT_S", HEAD_TIMEOUT_S),
+        ("MOAT_SERVE_BODY_TIMEOUT_S", BODY_TIMEOUT_S),
+    ):
+        raw = os.environ.get(name, "").strip()
+        try:
+            value = float(raw) if raw else default
+        except ValueError:
+            value = 0.0
+        if not 0 < value <= 3600:  # also refuses nan and inf
+            raise InvalidArgumentError(f"{name} must be a number of seconds, 0 < s <= 3600")
+        out.append(value)
+    return out[0], out[1]
 
 
 async def serve(
@@ -142,7 +146,7 @@ async def serve(
         timeout_keep_alive=KEEP_ALIVE_S,
         # llhttp through httptools, with h11's bound on a head and a time limit on it
         # (moat.server.httpproto)
-        http=with_head_timeout(head_timeout()),
+        http=with_timeouts(*read_timeouts()),
         ws="wsproto",  # ingress WebSockets only (moat.server.ingress)
         server_header=False,  # nothing to advertise; an app's own Server header goes through
         ssl_certfile=tls[0] if tls else None,
@@ -222,7 +226,7 @@ def main(
     tls = _tls(tls_cert, tls_key)
     try:
         log_level()  # a bad setting fails before anything starts
-        head_timeout()
+        read_timeouts()
     except InvalidArgumentError as exc:
         print(f"moat serve: {exc}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
