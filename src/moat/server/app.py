@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from moat.engine.api import FrontDoor
@@ -170,6 +170,14 @@ def make_app(state: ServerState) -> Callable[[Scope, Receive, Send], Awaitable[N
     dashboard = dashboard_app(state)  # the operators' pages at / and /ui/ (docs/dashboard.md)
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await dispatch(scope, receive, send)
+        except ClientDisconnect:
+            # The client left (or its body timed out, moat.server.httpproto) while its body
+            # was read: nobody to answer, and no fault of the server to log.
+            return
+
+    async def dispatch(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
             await control(scope, receive, send)
             return

@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
@@ -55,6 +55,8 @@ def _authed(state: ServerState, handler: Handler) -> Callable[[Request], Awaitab
             return too_large()
         except SandboxError as exc:
             return wire.moat_error(exc)
+        except ClientDisconnect:
+            raise  # the client left: moat.server.app ends the request quietly
         except Exception:  # the reply must stay safe (invariant 8); details to the log
             log.exception("control plane: %s %s", request.method, request.url.path)
             return wire.error(500, "internal error")

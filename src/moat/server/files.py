@@ -33,7 +33,7 @@ from typing import Any
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.datastructures import Headers
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 
 from moat.errors import InvalidArgumentError, NotFoundError, SandboxError
@@ -218,6 +218,8 @@ async def _safely(request: Request, handler: Callable[[Request], Awaitable[Respo
         return too_large()
     except SandboxError as exc:
         return wire.moat_error(exc)
+    except ClientDisconnect:
+        raise  # the client left: moat.server.app ends the request quietly
     except Exception:  # invariant 8: nothing of the host in the reply
         log.exception("sandbox plane: %s /files", request.method)
         return wire.error(500, "internal error")

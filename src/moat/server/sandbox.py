@@ -20,7 +20,7 @@ from typing import Any, Final
 
 from starlette.applications import Starlette
 from starlette.datastructures import Headers
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
@@ -169,6 +169,8 @@ def _routes(state: ServerState) -> tuple[Starlette, Callable[[Request], Awaitabl
                 return too_large()
             except SandboxError as exc:
                 return wire.moat_error(exc)
+            except ClientDisconnect:
+                raise  # the client left: moat.server.app ends the request quietly
             except Exception:  # invariant 8: nothing of the host in the reply
                 log.exception("sandbox plane: %s %s", request.method, request.url.path)
                 return wire.error(500, "internal error")
