@@ -105,12 +105,18 @@ def browser_login(driver: Any, url: str, key: str) -> None:
 
 
 def _attached(element: Any) -> bool:
-    from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.common.exceptions import StaleElementReferenceException, WebDriverException
 
     try:
         element.is_enabled()
     except StaleElementReferenceException:
         return False
+    except WebDriverException as exc:
+        # Chromium's words for the same thing while the next page replaces the document
+        # (seen in CI): the node is gone from it
+        if "does not belong to the document" in str(exc):
+            return False
+        raise
     return True
 
 
